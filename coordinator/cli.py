@@ -1,0 +1,19 @@
+"""Subcommands owned by `coordinator/`: each module listed in SUBCOMMANDS exposes `register(subparsers)`."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import Any
+
+SUBCOMMANDS: tuple[str, ...] = ("coordinator.server_cli", "coordinator.mask_cli")
+
+
+def register(sub: Any) -> None:
+    for name in SUBCOMMANDS:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except ModuleNotFoundError:
+            found = False
+        if found:  # modules land one by one while the project grows; --help lists only what exists
+            importlib.import_module(name).register(sub)
