@@ -222,7 +222,8 @@ class MqttLink:
         for topic, payload, qos, retain in self.on_connect_publish:
             client.publish(topic, payload, qos=qos, retain=retain)
         if self.subscriptions:
-            _, self._sub_mid = client.subscribe(self.subscriptions)
+            _, mid = client.subscribe(self.subscriptions)
+            self._sub_mid = -1 if mid is None else mid
         else:
             self.connected.set()
 

@@ -61,5 +61,11 @@ def test_retained_message_and_final_publish() -> None:
         assert got.payload == b"offline" and got.retain
     finally:
         sub.stop(final=[(topic, b"", 1, True)])  # clear the retained message
-    with pytest.raises(queue.Empty):
-        sub.inbox.get_nowait()
+    probe = MqttLink(BROKER, f"t-probe-{uuid.uuid4().hex[:8]}", subscriptions=[(topic, 1)])
+    probe.start()
+    try:
+        assert probe.wait_connected(10)
+        with pytest.raises(queue.Empty):
+            probe.inbox.get(timeout=0.5)  # an empty retained payload deletes the retained message
+    finally:
+        probe.stop()
