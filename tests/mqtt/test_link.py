@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import queue
+import time
 import uuid
 
 import pytest
 
 from shared.mqtt import BrokerAddress, MqttLink, redact
-
-BROKER = os.environ.get("MEERKAT_TEST_BROKER", "mqtt://127.0.0.1:1883")
 
 
 def _topic() -> str:
@@ -29,10 +27,10 @@ def test_parse_urls() -> None:
         BrokerAddress.parse("mqtt://x:notaport")
 
 
-def test_publish_subscribe_and_puback() -> None:
+def test_publish_subscribe_and_puback(broker_url: str) -> None:
     topic = _topic()
-    sub = MqttLink(BROKER, f"t-sub-{uuid.uuid4().hex[:8]}", subscriptions=[(topic, 1)], manual_ack=True)
-    pub = MqttLink(BROKER, f"t-pub-{uuid.uuid4().hex[:8]}")
+    sub = MqttLink(broker_url, f"t-sub-{uuid.uuid4().hex[:8]}", subscriptions=[(topic, 1)], manual_ack=True)
+    pub = MqttLink(broker_url, f"t-pub-{uuid.uuid4().hex[:8]}")
     sub.start()
     pub.start()
     try:
@@ -48,20 +46,20 @@ def test_publish_subscribe_and_puback() -> None:
         pub.stop()
 
 
-def test_retained_message_and_final_publish() -> None:
+def test_retained_message_and_final_publish(broker_url: str) -> None:
     topic = _topic()
-    pub = MqttLink(BROKER, f"t-pub-{uuid.uuid4().hex[:8]}")
+    pub = MqttLink(broker_url, f"t-pub-{uuid.uuid4().hex[:8]}")
     pub.start()
     assert pub.wait_connected(10)
     pub.stop(final=[(topic, b"offline", 1, True)])
-    sub = MqttLink(BROKER, f"t-sub-{uuid.uuid4().hex[:8]}", subscriptions=[(topic, 1)])
+    sub = MqttLink(broker_url, f"t-sub-{uuid.uuid4().hex[:8]}", subscriptions=[(topic, 1)])
     sub.start()
     try:
         got = sub.inbox.get(timeout=10)
         assert got.payload == b"offline" and got.retain
     finally:
         sub.stop(final=[(topic, b"", 1, True)])  # clear the retained message
-    probe = MqttLink(BROKER, f"t-probe-{uuid.uuid4().hex[:8]}", subscriptions=[(topic, 1)])
+    probe = MqttLink(broker_url, f"t-probe-{uuid.uuid4().hex[:8]}", subscriptions=[(topic, 1)])
     probe.start()
     try:
         assert probe.wait_connected(10)
@@ -69,3 +67,24 @@ def test_retained_message_and_final_publish() -> None:
             probe.inbox.get(timeout=0.5)  # an empty retained payload deletes the retained message
     finally:
         probe.stop()
+
+
+def test_reconnects_when_broker_comes_up_late(mosquitto) -> None:  # type: ignore[no-untyped-def]
+    topic = _topic()
+    link = MqttLink(mosquitto.url, f"t-late-{uuid.uuid4().hex[:8]}", subscriptions=[(topic, 1)])
+    link.start()  # broker not running yet
+    try:
+        assert not link.wait_connected(1.5)
+        mosquitto.start()
+        assert link.wait_connected(20), "link did not connect after the broker came up"
+        before = link.connect_count
+        mosquitto.restart()
+        deadline = time.monotonic() + 30
+        while link.connect_count == before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert link.connect_count > before, "link did not reconnect after a broker restart"
+        assert link.wait_connected(10)
+        link.publish(topic, b"x", qos=1)
+        assert link.inbox.get(timeout=10).payload == b"x"  # subscriptions were made again on reconnect
+    finally:
+        link.stop()
