@@ -327,7 +327,8 @@ def k_for(fraction: float, total: int) -> int:
 def concentration(sq: Mapping[str, torch.Tensor], fraction: float) -> dict[str, Any]:
     """Mean g^2 of the top fraction vs the next tier of equal size and vs the f..10f band.
 
-    The band is clipped to the number of weights; a ratio with an empty comparison tier is None.
+    The band is clipped to the number of weights; a ratio whose comparison tier is empty or all zero
+    is None (JSON has no infinity).
     """
     total = sum(t.numel() for t in sq.values())
     k = k_for(fraction, total)
@@ -342,7 +343,7 @@ def concentration(sq: Mapping[str, torch.Tensor], fraction: float) -> dict[str, 
         if tier.numel() == 0:
             return None
         mean = float(tier.mean())
-        return top / mean if mean > 0 else math.inf
+        return top / mean if mean > 0 else None
 
     return {
         "fraction": fraction,
@@ -485,3 +486,106 @@ def build_mask(
         )
     indices = {n: idx.cpu() for n, idx in indices.items()}
     return BuildResult(method, fraction, indices, shapes, grad_at, calib_desc, stats)
+
+
+# ---------------------------------------------------------------- model loading and the file
+
+
+def pick_device(device: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu; anything else must be a valid torch device string."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise MaskBuildError(f"--device {device!r} is not a torch device") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MaskBuildError(f"--device {device}: CUDA is not available on this machine")
+    return dev
+
+
+def load_for_mask(
+    model_dir: str | Path,
+    *,
+    device: str = "auto",
+    dtype: str = "float32",
+    checkpointing: bool = False,
+    tokenizer_dir: str | Path | None = None,
+) -> tuple[nn.Module, Any]:
+    """The full-precision model (no quantization: the mask needs true gradients) and its tokenizer.
+
+    Dropout is switched off. With `checkpointing`, the model runs in train mode (HF checkpoints only
+    then), so every dropout module and `attention_dropout` attribute is zeroed instead of relying on eval.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = Path(model_dir)
+    if not (root / "config.json").is_file():
+        raise MaskBuildError(f"--model {root}: no config.json (expected a Hugging Face model directory)")
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    if dtype not in dtypes:
+        raise MaskBuildError(f"--dtype must be one of {', '.join(dtypes)}, got {dtype!r}")
+    dev = pick_device(device)
+    if dev.type == "cpu" and dtype != "float32":
+        log.warning("bfloat16 backprop on CPU is slow and coarse; float32 is recommended")
+    tok_root = Path(tokenizer_dir) if tokenizer_dir is not None else root
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(tok_root))
+    except (OSError, ValueError) as exc:
+        raise MaskBuildError(f"cannot load a tokenizer from {tok_root} (use --tokenizer DIR): {exc}") from exc
+    model = AutoModelForCausalLM.from_pretrained(str(root), dtype=dtypes[dtype]).to(dev)
+    model.config.use_cache = False  # no KV cache during backprop
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for m in model.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = 0.0
+            if isinstance(getattr(m, "attention_dropout", None), float):
+                m.attention_dropout = 0.0
+        model.train()
+    else:
+        model.eval()
+    return model, tokenizer
+
+
+def tokenizer_encoder(tokenizer: Any) -> tuple[Callable[[str], list[int]], int | None]:
+    """(text -> ids without special tokens, eos id or None) for a transformers tokenizer."""
+
+    def encode(text: str) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return encode, int(eos) if eos is not None else None
+
+
+def describe(result: BuildResult, extra: Mapping[str, Any]) -> str:
+    """The `calibration` metadata string: JSON with the files, token counts, settings and concentration."""
+    body = {**result.calibration, **extra}
+    if result.stats:
+        body["stats"] = result.stats
+    return json.dumps(body, sort_keys=True, allow_nan=False)
+
+
+def parse_description(text: str) -> dict[str, Any] | None:
+    """The JSON written by `describe`, or None when a mask carries free text from elsewhere."""
+    try:
+        body = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def to_mask(result: BuildResult, fingerprint: str, extra: Mapping[str, Any], created: str = "") -> Any:
+    """A `shared.maskfile.Mask` for the result (only masked layers are listed)."""
+    from shared.maskfile import FORMAT_VERSION, Mask, MaskMeta
+
+    meta = MaskMeta(
+        format_version=FORMAT_VERSION,
+        method=result.method,
+        fraction=result.fraction,
+        calibration=describe(result, extra),
+        fingerprint=fingerprint,
+        created=created,
+    )
+    shapes = {n: result.shapes[n] for n in result.indices}
+    return Mask(layers=dict(result.indices), shapes=shapes, grad=result.grad, meta=meta)
