@@ -1,0 +1,415 @@
+"""Typed wire messages: frozen dataclasses validated when built.
+
+A bad value raises ValueError naming the field and what was expected, whether the message is built
+by local code or by the decoder (which turns it into DecodeError). Encoding lives in shared/codec.py;
+field keys and byte layout are specified in docs/PROTOCOL.md.
+
+The client id of Join/Update/Heartbeat/Status/SyncRequest is NOT sent in the body: the receiver fills
+it from the topic (the broker ACL vouches for it). "" means "not filled in yet".
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any, TypeAlias
+
+from shared.prng import DISTS
+from shared.topics import ID_RE
+
+U32 = (1 << 32) - 1
+U64 = (1 << 64) - 1
+I64_MIN, I64_MAX = -(1 << 63), (1 << 63) - 1
+MAX_STEPS = 4096  # grads in one Update (local steps T_k)
+MAX_SEEDS = 65536  # seeds in a RoundPlan / (seed, scalar) pairs in a RoundResult
+MAX_PLAN_CLIENTS = 100_000  # entries of RoundPlan.steps
+MAX_REPLAY = 1024  # RoundResults in one Replay
+MAX_CHUNK = 1 << 20  # bytes of CheckpointChunk.data
+MAX_STR = 1024  # any free-text string (reasons, descriptions)
+MAX_CAPS = 64  # entries of Join.capabilities
+
+
+class ErrorCode(IntEnum):
+    """Why a message was refused. 1-31: decoding (DecodeError); 32-63: protocol (ErrorMsg.code)."""
+
+    TOO_LARGE = 1  # payload or decompressed body over the size limit
+    TRUNCATED = 2  # shorter than the 3-byte header
+    BAD_MAGIC = 3  # first byte's high nibble is not 0xB
+    UNSUPPORTED_VERSION = 4  # schema version (low nibble of byte 0) not understood
+    BAD_FLAGS = 5  # reserved flag bits set
+    UNKNOWN_TYPE = 6  # type byte names no message type
+    UNEXPECTED_TYPE = 7  # a valid type, but not the one the receiver expected on this topic
+    DECOMPRESS_FAILED = 8  # zstd flag set but the body is not a valid zstd frame
+    MALFORMED = 9  # body is not one msgpack map with int keys
+    MISSING_FIELD = 10  # a required key is absent
+    UNKNOWN_FIELD = 11  # a key this schema version does not define
+    INVALID_FIELD = 12  # a value has the wrong type or is out of range
+    BAD_CLIENT = 13  # the client id taken from the topic is not a valid id
+    FINGERPRINT_MISMATCH = 32  # update/join for another base model
+    MASK_MISMATCH = 33  # join with another mask
+    STALE_ROUND = 34  # update for a round that is closed
+    NOT_IN_ROUND = 35  # update from a client the round did not sample
+    UNKNOWN_CLIENT = 36  # update/sync before join
+    RATE_LIMITED = 37  # too many messages
+    BAD_UPDATE = 38  # update fails a semantic check (wrong step count, clipped away, ...)
+    INTERNAL = 63  # the coordinator failed; retry later
+
+
+# ---- field checks: each raises ValueError naming the field -------------------------------------------
+
+
+def _int(obj: str, name: str, v: Any, lo: int, hi: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"{obj}.{name}: expected int in [{lo}, {hi}], got {type(v).__name__}")
+    if not lo <= v <= hi:
+        raise ValueError(f"{obj}.{name}: expected int in [{lo}, {hi}], got {v}")
+    return v
+
+
+def _opt_int(obj: str, name: str, v: Any, lo: int, hi: int) -> int | None:
+    return None if v is None else _int(obj, name, v, lo, hi)
+
+
+def _float(obj: str, name: str, v: Any, lo: float = -math.inf, hi: float = math.inf) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"{obj}.{name}: expected finite float, got {type(v).__name__}")
+    f = float(v)
+    if not math.isfinite(f) or not lo <= f <= hi:
+        raise ValueError(f"{obj}.{name}: expected finite float in [{lo}, {hi}], got {v!r}")
+    return f
+
+
+def _opt_float(obj: str, name: str, v: Any, lo: float = -math.inf, hi: float = math.inf) -> float | None:
+    return None if v is None else _float(obj, name, v, lo, hi)
+
+
+def _to_f32(f: float) -> float:
+    return float(struct.unpack("<f", struct.pack("<f", f))[0])
+
+
+def _f32(obj: str, name: str, v: Any) -> float:
+    f = _float(obj, name, v)
+    try:
+        r = _to_f32(f)
+    except OverflowError as exc:
+        raise ValueError(f"{obj}.{name}: {v!r} does not fit float32") from exc
+    return r
+
+
+def _str(obj: str, name: str, v: Any, max_len: int = MAX_STR) -> str:
+    if not isinstance(v, str):
+        raise ValueError(f"{obj}.{name}: expected str, got {type(v).__name__}")
+    if len(v) > max_len:
+        raise ValueError(f"{obj}.{name}: longer than {max_len} chars ({len(v)})")
+    return v
+
+
+def _hex(obj: str, name: str, v: Any, n: int) -> str:
+    if not isinstance(v, str) or len(v) != n or any(c not in "0123456789abcdef" for c in v):
+        raise ValueError(f"{obj}.{name}: expected {n} lowercase hex chars, got {v!r}")
+    return v
+
+
+def _client(obj: str, name: str, v: Any, allow_empty: bool) -> str:
+    if allow_empty and v == "":
+        return ""
+    if not isinstance(v, str) or not ID_RE.match(v):
+        raise ValueError(f"{obj}.{name}: expected a client id ([A-Za-z0-9][A-Za-z0-9_.-]{{0,63}}), got {v!r}")
+    return v
+
+
+def _seq(obj: str, name: str, v: Any, lo_len: int, hi_len: int) -> tuple[Any, ...]:
+    if isinstance(v, (str, bytes, dict)) or not hasattr(v, "__len__") or not hasattr(v, "__iter__"):
+        raise ValueError(f"{obj}.{name}: expected a sequence, got {type(v).__name__}")
+    if not lo_len <= len(v) <= hi_len:
+        raise ValueError(f"{obj}.{name}: expected {lo_len}..{hi_len} items, got {len(v)}")
+    return tuple(v)
+
+
+def _seeds(obj: str, name: str, v: Any, lo_len: int = 0) -> tuple[int, ...]:
+    items = _seq(obj, name, v, lo_len, MAX_SEEDS)
+    return tuple(_int(obj, f"{name}[{i}]", s, 0, U64) for i, s in enumerate(items))
+
+
+def _dist(obj: str, v: Any) -> str:
+    if v not in DISTS:
+        raise ValueError(f"{obj}.dist: expected one of {DISTS}, got {v!r}")
+    return str(v)
+
+
+def _set(self: object, name: str, value: Any) -> None:
+    object.__setattr__(self, name, value)
+
+
+# ---- messages -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Join:
+    """client -> coordinator on join/{client}: who I am, which model and mask I hold, what I can do."""
+
+    client: str
+    fingerprint: str  # sha256 hex of the base model (shared.fingerprint)
+    mask_id: str  # 16 hex chars (Mask.mask_id)
+    n_samples: int  # local training examples (FedAvg weight)
+    budget_gib: float  # memory budget the device offers
+    capabilities: dict[str, str | int | float | bool] = field(default_factory=dict)
+    last_round: int = -1  # last round whose result this device applied, -1 = none
+
+    def __post_init__(self) -> None:
+        o = "Join"
+        _client(o, "client", self.client, allow_empty=True)
+        _hex(o, "fingerprint", self.fingerprint, 64)
+        _hex(o, "mask_id", self.mask_id, 16)
+        _int(o, "n_samples", self.n_samples, 0, U32)
+        _set(self, "budget_gib", _float(o, "budget_gib", self.budget_gib, 0.0, 1e6))
+        if not isinstance(self.capabilities, dict) or len(self.capabilities) > MAX_CAPS:
+            raise ValueError(f"{o}.capabilities: expected a dict of at most {MAX_CAPS} entries")
+        caps: dict[str, str | int | float | bool] = {}
+        for k, v in self.capabilities.items():
+            key = _str(o, "capabilities key", k, 64)
+            name = f"capabilities[{k!r}]"
+            if isinstance(v, bool):
+                caps[key] = v
+            elif isinstance(v, int):
+                caps[key] = _int(o, name, v, I64_MIN, I64_MAX)
+            elif isinstance(v, float):
+                caps[key] = _float(o, name, v)
+            elif isinstance(v, str):
+                caps[key] = _str(o, name, v, 256)
+            else:
+                raise ValueError(f"{o}.{name}: expected str, int, float or bool, got {type(v).__name__}")
+        _set(self, "capabilities", caps)
+        _int(o, "last_round", self.last_round, -1, U32)
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """coordinator -> all on plan (retained): the seeds of round `round` and who runs how many steps."""
+
+    fleet: str
+    round: int
+    seeds: tuple[int, ...]  # u64 each; step t of every sampled client uses seeds[t]
+    lr: float
+    eps: float
+    dist: str  # "rademacher" | "gaussian"
+    steps: dict[str, int]  # client -> T_k (1 <= T_k <= len(seeds)); absent clients sit the round out
+    base_round: int  # the plan applies on top of the values after this round's result (-1 = initial values)
+    deadline: float  # unix seconds; updates after it count as late
+    fingerprint: str
+    mask_id: str
+    batch_size: int
+    values_checksum: str  # sha256 hex of the values the plan starts from (after base_round)
+
+    def __post_init__(self) -> None:
+        o = "RoundPlan"
+        _client(o, "fleet", self.fleet, allow_empty=False)
+        _int(o, "round", self.round, 0, U32)
+        _set(self, "seeds", _seeds(o, "seeds", self.seeds, 1))
+        _set(self, "lr", _float(o, "lr", self.lr))
+        _set(self, "eps", _float(o, "eps", self.eps, 0.0))
+        if self.eps <= 0:
+            raise ValueError(f"{o}.eps: expected > 0, got {self.eps}")
+        _dist(o, self.dist)
+        if not isinstance(self.steps, dict) or len(self.steps) > MAX_PLAN_CLIENTS:
+            raise ValueError(f"{o}.steps: expected a dict client -> int of at most {MAX_PLAN_CLIENTS} entries")
+        for c, t in self.steps.items():
+            _client(o, "steps key", c, allow_empty=False)
+            _int(o, f"steps[{c!r}]", t, 1, len(self.seeds))
+        _set(self, "steps", dict(self.steps))
+        _int(o, "base_round", self.base_round, -1, U32)
+        _set(self, "deadline", _float(o, "deadline", self.deadline, 0.0))
+        _hex(o, "fingerprint", self.fingerprint, 64)
+        _hex(o, "mask_id", self.mask_id, 16)
+        _int(o, "batch_size", self.batch_size, 1, U32)
+        _hex(o, "values_checksum", self.values_checksum, 64)
+
+
+@dataclass(frozen=True)
+class Update:
+    """client -> coordinator on up/{client} (QoS 1): one projected gradient per local step."""
+
+    round: int
+    msg_id: int  # u64, unique per (client, round); dedupe key (client, round, msg_id)
+    grads: tuple[float, ...]  # g_1..g_Tk, float32 on the wire (rounded to float32 here)
+    n_samples: int
+    fp_tag: int  # u32 = shared.fingerprint.fp_tag(fingerprint)
+    loss: float  # mean training loss of the round (float32 on the wire)
+    client: str = ""  # from the topic, never from the body
+
+    def __post_init__(self) -> None:
+        o = "Update"
+        _int(o, "round", self.round, 0, U32)
+        _int(o, "msg_id", self.msg_id, 0, U64)
+        items = _seq(o, "grads", self.grads, 1, MAX_STEPS)
+        _set(self, "grads", tuple(_f32(o, f"grads[{i}]", g) for i, g in enumerate(items)))
+        _int(o, "n_samples", self.n_samples, 0, U32)
+        _int(o, "fp_tag", self.fp_tag, 0, U32)
+        _set(self, "loss", _f32(o, "loss", self.loss))
+        _client(o, "client", self.client, allow_empty=True)
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """coordinator -> all on result/{round} and result/latest (retained): how to move the values.
+
+    values_after = apply_round(values_before, seeds, scalars, lr, dist); may hold more pairs than the
+    plan had seeds (late updates of an earlier round folded in). values_checksum = checksum AFTER.
+    """
+
+    round: int
+    seeds: tuple[int, ...]
+    scalars: tuple[float, ...]  # float64 on the wire
+    lr: float
+    dist: str
+    n_clients: int
+    values_checksum: str
+
+    def __post_init__(self) -> None:
+        o = "RoundResult"
+        _int(o, "round", self.round, 0, U32)
+        _set(self, "seeds", _seeds(o, "seeds", self.seeds))
+        items = _seq(o, "scalars", self.scalars, 0, MAX_SEEDS)
+        _set(self, "scalars", tuple(_float(o, f"scalars[{i}]", g) for i, g in enumerate(items)))
+        if len(self.scalars) != len(self.seeds):
+            raise ValueError(f"{o}.scalars: expected {len(self.seeds)} items (one per seed), got {len(self.scalars)}")
+        _set(self, "lr", _float(o, "lr", self.lr))
+        _dist(o, self.dist)
+        _int(o, "n_clients", self.n_clients, 0, U32)
+        _hex(o, "values_checksum", self.values_checksum, 64)
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """client -> coordinator on hb/{client} (QoS 0): telemetry; optional fields None when unknown."""
+
+    client: str
+    ts: float  # unix seconds
+    cpu_pct: float
+    rss_bytes: int
+    gpu_mem_bytes: int | None = None
+    temp_c: float | None = None
+    power_w: float | None = None
+    step_time_s: float | None = None
+    peak_mem_bytes: int | None = None
+    round: int = -1  # round the client is working on / last applied, -1 = none
+
+    def __post_init__(self) -> None:
+        o = "Heartbeat"
+        _client(o, "client", self.client, allow_empty=True)
+        _set(self, "ts", _float(o, "ts", self.ts, 0.0))
+        _set(self, "cpu_pct", _float(o, "cpu_pct", self.cpu_pct, 0.0, 1e5))
+        _int(o, "rss_bytes", self.rss_bytes, 0, U64)
+        _opt_int(o, "gpu_mem_bytes", self.gpu_mem_bytes, 0, U64)
+        _set(self, "temp_c", _opt_float(o, "temp_c", self.temp_c, -300.0, 1000.0))
+        _set(self, "power_w", _opt_float(o, "power_w", self.power_w, 0.0, 1e6))
+        _set(self, "step_time_s", _opt_float(o, "step_time_s", self.step_time_s, 0.0))
+        _opt_int(o, "peak_mem_bytes", self.peak_mem_bytes, 0, U64)
+        _int(o, "round", self.round, -1, U32)
+
+
+@dataclass(frozen=True)
+class Status:
+    """client -> all on status/{client} (retained; the LWT publishes online=False)."""
+
+    client: str
+    online: bool
+    ts: float
+
+    def __post_init__(self) -> None:
+        o = "Status"
+        _client(o, "client", self.client, allow_empty=True)
+        if not isinstance(self.online, bool):
+            raise ValueError(f"{o}.online: expected bool, got {type(self.online).__name__}")
+        _set(self, "ts", _float(o, "ts", self.ts, 0.0))
+
+
+@dataclass(frozen=True)
+class SyncRequest:
+    """client -> coordinator on sync/{client}: I hold the values after `have_round`; bring me up to date."""
+
+    client: str
+    have_round: int  # -1 = initial values
+
+    def __post_init__(self) -> None:
+        _client("SyncRequest", "client", self.client, allow_empty=True)
+        _int("SyncRequest", "have_round", self.have_round, -1, U32)
+
+
+@dataclass(frozen=True)
+class Replay:
+    """coordinator -> client on to/{client}: the missed RoundResults, in round order."""
+
+    results: tuple[RoundResult, ...]
+
+    def __post_init__(self) -> None:
+        items = _seq("Replay", "results", self.results, 0, MAX_REPLAY)
+        for i, r in enumerate(items):
+            if not isinstance(r, RoundResult):
+                raise ValueError(f"Replay.results[{i}]: expected RoundResult, got {type(r).__name__}")
+        _set(self, "results", items)
+
+
+@dataclass(frozen=True)
+class CheckpointChunk:
+    """coordinator -> client on to/{client}: chunk `index` of `total` of the values after `round`.
+
+    The concatenated data of chunks 0..total-1 is the little-endian float32 value buffer; `sha256` is
+    the hash of that whole buffer (= values_checksum of the round).
+    """
+
+    round: int
+    index: int
+    total: int
+    sha256: str
+    data: bytes
+
+    def __post_init__(self) -> None:
+        o = "CheckpointChunk"
+        _int(o, "round", self.round, -1, U32)
+        _int(o, "total", self.total, 1, U32)
+        _int(o, "index", self.index, 0, self.total - 1)
+        _hex(o, "sha256", self.sha256, 64)
+        if not isinstance(self.data, bytes) or len(self.data) > MAX_CHUNK:
+            raise ValueError(f"{o}.data: expected bytes of at most {MAX_CHUNK}")
+
+
+@dataclass(frozen=True)
+class ErrorMsg:
+    """coordinator -> client on to/{client}: why something the client sent was refused."""
+
+    code: int  # an ErrorCode value (unknown codes must be tolerated)
+    reason: str
+
+    def __post_init__(self) -> None:
+        _int("ErrorMsg", "code", self.code, 0, 0xFFFF)
+        _str("ErrorMsg", "reason", self.reason)
+
+
+Message: TypeAlias = (
+    Join | RoundPlan | Update | RoundResult | Heartbeat | Status | SyncRequest | Replay | CheckpointChunk | ErrorMsg
+)
+CLIENT_FROM_TOPIC: tuple[type, ...] = (Join, Update, Heartbeat, Status, SyncRequest)
+
+__all__ = [
+    "CLIENT_FROM_TOPIC",
+    "CheckpointChunk",
+    "ErrorCode",
+    "ErrorMsg",
+    "Heartbeat",
+    "Join",
+    "MAX_CHUNK",
+    "MAX_PLAN_CLIENTS",
+    "MAX_REPLAY",
+    "MAX_SEEDS",
+    "MAX_STEPS",
+    "Message",
+    "Replay",
+    "RoundPlan",
+    "RoundResult",
+    "Status",
+    "SyncRequest",
+    "Update",
+]
