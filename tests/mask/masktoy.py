@@ -39,7 +39,8 @@ class PlantedLM(nn.Module):
     """emb -> fc1 -> tanh -> fc2 -> head; the loss sees W * (1 + (scale-1) P) for fc1/fc2.
 
     So dL/dW at a planted position (P = 1) is `scale` times what it would be: large-gradient weights
-    that are a property of the model, not of a hook.
+    that are a property of the model, not of a hook. `reparameterise()` divides the planted weights by
+    `scale` so the effective weights (and the forward pass) are those of an ordinary model.
     """
 
     def __init__(self, vocab: int, d: int, h: int, planted: dict[str, list[int]], scale: float) -> None:
@@ -53,6 +54,11 @@ class PlantedLM(nn.Module):
             amp = torch.ones(lin.weight.numel())
             amp[torch.tensor(planted.get(name, []), dtype=torch.int64)] = scale
             self.register_buffer(f"amp_{name}", amp.view_as(lin.weight))
+
+    def reparameterise(self) -> None:
+        with torch.no_grad():
+            for name in ("fc1", "fc2"):
+                getattr(self, name).weight.div_(getattr(self, f"amp_{name}"))
 
     def get_input_embeddings(self) -> nn.Module:
         return self.emb
@@ -82,7 +88,9 @@ def save_tokenizer(path: Path) -> None:
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=200, special_tokens=["<unk>", "<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=200,
+        special_tokens=["<unk>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator([" ".join(WORDS)] * 4, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")

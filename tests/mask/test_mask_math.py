@@ -115,7 +115,9 @@ def test_read_calibration_formats(tmp_path: Path) -> None:
     f = read_calibration(txt)
     assert f.documents == ("first para\nline two", "second para") and len(f.sha256) == 64
     jl = tmp_path / "b.jsonl"
-    jl.write_text(json.dumps({"text": "hello"}) + "\n\n" + json.dumps({"prompt": "Q: ", "completion": "A"}) + "\n")
+    jl.write_text(
+        json.dumps({"text": "hello"}) + "\n\n" + json.dumps({"prompt": "Q: ", "completion": "A"}) + "\n"
+    )
     assert read_calibration(jl).documents == ("hello", "Q: A")
     bad = tmp_path / "c.jsonl"
     bad.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"label": 1}) + "\n")

@@ -1,0 +1,187 @@
+"""The builder on real (tiny) models: planted gradients, determinism, every method's file, fingerprints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from masktoy import PlantedLM, char_encode, fill_from_prng, save_tiny_llama, write_corpus
+from torch import nn
+
+from coordinator.mask_builder import (
+    MaskBuildError,
+    build_mask,
+    eligible_weights,
+    pack_sequences,
+    parse_description,
+    read_calibration,
+)
+from shared.cli import main
+from shared.fingerprint import fingerprint_model_dir
+from shared.maskfile import MaskError, load_mask
+
+PLANTED = {"fc1": [3, 77, 200], "fc2": [0, 255]}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("corpus")
+    return write_corpus(d / "a.txt", 30, 0), write_corpus(d / "b.txt", 30, 1)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("llama")
+    save_tiny_llama(d, seed=7)
+    return d
+
+
+def _planted_model() -> PlantedLM:
+    model = PlantedLM(vocab=32, d=16, h=16, planted=PLANTED, scale=300.0)
+    fill_from_prng(model, 5, std=0.3)
+    model.reparameterise()
+    return model
+
+
+def test_builder_selects_exactly_the_planted_weights(corpus: tuple[Path, Path]) -> None:
+    model = _planted_model()
+    calib = [read_calibration(p) for p in corpus]
+    n_planted = sum(len(v) for v in PLANTED.values())
+    res = build_mask(
+        model, char_encode, None, calib, fraction=n_planted / 512, seqs=6, seq_len=32, progress=False
+    )
+    assert {n: t.tolist() for n, t in res.indices.items()} == PLANTED
+    assert res.shapes == {"fc1": (16, 16), "fc2": (16, 16)}  # emb and head are not eligible by default
+    # the stored mean gradient equals the gradient of the mean loss over the same sequences
+    ids = pack_sequences(char_encode, calib, 6, 32, None).ids
+    model.zero_grad()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    torch.stack([model(input_ids=r[None], labels=r[None]).loss for r in ids]).mean().backward()
+    assert res.grad is not None
+    for name, idx in res.indices.items():
+        want = getattr(model, name).weight.grad.flatten()[idx]
+        torch.testing.assert_close(res.grad[name], want, rtol=1e-4, atol=1e-7)
+    conc = res.stats["concentration"]
+    assert conc["k"] == n_planted and conc["ratio_next_tier"] > 100  # planted x300 -> g^2 x 9e4
+    assert res.calibration["seqs"] == 6 and res.calibration["tokens"] == 6 * 32
+    assert [f["name"] for f in res.calibration["files"]] == ["a.txt", "b.txt"]
+
+
+def test_embeddings_only_behind_the_switch_and_tied_weights_once() -> None:
+    model = _planted_model()
+    assert sorted(eligible_weights(model, include_embeddings=True)) == ["emb", "fc1", "fc2", "head"]
+    model.head.weight = model.emb.weight  # tie: the shared weight is listed once, as the Linear
+    assert sorted(eligible_weights(model, include_embeddings=True)) == ["fc1", "fc2", "head"]
+    with pytest.raises(MaskBuildError, match="no eligible nn.Linear"):
+        eligible_weights(nn.Sequential(nn.Embedding(4, 4)))
+
+
+def test_method_and_input_errors(corpus: tuple[Path, Path]) -> None:
+    model = _planted_model()
+    with pytest.raises(MaskBuildError, match="pretrain-grad needs calibration text"):
+        build_mask(model, char_encode, None, [], method="pretrain-grad", progress=False)
+    with pytest.raises(MaskBuildError, match="method must be one of"):
+        build_mask(model, char_encode, None, [], method="magic", progress=False)
+    with pytest.raises(MaskBuildError, match="seed must be in"):
+        build_mask(model, None, None, [], method="random", seed=-1, progress=False)
+
+
+def _build(llama: Path, out: Path, *extra: str) -> int:
+    return main(
+        ["mask", "build", "--model", str(llama), "--out", str(out), "--seqs", "3", "--seq-len", "48", *extra]
+    )
+
+
+def test_cli_build_is_deterministic(llama: Path, corpus: tuple[Path, Path], tmp_path: Path) -> None:
+    calib = ["--calib", str(corpus[0]), str(corpus[1]), "--fraction", "0.01"]
+    assert _build(llama, tmp_path / "1.safetensors", *calib) == 0
+    assert _build(llama, tmp_path / "2.safetensors", *calib) == 0
+    m1, m2 = load_mask(tmp_path / "1.safetensors"), load_mask(tmp_path / "2.safetensors")
+    assert m1.mask_id == m2.mask_id and m1.layers.keys() == m2.layers.keys()
+    assert m1.grad is not None and m2.grad is not None
+    for name in m1.layers:
+        assert torch.equal(m1.layers[name], m2.layers[name])
+        assert torch.equal(m1.grad[name], m2.grad[name])
+    assert m1.meta.calibration == m2.meta.calibration
+    body = parse_description(m1.meta.calibration)
+    assert body is not None and body["files"][0]["sha256"] == read_calibration(corpus[0]).sha256
+    assert body["tokens"] == 3 * 48 and body["stats"]["concentration"]["ratio_next_tier"] > 1
+
+
+@pytest.mark.parametrize(
+    ("method", "with_calib"),
+    [("pretrain-grad", True), ("weight-magnitude", True), ("weight-magnitude", False), ("random", False)],
+)
+def test_each_method_writes_a_valid_file(
+    llama: Path, corpus: tuple[Path, Path], tmp_path: Path, method: str, with_calib: bool
+) -> None:
+    out = tmp_path / "m.safetensors"
+    calib = ["--calib", str(corpus[0])] if with_calib else []
+    assert _build(llama, out, "--method", method, "--fraction", "0.005", *calib) == 0
+    mask = load_mask(out, expected_fingerprint=fingerprint_model_dir(llama))
+    n_weights = 2 * (2 * 32 * 32 + 2 * 16 * 32 + 3 * 64 * 32)  # per block q,o 32x32; k,v 16x32; MLP 3 x 64x32
+    assert mask.meta.method == method and mask.nnz == round(0.005 * n_weights)
+    assert (mask.grad is not None) == with_calib
+    assert all(n.startswith("model.layers.") for n in mask.layers)
+    if method == "weight-magnitude":
+        from safetensors.torch import load_file
+
+        state = load_file(str(llama / "model.safetensors"))
+        names = sorted(mask.shapes)
+        allw = {n: state[n + ".weight"].abs().flatten() for n in eligible_names(state)}
+        flat = torch.cat([allw[n] for n in sorted(allw)])
+        kth = torch.topk(flat, mask.nnz).values[-1]
+        picked = torch.cat([allw[n][mask.layers[n]] for n in names])
+        assert bool((picked >= kth).all())
+
+
+def eligible_names(state: dict[str, torch.Tensor]) -> list[str]:
+    return [
+        k[: -len(".weight")] for k in state if k.startswith("model.layers.") and k.endswith("proj.weight")
+    ]
+
+
+def test_random_method_depends_on_the_seed(llama: Path, tmp_path: Path) -> None:
+    ids = []
+    for seed in ("1", "1", "2"):
+        out = tmp_path / f"r{seed}.safetensors"
+        assert _build(llama, out, "--method", "random", "--seed", seed) == 0
+        ids.append(load_mask(out).mask_id)
+    assert ids[0] == ids[1] != ids[2]
+
+
+def test_mask_for_another_model_is_refused(
+    llama: Path, corpus: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    other = tmp_path / "other"
+    save_tiny_llama(other, seed=8)
+    out = tmp_path / "m.safetensors"
+    assert _build(llama, out, "--method", "weight-magnitude") == 0
+    with pytest.raises(MaskError, match="does not match"):
+        load_mask(out, expected_fingerprint=fingerprint_model_dir(other))
+    capsys.readouterr()
+    assert main(["mask", "report", str(out), "--model", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "does not match" in err and "refusing" in err and str(other) in err
+    assert main(["mask", "report", str(out), "--model", str(llama)]) == 0
+
+
+def test_cli_reports_bad_input_clearly(
+    llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _build(llama, tmp_path / "m.safetensors") == 2
+    assert "pretrain-grad needs calibration text" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"label": 3}) + "\n")
+    assert _build(llama, tmp_path / "m.safetensors", "--calib", str(bad)) == 2
+    assert "bad.jsonl:1: needs a string 'text'" in capsys.readouterr().err
+    assert _build(llama, tmp_path / "nodir" / "m.safetensors", "--method", "random") == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert (
+        main(["mask", "build", "--model", str(tmp_path), "--out", str(tmp_path / "x"), "--method", "random"])
+        == 2
+    )
+    assert "config.json" in capsys.readouterr().err
