@@ -185,3 +185,20 @@ def test_cli_reports_bad_input_clearly(
         == 2
     )
     assert "config.json" in capsys.readouterr().err
+
+
+def test_report_recomputes_what_the_build_stored(
+    llama: Path, corpus: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "m.safetensors"
+    calib = ["--calib", str(corpus[1]), "--seqs", "3", "--seq-len", "48"]
+    assert _build(llama, out, "--fraction", "0.01", *calib) == 0
+    capsys.readouterr()
+    assert main(["mask", "report", str(out), "--model", str(llama), *calib, "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    stored = rep["masks"][0]["stored_stats"]
+    again = rep["recomputed"]
+    assert again["per_mask"][0]["mask_mean_sq"] == pytest.approx(stored["mask_mean_sq"], rel=1e-6)
+    for key in ("top_mean_sq", "ratio_next_tier", "ratio_band", "top_mass_share"):
+        assert again["concentration"]["0.01"][key] == pytest.approx(stored["concentration"][key], rel=1e-6)
+    assert again["calibration"]["files"][0]["name"] == "b.txt"
