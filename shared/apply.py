@@ -88,9 +88,7 @@ def fedavg_scalars(
                 raise ValueError(f"client {k!r} scalar {t} is not finite: {g!r}")
     total = math.fsum(weights[k] for k in per_client)
     norm = {k: weights[k] / total for k in per_client}
-    return [
-        math.fsum(norm[k] * gs[t] for k, gs in per_client.items() if len(gs) > t) for t in range(T)
-    ]
+    return [math.fsum(norm[k] * gs[t] for k, gs in per_client.items() if len(gs) > t) for t in range(T)]
 
 
 __all__ = ["apply_round", "fedavg_scalars", "values_checksum"]

@@ -14,7 +14,7 @@ import io
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 import msgpack
 import zstandard
@@ -63,7 +63,9 @@ class DecodeError(Exception):
 
 
 def _bad(obj: str, name: str, expected: str, v: Any) -> DecodeError:
-    return DecodeError(ErrorCode.INVALID_FIELD, f"{obj}.{name}: expected {expected} on the wire, got {type(v).__name__}")
+    return DecodeError(
+        ErrorCode.INVALID_FIELD, f"{obj}.{name}: expected {expected} on the wire, got {type(v).__name__}"
+    )
 
 
 def _w_hex(v: str) -> bytes:
@@ -285,7 +287,9 @@ def _header(data: bytes) -> tuple[type, int]:
     if b0 & 0xF0 != MAGIC:
         raise DecodeError(ErrorCode.BAD_MAGIC, f"byte 0 is 0x{b0:02x}, not 0xB_ (not a meerkat payload)")
     if b0 & 0x0F != VERSION:
-        raise DecodeError(ErrorCode.UNSUPPORTED_VERSION, f"schema version {b0 & 0x0F}, this build speaks {VERSION}")
+        raise DecodeError(
+            ErrorCode.UNSUPPORTED_VERSION, f"schema version {b0 & 0x0F}, this build speaks {VERSION}"
+        )
     if flags & ~FLAG_ZSTD:
         raise DecodeError(ErrorCode.BAD_FLAGS, f"reserved flag bits set: 0x{flags:02x}")
     if code not in BY_CODE:
@@ -293,9 +297,23 @@ def _header(data: bytes) -> tuple[type, int]:
     return BY_CODE[code], flags
 
 
+@overload
+def decode(data: bytes, expected: type[M], *, client: str = "", max_bytes: int | None = None) -> M: ...
+
+
+@overload
 def decode(
-    data: bytes, expected: type[M] | tuple[type, ...] | None = None, *, client: str = "", max_bytes: int | None = None
-) -> M:
+    data: bytes, expected: tuple[type, ...] | None = None, *, client: str = "", max_bytes: int | None = None
+) -> Message: ...
+
+
+def decode(
+    data: bytes,
+    expected: type[Any] | tuple[type, ...] | None = None,
+    *,
+    client: str = "",
+    max_bytes: int | None = None,
+) -> Any:
     """Decode one payload. `client` = the id from the topic (for Join/Update/Heartbeat/Status/SyncRequest).
 
     `expected`: a message class (or tuple of classes) allowed on this topic; anything else is
@@ -310,7 +328,9 @@ def decode(
             raise DecodeError(ErrorCode.UNEXPECTED_TYPE, f"got {cls.__name__}, expected {names}")
     limit = SCHEMAS[cls][2] if max_bytes is None else min(max_bytes, SCHEMAS[cls][2])
     if len(data) > limit:
-        raise DecodeError(ErrorCode.TOO_LARGE, f"{cls.__name__} payload of {len(data)} bytes over the limit of {limit}")
+        raise DecodeError(
+            ErrorCode.TOO_LARGE, f"{cls.__name__} payload of {len(data)} bytes over the limit of {limit}"
+        )
     if cls in CLIENT_FROM_TOPIC and client and not (isinstance(client, str) and ID_RE.match(client)):
         raise DecodeError(ErrorCode.BAD_CLIENT, f"client id from the topic is invalid: {client!r}")
     body = bytes(data[HEADER_LEN:])
@@ -342,7 +362,9 @@ def _decompress(body: bytes) -> bytes:
     except zstandard.ZstdError as exc:
         raise DecodeError(ErrorCode.DECOMPRESS_FAILED, f"not a zstd frame: {exc}") from exc
     if params.content_size not in (zstandard.CONTENTSIZE_UNKNOWN,) and params.content_size > MAX_BODY:
-        raise DecodeError(ErrorCode.TOO_LARGE, f"zstd frame declares {params.content_size} bytes, over {MAX_BODY}")
+        raise DecodeError(
+            ErrorCode.TOO_LARGE, f"zstd frame declares {params.content_size} bytes, over {MAX_BODY}"
+        )
     out = bytearray()
     try:
         with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(body), read_across_frames=False) as reader:

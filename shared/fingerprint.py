@@ -100,7 +100,9 @@ def fingerprint_model_dir(path: str | Path) -> str:
             except (KeyError, TypeError, ValueError) as exc:
                 raise FingerprintError(f"{file}: tensor {name!r} has a malformed header entry") from exc
             if not 0 <= begin <= end or data_start + end > size:
-                raise FingerprintError(f"{file}: tensor {name!r} data_offsets [{begin}, {end}) outside the file")
+                raise FingerprintError(
+                    f"{file}: tensor {name!r} data_offsets [{begin}, {end}) outside the file"
+                )
             entries[name] = (file, dtype, shape, data_start + begin, end - begin)
 
     for name in sorted(entries):

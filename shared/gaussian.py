@@ -47,7 +47,9 @@ def gauss_table() -> np.ndarray:
         raise GaussTableError(f"Gaussian table {TABLE_FILE} cannot be read: {exc}") from exc
     digest = hashlib.sha256(raw).hexdigest()
     if digest != TABLE_SHA256:
-        raise GaussTableError(f"{TABLE_FILE}: sha256 {digest} != pinned {TABLE_SHA256}; reinstall the package")
+        raise GaussTableError(
+            f"{TABLE_FILE}: sha256 {digest} != pinned {TABLE_SHA256}; reinstall the package"
+        )
     table = np.frombuffer(raw, dtype="<f4").astype(np.float32)
     table.setflags(write=False)
     return table
@@ -59,4 +61,12 @@ def gauss_table_torch(device: str) -> torch.Tensor:
     return torch.from_numpy(gauss_table().copy()).to(device)
 
 
-__all__ = ["TABLE_FILE", "TABLE_SHA256", "TABLE_SIZE", "GaussTableError", "build_table", "gauss_table", "gauss_table_torch"]
+__all__ = [
+    "TABLE_FILE",
+    "TABLE_SHA256",
+    "TABLE_SIZE",
+    "GaussTableError",
+    "build_table",
+    "gauss_table",
+    "gauss_table_torch",
+]

@@ -54,7 +54,9 @@ class MaskMeta:
         if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0.0 < float(frac) <= 1.0:
             raise MaskError(f"meta.fraction: expected a float in (0, 1], got {frac!r}")
         if not _is_hex(self.fingerprint, 64):
-            raise MaskError(f"meta.fingerprint: expected 64 lowercase hex chars (sha256), got {self.fingerprint!r}")
+            raise MaskError(
+                f"meta.fingerprint: expected 64 lowercase hex chars (sha256), got {self.fingerprint!r}"
+            )
 
 
 @dataclass(frozen=True, eq=False)
@@ -129,7 +131,9 @@ def _validate(
         missing = sorted(set(layers) ^ set(shapes))
         raise MaskError(f"layers and shapes disagree on layer names: {missing}")
     if grad is not None and set(grad) != set(layers):
-        raise MaskError(f"grad must cover exactly the masked layers; differs on {sorted(set(grad) ^ set(layers))}")
+        raise MaskError(
+            f"grad must cover exactly the masked layers; differs on {sorted(set(grad) ^ set(layers))}"
+        )
     for name in sorted(layers):
         if not isinstance(name, str) or not name or "\0" in name:
             raise MaskError(f"layer name {name!r}: expected a non-empty str")
@@ -158,9 +162,15 @@ def _validate(
                 raise MaskError(f"layer {name!r}: duplicate index {int(idx[pos])} at position {pos + 1}")
         if grad is not None:
             g = grad[name]
-            if not isinstance(g, torch.Tensor) or g.dtype != torch.float32 or tuple(g.shape) != tuple(idx.shape):
+            if (
+                not isinstance(g, torch.Tensor)
+                or g.dtype != torch.float32
+                or tuple(g.shape) != tuple(idx.shape)
+            ):
                 what = f"{g.dtype} {tuple(g.shape)}" if isinstance(g, torch.Tensor) else type(g).__name__
-                raise MaskError(f"layer {name!r}: grad must be float32 of shape {tuple(idx.shape)}, got {what}")
+                raise MaskError(
+                    f"layer {name!r}: grad must be float32 of shape {tuple(idx.shape)}, got {what}"
+                )
             if not bool(torch.isfinite(g).all()):
                 raise MaskError(f"layer {name!r}: grad has NaN or inf")
 

@@ -214,7 +214,9 @@ class RoundPlan:
             raise ValueError(f"{o}.eps: expected > 0, got {self.eps}")
         _dist(o, self.dist)
         if not isinstance(self.steps, dict) or len(self.steps) > MAX_PLAN_CLIENTS:
-            raise ValueError(f"{o}.steps: expected a dict client -> int of at most {MAX_PLAN_CLIENTS} entries")
+            raise ValueError(
+                f"{o}.steps: expected a dict client -> int of at most {MAX_PLAN_CLIENTS} entries"
+            )
         for c, t in self.steps.items():
             _client(o, "steps key", c, allow_empty=False)
             _int(o, f"steps[{c!r}]", t, 1, len(self.seeds))
@@ -274,7 +276,9 @@ class RoundResult:
         items = _seq(o, "scalars", self.scalars, 0, MAX_SEEDS)
         _set(self, "scalars", tuple(_float(o, f"scalars[{i}]", g) for i, g in enumerate(items)))
         if len(self.scalars) != len(self.seeds):
-            raise ValueError(f"{o}.scalars: expected {len(self.seeds)} items (one per seed), got {len(self.scalars)}")
+            raise ValueError(
+                f"{o}.scalars: expected {len(self.seeds)} items (one per seed), got {len(self.scalars)}"
+            )
         _set(self, "lr", _float(o, "lr", self.lr))
         _dist(o, self.dist)
         _int(o, "n_clients", self.n_clients, 0, U32)
@@ -389,7 +393,16 @@ class ErrorMsg:
 
 
 Message: TypeAlias = (
-    Join | RoundPlan | Update | RoundResult | Heartbeat | Status | SyncRequest | Replay | CheckpointChunk | ErrorMsg
+    Join
+    | RoundPlan
+    | Update
+    | RoundResult
+    | Heartbeat
+    | Status
+    | SyncRequest
+    | Replay
+    | CheckpointChunk
+    | ErrorMsg
 )
 CLIENT_FROM_TOPIC: tuple[type, ...] = (Join, Update, Heartbeat, Status, SyncRequest)
 

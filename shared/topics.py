@@ -36,7 +36,9 @@ _RETAIN: frozenset[str] = frozenset({"plan", "result_latest", "status"})
 def check_id(value: object, what: str = "client id") -> str:
     """Return `value` if it is a valid fleet/client id, else raise ValueError naming `what`."""
     if not isinstance(value, str) or not ID_RE.match(value):
-        raise ValueError(f"{what} must be 1-64 chars of [A-Za-z0-9_.-] starting with a letter or digit, got {value!r}")
+        raise ValueError(
+            f"{what} must be 1-64 chars of [A-Za-z0-9_.-] starting with a letter or digit, got {value!r}"
+        )
     return value
 
 
