@@ -1,0 +1,1 @@
+"""The long-lived edge client: config, durable state + outbox, telemetry, the round loop, `meerkat client`."""

@@ -1,0 +1,91 @@
+"""`meerkat client --config client.toml`: the long-lived edge client service.
+
+Exit codes: 0 clean stop (SIGTERM/SIGINT: the current step finishes, offline status is published);
+2 bad configuration (every problem listed, nothing started); 3 the model, mask, data, memory budget or
+state directory cannot be used (nothing published).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from edge_client.service.config import ENV_PREFIX, ClientConfig, ConfigError, load_client_config
+from shared.config import describe
+
+log = logging.getLogger("edge_client.service")
+
+EXIT_CONFIG = 2
+EXIT_SETUP = 3
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "client",
+        help="run the edge client service (train rounds from the coordinator over MQTT)",
+        description=f"Run the edge client. Config: TOML file < {ENV_PREFIX}* environment < --set.",
+    )
+    p.add_argument("--config", type=Path, help="client.toml (keys: see --print-config)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key")
+    p.add_argument("--print-config", action="store_true", help="print every key with its default and exit")
+    p.add_argument("--check", action="store_true", help="validate config, load model/mask/data, plan memory, exit")
+    p.set_defaults(func=run)
+
+
+def _overrides(pairs: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError([f"--set {pair!r}: expected KEY=VALUE"])
+        out[key.strip()] = value
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.print_config:
+        print(describe(ClientConfig), end="")
+        return 0
+    try:
+        cfg = load_client_config(args.config, _overrides(args.set))
+    except ConfigError as exc:
+        print(f"meerkat client: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    logging.getLogger().setLevel(cfg.log_level)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log.info("client %s, fleet %s, broker %s", cfg.client_id, cfg.fleet, cfg.broker)
+
+    from edge_client.service.client import EdgeClient
+    from edge_client.service.state import StateError
+    from edge_client.service.trainer import EngineTrainer
+
+    try:
+        trainer = EngineTrainer(cfg)
+    except (OSError, ValueError, RuntimeError) as exc:  # MaskError/DataError/SideCarError/MemoryBudgetError...
+        print(f"meerkat client: cannot set up {cfg.client_id}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_SETUP
+    if args.check:
+        print(
+            f"ok: model {trainer.fingerprint[:16]} mask {trainer.mask_id} nnz {trainer.nnz} "
+            f"examples {trainer.n_samples} micro-batch {trainer.micro_batch} device {trainer.device}"
+        )
+        return 0
+    try:
+        client = EdgeClient(cfg, trainer)
+    except StateError as exc:
+        print(f"meerkat client: {exc}", file=sys.stderr)
+        return EXIT_SETUP
+
+    def _stop(signum: int, frame: FrameType | None) -> None:
+        log.info("%s: stopping after the current step", signal.Signals(signum).name)
+        client.stop()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    return client.run()
