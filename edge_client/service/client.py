@@ -41,6 +41,7 @@ from shared.messages import (
     ErrorMsg,
     Heartbeat,
     Join,
+    Message,
     Replay,
     RoundPlan,
     RoundResult,
@@ -238,12 +239,12 @@ class EdgeClient:
             elif kind in ("result", "result_latest"):
                 self._on_result(decode(payload, RoundResult))
             elif kind == "to":
-                msg: Replay | CheckpointChunk | ErrorMsg = decode(payload, (Replay, CheckpointChunk, ErrorMsg))
+                msg: Message = decode(payload, (Replay, CheckpointChunk, ErrorMsg))
                 if isinstance(msg, Replay):
                     self._on_replay(msg)
                 elif isinstance(msg, CheckpointChunk):
                     self._on_chunk(msg)
-                else:
+                elif isinstance(msg, ErrorMsg):
                     self._on_error(msg)
             else:
                 self._reject("unexpected_topic", f"message on {topic}")
