@@ -1,0 +1,177 @@
+"""The coordinator's one config: a frozen dataclass loaded from TOML (`[coordinator]` table or top level).
+
+Priority: defaults < TOML < env `MEERKAT_COORD_<FIELD>` < CLI overrides. `load_coordinator_config` raises
+`shared.config.ConfigError` listing every bad key at once. `meerkat coordinator --print-config` prints a
+commented TOML of every field (see docs/COORDINATOR.md).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from shared import config as cfg
+from shared.topics import ID_RE
+
+ENV_PREFIX = "MEERKAT_COORD_"
+SECTION = "coordinator"
+
+Aggregation = Literal["fedavg", "clipped", "median", "trimmed"]
+Straggler = Literal["next", "drop"]
+
+
+def _is_id(v: str) -> bool:
+    return bool(ID_RE.match(v))
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    # -- where things are -----------------------------------------------------------------------
+    broker: str = cfg.field(
+        "mqtt://127.0.0.1:1883", "MQTT broker url (mqtt:// or mqtts://, user:pass@ allowed)"
+    )
+    fleet: str = cfg.field(
+        "default", "fleet id: topics live under meerkat/v1/{fleet}/", (_is_id, "is not a valid id")
+    )
+    client_id: str = cfg.field(
+        "coordinator", "MQTT client id of the coordinator", (_is_id, "is not a valid id")
+    )
+    state_dir: Path = cfg.field(Path("coordinator-state"), "SQLite event log + sparse checkpoints live here")
+    model_dir: Path | None = cfg.field(None, "base model (HF dir): fingerprint, v_0 and `meerkat export`")
+    mask: Path | None = cfg.field(None, "mask file from `meerkat mask build` (required)")
+    quant: Literal["nf4", "int8", "none"] = cfg.field(
+        "nf4", "quantisation the fleet runs: export merges into it"
+    )
+    # -- the optimisation -----------------------------------------------------------------------
+    master_seed: int = cfg.field(
+        0, "every seed (steps, sampling) derives from it", (lambda v: 0 <= v < 2**64, "must be in [0, 2**64)")
+    )
+    rounds: int = cfg.field(
+        0, "stop after this many closed rounds (0 = run forever)", (lambda v: v >= 0, "must be >= 0")
+    )
+    steps: int = cfg.field(10, "local SPSA steps T per round", (lambda v: 1 <= v <= 100, "must be in 1..100"))
+    lr: float = cfg.field(
+        1e-6, "learning rate of the virtual path", (lambda v: 0 < v < 1, "must be in (0, 1)")
+    )
+    eps: float = cfg.field(1e-3, "SPSA perturbation size", (lambda v: 0 < v < 1, "must be in (0, 1)"))
+    dist: Literal["rademacher", "gaussian"] = cfg.field("rademacher", "direction distribution z_t")
+    batch_size: int = cfg.field(8, "sequences per SPSA step on a device", (lambda v: v >= 1, "must be >= 1"))
+    # -- the round scheduler --------------------------------------------------------------------
+    min_clients: int = cfg.field(
+        1, "open a round only when this many joined clients are online", (lambda v: v >= 1, "must be >= 1")
+    )
+    clients_per_round: int = cfg.field(
+        0, "clients sampled per round (0 = every online client)", (lambda v: v >= 0, "must be >= 0")
+    )
+    round_deadline_s: float = cfg.field(
+        120.0, "seconds a round waits for its sampled clients", (lambda v: v > 0, "must be > 0")
+    )
+    min_updates: int = cfg.field(
+        1, "updates needed to close a round at its deadline", (lambda v: v >= 1, "must be >= 1")
+    )
+    max_extensions: int = cfg.field(
+        3,
+        "deadline extensions (re-plans) before a short round closes with what it has",
+        (lambda v: v >= 0, "must be >= 0"),
+    )
+    straggler: Straggler = cfg.field(
+        "next", "late update of a closed round: fold into the next result, or drop"
+    )
+    offline_after_s: float = cfg.field(
+        90.0,
+        "a client with no heartbeat/status for this long counts as offline",
+        (lambda v: v > 0, "must be > 0"),
+    )
+    # -- ingest and aggregation -----------------------------------------------------------------
+    aggregation: Aggregation = cfg.field(
+        "fedavg", "fedavg (weighted by n_samples) | clipped | median | trimmed"
+    )
+    clip_norm: float = cfg.field(
+        10.0,
+        "clipped: each client's scalar vector is scaled to L2 norm <= clip_norm",
+        (lambda v: v > 0, "must be > 0"),
+    )
+    trim_fraction: float = cfg.field(
+        0.1,
+        "trimmed: share of clients cut from each end, per step",
+        (lambda v: 0 <= v < 0.5, "must be in [0, 0.5)"),
+    )
+    max_abs_grad: float = cfg.field(
+        1e6,
+        "reject an update with any |g| above this (NaN/inf always rejected)",
+        (lambda v: v > 0, "must be > 0"),
+    )
+    sqlite_synchronous: Literal["full", "normal"] = cfg.field(
+        "full", "SQLite fsync level of the event log (full survives power loss)"
+    )
+    # -- history --------------------------------------------------------------------------------
+    checkpoint_every: int = cfg.field(
+        10, "write a sparse values checkpoint every K rounds", (lambda v: v >= 1, "must be >= 1")
+    )
+    keep_checkpoints: int = cfg.field(
+        3, "checkpoints kept on disk (oldest removed)", (lambda v: v >= 1, "must be >= 1")
+    )
+    replay_max: int = cfg.field(
+        50,
+        "a client at most this many rounds behind gets a scalar Replay, else a checkpoint",
+        (lambda v: v >= 1, "must be >= 1"),
+    )
+    chunk_bytes: int = cfg.field(
+        256 * 1024,
+        "checkpoint chunk size on to/{client}",
+        (lambda v: 1024 <= v <= 2**20, "must be in 1 KiB..1 MiB"),
+    )
+    # -- observability --------------------------------------------------------------------------
+    metrics: bool = cfg.field(True, "serve Prometheus /metrics")
+    metrics_host: str = cfg.field("127.0.0.1", "metrics bind address (non-loopback needs metrics_token)")
+    metrics_port: int = cfg.field(
+        9464, "metrics port (0 = any free port)", (lambda v: 0 <= v < 65536, "must be in 0..65535")
+    )
+    metrics_token: str = cfg.field("", "bearer token required on /metrics (required when not on loopback)")
+
+    def validate(self) -> list[str]:
+        """Cross-field checks (load_config calls it after the per-field ones)."""
+        problems = []
+        if self.mask is None:
+            problems.append("mask: required (path of the mask file from `meerkat mask build`)")
+        if self.clients_per_round and self.clients_per_round < self.min_updates:
+            problems.append(
+                f"clients_per_round: {self.clients_per_round} is below min_updates {self.min_updates}"
+            )
+        if self.metrics and not _is_loopback(self.metrics_host) and not self.metrics_token:
+            problems.append(
+                f"metrics_token: required when metrics_host {self.metrics_host!r} is not loopback"
+            )
+        try:
+            from shared.mqtt import BrokerAddress
+
+            BrokerAddress.parse(self.broker)
+        except ValueError as exc:
+            problems.append(f"broker: {exc}")
+        return problems
+
+
+def load_coordinator_config(
+    path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    environ: dict[str, str] | None = None,
+) -> CoordinatorConfig:
+    """Load and validate; raises ConfigError naming each bad key."""
+    return cfg.load_config(
+        CoordinatorConfig, path, section=SECTION, env_prefix=ENV_PREFIX, overrides=overrides, environ=environ
+    )
+
+
+def describe() -> str:
+    return "[coordinator]\n" + cfg.describe(CoordinatorConfig)

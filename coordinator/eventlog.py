@@ -1,0 +1,437 @@
+"""The coordinator's durable event log: one SQLite file in WAL mode, the source of truth after kill -9.
+
+What is logged (schema below): the client registry (join, status, last heartbeat + telemetry), every
+round plan, every accepted update (its per-step scalars, kept for MEERKAT-VP analysis), every round
+result (seeds + aggregated scalars: scalar replay and restart rebuild from them), reject counters by
+reason, round decisions (events) and written checkpoints.
+
+Ingest contract: the caller runs a batch of writes inside `with log.transaction():` and acks the MQTT
+messages only after the block returns (= committed). Dedupe is the primary key (client, round) of
+`updates` plus its stored msg_id.
+
+Seeds and msg_ids are u64, which SQLite INTEGER (signed i64) cannot hold: they are stored as JSON text /
+decimal text. Scalars are stored as little-endian float64 blobs (exact round trip).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+
+from shared.prng import Dist
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+DB_NAME = "events.sqlite"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS clients (
+    client TEXT PRIMARY KEY,
+    state TEXT NOT NULL,               -- joined | rejected
+    reason TEXT NOT NULL DEFAULT '',
+    fingerprint TEXT NOT NULL DEFAULT '',
+    mask_id TEXT NOT NULL DEFAULT '',
+    n_samples INTEGER NOT NULL DEFAULT 0,
+    budget_gib REAL NOT NULL DEFAULT 0,
+    capabilities TEXT NOT NULL DEFAULT '{}',
+    last_round INTEGER NOT NULL DEFAULT -1,
+    joined_at REAL,
+    online INTEGER NOT NULL DEFAULT 0,
+    seen_at REAL,                      -- last join/status/heartbeat/update/sync
+    hb_at REAL,
+    telemetry TEXT NOT NULL DEFAULT '{}',
+    last_update_at REAL,
+    updates INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    round INTEGER PRIMARY KEY,
+    state TEXT NOT NULL,               -- open | closed
+    opened_at REAL NOT NULL,
+    deadline REAL NOT NULL,
+    seeds TEXT NOT NULL,               -- JSON list of u64
+    steps TEXT NOT NULL,               -- JSON {client: T_k}
+    lr REAL NOT NULL, eps REAL NOT NULL, dist TEXT NOT NULL, batch_size INTEGER NOT NULL,
+    base_round INTEGER NOT NULL,
+    base_checksum TEXT NOT NULL,
+    extensions INTEGER NOT NULL DEFAULT 0,
+    closed_at REAL
+);
+CREATE TABLE IF NOT EXISTS updates (
+    client TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    msg_id TEXT NOT NULL,
+    grads BLOB NOT NULL,               -- float64 LE, one per local step
+    n_samples INTEGER NOT NULL,
+    loss REAL NOT NULL,
+    received_at REAL NOT NULL,
+    status TEXT NOT NULL,              -- accepted | late | dropped | folded
+    used_in INTEGER,                   -- round whose result used it (NULL while pending)
+    gradip BLOB,                       -- float64 LE per step: g_{k,t} * c_t (MEERKAT-VP), if the mask has grads
+    PRIMARY KEY (client, round)
+);
+CREATE INDEX IF NOT EXISTS updates_round ON updates(round, status);
+CREATE TABLE IF NOT EXISTS results (
+    round INTEGER PRIMARY KEY,
+    seeds TEXT NOT NULL,               -- JSON list of u64 (may include late seeds of an older round)
+    scalars BLOB NOT NULL,             -- float64 LE
+    lr REAL NOT NULL, dist TEXT NOT NULL,
+    n_clients INTEGER NOT NULL,
+    values_checksum TEXT NOT NULL,
+    closed_at REAL NOT NULL,
+    duration_s REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rejects (reason TEXT PRIMARY KEY, count INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS reject_log (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, client TEXT NOT NULL, topic TEXT NOT NULL,
+    reason TEXT NOT NULL, detail TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, round INTEGER, kind TEXT NOT NULL, detail TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    round INTEGER PRIMARY KEY, path TEXT NOT NULL, values_checksum TEXT NOT NULL, written_at REAL NOT NULL
+);
+"""
+
+REJECT_LOG_KEEP = 1000
+
+
+def f64_blob(xs: Sequence[float]) -> bytes:
+    return np.asarray(list(xs), dtype="<f8").tobytes()
+
+
+def f64_list(blob: bytes) -> list[float]:
+    return [float(x) for x in np.frombuffer(blob, dtype="<f8")]
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    round: int
+    state: str
+    opened_at: float
+    deadline: float
+    seeds: tuple[int, ...]
+    steps: dict[str, int]
+    lr: float
+    eps: float
+    dist: Dist
+    batch_size: int
+    base_round: int
+    base_checksum: str
+    extensions: int
+
+
+@dataclass(frozen=True)
+class UpdateRow:
+    client: str
+    round: int
+    msg_id: int
+    grads: tuple[float, ...]
+    n_samples: int
+    loss: float
+    received_at: float
+    status: str
+    used_in: int | None
+
+
+@dataclass(frozen=True)
+class ResultRow:
+    round: int
+    seeds: tuple[int, ...]
+    scalars: tuple[float, ...]
+    lr: float
+    dist: Dist
+    n_clients: int
+    values_checksum: str
+    closed_at: float
+    duration_s: float
+
+
+class EventLog:
+    """One writer connection (the coordinator thread). Readers (`meerkat status`) open their own."""
+
+    def __init__(self, state_dir: str | Path, synchronous: str = "full") -> None:
+        self.dir = Path(state_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / DB_NAME
+        self.db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
+        self.db.execute("PRAGMA busy_timeout=5000")
+        self.db.executescript(_SCHEMA)
+        self._in_tx = False
+        if self.get_meta("schema_version") is None:
+            with self.transaction():
+                self.set_meta("schema_version", str(SCHEMA_VERSION))
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """BEGIN IMMEDIATE ... COMMIT (rolled back on an exception). Not re-entrant."""
+        if self._in_tx:
+            raise RuntimeError("EventLog.transaction is not re-entrant")
+        self._in_tx = True
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        else:
+            self.db.execute("COMMIT")
+        finally:
+            self._in_tx = False
+
+    def _need_tx(self) -> None:
+        if not self._in_tx:
+            raise RuntimeError("write outside EventLog.transaction()")
+
+    # -- meta ------------------------------------------------------------------------------------
+    def get_meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._need_tx()
+        self.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+
+    # -- clients ---------------------------------------------------------------------------------
+    def upsert_join(
+        self, client: str, *, state: str, reason: str, fingerprint: str, mask_id: str, n_samples: int,
+        budget_gib: float, capabilities: dict[str, Any], last_round: int, now: float,
+    ) -> None:  # fmt: skip
+        self._need_tx()
+        self.db.execute(
+            """INSERT INTO clients(client, state, reason, fingerprint, mask_id, n_samples, budget_gib, capabilities,
+                   last_round, joined_at, online, seen_at)
+               VALUES (?,?,?,?,?,?,?,?,?,?,1,?)
+               ON CONFLICT(client) DO UPDATE SET state=excluded.state, reason=excluded.reason,
+                   fingerprint=excluded.fingerprint, mask_id=excluded.mask_id, n_samples=excluded.n_samples,
+                   budget_gib=excluded.budget_gib, capabilities=excluded.capabilities,
+                   last_round=excluded.last_round, joined_at=excluded.joined_at, online=1, seen_at=excluded.seen_at""",
+            (client, state, reason, fingerprint, mask_id, n_samples, budget_gib, json.dumps(capabilities),
+             last_round, now, now),
+        )  # fmt: skip
+
+    def set_online(self, client: str, online: bool, now: float) -> None:
+        self._need_tx()
+        self.db.execute(
+            """INSERT INTO clients(client, state, online, seen_at) VALUES (?, 'unknown', ?, ?)
+               ON CONFLICT(client) DO UPDATE SET online=excluded.online, seen_at=excluded.seen_at""",
+            (client, int(online), now),
+        )
+
+    def record_heartbeat(self, client: str, telemetry: dict[str, Any], now: float) -> None:
+        self._need_tx()
+        self.db.execute(
+            """INSERT INTO clients(client, state, online, seen_at, hb_at, telemetry) VALUES (?, 'unknown', 1, ?, ?, ?)
+               ON CONFLICT(client) DO UPDATE SET online=1, seen_at=excluded.seen_at, hb_at=excluded.hb_at,
+                   telemetry=excluded.telemetry""",
+            (client, now, now, json.dumps(telemetry)),
+        )
+
+    def touch(self, client: str, now: float) -> None:
+        self._need_tx()
+        self.db.execute("UPDATE clients SET seen_at=? WHERE client=?", (now, client))
+
+    def mark_offline_before(self, cutoff: float) -> list[str]:
+        self._need_tx()
+        rows = self.db.execute(
+            "SELECT client FROM clients WHERE online=1 AND (seen_at IS NULL OR seen_at < ?)", (cutoff,)
+        ).fetchall()
+        self.db.execute(
+            "UPDATE clients SET online=0 WHERE online=1 AND (seen_at IS NULL OR seen_at < ?)", (cutoff,)
+        )
+        return [str(r[0]) for r in rows]
+
+    def eligible_clients(self, fingerprint: str, mask_id: str) -> list[tuple[str, int]]:
+        """(client, n_samples) of joined, online clients of this model + mask, sorted by id."""
+        rows = self.db.execute(
+            """SELECT client, n_samples FROM clients WHERE state='joined' AND online=1
+               AND fingerprint=? AND mask_id=? ORDER BY client""",
+            (fingerprint, mask_id),
+        ).fetchall()
+        return [(str(c), int(n)) for c, n in rows]
+
+    def client_state(self, client: str) -> str | None:
+        row = self.db.execute("SELECT state FROM clients WHERE client=?", (client,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def count_online(self) -> int:
+        return int(
+            self.db.execute("SELECT COUNT(*) FROM clients WHERE online=1 AND state='joined'").fetchone()[0]
+        )
+
+    # -- rounds ----------------------------------------------------------------------------------
+    def insert_plan(self, p: PlanRow) -> None:
+        self._need_tx()
+        self.db.execute(
+            """INSERT INTO rounds(round, state, opened_at, deadline, seeds, steps, lr, eps, dist, batch_size,
+                   base_round, base_checksum, extensions) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)""",
+            (p.round, p.state, p.opened_at, p.deadline, json.dumps(list(p.seeds)), json.dumps(p.steps, sort_keys=True),
+             p.lr, p.eps, p.dist, p.batch_size, p.base_round, p.base_checksum, p.extensions),
+        )  # fmt: skip
+
+    def replan(self, round: int, steps: dict[str, int], deadline: float, extensions: int) -> None:
+        self._need_tx()
+        self.db.execute(
+            "UPDATE rounds SET steps=?, deadline=?, extensions=? WHERE round=?",
+            (json.dumps(steps, sort_keys=True), deadline, extensions, round),
+        )
+
+    def _plan(self, row: Sequence[Any]) -> PlanRow:
+        return PlanRow(
+            round=int(row[0]), state=str(row[1]), opened_at=float(row[2]), deadline=float(row[3]),
+            seeds=tuple(int(s) for s in json.loads(row[4])), steps={str(k): int(v) for k, v in json.loads(row[5]).items()},
+            lr=float(row[6]), eps=float(row[7]), dist=cast(Dist, str(row[8])), batch_size=int(row[9]), base_round=int(row[10]),
+            base_checksum=str(row[11]), extensions=int(row[12]),
+        )  # fmt: skip
+
+    _PLAN_COLS = "round, state, opened_at, deadline, seeds, steps, lr, eps, dist, batch_size, base_round, base_checksum, extensions"
+
+    def get_plan(self, round: int) -> PlanRow | None:
+        row = self.db.execute(f"SELECT {self._PLAN_COLS} FROM rounds WHERE round=?", (round,)).fetchone()
+        return None if row is None else self._plan(row)
+
+    def open_plan(self) -> PlanRow | None:
+        row = self.db.execute(
+            f"SELECT {self._PLAN_COLS} FROM rounds WHERE state='open' ORDER BY round DESC LIMIT 1"
+        ).fetchone()
+        return None if row is None else self._plan(row)
+
+    # -- updates ---------------------------------------------------------------------------------
+    def find_update(self, client: str, round: int) -> tuple[int, str] | None:
+        """(msg_id, status) of the stored update of (client, round), if any."""
+        row = self.db.execute(
+            "SELECT msg_id, status FROM updates WHERE client=? AND round=?", (client, round)
+        ).fetchone()
+        return None if row is None else (int(row[0]), str(row[1]))
+
+    def insert_update(
+        self, client: str, round: int, msg_id: int, grads: Sequence[float], n_samples: int, loss: float,
+        status: str, now: float, gradip: Sequence[float] | None = None,
+    ) -> None:  # fmt: skip
+        self._need_tx()
+        self.db.execute(
+            """INSERT INTO updates(client, round, msg_id, grads, n_samples, loss, received_at, status, gradip)
+               VALUES (?,?,?,?,?,?,?,?,?)""",
+            (client, round, str(msg_id), f64_blob(grads), n_samples, loss, now, status,
+             None if gradip is None else f64_blob(gradip)),
+        )  # fmt: skip
+        self.db.execute(
+            "UPDATE clients SET last_update_at=?, seen_at=?, updates=updates+1 WHERE client=?",
+            (now, now, client),
+        )
+
+    def updates(self, round: int | None = None, status: str | None = None) -> list[UpdateRow]:
+        q = "SELECT client, round, msg_id, grads, n_samples, loss, received_at, status, used_in FROM updates"
+        where: list[str] = []
+        args: list[Any] = []
+        if round is not None:
+            where.append("round=?")
+            args.append(round)
+        if status is not None:
+            where.append("status=?")
+            args.append(status)
+        if where:
+            q += " WHERE " + " AND ".join(where)
+        q += " ORDER BY round, client"
+        return [
+            UpdateRow(str(c), int(r), int(m), tuple(f64_list(g)), int(n), float(lo), float(ts), str(st),
+                      None if u is None else int(u))
+            for c, r, m, g, n, lo, ts, st, u in self.db.execute(q, args).fetchall()
+        ]  # fmt: skip
+
+    def mark_used(self, keys: Sequence[tuple[str, int]], used_in: int, status: str) -> None:
+        self._need_tx()
+        self.db.executemany(
+            "UPDATE updates SET used_in=?, status=? WHERE client=? AND round=?",
+            [(used_in, status, c, r) for c, r in keys],
+        )
+
+    # -- results ---------------------------------------------------------------------------------
+    def insert_result(self, r: ResultRow) -> None:
+        self._need_tx()
+        self.db.execute(
+            """INSERT INTO results(round, seeds, scalars, lr, dist, n_clients, values_checksum, closed_at, duration_s)
+               VALUES (?,?,?,?,?,?,?,?,?)""",
+            (r.round, json.dumps(list(r.seeds)), f64_blob(r.scalars), r.lr, r.dist, r.n_clients, r.values_checksum,
+             r.closed_at, r.duration_s),
+        )  # fmt: skip
+        self.db.execute("UPDATE rounds SET state='closed', closed_at=? WHERE round=?", (r.closed_at, r.round))
+
+    def results(self, after: int = -1, upto: int | None = None) -> list[ResultRow]:
+        """Results with after < round <= upto, in round order."""
+        q = "SELECT round, seeds, scalars, lr, dist, n_clients, values_checksum, closed_at, duration_s FROM results WHERE round>?"
+        args: list[Any] = [after]
+        if upto is not None:
+            q += " AND round<=?"
+            args.append(upto)
+        return [
+            ResultRow(int(rd), tuple(int(s) for s in json.loads(sd)), tuple(f64_list(sc)), float(lr), cast(Dist, str(d)), int(n),
+                      str(ck), float(ts), float(du))
+            for rd, sd, sc, lr, d, n, ck, ts, du in self.db.execute(q + " ORDER BY round", args).fetchall()
+        ]  # fmt: skip
+
+    def last_result_round(self) -> int:
+        row = self.db.execute("SELECT MAX(round) FROM results").fetchone()
+        return -1 if row[0] is None else int(row[0])
+
+    # -- rejects, events, checkpoints --------------------------------------------------------------
+    def count_reject(self, reason: str, client: str, topic: str, detail: str, now: float) -> None:
+        self._need_tx()
+        self.db.execute(
+            "INSERT INTO rejects(reason, count) VALUES (?, 1) ON CONFLICT(reason) DO UPDATE SET count=count+1",
+            (reason,),
+        )
+        cur = self.db.execute(
+            "INSERT INTO reject_log(ts, client, topic, reason, detail) VALUES (?,?,?,?,?)",
+            (now, client, topic, reason, detail[:500]),
+        )
+        if cur.lastrowid is not None and cur.lastrowid % 100 == 0:
+            self.db.execute("DELETE FROM reject_log WHERE id <= ?", (cur.lastrowid - REJECT_LOG_KEEP,))
+
+    def reject_counts(self) -> dict[str, int]:
+        return {
+            str(r): int(c) for r, c in self.db.execute("SELECT reason, count FROM rejects ORDER BY reason")
+        }
+
+    def event(self, kind: str, detail: str, round: int | None = None, now: float | None = None) -> None:
+        self._need_tx()
+        self.db.execute(
+            "INSERT INTO events(ts, round, kind, detail) VALUES (?,?,?,?)",
+            (time.time() if now is None else now, round, kind, detail),
+        )
+
+    def add_checkpoint(self, round: int, path: str, checksum: str, now: float) -> None:
+        self._need_tx()
+        self.db.execute(
+            "INSERT OR REPLACE INTO checkpoints(round, path, values_checksum, written_at) VALUES (?,?,?,?)",
+            (round, path, checksum, now),
+        )
+
+    def remove_checkpoint(self, round: int) -> None:
+        self._need_tx()
+        self.db.execute("DELETE FROM checkpoints WHERE round=?", (round,))
+
+    def checkpoints(self) -> list[tuple[int, str, str]]:
+        """(round, path, checksum), newest first."""
+        return [
+            (int(r), str(p), str(c))
+            for r, p, c in self.db.execute(
+                "SELECT round, path, values_checksum FROM checkpoints ORDER BY round DESC"
+            )
+        ]

@@ -1,0 +1,64 @@
+"""Semantic checks of incoming messages (the codec already checked types, ranges and finiteness).
+
+A check returns None (accept) or a `Reject(reason, code, detail)`: `reason` is the counter label
+(rejects table, Prometheus `meerkat_messages_rejected{reason}`), `code` travels to the client in an
+ErrorMsg, `detail` goes to the log.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from coordinator.eventlog import PlanRow
+from shared.codec import DecodeError
+from shared.messages import ErrorCode, Join, Update
+
+
+@dataclass(frozen=True)
+class Reject:
+    reason: str
+    code: ErrorCode
+    detail: str
+
+
+def decode_reject(exc: DecodeError) -> Reject:
+    return Reject(f"decode_{exc.code.name.lower()}", exc.code, exc.reason)
+
+
+def check_join(j: Join, fingerprint: str, mask_id: str) -> Reject | None:
+    if j.fingerprint != fingerprint:
+        return Reject(
+            "fingerprint", ErrorCode.FINGERPRINT_MISMATCH,
+            f"base model {j.fingerprint[:12]}... is not the fleet's {fingerprint[:12]}...",
+        )  # fmt: skip
+    if j.mask_id != mask_id:
+        return Reject("mask", ErrorCode.MASK_MISMATCH, f"mask {j.mask_id} is not the fleet's {mask_id}")
+    return None
+
+
+def check_update(u: Update, plan: PlanRow | None, fp_tag: int, max_abs_grad: float) -> Reject | None:
+    """Checks that do not depend on what is already stored (dedupe is the caller's, in the same transaction)."""
+    if plan is None:
+        return Reject("unknown_round", ErrorCode.STALE_ROUND, f"round {u.round} was never planned")
+    if u.client not in plan.steps:
+        return Reject(
+            "not_in_round", ErrorCode.NOT_IN_ROUND, f"{u.client} was not sampled in round {u.round}"
+        )
+    if u.fp_tag != fp_tag:
+        return Reject(
+            "fingerprint", ErrorCode.FINGERPRINT_MISMATCH, f"fp_tag {u.fp_tag:#010x} != {fp_tag:#010x}"
+        )
+    want = plan.steps[u.client]
+    if len(u.grads) != want:
+        return Reject("wrong_steps", ErrorCode.BAD_UPDATE, f"{len(u.grads)} grads, the plan asked for {want}")
+    if not all(math.isfinite(g) for g in u.grads) or not math.isfinite(u.loss):
+        return Reject("not_finite", ErrorCode.BAD_UPDATE, "NaN or inf in grads/loss")
+    big = max(abs(g) for g in u.grads)
+    if big > max_abs_grad:
+        return Reject(
+            "grad_too_large", ErrorCode.BAD_UPDATE, f"|g| = {big:.3g} > max_abs_grad {max_abs_grad:.3g}"
+        )
+    if u.n_samples <= 0:
+        return Reject("no_samples", ErrorCode.BAD_UPDATE, "n_samples must be > 0 (it is the FedAvg weight)")
+    return None

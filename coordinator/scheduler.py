@@ -1,0 +1,65 @@
+"""Round scheduling decisions as pure functions: seeds, client sampling, when to close.
+
+Every random choice derives from the master seed through `shared.prng`, so a restarted coordinator (or
+an auditor) recomputes the same seeds and the same sample:
+
+    step seeds      derive_seed(master, round, t)                 t = 0..T-1   (docs/ARCHITECTURE.md)
+    sampling key    raw_u64(derive_seed(master, SAMPLE_TAG, round, attempt), n)[i] for the i-th eligible
+                    client in id order; the k smallest keys are sampled (attempt 0 = the round's first plan,
+                    attempt a > 0 = the a-th re-plan adding clients).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+
+from shared.prng import derive_seed, raw_u64
+
+SAMPLE_TAG = 0x53414D504C45  # "SAMPLE": keeps sampling streams apart from step seeds
+
+
+def round_seeds(master_seed: int, round: int, steps: int) -> tuple[int, ...]:
+    return tuple(derive_seed(master_seed, round, t) for t in range(steps))
+
+
+def sample_clients(
+    eligible: Sequence[str], k: int, master_seed: int, round: int, attempt: int = 0,
+    exclude: Collection[str] = (),
+) -> list[str]:  # fmt: skip
+    """Up to k clients of `eligible` minus `exclude` (k = 0: all), deterministic in (master, round, attempt)."""
+    pool = sorted(set(eligible) - set(exclude))
+    if k == 0 or k >= len(pool):
+        return pool
+    keys = raw_u64(derive_seed(master_seed, SAMPLE_TAG, round, attempt), len(pool))
+    order = sorted(range(len(pool)), key=lambda i: (int(keys[i]), pool[i]))
+    return sorted(pool[i] for i in order[:k])
+
+
+@dataclass(frozen=True)
+class CloseDecision:
+    action: str  # "wait" | "close" | "extend"
+    reason: str
+
+
+def close_decision(
+    sampled: Collection[str], reported: Collection[str], now: float, deadline: float,
+    min_updates: int, extensions: int, max_extensions: int,
+) -> CloseDecision:  # fmt: skip
+    """Close when all sampled clients reported, or at the deadline with >= min_updates; else extend.
+
+    After `max_extensions` extensions a round with at least one update closes with what it has (a
+    fleet that shrank below min_updates must still make progress); with none it keeps extending.
+    """
+    got = len(set(reported) & set(sampled))
+    if sampled and got >= len(set(sampled)):
+        return CloseDecision("close", f"all {got} sampled clients reported")
+    if now < deadline:
+        return CloseDecision("wait", f"{got}/{len(sampled)} reported")
+    if got >= min_updates:
+        return CloseDecision("close", f"deadline with {got}/{len(sampled)} updates")
+    if extensions >= max_extensions and got > 0:
+        return CloseDecision(
+            "close", f"deadline after {extensions} extensions with {got} < min_updates {min_updates}"
+        )
+    return CloseDecision("extend", f"deadline with {got} < min_updates {min_updates}")
