@@ -1,0 +1,179 @@
+"""MEERKAT-VP: spot clients whose steps stop carrying signal (extreme Non-IID) and limit them to 1 step.
+
+For client k at local step t of a round with seeds s_1..s_T:
+
+    c_t          = <grad_pretrain on the mask, z_t>        z_t = shared.prng.directions(s_t, nnz, dist)
+    GradIP_{k,t} = g_{k,t} * c_t                           = <grad_pretrain, g_{k,t} z_t>  (the ZO step)
+
+c_t depends on the seed only, so it is computed once per seed and cached (float64 dot product).
+A client holding a single label fits its data quickly: its loss saturates, g shrinks and |GradIP| decays
+to ~0, while a balanced client's GradIP keeps oscillating. Over the client's GradIP history h_1..h_n
+(in observation order, rounds concatenated), with w = thresholds.window:
+
+    early     = mean |h_1..h_w|           late = mean |h_{n-w+1}..h_n|
+    rho_later = early / late              (large: the magnitude decayed)
+    rho_quie  = share of the last w steps with |h| < quiet_ratio * early
+
+A client is flagged once n >= min_steps, rho_later >= later_min and rho_quie >= quie_min; a flag is
+sticky (the paper limits a drifting client for the rest of the run). `steps_for(client, T)` is what the
+round scheduler puts into `RoundPlan.steps`: 1 for a flagged client, T otherwise. The client keeps its
+data pointer, so it still sees all of its data, one batch per round.
+
+Default thresholds were calibrated on `meerkat bench learning` (extreme setting; see BENCHMARKS.md,
+"MEERKAT-VP calibration"); override them for another model/task.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from shared.prng import DISTS, Dist, directions
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DriftThresholds:
+    """When a client's GradIP counts as decayed. Defaults: calibrated on the tiny-model simulation."""
+
+    window: int = 20  # steps in the early and in the late window (10 is too noisy: c_t alone varies ~3x)
+    min_steps: int = 40  # observed steps before a client can be flagged (>= 2 * window)
+    later_min: float = 3.0  # rho_later must reach this (early magnitude / late magnitude)
+    quiet_ratio: float = 0.25  # a step is quiet when |GradIP| < quiet_ratio * early mean
+    quie_min: float = 0.6  # share of quiet steps in the late window needed to flag
+
+    def __post_init__(self) -> None:
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
+            raise ValueError(f"DriftThresholds.window: expected an int >= 1, got {self.window!r}")
+        if isinstance(self.min_steps, bool) or not isinstance(self.min_steps, int) or self.min_steps < 2 * self.window:
+            raise ValueError(
+                f"DriftThresholds.min_steps: expected an int >= 2 * window = {2 * self.window}, got {self.min_steps!r}"
+            )
+        for name, lo, hi in (("later_min", 1.0, math.inf), ("quiet_ratio", 0.0, 1.0), ("quie_min", 0.0, 1.0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
+                raise ValueError(f"DriftThresholds.{name}: expected a finite number in [{lo}, {hi}], got {v!r}")
+
+
+@dataclass(frozen=True)
+class DriftStats:
+    """One client's detection statistics at the moment they were computed."""
+
+    n_steps: int
+    early: float
+    late: float
+    rho_later: float  # inf when the late window is exactly 0 and the early one is not
+    rho_quie: float
+    flagged: bool
+
+
+def drift_stats(history: Sequence[float], th: DriftThresholds) -> DriftStats | None:
+    """rho_later / rho_quie of a GradIP history; None while it is shorter than 2 * window."""
+    n = len(history)
+    w = th.window
+    if n < 2 * w:
+        return None
+    mags = [abs(h) for h in history]
+    early = math.fsum(mags[:w]) / w
+    late = math.fsum(mags[-w:]) / w
+    if late > 0:
+        rho_later = early / late
+    else:
+        rho_later = math.inf if early > 0 else 1.0
+    quiet = sum(1 for m in mags[-w:] if m < th.quiet_ratio * early)
+    rho_quie = quiet / w
+    flagged = n >= th.min_steps and rho_later >= th.later_min and rho_quie >= th.quie_min
+    return DriftStats(n, early, late, rho_later, rho_quie, flagged)
+
+
+class DriftMonitor:
+    """GradIP per client per step, rho statistics, and the set of clients limited to one local step."""
+
+    def __init__(
+        self, grad_on_mask: torch.Tensor, dist: Dist = "rademacher", thresholds: DriftThresholds | None = None
+    ) -> None:
+        if not isinstance(grad_on_mask, torch.Tensor) or grad_on_mask.dim() != 1:
+            raise ValueError("grad_on_mask must be a 1-D tensor: the mask's mean pre-training gradient, flat order")
+        if not bool(torch.isfinite(grad_on_mask).all()):
+            raise ValueError("grad_on_mask has NaN or inf")
+        if dist not in DISTS:
+            raise ValueError(f"dist must be one of {DISTS}, got {dist!r}")
+        self.grad = grad_on_mask.detach().to("cpu", torch.float64)  # (nnz,)
+        self.dist: Dist = dist
+        self.thresholds = thresholds or DriftThresholds()
+        self._coef: dict[int, float] = {}
+        self._hist: dict[str, list[float]] = {}
+        self._seen: set[tuple[str, int]] = set()
+        self._limited: dict[str, int] = {}  # client -> round in which it was flagged
+
+    @classmethod
+    def from_mask(cls, mask: object, dist: Dist = "rademacher", thresholds: DriftThresholds | None = None) -> DriftMonitor:
+        """Monitor for a `shared.maskfile.Mask`; raises ValueError when the mask carries no gradient."""
+        flat = getattr(mask, "flat_grad", None)
+        g = flat() if callable(flat) else None
+        if not isinstance(g, torch.Tensor):
+            raise ValueError("this mask has no mean pre-training gradient (grad.*): MEERKAT-VP needs one")
+        return cls(g, dist, thresholds)
+
+    def coefficient(self, seed: int) -> float:
+        """c = <grad_pretrain on the mask, z(seed)> in float64, cached per seed."""
+        c = self._coef.get(seed)
+        if c is None:
+            z = directions(int(seed), int(self.grad.numel()), self.dist).to(torch.float64)
+            c = float(torch.dot(self.grad, z))
+            self._coef[seed] = c
+        return c
+
+    def observe(self, client: str, round: int, seeds: Sequence[int], grads: Sequence[float]) -> None:
+        """Record client's projected gradients g_1..g_Tk of `round` (step t used seeds[t]); re-flag.
+
+        A second report for the same (client, round) is ignored (replays after a restart are harmless).
+        """
+        if len(grads) > len(seeds):
+            raise ValueError(f"client {client!r} round {round}: {len(grads)} grads but only {len(seeds)} seeds")
+        key = (client, int(round))
+        if key in self._seen:
+            log.debug("drift: client %s round %d already observed; ignored", client, round)
+            return
+        for t, g in enumerate(grads):
+            if not math.isfinite(g):
+                raise ValueError(f"client {client!r} round {round}: grads[{t}] is not finite: {g!r}")
+        self._seen.add(key)
+        hist = self._hist.setdefault(client, [])
+        hist.extend(float(g) * self.coefficient(s) for s, g in zip(seeds, grads, strict=False))
+        if client in self._limited:
+            return
+        st = drift_stats(hist, self.thresholds)
+        if st is not None and st.flagged:
+            self._limited[client] = int(round)
+            log.info("drift: client %s limited to 1 local step from round %d (rho_later %.3g, rho_quie %.2f, %d steps)",
+                     client, round, st.rho_later, st.rho_quie, st.n_steps)
+
+    def gradip(self, client: str) -> list[float]:
+        """The client's GradIP values in observation order (a copy)."""
+        return list(self._hist.get(client, []))
+
+    def stats(self, client: str) -> DriftStats | None:
+        return drift_stats(self._hist.get(client, []), self.thresholds)
+
+    def limited(self) -> set[str]:
+        """Clients flagged so far (they run 1 local step per round)."""
+        return set(self._limited)
+
+    def flagged_round(self, client: str) -> int | None:
+        return self._limited.get(client)
+
+    def steps_for(self, client: str, T: int) -> int:
+        """Local steps to plan for `client`: 1 when limited, else T."""
+        return 1 if client in self._limited else T
+
+    def clients(self) -> Iterable[str]:
+        return sorted(self._hist)
+
+
+__all__ = ["DriftMonitor", "DriftStats", "DriftThresholds", "drift_stats"]
