@@ -11,6 +11,7 @@ the logged results after it are replayed with `shared.apply.apply_round`.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as st_save
 
-from shared.apply import values_checksum
+from coordinator.eventlog import EventLog
+from shared.apply import apply_round, values_checksum
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -96,3 +100,31 @@ def value_chunks(values: torch.Tensor, chunk_bytes: int) -> list[bytes]:
     raw = values.detach().to("cpu").contiguous().numpy().astype("<f4", copy=False).tobytes()
     step = max(4, chunk_bytes - chunk_bytes % 4)
     return [raw[i : i + step] for i in range(0, len(raw), step)] or [b""]
+
+
+def rebuild_values(
+    events: EventLog, v0: torch.Tensor, mask_id: str, fingerprint: str
+) -> tuple[torch.Tensor, int]:
+    """(values, round) after the last logged result: newest verified checkpoint + replay of later results.
+
+    Every replayed round's checksum is compared with the logged one: a mismatch means the log or the
+    apply function changed, and is an error rather than a silent fork of the fleet.
+    """
+    values, start = v0.clone(), -1
+    for round, path, _ in events.checkpoints():
+        try:
+            ck = read_checkpoint(Path(path), mask_id, fingerprint, int(v0.numel()))
+        except CheckpointError as exc:
+            log.warning("skipping checkpoint of round %d: %s", round, exc)
+            continue
+        values, start = ck.values, ck.round
+        break
+    results = events.results(after=start)
+    for r in results:
+        values = apply_round(values, r.seeds, r.scalars, r.lr, r.dist)
+        if values_checksum(values) != r.values_checksum:
+            raise RuntimeError(f"replaying round {r.round} from the log gives another checksum: log corrupt")
+    last = results[-1].round if results else start
+    if results or start >= 0:
+        log.info("values at round %d rebuilt (checkpoint %d + %d logged results)", last, start, len(results))
+    return values, last

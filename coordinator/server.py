@@ -31,9 +31,8 @@ import torch
 
 from coordinator.aggregate import aggregate, late_pairs
 from coordinator.checkpoint import (
-    CheckpointError,
     checkpoint_path,
-    read_checkpoint,
+    rebuild_values,
     value_chunks,
     write_checkpoint,
 )
@@ -163,28 +162,7 @@ class Coordinator:
                     )
 
     def _recover_values(self) -> tuple[torch.Tensor, int]:
-        values, start = self.v0.clone(), -1
-        for round, path, _ in self.log.checkpoints():
-            try:
-                ck = read_checkpoint(Path(path), self.mask_id, self.fingerprint, self.nnz)
-            except CheckpointError as exc:
-                log.warning("skipping checkpoint of round %d: %s", round, exc)
-                continue
-            values, start = ck.values, ck.round
-            break
-        results = self.log.results(after=start)
-        for r in results:
-            values = apply_round(values, r.seeds, r.scalars, r.lr, r.dist)
-            if values_checksum(values) != r.values_checksum:
-                raise RuntimeError(
-                    f"replaying round {r.round} from the log gives another checksum: log corrupt"
-                )
-        last = results[-1].round if results else start
-        if results or start >= 0:
-            log.info(
-                "recovered values at round %d (checkpoint %d + %d logged results)", last, start, len(results)
-            )
-        return values, last
+        return rebuild_values(self.log, self.v0, self.mask_id, self.fingerprint)
 
     def _recover_plan(self) -> PlanRow | None:
         plan = self.log.open_plan()

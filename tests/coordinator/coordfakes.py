@@ -31,7 +31,9 @@ def uid(prefix: str) -> str:
     return f"{prefix}{uuid.uuid4().hex[:10]}"
 
 
-def synthetic_mask(nnz_per_layer: tuple[int, ...] = (300, 200), seed: int = 7, with_grad: bool = True) -> Mask:
+def synthetic_mask(
+    nnz_per_layer: tuple[int, ...] = (300, 200), seed: int = 7, with_grad: bool = True
+) -> Mask:
     """A mask over made-up (64, 64) layers; indices and grads from shared.prng (no global RNG)."""
     fp = hashlib.sha256(f"model-{seed}".encode()).hexdigest()
     layers, shapes, grad = {}, {}, {}
@@ -70,10 +72,24 @@ class FakeClient:
     def join(self, fingerprint: str, mask_id: str, n_samples: int = 10, last_round: int = -1) -> None:
         t = self.topics
         self.publish(t.status(self.cid), encode(Status("", True, time.time())), 1, True)
-        self.publish(t.join(self.cid), encode(Join("", fingerprint, mask_id, n_samples, 1.0, {"cpu": True}, last_round)))
+        self.publish(
+            t.join(self.cid),
+            encode(Join("", fingerprint, mask_id, n_samples, 1.0, {"cpu": True}, last_round)),
+        )
 
-    def update(self, round: int, grads: list[float], n_samples: int, fingerprint: str, msg_id: int = 1, loss: float = 1.0) -> None:
-        self.publish(self.topics.up(self.cid), encode(Update(round, msg_id, tuple(grads), n_samples, fp_tag(fingerprint), loss)))
+    def update(
+        self,
+        round: int,
+        grads: list[float],
+        n_samples: int,
+        fingerprint: str,
+        msg_id: int = 1,
+        loss: float = 1.0,
+    ) -> None:
+        self.publish(
+            self.topics.up(self.cid),
+            encode(Update(round, msg_id, tuple(grads), n_samples, fp_tag(fingerprint), loss)),
+        )
 
     def sync(self, have_round: int) -> None:
         self.publish(self.topics.sync(self.cid), encode(SyncRequest("", have_round)))
@@ -90,7 +106,13 @@ class FakeClient:
             self._buffer.append((msg.topic, decode(msg.payload)))
         return True
 
-    def wait_for(self, cls: type[M], pred: Callable[[M], bool] = lambda m: True, timeout: float = 15.0, topic: str | None = None) -> M:
+    def wait_for(
+        self,
+        cls: type[M],
+        pred: Callable[[M], bool] = lambda m: True,
+        timeout: float = 15.0,
+        topic: str | None = None,
+    ) -> M:
         """First received message of `cls` matching `pred` (and `topic`); consumed from the buffer."""
         end = time.monotonic() + timeout
         while True:

@@ -70,7 +70,9 @@ def test_two_rounds_with_invalid_traffic(tmp_path: Path, broker_url: str, mask) 
             cl.update(1, [0.1 * len(k), 0.2, 0.3], n[k], fp, msg_id=200)
         res1 = clients["c"].wait_for(RoundResult, lambda r: r.round == 1)
         assert runner.join(30) == 0
-        assert res1.values_checksum == values_checksum(apply_round(v1, res1.seeds, res1.scalars, res1.lr, "rademacher"))
+        assert res1.values_checksum == values_checksum(
+            apply_round(v1, res1.seeds, res1.scalars, res1.lr, "rademacher")
+        )
     finally:
         runner.stop()
         for cl in [*clients.values(), stranger]:
@@ -79,7 +81,11 @@ def test_two_rounds_with_invalid_traffic(tmp_path: Path, broker_url: str, mask) 
     log = EventLog(cfg.state_dir)
     rejects = log.reject_counts()
     assert rejects["fingerprint"] == 2  # the stranger's join + the wrong fp_tag update
-    assert rejects["decode_bad_magic"] == 1 and rejects["decode_malformed"] == 1 and rejects["decode_unexpected_type"] == 1
+    assert (
+        rejects["decode_bad_magic"] == 1
+        and rejects["decode_malformed"] == 1
+        and rejects["decode_unexpected_type"] == 1
+    )
     assert rejects["decode_truncated"] == 1
     assert rejects["wrong_steps"] == 1 and rejects["not_in_round"] == 1 and rejects["grad_too_large"] == 1
     assert rejects["conflict"] == 1

@@ -1,0 +1,138 @@
+"""`meerkat coordinator`, `meerkat export`, `meerkat status` (see docs/COORDINATOR.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from shared.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("coordinator", help="run the fleet coordinator (rounds, aggregation, event log)")
+    p.add_argument("--config", type=Path, help="coordinator TOML ([coordinator] table or top level)")
+    p.add_argument("--print-config", action="store_true", help="print every key with its default and exit")
+    p.add_argument("--rounds", type=int, help="stop after this many closed rounds (overrides the config)")
+    p.add_argument("--state-dir", type=Path, help="override state_dir")
+    p.add_argument("--broker", help="override broker url")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
+    p.set_defaults(func=_run_coordinator)
+
+    e = sub.add_parser("export", help="merge the learned values into the base model (HF save_pretrained dir)")
+    e.add_argument("--config", type=Path, help="the coordinator's TOML (state_dir, model_dir, mask, quant)")
+    e.add_argument("--state-dir", type=Path, help="coordinator state_dir (overrides the config)")
+    e.add_argument("--model", type=Path, help="base model dir (overrides model_dir)")
+    e.add_argument("--mask", type=Path, help="mask file (overrides mask)")
+    e.add_argument(
+        "--quant", choices=("nf4", "int8", "none"), help="quantisation the fleet ran (overrides quant)"
+    )
+    e.add_argument("--out", type=Path, required=True, help="output directory")
+    e.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    e.set_defaults(func=_run_export)
+
+    s = sub.add_parser(
+        "status", help="rounds, clients, telemetry and rejects from the coordinator's event log"
+    )
+    s.add_argument("--state-dir", type=Path, help="coordinator state_dir")
+    s.add_argument("--config", type=Path, help="take state_dir from this coordinator TOML")
+    s.add_argument("--json", action="store_true", help="print JSON (one object)")
+    s.set_defaults(func=_run_status)
+
+
+def _overrides(pairs: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError([f"--set {pair!r}: expected KEY=VALUE"])
+        out[key.strip()] = value
+    return out
+
+
+def _load(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> Any:
+    from coordinator.config import load_coordinator_config
+
+    return load_coordinator_config(args.config, overrides=extra or {})
+
+
+def _run_coordinator(args: argparse.Namespace) -> int:
+    from coordinator.config import describe
+
+    if args.print_config:
+        print(describe(), end="")
+        return 0
+    try:
+        over = _overrides(args.set)
+        over.update(
+            {
+                k: v
+                for k, v in (("rounds", args.rounds), ("state_dir", args.state_dir), ("broker", args.broker))
+                if v is not None
+            }
+        )
+        config = _load(args, over)
+        from coordinator.server import Coordinator
+
+        coord = Coordinator(config)
+    except (ConfigError, ValueError, RuntimeError, OSError) as exc:  # mask/model/state problems, each named
+        print(f"meerkat coordinator: {exc}", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, lambda *_: coord.stop())
+    signal.signal(signal.SIGINT, lambda *_: coord.stop())
+    return coord.run()
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from coordinator.export import ExportError, export_merged, values_from_state
+    from shared.fingerprint import fingerprint_model_dir
+    from shared.maskfile import MaskError, load_mask
+
+    try:
+        if args.config is not None:
+            c = _load(args)
+            state_dir, model, mask_path, quant = c.state_dir, c.model_dir, c.mask, c.quant
+        else:
+            state_dir = model = mask_path = None
+            quant = "nf4"
+        state_dir = args.state_dir or state_dir
+        model = args.model or model
+        mask_path = args.mask or mask_path
+        quant = args.quant or quant
+        missing = [
+            n for n, v in (("state-dir", state_dir), ("model", model), ("mask", mask_path)) if v is None
+        ]
+        if missing:
+            raise ConfigError([f"--{n}: required (or give --config)" for n in missing])
+        fp = fingerprint_model_dir(model)
+        mask = load_mask(mask_path, expected_fingerprint=fp)
+        values, round = values_from_state(state_dir, mask, model, fp)
+        out = export_merged(model, mask, values, quant, args.out, round=round, overwrite=args.overwrite)
+    except (ConfigError, ExportError, MaskError, FileNotFoundError) as exc:
+        print(f"meerkat export: {exc}", file=sys.stderr)
+        return 2
+    print(f"exported round {round} to {out}")
+    return 0
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    from coordinator.status import StatusError, format_status, status_report
+
+    try:
+        state_dir = args.state_dir
+        if state_dir is None and args.config is not None:
+            state_dir = _load(args).state_dir
+        if state_dir is None:
+            raise ConfigError(["--state-dir (or --config): required"])
+        rep = status_report(state_dir)
+    except (ConfigError, StatusError) as exc:
+        print(f"meerkat status: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(rep) if args.json else format_status(rep))
+    return 0

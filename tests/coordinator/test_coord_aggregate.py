@@ -1,0 +1,93 @@
+"""Per-seed aggregation == the dense FedAvg of the clients' virtual paths; robust rules do what they say."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from coordfakes import synthetic_v0
+
+from coordinator.aggregate import aggregate, late_pairs
+from coordinator.scheduler import close_decision, round_seeds, sample_clients
+from shared.apply import apply_round
+from shared.prng import derive_seed, directions, raw_u64
+
+
+def _grads(seed: int, n: int) -> list[float]:
+    u = raw_u64(seed, n)
+    return [float(x) for x in ((u >> 40).astype(np.float64) / 2**24 - 0.5) * 4.0]
+
+
+@pytest.mark.parametrize("T", [1, 10])
+@pytest.mark.parametrize("dist", ["rademacher", "gaussian"])
+def test_fedavg_equals_dense_reference(T: int, dist: str) -> None:
+    nnz, lr, master = 4096, 0.01, 1234
+    v0 = synthetic_v0(nnz)
+    seeds = list(round_seeds(master, 5, T))
+    n = {"a": 3, "b": 17, "c": 40, "d": 1}
+    steps = {"a": T, "b": T, "c": max(1, T // 2), "d": 1}  # unequal T_k too (VP-limited clients)
+    per = {k: _grads(derive_seed(master, 99, i), steps[k]) for i, k in enumerate(n)}
+    G = aggregate("fedavg", per, n, T)
+    got = apply_round(v0, seeds, G, lr, dist).numpy().astype(np.float64)  # type: ignore[arg-type]
+
+    total = sum(n.values())
+    ref = np.zeros(nnz)
+    for k in n:
+        v = v0.numpy().astype(np.float64)
+        for s, g in zip(seeds, per[k], strict=False):
+            v = v - lr * g * directions(s, nnz, dist).numpy().astype(np.float64)  # type: ignore[arg-type]
+        ref += n[k] / total * v
+    assert np.abs(got - ref).max() <= 1e-6 * max(1.0, np.abs(ref).max())
+    # and it really moved: not a trivially equal pair
+    assert np.abs(got - v0.numpy()).max() > 1e-4
+
+
+def test_median_trimmed_clipped() -> None:
+    per = {"a": [1.0, 2.0], "b": [2.0, 3.0], "c": [3.0, 4.0], "evil": [1e5, -1e5]}
+    n = {"a": 1, "b": 1, "c": 1, "evil": 100}
+    assert aggregate("median", per, n, 2) == [2.5, 2.5]
+    assert aggregate("trimmed", per, n, 2, trim_fraction=0.25) == [2.5, 2.5]
+    clipped = aggregate("clipped", per, n, 2, clip_norm=1.0)
+    # the heavy client counts with weight 100/103 but its vector has norm 1 after clipping
+    s = 1.0 / math.hypot(1e5, 1e5)
+    manual = {k: [g * min(1.0, 1.0 / math.hypot(*v)) for g in v] for k, v in per.items()}
+    assert clipped == pytest.approx([sum(n[k] * manual[k][t] for k in n) / 103 for t in range(2)])
+    assert manual["evil"][0] == pytest.approx(1e5 * s)
+    # missing later steps count as 0 for the robust rules (the client's path stopped)
+    assert aggregate(
+        "median", {"a": [1.0], "b": [3.0, 3.0], "c": [5.0, 5.0]}, {"a": 1, "b": 1, "c": 1}, 2
+    ) == [3.0, 3.0]
+
+
+def test_bad_input_is_named() -> None:
+    with pytest.raises(ValueError, match="aggregation rule"):
+        aggregate("mean", {"a": [1.0]}, {"a": 1}, 1)
+    with pytest.raises(ValueError, match="client 'a'"):
+        aggregate("median", {"a": [1.0, 2.0]}, {"a": 1}, 1)
+    with pytest.raises(ValueError, match="no client"):
+        aggregate("fedavg", {}, {}, 1)
+
+
+def test_late_pairs_scale_by_share() -> None:
+    seeds, g = late_pairs({"x": [1.0, 2.0], "y": [3.0]}, {"x": 1, "y": 3}, [11, 12, 13], 0.5)
+    assert seeds == [11, 12] and g == pytest.approx([0.5 * (0.25 + 2.25), 0.5 * 0.5])
+    assert late_pairs({}, {}, [1], 1.0) == ([], [])
+
+
+def test_sampling_is_deterministic_and_from_prng() -> None:
+    pool = [f"c{i:02d}" for i in range(20)]
+    s1 = sample_clients(pool, 5, 42, 3)
+    assert s1 == sample_clients(list(reversed(pool)), 5, 42, 3) and len(s1) == 5
+    assert s1 != sample_clients(pool, 5, 42, 4) or s1 != sample_clients(pool, 5, 43, 3)
+    assert set(sample_clients(pool, 5, 42, 3, 1, exclude=s1)).isdisjoint(s1)
+    assert sample_clients(pool, 0, 42, 3) == pool
+
+
+def test_close_decision() -> None:
+    assert close_decision(["a", "b"], ["a", "b"], 0.0, 10.0, 2, 0, 3).action == "close"
+    assert close_decision(["a", "b"], ["a"], 0.0, 10.0, 1, 0, 3).action == "wait"
+    assert close_decision(["a", "b"], ["a"], 11.0, 10.0, 1, 0, 3).action == "close"
+    assert close_decision(["a", "b", "c"], ["a"], 11.0, 10.0, 2, 0, 3).action == "extend"
+    assert close_decision(["a", "b", "c"], ["a"], 11.0, 10.0, 2, 3, 3).action == "close"
+    assert close_decision(["a", "b"], [], 11.0, 10.0, 1, 3, 3).action == "extend"
