@@ -117,8 +117,8 @@ def pack_sequences(
     stream: list[int] = []
     per_file = [0] * len(files)
     for i, doc in _round_robin(files):
-        ids = list(encode(doc)) + ([eos_id] if eos_id is not None else [])
-        take = ids[: budget - len(stream)]
+        doc_ids = list(encode(doc)) + ([eos_id] if eos_id is not None else [])
+        take = doc_ids[: budget - len(stream)]
         stream.extend(take)
         per_file[i] += len(take)
         if len(stream) >= budget:
@@ -149,15 +149,17 @@ def pack_sequences(
 # ---------------------------------------------------------------- eligible weights and gradients
 
 
-def eligible_weights(model: nn.Module, include_embeddings: bool = False) -> dict[str, nn.Parameter]:
+def eligible_weights(model: nn.Module, include_embeddings: bool = False) -> dict[str, torch.Tensor]:
     """{module name: weight} of the Linear layers inside the decoder; input/output embeddings on request.
 
     A weight shared by two modules (tied embeddings) appears once, under the Linear's name (lm_head),
     because that is the module a side-car wraps.
     """
-    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    in_emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    found: dict[str, nn.Parameter] = {}
+    get_out = getattr(model, "get_output_embeddings", None)
+    get_in = getattr(model, "get_input_embeddings", None)
+    out_emb = get_out() if callable(get_out) else None
+    in_emb = get_in() if callable(get_in) else None
+    found: dict[str, torch.Tensor] = {}
     seen: dict[int, str] = {}
     for name, module in model.named_modules():
         is_emb = module is out_emb or module is in_emb
@@ -189,7 +191,7 @@ class GradStats:
 
 def accumulate_gradients(
     model: nn.Module,
-    weights: Mapping[str, nn.Parameter],
+    weights: Mapping[str, torch.Tensor],
     ids: torch.Tensor,
     *,
     progress: bool = True,
@@ -211,8 +213,13 @@ def accumulate_gradients(
     total = {n: torch.zeros(w.shape, dtype=torch.float32, device=device) for n, w in weights.items()}
     total_sq = {n: torch.zeros(w.shape, dtype=torch.float32, device=device) for n, w in weights.items()}
     loss_sum = 0.0
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}
     model.eval()  # no dropout: the gradient of the model as it is
+    for m in model.modules():
+        # HF recomputes a block's activations only while the block is in train mode: flip just the
+        # checkpointed blocks; their children (attention, dropout) stay in eval mode
+        if getattr(m, "gradient_checkpointing", False) is True:
+            m.training = True
     try:
         for row in tqdm(ids, desc="mask: backprop", unit="seq", disable=None if progress else True):
             seq = row.unsqueeze(0).to(device)  # (1, L)
@@ -232,7 +239,8 @@ def accumulate_gradients(
                 total_sq[name].addcmul_(g32, g32)
                 w.grad = None
     finally:
-        model.train(was_training)
+        for m, mode in modes.items():
+            m.training = mode
     n = ids.shape[0]
     for name in weights:
         total[name].div_(n)
@@ -402,7 +410,7 @@ def calibrate(
     encode: Callable[[str], list[int]],
     eos_id: int | None,
     calib: Sequence[CalibFile],
-    weights: Mapping[str, nn.Parameter],
+    weights: Mapping[str, torch.Tensor],
     *,
     seqs: int,
     seq_len: int,
@@ -514,8 +522,7 @@ def load_for_mask(
 ) -> tuple[nn.Module, Any]:
     """The full-precision model (no quantization: the mask needs true gradients) and its tokenizer.
 
-    Dropout is switched off. With `checkpointing`, the model runs in train mode (HF checkpoints only
-    then), so every dropout module and `attention_dropout` attribute is zeroed instead of relying on eval.
+    `checkpointing` turns on HF activation checkpointing (see `accumulate_gradients` for the mode).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -533,18 +540,18 @@ def load_for_mask(
         tokenizer = AutoTokenizer.from_pretrained(str(tok_root))
     except (OSError, ValueError) as exc:
         raise MaskBuildError(f"cannot load a tokenizer from {tok_root} (use --tokenizer DIR): {exc}") from exc
-    model = AutoModelForCausalLM.from_pretrained(str(root), dtype=dtypes[dtype]).to(dev)
+    model: Any = AutoModelForCausalLM.from_pretrained(str(root), dtype=dtypes[dtype])  # a PreTrainedModel
+    model.to(dev)
     model.config.use_cache = False  # no KV cache during backprop
+    model.eval()  # no dropout: the gradient of the model as it is
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        for m in model.modules():
-            if isinstance(m, nn.Dropout):
-                m.p = 0.0
-            if isinstance(getattr(m, "attention_dropout", None), float):
-                m.attention_dropout = 0.0
-        model.train()
-    else:
-        model.eval()
+        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5 name
+        if callable(enable):
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if not any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
+            raise MaskBuildError(f"{type(model).__name__} does not support gradient checkpointing")
     return model, tokenizer
 
 

@@ -14,9 +14,11 @@ from coordinator.mask_builder import (
     MaskBuildError,
     build_mask,
     eligible_weights,
+    load_for_mask,
     pack_sequences,
     parse_description,
     read_calibration,
+    tokenizer_encoder,
 )
 from shared.cli import main
 from shared.fingerprint import fingerprint_model_dir
@@ -202,3 +204,27 @@ def test_report_recomputes_what_the_build_stored(
     for key in ("top_mean_sq", "ratio_next_tier", "ratio_band", "top_mass_share"):
         assert again["concentration"]["0.01"][key] == pytest.approx(stored["concentration"][key], rel=1e-6)
     assert again["calibration"]["files"][0]["name"] == "b.txt"
+
+
+def test_gradient_checkpointing_recomputes_and_gives_the_same_mask(
+    llama: Path, corpus: tuple[Path, Path]
+) -> None:
+    calib = [read_calibration(corpus[0])]
+    results, calls = [], []
+    for ckpt in (False, True):
+        model, tok = load_for_mask(llama, device="cpu", checkpointing=ckpt)
+        encode, eos = tokenizer_encoder(tok)
+        seen: list[int] = []
+        model.model.layers[0].self_attn.register_forward_hook(lambda *_, seen=seen: seen.append(1))
+        results.append(
+            build_mask(model, encode, eos, calib, fraction=0.01, seqs=2, seq_len=48, progress=False)
+        )
+        calls.append(len(seen))
+    assert calls == [2, 4]  # one forward per sequence; twice with the recompute in backward
+    plain, ckpt_res = results
+    assert {n: t.tolist() for n, t in plain.indices.items()} == {
+        n: t.tolist() for n, t in ckpt_res.indices.items()
+    }
+    assert plain.grad is not None and ckpt_res.grad is not None
+    for name in plain.indices:
+        torch.testing.assert_close(plain.grad[name], ckpt_res.grad[name], rtol=1e-4, atol=1e-8)
