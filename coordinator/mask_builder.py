@@ -254,7 +254,11 @@ def accumulate_gradients(
 
 
 def float_keys(scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Order-preserving int64 keys of non-negative finite float32 scores (their IEEE bit patterns)."""
+    """Order-preserving int32 keys of non-negative finite float32 scores: their IEEE bit patterns.
+
+    The keys are views of fp32 scores (no copy: a 1B-weight model's scores are 4 GiB already); only a
+    layer holding -0.0 (sign bit set) is copied once to turn it into +0.0.
+    """
     keys = {}
     for name, s in scores.items():
         s32 = s.detach().float().flatten()
@@ -262,7 +266,10 @@ def float_keys(scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             raise MaskBuildError(f"layer {name}: score has inf/NaN")
         if bool((s32 < 0).any()):
             raise MaskBuildError(f"layer {name}: scores must be >= 0")
-        keys[name] = (s32 + 0.0).view(torch.int32).to(torch.int64)  # +0.0 turns -0.0 into +0.0
+        k = s32.view(torch.int32)
+        if bool((k < 0).any()):  # -0.0
+            k = (s32 + 0.0).view(torch.int32)
+        keys[name] = k
     return keys
 
 
