@@ -172,8 +172,11 @@ class EdgeClient:
 
     # -- connection ------------------------------------------------------------------------------
     def _on_connected(self) -> None:
-        t, c = self.topics, self.cid
-        self.link.publish(t.status(c), self._status(True), qos=1, retain=True)
+        self.link.publish(self.topics.status(self.cid), self._status(True), qos=1, retain=True)
+        self._send_join()
+        self._last_sync = -math.inf
+
+    def _send_join(self) -> None:
         join = Join(
             client="",
             fingerprint=self.trainer.fingerprint,
@@ -183,9 +186,9 @@ class EdgeClient:
             capabilities=self.trainer.capabilities(),
             last_round=max(self.st.round, -1),
         )
-        self.link.publish(t.join(c), encode(join), qos=1)
-        log.info("joined fleet %s as %s at round %d", self.cfg.fleet, c, self.st.round)
-        self._last_sync = -math.inf
+        self.link.publish(self.topics.join(self.cid), encode(join), qos=1)
+        self.counters["joins"] += 1
+        log.info("joined fleet %s as %s at round %d", self.cfg.fleet, self.cid, self.st.round)
 
     def _drain_published(self, wait_s: float = 0.0) -> None:
         deadline = time.monotonic() + wait_s
@@ -399,6 +402,10 @@ class EdgeClient:
         except ValueError:
             name = f"code {err.code}"
         self.counters[f"coordinator_error_{name.lower()}"] += 1
+        if err.code == ErrorCode.UNKNOWN_CLIENT:  # it (re)started after our Join: announce ourselves again
+            log.info("coordinator does not know us (%s): joining again", err.reason)
+            self._send_join()
+            return
         level = logging.ERROR if err.code in (ErrorCode.FINGERPRINT_MISMATCH, ErrorCode.MASK_MISMATCH) else logging.WARNING
         log.log(level, "coordinator says %s: %s", name, err.reason)
 

@@ -89,7 +89,8 @@ class StateStore:
     def __init__(self, state_dir: Path, resend_after_s: float = 30.0) -> None:
         self.dir = Path(state_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.dir / "client.db", isolation_level=None)
+        # built in one thread, then used by the client loop only (one user at a time)
+        self.db = sqlite3.connect(self.dir / "client.db", isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)

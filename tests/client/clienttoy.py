@@ -1,0 +1,193 @@
+"""Test helpers for the edge client: a tiny random model + tokenizer + mask + labelled data on disk, a
+client.toml writer, the real coordinator in a thread, and `meerkat client` as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from shared.fingerprint import fingerprint_model_dir
+from shared.maskfile import Mask, MaskMeta, save_mask
+from shared.prng import derive_seed, directions, raw_u64
+
+REPO = Path(__file__).resolve().parents[2]
+WORDS = ("good", "bad", "great", "awful", "fine", "poor", "nice", "dull", "movie", "film", "plot", "cast")
+
+
+def uid(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex[:8]}"
+
+
+@dataclass(frozen=True)
+class Toy:
+    model_dir: Path
+    mask_path: Path
+    data_path: Path
+    fingerprint: str
+    mask: Mask
+
+
+def build_toy(root: Path, seed: int = 11, n_examples: int = 24) -> Toy:
+    """Tiny Llama (2 layers, d=64) with prng-initialised weights, a 300-token BPE, a 0.5% mask, labelled JSONL."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bench.tinylm.tokenizer import train_tokenizer
+
+    root.mkdir(parents=True, exist_ok=True)
+    texts = [f"the {a} {b} was {c}" for a in WORDS for b in WORDS[8:] for c in WORDS[:8]]
+    tok = train_tokenizer(texts, 300)
+    model_dir = root / "model"
+    cfg = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=len(tok), max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for i, (_, p) in enumerate(sorted(model.named_parameters())):
+            p.copy_(directions(derive_seed(seed, i), p.numel(), "gaussian").view_as(p) * 0.05)
+    model.save_pretrained(str(model_dir))
+    tok.save_pretrained(str(model_dir))
+    fp = fingerprint_model_dir(model_dir)
+
+    layers, shapes = {}, {}
+    for i, (name, rows, cols) in enumerate(
+        [("model.layers.0.mlp.down_proj", 64, 128), ("model.layers.1.self_attn.q_proj", 64, 64)]
+    ):
+        keys = torch.from_numpy(raw_u64(seed + 100 + i, rows * cols).astype("int64") & 0x7FFFFFFFFFFFFFFF)
+        layers[name] = torch.sort(torch.argsort(keys)[: rows * cols // 200]).values.to(torch.int64)
+        shapes[name] = (rows, cols)
+    nnz = sum(int(t.numel()) for t in layers.values())
+    mask = Mask(layers=layers, shapes=shapes, grad=None, meta=MaskMeta(1, "random", nnz / (64 * 128 + 64 * 64), "test", fp))
+    mask_path = root / "mask.safetensors"
+    save_mask(mask, mask_path)
+
+    data = root / "data"
+    data.mkdir(exist_ok=True)
+    (data / "task.json").write_text(json.dumps({"name": "toy", "verbalizer": {"0": " bad", "1": " good"}, "template": "{text} it was"}))
+    u = raw_u64(seed + 7, 3 * n_examples)
+    with (data / "train.jsonl").open("w") as f:
+        for i in range(n_examples):
+            a, b = WORDS[int(u[3 * i] % 12)], WORDS[8 + int(u[3 * i + 1] % 4)]
+            f.write(json.dumps({"text": f"the {a} {b}", "label": int(u[3 * i + 2] % 2)}) + "\n")
+    return Toy(model_dir, mask_path, data / "train.jsonl", fp, mask)
+
+
+def client_settings(toy: Toy, broker: str, fleet: str, client_id: str, state_dir: Path, **kw: Any) -> dict[str, Any]:
+    base: dict[str, Any] = dict(
+        broker=broker, fleet=fleet, client_id=client_id, model_dir=str(toy.model_dir), mask=str(toy.mask_path),
+        data=str(toy.data_path), quant="nf4", device="cpu", batch_size=4, seq_len=32, memory_budget_gib=2.0,
+        state_dir=str(state_dir), heartbeat_s=1.0, sync_retry_s=1.0, resend_after_s=5.0, log_level="INFO",
+    )  # fmt: skip
+    base.update(kw)
+    return base
+
+
+def write_toml(path: Path, settings: dict[str, Any]) -> Path:
+    lines = []
+    for k, v in settings.items():
+        if isinstance(v, bool):
+            lines.append(f"{k} = {'true' if v else 'false'}")
+        elif isinstance(v, (int, float)):
+            lines.append(f"{k} = {v!r}")
+        else:
+            lines.append(f"{k} = {json.dumps(str(v))}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def coordinator_config(toy: Toy, broker: str, fleet: str, state_dir: Path, **kw: Any) -> Any:
+    from coordinator.config import CoordinatorConfig
+
+    base: dict[str, Any] = dict(
+        broker=broker, fleet=fleet, client_id=uid("coord"), state_dir=state_dir, model_dir=toy.model_dir,
+        mask=toy.mask_path, steps=3, lr=1e-3, eps=1e-2, batch_size=4, min_clients=1, round_deadline_s=60.0,
+        metrics=False, sqlite_synchronous="normal", offline_after_s=60.0,
+    )  # fmt: skip
+    base.update(kw)
+    return CoordinatorConfig(**base)
+
+
+class ThreadedCoordinator:
+    """The real coordinator (`coordinator.server.Coordinator`) serving in a daemon thread."""
+
+    def __init__(self, config: Any, stop_after_round: int | None = None) -> None:
+        from coordinator.server import Coordinator
+
+        self.coord = Coordinator(config, stop_after_round=stop_after_round)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="coordinator", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.coord.run()
+        except BaseException as exc:  # surfaced by wait()
+            self.error = exc
+
+    def wait(self, timeout: float) -> None:
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            self.coord.stop()
+            self.thread.join(15)
+            raise TimeoutError(f"coordinator did not reach its last round within {timeout} s (at {self.coord.last_round})")
+        if self.error is not None:
+            raise self.error
+
+    def stop(self) -> None:
+        self.coord.stop()
+        self.thread.join(15)
+
+
+def coordinator_updates(state_dir: Path) -> list[tuple[str, int, int, str]]:
+    """(client, round, msg_id, status) of every update row the coordinator committed (read-only)."""
+    from coordinator.eventlog import DB_NAME
+
+    db = sqlite3.connect(f"file:{state_dir / DB_NAME}?mode=ro", uri=True)
+    try:
+        return [(str(c), int(r), int(m), str(s)) for c, r, m, s in db.execute("SELECT client, round, msg_id, status FROM updates ORDER BY round, client")]
+    finally:
+        db.close()
+
+
+class ClientProc:
+    """`meerkat client --config` as a real subprocess, its log in a file."""
+
+    def __init__(self, config: Path, log: Path) -> None:
+        self.log = log
+        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "shared.cli", "client", "--config", str(config)],
+            cwd=REPO, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT,
+        )
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_log(self, needle: str, timeout: float, count: int = 1) -> None:
+        end = time.monotonic() + timeout
+        while self.text().count(needle) < count:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"client exited {self.proc.returncode} before {needle!r}:\n{self.text()[-4000:]}")
+            if time.monotonic() > end:
+                raise TimeoutError(f"no {needle!r} (x{count}) in the client log within {timeout} s:\n{self.text()[-4000:]}")
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
