@@ -89,8 +89,9 @@ def _to_f32(f: float) -> float:
     return float(struct.unpack("<f", struct.pack("<f", f))[0])
 
 
-def _f32(obj: str, name: str, v: Any) -> float:
-    f = _float(obj, name, v)
+def _f32(obj: str, name: str, v: Any, lo: float = -math.inf, hi: float = math.inf) -> float:
+    """A finite float rounded to the nearest float32 (what the wire carries), so decode(encode(m)) == m."""
+    f = _float(obj, name, v, lo, hi)
     try:
         r = _to_f32(f)
     except OverflowError as exc:
@@ -291,7 +292,7 @@ class Heartbeat:
 
     client: str
     ts: float  # unix seconds
-    cpu_pct: float
+    cpu_pct: float  # float32 on the wire (rounded here)
     rss_bytes: int
     gpu_mem_bytes: int | None = None
     temp_c: float | None = None
@@ -304,11 +305,11 @@ class Heartbeat:
         o = "Heartbeat"
         _client(o, "client", self.client, allow_empty=True)
         _set(self, "ts", _float(o, "ts", self.ts, 0.0))
-        _set(self, "cpu_pct", _float(o, "cpu_pct", self.cpu_pct, 0.0, 1e5))
+        _set(self, "cpu_pct", _f32(o, "cpu_pct", self.cpu_pct, 0.0, 1e5))
         _int(o, "rss_bytes", self.rss_bytes, 0, U64)
         _opt_int(o, "gpu_mem_bytes", self.gpu_mem_bytes, 0, U64)
-        _set(self, "temp_c", _opt_float(o, "temp_c", self.temp_c, -300.0, 1000.0))
-        _set(self, "power_w", _opt_float(o, "power_w", self.power_w, 0.0, 1e6))
+        _set(self, "temp_c", None if self.temp_c is None else _f32(o, "temp_c", self.temp_c, -300.0, 1000.0))
+        _set(self, "power_w", None if self.power_w is None else _f32(o, "power_w", self.power_w, 0.0, 1e6))
         _set(self, "step_time_s", _opt_float(o, "step_time_s", self.step_time_s, 0.0))
         _opt_int(o, "peak_mem_bytes", self.peak_mem_bytes, 0, U64)
         _int(o, "round", self.round, -1, U32)
