@@ -68,6 +68,7 @@ log = logging.getLogger(__name__)
 
 BATCH = 512
 OFFLINE_CHECK_S = 1.0
+REJOIN_NAG_S = 10.0
 Publish = tuple[str, bytes, int, bool]
 
 
@@ -123,6 +124,7 @@ class Coordinator:
         self._ct_cache: dict[int, list[float]] = {}
         self._stop = threading.Event()
         self._pending_mids: set[int] = set()
+        self._nagged: dict[str, float] = {}
         self._last_offline_check = 0.0
         self.link: MqttLink | None = None
         self.metrics_server: MetricsServer | None = None
@@ -318,6 +320,8 @@ class Coordinator:
         except DecodeError as exc:
             self._reject(client, msg.topic, decode_reject(exc), out, reply=kind in ("up", "join", "sync"))
             return
+        if not isinstance(m, Join) and not (isinstance(m, Status) and not m.online):
+            self._ask_to_join(client, now, out)
         if isinstance(m, Update):
             self._on_update(m, msg.topic, now, out)
         elif isinstance(m, Join):
@@ -329,6 +333,20 @@ class Coordinator:
             self.log.set_online(client, m.online, now)
         elif isinstance(m, SyncRequest):
             self._on_sync(m, msg.topic, now, out)
+
+    def _ask_to_join(self, client: str, now: float, out: list[Publish]) -> None:
+        """A live client we have no Join from (it joined while we were down): ErrorMsg(UNKNOWN_CLIENT) asks it
+        to send Join again; at most once per REJOIN_NAG_S per client. Rejected clients are not asked."""
+        if self.log.client_state(client) in ("joined", "rejected"):
+            return
+        if now - self._nagged.get(client, -math.inf) < REJOIN_NAG_S:
+            return
+        self._nagged[client] = now
+        log.info("client %s is live but never joined (since our start): asking it to join", client)
+        reason = "unknown client: send Join"
+        out.append(
+            (self.topics.to(client), encode(ErrorMsg(int(ErrorCode.UNKNOWN_CLIENT), reason)), 1, False)
+        )
 
     def _reject(self, client: str, topic: str, rej: Reject, out: list[Publish], reply: bool = True) -> None:
         log.warning(

@@ -19,7 +19,7 @@ from coordinator.server import Coordinator
 from shared.codec import decode, encode
 from shared.fingerprint import fp_tag
 from shared.maskfile import Mask, MaskMeta
-from shared.messages import Join, Message, Status, SyncRequest, Update
+from shared.messages import ErrorCode, ErrorMsg, Join, Message, Status, SyncRequest, Update
 from shared.mqtt import MqttLink, Will
 from shared.prng import raw_u64
 from shared.topics import Topics
@@ -65,12 +65,19 @@ class FakeClient:
         self.link.start()
         assert self.link.wait_connected(10), "fake client could not connect"
         self._buffer: list[tuple[str, Message]] = []
+        self._joined: tuple[str, str, int, int] | None = None
+        self.rejoins = 0
+        self._cv = threading.Condition()
+        self._closed = threading.Event()
+        self._reader = threading.Thread(target=self._listen, daemon=True)
+        self._reader.start()
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
         self.link.publish(topic, payload, qos, retain)
 
     def join(self, fingerprint: str, mask_id: str, n_samples: int = 10, last_round: int = -1) -> None:
         t = self.topics
+        self._joined = (fingerprint, mask_id, n_samples, last_round)
         self.publish(t.status(self.cid), encode(Status("", True, time.time())), 1, True)
         self.publish(
             t.join(self.cid),
@@ -97,14 +104,22 @@ class FakeClient:
     def go_offline(self) -> None:
         self.publish(self.topics.status(self.cid), encode(Status("", False, time.time())), 1, True)
 
-    def _pull(self, timeout: float) -> bool:
-        try:
-            msg = self.link.inbox.get(timeout=timeout)
-        except queue.Empty:
-            return False
-        if msg.payload:
-            self._buffer.append((msg.topic, decode(msg.payload)))
-        return True
+    def _listen(self) -> None:
+        """Background reader, like a real device: decodes into the buffer, re-joins when asked to."""
+        while not self._closed.is_set():
+            try:
+                msg = self.link.inbox.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if not msg.payload:
+                continue
+            m = decode(msg.payload)
+            if isinstance(m, ErrorMsg) and m.code == ErrorCode.UNKNOWN_CLIENT and self._joined is not None:
+                self.rejoins += 1  # the coordinator started after our join: join again (docs/ARCHITECTURE.md)
+                self.join(*self._joined)
+            with self._cv:
+                self._buffer.append((msg.topic, m))
+                self._cv.notify_all()
 
     def wait_for(
         self,
@@ -115,25 +130,27 @@ class FakeClient:
     ) -> M:
         """First received message of `cls` matching `pred` (and `topic`); consumed from the buffer."""
         end = time.monotonic() + timeout
-        while True:
-            for i, (tp, m) in enumerate(self._buffer):
-                if isinstance(m, cls) and pred(m) and (topic is None or tp == topic):
-                    del self._buffer[i]
-                    return m
-            left = end - time.monotonic()
-            if left <= 0:
-                got = [(tp.rsplit("/", 2)[-2:], type(m).__name__) for tp, m in self._buffer]
-                raise TimeoutError(f"{self.cid}: no {cls.__name__} within {timeout} s; got {got}")
-            self._pull(min(left, 0.2))
+        with self._cv:
+            while True:
+                for i, (tp, m) in enumerate(self._buffer):
+                    if isinstance(m, cls) and pred(m) and (topic is None or tp == topic):
+                        del self._buffer[i]
+                        return m
+                left = end - time.monotonic()
+                if left <= 0:
+                    got = [(tp.rsplit("/", 2)[-2:], type(m).__name__) for tp, m in self._buffer]
+                    raise TimeoutError(f"{self.cid}: no {cls.__name__} within {timeout} s; got {got}")
+                self._cv.wait(min(left, 0.2))
 
     def drain(self, seconds: float = 0.3) -> list[tuple[str, Message]]:
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            self._pull(0.05)
-        out, self._buffer = self._buffer, []
+        time.sleep(seconds)
+        with self._cv:
+            out, self._buffer = self._buffer, []
         return out
 
     def close(self) -> None:
+        self._closed.set()
+        self._reader.join(2)
         self.link.stop(final=[(self.topics.status(self.cid), b"", 1, True)])
 
 
