@@ -20,6 +20,8 @@ import torch
 
 from shared.prng import DISTS, Dist, directions
 
+_CHUNK = 1 << 16  # elements per pass: acc + scratch stay in L2 while all T directions are added
+
 
 def _check_values(values: torch.Tensor) -> None:
     if not isinstance(values, torch.Tensor):
@@ -44,14 +46,18 @@ def apply_round(
             raise ValueError(f"scalars[{t}] is not finite: {g!r}")
     n = int(values.numel())
     base = values.detach().to("cpu").numpy().astype(np.float64)  # copy, float64
-    acc = np.zeros(n, dtype=np.float64)
-    tmp = np.empty(n, dtype=np.float64)
-    for seed, g in zip(seeds, scalars, strict=True):
-        z = directions(int(seed), n, dist).numpy()
-        np.multiply(z, np.float64(g), out=tmp, dtype=np.float64)
-        np.add(acc, tmp, out=acc)
-    np.multiply(acc, np.float64(lr), out=acc)
-    np.subtract(base, acc, out=base)
+    acc = np.empty(min(n, _CHUNK), dtype=np.float64)
+    tmp = np.empty_like(acc)
+    for start in range(0, n, _CHUNK):  # element-wise math, so chunking (cache-sized) changes no bit
+        c = min(_CHUNK, n - start)
+        a, w = acc[:c], tmp[:c]
+        a.fill(0.0)
+        for seed, g in zip(seeds, scalars, strict=True):
+            w[...] = directions(int(seed), c, dist, offset=start).numpy()  # exact float32 -> float64
+            np.multiply(w, np.float64(g), out=w)
+            np.add(a, w, out=a)
+        np.multiply(a, np.float64(lr), out=a)
+        np.subtract(base[start : start + c], a, out=base[start : start + c])
     return torch.from_numpy(base.astype(np.float32))
 
 
