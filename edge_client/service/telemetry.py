@@ -23,7 +23,7 @@ import psutil
 log = logging.getLogger(__name__)
 
 _TEMP = re.compile(r"\b([A-Za-z0-9_]+)@(-?[\d.]+)C\b")
-_POWER = re.compile(r"\b(VDD_IN|POM_5V_IN|VIN_SYS_5V0)\s+(\d+)mW")
+_POWER = re.compile(r"\b(VDD_IN|POM_5V_IN|VIN_SYS_5V0)\s+(\d+)(?:mW)?/")  # mW; old L4T omits the unit
 _RAM = re.compile(r"\bRAM\s+(\d+)/(\d+)MB")
 
 

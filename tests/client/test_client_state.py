@@ -1,0 +1,129 @@
+"""Durable client state: values files + SQLite state/outbox/progress, atomic under SIGKILL."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from clienttoy import REPO
+
+from edge_client.service.state import StateError, StateStore, StepRecord
+from shared.apply import values_checksum
+
+FP = "ab" * 32
+MASK = "0123456789abcdef"
+
+
+def test_fresh_open_commit_and_reopen(tmp_path: Path) -> None:
+    v0 = torch.arange(10, dtype=torch.float32)
+    store = StateStore(tmp_path)
+    st, values = store.open(FP, MASK, v0)
+    assert (st.round, st.data_pointer, st.trained_round, st.checksum) == (-1, 0, -1, values_checksum(v0))
+    assert torch.equal(values, v0)
+    v1 = v0 + 0.5
+    st = store.commit_round(0, v1)
+    assert st.round == 0 and st.checksum == values_checksum(v1)
+    assert sorted(p.name for p in tmp_path.glob("values-*")) == [st.values_file]  # the old file is gone
+    store.close()
+    store = StateStore(tmp_path)
+    st2, values = store.open(FP, MASK, v0)
+    assert st2 == st and torch.equal(values, v1)
+    with pytest.raises(StateError, match="belongs to model"):
+        store.open("cd" * 32, MASK, v0)
+    store.close()
+
+
+def test_corrupt_or_missing_values_file_is_refused(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    st, _ = store.open(FP, MASK, torch.zeros(8))
+    path = tmp_path / st.values_file
+    raw = bytearray(path.read_bytes())
+    raw[3] ^= 0x40
+    path.write_bytes(bytes(raw))
+    with pytest.raises(StateError, match="corrupt"):
+        store.open(FP, MASK, torch.zeros(8))
+    path.unlink()
+    with pytest.raises(StateError, match="missing"):
+        store.open(FP, MASK, torch.zeros(8))
+    store.close()
+
+
+def test_finish_training_is_one_transaction_and_outbox_acks(tmp_path: Path) -> None:
+    store = StateStore(tmp_path, resend_after_s=10.0)
+    store.open(FP, MASK, torch.zeros(4))
+    store.record_step(3, 77, StepRecord(0, 0.5, 1.0, 4))
+    store.record_step(3, 77, StepRecord(1, -0.5, 1.0, 8))
+    assert [r.step for r in store.progress(3, 77)] == [0, 1]
+    assert store.progress(3, 78) == []  # another plan for the round: stale progress dropped
+    assert store.progress(3, 77) == []
+    row_id = store.finish_training(3, 77, 2**64 - 5, "t/up/c", b"payload", 8)
+    st = store.load()
+    assert st is not None and (st.trained_round, st.trained_plan, st.data_pointer) == (3, 77, 8)
+    (row,) = store.outbox.rows()
+    assert (row.id, row.round, row.msg_id, row.payload) == (row_id, 3, 2**64 - 5, b"payload")  # u64 round-trips
+    # due: never sent -> due now; after a send, due only after resend_after_s
+    assert store.outbox.due(now=100.0) == [row]
+    store.outbox.sent(row, mid=5, now=100.0)
+    assert store.outbox.due(now=105.0) == [] and store.outbox.due(now=110.0) == [row]
+    store.outbox.sent(row, mid=9, now=110.0)  # re-published: either PUBACK settles it
+    assert store.outbox.acked(1234) is None and len(store.outbox) == 1
+    assert store.outbox.acked(5) == row and len(store.outbox) == 0
+    assert store.outbox.acked(9) is None
+    store.close()
+
+
+def test_interrupted_transaction_rolls_back(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    store.open(FP, MASK, torch.zeros(4))
+    with pytest.raises(RuntimeError), store.transaction() as db:
+        store.outbox.add(1, 1, "t", b"x")
+        db.execute("UPDATE state SET data_pointer = 99")
+        raise RuntimeError("crash inside")
+    st = store.load()
+    assert st is not None and st.data_pointer == 0 and len(store.outbox) == 0
+    store.close()
+
+
+CHILD = r"""
+import sys, torch
+from edge_client.service.state import StateStore
+store = StateStore(sys.argv[1])
+st, values = store.open("ab" * 32, "0123456789abcdef", torch.full((4096,), -1.0))
+r = st.round + 1
+print("ready", flush=True)
+while True:
+    row = store.finish_training(r, r, r + 1, "t/up/c", bytes([r % 256]) * 64, 10 * (r + 1))
+    store.outbox.sent(next(x for x in store.outbox.rows() if x.id == row), mid=r)
+    store.outbox.acked(r)                                   # the PUBACK
+    store.commit_round(r, torch.full((4096,), float(r)))    # the round's result
+    r += 1
+"""
+
+
+def test_sigkill_at_any_moment_leaves_a_consistent_state(tmp_path: Path) -> None:
+    """A child loops train -> queue -> ack -> apply as fast as it can; SIGKILL it at several moments."""
+    delays = (0.05, 0.31, 0.17)
+    for delay in delays:
+        child = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        time.sleep(delay)
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+        store = StateStore(tmp_path)
+        st, values = store.open(FP, MASK, torch.full((4096,), -1.0))  # raises if the values file were torn
+        assert torch.equal(values, torch.full((4096,), float(st.round)))
+        assert st.trained_round in (st.round, st.round + 1)
+        assert st.data_pointer == 10 * (st.trained_round + 1)
+        rows = store.outbox.rows()
+        if st.trained_round == st.round:
+            assert rows == []  # acked before the result was applied
+        else:
+            assert all(r.round == st.trained_round and r.payload == bytes([r.round % 256]) * 64 for r in rows)
+        assert len(list(tmp_path.glob("values-*.f32"))) == 1 and not list(tmp_path.glob(".values-*"))
+        store.close()
+    assert st.round > 3  # the loop made progress across the kills

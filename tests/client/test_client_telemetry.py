@@ -1,0 +1,39 @@
+"""Telemetry readings: psutil always, tegrastats lines parsed, nothing raises without a GPU."""
+
+from __future__ import annotations
+
+import os
+
+from edge_client.service.telemetry import Telemetry, parse_tegrastats
+
+ORIN = (
+    "11-25-2026 12:00:01 RAM 2448/7772MB (lfb 2x4MB) SWAP 0/3886MB (cached 0MB) CPU [3%@729,1%@729,off,off] "
+    "EMC_FREQ 0% GR3D_FREQ 0% cpu@47.218C soc2@45.093C soc0@46.031C gpu@46.5C tj@47.218C soc1@45.781C "
+    "VDD_IN 4812mW/4812mW VDD_CPU_GPU_CV 481mW/481mW VDD_SOC 1443mW/1443mW"
+)
+NANO = "RAM 1500/3964MB (lfb 10x4MB) CPU [12%@1479,5%@1479] GR3D_FREQ 0%@76 PLL@33C CPU@35.5C PMIC@100C GPU@33.5C AO@41C thermal@34.25C POM_5V_IN 2280/2280 POM_5V_GPU 0/0"
+OFF_SENSOR = "RAM 100/200MB CPU@40C iwlwifi@-256C VDD_IN 1000mW/1000mW"
+
+
+def test_parse_tegrastats_orin_and_nano() -> None:
+    orin = parse_tegrastats(ORIN)
+    assert orin == {"temp_c": 47.218, "power_w": 4.812, "ram_bytes": float(2448 << 20)}
+    nano = parse_tegrastats(NANO)
+    assert nano["temp_c"] == 100.0 and nano["ram_bytes"] == float(1500 << 20)
+    assert nano["power_w"] == 2.28  # older L4T prints POM_5V_IN in mW without the unit
+    assert parse_tegrastats(OFF_SENSOR)["temp_c"] == 40.0  # -256C marks a sensor that is off
+    assert parse_tegrastats("garbage") == {}
+
+
+def test_read_on_this_machine() -> None:
+    t = Telemetry(1.0, use_gpu=True)
+    try:
+        _ = sum(i * i for i in range(200_000))  # some CPU time to measure
+        r = t.read()
+    finally:
+        t.close()
+    assert r.cpu_pct >= 0.0
+    assert r.rss_bytes > 10 << 20  # this pytest process holds at least tens of MB
+    assert r.rss_bytes < 64 << 30
+    if not os.path.exists("/dev/nvidia0"):
+        assert r.gpu_mem_bytes is None and r.power_w is None
