@@ -1,0 +1,200 @@
+"""Memory planner: does the model fit the device budget, and how many sequences per micro-batch?
+
+    need(b) = weights + side-car + fixed + b * per_sequence        must be <= budget
+
+- weights: bytes of parameters + buffers + quantization states (counted, not guessed);
+- side-car: the flat buffer, its indices, and the two nnz-sized temporaries of a step (backup, z);
+- fixed, per_sequence: measured by calibration forwards of the step's loss (LM loss over every
+  position: the worst case) at micro-batch 1 and 2 of `seq_len` tokens. per_sequence = peak(2) -
+  peak(1), fixed = peak(1) - per_sequence (the dequantized weight tile, the rotary cache, ...).
+  CUDA: torch.cuda peak allocated bytes. CPU: the process's peak RSS (VmHWM, reset through
+  /proc/self/clear_refs after returning freed heap with malloc_trim) above the RSS before the call.
+
+On CPU the budget covers what the model needs, not the interpreter and libraries already loaded.
+`MemoryMeter` is also what the client uses to record the peak memory of each round.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import math
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import psutil
+import torch
+from torch import nn
+
+from edge_client.engine.data import Example, example_losses
+from shared.modelload import weight_bytes
+from shared.sidecar import SideCar
+
+log = logging.getLogger(__name__)
+
+GIB = float(1 << 30)
+
+
+class MemoryBudgetError(RuntimeError):
+    """The model does not fit the budget even with one sequence per micro-batch; names the numbers."""
+
+
+class MemoryMeter:
+    """Peak memory of a stretch of work: reset(), run, peak(). CUDA allocator stats or CPU peak RSS."""
+
+    def __init__(self, device: str | torch.device = "cpu") -> None:
+        self.device = torch.device(device)
+        self._proc = psutil.Process()
+        self._hwm_ok = self.device.type == "cpu" and _can_reset_hwm()
+        self._sampled_peak = 0
+
+    def current(self) -> int:
+        if self.device.type == "cuda":
+            return int(torch.cuda.memory_allocated(self.device))
+        return int(self._proc.memory_info().rss)
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        _malloc_trim()
+        if self._hwm_ok:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        self._sampled_peak = self.current()
+
+    def peak(self) -> int:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return int(torch.cuda.max_memory_allocated(self.device))
+        if self._hwm_ok:
+            return _vm_hwm()
+        self._sampled_peak = max(self._sampled_peak, self.current())  # no HWM reset: best effort
+        return self._sampled_peak
+
+    def measure(self, fn: Callable[[], Any]) -> tuple[Any, int]:
+        """Run fn; return (its result, peak bytes above the memory in use before it)."""
+        self.reset()
+        before = self.current()
+        out = fn()
+        return out, max(0, self.peak() - before)
+
+
+def _vm_hwm() -> int:
+    with open("/proc/self/status") as f:
+        m = re.search(r"VmHWM:\s+(\d+) kB", f.read())
+    if m is None:
+        raise RuntimeError("/proc/self/status has no VmHWM line")
+    return int(m.group(1)) * 1024
+
+
+def _can_reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        _vm_hwm()
+        return True
+    except (OSError, RuntimeError):
+        log.info("cannot reset peak RSS (/proc/self/clear_refs); CPU peaks are sampled at the end only")
+        return False
+
+
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: freed heap may stay resident, peaks then read low
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    micro_batch: int
+    seq_len: int
+    budget_bytes: int
+    weights_bytes: int
+    sidecar_bytes: int
+    fixed_bytes: int
+    per_seq_bytes: int
+    device: str
+
+    def need_bytes(self, micro_batch: int) -> int:
+        return self.weights_bytes + self.sidecar_bytes + self.fixed_bytes + micro_batch * self.per_seq_bytes
+
+    def describe(self) -> str:
+        return (
+            f"micro-batch {self.micro_batch} x {self.seq_len} tokens: weights {self.weights_bytes / GIB:.3f} GiB"
+            f" + side-car {self.sidecar_bytes / GIB:.4f} GiB + fixed {self.fixed_bytes / GIB:.3f} GiB"
+            f" + {self.micro_batch} x {self.per_seq_bytes / GIB:.4f} GiB per sequence"
+            f" = {self.need_bytes(self.micro_batch) / GIB:.3f} GiB of budget {self.budget_bytes / GIB:.3f} GiB"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def step_sidecar_bytes(sidecar: SideCar | None) -> int:
+    """Buffer + indices + the step's two nnz-sized temporaries (backup copy, direction z)."""
+    return 0 if sidecar is None else sidecar.nbytes() + 2 * 4 * sidecar.nnz
+
+
+def plan_memory(
+    model: nn.Module,
+    budget_gib: float,
+    seq_len: int,
+    device: str | torch.device | None = None,
+    *,
+    sidecar: SideCar | None = None,
+    max_micro_batch: int = 64,
+    safety: float = 1.15,
+    pad_id: int = 0,
+) -> MemoryPlan:
+    """Measure and pick the largest micro-batch (<= max_micro_batch) that fits `budget_gib`."""
+    if not (math.isfinite(budget_gib) and budget_gib > 0):
+        raise ValueError(f"budget_gib must be a finite number > 0, got {budget_gib!r}")
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+    dev = torch.device(device) if device is not None else _device_of(model)
+    budget = int(budget_gib * GIB)
+    weights = weight_bytes(model)
+    side = step_sidecar_bytes(sidecar)
+    meter = MemoryMeter(dev)
+    peaks = {b: _calibrate(model, meter, b, seq_len, pad_id) for b in (1, 2)}
+    per_seq = max(peaks[2] - peaks[1], 1)
+    fixed = max(peaks[1] - per_seq, 0)
+    per_seq_safe = int(per_seq * safety)
+    one = weights + side + fixed + per_seq_safe
+    log.info("planner: weights %d B, side-car %d B, calibration peaks %s (seq_len %d)", weights, side, peaks, seq_len)
+    if one > budget:
+        raise MemoryBudgetError(
+            f"memory budget {budget_gib:.3f} GiB is too small for one sequence of {seq_len} tokens: "
+            f"weights {weights / GIB:.3f} GiB + side-car {side / GIB:.4f} GiB + fixed {fixed / GIB:.3f} GiB"
+            f" + one sequence {per_seq_safe / GIB:.4f} GiB = {one / GIB:.3f} GiB > budget {budget_gib:.3f} GiB"
+        )
+    micro = min(max_micro_batch, (budget - weights - side - fixed) // per_seq_safe)
+    plan = MemoryPlan(int(micro), seq_len, budget, weights, side, fixed, per_seq_safe, str(dev))
+    log.info("memory plan: %s", plan.describe())
+    return plan
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _calibrate(model: nn.Module, meter: MemoryMeter, batch: int, seq_len: int, pad_id: int) -> int:
+    """Peak bytes of the step's loss on `batch` sequences of `seq_len` tokens (all targets)."""
+    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 2) or 2)
+    examples = [Example(tuple((7 * i + j) % vocab for j in range(seq_len)), seq_len - 1) for i in range(batch)]
+    try:
+        with torch.no_grad():
+            _, peak = meter.measure(lambda: example_losses(model, examples, pad_id)[0].sum().item())
+    except torch.OutOfMemoryError as exc:
+        raise MemoryBudgetError(f"calibration with {batch} sequence(s) of {seq_len} tokens ran out of memory: {exc}") from exc
+    return int(peak)
+
+
+__all__ = ["GIB", "MemoryBudgetError", "MemoryMeter", "MemoryPlan", "plan_memory", "step_sidecar_bytes"]

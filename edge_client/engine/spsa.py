@@ -1,0 +1,106 @@
+"""One masked two-sided SPSA (zeroth-order) step on the side-car buffer.
+
+    z   = shared.prng.directions(seed, nnz, dist)        the seed IS the direction; nothing else travels
+    L+  = L(v + eps z);  L- = L(v - eps z)              two forwards under no_grad
+    g   = (L+ - L-) / (2 eps)                            the projected gradient: one float per step
+    v  <- v - lr g z                                     the client's local path
+
+The buffer is restored EXACTLY after the two losses: the perturbed values are computed from a copy of
+the buffer (it is small: nnz fp32), never by subtracting eps z back (MeZO's +1/-2/+1 drifts by a few
+ulps in fp32). A non-finite loss restores the buffer and raises `NonFiniteLossError`: never a NaN
+update.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from shared.prng import Dist, directions
+from shared.sidecar import SideCar
+
+log = logging.getLogger(__name__)
+
+LossFn = Callable[[nn.Module], float]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss of the step was NaN/inf; the side-car buffer is unchanged."""
+
+    def __init__(self, seed: int, loss_plus: float, loss_minus: float) -> None:
+        super().__init__(f"non-finite loss in SPSA step (seed {seed}): L+ = {loss_plus}, L- = {loss_minus}")
+        self.seed, self.loss_plus, self.loss_minus = seed, loss_plus, loss_minus
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """g: projected gradient; seconds: wall time of the whole step; timing: its phases (s)."""
+
+    g: float
+    loss_plus: float
+    loss_minus: float
+    seconds: float
+    seed: int = 0
+    timing: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def loss(self) -> float:
+        """The step's loss estimate at v: mean of the two perturbed losses."""
+        return 0.5 * (self.loss_plus + self.loss_minus)
+
+
+def spsa_step(
+    model: nn.Module,
+    sidecar: SideCar,
+    batch_loss_fn: LossFn,
+    seed: int,
+    eps: float,
+    lr: float,
+    dist: Dist = "rademacher",
+) -> StepResult:
+    """Perturb, evaluate twice, restore exactly, then v -= lr g z (skipped when lr == 0 or g == 0)."""
+    if not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps must be a finite float > 0, got {eps!r}")
+    if not math.isfinite(lr):
+        raise ValueError(f"lr must be finite, got {lr!r}")
+    sync = _syncer(sidecar.values.device)
+    t0 = time.perf_counter()
+    z = directions(seed, sidecar.nnz, dist, device=sidecar.values.device)  # (nnz,)
+    values = sidecar.values
+    with torch.no_grad():
+        backup = values.clone()
+        t1 = time.perf_counter()
+        try:
+            torch.add(backup, z, alpha=eps, out=values)
+            loss_plus = float(batch_loss_fn(model))
+            t2 = time.perf_counter()
+            torch.add(backup, z, alpha=-eps, out=values)
+            loss_minus = float(batch_loss_fn(model))
+            t3 = time.perf_counter()
+        finally:
+            values.copy_(backup)  # bit-identical to before the step, whatever happened
+        if not (math.isfinite(loss_plus) and math.isfinite(loss_minus)):
+            raise NonFiniteLossError(seed, loss_plus, loss_minus)
+        g = (loss_plus - loss_minus) / (2.0 * eps)
+        if lr != 0.0 and g != 0.0:
+            values.add_(z, alpha=-lr * g)
+        sync()
+    t4 = time.perf_counter()
+    timing = {"directions": t1 - t0, "loss_plus": t2 - t1, "loss_minus": t3 - t2, "update": t4 - t3}
+    log.debug("spsa seed=%d g=%.6g L+=%.6f L-=%.6f %.1f ms", seed, g, loss_plus, loss_minus, (t4 - t0) * 1e3)
+    return StepResult(g, loss_plus, loss_minus, t4 - t0, seed, timing)
+
+
+def _syncer(device: torch.device) -> Callable[[], None]:
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+__all__ = ["LossFn", "NonFiniteLossError", "StepResult", "spsa_step"]
