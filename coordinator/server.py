@@ -68,6 +68,7 @@ log = logging.getLogger(__name__)
 
 BATCH = 512
 OFFLINE_CHECK_S = 1.0
+JOIN_GRACE_S = 2.0
 REJOIN_NAG_S = 10.0
 Publish = tuple[str, bytes, int, bool]
 
@@ -124,7 +125,7 @@ class Coordinator:
         self._ct_cache: dict[int, list[float]] = {}
         self._stop = threading.Event()
         self._pending_mids: set[int] = set()
-        self._nagged: dict[str, float] = {}
+        self._unjoined: dict[str, float] = {}
         self._last_offline_check = 0.0
         self.link: MqttLink | None = None
         self.metrics_server: MetricsServer | None = None
@@ -320,8 +321,10 @@ class Coordinator:
         except DecodeError as exc:
             self._reject(client, msg.topic, decode_reject(exc), out, reply=kind in ("up", "join", "sync"))
             return
-        if not isinstance(m, Join) and not (isinstance(m, Status) and not m.online):
-            self._ask_to_join(client, now, out)
+        if isinstance(m, Join) or (isinstance(m, Status) and not m.online):
+            self._unjoined.pop(client, None)
+        else:
+            self._note_live(client, now)
         if isinstance(m, Update):
             self._on_update(m, msg.topic, now, out)
         elif isinstance(m, Join):
@@ -334,19 +337,24 @@ class Coordinator:
         elif isinstance(m, SyncRequest):
             self._on_sync(m, msg.topic, now, out)
 
-    def _ask_to_join(self, client: str, now: float, out: list[Publish]) -> None:
-        """A live client we have no Join from (it joined while we were down): ErrorMsg(UNKNOWN_CLIENT) asks it
-        to send Join again; at most once per REJOIN_NAG_S per client. Rejected clients are not asked."""
-        if self.log.client_state(client) in ("joined", "rejected"):
-            return
-        if now - self._nagged.get(client, -math.inf) < REJOIN_NAG_S:
-            return
-        self._nagged[client] = now
-        log.info("client %s is live but never joined (since our start): asking it to join", client)
-        reason = "unknown client: send Join"
-        out.append(
-            (self.topics.to(client), encode(ErrorMsg(int(ErrorCode.UNKNOWN_CLIENT), reason)), 1, False)
-        )
+    def _note_live(self, client: str, now: float) -> None:
+        """Remember a live client we have no Join from; `_nag_unjoined` asks it to join after a grace period."""
+        if client not in self._unjoined and self.log.client_state(client) not in ("joined", "rejected"):
+            self._unjoined[client] = now
+
+    def _nag_unjoined(self, now: float) -> None:
+        """A client live for JOIN_GRACE_S without a Join (it joined while we were down) gets
+        ErrorMsg(UNKNOWN_CLIENT) and re-sends its Join; asked again every REJOIN_NAG_S until it does."""
+        for client, since in list(self._unjoined.items()):
+            if now - since < JOIN_GRACE_S:
+                continue
+            if self.log.client_state(client) in ("joined", "rejected"):
+                del self._unjoined[client]
+                continue
+            log.info("client %s is live but has not joined (since our start): asking it to join", client)
+            msg = ErrorMsg(int(ErrorCode.UNKNOWN_CLIENT), "unknown client: send Join")
+            self._publish(self.topics.to(client), encode(msg), 1, False)
+            self._unjoined[client] = now + REJOIN_NAG_S - JOIN_GRACE_S
 
     def _reject(self, client: str, topic: str, rej: Reject, out: list[Publish], reply: bool = True) -> None:
         log.warning(
@@ -485,6 +493,7 @@ class Coordinator:
             for c in gone:
                 log.info("client %s silent for %.0f s: offline", c, self.config.offline_after_s)
             self.metrics.clients_online.set(self.log.count_online())
+            self._nag_unjoined(now)
         if self.plan is None:
             if not self.done():
                 self._maybe_open(now)

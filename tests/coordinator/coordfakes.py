@@ -19,7 +19,7 @@ from coordinator.server import Coordinator
 from shared.codec import decode, encode
 from shared.fingerprint import fp_tag
 from shared.maskfile import Mask, MaskMeta
-from shared.messages import ErrorCode, ErrorMsg, Join, Message, Status, SyncRequest, Update
+from shared.messages import ErrorCode, ErrorMsg, Heartbeat, Join, Message, Status, SyncRequest, Update
 from shared.mqtt import MqttLink, Will
 from shared.prng import raw_u64
 from shared.topics import Topics
@@ -100,6 +100,10 @@ class FakeClient:
 
     def sync(self, have_round: int) -> None:
         self.publish(self.topics.sync(self.cid), encode(SyncRequest("", have_round)))
+
+    def heartbeat(self, round: int = -1, temp_c: float | None = 51.5, rss: int = 300 << 20) -> None:
+        hb = Heartbeat("", time.time(), 12.5, rss, 2 << 30, temp_c, 7.0, 0.4, 400 << 20, round)
+        self.publish(self.topics.hb(self.cid), encode(hb), 0)
 
     def go_offline(self) -> None:
         self.publish(self.topics.status(self.cid), encode(Status("", False, time.time())), 1, True)

@@ -1,0 +1,80 @@
+"""`meerkat status` reads the event log while the coordinator runs; /metrics serves Prometheus text on
+loopback and wants the bearer token when one is configured."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from coordfakes import FakeClient, ThreadedCoordinator, make_config, synthetic_mask, synthetic_v0, uid
+
+from coordinator.server import Coordinator
+from shared.cli import main
+from shared.messages import RoundPlan, RoundResult
+
+
+def _get(url: str, token: str | None = None) -> tuple[int, str]:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, ""
+
+
+def test_status_and_metrics_while_running(
+    tmp_path: Path, broker_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    mask = synthetic_mask((100,))
+    cfg = make_config(
+        tmp_path, broker_url, min_clients=1, steps=2, metrics=True, metrics_port=0, metrics_token="tok"
+    )
+    coord = Coordinator(cfg, mask=mask, initial_values=synthetic_v0(mask.nnz))
+    runner = ThreadedCoordinator(coord).start()
+    fp = mask.meta.fingerprint
+    dev, off = FakeClient(broker_url, cfg.fleet, uid("dev")), FakeClient(broker_url, cfg.fleet, uid("off"))
+    try:
+        dev.join(fp, mask.mask_id, n_samples=4)
+        dev.wait_for(RoundPlan, lambda p: p.round == 0)
+        off.join(fp, mask.mask_id, n_samples=4)
+        dev.heartbeat(round=0)
+        dev.update(0, [0.5, -0.5], 4, fp, msg_id=3)
+        dev.wait_for(RoundResult, lambda r: r.round == 0)
+        off.go_offline()
+        dev.publish(dev.topics.up(dev.cid), b"junk")
+        deadline = time.monotonic() + 10
+        while True:  # wait for the coordinator to have logged what we sent
+            assert main(["status", "--json", "--state-dir", str(cfg.state_dir)]) == 0
+            rep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+            if rep["rejected"] and rep["clients_offline"] == 1 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        base = f"http://127.0.0.1:{coord.metrics_port}/metrics"
+        assert _get(base)[0] == 401 and _get(base, "wrong")[0] == 401
+        code, text = _get(base, "tok")
+        assert main(["status", "--state-dir", str(cfg.state_dir)]) == 0
+        human = capsys.readouterr().out
+    finally:
+        runner.stop()
+        dev.close()
+        off.close()
+    assert rep["last_round"] == 0 and rep["clients_online"] == 1 and rep["clients_offline"] == 1
+    assert rep["rejected"] == {"decode_bad_magic": 1}
+    me = next(c for c in rep["clients"] if c["client"] == dev.cid)
+    assert me["telemetry"]["temp_c"] == 51.5 and me["telemetry"]["rss_bytes"] == 300 << 20
+    assert me["updates"] == 1 and me["last_update_s_ago"] is not None and me["gradip_mean_last"] is not None
+    assert rep["open_round"] is None or rep["open_round"]["round"] == 1
+    assert code == 200
+    assert "meerkat_rounds_closed_total 1.0" in text
+    assert 'meerkat_messages_rejected_total{reason="decode_bad_magic"} 1.0' in text
+    assert 'meerkat_updates_accepted_total{kind="accepted"} 1.0' in text
+    assert dev.cid in human and "decode_bad_magic=1" in human and "52C" in human
+
+
+def test_status_on_a_missing_state_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["status", "--state-dir", str(tmp_path / "nothing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
