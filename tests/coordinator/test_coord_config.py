@@ -90,3 +90,8 @@ def test_state_dir_of_another_run_is_refused(tmp_path: Path) -> None:
                     initial_values=v0)  # fmt: skip
     with pytest.raises(ValueError, match="initial values must be float32"):
         Coordinator(make_config(tmp_path, "mqtt://127.0.0.1:1", **kw), mask=mask, initial_values=v0[:10])
+
+
+def test_example_deploy_config_loads() -> None:
+    c = load_coordinator_config(Path(__file__).resolve().parents[2] / "deploy" / "coordinator.toml")
+    assert c.fleet == "demo" and c.aggregation == "fedavg" and c.metrics_host == "127.0.0.1"
