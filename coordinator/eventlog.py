@@ -355,6 +355,11 @@ class EventLog:
             for c, r, m, g, n, lo, ts, st, u in self.db.execute(q, args).fetchall()
         ]  # fmt: skip
 
+    def reported_clients(self, round: int) -> list[str]:
+        """Clients with an accepted update for `round` (cheap: no scalar blobs)."""
+        rows = self.db.execute("SELECT client FROM updates WHERE round=? AND status='accepted'", (round,))
+        return [str(r[0]) for r in rows]
+
     def mark_used(self, keys: Sequence[tuple[str, int]], used_in: int, status: str) -> None:
         self._need_tx()
         self.db.executemany(

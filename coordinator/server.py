@@ -499,7 +499,7 @@ class Coordinator:
                 self._maybe_open(now)
             return
         plan = self.plan
-        reported = [u.client for u in self.log.updates(round=plan.round, status="accepted")]
+        reported = self.log.reported_clients(plan.round)
         d = close_decision(
             plan.steps,
             reported,
