@@ -1,0 +1,76 @@
+"""load_model: families (Llama, Qwen2), tokenizer, fingerprint, clear errors, real Mask objects."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from shared.modelload import load_model, weight_bytes
+from shared.sidecar import SideCarError, SideCarLinear, initial_values_from_dir, sidecar_layers
+
+IDS = torch.tensor([[1, 5, 9, 200, 33, 7]])
+
+
+def test_qwen2_loads_quantized_with_side_car(qwen2_dir: Path) -> None:
+    from tests.engine.conftest import prng_mask
+
+    mask = prng_mask(qwen2_dir, 0.02)
+    lm = load_model(qwen2_dir, "nf4", "cpu", mask, torch.float32)
+    assert lm.sidecar is not None and lm.sidecar.nnz == sum(v.numel() for v in mask.values())
+    wrapped = dict(sidecar_layers(lm.model))
+    assert set(mask) <= set(wrapped)
+    q = wrapped["model.layers.0.self_attn.q_proj"]
+    assert q.bias is not None  # Qwen2 attention projections carry a bias
+    with torch.no_grad():
+        out = lm.model(IDS).logits
+    assert out.shape == (1, 6, 384) and torch.isfinite(out).all()
+    assert lm.tokenizer is not None and lm.tokenizer("the movie")["input_ids"][0] == 1
+    assert len(lm.fingerprint) == 64
+    assert torch.equal(lm.sidecar.initial_values(), initial_values_from_dir(qwen2_dir, mask))
+
+
+def test_every_quantized_layer_is_wrapped_and_lm_head_is_not(llama_dir: Path, llama_mask: dict[str, torch.Tensor]) -> None:
+    import bitsandbytes as bnb
+
+    lm = load_model(llama_dir, "nf4", "cpu", llama_mask, torch.float32, fingerprint="0" * 64)
+    names = [n for n, _ in sidecar_layers(lm.model)]
+    assert len(names) == 14  # 7 Linear per layer x 2 layers
+    assert isinstance(lm.model.lm_head, torch.nn.Linear) and not isinstance(lm.model.lm_head, SideCarLinear)
+    bare = [n for n, m in lm.model.named_modules() if isinstance(m, bnb.nn.Linear4bit) and not n.endswith("base_layer")]
+    assert bare == []
+    plain = load_model(llama_dir, "nf4", "cpu", None, torch.float32, fingerprint="0" * 64)
+    assert plain.sidecar is None and not list(sidecar_layers(plain.model))
+    dense = load_model(llama_dir, "none", "cpu", None, torch.float32, fingerprint="0" * 64)
+    assert weight_bytes(plain.model) < 0.7 * weight_bytes(dense.model)
+
+
+def test_mask_object_and_fingerprint_check(llama_dir: Path, llama_mask: dict[str, torch.Tensor]) -> None:
+    from shared.fingerprint import fingerprint_model_dir
+    from shared.maskfile import FORMAT_VERSION, Mask, MaskMeta
+
+    fp = fingerprint_model_dir(llama_dir)
+    lm = load_model(llama_dir, "none", "cpu", None, torch.float32)
+    shapes = {n: tuple(lm.model.get_submodule(n).weight.shape) for n in llama_mask}
+    meta = MaskMeta(FORMAT_VERSION, "test", 0.01, "prng", fp)
+    mask = Mask(dict(llama_mask), shapes, None, meta)  # type: ignore[arg-type]
+    loaded = load_model(llama_dir, "int8", "cpu", mask, torch.float32)
+    assert loaded.fingerprint == fp and loaded.sidecar is not None and loaded.sidecar.nnz == mask.nnz
+    other = Mask(dict(llama_mask), shapes, None, MaskMeta(FORMAT_VERSION, "test", 0.01, "prng", "a" * 64))  # type: ignore[arg-type]
+    with pytest.raises(SideCarError, match="mask was built for model aaaa"):
+        load_model(llama_dir, "int8", "cpu", other, torch.float32)
+
+
+def test_bad_inputs_are_named(tmp_path: Path, llama_dir: Path, llama_mask: dict[str, torch.Tensor]) -> None:
+    with pytest.raises(ValueError, match="quant must be one of"):
+        load_model(llama_dir, "fp8", "cpu")  # type: ignore[arg-type]
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_model(tmp_path, "nf4", "cpu")
+    with pytest.raises(SideCarError, match="model.layers.0.input_layernorm.*found LlamaRMSNorm"):
+        load_model(llama_dir, "nf4", "cpu", {"model.layers.0.input_layernorm": torch.tensor([0])}, fingerprint="0" * 64)
+    with pytest.raises(SideCarError, match="nope.*missing"):
+        load_model(llama_dir, "nf4", "cpu", {"nope": torch.tensor([0])}, fingerprint="0" * 64)
+    name = "model.layers.1.mlp.up_proj"
+    with pytest.raises(SideCarError, match=f"{name}.*out of range"):
+        load_model(llama_dir, "none", "cpu", {name: torch.tensor([128 * 64])}, fingerprint="0" * 64)

@@ -1,0 +1,61 @@
+"""Memory planner: impossible budgets are refused naming the numbers; feasible ones give a micro-batch
+whose predicted need fits; the meter sees a real allocation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from edge_client.engine.planner import GIB, MemoryBudgetError, MemoryMeter, plan_memory, step_sidecar_bytes
+from shared.modelload import load_model, weight_bytes
+
+
+def test_impossible_budget_is_refused_with_the_numbers(llama_dir: Path, llama_mask: dict[str, torch.Tensor]) -> None:
+    """(d) weights alone exceed the budget: MemoryBudgetError names weights, side-car, one sequence, budget."""
+    lm = load_model(llama_dir, "nf4", "cpu", llama_mask, torch.float32, fingerprint="0" * 64)
+    budget = 0.5 * weight_bytes(lm.model) / GIB
+    with pytest.raises(MemoryBudgetError) as info:
+        plan_memory(lm.model, budget, seq_len=64, sidecar=lm.sidecar)
+    msg = str(info.value)
+    for word in ("weights", "side-car", "one sequence of 64 tokens", f"> budget {budget:.3f} GiB"):
+        assert word in msg, msg
+    assert f"weights {weight_bytes(lm.model) / GIB:.3f} GiB" in msg
+
+
+def test_feasible_budget_gives_a_fitting_micro_batch(llama_dir: Path, llama_mask: dict[str, torch.Tensor]) -> None:
+    lm = load_model(llama_dir, "nf4", "cpu", llama_mask, torch.float32, fingerprint="0" * 64)
+    big = plan_memory(lm.model, 4.0, seq_len=128, sidecar=lm.sidecar, max_micro_batch=32)
+    assert big.micro_batch == 32
+    assert big.weights_bytes == weight_bytes(lm.model)
+    assert big.sidecar_bytes == step_sidecar_bytes(lm.sidecar) > 0
+    assert big.per_seq_bytes > 0
+    # a budget that leaves room for ~3 sequences on top of what is fixed
+    budget = big.need_bytes(3) + big.per_seq_bytes // 2
+    small = plan_memory(lm.model, budget / GIB, seq_len=128, sidecar=lm.sidecar, max_micro_batch=32)
+    assert 1 <= small.micro_batch <= 32
+    assert small.need_bytes(small.micro_batch) <= small.budget_bytes
+    assert "micro-batch" in small.describe()
+
+
+def test_bad_arguments(llama_dir: Path) -> None:
+    lm = load_model(llama_dir, "none", "cpu", None, torch.float32, fingerprint="0" * 64)
+    with pytest.raises(ValueError, match="budget_gib"):
+        plan_memory(lm.model, 0.0, 16)
+    with pytest.raises(ValueError, match="seq_len"):
+        plan_memory(lm.model, 1.0, 1)
+
+
+def test_meter_sees_an_allocation() -> None:
+    meter = MemoryMeter("cpu")
+
+    def work() -> float:
+        x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        return float(x.sum())
+
+    out, peak = meter.measure(work)
+    assert out == 64 * 2**20 // 4
+    assert peak >= 48 * 2**20
+    _, small = meter.measure(lambda: torch.ones(16).sum())
+    assert small < 16 * 2**20
