@@ -1,0 +1,311 @@
+"""In-process federated simulation for `meerkat bench learning`: the real math, no MQTT.
+
+One model is loaded per mask (fp32, quantization "none", side-car over the mask). A round of a
+zeroth-order method is exactly the protocol's round lifecycle (docs/ARCHITECTURE.md), run in a loop:
+
+    seeds_t = derive_seed(master, r, t)                 RoundPlan encoded (bytes counted per client)
+    for each client k: values <- v_r, T_k spsa_steps on its own batches (local virtual path)
+        Update(grads) encoded -> decoded (float32 on the wire, bytes counted)
+    G = shared.apply.fedavg_scalars(decoded grads, n_samples, T)
+    v_{r+1} = shared.apply.apply_round(v_r, seeds, G, lr, dist)   RoundResult encoded, sent to every client
+
+MEERKAT-VP: a `coordinator.drift.DriftMonitor` observes every client's decoded grads and the plan gives
+flagged clients T_k = 1. Backprop FedAvg (the upper bound): every client copies the full fp32 model,
+runs T local AdamW steps on the same batches, the coordinator averages weights by n_samples; each
+client sends and receives the dense fp32 parameters.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench import tasks as tasks_mod
+from coordinator.drift import DriftMonitor, DriftThresholds
+from edge_client.engine.data import (
+    Batch,
+    Dataset,
+    DataStream,
+    TaskConfig,
+    batch_loss,
+    evaluate,
+    example_losses,
+    load_jsonl,
+)
+from edge_client.engine.spsa import spsa_step
+from shared.apply import apply_round, fedavg_scalars, values_checksum
+from shared.codec import decode, encode
+from shared.fingerprint import fp_tag
+from shared.messages import RoundPlan, RoundResult, Update
+from shared.prng import Dist, derive_seed
+
+log = logging.getLogger(__name__)
+
+FLEET = "bench"
+# stream ids under a run's master seed (derive_seed(seed, STREAM, ...)): one per purpose, never shared
+S_DIRECTIONS, S_DATA, S_MSGID, S_SPLIT = 1, 2, 3, 4
+
+
+@dataclass
+class ClientData:
+    """One task split: per-client datasets (JSONL written by bench.tasks) and the eval set."""
+
+    task: str
+    clients: dict[str, Dataset]
+    eval: Dataset
+    label_counts: dict[str, list[int]]
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return {c: float(len(ds)) for c, ds in self.clients.items()}
+
+
+def make_data(
+    task: str, out_dir: Path, tokenizer: Any, *, seed: int, n_clients: int = 10, alpha: float = 0.5,
+    n_single: int = 0, n_train: int = 1000, n_eval: int = 200, max_length: int = 128,
+) -> ClientData:
+    """Write the split with bench.tasks.write_task and read it back as the client engine does."""
+    meta_path = tasks_mod.write_task(out_dir, task, n_clients=n_clients, alpha=alpha, seed=seed,
+                                     n_train=n_train, n_eval=n_eval, n_single=n_single)
+    files = tasks_mod.load_task(meta_path)
+    cfg = TaskConfig(name=files.name, verbalizer={str(k): v for k, v in files.labels.items()},
+                     template="{text}", max_length=max_length)
+    root = meta_path.parent
+    clients = {Path(f).stem: load_jsonl(root / f, tokenizer, cfg) for f in files.meta["train"]}
+    return ClientData(task, clients, load_jsonl(root / files.meta["eval"], tokenizer, cfg),
+                      dict(files.meta["label_counts"]))
+
+
+# ---------------------------------------------------------------- results
+
+
+@dataclass
+class Curve:
+    """Eval accuracy after rounds; `bytes` = cumulative communicated bytes at that point (all clients)."""
+
+    rounds: list[int] = field(default_factory=list)
+    accuracy: list[float] = field(default_factory=list)
+    bytes: list[int] = field(default_factory=list)
+
+    def add(self, r: int, acc: float, nbytes: int) -> None:
+        self.rounds.append(r)
+        self.accuracy.append(acc)
+        self.bytes.append(nbytes)
+
+
+@dataclass
+class RunResult:
+    accuracy: float  # eval accuracy at the end
+    curve: Curve
+    bytes_up: int
+    bytes_down: int
+    seconds: float
+    limited: dict[str, int] = field(default_factory=dict)  # MEERKAT-VP: client -> round it was flagged
+    gradip: dict[str, list[float]] = field(default_factory=dict)  # per client, when a monitor ran
+    final_loss: float = math.nan
+
+    def to_json(self) -> dict[str, Any]:
+        return {"accuracy": self.accuracy, "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
+                "seconds": round(self.seconds, 3), "limited": self.limited, "final_loss": self.final_loss,
+                "curve": {"rounds": self.curve.rounds, "accuracy": self.curve.accuracy, "bytes": self.curve.bytes}}
+
+
+def eval_accuracy(model: torch.nn.Module, ds: Dataset) -> float:
+    acc = evaluate(model, ds, batch_size=32)["accuracy"]
+    if acc is None:
+        raise ValueError("eval set has no labels")
+    return float(acc)
+
+
+def _eval_rounds(rounds: int, n_evals: int) -> set[int]:
+    """Rounds (1-based: after round r) at which to evaluate: about n_evals, always the last."""
+    every = max(1, rounds // max(1, n_evals))
+    return {r for r in range(1, rounds + 1) if r % every == 0} | {rounds}
+
+
+# ---------------------------------------------------------------- zeroth-order rounds
+
+
+@dataclass(frozen=True)
+class ZOSpec:
+    """One zeroth-order run: T local steps for `rounds` rounds, every client every round."""
+
+    rounds: int
+    T: int
+    lr: float
+    eps: float
+    batch_size: int
+    seed: int
+    dist: Dist = "rademacher"
+    vp: bool = False  # MEERKAT-VP: limit drifting clients to one local step
+    n_evals: int = 10
+    thresholds: DriftThresholds | None = None
+
+
+def run_zo(
+    loaded: Any, data: ClientData, spec: ZOSpec, grad_on_mask: torch.Tensor | None,
+    on_round: Callable[[int, list[float]], None] | None = None, mask_id: str = "0" * 16,
+) -> RunResult:
+    """The federated ZO loop (module docstring). `loaded` = shared.modelload.LoadedModel with a side-car.
+
+    With `grad_on_mask`, a DriftMonitor records GradIP for every client (for calibration); it limits
+    clients only when spec.vp. `on_round(r, G)` sees every round's aggregate (tests use it).
+    """
+    model, sidecar = loaded.model, loaded.sidecar
+    if sidecar is None:
+        raise ValueError("run_zo needs a model loaded with a mask (side-car)")
+    t0 = time.perf_counter()
+    tag = fp_tag(loaded.fingerprint)
+    clients = sorted(data.clients)
+    weights = data.weights
+    streams = {c: DataStream(len(data.clients[c]), derive_seed(spec.seed, S_DATA, k)) for k, c in enumerate(clients)}
+    monitor = DriftMonitor(grad_on_mask, spec.dist, spec.thresholds) if grad_on_mask is not None else None
+    values = sidecar.initial_values()  # v_0
+    checksum = values_checksum(values)
+    curve = Curve()
+    evals = _eval_rounds(spec.rounds, spec.n_evals)
+    up = down = 0
+    losses: list[float] = []
+    for r in range(spec.rounds):
+        seeds = [derive_seed(spec.seed, S_DIRECTIONS, r, t) for t in range(spec.T)]
+        steps = {c: (monitor.steps_for(c, spec.T) if (monitor is not None and spec.vp) else spec.T) for c in clients}
+        plan = RoundPlan(FLEET, r, tuple(seeds), spec.lr, spec.eps, spec.dist, steps, r - 1, 0.0,
+                         loaded.fingerprint, mask_id, spec.batch_size, checksum)
+        down += len(encode(plan)) * len(clients)
+        per_client: dict[str, tuple[float, ...]] = {}
+        round_losses: list[float] = []
+        for k, c in enumerate(clients):
+            sidecar.set_values(values)
+            ds, gs, ls = data.clients[c], [], []
+            for t in range(steps[c]):
+                res = spsa_step(model, sidecar, _loss_of(ds.batch(streams[c].take(spec.batch_size))), seeds[t],
+                                spec.eps, spec.lr, spec.dist)
+                gs.append(res.g)
+                ls.append(res.loss)
+            msg = Update(r, derive_seed(spec.seed, S_MSGID, r, k), tuple(gs), len(ds), tag, sum(ls) / len(ls))
+            wire = encode(msg)
+            up += len(wire)
+            got = decode(wire, Update, client=c)  # what the coordinator aggregates: float32 grads
+            per_client[c] = got.grads
+            round_losses.append(got.loss)
+            if monitor is not None:
+                monitor.observe(c, r, seeds, got.grads)
+        G = fedavg_scalars(per_client, weights, spec.T)
+        values = apply_round(values, seeds, G, spec.lr, spec.dist)
+        checksum = values_checksum(values)
+        result = RoundResult(r, tuple(seeds), tuple(G), spec.lr, spec.dist, len(per_client), checksum)
+        down += len(encode(result)) * len(clients)
+        losses.append(sum(round_losses) / len(round_losses))
+        if on_round is not None:
+            on_round(r, G)
+        if r + 1 in evals:
+            sidecar.set_values(values)
+            acc = eval_accuracy(model, data.eval)
+            curve.add(r + 1, acc, up + down)
+            log.info("zo T=%d round %d/%d: train loss %.4f, eval acc %.3f", spec.T, r + 1, spec.rounds, losses[-1], acc)
+    sidecar.set_values(values)
+    limited: dict[str, int] = {}
+    if monitor is not None and spec.vp:
+        for c in sorted(monitor.limited()):
+            flagged = monitor.flagged_round(c)
+            limited[c] = -1 if flagged is None else flagged
+    return RunResult(
+        curve.accuracy[-1], curve, up, down, time.perf_counter() - t0, limited=limited,
+        gradip={c: monitor.gradip(c) for c in clients} if monitor is not None else {},
+        final_loss=losses[-1] if losses else math.nan,
+    )
+
+
+def _loss_of(batch: Batch) -> Callable[[torch.nn.Module], float]:
+    def loss(model: torch.nn.Module) -> float:
+        return batch_loss(model, batch)
+
+    return loss
+
+
+# ---------------------------------------------------------------- backprop FedAvg (upper bound)
+
+
+@dataclass(frozen=True)
+class BPSpec:
+    rounds: int
+    T: int
+    lr: float
+    batch_size: int
+    seed: int
+    n_evals: int = 10
+
+
+def _float_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def run_backprop(model: torch.nn.Module, data: ClientData, spec: BPSpec) -> RunResult:
+    """FedAvg of full fp32 models: T local AdamW steps per client per round, weights averaged by n_samples."""
+    t0 = time.perf_counter()
+    clients = sorted(data.clients)
+    weights = data.weights
+    total_w = math.fsum(weights.values())
+    streams = {c: DataStream(len(data.clients[c]), derive_seed(spec.seed, S_DATA, k)) for k, c in enumerate(clients)}
+    params = dict(model.named_parameters())
+    global_state = _float_state(model)
+    n_bytes = 4 * sum(p.numel() for p in global_state.values())  # dense fp32 payload, one direction
+    curve = Curve()
+    evals = _eval_rounds(spec.rounds, spec.n_evals)
+    up = down = 0
+    losses: list[float] = []
+    for r in range(spec.rounds):
+        acc_state = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in global_state.items()}
+        round_losses = []
+        for c in clients:
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(global_state[n])
+            model.train()
+            model.requires_grad_(True)
+            opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0)
+            ds = data.clients[c]
+            for _ in range(spec.T):
+                batch = ds.batch(streams[c].take(spec.batch_size))
+                per_ex, _, _ = example_losses(model, batch.examples, ds.pad_id)
+                loss = per_ex.mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()  # type: ignore[no-untyped-call]
+                opt.step()
+                round_losses.append(float(loss.detach()))
+            model.requires_grad_(False)
+            model.eval()
+            w = weights[c] / total_w
+            for n, p in params.items():
+                acc_state[n].add_(p.detach().double(), alpha=w)
+            down += n_bytes
+            up += n_bytes
+        global_state = {n: a.float() for n, a in acc_state.items()}
+        losses.append(sum(round_losses) / len(round_losses))
+        if r + 1 in evals:
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(global_state[n])
+            acc = eval_accuracy(model, data.eval)
+            curve.add(r + 1, acc, up + down)
+            log.info("backprop T=%d round %d/%d: train loss %.4f, eval acc %.3f", spec.T, r + 1, spec.rounds, losses[-1], acc)
+    return RunResult(curve.accuracy[-1], curve, up, down, time.perf_counter() - t0, final_loss=losses[-1])
+
+
+def restore(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Put a saved parameter state back (backprop runs modify the model in place)."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, t in state.items():
+            params[n].copy_(t)
+
+
+__all__ = ["BPSpec", "ClientData", "Curve", "RunResult", "ZOSpec", "eval_accuracy", "make_data", "restore",
+           "run_backprop", "run_zo", "S_SPLIT"]
