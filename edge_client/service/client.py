@@ -366,14 +366,16 @@ class EdgeClient:
                  f"{rep.results[0].round}..{rep.results[-1].round}" if rep.results else "-")
         for res in sorted(rep.results, key=lambda r: r.round):
             self.known_round = max(self.known_round, res.round)
-            if res.round == self.st.round + 1 and not self._apply(res):
-                return
+            if res.round == self.st.round + 1:
+                if not self._apply(res):
+                    return
+                self.counters["rounds_replayed"] += 1
         self.need_full_sync = False
         self._last_sync = -math.inf if self.st.round < self.known_round else self._last_sync
 
     def _on_chunk(self, ch: CheckpointChunk) -> None:
-        if ch.round < self.st.round:
-            return  # we are past it already
+        if ch.round <= self.st.round and not self.need_full_sync:
+            return  # we hold these values or newer ones already (e.g. the answer to a repeated SyncRequest)
         parts = self._chunks.setdefault((ch.round, ch.sha256), {})
         if ch.total > 4096 or len(self._chunks) > 4:
             self._chunks.clear()
@@ -392,6 +394,7 @@ class EdgeClient:
             self._reject("checkpoint_bad", f"round {ch.round}: non-finite values")
             return
         log.info("checkpoint of round %d installed (%d values)", ch.round, values.numel())
+        self.counters["checkpoints_installed"] += 1
         self.need_full_sync = False
         self.known_round = max(self.known_round, ch.round)
         self._commit(ch.round, values, ch.sha256)

@@ -191,3 +191,39 @@ class ClientProc:
     def terminate(self, timeout: float = 30.0) -> int:
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout)
+
+
+class ThreadedClient:
+    """The real client (EngineTrainer + EdgeClient) running `run()` in a daemon thread."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        from edge_client.service.client import EdgeClient
+        from edge_client.service.config import load_client_config
+        from edge_client.service.trainer import EngineTrainer
+
+        cfg = load_client_config(None, settings, environ={})
+        self.client = EdgeClient(cfg, EngineTrainer(cfg))
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name=f"client-{cfg.client_id}", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.client.run()
+        except BaseException as exc:  # surfaced by stop()
+            self.error = exc
+
+    def wait_round(self, round: int, timeout: float) -> None:
+        end = time.monotonic() + timeout
+        while self.client.st.round < round:
+            if self.error is not None or not self.thread.is_alive():
+                raise AssertionError(f"client died: {self.error!r}")
+            if time.monotonic() > end:
+                raise TimeoutError(f"client at round {self.client.st.round}, wanted {round}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.client.stop()
+        self.thread.join(15)
+        if self.error is not None:
+            raise self.error
