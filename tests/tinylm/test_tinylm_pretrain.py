@@ -1,0 +1,121 @@
+"""Micro pretraining: deterministic weights, a loadable HF dir with manifest, atomic cache, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from bench.tinylm import pretrain
+from shared.cli import main as meerkat_main
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """One torch thread for this module (2-thread OpenMP stalls badly on a shared 2-core box); restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def built(one_thread: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cache = tmp_path_factory.mktemp("cache")
+    return pretrain.get_model_dir("micro", seed=3, cache=cache, progress=False)
+
+
+def test_model_dir_loads_with_auto_classes(built: Path) -> None:
+    man = pretrain.read_manifest(built)
+    assert man["size"] == "micro" and man["seed"] == 3 and man["steps"] == 20
+    assert man["final_loss"] < man["first_loss"]
+    assert len(man["corpus_sha256"]) == 64 and man["n_params"] > 0
+    assert set(man["zero_shot_accuracy"]) == {"claim", "sentiment", "topic"}
+    tok = AutoTokenizer.from_pretrained(str(built))
+    model = AutoModelForCausalLM.from_pretrained(str(built))
+    assert model.config.model_type == "llama"
+    assert sum(p.numel() for p in model.parameters()) == man["n_params"]
+    assert model.config.eos_token_id == tok.eos_token_id and model.config.pad_token_id == tok.pad_token_id
+    assert (built / "model.safetensors").is_file()
+    ids = torch.tensor([tok.encode("Review: great phone.\nSentiment:")])
+    assert model(input_ids=ids).logits.shape == (1, ids.shape[1], len(tok))
+
+
+def test_same_recipe_same_weights(built: Path, tmp_path: Path) -> None:
+    again = tmp_path / "again"
+    pretrain.build_model_dir(pretrain.get_spec("micro"), 3, again, progress=False)
+    a, b = load_file(str(built / "model.safetensors")), load_file(str(again / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert pretrain.read_manifest(again)["corpus_sha256"] == pretrain.read_manifest(built)["corpus_sha256"]
+
+
+def test_init_depends_on_seed_only() -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2)
+    m1, m2, m3 = (LlamaForCausalLM(cfg) for _ in range(3))
+    pretrain.init_weights(m1, 11, 0.02, 1)
+    pretrain.init_weights(m2, 11, 0.02, 1)
+    pretrain.init_weights(m3, 12, 0.02, 1)
+    w1, w2, w3 = (dict(m.named_parameters())["model.layers.0.mlp.up_proj.weight"] for m in (m1, m2, m3))
+    assert torch.equal(w1, w2) and not torch.equal(w1, w3)
+    assert abs(float(w1.detach().std()) - 0.02) < 0.003
+    assert torch.all(dict(m1.named_parameters())["model.norm.weight"] == 1)
+
+
+def test_cache_hit_is_instant_and_out_copies(built: Path, tmp_path: Path) -> None:
+    cache = built.parent
+    before = (built / "model.safetensors").stat().st_mtime_ns
+    again = pretrain.get_model_dir("micro", seed=3, cache=cache, progress=False)
+    assert again == built and (built / "model.safetensors").stat().st_mtime_ns == before
+    out = pretrain.get_model_dir("micro", seed=3, cache=cache, progress=False, out=tmp_path / "copy")
+    assert out == tmp_path / "copy"
+    assert (out / "model.safetensors").read_bytes() == (built / "model.safetensors").read_bytes()
+    assert not [p for p in cache.iterdir() if p.name.startswith(".tmp")]
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="junk"):
+        pretrain.get_model_dir("micro", seed=3, cache=cache, progress=False, out=junk)
+
+
+def test_recipe_hash_and_errors() -> None:
+    spec = pretrain.get_spec("micro")
+    assert pretrain.recipe_hash(spec, 1) != pretrain.recipe_hash(spec, 2)
+    assert pretrain.recipe_hash(spec, 1) == pretrain.recipe_hash(spec, 1)
+    with pytest.raises(ValueError, match="huge"):
+        pretrain.get_spec("huge")
+
+
+def test_cli_prints_dir_last(built: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    # the cache lives under $XDG_CACHE_HOME/meerkat-edge/tinylm: point it at the fixture's cache
+    monkeypatch.setenv("XDG_CACHE_HOME", str(built.parent.parent.parent))
+    (built.parent.parent.parent / "meerkat-edge").mkdir(exist_ok=True)
+    link = built.parent.parent.parent / "meerkat-edge" / "tinylm"
+    if not link.exists():
+        os.symlink(built.parent, link)
+    assert meerkat_main(["tiny-model", "--size", "micro", "--seed", "3", "--no-progress"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(link / built.name)
+    with pytest.raises(SystemExit, match="unknown tiny-model size"):
+        meerkat_main(["tiny-model", "--size", "nope"])
+
+
+def test_cli_writes_corpus_and_task(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert meerkat_main(["tiny-model", "--write-corpus", str(tmp_path / "c"), "--docs-per-domain", "5"]) == 0
+    assert len(list((tmp_path / "c").glob("*.jsonl"))) == 6
+    assert meerkat_main(["tiny-model", "--write-task", "claim", "--task-dir", str(tmp_path / "t"),
+                         "--clients", "4", "--alpha", "0.3", "--train", "80", "--eval", "8"]) == 0
+    meta = json.loads((tmp_path / "t" / "task.json").read_text())
+    assert meta["alpha"] == 0.3 and len(meta["train"]) == 4
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(tmp_path / "t")
+    with pytest.raises(SystemExit, match="alpha"):
+        meerkat_main(["tiny-model", "--write-task", "claim", "--task-dir", str(tmp_path / "u"), "--alpha", "0"])
