@@ -20,7 +20,10 @@ the batch loss is the mean over the B examples, computed as a SUM over micro-bat
 Accuracy (labelled rows): argmax over the first token of each verbalizer word at the answer position.
 
 Batches are LEFT-padded (position ids follow the attention mask), so every target sits at the end and
-the model computes logits only for the last max(n_target)+1 positions (`logits_to_keep`).
+the model computes logits only for the last max(n_target)+1 positions (`logits_to_keep`). For the
+common families (FUSED_MODEL_TYPES) `batch_loss` goes further: it runs the decoder, then the LM head
+and a float32 log-sum-exp on the target rows only, a chunk of rows at a time -- no (B, T, V) logits
+tensor ever exists, so a step's peak memory stays below an inference forward's.
 """
 
 from __future__ import annotations
@@ -44,6 +47,11 @@ log = logging.getLogger(__name__)
 
 IGNORE = -100
 CE_CHUNK_ELEMS = 1 << 20  # rows x vocab per cross-entropy chunk: keeps the fp32 log-softmax temporary small
+# rows x vocab of one fused LM-head + cross-entropy chunk (CPU, CUDA): never all logits at once
+HEAD_CHUNK_ELEMS = {"cpu": 1 << 22, "cuda": 1 << 25}
+# families whose CausalLM forward is exactly `lm_head(decoder(...).last_hidden_state)` (+ Gemma-2's
+# final logit soft-capping): for these the loss runs the head on target rows only, chunk by chunk
+FUSED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"})
 
 
 class DataError(ValueError):
@@ -260,6 +268,49 @@ def example_losses(model: nn.Module, examples: Sequence[Example], pad_id: int) -
     return ce.sum(1) / n_target.to(ce.dtype), logits, n_target
 
 
+def fused_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, float | None] | None:
+    """(decoder, lm_head, final logit soft-cap) for families where that IS the forward, else None."""
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) not in FUSED_MODEL_TYPES:
+        return None
+    get_decoder, get_head = getattr(model, "get_decoder", None), getattr(model, "get_output_embeddings", None)
+    if get_decoder is None or get_head is None:
+        return None
+    head = get_head()
+    if head is None:
+        return None
+    softcap = getattr(config, "final_logit_softcapping", None)
+    return get_decoder(), head, float(softcap) if softcap else None
+
+
+def target_losses(model: nn.Module, examples: Sequence[Example], pad_id: int) -> Tensor:
+    """Per-example mean target cross-entropy (B,) fp32; fused head + loss where supported."""
+    parts = fused_parts(model)
+    if parts is None:
+        return example_losses(model, examples, pad_id)[0]
+    decoder, head, softcap = parts
+    inputs = collate(examples, pad_id, _model_device(model))
+    n_target = inputs["n_target"]
+    k = int(n_target.max())
+    kwargs = {key: inputs[key] for key in ("input_ids", "attention_mask", "position_ids")}
+    hidden: Tensor = decoder(**kwargs, use_cache=False).last_hidden_state[:, -k - 1 : -1]  # (B, K, H)
+    valid = torch.arange(k, device=hidden.device)[None, :] >= (k - n_target)[:, None]  # (B, K)
+    rows = hidden[valid]  # (N, H): target rows only, padding skipped
+    targets = inputs["input_ids"][:, -k:][valid]  # (N,)
+    owner = torch.arange(len(examples), device=hidden.device)[:, None].expand(-1, k)[valid]  # (N,)
+    vocab = int(getattr(head, "out_features", 0) or head.weight.shape[0])
+    chunk = max(1, HEAD_CHUNK_ELEMS.get(hidden.device.type, 1 << 22) // vocab)
+    ce = torch.empty(rows.shape[0], dtype=torch.float32, device=hidden.device)
+    for i in range(0, rows.shape[0], chunk):
+        logits = head(rows[i : i + chunk])  # (c, V) compute dtype
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        picked = logits.gather(1, targets[i : i + chunk, None])[:, 0].float()
+        ce[i : i + chunk] = torch.logsumexp(logits.float(), dim=-1) - picked
+    per_example = torch.zeros(len(examples), dtype=torch.float32, device=hidden.device).index_add_(0, owner, ce)
+    return per_example / n_target.to(torch.float32)
+
+
 def batch_loss(model: nn.Module, batch: Batch, micro_batch: int | None = None) -> float:
     """Mean over the batch of per-example losses, summed over micro-batches of `micro_batch` examples."""
     if len(batch) == 0:
@@ -268,7 +319,7 @@ def batch_loss(model: nn.Module, batch: Batch, micro_batch: int | None = None) -
     total = 0.0
     with torch.no_grad():
         for i in range(0, len(batch), step):
-            losses, _, _ = example_losses(model, batch.examples[i : i + step], batch.dataset.pad_id)
+            losses = target_losses(model, batch.examples[i : i + step], batch.dataset.pad_id)
             total += float(losses.sum()) / len(batch)
     return total
 
@@ -376,6 +427,8 @@ __all__ = [
     "encode_rows",
     "evaluate",
     "example_losses",
+    "fused_parts",
+    "target_losses",
     "load_jsonl",
     "load_task_config",
 ]

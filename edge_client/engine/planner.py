@@ -28,7 +28,7 @@ import psutil
 import torch
 from torch import nn
 
-from edge_client.engine.data import Example, example_losses
+from edge_client.engine.data import Example, target_losses
 from shared.modelload import weight_bytes
 from shared.sidecar import SideCar
 
@@ -191,7 +191,7 @@ def _calibrate(model: nn.Module, meter: MemoryMeter, batch: int, seq_len: int, p
     examples = [Example(tuple((7 * i + j) % vocab for j in range(seq_len)), seq_len - 1) for i in range(batch)]
     try:
         with torch.no_grad():
-            _, peak = meter.measure(lambda: example_losses(model, examples, pad_id)[0].sum().item())
+            _, peak = meter.measure(lambda: target_losses(model, examples, pad_id).sum().item())
     except torch.OutOfMemoryError as exc:
         raise MemoryBudgetError(f"calibration with {batch} sequence(s) of {seq_len} tokens ran out of memory: {exc}") from exc
     return int(peak)

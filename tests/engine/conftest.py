@@ -56,7 +56,14 @@ def build_tokenizer(path: Path) -> None:
 
 
 def build_model(path: Path, family: str, seed: int, tokenizer: bool = True) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     common = dict(
         hidden_size=64,
@@ -69,8 +76,10 @@ def build_model(path: Path, family: str, seed: int, tokenizer: bool = True) -> P
     )
     if family == "llama":
         model: torch.nn.Module = LlamaForCausalLM(LlamaConfig(**common))
-    else:
+    elif family == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**common, tie_word_embeddings=False))
+    else:
+        model = Gemma2ForCausalLM(Gemma2Config(**common, head_dim=16, final_logit_softcapping=5.0))
     fill_weights(model, seed)
     model.save_pretrained(str(path))
     if tokenizer:
@@ -92,6 +101,11 @@ def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_model(tmp_path_factory.mktemp("qwen2"), "qwen2", 12)
+
+
+@pytest.fixture(scope="session")
+def gemma2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_model(tmp_path_factory.mktemp("gemma2"), "gemma2", 13, tokenizer=False)
 
 
 @pytest.fixture(scope="session")

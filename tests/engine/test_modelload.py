@@ -74,3 +74,23 @@ def test_bad_inputs_are_named(tmp_path: Path, llama_dir: Path, llama_mask: dict[
     name = "model.layers.1.mlp.up_proj"
     with pytest.raises(SideCarError, match=f"{name}.*out of range"):
         load_model(llama_dir, "none", "cpu", {name: torch.tensor([128 * 64])}, fingerprint="0" * 64)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])
+def test_fused_loss_equals_full_logits_loss(
+    family: str, llama_dir: Path, qwen2_dir: Path, gemma2_dir: Path
+) -> None:
+    """batch_loss's fused head + log-sum-exp (target rows only) == cross-entropy on the model's logits."""
+    from edge_client.engine.data import Example, example_losses, fused_parts, target_losses
+    from tests.engine.conftest import prng_mask
+
+    model_dir = {"llama": llama_dir, "qwen2": qwen2_dir, "gemma2": gemma2_dir}[family]
+    lm = load_model(model_dir, "nf4", "cpu", prng_mask(model_dir), torch.float32, fingerprint="0" * 64)
+    assert fused_parts(lm.model) is not None
+    if family == "gemma2":
+        assert lm.tokenizer is None  # saved without tokenizer files
+    examples = [Example((1, 5, 9, 200, 33, 7, 2, 100), 7), Example((1, 80, 17, 250), 1), Example((3, 4, 5), 2)]
+    with torch.no_grad():
+        fused = target_losses(lm.model, examples, 0)
+        full = example_losses(lm.model, examples, 0)[0]
+    torch.testing.assert_close(fused, full, rtol=1e-5, atol=1e-5)
