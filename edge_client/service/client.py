@@ -98,6 +98,7 @@ class EdgeClient:
         self.known_round = self.st.round  # highest round the fleet is known to have finished
         self.need_full_sync = False
         self._refused_round = -2
+        self._sync_check = False
         self._last_sync = -math.inf
         self._seen_connects = 0
         self._chunks: dict[tuple[int, str], dict[int, bytes]] = {}
@@ -149,7 +150,7 @@ class EdgeClient:
         if self.job is not None:
             log.info("stopping in round %d after step %d/%d (progress saved)", self.job.plan.round,
                      len(self.job.done), self.job.steps)
-        self._drain_published(wait_s=2.0 if self.link.connected.is_set() and len(self.store.outbox) else 0.0)
+        self._drain_published(wait_s=2.0 if self.link.connected.is_set() and self.store.outbox.pending() else 0.0)
         self.link.stop(final=[(self.topics.status(self.cid), self._status(False), 1, True)])
         if self.telemetry is not None:
             self.telemetry.close()
@@ -174,6 +175,8 @@ class EdgeClient:
     def _on_connected(self) -> None:
         self.link.publish(self.topics.status(self.cid), self._status(True), qos=1, retain=True)
         self._send_join()
+        self.store.outbox.reconnected()  # re-send updates whose round is not over: the broker may have lost them
+        self._sync_check = True  # results published while we were away may be gone: ask once
         self._last_sync = -math.inf
 
     def _send_join(self) -> None:
@@ -201,7 +204,7 @@ class EdgeClient:
             if row is not None:
                 log.info("update for round %d (msg_id %016x) acknowledged", row.round, row.msg_id)
                 self.counters["updates_acked"] += 1
-                if wait_s and not len(self.store.outbox):
+                if wait_s and not self.store.outbox.pending():
                     return
 
     def _resend_due(self) -> None:
@@ -413,9 +416,18 @@ class EdgeClient:
         log.log(level, "coordinator says %s: %s", name, err.reason)
 
     def _maybe_sync(self) -> None:
+        """SyncRequest when behind, once after each (re)connection, and while a result is overdue."""
         behind = self.need_full_sync or self.st.round < self.known_round
-        if not behind or time.monotonic() - self._last_sync < self.cfg.sync_retry_s:
+        plan = self.plan
+        overdue = (
+            plan is not None and self.st.trained_round == plan.round > self.st.round
+            and time.time() > plan.deadline + self.cfg.sync_retry_s
+        )  # fmt: skip
+        if not (behind or overdue or self._sync_check):
             return
+        if time.monotonic() - self._last_sync < self.cfg.sync_retry_s:
+            return
+        self._sync_check = False
         self._last_sync = time.monotonic()
         have = self.st.round
         self.link.publish(self.topics.sync(self.cid), encode(SyncRequest(client="", have_round=have)), qos=1)

@@ -162,7 +162,7 @@ class StateStore:
         return values
 
     def commit_round(self, round: int, values: torch.Tensor, checksum: str | None = None) -> ClientState:
-        """Make `values` the values at `round`, atomically; drops progress rows of rounds <= round."""
+        """Make `values` the values at `round`, atomically; drops progress and outbox rows of rounds <= round."""
         v = values.detach().to("cpu", torch.float32).contiguous()
         ck = checksum or values_checksum(v)
         old = self.load()
@@ -174,6 +174,7 @@ class StateStore:
         with self.transaction() as db:
             db.execute("UPDATE state SET round = ?, checksum = ?, values_file = ? WHERE id = 0", (round, ck, name))
             db.execute("DELETE FROM progress WHERE round <= ?", (round,))
+            self.outbox.prune(round)  # those rounds are over: nothing to re-send
         if old.values_file != name:
             (self.dir / old.values_file).unlink(missing_ok=True)
         st = self.load()
