@@ -1,6 +1,6 @@
 """Issue 7 "Must show": the real `meerkat client` process against the real coordinator over a real
-Mosquitto, with the broker down at start, the broker SIGKILLed mid-round, the client SIGKILLed mid-step
-and right after queueing an update, and a SIGTERM at the end."""
+Mosquitto, with the broker down at start, the broker SIGKILLed mid-round, the client SIGKILLed mid-step,
+and a SIGTERM at the end."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from clienttoy import (
     ClientProc,
     ThreadedCoordinator,
@@ -43,6 +44,7 @@ def _one_update_per_round(coord_state: Path, client: str, rounds: int) -> None:
     assert [(r, s) for _, r, _, s in ups] == [(r, "accepted") for r in range(rounds)], ups
 
 
+@pytest.mark.slow
 def test_broker_down_at_start_then_killed_mid_round(toy: Toy, mosquitto: Any, tmp_path: Path) -> None:
     """`mosquitto`: the private broker of tests/conftest.py (not started yet)."""
     fleet, cid = uid("f"), uid("dev")
@@ -77,6 +79,7 @@ def test_broker_down_at_start_then_killed_mid_round(toy: Toy, mosquitto: Any, tm
     assert dp == 4 * 40 * 4  # 4 rounds x 40 steps x 4 examples, counted once
 
 
+@pytest.mark.slow
 def test_sigkill_mid_step_then_resume_then_sigterm(toy: Toy, broker_url: str, tmp_path: Path) -> None:
     fleet, cid, T = uid("f"), uid("dev"), 40
     state = tmp_path / "c"

@@ -41,7 +41,7 @@ def test_rounds_with_the_real_coordinator_end_bit_identical(toy: Toy, broker_url
     assert c.st.checksum == values_checksum(coord.coord.values)  # same bits as the coordinator
     ups = coordinator_updates(tmp_path / "coord")
     assert [(r, s) for _, r, _, s in ups] == [(0, "accepted"), (1, "accepted"), (2, "accepted")]
-    assert c.counters["updates_acked"] == 3 and c.counters["rounds_trained"] == 3
+    assert c.counters["rounds_trained"] == 3 and c.counters["updates_acked"] == 3
     assert c.st.data_pointer == 3 * 3 * 4  # 3 rounds x 3 steps x batch 4 examples consumed
 
 
