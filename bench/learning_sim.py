@@ -21,7 +21,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +33,11 @@ from edge_client.engine.data import (
     Batch,
     Dataset,
     DataStream,
-    TaskConfig,
     batch_loss,
     evaluate,
     example_losses,
     load_jsonl,
+    load_task_config,
 )
 from edge_client.engine.spsa import spsa_step
 from shared.apply import apply_round, fedavg_scalars, values_checksum
@@ -75,8 +75,7 @@ def make_data(
     meta_path = tasks_mod.write_task(out_dir, task, n_clients=n_clients, alpha=alpha, seed=seed,
                                      n_train=n_train, n_eval=n_eval, n_single=n_single)
     files = tasks_mod.load_task(meta_path)
-    cfg = TaskConfig(name=files.name, verbalizer={str(k): v for k, v in files.labels.items()},
-                     template="{text}", max_length=max_length)
+    cfg = replace(load_task_config(meta_path), max_length=max_length)  # what a client reads from task.json
     root = meta_path.parent
     clients = {Path(f).stem: load_jsonl(root / f, tokenizer, cfg) for f in files.meta["train"]}
     return ClientData(task, clients, load_jsonl(root / files.meta["eval"], tokenizer, cfg),
