@@ -80,7 +80,7 @@ def test_bad_inputs_are_named(tmp_path: Path, llama_dir: Path, llama_mask: dict[
 def test_fused_loss_equals_full_logits_loss(
     family: str, llama_dir: Path, qwen2_dir: Path, gemma2_dir: Path
 ) -> None:
-    """batch_loss's fused head + log-sum-exp (target rows only) == cross-entropy on the model's logits."""
+    """batch_loss's fused head + fp32 log-softmax (target rows only) == cross-entropy on the model's logits."""
     from edge_client.engine.data import Example, example_losses, fused_parts, target_losses
     from tests.engine.conftest import prng_mask
 
