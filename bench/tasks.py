@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from bench.tinylm.corpus import DAYS, NAMES, NEWS_TOPICS, PLACES, Rng, news, review
+from bench.tinylm.corpus import DAYS, DOMAINS, NAMES, NEWS_TOPICS, PLACES, Rng, news, review
 from shared.prng import derive_seed
 
 log = logging.getLogger(__name__)
@@ -85,10 +85,19 @@ def _claim(rng: Rng, label: int) -> str:
     return f"Premise: {premise}\nClaim: {claim}"
 
 
+DOMAIN_TASK = ("recipes", "code", "clinical", "dialogue")
+
+
+def _domain(rng: Rng, label: int) -> str:
+    return DOMAINS[DOMAIN_TASK[label]](rng)
+
+
 TASKS: dict[str, Task] = {
     "sentiment": Task("sentiment", (" bad", " good"), "Review: {text}\nSentiment:", _sentiment, 1),
     "topic": Task("topic", tuple(" " + t for t in NEWS_TOPICS), "Article: {text}\nTopic:", _topic, 0),
+    # pair task: compare a claim with its premise (exact-word check; the hardest of the four)
     "claim": Task("claim", (" no", " yes"), "{text}\nAnswer:", _claim, 1),
+    "domain": Task("domain", (" food", " code", " health", " chat"), "Text: {text}\nDomain:", _domain, 3),
 }
 
 
@@ -115,16 +124,17 @@ P_TRUE, P_BIAS = 0.4, 0.45
 
 
 def pretraining_docs(seed: int, n: int) -> list[str]:
-    """`n` task-style documents (prompt + a noisy, biased answer), tasks in round-robin order."""
-    tasks = [TASKS[k] for k in sorted(TASKS)]
+    """`n` task-style documents (prompt + a noisy, biased answer), tasks in round-robin order by name."""
+    names = sorted(TASKS)
     docs = []
     for i in range(n):
-        task = tasks[i % len(tasks)]
+        task = TASKS[names[i % len(names)]]
         rng = Rng(derive_seed(seed, 2, i))
         label = rng.randint(len(task.labels))
+        text = task.draw(rng, label)
         u = rng.uniform()
         answer = label if u < P_TRUE else task.bias_label if u < P_TRUE + P_BIAS else rng.randint(len(task.labels))
-        docs.append(task.prompt(task.draw(rng, label)) + task.labels[answer])
+        docs.append(task.prompt(text) + task.labels[answer])
     return docs
 
 

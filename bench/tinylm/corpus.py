@@ -66,7 +66,7 @@ class Rng:
         if shape <= 0:
             raise ValueError(f"gamma shape must be > 0, got {shape}")
         if shape < 1.0:
-            return self.gamma(shape + 1.0) * self.uniform() ** (1.0 / shape)
+            return self.gamma(shape + 1.0) * float(self.uniform() ** (1.0 / shape))
         d = shape - 1.0 / 3.0
         c = 1.0 / math.sqrt(9.0 * d)
         while True:

@@ -62,8 +62,7 @@ SIZES: dict[str, SizeSpec] = {
     # `make demo` critical path: <= ~2 min on 2 cores
     "demo": SizeSpec("demo", hidden=128, layers=2, heads=4, intermediate=384, steps=600, batch=16),
     # 5-20M parameters, <= 10 min on 2 cores
-    "small": SizeSpec("small", hidden=256, layers=4, heads=4, intermediate=768, steps=1500, batch=16, lr=2e-3,
-                      n_docs=60_000, n_task_docs=30_000),
+    "small": SizeSpec("small", hidden=256, layers=4, heads=4, intermediate=1024, steps=500, batch=16, lr=2e-3),
     # GPU sizes
     "base": SizeSpec("base", hidden=512, layers=8, heads=8, intermediate=1536, steps=4000, batch=32, seq_len=256,
                      lr=1e-3, warmup=200, n_docs=200_000, n_task_docs=100_000),

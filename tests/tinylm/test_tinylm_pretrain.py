@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from bench import tasks
 from bench.tinylm import pretrain
 from shared.cli import main as meerkat_main
 
@@ -27,7 +27,7 @@ def one_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def built(one_thread: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cache = tmp_path_factory.mktemp("cache")
+    cache = tmp_path_factory.mktemp("xdg") / "meerkat-edge" / "tinylm"  # the layout under $XDG_CACHE_HOME
     return pretrain.get_model_dir("micro", seed=3, cache=cache, progress=False)
 
 
@@ -36,7 +36,7 @@ def test_model_dir_loads_with_auto_classes(built: Path) -> None:
     assert man["size"] == "micro" and man["seed"] == 3 and man["steps"] == 20
     assert man["final_loss"] < man["first_loss"]
     assert len(man["corpus_sha256"]) == 64 and man["n_params"] > 0
-    assert set(man["zero_shot_accuracy"]) == {"claim", "sentiment", "topic"}
+    assert set(man["zero_shot_accuracy"]) == set(tasks.TASKS)
     tok = AutoTokenizer.from_pretrained(str(built))
     model = AutoModelForCausalLM.from_pretrained(str(built))
     assert model.config.model_type == "llama"
@@ -97,14 +97,10 @@ def test_recipe_hash_and_errors() -> None:
 
 
 def test_cli_prints_dir_last(built: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    # the cache lives under $XDG_CACHE_HOME/meerkat-edge/tinylm: point it at the fixture's cache
     monkeypatch.setenv("XDG_CACHE_HOME", str(built.parent.parent.parent))
-    (built.parent.parent.parent / "meerkat-edge").mkdir(exist_ok=True)
-    link = built.parent.parent.parent / "meerkat-edge" / "tinylm"
-    if not link.exists():
-        os.symlink(built.parent, link)
+    assert pretrain.cache_root() == built.parent
     assert meerkat_main(["tiny-model", "--size", "micro", "--seed", "3", "--no-progress"]) == 0
-    assert capsys.readouterr().out.strip().splitlines()[-1] == str(link / built.name)
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(built)
     with pytest.raises(SystemExit, match="unknown tiny-model size"):
         meerkat_main(["tiny-model", "--size", "nope"])
 

@@ -140,8 +140,12 @@ def test_load_task_names_bad_rows(tmp_path: Path) -> None:
 
 
 def test_pretraining_docs_are_biased_but_informative() -> None:
-    docs = tasks.pretraining_docs(0, 900)
+    docs = tasks.pretraining_docs(0, 1200)
     sent = [d for d in docs if d.startswith("Review:")]
     assert len(sent) == 300
     share_good = sum(d.endswith(" good") for d in sent) / len(sent)
-    assert 0.6 < share_good < 0.85  # bias label over-used: P_TRUE/2 + P_BIAS + (1-P_TRUE-P_BIAS)/2 = 0.725
+    assert 0.65 < share_good < 0.8  # bias label over-used: P_TRUE/2 + P_BIAS + (1-P_TRUE-P_BIAS)/2 = 0.725
+    pos = [d for d in sent if any(w in d for w in ("Five stars", "Worth every", "Highly recommended"))]
+    neg = [d for d in sent if any(w in d for w in ("One star.", "Total waste", "Do not buy"))]
+    # the answer still carries the label: good is more frequent after positive reviews
+    assert sum(d.endswith(" good") for d in pos) / len(pos) > sum(d.endswith(" good") for d in neg) / len(neg) + 0.2
