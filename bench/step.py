@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 PRESETS: dict[str, dict[str, Any]] = {
     # Llama-3.2-1B shape (random init): what the GPU numbers in BENCHMARKS.md use
     "llama-3.2-1b": dict(
-        layers=16, hidden=2048, intermediate=8192, heads=32, kv_heads=8, vocab=128256, tie=True, rope_theta=500000.0
+        layers=16, hidden=2048, intermediate=8192, heads=32, kv_heads=8, vocab=128256, tie=True
     ),
 }
 
@@ -77,7 +77,6 @@ def model_config(args: argparse.Namespace) -> dict[str, Any]:
         kv_heads=max(1, heads // 4) if heads % 4 == 0 else heads,
         vocab=args.vocab,
         tie=False,
-        rope_theta=10000.0,
     )
 
 
@@ -93,11 +92,10 @@ def build_model_dir(cfg: dict[str, Any], path: Path) -> None:
         num_key_value_heads=cfg["kv_heads"],
         vocab_size=cfg["vocab"],
         tie_word_embeddings=cfg["tie"],
-        rope_theta=cfg["rope_theta"],
         max_position_embeddings=4096,
     )
     with torch.device("cpu"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+        model = LlamaForCausalLM(config).to(torch.bfloat16)  # type: ignore[arg-type]
     model.save_pretrained(str(path))
     del model
     gc.collect()
@@ -162,7 +160,11 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
     cfg = model_config(args)
     import bitsandbytes  # noqa: F401  (libraries resident before the baseline: peaks count model memory only)
     import transformers  # noqa: F401
@@ -194,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
             """CUDA: allocated peak (weights included). CPU: weights + peak of torch tensors live during fn."""
             if dev.type == "cuda":
                 return peak_of(fn)
-            return weight_bytes(model) + sidecar.nbytes() + cpu_live_peak(fn)
+            return weight_bytes(model) + side_bytes + cpu_live_peak(fn)
 
         result: dict[str, Any] = {"bench": "step", "quant": args.quant, "device": _device_name(dev), "loss": args.loss}
         result.update({f"model_{k}": v for k, v in cfg.items()}, batch=args.batch, seq=args.seq)
@@ -206,6 +208,7 @@ def run(args: argparse.Namespace) -> int:
         model, sidecar = loaded.model, loaded.sidecar
         if sidecar is None:
             raise RuntimeError("side-car model loaded without a side-car")
+        side_bytes = sidecar.nbytes()
         gc.collect()
         meter.reset()
         resident = meter.current() - base  # the loaded side-car model: weights + side-car

@@ -298,7 +298,7 @@ def target_losses(model: nn.Module, examples: Sequence[Example], pad_id: int) ->
     rows = hidden[valid]  # (N, H): target rows only, padding skipped
     targets = inputs["input_ids"][:, -k:][valid]  # (N,)
     owner = torch.arange(len(examples), device=hidden.device)[:, None].expand(-1, k)[valid]  # (N,)
-    vocab = int(getattr(head, "out_features", 0) or head.weight.shape[0])
+    vocab = int(getattr(head, "out_features", 0) or getattr(head, "weight").shape[0])  # noqa: B009
     chunk = max(1, HEAD_CHUNK_ELEMS.get(hidden.device.type, 1 << 22) // vocab)
     ce = torch.empty(rows.shape[0], dtype=torch.float32, device=hidden.device)
     for i in range(0, rows.shape[0], chunk):
