@@ -15,7 +15,8 @@ a random mask of `--mask-fraction` of every decoder Linear (from shared.prng), a
   retained heap makes it noisier).
 `--loss lm`: loss over every position, inference computes every logit. `--loss label`: one target
 token per sequence (classification), inference computes the last position's logits only.
-Times are medians over `--repeats`. The JSON line is printed last.
+Times are medians over `--repeats` interleaved rounds; ratios are medians of per-round ratios.
+The JSON line is printed last.
 """
 
 from __future__ import annotations
@@ -120,33 +121,31 @@ def random_mask(model_dir: Path, fraction: float, seed: int = 1234) -> dict[str,
     return mask
 
 
-def timed(fn: Callable[[], Any], repeats: int, sync: Callable[[], None]) -> tuple[float, float]:
-    """Median wall seconds and median process CPU seconds of fn over `repeats` (after one warm-up).
+def timed_rounds(
+    fns: dict[str, Callable[[], Any]], repeats: int, sync: Callable[[], None]
+) -> dict[str, tuple[list[float], list[float]]]:
+    """Wall and process-CPU seconds of each fn, interleaved round by round (after one warm-up each).
 
-    CPU time is what to compare on a shared, loaded CPU (it does not count time spent waiting for a
-    core); on an idle machine with T threads it is about T x wall.
+    Interleaving makes the ratios robust to a load that drifts during the run; CPU time is what to
+    compare on a shared, loaded CPU (it does not count time spent waiting for a core).
     """
-    fn()  # warm-up (also triggers lazy packing/caching inside kernels)
-    walls, cpus = [], []
+    for fn in fns.values():
+        fn()  # warm-up (also triggers lazy packing/caching inside kernels)
+    out: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in fns}
     for _ in range(repeats):
-        sync()
-        w, c = time.perf_counter(), time.process_time()
-        fn()
-        sync()
-        walls.append(time.perf_counter() - w)
-        cpus.append(time.process_time() - c)
-    return statistics.median(walls), statistics.median(cpus)
+        for name, fn in fns.items():
+            sync()
+            w, c = time.perf_counter(), time.process_time()
+            fn()
+            sync()
+            out[name][0].append(time.perf_counter() - w)
+            out[name][1].append(time.process_time() - c)
+    return out
 
 
-def _plain_forward(model_dir: Path, args: argparse.Namespace, dev: torch.device, dtype: torch.dtype | None,
-                   inputs: dict[str, torch.Tensor], keep: int, sync: Callable[[], None]) -> tuple[float, float]:
-    """The quantized model without side-car: bitsandbytes' own Linear forward."""
-    from edge_client.engine.data import tail_logits
-    from shared.modelload import load_model
-
-    plain = load_model(model_dir, args.quant, dev, None, dtype, fingerprint="0" * 64).model
-    with torch.no_grad():
-        return timed(lambda: tail_logits(plain, inputs, keep), args.repeats, sync)
+def _ratio(num: list[float], den: list[float]) -> float:
+    """Median over rounds of num/den (each round measured back to back)."""
+    return round(statistics.median(a / b for a, b in zip(num, den, strict=True)), 3)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -201,9 +200,6 @@ def run(args: argparse.Namespace) -> int:
         result: dict[str, Any] = {"bench": "step", "quant": args.quant, "device": _device_name(dev), "loss": args.loss}
         result.update({f"model_{k}": v for k, v in cfg.items()}, batch=args.batch, seq=args.seq)
 
-        plain_fwd, plain_cpu = _plain_forward(model_dir, args, dev, dtype, inputs, keep, sync)
-        gc.collect()
-
         loaded = load_model(model_dir, args.quant, dev, mask, dtype, fingerprint=fingerprint)
         model, sidecar = loaded.model, loaded.sidecar
         if sidecar is None:
@@ -212,25 +208,33 @@ def run(args: argparse.Namespace) -> int:
         gc.collect()
         meter.reset()
         resident = meter.current() - base  # the loaded side-car model: weights + side-car
-        with torch.no_grad():
-            fwd, fwd_cpu = timed(lambda: tail_logits(model, inputs, keep), args.repeats, sync)
-            fwd_peak = peak_of(lambda: tail_logits(model, inputs, keep))
         seeds = iter(range(1, 10_000))
         step_fn = lambda: spsa_step(model, sidecar, lambda m: batch_loss(m, batch), next(seeds), 1e-3, 1e-6)  # noqa: E731
-        step, step_cpu = timed(step_fn, args.repeats, sync)
-        step_peak = peak_of(step_fn)
+        fwd_fn = lambda: tail_logits(model, inputs, keep)  # noqa: E731
         with torch.no_grad():
-            fwd_live = live_of(lambda: tail_logits(model, inputs, keep))
-        step_live = live_of(step_fn)
+            fwd_fn()
+            fwd_peak = peak_of(fwd_fn)
+            step_fn()
+            step_peak = peak_of(step_fn)
+            fwd_live = live_of(fwd_fn)
+            step_live = live_of(step_fn)
+            # the plain quantized model (bitsandbytes' own Linear forward) joins only for timing
+            plain = load_model(model_dir, args.quant, dev, None, dtype, fingerprint=fingerprint).model
+            t = timed_rounds(
+                {"plain": lambda: tail_logits(plain, inputs, keep), "fwd": fwd_fn, "step": step_fn}, args.repeats, sync
+            )
+        (pw, pc), (fw, fc), (sw, scpu) = t["plain"], t["fwd"], t["step"]
+        med = statistics.median
         result.update(
             compute_dtype=str(loaded.compute_dtype).replace("torch.", ""),
             nnz=sidecar.nnz,
-            plain_fwd_ms=round(plain_fwd * 1e3, 2),
-            sidecar_fwd_ms=round(fwd * 1e3, 2),
-            step_ms=round(step * 1e3, 2),
-            step_over_sidecar_fwd=round(step / fwd, 3),
-            step_over_plain_fwd=round(step / plain_fwd, 3),
-            sidecar_fwd_over_plain=round(fwd / plain_fwd, 3),
+            repeats=args.repeats,
+            plain_fwd_ms=round(med(pw) * 1e3, 2),
+            sidecar_fwd_ms=round(med(fw) * 1e3, 2),
+            step_ms=round(med(sw) * 1e3, 2),
+            step_over_sidecar_fwd=_ratio(sw, fw),
+            step_over_plain_fwd=_ratio(sw, pw),
+            sidecar_fwd_over_plain=_ratio(fw, pw),
             infer_rss_peak_mib=round(fwd_peak / 2**20, 1),
             step_rss_peak_mib=round(step_peak / 2**20, 1),
             peak_ratio=round(step_live / fwd_live, 4),
@@ -238,17 +242,15 @@ def run(args: argparse.Namespace) -> int:
             step_live_mib=round(step_live / 2**20, 1),
             rss_peak_ratio=round(step_peak / fwd_peak, 4),
             resident_mib=round(resident / 2**20, 1),
-            infer_act_mib=round((fwd_peak - resident) / 2**20, 1),
-            step_act_mib=round((step_peak - resident) / 2**20, 1),
             threads=torch.get_num_threads(),
         )
         if dev.type == "cpu":
             result.update(
-                plain_fwd_cpu_ms=round(plain_cpu * 1e3, 2),
-                sidecar_fwd_cpu_ms=round(fwd_cpu * 1e3, 2),
-                step_cpu_ms=round(step_cpu * 1e3, 2),
-                cpu_step_over_plain_fwd=round(step_cpu / plain_cpu, 3),
-                cpu_step_over_sidecar_fwd=round(step_cpu / fwd_cpu, 3),
+                plain_fwd_cpu_ms=round(med(pc) * 1e3, 2),
+                sidecar_fwd_cpu_ms=round(med(fc) * 1e3, 2),
+                step_cpu_ms=round(med(scpu) * 1e3, 2),
+                cpu_step_over_plain_fwd=_ratio(scpu, pc),
+                cpu_step_over_sidecar_fwd=_ratio(scpu, fc),
                 load_avg_1m=round(os.getloadavg()[0], 2),
             )
     cpu_note = ""
