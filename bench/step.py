@@ -209,8 +209,13 @@ def run(args: argparse.Namespace) -> int:
         meter.reset()
         resident = meter.current() - base  # the loaded side-car model: weights + side-car
         seeds = iter(range(1, 10_000))
-        step_fn = lambda: spsa_step(model, sidecar, lambda m: batch_loss(m, batch), next(seeds), 1e-3, 1e-6)  # noqa: E731
-        fwd_fn = lambda: tail_logits(model, inputs, keep)  # noqa: E731
+
+        def step_fn() -> Any:
+            return spsa_step(model, sidecar, lambda m: batch_loss(m, batch), next(seeds), 1e-3, 1e-6)
+
+        def fwd_fn() -> Any:
+            return tail_logits(model, inputs, keep)
+
         with torch.no_grad():
             fwd_fn()
             fwd_peak = peak_of(fwd_fn)
