@@ -1,0 +1,1 @@
+"""The project's own tiny pretrained LM: corpus generator, BPE tokenizer, pretraining, `meerkat tiny-model`."""
