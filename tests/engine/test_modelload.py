@@ -77,11 +77,14 @@ def test_bad_inputs_are_named(tmp_path: Path, llama_dir: Path, llama_mask: dict[
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])
-def test_fused_loss_equals_full_logits_loss(
+def test_fused_loss_and_tail_logits_equal_the_models_own_forward(
     family: str, llama_dir: Path, qwen2_dir: Path, gemma2_dir: Path
 ) -> None:
-    """batch_loss's fused head + fp32 log-softmax (target rows only) == cross-entropy on the model's logits."""
-    from edge_client.engine.data import Example, example_losses, fused_parts, target_losses
+    """batch_loss's fused head + fp32 log-softmax (target rows only) and tail_logits (decoder + head on
+    the kept rows) == cross-entropy / logits from the model's own forward (incl. Gemma-2 soft-capping)."""
+    import torch.nn.functional as F
+
+    from edge_client.engine.data import Example, collate, fused_parts, tail_logits, target_losses
     from tests.engine.conftest import prng_mask
 
     model_dir = {"llama": llama_dir, "qwen2": qwen2_dir, "gemma2": gemma2_dir}[family]
@@ -90,7 +93,17 @@ def test_fused_loss_equals_full_logits_loss(
     if family == "gemma2":
         assert lm.tokenizer is None  # saved without tokenizer files
     examples = [Example((1, 5, 9, 200, 33, 7, 2, 100), 7), Example((1, 80, 17, 250), 1), Example((3, 4, 5), 2)]
+    inputs = collate(examples, 0, torch.device("cpu"))
     with torch.no_grad():
+        own = lm.model(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+            position_ids=inputs["position_ids"], use_cache=False,
+        ).logits  # (B, L, V)
         fused = target_losses(lm.model, examples, 0)
-        full = example_losses(lm.model, examples, 0)[0]
-    torch.testing.assert_close(fused, full, rtol=1e-5, atol=1e-5)
+        for keep in (1, 3, own.shape[1]):
+            torch.testing.assert_close(tail_logits(lm.model, inputs, keep), own[:, -keep:], rtol=1e-5, atol=1e-5)
+    want = torch.stack([
+        F.cross_entropy(own[i, -e.n_target - 1 : -1], inputs["input_ids"][i, -e.n_target :])
+        for i, e in enumerate(examples)
+    ])
+    torch.testing.assert_close(fused, want, rtol=1e-5, atol=1e-5)
