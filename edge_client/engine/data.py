@@ -49,6 +49,7 @@ IGNORE = -100
 CE_CHUNK_ELEMS = 1 << 20  # rows x vocab per cross-entropy chunk: keeps the fp32 log-softmax temporary small
 # rows x vocab of one fused LM-head + cross-entropy chunk (CPU, CUDA): never all logits at once
 HEAD_CHUNK_ELEMS = {"cpu": 1 << 22, "cuda": 1 << 25}
+LOGSOFTMAX_ROWS_ELEMS = 1 << 19  # CPU: rows x vocab per log-softmax slice (2 MiB fp32 stays in cache)
 # families whose CausalLM forward is exactly `lm_head(decoder(...).last_hidden_state)` (+ Gemma-2's
 # final logit soft-capping): for these the loss runs the head on target rows only, chunk by chunk
 FUSED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"})
@@ -313,13 +314,16 @@ def target_losses(model: nn.Module, examples: Sequence[Example], pad_id: int) ->
     owner = torch.arange(len(examples), device=hidden.device)[:, None].expand(-1, k)[valid]  # (N,)
     vocab = int(getattr(head, "out_features", 0) or getattr(head, "weight").shape[0])  # noqa: B009
     chunk = max(1, HEAD_CHUNK_ELEMS.get(hidden.device.type, 1 << 22) // vocab)
+    sub = chunk if hidden.device.type == "cuda" else max(1, LOGSOFTMAX_ROWS_ELEMS // vocab)
     ce = torch.empty(rows.shape[0], dtype=torch.float32, device=hidden.device)
     for i in range(0, rows.shape[0], chunk):
         logits = head(rows[i : i + chunk])  # (c, V) compute dtype
         if softcap is not None:
             logits = torch.tanh(logits / softcap) * softcap
-        logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # one fp32 kernel (2x logsumexp's speed)
-        ce[i : i + chunk] = -logp.gather(1, targets[i : i + chunk, None])[:, 0]
+        # fp32 log-softmax (one kernel: 2x logsumexp's speed) on cache-sized slices of the chunk
+        for j in range(0, logits.shape[0], sub):
+            logp = torch.log_softmax(logits[j : j + sub], dim=-1, dtype=torch.float32)
+            ce[i + j : i + j + sub] = -logp.gather(1, targets[i + j : i + j + sub, None])[:, 0]
     per_example = torch.zeros(len(examples), dtype=torch.float32, device=hidden.device).index_add_(0, owner, ce)
     return per_example / n_target.to(torch.float32)
 

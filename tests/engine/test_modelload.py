@@ -78,7 +78,7 @@ def test_bad_inputs_are_named(tmp_path: Path, llama_dir: Path, llama_mask: dict[
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])
 def test_fused_loss_and_tail_logits_equal_the_models_own_forward(
-    family: str, llama_dir: Path, qwen2_dir: Path, gemma2_dir: Path
+    family: str, llama_dir: Path, qwen2_dir: Path, gemma2_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """batch_loss's fused head + fp32 log-softmax (target rows only) and tail_logits (decoder + head on
     the kept rows) == cross-entropy / logits from the model's own forward (incl. Gemma-2 soft-capping)."""
@@ -107,3 +107,10 @@ def test_fused_loss_and_tail_logits_equal_the_models_own_forward(
         for i, e in enumerate(examples)
     ])
     torch.testing.assert_close(fused, want, rtol=1e-5, atol=1e-5)
+    # small chunks: head on 5 rows at a time, log-softmax on 2 (rows and slices cross example borders)
+    from edge_client.engine import data
+
+    monkeypatch.setitem(data.HEAD_CHUNK_ELEMS, "cpu", 5 * 384)
+    monkeypatch.setattr(data, "LOGSOFTMAX_ROWS_ELEMS", 2 * 384)
+    with torch.no_grad():
+        torch.testing.assert_close(target_losses(lm.model, examples, 0), want, rtol=1e-5, atol=1e-5)
