@@ -322,8 +322,9 @@ def target_losses(model: nn.Module, examples: Sequence[Example], pad_id: int) ->
             logits = torch.tanh(logits / softcap) * softcap
         # fp32 log-softmax (one kernel: 2x logsumexp's speed) on cache-sized slices of the chunk
         for j in range(0, logits.shape[0], sub):
-            logp = torch.log_softmax(logits[j : j + sub], dim=-1, dtype=torch.float32)
-            ce[i + j : i + j + sub] = -logp.gather(1, targets[i + j : i + j + sub, None])[:, 0]
+            stop = min(j + sub, logits.shape[0])
+            logp = torch.log_softmax(logits[j:stop], dim=-1, dtype=torch.float32)
+            ce[i + j : i + stop] = -logp.gather(1, targets[i + j : i + stop, None])[:, 0]
     per_example = torch.zeros(len(examples), dtype=torch.float32, device=hidden.device).index_add_(0, owner, ce)
     return per_example / n_target.to(torch.float32)
 
