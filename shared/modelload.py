@@ -180,12 +180,13 @@ def _quantize_linears(
     bnb = bnb_module()
 
     targets = [
-        (name, m)
+        name
         for name, m in model.named_modules()
         if type(m) is nn.Linear and name.rsplit(".", 1)[-1] not in skip_modules
     ]
     quantized: set[int] = set()
-    for name, lin in targets:
+    for name in targets:  # names, not modules: a replaced Linear's dense weight is freed right away
+        lin: Any = model.get_submodule(name)
         w = lin.weight.data.clone()  # (out, in) checkpoint dtype: the base does not depend on compute dtype
         if layers is not None and name in layers:
             w.view(-1).index_fill_(0, layers[name], 0.0)  # masked positions leave the quantized base
