@@ -362,7 +362,7 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
     ax[1].bar([i - 0.2 for i in x], [report["before"][k] for k in keys], 0.4, label="before")
     ax[1].bar([i + 0.2 for i in x], [report["after"][k] for k in keys], 0.4, label="after")
     ax[1].set_xticks(list(x), labels)
-    ax[1].legend()
+    ax[1].legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
