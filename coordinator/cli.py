@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from typing import Any
 
 SUBCOMMANDS: tuple[str, ...] = ("coordinator.server_cli", "coordinator.mask_cli")
@@ -11,9 +10,4 @@ SUBCOMMANDS: tuple[str, ...] = ("coordinator.server_cli", "coordinator.mask_cli"
 
 def register(sub: Any) -> None:
     for name in SUBCOMMANDS:
-        try:
-            found = importlib.util.find_spec(name) is not None
-        except ModuleNotFoundError:
-            found = False
-        if found:  # modules land one by one while the project grows; --help lists only what exists
-            importlib.import_module(name).register(sub)
+        importlib.import_module(name).register(sub)
