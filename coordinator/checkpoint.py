@@ -12,7 +12,6 @@ the logged results after it are replayed with `shared.apply.apply_round`.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from safetensors.torch import save as st_save
 
 from coordinator.eventlog import EventLog
 from shared.apply import apply_round, values_checksum
+from shared.fsio import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -54,17 +54,7 @@ def write_checkpoint(path: Path, round: int, values: torch.Tensor, mask_id: str,
         },
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    atomic_write(path, data)
     return checksum
 
 

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from shared.config import ConfigError
+from shared.config import ConfigError, parse_overrides
 
 log = logging.getLogger(__name__)
 
@@ -46,16 +46,6 @@ def register(sub: Any) -> None:
     s.set_defaults(func=_run_status)
 
 
-def _overrides(pairs: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError([f"--set {pair!r}: expected KEY=VALUE"])
-        out[key.strip()] = value
-    return out
-
-
 def _load(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> Any:
     from coordinator.config import load_coordinator_config
 
@@ -69,7 +59,7 @@ def _run_coordinator(args: argparse.Namespace) -> int:
         print(describe(), end="")
         return 0
     try:
-        over = _overrides(args.set)
+        over = parse_overrides(args.set)
         over.update(
             {
                 k: v

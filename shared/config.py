@@ -180,6 +180,17 @@ def load_config(
     return obj
 
 
+def parse_overrides(pairs: list[str]) -> dict[str, str]:
+    """`--set KEY=VALUE` pairs as a dict for `load_config(overrides=...)`."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError([f"--set {pair!r}: expected KEY=VALUE"])
+        out[key.strip()] = value
+    return out
+
+
 def describe(cls: type[Any]) -> str:
     """A commented TOML listing of every field, its default and its why: for docs and `--print-config`."""
     hints = typing.get_type_hints(cls)

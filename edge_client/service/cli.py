@@ -16,7 +16,7 @@ from types import FrameType
 from typing import Any
 
 from edge_client.service.config import ENV_PREFIX, ClientConfig, ConfigError, load_client_config
-from shared.config import describe
+from shared.config import describe, parse_overrides
 
 log = logging.getLogger("edge_client.service")
 
@@ -37,22 +37,12 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
-def _overrides(pairs: list[str]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError([f"--set {pair!r}: expected KEY=VALUE"])
-        out[key.strip()] = value
-    return out
-
-
 def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(describe(ClientConfig), end="")
         return 0
     try:
-        cfg = load_client_config(args.config, _overrides(args.set))
+        cfg = load_client_config(args.config, parse_overrides(args.set))
     except ConfigError as exc:
         print(f"meerkat client: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ import torch
 
 from edge_client.service.outbox import Outbox, to_i64, to_u64
 from shared.apply import values_checksum
+from shared.fsio import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -218,18 +218,8 @@ class StateStore:
     # -- files -----------------------------------------------------------------------------------
     def _write_values(self, round: int, values: torch.Tensor, checksum: str) -> str:
         name = f"values-r{round}-{checksum[:16]}.f32"  # never overwrites the file the db points at
-        tmp = self.dir / f".{name}.tmp"
         data = values.numpy().astype("<f4", copy=False).tobytes()
-        with tmp.open("wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.dir / name)
-        fd = os.open(self.dir, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        atomic_write(self.dir / name, data, tmp=self.dir / f".{name}.tmp")
         return name
 
     def _remove_orphans(self, keep: str) -> None:
