@@ -10,10 +10,13 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from shared import config as cfg
 from shared.topics import ID_RE
+
+if TYPE_CHECKING:
+    from coordinator.drift import DriftThresholds
 
 ENV_PREFIX = "MEERKAT_COORD_"
 SECTION = "coordinator"
@@ -115,6 +118,37 @@ class CoordinatorConfig:
     sqlite_synchronous: Literal["full", "normal"] = cfg.field(
         "full", "SQLite fsync level of the event log (full survives power loss)"
     )
+    # -- MEERKAT-VP drift control (coordinator/drift.py; defaults = drift.DriftThresholds) ----------
+    drift_control: bool = cfg.field(
+        True,
+        "limit clients whose GradIP decays (extreme Non-IID) to 1 local step; needs a mask with grad.* "
+        "(without one GradIP cannot be computed and this is off)",
+    )
+    drift_window: int = cfg.field(
+        20,
+        "GradIP steps in the early and in the late window (10 is too noisy: c_t alone varies ~3x)",
+        (lambda v: v >= 1, "must be >= 1"),
+    )
+    drift_min_steps: int = cfg.field(
+        40,
+        "observed steps before a client can be flagged (>= 2 * drift_window: both windows filled)",
+        (lambda v: v >= 2, "must be >= 2"),
+    )
+    drift_later_min: float = cfg.field(
+        3.0,
+        "flag when rho_later = early / late mean |GradIP| reaches this (the magnitude decayed)",
+        (lambda v: v >= 1, "must be >= 1"),
+    )
+    drift_quiet_ratio: float = cfg.field(
+        0.25,
+        "a step is quiet when |GradIP| < drift_quiet_ratio * early mean",
+        (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+    )
+    drift_quie_min: float = cfg.field(
+        0.6,
+        "flag when rho_quie (share of quiet steps in the late window) reaches this (decayed, not just noisy)",
+        (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+    )
     # -- history --------------------------------------------------------------------------------
     checkpoint_every: int = cfg.field(
         10, "write a sparse values checkpoint every K rounds", (lambda v: v >= 1, "must be >= 1")
@@ -140,6 +174,17 @@ class CoordinatorConfig:
     )
     metrics_token: str = cfg.field("", "bearer token required on /metrics (required when not on loopback)")
 
+    def drift_thresholds(self) -> DriftThresholds:
+        from coordinator.drift import DriftThresholds  # lazy: keeps torch out of config loading
+
+        return DriftThresholds(
+            self.drift_window,
+            self.drift_min_steps,
+            self.drift_later_min,
+            self.drift_quiet_ratio,
+            self.drift_quie_min,
+        )
+
     def validate(self) -> list[str]:
         """Cross-field checks (load_config calls it after the per-field ones)."""
         problems = []
@@ -152,6 +197,10 @@ class CoordinatorConfig:
         if self.metrics and not _is_loopback(self.metrics_host) and not self.metrics_token:
             problems.append(
                 f"metrics_token: required when metrics_host {self.metrics_host!r} is not loopback"
+            )
+        if self.drift_min_steps < 2 * self.drift_window:
+            problems.append(
+                f"drift_min_steps: {self.drift_min_steps} is below 2 * drift_window = {2 * self.drift_window}"
             )
         try:
             from shared.mqtt import BrokerAddress

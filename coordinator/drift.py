@@ -19,6 +19,10 @@ sticky (the paper limits a drifting client for the rest of the run). `steps_for(
 round scheduler puts into `RoundPlan.steps`: 1 for a flagged client, T otherwise. The client keeps its
 data pointer, so it still sees all of its data, one batch per round.
 
+In the coordinator the monitor owns c_t: `compute_gradip` gives the values stored with each update and
+`observe_gradip` records them (no second projection); after a restart the history is rebuilt from the
+logged GradIP and the flags from SQLite (`restore_limited`).
+
 Default thresholds were calibrated on `meerkat bench learning` (extreme setting; see BENCHMARKS.md,
 "MEERKAT-VP calibration"); override them for another model/task.
 """
@@ -36,6 +40,8 @@ from shared.prng import DISTS, Dist, directions
 
 log = logging.getLogger(__name__)
 
+COEF_CACHE = 4096  # cached c_t values (seeds are fresh every round: only recent rounds are ever looked up)
+
 
 @dataclass(frozen=True)
 class DriftThresholds:
@@ -50,14 +56,25 @@ class DriftThresholds:
     def __post_init__(self) -> None:
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
             raise ValueError(f"DriftThresholds.window: expected an int >= 1, got {self.window!r}")
-        if isinstance(self.min_steps, bool) or not isinstance(self.min_steps, int) or self.min_steps < 2 * self.window:
+        if (
+            isinstance(self.min_steps, bool)
+            or not isinstance(self.min_steps, int)
+            or self.min_steps < 2 * self.window
+        ):
             raise ValueError(
                 f"DriftThresholds.min_steps: expected an int >= 2 * window = {2 * self.window}, got {self.min_steps!r}"
             )
         for name, lo, hi in (("later_min", 1.0, math.inf), ("quiet_ratio", 0.0, 1.0), ("quie_min", 0.0, 1.0)):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
-                raise ValueError(f"DriftThresholds.{name}: expected a finite number in [{lo}, {hi}], got {v!r}")
+            if (
+                isinstance(v, bool)
+                or not isinstance(v, (int, float))
+                or not math.isfinite(v)
+                or not lo <= v <= hi
+            ):
+                raise ValueError(
+                    f"DriftThresholds.{name}: expected a finite number in [{lo}, {hi}], got {v!r}"
+                )
 
 
 @dataclass(frozen=True)
@@ -98,7 +115,9 @@ class DriftMonitor:
         self, grad_on_mask: torch.Tensor, dist: Dist = "rademacher", thresholds: DriftThresholds | None = None
     ) -> None:
         if not isinstance(grad_on_mask, torch.Tensor) or grad_on_mask.dim() != 1:
-            raise ValueError("grad_on_mask must be a 1-D tensor: the mask's mean pre-training gradient, flat order")
+            raise ValueError(
+                "grad_on_mask must be a 1-D tensor: the mask's mean pre-training gradient, flat order"
+            )
         if not bool(torch.isfinite(grad_on_mask).all()):
             raise ValueError("grad_on_mask has NaN or inf")
         if dist not in DISTS:
@@ -112,7 +131,9 @@ class DriftMonitor:
         self._limited: dict[str, int] = {}  # client -> round in which it was flagged
 
     @classmethod
-    def from_mask(cls, mask: object, dist: Dist = "rademacher", thresholds: DriftThresholds | None = None) -> DriftMonitor:
+    def from_mask(
+        cls, mask: object, dist: Dist = "rademacher", thresholds: DriftThresholds | None = None
+    ) -> DriftMonitor:
         """Monitor for a `shared.maskfile.Mask`; raises ValueError when the mask carries no gradient."""
         flat = getattr(mask, "flat_grad", None)
         g = flat() if callable(flat) else None
@@ -121,42 +142,75 @@ class DriftMonitor:
         return cls(g, dist, thresholds)
 
     def coefficient(self, seed: int) -> float:
-        """c = <grad_pretrain on the mask, z(seed)> in float64, cached per seed."""
+        """c = <grad_pretrain on the mask, z(seed)> in float64, cached per seed (the newest COEF_CACHE)."""
         c = self._coef.get(seed)
         if c is None:
-            z = directions(int(seed), int(self.grad.numel()), self.dist).to(torch.float64)
+            z = directions(int(seed), int(self.grad.numel()), self.dist).to(torch.float64)  # (nnz,)
             c = float(torch.dot(self.grad, z))
+            if len(self._coef) >= COEF_CACHE:
+                del self._coef[next(iter(self._coef))]  # oldest insertion first
             self._coef[seed] = c
         return c
 
-    def observe(self, client: str, round: int, seeds: Sequence[int], grads: Sequence[float]) -> None:
+    def compute_gradip(self, seeds: Sequence[int], grads: Sequence[float]) -> list[float]:
+        """GradIP_t = g_t * c_t of one update (step t used seeds[t]; a limited client sends fewer grads)."""
+        if len(grads) > len(seeds):
+            raise ValueError(f"{len(grads)} grads but only {len(seeds)} seeds")
+        return [float(g) * self.coefficient(s) for s, g in zip(seeds, grads, strict=False)]
+
+    def observe(
+        self, client: str, round: int, seeds: Sequence[int], grads: Sequence[float]
+    ) -> DriftStats | None:
         """Record client's projected gradients g_1..g_Tk of `round` (step t used seeds[t]); re-flag.
 
-        A second report for the same (client, round) is ignored (replays after a restart are harmless).
+        Returns the statistics when this observation flagged the client, else None. A second report for
+        the same (client, round) is ignored (replays after a restart are harmless).
         """
         if len(grads) > len(seeds):
-            raise ValueError(f"client {client!r} round {round}: {len(grads)} grads but only {len(seeds)} seeds")
-        key = (client, int(round))
-        if key in self._seen:
-            log.debug("drift: client %s round %d already observed; ignored", client, round)
-            return
+            raise ValueError(
+                f"client {client!r} round {round}: {len(grads)} grads but only {len(seeds)} seeds"
+            )
         for t, g in enumerate(grads):
             if not math.isfinite(g):
                 raise ValueError(f"client {client!r} round {round}: grads[{t}] is not finite: {g!r}")
+        if (client, int(round)) in self._seen:
+            log.debug("drift: client %s round %d already observed; ignored", client, round)
+            return None
+        return self.observe_gradip(client, round, self.compute_gradip(seeds, grads))
+
+    def observe_gradip(self, client: str, round: int, gradip: Sequence[float]) -> DriftStats | None:
+        """Record already computed GradIP values of (client, round); same contract as `observe`."""
+        key = (client, int(round))
+        if key in self._seen:
+            log.debug("drift: client %s round %d already observed; ignored", client, round)
+            return None
+        for t, h in enumerate(gradip):
+            if not math.isfinite(h):
+                raise ValueError(f"client {client!r} round {round}: gradip[{t}] is not finite: {h!r}")
         self._seen.add(key)
         hist = self._hist.setdefault(client, [])
-        hist.extend(float(g) * self.coefficient(s) for s, g in zip(seeds, grads, strict=False))
+        hist.extend(float(h) for h in gradip)
         if client in self._limited:
-            return
+            return None
         st = drift_stats(hist, self.thresholds)
-        if st is not None and st.flagged:
-            self._limited[client] = int(round)
-            log.info("drift: client %s limited to 1 local step from round %d (rho_later %.3g, rho_quie %.2f, %d steps)",
-                     client, round, st.rho_later, st.rho_quie, st.n_steps)
+        if st is None or not st.flagged:
+            return None
+        self._limited[client] = int(round)
+        log.debug("drift: client %s flagged in round %d (rho_later %.3g, rho_quie %.2f, %d steps)",
+                  client, round, st.rho_later, st.rho_quie, st.n_steps)  # fmt: skip
+        return st
+
+    def restore_limited(self, client: str, round: int) -> None:
+        """Mark `client` limited since `round` (a flag persisted before a restart; flags are sticky)."""
+        self._limited.setdefault(client, int(round))
 
     def gradip(self, client: str) -> list[float]:
         """The client's GradIP values in observation order (a copy)."""
         return list(self._hist.get(client, []))
+
+    def steps_seen(self, client: str) -> int:
+        """Number of GradIP values observed for `client`."""
+        return len(self._hist.get(client, ()))
 
     def stats(self, client: str) -> DriftStats | None:
         return drift_stats(self._hist.get(client, []), self.thresholds)

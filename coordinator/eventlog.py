@@ -3,7 +3,7 @@
 What is logged (schema below): the client registry (join, status, last heartbeat + telemetry), every
 round plan, every accepted update (its per-step scalars, kept for MEERKAT-VP analysis), every round
 result (seeds + aggregated scalars: scalar replay and restart rebuild from them), reject counters by
-reason, round decisions (events) and written checkpoints.
+reason, round decisions (events), MEERKAT-VP drift state per client and written checkpoints.
 
 Ingest contract: the caller runs a batch of writes inside `with log.transaction():` and acks the MQTT
 messages only after the block returns (= committed). Dedupe is the primary key (client, round) of
@@ -98,6 +98,15 @@ CREATE TABLE IF NOT EXISTS reject_log (
 );
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, round INTEGER, kind TEXT NOT NULL, detail TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS drift (
+    client TEXT PRIMARY KEY,           -- MEERKAT-VP state per client (coordinator/drift.py)
+    n_steps INTEGER NOT NULL,          -- GradIP values observed
+    early REAL, late REAL,             -- mean |GradIP| of the first / last window (NULL until both filled)
+    rho_later REAL, rho_quie REAL,
+    limited_round INTEGER,             -- round whose update flagged it (sticky); NULL = not limited
+    limited_at REAL,
+    updated_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS checkpoints (
     round INTEGER PRIMARY KEY, path TEXT NOT NULL, values_checksum TEXT NOT NULL, written_at REAL NOT NULL
@@ -394,6 +403,40 @@ class EventLog:
     def last_result_round(self) -> int:
         row = self.db.execute("SELECT MAX(round) FROM results").fetchone()
         return -1 if row[0] is None else int(row[0])
+
+    def gradip_history(self) -> Iterator[tuple[str, int, list[float]]]:
+        """(client, round, GradIP values) of every stored update that has them, in insertion order."""
+        q = "SELECT client, round, gradip FROM updates WHERE gradip IS NOT NULL ORDER BY rowid"
+        for c, r, g in self.db.execute(q):
+            yield str(c), int(r), f64_list(g)
+
+    # -- MEERKAT-VP drift ------------------------------------------------------------------------
+    def put_drift(
+        self, client: str, n_steps: int, early: float | None, late: float | None, rho_later: float | None,
+        rho_quie: float | None, now: float,
+    ) -> None:  # fmt: skip
+        self._need_tx()
+        self.db.execute(
+            """INSERT INTO drift(client, n_steps, early, late, rho_later, rho_quie, updated_at) VALUES (?,?,?,?,?,?,?)
+               ON CONFLICT(client) DO UPDATE SET n_steps=excluded.n_steps, early=excluded.early, late=excluded.late,
+                   rho_later=excluded.rho_later, rho_quie=excluded.rho_quie, updated_at=excluded.updated_at""",
+            (client, n_steps, early, late, rho_later, rho_quie, now),
+        )
+
+    def set_limited(self, client: str, round: int, now: float) -> None:
+        """Persist the (sticky) MEERKAT-VP flag; a client already limited keeps its first round."""
+        self._need_tx()
+        self.db.execute(
+            """INSERT INTO drift(client, n_steps, limited_round, limited_at, updated_at) VALUES (?, 0, ?, ?, ?)
+               ON CONFLICT(client) DO UPDATE SET limited_round=COALESCE(limited_round, excluded.limited_round),
+                   limited_at=COALESCE(limited_at, excluded.limited_at)""",
+            (client, round, now, now),
+        )
+
+    def limited_clients(self) -> dict[str, int]:
+        """client -> round in which MEERKAT-VP limited it."""
+        q = "SELECT client, limited_round FROM drift WHERE limited_round IS NOT NULL ORDER BY client"
+        return {str(c): int(r) for c, r in self.db.execute(q)}
 
     # -- rejects, events, checkpoints --------------------------------------------------------------
     def count_reject(self, reason: str, client: str, topic: str, detail: str, now: float) -> None:

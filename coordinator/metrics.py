@@ -48,6 +48,12 @@ class Metrics:
         self.messages = Counter(
             "meerkat_messages_received", "messages received, by topic kind", ["kind"], registry=r
         )
+        self.drift_limited = Counter(
+            "meerkat_drift_limited", "clients MEERKAT-VP limited to 1 local step (decisions)", registry=r
+        )
+        self.clients_limited = Gauge(
+            "meerkat_clients_limited", "clients currently limited to 1 local step by MEERKAT-VP", registry=r
+        )
         self.current_round.set(-1)
 
     def render(self) -> bytes:

@@ -37,6 +37,7 @@ from coordinator.checkpoint import (
     write_checkpoint,
 )
 from coordinator.config import CoordinatorConfig
+from coordinator.drift import DriftMonitor, DriftStats
 from coordinator.eventlog import EventLog, PlanRow, ResultRow, UpdateRow
 from coordinator.ingest import Reject, check_join, check_update, decode_reject
 from coordinator.metrics import Metrics, MetricsServer
@@ -61,7 +62,6 @@ from shared.messages import (
     Update,
 )
 from shared.mqtt import Incoming, MqttLink
-from shared.prng import directions
 from shared.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -121,8 +121,14 @@ class Coordinator:
         self.state_dir = Path(config.state_dir)
         self.log = EventLog(self.state_dir, config.sqlite_synchronous)
         self.metrics = Metrics()
-        self._grad_flat = self.mask.flat_grad()
-        self._ct_cache: dict[int, list[float]] = {}
+        self.drift = (
+            DriftMonitor(grad, config.dist, config.drift_thresholds())
+            if (grad := self.mask.flat_grad()) is not None
+            else None
+        )  # owns c_t: GradIP is computed once, stored, and fed to the monitor
+        self.drift_on = config.drift_control and self.drift is not None
+        if config.drift_control and self.drift is None:
+            log.info("drift_control: the mask has no pre-training gradient (grad.*), so MEERKAT-VP is off")
         self._stop = threading.Event()
         self._pending_mids: set[int] = set()
         self._unjoined: dict[str, float] = {}
@@ -132,6 +138,7 @@ class Coordinator:
         self._check_meta()
         self.values, self.last_round = self._recover_values()
         self.plan: PlanRow | None = self._recover_plan()
+        self._recover_drift()
         self.metrics.current_round.set(self.last_round)
 
     # -- setup -----------------------------------------------------------------------------------
@@ -178,6 +185,25 @@ class Coordinator:
         n = len(self.log.updates(round=plan.round, status="accepted"))
         log.info("reopening round %d with %d committed updates", plan.round, n)
         return plan
+
+    def _recover_drift(self) -> None:
+        """Flags from the drift table (sticky), GradIP history from the logged updates (no c_t recomputed)."""
+        if self.drift is None:
+            return
+        if self.drift_on:
+            for client, r in self.log.limited_clients().items():
+                self.drift.restore_limited(client, r)
+        now = self.clock()
+        with self.log.transaction():
+            for client, r, gradip in self.log.gradip_history():
+                st = self.drift.observe_gradip(client, r, gradip)
+                if st is not None and self.drift_on:  # thresholds changed since the update was logged
+                    self._record_limited(client, r, st, now)
+        if self.drift_on:
+            self.metrics.clients_limited.set(len(self.drift.limited()))
+            if self.drift.limited():
+                log.info("drift: %d clients limited to 1 local step: %s", len(self.drift.limited()),
+                         " ".join(sorted(self.drift.limited())))  # fmt: skip
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -419,7 +445,8 @@ class Coordinator:
             status = "late"
         else:
             status = "dropped"
-        gradip = self._gradip(u.round, u.grads)
+        assert plan is not None  # check_update rejects an unplanned round
+        gradip = self._gradip(plan, u.grads)
         self.log.insert_update(u.client, u.round, u.msg_id, u.grads, u.n_samples, u.loss, status, now, gradip)
         self.metrics.updates_accepted.labels(status).inc()
         if status == "dropped":
@@ -432,6 +459,8 @@ class Coordinator:
             )
         elif status == "late":
             self.log.event("late", f"{u.client} round {u.round}: folded into the next result", u.round, now)
+        if gradip is not None:
+            self._observe_drift(u.client, u.round, gradip, now)  # last: nothing after it can roll back
 
     def _on_sync(self, s: SyncRequest, topic: str, now: float, out: list[Publish]) -> None:
         self.log.touch(s.client, now)
@@ -465,23 +494,44 @@ class Coordinator:
         ]
 
     # -- GradIP (MEERKAT-VP) ---------------------------------------------------------------------
-    def _gradip(self, round: int, grads: tuple[float, ...]) -> list[float] | None:
+    def _gradip(self, plan: PlanRow, grads: tuple[float, ...]) -> list[float] | None:
         """g_{k,t} * c_t with c_t = <mean pre-training gradient on the mask, z_t>; None without mask grads."""
-        if self._grad_flat is None:
+        if self.drift is None:
             return None
-        ct = self._ct_cache.get(round)
-        if ct is None:
-            plan = (
-                self.plan if self.plan is not None and self.plan.round == round else self.log.get_plan(round)
-            )
-            assert plan is not None
-            g64 = self._grad_flat.to(torch.float64)
-            ct = [
-                float(torch.dot(g64, directions(s, self.nnz, plan.dist).to(torch.float64)))
-                for s in plan.seeds
-            ]
-            self._ct_cache = {round: ct, **{k: v for k, v in self._ct_cache.items() if k >= round - 2}}
-        return [g * c for g, c in zip(grads, ct, strict=True)]
+        if plan.dist != self.drift.dist:
+            log.warning("round %d ran with dist %s, the drift monitor uses %s: no GradIP", plan.round, plan.dist,
+                        self.drift.dist)  # fmt: skip
+            return None
+        return self.drift.compute_gradip(plan.seeds, grads)
+
+    def _observe_drift(self, client: str, round: int, gradip: list[float], now: float) -> None:
+        """Feed the monitor, persist the client's statistics, record a new limit decision."""
+        assert self.drift is not None
+        flagged = self.drift.observe_gradip(client, round, gradip)
+        st = flagged or self.drift.stats(client)
+        if st is None:
+            self.log.put_drift(client, self.drift.steps_seen(client), None, None, None, None, now)
+        else:
+            self.log.put_drift(client, st.n_steps, st.early, st.late, st.rho_later, st.rho_quie, now)
+        if flagged is not None and self.drift_on:
+            self._record_limited(client, round, flagged, now)
+            self.metrics.clients_limited.set(len(self.drift.limited()))
+
+    def _record_limited(self, client: str, round: int, st: DriftStats, now: float) -> None:
+        """The one log line, event, SQLite flag and counter of a MEERKAT-VP decision (inside a transaction)."""
+        detail = (
+            f"client={client} steps=1 from_round={round + 1} rho_later={st.rho_later:.3g} "
+            f"rho_quie={st.rho_quie:.2f} n_steps={st.n_steps}"
+        )
+        self.log.set_limited(client, round, now)
+        self.log.event("drift_limit", detail, round, now)
+        self.metrics.drift_limited.inc()
+        log.info("drift_limit %s", detail)
+
+    def _steps_for(self, client: str) -> int:
+        """T, or 1 for a client MEERKAT-VP limited (it keeps its data pointer: all its data is still seen)."""
+        T = self.config.steps
+        return self.drift.steps_for(client, T) if self.drift_on and self.drift is not None else T
 
     # -- rounds ----------------------------------------------------------------------------------
     def tick(self) -> None:
@@ -523,7 +573,7 @@ class Coordinator:
         sampled = sample_clients(eligible, c.clients_per_round, c.master_seed, r)
         plan = PlanRow(
             round=r, state="open", opened_at=now, deadline=now + c.round_deadline_s,
-            seeds=round_seeds(c.master_seed, r, c.steps), steps={k: c.steps for k in sampled},
+            seeds=round_seeds(c.master_seed, r, c.steps), steps={k: self._steps_for(k) for k in sampled},
             lr=c.lr, eps=c.eps, dist=c.dist, batch_size=c.batch_size, base_round=r - 1,
             base_checksum=values_checksum(self.values), extensions=0,
         )  # fmt: skip
@@ -533,10 +583,11 @@ class Coordinator:
         self.plan = plan
         self.metrics.round_open.set(1)
         log.info(
-            "round %d open: %d clients x %d steps, deadline in %.0f s",
+            "round %d open: %d clients x %d steps (%d limited to 1 by MEERKAT-VP), deadline in %.0f s",
             r,
             len(sampled),
             c.steps,
+            sum(1 for t in plan.steps.values() if t < c.steps),
             c.round_deadline_s,
         )
         self._publish_plan(plan)
@@ -548,7 +599,7 @@ class Coordinator:
         extra = sample_clients(
             eligible, want, c.master_seed, plan.round, plan.extensions + 1, exclude=plan.steps
         )
-        steps = {**plan.steps, **{k: c.steps for k in extra}}
+        steps = {**plan.steps, **{k: self._steps_for(k) for k in extra}}
         new = PlanRow(
             **{
                 **asdict(plan),

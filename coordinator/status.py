@@ -51,6 +51,7 @@ def status_report(state_dir: Path, now: float | None = None, events: int = 10) -
                 "round": open_row[0], "opened_at": open_row[1], "deadline_in_s": round(open_row[2] - now, 1),
                 "sampled": len(steps), "reported": int(got), "extensions": open_row[4],
             }  # fmt: skip
+        drift = _drift(db)
         clients = []
         for row in db.execute(
             """SELECT client, state, reason, online, n_samples, last_round, seen_at, hb_at, telemetry, last_update_at,
@@ -61,7 +62,7 @@ def status_report(state_dir: Path, now: float | None = None, events: int = 10) -
                 "client": c, "state": state, "reason": reason, "online": bool(online), "n_samples": n,
                 "joined_at_round": lr, "seen_s_ago": _ago(now, seen), "heartbeat_s_ago": _ago(now, hb),
                 "last_update_s_ago": _ago(now, lu), "updates": nup, "telemetry": json.loads(tele or "{}"),
-                "gradip_mean_last": _gradip(db, c),
+                "gradip_mean_last": _gradip(db, c), "drift": drift.get(c),
             })  # fmt: skip
         rejects = dict(db.execute("SELECT reason, count FROM rejects ORDER BY reason").fetchall())
         ev = [
@@ -86,6 +87,7 @@ def status_report(state_dir: Path, now: float | None = None, events: int = 10) -
         "clients_online": sum(1 for c in clients if c["online"] and c["state"] == "joined"),
         "clients_offline": sum(1 for c in clients if not c["online"] and c["state"] == "joined"),
         "clients": clients,
+        "clients_limited": sorted(c["client"] for c in clients if c["drift"] and c["drift"]["limited"]),
         "rejected": rejects,
         "last_checkpoint_round": None if ck is None else ck[0],
         "recent_events": ev,
@@ -106,6 +108,21 @@ def _gradip(db: sqlite3.Connection, client: str) -> float | None:
         return None
     vals = f64_list(row[0])
     return math.fsum(vals) / len(vals) if vals else None
+
+
+def _drift(db: sqlite3.Connection) -> dict[str, dict[str, Any]]:
+    """MEERKAT-VP state per client (the coordinator updates it with every update that has GradIP)."""
+    out: dict[str, dict[str, Any]] = {}
+    if db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='drift'").fetchone() is None:
+        return out  # a log written before MEERKAT-VP drift control existed
+    for c, n, early, late, rl, rq, lr in db.execute(
+        "SELECT client, n_steps, early, late, rho_later, rho_quie, limited_round FROM drift"
+    ):
+        out[str(c)] = {
+            "n_steps": n, "early": early, "late": late, "rho_later": rl, "rho_quie": rq,
+            "limited": lr is not None, "limited_round": lr,
+        }  # fmt: skip
+    return out
 
 
 def _fmt_bytes(n: Any) -> str:
@@ -130,23 +147,31 @@ def format_status(rep: dict[str, Any]) -> str:
     else:
         lines.append("no round open")
     lines.append(f"clients: {rep['clients_online']} online, {rep['clients_offline']} offline")
-    hdr = f"  {'client':<20} {'state':<9} {'online':<6} {'updates':>7} {'last upd':>9} {'hb':>7} {'rss':>7} {'gpu':>7} {'temp':>6} {'gradip':>10}"
+    hdr = f"  {'client':<20} {'state':<9} {'online':<6} {'updates':>7} {'last upd':>9} {'hb':>7} {'rss':>7} {'gpu':>7} {'temp':>6} {'gradip':>10} {'rho_later':>9} {'rho_quie':>8} {'limited':>7}"
     lines.append(hdr)
     for c in rep["clients"]:
         t = c["telemetry"]
         temp = t.get("temp_c")
         gi = c["gradip_mean_last"]
+        d = c["drift"] or {}
         lines.append(
             f"  {c['client']:<20} {c['state']:<9} {'yes' if c['online'] else 'no':<6} {c['updates']:>7} "
             f"{_s(c['last_update_s_ago']):>9} {_s(c['heartbeat_s_ago']):>7} {_fmt_bytes(t.get('rss_bytes')):>7} "
             f"{_fmt_bytes(t.get('gpu_mem_bytes')):>7} {'-' if temp is None else f'{temp:.0f}C':>6} "
-            f"{'-' if gi is None else f'{gi:.3g}':>10}"
+            f"{'-' if gi is None else f'{gi:.3g}':>10} {_g(d.get('rho_later')):>9} {_g(d.get('rho_quie')):>8} "
+            f"{'-' if not d else ('yes' if d['limited'] else 'no'):>7}"
         )
+    if rep["clients_limited"]:
+        lines.append("limited to 1 local step (MEERKAT-VP): " + ", ".join(rep["clients_limited"]))
     if rep["rejected"]:
         lines.append("rejected messages: " + ", ".join(f"{k}={v}" for k, v in rep["rejected"].items()))
     else:
         lines.append("rejected messages: none")
     return "\n".join(lines)
+
+
+def _g(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3g}"
 
 
 def _s(v: float | None) -> str:
