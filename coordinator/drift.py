@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -89,9 +90,14 @@ class DriftStats:
     flagged: bool
 
 
-def drift_stats(history: Sequence[float], th: DriftThresholds) -> DriftStats | None:
-    """rho_later / rho_quie of a GradIP history; None while it is shorter than 2 * window."""
-    n = len(history)
+def drift_stats(
+    history: Sequence[float], th: DriftThresholds, n_steps: int | None = None
+) -> DriftStats | None:
+    """rho_later / rho_quie of a GradIP history; None while it is shorter than 2 * window.
+
+    `n_steps`: the true history length when `history` holds only its first and last window (compact).
+    """
+    n = len(history) if n_steps is None else n_steps
     w = th.window
     if n < 2 * w:
         return None
@@ -108,12 +114,44 @@ def drift_stats(history: Sequence[float], th: DriftThresholds) -> DriftStats | N
     return DriftStats(n, early, late, rho_later, rho_quie, flagged)
 
 
+class _History:
+    """One client's GradIP values: all of them, or (compact) the first and last window plus the count."""
+
+    def __init__(self, window: int, compact: bool) -> None:
+        self.w, self.compact, self.n = window, compact, 0
+        self.head: list[float] = []  # everything, or the first w values when compact
+        self.tail: deque[float] = deque(maxlen=window)  # the last w values (compact only)
+
+    def extend(self, values: Iterable[float]) -> None:
+        for v in values:
+            self.n += 1
+            if not self.compact or len(self.head) < self.w:
+                self.head.append(v)
+            if self.compact:
+                self.tail.append(v)
+
+    def values(self) -> list[float]:
+        """What drift_stats needs: every value, or first + last window (disjoint once n >= 2w)."""
+        if not self.compact:
+            return list(self.head)
+        if self.n <= 2 * self.w:
+            return self.head + list(self.tail)[len(self.head) + len(self.tail) - self.n :]
+        return self.head + list(self.tail)
+
+
 class DriftMonitor:
     """GradIP per client per step, rho statistics, and the set of clients limited to one local step."""
 
     def __init__(
-        self, grad_on_mask: torch.Tensor, dist: Dist = "rademacher", thresholds: DriftThresholds | None = None
+        self,
+        grad_on_mask: torch.Tensor,
+        dist: Dist = "rademacher",
+        thresholds: DriftThresholds | None = None,
+        *,
+        keep_history: bool = True,
     ) -> None:
+        """keep_history=False (the coordinator: runs forever) keeps only each client's first and last
+        window and its step count: O(window) memory and work per observation instead of O(history)."""
         if not isinstance(grad_on_mask, torch.Tensor) or grad_on_mask.dim() != 1:
             raise ValueError(
                 "grad_on_mask must be a 1-D tensor: the mask's mean pre-training gradient, flat order"
@@ -126,7 +164,8 @@ class DriftMonitor:
         self.dist: Dist = dist
         self.thresholds = thresholds or DriftThresholds()
         self._coef: dict[int, float] = {}
-        self._hist: dict[str, list[float]] = {}
+        self.keep_history = keep_history
+        self._hist: dict[str, _History] = {}
         self._seen: set[tuple[str, int]] = set()
         self._limited: dict[str, int] = {}  # client -> round in which it was flagged
 
@@ -188,11 +227,11 @@ class DriftMonitor:
             if not math.isfinite(h):
                 raise ValueError(f"client {client!r} round {round}: gradip[{t}] is not finite: {h!r}")
         self._seen.add(key)
-        hist = self._hist.setdefault(client, [])
+        hist = self._hist.setdefault(client, _History(self.thresholds.window, not self.keep_history))
         hist.extend(float(h) for h in gradip)
         if client in self._limited:
             return None
-        st = drift_stats(hist, self.thresholds)
+        st = drift_stats(hist.values(), self.thresholds, hist.n)
         if st is None or not st.flagged:
             return None
         self._limited[client] = int(round)
@@ -205,15 +244,18 @@ class DriftMonitor:
         self._limited.setdefault(client, int(round))
 
     def gradip(self, client: str) -> list[float]:
-        """The client's GradIP values in observation order (a copy)."""
-        return list(self._hist.get(client, []))
+        """The client's GradIP values in observation order (a copy; without keep_history: first + last window)."""
+        h = self._hist.get(client)
+        return [] if h is None else h.values()
 
     def steps_seen(self, client: str) -> int:
         """Number of GradIP values observed for `client`."""
-        return len(self._hist.get(client, ()))
+        h = self._hist.get(client)
+        return 0 if h is None else h.n
 
     def stats(self, client: str) -> DriftStats | None:
-        return drift_stats(self._hist.get(client, []), self.thresholds)
+        h = self._hist.get(client)
+        return None if h is None else drift_stats(h.values(), self.thresholds, h.n)
 
     def limited(self) -> set[str]:
         """Clients flagged so far (they run 1 local step per round)."""

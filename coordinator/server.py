@@ -122,7 +122,7 @@ class Coordinator:
         self.log = EventLog(self.state_dir, config.sqlite_synchronous)
         self.metrics = Metrics()
         self.drift = (
-            DriftMonitor(grad, config.dist, config.drift_thresholds())
+            DriftMonitor(grad, config.dist, config.drift_thresholds(), keep_history=False)
             if (grad := self.mask.flat_grad()) is not None
             else None
         )  # owns c_t: GradIP is computed once, stored, and fed to the monitor

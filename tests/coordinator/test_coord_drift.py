@@ -10,16 +10,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from coordfakes import FakeClient, ThreadedCoordinator, make_config, synthetic_mask, synthetic_v0, uid
 
 from coordinator.config import load_coordinator_config
-from coordinator.drift import DriftMonitor
+from coordinator.drift import DriftMonitor, DriftThresholds
 from coordinator.eventlog import DB_NAME
 from coordinator.server import Coordinator
 from coordinator.status import format_status, status_report
 from shared.config import ConfigError
 from shared.maskfile import Mask
 from shared.messages import RoundPlan, RoundResult
+from shared.prng import raw_u64
 
 T = 3
 # tiny windows so two rounds of T=3 steps decide: early = round 0, late = round 1
@@ -163,3 +165,26 @@ def test_drift_config_validated() -> None:
     assert cfg.drift_control and cfg.drift_thresholds().window == 5
     with pytest.raises(ConfigError, match="drift_min_steps"):
         load_coordinator_config(overrides={"mask": "m", "drift_window": 30}, environ={})
+
+
+def test_compact_history_matches_full() -> None:
+    """The coordinator's monitor keeps first + last window only: same stats and flags as the full history."""
+    g = torch.linspace(-1.0, 1.0, 64)
+    th = DriftThresholds(window=4, min_steps=8)
+    u = raw_u64(11, 600)
+    vals = [
+        float((x >> 40) / 2**24 - 0.5) * (0.99**i) for i, x in enumerate(u)
+    ]  # decays: flags at some point
+    full, comp = DriftMonitor(g, thresholds=th), DriftMonitor(g, thresholds=th, keep_history=False)
+    for r, start in enumerate(range(0, len(vals), 5)):
+        chunk = vals[start : start + 5]
+        assert full.observe_gradip("c", r, chunk) == comp.observe_gradip("c", r, chunk)
+        assert full.stats("c") == comp.stats("c") and full.steps_seen("c") == comp.steps_seen(
+            "c"
+        ) == start + len(chunk)
+    assert full.limited() == comp.limited() == {"c"}
+    for n in range(1, 2 * th.window + 1):  # windows still overlapping
+        f, c = DriftMonitor(g, thresholds=th), DriftMonitor(g, thresholds=th, keep_history=False)
+        f.observe_gradip("x", 0, vals[:n])
+        c.observe_gradip("x", 0, vals[:n])
+        assert f.gradip("x") == c.gradip("x") and f.stats("x") == c.stats("x")
