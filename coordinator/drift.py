@@ -21,7 +21,8 @@ data pointer, so it still sees all of its data, one batch per round.
 
 In the coordinator the monitor owns c_t: `compute_gradip` gives the values stored with each update and
 `observe_gradip` records them (no second projection); after a restart the history is rebuilt from the
-logged GradIP and the flags from SQLite (`restore_limited`).
+logged GradIP and the flags from SQLite (`restore_limited`). It keeps only each client's first and last
+window (`keep_history=False`): O(window) per observation however long the run.
 
 Default thresholds were calibrated on `meerkat bench learning` (extreme setting; see BENCHMARKS.md,
 "MEERKAT-VP calibration"); override them for another model/task.
