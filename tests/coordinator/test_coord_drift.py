@@ -4,8 +4,13 @@ drift_control=false never limits."""
 
 from __future__ import annotations
 
+import json
 import logging
+import signal
 import sqlite3
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +28,7 @@ from shared.maskfile import Mask
 from shared.messages import RoundPlan, RoundResult
 from shared.prng import raw_u64
 
+ROOT = Path(__file__).resolve().parents[2]
 T = 3
 # tiny windows so two rounds of T=3 steps decide: early = round 0, late = round 1
 DRIFT = dict(
@@ -188,3 +194,65 @@ def test_compact_history_matches_full() -> None:
         f.observe_gradip("x", 0, vals[:n])
         c.observe_gradip("x", 0, vals[:n])
         assert f.gradip("x") == c.gradip("x") and f.stats("x") == c.stats("x")
+
+
+def _limited_round(db: Path, client: str) -> int | None:
+    if not db.exists():
+        return None
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        row = con.execute("SELECT limited_round FROM drift WHERE client=?", (client,)).fetchone()
+    except sqlite3.OperationalError:
+        return None
+    finally:
+        con.close()
+    return None if row is None or row[0] is None else int(row[0])
+
+
+@pytest.mark.timeout(60)
+def test_flag_survives_sigkill(tmp_path: Path, broker_url: str, tiny_model) -> None:  # type: ignore[no-untyped-def]
+    """kill -9 right after the update that flags a client is committed, before any plan used the flag:
+    the restarted coordinator closes that round and plans the next one with steps=1 for it."""
+    fleet, state = uid("f"), tmp_path / "state"
+    cfg_path = tmp_path / "coordinator.toml"
+    keys = dict(
+        broker=broker_url, fleet=fleet, client_id=uid("coord"), state_dir=str(state),
+        model_dir=str(tiny_model.model_dir), mask=str(tiny_model.mask_path), steps=T, lr=0.01, min_clients=2,
+        round_deadline_s=600.0, metrics=False, sqlite_synchronous="normal", **DRIFT,
+    )  # fmt: skip
+    cfg_path.write_text("[coordinator]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in keys.items()))
+    mon = DriftMonitor.from_mask(tiny_model.mask)
+    fp = tiny_model.fingerprint
+    clients = {n: FakeClient(broker_url, fleet, uid(n)) for n in ("normal", "drift")}
+    normal, drift = clients["normal"], clients["drift"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shared.cli", "coordinator", "--config", str(cfg_path)],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    runner = None
+    try:
+        for cl in clients.values():
+            cl.join(fp, tiny_model.mask.mask_id)
+        _round(mon, clients, 0, fp, {"normal": 1.0, "drift": 1.0})
+        p1 = normal.wait_for(RoundPlan, lambda p: p.round == 1, timeout=30)
+        drift.update(1, _grads(mon, p1, drift.cid, 0.01), 10, fp, msg_id=101)
+        end = time.monotonic() + 20
+        while _limited_round(state / DB_NAME, drift.cid) != 1:
+            assert time.monotonic() < end, "the flag was not committed"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(10) == -signal.SIGKILL
+        normal.update(1, _grads(mon, p1, normal.cid, 1.0), 10, fp, msg_id=101)  # the broker holds it
+        coord = Coordinator(load_coordinator_config(cfg_path, environ={}), stop_after_round=2)
+        runner = ThreadedCoordinator(coord).start()
+        p2 = normal.wait_for(RoundPlan, lambda p: p.round == 2, timeout=30)
+        assert p2.steps == {normal.cid: T, drift.cid: 1}
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if runner is not None:
+            runner.stop()
+        for cl in clients.values():
+            cl.close()
+    assert len(_events(state, "drift_limit")) == 1  # decided once, before the kill
