@@ -519,8 +519,9 @@ class Coordinator:
 
     def _record_limited(self, client: str, round: int, st: DriftStats, now: float) -> None:
         """The one log line, event, SQLite flag and counter of a MEERKAT-VP decision (inside a transaction)."""
+        nxt = self.last_round + (2 if self.plan is not None else 1)  # the next plan not yet published
         detail = (
-            f"client={client} steps=1 from_round={round + 1} rho_later={st.rho_later:.3g} "
+            f"client={client} steps=1 from_round={nxt} rho_later={st.rho_later:.3g} "
             f"rho_quie={st.rho_quie:.2f} n_steps={st.n_steps}"
         )
         self.log.set_limited(client, round, now)
