@@ -42,8 +42,13 @@ def _is_loopback(host: str) -> bool:
 class CoordinatorConfig:
     # -- where things are -----------------------------------------------------------------------
     broker: str = cfg.field(
-        "mqtt://127.0.0.1:1883", "MQTT broker url (mqtt:// or mqtts://, user:pass@ allowed)"
+        "mqtt://127.0.0.1:1883", "MQTT broker url (mqtt:// or mqtts://; the password goes in password_file)"
     )
+    username: str | None = cfg.field(None, "broker user name (deploy/mosquitto: must equal client_id)")
+    password_file: Path | None = cfg.field(None, "file holding the broker password (read at start, never logged)")
+    tls_ca: Path | None = cfg.field(None, "CA bundle to verify the broker (enables TLS)")
+    tls_cert: Path | None = cfg.field(None, "client certificate for mutual TLS (needs tls_key)")
+    tls_key: Path | None = cfg.field(None, "private key of tls_cert")
     fleet: str = cfg.field(
         "default", "fleet id: topics live under meerkat/v1/{fleet}/", (_is_id, "is not a valid id")
     )
@@ -202,12 +207,11 @@ class CoordinatorConfig:
             problems.append(
                 f"drift_min_steps: {self.drift_min_steps} is below 2 * drift_window = {2 * self.drift_window}"
             )
-        try:
-            from shared.mqtt import BrokerAddress
+        from shared.mqtt import broker_settings_problems
 
-            BrokerAddress.parse(self.broker)
-        except ValueError as exc:
-            problems.append(f"broker: {exc}")
+        problems += broker_settings_problems(
+            self.broker, self.username, self.password_file, self.tls_ca, self.tls_cert, self.tls_key
+        )
         return problems
 
 

@@ -61,7 +61,7 @@ from shared.messages import (
     SyncRequest,
     Update,
 )
-from shared.mqtt import Incoming, MqttLink
+from shared.mqtt import Incoming, MqttLink, TlsOptions, read_secret
 from shared.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -210,7 +210,13 @@ class Coordinator:
         """Connect to the broker, start /metrics, republish the retained plan and latest result."""
         c = self.config
         subs = [(self.topics.filter(k), self.topics.qos(k)) for k in ("up", "join", "hb", "status", "sync")]
-        self.link = MqttLink(c.broker, c.client_id, subscriptions=subs, manual_ack=True, clean_session=False)
+        tls = None
+        if c.broker.startswith(("mqtts://", "ssl://")) or c.tls_ca is not None or c.tls_cert is not None:
+            tls = TlsOptions(c.tls_ca, c.tls_cert, c.tls_key)
+        self.link = MqttLink(
+            c.broker, c.client_id, subscriptions=subs, manual_ack=True, clean_session=False,
+            username=c.username, password=read_secret(c.password_file), tls=tls,
+        )
         self.link.start()
         if c.metrics:
             self.metrics_server = MetricsServer(self.metrics, c.metrics_host, c.metrics_port, c.metrics_token)

@@ -244,3 +244,35 @@ class MqttLink:
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: ReasonCode, props: Any) -> None:
         self.published.put(mid)
+
+
+def broker_settings_problems(
+    broker: str,
+    username: str | None,
+    password_file: Path | None,
+    tls_ca: Path | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+) -> list[str]:
+    """Config checks every side makes on its broker settings, each naming the key (client and coordinator)."""
+    problems: list[str] = []
+    try:
+        if BrokerAddress.parse(broker).password is not None:
+            problems.append("broker: put the password in password_file, not in the url")
+    except ValueError as exc:
+        problems.append(f"broker: {exc}")
+    for key, p in (("password_file", password_file), ("tls_ca", tls_ca), ("tls_cert", tls_cert), ("tls_key", tls_key)):
+        if p is not None and not p.is_file():
+            problems.append(f"{key}: file {p} does not exist")
+    if (tls_cert is None) != (tls_key is None):
+        problems.append("tls_cert/tls_key: give both or neither")
+    if password_file is not None and username is None:
+        problems.append("password_file: set username too")
+    return problems
+
+
+def read_secret(path: Path | None) -> str | None:
+    """A password kept in a file (first line, stripped); None without a file. Never log the result."""
+    if path is None:
+        return None
+    return path.read_text(encoding="utf-8").strip()

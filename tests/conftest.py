@@ -8,6 +8,7 @@ with its own config for tests that kill/restart it or need ACL/TLS.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -48,6 +49,11 @@ class Mosquitto:
         )
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = workdir / "mosquitto.log"
+        self.users: dict[str, str] = {}  # user -> password, when the config has a password file
+
+    def configure(self, text: str) -> None:
+        """Replace the whole config (before start): `{port}` and `{store}` are filled in."""
+        self.conf.write_text(text.format(port=self.port, store=f"{self.workdir / 'store'}/"))
 
     @property
     def url(self) -> str:
@@ -102,3 +108,31 @@ def broker_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield broker.url
     finally:
         broker.kill()
+
+
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "mosquitto"
+ACL_USERS = {"coordinator": "c-secret", "client_00": "pw-00", "client_01": "pw-01"}
+
+
+def _broker_conf(tmp: Path) -> str:
+    """meerkat.conf with this test's files and one loopback listener (the TLS listener needs certs)."""
+    text = (DEPLOY / "meerkat.conf").read_text()
+    text = text.replace("/etc/mosquitto/meerkat.passwd", str(tmp / "passwd"))
+    text = text.replace("/etc/mosquitto/meerkat.acl", str(DEPLOY / "meerkat.acl"))
+    assert text.count("use_username_as_clientid true") == text.count("\nlistener ")
+    text = re.sub(r"(?m)^(listener .*|certfile .*|keyfile .*|use_username_as_clientid .*)$", "", text)
+    # as root mosquitto would drop to user "mosquitto", which cannot read pytest's private tmp dir
+    return text + ("\nuser root\npersistence_location {store}\n"
+                   "listener {port} 127.0.0.1\nuse_username_as_clientid true\n")
+
+
+@pytest.fixture
+def acl_broker(mosquitto: Mosquitto, tmp_path: Path) -> Mosquitto:
+    """A private broker running deploy/mosquitto/meerkat.conf + meerkat.acl with the ACL_USERS passwords."""
+    passwd = tmp_path / "passwd"
+    for user, pw in ACL_USERS.items():
+        subprocess.run(["mosquitto_passwd", "-b", *(["-c"] if not passwd.exists() else []), str(passwd), user, pw],
+                       check=True, capture_output=True)
+    mosquitto.configure(_broker_conf(tmp_path))
+    mosquitto.users = dict(ACL_USERS)
+    return mosquitto.start()

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from shared import config
 from shared.config import ConfigError, load_config
+from shared.mqtt import broker_settings_problems, read_secret
 
 ENV_PREFIX = "MEERKAT_CLIENT_"
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -75,24 +76,15 @@ class ClientConfig:
         problems: list[str] = []
         if not self.client_id:
             problems.append("client_id: required (set it in the file or MEERKAT_CLIENT_CLIENT_ID)")
-        try:
-            from shared.mqtt import BrokerAddress
-
-            addr = BrokerAddress.parse(self.broker)
-            if addr.password is not None:
-                problems.append("broker: put the password in password_file, not in the url")
-        except ValueError as exc:
-            problems.append(f"broker: {exc}")
+        problems += broker_settings_problems(
+            self.broker, self.username, self.password_file, self.tls_ca, self.tls_cert, self.tls_key
+        )
         if not (self.model_dir / "config.json").is_file():
             problems.append(f"model_dir: {self.model_dir} has no config.json")
-        for key in ("mask", "data", "password_file", "tls_ca", "tls_cert", "tls_key"):
+        for key in ("mask", "data"):
             p = getattr(self, key)
             if p is not None and not p.is_file():
                 problems.append(f"{key}: file {p} does not exist")
-        if (self.tls_cert is None) != (self.tls_key is None):
-            problems.append("tls_cert/tls_key: give both or neither")
-        if self.password_file is not None and self.username is None:
-            problems.append("password_file: set username too")
         if self.state_dir.exists() and not self.state_dir.is_dir():
             problems.append(f"state_dir: {self.state_dir} exists and is not a directory")
         elif not _writable_dir_or_parent(self.state_dir):
@@ -104,9 +96,7 @@ class ClientConfig:
         return self.broker.startswith(("mqtts://", "ssl://")) or self.tls_ca is not None or self.tls_cert is not None
 
     def read_password(self) -> str | None:
-        if self.password_file is None:
-            return None
-        return self.password_file.read_text(encoding="utf-8").strip()
+        return read_secret(self.password_file)
 
 
 def _writable_dir_or_parent(p: Path) -> bool:
