@@ -321,6 +321,7 @@ def build_report(cfg: DemoConfig, paths: dict[str, Path], traffic: Any, before: 
                   "all_identical": bool(client_ck) and all(c == final_ck for c in client_ck.values())},
         "exit_codes": exit_codes,
         "wall_s": round(wall_s, 1),
+        "report": str(cfg.report.resolve()),
     }
     cfg.report.write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
     plot_report(report, cfg.report.with_suffix(".png"))
@@ -382,4 +383,5 @@ def print_summary(report: dict[str, Any]) -> None:
         print(f"peak memory {name}: rss {rss / 2**20:.0f} MiB" if rss else f"peak memory {name}: n/a")
     ex = report["exact"]
     print(f"bit-identical values on coordinator and all clients: {ex['all_identical']} ({ex['final_checksum'][:16]})")
-    print(f"wall time {report['wall_s']} s; report written")
+    png = " (+ .png)" if Path(report["report"]).with_suffix(".png").exists() else ""
+    print(f"wall time {report['wall_s']} s; report: {report['report']}{png}")
