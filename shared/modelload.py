@@ -35,7 +35,14 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import Tensor, nn
 
-from shared.sidecar import SideCar, SideCarError, attach_sidecar, bnb_module, initial_values_from_dir
+from shared.sidecar import (
+    SideCar,
+    SideCarError,
+    attach_sidecar,
+    bnb_module,
+    initial_values_from_dir,
+    replace_module,
+)
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +211,7 @@ def _quantize_linears(
             q.bias = nn.Parameter(lin.bias.data.to(dtype), requires_grad=False)
         q = q.to(device)  # bitsandbytes quantizes here
         q.requires_grad_(False)
-        _set_module(model, name, q)
+        replace_module(model, name, q)
         quantized.update(id(p) for p in q.parameters())
         del lin, w
     for p in model.parameters():  # embeddings, norms, skipped Linear layers
@@ -215,12 +222,6 @@ def _quantize_linears(
             if buf is not None:
                 mod._buffers[key] = buf.to(device)  # e.g. rotary inv_freq stays fp32
     return len(targets)
-
-
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 def _load_tokenizer(root: Path) -> Any | None:

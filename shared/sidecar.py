@@ -216,16 +216,16 @@ def attach_sidecar(model: nn.Module, sidecar: SideCar, compute_dtype: torch.dtyp
         idx = sidecar.indices[name]
         if idx.numel() and int(idx[-1]) >= out_f * in_f:
             raise SideCarError(f"layer {name!r}: index {int(idx[-1])} out of range for ({out_f}, {in_f})")
-        _replace(model, name, SideCarLinear(layer, sidecar.view(name), idx, compute_dtype))
+        replace_module(model, name, SideCarLinear(layer, sidecar.view(name), idx, compute_dtype))
     # quantized layers outside the mask get an empty slice: every quantized layer then computes the same
     # way (dequantize + F.linear) and merged_dense_state covers the whole quantized model
     empty_idx = torch.zeros(0, dtype=torch.int64, device=sidecar.device)
     for name, layer in list(model.named_modules()):
         if _is_bnb(layer) and name not in sidecar.offsets and not name.endswith(".base_layer"):
-            _replace(model, name, SideCarLinear(layer, sidecar.values[0:0], empty_idx, compute_dtype))
+            replace_module(model, name, SideCarLinear(layer, sidecar.values[0:0], empty_idx, compute_dtype))
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
@@ -263,7 +263,7 @@ def unwrap_dense(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Mod
             dense.weight.copy_(w)
             if layer.bias is not None:
                 dense.bias.copy_(layer.bias.detach().to("cpu", dtype))
-        _replace(model, name, dense)
+        replace_module(model, name, dense)
     return model
 
 
@@ -324,6 +324,7 @@ __all__ = [
     "dequantize_weight",
     "initial_values_from_dir",
     "merged_dense_state",
+    "replace_module",
     "sidecar_layers",
     "unwrap_dense",
 ]
