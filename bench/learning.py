@@ -45,6 +45,7 @@ from bench.learning_sim import (
     restore,
     run_backprop,
     run_zo,
+    snapshot,
 )
 from coordinator.drift import DriftThresholds, drift_stats
 from shared.prng import derive_seed
@@ -206,7 +207,7 @@ class Runner:
             model: Any = AutoModelForCausalLM.from_pretrained(str(self.model_dir), dtype=torch.float32)
             model.eval()
             model.requires_grad_(False)
-            self._plain = (model, {n: p.detach().clone() for n, p in model.named_parameters()})
+            self._plain = (model, snapshot(model))
         return self._plain  # type: ignore[no-any-return]
 
     def data(self, task: str, setting: str, seed: int) -> ClientData:

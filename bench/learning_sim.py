@@ -242,7 +242,8 @@ class BPSpec:
     n_evals: int = 10
 
 
-def _float_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every parameter, for `restore`."""
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
@@ -254,7 +255,7 @@ def run_backprop(model: torch.nn.Module, data: ClientData, spec: BPSpec) -> RunR
     total_w = math.fsum(weights.values())
     streams = {c: DataStream(len(data.clients[c]), derive_seed(spec.seed, S_DATA, k)) for k, c in enumerate(clients)}
     params = dict(model.named_parameters())
-    global_state = _float_state(model)
+    global_state = snapshot(model)
     n_bytes = 4 * sum(p.numel() for p in global_state.values())  # dense fp32 payload, one direction
     curve = Curve()
     evals = _eval_rounds(spec.rounds, spec.n_evals)
@@ -264,9 +265,7 @@ def run_backprop(model: torch.nn.Module, data: ClientData, spec: BPSpec) -> RunR
         acc_state = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in global_state.items()}
         round_losses = []
         for c in clients:
-            with torch.no_grad():
-                for n, p in params.items():
-                    p.copy_(global_state[n])
+            restore(model, global_state)
             model.train()
             model.requires_grad_(True)
             opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0)
@@ -289,9 +288,7 @@ def run_backprop(model: torch.nn.Module, data: ClientData, spec: BPSpec) -> RunR
         global_state = {n: a.float() for n, a in acc_state.items()}
         losses.append(sum(round_losses) / len(round_losses))
         if r + 1 in evals:
-            with torch.no_grad():
-                for n, p in params.items():
-                    p.copy_(global_state[n])
+            restore(model, global_state)
             acc = eval_accuracy(model, data.eval)
             curve.add(r + 1, acc, up + down)
             log.info("backprop T=%d round %d/%d: train loss %.4f, eval acc %.3f", spec.T, r + 1, spec.rounds, losses[-1], acc)
@@ -307,4 +304,4 @@ def restore(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
 
 
 __all__ = ["BPSpec", "ClientData", "Curve", "RunResult", "ZOSpec", "eval_accuracy", "make_data", "restore",
-           "run_backprop", "run_zo", "S_SPLIT"]
+           "run_backprop", "run_zo", "snapshot", "S_SPLIT"]
