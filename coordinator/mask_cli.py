@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -68,16 +69,10 @@ def _fail(cmd: str, exc: Exception) -> int:
     return 2
 
 
-def _calibrated_stats(args: argparse.Namespace, include_embeddings: bool) -> tuple[Any, dict[str, Any]]:
-    from coordinator.mask_builder import (
-        calibrate,
-        eligible_weights,
-        load_for_mask,
-        read_calibration,
-        tokenizer_encoder,
-    )
+def _load_model(args: argparse.Namespace) -> tuple[Any, Callable[[str], list[int]], int | None]:
+    """(model, encode, eos id) from the --model/--tokenizer/--device/--dtype/--gradient-checkpointing args."""
+    from coordinator.mask_builder import load_for_mask, tokenizer_encoder
 
-    calib = [read_calibration(f) for f in args.calib]  # bad files fail before the model is loaded
     model, tok = load_for_mask(
         args.model,
         device=args.device,
@@ -86,18 +81,20 @@ def _calibrated_stats(args: argparse.Namespace, include_embeddings: bool) -> tup
         tokenizer_dir=args.tokenizer,
     )
     encode, eos = tokenizer_encoder(tok)
+    return model, encode, eos
+
+
+def _calibrated_stats(args: argparse.Namespace, include_embeddings: bool) -> tuple[Any, dict[str, Any]]:
+    from coordinator.mask_builder import calibrate, eligible_weights, read_calibration
+
+    calib = [read_calibration(f) for f in args.calib]  # bad files fail before the model is loaded
+    model, encode, eos = _load_model(args)
     weights = eligible_weights(model, include_embeddings)
     return calibrate(model, encode, eos, calib, weights, seqs=args.seqs, seq_len=args.seq_len)
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from coordinator.mask_builder import (
-        build_mask,
-        load_for_mask,
-        read_calibration,
-        to_mask,
-        tokenizer_encoder,
-    )
+    from coordinator.mask_builder import build_mask, read_calibration, to_mask
     from shared.fingerprint import FingerprintError, fingerprint_model_dir
     from shared.maskfile import MaskError, save_mask
 
@@ -107,14 +104,7 @@ def cmd_build(args: argparse.Namespace) -> int:
             raise MaskBuildError(f"--out {out}: directory {out.parent} does not exist")
         calib = [read_calibration(f) for f in args.calib]
         fingerprint = fingerprint_model_dir(args.model)
-        model, tok = load_for_mask(
-            args.model,
-            device=args.device,
-            dtype=args.dtype,
-            checkpointing=args.gradient_checkpointing,
-            tokenizer_dir=args.tokenizer,
-        )
-        encode, eos = tokenizer_encoder(tok)
+        model, encode, eos = _load_model(args)
         result = build_mask(
             model,
             encode,
