@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from coordinator.checkpoint import rebuild_values
-from coordinator.eventlog import EventLog
+from coordinator.eventlog import DB_NAME, EventLog
 from shared.apply import values_checksum
 from shared.maskfile import Mask
 
@@ -35,8 +35,8 @@ def values_from_state(
     """The coordinator's values after its last closed round, rebuilt from checkpoints + the event log."""
     from shared.sidecar import initial_values_from_dir
 
-    if not (Path(state_dir) / "events.sqlite").is_file():
-        raise ExportError(f"{state_dir} has no coordinator event log (events.sqlite)")
+    if not (Path(state_dir) / DB_NAME).is_file():
+        raise ExportError(f"{state_dir} has no coordinator event log ({DB_NAME})")
     events = EventLog(state_dir)
     try:
         logged = events.get_meta("fingerprint"), events.get_meta("mask_id")
