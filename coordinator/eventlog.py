@@ -266,14 +266,14 @@ class EventLog:
         )
         return [str(r[0]) for r in rows]
 
-    def eligible_clients(self, fingerprint: str, mask_id: str) -> list[tuple[str, int]]:
-        """(client, n_samples) of joined, online clients of this model + mask, sorted by id."""
+    def eligible_clients(self, fingerprint: str, mask_id: str) -> list[str]:
+        """Joined, online clients of this model + mask, sorted by id."""
         rows = self.db.execute(
-            """SELECT client, n_samples FROM clients WHERE state='joined' AND online=1
+            """SELECT client FROM clients WHERE state='joined' AND online=1
                AND fingerprint=? AND mask_id=? ORDER BY client""",
             (fingerprint, mask_id),
         ).fetchall()
-        return [(str(c), int(n)) for c, n in rows]
+        return [str(r[0]) for r in rows]
 
     def client_state(self, client: str) -> str | None:
         row = self.db.execute("SELECT state FROM clients WHERE client=?", (client,)).fetchone()

@@ -573,7 +573,7 @@ class Coordinator:
 
     def _maybe_open(self, now: float) -> None:
         c = self.config
-        eligible = [name for name, _ in self.log.eligible_clients(self.fingerprint, self.mask_id)]
+        eligible = self.log.eligible_clients(self.fingerprint, self.mask_id)
         if len(eligible) < c.min_clients:
             return
         r = self.last_round + 1
@@ -601,7 +601,7 @@ class Coordinator:
 
     def _extend(self, plan: PlanRow, reported: list[str], now: float, why: str) -> None:
         c = self.config
-        eligible = [name for name, _ in self.log.eligible_clients(self.fingerprint, self.mask_id)]
+        eligible = self.log.eligible_clients(self.fingerprint, self.mask_id)
         want = max(c.min_updates - len(reported), 0) if c.clients_per_round else len(eligible)
         extra = sample_clients(
             eligible, want, c.master_seed, plan.round, plan.extensions + 1, exclude=plan.steps
