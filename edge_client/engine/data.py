@@ -222,7 +222,8 @@ def collate(examples: Sequence[Example], pad_id: int, device: torch.device) -> d
     return {"input_ids": ids.to(device), "attention_mask": attn.to(device), "position_ids": pos.to(device), "n_target": n_target.to(device)}
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without parameters)."""
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
@@ -263,7 +264,7 @@ def tail_logits(model: nn.Module, inputs: dict[str, Tensor], keep: int) -> Tenso
 
 def example_losses(model: nn.Module, examples: Sequence[Example], pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
     """Per-example mean target cross-entropy (B,) fp32, the kept logits (B, K+1, V) and n_target (B,)."""
-    inputs = collate(examples, pad_id, _model_device(model))
+    inputs = collate(examples, pad_id, model_device(model))
     n_target = inputs["n_target"]
     k = int(n_target.max())
     logits = tail_logits(model, inputs, k + 1)  # position j predicts token j+1
@@ -303,7 +304,7 @@ def target_losses(model: nn.Module, examples: Sequence[Example], pad_id: int) ->
     if parts is None:
         return example_losses(model, examples, pad_id)[0]
     decoder, head, softcap = parts
-    inputs = collate(examples, pad_id, _model_device(model))
+    inputs = collate(examples, pad_id, model_device(model))
     n_target = inputs["n_target"]
     k = int(n_target.max())
     kwargs = {key: inputs[key] for key in ("input_ids", "attention_mask", "position_ids")}
@@ -449,4 +450,5 @@ __all__ = [
     "target_losses",
     "load_jsonl",
     "load_task_config",
+    "model_device",
 ]

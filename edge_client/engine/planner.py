@@ -28,7 +28,7 @@ import psutil
 import torch
 from torch import nn
 
-from edge_client.engine.data import Example, target_losses
+from edge_client.engine.data import Example, model_device, target_losses
 from shared.modelload import weight_bytes
 from shared.sidecar import SideCar
 
@@ -156,7 +156,7 @@ def plan_memory(
         raise ValueError(f"budget_gib must be a finite number > 0, got {budget_gib!r}")
     if seq_len < 2:
         raise ValueError(f"seq_len must be >= 2, got {seq_len}")
-    dev = torch.device(device) if device is not None else _device_of(model)
+    dev = torch.device(device) if device is not None else model_device(model)
     budget = int(budget_gib * GIB)
     weights = weight_bytes(model)
     side = step_sidecar_bytes(sidecar)
@@ -177,12 +177,6 @@ def plan_memory(
     plan = MemoryPlan(int(micro), seq_len, budget, weights, side, fixed, per_seq_safe, str(dev))
     log.info("memory plan: %s", plan.describe())
     return plan
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 def _calibrate(model: nn.Module, meter: MemoryMeter, batch: int, seq_len: int, pad_id: int) -> int:
