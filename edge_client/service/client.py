@@ -25,11 +25,10 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from edge_client.service.config import ClientConfig
-from edge_client.service.state import ClientState, StateStore, StepRecord
+from edge_client.service.state import ClientState, StateStore, StepRecord, values_from_bytes
 from edge_client.service.telemetry import Telemetry
 from edge_client.service.trainer import Trainer
 from shared.apply import apply_round, values_checksum
@@ -392,7 +391,7 @@ class EdgeClient:
         if len(data) != 4 * self.st.nnz or hashlib.sha256(data).hexdigest() != ch.sha256:
             self._reject("checkpoint_bad", f"round {ch.round}: {len(data)} bytes, sha256 mismatch or wrong size")
             return
-        values = torch.from_numpy(np.frombuffer(data, dtype="<f4").astype(np.float32))
+        values = values_from_bytes(data)
         if not bool(torch.isfinite(values).all()):
             self._reject("checkpoint_bad", f"round {ch.round}: non-finite values")
             return

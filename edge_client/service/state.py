@@ -58,6 +58,11 @@ CREATE TABLE IF NOT EXISTS progress (
 """
 
 
+def values_from_bytes(raw: bytes) -> torch.Tensor:
+    """Raw little-endian fp32 bytes (a values file, a checkpoint) -> CPU fp32 tensor (nnz,)."""
+    return torch.from_numpy(np.frombuffer(raw, dtype="<f4").astype(np.float32))
+
+
 class StateError(RuntimeError):
     """The state directory is unusable or belongs to another model/mask; the message says which."""
 
@@ -155,7 +160,7 @@ class StateStore:
             raise StateError(f"values file {path} is missing (state says round {st.round})") from None
         if len(raw) != 4 * st.nnz:
             raise StateError(f"values file {path} has {len(raw)} bytes, expected {4 * st.nnz}")
-        values = torch.from_numpy(np.frombuffer(raw, dtype="<f4").astype(np.float32))
+        values = values_from_bytes(raw)
         got = values_checksum(values)
         if got != st.checksum:
             raise StateError(f"values file {path} is corrupt: checksum {got[:12]} != saved {st.checksum[:12]}")
@@ -231,4 +236,4 @@ class StateStore:
             p.unlink(missing_ok=True)
 
 
-__all__ = ["ClientState", "StateError", "StateStore", "StepRecord"]
+__all__ = ["ClientState", "StateError", "StateStore", "StepRecord", "values_from_bytes"]
