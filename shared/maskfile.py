@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,13 +72,7 @@ class Mask:
 
     def __post_init__(self) -> None:
         _validate(self.layers, self.shapes, self.grad)
-        offsets: dict[str, tuple[int, int]] = {}
-        start = 0
-        for name in sorted(self.layers):
-            stop = start + int(self.layers[name].numel())
-            offsets[name] = (start, stop)
-            start = stop
-        object.__setattr__(self, "_offsets", offsets)
+        object.__setattr__(self, "_offsets", flat_offsets(self.layers))
 
     @property
     def layer_names(self) -> list[str]:
@@ -111,6 +106,17 @@ class Mask:
         if not self.layers:
             return torch.zeros(0, dtype=torch.float32)
         return torch.cat([self.grad[name] for name in self.layer_names])
+
+
+def flat_offsets(layers: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
+    """layer -> (start, stop) of its indices in the flat buffer: layers in sorted name order."""
+    offsets: dict[str, tuple[int, int]] = {}
+    start = 0
+    for name in sorted(layers):
+        stop = start + int(layers[name].numel())
+        offsets[name] = (start, stop)
+        start = stop
+    return offsets
 
 
 def _is_hex(s: object, n: int) -> bool:
@@ -275,4 +281,4 @@ def _parse_meta(raw: dict[str, str], p: Path) -> MaskMeta:
         raise MaskError(f"{p}: {exc}") from exc
 
 
-__all__ = ["FORMAT_VERSION", "Mask", "MaskError", "MaskMeta", "load_mask", "save_mask"]
+__all__ = ["FORMAT_VERSION", "Mask", "MaskError", "MaskMeta", "flat_offsets", "load_mask", "save_mask"]

@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import Tensor, nn
 
+from shared.maskfile import flat_offsets
+
 log = logging.getLogger(__name__)
 
 
@@ -50,16 +52,12 @@ class SideCar:
         device: str | torch.device = "cpu",
     ) -> None:
         self.layer_names: list[str] = sorted(layers)
-        self.offsets: dict[str, tuple[int, int]] = {}
-        start = 0
         for name in self.layer_names:
             idx = layers[name]
             if idx.dtype != torch.int64 or idx.dim() != 1:
                 raise SideCarError(f"layer {name!r}: indices must be 1-D int64, got {idx.dtype} {tuple(idx.shape)}")
-            stop = start + int(idx.numel())
-            self.offsets[name] = (start, stop)
-            start = stop
-        self.nnz = start
+        self.offsets: dict[str, tuple[int, int]] = flat_offsets(layers)
+        self.nnz = sum(b - a for a, b in self.offsets.values())
         if initial.dtype != torch.float32 or tuple(initial.shape) != (self.nnz,):
             raise SideCarError(
                 f"initial values must be float32 ({self.nnz},), got {initial.dtype} {tuple(initial.shape)}"
