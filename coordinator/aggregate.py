@@ -25,13 +25,14 @@ from shared.apply import fedavg_scalars
 RULES = ("fedavg", "clipped", "median", "trimmed")
 
 
-def _padded(per_client: Mapping[str, Sequence[float]], T: int) -> tuple[list[str], np.ndarray]:
+def _padded(per_client: Mapping[str, Sequence[float]], T: int) -> np.ndarray:
+    """(N, T) float64 matrix of the clients' scalars in client-id order, missing steps 0."""
     names = sorted(per_client)
     m = np.zeros((len(names), T), dtype=np.float64)  # (N, T)
     for i, k in enumerate(names):
         gs = per_client[k]
         m[i, : len(gs)] = gs
-    return names, m
+    return m
 
 
 def aggregate(
@@ -63,7 +64,7 @@ def aggregate(
             scale = 1.0 if norm <= clip_norm else clip_norm / norm
             clipped[k] = [g * scale for g in gs]
         return fedavg_scalars(clipped, weights, T)
-    _, m = _padded(per_client, T)
+    m = _padded(per_client, T)
     if rule == "median":
         return [float(x) for x in np.median(m, axis=0)] if T else []
     n = m.shape[0]
