@@ -71,6 +71,13 @@ OFFLINE_CHECK_S = 1.0
 JOIN_GRACE_S = 2.0
 REJOIN_NAG_S = 10.0
 Publish = tuple[str, bytes, int, bool]
+INBOUND: dict[str, type[Message]] = {  # topic kind -> the message the coordinator accepts on it
+    "up": Update,
+    "join": Join,
+    "hb": Heartbeat,
+    "status": Status,
+    "sync": SyncRequest,
+}
 
 
 class StateMismatch(RuntimeError):
@@ -209,7 +216,7 @@ class Coordinator:
     def start(self) -> None:
         """Connect to the broker, start /metrics, republish the retained plan and latest result."""
         c = self.config
-        subs = [(self.topics.filter(k), self.topics.qos(k)) for k in ("up", "join", "hb", "status", "sync")]
+        subs = [(self.topics.filter(k), self.topics.qos(k)) for k in INBOUND]
         tls = None
         if c.broker.startswith(("mqtts://", "ssl://")) or c.tls_ca is not None or c.tls_cert is not None:
             tls = TlsOptions(c.tls_ca, c.tls_cert, c.tls_key)
@@ -332,14 +339,7 @@ class Coordinator:
         self.metrics.messages.labels(kind).inc()
         if kind == "status" and not msg.payload:
             return  # a retained status being cleared
-        expected: dict[str, type] = {
-            "up": Update,
-            "join": Join,
-            "hb": Heartbeat,
-            "status": Status,
-            "sync": SyncRequest,
-        }
-        if kind not in expected:
+        if kind not in INBOUND:
             self._reject(
                 client,
                 msg.topic,
@@ -349,7 +349,7 @@ class Coordinator:
             )
             return
         try:
-            m: Message = decode(msg.payload, expected[kind], client=client)
+            m: Message = decode(msg.payload, INBOUND[kind], client=client)
         except DecodeError as exc:
             self._reject(client, msg.topic, decode_reject(exc), out, reply=kind in ("up", "join", "sync"))
             return
