@@ -470,8 +470,7 @@ class Coordinator:
 
     def _on_sync(self, s: SyncRequest, topic: str, now: float, out: list[Publish]) -> None:
         self.log.touch(s.client, now)
-        for pub in self.sync_reply(s.client, s.have_round):
-            out.append(pub)
+        out.extend(self.sync_reply(s.client, s.have_round))
 
     def sync_reply(self, client: str, have_round: int) -> list[Publish]:
         """Replay of the missed results when at most replay_max behind, else the values in chunks."""
