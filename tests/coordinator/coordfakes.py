@@ -4,6 +4,7 @@ a real broker, and a coordinator running in a thread."""
 from __future__ import annotations
 
 import hashlib
+import json
 import queue
 import threading
 import time
@@ -193,6 +194,15 @@ class ThreadedCoordinator:
     def stop(self) -> None:
         self.coord.stop()
         self.thread.join(15)
+
+
+def write_config_toml(path: Path, **keys: Any) -> Path:
+    """A coordinator TOML file with a `[coordinator]` table of `keys` (Paths written as strings)."""
+    lines = ["[coordinator]"]
+    for k, v in keys.items():
+        lines.append(f"{k} = {json.dumps(str(v) if isinstance(v, Path) else v)}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def make_config(tmp: Path, broker: str, **kw: Any) -> CoordinatorConfig:

@@ -3,7 +3,6 @@ round closes with every acked update exactly once (plus the ones the broker held
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sqlite3
@@ -13,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from coordfakes import FakeClient, uid
+from coordfakes import FakeClient, uid, write_config_toml
 
 from shared.apply import fedavg_scalars
 from shared.messages import RoundPlan, RoundResult
@@ -54,28 +53,11 @@ def _wait(pred, timeout: float, what: str) -> None:  # type: ignore[no-untyped-d
 @pytest.mark.timeout(120)
 def test_sigkill_between_ack_and_close(tmp_path: Path, broker_url: str, tiny_model) -> None:  # type: ignore[no-untyped-def]
     fleet, state = uid("f"), tmp_path / "state"
-    cfg = tmp_path / "coordinator.toml"
-    cfg.write_text(
-        "[coordinator]\n"
-        + "\n".join(
-            f"{k} = {json.dumps(v)}"
-            for k, v in dict(
-                broker=broker_url,
-                fleet=fleet,
-                client_id=uid("coord"),
-                state_dir=str(state),
-                model_dir=str(tiny_model.model_dir),
-                mask=str(tiny_model.mask_path),
-                steps=2,
-                lr=0.01,
-                min_clients=4,
-                round_deadline_s=600.0,
-                rounds=1,
-                metrics=False,
-            ).items()
-        )  # fmt: skip
-        + "\n"
-    )
+    cfg = write_config_toml(
+        tmp_path / "coordinator.toml", broker=broker_url, fleet=fleet, client_id=uid("coord"), state_dir=state,
+        model_dir=tiny_model.model_dir, mask=tiny_model.mask_path, steps=2, lr=0.01, min_clients=4,
+        round_deadline_s=600.0, rounds=1, metrics=False,
+    )  # fmt: skip
     log, db = tmp_path / "coordinator.log", state / "events.sqlite"
     fp, mid = tiny_model.fingerprint, tiny_model.mask.mask_id
     n = {"a": 5, "b": 7, "c": 11, "d": 13}

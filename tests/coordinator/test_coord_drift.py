@@ -4,7 +4,6 @@ drift_control=false never limits."""
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import sqlite3
@@ -16,7 +15,15 @@ from typing import Any
 
 import pytest
 import torch
-from coordfakes import FakeClient, ThreadedCoordinator, make_config, synthetic_mask, synthetic_v0, uid
+from coordfakes import (
+    FakeClient,
+    ThreadedCoordinator,
+    make_config,
+    synthetic_mask,
+    synthetic_v0,
+    uid,
+    write_config_toml,
+)
 
 from coordinator.config import load_coordinator_config
 from coordinator.drift import DriftMonitor, DriftThresholds
@@ -214,13 +221,11 @@ def test_flag_survives_sigkill(tmp_path: Path, broker_url: str, tiny_model) -> N
     """kill -9 right after the update that flags a client is committed, before any plan used the flag:
     the restarted coordinator closes that round and plans the next one with steps=1 for it."""
     fleet, state = uid("f"), tmp_path / "state"
-    cfg_path = tmp_path / "coordinator.toml"
-    keys = dict(
-        broker=broker_url, fleet=fleet, client_id=uid("coord"), state_dir=str(state),
-        model_dir=str(tiny_model.model_dir), mask=str(tiny_model.mask_path), steps=T, lr=0.01, min_clients=2,
+    cfg_path = write_config_toml(
+        tmp_path / "coordinator.toml", broker=broker_url, fleet=fleet, client_id=uid("coord"), state_dir=state,
+        model_dir=tiny_model.model_dir, mask=tiny_model.mask_path, steps=T, lr=0.01, min_clients=2,
         round_deadline_s=600.0, metrics=False, sqlite_synchronous="normal", **DRIFT,
     )  # fmt: skip
-    cfg_path.write_text("[coordinator]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in keys.items()))
     mon = DriftMonitor.from_mask(tiny_model.mask)
     fp = tiny_model.fingerprint
     clients = {n: FakeClient(broker_url, fleet, uid(n)) for n in ("normal", "drift")}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from coordfakes import FakeClient, ThreadedCoordinator, uid
+from coordfakes import FakeClient, ThreadedCoordinator, uid, write_config_toml
 
 from coordinator.config import load_coordinator_config
 from coordinator.export import ExportError, values_from_state
@@ -18,17 +18,9 @@ from shared.messages import RoundPlan, RoundResult
 from shared.modelload import load_model
 
 
-def _toml(path: Path, **kw: object) -> Path:
-    lines = ["[coordinator]"]
-    for k, v in kw.items():
-        lines.append(f"{k} = {json.dumps(str(v) if isinstance(v, Path) else v)}")
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 def test_export_matches_sidecar_logits(tmp_path: Path, broker_url: str, tiny_model) -> None:  # type: ignore[no-untyped-def]
     fleet = uid("f")
-    cfg_path = _toml(
+    cfg_path = write_config_toml(
         tmp_path / "coordinator.toml", broker=broker_url, fleet=fleet, client_id=uid("coord"),
         state_dir=tmp_path / "state", model_dir=tiny_model.model_dir, mask=tiny_model.mask_path, quant="nf4",
         steps=4, lr=0.02, min_clients=1, metrics=False, rounds=2, checkpoint_every=1,
