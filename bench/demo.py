@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -217,7 +218,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
                 raise DemoError(f"process exited early {dead}; logs in {work / 'logs'}")
             try:
                 res = observer.new_results.get(timeout=0.5)
-            except Exception:  # queue.Empty
+            except queue.Empty:
                 continue
             seen.add(res.round)
             ups = observer.traffic.updates.get(res.round, {})
