@@ -86,13 +86,11 @@ class Topics:
     def filter(self, kind: str) -> str:
         """Subscription filter for every topic of `kind` (single-level wildcard for the id/round)."""
         _check_kind(kind)
-        if kind in ("plan",):
+        if kind == "plan":
             return self.plan
         if kind == "result_latest":
             return self.result_latest
-        if kind == "result":
-            return f"{self.base}/result/+"
-        return f"{self.base}/{kind}/+"
+        return f"{self.base}/{kind}/+"  # result/+ and every per-client kind
 
     @staticmethod
     def qos(kind: str) -> int:
