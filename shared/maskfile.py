@@ -210,8 +210,6 @@ def load_mask(path: str | Path, expected_fingerprint: str | None = None) -> Mask
         with safe_open(str(p), framework="pt") as f:
             raw_meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except MaskError:
-        raise
     except Exception as exc:  # safetensors raises its own error types for corrupt files
         raise MaskError(f"{p}: not a readable safetensors file: {exc}") from exc
     meta = _parse_meta(raw_meta, p)
