@@ -253,9 +253,7 @@ def tail_logits(model: nn.Module, inputs: dict[str, Tensor], keep: int) -> Tenso
         decoder, head, softcap = parts
         hidden: Tensor = decoder(**kwargs).last_hidden_state[:, -keep:]  # (B, keep, H)
         logits: Tensor = head(hidden.reshape(-1, hidden.shape[-1]))  # (B*keep, V)
-        if softcap is not None:
-            logits = torch.tanh(logits / softcap) * softcap
-        return logits.view(hidden.shape[0], keep, -1)
+        return _softcap(logits, softcap).view(hidden.shape[0], keep, -1)
     if _accepts_logits_to_keep(model):
         kwargs["logits_to_keep"] = keep
     out: Tensor = model(**kwargs).logits
@@ -298,6 +296,11 @@ def fused_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, float | None] |
     return get_decoder(), head, float(softcap) if softcap else None
 
 
+def _softcap(logits: Tensor, softcap: float | None) -> Tensor:
+    """Gemma-2's final logit soft-capping, softcap * tanh(logits / softcap); identity when None."""
+    return logits if softcap is None else torch.tanh(logits / softcap) * softcap
+
+
 def target_losses(model: nn.Module, examples: Sequence[Example], pad_id: int) -> Tensor:
     """Per-example mean target cross-entropy (B,) fp32; fused head + loss where supported."""
     parts = fused_parts(model)
@@ -318,9 +321,7 @@ def target_losses(model: nn.Module, examples: Sequence[Example], pad_id: int) ->
     sub = chunk if hidden.device.type == "cuda" else max(1, LOGSOFTMAX_ROWS_ELEMS // vocab)
     ce = torch.empty(rows.shape[0], dtype=torch.float32, device=hidden.device)
     for i in range(0, rows.shape[0], chunk):
-        logits = head(rows[i : i + chunk])  # (c, V) compute dtype
-        if softcap is not None:
-            logits = torch.tanh(logits / softcap) * softcap
+        logits = _softcap(head(rows[i : i + chunk]), softcap)  # (c, V) compute dtype
         # fp32 log-softmax (one kernel: 2x logsumexp's speed) on cache-sized slices of the chunk
         for j in range(0, logits.shape[0], sub):
             stop = min(j + sub, logits.shape[0])
