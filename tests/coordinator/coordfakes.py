@@ -196,6 +196,15 @@ class ThreadedCoordinator:
         self.thread.join(15)
 
 
+def wait_until(pred: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll `pred` every 50 ms; TimeoutError(what) when it is still false after `timeout` seconds."""
+    end = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > end:
+            raise TimeoutError(what)
+        time.sleep(0.05)
+
+
 def write_config_toml(path: Path, **keys: Any) -> Path:
     """A coordinator TOML file with a `[coordinator]` table of `keys` (Paths written as strings)."""
     lines = ["[coordinator]"]

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from coordfakes import FakeClient, uid, write_config_toml
+from coordfakes import FakeClient, uid, wait_until, write_config_toml
 
 from shared.apply import fedavg_scalars
 from shared.messages import RoundPlan, RoundResult
@@ -42,14 +42,6 @@ def _rows(db: Path, round: int) -> list[tuple[str, str]]:
         con.close()
 
 
-def _wait(pred, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    end = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > end:
-            raise TimeoutError(what)
-        time.sleep(0.05)
-
-
 @pytest.mark.timeout(120)
 def test_sigkill_between_ack_and_close(tmp_path: Path, broker_url: str, tiny_model) -> None:  # type: ignore[no-untyped-def]
     fleet, state = uid("f"), tmp_path / "state"
@@ -72,7 +64,7 @@ def test_sigkill_between_ack_and_close(tmp_path: Path, broker_url: str, tiny_mod
         for k in ("a", "b"):
             clients[k].update(0, grads[k], n[k], fp, msg_id=10)
         ids = {k: cl.cid for k, cl in clients.items()}
-        _wait(lambda: len(_rows(db, 0)) == 2, 20, "a and b were not committed")
+        wait_until(lambda: len(_rows(db, 0)) == 2, 20, "a and b were not committed")
         time.sleep(0.3)  # their acks go out
         clients["c"].update(0, grads["c"], n["c"], fp, msg_id=10)  # races the kill: committed or redelivered
         proc.send_signal(signal.SIGKILL)
