@@ -21,7 +21,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
+from urllib.parse import ParseResult, unquote, urlparse
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -43,7 +43,7 @@ class BrokerAddress:
     @classmethod
     def parse(cls, url: str) -> BrokerAddress:
         """`mqtt://[user[:pass]@]host[:port]` or `mqtts://...` (TLS); the password never gets logged."""
-        parsed = urlparse(url if "://" in url else f"mqtt://{url}")
+        parsed = _urlparse(url)
         if parsed.scheme not in DEFAULT_PORT:
             raise ValueError(f"broker url {redact(url)!r}: scheme must be mqtt:// or mqtts://")
         if not parsed.hostname:
@@ -64,9 +64,14 @@ class BrokerAddress:
         return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
 
+def _urlparse(url: str) -> ParseResult:
+    """urlparse with mqtt:// assumed when the url has no scheme ("host:port")."""
+    return urlparse(url if "://" in url else f"mqtt://{url}")
+
+
 def redact(url: str) -> str:
     """The url with any password replaced by ***, for logs and errors."""
-    parsed = urlparse(url if "://" in url else f"mqtt://{url}")
+    parsed = _urlparse(url)
     if parsed.password is None:
         return url
     return url.replace(f":{parsed.password}@", ":***@", 1)
