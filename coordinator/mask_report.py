@@ -137,6 +137,12 @@ def _conc_lines(label: str, c: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def _mask_sq_line(label: str, s: Mapping[str, Any]) -> str:
+    return (
+        f"{label}: mask mean g^2 {s['mask_mean_sq']:.4g}, holds {100 * s['mask_mass_share']:.3g}% of all g^2"
+    )
+
+
 def format_report(report: Mapping[str, Any]) -> str:
     """Plain-text tables: masks, per-type and per-layer shares, overlaps, concentration."""
     masks = report["masks"]
@@ -175,17 +181,13 @@ def format_report(report: Mapping[str, Any]) -> str:
         stats = m["stored_stats"]
         if stats and "concentration" in stats:
             lines += _conc_lines(f"#{i} at build", stats["concentration"])
-            lines.append(
-                f"#{i} at build: mask mean g^2 {stats['mask_mean_sq']:.4g}, holds {100 * stats['mask_mass_share']:.3g}% of all g^2"
-            )
+            lines.append(_mask_sq_line(f"#{i} at build", stats))
     rec = report.get("recomputed")
     if rec:
         for c in rec["concentration"].values():
             lines += _conc_lines("recomputed", c)
         for i, s in enumerate(rec["per_mask"]):
-            lines.append(
-                f"#{i} recomputed: mask mean g^2 {s['mask_mean_sq']:.4g}, holds {100 * s['mask_mass_share']:.3g}% of all g^2"
-            )
+            lines.append(_mask_sq_line(f"#{i} recomputed", s))
     if lines:
         out += ["", *lines]
     return "\n".join(out)
