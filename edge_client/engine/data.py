@@ -260,6 +260,11 @@ def tail_logits(model: nn.Module, inputs: dict[str, Tensor], keep: int) -> Tenso
     return out[:, -keep:]
 
 
+def _is_target(n_target: Tensor, k: int) -> Tensor:
+    """(B, K) True where position j of the last K is a target of its example (targets sit at the end)."""
+    return torch.arange(k, device=n_target.device)[None, :] >= (k - n_target)[:, None]
+
+
 def example_losses(model: nn.Module, examples: Sequence[Example], pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
     """Per-example mean target cross-entropy (B,) fp32, the kept logits (B, K+1, V) and n_target (B,)."""
     inputs = collate(examples, pad_id, model_device(model))
@@ -267,8 +272,7 @@ def example_losses(model: nn.Module, examples: Sequence[Example], pad_id: int) -
     k = int(n_target.max())
     logits = tail_logits(model, inputs, k + 1)  # position j predicts token j+1
     targets = inputs["input_ids"][:, -k:]  # (B, K)
-    valid = torch.arange(k, device=targets.device)[None, :] >= (k - n_target)[:, None]  # (B, K)
-    targets = targets.masked_fill(~valid, IGNORE)
+    targets = targets.masked_fill(~_is_target(n_target, k), IGNORE)
     flat_logits = logits[:, :-1].reshape(-1, logits.shape[-1])  # (B*K, V)
     flat_targets = targets.reshape(-1)
     rows = max(1, CE_CHUNK_ELEMS // logits.shape[-1])
@@ -312,7 +316,7 @@ def target_losses(model: nn.Module, examples: Sequence[Example], pad_id: int) ->
     k = int(n_target.max())
     kwargs = {key: inputs[key] for key in ("input_ids", "attention_mask", "position_ids")}
     hidden: Tensor = decoder(**kwargs, use_cache=False).last_hidden_state[:, -k - 1 : -1]  # (B, K, H)
-    valid = torch.arange(k, device=hidden.device)[None, :] >= (k - n_target)[:, None]  # (B, K)
+    valid = _is_target(n_target, k)  # (B, K)
     rows = hidden[valid]  # (N, H): target rows only, padding skipped
     targets = inputs["input_ids"][:, -k:][valid]  # (N,)
     owner = torch.arange(len(examples), device=hidden.device)[:, None].expand(-1, k)[valid]  # (N,)
