@@ -99,6 +99,10 @@ def _f32(obj: str, name: str, v: Any, lo: float = -math.inf, hi: float = math.in
     return r
 
 
+def _opt_f32(obj: str, name: str, v: Any, lo: float = -math.inf, hi: float = math.inf) -> float | None:
+    return None if v is None else _f32(obj, name, v, lo, hi)
+
+
 def _str(obj: str, name: str, v: Any, max_len: int = MAX_STR) -> str:
     if not isinstance(v, str):
         raise ValueError(f"{obj}.{name}: expected str, got {type(v).__name__}")
@@ -308,8 +312,8 @@ class Heartbeat:
         _set(self, "cpu_pct", _f32(o, "cpu_pct", self.cpu_pct, 0.0, 1e5))
         _int(o, "rss_bytes", self.rss_bytes, 0, U64)
         _opt_int(o, "gpu_mem_bytes", self.gpu_mem_bytes, 0, U64)
-        _set(self, "temp_c", None if self.temp_c is None else _f32(o, "temp_c", self.temp_c, -300.0, 1000.0))
-        _set(self, "power_w", None if self.power_w is None else _f32(o, "power_w", self.power_w, 0.0, 1e6))
+        _set(self, "temp_c", _opt_f32(o, "temp_c", self.temp_c, -300.0, 1000.0))
+        _set(self, "power_w", _opt_f32(o, "power_w", self.power_w, 0.0, 1e6))
         _set(self, "step_time_s", _opt_float(o, "step_time_s", self.step_time_s, 0.0))
         _opt_int(o, "peak_mem_bytes", self.peak_mem_bytes, 0, U64)
         _int(o, "round", self.round, -1, U32)
