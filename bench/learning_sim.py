@@ -66,6 +66,10 @@ class ClientData:
     def weights(self) -> dict[str, float]:
         return {c: float(len(ds)) for c, ds in self.clients.items()}
 
+    def streams(self, seed: int) -> dict[str, DataStream]:
+        """Each client's batch order under a run's seed: the same for every method (ZO and backprop)."""
+        return {c: DataStream(len(self.clients[c]), derive_seed(seed, S_DATA, k)) for k, c in enumerate(sorted(self.clients))}
+
 
 def make_data(
     task: str, out_dir: Path, tokenizer: Any, *, seed: int, n_clients: int = 10, alpha: float = 0.5,
@@ -164,7 +168,7 @@ def run_zo(
     tag = fp_tag(loaded.fingerprint)
     clients = sorted(data.clients)
     weights = data.weights
-    streams = {c: DataStream(len(data.clients[c]), derive_seed(spec.seed, S_DATA, k)) for k, c in enumerate(clients)}
+    streams = data.streams(spec.seed)
     monitor = DriftMonitor(grad_on_mask, spec.dist, spec.thresholds) if grad_on_mask is not None else None
     values = sidecar.initial_values()  # v_0
     checksum = values_checksum(values)
@@ -253,7 +257,7 @@ def run_backprop(model: torch.nn.Module, data: ClientData, spec: BPSpec) -> RunR
     clients = sorted(data.clients)
     weights = data.weights
     total_w = math.fsum(weights.values())
-    streams = {c: DataStream(len(data.clients[c]), derive_seed(spec.seed, S_DATA, k)) for k, c in enumerate(clients)}
+    streams = data.streams(spec.seed)
     params = dict(model.named_parameters())
     global_state = snapshot(model)
     n_bytes = 4 * sum(p.numel() for p in global_state.values())  # dense fp32 payload, one direction
