@@ -72,8 +72,7 @@ class Outbox:
         self._mid_to_row: dict[int, OutboxRow] = {}
         self._sent_at: dict[int, float] = {}  # row id -> monotonic time of the last publish
         db.executescript(SCHEMA)
-        # a restart is a reconnect: every row is published again
-        db.execute("UPDATE outbox SET acked = 0 WHERE acked = 1")
+        self.reconnected()  # a restart is a reconnect: every row is published again
 
     def add(self, round: int, msg_id: int, topic: str, payload: bytes, qos: int = 1) -> int:
         """Insert inside the caller's transaction; returns the row id (idempotent on (round, msg_id))."""
