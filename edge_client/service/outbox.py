@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ class Outbox:
         self._sent_at.pop(row.id, None)
         for m in [m for m, r in self._mid_to_row.items() if r.id == row.id]:
             del self._mid_to_row[m]  # other publishes of the same row are moot now
-        return OutboxRow(row.id, row.round, row.msg_id, row.topic, row.qos, row.payload, True)
+        return replace(row, acked=True)
 
     def reconnected(self) -> None:
         """A new connection: the broker may have lost what it acked; make every row due again."""
