@@ -61,7 +61,7 @@ from shared.messages import (
     SyncRequest,
     Update,
 )
-from shared.mqtt import Incoming, MqttLink, TlsOptions, read_secret
+from shared.mqtt import Incoming, MqttLink, read_secret, tls_for
 from shared.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -217,9 +217,7 @@ class Coordinator:
         """Connect to the broker, start /metrics, republish the retained plan and latest result."""
         c = self.config
         subs = [(self.topics.filter(k), self.topics.qos(k)) for k in INBOUND]
-        tls = None
-        if c.broker.startswith(("mqtts://", "ssl://")) or c.tls_ca is not None or c.tls_cert is not None:
-            tls = TlsOptions(c.tls_ca, c.tls_cert, c.tls_key)
+        tls = tls_for(c.broker, c.tls_ca, c.tls_cert, c.tls_key)
         self.link = MqttLink(
             c.broker, c.client_id, subscriptions=subs, manual_ack=True, clean_session=False,
             username=c.username, password=read_secret(c.password_file), tls=tls,

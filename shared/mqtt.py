@@ -251,6 +251,15 @@ class MqttLink:
         self.published.put(mid)
 
 
+def tls_for(
+    broker: str, ca: Path | None, cert: Path | None, key: Path | None, insecure: bool = False
+) -> TlsOptions | None:
+    """TLS options when the settings ask for TLS (an mqtts:// url, a CA or a client cert), else None."""
+    if BrokerAddress.parse(broker).tls or ca is not None or cert is not None:
+        return TlsOptions(ca, cert, key, insecure)
+    return None
+
+
 def broker_settings_problems(
     broker: str,
     username: str | None,

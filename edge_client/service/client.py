@@ -48,7 +48,7 @@ from shared.messages import (
     SyncRequest,
     Update,
 )
-from shared.mqtt import MqttLink, TlsOptions, Will
+from shared.mqtt import MqttLink, Will, tls_for
 from shared.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -112,9 +112,7 @@ class EdgeClient:
 
     def _make_link(self) -> MqttLink:
         c, t = self.cid, self.topics
-        tls = None
-        if self.cfg.use_tls:
-            tls = TlsOptions(self.cfg.tls_ca, self.cfg.tls_cert, self.cfg.tls_key, self.cfg.tls_insecure)
+        tls = tls_for(self.cfg.broker, self.cfg.tls_ca, self.cfg.tls_cert, self.cfg.tls_key, self.cfg.tls_insecure)
         return MqttLink(
             self.cfg.broker,
             c,

@@ -91,10 +91,6 @@ class ClientConfig:
             problems.append(f"state_dir: {self.state_dir} is not writable")
         return problems
 
-    @property
-    def use_tls(self) -> bool:
-        return self.broker.startswith(("mqtts://", "ssl://")) or self.tls_ca is not None or self.tls_cert is not None
-
     def read_password(self) -> str | None:
         return read_secret(self.password_file)
 

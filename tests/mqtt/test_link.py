@@ -88,3 +88,13 @@ def test_reconnects_when_broker_comes_up_late(mosquitto) -> None:  # type: ignor
         assert link.inbox.get(timeout=10).payload == b"x"  # subscriptions were made again on reconnect
     finally:
         link.stop()
+
+
+def test_tls_for_follows_the_settings(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from shared.mqtt import tls_for
+
+    ca = tmp_path / "ca.pem"
+    assert tls_for("mqtt://h:1883", None, None, None) is None
+    assert tls_for("mqtts://h", None, None, None) is not None  # system CAs
+    opts = tls_for("mqtt://h:8883", ca, None, None, insecure=True)
+    assert opts is not None and opts.ca_certs == ca and opts.insecure
