@@ -11,7 +11,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -19,17 +18,7 @@ from pathlib import Path
 
 import pytest
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def port_open(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex((host, port)) == 0
+from bench.broker import free_port, port_open
 
 
 class Mosquitto:
@@ -64,7 +53,7 @@ class Mosquitto:
             [self.binary, "-c", str(self.conf)], stdout=self.log.open("ab"), stderr=subprocess.STDOUT
         )
         deadline = time.monotonic() + timeout
-        while not port_open(self.port):
+        while not port_open("127.0.0.1", self.port):
             if self.proc.poll() is not None:
                 raise RuntimeError(f"mosquitto exited: {self.log.read_text()[-2000:]}")
             if time.monotonic() > deadline:
@@ -100,7 +89,7 @@ def broker_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if env:
         yield env
         return
-    if port_open(1883):
+    if port_open("127.0.0.1", 1883):
         yield "mqtt://127.0.0.1:1883"
         return
     broker = Mosquitto(tmp_path_factory.mktemp("broker")).start()
