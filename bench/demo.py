@@ -112,12 +112,10 @@ def prepare(cfg: DemoConfig) -> dict[str, Path]:
     if not mask.exists():
         print(f"[2/4] mask: top {cfg.fraction:.2%} of Linear weights by pre-training gradient ...", flush=True)
         calib = write_corpus(work / "calib", seed=cfg.seed + 1, docs_per_domain=60)
-        tmp = mask.with_suffix(f".tmp{os.getpid()}")
         rc = meerkat(["mask", "build", "--model", str(model_dir), "--calib", *map(str, calib),
-                      "--fraction", str(cfg.fraction), "--seqs", "32", "--seq-len", "128", "--out", str(tmp)])
-        if rc != 0 or not tmp.exists():
+                      "--fraction", str(cfg.fraction), "--seqs", "32", "--seq-len", "128", "--out", str(mask)])
+        if rc != 0 or not mask.exists():  # the mask file is written atomically: complete or absent
             raise DemoError("mask build failed")
-        tmp.replace(mask)
     else:
         print("[2/4] mask: cached", flush=True)
     print(f"[3/4] task {cfg.task}: Non-IID split over {cfg.clients} clients (Dirichlet alpha={cfg.alpha})", flush=True)

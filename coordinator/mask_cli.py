@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -127,9 +126,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         }
         created = datetime.now(timezone.utc).replace(microsecond=0).isoformat()
         mask = to_mask(result, fingerprint, extra, created=created)
-        tmp = out.with_name(out.name + ".tmp")
-        save_mask(mask, tmp)
-        os.replace(tmp, out)
+        save_mask(mask, out)
     except (MaskBuildError, MaskError, FingerprintError) as exc:
         return _fail("build", exc)
     conc = result.stats.get("concentration")

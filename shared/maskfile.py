@@ -22,7 +22,9 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
+
+from shared.fsio import atomic_write
 
 FORMAT_VERSION = 1
 _IDX = "idx."
@@ -182,7 +184,7 @@ def _validate(
 
 
 def save_mask(mask: Mask, path: str | Path) -> None:
-    """Write `mask` as a safetensors file (see module docstring)."""
+    """Write `mask` as a safetensors file (see module docstring), atomically: a crash leaves the old file or the new."""
     tensors: dict[str, torch.Tensor] = {}
     for name in mask.layer_names:
         tensors[_IDX + name] = mask.layers[name].detach().cpu().contiguous()
@@ -198,7 +200,7 @@ def save_mask(mask: Mask, path: str | Path) -> None:
         "meerkat.created": m.created,
         "meerkat.shapes": json.dumps({k: list(mask.shapes[k]) for k in mask.layer_names}, sort_keys=True),
     }
-    save_file(tensors, str(path), metadata=metadata)
+    atomic_write(Path(path), save(tensors, metadata=metadata))
 
 
 def load_mask(path: str | Path, expected_fingerprint: str | None = None) -> Mask:
