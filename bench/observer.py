@@ -17,12 +17,14 @@ from dataclasses import dataclass, field
 from shared.codec import DecodeError, decode
 from shared.messages import Heartbeat, RoundResult, Update
 from shared.mqtt import MqttLink
-from shared.topics import Topics
+from shared.topics import CLIENT_KINDS, KINDS, Topics
 
 log = logging.getLogger(__name__)
 
-UPLINK = ("up", "join", "hb", "status", "sync")
-DOWNLINK = ("plan", "result", "result_latest", "to")
+# derived from the topic scheme: every kind a client publishes on its own topic is uplink ("to" is the
+# coordinator's message to one client), everything else is downlink
+UPLINK = tuple(k for k in CLIENT_KINDS if k != "to")
+DOWNLINK = tuple(k for k in KINDS if k not in UPLINK)
 
 
 @dataclass
