@@ -10,7 +10,7 @@ Every method gets the same budget of local steps per client (rounds = budget / T
     zero-shot         the pretrained model, no training
     backprop-fedavg   full fp32 model, T local AdamW steps, weights averaged (upper bound)
     fedzo-dense       SPSA on every decoder Linear weight, quantization none
-    meerkat           SPSA on the pretrain-gradient mask (coordinator.mask_builder)
+    meerkat           SPSA on the pretrain-gradient mask (coordinator.mask.builder)
     weight-magnitude  SPSA on the top-|w| mask
     random-mask       SPSA on a random mask (new mask per seed)
     meerkat-vp        meerkat + coordinator.drift: drifting clients run 1 local step (T=10 only: at T=1

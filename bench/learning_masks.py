@@ -1,4 +1,4 @@
-"""Masks for the learning benchmark, built with the project's own mask builder (coordinator.mask_builder).
+"""Masks for the learning benchmark, built with the project's own mask builder (coordinator.mask.builder).
 
 - pretrain-grad (MEERKAT): top `fraction` by mean squared per-sequence gradient on pre-training-like text
   (the tiny corpus' domain documents, no task-formatted text: the analogue of C4);
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from bench.tinylm import corpus
-from coordinator import mask_builder as mb
+from coordinator.mask import builder as mb
 from shared.prng import derive_seed
 
 log = logging.getLogger(__name__)

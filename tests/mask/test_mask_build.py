@@ -10,7 +10,7 @@ import torch
 from masktoy import PlantedLM, char_encode, fill_from_prng, save_tiny_llama, write_corpus
 from torch import nn
 
-from coordinator.mask_builder import (
+from coordinator.mask.builder import (
     MaskBuildError,
     build_mask,
     eligible_weights,

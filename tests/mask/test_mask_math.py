@@ -9,7 +9,7 @@ import pytest
 import torch
 from masktoy import uniform
 
-from coordinator.mask_builder import (
+from coordinator.mask.builder import (
     MaskBuildError,
     concentration,
     float_keys,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from coordinator.mask_report import (
+from coordinator.mask.report import (
     build_report,
     format_report,
     layer_shares,

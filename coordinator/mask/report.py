@@ -6,7 +6,7 @@
     build_report(...)         -> one JSON-able dict; format_report(...) -> text tables; save_png(...)
 
 The concentration numbers a builder measured are stored in the mask's `calibration` metadata (JSON,
-see coordinator.mask_builder.describe); `recompute` measures them again on a model + calibration text.
+see coordinator.mask.builder.describe); `recompute` measures them again on a model + calibration text.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from coordinator.mask_builder import concentration, mask_sq_stats, parse_description
+from coordinator.mask.builder import concentration, mask_sq_stats, parse_description
 from shared.maskfile import Mask, MaskError
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from coordinator.mask_builder import METHODS, MaskBuildError
+from coordinator.mask.builder import METHODS, MaskBuildError
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def _fail(cmd: str, exc: Exception) -> int:
 
 def _load_model(args: argparse.Namespace) -> tuple[Any, Callable[[str], list[int]], int | None]:
     """(model, encode, eos id) from the --model/--tokenizer/--device/--dtype/--gradient-checkpointing args."""
-    from coordinator.mask_builder import load_for_mask, tokenizer_encoder
+    from coordinator.mask.builder import load_for_mask, tokenizer_encoder
 
     model, tok = load_for_mask(
         args.model,
@@ -84,7 +84,7 @@ def _load_model(args: argparse.Namespace) -> tuple[Any, Callable[[str], list[int
 
 
 def _calibrated_stats(args: argparse.Namespace, include_embeddings: bool) -> tuple[Any, dict[str, Any]]:
-    from coordinator.mask_builder import calibrate, eligible_weights, read_calibration
+    from coordinator.mask.builder import calibrate, eligible_weights, read_calibration
 
     calib = [read_calibration(f) for f in args.calib]  # bad files fail before the model is loaded
     model, encode, eos = _load_model(args)
@@ -93,7 +93,7 @@ def _calibrated_stats(args: argparse.Namespace, include_embeddings: bool) -> tup
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from coordinator.mask_builder import build_mask, read_calibration, to_mask
+    from coordinator.mask.builder import build_mask, read_calibration, to_mask
     from shared.fingerprint import FingerprintError, fingerprint_model_dir
     from shared.maskfile import MaskError, save_mask
 
@@ -140,7 +140,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from coordinator.mask_report import build_report, format_report, recompute, save_png
+    from coordinator.mask.report import build_report, format_report, recompute, save_png
     from shared.fingerprint import FingerprintError, fingerprint_model_dir
     from shared.maskfile import MaskError, load_mask
 
@@ -178,7 +178,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def _uses_embeddings(mask: Any) -> bool:
-    from coordinator.mask_builder import parse_description
+    from coordinator.mask.builder import parse_description
 
     body = parse_description(mask.meta.calibration) or {}
     return bool(body.get("include_embeddings"))
