@@ -246,7 +246,8 @@ def evaluate_values(paths: dict[str, Path], cfg: DemoConfig, values: Any) -> dic
     """Loss/accuracy of the side-car model with `values` (None: v_0) on all clients' train data and eval data."""
     import torch
 
-    from edge_client.engine.data import evaluate, load_jsonl, load_task_config
+    from edge_client.engine.data import load_jsonl, load_task_config
+    from edge_client.engine.loss import evaluate
     from shared.maskfile import load_mask
     from shared.modelload import load_model
 

@@ -33,12 +33,10 @@ from edge_client.engine.data import (
     Batch,
     Dataset,
     DataStream,
-    batch_loss,
-    evaluate,
-    example_losses,
     load_jsonl,
     load_task_config,
 )
+from edge_client.engine.loss import batch_loss, evaluate, example_losses
 from edge_client.engine.spsa import spsa_step
 from shared.apply import apply_round, fedavg_scalars, values_checksum
 from shared.codec import decode, encode

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from edge_client.engine.data import Batch, Dataset, Example, batch_loss
+from edge_client.engine.data import Batch, Dataset, Example
+from edge_client.engine.loss import batch_loss
 from edge_client.engine.spsa import spsa_step
 from shared.modelload import load_model
 from shared.prng import directions

@@ -18,12 +18,11 @@ from edge_client.engine.data import (
     DataPointer,
     DataStream,
     TaskConfig,
-    batch_loss,
     encode_rows,
-    evaluate,
     load_jsonl,
     load_task_config,
 )
+from edge_client.engine.loss import batch_loss, evaluate
 
 TASK = TaskConfig(name="t", verbalizer={"0": " negative", "1": " positive"}, template="{text} review:", max_length=64)
 

@@ -12,7 +12,8 @@ import torch
 
 from bench.learning import METHODS, LearningConfig, markdown_table, run_grid, runs_for
 from bench.learning_sim import S_DATA, ZOSpec, make_data, run_zo
-from edge_client.engine.data import DataStream, batch_loss
+from edge_client.engine.data import DataStream
+from edge_client.engine.loss import batch_loss
 from edge_client.engine.spsa import spsa_step
 from shared.prng import derive_seed
 
