@@ -21,7 +21,10 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from shared.modelload import Quant
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +40,7 @@ class DemoConfig:
     size: str = "demo"  # tiny-model recipe
     task: str = "topic"
     alpha: float = 0.5  # Dirichlet label skew over the clients
-    quant: str = "nf4"
+    quant: Quant = "nf4"
     fraction: float = 0.01  # mask fraction: a tiny model needs more than the 0.1% a 1B model uses
     lr: float = 2e-3
     eps: float = 1e-2

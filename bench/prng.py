@@ -15,7 +15,7 @@ import torch
 
 from bench.cli import print_json_last
 from shared.apply import apply_round
-from shared.prng import derive_seed, directions
+from shared.prng import DISTS, Dist, derive_seed, directions
 
 
 def _times_ms(fn: Callable[[], Any], repeats: int, sync: Callable[[], None]) -> tuple[float, float]:
@@ -30,17 +30,17 @@ def _times_ms(fn: Callable[[], Any], repeats: int, sync: Callable[[], None]) -> 
     return min(out), statistics.median(out)
 
 
-def _generator(n: int, dist: str, device: torch.device) -> Callable[[], torch.Tensor]:
+def _generator(n: int, dist: Dist, device: torch.device) -> Callable[[], torch.Tensor]:
     """A fresh seed on every call, so no cache can help."""
     seeds = iter(range(1 << 62))
-    return lambda: directions(next(seeds), n, dist, device=device)  # type: ignore[arg-type]
+    return lambda: directions(next(seeds), n, dist, device=device)
 
 
 def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     sync: Callable[[], None] = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     result: dict[str, Any] = {"n": args.n, "device": str(device), "torch_threads": torch.get_num_threads()}
-    for dist in ("rademacher", "gaussian"):
+    for dist in DISTS:
         best, med = _times_ms(_generator(args.n, dist, device), args.repeats, sync)
         result[f"{dist}_ms_best"] = round(best, 3)
         result[f"{dist}_ms_median"] = round(med, 3)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -21,6 +21,9 @@ from coordinator.checkpoint import rebuild_values
 from coordinator.eventlog import DB_NAME, EventLog
 from shared.apply import values_checksum
 from shared.maskfile import Mask
+
+if TYPE_CHECKING:
+    from shared.modelload import Quant
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +58,7 @@ def export_merged(
     model_dir: Path,
     mask: Mask,
     values: torch.Tensor,
-    quant: str,
+    quant: Quant,
     out_dir: Path,
     *,
     round: int = -1,
@@ -68,7 +71,7 @@ def export_merged(
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"{out} exists and is not empty (pass --overwrite to replace it)")
-    loaded = load_model(model_dir, quant, "cpu", mask, compute_dtype=torch.float32)  # type: ignore[arg-type]
+    loaded = load_model(model_dir, quant, "cpu", mask, compute_dtype=torch.float32)
     if loaded.sidecar is None:
         raise ExportError("load_model returned no side-car for the mask")
     if tuple(values.shape) != (loaded.sidecar.nnz,):

@@ -35,7 +35,7 @@ from shared.messages import (
     SyncRequest,
     Update,
 )
-from shared.prng import DISTS
+from shared.prng import DISTS, Dist
 from shared.topics import ID_RE
 
 VERSION = 1
@@ -111,11 +111,11 @@ def _ident(v: Any) -> Any:
     return v
 
 
-def _w_dist(v: str) -> int:
+def _w_dist(v: Dist) -> int:
     return DISTS.index(v)
 
 
-def _r_dist(obj: str, name: str, v: Any) -> str:
+def _r_dist(obj: str, name: str, v: Any) -> Dist:
     if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < len(DISTS):
         raise DecodeError(ErrorCode.INVALID_FIELD, f"{obj}.{name}: expected 0..{len(DISTS) - 1}, got {v!r}")
     return DISTS[v]

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, TypeAlias
 
-from shared.prng import DISTS
+from shared.prng import DISTS, Dist
 from shared.topics import ID_RE
 
 U32 = (1 << 32) - 1
@@ -138,10 +138,9 @@ def _seeds(obj: str, name: str, v: Any, lo_len: int = 0) -> tuple[int, ...]:
     return tuple(_int(obj, f"{name}[{i}]", s, 0, U64) for i, s in enumerate(items))
 
 
-def _dist(obj: str, v: Any) -> str:
+def _dist(obj: str, v: Any) -> None:
     if v not in DISTS:
         raise ValueError(f"{obj}.dist: expected one of {DISTS}, got {v!r}")
-    return str(v)
 
 
 def _set(self: object, name: str, value: Any) -> None:
@@ -199,7 +198,7 @@ class RoundPlan:
     seeds: tuple[int, ...]  # u64 each; step t of every sampled client uses seeds[t]
     lr: float
     eps: float
-    dist: str  # "rademacher" | "gaussian"
+    dist: Dist  # "rademacher" | "gaussian"
     steps: dict[str, int]  # client -> T_k (1 <= T_k <= len(seeds)); absent clients sit the round out
     base_round: int  # the plan applies on top of the values after this round's result (-1 = initial values)
     deadline: float  # unix seconds; updates after it count as late
@@ -270,7 +269,7 @@ class RoundResult:
     seeds: tuple[int, ...]
     scalars: tuple[float, ...]  # float64 on the wire
     lr: float
-    dist: str
+    dist: Dist
     n_clients: int
     values_checksum: str
 

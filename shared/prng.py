@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 Dist = Literal["rademacher", "gaussian"]
-DISTS: tuple[str, ...] = ("rademacher", "gaussian")
+DISTS: tuple[Dist, ...] = ("rademacher", "gaussian")
 
 MASK64 = (1 << 64) - 1
 GOLDEN = 0x9E3779B97F4A7C15
@@ -84,7 +84,7 @@ def _ramp() -> np.ndarray:
     return r
 
 
-def _cpu_directions(seed: int, n: int, dist: str, offset: int) -> np.ndarray:
+def _cpu_directions(seed: int, n: int, dist: Dist, offset: int) -> np.ndarray:
     """Fast CPU path: chunks of _CHUNK values, all ops in place on two scratch buffers."""
     from shared.gaussian import gauss_table
 
@@ -132,7 +132,7 @@ def _srl(x: torch.Tensor, k: int) -> torch.Tensor:
     return (x >> k) & ((1 << (64 - k)) - 1)
 
 
-def _torch_directions(seed: int, n: int, dist: str, offset: int, device: torch.device) -> torch.Tensor:
+def _torch_directions(seed: int, n: int, dist: Dist, offset: int, device: torch.device) -> torch.Tensor:
     """Same bits as the CPU path, computed with int64 torch ops on `device` (wrapping multiply)."""
     key = mix64(seed)
     x = torch.arange(n, dtype=torch.int64, device=device)
