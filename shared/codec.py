@@ -200,7 +200,6 @@ SCHEMAS: dict[type, tuple[int, tuple[_Field, ...], int]] = {
     ErrorMsg: (10, (_f(0, "code", "int"), _f(1, "reason", "str")), 8 << 10),
 }  # fmt: skip
 BY_CODE: dict[int, type] = {code: cls for cls, (code, _, _) in SCHEMAS.items()}
-FLOAT32_FIELDS = {(cls, f.name) for cls, (_, fs, _) in SCHEMAS.items() for f in fs if f.kind == "f32"}
 
 _PACK = msgpack.Packer(use_bin_type=True, use_single_float=False, autoreset=True)
 _PACK32 = msgpack.Packer(use_bin_type=True, use_single_float=True, autoreset=True)

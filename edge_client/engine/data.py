@@ -197,16 +197,6 @@ class DataPointer:
     epoch: int = 0
     index: int = 0
 
-    def to_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "index": self.index}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> DataPointer:
-        for key in ("epoch", "index"):
-            if isinstance(d.get(key), bool) or not isinstance(d.get(key), int) or d[key] < 0:
-                raise DataError(f"data pointer {key!r} must be an int >= 0, got {d.get(key)!r}")
-        return cls(d["epoch"], d["index"])
-
 
 class DataStream:
     """Endless epochs over n examples; epoch e is the permutation argsort(raw_u64(derive_seed(seed, e), n)).
@@ -219,6 +209,8 @@ class DataStream:
             raise DataError(f"DataStream needs at least one example, got n={n}")
         self.n, self.seed, self.shuffle = n, seed, shuffle
         self.pointer = pointer or DataPointer()
+        if self.pointer.epoch < 0 or self.pointer.index < 0:
+            raise DataError(f"data pointer must be >= 0, got epoch {self.pointer.epoch} index {self.pointer.index}")
         if self.pointer.index > n:
             raise DataError(f"data pointer index {self.pointer.index} > dataset size {n}")
         self._order_epoch = -1
@@ -248,9 +240,6 @@ class DataStream:
     def __iter__(self) -> Iterator[int]:
         while True:
             yield self.take(1)[0]
-
-    def epochs_done(self) -> float:
-        return self.pointer.epoch + self.pointer.index / self.n
 
 
 __all__ = [
