@@ -29,7 +29,7 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check shared edge_client coordinator bench tests
 
 typecheck: $(VENV)/.installed
-	$(VENV)/bin/mypy shared
+	$(VENV)/bin/mypy --strict shared edge_client coordinator
 
 bench: $(VENV)/.installed
 	$(VENV)/bin/meerkat bench wire --json
