@@ -15,24 +15,24 @@ log = logging.getLogger(__name__)
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("tiny-model", help="pretrain (or fetch cached) the project's tiny LM; print its dir",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", default="demo", help="micro | demo | small | base (larger ones are for GPUs)")
-    p.add_argument("--seed", type=int, default=0, help="recipe seed (uint64)")
+    p.add_argument("--size", default="demo", help="micro | demo | small | base; larger ones are for GPUs (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="recipe seed, uint64 (default: %(default)s)")
     p.add_argument("--out", default=None, help="also copy the model into this dir and print it")
     p.add_argument("--force", action="store_true", help="rebuild even when the cache has this recipe")
-    p.add_argument("--threads", type=int, default=0, help="torch threads for this process (0: torch default)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads for this process, 0 = torch's own choice (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--write-corpus", metavar="DIR", default=None,
                    help="write per-domain calibration text files (<domain>.jsonl) into DIR and exit")
-    p.add_argument("--docs-per-domain", type=int, default=500, help="documents per domain for --write-corpus")
+    p.add_argument("--docs-per-domain", type=int, default=500, help="documents per domain for --write-corpus (default: %(default)s)")
     p.add_argument("--write-task", metavar="NAME", default=None,
                    help="write client JSONL files + task.json for task NAME (sentiment | topic | claim) and exit")
     p.add_argument("--task-dir", default=None, help="output dir for --write-task")
-    p.add_argument("--clients", type=int, default=10, help="clients for --write-task")
-    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label-skew alpha for --write-task")
+    p.add_argument("--clients", type=int, default=10, help="clients for --write-task (default: %(default)s)")
+    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label-skew alpha for --write-task (default: %(default)s)")
     p.add_argument("--single-label", type=int, default=0,
-                   help="extreme setting: this many clients hold a single label (--write-task)")
-    p.add_argument("--train", type=int, default=2000, help="training examples over all clients (--write-task)")
-    p.add_argument("--eval", type=int, default=400, help="eval examples (--write-task)")
+                   help="extreme setting: this many clients hold a single label (--write-task; default: %(default)s)")
+    p.add_argument("--train", type=int, default=2000, help="training examples over all clients (--write-task; default: %(default)s)")
+    p.add_argument("--eval", type=int, default=400, help="eval examples (--write-task; default: %(default)s)")
     p.set_defaults(func=run)
 
 

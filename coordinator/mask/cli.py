@@ -24,11 +24,16 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument(
         "--calib", nargs="+", default=[], metavar="FILE", help="calibration text (.txt) or JSONL files"
     )
-    p.add_argument("--seqs", type=int, default=128, help="calibration sequences (backprop one at a time)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument(
-        "--dtype", default="float32", choices=("float32", "bfloat16"), help="model dtype for backprop"
+        "--seqs", type=int, default=128, help="calibration sequences, backprop one at a time (default: %(default)s)"
+    )
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="model dtype for backprop (default: %(default)s)",
     )
     p.add_argument(
         "--gradient-checkpointing",
@@ -49,10 +54,15 @@ def register(sub: Any) -> None:
 
     b = msub.add_parser("build", help="pick the top fraction of weights and write a mask file")
     _add_model_args(b, required=True)
-    b.add_argument("--fraction", type=float, default=0.001, help="share of eligible weights to mask")
-    b.add_argument("--method", default="pretrain-grad", choices=METHODS, help="how weights are scored")
-    b.add_argument("--seed", type=int, default=0, help="seed of the random method (uint64)")
+    b.add_argument(
+        "--fraction", type=float, default=0.001, help="share of eligible weights to mask (default: %(default)s)"
+    )
+    b.add_argument(
+        "--method", default="pretrain-grad", choices=METHODS, help="how weights are scored (default: %(default)s)"
+    )
+    b.add_argument("--seed", type=int, default=0, help="seed of the random method, uint64 (default: %(default)s)")
     b.add_argument("--out", required=True, help="mask file to write (.safetensors)")
+    b.add_argument("--overwrite", action="store_true", help="replace --out if it already exists")
     b.set_defaults(func=cmd_build)
 
     r = msub.add_parser("report", help="per-layer shares, overlap and gradient concentration of masks")
@@ -101,6 +111,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         out = Path(args.out)
         if not out.parent.is_dir():
             raise MaskBuildError(f"--out {out}: directory {out.parent} does not exist")
+        if out.exists() and not args.overwrite:  # checked before minutes of backprop, not after
+            raise MaskBuildError(f"--out {out} already exists (pass --overwrite to replace it)")
         calib = [read_calibration(f) for f in args.calib]
         fingerprint = fingerprint_model_dir(args.model)
         model, encode, eos = _load_model(args)

@@ -148,8 +148,8 @@ def eligible_names(state: dict[str, torch.Tensor]) -> list[str]:
 
 def test_random_method_depends_on_the_seed(llama: Path, tmp_path: Path) -> None:
     ids = []
-    for seed in ("1", "1", "2"):
-        out = tmp_path / f"r{seed}.safetensors"
+    for i, seed in enumerate(("1", "1", "2")):
+        out = tmp_path / f"r{i}.safetensors"
         assert _build(llama, out, "--method", "random", "--seed", seed) == 0
         ids.append(load_mask(out).mask_id)
     assert ids[0] == ids[1] != ids[2]
@@ -187,6 +187,37 @@ def test_cli_reports_bad_input_clearly(
         == 2
     )
     assert "config.json" in capsys.readouterr().err
+
+
+def test_build_refuses_to_overwrite_without_the_flag(
+    llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "m.safetensors"
+    assert _build(llama, out, "--method", "random", "--seed", "1") == 0
+    first = out.read_bytes()
+    capsys.readouterr()
+    assert _build(llama, out, "--method", "random", "--seed", "2") == 2
+    err = capsys.readouterr().err
+    assert str(out) in err and "already exists" in err and "--overwrite" in err
+    assert out.read_bytes() == first  # untouched
+    assert _build(llama, out, "--method", "random", "--seed", "2", "--overwrite") == 0
+    assert out.read_bytes() != first and load_mask(out).meta.method == "random"
+
+
+@pytest.mark.parametrize(
+    ("command", "shown"),
+    [
+        (["mask", "build"], ["(default: 0.001)", "(default: pretrain-grad)", "(default: 128)", "(default: 512)"]),
+        (["mask", "report"], ["(default: 128)", "(default: auto)", "(default: float32)"]),
+    ],
+)
+def test_help_shows_the_defaults(command: list[str], shown: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, "--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for default in shown:
+        assert default in text
 
 
 def test_report_recomputes_what_the_build_stored(

@@ -115,3 +115,12 @@ def test_cli_writes_corpus_and_task(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(tmp_path / "t")
     with pytest.raises(SystemExit, match="alpha"):
         meerkat_main(["tiny-model", "--write-task", "claim", "--task-dir", str(tmp_path / "u"), "--alpha", "0"])
+
+
+def test_cli_help_shows_the_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        meerkat_main(["tiny-model", "--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for default in ("default: demo)", "default: 500)", "default: 0.5)", "default: 2000)", "default: 400)"):
+        assert default in text
