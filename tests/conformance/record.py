@@ -49,7 +49,7 @@ from bench.broker import free_port, port_open  # noqa: E402
 from coordinator.drift import DriftMonitor  # noqa: E402
 from coordinator.server import Coordinator  # noqa: E402
 from shared.apply import apply_round, values_checksum  # noqa: E402
-from shared.codec import DecodeError, decode, encode  # noqa: E402
+from shared.codec import DecodeError, decode  # noqa: E402
 from shared.fingerprint import fp_tag  # noqa: E402
 from shared.maskfile import Mask  # noqa: E402
 from shared.messages import (  # noqa: E402
