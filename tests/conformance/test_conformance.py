@@ -1,0 +1,100 @@
+"""Our implementation (shared.codec + shared.apply) passes the conformance kit (docs/PROTOCOL.md §11).
+
+The runner drives tests/conformance/reference_impl.py as a child process over the same JSON-lines
+interface a third party implements, so the interface itself is exercised too. The transcripts are
+recordings of the real coordinator (tests/conformance/record.py, run by hand).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import runner
+import vectors
+
+HERE = Path(__file__).resolve().parent
+IMPL = [sys.executable, str(HERE / "reference_impl.py")]
+SCENARIOS = ("baseline", "gaussian", "late_fold", "extension", "vp_limited", "replay", "checkpoint", "errors")
+
+
+@pytest.fixture(scope="module")
+def results() -> dict[str, runner.Transcript]:
+    paths = sorted(p for p in runner.TRANSCRIPTS.iterdir() if (p / "meta.json").is_file())
+    return {t.name: t for t in runner.run(paths, IMPL)}
+
+
+def test_every_scenario_is_in_the_kit(results: dict[str, runner.Transcript]) -> None:
+    assert set(SCENARIOS) <= set(results)
+    total = sum(len(t.lines) for t in results.values())
+    assert total >= 200, total
+    kit = sum(f.stat().st_size for f in HERE.rglob("*") if f.is_file() and f.suffix in (".jsonl", ".json", ".f32"))
+    assert kit < 2 << 20, f"the kit is {kit} bytes: keep nnz small"
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_reference_passes(results: dict[str, runner.Transcript], name: str) -> None:
+    t = results[name]
+    assert t.failures == [], t.failures
+    assert t.checks > 20
+
+
+def test_scenarios_show_what_they_claim(results: dict[str, runner.Transcript]) -> None:
+    """Each transcript really contains its behaviour (a re-recording that lost it must fail here)."""
+    def types(name: str) -> list[str]:
+        return [ln.get("type") or ln["error"] for ln in results[name].lines]
+
+    late = results["late_fold"].results()
+    plan_len = len(next(results["late_fold"].of_type("RoundPlan"))["decoded"]["seeds"])
+    assert any(len(ln["decoded"]["seeds"]) > plan_len for ln in late.values()), "no late pairs folded"
+    plans0 = [p["decoded"] for p in results["extension"].of_type("RoundPlan") if p["decoded"]["round"] == 0]
+    assert len(plans0) == 2 and plans0[1]["deadline"] > plans0[0]["deadline"]
+    assert set(plans0[1]["steps"]) > set(plans0[0]["steps"])
+    vp = [p["decoded"]["steps"] for p in results["vp_limited"].of_type("RoundPlan")]
+    assert vp[0]["dev-decay"] > 1 and vp[-1]["dev-decay"] == 1 and vp[-1]["dev-steady"] > 1
+    assert "Replay" in types("replay") and "CheckpointChunk" in types("checkpoint")
+    assert results["gaussian"].meta["dist"] == "gaussian" and results["baseline"].meta["dist"] == "rademacher"
+    codes = {ln["decoded"]["code"] for ln in results["errors"].of_type("ErrorMsg")}
+    assert {3, 32, 33, 35, 36, 38} <= codes, codes
+    assert "BAD_MAGIC" in types("errors")
+    kinds = {t for r in results.values() for t in (ln.get("type") for ln in r.lines) if t}
+    assert len(kinds) == 10, kinds  # all ten message types occur
+
+
+def test_edge_vectors_pending_are_exactly_the_known_gaps(results: dict[str, runner.Transcript]) -> None:
+    """The reference fails exactly the vectors marked `pending` (when a gap is fixed, drop its mark)."""
+    t = results["decode_edge"]
+    assert t.failures == [], t.failures
+    marked = sorted(v["name"] for v in t.lines if v.get("pending"))
+    assert sorted(t.meta["pending_failed"]) == marked
+
+
+def test_vectors_file_is_current(tmp_path: Path) -> None:
+    fresh = tmp_path / "v.jsonl"
+    vectors.write(fresh)
+    assert fresh.read_text() == runner.VECTORS.read_text(), "run tests/conformance/vectors.py"
+
+
+def test_runner_catches_a_wrong_apply() -> None:
+    """An implementation that drops the folded late pairs fails late_fold (and only checks that need them)."""
+    done = runner.run([runner.TRANSCRIPTS / "late_fold", runner.TRANSCRIPTS / "baseline"],
+                      [*IMPL, "--broken-max-pairs", "4"], vectors=None)  # fmt: skip
+    by = {t.name: t for t in done}
+    assert by["baseline"].failures == []
+    assert any("apply round 1" in f for f in by["late_fold"].failures)
+
+
+def test_runner_catches_a_wrong_decode(tmp_path: Path) -> None:
+    src = runner.TRANSCRIPTS / "baseline"
+    dst = tmp_path / "baseline"
+    dst.mkdir()
+    for f in ("meta.json", "v0.f32"):
+        (dst / f).write_bytes((src / f).read_bytes())
+    lines = [json.loads(s) for s in (src / "messages.jsonl").read_text().splitlines()]
+    plan = next(ln for ln in lines if ln.get("type") == "RoundPlan")
+    plan["decoded"]["eps"] = plan["decoded"]["eps"] * 2  # the recording now disagrees with the bytes
+    (dst / "messages.jsonl").write_text("".join(json.dumps(ln) + "\n" for ln in lines))
+    (t,) = runner.run([dst], IMPL, vectors=None)
+    assert any("eps" in f for f in t.failures), t.failures
