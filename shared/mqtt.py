@@ -329,6 +329,16 @@ class MqttLink:
         if self.connected.is_set():
             self._client.subscribe(topic, qos)
 
+    def unsubscribe(self, topic: str) -> None:
+        self.subscriptions = [(t, q) for t, q in self.subscriptions if t != topic]
+        if self.connected.is_set():
+            self._client.unsubscribe(topic)
+
+    @property
+    def username(self) -> str | None:
+        """The login name in use (None: anonymous)."""
+        return self._client.username
+
     # -- callbacks: never block ------------------------------------------------------------------
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any) -> None:
         self._got_connack = True
