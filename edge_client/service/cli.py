@@ -16,6 +16,7 @@ from types import FrameType
 from typing import Any
 
 from edge_client.service.config import ENV_PREFIX, ClientConfig, ConfigError, load_client_config
+from shared.cli import log_level_given
 from shared.config import describe, parse_overrides
 
 log = logging.getLogger("edge_client.service")
@@ -48,9 +49,8 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"meerkat client: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    logging.getLogger().setLevel(cfg.log_level)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not log_level_given(args):  # -v/-q on the command line win over the file's log_level
+        logging.getLogger().setLevel(cfg.log_level)
     log.info("client %s, fleet %s, broker %s", cfg.client_id, cfg.fleet, cfg.broker)
     if args.check and not _broker_check(cfg):
         return EXIT_BROKER
