@@ -256,6 +256,7 @@ class MqttLink:
         pw = password if password is not None else self.address.password
         if user is not None:
             c.username_pw_set(user, pw)
+        self._client_cert = tls is not None and tls.certfile is not None
         if self.address.tls or tls is not None:
             t = tls or TlsOptions()
             c.tls_set(
@@ -375,10 +376,12 @@ class MqttLink:
         self.connected.clear()
         if not self._got_connack:
             # closed before any CONNACK: typically plain MQTT sent to a TLS port, or a refused client cert
-            self.trouble.report(
-                f"{self.address} closed the connection before answering the login ({reason}): if that port "
-                "is a TLS listener use mqtts:// and tls_ca; else check the broker's log"
-            )
+            if self._client_cert:  # TLS 1.3: a refused client certificate shows up only as this close
+                hint = ("the broker rejected this client certificate (revoked, expired or signed by another CA: "
+                        "check tls_cert/tls_key and the broker's log)")
+            else:
+                hint = "if that port is a TLS listener use mqtts:// and tls_ca; else check the broker's log"
+            self.trouble.report(f"{self.address} closed the connection before answering the login ({reason}): {hint}")
         elif was_connected and not self._stopping:
             log.warning("disconnected from %s: %s (reconnecting)", self.address, reason)
         self._got_connack = False
