@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-SUBCOMMANDS: tuple[str, ...] = ("coordinator.server_cli", "coordinator.mask.cli")
+SUBCOMMANDS: tuple[str, ...] = ("coordinator.server_cli", "coordinator.mask.cli", "coordinator.provision")
 
 
 def register(sub: Any) -> None:

@@ -49,6 +49,9 @@ class CoordinatorConfig:
     tls_ca: Path | None = cfg.field(None, "CA bundle to verify the broker (enables TLS)")
     tls_cert: Path | None = cfg.field(None, "client certificate for mutual TLS (needs tls_key)")
     tls_key: Path | None = cfg.field(None, "private key of tls_cert")
+    allow_plaintext_password: bool = cfg.field(
+        False, "allow password_file with plain mqtt:// to a non-loopback host (the password crosses the network in clear)"
+    )
     fleet: str = cfg.field(
         "default", "fleet id: topics live under meerkat/v1/{fleet}/", (_is_id, "is not a valid id")
     )
@@ -210,7 +213,8 @@ class CoordinatorConfig:
         from shared.mqtt import broker_settings_problems
 
         problems += broker_settings_problems(
-            self.broker, self.username, self.password_file, self.tls_ca, self.tls_cert, self.tls_key
+            self.broker, self.username, self.password_file, self.tls_ca, self.tls_cert, self.tls_key,
+            self.allow_plaintext_password,
         )
         return problems
 

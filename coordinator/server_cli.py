@@ -23,6 +23,11 @@ def register(sub: Any) -> None:
     p.add_argument("--state-dir", type=Path, help="override state_dir")
     p.add_argument("--broker", help="override broker url")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
+    p.add_argument(
+        "--check", action="store_true",
+        help="validate config, mask and model, test the broker (TLS, login, subscribe, read+write round trip), "
+        "exit 0 or 4 (broker) / 2 (config); run it while the coordinator is stopped: it uses the same session",
+    )
     p.set_defaults(func=_run_coordinator)
 
     e = sub.add_parser("export", help="merge the learned values into the base model (HF save_pretrained dir)")
@@ -74,6 +79,8 @@ def _run_coordinator(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError, RuntimeError, OSError) as exc:  # mask/model/state problems, each named
         print(f"meerkat coordinator: {exc}", file=sys.stderr)
         return 2
+    if args.check:
+        return 0 if _broker_check(config) else 4
     signal.signal(signal.SIGTERM, lambda *_: coord.stop())
     signal.signal(signal.SIGINT, lambda *_: coord.stop())
     return coord.run()
@@ -126,3 +133,23 @@ def _run_status(args: argparse.Namespace) -> int:
         return 2
     print(json.dumps(rep) if args.json else format_status(rep))
     return 0
+
+
+def _broker_check(c: Any) -> bool:
+    """The coordinator's side of the preflight (shared/preflight.py): prints the report, True when it passed."""
+    from shared.mqtt import read_secret, tls_for
+    from shared.preflight import Plan, report, run_preflight
+    from shared.topics import Topics
+
+    t = Topics(c.fleet)
+    plan = Plan(
+        read=tuple(t.filter(k) for k in ("up", "join", "hb", "status", "sync")),
+        write=(),
+        roundtrip=t.to(c.client_id),  # no device reads it; the coordinator's ACL must allow read+write
+    )
+    tls = tls_for(c.broker, c.tls_ca, c.tls_cert, c.tls_key)
+    checks = run_preflight(c.broker, c.client_id, plan, username=c.username,
+                           password=read_secret(c.password_file), tls=tls)
+    text, ok = report(checks)
+    print(text, file=sys.stdout if ok else sys.stderr)
+    return ok

@@ -191,12 +191,28 @@ def parse_overrides(pairs: list[str]) -> dict[str, str]:
     return out
 
 
+def type_name(typ: Any) -> str:
+    """`str`, `Path | None`, `'nf4' | 'int8'`, `tuple[str, ...]`: how --print-config names a field's type."""
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(type_name(a) for a in typing.get_args(typ))
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in typing.get_args(typ))
+    if origin is tuple:
+        args = typing.get_args(typ)
+        inner = ", ".join("..." if a is Ellipsis else type_name(a) for a in args)
+        return f"tuple[{inner}]"
+    if typ is type(None):
+        return "None"
+    return getattr(typ, "__name__", str(typ).replace("typing.", ""))
+
+
 def describe(cls: type[Any]) -> str:
     """A commented TOML listing of every field, its default and its why: for docs and `--print-config`."""
     hints = typing.get_type_hints(cls)
     lines = []
     for f in dataclasses.fields(cls):
-        lines.append(f"# {f.metadata.get('help', '')}  ({hints[f.name]!s})".replace("typing.", ""))
+        lines.append(f"# {f.metadata.get('help', '')}  ({type_name(hints[f.name])})")
         default = f.default
         if isinstance(default, Path):
             default = str(default)

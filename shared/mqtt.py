@@ -14,14 +14,18 @@ Rules it keeps (from the paho examples and docs/PROTOCOL.md):
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import queue
+import re
+import socket
 import ssl
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import ParseResult, unquote, urlparse
+from urllib.parse import unquote, urlparse
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -29,7 +33,8 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PORT = {"mqtt": 1883, "tcp": 1883, "mqtts": 8883, "ssl": 8883}
+DEFAULT_PORT = {"mqtt": 1883, "mqtts": 8883}
+_URL = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<rest>.*)$")
 
 
 @dataclass(frozen=True)
@@ -42,39 +47,64 @@ class BrokerAddress:
 
     @classmethod
     def parse(cls, url: str) -> BrokerAddress:
-        """`mqtt://[user[:pass]@]host[:port]` or `mqtts://...` (TLS); the password never gets logged."""
-        parsed = _urlparse(url)
-        if parsed.scheme not in DEFAULT_PORT:
-            raise ValueError(f"broker url {redact(url)!r}: scheme must be mqtt:// or mqtts://")
+        """`mqtt://[user[:pass]@]host[:port]` or `mqtts://...` (TLS); the password never gets logged.
+
+        Strict on purpose: a typo such as `mqtt//host:1883` must fail here, not become a connection to
+        a host called "mqtt" that hangs forever.
+        """
+        m = _URL.match(url.strip())
+        if m is None:
+            raise ValueError(f"{redact(url)!r} is not a url: write mqtt://host:port or mqtts://host:port")
+        scheme = m["scheme"].lower()
+        if scheme not in DEFAULT_PORT:
+            raise ValueError(f"{redact(url)!r}: scheme {scheme}:// is not supported (use mqtt:// or mqtts://)")
+        parsed = urlparse(url.strip())
         if not parsed.hostname:
-            raise ValueError(f"broker url {redact(url)!r}: no host")
+            raise ValueError(f"{redact(url)!r}: no host (write {scheme}://host:port)")
+        if parsed.path not in ("", "/") or parsed.query or parsed.fragment or parsed.params:
+            raise ValueError(f"{redact(url)!r}: unexpected path or query after host:port")
+        if parsed.netloc.endswith(":"):
+            raise ValueError(f"{redact(url)!r}: empty port after ':'")
         try:
-            port = parsed.port or DEFAULT_PORT[parsed.scheme]
-        except ValueError as exc:
-            raise ValueError(f"broker url {redact(url)!r}: bad port ({exc})") from None
+            port = parsed.port or DEFAULT_PORT[scheme]
+        except ValueError:
+            raise ValueError(f"{redact(url)!r}: the port must be a number in 1..65535") from None
         return cls(
             host=parsed.hostname,
             port=port,
-            tls=parsed.scheme in ("mqtts", "ssl"),
+            tls=scheme == "mqtts",
             username=unquote(parsed.username) if parsed.username else None,
             password=unquote(parsed.password) if parsed.password else None,
         )
+
+    @property
+    def loopback(self) -> bool:
+        return is_loopback(self.host)
 
     def __str__(self) -> str:
         return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
 
-def _urlparse(url: str) -> ParseResult:
-    """urlparse with mqtt:// assumed when the url has no scheme ("host:port")."""
-    return urlparse(url if "://" in url else f"mqtt://{url}")
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback addresses: traffic that never leaves the machine."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def redact(url: str) -> str:
     """The url with any password replaced by ***, for logs and errors."""
-    parsed = _urlparse(url)
-    if parsed.password is None:
+    try:
+        parsed = urlparse(url)
+        password = parsed.password
+    except ValueError:
         return url
-    return url.replace(f":{parsed.password}@", ":***@", 1)
+    if password is None:
+        return url
+    return url.replace(f":{password}@", ":***@", 1)
 
 
 @dataclass(frozen=True)
@@ -100,6 +130,81 @@ class Incoming:
     mid: int
     qos: int
     retain: bool
+
+
+REPEAT_EVERY = 20  # a cause that persists is logged again at WARNING every this many attempts
+
+
+def explain_connect_error(exc: BaseException | None, address: BrokerAddress) -> str:
+    """One line for an error raised while opening the connection: what went wrong and what to change."""
+    where = f"{address.host}:{address.port}"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        why = exc.verify_message or str(exc)
+        if "hostname" in why.lower() or "ip address mismatch" in why.lower():
+            return (f"TLS: the broker's certificate is not valid for {address.host!r} ({why}); connect by the name "
+                    "in its certificate (or, on test setups only, set tls_insecure)")
+        return (f"TLS: cannot verify the broker's certificate ({why}); set tls_ca to the CA file that signed "
+                "the broker's certificate")
+    if isinstance(exc, ssl.SSLError):
+        reason = getattr(exc, "reason", None) or str(exc)
+        if "WRONG_VERSION_NUMBER" in str(reason).upper() or "record layer" in str(exc):
+            return (f"TLS handshake with {where} failed ({reason}): that port does not speak TLS; use mqtt:// "
+                    "for a plain listener or the broker's TLS port (8883)")
+        return (f"TLS handshake with {where} failed ({reason}); check tls_ca/tls_cert/tls_key and that the "
+                "broker accepts this client certificate")
+    if isinstance(exc, ConnectionRefusedError):
+        return f"connection to {where} refused: nothing listens there; is the broker running and the port right?"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve broker host {address.host!r} ({exc.strerror}); check the host name in broker"
+    if isinstance(exc, (TimeoutError, socket.timeout)):
+        return f"no answer from {where} (timed out); check the address and any firewall between here and it"
+    if isinstance(exc, ConnectionResetError):
+        return (f"{where} closed the connection during set-up; if it is a TLS port, use mqtts:// "
+                "(and tls_ca), else check the broker's log")
+    if isinstance(exc, OSError):
+        return f"cannot connect to {where}: {exc.strerror or exc}; check the network and broker url"
+    return f"cannot connect to {where}: {exc!r}"
+
+
+def explain_refusal(reason: ReasonCode | str) -> str:
+    """One line for a CONNACK refusal (MQTT 3.1.1 codes 1-5)."""
+    text = str(reason)
+    low = text.lower()
+    if "not authori" in low or "bad user name or password" in low:
+        return (f"the broker refused the login ({text}): wrong password, unknown user or no user given; "
+                "check username and password_file against the broker's password file")
+    if "identifier" in low:
+        return f"the broker refused the client id ({text}); check client_id"
+    if "unavailable" in low:
+        return f"the broker is unavailable ({text}); try later or check the broker's log"
+    return f"the broker refused the connection ({text})"
+
+
+class _Trouble:
+    """Logs connection trouble loudly but not every retry: WARNING on the first occurrence of a cause, when
+    the cause changes and every REPEAT_EVERY-th repeat; DEBUG otherwise. `last` keeps the latest line."""
+
+    def __init__(self) -> None:
+        self.last: str | None = None
+        self.repeats = 0
+        self.failures = 0
+
+    def report(self, line: str, level: int = logging.WARNING) -> None:
+        self.failures += 1
+        if line != self.last:
+            self.last, self.repeats = line, 0
+            log.log(level, "%s (retrying)", line)
+            return
+        self.repeats += 1
+        if self.repeats % REPEAT_EVERY == 0:
+            log.log(level, "%s (still failing after %d attempts, retrying)", line, self.repeats + 1)
+        else:
+            log.debug("%s (attempt %d)", line, self.repeats + 1)
+
+    def recovered(self, address: BrokerAddress) -> None:
+        if self.failures:
+            log.warning("connected to %s after %d failed attempts", address, self.failures)
+        self.last, self.repeats, self.failures = None, 0, 0
 
 
 class MqttLink:
@@ -131,8 +236,12 @@ class MqttLink:
         self.published: queue.Queue[int] = queue.Queue()
         self.connected = threading.Event()
         self.connect_count = 0
+        self.trouble = _Trouble()  # `trouble.last`: the latest connection problem, one line
+        self.refused_subscriptions: list[str] = []
+        self._got_connack = False
         self._keepalive = keepalive
         self._started = False
+        self._stopping = False
         c = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=client_id,
@@ -147,6 +256,7 @@ class MqttLink:
         pw = password if password is not None else self.address.password
         if user is not None:
             c.username_pw_set(user, pw)
+        self._client_cert = tls is not None and tls.certfile is not None
         if self.address.tls or tls is not None:
             t = tls or TlsOptions()
             c.tls_set(
@@ -160,6 +270,7 @@ class MqttLink:
         if will is not None:
             c.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
         c.on_connect = self._on_connect
+        c.on_connect_fail = self._on_connect_fail
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
         c.on_publish = self._on_publish
@@ -192,8 +303,10 @@ class MqttLink:
                 info.wait_for_publish(timeout)
             except (ValueError, RuntimeError) as exc:
                 log.warning("final publish not confirmed: %s", exc)
+        self._stopping = True
         self._client.disconnect()
         self._client.loop_stop()
+        self._stopping = False
         self._started = False
         self.connected.clear()
 
@@ -217,12 +330,24 @@ class MqttLink:
         if self.connected.is_set():
             self._client.subscribe(topic, qos)
 
+    def unsubscribe(self, topic: str) -> None:
+        self.subscriptions = [(t, q) for t, q in self.subscriptions if t != topic]
+        if self.connected.is_set():
+            self._client.unsubscribe(topic)
+
+    @property
+    def username(self) -> str | None:
+        """The login name in use (None: anonymous)."""
+        return self._client.username
+
     # -- callbacks: never block ------------------------------------------------------------------
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any) -> None:
+        self._got_connack = True
         if reason.is_failure:
-            log.warning("broker %s refused connection: %s", self.address, reason)
+            self.trouble.report(f"{self.address}: {explain_refusal(reason)}", logging.ERROR)
             return
         self.connect_count += 1
+        self.trouble.recovered(self.address)
         log.info("connected to %s (session present: %s)", self.address, getattr(flags, "session_present", "?"))
         for topic, payload, qos, retain in self.on_connect_publish:
             client.publish(topic, payload, qos=qos, retain=retain)
@@ -235,14 +360,35 @@ class MqttLink:
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
         # `connected` means "subscribed too": nothing published to us after this is missed
         if mid == self._sub_mid:
-            failed = [r for r in reasons if r.is_failure]
-            if failed:
-                log.error("broker refused subscriptions %s: %s", self.subscriptions, failed)
+            log.debug("SUBACK %s for %s", [str(r) for r in reasons], self.subscriptions)
+            refused = [t for (t, _q), r in zip(self.subscriptions, reasons, strict=False) if r.is_failure]
+            self.refused_subscriptions = refused
+            if refused:
+                log.error(
+                    "broker %s refused the subscriptions %s (SUBACK 0x80): the broker ACL does not let user %r "
+                    "read them; fix the ACL entry for this user or the fleet/client_id", self.address,
+                    " ".join(refused), self._client.username or self.client_id,
+                )
             self.connected.set()
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any) -> None:
+        was_connected = self.connected.is_set()
         self.connected.clear()
-        log.info("disconnected from %s: %s", self.address, reason)
+        if not self._got_connack:
+            # closed before any CONNACK: typically plain MQTT sent to a TLS port, or a refused client cert
+            if self._client_cert:  # TLS 1.3: a refused client certificate shows up only as this close
+                hint = ("the broker rejected this client certificate (revoked, expired or signed by another CA: "
+                        "check tls_cert/tls_key and the broker's log)")
+            else:
+                hint = "if that port is a TLS listener use mqtts:// and tls_ca; else check the broker's log"
+            self.trouble.report(f"{self.address} closed the connection before answering the login ({reason}): {hint}")
+        elif was_connected and not self._stopping:
+            log.warning("disconnected from %s: %s (reconnecting)", self.address, reason)
+        self._got_connack = False
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        # paho calls this inside its `except OSError:` block without passing the error: exc_info has it
+        self.trouble.report(explain_connect_error(sys.exc_info()[1], self.address))
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         self.inbox.put(Incoming(message.topic, bytes(message.payload), message.mid, message.qos, bool(message.retain)))
@@ -267,14 +413,24 @@ def broker_settings_problems(
     tls_ca: Path | None,
     tls_cert: Path | None,
     tls_key: Path | None,
+    allow_plaintext_password: bool = False,
 ) -> list[str]:
     """Config checks every side makes on its broker settings, each naming the key (client and coordinator)."""
     problems: list[str] = []
     try:
-        if BrokerAddress.parse(broker).password is not None:
-            problems.append("broker: put the password in password_file, not in the url")
+        addr = BrokerAddress.parse(broker)
     except ValueError as exc:
         problems.append(f"broker: {exc}")
+    else:
+        if addr.password is not None:
+            problems.append("broker: put the password in password_file, not in the url")
+        plaintext = not addr.tls and tls_ca is None and tls_cert is None
+        if plaintext and password_file is not None and not addr.loopback and not allow_plaintext_password:
+            problems.append(
+                f"password_file: the password would cross the network in clear text ({addr} is plain MQTT to a "
+                "non-loopback host); use mqtts:// with tls_ca, or set allow_plaintext_password = true "
+                "(trusted networks only)"
+            )
     for key, p in (("password_file", password_file), ("tls_ca", tls_ca), ("tls_cert", tls_cert), ("tls_key", tls_key)):
         if p is not None and not p.is_file():
             problems.append(f"{key}: file {p} does not exist")

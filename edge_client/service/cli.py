@@ -2,7 +2,7 @@
 
 Exit codes: 0 clean stop (SIGTERM/SIGINT: the current step finishes, offline status is published);
 2 bad configuration (every problem listed, nothing started); 3 the model, mask, data, memory budget or
-state directory cannot be used (nothing published).
+state directory cannot be used (nothing published); 4 (`--check` only) the broker check failed.
 """
 
 from __future__ import annotations
@@ -16,12 +16,14 @@ from types import FrameType
 from typing import Any
 
 from edge_client.service.config import ENV_PREFIX, ClientConfig, ConfigError, load_client_config
+from shared.cli import log_level_given
 from shared.config import describe, parse_overrides
 
 log = logging.getLogger("edge_client.service")
 
 EXIT_CONFIG = 2
 EXIT_SETUP = 3
+EXIT_BROKER = 4
 
 
 def register(sub: Any) -> None:
@@ -33,7 +35,8 @@ def register(sub: Any) -> None:
     p.add_argument("--config", type=Path, help="client.toml (keys: see --print-config)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key")
     p.add_argument("--print-config", action="store_true", help="print every key with its default and exit")
-    p.add_argument("--check", action="store_true", help="validate config, load model/mask/data, plan memory, exit")
+    p.add_argument("--check", action="store_true", help="validate config, test the broker (TLS, login, subscribe, publish), load model/mask/data, plan memory, "
+        "exit (0 ok, 2 config, 3 setup, 4 broker); run it before the service starts: it uses the same session")
     p.set_defaults(func=run)
 
 
@@ -46,10 +49,11 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"meerkat client: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    logging.getLogger().setLevel(cfg.log_level)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not log_level_given(args):  # -v/-q on the command line win over the file's log_level
+        logging.getLogger().setLevel(cfg.log_level)
     log.info("client %s, fleet %s, broker %s", cfg.client_id, cfg.fleet, cfg.broker)
+    if args.check and not _broker_check(cfg):
+        return EXIT_BROKER
 
     from edge_client.service.client import EdgeClient
     from edge_client.service.state import StateError
@@ -79,3 +83,27 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     return client.run()
+
+
+def _broker_check(cfg: ClientConfig) -> bool:
+    """The device's side of the preflight (shared/preflight.py): prints the report, True when it passed."""
+    import time
+
+    from shared.codec import encode
+    from shared.messages import Status
+    from shared.mqtt import tls_for
+    from shared.preflight import Plan, report, run_preflight
+    from shared.topics import Topics
+
+    t, c = Topics(cfg.fleet), cfg.client_id
+    offline = encode(Status(client="", online=False, ts=time.time()))  # what a stopped client shows anyway
+    plan = Plan(
+        read=(t.plan, t.filter("result"), t.to(c)),
+        write=((t.status(c), offline, True),),
+        must_not_read=(t.filter("status"),) if cfg.username else (),
+    )
+    tls = tls_for(cfg.broker, cfg.tls_ca, cfg.tls_cert, cfg.tls_key, cfg.tls_insecure)
+    checks = run_preflight(cfg.broker, c, plan, username=cfg.username, password=cfg.read_password(), tls=tls)
+    text, ok = report(checks)
+    print(text, file=sys.stdout if ok else sys.stderr)
+    return ok

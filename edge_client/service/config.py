@@ -47,6 +47,9 @@ class ClientConfig:
     tls_cert: Path | None = config.field(None, "client certificate for mutual TLS (needs tls_key)")
     tls_key: Path | None = config.field(None, "private key of tls_cert")
     tls_insecure: bool = config.field(False, "skip the broker host name check (test setups only)")
+    allow_plaintext_password: bool = config.field(
+        False, "allow password_file with plain mqtt:// to a non-loopback host (the password crosses the network in clear)"
+    )
     max_queued: int = config.field(
         1000, "bound on messages paho holds while offline (updates also stay in the outbox)", check=(_positive, "must be > 0")
     )
@@ -77,7 +80,8 @@ class ClientConfig:
         if not self.client_id:
             problems.append("client_id: required (set it in the file or MEERKAT_CLIENT_CLIENT_ID)")
         problems += broker_settings_problems(
-            self.broker, self.username, self.password_file, self.tls_ca, self.tls_cert, self.tls_key
+            self.broker, self.username, self.password_file, self.tls_ca, self.tls_cert, self.tls_key,
+            self.allow_plaintext_password,
         )
         if not (self.model_dir / "config.json").is_file():
             problems.append(f"model_dir: {self.model_dir} has no config.json")

@@ -42,7 +42,7 @@ def test_defaults_env_and_overrides(tmp_path: Path) -> None:
         ),
         ('mask = "m"\nlr = "fast"', "lr: expected a number"),
         ('mask = "m"\ntrim_fraction = 0.5', "trim_fraction: 0.5 must be in [0, 0.5)"),
-        ('mask = "m"\nbroker = "http://x"', "broker: broker url 'http://x': scheme must be"),
+        ('mask = "m"\nbroker = "http://x"', "broker: 'http://x': scheme http:// is not supported"),
         ('mask = "m"\nclients_per_round = 1\nmin_updates = 2', "clients_per_round: 1 is below min_updates 2"),
         ('fleet = "a/b"\nmask = "m"', "fleet: 'a/b' is not a valid id"),
         ("steps = 3", "mask: required"),

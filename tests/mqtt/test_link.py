@@ -19,12 +19,46 @@ def test_parse_urls() -> None:
     a = BrokerAddress.parse("mqtts://alice:s3cret@broker.local")
     assert (a.host, a.port, a.tls, a.username, a.password) == ("broker.local", 8883, True, "alice", "s3cret")
     assert "s3cret" not in str(a)
-    assert BrokerAddress.parse("127.0.0.1:1999").port == 1999
+    assert BrokerAddress.parse("mqtt://127.0.0.1:1999").port == 1999
+    assert BrokerAddress.parse("mqtt://[::1]:1999").loopback
     assert redact("mqtt://u:pw@h:1") == "mqtt://u:***@h:1"
     with pytest.raises(ValueError, match="scheme"):
         BrokerAddress.parse("http://x")
     with pytest.raises(ValueError, match="port"):
         BrokerAddress.parse("mqtt://x:notaport")
+
+
+@pytest.mark.parametrize("url,why", [
+    ("mqtt//127.0.0.1:18883", "not a url"),  # the typo that used to become mqtt://mqtt:1883
+    ("127.0.0.1:1883", "not a url"),  # scheme required
+    ("tcp://h:1883", "not supported"),
+    ("mqtt://:1883", "no host"),
+    ("mqtt://h:", "empty port"),
+    ("mqtt://h:99999", "port"),
+    ("mqtt://h:1883/path", "path"),
+])
+def test_bad_urls_are_refused_naming_the_key(url: str, why: str) -> None:
+    from shared.mqtt import broker_settings_problems
+
+    with pytest.raises(ValueError, match=why):
+        BrokerAddress.parse(url)
+    (problem,) = broker_settings_problems(url, None, None, None, None, None)
+    assert problem.startswith("broker: ") and why in problem
+
+
+def test_password_over_plaintext_to_a_remote_host_needs_consent(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from shared.mqtt import broker_settings_problems
+
+    pw = tmp_path / "pw"
+    pw.write_text("secret\n")
+    ca = tmp_path / "ca.pem"
+    ca.write_text("x")
+    (problem,) = broker_settings_problems("mqtt://broker.lan:1883", "dev", pw, None, None, None)
+    assert problem.startswith("password_file:") and "allow_plaintext_password" in problem
+    assert broker_settings_problems("mqtt://broker.lan:1883", "dev", pw, None, None, None, True) == []
+    assert broker_settings_problems("mqtt://127.0.0.1:1883", "dev", pw, None, None, None) == []
+    assert broker_settings_problems("mqtts://broker.lan", "dev", pw, None, None, None) == []
+    assert broker_settings_problems("mqtt://broker.lan:8883", "dev", pw, ca, None, None) == []  # tls_ca: TLS
 
 
 def test_publish_subscribe_and_puback(broker_url: str) -> None:
