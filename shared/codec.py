@@ -246,7 +246,7 @@ MIN_BODY = 1 << 10  # body floor: tiny types keep 1 KiB of slack (1024 objects a
 MIN_STR = 64  # str/bin floor: a short value of the wrong kind still gets INVALID_FIELD naming the field
 MIN_MAP = 16  # map floor: a key this version does not know is reported as UNKNOWN_FIELD, not MALFORMED
 MAX_EXT = 12  # a msgpack timestamp gets as far as validation (INVALID_FIELD); any other ext is MALFORMED
-MIN_WINDOW = 1 << 20  # zstd window floor (a frame's window may exceed its content; 1 MiB costs little)
+MIN_WINDOW = 8 << 20  # zstd window floor: what levels <= 19 use when streaming without a declared size
 
 
 @dataclass(frozen=True)
@@ -543,6 +543,11 @@ def _decompress(body: bytes, name: str, lim: Limits) -> bytes:
         raise DecodeError(
             ErrorCode.TOO_LARGE,
             f"{name}: zstd frame declares {params.content_size} bytes, over {lim.max_body}",
+        )
+    if params.window_size > lim.max_window:  # the decompressor would allocate the window up front
+        raise DecodeError(
+            ErrorCode.TOO_LARGE,
+            f"{name}: zstd frame asks for a {params.window_size}-byte window, over {lim.max_window}",
         )
     out = bytearray()
     try:
