@@ -20,7 +20,8 @@ from shared.mqtt import MqttLink
 from shared.topics import Topics
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "mosquitto"
-FLEET_A, FLEET_B = Topics("fleet-a"), Topics("fleet-b")  # client_00, client_01 in A; client_02 in B
+SHIPPED_FLEETS = {"fleet-a": ("client_00", "client_01"), "fleet-b": ("client_02",)}  # the example meerkat.acl
+FLEET_A, FLEET_B = Topics("fleet-a"), Topics("fleet-b")
 
 
 def _link(url: str, user: str, password: str | None, subs: tuple[str, ...] = ()) -> MqttLink:
@@ -134,10 +135,8 @@ def test_an_oversized_packet_is_refused_by_the_broker(acl_broker) -> None:  # ty
 
 
 def test_shipped_acl_is_rendered_for_the_test_fleets_and_has_no_fleet_wildcard() -> None:
-    from conftest import ACL_FLEETS
-
     shipped = (DEPLOY / "meerkat.acl").read_text()
-    assert shipped == render_acl(ACL_FLEETS)
+    assert shipped == render_acl(SHIPPED_FLEETS)
     assert "+/" not in shipped and "pattern" not in shipped
     with pytest.raises(ValueError, match="listed twice"):
         render_acl({"a": ["d1"], "b": ["d1"]})
