@@ -3,9 +3,11 @@
     byte 0   0xB0 | schema version (1)          byte 1  flags (bit 0: body is one zstd frame)
     byte 2   message type code                  bytes 3..  body = one msgpack map {int key: value}
 
-Every failure to decode raises DecodeError(code, reason) and nothing else. Sizes are checked before
-anything is decompressed or parsed: the payload against the type's limit, the decompressed body
-against MAX_BODY.
+Every failure to decode raises DecodeError(code, reason) and nothing else. Decoding costs O(the type's
+allowed size), never O(what a payload claims): every type has a `Limits` derived from its schema (the
+largest body a legal message can have, and how many containers, how long and how deep), checked before
+anything is decompressed (payload), while decompressing (bounded stream, bounded zstd window) and while
+parsing (msgpack's own length limits, plus container count and nesting depth counted in the hooks).
 """
 
 from __future__ import annotations
@@ -21,7 +23,13 @@ import zstandard
 
 from shared.messages import (
     CLIENT_FROM_TOPIC,
+    MAX_CAPS,
     MAX_CHUNK,
+    MAX_PLAN_CLIENTS,
+    MAX_REPLAY,
+    MAX_SEEDS,
+    MAX_STEPS,
+    MAX_STR,
     CheckpointChunk,
     ErrorCode,
     ErrorMsg,
@@ -45,7 +53,8 @@ HEADER_LEN = 3
 COMPRESS_THRESHOLD = 512  # bodies above this many bytes are zstd-compressed when that makes them smaller
 ZSTD_LEVEL = 3
 MAX_PAYLOAD = 8 << 20  # default limit on a whole payload, compressed or not
-MAX_BODY = 16 << 20  # limit on a decompressed body
+MAX_BODY = 16 << 20  # no decompressed body is ever larger (each type's own limit is in LIMITS)
+MAX_REPLAY_BODY = 4 << 20  # a Replay this big decodes in ~0.2 s; the coordinator sends chunks instead
 
 M = TypeVar("M")
 
@@ -170,36 +179,184 @@ class _Field:
     name: str
     kind: str
     optional: bool = False  # omitted from the map when None
+    n: int = 0  # most items a legal value holds: str/bin bytes, array items, map entries, results
+    kv: tuple[int, int] = (0, 0)  # map kinds: most UTF-8 bytes of a key, of a str value (0: scalars only)
 
 
-def _f(key: int, name: str, kind: str, optional: bool = False) -> _Field:
-    return _Field(key, name, kind, optional)
+def _f(
+    key: int, name: str, kind: str, optional: bool = False, n: int = 0, kv: tuple[int, int] = (0, 0)
+) -> _Field:
+    return _Field(key, name, kind, optional, n, kv)
 
 
-# type code, schema (key order = encoding order), max payload bytes
+ID_BYTES = 64  # a fleet/client id: at most 64 ASCII chars (shared.topics.ID_RE)
+_HDR = 5  # most bytes of a msgpack str/bin/array/map header (the 32-bit forms)
+_SCALAR = 9  # most bytes of a msgpack int or float (receivers accept any width)
+_CAPS_KV = (4 * 64, 4 * 256)  # Join.capabilities: key <= 64 chars, value a scalar or a str <= 256 chars
+_STEPS_KV = (ID_BYTES, 0)  # RoundPlan.steps: client id -> int
+
+
+# type code, schema (key order = encoding order), max payload bytes before the schema-derived bound (see
+# LIMITS: the payload limit is the smaller of this and the largest legal body + header)
 SCHEMAS: dict[type, tuple[int, tuple[_Field, ...], int]] = {
-    Join: (1, (_f(0, "fingerprint", "hex"), _f(1, "mask_id", "hex"), _f(2, "n_samples", "int"),
-               _f(3, "budget_gib", "f64"), _f(4, "capabilities", "map"), _f(5, "last_round", "int")), 64 << 10),
-    RoundPlan: (2, (_f(0, "fleet", "str"), _f(1, "round", "int"), _f(2, "seeds", "u64s"), _f(3, "lr", "f64"),
-                    _f(4, "eps", "f64"), _f(5, "dist", "dist"), _f(6, "steps", "map"), _f(7, "base_round", "int"),
-                    _f(8, "deadline", "f64"), _f(9, "fingerprint", "hex"), _f(10, "mask_id", "hex"),
-                    _f(11, "batch_size", "int"), _f(12, "values_checksum", "hex")), MAX_PAYLOAD),
-    Update: (3, (_f(0, "round", "int"), _f(1, "msg_id", "int"), _f(2, "grads", "f32s"), _f(3, "n_samples", "int"),
-                 _f(4, "fp_tag", "int"), _f(5, "loss", "f32")), 64 << 10),
-    RoundResult: (4, (_f(0, "round", "int"), _f(1, "seeds", "u64s"), _f(2, "scalars", "f64s"), _f(3, "lr", "f64"),
-                      _f(4, "dist", "dist"), _f(5, "n_clients", "int"), _f(6, "values_checksum", "hex")), 2 << 20),
+    Join: (1, (_f(0, "fingerprint", "hex", n=32), _f(1, "mask_id", "hex", n=8), _f(2, "n_samples", "int"),
+               _f(3, "budget_gib", "f64"), _f(4, "capabilities", "map", n=MAX_CAPS, kv=_CAPS_KV),
+               _f(5, "last_round", "int")), 64 << 10),
+    RoundPlan: (2, (_f(0, "fleet", "str", n=ID_BYTES), _f(1, "round", "int"), _f(2, "seeds", "u64s", n=MAX_SEEDS),
+                    _f(3, "lr", "f64"), _f(4, "eps", "f64"), _f(5, "dist", "dist"),
+                    _f(6, "steps", "map", n=MAX_PLAN_CLIENTS, kv=_STEPS_KV), _f(7, "base_round", "int"),
+                    _f(8, "deadline", "f64"), _f(9, "fingerprint", "hex", n=32), _f(10, "mask_id", "hex", n=8),
+                    _f(11, "batch_size", "int"), _f(12, "values_checksum", "hex", n=32)), MAX_PAYLOAD),
+    Update: (3, (_f(0, "round", "int"), _f(1, "msg_id", "int"), _f(2, "grads", "f32s", n=MAX_STEPS),
+                 _f(3, "n_samples", "int"), _f(4, "fp_tag", "int"), _f(5, "loss", "f32")), 64 << 10),
+    RoundResult: (4, (_f(0, "round", "int"), _f(1, "seeds", "u64s", n=MAX_SEEDS),
+                      _f(2, "scalars", "f64s", n=MAX_SEEDS), _f(3, "lr", "f64"), _f(4, "dist", "dist"),
+                      _f(5, "n_clients", "int"), _f(6, "values_checksum", "hex", n=32)), 2 << 20),
     Heartbeat: (5, (_f(0, "ts", "f64"), _f(1, "cpu_pct", "f32"), _f(2, "rss_bytes", "int"),
                     _f(3, "gpu_mem_bytes", "int", True), _f(4, "temp_c", "f32", True), _f(5, "power_w", "f32", True),
                     _f(6, "step_time_s", "f64", True), _f(7, "peak_mem_bytes", "int", True),
                     _f(8, "round", "int")), 4 << 10),
     Status: (6, (_f(0, "online", "bool"), _f(1, "ts", "f64")), 1 << 10),
     SyncRequest: (7, (_f(0, "have_round", "int"),), 1 << 10),
-    Replay: (8, (_f(0, "results", "results"),), MAX_PAYLOAD),
+    Replay: (8, (_f(0, "results", "results", n=MAX_REPLAY),), MAX_REPLAY_BODY),
     CheckpointChunk: (9, (_f(0, "round", "int"), _f(1, "index", "int"), _f(2, "total", "int"),
-                          _f(3, "sha256", "hex"), _f(4, "data", "bin")), MAX_CHUNK + (4 << 10)),
-    ErrorMsg: (10, (_f(0, "code", "int"), _f(1, "reason", "str")), 8 << 10),
+                          _f(3, "sha256", "hex", n=32), _f(4, "data", "bin", n=MAX_CHUNK)), MAX_CHUNK + (4 << 10)),
+    ErrorMsg: (10, (_f(0, "code", "int"), _f(1, "reason", "str", n=4 * MAX_STR)), 8 << 10),
 }  # fmt: skip
 BY_CODE: dict[int, type] = {code: cls for cls, (code, _, _) in SCHEMAS.items()}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What decoding one message type may cost. Every number follows from the type's schema (LIMITS)."""
+
+    max_payload: int  # whole payload, header included, compressed or not
+    max_body: int  # msgpack body after decompression: the largest legal body, at most MAX_BODY
+    max_str: int  # bytes of any one msgpack str
+    max_bin: int  # bytes of any one msgpack bin
+    max_array: int  # items of any one msgpack array
+    max_map: int  # entries of any one msgpack map
+    max_containers: int  # maps + arrays in the whole body, the top-level map included
+    max_depth: int  # nesting of containers: 1 = a top-level map of scalars only
+    max_window: int  # zstd window (bytes) a frame may ask the decompressor to allocate
+
+
+MIN_BODY = 1 << 10  # body floor: tiny types keep 1 KiB of slack (1024 objects at most cost nothing)
+MIN_STR = 64  # str/bin floor: a short value of the wrong kind still gets INVALID_FIELD naming the field
+MIN_MAP = 16  # map floor: a key this version does not know is reported as UNKNOWN_FIELD, not MALFORMED
+MAX_EXT = 12  # a msgpack timestamp gets as far as validation (INVALID_FIELD); any other ext is MALFORMED
+MIN_WINDOW = 8 << 20  # zstd window floor: what levels <= 19 use when streaming without a declared size
+
+
+@dataclass(frozen=True)
+class _FieldShape:
+    wire: int  # most bytes of the value on the wire
+    strs: int = 0
+    bins: int = 0
+    arrays: int = 0
+    maps: int = 0
+    containers: int = 0
+    depth: int = 0
+
+
+def _field_shape(f: _Field) -> _FieldShape:
+    """Upper bounds for one legal value of field `f` (any legal encoding, not just the reference one)."""
+    if f.kind in ("int", "f64", "f32", "dist"):
+        return _FieldShape(_SCALAR)
+    if f.kind == "bool":
+        return _FieldShape(1)
+    if f.kind == "str":
+        return _FieldShape(_HDR + f.n, strs=f.n)
+    if f.kind in ("bin", "hex"):
+        return _FieldShape(_HDR + f.n, bins=f.n)
+    if f.kind in ("f32s", "f64s", "u64s"):
+        size = 4 if f.kind == "f32s" else 8
+        return _FieldShape(_HDR + size * f.n, bins=size * f.n)
+    if f.kind == "map":  # str keys -> scalars (or str values where kv[1] says so)
+        k, v = f.kv
+        entry = _HDR + k + max(_SCALAR, _HDR + v if v else 0)
+        return _FieldShape(_HDR + f.n * entry, strs=max(k, v), maps=f.n, containers=1, depth=1)
+    if f.kind == "results":
+        inner = _derive(SCHEMAS[RoundResult][1], 1 << 62)
+        return _FieldShape(
+            _HDR + f.n * inner.max_body,
+            strs=inner.max_str,
+            bins=inner.max_bin,
+            arrays=f.n,
+            maps=inner.max_map,
+            containers=1 + f.n * inner.max_containers,
+            depth=1 + inner.max_depth,
+        )
+    raise AssertionError(f"no shape for field kind {f.kind!r}")
+
+
+def _derive(fields: tuple[_Field, ...], ceiling: int, body_ceiling: int = MAX_BODY) -> Limits:
+    """Limits of a type from its fields. `ceiling` caps the payload; `body_ceiling` the body where the
+    schema allows more than is sane to decode at once (Replay: 1024 results of 65 536 pairs each)."""
+    shapes = [_field_shape(f) for f in fields]
+    body = max(MIN_BODY, _HDR + sum(_SCALAR + s.wire for s in shapes))  # keys counted at any int width
+    body = min(body, body_ceiling)
+    window = MIN_WINDOW
+    while window < body:
+        window <<= 1
+    return Limits(
+        max_payload=min(ceiling, HEADER_LEN + body),  # senders compress only when that is smaller
+        max_body=body,
+        max_str=max([MIN_STR] + [s.strs for s in shapes]),
+        max_bin=max([MIN_STR] + [s.bins for s in shapes]),
+        max_array=max([0] + [s.arrays for s in shapes]),
+        max_map=max([MIN_MAP, len(fields)] + [s.maps for s in shapes]),
+        max_containers=1 + sum(s.containers for s in shapes),
+        max_depth=1 + max(s.depth for s in shapes),
+        max_window=window,
+    )
+
+
+_BODY_CEILING: dict[type, int] = {Replay: MAX_REPLAY_BODY}
+LIMITS: dict[type, Limits] = {
+    cls: _derive(fields, ceiling, _BODY_CEILING.get(cls, MAX_BODY))
+    for cls, (_, fields, ceiling) in SCHEMAS.items()
+}
+
+
+class _Shape:
+    """msgpack object_hook/list_hook: counts containers and their nesting depth while the body is built.
+
+    msgpack-python limits each container's length but not how many there are or how deep they nest (its
+    C stack stops at 1024 levels); the hooks run once per finished container, children before parents,
+    so a parent's depth is 1 + its deepest child's. Raising here stops the parse at once.
+    """
+
+    def __init__(self, name: str, lim: Limits) -> None:
+        self.name = name
+        self.lim = lim
+        self.depth: dict[int, int] = {}  # id(container) -> depth; every container stays alive in its parent
+
+    def on_map(self, obj: dict[Any, Any]) -> dict[Any, Any]:
+        self._check(obj, obj.values())
+        return obj
+
+    def on_array(self, obj: list[Any]) -> list[Any]:
+        self._check(obj, obj)
+        return obj
+
+    def _check(self, obj: object, children: Any) -> None:
+        if len(self.depth) >= self.lim.max_containers:
+            raise DecodeError(
+                ErrorCode.MALFORMED,
+                f"{self.name}: more than {self.lim.max_containers} maps/arrays in the body",
+            )
+        d = 1
+        if self.depth:  # the first container to finish holds none; skip scanning its (maybe many) values
+            for v in children:
+                if type(v) is dict or type(v) is list:
+                    d = max(d, self.depth.get(id(v), 1) + 1)
+        if d > self.lim.max_depth:
+            raise DecodeError(
+                ErrorCode.MALFORMED, f"{self.name}: containers nest deeper than {self.lim.max_depth}"
+            )
+        self.depth[id(obj)] = d
+
 
 _PACK = msgpack.Packer(use_bin_type=True, use_single_float=False, autoreset=True)
 _PACK32 = msgpack.Packer(use_bin_type=True, use_single_float=True, autoreset=True)
@@ -232,16 +389,23 @@ def encode(msg: Message) -> bytes:
     """Header + msgpack body (zstd-compressed when the body is over COMPRESS_THRESHOLD and that helps)."""
     if type(msg) not in SCHEMAS:
         raise TypeError(f"encode: not a message type: {type(msg).__name__}")
-    code, _, limit = SCHEMAS[type(msg)]
+    code = SCHEMAS[type(msg)][0]
+    lim = LIMITS[type(msg)]
     body = _pack_body(msg)
+    if len(body) > lim.max_body:
+        raise ValueError(
+            f"encode: {type(msg).__name__} body is {len(body)} bytes, over its limit of {lim.max_body}"
+        )
     flags = 0
     if len(body) > COMPRESS_THRESHOLD:
         packed = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True).compress(body)
         if len(packed) < len(body):
             body, flags = packed, FLAG_ZSTD
     data = bytes((MAGIC | VERSION, flags, code)) + body
-    if len(data) > limit:
-        raise ValueError(f"encode: {type(msg).__name__} is {len(data)} bytes, over its limit of {limit}")
+    if len(data) > lim.max_payload:
+        raise ValueError(
+            f"encode: {type(msg).__name__} is {len(data)} bytes, over its limit of {lim.max_payload}"
+        )
     return data
 
 
@@ -325,7 +489,8 @@ def decode(
         if cls not in allowed:
             names = "/".join(c.__name__ for c in allowed)
             raise DecodeError(ErrorCode.UNEXPECTED_TYPE, f"got {cls.__name__}, expected {names}")
-    limit = SCHEMAS[cls][2] if max_bytes is None else min(max_bytes, SCHEMAS[cls][2])
+    lim = LIMITS[cls]
+    limit = lim.max_payload if max_bytes is None else min(max_bytes, lim.max_payload)
     if len(data) > limit:
         raise DecodeError(
             ErrorCode.TOO_LARGE, f"{cls.__name__} payload of {len(data)} bytes over the limit of {limit}"
@@ -334,7 +499,12 @@ def decode(
         raise DecodeError(ErrorCode.BAD_CLIENT, f"client id from the topic is invalid: {client!r}")
     body = bytes(data[HEADER_LEN:])
     if flags & FLAG_ZSTD:
-        body = _decompress(body)
+        body = _decompress(body, cls.__name__, lim)
+    elif len(body) > lim.max_body:
+        raise DecodeError(
+            ErrorCode.TOO_LARGE, f"{cls.__name__} body of {len(body)} bytes over {lim.max_body}"
+        )
+    shape = _Shape(cls.__name__, lim)
     try:
         m = msgpack.unpackb(
             body,
@@ -343,6 +513,13 @@ def decode(
             use_list=True,
             ext_hook=_no_ext,
             timestamp=0,
+            object_hook=shape.on_map,
+            list_hook=shape.on_array,
+            max_str_len=lim.max_str,
+            max_bin_len=lim.max_bin,
+            max_array_len=lim.max_array,
+            max_map_len=lim.max_map,
+            max_ext_len=MAX_EXT,
         )
     except DecodeError:
         raise
@@ -355,27 +532,37 @@ def _no_ext(code: int, data: bytes) -> Any:
     raise DecodeError(ErrorCode.MALFORMED, f"msgpack ext type {code} not allowed")
 
 
-def _decompress(body: bytes) -> bytes:
+def _decompress(body: bytes, name: str, lim: Limits) -> bytes:
+    """One zstd frame -> at most lim.max_body bytes, never trusting the declared size or window."""
     try:
         params = zstandard.get_frame_parameters(body)
     except zstandard.ZstdError as exc:
         raise DecodeError(ErrorCode.DECOMPRESS_FAILED, f"not a zstd frame: {exc}") from exc
-    if params.content_size not in (zstandard.CONTENTSIZE_UNKNOWN,) and params.content_size > MAX_BODY:
+    if params.content_size != zstandard.CONTENTSIZE_UNKNOWN and params.content_size > lim.max_body:
         raise DecodeError(
-            ErrorCode.TOO_LARGE, f"zstd frame declares {params.content_size} bytes, over {MAX_BODY}"
+            ErrorCode.TOO_LARGE,
+            f"{name}: zstd frame declares {params.content_size} bytes, over {lim.max_body}",
+        )
+    if params.window_size > lim.max_window:  # the decompressor would allocate the window up front
+        raise DecodeError(
+            ErrorCode.TOO_LARGE,
+            f"{name}: zstd frame asks for a {params.window_size}-byte window, over {lim.max_window}",
         )
     out = bytearray()
     try:
-        with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(body), read_across_frames=False) as reader:
-            while len(out) <= MAX_BODY:
-                chunk = reader.read(1 << 20)
+        dctx = zstandard.ZstdDecompressor(max_window_size=lim.max_window)
+        with dctx.stream_reader(io.BytesIO(body), read_across_frames=False) as reader:
+            while len(out) <= lim.max_body:
+                chunk = reader.read(min(1 << 20, lim.max_body + 1 - len(out)))
                 if not chunk:
                     break
                 out += chunk
     except zstandard.ZstdError as exc:
-        raise DecodeError(ErrorCode.DECOMPRESS_FAILED, f"zstd body is corrupt: {exc}") from exc
-    if len(out) > MAX_BODY:
-        raise DecodeError(ErrorCode.TOO_LARGE, f"decompressed body over {MAX_BODY} bytes")
+        raise DecodeError(
+            ErrorCode.DECOMPRESS_FAILED, f"{name}: zstd body is corrupt or refused: {exc}"
+        ) from exc
+    if len(out) > lim.max_body:
+        raise DecodeError(ErrorCode.TOO_LARGE, f"{name}: decompressed body over {lim.max_body} bytes")
     return bytes(out)
 
 
@@ -383,6 +570,8 @@ __all__ = [
     "COMPRESS_THRESHOLD",
     "DecodeError",
     "ErrorCode",
+    "LIMITS",
+    "Limits",
     "MAX_BODY",
     "MAX_PAYLOAD",
     "SCHEMAS",

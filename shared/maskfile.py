@@ -24,7 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
-from shared.fsio import atomic_write
+from shared.fsio import SHARED_MODE, atomic_write
 
 FORMAT_VERSION = 1
 _IDX = "idx."
@@ -200,7 +200,7 @@ def save_mask(mask: Mask, path: str | Path) -> None:
         "meerkat.created": m.created,
         "meerkat.shapes": json.dumps({k: list(mask.shapes[k]) for k in mask.layer_names}, sort_keys=True),
     }
-    atomic_write(Path(path), save(tensors, metadata=metadata))
+    atomic_write(Path(path), save(tensors, metadata=metadata), mode=SHARED_MODE)  # devices download masks
 
 
 def load_mask(path: str | Path, expected_fingerprint: str | None = None) -> Mask:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from clienttoy import ThreadedClient, ThreadedCoordinator, Toy, client_settings, coordinator_config, uid
+from clienttoy import ThreadedClient, ThreadedCoordinator, Toy, client_settings, coordinator_config
 
 from shared.apply import values_checksum
 
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 def test_round_through_acl_broker_with_password_files(toy: Toy, acl_broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     for user in ("coordinator", "client_00"):
         (tmp_path / f"{user}.pw").write_text(acl_broker.users[user] + "\n")
-    fleet = uid("acl")
+    fleet = "fleet-a"  # the shipped ACL names its fleets (deploy/mosquitto/meerkat.acl, tests/conftest.py)
     coord = ThreadedCoordinator(
         coordinator_config(toy, acl_broker.url, fleet, tmp_path / "coord", client_id="coordinator",
                            username="coordinator", password_file=tmp_path / "coordinator.pw"),
