@@ -37,11 +37,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from coordinator.broker_acl import render_acl
 from shared import config as cfg
+from shared.codec import LIMITS
 from shared.config import ConfigError, load_config
-from shared.topics import ID_RE, PREFIX
-
-DEVICE_WRITES = ("up", "join", "hb", "status", "sync")
+from shared.fsio import SHARED_MODE, STATE_MODE, atomic_write
+from shared.topics import ID_RE
 
 
 def _is_id(v: str) -> bool:
@@ -81,21 +82,17 @@ def _write(path: Path, data: str | bytes, secret: bool = False) -> None:
     if path.parent.parent.name in ("devices",) or path.parent.name in ("coordinator", "ca"):
         secret = True  # a bundle (or the CA) is private as a whole: 0600 files in a 0700 directory
         os.chmod(path.parent, 0o700)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if secret else 0o644)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-    os.chmod(tmp, 0o600 if secret else 0o644)
-    os.replace(tmp, path)
+    atomic_write(path, data.encode() if isinstance(data, str) else data, mode=STATE_MODE if secret else SHARED_MODE)
+
+
+# the largest legal meerkat payload + 4 KiB for the MQTT header, topic and properties (deploy/mosquitto/meerkat.conf)
+MAX_PACKET = max(lim.max_payload for lim in LIMITS.values()) + 4096
 
 
 def acl_text(f: Fleet) -> str:
-    base = f"{PREFIX}/{f.fleet}"
-    lines = [f"# meerkat fleet {f.fleet}: written by `meerkat provision` (do not edit: re-run it)",
-             f"user {f.coordinator_id}", f"topic readwrite {base}/#", ""]
-    lines += [f"pattern write {base}/{k}/%c" for k in DEVICE_WRITES]
-    lines += [f"pattern read {base}/plan", f"pattern read {base}/result/#", f"pattern read {base}/to/%c"]
-    return "\n".join(lines) + "\n"
+    """The per-fleet ACL (coordinator.broker_acl: one block per device, no fleet wildcard)."""
+    header = f"# meerkat fleet {f.fleet}: written by `meerkat provision` (do not edit: re-run it)\n"
+    return header + render_acl({f.fleet: f.devices}, coordinator=f.coordinator_id, observers=())
 
 
 def mosquitto_conf(f: Fleet) -> str:
@@ -106,11 +103,12 @@ per_listener_settings false
 allow_anonymous false
 password_file {d}/passwd
 acl_file {d}/acl
-# bounded queues per client (devices re-send from their outbox)
+# limits as in deploy/mosquitto/meerkat.conf (docs/SECURITY.md): the largest legal payload + 4 KiB,
+# bounded per-client queues in count and bytes (devices re-send from their outbox)
+max_packet_size {MAX_PACKET}
 max_queued_messages 1000
+max_queued_bytes 33554432
 max_inflight_messages 20
-# one MQTT packet: a checkpoint chunk (<= 1 MiB, chunk_bytes) plus headers
-max_packet_size 2097152
 persistence true
 persistence_location {d}/store/
 
