@@ -85,7 +85,7 @@ def test_decaying_client_limited_and_flag_survives_restart(
     mon = DriftMonitor.from_mask(mask)  # the test's own c_t, to script exact GradIP values
     fp, fleet = mask.meta.fingerprint, uid("f")
     kw = dict(fleet=fleet, **DRIFT)
-    caplog.set_level(logging.INFO, logger="coordinator.server")
+    caplog.set_level(logging.INFO, logger="coordinator")
     coord, runner = _start(tmp_path, broker_url, mask, 2, **kw)
     clients = {n: FakeClient(broker_url, fleet, uid(n)) for n in ("normal", "drift")}
     normal, drift = clients["normal"].cid, clients["drift"].cid
