@@ -313,6 +313,8 @@ class Coordinator:
     # -- out: commit, ack, publish -----------------------------------------------------------------
     def _carry_out(self, acts: Sequence[Action], acks: Sequence[Incoming] = ()) -> None:
         """Persist the records in one transaction, THEN ack, THEN publish / checkpoint, in the book's order."""
+        if not acts and not acks:
+            return
         records = [a.record for a in acts if isinstance(a, Persist)]
         if records:
             with self.log.transaction():
