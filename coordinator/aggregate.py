@@ -1,4 +1,4 @@
-"""Per-seed aggregation rules: N clients' T_k scalars -> T scalars G_t, in O(N T).
+"""Per-seed aggregation rules and late-update folding: N clients' T_k scalars -> the result's scalars, O(N T).
 
 Every client of a round shares its seeds s_0..s_{T-1}, so client k's virtual path is
     v_k = v - lr * sum_{t < T_k} g_{k,t} z_t
@@ -11,18 +11,32 @@ A client that ran fewer steps (T_k < T) has coordinate 0 along the later seeds (
            so this bounds every client's influence on the weights.
 - median:  G_t = median_k g_{k,t} (missing steps count as 0), unweighted: robust to < N/2 bad clients.
 - trimmed: per step, drop floor(trim_fraction * N) lowest and highest values, mean of the rest (unweighted).
+
+`result_scalars` is THE formula of a round result, late updates included (docs/PROTOCOL.md §5.1): a second
+implementation that follows it gets the same float64 bits. The inputs are not re-checked for
+finiteness: `shared.messages.Update` checked them at the wire boundary.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from shared.apply import fedavg_scalars
 
 RULES = ("fedavg", "clipped", "median", "trimmed")
+
+
+@dataclass(frozen=True)
+class Group:
+    """The updates of one round that go into a result: the round's seeds, each client's scalars and n_samples."""
+
+    seeds: tuple[int, ...]
+    grads: Mapping[str, Sequence[float]]
+    n_samples: Mapping[str, int]
 
 
 def _padded(per_client: Mapping[str, Sequence[float]], T: int) -> np.ndarray:
@@ -35,6 +49,25 @@ def _padded(per_client: Mapping[str, Sequence[float]], T: int) -> np.ndarray:
     return m
 
 
+def _check(rule: str, per_client: Mapping[str, Sequence[float]], T: int) -> None:
+    if rule not in RULES:
+        raise ValueError(f"aggregation rule must be one of {RULES}, got {rule!r}")
+    if not per_client:
+        raise ValueError("no client reported: nothing to aggregate")
+    for k, gs in per_client.items():
+        if len(gs) > T:
+            raise ValueError(f"client {k!r} reported {len(gs)} scalars, more than T={T}")
+
+
+def clip(gs: Sequence[float], clip_norm: float) -> list[float]:
+    """g scaled to L2 norm <= clip_norm: norm = sqrt(fsum(g_t^2)); g_t * (clip_norm / norm) when over."""
+    norm = math.sqrt(math.fsum(g * g for g in gs))
+    if norm <= clip_norm:
+        return list(gs)
+    scale = clip_norm / norm
+    return [g * scale for g in gs]
+
+
 def aggregate(
     rule: str,
     per_client: Mapping[str, Sequence[float]],
@@ -45,25 +78,12 @@ def aggregate(
     trim_fraction: float = 0.1,
 ) -> list[float]:
     """T scalars G_t from the reporting clients' scalars under `rule` (see module docstring)."""
-    if rule not in RULES:
-        raise ValueError(f"aggregation rule must be one of {RULES}, got {rule!r}")
-    if not per_client:
-        raise ValueError("no client reported: nothing to aggregate")
-    for k, gs in per_client.items():
-        if len(gs) > T:
-            raise ValueError(f"client {k!r} reported {len(gs)} scalars, more than T={T}")
-        if not all(math.isfinite(g) for g in gs):
-            raise ValueError(f"client {k!r} reported a non-finite scalar")
+    _check(rule, per_client, T)
     weights = {k: float(n_samples[k]) for k in per_client}
     if rule == "fedavg":
         return fedavg_scalars(per_client, weights, T)
     if rule == "clipped":
-        clipped: dict[str, list[float]] = {}
-        for k, gs in per_client.items():
-            norm = math.sqrt(math.fsum(g * g for g in gs))
-            scale = 1.0 if norm <= clip_norm else clip_norm / norm
-            clipped[k] = [g * scale for g in gs]
-        return fedavg_scalars(clipped, weights, T)
+        return fedavg_scalars({k: clip(gs, clip_norm) for k, gs in per_client.items()}, weights, T)
     m = _padded(per_client, T)
     if rule == "median":
         return [float(x) for x in np.median(m, axis=0)] if T else []
@@ -75,20 +95,52 @@ def aggregate(
     return [math.fsum(s[:, t].tolist()) / s.shape[0] for t in range(T)]
 
 
-def late_pairs(
-    late: Mapping[str, Sequence[float]],
-    n_samples: Mapping[str, int],
-    seeds: Sequence[int],
-    share: float,
-) -> tuple[list[int], list[float]]:
-    """Seeds and scalars that fold late updates of one closed round into a later result.
+def _weighted(group: Group, grads: Mapping[str, Sequence[float]], N: float, T: int) -> list[float]:
+    """G_t = fsum over the group's clients with T_k > t of (n_k / N) * g_{k,t}, t = 0..T-1."""
+    w = {k: float(group.n_samples[k]) / N for k in grads}
+    return [math.fsum(w[k] * gs[t] for k, gs in grads.items() if len(gs) > t) for t in range(T)]
 
-    The late clients are FedAvg-ed among themselves on their round's `seeds`, then scaled by `share`
-    (their sample share among everyone the later result uses). Returns ([], []) when nothing is late.
+
+def result_scalars(
+    rule: str,
+    on_time: Group,
+    late: Sequence[Group] = (),
+    *,
+    clip_norm: float = 10.0,
+    trim_fraction: float = 0.1,
+) -> tuple[list[int], list[float]]:
+    """(seeds, scalars) of a round result: the round's own updates plus late updates of older rounds.
+
+    Contributors j are the on-time clients U and, per late round r (in `late`, ascending round order),
+    its late clients L_r. With `clipped` every contributor's vector is clipped first (`clip`).
+        N    = fsum(n_j over U and every L_r)                   (n_j as float64)
+        w_j  = n_j / N                                         (one IEEE division)
+        fedavg, clipped:  G_t   = fsum_{j in U, T_j > t} w_j * g_{j,t}                 t < T
+        median, trimmed:  G_t   = (fsum_{j in U} n_j / N) * R_t   R_t = the rule over U alone (unweighted)
+        late round r:     G^r_t = fsum_{j in L_r, T_j > t} w_j * g_{j,t}            t < max_{j in L_r} T_j
+    Pairs: (s_t, G_t) for t < T, then for each late round r in order (s^r_t, G^r_t). Without late
+    updates this is exactly `aggregate(rule, ...)` (the share of U is then exactly 1.0). A late update
+    always counts with its FedAvg weight: the robust rules cannot rank one client's scalars of another
+    round against this round's, so they bound only the on-time part (and `clipped` bounds all).
     """
-    if not late:
-        return [], []
-    T = len(seeds)
-    g = fedavg_scalars(late, {k: float(n_samples[k]) for k in late}, T)
-    used = max(len(v) for v in late.values())
-    return list(seeds[:used]), [x * share for x in g[:used]]
+    T = len(on_time.seeds)
+    _check(rule, on_time.grads, T)
+    for g in late:
+        _check("fedavg", g.grads, len(g.seeds))
+
+    def prepared(g: Group) -> Mapping[str, Sequence[float]]:
+        return {k: clip(gs, clip_norm) for k, gs in g.grads.items()} if rule == "clipped" else g.grads
+
+    N = math.fsum(float(g.n_samples[k]) for g in (on_time, *late) for k in g.grads)
+    if rule in ("fedavg", "clipped"):
+        scalars = _weighted(on_time, prepared(on_time), N, T)
+    else:
+        share = math.fsum(float(on_time.n_samples[k]) for k in on_time.grads) / N
+        R = aggregate(rule, on_time.grads, on_time.n_samples, T, trim_fraction=trim_fraction)
+        scalars = [share * r for r in R]
+    seeds = list(on_time.seeds)
+    for g in late:
+        used = max(len(gs) for gs in g.grads.values())
+        seeds += g.seeds[:used]
+        scalars += _weighted(g, prepared(g), N, used)
+    return seeds, scalars

@@ -6,8 +6,12 @@ result (seeds + aggregated scalars: scalar replay and restart rebuild from them)
 reason, round decisions (events), MEERKAT-VP drift state per client and written checkpoints.
 
 Ingest contract: the caller runs a batch of writes inside `with log.transaction():` and acks the MQTT
-messages only after the block returns (= committed). Dedupe is the primary key (client, round) of
-`updates` plus its stored msg_id.
+messages only after the block returns (= committed). The round book (`coordinator/rounds.py`) decides
+what to write; `persist(record)` writes one of its records. Dedupe is the primary key (client, round)
+of `updates` plus its stored msg_id.
+
+This class owns ALL of the SQL: the pump, recovery, `meerkat status`, export and tests go through its
+methods (typed rows from `coordinator/records.py`), never through their own SELECTs.
 
 Seeds and msg_ids are u64, which SQLite INTEGER (signed i64) cannot hold: they are stored as JSON text /
 decimal text. Scalars are stored as little-endian float64 blobs (exact round trip).
@@ -21,12 +25,35 @@ import sqlite3
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 
+from coordinator.records import (
+    ClientRow,
+    ClientStatusRow,
+    DriftRecord,
+    DriftRow,
+    EventRecord,
+    EventRow,
+    HeartbeatRecord,
+    JoinRecord,
+    LimitRecord,
+    OfflineRecord,
+    OnlineRecord,
+    OpenRoundRow,
+    PlanRecord,
+    PlanRow,
+    Record,
+    RejectRecord,
+    ReplanRecord,
+    ResultRecord,
+    ResultRow,
+    SeenRecord,
+    UpdateRecord,
+    UpdateRow,
+)
 from shared.prng import Dist
 
 log = logging.getLogger(__name__)
@@ -124,62 +151,26 @@ def f64_list(blob: bytes) -> list[float]:
     return [float(x) for x in np.frombuffer(blob, dtype="<f8")]
 
 
-@dataclass(frozen=True)
-class PlanRow:
-    round: int
-    state: str
-    opened_at: float
-    deadline: float
-    seeds: tuple[int, ...]
-    steps: dict[str, int]
-    lr: float
-    eps: float
-    dist: Dist
-    batch_size: int
-    base_round: int
-    base_checksum: str
-    extensions: int
-
-
-@dataclass(frozen=True)
-class UpdateRow:
-    client: str
-    round: int
-    msg_id: int
-    grads: tuple[float, ...]
-    n_samples: int
-    loss: float
-    received_at: float
-    status: str
-    used_in: int | None
-
-
-@dataclass(frozen=True)
-class ResultRow:
-    round: int
-    seeds: tuple[int, ...]
-    scalars: tuple[float, ...]
-    lr: float
-    dist: Dist
-    n_clients: int
-    values_checksum: str
-    closed_at: float
-    duration_s: float
-
-
 class EventLog:
     """One writer connection (the coordinator thread). Readers (`meerkat status`) open their own."""
 
-    def __init__(self, state_dir: str | Path, synchronous: str = "full") -> None:
+    def __init__(self, state_dir: str | Path, synchronous: str = "full", *, readonly: bool = False) -> None:
+        """readonly=True (`meerkat status`): open an existing log with `mode=ro`; FileNotFoundError if absent."""
         self.dir = Path(state_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / DB_NAME
+        self._in_tx = False
+        if readonly:
+            if not self.path.is_file():
+                raise FileNotFoundError(f"{self.path} does not exist")
+            self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+            self.db.execute("PRAGMA busy_timeout=5000")
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
         self.db.execute("PRAGMA busy_timeout=5000")
         self.db.executescript(_SCHEMA)
-        self._in_tx = False
         if self.get_meta("schema_version") is None:
             with self.transaction():
                 self.set_meta("schema_version", str(SCHEMA_VERSION))
@@ -256,33 +247,27 @@ class EventLog:
         self._need_tx()
         self.db.execute("UPDATE clients SET seen_at=? WHERE client=?", (now, client))
 
-    def mark_offline_before(self, cutoff: float) -> list[str]:
+    def mark_offline(self, clients: Sequence[str]) -> None:
         self._need_tx()
-        rows = self.db.execute(
-            "SELECT client FROM clients WHERE online=1 AND (seen_at IS NULL OR seen_at < ?)", (cutoff,)
-        ).fetchall()
-        self.db.execute(
-            "UPDATE clients SET online=0 WHERE online=1 AND (seen_at IS NULL OR seen_at < ?)", (cutoff,)
-        )
-        return [str(r[0]) for r in rows]
+        self.db.executemany("UPDATE clients SET online=0 WHERE client=?", [(c,) for c in clients])
 
-    def eligible_clients(self, fingerprint: str, mask_id: str) -> list[str]:
-        """Joined, online clients of this model + mask, sorted by id."""
-        rows = self.db.execute(
-            """SELECT client FROM clients WHERE state='joined' AND online=1
-               AND fingerprint=? AND mask_id=? ORDER BY client""",
-            (fingerprint, mask_id),
-        ).fetchall()
-        return [str(r[0]) for r in rows]
+    def clients(self) -> list[ClientRow]:
+        """The registry as the round book needs it (recovery), sorted by id."""
+        q = "SELECT client, state, fingerprint, mask_id, n_samples, online, seen_at FROM clients ORDER BY client"
+        return [
+            ClientRow(str(c), str(st), str(fp), str(m), int(n), bool(on), None if seen is None else float(seen))
+            for c, st, fp, m, n, on, seen in self.db.execute(q)
+        ]
 
-    def client_state(self, client: str) -> str | None:
-        row = self.db.execute("SELECT state FROM clients WHERE client=?", (client,)).fetchone()
-        return None if row is None else str(row[0])
-
-    def count_online(self) -> int:
-        return int(
-            self.db.execute("SELECT COUNT(*) FROM clients WHERE online=1 AND state='joined'").fetchone()[0]
-        )
+    def client_status(self) -> list[ClientStatusRow]:
+        """Every registry column `meerkat status` shows, sorted by id."""
+        q = """SELECT client, state, reason, online, n_samples, last_round, seen_at, hb_at, telemetry, last_update_at,
+                      updates FROM clients ORDER BY client"""
+        return [
+            ClientStatusRow(str(c), str(st), str(rs), bool(on), int(n), int(lr), _opt(seen), _opt(hb),
+                            json.loads(tele or "{}"), _opt(lu), int(nup))
+            for c, st, rs, on, n, lr, seen, hb, tele, lu, nup in self.db.execute(q)
+        ]  # fmt: skip
 
     # -- rounds ----------------------------------------------------------------------------------
     def insert_plan(self, p: PlanRow) -> None:
@@ -321,14 +306,24 @@ class EventLog:
         ).fetchone()
         return None if row is None else self._plan(row)
 
-    # -- updates ---------------------------------------------------------------------------------
-    def find_update(self, client: str, round: int) -> tuple[int, str] | None:
-        """(msg_id, status) of the stored update of (client, round), if any."""
-        row = self.db.execute(
-            "SELECT msg_id, status FROM updates WHERE client=? AND round=?", (client, round)
-        ).fetchone()
-        return None if row is None else (int(row[0]), str(row[1]))
+    def plans(self, since: int) -> list[PlanRow]:
+        """Plans of rounds >= since, in round order."""
+        q = f"SELECT {self._PLAN_COLS} FROM rounds WHERE round>=? ORDER BY round"
+        return [self._plan(row) for row in self.db.execute(q, (since,)).fetchall()]
 
+    def open_round(self) -> OpenRoundRow | None:
+        """The open round's progress (for `meerkat status`), if one is open."""
+        row = self.db.execute(
+            "SELECT round, opened_at, deadline, steps, extensions FROM rounds WHERE state='open' ORDER BY round DESC"
+        ).fetchone()
+        if row is None:
+            return None
+        got = self.db.execute(
+            "SELECT COUNT(*) FROM updates WHERE round=? AND status='accepted'", (row[0],)
+        ).fetchone()[0]
+        return OpenRoundRow(int(row[0]), float(row[1]), float(row[2]), len(json.loads(row[3])), int(got), int(row[4]))
+
+    # -- updates ---------------------------------------------------------------------------------
     def insert_update(
         self, client: str, round: int, msg_id: int, grads: Sequence[float], n_samples: int, loss: float,
         status: str, now: float, gradip: Sequence[float] | None = None,
@@ -364,10 +359,18 @@ class EventLog:
             for c, r, m, g, n, lo, ts, st, u in self.db.execute(q, args).fetchall()
         ]  # fmt: skip
 
-    def reported_clients(self, round: int) -> list[str]:
-        """Clients with an accepted update for `round` (cheap: no scalar blobs)."""
-        rows = self.db.execute("SELECT client FROM updates WHERE round=? AND status='accepted'", (round,))
-        return [str(r[0]) for r in rows]
+    def update_keys(self, since: int) -> dict[tuple[str, int], int]:
+        """(client, round) -> msg_id of every stored update of rounds >= since (the round book's dedupe)."""
+        q = "SELECT client, round, msg_id FROM updates WHERE round>=?"
+        return {(str(c), int(r)): int(m) for c, r, m in self.db.execute(q, (since,))}
+
+    def latest_gradip(self, client: str) -> list[float] | None:
+        """GradIP values of the client's newest update that has them (MEERKAT-VP signal), if any."""
+        row = self.db.execute(
+            "SELECT gradip FROM updates WHERE client=? AND gradip IS NOT NULL ORDER BY round DESC LIMIT 1",
+            (client,),
+        ).fetchone()
+        return None if row is None else f64_list(row[0])
 
     def mark_used(self, keys: Sequence[tuple[str, int]], used_in: int, status: str) -> None:
         self._need_tx()
@@ -438,6 +441,13 @@ class EventLog:
         q = "SELECT client, limited_round FROM drift WHERE limited_round IS NOT NULL ORDER BY client"
         return {str(c): int(r) for c, r in self.db.execute(q)}
 
+    def drift_rows(self) -> list[DriftRow]:
+        q = "SELECT client, n_steps, early, late, rho_later, rho_quie, limited_round FROM drift ORDER BY client"
+        return [
+            DriftRow(str(c), int(n), _opt(e), _opt(la), _opt(rl), _opt(rq), None if lr is None else int(lr))
+            for c, n, e, la, rl, rq, lr in self.db.execute(q)
+        ]
+
     # -- rejects, events, checkpoints --------------------------------------------------------------
     def count_reject(self, reason: str, client: str, topic: str, detail: str, now: float) -> None:
         self._need_tx()
@@ -483,3 +493,67 @@ class EventLog:
                 "SELECT round, path, values_checksum FROM checkpoints ORDER BY round DESC"
             )
         ]
+
+    def events(self, *, kind: str | None = None, round: int | None = None, limit: int | None = None) -> list[EventRow]:
+        """Logged round decisions, oldest first (`limit`: only the newest `limit`)."""
+        where: list[str] = []
+        args: list[Any] = []
+        if kind is not None:
+            where.append("kind=?")
+            args.append(kind)
+        if round is not None:
+            where.append("round=?")
+            args.append(round)
+        q = "SELECT ts, round, kind, detail FROM events" + (" WHERE " + " AND ".join(where) if where else "")
+        q += " ORDER BY id DESC" + (f" LIMIT {int(limit)}" if limit is not None else "")
+        rows = [EventRow(float(ts), None if r is None else int(r), str(k), str(d)) for ts, r, k, d in self.db.execute(q, args)]
+        return rows[::-1]
+
+    def meta(self) -> dict[str, str]:
+        return {str(k): str(v) for k, v in self.db.execute("SELECT key, value FROM meta")}
+
+    # -- the round book's records ----------------------------------------------------------------
+    def persist(self, rec: Record) -> None:
+        """Write one record of `coordinator/rounds.py` (inside a transaction)."""
+        if isinstance(rec, UpdateRecord):
+            u = rec.update
+            self.insert_update(u.client, u.round, u.msg_id, u.grads, u.n_samples, u.loss, u.status, u.received_at,
+                               rec.gradip)  # fmt: skip
+        elif isinstance(rec, HeartbeatRecord):
+            self.record_heartbeat(rec.client, rec.telemetry, rec.now)
+        elif isinstance(rec, OnlineRecord):
+            self.set_online(rec.client, rec.online, rec.now)
+        elif isinstance(rec, SeenRecord):
+            self.touch(rec.client, rec.now)
+        elif isinstance(rec, JoinRecord):
+            self.upsert_join(
+                rec.client, state=rec.state, reason=rec.reason, fingerprint=rec.fingerprint, mask_id=rec.mask_id,
+                n_samples=rec.n_samples, budget_gib=rec.budget_gib, capabilities=rec.capabilities,
+                last_round=rec.last_round, now=rec.now,
+            )  # fmt: skip
+        elif isinstance(rec, RejectRecord):
+            self.count_reject(rec.reason, rec.client, rec.topic, rec.detail, rec.now)
+        elif isinstance(rec, EventRecord):
+            self.event(rec.kind, rec.detail, rec.round, rec.now)
+        elif isinstance(rec, OfflineRecord):
+            self.mark_offline(rec.clients)
+        elif isinstance(rec, PlanRecord):
+            self.insert_plan(rec.plan)
+        elif isinstance(rec, ReplanRecord):
+            self.replan(rec.round, rec.steps, rec.deadline, rec.extensions)
+        elif isinstance(rec, ResultRecord):
+            self.insert_result(rec.result)
+            for status in ("accepted", "folded"):
+                keys = [(c, r) for c, r, st in rec.used if st == status]
+                if keys:
+                    self.mark_used(keys, rec.result.round, status)
+        elif isinstance(rec, DriftRecord):
+            self.put_drift(rec.client, rec.n_steps, rec.early, rec.late, rec.rho_later, rec.rho_quie, rec.now)
+        elif isinstance(rec, LimitRecord):
+            self.set_limited(rec.client, rec.round, rec.now)
+        else:
+            raise TypeError(f"EventLog.persist: not a record: {rec!r}")
+
+
+def _opt(v: Any) -> float | None:
+    return None if v is None else float(v)

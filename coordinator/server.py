@@ -1,15 +1,17 @@
-"""The coordinator service: registry, round scheduler, durable ingest, aggregation, result broadcast.
+"""The coordinator service: a pump between the MQTT link, the round book and the event log.
 
-One thread owns everything (the MQTT link only fills queues). A loop iteration:
-  1. drain up to `BATCH` incoming messages, handle them in ONE SQLite transaction (a savepoint per
-     message, so one bad message never spoils the batch), COMMIT, then ack them (paho manual ack) and
-     only then publish the replies the handlers queued;
-  2. `tick()`: mark silent clients offline, open a round when enough clients are online, close or
-     extend the open round (docs/ARCHITECTURE.md, "Round lifecycle").
+All round rules live in `coordinator/rounds.py` (`RoundBook`); this module only moves bytes. One thread
+owns everything (the MQTT link only fills queues). A loop iteration:
+  1. drain up to `BATCH` incoming messages: parse the topic (the client id comes from it), decode, feed
+     each to the book; persist every record the book returned in ONE SQLite transaction, COMMIT, then
+     ack the messages (paho manual ack), and only then publish what the book asked for;
+  2. `book.tick(now)`: offline marking, the join nag, open / extend / close the round; same order
+     (commit, then publish, then write a checkpoint when asked).
 
-Restart after kill -9: the newest verified checkpoint + replay of the logged results gives the values;
-an open round is reopened with the updates already committed (an update acked before the crash is in
-the log; one delivered but not acked is re-delivered by the broker and deduped on (client, round)).
+Restart after kill -9: `coordinator/recovery.py` reads what the book needs from the log (values =
+newest verified checkpoint + replay of the logged results; an open round with its committed updates).
+An update acked before the crash is in the log; one delivered but not acked is re-delivered by the
+broker and deduped on (client, round).
 
     coord = Coordinator(load_coordinator_config("coordinator.toml"), stop_after_round=4)
     coord.run()          # returns after round 4 closed and its result was PUBACKed; coord.stop() from another thread
@@ -18,43 +20,40 @@ the log; one delivered but not acked is re-delivered by the broker and deduped o
 from __future__ import annotations
 
 import logging
-import math
 import queue
-import sqlite3
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import asdict
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
-from coordinator.aggregate import aggregate, late_pairs
-from coordinator.checkpoint import (
-    checkpoint_path,
-    rebuild_values,
-    value_chunks,
-    write_checkpoint,
-)
+from coordinator.checkpoint import checkpoint_path, write_checkpoint
 from coordinator.config import CoordinatorConfig
-from coordinator.drift import DriftMonitor, DriftStats
-from coordinator.eventlog import EventLog, PlanRow, ResultRow, UpdateRow
-from coordinator.ingest import Reject, check_join, check_update, decode_reject
+from coordinator.drift import DriftMonitor
+from coordinator.eventlog import EventLog
+from coordinator.ingest import Reject, decode_reject
 from coordinator.metrics import Metrics, MetricsServer
-from coordinator.scheduler import close_decision, round_seeds, sample_clients
-from shared.apply import apply_round, values_checksum
+from coordinator.records import (
+    LimitRecord,
+    PlanRecord,
+    PlanRow,
+    Record,
+    RejectRecord,
+    ResultRecord,
+    UpdateRecord,
+)
+from coordinator.recovery import recover
+from coordinator.rounds import Action, Duplicate, Persist, Publish, RoundBook, WriteCheckpoint
+from shared.apply import values_checksum
 from shared.codec import DecodeError, decode, encode
 from shared.config import ConfigError
-from shared.fingerprint import fp_tag as make_fp_tag
 from shared.maskfile import Mask, load_mask
 from shared.messages import (
-    CheckpointChunk,
     ErrorCode,
-    ErrorMsg,
     Heartbeat,
     Join,
     Message,
-    Replay,
     RoundPlan,
     RoundResult,
     Status,
@@ -67,10 +66,6 @@ from shared.topics import Topics
 log = logging.getLogger(__name__)
 
 BATCH = 512
-OFFLINE_CHECK_S = 1.0
-JOIN_GRACE_S = 2.0
-REJOIN_NAG_S = 10.0
-Publish = tuple[str, bytes, int, bool]
 INBOUND: dict[str, type[Message]] = {  # topic kind -> the message the coordinator accepts on it
     "up": Update,
     "join": Join,
@@ -114,7 +109,6 @@ class Coordinator:
                 ]
             )
         self.mask_id = self.mask.mask_id
-        self.fp_tag = make_fp_tag(self.fingerprint)
         self.nnz = self.mask.nnz
         self.v0 = initial_values if initial_values is not None else self._initial_values()
         if self.v0.dtype != torch.float32 or tuple(self.v0.shape) != (self.nnz,):
@@ -128,25 +122,44 @@ class Coordinator:
         self.state_dir = Path(config.state_dir)
         self.log = EventLog(self.state_dir, config.sqlite_synchronous)
         self.metrics = Metrics()
-        self.drift = (
+        drift = (
             DriftMonitor(grad, config.dist, config.drift_thresholds(), keep_history=False)
             if (grad := self.mask.flat_grad()) is not None
             else None
         )  # owns c_t: GradIP is computed once, stored, and fed to the monitor
-        self.drift_on = config.drift_control and self.drift is not None
-        if config.drift_control and self.drift is None:
+        if config.drift_control and drift is None:
             log.info("drift_control: the mask has no pre-training gradient (grad.*), so MEERKAT-VP is off")
         self._stop = threading.Event()
         self._pending_mids: set[int] = set()
-        self._unjoined: dict[str, float] = {}
-        self._last_offline_check = 0.0
         self.link: MqttLink | None = None
         self.metrics_server: MetricsServer | None = None
         self._check_meta()
-        self.values, self.last_round = self._recover_values()
-        self.plan: PlanRow | None = self._recover_plan()
-        self._recover_drift()
-        self.metrics.current_round.set(self.last_round)
+        self.book = RoundBook(
+            config, fingerprint=self.fingerprint, mask_id=self.mask_id, values=self.v0, drift=drift,
+            stop_after_round=self.stop_after_round,
+            recovered=recover(self.log, self.v0, self.mask_id, self.fingerprint, config.replay_max),
+        )  # fmt: skip
+        self.metrics.current_round.set(self.book.last_round)
+        if self.book.limited():
+            log.info("drift: %d clients limited to 1 local step: %s", len(self.book.limited()),
+                     " ".join(sorted(self.book.limited())))  # fmt: skip
+
+    # the book's state, for callers that held it on the Coordinator
+    @property
+    def values(self) -> torch.Tensor:
+        return self.book.values
+
+    @property
+    def last_round(self) -> int:
+        return self.book.last_round
+
+    @property
+    def plan(self) -> PlanRow | None:
+        return self.book.plan
+
+    @property
+    def drift(self) -> DriftMonitor | None:
+        return self.book.drift
 
     # -- setup -----------------------------------------------------------------------------------
     def _model_fingerprint(self) -> str:
@@ -178,40 +191,6 @@ class Coordinator:
                         "use a fresh state_dir for a new run"
                     )
 
-    def _recover_values(self) -> tuple[torch.Tensor, int]:
-        return rebuild_values(self.log, self.v0, self.mask_id, self.fingerprint)
-
-    def _recover_plan(self) -> PlanRow | None:
-        plan = self.log.open_plan()
-        if plan is None:
-            return None
-        if plan.round != self.last_round + 1:
-            raise RuntimeError(
-                f"open round {plan.round} in the log does not follow the last result {self.last_round}"
-            )
-        n = len(self.log.updates(round=plan.round, status="accepted"))
-        log.info("reopening round %d with %d committed updates", plan.round, n)
-        return plan
-
-    def _recover_drift(self) -> None:
-        """Flags from the drift table (sticky), GradIP history from the logged updates (no c_t recomputed)."""
-        if self.drift is None:
-            return
-        if self.drift_on:
-            for client, r in self.log.limited_clients().items():
-                self.drift.restore_limited(client, r)
-        now = self.clock()
-        with self.log.transaction():
-            for client, r, gradip in self.log.gradip_history():
-                st = self.drift.observe_gradip(client, r, gradip)
-                if st is not None and self.drift_on:  # thresholds changed since the update was logged
-                    self._record_limited(client, r, st, now)
-        if self.drift_on:
-            self.metrics.clients_limited.set(len(self.drift.limited()))
-            if self.drift.limited():
-                log.info("drift: %d clients limited to 1 local step: %s", len(self.drift.limited()),
-                         " ".join(sorted(self.drift.limited())))  # fmt: skip
-
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
         """Connect to the broker, start /metrics, republish the retained plan and latest result."""
@@ -226,12 +205,7 @@ class Coordinator:
         if c.metrics:
             self.metrics_server = MetricsServer(self.metrics, c.metrics_host, c.metrics_port, c.metrics_token)
             self.metrics_server.start()
-        if self.last_round >= 0:
-            last = self.log.results(after=self.last_round - 1)[0]
-            for topic, payload, qos, retain in self._result_publishes(last):
-                self._publish(topic, payload, qos, retain)
-        if self.plan is not None:
-            self._publish_plan(self.plan)
+        self._carry_out(self.book.start(self.clock()))
 
     def stop(self) -> None:
         """Ask `run()` to return (thread-safe)."""
@@ -242,7 +216,7 @@ class Coordinator:
         return None if self.metrics_server is None else self.metrics_server.port
 
     def done(self) -> bool:
-        return self.stop_after_round is not None and self.last_round >= self.stop_after_round
+        return self.book.done()
 
     def run(self) -> int:
         """Serve until stop() or the target round closed; returns 0 (exceptions propagate)."""
@@ -284,16 +258,15 @@ class Coordinator:
         except queue.Empty:
             pass
         if batch:
-            out: list[Publish] = []
-            with self.log.transaction():
-                for msg in batch:
-                    self._handle_safely(msg, out)
-            for msg in batch:  # committed: now the broker may forget them
-                self.link.ack(msg)
-            for pub in out:
-                self._publish(*pub)
+            acts: list[Action] = []
+            for msg in batch:
+                acts += self._feed(msg)
+            self._carry_out(acts, acks=batch)
         self._drain_published(0.0)
         self.tick()
+
+    def tick(self) -> None:
+        self._carry_out(self.book.tick(self.clock()))
 
     def _drain_published(self, timeout: float) -> None:
         assert self.link is not None
@@ -312,427 +285,113 @@ class Coordinator:
         if qos > 0:
             self._pending_mids.add(mid)
 
-    # -- ingest ----------------------------------------------------------------------------------
-    def _handle_safely(self, msg: Incoming, out: list[Publish]) -> None:
-        db = self.log.db
-        db.execute("SAVEPOINT msg")
-        try:
-            self._handle(msg, out)
-        except sqlite3.Error:
-            raise  # the log itself failed: nothing may be acked
-        except Exception as exc:  # a bug in a handler must not take the service down
-            db.execute("ROLLBACK TO msg")
-            log.exception("internal error handling a message on %s", msg.topic)
-            self._reject("?", msg.topic, Reject("internal", ErrorCode.INTERNAL, repr(exc)), out, reply=False)
-        db.execute("RELEASE msg")
-
-    def _handle(self, msg: Incoming, out: list[Publish]) -> None:
+    # -- in: topic -> decoded message -> the book --------------------------------------------------
+    def _feed(self, msg: Incoming) -> list[Action]:
+        """The book's actions for one incoming message; a failure to parse or decode is a counted reject."""
         now = self.clock()
         try:
             kind, arg = self.topics.parse(msg.topic)
         except ValueError as exc:
-            self._reject("?", msg.topic, Reject("bad_topic", ErrorCode.INTERNAL, str(exc)), out, reply=False)
-            return
+            return self.book.on_reject("?", msg.topic, Reject("bad_topic", ErrorCode.INTERNAL, str(exc)), now, False)
         client = str(arg)
         self.metrics.messages.labels(kind).inc()
         if kind == "status" and not msg.payload:
-            return  # a retained status being cleared
+            return []  # a retained status being cleared
         if kind not in INBOUND:
-            self._reject(
-                client,
-                msg.topic,
-                Reject("bad_topic", ErrorCode.INTERNAL, f"{kind} is not for the coordinator"),
-                out,
-                reply=False,
-            )
-            return
+            rej = Reject("bad_topic", ErrorCode.INTERNAL, f"{kind} is not for the coordinator")
+            return self.book.on_reject(client, kind, rej, now, reply=False)
         try:
             m: Message = decode(msg.payload, INBOUND[kind], client=client)
         except DecodeError as exc:
-            self._reject(client, msg.topic, decode_reject(exc), out, reply=kind in ("up", "join", "sync"))
+            return self.book.on_reject(client, kind, decode_reject(exc), now, reply=kind in ("up", "join", "sync"))
+        try:
+            return self.book.handle(m, now)
+        except Exception as exc:  # a bug in the book must not take the service down
+            log.exception("internal error handling a message on %s", msg.topic)
+            return self.book.on_reject(client, kind, Reject("internal", ErrorCode.INTERNAL, repr(exc)), now, False)
+
+    # -- out: commit, ack, publish -----------------------------------------------------------------
+    def _carry_out(self, acts: Sequence[Action], acks: Sequence[Incoming] = ()) -> None:
+        """Persist the records in one transaction, THEN ack, THEN publish / checkpoint, in the book's order."""
+        if not acts and not acks:
             return
-        if isinstance(m, Join) or (isinstance(m, Status) and not m.online):
-            self._unjoined.pop(client, None)
-        else:
-            self._note_live(client, now)
-        if isinstance(m, Update):
-            self._on_update(m, msg.topic, now, out)
-        elif isinstance(m, Join):
-            self._on_join(m, msg.topic, now, out)
-        elif isinstance(m, Heartbeat):
-            tele = {k: v for k, v in asdict(m).items() if k != "client"}
-            self.log.record_heartbeat(client, tele, now)
-        elif isinstance(m, Status):
-            self.log.set_online(client, m.online, now)
-        elif isinstance(m, SyncRequest):
-            self._on_sync(m, msg.topic, now, out)
-
-    def _note_live(self, client: str, now: float) -> None:
-        """Remember a live client we have no Join from; `_nag_unjoined` asks it to join after a grace period."""
-        if client not in self._unjoined and self.log.client_state(client) not in ("joined", "rejected"):
-            self._unjoined[client] = now
-
-    def _nag_unjoined(self, now: float) -> None:
-        """A client live for JOIN_GRACE_S without a Join (it joined while we were down) gets
-        ErrorMsg(UNKNOWN_CLIENT) and re-sends its Join; asked again every REJOIN_NAG_S until it does."""
-        for client, since in list(self._unjoined.items()):
-            if now - since < JOIN_GRACE_S:
-                continue
-            if self.log.client_state(client) in ("joined", "rejected"):
-                del self._unjoined[client]
-                continue
-            log.info("client %s is live but has not joined (since our start): asking it to join", client)
-            msg = ErrorMsg(int(ErrorCode.UNKNOWN_CLIENT), "unknown client: send Join")
-            self._publish(self.topics.to(client), encode(msg), 1, False)
-            self._unjoined[client] = now + REJOIN_NAG_S - JOIN_GRACE_S
-
-    def _reject(self, client: str, topic: str, rej: Reject, out: list[Publish], reply: bool = True) -> None:
-        log.warning(
-            "rejected %s from %s: %s (%s)",
-            topic.rsplit("/", 2)[-2] if "/" in topic else topic,
-            client,
-            rej.reason,
-            rej.detail,
-        )
-        self.log.count_reject(rej.reason, client, topic, rej.detail, self.clock())
-        self.metrics.rejected.labels(rej.reason).inc()
-        if reply and client != "?":
-            out.append(
-                (
-                    self.topics.to(client),
-                    encode(ErrorMsg(int(rej.code), f"{rej.reason}: {rej.detail}"[:1000])),
-                    1,
-                    False,
-                )
-            )
-
-    def _on_join(self, j: Join, topic: str, now: float, out: list[Publish]) -> None:
-        rej = check_join(j, self.fingerprint, self.mask_id)
-        self.log.upsert_join(
-            j.client, state="rejected" if rej else "joined", reason=rej.reason if rej else "",
-            fingerprint=j.fingerprint, mask_id=j.mask_id, n_samples=j.n_samples, budget_gib=j.budget_gib,
-            capabilities=dict(j.capabilities), last_round=j.last_round, now=now,
-        )  # fmt: skip
-        if rej is not None:
-            self._reject(j.client, topic, rej, out)
-        else:
-            log.info("client %s joined (n_samples %d, at round %d)", j.client, j.n_samples, j.last_round)
-
-    def _on_update(self, u: Update, topic: str, now: float, out: list[Publish]) -> None:
-        is_open = self.plan is not None and u.round == self.plan.round
-        plan = self.plan if is_open else (self.log.get_plan(u.round) if u.round <= self.last_round else None)
-        rej = check_update(u, plan, self.fp_tag, self.config.max_abs_grad)
-        if rej is not None:
-            self._reject(u.client, topic, rej, out)
-            return
-        have = self.log.find_update(u.client, u.round)
-        if have is not None:
-            if have[0] == u.msg_id:
+        records = [a.record for a in acts if isinstance(a, Persist)]
+        if records:
+            with self.log.transaction():
+                for rec in records:
+                    self.log.persist(rec)
+        if acks:
+            assert self.link is not None
+            for msg in acks:  # committed: now the broker may forget them
+                self.link.ack(msg)
+        for rec in records:
+            self._count(rec)
+        for a in acts:
+            if isinstance(a, Publish):
+                self._send(a)
+            elif isinstance(a, WriteCheckpoint):
+                self._write_checkpoint(a.round, a.values)
+            elif isinstance(a, Duplicate):
                 self.metrics.duplicates.inc()
-                log.debug("duplicate update %s round %d msg %d ignored", u.client, u.round, u.msg_id)
-            else:
-                self._reject(
-                    u.client,
-                    topic,
-                    Reject(
-                        "conflict",
-                        ErrorCode.BAD_UPDATE,
-                        f"round {u.round} already has msg {have[0]}; first wins",
-                    ),
-                    out,
-                    reply=False,
-                )
-            return
-        if is_open:
-            status = "accepted"
-        elif self.config.straggler == "next":
-            status = "late"
-        else:
-            status = "dropped"
-        assert plan is not None  # check_update rejects an unplanned round
-        gradip = self._gradip(plan, u.grads)
-        self.log.insert_update(u.client, u.round, u.msg_id, u.grads, u.n_samples, u.loss, status, now, gradip)
-        self.metrics.updates_accepted.labels(status).inc()
-        if status == "dropped":
-            self._reject(
-                u.client,
-                topic,
-                Reject("late_dropped", ErrorCode.STALE_ROUND, f"round {u.round} already closed"),
-                out,
-                reply=False,
-            )
-        elif status == "late":
-            self.log.event("late", f"{u.client} round {u.round}: folded into the next result", u.round, now)
-        if gradip is not None:
-            self._observe_drift(u.client, u.round, gradip, now)  # last: nothing after it can roll back
+        self.metrics.clients_online.set(len(self.book.online()))
+        self.metrics.clients_limited.set(len(self.book.limited()))
 
-    def _on_sync(self, s: SyncRequest, topic: str, now: float, out: list[Publish]) -> None:
-        self.log.touch(s.client, now)
-        out.extend(self.sync_reply(s.client, s.have_round))
+    def _count(self, rec: Record) -> None:
+        m = self.metrics
+        if isinstance(rec, RejectRecord):
+            m.rejected.labels(rec.reason).inc()
+        elif isinstance(rec, UpdateRecord):
+            m.updates_accepted.labels(rec.update.status).inc()
+        elif isinstance(rec, PlanRecord):
+            m.round_open.set(1)
+        elif isinstance(rec, ResultRecord):
+            m.rounds_closed.inc()
+            m.current_round.set(rec.result.round)
+            m.round_open.set(0)
+            m.round_duration.observe(rec.result.duration_s)
+        elif isinstance(rec, LimitRecord):
+            m.drift_limited.inc()
+
+    def _send(self, p: Publish) -> None:
+        """A plan retained on `plan`; a result on `result/{r}` and retained on `result/latest`; else `to/{c}`."""
+        payload = encode(p.message)
+        if p.to is not None:
+            self._publish(self.topics.to(p.to), payload, 1, False)
+        elif isinstance(p.message, RoundPlan):
+            self._publish(self.topics.plan, payload, 1, True)
+        elif isinstance(p.message, RoundResult):
+            self._publish(self.topics.result(p.message.round), payload, 1, False)
+            self._publish(self.topics.result_latest, payload, 1, True)
+        else:
+            raise TypeError(f"cannot broadcast a {type(p.message).__name__}")
+
+    # -- direct calls (tests, tools) ---------------------------------------------------------------
+    def close_round(self, why: str = "") -> RoundResult:
+        """Close the open round now (whatever the deadline says); returns its result."""
+        acts = self.book.close_round(self.clock(), why)
+        self._carry_out(acts)
+        return next(a.message for a in acts if isinstance(a, Publish) and isinstance(a.message, RoundResult))
 
     def sync_reply(self, client: str, have_round: int) -> list[Publish]:
-        """Replay of the missed results when at most replay_max behind, else the values in chunks."""
-        to = self.topics.to(client)
-        behind = self.last_round - have_round
-        if 0 <= behind <= self.config.replay_max:
-            results = tuple(
-                self._result_msg(r) for r in self.log.results(after=have_round, upto=self.last_round)
-            )
-            try:
-                return [(to, encode(Replay(results)), 1, False)]
-            except ValueError as exc:  # over the payload limit: fall back to a checkpoint
-                log.info("replay for %s too large (%s): sending a checkpoint", client, exc)
-        checksum = values_checksum(self.values)
-        chunks = value_chunks(self.values, self.config.chunk_bytes)
-        log.info(
-            "sending %s the values of round %d in %d chunks (it has round %d)",
-            client,
-            self.last_round,
-            len(chunks),
-            have_round,
-        )
-        return [
-            (to, encode(CheckpointChunk(self.last_round, i, len(chunks), checksum, data)), 1, False)
-            for i, data in enumerate(chunks)
-        ]
-
-    # -- GradIP (MEERKAT-VP) ---------------------------------------------------------------------
-    def _gradip(self, plan: PlanRow, grads: tuple[float, ...]) -> list[float] | None:
-        """g_{k,t} * c_t with c_t = <mean pre-training gradient on the mask, z_t>; None without mask grads."""
-        if self.drift is None:
-            return None
-        if plan.dist != self.drift.dist:
-            log.warning("round %d ran with dist %s, the drift monitor uses %s: no GradIP", plan.round, plan.dist,
-                        self.drift.dist)  # fmt: skip
-            return None
-        return self.drift.compute_gradip(plan.seeds, grads)
-
-    def _observe_drift(self, client: str, round: int, gradip: list[float], now: float) -> None:
-        """Feed the monitor, persist the client's statistics, record a new limit decision."""
-        assert self.drift is not None
-        flagged = self.drift.observe_gradip(client, round, gradip)
-        st = flagged or self.drift.stats(client)
-        if st is None:
-            self.log.put_drift(client, self.drift.steps_seen(client), None, None, None, None, now)
-        else:
-            self.log.put_drift(client, st.n_steps, st.early, st.late, st.rho_later, st.rho_quie, now)
-        if flagged is not None and self.drift_on:
-            self._record_limited(client, round, flagged, now)
-            self.metrics.clients_limited.set(len(self.drift.limited()))
-
-    def _record_limited(self, client: str, round: int, st: DriftStats, now: float) -> None:
-        """The one log line, event, SQLite flag and counter of a MEERKAT-VP decision (inside a transaction)."""
-        nxt = self.last_round + (2 if self.plan is not None else 1)  # the next plan not yet published
-        detail = (
-            f"client={client} steps=1 from_round={nxt} rho_later={st.rho_later:.3g} "
-            f"rho_quie={st.rho_quie:.2f} n_steps={st.n_steps}"
-        )
-        self.log.set_limited(client, round, now)
-        self.log.event("drift_limit", detail, round, now)
-        self.metrics.drift_limited.inc()
-        log.info("drift_limit %s", detail)
-
-    def _steps_for(self, client: str) -> int:
-        """T, or 1 for a client MEERKAT-VP limited (it keeps its data pointer: all its data is still seen)."""
-        T = self.config.steps
-        return self.drift.steps_for(client, T) if self.drift_on and self.drift is not None else T
-
-    # -- rounds ----------------------------------------------------------------------------------
-    def tick(self) -> None:
-        now = self.clock()
-        if now - self._last_offline_check >= OFFLINE_CHECK_S:
-            self._last_offline_check = now
-            with self.log.transaction():
-                gone = self.log.mark_offline_before(now - self.config.offline_after_s)
-            for c in gone:
-                log.info("client %s silent for %.0f s: offline", c, self.config.offline_after_s)
-            self.metrics.clients_online.set(self.log.count_online())
-            self._nag_unjoined(now)
-        if self.plan is None:
-            if not self.done():
-                self._maybe_open(now)
-            return
-        plan = self.plan
-        reported = self.log.reported_clients(plan.round)
-        d = close_decision(
-            plan.steps,
-            reported,
-            now,
-            plan.deadline,
-            self.config.min_updates,
-            plan.extensions,
-            self.config.max_extensions,
-        )
-        if d.action == "close":
-            self.close_round(d.reason)
-        elif d.action == "extend":
-            self._extend(plan, reported, now, d.reason)
-
-    def _maybe_open(self, now: float) -> None:
-        c = self.config
-        eligible = self.log.eligible_clients(self.fingerprint, self.mask_id)
-        if len(eligible) < c.min_clients:
-            return
-        r = self.last_round + 1
-        sampled = sample_clients(eligible, c.clients_per_round, c.master_seed, r)
-        plan = PlanRow(
-            round=r, state="open", opened_at=now, deadline=now + c.round_deadline_s,
-            seeds=round_seeds(c.master_seed, r, c.steps), steps={k: self._steps_for(k) for k in sampled},
-            lr=c.lr, eps=c.eps, dist=c.dist, batch_size=c.batch_size, base_round=r - 1,
-            base_checksum=values_checksum(self.values), extensions=0,
-        )  # fmt: skip
-        with self.log.transaction():
-            self.log.insert_plan(plan)
-            self.log.event("open", f"{len(sampled)} of {len(eligible)} online clients sampled", r, now)
-        self.plan = plan
-        self.metrics.round_open.set(1)
-        log.info(
-            "round %d open: %d clients x %d steps (%d limited to 1 by MEERKAT-VP), deadline in %.0f s",
-            r,
-            len(sampled),
-            c.steps,
-            sum(1 for t in plan.steps.values() if t < c.steps),
-            c.round_deadline_s,
-        )
-        self._publish_plan(plan)
-
-    def _extend(self, plan: PlanRow, reported: list[str], now: float, why: str) -> None:
-        c = self.config
-        eligible = self.log.eligible_clients(self.fingerprint, self.mask_id)
-        want = max(c.min_updates - len(reported), 0) if c.clients_per_round else len(eligible)
-        extra = sample_clients(
-            eligible, want, c.master_seed, plan.round, plan.extensions + 1, exclude=plan.steps
-        )
-        steps = {**plan.steps, **{k: self._steps_for(k) for k in extra}}
-        new = PlanRow(
-            **{
-                **asdict(plan),
-                "steps": steps,
-                "deadline": now + c.round_deadline_s,
-                "extensions": plan.extensions + 1,
-            }
-        )
-        with self.log.transaction():
-            self.log.replan(plan.round, steps, new.deadline, new.extensions)
-            self.log.event("extend", f"{why}; added {extra}", plan.round, now)
-        self.plan = new
-        log.warning(
-            "round %d: %s; deadline extended (%d), added %d clients",
-            plan.round,
-            why,
-            new.extensions,
-            len(extra),
-        )
-        self._publish_plan(new)
-
-    def close_round(self, why: str = "") -> RoundResult:
-        """Aggregate the open round's committed updates (+ pending late ones), apply, log, publish."""
-        plan = self.plan
-        if plan is None:
-            raise RuntimeError("close_round: no round is open")
-        c, now = self.config, self.clock()
-        ups = self.log.updates(round=plan.round, status="accepted")
-        late = (
-            [u for u in self.log.updates(status="late") if u.round < plan.round]
-            if c.straggler == "next"
-            else []
-        )
-        if not ups:
-            raise RuntimeError(f"close_round: round {plan.round} has no update")
-        seeds, scalars = self._combine(plan, ups, late)
-        new_values = apply_round(self.values, seeds, scalars, plan.lr, plan.dist)
-        checksum = values_checksum(new_values)
-        row = ResultRow(plan.round, tuple(seeds), tuple(scalars), plan.lr, plan.dist, len(ups) + len(late),
-                        checksum, now, now - plan.opened_at)  # fmt: skip
-        with self.log.transaction():
-            self.log.insert_result(row)
-            self.log.mark_used([(u.client, u.round) for u in ups], plan.round, "accepted")
-            self.log.mark_used([(u.client, u.round) for u in late], plan.round, "folded")
-            self.log.event("close", f"{why}; {len(ups)} updates + {len(late)} late", plan.round, now)
-        self.values, self.last_round, self.plan = new_values, plan.round, None
-        self.metrics.rounds_closed.inc()
-        self.metrics.current_round.set(plan.round)
-        self.metrics.round_open.set(0)
-        self.metrics.round_duration.observe(row.duration_s)
-        loss = math.fsum(u.loss for u in ups) / len(ups)
-        log.info(
-            "round %d closed (%s): %d updates, %d late, mean loss %.4f, checksum %s",
-            plan.round,
-            why,
-            len(ups),
-            len(late),
-            loss,
-            checksum[:12],
-        )
-        for pub in self._result_publishes(row):
-            self._publish(*pub)
-        if (plan.round + 1) % c.checkpoint_every == 0:
-            self.write_checkpoint()
-        return self._result_msg(row)
-
-    def _combine(
-        self, plan: PlanRow, ups: list[UpdateRow], late: list[UpdateRow]
-    ) -> tuple[list[int], list[float]]:
-        """Seeds and scalars of the result: the round's aggregate plus late updates of older rounds."""
-        c, T = self.config, len(plan.seeds)
-        per = {u.client: list(u.grads) for u in ups}
-        n = {u.client: u.n_samples for u in ups}
-        G = aggregate(c.aggregation, per, n, T, clip_norm=c.clip_norm, trim_fraction=c.trim_fraction)
-        seeds, scalars = list(plan.seeds), G
-        if late:
-            total = math.fsum(float(u.n_samples) for u in ups + late)
-            on_time = math.fsum(float(u.n_samples) for u in ups) / total
-            scalars = [g * on_time for g in G]
-            for r in sorted({u.round for u in late}):
-                group = [u for u in late if u.round == r]
-                old = self.log.get_plan(r)
-                assert old is not None
-                share = math.fsum(float(u.n_samples) for u in group) / total
-                s, g = late_pairs(
-                    {u.client: list(u.grads) for u in group},
-                    {u.client: u.n_samples for u in group},
-                    old.seeds,
-                    share,
-                )
-                seeds += s
-                scalars += g
-        return seeds, scalars
+        """What the book answers a SyncRequest(have_round): a Replay or checkpoint chunks, for `to/{client}`."""
+        return [a for a in self.book.sync_reply(client, have_round) if isinstance(a, Publish)]
 
     def write_checkpoint(self) -> Path:
-        path = checkpoint_path(self.state_dir, self.last_round)
-        checksum = write_checkpoint(path, self.last_round, self.values, self.mask_id, self.fingerprint)
+        return self._write_checkpoint(self.book.last_round, self.book.values)
+
+    def _write_checkpoint(self, round: int, values: torch.Tensor) -> Path:
+        path = checkpoint_path(self.state_dir, round)
+        checksum = write_checkpoint(path, round, values, self.mask_id, self.fingerprint)
         now = self.clock()
         with self.log.transaction():
-            self.log.add_checkpoint(self.last_round, str(path), checksum, now)
+            self.log.add_checkpoint(round, str(path), checksum, now)
             old = self.log.checkpoints()[self.config.keep_checkpoints :]
-            for round, _p, _ in old:
-                self.log.remove_checkpoint(round)
+            for r, _p, _ in old:
+                self.log.remove_checkpoint(r)
         for _, p, _ in old:
             Path(p).unlink(missing_ok=True)
-        log.info("checkpoint of round %d written: %s", self.last_round, path)
+        log.info("checkpoint of round %d written: %s", round, path)
         return path
-
-    # -- messages out ----------------------------------------------------------------------------
-    def _plan_msg(self, p: PlanRow) -> RoundPlan:
-        return RoundPlan(
-            fleet=self.config.fleet, round=p.round, seeds=p.seeds, lr=p.lr, eps=p.eps, dist=p.dist, steps=p.steps,
-            base_round=p.base_round, deadline=p.deadline, fingerprint=self.fingerprint, mask_id=self.mask_id,
-            batch_size=p.batch_size, values_checksum=p.base_checksum,
-        )  # fmt: skip
-
-    def _publish_plan(self, p: PlanRow) -> None:
-        self._publish(self.topics.plan, encode(self._plan_msg(p)), 1, True)
-
-    @staticmethod
-    def _result_msg(r: ResultRow) -> RoundResult:
-        return RoundResult(r.round, r.seeds, r.scalars, r.lr, r.dist, r.n_clients, r.values_checksum)
-
-    def _result_publishes(self, r: ResultRow) -> list[Publish]:
-        payload = encode(self._result_msg(r))
-        return [
-            (self.topics.result(r.round), payload, 1, False),
-            (self.topics.result_latest, payload, 1, True),
-        ]
 
 
 def _need(value: Path | None, key: str) -> Path:

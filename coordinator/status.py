@@ -1,128 +1,82 @@
-"""`meerkat status`: what the coordinator knows, read straight from its SQLite event log.
+"""`meerkat status`: what the coordinator knows, read from its event log. This module only formats.
 
-Opens the database read-only (`mode=ro`), so it works while the coordinator runs (WAL readers never
-block the writer) and never changes anything.
+Opens the log read-only (`EventLog(..., readonly=True)`: SQLite `mode=ro`), so it works while the
+coordinator runs (WAL readers never block the writer) and never changes anything.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import sqlite3
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from coordinator.eventlog import DB_NAME, f64_list
+from coordinator.eventlog import DB_NAME, EventLog
 
 
 class StatusError(RuntimeError):
     """The state directory has no coordinator event log."""
 
 
-def _connect(state_dir: Path) -> sqlite3.Connection:
-    path = Path(state_dir) / DB_NAME
-    if not path.is_file():
-        raise StatusError(f"{path} does not exist: is {state_dir} a coordinator state_dir?")
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    db.execute("PRAGMA busy_timeout=5000")
-    return db
-
-
 def status_report(state_dir: Path, now: float | None = None, events: int = 10) -> dict[str, Any]:
     """Everything `meerkat status` shows, as plain JSON-able data."""
     now = time.time() if now is None else now
-    db = _connect(state_dir)
     try:
-        meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
-        last = db.execute(
-            "SELECT round, n_clients, closed_at, duration_s FROM results ORDER BY round DESC LIMIT 1"
-        ).fetchone()
-        open_row = db.execute(
-            "SELECT round, opened_at, deadline, steps, extensions FROM rounds WHERE state='open'"
-        ).fetchone()
-        open_info = None
-        if open_row is not None:
-            steps = json.loads(open_row[3])
-            got = db.execute(
-                "SELECT COUNT(*) FROM updates WHERE round=? AND status='accepted'", (open_row[0],)
-            ).fetchone()[0]
-            open_info = {
-                "round": open_row[0], "opened_at": open_row[1], "deadline_in_s": round(open_row[2] - now, 1),
-                "sampled": len(steps), "reported": int(got), "extensions": open_row[4],
-            }  # fmt: skip
-        drift = _drift(db)
-        clients = []
-        for row in db.execute(
-            """SELECT client, state, reason, online, n_samples, last_round, seen_at, hb_at, telemetry, last_update_at,
-                      updates FROM clients ORDER BY client"""
-        ):
-            c, state, reason, online, n, lr, seen, hb, tele, lu, nup = row
+        log = EventLog(state_dir, readonly=True)
+    except FileNotFoundError as exc:
+        raise StatusError(f"{Path(state_dir) / DB_NAME} does not exist: is {state_dir} a coordinator state_dir?") from exc
+    try:
+        meta = log.meta()
+        results = log.results(after=log.last_result_round() - 1)
+        last = results[-1] if results else None
+        o = log.open_round()
+        open_info = None if o is None else {
+            "round": o.round, "opened_at": o.opened_at, "deadline_in_s": round(o.deadline - now, 1),
+            "sampled": o.sampled, "reported": o.reported, "extensions": o.extensions,
+        }  # fmt: skip
+        drift = {d.client: d for d in log.drift_rows()}
+        clients: list[dict[str, Any]] = []
+        for c in log.client_status():
+            d = drift.get(c.client)
+            gi = log.latest_gradip(c.client)
             clients.append({
-                "client": c, "state": state, "reason": reason, "online": bool(online), "n_samples": n,
-                "joined_at_round": lr, "seen_s_ago": _ago(now, seen), "heartbeat_s_ago": _ago(now, hb),
-                "last_update_s_ago": _ago(now, lu), "updates": nup, "telemetry": json.loads(tele or "{}"),
-                "gradip_mean_last": _gradip(db, c), "drift": drift.get(c),
+                "client": c.client, "state": c.state, "reason": c.reason, "online": c.online,
+                "n_samples": c.n_samples, "joined_at_round": c.last_round, "seen_s_ago": _ago(now, c.seen_at),
+                "heartbeat_s_ago": _ago(now, c.hb_at), "last_update_s_ago": _ago(now, c.last_update_at),
+                "updates": c.updates, "telemetry": c.telemetry,
+                "gradip_mean_last": math.fsum(gi) / len(gi) if gi else None,
+                "drift": None if d is None else {
+                    **{k: v for k, v in asdict(d).items() if k != "client"}, "limited": d.limited_round is not None,
+                },
             })  # fmt: skip
-        rejects = dict(db.execute("SELECT reason, count FROM rejects ORDER BY reason").fetchall())
-        ev = [
-            {"ts": ts, "round": r, "kind": k, "detail": d}
-            for ts, r, k, d in db.execute(
-                "SELECT ts, round, kind, detail FROM events ORDER BY id DESC LIMIT ?", (events,)
-            )
-        ]
-        ck = db.execute("SELECT round, path FROM checkpoints ORDER BY round DESC LIMIT 1").fetchone()
+        rejects = log.reject_counts()
+        ev = [asdict(e) for e in reversed(log.events(limit=events))]
+        ck = log.checkpoints()
     finally:
-        db.close()
+        log.close()
     return {
         "state_dir": str(state_dir),
         "fleet": meta.get("fleet"),
         "fingerprint": meta.get("fingerprint"),
         "mask_id": meta.get("mask_id"),
         "nnz": int(meta["nnz"]) if "nnz" in meta else None,
-        "last_round": None if last is None else last[0],
-        "last_round_clients": None if last is None else last[1],
-        "last_round_duration_s": None if last is None else round(last[3], 3),
+        "last_round": None if last is None else last.round,
+        "last_round_clients": None if last is None else last.n_clients,
+        "last_round_duration_s": None if last is None else round(last.duration_s, 3),
         "open_round": open_info,
         "clients_online": sum(1 for c in clients if c["online"] and c["state"] == "joined"),
         "clients_offline": sum(1 for c in clients if not c["online"] and c["state"] == "joined"),
         "clients": clients,
         "clients_limited": sorted(c["client"] for c in clients if c["drift"] and c["drift"]["limited"]),
         "rejected": rejects,
-        "last_checkpoint_round": None if ck is None else ck[0],
+        "last_checkpoint_round": ck[0][0] if ck else None,
         "recent_events": ev,
     }
 
 
 def _ago(now: float, ts: float | None) -> float | None:
     return None if ts is None else round(now - ts, 1)
-
-
-def _gradip(db: sqlite3.Connection, client: str) -> float | None:
-    """Mean GradIP of the client's latest update (MEERKAT-VP signal), if the mask carried gradients."""
-    row = db.execute(
-        "SELECT gradip FROM updates WHERE client=? AND gradip IS NOT NULL ORDER BY round DESC LIMIT 1",
-        (client,),
-    ).fetchone()
-    if row is None:
-        return None
-    vals = f64_list(row[0])
-    return math.fsum(vals) / len(vals) if vals else None
-
-
-def _drift(db: sqlite3.Connection) -> dict[str, dict[str, Any]]:
-    """MEERKAT-VP state per client (the coordinator updates it with every update that has GradIP)."""
-    out: dict[str, dict[str, Any]] = {}
-    if db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='drift'").fetchone() is None:
-        return out  # a log written before MEERKAT-VP drift control existed
-    for c, n, early, late, rl, rq, lr in db.execute(
-        "SELECT client, n_steps, early, late, rho_later, rho_quie, limited_round FROM drift"
-    ):
-        out[str(c)] = {
-            "n_steps": n, "early": early, "late": late, "rho_later": rl, "rho_quie": rq,
-            "limited": lr is not None, "limited_round": lr,
-        }  # fmt: skip
-    return out
 
 
 def _fmt_bytes(n: Any) -> str:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from coordfakes import synthetic_v0
 
-from coordinator.aggregate import aggregate, late_pairs
+from coordinator.aggregate import Group, aggregate, result_scalars
 from coordinator.scheduler import close_decision, round_seeds, sample_clients
 from shared.apply import apply_round
 from shared.prng import derive_seed, directions, raw_u64
@@ -69,10 +69,23 @@ def test_bad_input_is_named() -> None:
         aggregate("fedavg", {}, {}, 1)
 
 
-def test_late_pairs_scale_by_share() -> None:
-    seeds, g = late_pairs({"x": [1.0, 2.0], "y": [3.0]}, {"x": 1, "y": 3}, [11, 12, 13], 0.5)
-    assert seeds == [11, 12] and g == pytest.approx([0.5 * (0.25 + 2.25), 0.5 * 0.5])
-    assert late_pairs({}, {}, [1], 1.0) == ([], [])
+def test_result_scalars_late_fold_is_one_fsum_per_scalar() -> None:
+    """docs/PROTOCOL.md 5.1 by hand: w_j = n_j / N over on-time AND late contributors, one fsum per scalar."""
+    on = Group((1, 2), {"a": [0.1, 0.7], "b": [0.3]}, {"a": 3, "b": 5})
+    late = Group((11, 12, 13), {"x": [0.2, -0.9], "y": [0.6]}, {"x": 7, "y": 1})
+    seeds, g = result_scalars("fedavg", on, [late])
+    N = 16.0
+    assert seeds == [1, 2, 11, 12]  # the late round's seeds up to its longest update
+    want = [math.fsum([3 / N * 0.1, 5 / N * 0.3]), 3 / N * 0.7, math.fsum([7 / N * 0.2, 1 / N * 0.6]), 7 / N * -0.9]
+    assert g == want  # bit for bit, not approx
+    # nothing late: exactly the on-time aggregate (no rescaling on the way)
+    assert result_scalars("fedavg", on) == ([1, 2], aggregate("fedavg", on.grads, on.n_samples, 2))
+    # robust rule: the on-time median scaled by the on-time share, late ones with their FedAvg weight
+    _, gm = result_scalars("median", on, [late])
+    assert gm[:2] == [(8 / N) * x for x in aggregate("median", on.grads, on.n_samples, 2)] and gm[2:] == want[2:]
+    # clipped: every contributor (late too) clipped to the norm first
+    _, gc = result_scalars("clipped", on, [Group((11,), {"x": [30.0]}, {"x": 8})], clip_norm=1.0)
+    assert gc == [math.fsum([3 / N * 0.1, 5 / N * 0.3]), 3 / N * 0.7, 8 / N * 1.0]
 
 
 def test_sampling_is_deterministic_and_from_prng() -> None:

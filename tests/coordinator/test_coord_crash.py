@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from coordfakes import FakeClient, uid, wait_until, write_config_toml
 
+from coordinator.eventlog import EventLog
 from shared.apply import fedavg_scalars
 from shared.messages import RoundPlan, RoundResult
 
@@ -27,19 +28,17 @@ def _start(cfg: Path, log: Path) -> subprocess.Popen[bytes]:
     )  # fmt: skip
 
 
-def _rows(db: Path, round: int) -> list[tuple[str, str]]:
-    if not db.exists():
-        return []
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+def _rows(state: Path, round: int) -> list[tuple[str, str]]:
     try:
-        return [
-            (str(c), str(m))
-            for c, m in con.execute("SELECT client, msg_id FROM updates WHERE round=?", (round,))
-        ]
-    except sqlite3.OperationalError:
+        log = EventLog(state, readonly=True)
+    except (FileNotFoundError, sqlite3.OperationalError):
         return []
+    try:
+        return [(u.client, str(u.msg_id)) for u in log.updates(round=round)]
+    except sqlite3.OperationalError:
+        return []  # no schema yet
     finally:
-        con.close()
+        log.close()
 
 
 @pytest.mark.timeout(120)
@@ -50,7 +49,7 @@ def test_sigkill_between_ack_and_close(tmp_path: Path, broker_url: str, tiny_mod
         model_dir=tiny_model.model_dir, mask=tiny_model.mask_path, steps=2, lr=0.01, min_clients=4,
         round_deadline_s=600.0, rounds=1, metrics=False,
     )  # fmt: skip
-    log, db = tmp_path / "coordinator.log", state / "events.sqlite"
+    log = tmp_path / "coordinator.log"
     fp, mid = tiny_model.fingerprint, tiny_model.mask.mask_id
     n = {"a": 5, "b": 7, "c": 11, "d": 13}
     grads = {"a": [0.5, -1.0], "b": [0.25, 2.0], "c": [-0.75, 0.125], "d": [1.5, -0.5]}
@@ -64,12 +63,12 @@ def test_sigkill_between_ack_and_close(tmp_path: Path, broker_url: str, tiny_mod
         for k in ("a", "b"):
             clients[k].update(0, grads[k], n[k], fp, msg_id=10)
         ids = {k: cl.cid for k, cl in clients.items()}
-        wait_until(lambda: len(_rows(db, 0)) == 2, 20, "a and b were not committed")
+        wait_until(lambda: len(_rows(state, 0)) == 2, 20, "a and b were not committed")
         time.sleep(0.3)  # their acks go out
         clients["c"].update(0, grads["c"], n["c"], fp, msg_id=10)  # races the kill: committed or redelivered
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(10) == -signal.SIGKILL
-        committed = _rows(db, 0)
+        committed = _rows(state, 0)
         assert len(committed) in (2, 3)
 
         clients["d"].update(0, grads["d"], n["d"], fp, msg_id=10)  # held by the broker while nobody listens
@@ -84,7 +83,7 @@ def test_sigkill_between_ack_and_close(tmp_path: Path, broker_url: str, tiny_mod
         for cl in clients.values():
             cl.close()
 
-    rows = _rows(db, 0)
+    rows = _rows(state, 0)
     assert sorted(c for c, _ in rows) == sorted(ids.values())  # every update once, none twice
     assert res.n_clients == 4 and list(res.seeds) == list(plan.seeds)
     want = fedavg_scalars({ids[k]: grads[k] for k in n}, {ids[k]: float(n[k]) for k in n}, 2)

@@ -27,7 +27,7 @@ from coordfakes import (
 
 from coordinator.config import load_coordinator_config
 from coordinator.drift import DriftMonitor, DriftThresholds
-from coordinator.eventlog import DB_NAME
+from coordinator.eventlog import EventLog
 from coordinator.server import Coordinator
 from coordinator.status import format_status, status_report
 from shared.config import ConfigError
@@ -61,13 +61,11 @@ def _round(
 
 
 def _events(state_dir: Path, kind: str) -> list[tuple[int, str]]:
-    db = sqlite3.connect(f"file:{state_dir / DB_NAME}?mode=ro", uri=True)
+    log = EventLog(state_dir, readonly=True)
     try:
-        return [
-            (int(r), str(d)) for r, d in db.execute("SELECT round, detail FROM events WHERE kind=?", (kind,))
-        ]
+        return [(int(e.round or 0), e.detail) for e in log.events(kind=kind)]
     finally:
-        db.close()
+        log.close()
 
 
 def _start(
@@ -85,7 +83,7 @@ def test_decaying_client_limited_and_flag_survives_restart(
     mon = DriftMonitor.from_mask(mask)  # the test's own c_t, to script exact GradIP values
     fp, fleet = mask.meta.fingerprint, uid("f")
     kw = dict(fleet=fleet, **DRIFT)
-    caplog.set_level(logging.INFO, logger="coordinator.server")
+    caplog.set_level(logging.INFO, logger="coordinator")
     coord, runner = _start(tmp_path, broker_url, mask, 2, **kw)
     clients = {n: FakeClient(broker_url, fleet, uid(n)) for n in ("normal", "drift")}
     normal, drift = clients["normal"].cid, clients["drift"].cid
@@ -203,17 +201,17 @@ def test_compact_history_matches_full() -> None:
         assert f.gradip("x") == c.gradip("x") and f.stats("x") == c.stats("x")
 
 
-def _limited_round(db: Path, client: str) -> int | None:
-    if not db.exists():
-        return None
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+def _limited_round(state_dir: Path, client: str) -> int | None:
     try:
-        row = con.execute("SELECT limited_round FROM drift WHERE client=?", (client,)).fetchone()
+        log = EventLog(state_dir, readonly=True)
+    except (FileNotFoundError, sqlite3.OperationalError):
+        return None  # the coordinator has not created its log yet
+    try:
+        return next((d.limited_round for d in log.drift_rows() if d.client == client), None)
     except sqlite3.OperationalError:
-        return None
+        return None  # no schema yet
     finally:
-        con.close()
-    return None if row is None or row[0] is None else int(row[0])
+        log.close()
 
 
 @pytest.mark.timeout(60)
@@ -241,7 +239,7 @@ def test_flag_survives_sigkill(tmp_path: Path, broker_url: str, tiny_model) -> N
         _round(mon, clients, 0, fp, {"normal": 1.0, "drift": 1.0})
         p1 = normal.wait_for(RoundPlan, lambda p: p.round == 1, timeout=30)
         drift.update(1, _grads(mon, p1, drift.cid, 0.01), 10, fp, msg_id=101)
-        wait_until(lambda: _limited_round(state / DB_NAME, drift.cid) == 1, 20, "the flag was not committed")
+        wait_until(lambda: _limited_round(state, drift.cid) == 1, 20, "the flag was not committed")
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(10) == -signal.SIGKILL
         normal.update(1, _grads(mon, p1, normal.cid, 1.0), 10, fp, msg_id=101)  # the broker holds it

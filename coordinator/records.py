@@ -1,0 +1,223 @@
+"""What the coordinator remembers: the rows the event log stores and the records the round book emits.
+
+`coordinator/rounds.py` (the round book) decides; each decision that must survive a kill -9 comes out as
+one of the `*Record` types below inside a `Persist` action, and `EventLog.persist(record)` writes it.
+The `*Row` types are what the log hands back (recovery, `meerkat status`, tests). Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared.prng import Dist
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    """A round plan plus the bookkeeping the wire `RoundPlan` does not carry (opened_at, extensions)."""
+
+    round: int
+    state: str  # open | closed
+    opened_at: float
+    deadline: float
+    seeds: tuple[int, ...]
+    steps: dict[str, int]
+    lr: float
+    eps: float
+    dist: Dist
+    batch_size: int
+    base_round: int
+    base_checksum: str  # = RoundPlan.values_checksum: the values at base_round
+    extensions: int
+
+
+@dataclass(frozen=True)
+class UpdateRow:
+    client: str
+    round: int
+    msg_id: int
+    grads: tuple[float, ...]
+    n_samples: int
+    loss: float
+    received_at: float
+    status: str  # accepted | late | dropped | folded
+    used_in: int | None
+
+
+@dataclass(frozen=True)
+class ResultRow:
+    round: int
+    seeds: tuple[int, ...]
+    scalars: tuple[float, ...]
+    lr: float
+    dist: Dist
+    n_clients: int
+    values_checksum: str
+    closed_at: float
+    duration_s: float
+
+
+@dataclass(frozen=True)
+class ClientRow:
+    """The registry entry of one client as the round book needs it."""
+
+    client: str
+    state: str  # joined | rejected | unknown (seen, never joined)
+    fingerprint: str = ""
+    mask_id: str = ""
+    n_samples: int = 0
+    online: bool = False
+    seen_at: float | None = None
+
+
+@dataclass(frozen=True)
+class ClientStatusRow:
+    """Everything `meerkat status` shows about one client."""
+
+    client: str
+    state: str
+    reason: str
+    online: bool
+    n_samples: int
+    last_round: int
+    seen_at: float | None
+    hb_at: float | None
+    telemetry: dict[str, Any]
+    last_update_at: float | None
+    updates: int
+
+
+@dataclass(frozen=True)
+class DriftRow:
+    client: str
+    n_steps: int
+    early: float | None
+    late: float | None
+    rho_later: float | None
+    rho_quie: float | None
+    limited_round: int | None
+
+
+@dataclass(frozen=True)
+class OpenRoundRow:
+    round: int
+    opened_at: float
+    deadline: float
+    sampled: int
+    reported: int
+    extensions: int
+
+
+@dataclass(frozen=True)
+class EventRow:
+    ts: float
+    round: int | None
+    kind: str
+    detail: str
+
+
+# -- records: one per durable decision (EventLog.persist writes each) -------------------------------
+@dataclass(frozen=True)
+class JoinRecord:
+    client: str
+    state: str  # joined | rejected
+    reason: str
+    fingerprint: str
+    mask_id: str
+    n_samples: int
+    budget_gib: float
+    capabilities: dict[str, Any]
+    last_round: int
+    now: float
+
+
+@dataclass(frozen=True)
+class OnlineRecord:
+    client: str
+    online: bool
+    now: float
+
+
+@dataclass(frozen=True)
+class HeartbeatRecord:
+    client: str
+    telemetry: dict[str, Any]
+    now: float
+
+
+@dataclass(frozen=True)
+class SeenRecord:
+    client: str
+    now: float
+
+
+@dataclass(frozen=True)
+class OfflineRecord:
+    clients: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class PlanRecord:
+    plan: PlanRow
+
+
+@dataclass(frozen=True)
+class ReplanRecord:
+    round: int
+    steps: dict[str, int]
+    deadline: float
+    extensions: int
+
+
+@dataclass(frozen=True)
+class UpdateRecord:
+    update: UpdateRow
+    gradip: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
+class ResultRecord:
+    result: ResultRow
+    used: tuple[tuple[str, int, str], ...] = field(default=())  # (client, round, accepted | folded)
+
+
+@dataclass(frozen=True)
+class DriftRecord:
+    client: str
+    n_steps: int
+    early: float | None
+    late: float | None
+    rho_later: float | None
+    rho_quie: float | None
+    now: float
+
+
+@dataclass(frozen=True)
+class LimitRecord:
+    client: str
+    round: int
+    now: float
+
+
+@dataclass(frozen=True)
+class RejectRecord:
+    reason: str
+    client: str
+    topic: str  # the topic kind ("up", "join", ...) or the raw topic when it did not parse
+    detail: str
+    now: float
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    kind: str  # open | extend | close | late | drift_limit
+    detail: str
+    round: int | None
+    now: float
+
+
+Record = (
+    JoinRecord | OnlineRecord | HeartbeatRecord | SeenRecord | OfflineRecord | PlanRecord | ReplanRecord
+    | UpdateRecord | ResultRecord | DriftRecord | LimitRecord | RejectRecord | EventRecord
+)  # fmt: skip

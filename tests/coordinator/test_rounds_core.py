@@ -1,0 +1,302 @@
+"""The round book (coordinator/rounds.py) with no broker, no model and (except for recovery) no SQLite:
+one test per round-lifecycle rule of docs/ARCHITECTURE.md, driven by decoded messages and a made-up clock."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from coordfakes import synthetic_v0
+
+from coordinator.config import CoordinatorConfig
+from coordinator.drift import DriftMonitor
+from coordinator.eventlog import EventLog
+from coordinator.records import LimitRecord, RejectRecord, ReplanRecord, ResultRecord, UpdateRecord
+from coordinator.recovery import recover
+from coordinator.rounds import (
+    JOIN_GRACE_S,
+    REJOIN_NAG_S,
+    Action,
+    Duplicate,
+    Persist,
+    Publish,
+    RoundBook,
+    WriteCheckpoint,
+)
+from shared.apply import apply_round, fedavg_scalars, values_checksum
+from shared.fingerprint import fp_tag
+from shared.messages import (
+    CheckpointChunk,
+    ErrorCode,
+    ErrorMsg,
+    Heartbeat,
+    Join,
+    Replay,
+    RoundPlan,
+    RoundResult,
+    Status,
+    SyncRequest,
+    Update,
+)
+from shared.prng import raw_u64
+
+FP, MASK = "ab" * 32, "0123456789abcdef"
+NNZ = 256
+
+
+def config(**kw: Any) -> CoordinatorConfig:
+    base: dict[str, Any] = dict(fleet="f", steps=2, lr=0.01, min_clients=2, round_deadline_s=10.0, metrics=False)
+    return CoordinatorConfig(**{**base, **kw})
+
+
+def book(cfg: CoordinatorConfig, **kw: Any) -> RoundBook:
+    return RoundBook(cfg, fingerprint=FP, mask_id=MASK, values=synthetic_v0(NNZ), **kw)
+
+
+def join(b: RoundBook, client: str, n: int, now: float = 0.0) -> list[Action]:
+    return b.handle(Join(client, FP, MASK, n, 1.0, {}, -1), now)
+
+
+def update(client: str, round: int, grads: list[float], n: int, msg_id: int = 1) -> Update:
+    return Update(round, msg_id, tuple(grads), n, fp_tag(FP), 1.0, client=client)
+
+
+def records(acts: list[Action], cls: type[Any]) -> list[Any]:
+    return [a.record for a in acts if isinstance(a, Persist) and isinstance(a.record, cls)]
+
+
+def sent(acts: list[Action], cls: type[Any], to: str | None = None) -> list[Any]:
+    return [a.message for a in acts if isinstance(a, Publish) and isinstance(a.message, cls) and a.to == to]
+
+
+def test_straggler_round_closes_at_deadline_with_min_updates() -> None:
+    b = book(config(min_clients=3, min_updates=2))
+    for k, n in (("a", 2), ("b", 6), ("c", 1)):
+        join(b, k, n)
+    (plan,) = sent(b.tick(0.0), RoundPlan)
+    assert sorted(plan.steps) == ["a", "b", "c"] and plan.deadline == 10.0
+    b.handle(update("a", 0, [0.5, 0.25], 2), 1.0)
+    b.handle(update("b", 0, [-1.0, 2.0], 6), 2.0)
+    assert b.tick(9.99) == []  # c is a straggler, the deadline has not passed
+    acts = b.tick(10.0)
+    (res,) = sent(acts, RoundResult)
+    assert res.n_clients == 2 and list(res.seeds) == list(plan.seeds)
+    assert list(res.scalars) == fedavg_scalars({"a": [0.5, 0.25], "b": [-1.0, 2.0]}, {"a": 2.0, "b": 6.0}, 2)
+    assert res.values_checksum == values_checksum(apply_round(synthetic_v0(NNZ), res.seeds, res.scalars, 0.01,
+                                                              "rademacher"))  # fmt: skip
+    (rec,) = records(acts, ResultRecord)
+    assert sorted(rec.used) == [("a", 0, "accepted"), ("b", 0, "accepted")]
+    assert b.last_round == 0 and b.plan is None
+
+
+def test_extension_samples_more_clients_with_the_same_seeds() -> None:
+    b = book(config(min_clients=3, clients_per_round=2, min_updates=2, max_extensions=2, steps=1))
+    for k in "xyz":
+        join(b, k, 1)
+    (p0,) = sent(b.tick(0.0), RoundPlan)
+    first = sorted(p0.steps)
+    b.handle(update(first[0], 0, [1.0], 1), 1.0)
+    acts = b.tick(10.0)  # deadline with 1 < min_updates: extend
+    (again,) = sent(acts, RoundPlan)
+    assert sorted(again.steps) == ["x", "y", "z"] and again.seeds == p0.seeds and again.deadline == 20.0
+    assert records(acts, ReplanRecord)[0].extensions == 1 and sent(acts, RoundResult) == []
+    (added,) = set("xyz") - set(first)
+    b.handle(update(added, 0, [3.0], 1), 11.0)
+    (res,) = sent(b.tick(20.0), RoundResult)
+    assert res.n_clients == 2 and list(res.scalars) == [2.0]
+
+
+def _round0_with_a_straggler(policy: str) -> tuple[RoundBook, RoundPlan]:
+    b = book(config(min_updates=1, straggler=policy))
+    join(b, "a", 2)
+    join(b, "b", 6)
+    (p0,) = sent(b.tick(0.0), RoundPlan)
+    b.handle(update("a", 0, [1.0, 2.0], 2), 1.0)
+    assert sent(b.tick(10.0), RoundResult)[0].n_clients == 1  # b missed the deadline
+    return b, p0
+
+
+def test_late_update_folded_into_next_result_with_the_exact_formula() -> None:
+    b, p0 = _round0_with_a_straggler("next")
+    acts = b.handle(update("b", 0, [4.0, -4.0], 6), 11.0)
+    assert [r.update.status for r in records(acts, UpdateRecord)] == ["late"]
+    (p1,) = sent(b.tick(11.0), RoundPlan)
+    b.handle(update("a", 1, [0.5, 0.5], 2, msg_id=2), 12.0)
+    b.handle(update("b", 1, [-0.5, 1.5], 6, msg_id=2), 12.0)
+    acts = b.tick(12.0)
+    (res,) = sent(acts, RoundResult)
+    N = 14.0  # a 2 + b 6 on time + b 6 late: every contributor once, in one normaliser
+    assert list(res.seeds) == list(p1.seeds) + list(p0.seeds)
+    assert list(res.scalars) == [
+        math.fsum([2 / N * 0.5, 6 / N * -0.5]), math.fsum([2 / N * 0.5, 6 / N * 1.5]), 6 / N * 4.0, 6 / N * -4.0,
+    ]  # fmt: skip
+    assert res.n_clients == 2  # distinct clients
+    assert ("b", 0, "folded") in records(acts, ResultRecord)[0].used and b.late == {}
+
+
+def test_late_update_dropped_under_policy_drop() -> None:
+    b, _ = _round0_with_a_straggler("drop")
+    acts = b.handle(update("b", 0, [4.0, -4.0], 6), 11.0)
+    assert [r.update.status for r in records(acts, UpdateRecord)] == ["dropped"]
+    assert [r.reason for r in records(acts, RejectRecord)] == ["late_dropped"] and sent(acts, ErrorMsg, "b") == []
+    (p1,) = sent(b.tick(11.0), RoundPlan)
+    b.handle(update("a", 1, [0.5, 0.5], 2, msg_id=2), 12.0)
+    b.handle(update("b", 1, [-0.5, 1.5], 6, msg_id=2), 12.0)
+    (res,) = sent(b.tick(12.0), RoundResult)
+    assert list(res.seeds) == list(p1.seeds) and res.n_clients == 2
+
+
+def test_dedupe_same_msg_id_is_ignored() -> None:
+    b = book(config(min_clients=2))
+    join(b, "a", 1)
+    join(b, "b", 1)
+    b.tick(0.0)
+    first = b.handle(update("a", 0, [1.0, 1.0], 1, msg_id=7), 1.0)
+    assert len(records(first, UpdateRecord)) == 1
+    assert b.handle(update("a", 0, [1.0, 1.0], 1, msg_id=7), 2.0) == [Duplicate("a", 0, 7)]
+
+
+def test_conflict_other_msg_id_first_wins() -> None:
+    b = book(config(min_clients=2))
+    join(b, "a", 1)
+    join(b, "b", 1)
+    b.tick(0.0)
+    b.handle(update("a", 0, [1.0, 1.0], 1, msg_id=7), 1.0)
+    acts = b.handle(update("a", 0, [9.0, 9.0], 1, msg_id=8), 2.0)
+    assert [r.reason for r in records(acts, RejectRecord)] == ["conflict"]
+    assert records(acts, UpdateRecord) == [] and sent(acts, ErrorMsg, "a") == []
+    b.handle(update("b", 0, [3.0, 3.0], 1), 3.0)
+    (res,) = sent(b.tick(3.0), RoundResult)
+    assert list(res.scalars) == [2.0, 2.0]  # a's first update, not the second
+
+
+def test_vp_limit_flagged_client_gets_one_step_in_the_next_plan() -> None:
+    cfg = config(steps=3, drift_window=3, drift_min_steps=6, drift_later_min=3.0, drift_quie_min=0.6)
+    grad = torch.from_numpy(((raw_u64(5, NNZ) >> 40).astype("float64") / 2**24 - 0.5).astype("float32"))
+    mon = DriftMonitor(grad, "rademacher", cfg.drift_thresholds(), keep_history=False)
+    b = book(cfg, drift=mon)
+    join(b, "ok", 10)
+    join(b, "drift", 10)
+    now, flagged = 0.0, []
+    for r, gradip in enumerate((1.0, 0.01)):  # drift's GradIP decays 100x in round 1
+        (plan,) = sent(b.tick(now), RoundPlan)
+        assert plan.steps == {"ok": 3, "drift": 3}
+        for k in ("ok", "drift"):
+            g = gradip if k == "drift" else 1.0
+            acts = b.handle(update(k, r, [g / mon.coefficient(s) for s in plan.seeds], 10, msg_id=r), now)
+            flagged += records(acts, LimitRecord)
+        assert sent(b.tick(now), RoundResult)
+        now += 1.0
+    assert [(x.client, x.round) for x in flagged] == [("drift", 1)]
+    (p2,) = sent(b.tick(now), RoundPlan)
+    assert p2.steps == {"ok": 3, "drift": 1}
+
+
+def test_replay_when_close_behind_checkpoint_when_far() -> None:
+    b = book(config(min_clients=1, replay_max=2, chunk_bytes=256))
+    join(b, "a", 1)
+    results = []
+    for r in range(4):
+        b.tick(float(r))
+        b.handle(update("a", r, [0.5 - r, 0.25], 1, msg_id=r), float(r))
+        results += sent(b.tick(float(r)), RoundResult)
+    assert b.sync_reply("s", 3) == [Publish(Replay(()), to="s")]  # up to date
+    (rep,) = sent(b.handle(SyncRequest("s", 1), 5.0), Replay, "s")
+    assert list(rep.results) == results[2:]  # 2 behind = replay_max
+    for have in (0, -1, 7):  # more than replay_max behind, or ahead of us
+        chunks = sent(b.sync_reply("s", have), CheckpointChunk, "s")
+        assert len(chunks) == NNZ * 4 // 256 and {c.round for c in chunks} == {3}
+        assert b"".join(c.data for c in chunks) == b.values.numpy().astype("<f4").tobytes()
+        assert chunks[0].sha256 == results[-1].values_checksum
+
+
+def test_rejoin_after_unknown_client() -> None:
+    b = book(config(min_clients=5))
+    b.handle(Heartbeat("dev", 0.0, 1.0, 1), 0.0)  # live, but its Join went to nobody
+    assert sent(b.tick(0.0), ErrorMsg, "dev") == []
+    (nag,) = sent(b.tick(JOIN_GRACE_S), ErrorMsg, "dev")
+    assert nag.code == ErrorCode.UNKNOWN_CLIENT
+    assert sent(b.tick(JOIN_GRACE_S + 5.0), ErrorMsg, "dev") == []
+    assert len(sent(b.tick(JOIN_GRACE_S + REJOIN_NAG_S), ErrorMsg, "dev")) == 1  # asked again
+    join(b, "dev", 3, now=20.0)
+    assert all(sent(b.tick(t), ErrorMsg, "dev") == [] for t in (25.0, 40.0, 60.0))
+    assert b.online() == ["dev"]
+    b.handle(Status("dev", False, 61.0), 61.0)
+    assert b.online() == [] and sent(b.tick(80.0), ErrorMsg, "dev") == []
+
+
+def _persist(log: EventLog, acts: list[Action]) -> list[Action]:
+    with log.transaction():
+        for a in acts:
+            if isinstance(a, Persist):
+                log.persist(a.record)
+    return acts
+
+
+def test_recovery_continues_identically(tmp_path: Path) -> None:
+    """A book rebuilt from what the first one persisted (open round, late update, dedupe keys, registry)
+    gives exactly the same actions for the same later events."""
+    cfg = config(min_clients=2, min_updates=1, straggler="next", replay_max=3, checkpoint_every=100)
+    log = EventLog(tmp_path)
+    first = book(cfg)
+    for k, n in (("a", 2), ("b", 6)):
+        _persist(log, join(first, k, n))
+    _persist(log, first.tick(0.0))
+    _persist(log, first.handle(update("a", 0, [1.0, 2.0], 2), 1.0))
+    _persist(log, first.tick(10.0))  # b is late for round 0
+    _persist(log, first.handle(update("b", 0, [4.0, -4.0], 6), 11.0))
+    _persist(log, first.tick(11.0))  # round 1 open
+    _persist(log, first.handle(update("a", 1, [0.5, 0.5], 2, msg_id=2), 12.0))
+
+    again = RoundBook(cfg, fingerprint=FP, mask_id=MASK, values=synthetic_v0(NNZ),
+                      recovered=recover(log, synthetic_v0(NNZ), MASK, FP, cfg.replay_max))  # fmt: skip
+    assert again.start(13.0) == [Publish(sent_result(first)), Publish(first.plan_message(first.plan))]  # type: ignore[arg-type]
+    later = [
+        update("a", 1, [0.5, 0.5], 2, msg_id=2),  # a duplicate of what was stored before the restart
+        update("a", 1, [7.0, 7.0], 2, msg_id=3),  # a conflict with it
+        update("b", 1, [-0.5, 1.5], 6, msg_id=2),
+    ]
+    for m in later:
+        assert again.handle(m, 14.0) == first.handle(m, 14.0)
+    a, b = again.tick(14.0), first.tick(14.0)
+    assert a == b and sent(a, RoundResult)[0].n_clients == 2
+    assert torch.equal(again.values, first.values)
+    assert again.sync_reply("c", -1) == first.sync_reply("c", -1)
+    log.close()
+
+
+def sent_result(b: RoundBook) -> RoundResult:
+    from coordinator.rounds import result_message
+
+    return result_message(b.results[-1])
+
+
+def test_checkpoint_action_every_k_rounds() -> None:
+    b = book(config(min_clients=1, checkpoint_every=2))
+    join(b, "a", 1)
+    got = []
+    for r in range(4):
+        b.tick(float(r))
+        b.handle(update("a", r, [0.25, 0.25], 1, msg_id=r), float(r))
+        got += [a.round for a in b.tick(float(r)) if isinstance(a, WriteCheckpoint)]
+    assert got == [1, 3]
+
+
+@pytest.mark.parametrize("bad", ["wrong_steps", "not_in_round", "fingerprint", "unknown_round"])
+def test_validation_rejects_are_counted_and_answered(bad: str) -> None:
+    b = book(config(min_clients=2))
+    join(b, "a", 1)
+    join(b, "b", 1)
+    b.tick(0.0)
+    u = {
+        "wrong_steps": update("a", 0, [1.0], 1),
+        "not_in_round": update("zz", 0, [1.0, 1.0], 1),
+        "fingerprint": Update(0, 1, (1.0, 1.0), 1, fp_tag("cd" * 32), 1.0, client="a"),
+        "unknown_round": update("a", 5, [1.0, 1.0], 1),
+    }[bad]
+    acts = b.handle(u, 1.0)
+    assert [r.reason for r in records(acts, RejectRecord)] == [bad]
+    assert len(sent(acts, ErrorMsg, u.client)) == 1 and records(acts, UpdateRecord) == []
