@@ -102,9 +102,9 @@ def vectors() -> list[dict[str, Any]]:
         dict(name="keys_out_of_order", rule="a receiver must not depend on key order", topic=f"{F}/status/dev-a",
              payload=bytes([0xB1, 0, 6]) + b"\x82\x01\xcb" + struct.pack(">d", 2.0) + b"\x00\xc3",
              type="Status", decoded={"online": True, "ts": 2.0}),
-        dict(name="grads_4097", rule="an Update carries at most 4096 grads", topic=f"{F}/up/dev-a",
+        dict(name="grads_4097", rule="an Update carries at most 4096 grads: a bin over the type's max bin (§2) is MALFORMED", topic=f"{F}/up/dev-a",
              payload=bytes([0xB1, 1, 3]) + zstandard.ZstdCompressor().compress(msgpack.packb(
-                 {0: 0, 1: 1, 2: b"\x00" * 4 * 4097, 3: 1, 4: 0, 5: 1.0})), error="INVALID_FIELD"),
+                 {0: 0, 1: 1, 2: b"\x00" * 4 * 4097, 3: 1, 4: 0, 5: 1.0})), error="MALFORMED"),
         dict(name="plan_4097_seeds", rule="a plan carries at most 4096 seeds (= the Update limit)", topic=f"{F}/plan",
              payload=_plan(4097), error="INVALID_FIELD", pending=PENDING_STEPS),
         dict(name="plan_4096_seeds", rule="a plan of 4096 seeds, one client running all of them", topic=f"{F}/plan",
