@@ -60,16 +60,23 @@ def test_client_check_passes_then_fails_on_a_wrong_password(toy: Toy, acl_broker
 def test_client_check_catches_a_device_that_reads_other_devices(toy: Toy, acl_broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """The coordinator user reads the whole tree: checked as a 'device' it must fail the deny probe."""
     fleet = uid("leak")
-    other = MqttLink(acl_broker.url, "client_01", username="client_01", password=acl_broker.users["client_01"])
-    other.start()
-    assert other.wait_connected(10)
     from shared.topics import Topics
 
-    other.publish(Topics(fleet).status("client_01"), b"retained", qos=1, retain=True)
+    # a retained status of another device in this fleet (the ACL is per fleet: client_01 may not write
+    # into a random fleet, the coordinator user may), which a correctly restricted device cannot read
+    status = Topics(fleet).status("client_01")
+    planter = MqttLink(acl_broker.url, uid("plant"), username="coordinator", password=acl_broker.users["coordinator"])
+    planter.start()
+    assert planter.wait_connected(10)
+    planter.publish(status, b"retained", qos=1, retain=True)
     time.sleep(0.5)
-    other.stop()
-    leaky = _client_toml(toy, tmp_path, acl_broker.url, fleet, "coordinator", acl_broker.users["coordinator"])
-    r = _meerkat("client", "--config", str(leaky), "--check")
+    try:
+        leaky = _client_toml(toy, tmp_path, acl_broker.url, fleet, "coordinator", acl_broker.users["coordinator"])
+        r = _meerkat("client", "--config", str(leaky), "--check")
+    finally:
+        planter.publish(status, b"", qos=1, retain=True)  # clear it
+        time.sleep(0.3)
+        planter.stop()
     assert r.returncode == 4, r.stdout + r.stderr
     assert "FAIL deny" in r.stderr and "status/client_01" in r.stderr
 
