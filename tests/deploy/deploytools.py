@@ -7,9 +7,12 @@ import ctypes
 import os
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+if str(REPO / "tests" / "client") not in sys.path:  # clienttoy: the tiny model + mask + data of the client tests
+    sys.path.insert(0, str(REPO / "tests" / "client"))
 INSTALL = REPO / "deploy" / "install.sh"
 VENV = REPO / ".venv"
 PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN = 65, 1  # linux/prctl.h (Linux >= 6.3): what MemoryDenyWriteExecute= enforces
