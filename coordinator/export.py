@@ -54,6 +54,23 @@ def values_from_state(
         events.close()
 
 
+# tokenizer classes transformers 5 writes that 4.x does not have, and the 4.x class that loads the same
+# tokenizer.json (5.x knows it too): without this, 4.x fails with "Tokenizer class ... does not exist"
+PORTABLE_TOKENIZER_CLASS = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+
+
+def portable_tokenizer_config(out: Path) -> None:
+    """Make the saved tokenizer_config.json loadable by transformers 4.4x as well as 5.x (tokenizer.json kept)."""
+    path = Path(out) / "tokenizer_config.json"
+    if not path.is_file() or not (Path(out) / "tokenizer.json").is_file():
+        return
+    conf = json.loads(path.read_text())
+    cls = conf.get("tokenizer_class")
+    if cls in PORTABLE_TOKENIZER_CLASS:
+        conf["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS[cls]
+        path.write_text(json.dumps(conf, indent=2, ensure_ascii=False) + "\n")
+
+
 def export_merged(
     model_dir: Path,
     mask: Mask,
@@ -89,6 +106,7 @@ def export_merged(
     model.save_pretrained(str(out), safe_serialization=True)
     if loaded.tokenizer is not None:
         loaded.tokenizer.save_pretrained(str(out))
+        portable_tokenizer_config(out)
     info = {
         "round": round, "values_checksum": values_checksum(values), "base_fingerprint": loaded.fingerprint,
         "mask_id": mask.mask_id, "quant": quant, "nnz": int(values.numel()),

@@ -124,8 +124,8 @@ crlfile {d}/crl.pem
 
 def _client_toml(f: Fleet, device: str) -> str:
     c = f.config_dir
-    return f"""# meerkat client {device}, fleet {f.fleet}: written by `meerkat provision`. Install: copy this
-# directory to {c} (0600, owned by the service user). Fill in model_dir/mask/data; every key:
+    return f"""# meerkat client {device}, fleet {f.fleet}: written by `meerkat provision`. Install this directory as
+# {c} (`deploy/install.sh client --bundle THIS_DIR`). Fill in model_dir/mask/data; every key:
 # `meerkat client --print-config`. Check before starting: `meerkat client --config {c}/client.toml --check`.
 broker = "mqtts://{f.broker_host}:{f.broker_port}"
 fleet = "{f.fleet}"
@@ -138,7 +138,7 @@ tls_key = "{c}/client.key"
 model_dir = "/opt/models/base"
 mask = "/opt/models/base.mask.safetensors"
 data = "/var/lib/meerkat-data/train.jsonl"
-state_dir = "/var/lib/meerkat-client"
+state_dir = "/var/lib/meerkat/client"
 """
 
 

@@ -1,0 +1,111 @@
+"""deploy/install.sh and the systemd units: modes and owners, idempotence, systemd-analyze verify, exit codes."""
+
+from __future__ import annotations
+
+import grp
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from deploytools import INSTALL, REPO, install, unit_settings
+
+from edge_client.service.cli import EXIT_BROKER, EXIT_CONFIG, EXIT_SETUP
+
+HARDENING = {
+    "NoNewPrivileges": "true", "ProtectSystem": "strict", "ProtectHome": "true", "PrivateTmp": "true",
+    "CapabilityBoundingSet": "", "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6", "LockPersonality": "true",
+    "SystemCallFilter": "@system-service", "Restart": "on-failure", "User": "meerkat",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("fleet") / "out"
+    fleet = out.parent / "fleet.toml"
+    fleet.write_text('fleet = "inst"\nbroker_host = "127.0.0.1"\ndevices = ["dev-a"]\n')
+    r = subprocess.run([sys.executable, "-m", "shared.cli", "-q", "provision", str(fleet), "--out", str(out)],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def _mode(p: Path) -> int:
+    return stat.S_IMODE(p.stat().st_mode)
+
+
+@pytest.mark.parametrize("role", ["coordinator", "client"])
+def test_units_are_hardened_and_do_not_restart_on_config_errors(role: str) -> None:
+    s = unit_settings(REPO / "deploy" / f"meerkat-{role}.service")
+    for key, want in HARDENING.items():
+        assert s.get(key, [None])[-1] == want, (key, s.get(key))
+    assert f"/var/lib/meerkat/{role}" in s["ReadWritePaths"][-1]
+    assert int(s["RestartSec"][-1]) >= 5 and int(s["StartLimitBurst"][-1]) <= 10
+    no_restart = {int(x) for x in s["RestartPreventExitStatus"][-1].split()}
+    # the codes the service itself returns for "fix the config first" (edge_client/service/cli.py,
+    # coordinator/server_cli.py); 4 is --check only
+    assert no_restart == ({EXIT_CONFIG, EXIT_SETUP} if role == "client" else {EXIT_CONFIG}), no_restart
+    assert EXIT_BROKER not in no_restart
+
+
+@pytest.mark.parametrize("role,bundle", [("coordinator", "coordinator"), ("client", "devices/dev-a")])
+def test_installed_units_pass_systemd_analyze_verify(bundles: Path, tmp_path: Path, role: str, bundle: str) -> None:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze not installed (apt-get install systemd)")
+    r = install(role, bundles / bundle, tmp_path)
+    assert r.returncode == 0, r.stderr
+    unit = tmp_path / "etc" / "systemd" / "system" / f"meerkat-{role}.service"
+    assert str(tmp_path / "opt" / "meerkat" / ".venv" / "bin" / "meerkat") in unit_settings(unit)["ExecStart"][-1]
+    v = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    # verify exits 0 on unknown keys too (a warning): any output is a finding
+    assert v.returncode == 0 and not (v.stdout + v.stderr).strip(), v.stdout + v.stderr
+    bad = tmp_path / "bad.service"
+    bad.write_text(unit.read_text().replace("ProtectHome=", "ProtectHom="))
+    v = subprocess.run([analyze, "verify", str(bad)], capture_output=True, text=True, timeout=60)
+    assert "Unknown key" in v.stderr  # the check above can fail
+
+
+def test_client_install_modes_and_rerun_keeps_edited_config(bundles: Path, tmp_path: Path) -> None:
+    r = install("client", bundles / "devices" / "dev-a", tmp_path)
+    assert r.returncode == 0, r.stderr
+    etc, state = tmp_path / "etc" / "meerkat", tmp_path / "var" / "lib" / "meerkat" / "client"
+    assert _mode(etc) == 0o750 and _mode(state) == 0o750
+    assert {f.name: _mode(f) for f in etc.iterdir()} == dict.fromkeys(
+        ["client.toml", "broker.password", "ca.crt", "client.crt", "client.key"], 0o640)
+    toml = (etc / "client.toml").read_text()
+    assert f'password_file = "{etc}/broker.password"' in toml and f'state_dir = "{state}"' in toml
+    (etc / "client.toml").write_text(toml.replace('"/opt/models/base"', '"/srv/edited"'))
+    r = install("client", bundles / "devices" / "dev-a", tmp_path)  # idempotent: the edit survives
+    assert r.returncode == 0 and "keeping" in r.stdout, r.stdout + r.stderr
+    assert '"/srv/edited"' in (etc / "client.toml").read_text()
+    r = install("client", bundles / "devices" / "dev-a", tmp_path, "--force-config")
+    assert r.returncode == 0 and '"/srv/edited"' not in (etc / "client.toml").read_text()
+
+
+def test_broker_install_owner_and_modes(bundles: Path, tmp_path: Path) -> None:
+    for _ in range(2):
+        r = install("broker", bundles / "broker", tmp_path)
+        assert r.returncode == 0, r.stderr
+    d = tmp_path / "etc" / "mosquitto" / "meerkat"
+    modes = {f.name: _mode(f) for f in d.iterdir()}
+    assert modes == {"mosquitto.conf": 0o644, "acl": 0o644, "ca.crt": 0o644, "server.crt": 0o644, "crl.pem": 0o644,
+                     "passwd": 0o640, "server.key": 0o640, "store": 0o700}, modes
+    assert f"password_file {d}/passwd" in (d / "mosquitto.conf").read_text()
+    if os.geteuid() == 0:
+        gid = grp.getgrnam("mosquitto").gr_gid
+        assert all(f.stat().st_gid == gid for f in d.iterdir()) and (d / "store").stat().st_uid != 0
+    dropin = (tmp_path / "etc" / "systemd" / "system" / "mosquitto.service.d" / "meerkat.conf").read_text()
+    assert f"ExecStart=/usr/sbin/mosquitto -c {d}/mosquitto.conf" in dropin
+
+
+@pytest.mark.parametrize("args,needle", [
+    ([], "which role"), (["client"], "--bundle"), (["client", "--bundle", "/nonexistent"], "no such directory"),
+    (["broker", "--bundle", str(REPO)], "has no mosquitto.conf"), (["client", "--bogus"], "unknown argument"),
+])  # fmt: skip
+def test_install_refuses_bad_arguments(args: list[str], needle: str) -> None:
+    r = subprocess.run(["sh", str(INSTALL), *args], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and needle in r.stderr, r.stderr
