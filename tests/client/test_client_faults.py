@@ -4,7 +4,6 @@ and a SIGTERM at the end."""
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from clienttoy import (
     write_toml,
 )
 
+from edge_client.service.state import StateStore
 from shared.apply import values_checksum
 from shared.codec import decode
 from shared.messages import Status
@@ -29,14 +29,14 @@ from shared.topics import Topics
 
 
 def _client_state(state_dir: Path) -> tuple[int, str, int, int]:
-    """(round, checksum, data_pointer, progress rows) from the client's own database (read-only)."""
-    db = sqlite3.connect(f"file:{state_dir / 'client.db'}?mode=ro", uri=True, timeout=5)
+    """(round, checksum, data_pointer, saved steps) from the client's own state, opened read-only."""
+    store = StateStore(state_dir, read_only=True)
     try:
-        rnd, ck, dp = db.execute("SELECT round, checksum, data_pointer FROM state").fetchone()
-        (n,) = db.execute("SELECT COUNT(*) FROM progress").fetchone()
-        return int(rnd), str(ck), int(dp), int(n)
+        st, progress = store.load(), store.progress()
+        assert st is not None
+        return st.round, st.checksum, st.data_pointer, 0 if progress is None else len(progress.results)
     finally:
-        db.close()
+        store.close()
 
 
 def _one_update_per_round(coord_state: Path, client: str, rounds: int) -> None:
