@@ -303,6 +303,9 @@ class ClientRounds:
         if plan.round <= self.round:
             return []  # we already hold this round's result
         msg_id = update_msg_id(me.client_id, plan)
+        if self.job is not None and (self.job.plan.round, self.job.msg_id) == (plan.round, msg_id):
+            self.job.plan = plan  # re-issued (deadline extension, more clients): the same work for us, go on
+            return []
         if (self.trained_round, self.trained_msg_id) == (plan.round, msg_id):
             return []  # update already queued/sent; waiting for the result
         if plan.base_round > self.round:

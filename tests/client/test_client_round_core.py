@@ -98,6 +98,15 @@ def test_accept_plan_and_train_t_k_steps() -> None:
     assert c.on_plan(p) == [] and of(TrainStep, c.tick(0.0)) == []  # the same plan again: not trained twice
 
 
+def test_reissued_plan_with_the_same_work_continues_the_round() -> None:
+    c = core()
+    c.on_plan(plan())
+    (req,) = of(TrainStep, c.tick(0.0))
+    c.step_done(*engine_step(req))
+    extended = plan(steps={ME: 3, "late": 3}, deadline=2000.0)  # same seeds and T_k: same msg_id
+    assert c.on_plan(extended) == [] and of(TrainStep, c.tick(0.0))[0].step == 1
+
+
 def test_not_sampled() -> None:
     c = core()
     assert c.on_plan(plan(steps={"other": 3})) == [] and c.tick(0.0) == [SendSync(-1)] and c.job is None
