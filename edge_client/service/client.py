@@ -32,6 +32,7 @@ from edge_client.service.rounds import (
     Identity,
     LoadValues,
     QueueUpdate,
+    ResendUpdates,
     SaveStep,
     SendJoin,
     SendSync,
@@ -166,6 +167,10 @@ class EdgeClient:
                 upd = act.update
                 self.st = self.store.finish_training(upd.round, upd.msg_id, self.topics.up(self.cid), encode(upd),
                                                      act.data_pointer)
+                if self.link.connected.is_set():
+                    self._resend_due()
+            elif isinstance(act, ResendUpdates):
+                self.store.outbox.reconnected()
                 if self.link.connected.is_set():
                     self._resend_due()
             elif isinstance(act, Commit):

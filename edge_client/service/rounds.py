@@ -15,7 +15,8 @@ Events (each returns the actions to carry out, in order; carry them all out befo
     on_replay(replay)               a Replay on to/{client}
     on_chunk(chunk)                 a CheckpointChunk on to/{client}
     on_error(err)                   an ErrorMsg on to/{client}
-    tick(now)                       `now` = unix seconds: maybe a SyncRequest, then at most ONE TrainStep
+    tick(now)                       `now` = unix seconds: maybe a SyncRequest (+ ResendUpdates when a result
+                                    is overdue), then at most ONE TrainStep
     step_done(result, data_pointer) the TrainStep just returned was carried out (engine result, pointer after)
 
 A TrainStep is a request: left undone (e.g. while stopping) it changes nothing and the next tick asks
@@ -142,6 +143,13 @@ class QueueUpdate:
     data_pointer: int
 
 
+@dataclass(frozen=True)
+class ResendUpdates:
+    """Publish every queued Update again now (Outbox.reconnected): a result is overdue, so the coordinator
+    may have lost an Update the broker acknowledged (e.g. a broker restart that dropped its session);
+    the coordinator dedupes on (client, round, msg_id), so a copy it already holds costs nothing."""
+
+
 @dataclass(frozen=True, eq=False)
 class Commit:
     """Make `values` the values at `round` (StateStore.commit_round); this also drops saved steps and
@@ -162,7 +170,9 @@ class DropRound:
     steps: int
 
 
-Action: TypeAlias = SendJoin | SendSync | LoadValues | TrainStep | SaveStep | QueueUpdate | Commit | DropRound
+Action: TypeAlias = (
+    SendJoin | SendSync | LoadValues | TrainStep | SaveStep | QueueUpdate | ResendUpdates | Commit | DropRound
+)
 
 
 def values_from_bytes(raw: bytes) -> torch.Tensor:
@@ -479,6 +489,9 @@ class ClientRounds:
         self._last_sync = now
         self.counters["sync_requests"] += 1
         log.info("asking for rounds after %d (fleet is at %d)", self.round, self.known_round)
+        if overdue:
+            log.info("result of round %d is overdue: publishing its update again", self.trained_round)
+            return [SendSync(self.round), ResendUpdates()]
         return [SendSync(self.round)]
 
 
@@ -492,6 +505,7 @@ __all__ = [
     "LoadValues",
     "Progress",
     "QueueUpdate",
+    "ResendUpdates",
     "SaveStep",
     "SendJoin",
     "SendSync",

@@ -22,6 +22,7 @@ from edge_client.service.rounds import (
     LoadValues,
     Progress,
     QueueUpdate,
+    ResendUpdates,
     SaveStep,
     SendJoin,
     SendSync,
@@ -255,8 +256,9 @@ def test_overdue_result_sends_sync_request() -> None:
     c.on_plan(plan(deadline=100.0))
     run_steps(c, now=1.0)  # includes the once-after-connect SyncRequest at t=1
     assert c.tick(104.0) == []  # trained, waiting: not overdue before deadline + sync_retry_s
-    assert c.tick(105.5) == [SendSync(-1)]
-    assert c.tick(107.0) == [] and c.tick(111.0) == [SendSync(-1)]  # then every sync_retry_s
+    # overdue: ask, and publish the queued update again (a broker restart may have lost it after its PUBACK)
+    assert c.tick(105.5) == [SendSync(-1), ResendUpdates()]
+    assert c.tick(107.0) == [] and c.tick(111.0) == [SendSync(-1), ResendUpdates()]  # then every sync_retry_s
 
 
 def test_no_sync_request_while_offline_and_one_after_connect() -> None:
