@@ -333,17 +333,16 @@ def build_report(cfg: DemoConfig, paths: dict[str, Path], traffic: Any, before: 
 
 def client_checksum(state_dir: Path) -> str | None:
     """The values checksum a client persisted in its state (None when it has none)."""
-    import sqlite3
+    from edge_client.service.state import StateStore
 
-    db = state_dir / "client.db"
-    if not db.exists():
+    if not (state_dir / "client.db").exists():
         return None
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    store = StateStore(state_dir, read_only=True)
     try:
-        row = con.execute("SELECT checksum FROM state WHERE id = 0").fetchone()
+        st = store.load()
     finally:
-        con.close()
-    return None if row is None else str(row[0])
+        store.close()
+    return None if st is None else st.checksum
 
 
 def plot_report(report: dict[str, Any], path: Path) -> None:

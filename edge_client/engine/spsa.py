@@ -2,13 +2,19 @@
 
     z   = shared.prng.directions(seed, nnz, dist)        the seed IS the direction; nothing else travels
     L+  = L(v + eps z);  L- = L(v - eps z)              two forwards under no_grad
-    g   = (L+ - L-) / (2 eps)                            the projected gradient: one float per step
-    v  <- v - lr g z                                     the client's local path
+    g   = float32((L+ - L-) / (2 eps))                   the projected gradient: one float per step,
+                                                         rounded to what the Update carries on the wire
+    v  <- local_update(v, seed, g, lr, dist)             the client's local path (see below)
 
 The buffer is restored EXACTLY after the two losses: the perturbed values are computed from a copy of
 the buffer (it is small: nnz fp32), never by subtracting eps z back (MeZO's +1/-2/+1 drifts by a few
 ulps in fp32). A non-finite loss restores the buffer and raises `NonFiniteLossError`: never a NaN
 update.
+
+The local path uses ONE rule, `local_update` = `shared.apply.apply_round(v, [seed], [g], lr, dist)`
+(float64 arithmetic, one cast to fp32), both after a step and when a round is resumed after a crash
+(edge_client/service/rounds.py replays the saved g's through the same function, step by step). So a
+resumed round computes exactly the losses, g's and Update bytes an uninterrupted one does.
 """
 
 from __future__ import annotations
@@ -19,9 +25,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
+from shared.apply import apply_round
 from shared.prng import Dist, directions
 from shared.sidecar import SideCar
 
@@ -31,7 +39,7 @@ LossFn = Callable[[nn.Module], float]
 
 
 class NonFiniteLossError(FloatingPointError):
-    """A loss of the step was NaN/inf; the side-car buffer is unchanged."""
+    """A loss of the step, or g as float32, was NaN/inf; the side-car buffer is unchanged."""
 
     def __init__(self, seed: int, loss_plus: float, loss_minus: float) -> None:
         super().__init__(f"non-finite loss in SPSA step (seed {seed}): L+ = {loss_plus}, L- = {loss_minus}")
@@ -40,7 +48,8 @@ class NonFiniteLossError(FloatingPointError):
 
 @dataclass(frozen=True)
 class StepResult:
-    """g: projected gradient; seconds: wall time of the whole step; timing: its phases (s)."""
+    """g: projected gradient, a float32 value (what the Update sends); seconds: wall time of the whole
+    step; timing: its phases (s; empty for a step read back from the client's state)."""
 
     g: float
     loss_plus: float
@@ -64,7 +73,7 @@ def spsa_step(
     lr: float,
     dist: Dist = "rademacher",
 ) -> StepResult:
-    """Perturb, evaluate twice, restore exactly, then v -= lr g z (skipped when lr == 0 or g == 0)."""
+    """Perturb, evaluate twice, restore exactly, then v <- local_update(v, seed, g, lr, dist)."""
     if not (math.isfinite(eps) and eps > 0):
         raise ValueError(f"eps must be a finite float > 0, got {eps!r}")
     if not math.isfinite(lr):
@@ -85,16 +94,35 @@ def spsa_step(
             t3 = time.perf_counter()
         finally:
             values.copy_(backup)  # bit-identical to before the step, whatever happened
-        if not (math.isfinite(loss_plus) and math.isfinite(loss_minus)):
+        g = to_f32((loss_plus - loss_minus) / (2.0 * eps))
+        if not math.isfinite(g):  # a NaN/inf loss, or finite losses whose g overflows float32
             raise NonFiniteLossError(seed, loss_plus, loss_minus)
-        g = (loss_plus - loss_minus) / (2.0 * eps)
-        if lr != 0.0 and g != 0.0:
-            values.add_(z, alpha=-lr * g)
+        moved = local_update(values, seed, g, lr, dist)
+        if moved is not values:
+            values.copy_(moved)
         sync()
     t4 = time.perf_counter()
     timing = {"directions": t1 - t0, "loss_plus": t2 - t1, "loss_minus": t3 - t2, "update": t4 - t3}
     log.debug("spsa seed=%d g=%.6g L+=%.6f L-=%.6f %.1f ms", seed, g, loss_plus, loss_minus, (t4 - t0) * 1e3)
     return StepResult(g, loss_plus, loss_minus, t4 - t0, seed, timing)
+
+
+def local_update(values: torch.Tensor, seed: int, g: float, lr: float, dist: Dist) -> torch.Tensor:
+    """NEW CPU fp32 tensor: one step of the local path, v - lr g z(seed), in float64 with one cast.
+
+    The only local-path rule: `spsa_step` applies it after the two losses, and a resumed round
+    (edge_client/service/rounds.py) rebuilds its buffer by applying it once per saved step, in order.
+    A step that moves nothing (lr == 0 or g == 0) returns `values` itself: no arithmetic at all, so
+    even the sign of a -0.0 entry is kept on both paths."""
+    if lr == 0.0 or g == 0.0:
+        return values
+    return apply_round(values, [seed], [g], lr, dist)
+
+
+def to_f32(x: float) -> float:
+    """x rounded to the nearest float32 (inf when it overflows), as a Python float."""
+    with np.errstate(over="ignore"):
+        return float(np.float32(x))
 
 
 def _syncer(device: torch.device) -> Callable[[], None]:
@@ -103,4 +131,4 @@ def _syncer(device: torch.device) -> Callable[[], None]:
     return lambda: None
 
 
-__all__ = ["LossFn", "NonFiniteLossError", "StepResult", "spsa_step"]
+__all__ = ["LossFn", "NonFiniteLossError", "StepResult", "local_update", "spsa_step", "to_f32"]

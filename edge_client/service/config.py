@@ -59,7 +59,7 @@ class ClientConfig:
     quant: Literal["nf4", "int8", "none"] = config.field("nf4", "base weight quantisation (bitsandbytes)")
     device: Literal["auto", "cpu", "cuda"] = config.field("auto", "where the model runs; auto = cuda when available")
     data: Path = config.field(Path("data.jsonl"), "local training data: a task.json or a JSONL file")
-    batch_size: int = config.field(8, "sequences per SPSA loss when the round plan does not set one", check=(_positive, "must be > 0"))
+    batch_size: int = config.field(8, "unused for training: every round plan sets its batch_size (kept so old configs load)", check=(_positive, "must be > 0"))
     seq_len: int = config.field(128, "max tokens per sequence (longer inputs are truncated)", check=(_positive, "must be > 0"))
     memory_budget_gib: float = config.field(
         4.0, "memory the model + activations may use; sets the micro-batch, refuses to start if one sequence does not fit",

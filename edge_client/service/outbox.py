@@ -66,13 +66,14 @@ def _row(r: tuple[int, int, int, str, int, bytes, int]) -> OutboxRow:
 class Outbox:
     """Rows of queued updates plus, in memory, which paho mids carry which row."""
 
-    def __init__(self, db: sqlite3.Connection, resend_after_s: float = 30.0) -> None:
+    def __init__(self, db: sqlite3.Connection, resend_after_s: float = 30.0, *, writable: bool = True) -> None:
         self.db = db
         self.resend_after_s = resend_after_s
         self._mid_to_row: dict[int, OutboxRow] = {}
         self._sent_at: dict[int, float] = {}  # row id -> monotonic time of the last publish
-        db.executescript(SCHEMA)
-        self.reconnected()  # a restart is a reconnect: every row is published again
+        if writable:  # (a read-only StateStore only lists rows)
+            db.executescript(SCHEMA)
+            self.reconnected()  # a restart is a reconnect: every row is published again
 
     def add(self, round: int, msg_id: int, topic: str, payload: bytes, qos: int = 1) -> int:
         """Insert inside the caller's transaction; returns the row id (idempotent on (round, msg_id))."""

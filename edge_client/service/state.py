@@ -2,7 +2,7 @@
 outbox and the steps done so far in the round being trained.
 
 Layout of `state_dir`:
-    client.db            SQLite (WAL, synchronous=FULL): tables `state` (one row), `outbox`, `progress`
+    client.db            SQLite (WAL, synchronous=FULL): tables `state` (one row), `outbox`, `steps`
     values-r{round}-{checksum[:16]}.f32  the side-car values at `state.round`, raw little-endian fp32 (nnz,)
 
 Crash safety (kill -9 at any instant):
@@ -12,7 +12,10 @@ Crash safety (kill -9 at any instant):
 - "Update for round r queued" (outbox row), "data pointer advanced" and "round r trained" commit in ONE
   transaction (`finish_training`), so a restart either re-trains round r from the same pointer (no
   update was ever visible) or re-sends the very same update (same msg_id: the coordinator dedupes).
-- Each finished SPSA step of the current round is a `progress` row, so a restart resumes at the next step.
+- Each finished SPSA step of the current round is a `steps` row, so a restart resumes at the next step.
+
+The round rules live in edge_client/service/rounds.py (`ClientRounds`); this module only persists
+what its actions say, and hands a restart back what it needs (`load`, `read_values`, `progress`).
 """
 
 from __future__ import annotations
@@ -24,10 +27,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from edge_client.engine.spsa import StepResult
 from edge_client.service.outbox import Outbox, to_i64, to_u64
+from edge_client.service.rounds import Progress, values_from_bytes
 from shared.apply import values_checksum
 from shared.fsio import atomic_write
 
@@ -44,23 +48,24 @@ CREATE TABLE IF NOT EXISTS state (
     values_file TEXT NOT NULL,
     data_pointer INTEGER NOT NULL,    -- samples consumed from the local data stream
     trained_round INTEGER NOT NULL,   -- last round whose update went into the outbox (-1 = none)
-    trained_plan INTEGER NOT NULL     -- plan key (u64 as i64) of that round
+    trained_plan INTEGER NOT NULL     -- msg_id (u64 as i64) of that update; column name kept so old state dirs open
 );
-CREATE TABLE IF NOT EXISTS progress (
+-- the steps done so far in the round being trained (one (round, msg_id) at a time)
+CREATE TABLE IF NOT EXISTS steps (
     round INTEGER NOT NULL,
-    plan INTEGER NOT NULL,
+    msg_id INTEGER NOT NULL,          -- u64 as i64: the Update this round's steps will make
     step INTEGER NOT NULL,
-    g REAL NOT NULL,
-    loss REAL NOT NULL,
+    seed INTEGER NOT NULL,            -- u64 as i64
+    g REAL NOT NULL,                  -- a float32 value (what the Update sends)
+    loss_plus REAL NOT NULL,
+    loss_minus REAL NOT NULL,
+    seconds REAL NOT NULL,
     data_pointer INTEGER NOT NULL,    -- pointer after this step
-    PRIMARY KEY (round, plan, step)
+    PRIMARY KEY (round, msg_id, step)
 );
+-- the step table before issue 12 (g, loss only): in-round progress, safe to drop (the round restarts)
+DROP TABLE IF EXISTS progress;
 """
-
-
-def values_from_bytes(raw: bytes) -> torch.Tensor:
-    """Raw little-endian fp32 bytes (a values file, a checkpoint) -> CPU fp32 tensor (nnz,)."""
-    return torch.from_numpy(np.frombuffer(raw, dtype="<f4").astype(np.float32))
 
 
 class StateError(RuntimeError):
@@ -77,29 +82,27 @@ class ClientState:
     values_file: str
     data_pointer: int
     trained_round: int
-    trained_plan: int
-
-
-@dataclass(frozen=True)
-class StepRecord:
-    step: int
-    g: float
-    loss: float
-    data_pointer: int
+    trained_msg_id: int
 
 
 class StateStore:
-    """Owns `state_dir`. Single-threaded: the client loop is its only user."""
+    """Owns `state_dir`. Single-threaded: the client loop is its only user.
 
-    def __init__(self, state_dir: Path, resend_after_s: float = 30.0) -> None:
+    `read_only=True` opens an existing state for reading (`load`, `read_values`, `progress`) while a
+    client may be running on it (e.g. `meerkat demo`, tests): it creates and changes nothing."""
+
+    def __init__(self, state_dir: Path, resend_after_s: float = 30.0, *, read_only: bool = False) -> None:
         self.dir = Path(state_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        # built in one thread, then used by the client loop only (one user at a time)
-        self.db = sqlite3.connect(self.dir / "client.db", isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.executescript(SCHEMA)
-        self.outbox = Outbox(self.db, resend_after_s)
+        if read_only:
+            self.db = sqlite3.connect(f"file:{self.dir / 'client.db'}?mode=ro", uri=True, isolation_level=None, timeout=5)
+        else:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            # built in one thread, then used by the client loop only (one user at a time)
+            self.db = sqlite3.connect(self.dir / "client.db", isolation_level=None, check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.executescript(SCHEMA)
+        self.outbox = Outbox(self.db, resend_after_s, writable=not read_only)
 
     def close(self) -> None:
         self.db.close()
@@ -140,8 +143,7 @@ class StateStore:
                     "INSERT INTO state VALUES (0, ?, ?, ?, -1, ?, ?, 0, -1, 0)",
                     (fingerprint, mask_id, v0.numel(), ck, name),
                 )
-            st = self.load()
-            assert st is not None
+            st = self._loaded()
             log.info("new state in %s: round -1 (v_0), nnz=%d", self.dir, v0.numel())
         if st.fingerprint != fingerprint or st.mask_id != mask_id:
             raise StateError(
@@ -167,7 +169,7 @@ class StateStore:
         return values
 
     def commit_round(self, round: int, values: torch.Tensor, checksum: str | None = None) -> ClientState:
-        """Make `values` the values at `round`, atomically; drops progress and outbox rows of rounds <= round."""
+        """Make `values` the values at `round`, atomically; drops saved steps and outbox rows of rounds <= round."""
         v = values.detach().to("cpu", torch.float32).contiguous()
         ck = checksum or values_checksum(v)
         old = self.load()
@@ -178,47 +180,58 @@ class StateStore:
         name = self._write_values(round, v, ck)
         with self.transaction() as db:
             db.execute("UPDATE state SET round = ?, checksum = ?, values_file = ? WHERE id = 0", (round, ck, name))
-            db.execute("DELETE FROM progress WHERE round <= ?", (round,))
+            db.execute("DELETE FROM steps WHERE round <= ?", (round,))
             self.outbox.prune(round)  # those rounds are over: nothing to re-send
         if old.values_file != name:
             (self.dir / old.values_file).unlink(missing_ok=True)
+        return self._loaded()
+
+    def _loaded(self) -> ClientState:
         st = self.load()
-        assert st is not None
+        if st is None:
+            raise StateError(f"state row of {self.dir} is gone")
         return st
 
     # -- training progress -----------------------------------------------------------------------
-    def record_step(self, round: int, plan: int, rec: StepRecord) -> None:
-        self.db.execute(
-            "INSERT OR REPLACE INTO progress VALUES (?, ?, ?, ?, ?, ?)",
-            (round, to_i64(plan), rec.step, rec.g, rec.loss, rec.data_pointer),
-        )
-
-    def progress(self, round: int, plan: int) -> list[StepRecord]:
-        """Steps done so far for (round, plan), in order; stale rows of other plans are dropped."""
-        self.db.execute("DELETE FROM progress WHERE NOT (round = ? AND plan = ?)", (round, to_i64(plan)))
-        rows = self.db.execute(
-            "SELECT step, g, loss, data_pointer FROM progress WHERE round = ? AND plan = ? ORDER BY step",
-            (round, to_i64(plan)),
-        ).fetchall()
-        recs = [StepRecord(int(s), float(g), float(loss), int(p)) for s, g, loss, p in rows]
-        if [r.step for r in recs] != list(range(len(recs))):
-            log.warning("progress of round %d has gaps %s: starting the round over", round, [r.step for r in recs])
-            self.db.execute("DELETE FROM progress")
-            return []
-        return recs
-
-    def finish_training(
-        self, round: int, plan: int, msg_id: int, topic: str, payload: bytes, data_pointer: int
-    ) -> int:
-        """One transaction: queue the update, advance the data pointer, mark the round trained."""
+    def record_step(self, round: int, msg_id: int, step: int, result: StepResult, data_pointer: int) -> None:
+        """Save a finished step; steps of any other (round, msg_id) are stale now and dropped with it."""
+        key = (round, to_i64(msg_id))
         with self.transaction() as db:
-            row = self.outbox.add(round, msg_id, topic, payload)
+            db.execute("DELETE FROM steps WHERE NOT (round = ? AND msg_id = ?)", key)
+            db.execute(
+                "INSERT OR REPLACE INTO steps VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (*key, step, to_i64(result.seed), result.g, result.loss_plus, result.loss_minus, result.seconds,
+                 data_pointer),
+            )
+
+    def progress(self) -> Progress | None:
+        """The steps saved for the round being trained (0..k-1, in order), or None."""
+        rows = self.db.execute(
+            "SELECT round, msg_id, step, seed, g, loss_plus, loss_minus, seconds, data_pointer FROM steps"
+            " ORDER BY round, msg_id, step"
+        ).fetchall()
+        if not rows:
+            return None
+        rnd, mid = int(rows[0][0]), int(rows[0][1])
+        if any((int(r[0]), int(r[1])) != (rnd, mid) for r in rows) or [int(r[2]) for r in rows] != list(range(len(rows))):
+            log.warning("saved steps of round %d are not one contiguous run: starting the round over", rnd)
+            return None
+        results = tuple(
+            StepResult(float(g), float(lp), float(lm), float(sec), to_u64(int(seed))) for _, _, _, seed, g, lp, lm, sec, _ in rows
+        )
+        return Progress(rnd, to_u64(mid), results, int(rows[-1][8]))
+
+    def finish_training(self, round: int, msg_id: int, topic: str, payload: bytes, data_pointer: int) -> ClientState:
+        """One transaction: queue the update, advance the data pointer, mark (round, msg_id) trained.
+        Returns the new state."""
+        with self.transaction() as db:
+            self.outbox.add(round, msg_id, topic, payload)
             db.execute(
                 "UPDATE state SET data_pointer = ?, trained_round = ?, trained_plan = ? WHERE id = 0",
-                (data_pointer, round, to_i64(plan)),
+                (data_pointer, round, to_i64(msg_id)),
             )
-            db.execute("DELETE FROM progress")
-        return row
+            db.execute("DELETE FROM steps")
+        return self._loaded()
 
     # -- files -----------------------------------------------------------------------------------
     def _write_values(self, round: int, values: torch.Tensor, checksum: str) -> str:
@@ -236,4 +249,4 @@ class StateStore:
             p.unlink(missing_ok=True)
 
 
-__all__ = ["ClientState", "StateError", "StateStore", "StepRecord", "values_from_bytes"]
+__all__ = ["ClientState", "StateError", "StateStore", "values_from_bytes"]

@@ -4,7 +4,7 @@ and a SIGTERM at the end."""
 
 from __future__ import annotations
 
-import sqlite3
+import queue
 import time
 from pathlib import Path
 from typing import Any
@@ -21,22 +21,25 @@ from clienttoy import (
     write_toml,
 )
 
+from edge_client.service.state import StateStore
 from shared.apply import values_checksum
-from shared.codec import decode
-from shared.messages import Status
+from shared.codec import decode, encode
+from shared.messages import RoundPlan, Status, Update
 from shared.mqtt import MqttLink
+from shared.prng import derive_seed
+from shared.sidecar import initial_values_from_dir
 from shared.topics import Topics
 
 
 def _client_state(state_dir: Path) -> tuple[int, str, int, int]:
-    """(round, checksum, data_pointer, progress rows) from the client's own database (read-only)."""
-    db = sqlite3.connect(f"file:{state_dir / 'client.db'}?mode=ro", uri=True, timeout=5)
+    """(round, checksum, data_pointer, saved steps) from the client's own state, opened read-only."""
+    store = StateStore(state_dir, read_only=True)
     try:
-        rnd, ck, dp = db.execute("SELECT round, checksum, data_pointer FROM state").fetchone()
-        (n,) = db.execute("SELECT COUNT(*) FROM progress").fetchone()
-        return int(rnd), str(ck), int(dp), int(n)
+        st, progress = store.load(), store.progress()
+        assert st is not None
+        return st.round, st.checksum, st.data_pointer, 0 if progress is None else len(progress.results)
     finally:
-        db.close()
+        store.close()
 
 
 def _one_update_per_round(coord_state: Path, client: str, rounds: int) -> None:
@@ -123,3 +126,72 @@ def test_sigkill_mid_step_then_resume_then_sigterm(toy: Toy, broker_url: str, tm
         assert decode(got.payload, Status).online is False and got.retain
     finally:
         check.stop(final=[(t.status(cid), b"", 1, True), (t.plan, b"", 1, True), (t.result_latest, b"", 1, True)])
+
+
+@pytest.mark.slow
+def test_round_resumed_after_sigkill_sends_the_bytes_of_an_uninterrupted_round(
+    toy: Toy, broker_url: str, tmp_path: Path
+) -> None:
+    """Issue 12 "must show": the same retained plan, trained by the same client id from v_0 twice: once
+    without interruption, once SIGKILLed after some steps and restarted. The Update payloads captured
+    on the broker are byte-identical (one local-path rule for a step and a resume)."""
+    fleet, cid, T = uid("f"), uid("dev"), 30
+    t = Topics(fleet)
+    v0 = initial_values_from_dir(toy.model_dir, toy.mask.layers)
+    plan = RoundPlan(
+        fleet=fleet, round=0, seeds=tuple(derive_seed(12, s) for s in range(T)), lr=2.0, eps=5e-2,
+        dist="gaussian", steps={cid: T}, base_round=-1, deadline=time.time() + 3600,
+        fingerprint=toy.fingerprint, mask_id=toy.mask.mask_id, batch_size=4, values_checksum=values_checksum(v0),
+    )  # fmt: skip
+    probe = MqttLink(broker_url, uid("probe"), subscriptions=[(t.up(cid), 1)])
+    probe.start()
+    assert probe.wait_connected(10)
+    probe.publish(t.plan, encode(plan), qos=1, retain=True)
+
+    def next_update(proc: ClientProc, timeout: float) -> bytes:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            assert proc.proc.poll() is None, proc.text()[-4000:]
+            try:
+                msg = probe.inbox.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if msg.payload:
+                return msg.payload
+        raise TimeoutError(f"no Update within {timeout} s:\n{proc.text()[-4000:]}")
+
+    procs: list[ClientProc] = []
+    try:
+        conf = write_toml(tmp_path / "a.toml", client_settings(toy, broker_url, fleet, cid, tmp_path / "a"))
+        procs.append(ClientProc(conf, tmp_path / "a.log"))
+        whole = next_update(procs[-1], 180)
+        assert procs[-1].terminate() == 0
+        state = tmp_path / "b"
+        conf = write_toml(tmp_path / "b.toml", client_settings(toy, broker_url, fleet, cid, state))
+        procs.append(ClientProc(conf, tmp_path / "b.log"))
+        procs[-1].wait_log("round 0: training", 120)
+        end = time.monotonic() + 60
+        while not 3 <= _client_state(state)[3] < T - 8:
+            assert time.monotonic() < end, "round 0 never showed progress"
+            time.sleep(0.005)
+        procs[-1].kill()
+        done = _client_state(state)[3]
+        assert 3 <= done < T and probe.inbox.empty()  # killed mid-round: nothing was sent
+        procs.append(ClientProc(conf, tmp_path / "b.log"))
+        resumed = next_update(procs[-1], 180)
+        assert procs[-1].terminate() == 0
+    finally:
+        for p in procs:
+            if p.proc.poll() is None:
+                p.kill()
+        probe.stop(final=[(t.plan, b"", 1, True), (t.status(cid), b"", 1, True)])
+    at = int((tmp_path / "b.log").read_text().split("round 0: resuming at step ")[1].split("/")[0])
+    assert done <= at < T  # it resumed from the saved steps (not from step 0)
+    upd = decode(resumed, Update)
+    assert (upd.round, len(upd.grads)) == (0, T) and len(set(upd.grads)) > T // 2  # real, varied g's
+    assert resumed == whole
+    store = StateStore(state, read_only=True)  # the outbox row the restarted client persisted: the same bytes
+    try:
+        assert [r.payload for r in store.outbox.rows()] == [whole]
+    finally:
+        store.close()

@@ -18,7 +18,7 @@ from clienttoy import (
     uid,
 )
 
-from edge_client.service.client import plan_key
+from edge_client.service.rounds import update_msg_id
 from shared.apply import values_checksum
 from shared.codec import decode, encode
 from shared.fingerprint import fp_tag
@@ -136,7 +136,7 @@ def test_scripted_plans_refusal_update_contents_sync_and_heartbeat(toy: Toy, bro
         probe.link.publish(probe.t.plan, encode(plan), qos=1, retain=True)
         upd = probe.next(Update)
         assert (upd.round, len(upd.grads), upd.n_samples) == (0, 2, 24)
-        assert upd.fp_tag == fp_tag(toy.fingerprint) and upd.msg_id == plan_key(cid, plan)
+        assert upd.fp_tag == fp_tag(toy.fingerprint) and upd.msg_id == update_msg_id(cid, plan)
         assert all(g == g and abs(g) < 1e3 for g in upd.grads) and upd.loss > 0
         # a re-plan whose base values differ from ours: refused, and the client resyncs from v_0
         bad = RoundPlan(**{**good, "seeds": (44, 55), "values_checksum": "f" * 64})
@@ -147,7 +147,7 @@ def test_scripted_plans_refusal_update_contents_sync_and_heartbeat(toy: Toy, bro
         ahead = RoundPlan(**{**good, "round": 5, "base_round": 4})
         probe.link.publish(probe.t.plan, encode(ahead), qos=1, retain=True)
         probe.none_of(Update, 1.5)  # no training on values it does not have
-        assert client.client.known_round == 4 and client.client.st.round == -1
+        assert client.client.rounds.known_round == 4 and client.client.st.round == -1
         assert probe.next(SyncRequest).have_round == -1  # ... it keeps asking (no coordinator answers here)
         hb = probe.next(Heartbeat, timeout=5)
         assert hb.rss_bytes > 0 and hb.cpu_pct >= 0 and hb.step_time_s is not None and hb.step_time_s > 0

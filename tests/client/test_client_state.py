@@ -12,7 +12,8 @@ import pytest
 import torch
 from clienttoy import REPO
 
-from edge_client.service.state import StateError, StateStore, StepRecord
+from edge_client.engine.spsa import StepResult
+from edge_client.service.state import StateError, StateStore
 from shared.apply import values_checksum
 
 FP = "ab" * 32
@@ -56,16 +57,24 @@ def test_corrupt_or_missing_values_file_is_refused(tmp_path: Path) -> None:
 def test_finish_training_is_one_transaction_and_outbox_acks(tmp_path: Path) -> None:
     store = StateStore(tmp_path, resend_after_s=10.0)
     store.open(FP, MASK, torch.zeros(4))
-    store.record_step(3, 77, StepRecord(0, 0.5, 1.0, 4))
-    store.record_step(3, 77, StepRecord(1, -0.5, 1.0, 8))
-    assert [r.step for r in store.progress(3, 77)] == [0, 1]
-    assert store.progress(3, 78) == []  # another plan for the round: stale progress dropped
-    assert store.progress(3, 77) == []
-    row_id = store.finish_training(3, 77, 2**64 - 5, "t/up/c", b"payload", 8)
-    st = store.load()
-    assert st is not None and (st.trained_round, st.trained_plan, st.data_pointer) == (3, 77, 8)
+    assert store.progress() is None
+    s0, s1 = StepResult(0.5, 1.25, 0.75, 0.1, seed=2**64 - 1), StepResult(-0.5, 1.0, 2.0, 0.2, seed=7)
+    store.record_step(3, 77, 0, s0, 4)
+    store.record_step(3, 77, 1, s1, 8)
+    p = store.progress()
+    assert p is not None and (p.round, p.msg_id, p.data_pointer) == (3, 77, 8)
+    assert p.results == (s0, s1)  # u64 seed and every float round-trip exactly
+    ro = StateStore(tmp_path, read_only=True)  # a reader beside the running client sees the same
+    assert ro.progress() == p and ro.load() == store.load()
+    ro.close()
+    store.record_step(3, 2**64 - 78, 0, s1, 4)  # another plan for the round: the stale steps are dropped
+    p = store.progress()
+    assert p is not None and (p.msg_id, p.results) == (2**64 - 78, (s1,))
+    st = store.finish_training(3, 2**64 - 5, "t/up/c", b"payload", 8)
+    assert (st.trained_round, st.trained_msg_id, st.data_pointer) == (3, 2**64 - 5, 8)
+    assert st == store.load() and store.progress() is None
     (row,) = store.outbox.rows()
-    assert (row.id, row.round, row.msg_id, row.payload) == (row_id, 3, 2**64 - 5, b"payload")  # u64 round-trips
+    assert (row.round, row.msg_id, row.payload) == (3, 2**64 - 5, b"payload")  # u64 round-trips
     # due: never sent -> due now; after a send, due only after resend_after_s
     assert store.outbox.due(now=100.0) == [row]
     store.outbox.sent(row, mid=5, now=100.0)
@@ -111,8 +120,8 @@ st, values = store.open("ab" * 32, "0123456789abcdef", torch.full((4096,), -1.0)
 r = st.round + 1
 print("ready", flush=True)
 while True:
-    row = store.finish_training(r, r, r + 1, "t/up/c", bytes([r % 256]) * 64, 10 * (r + 1))
-    store.outbox.sent(next(x for x in store.outbox.rows() if x.id == row), mid=r)
+    store.finish_training(r, r + 1, "t/up/c", bytes([r % 256]) * 64, 10 * (r + 1))
+    store.outbox.sent(next(x for x in store.outbox.rows() if x.round == r), mid=r)
     store.outbox.acked(r)                                   # the PUBACK (row kept until the result)
     store.commit_round(r, torch.full((4096,), float(r)))    # the round's result
     r += 1

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from edge_client.engine.data import Batch, Dataset, Example
 from edge_client.engine.loss import batch_loss
-from edge_client.engine.spsa import NonFiniteLossError, spsa_step
+from edge_client.engine.spsa import NonFiniteLossError, local_update, spsa_step
 from shared.modelload import load_model
 from shared.prng import derive_seed, directions
 
@@ -103,10 +104,13 @@ def test_update_is_v_minus_lr_g_z_and_perturbation_uses_the_seed(
     res = spsa_step(lm.model, sc, loss, seed, eps, lr)
     z = directions(seed, sc.nnz)
     assert torch.equal(seen[0], v0 + eps * z) and torch.equal(seen[1], v0 - eps * z)
-    assert res.g == (res.loss_plus - res.loss_minus) / (2 * eps)
+    exact = (res.loss_plus - res.loss_minus) / (2 * eps)
+    assert res.g == float(np.float32(exact)) and abs(res.g - exact) <= 1e-7 * abs(exact)  # g is the f32 the wire carries
     assert res.g != 0.0
-    expect = v0.clone().add_(z, alpha=-lr * res.g)
+    # the local path: float64 v - lr g z, one cast (the rule a resumed round replays), not an fp32 add_
+    expect = torch.from_numpy((v0.double() - (res.g * z.double()) * lr).numpy().astype(np.float32))
     assert torch.equal(sc.get_values(), expect)
+    assert torch.equal(sc.get_values(), local_update(v0, seed, res.g, lr, "rademacher"))
     assert res.seconds > 0 and set(res.timing) == {"directions", "loss_plus", "loss_minus", "update"}
 
 
@@ -135,6 +139,11 @@ def test_non_finite_loss_raises_and_keeps_the_buffer(llama_dir: Path, llama_mask
 
     with pytest.raises(RuntimeError, match="exploded"):
         spsa_step(lm.model, sc, boom, 3, 1e-3, 1.0)
+    assert torch.equal(sc.values, before)
+    # finite losses whose g overflows float32 (what the Update would carry): refused the same way
+    huge = iter([3e38, -3e38])
+    with pytest.raises(NonFiniteLossError):
+        spsa_step(lm.model, sc, lambda m: next(huge), 3, 1e-3, 1.0)
     assert torch.equal(sc.values, before)
 
 

@@ -1,0 +1,515 @@
+"""The client's round rules without I/O: decoded messages, connection events and the clock go in,
+actions come out. The client side of docs/ARCHITECTURE.md "Round lifecycle", in one place.
+
+`ClientRounds` reads no socket, no database, no clock and holds no model. `EdgeClient`
+(edge_client/service/client.py) feeds it what MQTT delivers and carries its actions out against
+`StateStore`, `Trainer` and `MqttLink`; an in-process simulator can carry them out in memory instead.
+The only arithmetic it does itself is on the flat value buffer (`shared.apply.apply_round`,
+`values_checksum`, `edge_client.engine.spsa.local_update`): pure functions, testable on a tiny tensor.
+
+Events (each returns the actions to carry out, in order; carry them all out before the next event):
+    connected()                     a (re)connection: Join, then one SyncRequest at the next tick
+    disconnected()                  no SyncRequest until the next connected()
+    on_plan(plan)                   a RoundPlan (topic `plan`, retained)
+    on_result(result)               a RoundResult (result/{r} or result/latest)
+    on_replay(replay)               a Replay on to/{client}
+    on_chunk(chunk)                 a CheckpointChunk on to/{client}
+    on_error(err)                   an ErrorMsg on to/{client}
+    tick(now)                       `now` = unix seconds: maybe a SyncRequest (+ ResendUpdates when a result
+                                    is overdue), then at most ONE TrainStep
+    step_done(result, data_pointer) the TrainStep just returned was carried out (engine result, pointer after)
+
+A TrainStep is a request: left undone (e.g. while stopping) it changes nothing and the next tick asks
+again. Carried out, it must be answered with step_done() before any other event.
+
+Invariant: `values` are the values at `round` (what `Commit` persisted); the trainer's buffer holds the
+local path of `job` while a round trains, and `values` otherwise (`LoadValues` keeps it so).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeAlias, cast
+
+import numpy as np
+import torch
+
+from edge_client.engine.spsa import StepResult, local_update
+from shared.apply import apply_round, values_checksum
+from shared.fingerprint import fp_tag
+from shared.messages import (
+    CheckpointChunk,
+    ErrorCode,
+    ErrorMsg,
+    Replay,
+    RoundPlan,
+    RoundResult,
+    Update,
+)
+from shared.prng import Dist
+
+log = logging.getLogger(__name__)
+
+MAX_CHUNKS = 4096  # chunks of one checkpoint (coordinator chunk_bytes >= 1 KiB: a 4 MiB buffer at least)
+MAX_CHECKPOINTS = 4  # checkpoints being reassembled at once (e.g. answers to repeated SyncRequests)
+
+
+# ---- inputs --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who this client is: what its Join announces and its Updates carry."""
+
+    client_id: str
+    fleet: str
+    fingerprint: str  # shared.fingerprint of the base model
+    mask_id: str
+    n_samples: int  # local training examples (FedAvg weight)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Steps of one round done before a restart (StateStore.progress): resumed when the same plan returns."""
+
+    round: int
+    msg_id: int
+    results: tuple[StepResult, ...]  # steps 0..k-1, in order
+    data_pointer: int  # pointer after step k-1
+
+
+# ---- actions -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SendJoin:
+    """Publish Join(fingerprint, mask_id, n_samples, budget, capabilities, last_round) on join/{client}."""
+
+    last_round: int
+
+
+@dataclass(frozen=True)
+class SendSync:
+    """Publish SyncRequest(have_round) on sync/{client}."""
+
+    have_round: int
+
+
+@dataclass(frozen=True, eq=False)
+class LoadValues:
+    """Load `values` (CPU fp32 (nnz,)) into the trainer's side-car buffer: the start of a local path."""
+
+    values: torch.Tensor
+
+
+@dataclass(frozen=True)
+class TrainStep:
+    """Run SPSA step `step` of `round` on the trainer's buffer (Trainer.step), then call step_done()."""
+
+    round: int
+    msg_id: int
+    step: int
+    seed: int
+    eps: float
+    lr: float
+    dist: Dist
+    batch_size: int
+    data_pointer: int  # the batch starts here
+
+
+@dataclass(frozen=True)
+class SaveStep:
+    """Persist a finished step (StateStore.record_step) so a restart resumes after it."""
+
+    round: int
+    msg_id: int
+    step: int
+    result: StepResult
+    data_pointer: int  # after this step
+
+
+@dataclass(frozen=True)
+class QueueUpdate:
+    """The round is trained: in ONE transaction queue `update` in the outbox, move the data pointer to
+    `data_pointer` and mark (update.round, update.msg_id) trained (StateStore.finish_training); then
+    publish it on up/{client} (QoS1) and keep re-publishing until the round's result is committed."""
+
+    update: Update
+    data_pointer: int
+
+
+@dataclass(frozen=True)
+class ResendUpdates:
+    """Publish every queued Update again now (Outbox.reconnected): a result is overdue, so the coordinator
+    may have lost an Update the broker acknowledged (e.g. a broker restart that dropped its session);
+    the coordinator dedupes on (client, round, msg_id), so a copy it already holds costs nothing."""
+
+
+@dataclass(frozen=True, eq=False)
+class Commit:
+    """Make `values` the values at `round` (StateStore.commit_round); this also drops saved steps and
+    outbox rows of rounds <= round. round -1 with v_0 is the reset after a checksum mismatch."""
+
+    round: int
+    values: torch.Tensor
+    checksum: str
+
+
+@dataclass(frozen=True)
+class DropRound:
+    """The round closed before we finished training it (the Commit before this one already dropped its
+    saved steps; the data pointer did not move). Nothing to persist: for logs and simulators."""
+
+    round: int
+    steps_done: int
+    steps: int
+
+
+Action: TypeAlias = (
+    SendJoin | SendSync | LoadValues | TrainStep | SaveStep | QueueUpdate | ResendUpdates | Commit | DropRound
+)
+
+
+def values_from_bytes(raw: bytes) -> torch.Tensor:
+    """Raw little-endian fp32 bytes (a checkpoint, a values file) -> CPU fp32 tensor (nnz,)."""
+    return torch.from_numpy(np.frombuffer(raw, dtype="<f4").astype(np.float32))
+
+
+# ---- the core ------------------------------------------------------------------------------------
+
+
+def update_msg_id(client: str, plan: RoundPlan) -> int:
+    """The Update's msg_id (u64) for what `client` is asked to do in `plan`: the same after any restart,
+    so a re-sent update is a duplicate the coordinator drops, and a re-issued plan is not trained twice."""
+    h = hashlib.sha256()
+    h.update(f"{client}|{plan.fleet}|{plan.round}|{plan.base_round}|{plan.steps.get(client, 0)}|".encode())
+    h.update(f"{plan.lr!r}|{plan.eps!r}|{plan.dist}|{plan.batch_size}|{plan.values_checksum}|".encode())
+    h.update(b",".join(str(s).encode() for s in plan.seeds))
+    return int.from_bytes(h.digest()[:8], "little")
+
+
+@dataclass
+class Job:
+    """The round being trained: its plan, this client's step count T_k, the steps done so far."""
+
+    plan: RoundPlan
+    msg_id: int
+    steps: int
+    results: list[StepResult] = field(default_factory=list)
+    data_pointer: int = 0  # where the next step's batch starts
+
+
+class ClientRounds:
+    """Every client-side round rule; see the module docstring for the events and actions.
+
+    A fresh client: `ClientRounds(me, initial_values)`. After a restart, pass what StateStore saved:
+    `values` (at `round`), `data_pointer`, `trained_round`/`trained_msg_id` (the last queued Update) and
+    `progress` (steps of an unfinished round). `initial_values()` returns v_0 (CPU fp32 (nnz,)); it is
+    called for a fresh client and on every reset, so v_0 need not stay in memory."""
+
+    def __init__(
+        self,
+        me: Identity,
+        initial_values: Callable[[], torch.Tensor],
+        *,
+        values: torch.Tensor | None = None,
+        round: int = -1,
+        data_pointer: int = 0,
+        trained_round: int = -1,
+        trained_msg_id: int = 0,
+        progress: Progress | None = None,
+        sync_retry_s: float = 10.0,
+    ) -> None:
+        self.me = me
+        self.fp_tag = fp_tag(me.fingerprint)
+        self._initial_values = initial_values
+        self.values = initial_values() if values is None else values
+        self.round = round
+        self.checksum = values_checksum(self.values)
+        self.data_pointer = data_pointer
+        self.trained_round = trained_round
+        self.trained_msg_id = trained_msg_id
+        self.sync_retry_s = sync_retry_s
+        self.counters: Counter[str] = Counter()
+        self.plan: RoundPlan | None = None  # the latest plan of our fleet
+        self.job: Job | None = None
+        self.known_round = round  # highest round the fleet is known to have finished
+        self.need_full_sync = False  # reset to v_0: catch up from round -1 whatever known_round says
+        self.online = False
+        self._saved = progress
+        self._refused_round = -2
+        self._sync_check = False
+        self._last_sync = -math.inf
+        self._chunks: dict[tuple[int, str], dict[int, bytes]] = {}
+
+    @property
+    def nnz(self) -> int:
+        return int(self.values.numel())
+
+    # -- connection ------------------------------------------------------------------------------
+    def connected(self) -> list[Action]:
+        self.online = True
+        self._sync_check = True  # results published while we were away may be gone: ask once
+        self._last_sync = -math.inf
+        return [self._join()]
+
+    def disconnected(self) -> list[Action]:
+        self.online = False
+        return []
+
+    def _join(self) -> SendJoin:
+        self.counters["joins"] += 1
+        log.info("joining fleet %s as %s at round %d", self.me.fleet, self.me.client_id, self.round)
+        return SendJoin(max(self.round, -1))
+
+    def on_error(self, err: ErrorMsg) -> list[Action]:
+        try:
+            name = ErrorCode(err.code).name
+        except ValueError:
+            name = f"code {err.code}"
+        self.counters[f"coordinator_error_{name.lower()}"] += 1
+        if err.code == ErrorCode.UNKNOWN_CLIENT:  # it (re)started after our Join: announce ourselves again
+            log.info("coordinator does not know us (%s): joining again", err.reason)
+            return [self._join()]
+        level = logging.ERROR if err.code in (ErrorCode.FINGERPRINT_MISMATCH, ErrorCode.MASK_MISMATCH) else logging.WARNING
+        log.log(level, "coordinator says %s: %s", name, err.reason)
+        return []
+
+    def reject(self, reason: str, detail: str) -> None:
+        """Count and log a message dropped as invalid (also used by the pump for decode errors)."""
+        self.counters[f"rejected_{reason}"] += 1
+        log.warning("dropped message (%s): %s", reason, detail)
+
+    # -- plans -----------------------------------------------------------------------------------
+    def on_plan(self, plan: RoundPlan) -> list[Action]:
+        if plan.fleet != self.me.fleet:
+            self.reject("wrong_fleet", f"plan for fleet {plan.fleet!r}")
+            return []
+        self.plan = plan
+        self.known_round = max(self.known_round, plan.base_round)
+        return self._consider_plan()
+
+    def _consider_plan(self) -> list[Action]:
+        plan, me = self.plan, self.me
+        if plan is None or self.job is not None and self.job.plan == plan:
+            return []
+        if plan.fingerprint != me.fingerprint or plan.mask_id != me.mask_id:
+            if self._refused_round != plan.round:  # once per round, not on every reconsideration
+                self._refused_round = plan.round
+                self.counters["plan_mismatch"] += 1
+                log.error(
+                    "refusing plan %d: it is for model %s/mask %s, this device holds %s/%s; waiting",
+                    plan.round, plan.fingerprint[:12], plan.mask_id, me.fingerprint[:12], me.mask_id,
+                )
+            return []
+        if me.client_id not in plan.steps:
+            log.debug("round %d: not sampled", plan.round)
+            return []
+        if plan.round <= self.round:
+            return []  # we already hold this round's result
+        msg_id = update_msg_id(me.client_id, plan)
+        if self.job is not None and (self.job.plan.round, self.job.msg_id) == (plan.round, msg_id):
+            self.job.plan = plan  # re-issued (deadline extension, more clients): the same work for us, go on
+            return []
+        if (self.trained_round, self.trained_msg_id) == (plan.round, msg_id):
+            return []  # update already queued/sent; waiting for the result
+        if plan.base_round > self.round:
+            log.info("round %d starts from round %d, we are at %d: catching up first", plan.round,
+                     plan.base_round, self.round)
+            return []  # tick() asks (known_round); the plan is reconsidered after each commit
+        if plan.base_round < self.round:
+            log.warning("ignoring plan %d: base round %d is older than our round %d", plan.round,
+                        plan.base_round, self.round)
+            return []
+        if plan.values_checksum != self.checksum:
+            log.error("plan %d expects values %s at round %d, ours are %s: resyncing from scratch",
+                      plan.round, plan.values_checksum[:12], self.round, self.checksum[:12])
+            self.counters["checksum_mismatch"] += 1
+            return self._reset_to_initial()
+        return self._start_job(plan, msg_id)
+
+    def _start_job(self, plan: RoundPlan, msg_id: int) -> list[Action]:
+        steps = plan.steps[self.me.client_id]
+        saved, self._saved = self._saved, None  # saved steps serve the first job after a restart only
+        job = Job(plan, msg_id, steps, data_pointer=self.data_pointer)
+        local = self.values
+        if saved is not None and (saved.round, saved.msg_id) == (plan.round, msg_id) and len(saved.results) < steps:
+            dist = cast(Dist, plan.dist)
+            for t, res in enumerate(saved.results):  # the local path, by the very rule each step applied
+                local = local_update(local, plan.seeds[t], res.g, plan.lr, dist)
+            job.results, job.data_pointer = list(saved.results), saved.data_pointer
+            log.info("round %d: resuming at step %d/%d", plan.round, len(job.results), steps)
+        else:
+            log.info("round %d: training %d step(s) from round %d", plan.round, steps, plan.base_round)
+        self.job = job
+        return [LoadValues(local)]
+
+    # -- training --------------------------------------------------------------------------------
+    def tick(self, now: float) -> list[Action]:
+        acts: list[Action] = []
+        if self.online:
+            acts += self._maybe_sync(now)
+        job = self.job
+        if job is not None:
+            p, t = job.plan, len(job.results)
+            acts.append(TrainStep(p.round, job.msg_id, t, p.seeds[t], p.eps, p.lr, cast(Dist, p.dist),
+                                  p.batch_size, job.data_pointer))
+        return acts
+
+    def step_done(self, result: StepResult, data_pointer: int) -> list[Action]:
+        job = self.job
+        if job is None or result.seed != job.plan.seeds[len(job.results)]:
+            raise RuntimeError("step_done() must answer the TrainStep of the last tick(), before any other event")
+        p, t = job.plan, len(job.results)
+        job.results.append(result)
+        job.data_pointer = data_pointer
+        self.counters["steps"] += 1
+        log.debug("round %d step %d/%d: g=%.6g loss=%.4f %.2fs", p.round, t + 1, job.steps, result.g, result.loss,
+                  result.seconds)
+        acts: list[Action] = [SaveStep(p.round, job.msg_id, t, result, data_pointer)]
+        if len(job.results) < job.steps:
+            return acts
+        loss = sum(r.loss for r in job.results) / len(job.results)
+        upd = Update(round=p.round, msg_id=job.msg_id, grads=tuple(r.g for r in job.results),
+                     n_samples=self.me.n_samples, fp_tag=self.fp_tag, loss=loss)
+        self.trained_round, self.trained_msg_id, self.data_pointer = p.round, job.msg_id, data_pointer
+        self.job = None
+        self.counters["rounds_trained"] += 1
+        log.info("round %d trained: %d step(s), mean loss %.4f; update queued", p.round, len(upd.grads), loss)
+        return [*acts, QueueUpdate(upd, data_pointer)]
+
+    # -- results ---------------------------------------------------------------------------------
+    def on_result(self, res: RoundResult) -> list[Action]:
+        self.known_round = max(self.known_round, res.round)
+        if res.round <= self.round:
+            return []  # duplicate (retained result/latest, or result/{r} next to it)
+        if res.round > self.round + 1:
+            log.info("result %d arrived, we are at round %d: catching up", res.round, self.round)
+            return []  # tick() asks for the missing ones
+        return self._apply(res)[0]
+
+    def _apply(self, res: RoundResult) -> tuple[list[Action], bool]:
+        new = apply_round(self.values, res.seeds, res.scalars, res.lr, cast(Dist, res.dist))
+        checksum = values_checksum(new)
+        if checksum != res.values_checksum:
+            log.error("round %d result gives checksum %s, coordinator says %s: resyncing from scratch",
+                      res.round, checksum[:12], res.values_checksum[:12])
+            self.counters["checksum_mismatch"] += 1
+            return self._reset_to_initial(), False
+        log.info("applied round %d (%d clients, %d scalars): checksum %s", res.round, res.n_clients,
+                 len(res.scalars), checksum[:12])
+        return self._commit(res.round, new, checksum), True
+
+    def _commit(self, round: int, values: torch.Tensor, checksum: str) -> list[Action]:
+        acts: list[Action] = [Commit(round, values, checksum)]
+        self.round, self.values, self.checksum = round, values, checksum
+        job = self.job
+        if job is not None and job.plan.round <= round:
+            log.info("round %d closed before we finished (%d/%d steps): dropping it", job.plan.round,
+                     len(job.results), job.steps)
+            self.counters["rounds_missed"] += 1
+            acts.append(DropRound(job.plan.round, len(job.results), job.steps))
+            self.job = None
+        started = self._consider_plan()
+        if not started and self.job is None:
+            acts.append(LoadValues(values))
+        return acts + started
+
+    def _reset_to_initial(self) -> list[Action]:
+        """Our values went wrong somewhere: back to v_0 (round -1), then Replay/checkpoint from there."""
+        self.job = None
+        v0 = self._initial_values()
+        self.round, self.values, self.checksum = -1, v0, values_checksum(v0)
+        self.need_full_sync = True
+        self._last_sync = -math.inf  # ask at the next tick
+        return [Commit(-1, v0, self.checksum), LoadValues(v0)]
+
+    # -- catching up -----------------------------------------------------------------------------
+    def on_replay(self, rep: Replay) -> list[Action]:
+        log.info("replay of %d result(s) (rounds %s)", len(rep.results),
+                 f"{rep.results[0].round}..{rep.results[-1].round}" if rep.results else "-")
+        acts: list[Action] = []
+        for res in sorted(rep.results, key=lambda r: r.round):
+            self.known_round = max(self.known_round, res.round)
+            if res.round == self.round + 1:
+                applied, ok = self._apply(res)
+                acts += applied
+                if not ok:
+                    return acts
+                self.counters["rounds_replayed"] += 1
+        self.need_full_sync = False
+        if self.round < self.known_round:
+            self._last_sync = -math.inf  # still behind: ask for the rest at once
+        return acts
+
+    def on_chunk(self, ch: CheckpointChunk) -> list[Action]:
+        if ch.round <= self.round and not self.need_full_sync:
+            return []  # we hold these values or newer ones already (e.g. the answer to a repeated SyncRequest)
+        parts = self._chunks.setdefault((ch.round, ch.sha256), {})
+        if ch.total > MAX_CHUNKS or len(self._chunks) > MAX_CHECKPOINTS:
+            self._chunks.clear()
+            self.reject("checkpoint_too_big", f"round {ch.round}: {ch.total} chunks")
+            return []
+        parts[ch.index] = ch.data
+        if len(parts) < ch.total:
+            return []
+        data = b"".join(parts[i] for i in range(ch.total))
+        del self._chunks[(ch.round, ch.sha256)]
+        if len(data) != 4 * self.nnz or hashlib.sha256(data).hexdigest() != ch.sha256:
+            self.reject("checkpoint_bad", f"round {ch.round}: {len(data)} bytes, sha256 mismatch or wrong size")
+            return []
+        values = values_from_bytes(data)
+        if not bool(torch.isfinite(values).all()):
+            self.reject("checkpoint_bad", f"round {ch.round}: non-finite values")
+            return []
+        log.info("checkpoint of round %d installed (%d values)", ch.round, values.numel())
+        self.counters["checkpoints_installed"] += 1
+        self.need_full_sync = False
+        self.known_round = max(self.known_round, ch.round)
+        return self._commit(ch.round, values, ch.sha256)
+
+    def _maybe_sync(self, now: float) -> list[Action]:
+        """SyncRequest when behind, once after each (re)connection, and while a result is overdue."""
+        behind = self.need_full_sync or self.round < self.known_round
+        plan = self.plan
+        overdue = (
+            plan is not None and self.trained_round == plan.round > self.round
+            and now > plan.deadline + self.sync_retry_s
+        )  # fmt: skip
+        if not (behind or overdue or self._sync_check):
+            return []
+        if self._last_sync <= now < self._last_sync + self.sync_retry_s:
+            return []  # asked recently (a clock that jumped back does not hold the next ask)
+        self._sync_check = False
+        self._last_sync = now
+        self.counters["sync_requests"] += 1
+        log.info("asking for rounds after %d (fleet is at %d)", self.round, self.known_round)
+        if overdue:
+            log.info("result of round %d is overdue: publishing its update again", self.trained_round)
+            return [SendSync(self.round), ResendUpdates()]
+        return [SendSync(self.round)]
+
+
+__all__ = [
+    "Action",
+    "ClientRounds",
+    "Commit",
+    "DropRound",
+    "Identity",
+    "Job",
+    "LoadValues",
+    "Progress",
+    "QueueUpdate",
+    "ResendUpdates",
+    "SaveStep",
+    "SendJoin",
+    "SendSync",
+    "TrainStep",
+    "update_msg_id",
+    "values_from_bytes",
+]
