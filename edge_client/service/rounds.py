@@ -34,7 +34,7 @@ import math
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeAlias, cast
+from typing import TypeAlias
 
 import numpy as np
 import torch
@@ -339,7 +339,7 @@ class ClientRounds:
         job = Job(plan, msg_id, steps, data_pointer=self.data_pointer)
         local = self.values
         if saved is not None and (saved.round, saved.msg_id) == (plan.round, msg_id) and len(saved.results) < steps:
-            dist = cast(Dist, plan.dist)
+            dist = plan.dist
             for t, res in enumerate(saved.results):  # the local path, by the very rule each step applied
                 local = local_update(local, plan.seeds[t], res.g, plan.lr, dist)
             job.results, job.data_pointer = list(saved.results), saved.data_pointer
@@ -357,7 +357,7 @@ class ClientRounds:
         job = self.job
         if job is not None:
             p, t = job.plan, len(job.results)
-            acts.append(TrainStep(p.round, job.msg_id, t, p.seeds[t], p.eps, p.lr, cast(Dist, p.dist),
+            acts.append(TrainStep(p.round, job.msg_id, t, p.seeds[t], p.eps, p.lr, p.dist,
                                   p.batch_size, job.data_pointer))
         return acts
 
@@ -394,7 +394,7 @@ class ClientRounds:
         return self._apply(res)[0]
 
     def _apply(self, res: RoundResult) -> tuple[list[Action], bool]:
-        new = apply_round(self.values, res.seeds, res.scalars, res.lr, cast(Dist, res.dist))
+        new = apply_round(self.values, res.seeds, res.scalars, res.lr, res.dist)
         checksum = values_checksum(new)
         if checksum != res.values_checksum:
             log.error("round %d result gives checksum %s, coordinator says %s: resyncing from scratch",
