@@ -1,18 +1,15 @@
-"""In-process federated simulation for `meerkat bench learning`: the real math, no MQTT.
+"""In-process federated runs for `meerkat bench learning`: the product's round code, no MQTT.
 
-One model is loaded per mask (fp32, quantization "none", side-car over the mask). A round of a
-zeroth-order method is exactly the protocol's round lifecycle (docs/ARCHITECTURE.md), run in a loop:
+Zeroth-order methods run through `bench/inproc.py`: the coordinator's RoundBook and one ClientRounds per
+client, messages encoded and decoded by the real codec, the client's own engine step over one shared
+model (fp32, quantization "none", side-car over the mask). Seeds are the coordinator's
+(`derive_seed(master_seed, r, t)`), batches follow each client's product data order (its id), the
+aggregate is the coordinator's (FedAvg by n_samples, late folding, robust rules as configured) and
+MEERKAT-VP is the coordinator's DriftMonitor limiting flagged clients to one local step.
 
-    seeds_t = derive_seed(master, r, t)                 RoundPlan encoded (bytes counted per client)
-    for each client k: values <- v_r, T_k spsa_steps on its own batches (local virtual path)
-        Update(grads) encoded -> decoded (float32 on the wire, bytes counted)
-    G = shared.apply.fedavg_scalars(decoded grads, n_samples, T)
-    v_{r+1} = shared.apply.apply_round(v_r, seeds, G, lr, dist)   RoundResult encoded, sent to every client
-
-MEERKAT-VP: a `coordinator.drift.DriftMonitor` observes every client's decoded grads and the plan gives
-flagged clients T_k = 1. Backprop FedAvg (the upper bound): every client copies the full fp32 model,
-runs T local AdamW steps on the same batches, the coordinator averages weights by n_samples; each
-client sends and receives the dense fp32 parameters.
+Backprop FedAvg (the upper bound): every client copies the full fp32 model, runs T local AdamW steps on
+the same batches, the coordinator averages weights by n_samples; each client sends and receives the dense
+fp32 parameters.
 """
 
 from __future__ import annotations
@@ -28,27 +25,19 @@ from typing import Any
 import torch
 
 from bench import tasks as tasks_mod
+from bench.inproc import Device, InProcessFleet, SharedModelTrainer
+from coordinator.config import CoordinatorConfig
 from coordinator.drift import DriftMonitor, DriftThresholds
-from edge_client.engine.data import (
-    Batch,
-    Dataset,
-    DataStream,
-    load_jsonl,
-    load_task_config,
-)
-from edge_client.engine.loss import batch_loss, evaluate, example_losses
-from edge_client.engine.spsa import spsa_step
-from shared.apply import apply_round, fedavg_scalars, values_checksum
-from shared.codec import decode, encode
-from shared.fingerprint import fp_tag
-from shared.messages import RoundPlan, RoundResult, Update
-from shared.prng import Dist, derive_seed
+from coordinator.rounds import RoundBook
+from edge_client.engine.data import Dataset, DataStream, load_jsonl, load_task_config
+from edge_client.engine.loss import evaluate, example_losses
+from edge_client.service.rounds import ClientRounds, Identity
+from edge_client.service.trainer import data_stream
+from shared.prng import Dist
 
 log = logging.getLogger(__name__)
 
 FLEET = "bench"
-# stream ids under a run's master seed (derive_seed(seed, STREAM, ...)): one per purpose, never shared
-S_DIRECTIONS, S_DATA, S_MSGID, S_SPLIT = 1, 2, 3, 4
 
 
 @dataclass
@@ -64,9 +53,9 @@ class ClientData:
     def weights(self) -> dict[str, float]:
         return {c: float(len(ds)) for c, ds in self.clients.items()}
 
-    def streams(self, seed: int) -> dict[str, DataStream]:
-        """Each client's batch order under a run's seed: the same for every method (ZO and backprop)."""
-        return {c: DataStream(len(self.clients[c]), derive_seed(seed, S_DATA, k)) for k, c in enumerate(sorted(self.clients))}
+    def streams(self) -> dict[str, DataStream]:
+        """Each client's batch order: the product's (seeded from the client id), the same for every method."""
+        return {c: data_stream(c, len(ds)) for c, ds in self.clients.items()}
 
 
 def make_data(
@@ -150,85 +139,67 @@ class ZOSpec:
     thresholds: DriftThresholds | None = None
 
 
+def zo_config(spec: ZOSpec, n_devices: int) -> CoordinatorConfig:
+    """The coordinator config of a bench run: every device sampled every round, no deadline pressure
+    (devices here are instantaneous), MEERKAT-VP on only for meerkat-vp."""
+    return CoordinatorConfig(
+        fleet=FLEET, mask=Path("in-process"), master_seed=spec.seed, steps=spec.T, lr=spec.lr, eps=spec.eps,
+        dist=spec.dist, batch_size=spec.batch_size, min_clients=n_devices, clients_per_round=0,
+        min_updates=n_devices, round_deadline_s=1e6, offline_after_s=1e9, drift_control=spec.vp, metrics=False,
+    )
+
+
 def run_zo(
     loaded: Any, data: ClientData, spec: ZOSpec, grad_on_mask: torch.Tensor | None,
     on_round: Callable[[int, list[float]], None] | None = None, mask_id: str = "0" * 16,
 ) -> RunResult:
-    """The federated ZO loop (module docstring). `loaded` = shared.modelload.LoadedModel with a side-car.
+    """The federated ZO run through the product's round code (bench/inproc.py: RoundBook + one ClientRounds
+    per client + the client's engine step, messages through the real codec). `loaded` =
+    shared.modelload.LoadedModel with a side-car, shared by the simulated devices.
 
-    With `grad_on_mask`, a DriftMonitor records GradIP for every client (for calibration); it limits
-    clients only when spec.vp. `on_round(r, G)` sees every round's aggregate (tests use it).
+    With `grad_on_mask`, the book's DriftMonitor records GradIP for every client (for calibration); it
+    limits clients only when spec.vp. `on_round(r, G)` sees every round's aggregate (tests use it).
     """
-    model, sidecar = loaded.model, loaded.sidecar
+    sidecar = loaded.sidecar
     if sidecar is None:
         raise ValueError("run_zo needs a model loaded with a mask (side-car)")
     t0 = time.perf_counter()
-    tag = fp_tag(loaded.fingerprint)
-    clients = sorted(data.clients)
-    weights = data.weights
-    streams = data.streams(spec.seed)
     monitor = DriftMonitor(grad_on_mask, spec.dist, spec.thresholds) if grad_on_mask is not None else None
-    values = sidecar.initial_values()  # v_0
-    checksum = values_checksum(values)
+    clients = sorted(data.clients)
+    book = RoundBook(zo_config(spec, len(clients)), fingerprint=loaded.fingerprint, mask_id=mask_id,
+                     values=sidecar.initial_values(), drift=monitor)
+    devices = [
+        Device(ClientRounds(Identity(c, FLEET, loaded.fingerprint, mask_id, len(data.clients[c])),
+                            sidecar.initial_values),
+               SharedModelTrainer(loaded, data.clients[c], c, mask_id))
+        for c in clients
+    ]
+    fleet = InProcessFleet(book, devices)
     curve = Curve()
     evals = _eval_rounds(spec.rounds, spec.n_evals)
-    up = down = 0
     losses: list[float] = []
     for r in range(spec.rounds):
-        seeds = [derive_seed(spec.seed, S_DIRECTIONS, r, t) for t in range(spec.T)]
-        steps = {c: (monitor.steps_for(c, spec.T) if (monitor is not None and spec.vp) else spec.T) for c in clients}
-        plan = RoundPlan(FLEET, r, tuple(seeds), spec.lr, spec.eps, spec.dist, steps, r - 1, 0.0,
-                         loaded.fingerprint, mask_id, spec.batch_size, checksum)
-        down += len(encode(plan)) * len(clients)
-        per_client: dict[str, tuple[float, ...]] = {}
-        round_losses: list[float] = []
-        for k, c in enumerate(clients):
-            sidecar.set_values(values)
-            ds, gs, ls = data.clients[c], [], []
-            for t in range(steps[c]):
-                res = spsa_step(model, sidecar, _loss_of(ds.batch(streams[c].take(spec.batch_size))), seeds[t],
-                                spec.eps, spec.lr, spec.dist)
-                gs.append(res.g)
-                ls.append(res.loss)
-            msg = Update(r, derive_seed(spec.seed, S_MSGID, r, k), tuple(gs), len(ds), tag, sum(ls) / len(ls))
-            wire = encode(msg)
-            up += len(wire)
-            got = decode(wire, Update, client=c)  # what the coordinator aggregates: float32 grads
-            per_client[c] = got.grads
-            round_losses.append(got.loss)
-            if monitor is not None:
-                monitor.observe(c, r, seeds, got.grads)
-        G = fedavg_scalars(per_client, weights, spec.T)
-        values = apply_round(values, seeds, G, spec.lr, spec.dist)
-        checksum = values_checksum(values)
-        result = RoundResult(r, tuple(seeds), tuple(G), spec.lr, spec.dist, len(per_client), checksum)
-        down += len(encode(result)) * len(clients)
-        losses.append(sum(round_losses) / len(round_losses))
+        ((res, _payload),) = fleet.run(1)
+        round_losses = fleet.losses.pop(r, [])
+        losses.append(sum(round_losses) / len(round_losses) if round_losses else math.nan)
         if on_round is not None:
-            on_round(r, G)
+            on_round(r, list(res.scalars))
         if r + 1 in evals:
-            sidecar.set_values(values)
-            acc = eval_accuracy(model, data.eval)
-            curve.add(r + 1, acc, up + down)
+            sidecar.set_values(book.values)
+            acc = eval_accuracy(loaded.model, data.eval)
+            curve.add(r + 1, acc, fleet.traffic.up + fleet.traffic.down)
             log.info("zo T=%d round %d/%d: train loss %.4f, eval acc %.3f", spec.T, r + 1, spec.rounds, losses[-1], acc)
-    sidecar.set_values(values)
+    sidecar.set_values(book.values)
     limited: dict[str, int] = {}
     if monitor is not None and spec.vp:
         for c in sorted(monitor.limited()):
             flagged = monitor.flagged_round(c)
             limited[c] = -1 if flagged is None else flagged
     return RunResult(
-        curve.accuracy[-1], curve, up, down, time.perf_counter() - t0, limited=limited,
+        curve.accuracy[-1], curve, fleet.traffic.up, fleet.traffic.down, time.perf_counter() - t0, limited=limited,
         gradip={c: monitor.gradip(c) for c in clients} if monitor is not None else {},
         final_loss=losses[-1] if losses else math.nan,
     )
-
-
-def _loss_of(batch: Batch) -> Callable[[torch.nn.Module], float]:
-    def loss(model: torch.nn.Module) -> float:
-        return batch_loss(model, batch)
-
-    return loss
 
 
 # ---------------------------------------------------------------- backprop FedAvg (upper bound)
@@ -255,7 +226,7 @@ def run_backprop(model: torch.nn.Module, data: ClientData, spec: BPSpec) -> RunR
     clients = sorted(data.clients)
     weights = data.weights
     total_w = math.fsum(weights.values())
-    streams = data.streams(spec.seed)
+    streams = data.streams()
     params = dict(model.named_parameters())
     global_state = snapshot(model)
     n_bytes = 4 * sum(p.numel() for p in global_state.values())  # dense fp32 payload, one direction
@@ -306,4 +277,4 @@ def restore(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
 
 
 __all__ = ["BPSpec", "ClientData", "Curve", "RunResult", "ZOSpec", "eval_accuracy", "make_data", "restore",
-           "run_backprop", "run_zo", "snapshot", "S_SPLIT"]
+           "run_backprop", "run_zo", "snapshot", "zo_config"]

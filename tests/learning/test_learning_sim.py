@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from bench.learning import METHODS, LearningConfig, markdown_table, run_grid, runs_for
-from bench.learning_sim import S_DATA, ZOSpec, make_data, run_zo
-from edge_client.engine.data import DataStream
+from bench.learning_sim import ZOSpec, make_data, run_zo
+from coordinator.scheduler import round_seeds
 from edge_client.engine.loss import batch_loss
 from edge_client.engine.spsa import spsa_step
-from shared.prng import derive_seed
+from edge_client.service.trainer import data_stream
 
 
 @pytest.fixture(scope="module")
@@ -44,13 +44,13 @@ def test_round_equals_weighted_average_of_client_paths(micro: dict[str, Any]) ->
     v0 = sidecar.initial_values()
     run_zo(loaded, data, spec, None, mask_id=mask.mask_id)
     after = sidecar.get_values()
-    # each client's own local path, recomputed independently with the same seeds and batches
-    seeds = [derive_seed(spec.seed, 1, 0, t) for t in range(spec.T)]
+    # each client's own local path, recomputed independently: the coordinator's seeds, the product's batches
+    seeds = round_seeds(spec.seed, 0, spec.T)
     total = sum(len(ds) for ds in data.clients.values())
     avg = torch.zeros_like(v0, dtype=torch.float64)
-    for k, c in enumerate(sorted(data.clients)):
+    for c in sorted(data.clients):
         ds = data.clients[c]
-        stream = DataStream(len(ds), derive_seed(spec.seed, S_DATA, k))
+        stream = data_stream(c, len(ds))
         sidecar.set_values(v0)
         for t in range(spec.T):
             batch = ds.batch(stream.take(spec.batch_size))

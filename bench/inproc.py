@@ -1,0 +1,298 @@
+"""In-process fleet: the product's round book + N device cores + the real engine, without a broker.
+
+The coordinator's `RoundBook` (coordinator/rounds.py) and every device's `ClientRounds`
+(edge_client/service/rounds.py) are the very objects the MQTT services pump; here a small mail loop
+pumps them instead. Every message crosses as bytes through the real codec (`shared.codec.encode` /
+`decode`, client id from the "topic" as the broker delivers it), so what is counted is what a real fleet
+would send. Time is simulated: `tick_s` per loop iteration, deadlines and heartbeats in that time.
+
+    fleet = InProcessFleet(book, [Device(core, trainer) for ...], fleet="bench")
+    for result, payload in fleet.run(rounds=20): ...                # each RoundResult and its exact bytes
+    fleet.book.values                                                # the coordinator's values
+
+Used by `meerkat bench learning` (bench/learning_sim.py), the demo's before/after evaluation and the
+equivalence test against a real fleet (tests/e2e/test_inproc_equivalence.py): for the same inputs the
+RoundResults here are byte-identical to the ones a real coordinator publishes.
+
+What differs from a real fleet, on purpose: no broker (so no lost or reordered messages), devices are
+always online, a device trains all its steps before simulated time moves on, and nothing is persisted
+(the book's Persist/WriteCheckpoint actions and the device's SaveStep are no-ops here).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter, deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from coordinator.rounds import Action as BookAction
+from coordinator.rounds import Publish, RoundBook
+from edge_client.engine.data import Dataset, DataStream
+from edge_client.engine.spsa import StepResult
+from edge_client.service.rounds import (
+    Action as DeviceAction,
+)
+from edge_client.service.rounds import (
+    ClientRounds,
+    Commit,
+    DropRound,
+    LoadValues,
+    QueueUpdate,
+    ResendUpdates,
+    SaveStep,
+    SendJoin,
+    SendSync,
+    TrainStep,
+)
+from edge_client.service.trainer import Trainer, data_stream, engine_step
+from shared.codec import decode, encode
+from shared.messages import (
+    CheckpointChunk,
+    ErrorMsg,
+    Heartbeat,
+    Join,
+    Message,
+    Replay,
+    RoundPlan,
+    RoundResult,
+    Status,
+    SyncRequest,
+    Update,
+)
+from shared.modelload import LoadedModel
+from shared.prng import Dist
+from shared.sidecar import SideCar
+
+log = logging.getLogger(__name__)
+
+TO_DEVICE = (Replay, CheckpointChunk, ErrorMsg)
+
+
+@dataclass
+class Device:
+    """One simulated device: its round core, the engine behind it, what its Join announces."""
+
+    core: ClientRounds
+    trainer: Trainer
+    budget_gib: float = 1.0
+    queued: dict[int, bytes] = field(default_factory=dict)  # round -> Update payload (the outbox)
+    committed: int = -1  # the round its values are at (last Commit)
+
+    @property
+    def client(self) -> str:
+        return self.core.me.client_id
+
+
+@dataclass
+class Traffic:
+    """Bytes on the (simulated) wire: up = devices -> coordinator, down = coordinator -> devices, a
+    broadcast counted once per device that receives it (what a broker delivers)."""
+
+    up: int = 0
+    down: int = 0
+    messages: Counter[str] = field(default_factory=Counter)
+
+
+class InProcessFleet:
+    """A round book and its devices, pumped in one thread (module docstring)."""
+
+    def __init__(
+        self, book: RoundBook, devices: Sequence[Device], *, start: float = 1_000_000.0, tick_s: float = 1.0,
+        heartbeat_s: float = 10.0,
+    ) -> None:
+        self.book = book
+        self.devices = {d.client: d for d in devices}
+        if len(self.devices) != len(devices):
+            raise ValueError("device client ids must be unique")
+        self.now = start
+        self.tick_s = tick_s
+        self.heartbeat_s = heartbeat_s
+        self.traffic = Traffic()
+        self.losses: dict[int, list[float]] = {}  # round -> the loss of each Update trained for it (readers pop)
+        self._mail: deque[tuple[str, bytes, type[Message] | tuple[type[Message], ...]]] = deque()
+        self._last_hb = -float("inf")
+        self._results: list[tuple[RoundResult, bytes]] = []
+        self._connected = False
+
+    # -- running ---------------------------------------------------------------------------------
+    def run(self, rounds: int, max_ticks: int = 100_000) -> list[tuple[RoundResult, bytes]]:
+        """Until the book closed `rounds` more rounds; returns each RoundResult published meanwhile with its
+        exact payload bytes (what the coordinator would publish on result/{r})."""
+        self._results = []
+        target = self.book.last_round + rounds
+        if not self._connected:
+            self._connect()
+        for _ in range(max_ticks):
+            if self.book.last_round >= target:
+                return self._results
+            self._to_book(self.book.tick(self.now))
+            self._deliver()
+            for d in self.devices.values():  # a device trains its whole job before time moves on
+                while self._device_tick(d):
+                    pass
+            self._heartbeats()
+            self.now += self.tick_s
+        raise RuntimeError(f"in-process fleet: {rounds} rounds not closed in {max_ticks} ticks "
+                           f"(at round {self.book.last_round})")
+
+    def _connect(self) -> None:
+        self._connected = True
+        for d in self.devices.values():
+            self._send(d, Status(client="", online=True, ts=self.now), Status)
+            self._device(d, d.core.connected())
+        self._deliver()
+
+    def _device_tick(self, d: Device) -> bool:
+        """One core tick of `d` (carried out, mail delivered); True when it trained a step."""
+        acts = d.core.tick(self.now)
+        self._device(d, acts)
+        self._deliver()
+        return any(isinstance(a, TrainStep) for a in acts)
+
+    def _heartbeats(self) -> None:
+        if self.now - self._last_hb < self.heartbeat_s:
+            return
+        self._last_hb = self.now
+        for d in self.devices.values():
+            hb = Heartbeat(client="", ts=self.now, cpu_pct=0.0, rss_bytes=0, gpu_mem_bytes=None, temp_c=None,
+                           power_w=None, step_time_s=None, peak_mem_bytes=d.trainer.peak_mem_bytes,
+                           round=max(d.committed, -1))
+            self._send(d, hb, Heartbeat)
+        self._deliver()
+
+    # -- device -> coordinator -------------------------------------------------------------------
+    def _send(self, d: Device, msg: Message, kind: type[Message]) -> None:
+        payload = encode(msg)
+        self.traffic.up += len(payload)
+        self.traffic.messages[kind.__name__] += 1
+        self._mail.append((d.client, payload, kind))
+
+    def _device(self, d: Device, actions: list[DeviceAction]) -> None:
+        for act in actions:
+            if isinstance(act, TrainStep):
+                result, pointer = d.trainer.step(act.seed, act.eps, act.lr, act.dist, act.batch_size,
+                                                 act.data_pointer)
+                self._device(d, d.core.step_done(result, pointer))
+            elif isinstance(act, LoadValues):
+                d.trainer.set_values(act.values)
+            elif isinstance(act, QueueUpdate):
+                d.queued[act.update.round] = encode(act.update)
+                self.losses.setdefault(act.update.round, []).append(act.update.loss)
+                self._resend(d, act.update.round)
+            elif isinstance(act, ResendUpdates):
+                for r in sorted(d.queued):
+                    self._resend(d, r)
+            elif isinstance(act, Commit):
+                d.committed = act.round
+                d.queued = {r: p for r, p in d.queued.items() if r > act.round}
+            elif isinstance(act, SendJoin):
+                join = Join(client="", fingerprint=d.trainer.fingerprint, mask_id=d.trainer.mask_id,
+                            n_samples=d.trainer.n_samples, budget_gib=float(d.budget_gib),
+                            capabilities=d.trainer.capabilities(), last_round=act.last_round)
+                self._send(d, join, Join)
+            elif isinstance(act, SendSync):
+                self._send(d, SyncRequest(client="", have_round=act.have_round), SyncRequest)
+            elif isinstance(act, (SaveStep, DropRound)):
+                pass  # nothing is persisted in memory; a dropped round needs no bookkeeping here
+
+    def _resend(self, d: Device, round: int) -> None:
+        payload = d.queued[round]
+        self.traffic.up += len(payload)
+        self.traffic.messages["Update"] += 1
+        self._mail.append((d.client, payload, Update))
+
+    # -- coordinator -> devices ------------------------------------------------------------------
+    def _to_book(self, actions: list[BookAction]) -> None:
+        for act in actions:
+            if not isinstance(act, Publish):
+                continue  # Persist / WriteCheckpoint / Duplicate: durability and metrics, not traffic
+            payload = encode(act.message)
+            if act.to is not None:
+                self._down(self.devices[act.to], payload, TO_DEVICE)
+            elif isinstance(act.message, RoundPlan):
+                for d in self.devices.values():
+                    self._down(d, payload, RoundPlan)
+            else:
+                assert isinstance(act.message, RoundResult)
+                self._results.append((act.message, payload))
+                for d in self.devices.values():
+                    self._down(d, payload, RoundResult)
+
+    def _down(self, d: Device, payload: bytes, kind: type[Message] | tuple[type[Message], ...]) -> None:
+        self.traffic.down += len(payload)
+        self._mail.append(("@" + d.client, payload, kind))
+
+    def _deliver(self) -> None:
+        """Hand every queued message to its receiver, in order, until nothing is left (a broker that
+        never loses or reorders)."""
+        while self._mail:
+            dest, payload, kind = self._mail.popleft()
+            if dest.startswith("@"):
+                d = self.devices[dest[1:]]
+                msg = decode(payload, kind)
+                if isinstance(msg, RoundPlan):
+                    self._device(d, d.core.on_plan(msg))
+                elif isinstance(msg, RoundResult):
+                    self._device(d, d.core.on_result(msg))
+                elif isinstance(msg, Replay):
+                    self._device(d, d.core.on_replay(msg))
+                elif isinstance(msg, CheckpointChunk):
+                    self._device(d, d.core.on_chunk(msg))
+                elif isinstance(msg, ErrorMsg):
+                    self._device(d, d.core.on_error(msg))
+            else:
+                self._to_book(self.book.handle(decode(payload, kind, client=dest), self.now))
+
+
+class SharedModelTrainer:
+    """A `Trainer` for one simulated device over a model shared by all of them: it keeps its own side-car
+    values and loads them before each step (the engine step itself is the client's: `engine_step`).
+
+    `loaded` = shared.modelload.LoadedModel with a side-car; `dataset` = this device's examples. The batch
+    order is the product's (`data_stream(client_id, n)`), so a device here sees the batches the real
+    `meerkat client` with the same id would."""
+
+    def __init__(self, loaded: LoadedModel, dataset: Dataset, client_id: str, mask_id: str,
+                 micro_batch: int | None = None) -> None:
+        if loaded.sidecar is None:
+            raise ValueError("SharedModelTrainer needs a model loaded with a mask (side-car)")
+        self.model: torch.nn.Module = loaded.model
+        self.sidecar: SideCar = loaded.sidecar
+        self.fingerprint = loaded.fingerprint
+        self.mask_id = mask_id
+        self.nnz = int(self.sidecar.nnz)
+        self.dataset = dataset
+        self.n_samples = len(dataset)
+        self.stream: DataStream = data_stream(client_id, self.n_samples)
+        self.micro_batch = micro_batch
+        self._values: torch.Tensor | None = None
+
+    def initial_values(self) -> torch.Tensor:
+        return self.sidecar.initial_values()
+
+    def set_values(self, values: torch.Tensor) -> None:
+        self._values = values
+
+    def step(
+        self, seed: int, eps: float, lr: float, dist: Dist, batch_size: int, data_pointer: int
+    ) -> tuple[StepResult, int]:
+        if self._values is None:
+            raise RuntimeError("set_values() before step()")
+        self.sidecar.set_values(self._values)
+        out = engine_step(self.model, self.sidecar, self.dataset, self.stream, self.micro_batch, seed, eps, lr,
+                          dist, batch_size, data_pointer)
+        self._values = self.sidecar.get_values()
+        return out
+
+    def capabilities(self) -> dict[str, str | int | float | bool]:
+        return {"device": "cpu", "quant": "sim", "nnz": self.nnz}
+
+    @property
+    def peak_mem_bytes(self) -> int | None:
+        return None
+
+
+__all__ = ["Device", "InProcessFleet", "SharedModelTrainer", "Traffic"]
