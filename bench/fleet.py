@@ -380,10 +380,13 @@ def ingest_rates(accepted: list[tuple[float, float]], windows: dict[int, tuple[f
         if len(pts) < 2 or pts[-1][1] <= pts[0][1]:
             continue
         base, top = pts[0][1], pts[-1][1]
-        t_first = next(t for t, v in pts if v > base)
-        t_last = next(t for t, v in pts if v >= top)
+        lo_v, hi_v = base + 0.05 * (top - base), base + 0.95 * (top - base)  # the bulk: dropouts' late
+        t_first = next(t for t, v in pts if v > lo_v)  # updates after an outage would stretch the window
+        t_last = next(t for t, v in pts if v >= hi_v)
         prev = max((t for t, v in pts if t < t_first), default=t_first - 0.2)
-        rates[r] = (top - base) / max(t_last - prev, 0.2)  # the first increase started after `prev`
+        v_prev = max((v for t, v in pts if t <= prev), default=base)
+        v_last = next(v for t, v in pts if t >= t_last)
+        rates[r] = (v_last - v_prev) / max(t_last - prev, 0.2)  # the first increase started after `prev`
     return rates
 
 
@@ -405,6 +408,20 @@ def vp_replay(mask: Any, payloads: dict[int, str], model: Path) -> tuple[list[fl
     return times, ok
 
 
+def lost_and_double(sent: dict[str, int], acked: dict[str, int], logged: dict[str, int],
+                    n_results: int) -> tuple[int, int]:
+    """Ground truth vs the coordinator's log, per client.
+
+    lost: updates the broker PUBACKed (so the device may forget them) beyond what the coordinator logged
+    for that client. double counted: logged beyond what the client ever sent (a re-send of the same msg_id
+    counted twice), updates logged for ids no device used, and RoundResult n_clients summed over all
+    rounds beyond the updates sent.
+    """
+    lost = sum(max(0, acked[c] - logged.get(c, 0)) for c in acked)
+    over = sum(max(0, logged.get(c, 0) - sent.get(c, 0)) for c in set(logged) | set(sent))
+    return lost, over + max(0, n_results - sum(sent.values()))
+
+
 def build_result(cfg: FleetConfig, outs: list[dict[str, Any]], status: dict[str, Any], sampler: Sampler, mask: Any,
                  coord_rc: int | None, timed_out: bool, nofile: int, wall_s: float,
                  broker_cpu_s: float | None) -> dict[str, Any]:
@@ -414,8 +431,6 @@ def build_result(cfg: FleetConfig, outs: list[dict[str, Any]], status: dict[str,
     logged = {c["client"]: int(c["updates"]) for c in status["clients"]}
     sent = {cid: len(d["sent"]) for cid, d in devices.items()}
     acked = {cid: sum(1 for e in d["sent"] if e[3] is not None) for cid, d in devices.items()}
-    lost = sum(max(0, acked[c] - logged.get(c, 0)) for c in devices)
-    over = sum(max(0, logged.get(c, 0) - sent[c]) for c in devices) + sum(v for c, v in logged.items() if c not in sent)
 
     def merged(key: str) -> dict[int, list[float]]:
         out: dict[int, list[float]] = {}
@@ -435,11 +450,11 @@ def build_result(cfg: FleetConfig, outs: list[dict[str, Any]], status: dict[str,
         for r, _mid, t_send, _t_ack in d["sent"]:
             sends.setdefault(r, []).append(t_send)
     n_results = sum(int(v[2]) for v in results.values())
-    over += max(0, n_results - sum(sent.values()))
+    lost, over = lost_and_double(sent, acked, logged, n_results)
     latency = {r: results[r][0] - max(sends[r]) for r in results if r in sends}
     windows = {r: (plans[r][0], results[r][0]) for r in results if r in plans}
     rates = ingest_rates(sampler.accepted, windows)
-    offered = {r: len(ts) / max(max(ts) - min(ts), 1e-3) for r, ts in sends.items() if len(ts) > 1}
+    offered = {r: _bulk_rate(ts) for r, ts in sends.items() if len(ts) > 1}
     vp_times, vp_ok = vp_replay(mask, payloads, cfg.workdir.resolve() / "model" / f"model-{cfg.nnz}-{cfg.seed}")
     coord_wall = sampler.ends.get("coordinator", time.time()) - sampler.start
     broker_wall = time.time() - sampler.start
@@ -481,6 +496,13 @@ def build_result(cfg: FleetConfig, outs: list[dict[str, Any]], status: dict[str,
         "nofile_limit": nofile, "load_avg": [round(x, 2) for x in os.getloadavg()], "cpus": os.cpu_count(),
         "wall_s": round(wall_s, 1), "per_round": per_round,
     }  # fmt: skip
+
+
+def _bulk_rate(ts: list[float]) -> float:
+    """Sends per second over the central 90% of a round's send times (dropouts' late re-sends excluded)."""
+    s = sorted(ts)
+    lo, hi = s[int(0.05 * (len(s) - 1))], s[int(0.95 * (len(s) - 1))]
+    return 0.9 * len(s) / max(hi - lo, 1e-3)
 
 
 def _round(x: float | None, nd: int = 3) -> float | None:

@@ -86,6 +86,7 @@ class Device:
     sent: dict[int, list[Any]] = field(default_factory=dict)  # round -> [msg_id, t_send, t_ack | None, payload]
     scheduled: set[int] = field(default_factory=set)
     dropped: set[int] = field(default_factory=set)
+    planned: set[int] = field(default_factory=set)
     reconnects: int = 0
     next_hb: float = 0.0
 
@@ -121,7 +122,9 @@ class Worker:
         m = self._decode(payload)
         if isinstance(m, RoundPlan):
             self.plan_bytes = max(self.plan_bytes, len(payload))
-            _seen(self.plans, m.round, now, 1.0)
+            if m.round not in dev.planned:  # first receipt per device: a reconnect's re-delivery is not fan-out
+                dev.planned.add(m.round)
+                _seen(self.plans, m.round, now, 1.0)
             self._on_plan(dev, m)
         elif isinstance(m, RoundResult):
             if topic == self.t.result_latest:
