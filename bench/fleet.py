@@ -97,6 +97,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=d.seed, help="seed of every simulated draw (shared.prng)")
     p.add_argument("--timeout", type=float, default=d.timeout_s, help=f"give up after this many seconds (default {d.timeout_s:.0f})")
     p.add_argument("--profile", type=Path, default=None, help="run the coordinator under cProfile, write stats here")
+    p.add_argument("--sweep", default=None, metavar="N1,N2,..",
+                   help="run once per device count (workdir/N each) and plot latency + memory vs devices")
+    p.add_argument("--plot", type=Path, default=Path("fleet-scaling.png"), help="PNG of --sweep (default fleet-scaling.png)")
     p.add_argument("--json", action="store_true", help="print the JSON result as the last line")
     p.set_defaults(func=run)
 
@@ -111,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
         sqlite_synchronous=args.sqlite_synchronous, broker_max_queued=args.broker_max_queued,
         broker_max_inflight=args.broker_max_inflight, seed=args.seed, timeout_s=args.timeout, profile=args.profile,
     )
+    if args.sweep:
+        return run_sweep(cfg, [int(n) for n in args.sweep.split(",")], args.plot, args.json)
     try:
         result = run_fleet(cfg)
     except FleetError as exc:
@@ -536,3 +541,51 @@ def print_summary(r: dict[str, Any]) -> None:
 
 def _f(x: Any) -> str:
     return "-" if x is None else f"{x:g}"
+
+
+def run_sweep(cfg: FleetConfig, counts: list[int], plot: Path, as_json: bool) -> int:
+    """One run per device count (in workdir/N), then latency and memory vs devices in one PNG."""
+    from dataclasses import replace
+
+    results = []
+    for n in counts:
+        try:
+            res = run_fleet(replace(cfg, devices=n, workdir=cfg.workdir / str(n)))
+        except FleetError as exc:
+            print(f"bench fleet ({n} devices) failed: {exc}", file=sys.stderr)
+            return 1
+        print_summary(res)
+        results.append(res)
+    plot_scaling(results, plot)
+    if as_json:
+        print_json_last({"sweep": results, "plot": str(plot)})
+    return 0 if all(r["all_rounds_closed"] and r["lost"] == 0 and r["double_counted"] == 0 for r in results) else 1
+
+
+def plot_scaling(results: list[dict[str, Any]], path: Path) -> None:
+    """Close latency (p50/p99), ingest rate and coordinator/broker RSS vs devices."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = [r["devices"] for r in results]
+    fig, ax = plt.subplots(1, 3, figsize=(12, 3.4))
+    ax[0].plot(n, [r["close_latency_p50_s"] for r in results], marker="o", label="p50")
+    ax[0].plot(n, [r["close_latency_p99_s"] for r in results], marker="o", label="p99")
+    ax[0].axhline(2.0, color="grey", ls="--", lw=0.8, label="target p99 2 s")
+    ax[0].set_ylabel("close latency after last update (s)")
+    ax[1].plot(n, [r["ingest_msgs_per_s"] for r in results], marker="o", label="ingest (coordinator)")
+    ax[1].plot(n, [r["offered_msgs_per_s"] for r in results], marker="o", label="offered (devices)")
+    ax[1].axhline(10_000, color="grey", ls="--", lw=0.8, label="target 10k msg/s")
+    ax[1].set_ylabel("updates / s")
+    ax[2].plot(n, [r["coordinator_rss_mib"] for r in results], marker="o", label="coordinator")
+    ax[2].plot(n, [r["broker_rss_mib"] for r in results], marker="o", label="mosquitto")
+    ax[2].set_ylabel("max RSS (MiB)")
+    for a in ax:
+        a.set_xscale("log")
+        a.set_xlabel("devices")
+        a.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

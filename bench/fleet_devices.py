@@ -17,6 +17,7 @@ decoded once per process (a real device decodes its own copy on its own CPU).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import math
 import resource
@@ -195,7 +196,7 @@ class Worker:
                 return False
             try:
                 c = await open_client(self.spec.host, self.spec.port, dev.cid,
-                                      lambda tp, pl, d=dev: self.on_message(d, tp, pl), clean=False, will=will)
+                                      functools.partial(self.on_message, dev), clean=False, will=will)
                 dev.client = c
                 c.publish(self.t.status(dev.cid), encode(Status("", True, time.time())), 1, True)
                 if first:
@@ -264,7 +265,7 @@ class Worker:
         async def wipe(dev: Device) -> None:
             async with sem:
                 try:
-                    c = await open_client(self.spec.host, self.spec.port, dev.cid, lambda tp, pl: None, clean=True)
+                    c = await open_client(self.spec.host, self.spec.port, dev.cid, _ignore, clean=True)
                     c.publish(self.t.status(dev.cid), b"", 1, True)  # clear the retained status
                     c.disconnect()
                 except (OSError, asyncio.TimeoutError, RuntimeError):
@@ -282,6 +283,10 @@ class Worker:
             "connect_failures": self.connect_failures, "connected_at": self.connected_at,
             "cpu_s": ru.ru_utime + ru.ru_stime, "max_rss_mib": ru.ru_maxrss / 1024,
         }
+
+
+def _ignore(topic: str, payload: bytes) -> None:
+    pass
 
 
 def _seen(table: dict[int, list[float]], key: int, now: float, value: float, add: bool = True) -> None:
