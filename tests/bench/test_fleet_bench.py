@@ -1,0 +1,89 @@
+"""`meerkat bench fleet` end to end (real mosquitto, real `meerkat coordinator` process, real MQTT devices)
+plus the ground-truth arithmetic and the tiny MQTT client it rests on."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.fleet import ingest_rates, lost_and_double
+from bench.fleet_devices import gaussian_grads, uniforms
+from bench.mqttlite import open_client
+
+KEYS = ("ingest_msgs_per_s", "close_latency_p50_s", "close_latency_p99_s", "lost", "double_counted",
+        "coordinator_rss_mib", "coordinator_cpu_pct", "broker_cpu_pct", "vp_time_per_round_s", "rounds_closed")
+
+
+def test_fleet_50_devices_3_rounds_with_dropouts(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "shared.cli", "bench", "fleet", "--devices", "50", "--rounds", "3", "--steps", "3",
+           "--dropout", "0.1", "--outage-s", "0.5", "--compute-s", "0.3", "--heartbeat-s", "2", "--nnz", "5000",
+           "--workdir", str(tmp_path / "fleet"), "--timeout", "240", "--json"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    for key in KEYS:
+        assert key in res, key
+    assert res["rounds_closed"] == 3 and res["all_rounds_closed"]
+    assert res["lost"] == 0 and res["double_counted"] == 0
+    assert res["updates_acked"] == res["updates_logged"] == res["n_clients_in_results"] >= 3 * 47
+    assert res["reconnects"] > 0  # dropouts happened (deterministic: seed 0) and every update still arrived
+    assert res["vp_checksums_ok"]
+    assert res["ingest_msgs_per_s"] > 0 and res["close_latency_p99_s"] is not None
+    assert "RLIMIT_NOFILE raised" in r.stdout
+
+
+def test_lost_and_double_counted_from_per_client_counts() -> None:
+    sent, acked = {"a": 3, "b": 2}, {"a": 3, "b": 1}  # b's second update never got a PUBACK
+    assert lost_and_double(sent, acked, {"a": 3, "b": 2}, 5) == (0, 0)
+    assert lost_and_double(sent, acked, {"a": 3, "b": 1}, 4) == (0, 0)  # unacked and not logged: not lost
+    assert lost_and_double(sent, acked, {"a": 2, "b": 2}, 4) == (1, 0)  # acked by the broker, not in the log
+    assert lost_and_double(sent, acked, {"a": 4, "b": 2}, 5) == (0, 1)  # a counted one more than it sent
+    assert lost_and_double(sent, acked, {"a": 3, "b": 2, "zz": 1}, 5) == (0, 1)  # a client nobody simulated
+    assert lost_and_double(sent, acked, {"a": 3, "b": 2}, 7) == (0, 2)  # results count more than was sent
+
+
+def test_ingest_rate_from_counter_samples() -> None:
+    # 0.2 s samples: the counter rises 0 -> 1000 between t=1.0 and t=2.0, round window 0.5 .. 2.5
+    pts = [(0.2 * i, min(1000.0, max(0.0, (0.2 * i - 1.0) * 1000))) for i in range(15)]
+    rates = ingest_rates(pts, {0: (0.5, 2.5)})
+    assert rates[0] == pytest.approx(1000.0, rel=0.25)
+    assert ingest_rates(pts, {1: (2.6, 2.8)}) == {}  # nothing committed in that window
+
+
+def test_simulated_draws_are_deterministic_and_plausible() -> None:
+    g = gaussian_grads(0, 7, 3, 4000, 1.0)
+    assert g == gaussian_grads(0, 7, 3, 4000, 1.0) and g != gaussian_grads(0, 7, 4, 4000, 1.0)
+    mean = sum(g) / len(g)
+    var = sum((x - mean) ** 2 for x in g) / len(g)
+    assert abs(mean) < 0.1 and 0.85 < var < 1.15
+    u = uniforms(1, 2, 3, 4, 1000)
+    assert 0.0 <= u.min() and u.max() < 1.0
+
+
+def test_mqttlite_publish_subscribe_qos1_and_will(broker_url: str) -> None:
+    from bench.mqttlite import LiteWill
+
+    async def scenario() -> list[tuple[str, bytes]]:
+        host, port = broker_url.split("://")[1].rsplit(":", 1)
+        got: list[tuple[str, bytes]] = []
+        sub = await open_client(host, int(port), "lite-sub-t1", lambda t, p: got.append((t, p)), clean=True)
+        assert await sub.subscribe([("lite-t1/#", 1)]) == 1
+        pub = await open_client(host, int(port), "lite-pub-t1", lambda t, p: None, clean=True,
+                                will=LiteWill("lite-t1/will", b"gone", 1, False))
+        fut = pub.publish("lite-t1/x", b"\x00" * 300, 1)  # > 127 bytes: a two-byte remaining length
+        assert fut is not None and await asyncio.wait_for(fut, 5) == 0
+        pub.abort()  # no DISCONNECT: the broker must publish the will
+        for _ in range(50):
+            if len(got) >= 2:
+                break
+            await asyncio.sleep(0.1)
+        sub.disconnect()
+        return got
+
+    got = asyncio.run(scenario())
+    assert ("lite-t1/x", b"\x00" * 300) in got and ("lite-t1/will", b"gone") in got
