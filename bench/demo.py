@@ -297,7 +297,8 @@ def build_report(cfg: DemoConfig, paths: dict[str, Path], traffic: Any, before: 
     for r in rounds:
         ups = traffic.updates.get(r, {})
         per_round.append({"round": r, "clients": traffic.results[r].n_clients,
-                          "mean_client_loss": sum(u.loss for u in ups.values()) / len(ups) if ups else None})
+                          "mean_client_loss": sum(u.loss for u in ups.values()) / len(ups) if ups else None,
+                          "result_sha256": traffic.result_sha256.get(r)})
     peak = {}
     for name, hbs in traffic.heartbeats.items():
         rss = [h.rss_bytes for h in hbs if h.rss_bytes]

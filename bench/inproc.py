@@ -25,6 +25,7 @@ import logging
 from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -247,6 +248,38 @@ class InProcessFleet:
                 self._to_book(self.book.handle(decode(payload, kind, client=dest), self.now))
 
 
+def from_configs(coordinator_toml: Path, client_tomls: Sequence[Path]) -> InProcessFleet:
+    """The fleet a set of config files describes, built the way the services build it: the coordinator's
+    book from its config (model fingerprint, v_0 from the model dir, MEERKAT-VP monitor from the mask's
+    gradient, `rounds` as the stop), and one `EngineTrainer` per client config (quantized model, its
+    data file, its memory plan). Same inputs as a real fleet: the same RoundResults, byte for byte."""
+    from coordinator.config import load_coordinator_config
+    from coordinator.drift import DriftMonitor
+    from edge_client.service.config import load_client_config
+    from edge_client.service.rounds import Identity
+    from edge_client.service.trainer import EngineTrainer
+    from shared.fingerprint import fingerprint_model_dir
+    from shared.maskfile import load_mask
+    from shared.sidecar import initial_values_from_dir
+
+    cfg = load_coordinator_config(coordinator_toml)
+    if cfg.mask is None or cfg.model_dir is None:
+        raise ValueError(f"{coordinator_toml}: the in-process fleet needs `mask` and `model_dir`")
+    mask = load_mask(cfg.mask)
+    grad = mask.flat_grad()
+    drift = DriftMonitor(grad, cfg.dist, cfg.drift_thresholds(), keep_history=False) if grad is not None else None
+    book = RoundBook(cfg, fingerprint=fingerprint_model_dir(cfg.model_dir), mask_id=mask.mask_id,
+                     values=initial_values_from_dir(cfg.model_dir, mask.layers), drift=drift,
+                     stop_after_round=cfg.rounds - 1 if cfg.rounds else None)
+    devices = []
+    for path in client_tomls:
+        ccfg = load_client_config(path)
+        trainer = EngineTrainer(ccfg)
+        me = Identity(ccfg.client_id, ccfg.fleet, trainer.fingerprint, trainer.mask_id, trainer.n_samples)
+        devices.append(Device(ClientRounds(me, trainer.initial_values), trainer, budget_gib=ccfg.memory_budget_gib))
+    return InProcessFleet(book, devices)
+
+
 class SharedModelTrainer:
     """A `Trainer` for one simulated device over a model shared by all of them: it keeps its own side-car
     values and loads them before each step (the engine step itself is the client's: `engine_step`).
@@ -295,4 +328,4 @@ class SharedModelTrainer:
         return None
 
 
-__all__ = ["Device", "InProcessFleet", "SharedModelTrainer", "Traffic"]
+__all__ = ["Device", "InProcessFleet", "SharedModelTrainer", "Traffic", "from_configs"]

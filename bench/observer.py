@@ -7,6 +7,7 @@ as published by the coordinator; what the broker delivers to N subscribed client
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
 import threading
@@ -32,6 +33,7 @@ class FleetTraffic:
     bytes_by_kind: Counter[str] = field(default_factory=Counter)
     msgs_by_kind: Counter[str] = field(default_factory=Counter)
     results: dict[int, RoundResult] = field(default_factory=dict)
+    result_sha256: dict[int, str] = field(default_factory=dict)  # of the exact payload on result/{r}
     updates: dict[int, dict[str, Update]] = field(default_factory=lambda: defaultdict(dict))
     heartbeats: dict[str, list[Heartbeat]] = field(default_factory=lambda: defaultdict(list))
     undecodable: int = 0
@@ -95,6 +97,7 @@ class FleetObserver:
             with self._lock:
                 if isinstance(body, RoundResult) and kind == "result":
                     self.traffic.results[body.round] = body
+                    self.traffic.result_sha256[body.round] = hashlib.sha256(msg.payload).hexdigest()
                     self.new_results.put(body)
                 elif isinstance(body, Update) and isinstance(arg, str):
                     self.traffic.updates[body.round][arg] = body
