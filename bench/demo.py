@@ -196,7 +196,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     broker = find_or_start_broker(cfg.broker, work / "broker")
     fleet = f"demo-{int(time.time())}-{os.getpid()}"  # a fresh fleet: no retained state of an earlier run
     coord_cfg, client_cfgs = write_configs(cfg, paths, broker.url, fleet)
-    before = evaluate_values(paths, cfg, None)
+    evaluator = Evaluator(paths, cfg)
+    before = evaluator(evaluator.initial_values())
     print(f"[4/4] fleet {fleet} on {broker.url}: coordinator + {cfg.clients} clients, "
           f"{cfg.rounds} rounds x {cfg.steps} steps", flush=True)
     observer = FleetObserver(broker.url, fleet)
@@ -235,7 +236,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         broker.stop()
     if rc != 0:
         raise DemoError(f"coordinator exited with {rc}; see {work / 'logs' / 'coordinator.log'}")
-    return build_report(cfg, paths, observer.traffic, before, codes, time.monotonic() - t0)
+    return build_report(cfg, paths, observer.traffic, evaluator, before, codes, time.monotonic() - t0)
 
 
 def _rmtree(path: Path) -> None:
@@ -245,41 +246,53 @@ def _rmtree(path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------- evaluation
-def evaluate_values(paths: dict[str, Path], cfg: DemoConfig, values: Any) -> dict[str, Any]:
-    """Loss/accuracy of the side-car model with `values` (None: v_0) on all clients' train data and eval data."""
-    import torch
+class Evaluator:
+    """The side-car model loaded ONCE (the demo's quantization, its mask) and the task's train/eval sets:
+    loss and accuracy of any values, before and after the run."""
 
-    from edge_client.engine.data import load_jsonl, load_task_config
-    from edge_client.engine.loss import evaluate
-    from shared.maskfile import load_mask
-    from shared.modelload import load_model
+    def __init__(self, paths: dict[str, Path], cfg: DemoConfig) -> None:
+        from edge_client.engine.data import load_jsonl, load_task_config
+        from shared.maskfile import load_mask
+        from shared.modelload import load_model
 
-    mask = load_mask(paths["mask"])
-    loaded = load_model(paths["model"], cfg.quant, "cpu", mask)
-    assert loaded.sidecar is not None and loaded.tokenizer is not None
-    if values is not None:
-        loaded.sidecar.set_values(values)
-    task = load_task_config(paths["task"])
-    meta = json.loads(paths["task"].read_text())
-    root = paths["task"].parent
-    out: dict[str, Any] = {}
-    with torch.no_grad():
-        train = [load_jsonl(root / f, loaded.tokenizer, task) for f in meta["train"]]
-        agg = {"loss": 0.0, "correct": 0.0, "n": 0.0}
-        for ds in train:
-            r = evaluate(loaded.model, ds)
-            agg["loss"] += float(r["loss"] or 0.0) * len(ds)
-            agg["correct"] += float(r["accuracy"] or 0.0) * len(ds)
-            agg["n"] += len(ds)
-        out["train_loss"] = agg["loss"] / agg["n"]
-        out["train_accuracy"] = agg["correct"] / agg["n"]
-        ev = evaluate(loaded.model, load_jsonl(root / meta["eval"], loaded.tokenizer, task))
-        out["eval_loss"], out["eval_accuracy"] = ev["loss"], ev["accuracy"]
-    out["values"] = loaded.sidecar.get_values()
-    return out
+        self.loaded = load_model(paths["model"], cfg.quant, "cpu", load_mask(paths["mask"]))
+        assert self.loaded.sidecar is not None and self.loaded.tokenizer is not None
+        task = load_task_config(paths["task"])
+        meta = json.loads(paths["task"].read_text())
+        root = paths["task"].parent
+        self.train = [load_jsonl(root / f, self.loaded.tokenizer, task) for f in meta["train"]]
+        self.eval = load_jsonl(root / meta["eval"], self.loaded.tokenizer, task)
+
+    def initial_values(self) -> Any:
+        assert self.loaded.sidecar is not None
+        return self.loaded.sidecar.initial_values()
+
+    def __call__(self, values: Any) -> dict[str, Any]:
+        """Loss/accuracy with `values` on all clients' train data (weighted by size) and the eval data."""
+        import torch
+
+        from edge_client.engine.loss import evaluate
+
+        sidecar = self.loaded.sidecar
+        assert sidecar is not None
+        sidecar.set_values(values)
+        out: dict[str, Any] = {}
+        with torch.no_grad():
+            agg = {"loss": 0.0, "correct": 0.0, "n": 0.0}
+            for ds in self.train:
+                r = evaluate(self.loaded.model, ds)
+                agg["loss"] += float(r["loss"] or 0.0) * len(ds)
+                agg["correct"] += float(r["accuracy"] or 0.0) * len(ds)
+                agg["n"] += len(ds)
+            out["train_loss"] = agg["loss"] / agg["n"]
+            out["train_accuracy"] = agg["correct"] / agg["n"]
+            ev = evaluate(self.loaded.model, self.eval)
+            out["eval_loss"], out["eval_accuracy"] = ev["loss"], ev["accuracy"]
+        out["values"] = values
+        return out
 
 
-def build_report(cfg: DemoConfig, paths: dict[str, Path], traffic: Any, before: dict[str, Any],
+def build_report(cfg: DemoConfig, paths: dict[str, Path], traffic: Any, evaluator: Evaluator, before: dict[str, Any],
                  exit_codes: dict[str, int | None], wall_s: float) -> dict[str, Any]:
     from shared.apply import apply_round, values_checksum
 
@@ -290,7 +303,7 @@ def build_report(cfg: DemoConfig, paths: dict[str, Path], traffic: Any, before: 
         v = apply_round(v, res.seeds, res.scalars, res.lr, res.dist)
         if values_checksum(v) != res.values_checksum:
             raise DemoError(f"round {r}: values rebuilt from the broadcast scalars do not match the coordinator")
-    after = evaluate_values(paths, cfg, v)
+    after = evaluator(v)
     final_ck = values_checksum(v)
     client_ck = {name: client_checksum(cfg.workdir.resolve() / "state" / name) for name in exit_codes if name != "coordinator"}
     per_round = []
