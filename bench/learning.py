@@ -2,7 +2,8 @@
 
     meerkat bench learning [--quick] [--json] [--out DIR] [--tasks sentiment,topic] [--seeds 3]
 
-In-process simulation (bench/learning_sim.py: the protocol's round math without MQTT) of 10 clients on
+In-process fleet (bench/inproc.py via bench/learning_sim.py: the product's round book, client cores and
+engine step, messages through the codec, no MQTT) of 10 clients on
 the project's pretrained tiny LM (`meerkat tiny-model`), labelled tasks from bench/tasks.py split with
 Dirichlet(alpha=0.5) label skew, plus an "extreme" split where some clients hold a single label.
 Every method gets the same budget of local steps per client (rounds = budget / T):

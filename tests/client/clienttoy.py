@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -152,13 +151,13 @@ class ThreadedCoordinator:
 
 def coordinator_updates(state_dir: Path) -> list[tuple[str, int, int, str]]:
     """(client, round, msg_id, status) of every update row the coordinator committed (read-only)."""
-    from coordinator.eventlog import DB_NAME
+    from coordinator.eventlog import EventLog
 
-    db = sqlite3.connect(f"file:{state_dir / DB_NAME}?mode=ro", uri=True)
+    log = EventLog(state_dir, readonly=True)
     try:
-        return [(str(c), int(r), int(m), str(s)) for c, r, m, s in db.execute("SELECT client, round, msg_id, status FROM updates ORDER BY round, client")]
+        return [(u.client, u.round, u.msg_id, u.status) for u in log.updates()]  # in (round, client) order
     finally:
-        db.close()
+        log.close()
 
 
 class ClientProc:
