@@ -205,6 +205,9 @@ def test_replay_when_close_behind_checkpoint_when_far() -> None:
         b.handle(update("a", r, [0.5 - r, 0.25], 1, msg_id=r), float(r))
         results += sent(b.tick(float(r)), RoundResult)
     assert b.sync_reply("s", 3) == [Publish(Replay(()), to="s")]  # up to date
+    (unknown,) = sent(b.handle(SyncRequest("s", 1), 5.0), ErrorMsg, "s")  # no values before a Join
+    assert unknown.code == ErrorCode.UNKNOWN_CLIENT
+    join(b, "s", 1, now=5.0)
     (rep,) = sent(b.handle(SyncRequest("s", 1), 5.0), Replay, "s")
     assert list(rep.results) == results[2:]  # 2 behind = replay_max
     for have in (0, -1, 7):  # more than replay_max behind, or ahead of us
