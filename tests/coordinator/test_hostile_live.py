@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import zstandard
-from coordfakes import FakeClient, ThreadedCoordinator, make_config, synthetic_mask, synthetic_v0, uid, wait_until
+from coordfakes import (
+    FakeClient,
+    ThreadedCoordinator,
+    make_config,
+    synthetic_mask,
+    synthetic_v0,
+    uid,
+    wait_until,
+)
 
 from coordinator.eventlog import EventLog
 from coordinator.server import Coordinator
@@ -51,7 +59,10 @@ def test_weight_poisoning_is_bounded_by_the_join(tmp_path: Path, broker_url: str
             d.join(FP, MASK.mask_id, 10)
         g = {a.cid: [1.0, 1.0], b.cid: [-1.0, 3.0], evil.cid: [7.25, 7.25]}
         res = play([a, b, evil], 0, g, {a.cid: 10, b.cid: 10, evil.cid: 2**32 - 1})
-        assert list(res.scalars) == [math.fsum([1 / 3, -1 / 3, 7.25 / 3]), math.fsum([1 / 3, 3 / 3, 7.25 / 3])]
+        assert list(res.scalars) == [
+            math.fsum([1 / 3, -1 / 3, 7.25 / 3]),
+            math.fsum([1 / 3, 3 / 3, 7.25 / 3]),
+        ]
         evil.join(FP, MASK.mask_id, 2**32 - 1)  # a huge Join too: capped at 4 x the median Join n (10)
         time.sleep(0.5)
         res = play([a, b, evil], 1, g, {a.cid: 10, b.cid: 10, evil.cid: 2**32 - 1})
@@ -84,7 +95,10 @@ def test_sync_amplification_is_bounded(tmp_path: Path, broker_url: str) -> None:
         assert [m.code for _, m in got if isinstance(m, ErrorMsg)] == [ErrorCode.RATE_LIMITED]
         ghost_got = ghost.drain(0.5)
         assert not any(isinstance(m, (CheckpointChunk, Replay)) for _, m in ghost_got)
-        assert {m.code for _, m in ghost_got if isinstance(m, ErrorMsg)} <= {ErrorCode.UNKNOWN_CLIENT, ErrorCode.RATE_LIMITED}
+        assert {m.code for _, m in ghost_got if isinstance(m, ErrorMsg)} <= {
+            ErrorCode.UNKNOWN_CLIENT,
+            ErrorCode.RATE_LIMITED,
+        }
         play([a], 3, {a.cid: [0.5, 0.5]}, {a.cid: 10})  # still closing rounds
     finally:
         runner.stop()
@@ -129,13 +143,17 @@ def test_spoofed_ids_and_joins_leave_no_rows(tmp_path: Path, broker_url: str) ->
 
         for i in range(500):
             cid = f"spoof-{i}"
-            spoofer.publish(t.hb(cid), encode(Heartbeat("", 1.0, 1.0, 1, None, None, None, None, None, -1)), 0)
+            spoofer.publish(
+                t.hb(cid), encode(Heartbeat("", 1.0, 1.0, 1, None, None, None, None, None, -1)), 0
+            )
             spoofer.publish(t.status(cid), encode(Status("", True, 1.0)), 1, False)
         spoofer.publish(t.join(a.cid), encode(Join("", "ff" * 32, MASK.mask_id, 10, 1.0, {}, -1)))  # flip a?
         time.sleep(1.0)
         for r in range(1, 4):
             play([a, b], r, {a.cid: [0.1, 0.1], b.cid: [0.2, 0.2]}, {a.cid: 10, b.cid: 10})
-        assert not any(isinstance(m, ErrorMsg) and m.code == ErrorCode.FINGERPRINT_MISMATCH for _, m in a.drain(0.2))
+        assert not any(
+            isinstance(m, ErrorMsg) and m.code == ErrorCode.FINGERPRINT_MISMATCH for _, m in a.drain(0.2)
+        )
         assert rss_mib() - rss0 < 100
     finally:
         runner.stop()
@@ -156,9 +174,13 @@ def test_retained_bomb_dropped_unread_across_restarts(tmp_path: Path, broker_url
     aid = uid("a")
     try:
         for _restart in range(2):
-            runner, coord = start(tmp_path, broker_url, fleet=fleet, client_id="coord-" + fleet, min_clients=1)
+            runner, coord = start(
+                tmp_path, broker_url, fleet=fleet, client_id="coord-" + fleet, min_clients=1
+            )
             try:
-                wait_until(lambda: coord.metrics.dropped.labels("retained")._value.get() >= 1, 10, "retained dropped")
+                wait_until(
+                    lambda c=coord: c.metrics.dropped.labels("retained")._value.get() >= 1, 10, "retained dropped"
+                )
                 assert coord.metrics.rejected.labels("decode_too_large")._value.get() == 0  # never decoded
                 a = FakeClient(broker_url, fleet, aid)
                 a.join(FP, MASK.mask_id, 10)

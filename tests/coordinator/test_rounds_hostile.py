@@ -4,6 +4,7 @@ per rule, with no broker: decoded messages in, actions out, a made-up clock."""
 from __future__ import annotations
 
 import math
+
 import pytest
 from test_rounds_core import FP, MASK, book, config, join, records, sent, update
 
@@ -55,7 +56,9 @@ def test_late_update_older_than_late_max_age_is_stale() -> None:
         b.handle(update("a", r, [1.0, 1.0], 1, msg_id=r), 10.0 * r)
         assert sent(b.tick(10.0 * r + 10.0), RoundResult)
     old = b.handle(update("b", 0, [1.0, 1.0], 1), 21.0)  # round 0: 2 rounds closed since
-    assert [e.code for e in sent(old, ErrorMsg, "b")] == [ErrorCode.STALE_ROUND] and not records(old, UpdateRecord)
+    assert [e.code for e in sent(old, ErrorMsg, "b")] == [ErrorCode.STALE_ROUND] and not records(
+        old, UpdateRecord
+    )
     new = b.handle(update("b", 1, [1.0, 1.0], 1), 21.0)  # round 1 closed last: folded
     assert [r.update.status for r in records(new, UpdateRecord)] == ["late"]
 
@@ -83,7 +86,7 @@ def test_rate_limit_drops_and_tells_once_per_window() -> None:
     b = book(config(rate_per_s=1.0, rate_burst=5))
     join(b, "a", 1)
     acts = []
-    for i in range(20):
+    for _i in range(20):
         acts += b.handle(Heartbeat("a", 0.0, 1.0, 1), 1.0)
     assert len([a for a in acts if isinstance(a, Dropped) and a.reason == "rate_limited"]) == 15
     assert [e.code for e in sent(acts, ErrorMsg, "a")] == [ErrorCode.RATE_LIMITED]  # once, not 15 times
@@ -173,7 +176,9 @@ def test_spoofed_bad_join_does_not_flip_a_joined_client() -> None:
     join(b, "a", 10)
     acts = b.handle(Join("a", "ff" * 32, MASK, 10, 1.0, {}, -1), 1.0)
     assert b.clients["a"].state == "joined" and records(acts, JoinRecord) == []
-    assert [r.reason for r in records(acts, RejectRecord)] == ["join_ignored"] and sent(acts, ErrorMsg, "a") == []
+    assert [r.reason for r in records(acts, RejectRecord)] == ["join_ignored"] and sent(
+        acts, ErrorMsg, "a"
+    ) == []
     refused = b.handle(Join("x", "ff" * 32, MASK, 10, 1.0, {}, -1), 1.0)  # never joined: answered, no row
     assert [e.code for e in sent(refused, ErrorMsg, "x")] == [ErrorCode.FINGERPRINT_MISMATCH]
     assert records(refused, JoinRecord) == [] and "x" not in b.clients
@@ -196,7 +201,9 @@ def test_late_folding_keeps_a_result_within_max_pairs(monkeypatch: pytest.Monkey
     b.handle(update("a", 2, [1.0, 1.0], 1, msg_id=2), 11.0)
     b.handle(update("b", 2, [1.0, 1.0], 1, msg_id=12), 11.0)
     (res,) = sent(b.tick(11.0), RoundResult)
-    assert len(res.seeds) == 4 and list(b.late) == [("b", 1)]  # round 1's late update waits for the next result
+    assert len(res.seeds) == 4 and list(b.late) == [
+        ("b", 1)
+    ]  # round 1's late update waits for the next result
     _open(b, 11.0)
     for k in "ab":
         b.handle(update(k, 3, [1.0, 1.0], 1, msg_id=20), 12.0)
