@@ -229,6 +229,7 @@ class RoundBook:
         self.noticed: LruDict[str, float] = LruDict()  # client -> when it was last told RATE_LIMITED
         self.misses: dict[str, int] = {}  # joined client -> rounds in a row it was sampled and silent
         self.benched: dict[str, set[str]] = {}  # client -> proofs of life since benched ("hb", "join")
+        self.bench_nagged: LruDict[str, float] = LruDict()  # benched client -> when to ask it to Join again
         self.grad_hist: deque[np.ndarray] = deque(maxlen=config.grad_cap_window)  # |g| of accepted updates
         self.grad_seen = 0  # updates accepted since the start (the adaptive cap needs grad_cap_min_updates)
         self._grad_cap: float | None = None  # cached; None = recompute
@@ -365,7 +366,13 @@ class RoundBook:
             return []
         self._prove(h.client, "hb")
         tele = {k: v for k, v in asdict(h).items() if k != "client"}
-        return [Persist(HeartbeatRecord(h.client, tele, now))]
+        acts: list[Action] = [Persist(HeartbeatRecord(h.client, tele, now))]
+        if h.client in self.benched and now >= self.bench_nagged.get(h.client, -math.inf):
+            # benched: its Join proves it is back (PROTOCOL.md §8 client 3: UNKNOWN_CLIENT -> send Join)
+            self.bench_nagged[h.client] = now + REJOIN_NAG_S
+            acts.append(Publish(ErrorMsg(int(ErrorCode.UNKNOWN_CLIENT), "benched after missed rounds: send Join"),
+                                to=h.client))  # fmt: skip
+        return acts
 
     def on_sync(self, s: SyncRequest, now: float) -> list[Action]:
         """Replay / checkpoint only to joined clients (others: UNKNOWN_CLIENT), within the client's reply

@@ -136,8 +136,9 @@ def test_silent_client_benched_until_heartbeat_and_join() -> None:
         assert sent(acts, RoundResult)
     assert "silent" in b.benched
     assert set(_open(b, now).steps) == {"a"}  # benched: not sampled
-    b.handle(Heartbeat("silent", 0.0, 1.0, 1), now)
-    assert "silent" in b.benched  # a heartbeat alone is not enough
+    nag = b.handle(Heartbeat("silent", 0.0, 1.0, 1), now)
+    assert "silent" in b.benched  # a heartbeat alone is not enough: it is asked to Join
+    assert [e.code for e in sent(nag, ErrorMsg, "silent")] == [ErrorCode.UNKNOWN_CLIENT]
     join(b, "silent", 1, now=now)
     assert "silent" not in b.benched
     b.handle(update("a", 2, [1.0, 1.0], 1, msg_id=2), now)
