@@ -123,6 +123,69 @@ class CoordinatorConfig:
         "reject an update with any |g| above this (NaN/inf always rejected)",
         (lambda v: v > 0, "must be > 0"),
     )
+    grad_cap_k: float = cfg.field(
+        50.0,
+        "adaptive |g| cap: k x the median |g| of the last grad_cap_window accepted updates (0 = fixed "
+        "max_abs_grad only; the lower of the two applies)",
+        (lambda v: v >= 0, "must be >= 0"),
+    )
+    grad_cap_window: int = cfg.field(
+        64, "accepted updates whose grads feed the adaptive |g| cap", (lambda v: v >= 1, "must be >= 1")
+    )
+    grad_cap_min_updates: int = cfg.field(
+        8,
+        "the adaptive |g| cap applies once this many updates were accepted (since the start)",
+        (lambda v: v >= 1, "must be >= 1"),
+    )
+    grad_cap_floor: float = cfg.field(
+        1.0, "the adaptive |g| cap is never below this", (lambda v: v > 0, "must be > 0")
+    )
+    weight_cap_factor: float = cfg.field(
+        4.0,
+        "FedAvg weight = min(Update n_samples, Join n_samples, this x the median Join n_samples of the "
+        "joined clients); 0 = no fleet-wide cap",
+        (lambda v: v >= 0, "must be >= 0"),
+    )
+    late_max_age: int = cfg.field(
+        1,
+        "a late update is folded only for the last this-many closed rounds (older: STALE_ROUND)",
+        (lambda v: 1 <= v <= 64, "must be in 1..64"),
+    )
+    # -- hostile devices: liveness, quorum, rate limits ---------------------------------------------
+    quorum: float = cfg.field(
+        0.75,
+        "close a round once this share of its sampled clients (and >= min_updates) reported and "
+        "quorum_grace_s passed; 1.0 = wait for all (or the deadline)",
+        (lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    )
+    quorum_grace_s: float = cfg.field(
+        5.0, "seconds a round waits for the rest after reaching its quorum", (lambda v: v >= 0, "must be >= 0")
+    )
+    bench_after_misses: int = cfg.field(
+        3,
+        "a client sampled and silent this many rounds in a row is not sampled again until it sends a "
+        "Heartbeat AND a Join (0 = never bench)",
+        (lambda v: v >= 0, "must be >= 0"),
+    )
+    rate_per_s: float = cfg.field(
+        20.0,
+        "messages per second a client may send on each of up/join/hb/status/sync (token bucket)",
+        (lambda v: v > 0, "must be > 0"),
+    )
+    rate_burst: int = cfg.field(
+        100, "token bucket size of rate_per_s (a burst allowed at once)", (lambda v: v >= 1, "must be >= 1")
+    )
+    reply_bytes_per_min: int = cfg.field(
+        8 << 20,
+        "Replay / checkpoint bytes one client may be sent per minute (a reply is sent while its "
+        "allowance is >= 0, then debited)",
+        (lambda v: v >= 1024, "must be >= 1024"),
+    )
+    checkpoint_every_s: float = cfg.field(
+        30.0,
+        "a client is sent checkpoint chunks at most this often (in between: RATE_LIMITED)",
+        (lambda v: v >= 0, "must be >= 0"),
+    )
     sqlite_synchronous: Literal["full", "normal"] = cfg.field(
         "full", "SQLite fsync level of the event log (full survives power loss)"
     )

@@ -40,7 +40,7 @@ def check_join(j: Join, fingerprint: str, mask_id: str) -> Reject | None:
 def check_update(u: Update, plan: PlanRow | None, fp_tag: int, max_abs_grad: float) -> Reject | None:
     """Checks that do not depend on what is already stored (dedupe is the caller's, in the same transaction)."""
     if plan is None:
-        return Reject("unknown_round", ErrorCode.STALE_ROUND, f"round {u.round} was never planned")
+        return Reject("unknown_round", ErrorCode.UNKNOWN_ROUND, f"round {u.round} was never planned")
     if u.client not in plan.steps:
         return Reject(
             "not_in_round", ErrorCode.NOT_IN_ROUND, f"{u.client} was not sampled in round {u.round}"
@@ -53,10 +53,8 @@ def check_update(u: Update, plan: PlanRow | None, fp_tag: int, max_abs_grad: flo
     if len(u.grads) != want:
         return Reject("wrong_steps", ErrorCode.BAD_UPDATE, f"{len(u.grads)} grads, the plan asked for {want}")
     big = max(abs(g) for g in u.grads)
-    if big > max_abs_grad:
-        return Reject(
-            "grad_too_large", ErrorCode.BAD_UPDATE, f"|g| = {big:.3g} > max_abs_grad {max_abs_grad:.3g}"
-        )
+    if big > max_abs_grad:  # the caller's cap: the fixed max_abs_grad or the fleet's adaptive one (rounds.py)
+        return Reject("grad_too_large", ErrorCode.BAD_UPDATE, f"|g| = {big:.3g} > the cap {max_abs_grad:.3g}")
     if u.n_samples <= 0:
         return Reject("no_samples", ErrorCode.BAD_UPDATE, "n_samples must be > 0 (it is the FedAvg weight)")
     return None

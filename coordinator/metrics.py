@@ -55,6 +55,12 @@ class Metrics:
         self.messages = Counter(
             "meerkat_messages_received", "messages received, by topic kind", ["kind"], registry=r
         )
+        self.dropped = Counter(
+            "meerkat_messages_dropped",
+            "client messages dropped unread or unanswered (rate_limited, retained, reply_budget, ...)",
+            ["reason"],
+            registry=r,
+        )
         self.drift_limited = Counter(
             "meerkat_drift_limited", "clients MEERKAT-VP limited to 1 local step (decisions)", registry=r
         )

@@ -29,6 +29,15 @@ Rules, each in one place (docs/ARCHITECTURE.md "Round lifecycle" names them):
   stragglers, late folding    on_update (late | dropped), close_round -> aggregate.result_scalars
   MEERKAT-VP limits           _observe_drift, _steps_for
   replay vs checkpoint        sync_reply
+  hostile devices (docs/SECURITY.md, COORDINATOR.md "Hostile devices"):
+    rate limits               handle -> _admit (token bucket per client and kind; RATE_LIMITED notice)
+    FedAvg weight             _weight (min of Update n, Join n, weight_cap_factor x median Join n)
+    adaptive |g| cap          grad_cap (k x median |g| of the last accepted updates, floor, fixed cap)
+    late age                  on_update (late_max_age)
+    quorum + grace            tick (scheduler.quorum_met / close_decision)
+    benching silent clients   close_round -> _count_misses; _prove (Heartbeat AND Join after the bench)
+    unknown ids               on_status / on_heartbeat / on_join: no row, bounded LRUs only
+    sync budget               on_sync (joined only; reply bytes per minute; checkpoint_every_s)
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
+import numpy as np
 import torch
 
 from coordinator.aggregate import Group, result_scalars
@@ -46,6 +56,7 @@ from coordinator.checkpoint import value_chunks
 from coordinator.config import CoordinatorConfig
 from coordinator.drift import DriftMonitor, DriftStats
 from coordinator.ingest import Reject, check_join, check_update
+from coordinator.ratelimit import Limiter, LruDict
 from coordinator.records import (
     ClientRow,
     DriftRecord,
@@ -66,11 +77,12 @@ from coordinator.records import (
     UpdateRecord,
     UpdateRow,
 )
-from coordinator.scheduler import close_decision, round_seeds, sample_clients
+from coordinator.scheduler import close_decision, quorum_met, round_seeds, sample_clients
 from shared.apply import apply_round, values_checksum
 from shared.codec import encode
 from shared.fingerprint import fp_tag as make_fp_tag
 from shared.messages import (
+    MAX_SEEDS,
     CheckpointChunk,
     ErrorCode,
     ErrorMsg,
@@ -90,7 +102,9 @@ log = logging.getLogger(__name__)
 OFFLINE_CHECK_S = 1.0  # how often tick() looks for silent clients and unjoined live ones
 JOIN_GRACE_S = 2.0  # a live client without a Join is asked to join after this long...
 REJOIN_NAG_S = 10.0  # ...and again every this long until it does
-LATE_WINDOW = 64  # an update for a round more than this many rounds before the open one is `too_late`
+LATE_WINDOW = 64  # plans and dedupe keys of this many closed rounds are kept (late_max_age <= this)
+RATE_NOTICE_S = 10.0  # a rate-limited client gets at most one ErrorMsg(RATE_LIMITED) per this long
+KIND_OF: dict[type, str] = {Update: "up", Join: "join", Heartbeat: "hb", Status: "status", SyncRequest: "sync"}
 
 
 # -- actions -----------------------------------------------------------------------------------------
@@ -126,7 +140,16 @@ class Duplicate:
     msg_id: int
 
 
-Action = Publish | Persist | WriteCheckpoint | Duplicate
+@dataclass(frozen=True)
+class Dropped:
+    """A client message dropped unanswered (rate limit, reply budget): a metric, nothing is stored."""
+
+    client: str
+    kind: str
+    reason: str
+
+
+Action = Publish | Persist | WriteCheckpoint | Duplicate | Dropped
 
 
 @dataclass(frozen=True)
@@ -197,7 +220,21 @@ class RoundBook:
         self.stored: dict[tuple[str, int], int] = dict(rec.stored)
         self.results: deque[ResultRow] = deque(rec.results, maxlen=max(1, config.replay_max))
         self.clients: dict[str, ClientRow] = {c.client: c for c in rec.clients}
-        self.unjoined: dict[str, float] = {}  # live client without a Join -> when to ask it (next)
+        # live client without a Join -> (when to ask it next, last seen); bounded: unknown ids never get a row
+        self.unjoined: LruDict[str, tuple[float, float]] = LruDict()
+        self.refused: LruDict[str, float] = LruDict()  # ids whose Join was refused (not nagged), not persisted
+        self.rates = Limiter(config.rate_per_s, config.rate_burst)  # (client, kind) -> bucket
+        self.reply_bytes = Limiter(config.reply_bytes_per_min / 60.0, config.reply_bytes_per_min)
+        self.last_checkpoint: LruDict[str, float] = LruDict()  # client -> when it was last sent chunks
+        self.noticed: LruDict[str, float] = LruDict()  # client -> when it was last told RATE_LIMITED
+        self.misses: dict[str, int] = {}  # joined client -> rounds in a row it was sampled and silent
+        self.benched: dict[str, set[str]] = {}  # client -> proofs of life since benched ("hb", "join")
+        self.bench_nagged: LruDict[str, float] = LruDict()  # benched client -> when to ask it to Join again
+        self.grad_hist: deque[np.ndarray] = deque(maxlen=config.grad_cap_window)  # |g| of accepted updates
+        self.grad_seen = 0  # updates accepted since the start (the adaptive cap needs grad_cap_min_updates)
+        self._grad_cap: float | None = None  # cached; None = recompute
+        self._median_n: float | None = None  # cached median Join n_samples of joined clients; None = recompute
+        self.quorum_since: float | None = None  # when the open round first met its quorum
         self._last_offline_check = -math.inf
         self._reflagged: list[tuple[str, int, DriftStats]] = []
         if drift is not None:
@@ -219,6 +256,34 @@ class RoundBook:
             c.client for c in self.clients.values()
             if c.state == "joined" and c.online and c.fingerprint == self.fingerprint and c.mask_id == self.mask_id
         )  # fmt: skip
+
+    def eligible(self) -> list[str]:
+        """The online clients a plan may sample: benched ones (silent bench_after_misses rounds) excluded."""
+        return [c for c in self.online() if c not in self.benched]
+
+    def grad_cap(self) -> float:
+        """The |g| bound of the next update: min(max_abs_grad, max(grad_cap_floor, k x median |g|)) over
+        the grads of the last grad_cap_window accepted updates, once grad_cap_min_updates were accepted."""
+        c = self.config
+        if c.grad_cap_k <= 0 or self.grad_seen < c.grad_cap_min_updates or not self.grad_hist:
+            return c.max_abs_grad
+        if self._grad_cap is None:
+            med = float(np.median(np.concatenate(list(self.grad_hist))))
+            self._grad_cap = min(c.max_abs_grad, max(c.grad_cap_floor, c.grad_cap_k * med))
+        return self._grad_cap
+
+    def weight(self, client: str, n_update: int) -> int:
+        """The FedAvg weight the coordinator grants: min(n_samples of the Update, n_samples of the Join,
+        weight_cap_factor x the median Join n_samples of the joined clients), at least 1."""
+        row = self.clients.get(client)
+        w = n_update if row is None or row.state != "joined" else min(n_update, row.n_samples)
+        if self.config.weight_cap_factor > 0:
+            if self._median_n is None:
+                ns = [c.n_samples for c in self.clients.values() if c.state == "joined" and c.fingerprint == self.fingerprint]
+                self._median_n = float(np.median(ns)) if ns else 0.0
+            if self._median_n > 0:
+                w = min(w, math.floor(self.config.weight_cap_factor * self._median_n))
+        return max(1, w)
 
     def limited(self) -> set[str]:
         """Clients MEERKAT-VP limits to one local step (empty with drift_control off)."""
@@ -242,7 +307,13 @@ class RoundBook:
         return acts
 
     def handle(self, msg: Message, now: float) -> list[Action]:
-        """Dispatch one decoded client message (its `client` field filled from the topic)."""
+        """Dispatch one decoded client message (its `client` field filled from the topic), rate-limited."""
+        kind = KIND_OF.get(type(msg))
+        if kind is None:
+            raise TypeError(f"RoundBook.handle: {type(msg).__name__} is not a client -> coordinator message")
+        client: str = msg.client  # type: ignore[union-attr]
+        if not self.rates.allow((client, kind), now):
+            return self._limited(client, kind, "rate_limited", f"over {self.config.rate_per_s:g}/s on {kind}", now)
         if isinstance(msg, Update):
             return self.on_update(msg, now)
         if isinstance(msg, Join):
@@ -256,16 +327,27 @@ class RoundBook:
         raise TypeError(f"RoundBook.handle: {type(msg).__name__} is not a client -> coordinator message")
 
     def on_join(self, j: Join, now: float) -> list[Action]:
-        self.unjoined.pop(j.client, None)
+        """A valid Join registers the client (a row). A refused one from an id that is joined changes
+        nothing (without the broker ACL anyone can send it: the first valid Join wins, no reply); from any
+        other id it is answered and remembered in a bounded LRU only (no row for ids that never joined)."""
         rej = check_join(j, self.fingerprint, self.mask_id)
-        state = "rejected" if rej else "joined"
-        self.clients[j.client] = ClientRow(j.client, state, j.fingerprint, j.mask_id, j.n_samples, True, now)
+        have = self.clients.get(j.client)
+        if rej is not None:
+            if have is not None and have.state == "joined":
+                spoof = Reject("join_ignored", rej.code, f"{rej.detail}; {j.client} stays joined")
+                return self.on_reject(j.client, "join", spoof, now, reply=False)
+            self.unjoined.pop(j.client, None)
+            self.refused[j.client] = now
+            return self.on_reject(j.client, "join", rej, now)
+        self.unjoined.pop(j.client, None)
+        self.refused.pop(j.client, None)
+        self._median_n = None
+        self._prove(j.client, "join")
+        self.clients[j.client] = ClientRow(j.client, "joined", j.fingerprint, j.mask_id, j.n_samples, True, now)
         acts: list[Action] = [Persist(JoinRecord(
-            j.client, state, rej.reason if rej else "", j.fingerprint, j.mask_id, j.n_samples, j.budget_gib,
+            j.client, "joined", "", j.fingerprint, j.mask_id, j.n_samples, j.budget_gib,
             dict(j.capabilities), j.last_round, now,
         ))]  # fmt: skip
-        if rej is not None:
-            return acts + self.on_reject(j.client, "join", rej, now)
         log.info("client %s joined (n_samples %d, at round %d)", j.client, j.n_samples, j.last_round)
         return acts
 
@@ -274,31 +356,67 @@ class RoundBook:
             self._note_live(s.client, now)
         else:
             self.unjoined.pop(s.client, None)
-        self._seen(s.client, now, online=s.online)
+        if not self._seen(s.client, now, online=s.online):
+            return []  # an id that never joined: no row (a spoofed id must not cost a row)
         return [Persist(OnlineRecord(s.client, s.online, now))]
 
     def on_heartbeat(self, h: Heartbeat, now: float) -> list[Action]:
         self._note_live(h.client, now)
-        self._seen(h.client, now, online=True)
+        if not self._seen(h.client, now, online=True):
+            return []
+        self._prove(h.client, "hb")
         tele = {k: v for k, v in asdict(h).items() if k != "client"}
-        return [Persist(HeartbeatRecord(h.client, tele, now))]
+        acts: list[Action] = [Persist(HeartbeatRecord(h.client, tele, now))]
+        if h.client in self.benched and now >= self.bench_nagged.get(h.client, -math.inf):
+            # benched: its Join proves it is back (PROTOCOL.md §8 client 3: UNKNOWN_CLIENT -> send Join)
+            self.bench_nagged[h.client] = now + REJOIN_NAG_S
+            acts.append(Publish(ErrorMsg(int(ErrorCode.UNKNOWN_CLIENT), "benched after missed rounds: send Join"),
+                                to=h.client))  # fmt: skip
+        return acts
 
     def on_sync(self, s: SyncRequest, now: float) -> list[Action]:
+        """Replay / checkpoint only to joined clients (others: UNKNOWN_CLIENT), within the client's reply
+        byte allowance, and checkpoint chunks at most every checkpoint_every_s (else RATE_LIMITED)."""
         self._note_live(s.client, now)
+        row = self.clients.get(s.client)
+        if row is None or row.state != "joined":
+            rej = Reject("unknown_client", ErrorCode.UNKNOWN_CLIENT, "sync before Join: send Join")
+            return self.on_reject(s.client, "sync", rej, now)
         self._seen(s.client, now)
-        return [Persist(SeenRecord(s.client, now)), *self.sync_reply(s.client, s.have_round)]
+        if self.reply_bytes.level(s.client, now) < 0:
+            return self._limited(s.client, "sync", "reply_budget", "reply bytes per minute used up", now)
+        reply = self.sync_reply(s.client, s.have_round)
+        chunks = [a for a in reply if isinstance(a.message, CheckpointChunk)]
+        if chunks:
+            last = self.last_checkpoint.get(s.client)
+            if last is not None and now - last < self.config.checkpoint_every_s:
+                why = f"checkpoint sent {now - last:.1f} s ago (at most every {self.config.checkpoint_every_s:g} s)"
+                return self._limited(s.client, "sync", "checkpoint_cooldown", why, now)
+            self.last_checkpoint[s.client] = now
+        cost = sum(len(a.message.data) + 128 if isinstance(a.message, CheckpointChunk) else len(encode(a.message))
+                   for a in reply)  # fmt: skip
+        self.reply_bytes.take(s.client, now, cost)
+        return [Persist(SeenRecord(s.client, now)), *reply]
+
+    def _limited(self, client: str, kind: str, reason: str, detail: str, now: float) -> list[Action]:
+        """Drop a message (counted, nothing stored); tell the client RATE_LIMITED at most every RATE_NOTICE_S."""
+        acts: list[Action] = [Dropped(client, kind, reason)]
+        last = self.noticed.get(client)
+        if last is None or now - last >= RATE_NOTICE_S:
+            self.noticed[client] = now
+            log.warning("client %s limited on %s: %s", client, kind, detail)
+            acts.append(Publish(ErrorMsg(int(ErrorCode.RATE_LIMITED), f"{reason}: {detail}"[:1000]), to=client))
+        return acts
 
     def on_update(self, u: Update, now: float) -> list[Action]:
         """Validate, dedupe, store as accepted (open round) / late / dropped, feed MEERKAT-VP."""
         self._note_live(u.client, now)
         is_open = self.plan is not None and u.round == self.plan.round
         plan = self.plan if is_open else (self.plans.get(u.round) if u.round <= self.last_round else None)
-        if plan is None and u.round <= self.last_round - LATE_WINDOW:
-            rej: Reject | None = Reject(
-                "too_late", ErrorCode.STALE_ROUND, f"round {u.round} is more than {LATE_WINDOW} rounds old"
-            )
+        if plan is None and u.round <= self.last_round:  # closed so long ago that its plan is forgotten
+            rej: Reject | None = Reject("too_late", ErrorCode.STALE_ROUND, f"round {u.round} closed long ago")
         else:
-            rej = check_update(u, plan, self.fp_tag, self.config.max_abs_grad)
+            rej = check_update(u, plan, self.fp_tag, self.grad_cap())
         if rej is not None:
             return self.on_reject(u.client, "up", rej, now)
         assert plan is not None  # check_update rejects an unplanned round
@@ -308,13 +426,25 @@ class RoundBook:
                 log.debug("duplicate update %s round %d msg %d ignored", u.client, u.round, u.msg_id)
                 return [Duplicate(u.client, u.round, u.msg_id)]
             detail = f"round {u.round} already has msg {have}; first wins"
-            return self.on_reject(u.client, "up", Reject("conflict", ErrorCode.BAD_UPDATE, detail), now, reply=False)
-        status = "accepted" if is_open else ("late" if self.config.straggler == "next" else "dropped")
-        row = UpdateRow(u.client, u.round, u.msg_id, u.grads, u.n_samples, u.loss, now, status, None)
+            return self.on_reject(u.client, "up", Reject("conflict", ErrorCode.CONFLICT, detail), now)
+        c = self.config
+        age = self.last_round - u.round  # closed rounds: 0 = the one that closed last
+        if not is_open and c.straggler == "next" and age >= c.late_max_age:
+            detail = f"round {u.round} closed {age + 1} rounds ago (late_max_age {c.late_max_age})"
+            return self.on_reject(u.client, "up", Reject("too_late", ErrorCode.STALE_ROUND, detail), now)
+        status = "accepted" if is_open else ("late" if c.straggler == "next" else "dropped")
+        weight = self.weight(u.client, u.n_samples)
+        if weight != u.n_samples:
+            log.info("update %s round %d: FedAvg weight %d (it claimed n_samples %d)", u.client, u.round, weight,
+                     u.n_samples)  # fmt: skip
+        row = UpdateRow(u.client, u.round, u.msg_id, u.grads, weight, u.loss, now, status, None)
         gradip = self._gradip(plan, u.grads)
         self.stored[(u.client, u.round)] = u.msg_id
         self._seen(u.client, now)
         acts: list[Action] = [Persist(UpdateRecord(row, None if gradip is None else tuple(gradip)))]
+        if status != "dropped":
+            self._remember_grads(u.grads)
+            self.misses.pop(u.client, None)
         if status == "accepted":
             self.accepted[u.client] = row
         elif status == "late":
@@ -322,11 +452,27 @@ class RoundBook:
             acts.append(Persist(EventRecord("late", f"{u.client} round {u.round}: folded into the next result",
                                             u.round, now)))  # fmt: skip
         else:
-            rej = Reject("late_dropped", ErrorCode.STALE_ROUND, f"round {u.round} already closed")
-            acts += self.on_reject(u.client, "up", rej, now, reply=False)
+            rej = Reject("late_dropped", ErrorCode.STALE_ROUND, f"round {u.round} already closed (straggler = drop)")
+            acts += self.on_reject(u.client, "up", rej, now)
         if gradip is not None:
             acts += self._observe_drift(u.client, u.round, gradip, now)
         return acts
+
+    def _remember_grads(self, grads: Sequence[float]) -> None:
+        self.grad_hist.append(np.abs(np.asarray(grads, dtype=np.float64)))
+        self.grad_seen += 1
+        self._grad_cap = None
+
+    def _prove(self, client: str, proof: str) -> None:
+        """A benched client is sampled again once it sent a Heartbeat AND a Join after it was benched."""
+        got = self.benched.get(client)
+        if got is None:
+            return
+        got.add(proof)
+        if got >= {"hb", "join"}:
+            del self.benched[client]
+            self.misses.pop(client, None)
+            log.info("client %s proved liveness (heartbeat + Join): sampled again", client)
 
     def on_reject(self, client: str, topic: str, rej: Reject, now: float, reply: bool = True) -> list[Action]:
         """Count a rejected message (by reason) and, when `reply`, tell the client why (ErrorMsg)."""
@@ -348,8 +494,12 @@ class RoundBook:
                 acts += self._maybe_open(now)
             return acts
         plan, c = self.plan, self.config
+        if not quorum_met(plan.steps, self.accepted, c.quorum, c.min_updates):
+            self.quorum_since = None
+        elif self.quorum_since is None:
+            self.quorum_since = now
         d = close_decision(plan.steps, list(self.accepted), now, plan.deadline, c.min_updates, plan.extensions,
-                           c.max_extensions)  # fmt: skip
+                           c.max_extensions, c.quorum, c.quorum_grace_s, self.quorum_since)  # fmt: skip
         if d.action == "close":
             acts += self.close_round(now, d.reason)
         elif d.action == "extend":
@@ -367,30 +517,37 @@ class RoundBook:
         return [Persist(OfflineRecord(tuple(gone)))] if gone else []
 
     def _note_live(self, client: str, now: float) -> None:
-        """Remember a live client we have no Join from; `_nag` asks it to join after JOIN_GRACE_S."""
+        """Remember a live client we have no Join from; `_nag` asks it to join after JOIN_GRACE_S (a
+        bounded LRU: ids that never join cost no row and at most MAX_KEYS entries)."""
         c = self.clients.get(client)
-        if client not in self.unjoined and (c is None or c.state not in ("joined", "rejected")):
-            self.unjoined[client] = now + JOIN_GRACE_S
+        if (c is not None and c.state in ("joined", "rejected")) or client in self.refused:
+            return
+        due = self.unjoined[client][0] if client in self.unjoined else now + JOIN_GRACE_S
+        self.unjoined[client] = (due, now)
 
     def _nag(self, now: float) -> list[Action]:
         """ErrorMsg(UNKNOWN_CLIENT) to each live client without a Join (it joined while we were down:
         Join is not retained); the client re-sends its Join. Again every REJOIN_NAG_S until it does."""
         acts: list[Action] = []
-        for client, due in sorted(self.unjoined.items()):
-            if now < due:
-                continue
+        for client, (due, seen) in sorted(self.unjoined.items()):
             c = self.clients.get(client)
-            if c is not None and c.state in ("joined", "rejected"):
-                del self.unjoined[client]
+            if (c is not None and c.state in ("joined", "rejected")) or now - seen > self.config.offline_after_s:
+                del self.unjoined[client]  # joined, or silent: stop asking
+                continue
+            if now < due:
                 continue
             log.info("client %s is live but has not joined (since our start): asking it to join", client)
             acts.append(Publish(ErrorMsg(int(ErrorCode.UNKNOWN_CLIENT), "unknown client: send Join"), to=client))
-            self.unjoined[client] = now + REJOIN_NAG_S
+            self.unjoined[client] = (now + REJOIN_NAG_S, seen)
         return acts
 
-    def _seen(self, client: str, now: float, online: bool | None = None) -> None:
-        c = self.clients.get(client) or ClientRow(client, "unknown")
+    def _seen(self, client: str, now: float, online: bool | None = None) -> bool:
+        """Note a registered client's activity; False (and nothing kept) for an id with no row."""
+        c = self.clients.get(client)
+        if c is None:
+            return False
         self.clients[client] = replace(c, seen_at=now, online=c.online if online is None else online)
+        return True
 
     # -- rounds ----------------------------------------------------------------------------------
     def _steps_for(self, client: str) -> int:
@@ -400,7 +557,7 @@ class RoundBook:
 
     def _maybe_open(self, now: float) -> list[Action]:
         c = self.config
-        eligible = self.online()
+        eligible = self.eligible()
         if len(eligible) < c.min_clients:
             return []
         r = self.last_round + 1
@@ -411,7 +568,7 @@ class RoundBook:
             lr=c.lr, eps=c.eps, dist=c.dist, batch_size=c.batch_size, base_round=r - 1,
             base_checksum=values_checksum(self.values), extensions=0,
         )  # fmt: skip
-        self.plan, self.plans[r], self.accepted = plan, plan, {}
+        self.plan, self.plans[r], self.accepted, self.quorum_since = plan, plan, {}, None
         log.info("round %d open: %d clients x %d steps (%d limited to 1 by MEERKAT-VP), deadline in %.0f s",
                  r, len(sampled), c.steps, sum(1 for t in plan.steps.values() if t < c.steps),
                  c.round_deadline_s)  # fmt: skip
@@ -424,7 +581,7 @@ class RoundBook:
     def _extend(self, plan: PlanRow, now: float, why: str) -> list[Action]:
         """Too few updates at the deadline: more clients into the same round (same seeds), new deadline."""
         c = self.config
-        eligible = self.online()
+        eligible = self.eligible()
         want = max(c.min_updates - len(self.accepted), 0) if c.clients_per_round else len(eligible)
         extra = sample_clients(eligible, want, c.master_seed, plan.round, plan.extensions + 1, exclude=plan.steps)
         steps = {**plan.steps, **{k: self._steps_for(k) for k in extra}}
@@ -446,7 +603,7 @@ class RoundBook:
         if not self.accepted:
             raise RuntimeError(f"close_round: round {plan.round} has no update")
         ups = [self.accepted[k] for k in sorted(self.accepted)]
-        late = sorted(self.late.values(), key=lambda u: (u.round, u.client)) if c.straggler == "next" else []
+        late = self._late_to_fold(len(plan.seeds)) if c.straggler == "next" else []
         on_time = Group(plan.seeds, {u.client: u.grads for u in ups}, {u.client: u.n_samples for u in ups})
         groups = [
             Group(self.plans[r].seeds, {u.client: u.grads for u in late if u.round == r},
@@ -465,6 +622,7 @@ class RoundBook:
         for u in late:
             del self.late[(u.client, u.round)]
         self.plans[plan.round] = replace(plan, state="closed")
+        benched = self._count_misses(plan, {u.client for u in ups})
         self.results.append(row)
         self._forget_before(plan.round + 1 - LATE_WINDOW)
         loss = math.fsum(u.loss for u in ups) / len(ups)
@@ -473,11 +631,44 @@ class RoundBook:
         acts: list[Action] = [
             Persist(ResultRecord(row, used)),
             Persist(EventRecord("close", f"{why}; {len(ups)} updates + {len(late)} late", plan.round, now)),
+            *(Persist(EventRecord("bench", f"{k}: sampled and silent {self.config.bench_after_misses} rounds in a "
+                                  "row; sampled again after a Heartbeat and a Join", plan.round, now))
+              for k in benched),
             Publish(result_message(row)),
-        ]
+        ]  # fmt: skip
         if (plan.round + 1) % c.checkpoint_every == 0:
             acts.append(WriteCheckpoint(plan.round, new_values))
         return acts
+
+    def _late_to_fold(self, T: int) -> list[UpdateRow]:
+        """The pending late updates of the oldest rounds first, whole rounds only, while the result stays
+        within MAX_SEEDS (seed, scalar) pairs; the rest stay pending for the next result."""
+        out: list[UpdateRow] = []
+        pairs = T
+        for r in sorted({r for _, r in self.late}):
+            group = sorted((u for u in self.late.values() if u.round == r), key=lambda u: u.client)
+            used = max(len(u.grads) for u in group)
+            if pairs + used > MAX_SEEDS:
+                break
+            pairs += used
+            out += group
+        return out
+
+    def _count_misses(self, plan: PlanRow, reported: set[str]) -> list[str]:
+        """Sampled and silent: one more miss; bench_after_misses in a row benches the client (returned)."""
+        k = self.config.bench_after_misses
+        newly = []
+        for client in sorted(plan.steps):
+            if client in reported:
+                self.misses.pop(client, None)
+                continue
+            self.misses[client] = self.misses.get(client, 0) + 1
+            if k and self.misses[client] >= k and client not in self.benched:
+                self.benched[client] = set()
+                newly.append(client)
+                log.warning("client %s sampled and silent %d rounds in a row: not sampled until it proves "
+                            "liveness (heartbeat + Join)", client, k)  # fmt: skip
+        return newly
 
     def _forget_before(self, oldest: int) -> None:
         """Drop plans and dedupe keys older than the late window (except rounds with pending late updates)."""
@@ -488,7 +679,7 @@ class RoundBook:
             del self.stored[key]
 
     # -- sync ------------------------------------------------------------------------------------
-    def sync_reply(self, client: str, have_round: int) -> list[Action]:
+    def sync_reply(self, client: str, have_round: int) -> list[Publish]:
         """Replay of the missed results when at most replay_max behind (empty when up to date), else the
         values in checkpoint chunks (also for a client ahead of us, or a Replay over the payload limit)."""
         behind = self.last_round - have_round

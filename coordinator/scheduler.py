@@ -11,6 +11,7 @@ an auditor) recomputes the same seeds and the same sample:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
@@ -42,11 +43,20 @@ class CloseDecision:
     reason: str
 
 
+def quorum_met(sampled: Collection[str], reported: Collection[str], quorum: float, min_updates: int) -> bool:
+    """At least ceil(quorum x sampled) and at least min_updates of the sampled clients reported."""
+    got = len(set(reported) & set(sampled))
+    return bool(sampled) and got >= min_updates and got >= math.ceil(quorum * len(set(sampled)) - 1e-9)
+
+
 def close_decision(
     sampled: Collection[str], reported: Collection[str], now: float, deadline: float,
     min_updates: int, extensions: int, max_extensions: int,
+    quorum: float = 1.0, grace_s: float = 0.0, quorum_since: float | None = None,
 ) -> CloseDecision:  # fmt: skip
-    """Close when all sampled clients reported, or at the deadline with >= min_updates; else extend.
+    """Close when all sampled clients reported, when the quorum was reached `grace_s` ago (`quorum_since`:
+    when the caller first saw `quorum_met`; one silent device no longer holds every round to its deadline),
+    or at the deadline with >= min_updates; else extend.
 
     After `max_extensions` extensions a round with at least one update closes with what it has (a
     fleet that shrank below min_updates must still make progress); with none it keeps extending.
@@ -54,6 +64,8 @@ def close_decision(
     got = len(set(reported) & set(sampled))
     if sampled and got >= len(set(sampled)):
         return CloseDecision("close", f"all {got} sampled clients reported")
+    if quorum_since is not None and now - quorum_since >= grace_s and quorum_met(sampled, reported, quorum, min_updates):
+        return CloseDecision("close", f"quorum: {got}/{len(sampled)} reported, {grace_s:g} s grace over")
     if now < deadline:
         return CloseDecision("wait", f"{got}/{len(sampled)} reported")
     if got >= min_updates:

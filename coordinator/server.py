@@ -44,7 +44,7 @@ from coordinator.records import (
     UpdateRecord,
 )
 from coordinator.recovery import recover
-from coordinator.rounds import Action, Duplicate, Persist, Publish, RoundBook, WriteCheckpoint
+from coordinator.rounds import Action, Dropped, Duplicate, Persist, Publish, RoundBook, WriteCheckpoint
 from shared.apply import values_checksum
 from shared.codec import DecodeError, decode, encode
 from shared.config import ConfigError
@@ -73,6 +73,7 @@ INBOUND: dict[str, type[Message]] = {  # topic kind -> the message the coordinat
     "status": Status,
     "sync": SyncRequest,
 }
+NO_RETAIN = frozenset({"up", "join", "hb", "sync"})  # a retained message here is dropped unread (status is retained by design)
 
 
 class StateMismatch(RuntimeError):
@@ -300,6 +301,11 @@ class Coordinator:
         if kind not in INBOUND:
             rej = Reject("bad_topic", ErrorCode.INTERNAL, f"{kind} is not for the coordinator")
             return self.book.on_reject(client, kind, rej, now, reply=False)
+        if msg.retain and kind in NO_RETAIN:
+            # delivered because we (re)subscribed: a device parked it retained, e.g. a bomb that would
+            # otherwise be decoded again at every restart. Never a legitimate message: drop it unread.
+            log.warning("retained message on %s dropped unread (%d bytes)", msg.topic, len(msg.payload))
+            return [Dropped(client, kind, "retained")]
         try:
             m: Message = decode(msg.payload, INBOUND[kind], client=client)
         except DecodeError as exc:
@@ -333,6 +339,8 @@ class Coordinator:
                 self._write_checkpoint(a.round, a.values)
             elif isinstance(a, Duplicate):
                 self.metrics.duplicates.inc()
+            elif isinstance(a, Dropped):
+                self.metrics.dropped.labels(a.reason).inc()
         self.metrics.clients_online.set(len(self.book.online()))
         self.metrics.clients_limited.set(len(self.book.limited()))
 

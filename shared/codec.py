@@ -320,7 +320,7 @@ LIMITS: dict[type, Limits] = {
 
 
 class _Shape:
-    """msgpack object_hook/list_hook: counts containers and their nesting depth while the body is built.
+    """msgpack object_pairs_hook/list_hook: counts containers and their nesting depth while the body is built.
 
     msgpack-python limits each container's length but not how many there are or how deep they nest (its
     C stack stops at 1024 levels); the hooks run once per finished container, children before parents,
@@ -332,7 +332,12 @@ class _Shape:
         self.lim = lim
         self.depth: dict[int, int] = {}  # id(container) -> depth; every container stays alive in its parent
 
-    def on_map(self, obj: dict[Any, Any]) -> dict[Any, Any]:
+    def on_pairs(self, pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+        """A map from its (key, value) pairs: a repeated key is MALFORMED at any depth (msgpack itself
+        would keep the last one, so two receivers could disagree on what a message says)."""
+        obj = dict(pairs)
+        if len(obj) != len(pairs):
+            raise DecodeError(ErrorCode.MALFORMED, f"{self.name}: a map repeats a key")
         self._check(obj, obj.values())
         return obj
 
@@ -513,7 +518,7 @@ def decode(
             use_list=True,
             ext_hook=_no_ext,
             timestamp=0,
-            object_hook=shape.on_map,
+            object_pairs_hook=shape.on_pairs,
             list_hook=shape.on_array,
             max_str_len=lim.max_str,
             max_bin_len=lim.max_bin,
@@ -563,7 +568,30 @@ def _decompress(body: bytes, name: str, lim: Limits) -> bytes:
         ) from exc
     if len(out) > lim.max_body:
         raise DecodeError(ErrorCode.TOO_LARGE, f"{name}: decompressed body over {lim.max_body} bytes")
+    _one_frame(body, name, lim)
     return bytes(out)
+
+
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"  # a zstd DATA frame; skippable frames (0x184D2A5?) are refused
+
+
+def _one_frame(body: bytes, name: str, lim: Limits) -> None:
+    """The body is exactly one complete zstd data frame (PROTOCOL.md §2): no skippable frame before it,
+    nothing after it. Called after the bounded stream proved the frame's output fits the limit, so this
+    second pass (which reports what follows the frame) costs at most max_body bytes of output."""
+    if not body.startswith(ZSTD_MAGIC):
+        raise DecodeError(ErrorCode.DECOMPRESS_FAILED, f"{name}: body is not one zstd data frame")
+    try:
+        obj = zstandard.ZstdDecompressor(max_window_size=lim.max_window).decompressobj()
+        obj.decompress(body)
+    except zstandard.ZstdError as exc:
+        raise DecodeError(ErrorCode.DECOMPRESS_FAILED, f"{name}: zstd body is corrupt: {exc}") from exc
+    if not obj.eof:
+        raise DecodeError(ErrorCode.DECOMPRESS_FAILED, f"{name}: zstd frame is incomplete")
+    if obj.unused_data:
+        raise DecodeError(
+            ErrorCode.DECOMPRESS_FAILED, f"{name}: {len(obj.unused_data)} bytes after the zstd frame"
+        )
 
 
 __all__ = [

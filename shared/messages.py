@@ -23,7 +23,7 @@ U32 = (1 << 32) - 1
 U64 = (1 << 64) - 1
 I64_MIN, I64_MAX = -(1 << 63), (1 << 63) - 1
 MAX_STEPS = 4096  # grads in one Update (local steps T_k)
-MAX_SEEDS = 65536  # seeds in a RoundPlan / (seed, scalar) pairs in a RoundResult
+MAX_SEEDS = 65536  # (seed, scalar) pairs in a RoundResult (a RoundPlan has at most MAX_STEPS seeds)
 MAX_PLAN_CLIENTS = 100_000  # entries of RoundPlan.steps
 MAX_REPLAY = 1024  # RoundResults in one Replay
 MAX_CHUNK = 1 << 20  # bytes of CheckpointChunk.data
@@ -54,6 +54,8 @@ class ErrorCode(IntEnum):
     UNKNOWN_CLIENT = 36  # update/sync before join
     RATE_LIMITED = 37  # too many messages
     BAD_UPDATE = 38  # update fails a semantic check (wrong step count, clipped away, ...)
+    UNKNOWN_ROUND = 39  # update for a round that was never planned
+    CONFLICT = 40  # another update (other msg_id) of this client for this round is stored; first wins
     INTERNAL = 63  # the coordinator failed; retry later
 
 
@@ -133,8 +135,8 @@ def _seq(obj: str, name: str, v: Any, lo_len: int, hi_len: int) -> tuple[Any, ..
     return tuple(v)
 
 
-def _seeds(obj: str, name: str, v: Any, lo_len: int = 0) -> tuple[int, ...]:
-    items = _seq(obj, name, v, lo_len, MAX_SEEDS)
+def _seeds(obj: str, name: str, v: Any, lo_len: int = 0, hi_len: int = MAX_SEEDS) -> tuple[int, ...]:
+    items = _seq(obj, name, v, lo_len, hi_len)
     return tuple(_int(obj, f"{name}[{i}]", s, 0, U64) for i, s in enumerate(items))
 
 
@@ -211,7 +213,7 @@ class RoundPlan:
         o = "RoundPlan"
         _client(o, "fleet", self.fleet, allow_empty=False)
         _int(o, "round", self.round, 0, U32)
-        _set(self, "seeds", _seeds(o, "seeds", self.seeds, 1))
+        _set(self, "seeds", _seeds(o, "seeds", self.seeds, 1, MAX_STEPS))  # = an Update's max grads
         _set(self, "lr", _float(o, "lr", self.lr))
         _set(self, "eps", _float(o, "eps", self.eps, 0.0))
         if self.eps <= 0:

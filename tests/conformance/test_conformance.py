@@ -57,7 +57,7 @@ def test_scenarios_show_what_they_claim(results: dict[str, runner.Transcript]) -
     assert "Replay" in types("replay") and "CheckpointChunk" in types("checkpoint")
     assert results["gaussian"].meta["dist"] == "gaussian" and results["baseline"].meta["dist"] == "rademacher"
     codes = {ln["decoded"]["code"] for ln in results["errors"].of_type("ErrorMsg")}
-    assert {3, 32, 33, 35, 36, 38} <= codes, codes
+    assert {3, 32, 33, 35, 36, 38, 39, 40} <= codes, codes  # 39 UNKNOWN_ROUND, 40 CONFLICT (PROTOCOL.md 1.1)
     assert "BAD_MAGIC" in types("errors")
     kinds = {t for r in results.values() for t in (ln.get("type") for ln in r.lines) if t}
     assert len(kinds) == 10, kinds  # all ten message types occur

@@ -13,7 +13,7 @@ from coordfakes import FakeClient, ThreadedCoordinator, make_config, synthetic_m
 
 from coordinator.server import Coordinator
 from shared.apply import apply_round, values_checksum
-from shared.messages import CheckpointChunk, Replay, RoundPlan, RoundResult
+from shared.messages import CheckpointChunk, ErrorCode, ErrorMsg, Replay, RoundPlan, RoundResult
 
 
 def test_missed_rounds_replay_and_checkpoint(tmp_path: Path, broker_url: str) -> None:
@@ -38,6 +38,9 @@ def test_missed_rounds_replay_and_checkpoint(tmp_path: Path, broker_url: str) ->
         # the sleeper saw round 0 only, then was away for rounds 1..5
         mine = apply_round(v0, results[0].seeds, results[0].scalars, results[0].lr, "rademacher")
 
+        sleeper.sync(0)  # not joined: no values for ids that never joined (PROTOCOL.md §2 Acceptance)
+        assert sleeper.wait_for(ErrorMsg).code == ErrorCode.UNKNOWN_CLIENT
+        sleeper.join(fp, mask.mask_id, n_samples=3, last_round=0)
         sleeper.sync(0)  # 5 behind = replay_max: scalar replay of rounds 1..5
         rep = sleeper.wait_for(Replay)
         assert [r.round for r in rep.results] == [1, 2, 3, 4, 5]

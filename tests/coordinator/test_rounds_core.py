@@ -141,7 +141,8 @@ def test_late_update_dropped_under_policy_drop() -> None:
     b, _ = _round0_with_a_straggler("drop")
     acts = b.handle(update("b", 0, [4.0, -4.0], 6), 11.0)
     assert [r.update.status for r in records(acts, UpdateRecord)] == ["dropped"]
-    assert [r.reason for r in records(acts, RejectRecord)] == ["late_dropped"] and sent(acts, ErrorMsg, "b") == []
+    assert [r.reason for r in records(acts, RejectRecord)] == ["late_dropped"]
+    assert [e.code for e in sent(acts, ErrorMsg, "b")] == [ErrorCode.STALE_ROUND]  # PROTOCOL.md §2 step 9
     (p1,) = sent(b.tick(11.0), RoundPlan)
     b.handle(update("a", 1, [0.5, 0.5], 2, msg_id=2), 12.0)
     b.handle(update("b", 1, [-0.5, 1.5], 6, msg_id=2), 12.0)
@@ -167,7 +168,7 @@ def test_conflict_other_msg_id_first_wins() -> None:
     b.handle(update("a", 0, [1.0, 1.0], 1, msg_id=7), 1.0)
     acts = b.handle(update("a", 0, [9.0, 9.0], 1, msg_id=8), 2.0)
     assert [r.reason for r in records(acts, RejectRecord)] == ["conflict"]
-    assert records(acts, UpdateRecord) == [] and sent(acts, ErrorMsg, "a") == []
+    assert records(acts, UpdateRecord) == [] and [e.code for e in sent(acts, ErrorMsg, "a")] == [ErrorCode.CONFLICT]
     b.handle(update("b", 0, [3.0, 3.0], 1), 3.0)
     (res,) = sent(b.tick(3.0), RoundResult)
     assert list(res.scalars) == [2.0, 2.0]  # a's first update, not the second
@@ -204,6 +205,9 @@ def test_replay_when_close_behind_checkpoint_when_far() -> None:
         b.handle(update("a", r, [0.5 - r, 0.25], 1, msg_id=r), float(r))
         results += sent(b.tick(float(r)), RoundResult)
     assert b.sync_reply("s", 3) == [Publish(Replay(()), to="s")]  # up to date
+    (unknown,) = sent(b.handle(SyncRequest("s", 1), 5.0), ErrorMsg, "s")  # no values before a Join
+    assert unknown.code == ErrorCode.UNKNOWN_CLIENT
+    join(b, "s", 1, now=5.0)
     (rep,) = sent(b.handle(SyncRequest("s", 1), 5.0), Replay, "s")
     assert list(rep.results) == results[2:]  # 2 behind = replay_max
     for have in (0, -1, 7):  # more than replay_max behind, or ahead of us
@@ -299,4 +303,7 @@ def test_validation_rejects_are_counted_and_answered(bad: str) -> None:
     }[bad]
     acts = b.handle(u, 1.0)
     assert [r.reason for r in records(acts, RejectRecord)] == [bad]
-    assert len(sent(acts, ErrorMsg, u.client)) == 1 and records(acts, UpdateRecord) == []
+    (err,) = sent(acts, ErrorMsg, u.client)
+    want = {"wrong_steps": ErrorCode.BAD_UPDATE, "not_in_round": ErrorCode.NOT_IN_ROUND,
+            "fingerprint": ErrorCode.FINGERPRINT_MISMATCH, "unknown_round": ErrorCode.UNKNOWN_ROUND}  # fmt: skip
+    assert err.code == want[bad] and records(acts, UpdateRecord) == []

@@ -122,9 +122,9 @@ def _legal_max(cls: type) -> Any:
         caps = {f"{i:02d}" + "😀" * 62: "😀" * 256 for i in range(MAX_CAPS)}  # 4-byte UTF-8 chars
         return Join("", FP, MID, 1 << 31, 1e6, caps, 1 << 31)
     if cls is RoundPlan:
-        steps = {f"c{i:063d}": 1 + i % MAX_SEEDS for i in range(MAX_PLAN_CLIENTS)}
+        steps = {f"c{i:063d}": 1 + i % MAX_STEPS for i in range(MAX_PLAN_CLIENTS)}
         return RoundPlan(
-            "f" * 64, 1 << 31, seeds, 0.1, 0.1, "gaussian", steps, 1 << 30, 1.7e9, FP, MID, 8, FP
+            "f" * 64, 1 << 31, seeds[:MAX_STEPS], 0.1, 0.1, "gaussian", steps, 1 << 30, 1.7e9, FP, MID, 8, FP
         )
     if cls is Update:
         grads = tuple(float(i) * 1.1 for i in range(MAX_STEPS))

@@ -5,10 +5,11 @@ mutated valid payloads, random msgpack structures behind every type code (plain 
 and spliced headers -- 100 000 payloads in ~10 s on one core here. Structure: hypothesis replaces one
 field of a valid message body with an arbitrary msgpack value (600 examples, ~3 s).
 
-HOOK for the round core (issue 14, later): every successfully decoded message is handed to the
-callables in SINKS. When coordinator/rounds.py lands, append one that feeds a fresh round core
-(`SINKS.append(core.on_message)`) so the same stream exercises it; a sink may raise only its own
-documented rejection, anything else fails the test.
+HOOK for the round core (issue 14): every successfully decoded message is handed to the callables in
+SINKS. `BookSink` feeds each client -> coordinator message to a live RoundBook (coordinator/rounds.py,
+joined client `dev-1`, a round open) and checks that nothing raises and that a message the book REFUSES
+(a RejectRecord) changes none of its round state; a sink may raise only its own documented rejection,
+anything else fails the test.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from coordinator.records import RejectRecord
+from coordinator.rounds import Persist, RoundBook
+from shared.apply import values_checksum
 from shared.codec import SCHEMAS, DecodeError, ErrorCode, decode, encode
 from shared.messages import (
     CheckpointChunk,
@@ -44,6 +48,44 @@ FP = "0123456789abcdef" * 4
 MID = "fedcba9876543210"
 TYPE_CODES = sorted(code for code, _, _ in SCHEMAS.values())
 SINKS: list[Callable[[Message], None]] = []  # the round core's hook (see the module docstring)
+
+
+class BookSink:
+    """Feeds decoded messages to a RoundBook; a refused message must leave the round state untouched."""
+
+    def __init__(self) -> None:
+        import torch
+
+        from coordinator.config import CoordinatorConfig
+
+        cfg = CoordinatorConfig(fleet="f1", steps=4, min_clients=1, rate_per_s=1e9, rate_burst=10**9, metrics=False)
+        self.book = RoundBook(cfg, fingerprint=FP, mask_id=MID, values=torch.zeros(64, dtype=torch.float32))
+        self.now = 0.0
+        self.fed = self.refused = 0
+        self.book.handle(Join("dev-1", FP, MID, 100, 1.0, {}, -1), self.now)
+        self.book.tick(self.now)
+
+    def state(self) -> tuple[Any, ...]:
+        b = self.book
+        return (b.last_round, b.plan, sorted(b.accepted), sorted(b.late), dict(b.stored),
+                {k: (c.state, c.n_samples) for k, c in b.clients.items()}, values_checksum(b.values),
+                b.grad_seen, dict(b.benched))  # fmt: skip
+
+    def __call__(self, msg: Message) -> None:
+        if not isinstance(msg, (Join, Update, Heartbeat, Status, SyncRequest)):
+            return
+        self.now += 0.001
+        before = self.state()
+        acts = self.book.handle(msg, self.now)
+        self.fed += 1
+        if any(isinstance(a, Persist) and isinstance(a.record, RejectRecord) for a in acts):
+            self.refused += 1
+            assert self.state() == before, f"a refused {type(msg).__name__} changed the book: {msg!r}"
+        if self.fed % 1000 == 0:
+            self.book.tick(self.now)
+
+
+SINKS.append(BOOK := BookSink())
 
 
 def _samples() -> list[Message]:
@@ -176,6 +218,7 @@ def test_100k_hostile_payloads_only_raise_decode_error() -> None:
         n += 1
     assert n == N_BULK
     assert 0 < ok < n // 2  # the generator reaches the validators, and most payloads are refused
+    assert BOOK.fed > 1000 and BOOK.refused > 100, (BOOK.fed, BOOK.refused)  # the round book saw the stream
     assert time.perf_counter() - t0 < 120  # ~10 s here; a hang or a 10x slowdown is a bug
 
 
