@@ -377,6 +377,9 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:  # -v shows them
+        for name in ("coordinator.rounds", "edge_client.service.rounds"):  # ten simulated devices x every round
+            logging.getLogger(name).setLevel(logging.WARNING)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="meerkat-learning-") as tmp:
