@@ -152,7 +152,7 @@ class Fleet:
     broker_mode: str
     rounds: int
     n_clients: int = 3
-    steps: int = 3
+    steps: int = 24  # local SPSA steps per round: a round lasts long enough (~2 s) to kill it mid-way
     deadline_s: float = 20.0
     toy: Any = None
     broker: Broker = field(init=False)
@@ -236,23 +236,26 @@ class Fleet:
             return -2, ""
         return (-2, "") if row is None else (int(row[0]), str(row[1]))
 
-    def wait(self, what: str, pred: Callable[[], bool], timeout: float) -> float:
+    def wait(self, what: str, pred: Callable[[], bool], timeout: float, poll: float = 0.1) -> float:
         t0 = time.monotonic()
         while not pred():
             if time.monotonic() - t0 > timeout:
                 raise TimeoutError(f"chaos: {what} not within {timeout:.0f} s (closed {self.closed()} rounds); "
                                    f"logs in {self.workdir}")  # fmt: skip
-            time.sleep(0.1)
+            time.sleep(poll)
         return time.monotonic() - t0
 
     def wait_closed(self, n: int, timeout: float = 180.0) -> float:
         return self.wait(f"{n} rounds closed", lambda: self.closed() >= n, timeout)
 
     def wait_training(self, timeout: float = 120.0) -> None:
-        """Until some round is open and at least one client queued its update (mid-round, updates in flight)."""
-        before = self.closed()
-        self.wait("a round in flight", lambda: self.open_round() is not None and self.open_round() == before
-                  and any(f"update for round {before} " in c.text() for c in self.clients), timeout)  # fmt: skip
+        """Until a client published its update of the round still open (mid-round, updates in flight)."""
+
+        def in_flight() -> bool:
+            r = self.closed()
+            return self.open_round() == r and any(f"update for round {r} (" in c.text() for c in self.clients)
+
+        self.wait("a round in flight", in_flight, timeout, poll=0.02)
 
     def recovered(self, kind: str, t_restart: float, closed_before: int) -> None:
         """Record a fault's recovery time: restart -> the next round closed."""
