@@ -221,7 +221,7 @@ class Fleet:
         return int(rows[0][0]) if rows else 0
 
     def open_round(self) -> int | None:
-        rows = self._coord_rows("SELECT MAX(round) FROM plans WHERE state = 'open'")
+        rows = self._coord_rows("SELECT MAX(round) FROM rounds WHERE state = 'open'")
         return None if not rows or rows[0][0] is None else int(rows[0][0])
 
     def client_state(self, cid: str) -> tuple[int, str]:

@@ -345,6 +345,11 @@ class Coordinator:
                 self._write_checkpoint(a.round, a.values)
             elif isinstance(a, Duplicate):
                 self.metrics.duplicates.inc()
+        dups = [a for a in acts if isinstance(a, Duplicate)]
+        if dups:  # `meerkat status` shows them per round (a counter: after the ack, not part of the batch)
+            with self.log.transaction():
+                for d in dups:
+                    self.log.count_round(d.round, "duplicate")
         self.metrics.clients_online.set(len(self.book.online()))
         self.metrics.clients_limited.set(len(self.book.limited()))
 
