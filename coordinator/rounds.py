@@ -266,7 +266,7 @@ class RoundBook:
                 Persist(EventRecord("reconnect", f"{len(self.accepted)} of {len(plan.steps)} updates held; "
                                     "plan re-published for re-sends", plan.round, now)),
             ]  # fmt: skip
-        acts.append(Publish(self.plan_message(self.plan)))
+        acts.append(Publish(self.plan_message(self.plans[plan.round])))
         return acts
 
     def handle(self, msg: Message, now: float) -> list[Action]:
