@@ -281,7 +281,7 @@ class Fleet:
         double = [r for r, n, _ in results if n != len(used.get(int(r), set()))]
         final = results[-1][2] if results else ""
         states = {cid: self.client_state(cid) for cid in self.client_ids}
-        coord_text = self.coord.text()
+        dup = self._coord_rows("SELECT COALESCE(SUM(count), 0) FROM round_counts WHERE kind = 'duplicate'")
         return {
             "rounds_closed": len(results), "rounds_wanted": self.rounds,
             "updates_published": len(published), "updates_counted": sum(len(v) for v in used.values()),
@@ -289,7 +289,7 @@ class Fleet:
             "double_counted_rounds": double,
             "checksums_equal": bool(final) and all(s == (self.rounds - 1, final) for s in states.values()),
             "final_checksum": final[:16], "clients": {k: [v[0], v[1][:16]] for k, v in states.items()},
-            "duplicates_ignored": coord_text.count("duplicate update"),  # debug log only; status has the count
+            "duplicates_ignored": int(dup[0][0]) if dup else 0,
             "faults": self.faults,
         }  # fmt: skip
 
