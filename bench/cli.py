@@ -9,7 +9,7 @@ import importlib
 import json
 from typing import Any
 
-BENCHES = ("bench.wire", "bench.prng", "bench.step", "bench.learning", "bench.fleet")
+BENCHES = ("bench.wire", "bench.prng", "bench.step", "bench.learning", "bench.fleet", "bench.chaos")
 TOP_LEVEL = ("bench.tinylm.cli", "bench.demo")
 
 

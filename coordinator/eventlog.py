@@ -119,6 +119,10 @@ CREATE TABLE IF NOT EXISTS results (
     duration_s REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS rejects (reason TEXT PRIMARY KEY, count INTEGER NOT NULL);
+-- per-round counters beside the records (duplicates ignored: re-sent updates after reconnects, storms)
+CREATE TABLE IF NOT EXISTS round_counts (
+    round INTEGER NOT NULL, kind TEXT NOT NULL, count INTEGER NOT NULL, PRIMARY KEY (round, kind)
+);
 CREATE TABLE IF NOT EXISTS reject_log (
     id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, client TEXT NOT NULL, topic TEXT NOT NULL,
     reason TEXT NOT NULL, detail TEXT NOT NULL
@@ -461,6 +465,26 @@ class EventLog:
         )
         if cur.lastrowid is not None and cur.lastrowid % 100 == 0:
             self.db.execute("DELETE FROM reject_log WHERE id <= ?", (cur.lastrowid - REJECT_LOG_KEEP,))
+
+    def count_round(self, round: int, kind: str, n: int = 1) -> None:
+        """Add n to the per-round counter `kind` (e.g. "duplicate") of `round`."""
+        self._need_tx()
+        self.db.execute(
+            "INSERT INTO round_counts(round, kind, count) VALUES (?,?,?) "
+            "ON CONFLICT(round, kind) DO UPDATE SET count=count+excluded.count",
+            (round, kind, n),
+        )
+
+    def round_counts(self, after: int = -1) -> dict[int, dict[str, int]]:
+        """{round: {kind: count}} of the rounds after `after` (empty for a log from before the table)."""
+        out: dict[int, dict[str, int]] = {}
+        try:
+            rows = self.db.execute("SELECT round, kind, count FROM round_counts WHERE round > ?", (after,)).fetchall()
+        except sqlite3.OperationalError:  # read-only open of an older log without the table
+            return out
+        for r, k, c in rows:
+            out.setdefault(int(r), {})[str(k)] = int(c)
+        return out
 
     def reject_counts(self) -> dict[str, int]:
         return {

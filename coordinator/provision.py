@@ -109,8 +109,10 @@ max_packet_size {MAX_PACKET}
 max_queued_messages 1000
 max_queued_bytes 33554432
 max_inflight_messages 20
+# persistence as in deploy/mosquitto/meerkat.conf (docs/RELIABILITY.md: correct without it, fewer re-sends with it)
 persistence true
 persistence_location {d}/store/
+autosave_interval 10
 
 {listen}
 use_username_as_clientid true

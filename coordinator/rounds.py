@@ -29,6 +29,7 @@ Rules, each in one place (docs/ARCHITECTURE.md "Round lifecycle" names them):
   stragglers, late folding    on_update (late | dropped), close_round -> aggregate.result_scalars
   MEERKAT-VP limits           _observe_drift, _steps_for
   replay vs checkpoint        sync_reply
+  re-publish after reconnect  reconnected  (devices re-send their kept Updates on seeing the plan)
   hostile devices (docs/SECURITY.md, COORDINATOR.md "Hostile devices"):
     rate limits               handle -> _admit (token bucket per client and kind; RATE_LIMITED notice)
     FedAvg weight             _weight (min of Update n, Join n, weight_cap_factor x median Join n)
@@ -104,6 +105,7 @@ JOIN_GRACE_S = 2.0  # a live client without a Join is asked to join after this l
 REJOIN_NAG_S = 10.0  # ...and again every this long until it does
 LATE_WINDOW = 64  # plans and dedupe keys of this many closed rounds are kept (late_max_age <= this)
 RATE_NOTICE_S = 10.0  # a rate-limited client gets at most one ErrorMsg(RATE_LIMITED) per this long
+RESEND_GRACE_S = 30.0  # after a reconnect, a round due sooner gets this long (at most round_deadline_s) for re-sends
 KIND_OF: dict[type, str] = {Update: "up", Join: "join", Heartbeat: "hb", Status: "status", SyncRequest: "sync"}
 
 
@@ -304,6 +306,32 @@ class RoundBook:
             acts.append(Publish(result_message(self.results[-1])))
         if self.plan is not None:
             acts.append(Publish(self.plan_message(self.plan)))
+        return acts
+
+    def reconnected(self, now: float) -> list[Action]:
+        """The pump's link (re)connected and (re)subscribed: the broker may have lost our session and with
+        it the Updates it PUBACKed to devices while we were away. Re-publish the latest result and the
+        open plan (retained): a device that answered that round sends its kept Update again on seeing the
+        plan (docs/PROTOCOL.md "Delivery"). A deadline due sooner than min(RESEND_GRACE_S, round_deadline_s)
+        is moved there, so those re-sent Updates count on time; persisted like an extension, not counted as one."""
+        acts: list[Action] = []
+        if self.results:
+            acts.append(Publish(result_message(self.results[-1])))
+        plan = self.plan
+        if plan is None:
+            return acts
+        grace = now + min(RESEND_GRACE_S, self.config.round_deadline_s)
+        if plan.deadline < grace and set(self.accepted) != set(plan.steps):
+            new = replace(plan, deadline=grace)
+            self.plan = self.plans[plan.round] = new
+            log.info("round %d: link reconnected, deadline moved to now + %.0f s for re-sent updates", plan.round,
+                     grace - now)  # fmt: skip
+            acts += [
+                Persist(ReplanRecord(plan.round, dict(plan.steps), new.deadline, plan.extensions)),
+                Persist(EventRecord("reconnect", f"{len(self.accepted)} of {len(plan.steps)} updates held; "
+                                    "plan re-published for re-sends", plan.round, now)),
+            ]  # fmt: skip
+        acts.append(Publish(self.plan_message(self.plans[plan.round])))
         return acts
 
     def handle(self, msg: Message, now: float) -> list[Action]:

@@ -132,6 +132,7 @@ class Coordinator:
             log.info("drift_control: the mask has no pre-training gradient (grad.*), so MEERKAT-VP is off")
         self._stop = threading.Event()
         self._pending_mids: set[int] = set()
+        self._seen_connects = 0  # link connects the book has been told about (reconnected())
         self.link: MqttLink | None = None
         self.metrics_server: MetricsServer | None = None
         self._check_meta()
@@ -251,6 +252,7 @@ class Coordinator:
     # -- one loop iteration ----------------------------------------------------------------------
     def step(self, timeout: float = 0.1) -> None:
         assert self.link is not None, "start() first"
+        self._check_reconnect()
         batch: list[Incoming] = []
         try:
             batch.append(self.link.inbox.get(timeout=timeout))
@@ -265,6 +267,16 @@ class Coordinator:
             self._carry_out(acts, acks=batch)
         self._drain_published(0.0)
         self.tick()
+
+    def _check_reconnect(self) -> None:
+        """After each (re)connect + SUBACK of our link: the book re-publishes the open plan, so devices
+        re-send Updates a broker that lost our session forgot (docs/PROTOCOL.md "Delivery"). `connected`
+        is set only after the SUBACK, so the re-sends find our subscriptions in place."""
+        assert self.link is not None
+        if self.link.connected.is_set() and self.link.connect_count != self._seen_connects:
+            self._seen_connects = self.link.connect_count
+            log.info("link to the broker up (connect #%d): re-publishing the open plan", self._seen_connects)
+            self._carry_out(self.book.reconnected(self.clock()))
 
     def tick(self) -> None:
         self._carry_out(self.book.tick(self.clock()))
@@ -341,6 +353,11 @@ class Coordinator:
                 self.metrics.duplicates.inc()
             elif isinstance(a, Dropped):
                 self.metrics.dropped.labels(a.reason).inc()
+        dups = [a for a in acts if isinstance(a, Duplicate)]
+        if dups:  # `meerkat status` shows them per round (a counter: after the ack, not part of the batch)
+            with self.log.transaction():
+                for d in dups:
+                    self.log.count_round(d.round, "duplicate")
         self.metrics.clients_online.set(len(self.book.online()))
         self.metrics.clients_limited.set(len(self.book.limited()))
 

@@ -19,6 +19,9 @@ class StatusError(RuntimeError):
     """The state directory has no coordinator event log."""
 
 
+RECENT_ROUNDS = 10  # rounds listed with checksum and counters in `meerkat status --json`
+
+
 def status_report(state_dir: Path, now: float | None = None, events: int = 10) -> dict[str, Any]:
     """Everything `meerkat status` shows, as plain JSON-able data."""
     now = time.time() if now is None else now
@@ -28,8 +31,14 @@ def status_report(state_dir: Path, now: float | None = None, events: int = 10) -
         raise StatusError(f"{Path(state_dir) / DB_NAME} does not exist: is {state_dir} a coordinator state_dir?") from exc
     try:
         meta = log.meta()
-        results = log.results(after=log.last_result_round() - 1)
+        results = log.results(after=log.last_result_round() - RECENT_ROUNDS)
         last = results[-1] if results else None
+        counts = log.round_counts()
+        duplicates = sum(c.get("duplicate", 0) for c in counts.values())
+        recent = [{
+            "round": r.round, "n_clients": r.n_clients, "values_checksum": r.values_checksum,
+            "duration_s": round(r.duration_s, 3), "duplicates": counts.get(r.round, {}).get("duplicate", 0),
+        } for r in results]  # fmt: skip
         o = log.open_round()
         open_info = None if o is None else {
             "round": o.round, "opened_at": o.opened_at, "deadline_in_s": round(o.deadline - now, 1),
@@ -64,6 +73,9 @@ def status_report(state_dir: Path, now: float | None = None, events: int = 10) -
         "last_round": None if last is None else last.round,
         "last_round_clients": None if last is None else last.n_clients,
         "last_round_duration_s": None if last is None else round(last.duration_s, 3),
+        "values_checksum": None if last is None else last.values_checksum,
+        "recent_rounds": recent,
+        "duplicates": duplicates,  # re-sent updates ignored (same client, round, msg_id), all rounds
         "open_round": open_info,
         "clients_online": sum(1 for c in clients if c["online"] and c["state"] == "joined"),
         "clients_offline": sum(1 for c in clients if not c["online"] and c["state"] == "joined"),
@@ -91,6 +103,7 @@ def format_status(rep: dict[str, Any]) -> str:
         f"fleet {rep['fleet']}  model {str(rep['fingerprint'])[:12]}  mask {rep['mask_id']} ({rep['nnz']} values)",
         f"last closed round: {rep['last_round']}  (clients {rep['last_round_clients']}, "
         f"{rep['last_round_duration_s']} s)  last checkpoint: {rep['last_checkpoint_round']}",
+        f"values checksum: {rep['values_checksum']}  duplicates ignored: {rep['duplicates']}",
     ]
     o = rep["open_round"]
     if o:

@@ -2,7 +2,9 @@
 
 Exit codes: 0 clean stop (SIGTERM/SIGINT: the current step finishes, offline status is published);
 2 bad configuration (every problem listed, nothing started); 3 the model, mask, data, memory budget or
-state directory cannot be used (nothing published); 4 (`--check` only) the broker check failed.
+state directory cannot be used (nothing published; a damaged state directory is refused, never reset);
+4 (`--check` only) the broker check failed; 5 the state directory's disk is full (at start, or a stop
+request while a write kept failing): free space and start again (nothing half-written was committed).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ log = logging.getLogger("edge_client.service")
 EXIT_CONFIG = 2
 EXIT_SETUP = 3
 EXIT_BROKER = 4
+EXIT_STORAGE_FULL = 5
 
 
 def register(sub: Any) -> None:
@@ -56,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_BROKER
 
     from edge_client.service.client import EdgeClient
-    from edge_client.service.state import StateError
+    from edge_client.service.state import StateError, StorageFull
     from edge_client.service.trainer import EngineTrainer
 
     try:
@@ -72,6 +75,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     try:
         client = EdgeClient(cfg, trainer)
+    except StorageFull as exc:
+        print(f"meerkat client: {exc}", file=sys.stderr)
+        return EXIT_STORAGE_FULL
     except StateError as exc:
         print(f"meerkat client: {exc}", file=sys.stderr)
         return EXIT_SETUP
@@ -82,7 +88,11 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    return client.run()
+    try:
+        return client.run()
+    except StorageFull as exc:
+        print(f"meerkat client: {exc}", file=sys.stderr)
+        return EXIT_STORAGE_FULL
 
 
 def _broker_check(cfg: ClientConfig) -> bool:

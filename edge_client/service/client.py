@@ -20,8 +20,12 @@ from __future__ import annotations
 
 import logging
 import queue
+import sqlite3
 import threading
 import time
+from collections.abc import Callable
+from functools import partial
+from typing import TypeVar
 
 from edge_client.service.config import ClientConfig
 from edge_client.service.rounds import (
@@ -38,7 +42,7 @@ from edge_client.service.rounds import (
     SendSync,
     TrainStep,
 )
-from edge_client.service.state import ClientState, StateStore
+from edge_client.service.state import ClientState, StateStore, StorageFull
 from edge_client.service.telemetry import Telemetry
 from edge_client.service.trainer import Trainer
 from shared.codec import DecodeError, decode, encode
@@ -57,6 +61,13 @@ from shared.mqtt import MqttLink, Will, tls_for
 from shared.topics import Topics
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+STORAGE_RETRY_S = 5.0  # a full disk: try the same write again this often (nothing half-written was committed)
+
+
+class StoppedWhileStorageFull(StorageFull):
+    """SIGTERM arrived while a write kept failing for lack of space: the write was not committed."""
 
 
 class EdgeClient:
@@ -162,11 +173,12 @@ class EdgeClient:
                 self.last_step_s = result.seconds
                 self._carry_out(self.rounds.step_done(result, pointer))
             elif isinstance(act, SaveStep):
-                self.store.record_step(act.round, act.msg_id, act.step, act.result, act.data_pointer)
+                self._durably(partial(self.store.record_step, act.round, act.msg_id, act.step, act.result,
+                                      act.data_pointer))
             elif isinstance(act, QueueUpdate):
                 upd = act.update
-                self.st = self.store.finish_training(upd.round, upd.msg_id, self.topics.up(self.cid), encode(upd),
-                                                     act.data_pointer)
+                self.st = self._durably(partial(self.store.finish_training, upd.round, upd.msg_id,
+                                                self.topics.up(self.cid), encode(upd), act.data_pointer))
                 if self.link.connected.is_set():
                     self._resend_due()
             elif isinstance(act, ResendUpdates):
@@ -174,7 +186,7 @@ class EdgeClient:
                 if self.link.connected.is_set():
                     self._resend_due()
             elif isinstance(act, Commit):
-                self.st = self.store.commit_round(act.round, act.values, act.checksum)
+                self.st = self._durably(partial(self.store.commit_round, act.round, act.values, act.checksum))
             elif isinstance(act, LoadValues):
                 self.trainer.set_values(act.values)
             elif isinstance(act, SendJoin):
@@ -184,6 +196,26 @@ class EdgeClient:
                 self.link.publish(self.topics.sync(self.cid), encode(sync), qos=1)
             elif isinstance(act, DropRound):
                 pass  # the Commit before it already dropped the round's saved steps
+
+    def _durably(self, write: Callable[[], T]) -> T:
+        """Run a state write; on a full disk log the path and the fix and retry every STORAGE_RETRY_S (the
+        round core already moved on, so skipping the write is not an option). A stop request while the disk
+        stays full raises StoppedWhileStorageFull (exit 5: nothing of that write was committed)."""
+        failures = 0
+        while True:
+            try:
+                out = write()
+            except StorageFull as exc:
+                failures += 1
+                self.counters["storage_full"] += 1
+                if failures == 1 or failures % 12 == 0:
+                    log.error("%s; retrying every %.0f s (attempt %d)", exc, STORAGE_RETRY_S, failures)
+                if self.stop_event.wait(STORAGE_RETRY_S):
+                    raise StoppedWhileStorageFull(f"stopped while the disk is full: {exc}") from None
+                continue
+            if failures:
+                log.warning("state write succeeded after %d failed attempt(s): disk space is back", failures)
+            return out
 
     def _send_join(self, last_round: int) -> None:
         join = Join(
@@ -206,7 +238,11 @@ class EdgeClient:
                 mid = self.link.published.get(timeout=max(0.0, deadline - time.monotonic()) if wait_s else 0)
             except queue.Empty:
                 return
-            row = self.store.outbox.acked(mid)
+            try:
+                row = self.store.outbox.acked(mid)
+            except sqlite3.OperationalError as exc:  # e.g. disk full: the row stays pending and is re-sent
+                log.warning("could not mark a PUBACK in %s (%s): the update will be published again", self.store.db_path, exc)
+                continue
             if row is not None:
                 log.info("update for round %d (msg_id %016x) acknowledged", row.round, row.msg_id)
                 self.counters["updates_acked"] += 1

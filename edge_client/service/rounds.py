@@ -10,7 +10,8 @@ The only arithmetic it does itself is on the flat value buffer (`shared.apply.ap
 Events (each returns the actions to carry out, in order; carry them all out before the next event):
     connected()                     a (re)connection: Join, then one SyncRequest at the next tick
     disconnected()                  no SyncRequest until the next connected()
-    on_plan(plan)                   a RoundPlan (topic `plan`, retained)
+    on_plan(plan)                   a RoundPlan (topic `plan`, retained); the plan of a round whose Update
+                                    is queued and unconfirmed again -> ResendUpdates
     on_result(result)               a RoundResult (result/{r} or result/latest)
     on_replay(replay)               a Replay on to/{client}
     on_chunk(chunk)                 a CheckpointChunk on to/{client}
@@ -145,9 +146,10 @@ class QueueUpdate:
 
 @dataclass(frozen=True)
 class ResendUpdates:
-    """Publish every queued Update again now (Outbox.reconnected): a result is overdue, so the coordinator
-    may have lost an Update the broker acknowledged (e.g. a broker restart that dropped its session);
-    the coordinator dedupes on (client, round, msg_id), so a copy it already holds costs nothing."""
+    """Publish every queued Update again now (Outbox.reconnected): a result is overdue, or the plan of a
+    round we answered was re-published, so the coordinator may not hold an Update the broker acknowledged
+    (e.g. a broker restart that dropped its session); it dedupes on (client, round, msg_id), so a copy it
+    already holds costs nothing."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -292,7 +294,26 @@ class ClientRounds:
             return []
         self.plan = plan
         self.known_round = max(self.known_round, plan.base_round)
+        if self._answered(plan):
+            return self._resend_for_plan(plan)
         return self._consider_plan()
+
+    def _answered(self, plan: RoundPlan) -> bool:
+        """Our Update of this plan is queued and its round's result not yet applied."""
+        return (
+            plan.round > self.round
+            and (self.trained_round, self.trained_msg_id) == (plan.round, update_msg_id(self.me.client_id, plan))
+        )  # fmt: skip
+
+    def _resend_for_plan(self, plan: RoundPlan) -> list[Action]:
+        """The plan of a round we answered arrived again: the coordinator re-published it (its own link
+        reconnected, it restarted, or it extended the deadline) or we re-subscribed. Either way it may not
+        hold our Update (a broker that lost its session forgets what it PUBACKed), so send it again: an
+        Update counts as delivered only when the round's RoundResult is applied (docs/PROTOCOL.md
+        "Delivery"); the coordinator dedupes on (client, round, msg_id)."""
+        self.counters["resent_on_plan"] += 1
+        log.info("plan %d arrived again; our update is still unconfirmed: publishing it again", plan.round)
+        return [ResendUpdates()]
 
     def _consider_plan(self) -> list[Action]:
         plan, me = self.plan, self.me

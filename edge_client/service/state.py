@@ -5,10 +5,19 @@ Layout of `state_dir`:
     client.db            SQLite (WAL, synchronous=FULL): tables `state` (one row), `outbox`, `steps`
     values-r{round}-{checksum[:16]}.f32  the side-car values at `state.round`, raw little-endian fp32 (nnz,)
 
+    identity.json        written once when the state is created: "this directory was initialised" (and for
+                         which model/mask/nnz), so a later missing/empty client.db is damage, not a fresh start
+
 Crash safety (kill -9 at any instant):
 - A values file is written as a temp file, fsynced, renamed, and the directory fsynced BEFORE the SQLite
   transaction that points `state.values_file` at it commits; the old file is removed after the commit.
-  A crash in between leaves an orphan file that `open()` deletes.
+  A crash in between leaves a newer file the database does not name: kept (it cannot be proven obsolete)
+  and removed by a later commit past its round.
+
+Storage is evidence (docs/CLIENT.md "Damaged storage"): nothing here deletes a values file it cannot prove
+obsolete (only files of rounds BELOW a committed round), and a missing, empty, truncated or malformed
+client.db / WAL / values file raises StateError naming the file and the fix -- never a silent reset to v_0.
+A full disk raises StorageFull (the pump retries; nothing half-written is committed).
 - "Update for round r queued" (outbox row), "data pointer advanced" and "round r trained" commit in ONE
   transaction (`finish_training`), so a restart either re-trains round r from the same pointer (no
   update was ever visible) or re-sends the very same update (same msg_id: the coordinator dedupes).
@@ -21,7 +30,10 @@ what its actions say, and hands a restart back what it needs (`load`, `read_valu
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
 import logging
+import re
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,6 +48,10 @@ from shared.apply import values_checksum
 from shared.fsio import atomic_write
 
 log = logging.getLogger(__name__)
+
+DB_NAME = "client.db"
+IDENTITY = "identity.json"
+_VALUES_RE = re.compile(r"^values-r(-?\d+)-[0-9a-f]{16}\.f32$")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS state (
@@ -72,6 +88,21 @@ class StateError(RuntimeError):
     """The state directory is unusable or belongs to another model/mask; the message says which."""
 
 
+class StorageFull(StateError):
+    """A write failed for lack of space (ENOSPC/EDQUOT, SQLITE_FULL): nothing was committed; retry later."""
+
+
+def _is_full(exc: BaseException) -> bool:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(exc, sqlite3.OperationalError) and "full" in str(exc).lower()
+
+
+def _values_round(name: str) -> int | None:
+    m = _VALUES_RE.match(name)
+    return None if m is None else int(m.group(1))
+
+
 @dataclass(frozen=True)
 class ClientState:
     fingerprint: str
@@ -93,29 +124,76 @@ class StateStore:
 
     def __init__(self, state_dir: Path, resend_after_s: float = 30.0, *, read_only: bool = False) -> None:
         self.dir = Path(state_dir)
+        self.db_path = self.dir / DB_NAME
         if read_only:
-            self.db = sqlite3.connect(f"file:{self.dir / 'client.db'}?mode=ro", uri=True, isolation_level=None, timeout=5)
-        else:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, isolation_level=None, timeout=5)
+            self.outbox = Outbox(self.db, resend_after_s, writable=False)
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._refuse_lost_db()
+        try:
             # built in one thread, then used by the client loop only (one user at a time)
-            self.db = sqlite3.connect(self.dir / "client.db", isolation_level=None, check_same_thread=False)
+            self.db = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
+            check = [str(r[0]) for r in self.db.execute("PRAGMA quick_check")]
+            if check != ["ok"]:
+                raise sqlite3.DatabaseError("; ".join(check[:3]))
             self.db.executescript(SCHEMA)
-        self.outbox = Outbox(self.db, resend_after_s, writable=not read_only)
+            self.outbox = Outbox(self.db, resend_after_s, writable=True)
+        except sqlite3.DatabaseError as exc:
+            if _is_full(exc):
+                raise StorageFull(self._full_message(self.db_path, exc)) from None
+            raise StateError(
+                f"{self.db_path} is damaged ({exc}): the client will not guess its round, data pointer or queued "
+                f"update. Restore {DB_NAME} (with {DB_NAME}-wal, if any) from a backup, or move {self.dir} aside "
+                "to start this device over from v_0 (its updates since then are lost to it)"
+            ) from None
+
+    def _refuse_lost_db(self) -> None:
+        """A directory that was initialised (identity.json, or values files) whose client.db is gone or
+        empty is damage, not a fresh client: refuse instead of silently starting over from v_0."""
+        marker = (self.dir / IDENTITY).exists()
+        values = sorted(p.name for p in self.dir.glob("values-r*.f32"))
+        size = self.db_path.stat().st_size if self.db_path.exists() else -1
+        if size > 0 or not (marker or values):
+            return  # a database to open, or a never-initialised directory (a fresh client)
+        what = "missing" if size < 0 else "empty (0 bytes)"
+        evidence = IDENTITY if marker else f"values files {', '.join(values[:3])}"
+        raise StateError(
+            f"{self.db_path} is {what}, but {self.dir} was initialised ({evidence} present): the round, data "
+            f"pointer and queued updates are gone. Restore {DB_NAME} from a backup, or move {self.dir} aside to "
+            "start this device over from v_0"
+        )
+
+    def _full_message(self, path: Path, exc: BaseException) -> str:
+        return (f"disk full writing {path} ({exc}): free space on the filesystem of {self.dir} "
+                f"(`df -h {self.dir}`); nothing was committed")  # fmt: skip
+
+    @contextlib.contextmanager
+    def _writing(self, path: Path) -> Iterator[None]:
+        """Turn a full disk into StorageFull (with the path and the fix); other errors pass through."""
+        try:
+            yield
+        except (OSError, sqlite3.Error) as exc:
+            if _is_full(exc):
+                raise StorageFull(self._full_message(path, exc)) from None
+            raise
 
     def close(self) -> None:
         self.db.close()
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self.db
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
+        with self._writing(self.db_path):
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+                self.db.execute("COMMIT")  # a failed COMMIT (SQLITE_FULL) leaves the transaction open: roll back
+            except BaseException:
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+                raise
 
     # -- state -----------------------------------------------------------------------------------
     def load(self) -> ClientState | None:
@@ -134,6 +212,12 @@ class StateStore:
         Raises StateError when the directory belongs to another model or mask, or a values file is
         missing or corrupt (its checksum differs from the one committed with it)."""
         st = self.load()
+        if st is None and (self.dir / IDENTITY).exists():
+            raise StateError(
+                f"{self.db_path} holds no state row, but {self.dir} was initialised ({IDENTITY} present): the "
+                "database lost its committed transactions (a damaged or truncated WAL?). Restore it from a "
+                f"backup, or move {self.dir} aside to start this device over from v_0"
+            )
         if st is None:
             v0 = initial_values.detach().to("cpu", torch.float32).contiguous()
             ck = values_checksum(v0)
@@ -150,16 +234,41 @@ class StateStore:
                 f"state_dir {self.dir} belongs to model {st.fingerprint[:12]}/mask {st.mask_id}, not "
                 f"{fingerprint[:12]}/{mask_id}: point state_dir elsewhere or delete it"
             )
-        self._remove_orphans(st.values_file)
+        self._check_identity(st)
+        self._remove_obsolete(st, warn=True)
         values = self.read_values(st)
         return st, values
+
+    def _check_identity(self, st: ClientState) -> None:
+        """identity.json is the second copy of who this directory belongs to; a state dir from before it
+        existed gets one now (its database just loaded and matched)."""
+        path = self.dir / IDENTITY
+        mine = {"fingerprint": st.fingerprint, "mask_id": st.mask_id, "nnz": st.nnz}
+        if not path.exists():
+            with self._writing(path):
+                atomic_write(path, (json.dumps(mine, sort_keys=True) + "\n").encode())
+            return
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise StateError(f"{path} is unreadable ({exc}): restore it from a backup (it must say "
+                             f"{json.dumps(mine, sort_keys=True)})") from None  # fmt: skip
+        if {k: saved.get(k) for k in mine} != mine:
+            raise StateError(f"{path} says {saved}, but {self.db_path} holds {mine}: the directory was mixed up "
+                             "with another device's; restore both from one backup")  # fmt: skip
 
     def read_values(self, st: ClientState) -> torch.Tensor:
         path = self.dir / st.values_file
         try:
             raw = path.read_bytes()
         except FileNotFoundError:
-            raise StateError(f"values file {path} is missing (state says round {st.round})") from None
+            newer = sorted(p.name for p in self.dir.glob("values-r*.f32") if (_values_round(p.name) or -2) > st.round)
+            why = (f"; newer values ({', '.join(newer)}) exist, so {DB_NAME} lost committed transactions (a damaged "
+                   f"or truncated {DB_NAME}-wal?)") if newer else ""  # fmt: skip
+            raise StateError(
+                f"values file {path} is missing (state says round {st.round}){why}: restore the state directory "
+                "from a backup, or move it aside to start this device over from v_0"
+            ) from None
         if len(raw) != 4 * st.nnz:
             raise StateError(f"values file {path} has {len(raw)} bytes, expected {4 * st.nnz}")
         values = values_from_bytes(raw)
@@ -183,8 +292,10 @@ class StateStore:
             db.execute("DELETE FROM steps WHERE round <= ?", (round,))
             self.outbox.prune(round)  # those rounds are over: nothing to re-send
         if old.values_file != name:
-            (self.dir / old.values_file).unlink(missing_ok=True)
-        return self._loaded()
+            (self.dir / old.values_file).unlink(missing_ok=True)  # committed past it: provably obsolete
+        st = self._loaded()
+        self._remove_obsolete(st)
+        return st
 
     def _loaded(self) -> ClientState:
         st = self.load()
@@ -237,16 +348,26 @@ class StateStore:
     def _write_values(self, round: int, values: torch.Tensor, checksum: str) -> str:
         name = f"values-r{round}-{checksum[:16]}.f32"  # never overwrites the file the db points at
         data = values.numpy().astype("<f4", copy=False).tobytes()
-        atomic_write(self.dir / name, data, tmp=self.dir / f".{name}.tmp")
+        with self._writing(self.dir / name):
+            atomic_write(self.dir / name, data, tmp=self.dir / f".{name}.tmp")
         return name
 
-    def _remove_orphans(self, keep: str) -> None:
+    def _remove_obsolete(self, st: ClientState, warn: bool = False) -> None:
+        """Delete only what is provably obsolete: values files of rounds below the committed one and
+        unfinished temp files (never renamed, so never committed). A file of a LATER round is kept: a
+        crash between its write and its commit leaves one, but so does a database that lost commits."""
         for p in self.dir.glob("values-r*.f32"):
-            if p.name != keep:
-                log.info("removing orphan values file %s", p.name)
+            r = _values_round(p.name)
+            if p.name == st.values_file or r is None:
+                continue
+            if r < st.round:
+                log.info("removing obsolete values file %s (state is at round %d)", p.name, st.round)
                 p.unlink(missing_ok=True)
+            elif warn:
+                log.warning("keeping values file %s: not the committed one (round %d), not provably obsolete",
+                            p.name, st.round)  # fmt: skip
         for p in self.dir.glob(".values-r*.tmp"):
             p.unlink(missing_ok=True)
 
 
-__all__ = ["ClientState", "StateError", "StateStore", "values_from_bytes"]
+__all__ = ["ClientState", "StateError", "StateStore", "StorageFull", "values_from_bytes"]

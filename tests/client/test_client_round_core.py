@@ -96,7 +96,8 @@ def test_accept_plan_and_train_t_k_steps() -> None:
     assert (q.update.round, q.update.msg_id, q.update.n_samples, q.data_pointer) == (0, msg_id, 24, 8)
     assert q.update.grads == tuple(engine_step(r)[0].g for r in reqs)
     assert (c.trained_round, c.trained_msg_id, c.data_pointer, c.job) == (0, msg_id, 8, None)
-    assert c.on_plan(p) == [] and of(TrainStep, c.tick(0.0)) == []  # the same plan again: not trained twice
+    # the same plan again: not trained twice (the kept update is published again: delivery = the result)
+    assert c.on_plan(p) == [ResendUpdates()] and of(TrainStep, c.tick(0.0)) == []
 
 
 def test_reissued_plan_with_the_same_work_continues_the_round() -> None:
@@ -274,3 +275,26 @@ def test_step_done_without_a_train_step_is_a_caller_bug() -> None:
     c = core()
     with pytest.raises(RuntimeError, match="step_done"):
         c.step_done(StepResult(0.5, 1.0, 1.0, 0.0, 11), 4)
+
+
+def test_republished_plan_of_an_answered_round_resends_the_update() -> None:
+    # a PUBACK is not delivery: the coordinator re-publishes its open plan after each (re)connect of its
+    # link, and a device that answered that round sends its kept Update again (docs/PROTOCOL.md "Delivery")
+    c = core()
+    p = plan(deadline=100.0)
+    c.on_plan(p)
+    assert of(QueueUpdate, run_steps(c))
+    assert c.on_plan(p) == [ResendUpdates()]  # same plan again (re-subscribe, coordinator reconnect)
+    later = plan(deadline=400.0, steps={ME: 3, "other": 3})  # an extension: same work for us
+    assert c.on_plan(later) == [ResendUpdates()] and c.counters["resent_on_plan"] == 2
+    res, after = result(0, V0)
+    c.on_result(res)
+    assert c.on_plan(p) == []  # the result is applied: the update is delivered, nothing to send
+    assert c.on_plan(plan(deadline=100.0, seeds=(7, 8, 9))) == []  # another plan of round 0: not ours to resend
+
+
+def test_plan_of_a_round_being_trained_is_not_a_resend() -> None:
+    c = core()
+    p = plan()
+    c.on_plan(p)
+    assert c.on_plan(p) == []

@@ -13,6 +13,7 @@ import pytest
 from coordfakes import FakeClient, ThreadedCoordinator, make_config, synthetic_mask, synthetic_v0, uid
 
 from coordinator.server import Coordinator
+from shared.apply import values_checksum
 from shared.cli import main
 from shared.messages import RoundPlan, RoundResult
 
@@ -45,12 +46,13 @@ def test_status_and_metrics_while_running(
         dev.update(0, [0.5, -0.5], 4, fp, msg_id=3)
         dev.wait_for(RoundResult, lambda r: r.round == 0)
         off.go_offline()
+        dev.update(0, [0.5, -0.5], 4, fp, msg_id=3)  # re-sent: a duplicate, counted per round
         dev.publish(dev.topics.up(dev.cid), b"junk")
         deadline = time.monotonic() + 10
         while True:  # wait for the coordinator to have logged what we sent
             assert main(["status", "--json", "--state-dir", str(cfg.state_dir)]) == 0
             rep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-            if rep["rejected"] and rep["clients_offline"] == 1 or time.monotonic() > deadline:
+            if rep["rejected"] and rep["clients_offline"] == 1 and rep["duplicates"] or time.monotonic() > deadline:
                 break
             time.sleep(0.1)
         base = f"http://127.0.0.1:{coord.metrics_port}/metrics"
@@ -64,6 +66,9 @@ def test_status_and_metrics_while_running(
         off.close()
     assert rep["last_round"] == 0 and rep["clients_online"] == 1 and rep["clients_offline"] == 1
     assert rep["rejected"] == {"decode_bad_magic": 1}
+    assert rep["duplicates"] == 1 and rep["values_checksum"] == values_checksum(coord.values)
+    assert rep["recent_rounds"][-1] == {"round": 0, "n_clients": 1, "values_checksum": rep["values_checksum"],
+                                        "duration_s": rep["last_round_duration_s"], "duplicates": 1}
     me = next(c for c in rep["clients"] if c["client"] == dev.cid)
     assert me["telemetry"]["temp_c"] == 51.5 and me["telemetry"]["rss_bytes"] == 300 << 20
     assert me["updates"] == 1 and me["last_update_s_ago"] is not None and me["gradip_mean_last"] is not None
@@ -73,6 +78,7 @@ def test_status_and_metrics_while_running(
     assert 'meerkat_messages_rejected_total{reason="decode_bad_magic"} 1.0' in text
     assert 'meerkat_updates_accepted_total{kind="accepted"} 1.0' in text
     assert dev.cid in human and "decode_bad_magic=1" in human and "52C" in human
+    assert f"values checksum: {rep['values_checksum']}" in human
 
 
 def test_status_on_a_missing_state_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
