@@ -2,7 +2,10 @@
 
 Exit codes: 0 clean stop (SIGTERM/SIGINT: the current step finishes, offline status is published);
 2 bad configuration (every problem listed, nothing started); 3 the model, mask, data, memory budget or
-state directory cannot be used (nothing published); 4 (`--check` only) the broker check failed.
+state directory cannot be used (nothing published); 4 (`--check` only) the broker check failed; 5 the
+fleet runs another model, mask or quantization: the coordinator refused this device's Join and the fleet's
+plan (or repeated refusals) confirm it (the message says what the device holds, what the fleet runs, and
+how to fix it). systemd's RestartPreventExitStatus covers 2, 3 and 5: restarting would not help.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from types import FrameType
 from typing import Any
 
 from edge_client.service.config import ENV_PREFIX, ClientConfig, ConfigError, load_client_config
+from edge_client.service.rounds import EXIT_MISMATCH
 from shared.cli import log_level_given
 from shared.config import describe, parse_overrides
 
@@ -24,6 +28,7 @@ log = logging.getLogger("edge_client.service")
 EXIT_CONFIG = 2
 EXIT_SETUP = 3
 EXIT_BROKER = 4
+__all__ = ["EXIT_BROKER", "EXIT_CONFIG", "EXIT_MISMATCH", "EXIT_SETUP", "register", "run"]
 
 
 def register(sub: Any) -> None:
@@ -82,7 +87,10 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    return client.run()
+    code = client.run()
+    if client.exit is not None:
+        print(f"meerkat client: {client.exit.reason}", file=sys.stderr)
+    return code
 
 
 def _broker_check(cfg: ClientConfig) -> bool:
