@@ -39,13 +39,16 @@ from edge_client.service.rounds import (
 from edge_client.service.rounds import (
     ClientRounds,
     Commit,
+    DropQueued,
     DropRound,
+    Exit,
     LoadValues,
     QueueUpdate,
     ResendUpdates,
     SaveStep,
     SendJoin,
     SendSync,
+    SlowDown,
     TrainStep,
 )
 from edge_client.service.trainer import Trainer, data_stream, engine_step
@@ -196,8 +199,12 @@ class InProcessFleet:
                 self._send(d, join, Join)
             elif isinstance(act, SendSync):
                 self._send(d, SyncRequest(client="", have_round=act.have_round), SyncRequest)
-            elif isinstance(act, (SaveStep, DropRound)):
-                pass  # nothing is persisted in memory; a dropped round needs no bookkeeping here
+            elif isinstance(act, (SaveStep, DropRound, SlowDown)):
+                pass  # nothing is persisted in memory; a dropped round needs no bookkeeping here; no clock to slow
+            elif isinstance(act, DropQueued):
+                d.queued.pop(act.round, None)
+            elif isinstance(act, Exit):
+                raise RuntimeError(f"simulated device {d.client}: {act.reason}")
 
     def _resend(self, d: Device, round: int) -> None:
         payload = d.queued[round]
@@ -296,6 +303,7 @@ class SharedModelTrainer:
         self.sidecar: SideCar = loaded.sidecar
         self.fingerprint = loaded.fingerprint
         self.mask_id = mask_id
+        self.quant = str(loaded.quant)  # what its Join says (the book's quant_policy may check it)
         self.nnz = int(self.sidecar.nnz)
         self.dataset = dataset
         self.n_samples = len(dataset)
@@ -321,7 +329,7 @@ class SharedModelTrainer:
         return out
 
     def capabilities(self) -> dict[str, str | int | float | bool]:
-        return {"device": "cpu", "quant": "sim", "nnz": self.nnz}
+        return {"device": "cpu", "quant": self.quant, "nnz": self.nnz}
 
     @property
     def peak_mem_bytes(self) -> int | None:

@@ -143,7 +143,7 @@ def zo_config(spec: ZOSpec, n_devices: int) -> CoordinatorConfig:
     """The coordinator config of a bench run: every device sampled every round, no deadline pressure
     (devices here are instantaneous), MEERKAT-VP on only for meerkat-vp."""
     return CoordinatorConfig(
-        fleet=FLEET, mask=Path("in-process"), master_seed=spec.seed, steps=spec.T, lr=spec.lr, eps=spec.eps,
+        fleet=FLEET, mask=Path("in-process"), quant="none", master_seed=spec.seed, steps=spec.T, lr=spec.lr, eps=spec.eps,
         dist=spec.dist, batch_size=spec.batch_size, min_clients=n_devices, clients_per_round=0,
         min_updates=n_devices, round_deadline_s=1e6, offline_after_s=1e9, drift_control=spec.vp, metrics=False,
     )

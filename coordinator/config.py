@@ -64,6 +64,9 @@ class CoordinatorConfig:
     quant: Literal["nf4", "int8", "none"] = cfg.field(
         "nf4", "quantisation the fleet runs: export merges into it"
     )
+    quant_policy: Literal["same", "any"] = cfg.field(
+        "same", "same: refuse a Join whose capabilities name another quant (QUANT_MISMATCH); any: a fleet that mixes quantizations"
+    )
     # -- the optimisation -----------------------------------------------------------------------
     master_seed: int = cfg.field(
         0, "every seed (steps, sampling) derives from it", (lambda v: 0 <= v < 2**64, "must be in [0, 2**64)")

@@ -212,6 +212,16 @@ class EventLog:
         self._need_tx()
         self.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
 
+    def beat(self, now: float, *, stopped: bool = False) -> None:
+        """The coordinator's liveness for `meerkat status`: meta `alive_at` (written every few seconds by
+        the running pump), `stopped_at` on a clean stop. A kill -9 leaves `alive_at` to age."""
+        self._need_tx()
+        self.set_meta("alive_at", repr(float(now)))
+        if stopped:
+            self.set_meta("stopped_at", repr(float(now)))
+        else:
+            self.db.execute("DELETE FROM meta WHERE key = 'stopped_at'")
+
     # -- clients ---------------------------------------------------------------------------------
     def upsert_join(
         self, client: str, *, state: str, reason: str, fingerprint: str, mask_id: str, n_samples: int,

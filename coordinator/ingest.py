@@ -26,7 +26,9 @@ def decode_reject(exc: DecodeError) -> Reject:
     return Reject(f"decode_{exc.code.name.lower()}", exc.code, exc.reason)
 
 
-def check_join(j: Join, fingerprint: str, mask_id: str) -> Reject | None:
+def check_join(j: Join, fingerprint: str, mask_id: str, quant: str | None = None) -> Reject | None:
+    """Fingerprint, then mask, then (quant given: quant_policy "same") the `quant` capability. A Join
+    without a `quant` capability is not refused for it: capabilities are optional on the wire (§2)."""
     if j.fingerprint != fingerprint:
         return Reject(
             "fingerprint", ErrorCode.FINGERPRINT_MISMATCH,
@@ -34,6 +36,13 @@ def check_join(j: Join, fingerprint: str, mask_id: str) -> Reject | None:
         )  # fmt: skip
     if j.mask_id != mask_id:
         return Reject("mask", ErrorCode.MASK_MISMATCH, f"mask {j.mask_id} is not the fleet's {mask_id}")
+    have = j.capabilities.get("quant")
+    if quant is not None and have is not None and have != quant:
+        return Reject(
+            "quant", ErrorCode.QUANT_MISMATCH,
+            f"quant {have!s:.16} is not the fleet's {quant}: set quant = \"{quant}\" on the device "
+            "(or quant_policy = \"any\" on the coordinator)",
+        )  # fmt: skip
     return None
 
 

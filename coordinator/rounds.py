@@ -358,7 +358,8 @@ class RoundBook:
         """A valid Join registers the client (a row). A refused one from an id that is joined changes
         nothing (without the broker ACL anyone can send it: the first valid Join wins, no reply); from any
         other id it is answered and remembered in a bounded LRU only (no row for ids that never joined)."""
-        rej = check_join(j, self.fingerprint, self.mask_id)
+        quant = self.config.quant if self.config.quant_policy == "same" else None
+        rej = check_join(j, self.fingerprint, self.mask_id, quant)
         have = self.clients.get(j.client)
         if rej is not None:
             if have is not None and have.state == "joined":

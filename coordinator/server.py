@@ -66,6 +66,7 @@ from shared.topics import Topics
 log = logging.getLogger(__name__)
 
 BATCH = 512
+ALIVE_EVERY_S = 2.0  # how often the pump writes its liveness (meta alive_at) for `meerkat status`
 INBOUND: dict[str, type[Message]] = {  # topic kind -> the message the coordinator accepts on it
     "up": Update,
     "join": Join,
@@ -133,6 +134,7 @@ class Coordinator:
         self._stop = threading.Event()
         self._pending_mids: set[int] = set()
         self._seen_connects = 0  # link connects the book has been told about (reconnected())
+        self._alive_at = -float("inf")  # last liveness write (the coordinator's clock)
         self.link: MqttLink | None = None
         self.metrics_server: MetricsServer | None = None
         self._check_meta()
@@ -236,6 +238,7 @@ class Coordinator:
         if self.link is not None:
             self.link.stop()
             self.link = None
+            self._beat(self.clock(), stopped=True)  # a clean stop: status says "stopped", not "not seen"
         if self.metrics_server is not None:
             self.metrics_server.stop()
             self.metrics_server = None
@@ -279,7 +282,16 @@ class Coordinator:
             self._carry_out(self.book.reconnected(self.clock()))
 
     def tick(self) -> None:
-        self._carry_out(self.book.tick(self.clock()))
+        now = self.clock()
+        self._carry_out(self.book.tick(now))
+        self._beat(now)
+
+    def _beat(self, now: float, stopped: bool = False) -> None:
+        """Liveness for `meerkat status` (meta alive_at, one small transaction every ALIVE_EVERY_S)."""
+        if stopped or not self._alive_at <= now < self._alive_at + ALIVE_EVERY_S:
+            with self.log.transaction():
+                self.log.beat(now, stopped=stopped)
+            self._alive_at = now
 
     def _drain_published(self, timeout: float) -> None:
         assert self.link is not None

@@ -48,6 +48,8 @@ def register(sub: Any) -> None:
     s.add_argument("--state-dir", type=Path, help="coordinator state_dir")
     s.add_argument("--config", type=Path, help="take state_dir from this coordinator TOML")
     s.add_argument("--json", action="store_true", help="print JSON (one object)")
+    s.add_argument("--stale-after", type=float, default=15.0, metavar="S",
+                   help="the coordinator counts as gone when its heartbeat (written every 2 s) is older (default 15)")
     s.set_defaults(func=_run_status)
 
 
@@ -127,7 +129,7 @@ def _run_status(args: argparse.Namespace) -> int:
             state_dir = _load(args).state_dir
         if state_dir is None:
             raise ConfigError(["--state-dir (or --config): required"])
-        rep = status_report(state_dir)
+        rep = status_report(state_dir, stale_after_s=args.stale_after)
     except (ConfigError, StatusError) as exc:
         print(f"meerkat status: {exc}", file=sys.stderr)
         return 2

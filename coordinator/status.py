@@ -14,6 +14,8 @@ from typing import Any
 
 from coordinator.eventlog import DB_NAME, EventLog
 
+STALE_AFTER_S = 15.0  # a coordinator that has not written `alive_at` for this long counts as gone (it writes every 2 s)
+
 
 class StatusError(RuntimeError):
     """The state directory has no coordinator event log."""
@@ -22,7 +24,26 @@ class StatusError(RuntimeError):
 RECENT_ROUNDS = 10  # rounds listed with checksum and counters in `meerkat status --json`
 
 
-def status_report(state_dir: Path, now: float | None = None, events: int = 10) -> dict[str, Any]:
+def liveness(meta: dict[str, str], now: float, stale_after_s: float) -> dict[str, Any]:
+    """Is the coordinator running? From its heartbeat in the log (meta alive_at / stopped_at, server.py).
+
+    Not alive = the open round and the clients' `online` flags are as of `coordinator_alive_at`, the last
+    moment the coordinator vouched for them (a stopped coordinator marks nobody offline)."""
+    alive_at = float(meta["alive_at"]) if "alive_at" in meta else None
+    stopped_at = float(meta["stopped_at"]) if "stopped_at" in meta else None
+    alive = alive_at is not None and stopped_at is None and now - alive_at <= stale_after_s
+    return {
+        "coordinator_alive": alive,
+        "coordinator_alive_at": alive_at,
+        "coordinator_seen_s_ago": _ago(now, alive_at),
+        "coordinator_stopped_at": stopped_at,
+        "stale": not alive,
+    }
+
+
+def status_report(
+    state_dir: Path, now: float | None = None, events: int = 10, stale_after_s: float = STALE_AFTER_S
+) -> dict[str, Any]:
     """Everything `meerkat status` shows, as plain JSON-able data."""
     now = time.time() if now is None else now
     try:
@@ -66,6 +87,7 @@ def status_report(state_dir: Path, now: float | None = None, events: int = 10) -
         log.close()
     return {
         "state_dir": str(state_dir),
+        **liveness(meta, now, stale_after_s),
         "fleet": meta.get("fleet"),
         "fingerprint": meta.get("fingerprint"),
         "mask_id": meta.get("mask_id"),
@@ -99,7 +121,8 @@ def _fmt_bytes(n: Any) -> str:
 
 def format_status(rep: dict[str, Any]) -> str:
     """Human-readable status (the --json form is `status_report` itself)."""
-    lines = [
+    lines = [_liveness_line(rep)] if rep.get("stale") else []
+    lines += [
         f"fleet {rep['fleet']}  model {str(rep['fingerprint'])[:12]}  mask {rep['mask_id']} ({rep['nnz']} values)",
         f"last closed round: {rep['last_round']}  (clients {rep['last_round_clients']}, "
         f"{rep['last_round_duration_s']} s)  last checkpoint: {rep['last_checkpoint_round']}",
@@ -121,8 +144,9 @@ def format_status(rep: dict[str, Any]) -> str:
         temp = t.get("temp_c")
         gi = c["gradip_mean_last"]
         d = c["drift"] or {}
+        online = ("yes" if c["online"] else "no") + ("*" if rep.get("stale") else "")
         lines.append(
-            f"  {c['client']:<20} {c['state']:<9} {'yes' if c['online'] else 'no':<6} {c['updates']:>7} "
+            f"  {c['client']:<20} {c['state']:<9} {online:<6} {c['updates']:>7} "
             f"{_s(c['last_update_s_ago']):>9} {_s(c['heartbeat_s_ago']):>7} {_fmt_bytes(t.get('rss_bytes')):>7} "
             f"{_fmt_bytes(t.get('gpu_mem_bytes')):>7} {'-' if temp is None else f'{temp:.0f}C':>6} "
             f"{'-' if gi is None else f'{gi:.3g}':>10} {_g(d.get('rho_later')):>9} {_g(d.get('rho_quie')):>8} "
@@ -135,6 +159,18 @@ def format_status(rep: dict[str, Any]) -> str:
     else:
         lines.append("rejected messages: none")
     return "\n".join(lines)
+
+
+def _liveness_line(rep: dict[str, Any]) -> str:
+    """The banner over stale data: a stopped or silent coordinator vouches for nothing after it went."""
+    at = rep["coordinator_alive_at"]
+    if at is None:
+        return "STALE: no coordinator heartbeat in this log (never started, or older than this version): round and online (*) are as last written"
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
+    if rep["coordinator_stopped_at"] is not None:
+        return f"coordinator stopped at {when}: the round and online flags (*) below are as of then"
+    return (f"STALE: coordinator not seen for {rep['coordinator_seen_s_ago']:.0f} s (last heartbeat {when}; "
+            "is it running?): the open round and online flags (*) below are as of then")
 
 
 def _g(v: float | None) -> str:

@@ -56,6 +56,7 @@ class ErrorCode(IntEnum):
     BAD_UPDATE = 38  # update fails a semantic check (wrong step count, clipped away, ...)
     UNKNOWN_ROUND = 39  # update for a round that was never planned
     CONFLICT = 40  # another update (other msg_id) of this client for this round is stored; first wins
+    QUANT_MISMATCH = 41  # join whose capabilities name another quantization than the fleet's (quant_policy "same")
     INTERNAL = 63  # the coordinator failed; retry later
 
 

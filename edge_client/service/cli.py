@@ -4,7 +4,11 @@ Exit codes: 0 clean stop (SIGTERM/SIGINT: the current step finishes, offline sta
 2 bad configuration (every problem listed, nothing started); 3 the model, mask, data, memory budget or
 state directory cannot be used (nothing published; a damaged state directory is refused, never reset);
 4 (`--check` only) the broker check failed; 5 the state directory's disk is full (at start, or a stop
-request while a write kept failing): free space and start again (nothing half-written was committed).
+request while a write kept failing): free space and start again (nothing half-written was committed);
+6 the fleet runs another model, mask or quantization: the coordinator refused this device's Join and the
+fleet's plan (or repeated refusals) confirm it (the message says what the device holds, what the fleet
+runs, and how to fix it). systemd's RestartPreventExitStatus covers 2, 3 and 6: restarting would not help
+(5 is restarted: space may have been freed).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from types import FrameType
 from typing import Any
 
 from edge_client.service.config import ENV_PREFIX, ClientConfig, ConfigError, load_client_config
+from edge_client.service.rounds import EXIT_MISMATCH
 from shared.cli import log_level_given
 from shared.config import describe, parse_overrides
 
@@ -27,6 +32,7 @@ EXIT_CONFIG = 2
 EXIT_SETUP = 3
 EXIT_BROKER = 4
 EXIT_STORAGE_FULL = 5
+__all__ = ["EXIT_BROKER", "EXIT_CONFIG", "EXIT_MISMATCH", "EXIT_SETUP", "EXIT_STORAGE_FULL", "register", "run"]
 
 
 def register(sub: Any) -> None:
@@ -89,10 +95,13 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     try:
-        return client.run()
+        code = client.run()
     except StorageFull as exc:
         print(f"meerkat client: {exc}", file=sys.stderr)
         return EXIT_STORAGE_FULL
+    if client.exit is not None:
+        print(f"meerkat client: {client.exit.reason}", file=sys.stderr)
+    return code
 
 
 def _broker_check(cfg: ClientConfig) -> bool:

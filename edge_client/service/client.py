@@ -32,7 +32,9 @@ from edge_client.service.rounds import (
     Action,
     ClientRounds,
     Commit,
+    DropQueued,
     DropRound,
+    Exit,
     Identity,
     LoadValues,
     QueueUpdate,
@@ -40,6 +42,7 @@ from edge_client.service.rounds import (
     SaveStep,
     SendJoin,
     SendSync,
+    SlowDown,
     TrainStep,
 )
 from edge_client.service.state import ClientState, StateStore, StorageFull
@@ -86,7 +89,7 @@ class EdgeClient:
             "state: round %d, checksum %s, data pointer %d, %d queued update(s)",
             self.st.round, self.st.checksum[:12], self.st.data_pointer, len(self.store.outbox),
         )
-        me = Identity(cfg.client_id, cfg.fleet, trainer.fingerprint, trainer.mask_id, trainer.n_samples)
+        me = Identity(cfg.client_id, cfg.fleet, trainer.fingerprint, trainer.mask_id, trainer.n_samples, cfg.quant)
         self.rounds = ClientRounds(
             me, trainer.initial_values, values=values, round=self.st.round, data_pointer=self.st.data_pointer,
             trained_round=self.st.trained_round, trained_msg_id=self.st.trained_msg_id,
@@ -94,6 +97,8 @@ class EdgeClient:
         )  # fmt: skip
         self.counters = self.rounds.counters  # one set of counters: the core's rules and the pump's I/O
         self._seen_connects = 0
+        self.exit: Exit | None = None  # set when the core says this device cannot take part (run() returns its code)
+        self._quiet_until = 0.0  # monotonic: no outbox re-send before (RATE_LIMITED)
         self.last_step_s: float | None = None
         self.link = self._make_link()
         self._hb_thread: threading.Thread | None = None
@@ -130,6 +135,8 @@ class EdgeClient:
                 self.tick()
         finally:
             self.shutdown()
+        if self.exit is not None:
+            return self.exit.code
         return 0
 
     def stop(self) -> None:
@@ -158,7 +165,7 @@ class EdgeClient:
         elif not connected and self.rounds.online:
             self._carry_out(self.rounds.disconnected())
         self._drain_published()
-        if connected:
+        if connected and time.monotonic() >= self._quiet_until:
             self._resend_due()
         self._drain_inbox(0.0 if self.rounds.job is not None else idle_wait)
         self._carry_out(self.rounds.tick(time.time()))
@@ -196,6 +203,19 @@ class EdgeClient:
                 self.link.publish(self.topics.sync(self.cid), encode(sync), qos=1)
             elif isinstance(act, DropRound):
                 pass  # the Commit before it already dropped the round's saved steps
+            else:
+                self._carry_out_refusal(act)
+
+    def _carry_out_refusal(self, act: Action) -> None:
+        """What the coordinator's refusals ask for: stop (Exit), forget an update (DropQueued), slow down."""
+        if isinstance(act, Exit):
+            self.exit = act
+            self.stop_event.set()  # run() returns act.code after the usual clean shutdown
+        elif isinstance(act, DropQueued):
+            n = self.store.outbox.discard(act.round)
+            log.info("outbox: %d update(s) of round %d discarded", n, act.round)
+        elif isinstance(act, SlowDown):
+            self._quiet_until = max(self._quiet_until, time.monotonic() + act.seconds)
 
     def _durably(self, write: Callable[[], T]) -> T:
         """Run a state write; on a full disk log the path and the fix and retry every STORAGE_RETRY_S (the

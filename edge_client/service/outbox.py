@@ -127,6 +127,14 @@ class Outbox:
         self._sent_at.clear()
         self._mid_to_row.clear()
 
+    def discard(self, round: int) -> int:
+        """Delete the rows of `round` now (autocommit): the coordinator refused that update for good
+        (UNKNOWN_ROUND, CONFLICT, STALE_ROUND ...), so re-sending it can only be refused again."""
+        cur = self.db.execute("DELETE FROM outbox WHERE round = ?", (round,))
+        for m in [m for m, r in self._mid_to_row.items() if r.round == round]:
+            self._sent_at.pop(self._mid_to_row.pop(m).id, None)  # a late PUBACK of it is then ignored
+        return int(cur.rowcount)
+
     def prune(self, upto_round: int) -> int:
         """Delete rows of rounds <= upto_round (their result is applied); call inside a transaction."""
         cur = self.db.execute("DELETE FROM outbox WHERE round <= ?", (upto_round,))

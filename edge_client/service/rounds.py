@@ -15,10 +15,19 @@ Events (each returns the actions to carry out, in order; carry them all out befo
     on_result(result)               a RoundResult (result/{r} or result/latest)
     on_replay(replay)               a Replay on to/{client}
     on_chunk(chunk)                 a CheckpointChunk on to/{client}
-    on_error(err)                   an ErrorMsg on to/{client}
+    on_error(err)                   an ErrorMsg on to/{client}: UNKNOWN_CLIENT -> Join; a refused Join
+                                    (FINGERPRINT/MASK/QUANT_MISMATCH) -> Exit when real, else re-Join with
+                                    back-off; RATE_LIMITED -> SlowDown; a final update refusal -> DropQueued
     tick(now)                       `now` = unix seconds: maybe a SyncRequest (+ ResendUpdates when a result
                                     is overdue), then at most ONE TrainStep
     step_done(result, data_pointer) the TrainStep just returned was carried out (engine result, pointer after)
+
+Refused Joins (PROTOCOL.md §8 client 3): the refusal is REAL, and the answer is `Exit(EXIT_MISMATCH)`, when
+the retained plan names another fingerprint/mask than ours, or when REFUSALS_TO_EXIT Joins in a row were
+refused with no plan to check against (QUANT_MISMATCH: the plan carries no quant) and no sign we are joined
+(an answered SyncRequest). A refusal while the plan matches what we hold is not our doing (a Join spoofed
+under our id without the broker ACL, a coordinator restart): logged at ERROR, Join again after 2, 4, 8 ...
+60 s. Connected SILENT_WARN_S without a word from any coordinator: an ERROR naming the fleet we wait on.
 
 A TrainStep is a request: left undone (e.g. while stopping) it changes nothing and the next tick asks
 again. Carried out, it must be answered with step_done() before any other event.
@@ -72,6 +81,7 @@ class Identity:
     fingerprint: str  # shared.fingerprint of the base model
     mask_id: str
     n_samples: int  # local training examples (FedAvg weight)
+    quant: str = ""  # what the Join's capabilities say (only named in the exit message of a refused device)
 
 
 @dataclass(frozen=True)
@@ -172,9 +182,48 @@ class DropRound:
     steps: int
 
 
+@dataclass(frozen=True)
+class Exit:
+    """This device cannot take part in its fleet (the coordinator refused its Join and the evidence says the
+    refusal is real): stop the service with exit status `code` (EXIT_MISMATCH) and print `reason`, which
+    names what the device holds, what the fleet runs and how to fix it. Restarting would not help."""
+
+    code: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class DropQueued:
+    """The coordinator refused the queued Update of `round` for good (UNKNOWN_ROUND, CONFLICT, STALE_ROUND,
+    NOT_IN_ROUND, BAD_UPDATE): delete its outbox row (Outbox.discard) so it is never re-sent."""
+
+    round: int
+
+
+@dataclass(frozen=True)
+class SlowDown:
+    """The coordinator said RATE_LIMITED: publish no outbox re-send for `seconds` (the core itself holds its
+    SyncRequests and Joins back as long)."""
+
+    seconds: float
+
+
 Action: TypeAlias = (
     SendJoin | SendSync | LoadValues | TrainStep | SaveStep | QueueUpdate | ResendUpdates | Commit | DropRound
+    | Exit | DropQueued | SlowDown
 )
+
+EXIT_MISMATCH = 6  # `meerkat client` exit status: the fleet runs another model / mask / quantization
+REFUSALS = (ErrorCode.FINGERPRINT_MISMATCH, ErrorCode.MASK_MISMATCH, ErrorCode.QUANT_MISMATCH)  # of a Join
+FINAL_FOR_UPDATE = (  # an Update refused for good (PROTOCOL.md §2): stop re-sending it
+    ErrorCode.STALE_ROUND, ErrorCode.NOT_IN_ROUND, ErrorCode.BAD_UPDATE, ErrorCode.UNKNOWN_ROUND, ErrorCode.CONFLICT,
+)
+REFUSALS_TO_EXIT = 3  # refused Joins in a row, no plan contradicting them, no sign we are joined: believe them
+REJOIN_FIRST_S = 2.0  # back-off after a refused Join: 2, 4, 8 ... s
+REJOIN_MAX_S = 60.0
+SLOW_FIRST_S = 10.0  # after RATE_LIMITED (the coordinator says so at most once per 10 s): 10, 20 ... s
+SLOW_MAX_S = 120.0
+SILENT_WARN_S = 30.0  # connected this long without a word from any coordinator: say what we wait for
 
 
 def values_from_bytes(raw: bytes) -> torch.Tensor:
@@ -248,6 +297,19 @@ class ClientRounds:
         self._sync_check = False
         self._last_sync = -math.inf
         self._chunks: dict[tuple[int, str], dict[int, bytes]] = {}
+        # refused Joins (issue 14/16): the latest refusal since the last sign we are joined, how many in a row,
+        # when the next Join may go out (set at the next tick: events carry no clock)
+        self.refusal: ErrorMsg | None = None
+        self.refusals = 0
+        self._rejoin_at: float | None = None
+        self._rejoin_wanted = False
+        self._slow_streak = 0
+        self._slow_pending = 0.0
+        self._quiet_until = -math.inf
+        self.exiting: Exit | None = None
+        self._heard = False  # anything from a coordinator (plan, result, to/) since we connected
+        self._silent_since: float | None = None
+        self._silent_warn_at = -math.inf
 
     @property
     def nnz(self) -> int:
@@ -258,6 +320,10 @@ class ClientRounds:
         self.online = True
         self._sync_check = True  # results published while we were away may be gone: ask once
         self._last_sync = -math.inf
+        self._silent_since, self._silent_warn_at = None, -math.inf
+        if self.refusals:  # refused before: the back-off schedule decides when the next Join goes out
+            self._rejoin_wanted = True
+            return []
         return [self._join()]
 
     def disconnected(self) -> list[Action]:
@@ -271,16 +337,82 @@ class ClientRounds:
 
     def on_error(self, err: ErrorMsg) -> list[Action]:
         try:
-            name = ErrorCode(err.code).name
+            code: ErrorCode | None = ErrorCode(err.code)
+            name = code.name if code is not None else ""
         except ValueError:
-            name = f"code {err.code}"
-        self.counters[f"coordinator_error_{name.lower()}"] += 1
-        if err.code == ErrorCode.UNKNOWN_CLIENT:  # it (re)started after our Join: announce ourselves again
+            code, name = None, f"code {err.code}"
+        self._heard = True
+        self.counters[f"coordinator_error_{name.lower().replace(' ', '_')}"] += 1
+        if code == ErrorCode.UNKNOWN_CLIENT:  # it (re)started after our Join: announce ourselves again
+            if self.refusals:
+                log.warning("coordinator does not know us (%s): joining again after the back-off", err.reason)
+                self._rejoin_wanted = True
+                return []
             log.info("coordinator does not know us (%s): joining again", err.reason)
             return [self._join()]
-        level = logging.ERROR if err.code in (ErrorCode.FINGERPRINT_MISMATCH, ErrorCode.MASK_MISMATCH) else logging.WARNING
-        log.log(level, "coordinator says %s: %s", name, err.reason)
+        if code in REFUSALS:
+            return self._refused(err, name)
+        if code == ErrorCode.RATE_LIMITED:
+            self._slow_streak += 1
+            seconds = min(SLOW_FIRST_S * 2 ** (self._slow_streak - 1), SLOW_MAX_S)
+            self._slow_pending = max(self._slow_pending, seconds)
+            log.warning("coordinator says RATE_LIMITED (%s): sending less for %.0f s", err.reason, seconds)
+            return [SlowDown(seconds)]
+        if code in FINAL_FOR_UPDATE and self.trained_round > self.round:
+            log.error("coordinator refused our update of round %d for good (%s: %s): not sending it again",
+                      self.trained_round, name, err.reason)
+            self.counters["updates_refused"] += 1
+            return [DropQueued(self.trained_round)]
+        log.warning("coordinator says %s: %s", name, err.reason)
         return []
+
+    def _refused(self, err: ErrorMsg, name: str) -> list[Action]:
+        """A refused Join. Real when the retained plan confirms the fleet runs another model/mask, or when
+        our own Joins keep being refused with nothing to contradict it (QUANT_MISMATCH has no plan field to
+        check): then Exit. When the plan MATCHES what we hold, we did not cause it (a Join spoofed without
+        the broker ACL, a coordinator restarting): say so loudly and re-join with a capped back-off."""
+        self.refusal = err
+        self.refusals += 1
+        self._rejoin_wanted = True
+        plan = self.plan
+        fleet_differs = plan is not None and (plan.fingerprint, plan.mask_id) != (self.me.fingerprint, self.me.mask_id)
+        if err.code != ErrorCode.QUANT_MISMATCH and fleet_differs:
+            return self._exit(f"the coordinator refused this device's Join ({name}: {err.reason})")
+        if plan is not None and err.code != ErrorCode.QUANT_MISMATCH:
+            log.error(
+                "coordinator refused our Join (%s: %s), but its plan %d is for the model/mask we hold (%s/%s): "
+                "not our doing (a Join spoofed under our id, or a coordinator restart); joining again (#%d)",
+                name, err.reason, plan.round, self.me.fingerprint[:12], self.me.mask_id, self.refusals,
+            )  # fmt: skip
+            return []
+        if self.refusals >= REFUSALS_TO_EXIT:
+            return self._exit(f"the coordinator refused this device's Join {self.refusals} times in a row "
+                              f"({name}: {err.reason})")
+        log.error("coordinator refused our Join (%s: %s): trying again (%d/%d) before giving up", name, err.reason,
+                  self.refusals, REFUSALS_TO_EXIT)
+        return []
+
+    def _exit(self, why: str) -> list[Action]:
+        me, plan = self.me, self.plan
+        fleet = "" if plan is None else f"; fleet {me.fleet} runs model {plan.fingerprint[:12]}/mask {plan.mask_id}"
+        quant = f", quant {me.quant}" if me.quant else ""
+        reason = (
+            f"cannot take part in fleet {me.fleet}: {why}{fleet}; this device holds model {me.fingerprint[:12]}/"
+            f"mask {me.mask_id}{quant}. Fix: give the device the fleet's model_dir and mask file (the ones in the "
+            "coordinator's config; `meerkat mask report MASK` shows a mask's id and model) and its quant, or set "
+            "`fleet` to the fleet this device belongs to; then restart the service"
+        )
+        self.exiting = Exit(EXIT_MISMATCH, reason)
+        self.counters["exit_mismatch"] += 1
+        log.critical("%s", reason)
+        return [self.exiting]
+
+    def _joined(self) -> None:
+        """A sign the coordinator accepted our Join (a sync answered, a plan that samples us)."""
+        if self.refusals:
+            log.warning("coordinator accepts us again after %d refused Join(s)", self.refusals)
+        self.refusal, self.refusals, self._rejoin_at, self._rejoin_wanted = None, 0, None, False
+        self._slow_streak = 0
 
     def reject(self, reason: str, detail: str) -> None:
         """Count and log a message dropped as invalid (also used by the pump for decode errors)."""
@@ -293,7 +425,12 @@ class ClientRounds:
             self.reject("wrong_fleet", f"plan for fleet {plan.fleet!r}")
             return []
         self.plan = plan
+        self._heard = True
         self.known_round = max(self.known_round, plan.base_round)
+        if (plan.fingerprint, plan.mask_id) != (self.me.fingerprint, self.me.mask_id):
+            if self.refusal is not None and self.refusal.code != ErrorCode.QUANT_MISMATCH:
+                return self._exit(f"the coordinator refused this device's Join ({ErrorCode(self.refusal.code).name}: "
+                                  f"{self.refusal.reason})")
         if self._answered(plan):
             return self._resend_for_plan(plan)
         return self._consider_plan()
@@ -373,8 +510,15 @@ class ClientRounds:
     # -- training --------------------------------------------------------------------------------
     def tick(self, now: float) -> list[Action]:
         acts: list[Action] = []
+        if self.exiting is not None:
+            return []  # the pump is stopping
+        if self._slow_pending:  # RATE_LIMITED: no SyncRequest / Join before then
+            self._quiet_until = max(self._quiet_until, now + self._slow_pending)
+            self._slow_pending = 0.0
         if self.online:
+            acts += self._maybe_rejoin(now)
             acts += self._maybe_sync(now)
+            self._watch_silence(now)
         job = self.job
         if job is not None:
             p, t = job.plan, len(job.results)
@@ -406,6 +550,7 @@ class ClientRounds:
 
     # -- results ---------------------------------------------------------------------------------
     def on_result(self, res: RoundResult) -> list[Action]:
+        self._heard = True
         self.known_round = max(self.known_round, res.round)
         if res.round <= self.round:
             return []  # duplicate (retained result/latest, or result/{r} next to it)
@@ -452,6 +597,8 @@ class ClientRounds:
 
     # -- catching up -----------------------------------------------------------------------------
     def on_replay(self, rep: Replay) -> list[Action]:
+        self._heard = True
+        self._joined()  # SyncRequests are answered for joined clients only
         log.info("replay of %d result(s) (rounds %s)", len(rep.results),
                  f"{rep.results[0].round}..{rep.results[-1].round}" if rep.results else "-")
         acts: list[Action] = []
@@ -469,6 +616,8 @@ class ClientRounds:
         return acts
 
     def on_chunk(self, ch: CheckpointChunk) -> list[Action]:
+        self._heard = True
+        self._joined()
         if ch.round <= self.round and not self.need_full_sync:
             return []  # we hold these values or newer ones already (e.g. the answer to a repeated SyncRequest)
         parts = self._chunks.setdefault((ch.round, ch.sha256), {})
@@ -494,8 +643,41 @@ class ClientRounds:
         self.known_round = max(self.known_round, ch.round)
         return self._commit(ch.round, values, ch.sha256)
 
+    def _maybe_rejoin(self, now: float) -> list[Action]:
+        """After a refused Join: the next one 2, 4, 8 ... s later (capped), never sooner than RATE_LIMITED allows."""
+        if not self._rejoin_wanted:
+            return []
+        if self._rejoin_at is None:
+            self._rejoin_at = now + min(REJOIN_FIRST_S * 2 ** max(self.refusals - 1, 0), REJOIN_MAX_S)
+        if now < max(self._rejoin_at, self._quiet_until):
+            return []
+        self._rejoin_wanted, self._rejoin_at = False, None
+        return [self._join()]
+
+    def _watch_silence(self, now: float) -> None:
+        """Connected and no coordinator has said anything (no retained plan, Join/SyncRequest unanswered):
+        the fleet has no coordinator, e.g. client and coordinator configs name different fleets. The
+        coordinator never sees other fleets' topics, so this device is where it shows."""
+        if self._heard:
+            return
+        if self._silent_since is None:
+            self._silent_since = now
+        waited = now - self._silent_since
+        if waited < SILENT_WARN_S or now < self._silent_warn_at:
+            return
+        self._silent_warn_at = now + max(SILENT_WARN_S, waited)  # 30 s, then 60, 120 ... apart
+        self.counters["coordinator_silent"] += 1
+        log.error(
+            "no coordinator on fleet %r for %.0f s: no retained plan on meerkat/v1/%s/plan and no answer to our "
+            "Join/SyncRequest. Waiting for it; check that the coordinator runs and that its `fleet` is %r (the "
+            "`fleet` key in coordinator.toml and client.toml must be equal)",
+            self.me.fleet, waited, self.me.fleet, self.me.fleet,
+        )  # fmt: skip
+
     def _maybe_sync(self, now: float) -> list[Action]:
         """SyncRequest when behind, once after each (re)connection, and while a result is overdue."""
+        if now < self._quiet_until:
+            return []
         behind = self.need_full_sync or self.round < self.known_round
         plan = self.plan
         overdue = (
@@ -520,7 +702,10 @@ __all__ = [
     "Action",
     "ClientRounds",
     "Commit",
+    "DropQueued",
     "DropRound",
+    "EXIT_MISMATCH",
+    "Exit",
     "Identity",
     "Job",
     "LoadValues",
@@ -530,6 +715,7 @@ __all__ = [
     "SaveStep",
     "SendJoin",
     "SendSync",
+    "SlowDown",
     "TrainStep",
     "update_msg_id",
     "values_from_bytes",

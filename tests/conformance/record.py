@@ -49,7 +49,7 @@ from bench.broker import free_port, port_open  # noqa: E402
 from coordinator.drift import DriftMonitor  # noqa: E402
 from coordinator.server import Coordinator  # noqa: E402
 from shared.apply import apply_round, values_checksum  # noqa: E402
-from shared.codec import DecodeError, decode  # noqa: E402
+from shared.codec import DecodeError, decode, encode  # noqa: E402
 from shared.fingerprint import fp_tag  # noqa: E402
 from shared.maskfile import Mask  # noqa: E402
 from shared.messages import (  # noqa: E402
@@ -257,6 +257,8 @@ def sc_errors(ctx: Ctx) -> None:
     wrong_mask, wrong_fp = ctx.device("dev-x", 5, join=False), ctx.device("dev-y", 5, join=False)
     wrong_mask.join(ctx.fingerprint, "0" * 16, 5)  # MASK_MISMATCH
     wrong_fp.join("f" * 64, ctx.mask.mask_id, 5)  # FINGERPRINT_MISMATCH
+    wrong_quant = ctx.device("dev-q", 5, join=False)  # the fleet runs nf4 (quant_policy "same"): QUANT_MISMATCH
+    wrong_quant.publish(t.join("dev-q"), encode(Join("", ctx.fingerprint, ctx.mask.mask_id, 5, 1.0, {"quant": "int8"}, -1)))
     plan = ctx.plan(a, 0)
     wrong_mask.update(0, [0.1] * T, 5, ctx.fingerprint)  # not sampled: NOT_IN_ROUND
     a.update(0, [0.1] * (T - 1), 10, ctx.fingerprint, msg_id=7)  # wrong step count: BAD_UPDATE
@@ -268,7 +270,7 @@ def sc_errors(ctx: Ctx) -> None:
     ctx.send(a, plan, 10, msg_id=1)  # QoS1 retransmission: a duplicate, silently deduped
     ctx.send(a, plan, 10, msg_id=2, grads=[0.2] * T)  # a different update for the same round: first wins
     ghost.wait_for(ErrorMsg, timeout=10)
-    for dev in (wrong_mask, wrong_fp):
+    for dev in (wrong_mask, wrong_fp, wrong_quant):
         dev.wait_for(ErrorMsg)
     ctx.send(b, plan, 30, msg_id=1)
     ctx.result(a, 0)
@@ -299,7 +301,7 @@ SCENARIOS = [
              "empty Replay when up to date), then trains round 4", sc_replay, stop_after=4),
     Scenario("checkpoint", "dev-late is more than replay_max behind: CheckpointChunks of round 2, then a "
              "1-round Replay", sc_checkpoint, {"replay_max": 1, "chunk_bytes": 1024}, stop_after=4),
-    Scenario("errors", "every ErrorMsg the coordinator sends: mask / fingerprint mismatch, not in round, wrong "
+    Scenario("errors", "every ErrorMsg the coordinator sends: mask / fingerprint / quant mismatch, not in round, wrong "
              "step count, unplanned round, n_samples 0, undecodable payload, unknown client; a duplicate "
              "and a conflicting update", sc_errors, stop_after=0),
 ]  # fmt: skip

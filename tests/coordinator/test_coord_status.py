@@ -4,13 +4,25 @@ loopback and wants the bearer token when one is configured."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
-from coordfakes import FakeClient, ThreadedCoordinator, make_config, synthetic_mask, synthetic_v0, uid
+from coordfakes import (
+    FakeClient,
+    ThreadedCoordinator,
+    make_config,
+    synthetic_mask,
+    synthetic_v0,
+    uid,
+    write_config_toml,
+)
 
 from coordinator.server import Coordinator
 from shared.apply import values_checksum
@@ -64,6 +76,11 @@ def test_status_and_metrics_while_running(
         runner.stop()
         dev.close()
         off.close()
+    assert rep["coordinator_alive"] is True and rep["stale"] is False and rep["coordinator_seen_s_ago"] < 5
+    assert "STALE" not in human and "stopped" not in human
+    assert main(["status", "--json", "--state-dir", str(cfg.state_dir)]) == 0  # after a clean stop
+    after = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert after["coordinator_alive"] is False and after["coordinator_stopped_at"] is not None and after["stale"]
     assert rep["last_round"] == 0 and rep["clients_online"] == 1 and rep["clients_offline"] == 1
     assert rep["rejected"] == {"decode_bad_magic": 1}
     assert rep["duplicates"] == 1 and rep["values_checksum"] == values_checksum(coord.values)
@@ -84,3 +101,50 @@ def test_status_and_metrics_while_running(
 def test_status_on_a_missing_state_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["status", "--state-dir", str(tmp_path / "nothing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(120)
+def test_status_after_the_coordinator_is_sigkilled(
+    tmp_path: Path, broker_url: str, tiny_model, capsys: pytest.CaptureFixture[str]  # type: ignore[no-untyped-def]
+) -> None:
+    """Issue 16: a dead coordinator left status showing an open round and `online yes`. Now its heartbeat
+    (meta alive_at) ages, and status says the round and the online flags are as of then."""
+    state, fleet = tmp_path / "state", uid("f")
+    cfg = write_config_toml(
+        tmp_path / "coordinator.toml", broker=broker_url, fleet=fleet, client_id=uid("coord"), state_dir=state,
+        model_dir=tiny_model.model_dir, mask=tiny_model.mask_path, steps=2, lr=0.01, min_clients=1,
+        round_deadline_s=600.0, metrics=False,
+    )  # fmt: skip
+    log = tmp_path / "coordinator.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shared.cli", "coordinator", "--config", str(cfg)], cwd=Path(__file__).parents[2],
+        stdout=log.open("ab"), stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    dev = FakeClient(broker_url, fleet, uid("dev"))
+
+    def status() -> dict:  # type: ignore[type-arg]
+        assert main(["status", "--json", "--stale-after", "3", "--state-dir", str(state)]) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+    try:
+        dev.join(tiny_model.fingerprint, tiny_model.mask.mask_id, n_samples=4)
+        dev.wait_for(RoundPlan, lambda p: p.round == 0, timeout=60)
+        time.sleep(0.5)
+        live = status()
+        assert live["coordinator_alive"] and live["open_round"]["round"] == 0, log.read_text()[-2000:]
+        assert [c["online"] for c in live["clients"]] == [True]
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(10) == -signal.SIGKILL
+        time.sleep(3.5)
+        dead = status()
+        assert main(["status", "--stale-after", "3", "--state-dir", str(state)]) == 0
+        human = capsys.readouterr().out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        dev.close()
+    assert dead["coordinator_alive"] is False and dead["stale"] is True and dead["coordinator_stopped_at"] is None
+    assert dead["coordinator_alive_at"] == pytest.approx(live["coordinator_alive_at"], abs=3.0)
+    assert dead["coordinator_seen_s_ago"] >= 3.0
+    assert dead["open_round"]["round"] == 0  # still in the log, but flagged as of the last heartbeat
+    assert human.startswith("STALE: coordinator not seen for") and "as of then" in human and "yes*" in human

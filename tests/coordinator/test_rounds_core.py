@@ -307,3 +307,19 @@ def test_validation_rejects_are_counted_and_answered(bad: str) -> None:
     want = {"wrong_steps": ErrorCode.BAD_UPDATE, "not_in_round": ErrorCode.NOT_IN_ROUND,
             "fingerprint": ErrorCode.FINGERPRINT_MISMATCH, "unknown_round": ErrorCode.UNKNOWN_ROUND}  # fmt: skip
     assert err.code == want[bad] and records(acts, UpdateRecord) == []
+
+
+@pytest.mark.parametrize("policy", ["same", "any"])
+def test_join_with_another_quant_is_refused_unless_the_fleet_mixes(policy: str) -> None:
+    b = book(config(quant="nf4", quant_policy=policy))
+    int8 = b.handle(Join("q8", FP, MASK, 5, 1.0, {"quant": "int8", "device": "cpu"}, -1), 0.0)
+    nf4 = b.handle(Join("q4", FP, MASK, 5, 1.0, {"quant": "nf4"}, -1), 0.0)
+    bare = b.handle(Join("qx", FP, MASK, 5, 1.0, {}, -1), 0.0)  # capabilities are optional: no quant, no refusal
+    assert sent(nf4, ErrorMsg, "q4") == [] and sent(bare, ErrorMsg, "qx") == []
+    if policy == "any":
+        assert sent(int8, ErrorMsg, "q8") == [] and b.clients["q8"].state == "joined"
+        return
+    (err,) = sent(int8, ErrorMsg, "q8")
+    assert err.code == ErrorCode.QUANT_MISMATCH == 41 and "int8" in err.reason and "nf4" in err.reason
+    assert "q8" not in b.clients or b.clients["q8"].state != "joined"
+    assert records(int8, RejectRecord)[0].reason == "quant"

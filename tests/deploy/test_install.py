@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from deploytools import INSTALL, REPO, install, unit_settings
 
-from edge_client.service.cli import EXIT_BROKER, EXIT_CONFIG, EXIT_SETUP
+from edge_client.service.cli import EXIT_BROKER, EXIT_CONFIG, EXIT_MISMATCH, EXIT_SETUP
 
 HARDENING = {
     "NoNewPrivileges": "true", "ProtectSystem": "strict", "ProtectHome": "true", "PrivateTmp": "true",
@@ -47,7 +47,7 @@ def test_units_are_hardened_and_do_not_restart_on_config_errors(role: str) -> No
     no_restart = {int(x) for x in s["RestartPreventExitStatus"][-1].split()}
     # the codes the service itself returns for "fix the config first" (edge_client/service/cli.py,
     # coordinator/server_cli.py); 4 is --check only
-    assert no_restart == ({EXIT_CONFIG, EXIT_SETUP} if role == "client" else {EXIT_CONFIG}), no_restart
+    assert no_restart == ({EXIT_CONFIG, EXIT_SETUP, EXIT_MISMATCH} if role == "client" else {EXIT_CONFIG}), no_restart
     assert EXIT_BROKER not in no_restart
 
 
