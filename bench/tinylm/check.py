@@ -92,7 +92,7 @@ def check_task(model_dir: str | Path, name: str, cfg: CheckConfig) -> TaskCheck:
     train = tasks.make_examples(task, max(cfg.batch, cfg.steps * cfg.batch), derive_seed(cfg.seed, 20, k))
     evals = tasks.make_examples(task, cfg.n_eval, derive_seed(cfg.seed, 21, k))
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model: Any = AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32)
+    model: Any = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     model.eval()
     before = tasks.accuracy(model, tokenizer, task, evals)
     losses = finetune(model, tokenizer, task, train, cfg)
