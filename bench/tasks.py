@@ -44,7 +44,6 @@ from shared.prng import derive_seed
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
-P_TRUE_DEFAULT, P_BIAS_DEFAULT = 0.4, 0.45  # see pretraining_docs
 
 
 @dataclass(frozen=True)
@@ -55,11 +54,9 @@ class Task:
     raw_text: Callable[[Rng, int], str]  # (rng, label) -> raw text whose content implies the label
     bias_label: int  # the label the pretraining corpus over-uses: the zero-shot model leans to it
     # labels whose pretraining answers lean to bias_label; None = all of them. The others are answered
-    # with their true label p_true + p_bias of the time, so zero-shot gets those right: a start between
+    # with their true label P_TRUE + P_BIAS of the time, so zero-shot gets those right: a start between
     # chance and good for many-way tasks, where "all labels lean" would sit at chance.
     biased: tuple[int, ...] | None = None
-    p_true: float = P_TRUE_DEFAULT  # P(answer = true label) for a leaning label (see pretraining_docs)
-    p_bias: float = P_BIAS_DEFAULT  # P(answer = bias label) for a leaning label; P(true) = p_true + p_bias otherwise
 
     def draw(self, rng: Rng, label: int) -> str:
         """Raw text for `label` (without the template)."""
@@ -157,7 +154,7 @@ TASKS: dict[str, Task] = {
     "domain": Task("domain", (" food", " code", " health", " chat"), "Text: {text}\nDomain:", _domain, 3),
     # rich corpus only (small / medium sizes): the harder three
     "news8": Task("news8", tuple(" " + t for t in NEWS_TOPICS_8), "Article: {text}\nSection:", _news8, 3,
-                  biased=(0, 1, 2, 4, 5), p_true=0.3, p_bias=0.6),
+                  biased=(0, 1, 2, 4, 5)),
     "polarity": Task("polarity", (" negative", " positive"), "Opinion: {text}\nOverall:", _polarity, 1),
     "nli": Task("nli", (" true", " false", " unknown"), "{text}\nInference:", _nli, 0),
 }
@@ -185,10 +182,9 @@ def make_examples(task: Task, n: int, seed: int) -> list[Example]:
 
 # ---------------------------------------------------------------- pretraining text
 # A task-style document in the pretraining corpus carries the true label with P_TRUE, the task's bias
-# label with P_BIAS and a uniformly drawn label otherwise (Task.p_true / p_bias; news8 leans harder: an
-# under-trained model otherwise still ranks the true topic first). The model so learns the features and the answer
+# label with P_BIAS and a uniformly drawn label otherwise. The model so learns the features and the answer
 # format, but its zero-shot argmax leans to the bias label: accuracy starts low and a fine-tune can fix it.
-P_TRUE, P_BIAS = P_TRUE_DEFAULT, P_BIAS_DEFAULT
+P_TRUE, P_BIAS = 0.4, 0.45
 
 
 def pretraining_docs(seed: int, n: int, corpus: str = "core") -> list[str]:
@@ -205,7 +201,7 @@ def pretraining_docs(seed: int, n: int, corpus: str = "core") -> list[str]:
         u = rng.uniform()
         leans = task.biased is None or label in task.biased
         bias = task.bias_label if leans else label
-        answer = label if u < task.p_true else bias if u < task.p_true + task.p_bias else rng.randint(len(task.labels))
+        answer = label if u < P_TRUE else bias if u < P_TRUE + P_BIAS else rng.randint(len(task.labels))
         docs.append(task.prompt(text) + task.labels[answer])
     return docs
 
