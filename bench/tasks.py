@@ -28,7 +28,18 @@ from typing import Any
 
 import torch
 
-from bench.tinylm.corpus import DAYS, DOMAINS, NAMES, NEWS_TOPICS, PLACES, Rng, news, review
+from bench.tinylm.corpus import (
+    DAYS,
+    DOMAINS,
+    NAMES,
+    NEWS_TOPICS,
+    NEWS_TOPICS_8,
+    PLACES,
+    Rng,
+    news,
+    opinion,
+    review,
+)
 from shared.prng import derive_seed
 
 log = logging.getLogger(__name__)
@@ -42,6 +53,10 @@ class Task:
     template: str  # "{text}" is replaced by the raw text; the prompt ends right before the answer
     raw_text: Callable[[Rng, int], str]  # (rng, label) -> raw text whose content implies the label
     bias_label: int  # the label the pretraining corpus over-uses: the zero-shot model leans to it
+    # labels whose pretraining answers lean to bias_label; None = all of them. The others are answered
+    # with their true label P_TRUE + P_BIAS of the time, so zero-shot gets those right: a start between
+    # chance and good for many-way tasks, where "all labels lean" would sit at chance.
+    biased: tuple[int, ...] | None = None
 
     def draw(self, rng: Rng, label: int) -> str:
         """Raw text for `label` (without the template)."""
@@ -85,6 +100,45 @@ def _claim(rng: Rng, label: int) -> str:
     return f"Premise: {premise}\nClaim: {claim}"
 
 
+QUANTITIES = ("two", "some", "five", "new")
+ABSENT_FACTS = ("paid with cash", "met a friend there", "was in a hurry", "took the bus", "forgot the list")
+
+
+def _nli(rng: Rng, label: int) -> str:
+    """Two sentences; everything needed is in the first. 0 true: the hypothesis repeats a fact of the
+    premise. 1 false: it negates a fact (easy half) or swaps a value for another of its kind (needs the
+    comparison). 2 unknown: it states a fact the premise does not mention (easy half) or a premise fact
+    about another person (needs the name comparison)."""
+    who, where, day, item = rng.choice(NAMES), rng.choice(PLACES), rng.choice(DAYS), rng.choice(ITEMS)
+    premise = f"{who} went to {where} on {day} and bought {rng.choice(QUANTITIES)} {item}."
+    slot = rng.randint(3)
+
+    def fact(name: str, w: str, d: str, i: str) -> str:
+        return (f"{name} went to {w}.", f"{name} went out on {d}.", f"{name} bought {i}.")[slot]
+
+    if label == 0:
+        hyp = fact(who, where, day, item)
+    elif label == 1 and rng.chance(0.5):
+        hyp = (f"{who} did not go to {where}.", f"{who} stayed home on {day}.", f"{who} did not buy {item}.")[slot]
+    elif label == 1:
+        pools: tuple[tuple[str, ...], ...] = (PLACES, DAYS, ITEMS)
+        other = rng.choice([v for v in pools[slot] if v != (where, day, item)[slot]])
+        hyp = fact(who, *[other if k == slot else v for k, v in enumerate((where, day, item))])
+    elif rng.chance(0.5):
+        hyp = f"{who} {rng.choice(ABSENT_FACTS)}."
+    else:
+        hyp = fact(rng.choice([n for n in NAMES if n != who]), where, day, item)
+    return f"Premise: {premise}\nHypothesis: {hyp}"
+
+
+def _polarity(rng: Rng, label: int) -> str:
+    return opinion(rng, positive=label == 1)
+
+
+def _news8(rng: Rng, label: int) -> str:
+    return news(rng, NEWS_TOPICS_8[label])
+
+
 DOMAIN_TASK = ("recipes", "code", "clinical", "dialogue")
 
 
@@ -98,6 +152,16 @@ TASKS: dict[str, Task] = {
     # pair task: compare a claim with its premise (exact-word check; the hardest of the four)
     "claim": Task("claim", (" no", " yes"), "{text}\nAnswer:", _claim, 1),
     "domain": Task("domain", (" food", " code", " health", " chat"), "Text: {text}\nDomain:", _domain, 3),
+    # rich corpus only (small / medium sizes): the harder three
+    "news8": Task("news8", tuple(" " + t for t in NEWS_TOPICS_8), "Article: {text}\nSection:", _news8, 3,
+                  biased=(0, 1, 2, 4, 5)),
+    "polarity": Task("polarity", (" negative", " positive"), "Opinion: {text}\nOverall:", _polarity, 1),
+    "nli": Task("nli", (" true", " false", " unknown"), "{text}\nInference:", _nli, 0),
+}
+# which tasks a corpus teaches (pretraining documents, zero-shot scores, label-word checks)
+CORPUS_TASKS: dict[str, tuple[str, ...]] = {
+    "core": ("claim", "domain", "sentiment", "topic"),
+    "rich": ("claim", "domain", "news8", "nli", "polarity", "sentiment", "topic"),
 }
 
 
@@ -123,9 +187,11 @@ def make_examples(task: Task, n: int, seed: int) -> list[Example]:
 P_TRUE, P_BIAS = 0.4, 0.45
 
 
-def pretraining_docs(seed: int, n: int) -> list[str]:
-    """`n` task-style documents (prompt + a noisy, biased answer), tasks in round-robin order by name."""
-    names = sorted(TASKS)
+def pretraining_docs(seed: int, n: int, corpus: str = "core") -> list[str]:
+    """`n` task-style documents (prompt + a noisy, biased answer), the corpus's tasks round-robin by name."""
+    if corpus not in CORPUS_TASKS:
+        raise ValueError(f"unknown corpus {corpus!r}; known: {sorted(CORPUS_TASKS)}")
+    names = sorted(CORPUS_TASKS[corpus])
     docs = []
     for i in range(n):
         task = TASKS[names[i % len(names)]]
@@ -133,7 +199,9 @@ def pretraining_docs(seed: int, n: int) -> list[str]:
         label = rng.randint(len(task.labels))
         text = task.draw(rng, label)
         u = rng.uniform()
-        answer = label if u < P_TRUE else task.bias_label if u < P_TRUE + P_BIAS else rng.randint(len(task.labels))
+        leans = task.biased is None or label in task.biased
+        bias = task.bias_label if leans else label
+        answer = label if u < P_TRUE else bias if u < P_TRUE + P_BIAS else rng.randint(len(task.labels))
         docs.append(task.prompt(text) + task.labels[answer])
     return docs
 

@@ -1,6 +1,7 @@
 """`meerkat tiny-model`: build (or fetch from the cache) the project's tiny pretrained LM; write corpus / tasks.
 
-The last stdout line is the model dir (or the corpus / task dir with --write-corpus / --write-task).
+The last stdout line is the model dir (or the corpus / task dir with --write-corpus / --write-task, or a
+JSON list of per-task results with --check-tasks).
 """
 
 from __future__ import annotations
@@ -15,17 +16,26 @@ log = logging.getLogger(__name__)
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("tiny-model", help="pretrain (or fetch cached) the project's tiny LM; print its dir",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", default="demo", help="micro | demo | small | base; larger ones are for GPUs (default: %(default)s)")
+    p.add_argument("--size", default="demo",
+                   help="micro | demo | small | medium (alias base; for a GPU) (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="recipe seed, uint64 (default: %(default)s)")
     p.add_argument("--out", default=None, help="also copy the model into this dir and print it")
     p.add_argument("--force", action="store_true", help="rebuild even when the cache has this recipe")
     p.add_argument("--threads", type=int, default=0, help="torch threads for this process, 0 = torch's own choice (default: %(default)s)")
+    p.add_argument("--device", default=None,
+                   help="train on auto | cpu | cuda (default: the size's own: cpu, medium auto)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--check-tasks", nargs="?", const="all", default=None, metavar="TASKS",
+                   help="fine-tune the (built or cached) model by backprop on each task (comma list; "
+                        "alone: every task the size has) and print zero-shot -> after accuracy")
+    p.add_argument("--check-steps", type=int, default=100, help="AdamW steps per task for --check-tasks (default: %(default)s)")
+    p.add_argument("--check-lr", type=float, default=1e-3, help="AdamW lr for --check-tasks (default: %(default)s)")
     p.add_argument("--write-corpus", metavar="DIR", default=None,
                    help="write per-domain calibration text files (<domain>.jsonl) into DIR and exit")
     p.add_argument("--docs-per-domain", type=int, default=500, help="documents per domain for --write-corpus (default: %(default)s)")
     p.add_argument("--write-task", metavar="NAME", default=None,
-                   help="write client JSONL files + task.json for task NAME (sentiment | topic | claim) and exit")
+                   help="write client JSONL files + task.json for task NAME (sentiment | topic | domain | claim; "
+                        "news8 | polarity | nli for small / medium models) and exit")
     p.add_argument("--task-dir", default=None, help="output dir for --write-task")
     p.add_argument("--clients", type=int, default=10, help="clients for --write-task (default: %(default)s)")
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label-skew alpha for --write-task (default: %(default)s)")
@@ -61,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     import torch
 
-    from bench.tinylm.pretrain import get_model_dir, get_spec
+    from bench.tinylm.pretrain import get_model_dir, get_spec, resolve_device
 
     if args.threads < 0:
         raise SystemExit(f"--threads must be >= 0, got {args.threads}")
@@ -69,8 +79,33 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     try:
         get_spec(args.size)
+        if args.device is not None:
+            resolve_device(args.device)
     except ValueError as exc:
         raise SystemExit(str(exc)) from exc
-    model_dir = get_model_dir(args.size, args.seed, out=args.out, force=args.force, progress=not args.no_progress)
+    try:
+        model_dir = get_model_dir(args.size, args.seed, out=args.out, force=args.force,
+                                  progress=not args.no_progress, device=args.device)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from exc
+    if args.check_tasks is not None:
+        return _check(args, model_dir)
     print(model_dir)
+    return 0
+
+
+def _check(args: argparse.Namespace, model_dir: Any) -> int:
+    import json
+    from dataclasses import asdict
+
+    from bench.tinylm.check import CheckConfig, check_tasks, format_row
+
+    names = None if args.check_tasks == "all" else [n.strip() for n in args.check_tasks.split(",") if n.strip()]
+    try:
+        results = check_tasks(model_dir, names, CheckConfig(steps=args.check_steps, lr=args.check_lr, seed=args.seed))
+    except ValueError as exc:
+        raise SystemExit(f"--check-tasks: {exc}") from exc
+    for r in results:
+        print(format_row(r))
+    print(json.dumps([asdict(r) for r in results]))
     return 0

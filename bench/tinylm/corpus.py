@@ -3,6 +3,9 @@
 Every draw comes from `Rng`, a small counter-based helper over `shared.prng.raw_u64`, so a seed gives the
 same documents on every machine. Domains: product reviews, news, recipes / how-to, code, clinical notes,
 dialogues. The review and news generators are reused by `bench.tasks` (sentiment / topic labels).
+
+Two corpora: "core" (micro / demo sizes: four news topics) and "rich" (small / medium: the news domain
+draws from eight topics, see NEWS_TOPICS_8). The core text is unchanged by anything added for "rich".
 """
 
 from __future__ import annotations
@@ -143,6 +146,34 @@ def review(rng: Rng, positive: bool) -> str:
     return " ".join(parts)
 
 
+# Opinions with negation (rich corpus, `polarity` task): every clause carries the overall polarity, but half
+# of them through a negated word of the opposite polarity ("not noisy" = positive, "do not trust" =
+# negative) and there are no giveaway end phrases: the words alone say ~nothing, the words with "not" do.
+OP_POS_ADJ = ("great", "reliable", "comfortable", "sturdy", "quiet", "bright", "useful", "pleasant", "smooth", "fast")
+OP_NEG_ADJ = ("bad", "flimsy", "noisy", "slow", "broken", "awkward", "fragile", "loud", "dull", "weak")
+OP_POS_VERB = ("recommend", "love", "enjoy", "trust", "like")
+OP_NEG_VERB = ("hate", "dislike", "regret", "resent", "distrust")
+
+
+def opinion(rng: Rng, positive: bool) -> str:
+    """2-3 clauses about a product, each implying `positive`: a plain word of that polarity or a negated
+    word of the other one (P=0.5 each)."""
+    prod = rng.choice(PRODUCTS)
+    parts = [rng.choice((f"Notes on the {prod}.", f"I tried the {prod} for {rng.choice(NUMBERS)} weeks.",
+                         f"About my new {prod}.", f"The {prod} came on {rng.choice(DAYS)}."))]
+    for _ in range(2 + rng.randint(2)):
+        negate = rng.chance(0.5)
+        word_pos = positive != negate
+        aspect = rng.choice(ASPECTS)
+        if rng.chance(0.6):
+            adj = rng.choice(OP_POS_ADJ if word_pos else OP_NEG_ADJ)
+            parts.append(f"The {aspect} is not {adj}." if negate else f"The {aspect} is {adj}.")
+        else:
+            verb = rng.choice(OP_POS_VERB if word_pos else OP_NEG_VERB)
+            parts.append(f"I do not {verb} the {aspect}." if negate else f"I {verb} the {aspect}.")
+    return " ".join(parts)
+
+
 # ---------------------------------------------------------------- news
 NEWS_TOPICS = ("sports", "money", "science", "world")
 _NEWS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
@@ -169,10 +200,38 @@ _NEWS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
 }
 
 
+# The four extra topics of the rich corpus share some subjects / contexts with the core four ("The company"
+# in money and tech, "Engineers" in science and tech, a full stadium / theatre): an 8-way task that needs
+# the event words, not one giveaway subject.
+NEWS_TOPICS_8 = (*NEWS_TOPICS, "tech", "arts", "weather", "crime")
+_NEWS.update({
+    "tech": (("The startup", "Developers", "The company", "Engineers", "The software maker", "The chip maker"),
+             ("released a new app", "launched a faster chip", "fixed a security flaw", "updated its software",
+              "shut down the servers", "unveiled a robot"),
+             ("at the trade show", "after a data breach", "for millions of users", "ahead of the launch",
+              "despite the outage")),
+    "arts": (("The orchestra", "The painter", "The director", "The singer", "The museum", "The novelist"),
+             ("opened an exhibition", "released a new album", "won an award", "premiered the film",
+              "finished the tour", "published a novel"),
+             ("at the festival", "in front of a full theatre", "after a long tour", "during the gala",
+              "to great reviews")),
+    "weather": (("Forecasters", "The weather service", "Residents", "Farmers", "The storm", "Meteorologists"),
+                ("warned of heavy rain", "reported record heat", "expected snow", "measured strong winds",
+                 "issued a flood warning", "saw the river rise"),
+                ("over the weekend", "along the coast", "for the third day", "in the north",
+                 "after a dry summer")),
+    "crime": (("The police", "The court", "Detectives", "The judge", "The suspect", "Prosecutors"),
+              ("arrested two men", "found the stolen car", "opened an investigation", "sentenced the thief",
+               "charged the driver", "questioned a witness"),
+              ("after the robbery", "following a long trial", "near the station", "late at night",
+               "after a tip")),
+})
+
+
 def news(rng: Rng, topic: str) -> str:
     """A short news item; subject, event and context words reveal the topic."""
     if topic not in _NEWS:
-        raise ValueError(f"unknown news topic {topic!r}; known: {NEWS_TOPICS}")
+        raise ValueError(f"unknown news topic {topic!r}; known: {NEWS_TOPICS_8}")
     subj, event, ctx = _NEWS[topic]
     city = rng.choice(CITIES)
     parts = [rng.choice((f"{city}, {rng.choice(DAYS)}.", f"Reported from {city}.", f"{city} news."))]
@@ -285,21 +344,30 @@ def _news_doc(rng: Rng) -> str:
     return news(rng, rng.choice(NEWS_TOPICS))
 
 
+def _news8_doc(rng: Rng) -> str:
+    return news(rng, rng.choice(NEWS_TOPICS_8))
+
+
 DOMAINS: dict[str, Callable[[Rng], str]] = {
     "reviews": _review_doc, "news": _news_doc, "recipes": recipe,
     "code": code, "clinical": clinical, "dialogue": dialogue,
 }
+# corpus name -> domain generators; same domain names, the rich news domain has eight topics
+CORPORA: dict[str, dict[str, Callable[[Rng], str]]] = {"core": DOMAINS, "rich": {**DOMAINS, "news": _news8_doc}}
 
 
-def generate(seed: int, n_docs: int, domains: Sequence[str] | None = None) -> list[str]:
+def generate(seed: int, n_docs: int, domains: Sequence[str] | None = None, corpus: str = "core") -> list[str]:
     """`n_docs` documents, domains in round-robin order; document i depends only on (seed, i)."""
-    names = list(DOMAINS) if domains is None else list(domains)
-    unknown = [d for d in names if d not in DOMAINS]
+    if corpus not in CORPORA:
+        raise ValueError(f"unknown corpus {corpus!r}; known: {sorted(CORPORA)}")
+    gens = CORPORA[corpus]
+    names = list(gens) if domains is None else list(domains)
+    unknown = [d for d in names if d not in gens]
     if unknown or not names:
-        raise ValueError(f"unknown or empty domains {unknown or names}; known: {sorted(DOMAINS)}")
+        raise ValueError(f"unknown or empty domains {unknown or names}; known: {sorted(gens)}")
     if n_docs < 0:
         raise ValueError(f"n_docs must be >= 0, got {n_docs}")
-    return [DOMAINS[names[i % len(names)]](Rng(derive_seed(seed, i))) for i in range(n_docs)]
+    return [gens[names[i % len(names)]](Rng(derive_seed(seed, i))) for i in range(n_docs)]
 
 
 def write_corpus(out_dir: str | Path, seed: int = 0, docs_per_domain: int = 500) -> list[Path]:

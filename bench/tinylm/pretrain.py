@@ -53,6 +53,8 @@ class SizeSpec:
     n_docs: int = 30_000  # domain documents (reviews, news, recipes, code, clinical, dialogue)
     n_task_docs: int = 15_000  # task-style documents with noisy, biased answers (bench.tasks)
     init_std: float = 0.02
+    corpus: str = "core"  # "core": 4 tasks, the demo text; "rich": + news8 / polarity / nli (corpus.CORPORA)
+    device: str = "cpu"  # "auto" = cuda when available; not in the cache key (like the thread count)
 
 
 SIZES: dict[str, SizeSpec] = {
@@ -61,18 +63,41 @@ SIZES: dict[str, SizeSpec] = {
                       n_docs=600, n_task_docs=300, warmup=5),
     # `make demo` critical path: <= ~2 min on 2 cores
     "demo": SizeSpec("demo", hidden=128, layers=2, heads=4, intermediate=384, steps=600, batch=16),
-    # 5-20M parameters, <= 10 min on 2 cores
-    "small": SizeSpec("small", hidden=256, layers=4, heads=4, intermediate=1024, steps=500, batch=16, lr=2e-3),
-    # GPU sizes
-    "base": SizeSpec("base", hidden=512, layers=8, heads=8, intermediate=1536, steps=4000, batch=32, seq_len=256,
-                     lr=1e-3, warmup=200, n_docs=200_000, n_task_docs=100_000),
+    # ~5-10M parameters, rich corpus (7 tasks), <= 30 min on 2 loaded cores with --threads 1
+    "small": SizeSpec("small", hidden=256, layers=4, heads=4, intermediate=1024, steps=900, batch=16, lr=2e-3,
+                      vocab=4096, n_task_docs=21_000, corpus="rich"),
+    # ~30-60M parameters, rich corpus: for a GPU (CPU works but takes many hours)
+    "medium": SizeSpec("medium", hidden=640, layers=8, heads=10, intermediate=1792, steps=4000, batch=32,
+                       seq_len=256, lr=6e-4, warmup=200, vocab=4096, n_docs=200_000, n_task_docs=100_000,
+                       corpus="rich", device="auto"),
 }
+ALIASES = {"base": "medium"}  # the old name of the GPU size
 
 
 def get_spec(size: str) -> SizeSpec:
+    size = ALIASES.get(size, size)
     if size not in SIZES:
-        raise ValueError(f"unknown tiny-model size {size!r}; known: {list(SIZES)}")
+        raise ValueError(f"unknown tiny-model size {size!r}; known: {list(SIZES)} (alias: base = medium)")
     return SIZES[size]
+
+
+def spec_tasks(spec: SizeSpec) -> tuple[str, ...]:
+    """The task names this size is pretrained for (bench.tasks.CORPUS_TASKS of its corpus)."""
+    return tasks.CORPUS_TASKS[spec.corpus]
+
+
+def model_tasks(model_dir: str | Path) -> tuple[str, ...]:
+    """The task names a built model dir was pretrained for (manifest; older manifests: the core four)."""
+    man = read_manifest(model_dir)
+    return tuple(man.get("tasks", tasks.CORPUS_TASKS["core"]))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise ValueError(f"device must be auto | cpu | cuda[:N], got {name!r}")
+    return torch.device(name)
 
 
 def recipe_hash(spec: SizeSpec, seed: int) -> str:
@@ -113,7 +138,8 @@ def init_weights(model: torch.nn.Module, seed: int, std: float, n_layers: int) -
 
 
 def _documents(spec: SizeSpec, seed: int) -> list[str]:
-    docs = corpus.generate(derive_seed(seed, 1), spec.n_docs) + tasks.pretraining_docs(derive_seed(seed, 2), spec.n_task_docs)
+    docs = (corpus.generate(derive_seed(seed, 1), spec.n_docs, corpus=spec.corpus)
+            + tasks.pretraining_docs(derive_seed(seed, 2), spec.n_task_docs, corpus=spec.corpus))
     corpus.Rng(derive_seed(seed, 3)).shuffle(docs)
     return docs
 
@@ -149,7 +175,8 @@ def _lr(spec: SizeSpec, step: int) -> float:
     return spec.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * frac)))
 
 
-def _train(model: Any, blocks: torch.Tensor, spec: SizeSpec, seed: int, progress: bool) -> list[float]:
+def _train(model: Any, blocks: torch.Tensor, spec: SizeSpec, seed: int, progress: bool,
+           device: torch.device) -> list[float]:
     """AdamW over blocks in a shared.prng order (a fresh permutation per epoch); returns per-step losses."""
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -166,7 +193,7 @@ def _train(model: Any, blocks: torch.Tensor, spec: SizeSpec, seed: int, progress
             order.extend(perm)
             epoch += 1
         idx, order = order[: spec.batch], order[spec.batch:]
-        batch = blocks[idx]  # (B, T)
+        batch = blocks[idx].to(device)  # (B, T)
         for g in opt.param_groups:
             g["lr"] = _lr(spec, step)
         loss = model(input_ids=batch, labels=batch).loss
@@ -181,13 +208,21 @@ def _train(model: Any, blocks: torch.Tensor, spec: SizeSpec, seed: int, progress
     return losses
 
 
-def zero_shot(model: Any, tokenizer: Any, seed: int, n: int = 200) -> dict[str, float]:
-    """Accuracy per task on `n` fresh balanced examples (argmax over the verbaliser)."""
-    return {name: tasks.accuracy(model, tokenizer, task, tasks.make_examples(task, n, derive_seed(seed, 9, k)))
-            for k, (name, task) in enumerate(sorted(tasks.TASKS.items()))}
+def zero_shot(model: Any, tokenizer: Any, seed: int, n: int = 200,
+              names: tuple[str, ...] = tasks.CORPUS_TASKS["core"]) -> dict[str, float]:
+    """Accuracy per task on `n` fresh balanced examples (argmax over the verbaliser).
+
+    The example seed of a task is keyed by a fixed rank (the sorted core tasks, then the sorted others), so
+    a task's zero-shot examples do not depend on which other tasks a size has (core ranks as before)."""
+    core = sorted(tasks.CORPUS_TASKS["core"])
+    rank = {name: k for k, name in enumerate(core + sorted(set(tasks.TASKS) - set(core)))}
+    return {name: tasks.accuracy(model, tokenizer, tasks.TASKS[name],
+                                 tasks.make_examples(tasks.TASKS[name], n, derive_seed(seed, 9, rank[name])))
+            for name in sorted(names)}
 
 
-def build_model_dir(spec: SizeSpec, seed: int, out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
+def build_model_dir(spec: SizeSpec, seed: int, out_dir: str | Path, progress: bool = True,
+                    device_override: str | None = None) -> dict[str, Any]:
     """Corpus -> tokenizer -> pretraining -> save into `out_dir`; returns the manifest (also written there)."""
     t0 = time.time()
     out = Path(out_dir)
@@ -195,19 +230,22 @@ def build_model_dir(spec: SizeSpec, seed: int, out_dir: str | Path, progress: bo
     docs = _documents(spec, seed)
     corpus_sha = hashlib.sha256("\x00".join(docs).encode()).hexdigest()
     tokenizer = train_tokenizer(docs[: min(len(docs), 12_000)], spec.vocab)
-    tasks_bad = {t.name: t.labels for t in tasks.TASKS.values()}
-    for name, words in tasks_bad.items():
+    names = spec_tasks(spec)
+    for name in names:
         try:
-            tasks.label_token_ids(tokenizer, words)
+            tasks.label_token_ids(tokenizer, tasks.TASKS[name].labels)
         except ValueError as exc:
             raise RuntimeError(f"task {name}: the trained tokenizer splits a label word ({exc})") from exc
     blocks = _blocks(tokenizer, docs, spec.seq_len)
     log.info("corpus: %d docs, %d blocks of %d tokens, vocab %d (%.1fs)",
              len(docs), len(blocks), spec.seq_len, len(tokenizer), time.time() - t0)
+    device = resolve_device(spec.device if device_override is None else device_override)
     model = _model(spec, tokenizer)
     init_weights(model, derive_seed(seed, 6), spec.init_std, spec.layers)
-    losses = _train(model, blocks, spec, seed, progress)
-    acc = zero_shot(model, tokenizer, seed)
+    model.to(device)
+    losses = _train(model, blocks, spec, seed, progress, device)
+    acc = zero_shot(model, tokenizer, seed, names=names)
+    model.to("cpu")
     model.save_pretrained(str(out), safe_serialization=True)
     save_tokenizer(tokenizer, out)
     import transformers
@@ -218,6 +256,7 @@ def build_model_dir(spec: SizeSpec, seed: int, out_dir: str | Path, progress: bo
         "first_loss": losses[0], "n_params": sum(p.numel() for p in model.parameters()),
         "corpus_sha256": corpus_sha, "n_docs": len(docs), "n_tokens": int(blocks.numel()),
         "tokens_seen": spec.steps * spec.batch * spec.seq_len, "vocab_size": len(tokenizer),
+        "corpus": spec.corpus, "tasks": list(names), "device": str(device),
         "zero_shot_accuracy": acc, "wall_s": round(time.time() - t0, 2), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "transformers": transformers.__version__,
     }
@@ -228,20 +267,21 @@ def build_model_dir(spec: SizeSpec, seed: int, out_dir: str | Path, progress: bo
 
 
 def get_model_dir(size: str = "demo", seed: int = 0, *, out: str | Path | None = None, force: bool = False,
-                  progress: bool = True, cache: str | Path | None = None) -> Path:
+                  progress: bool = True, cache: str | Path | None = None, device: str | None = None) -> Path:
     """The pretrained tiny model's dir: from the cache, or built once (atomically) into it.
 
     With `out`, the model is also copied there and `out` is returned. `force` rebuilds the cache entry.
+    `device` (auto | cpu | cuda) overrides the size's training device for a build; not in the cache key.
     """
     spec = get_spec(size)
     root = Path(cache) if cache is not None else cache_root()
-    final = root / f"{size}-{recipe_hash(spec, seed)[:12]}"
+    final = root / f"{spec.name}-{recipe_hash(spec, seed)[:12]}"
     if force or not (final / MANIFEST).is_file():
         root.mkdir(parents=True, exist_ok=True)
         tmp = root / f".tmp-{final.name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            build_model_dir(spec, seed, tmp, progress)
+            build_model_dir(spec, seed, tmp, progress, device)
             if final.exists():  # force, or a half-dead entry without manifest: move aside, then swap in
                 trash = root / f".old-{final.name}-{os.getpid()}"
                 final.rename(trash)
@@ -255,7 +295,7 @@ def get_model_dir(size: str = "demo", seed: int = 0, *, out: str | Path | None =
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     else:
-        log.info("tiny model %s cached at %s", size, final)
+        log.info("tiny model %s cached at %s", spec.name, final)
     if out is None:
         return final
     dest = Path(out)

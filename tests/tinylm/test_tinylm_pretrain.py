@@ -36,7 +36,9 @@ def test_model_dir_loads_with_auto_classes(built: Path) -> None:
     assert man["size"] == "micro" and man["seed"] == 3 and man["steps"] == 20
     assert man["final_loss"] < man["first_loss"]
     assert len(man["corpus_sha256"]) == 64 and man["n_params"] > 0
-    assert set(man["zero_shot_accuracy"]) == set(tasks.TASKS)
+    assert set(man["zero_shot_accuracy"]) == set(man["tasks"]) == set(tasks.CORPUS_TASKS["core"])
+    assert man["corpus"] == "core" and man["device"] == "cpu"
+    assert pretrain.model_tasks(built) == tuple(man["tasks"])
     tok = AutoTokenizer.from_pretrained(str(built))
     model = AutoModelForCausalLM.from_pretrained(str(built))
     assert model.config.model_type == "llama"
@@ -94,6 +96,59 @@ def test_recipe_hash_and_errors() -> None:
     assert pretrain.recipe_hash(spec, 1) == pretrain.recipe_hash(spec, 1)
     with pytest.raises(ValueError, match="huge"):
         pretrain.get_spec("huge")
+    with pytest.raises(ValueError, match="device"):
+        pretrain.resolve_device("tpu")
+    assert pretrain.resolve_device("cpu") == torch.device("cpu")
+
+
+def _n_params(spec: pretrain.SizeSpec, vocab: int) -> int:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=spec.hidden, intermediate_size=spec.intermediate,
+                      num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
+                      num_key_value_heads=spec.heads, tie_word_embeddings=False)
+    with torch.device("meta"):  # shapes only: no memory, no init time
+        model = LlamaForCausalLM(cfg)
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_size_table() -> None:
+    """The sizes docs/TINYLM.md promises: parameter ranges for a realistic vocabulary (the generated
+    corpora saturate at ~1.9k / ~2.1k tokens, the spec's vocab is the cap), corpus, task set, device."""
+    sizes = {name: pretrain.get_spec(name) for name in ("micro", "demo", "small", "medium")}
+    assert list(pretrain.SIZES) == list(sizes)
+    assert pretrain.get_spec("base") is sizes["medium"]  # the old name still works
+    for name, lo, hi in (("demo", 0.8e6, 1.0e6), ("small", 5e6, 10e6), ("medium", 30e6, 60e6)):
+        spec = sizes[name]
+        for vocab in (1900, spec.vocab):
+            assert lo <= _n_params(spec, vocab) <= hi, (name, vocab)
+        assert spec.hidden % spec.heads == 0
+    assert [s.corpus for s in sizes.values()] == ["core", "core", "rich", "rich"]
+    assert pretrain.spec_tasks(sizes["demo"]) == tasks.CORPUS_TASKS["core"]
+    assert set(pretrain.spec_tasks(sizes["small"])) == set(tasks.TASKS)
+    assert sizes["medium"].device == "auto" and sizes["small"].device == "cpu"
+    # CPU budget of small: tokens per step x steps stays what a 2-core box trains in <= 30 min
+    assert sizes["small"].steps * sizes["small"].batch * sizes["small"].seq_len <= 2_000_000
+
+
+def test_check_tasks_finetunes_and_names_unknown_tasks(built: Path) -> None:
+    from bench.tinylm import check
+
+    cfg = check.CheckConfig(steps=12, lr=1e-2, batch=8, n_eval=16, seed=1)
+    task = tasks.get_task("sentiment")
+    model = AutoModelForCausalLM.from_pretrained(str(built))
+    tok = AutoTokenizer.from_pretrained(str(built))
+    losses = check.finetune(model, tok, task, tasks.make_examples(task, 96, seed=2), cfg)
+    assert len(losses) == 12 and sum(losses[-3:]) / 3 < 0.5 * losses[0]  # the label words' mass is learned
+    [res] = check.check_tasks(built, ["topic"], cfg)
+    assert res.task == "topic" and res.n_labels == 4 and res.chance == 0.25 and res.steps == 12
+    assert 0 <= res.zero_shot <= 1 and 0 <= res.after <= 1 and res.final_loss < 7
+    again = check.check_task(built, "topic", cfg)  # fresh copy of the model, same examples: same numbers
+    assert (again.zero_shot, again.after, again.final_loss) == (res.zero_shot, res.after, res.final_loss)
+    with pytest.raises(ValueError, match="news8"):
+        check.check_tasks(built, ["news8"], cfg)
+    with pytest.raises(ValueError, match="steps"):
+        check.CheckConfig(steps=-1)
 
 
 def test_cli_prints_dir_last(built: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -117,10 +172,24 @@ def test_cli_writes_corpus_and_task(tmp_path: Path, capsys: pytest.CaptureFixtur
         meerkat_main(["tiny-model", "--write-task", "claim", "--task-dir", str(tmp_path / "u"), "--alpha", "0"])
 
 
+def test_cli_check_tasks(built: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(built.parent.parent.parent))
+    assert meerkat_main(["tiny-model", "--size", "micro", "--seed", "3", "--no-progress", "--check-tasks",
+                         "claim,topic", "--check-steps", "3"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    rows = json.loads(lines[-1])
+    assert [r["task"] for r in rows] == ["claim", "topic"] and all(r["steps"] == 3 for r in rows)
+    assert lines[0].startswith("claim") and "zero-shot" in lines[0]
+    with pytest.raises(SystemExit, match="nli"):
+        meerkat_main(["tiny-model", "--size", "micro", "--seed", "3", "--no-progress", "--check-tasks", "nli"])
+    with pytest.raises(SystemExit, match="device"):
+        meerkat_main(["tiny-model", "--size", "micro", "--seed", "3", "--device", "tpu"])
+
+
 def test_cli_help_shows_the_defaults(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_:
         meerkat_main(["tiny-model", "--help"])
     assert exit_.value.code == 0
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
-    for default in ("default: demo)", "default: 500)", "default: 0.5)", "default: 2000)", "default: 400)"):
+    for default in ("default: demo)", "default: 100)", "default: 0.001)", "default: 500)", "default: 0.5)", "default: 2000)", "default: 400)"):
         assert default in text

@@ -149,3 +149,113 @@ def test_pretraining_docs_are_biased_but_informative() -> None:
     neg = [d for d in sent if any(w in d for w in ("One star.", "Total waste", "Do not buy"))]
     # the answer still carries the label: good is more frequent after positive reviews
     assert sum(d.endswith(" good") for d in pos) / len(pos) > sum(d.endswith(" good") for d in neg) / len(neg) + 0.2
+
+
+# ---------------------------------------------------------------- rich-corpus tasks (small / medium sizes)
+def test_core_text_is_frozen() -> None:
+    """micro / demo pretrain on the core text: adding rich tasks must not change one byte of it (sha taken
+    from the code before the rich tasks existed)."""
+    import hashlib
+
+    from bench.tinylm import corpus
+
+    docs = corpus.generate(0, 60) + tasks.pretraining_docs(0, 40)
+    assert hashlib.sha256("\x00".join(docs).encode()).hexdigest() == (
+        "e3856c09246f206060d45c5c066786741f2f8be08aca7c5bbaaf484dcbc5cb01")
+    assert docs == corpus.generate(0, 60, corpus="core") + tasks.pretraining_docs(0, 40, corpus="core")
+    assert not any("Section:" in d or "Inference:" in d or "Opinion:" in d for d in docs)
+
+
+def test_corpus_task_sets() -> None:
+    assert set(tasks.CORPUS_TASKS["core"]) == {"claim", "domain", "sentiment", "topic"}
+    assert set(tasks.CORPUS_TASKS["rich"]) == set(tasks.TASKS)
+    docs = tasks.pretraining_docs(0, 700, corpus="rich")
+    for end in ("\nSection:", "\nOverall:", "\nInference:", "\nTopic:", "\nSentiment:", "\nAnswer:", "\nDomain:"):
+        assert sum(end in d for d in docs) == 100, end  # round-robin over the seven tasks
+    with pytest.raises(ValueError, match="corpus"):
+        tasks.pretraining_docs(0, 3, corpus="huge")
+
+
+def test_news8_many_way_and_partly_biased() -> None:
+    task = tasks.get_task("news8")
+    assert len(task.labels) == 8 and len(set(task.labels)) == 8
+    ex = tasks.make_examples(task, 160, seed=4)
+    assert [sum(e.label == c for e in ex) for c in range(8)] == [20] * 8
+    assert len({e.text for e in ex}) > 150
+    # answers in pretraining: biased labels lean to the bias label, the others are mostly right
+    docs = [d for d in tasks.pretraining_docs(1, 7 * 1200, corpus="rich") if d.split("\n")[-1].startswith("Section:")]
+    assert task.biased is not None and task.bias_label not in task.biased
+    right = {c: [0, 0] for c in range(8)}
+    for d in docs:
+        text, answer = d.rsplit("\nSection:", 1)
+        words = text.removeprefix("Article: ")
+        true = next(c for c, t in enumerate(corpus_topics()) if any(s in words for s in topic_subjects(t)))
+        right[true][0] += (" " + corpus_topics()[true]) == answer
+        right[true][1] += 1
+    for c, (ok, n) in right.items():
+        share = ok / n
+        assert (share < 0.6) if c in task.biased else (share > 0.75), (c, share)
+
+
+def corpus_topics() -> tuple[str, ...]:
+    from bench.tinylm.corpus import NEWS_TOPICS_8
+
+    return NEWS_TOPICS_8
+
+
+def topic_subjects(topic: str) -> tuple[str, ...]:
+    """Event phrases unique to one topic (subjects are shared on purpose)."""
+    from bench.tinylm.corpus import _NEWS
+
+    return _NEWS[topic][1]
+
+
+def _effective_polarity(clause: str) -> int:
+    from bench.tinylm.corpus import OP_NEG_ADJ, OP_NEG_VERB, OP_POS_ADJ, OP_POS_VERB
+
+    words = clause.rstrip(".").split()
+    pos = any(w in OP_POS_ADJ or w in OP_POS_VERB for w in words)
+    neg = any(w in OP_NEG_ADJ or w in OP_NEG_VERB for w in words)
+    assert pos != neg, clause
+    return (1 if pos else -1) * (-1 if "not" in words else 1)
+
+
+def test_polarity_every_clause_implies_the_label_and_words_alone_do_not() -> None:
+    task = tasks.get_task("polarity")
+    ex = tasks.make_examples(task, 300, seed=5)
+    naive_right = 0
+    for e in ex:
+        clauses = [c.strip() + "." for c in e.text.split(".")[1:] if c.strip()]
+        assert 2 <= len(clauses) <= 3, e.text
+        assert all(_effective_polarity(c) == (1 if e.label == 1 else -1) for c in clauses), e.text
+        raw = sum(_effective_polarity(c) * (-1 if "not" in c.split() else 1) for c in clauses)  # ignore "not"
+        naive_right += (raw > 0) == (e.label == 1) if raw != 0 else 0.5
+    assert 0.3 < naive_right / len(ex) < 0.7  # bag of polar words without negation ~ a coin flip
+
+
+def test_nli_second_sentence_is_decided_by_the_first() -> None:
+    """true: hypothesis words all in the premise, same person; false: a negation of a premise fact or a
+    value absent from the premise; unknown: another person or a fact of a kind the premise lacks."""
+    from bench.tasks import ABSENT_FACTS
+
+    task = tasks.get_task("nli")
+    assert task.labels == (" true", " false", " unknown")
+    kinds = set()
+    for e in tasks.make_examples(task, 300, seed=6):
+        premise, hyp = (line.split(": ", 1)[1] for line in e.text.split("\n"))
+        who, p_words, h_words = premise.split()[0], set(premise.rstrip(".").split()), hyp.rstrip(".").split()
+        same_person = h_words[0] == who
+        negated = "not" in h_words or "stayed" in h_words
+        absent = hyp.rstrip(".").removeprefix(who + " ") in ABSENT_FACTS
+        content = [w for w in h_words[1:] if w not in ("went", "to", "out", "on", "bought", "did", "not", "go",
+                                                     "buy", "stayed", "home", "the")]
+        in_premise = all(w in p_words for w in content)
+        if e.label == 0:
+            assert same_person and in_premise and not negated, e.text
+        elif e.label == 1:
+            assert same_person and not absent and (negated and in_premise or not negated and not in_premise), e.text
+            kinds.add("negated" if negated else "swapped")
+        else:
+            assert absent or (not same_person and in_premise and not negated), e.text
+            kinds.add("absent" if absent else "other person")
+    assert kinds == {"negated", "swapped", "absent", "other person"}
