@@ -12,14 +12,12 @@ A scenario injects its faults while the fleet runs `rounds` rounds; then the run
 - equal checksums: every client ends at the last round with the coordinator's values checksum.
 
 Recovery time of a fault = from the restart of what was killed to the next round closed.
-The tiny model comes from tests/client/clienttoy.py (built, never downloaded).
+The tiny model comes from bench/toy.py (built in a second, never downloaded).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
 import os
 import re
 import shutil
@@ -34,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.broker import free_port, port_open
+from bench.toy import build_toy, toml_text
+from coordinator.eventlog import DB_NAME, EventLog
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY_CONF = REPO / "deploy" / "mosquitto" / "meerkat.conf"
@@ -123,27 +123,6 @@ class Proc:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
-def _toy_builder() -> Callable[[Path], Any]:
-    spec = importlib.util.spec_from_file_location("clienttoy", REPO / "tests" / "client" / "clienttoy.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("clienttoy", mod)
-    spec.loader.exec_module(mod)
-    return mod.build_toy  # type: ignore[no-any-return]
-
-
-def _toml(settings: dict[str, Any]) -> str:
-    out = []
-    for k, v in settings.items():
-        if isinstance(v, bool):
-            out.append(f"{k} = {'true' if v else 'false'}")
-        elif isinstance(v, (int, float)):
-            out.append(f"{k} = {v!r}")
-        else:
-            out.append(f"{k} = {json.dumps(str(v))}")
-    return "\n".join(out) + "\n"
-
-
 @dataclass
 class Fleet:
     """Broker + coordinator + clients of one run, and read-only views of their state."""
@@ -165,11 +144,11 @@ class Fleet:
         w = self.workdir
         w.mkdir(parents=True, exist_ok=True)
         if self.toy is None:
-            self.toy = _toy_builder()(w / "toy")
+            self.toy = build_toy(w / "toy")
         self.broker = Broker(w / "broker", self.broker_mode)
         fleet = f"chaos{os.getpid()}"
         coord_conf = w / "coordinator.toml"
-        coord_conf.write_text(_toml(dict(
+        coord_conf.write_text(toml_text(dict(
             broker=self.broker.url, fleet=fleet, client_id="coordinator", state_dir=str(w / "coord"),
             model_dir=str(self.toy.model_dir), mask=str(self.toy.mask_path), steps=self.steps, lr=1e-3, eps=1e-2,
             batch_size=4, min_clients=2, min_updates=2, round_deadline_s=self.deadline_s, metrics=False,
@@ -179,7 +158,7 @@ class Fleet:
         for i in range(self.n_clients):
             cid = f"dev{i}"
             conf = w / f"{cid}.toml"
-            conf.write_text(_toml(dict(
+            conf.write_text(toml_text(dict(
                 broker=self.broker.url, fleet=fleet, client_id=cid, model_dir=str(self.toy.model_dir),
                 mask=str(self.toy.mask_path), data=str(self.toy.data_path), quant="nf4", device="cpu",
                 seq_len=32, memory_budget_gib=2.0, state_dir=str(w / cid), heartbeat_s=1.0, sync_retry_s=2.0,
@@ -202,39 +181,45 @@ class Fleet:
         self.broker.kill()
 
     # -- views -----------------------------------------------------------------------------------
-    def _coord_rows(self, sql: str) -> list[tuple[Any, ...]]:
-        db = self.workdir / "coord" / "events.sqlite"
-        if not db.exists():
-            return []
+    def _coord_log(self) -> EventLog | None:
+        """The coordinator's event log, read-only (None while it does not exist or is being created)."""
+        if not (self.workdir / "coord" / DB_NAME).exists():
+            return None
         try:
-            con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
-            try:
-                return list(con.execute(sql))
-            finally:
-                con.close()
+            return EventLog(self.workdir / "coord", readonly=True)
         except sqlite3.OperationalError:
-            return []
+            return None
 
     def closed(self) -> int:
         """Rounds closed so far (the coordinator's results)."""
-        rows = self._coord_rows("SELECT COUNT(*) FROM results")
-        return int(rows[0][0]) if rows else 0
+        log = self._coord_log()
+        if log is None:
+            return 0
+        try:
+            return log.last_result_round() + 1
+        except sqlite3.OperationalError:
+            return 0
+        finally:
+            log.close()
 
     def open_round(self) -> int | None:
-        rows = self._coord_rows("SELECT MAX(round) FROM rounds WHERE state = 'open'")
-        return None if not rows or rows[0][0] is None else int(rows[0][0])
+        log = self._coord_log()
+        if log is None:
+            return None
+        try:
+            row = log.open_round()
+        except sqlite3.OperationalError:
+            return None
+        finally:
+            log.close()
+        return None if row is None else int(row.round)
 
     def client_state(self, cid: str) -> tuple[int, str]:
-        db = self.workdir / cid / "client.db"
-        try:
-            con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
-            try:
-                row = con.execute("SELECT round, checksum FROM state WHERE id = 0").fetchone()
-            finally:
-                con.close()
-        except sqlite3.OperationalError:
-            return -2, ""
-        return (-2, "") if row is None else (int(row[0]), str(row[1]))
+        """(round, checksum) a client persisted; (-2, "") while it has none (or its db is busy)."""
+        from bench.demo import client_checksum_and_round
+
+        got = client_checksum_and_round(self.workdir / cid)
+        return (-2, "") if got is None else got
 
     def wait(self, what: str, pred: Callable[[], bool], timeout: float, poll: float = 0.1) -> float:
         t0 = time.monotonic()
@@ -265,9 +250,15 @@ class Fleet:
 
     # -- the verdict -----------------------------------------------------------------------------
     def verdict(self) -> dict[str, Any]:
-        ups = self._coord_rows("SELECT client, round, status, used_in FROM updates")
-        results = self._coord_rows("SELECT round, n_clients, values_checksum FROM results ORDER BY round")
-        stored = {(str(c), int(r)): (str(s), u) for c, r, s, u in ups}
+        log = self._coord_log()
+        if log is None:
+            raise RuntimeError(f"chaos: no coordinator event log in {self.workdir / 'coord'}")
+        try:
+            stored = {(u.client, u.round): (u.status, u.used_in) for u in log.updates()}
+            results = [(r.round, r.n_clients, r.values_checksum) for r in log.results()]
+            dup = sum(c.get("duplicate", 0) for c in log.round_counts().values())
+        finally:
+            log.close()
         published: set[tuple[str, int]] = set()
         pat = re.compile(r"update for round (\d+) \(msg_id [0-9a-f]+\) published")
         for cid, c in zip(self.client_ids, self.clients, strict=True):
@@ -275,13 +266,12 @@ class Fleet:
         lost = sorted(k for k in published if k not in stored or stored[k][0] == "dropped")
         pending = sorted(k for k in published if k in stored and stored[k][0] == "late")
         used: dict[int, set[str]] = {}
-        for (c, _r), (s, u) in stored.items():
-            if s in ("accepted", "folded") and u is not None:
-                used.setdefault(int(u), set()).add(c)
+        for (client, _r), (st, u) in stored.items():
+            if st in ("accepted", "folded") and u is not None:
+                used.setdefault(int(u), set()).add(client)
         double = [r for r, n, _ in results if n != len(used.get(int(r), set()))]
         final = results[-1][2] if results else ""
         states = {cid: self.client_state(cid) for cid in self.client_ids}
-        dup = self._coord_rows("SELECT COALESCE(SUM(count), 0) FROM round_counts WHERE kind = 'duplicate'")
         return {
             "rounds_closed": len(results), "rounds_wanted": self.rounds,
             "updates_published": len(published), "updates_counted": sum(len(v) for v in used.values()),
@@ -289,7 +279,7 @@ class Fleet:
             "double_counted_rounds": double,
             "checksums_equal": bool(final) and all(s == (self.rounds - 1, final) for s in states.values()),
             "final_checksum": final[:16], "clients": {k: [v[0], v[1][:16]] for k, v in states.items()},
-            "duplicates_ignored": int(dup[0][0]) if dup else 0,
+            "duplicates_ignored": dup,
             "faults": self.faults,
         }  # fmt: skip
 
@@ -413,7 +403,7 @@ def run(args: argparse.Namespace) -> int:
 
     names = SCENARIOS if args.scenario == "all" else (args.scenario,)
     modes = BROKER_MODES if args.broker_mode == "both" else (args.broker_mode,)
-    toy = _toy_builder()(args.workdir / "toy")
+    toy = build_toy(args.workdir / "toy")
     results = []
     for name in names:
         for mode in modes:

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from shared.modelload import Quant
 
+from bench.toy import toml_text
+
 log = logging.getLogger(__name__)
 
 
@@ -127,23 +129,11 @@ def prepare(cfg: DemoConfig) -> dict[str, Path]:
     return {"model": model_dir, "mask": mask, "task": task_json}
 
 
-def _toml(values: dict[str, Any]) -> str:
-    lines = []
-    for key, val in values.items():
-        if isinstance(val, bool):
-            lines.append(f"{key} = {'true' if val else 'false'}")
-        elif isinstance(val, (int, float)):
-            lines.append(f"{key} = {val!r}")
-        else:
-            lines.append(f"{key} = {json.dumps(str(val))}")
-    return "\n".join(lines) + "\n"
-
-
 def write_configs(cfg: DemoConfig, paths: dict[str, Path], broker: str, fleet: str) -> tuple[Path, list[Path]]:
     work = cfg.workdir.resolve()
     (work / "config").mkdir(exist_ok=True)
     coord = work / "config" / "coordinator.toml"
-    coord.write_text(_toml({
+    coord.write_text(toml_text({
         "broker": broker, "fleet": fleet, "state_dir": work / "state" / "coordinator", "model_dir": paths["model"],
         "mask": paths["mask"], "quant": cfg.quant, "master_seed": cfg.seed, "rounds": cfg.rounds,
         "steps": cfg.steps, "lr": cfg.lr, "eps": cfg.eps, "batch_size": cfg.batch_size,
@@ -153,7 +143,7 @@ def write_configs(cfg: DemoConfig, paths: dict[str, Path], broker: str, fleet: s
     for k in range(cfg.clients):
         cid = f"client_{k:02d}"
         path = work / "config" / f"{cid}.toml"
-        path.write_text(_toml({
+        path.write_text(toml_text({
             "broker": broker, "fleet": fleet, "client_id": cid, "model_dir": paths["model"], "mask": paths["mask"],
             "quant": cfg.quant, "device": "cpu", "data": paths["task"], "batch_size": cfg.batch_size,
             "seq_len": cfg.seq_len, "memory_budget_gib": 2.0, "state_dir": work / "state" / cid, "heartbeat_s": 2.0,
@@ -345,18 +335,29 @@ def build_report(cfg: DemoConfig, paths: dict[str, Path], traffic: Any, evaluato
     return report
 
 
+def client_checksum_and_round(state_dir: Path) -> tuple[int, str] | None:
+    """(round, values checksum) a client persisted in its state (None when it has none yet)."""
+    import sqlite3
+
+    from edge_client.service.state import DB_NAME, StateStore
+
+    if not (state_dir / DB_NAME).exists():
+        return None
+    try:
+        store = StateStore(state_dir, read_only=True)
+        try:
+            st = store.load()
+        finally:
+            store.close()
+    except sqlite3.OperationalError:  # being created or locked by the running client: ask again later
+        return None
+    return None if st is None else (st.round, st.checksum)
+
+
 def client_checksum(state_dir: Path) -> str | None:
     """The values checksum a client persisted in its state (None when it has none)."""
-    from edge_client.service.state import StateStore
-
-    if not (state_dir / "client.db").exists():
-        return None
-    store = StateStore(state_dir, read_only=True)
-    try:
-        st = store.load()
-    finally:
-        store.close()
-    return None if st is None else st.checksum
+    got = client_checksum_and_round(state_dir)
+    return None if got is None else got[1]
 
 
 def plot_report(report: dict[str, Any], path: Path) -> None:

@@ -217,10 +217,10 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str, logf: Path, 
 
 def write_coordinator_config(cfg: FleetConfig, work: Path, broker: str, fleet: str, model: Path, mask: Path,
                              metrics_port: int) -> Path:
-    from bench.demo import _toml
+    from bench.toy import toml_text
 
     path = work / "coordinator.toml"
-    path.write_text("[coordinator]\n" + _toml({
+    path.write_text("[coordinator]\n" + toml_text({
         "broker": broker, "fleet": fleet, "client_id": f"coord-{fleet}", "state_dir": work / "state",
         "model_dir": model, "mask": mask, "quant": "none", "master_seed": cfg.seed, "rounds": cfg.rounds,
         "steps": cfg.steps, "lr": 1e-4, "eps": 1e-3, "min_clients": max(1, math.ceil(cfg.min_frac * cfg.devices)),

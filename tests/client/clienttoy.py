@@ -3,7 +3,6 @@ client.toml writer, the real coordinator in a thread, and `meerkat client` as a 
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -11,76 +10,16 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from shared.fingerprint import fingerprint_model_dir
-from shared.maskfile import Mask, MaskMeta, save_mask
-from shared.prng import derive_seed, directions, raw_u64
+from bench.toy import WORDS, Toy, build_toy, toml_text  # noqa: F401  (re-exported for the tests)
 
 REPO = Path(__file__).resolve().parents[2]
-WORDS = ("good", "bad", "great", "awful", "fine", "poor", "nice", "dull", "movie", "film", "plot", "cast")
 
 
 def uid(prefix: str) -> str:
     return f"{prefix}{uuid.uuid4().hex[:8]}"
-
-
-@dataclass(frozen=True)
-class Toy:
-    model_dir: Path
-    mask_path: Path
-    data_path: Path
-    fingerprint: str
-    mask: Mask
-
-
-def build_toy(root: Path, seed: int = 11, n_examples: int = 24) -> Toy:
-    """Tiny Llama (2 layers, d=64) with prng-initialised weights, a 300-token BPE, a 0.5% mask, labelled JSONL."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from bench.tinylm.tokenizer import train_tokenizer
-
-    root.mkdir(parents=True, exist_ok=True)
-    texts = [f"the {a} {b} was {c}" for a in WORDS for b in WORDS[8:] for c in WORDS[:8]]
-    tok = train_tokenizer(texts, 300)
-    model_dir = root / "model"
-    cfg = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=len(tok), max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    )
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for i, (_, p) in enumerate(sorted(model.named_parameters())):
-            p.copy_(directions(derive_seed(seed, i), p.numel(), "gaussian").view_as(p) * 0.05)
-    model.save_pretrained(str(model_dir))
-    tok.save_pretrained(str(model_dir))
-    fp = fingerprint_model_dir(model_dir)
-
-    layers, shapes = {}, {}
-    for i, (name, rows, cols) in enumerate(
-        [("model.layers.0.mlp.down_proj", 64, 128), ("model.layers.1.self_attn.q_proj", 64, 64)]
-    ):
-        keys = torch.from_numpy(raw_u64(seed + 100 + i, rows * cols).astype("int64") & 0x7FFFFFFFFFFFFFFF)
-        layers[name] = torch.sort(torch.argsort(keys)[: rows * cols // 200]).values.to(torch.int64)
-        shapes[name] = (rows, cols)
-    nnz = sum(int(t.numel()) for t in layers.values())
-    mask = Mask(layers=layers, shapes=shapes, grad=None, meta=MaskMeta(1, "random", nnz / (64 * 128 + 64 * 64), "test", fp))
-    mask_path = root / "mask.safetensors"
-    save_mask(mask, mask_path)
-
-    data = root / "data"
-    data.mkdir(exist_ok=True)
-    (data / "task.json").write_text(json.dumps({"name": "toy", "verbalizer": {"0": " bad", "1": " good"}, "template": "{text} it was"}))
-    u = raw_u64(seed + 7, 3 * n_examples)
-    with (data / "train.jsonl").open("w") as f:
-        for i in range(n_examples):
-            a, b = WORDS[int(u[3 * i] % 12)], WORDS[8 + int(u[3 * i + 1] % 4)]
-            f.write(json.dumps({"text": f"the {a} {b}", "label": int(u[3 * i + 2] % 2)}) + "\n")
-    return Toy(model_dir, mask_path, data / "train.jsonl", fp, mask)
 
 
 def client_settings(toy: Toy, broker: str, fleet: str, client_id: str, state_dir: Path, **kw: Any) -> dict[str, Any]:
@@ -94,15 +33,7 @@ def client_settings(toy: Toy, broker: str, fleet: str, client_id: str, state_dir
 
 
 def write_toml(path: Path, settings: dict[str, Any]) -> Path:
-    lines = []
-    for k, v in settings.items():
-        if isinstance(v, bool):
-            lines.append(f"{k} = {'true' if v else 'false'}")
-        elif isinstance(v, (int, float)):
-            lines.append(f"{k} = {v!r}")
-        else:
-            lines.append(f"{k} = {json.dumps(str(v))}")
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(toml_text(settings))
     return path
 
 

@@ -1,4 +1,4 @@
-"""Fixtures of the reliability tests: the client tests' tiny model (tests/client/clienttoy.py)."""
+"""Fixtures of the reliability tests: the tiny model of bench/toy.py (what `meerkat bench chaos` runs)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "client"))
+from bench.toy import Toy, build_toy
 
-from clienttoy import Toy, build_toy  # noqa: E402
+# the storage-fault tests also use the client tests' config helpers (tests/client/clienttoy.py)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "client"))
 
 
 @pytest.fixture(scope="session")
