@@ -72,6 +72,7 @@ def task_from_meta(meta: dict[str, Any] | None, seq_len: int) -> TaskConfig:
 def load_eval_data(path: Path, tokenizer: Any, seq_len: int) -> Dataset:
     """An eval set: a task.json naming its file in `eval`, or a JSONL file (task.json beside it, if any)."""
     path = Path(path)
+    meta: dict[str, Any] | None
     if path.suffix == ".json":
         meta = _read_json(path)
         name = meta.get("eval")
