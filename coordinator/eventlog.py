@@ -31,11 +31,11 @@ from typing import Any, cast
 import numpy as np
 
 from coordinator.records import (
+    COORDINATOR_EVAL,
     ClientRow,
     ClientStatusRow,
     DriftRecord,
     DriftRow,
-    COORDINATOR_EVAL,
     EvalRecord,
     EvalRow,
     EventRecord,

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
 from shared.dataset import DataError, Dataset, TaskConfig, load_jsonl

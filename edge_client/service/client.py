@@ -43,8 +43,8 @@ from edge_client.service.rounds import (
 from edge_client.service.state import ClientState, StateStore
 from edge_client.service.telemetry import Telemetry
 from edge_client.service.trainer import Trainer
-from shared.evaluation import EvalResult
 from shared.codec import DecodeError, decode, encode
+from shared.evaluation import EvalResult
 from shared.messages import (
     CheckpointChunk,
     ErrorMsg,
