@@ -23,8 +23,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench.demo import DemoConfig, run_demo
 from coordinator.config import load_coordinator_config
 from coordinator.dashboard import pages
-from coordinator.eventlog import EventLog
 from coordinator.evaluate_cli import evaluate_cmd
+from coordinator.eventlog import EventLog
 from coordinator.metrics import Metrics, MetricsServer
 from coordinator.records import COORDINATOR_EVAL
 from shared.cli import main as meerkat
