@@ -138,3 +138,20 @@ def test_holdout_split_is_deterministic_and_disjoint() -> None:
     assert (keep, held) == holdout_split(120, 0.1, 64, seed=7) and held != holdout_split(120, 0.1, 64, seed=8)[1]
     assert holdout_split(1000, 0.5, 64, seed=1)[1].__len__() == 64
     assert holdout_split(1, 0.5, 64, seed=1) == ([0], [])  # one example: train on it, hold out nothing
+
+
+def test_grafana_dashboard_uses_only_exported_metric_names(tmp_path: Path) -> None:
+    import json
+    import re
+
+    _fill(tmp_path, 1_000_000.0)
+    m = Metrics()
+    m.watch_fleet(tmp_path, per_device=True)
+    m.bytes_sent.labels("plan").inc(1)
+    m.bytes_received.labels("up").inc(1)
+    m.rejected.labels("x").inc()
+    fams = list(text_string_to_metric_families(m.render().decode()))
+    exported = {f.name for f in fams} | {s.name for f in fams for s in f.samples}
+    board = json.loads((Path(__file__).parents[2] / "deploy" / "grafana" / "meerkat-fleet.json").read_text())
+    used = {n for p in board["panels"] for t in p["targets"] for n in re.findall(r"meerkat_[a-z_]+", t["expr"])}
+    assert used and used <= exported, used - exported
