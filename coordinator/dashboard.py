@@ -8,6 +8,7 @@ through `coordinator.fleetview.fleet_view` (EventLog methods on a read-only conn
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -21,9 +22,9 @@ PALETTE = ("#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#c
 
 CSS = """
 body{font:14px/1.4 system-ui,-apple-system,'Segoe UI',sans-serif;margin:0;background:#f4f5f7;color:#1f2937}
-header{background:#111827;color:#f9fafb;padding:12px 20px;display:flex;gap:28px;align-items:baseline;flex-wrap:wrap}
-header h1{font-size:18px;margin:0 12px 0 0}
-.kpi b{font-size:17px;margin-left:4px}
+header{background:#111827;color:#f9fafb;padding:12px 20px;display:flex;gap:20px;align-items:baseline;flex-wrap:wrap}
+header h1{font-size:17px;margin:0 8px 0 0}
+.kpi{color:#d1d5db}.kpi b{font-size:16px;margin-left:5px;color:#fff}
 main{padding:14px 20px;display:grid;grid-template-columns:1fr 1fr;gap:14px}
 section{background:#fff;border-radius:8px;padding:10px 14px;box-shadow:0 1px 2px rgba(0,0,0,.08)}
 section.wide{grid-column:1 / span 2}
@@ -65,7 +66,7 @@ def _ago(now: float, ts: float | None) -> str:
 
 def line_chart(
     title: str, series: Sequence[tuple[str, Sequence[tuple[float, float]]]], *, width: int = 560, height: int = 220,
-    y_fmt: str = "{:.3g}", x_label: str = "round",
+    y_fmt: str = "{:.3g}", x_label: str = "round", colors: Sequence[str] = PALETTE,
 ) -> str:  # fmt: skip
     """An SVG line chart: one `<polyline class="curve">` per series with points, axes, ticks and a legend."""
     pts = [p for _, s in series for p in s]
@@ -92,9 +93,10 @@ def line_chart(
         yv = y0 + (y1 - y0) * i / 4
         out.append(f'<line x1="{left}" x2="{width - right}" y1="{py(yv):.1f}" y2="{py(yv):.1f}" stroke="#eef0f3"/>')
         out.append(f'<text x="{left - 6}" y="{py(yv) + 4:.1f}" text-anchor="end">{escape(y_fmt.format(yv))}</text>')
-    for i in range(6):
-        xv = x0 + (x1 - x0) * i / 5
-        out.append(f'<text x="{px(xv):.1f}" y="{height - bottom + 14}" text-anchor="middle">{xv:.0f}</text>')
+    step = max(1, math.ceil((x1 - x0) / 6))  # whole rounds on the x axis
+    for xv in range(math.ceil(x0), math.floor(x1) + 1):
+        if xv % step == 0:
+            out.append(f'<text x="{px(xv):.1f}" y="{height - bottom + 14}" text-anchor="middle">{xv}</text>')
     out.append(f'<text x="{left + w / 2:.0f}" y="{height - 4}" text-anchor="middle">{escape(x_label)}</text>')
     out.append(f'<line x1="{left}" x2="{left}" y1="{top}" y2="{top + h}" stroke="#9ca3af"/>')
     out.append(f'<line x1="{left}" x2="{width - right}" y1="{top + h}" y2="{top + h}" stroke="#9ca3af"/>')
@@ -102,7 +104,7 @@ def line_chart(
     for i, (name, s) in enumerate(series):
         if not s:
             continue
-        color = PALETTE[i % len(PALETTE)]
+        color = colors[i % len(colors)]
         coords = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in s)
         out.append(f'<polyline class="curve" data-series="{escape(name)}" fill="none" stroke="{color}" '
                    f'stroke-width="2" points="{coords}"/>')  # fmt: skip
@@ -176,7 +178,7 @@ def render_html(view: FleetView, bytes_up: float | None = None, bytes_down: floa
         f'<header><h1>meerkat · {escape(view.fleet)}</h1>{kpi_html}<span class="muted">updated {stamp}</span></header><main>'
         f'<section class="wide"><h2>Fleet</h2>{_device_rows(view)}</section>'
         f'<section id="loss"><h2>Loss</h2>{line_chart("loss", loss_series)}</section>'
-        f'<section id="accuracy"><h2>Accuracy</h2>{line_chart("accuracy", acc_series, y_fmt="{:.0%}")}</section>'
+        f'<section id="accuracy"><h2>Accuracy</h2>{line_chart("accuracy", acc_series, y_fmt="{:.0%}", colors=PALETTE[1:])}</section>'
         f'<section id="gradip"><h2>GradIP per device (mean |g·c|, MEERKAT-VP)</h2>{line_chart("gradip", gradip_series)}</section>'
         f'<section id="rounds"><h2>Round duration (s)</h2>{line_chart("round duration", dur_series)}</section>'
         "</main></body></html>"
