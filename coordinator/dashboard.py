@@ -22,9 +22,10 @@ PALETTE = ("#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#c
 
 CSS = """
 body{font:14px/1.4 system-ui,-apple-system,'Segoe UI',sans-serif;margin:0;background:#f4f5f7;color:#1f2937}
-header{background:#111827;color:#f9fafb;padding:12px 20px;display:flex;gap:20px;align-items:baseline;flex-wrap:wrap}
-header h1{font-size:17px;margin:0 8px 0 0}
-.kpi{color:#d1d5db}.kpi b{font-size:16px;margin-left:5px;color:#fff}
+header{background:#111827;color:#f9fafb;padding:12px 20px;display:flex;gap:18px;align-items:baseline;flex-wrap:wrap}
+header h1{font-size:16px;margin:0 6px 0 0}
+header .muted{margin-left:auto}
+.kpi{color:#d1d5db;font-size:13px}.kpi b{font-size:15px;margin-left:5px;color:#fff}
 main{padding:14px 20px;display:grid;grid-template-columns:1fr 1fr;gap:14px}
 section{background:#fff;border-radius:8px;padding:10px 14px;box-shadow:0 1px 2px rgba(0,0,0,.08)}
 section.wide{grid-column:1 / span 2}
@@ -79,7 +80,7 @@ def line_chart(
     if x1 == x0:
         x0, x1 = x0 - 1, x1 + 1
     pad = (y1 - y0) * 0.08 or abs(y1) * 0.05 or 1.0
-    y0, y1 = y0 - pad, y1 + pad
+    y0, y1 = (max(0.0, y0 - pad) if y0 >= 0 else y0 - pad), y1 + pad  # no negative axis for non-negative data
     w, h = width - left - right, height - top - bottom
 
     def px(x: float) -> float:
