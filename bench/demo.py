@@ -24,6 +24,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+if TYPE_CHECKING:
     from shared.modelload import Quant
 
 from bench.toy import toml_text
@@ -50,6 +53,8 @@ class DemoConfig:
     seq_len: int = 96
     seed: int = 0
     timeout_s: float = 600.0
+    eval_every: int = 1  # devices evaluate on their held-out slice (and the coordinator on the task's eval file)
+    dashboard_port: int = 0  # 0: a free port on 127.0.0.1 (the coordinator serves /, /metrics there)
 
 
 def add_parser(sub: Any) -> None:
@@ -137,7 +142,9 @@ def write_configs(cfg: DemoConfig, paths: dict[str, Path], broker: str, fleet: s
         "broker": broker, "fleet": fleet, "state_dir": work / "state" / "coordinator", "model_dir": paths["model"],
         "mask": paths["mask"], "quant": cfg.quant, "master_seed": cfg.seed, "rounds": cfg.rounds,
         "steps": cfg.steps, "lr": cfg.lr, "eps": cfg.eps, "batch_size": cfg.batch_size,
-        "min_clients": cfg.clients, "round_deadline_s": 120.0, "checkpoint_every": 5, "metrics": False,
+        "min_clients": cfg.clients, "round_deadline_s": 120.0, "checkpoint_every": 5, "metrics": True,
+        "metrics_host": "127.0.0.1", "metrics_port": cfg.dashboard_port or free_port(), "dashboard": True,
+        "eval_data": paths["task"], "eval_every": cfg.eval_every,
     }))
     clients = []
     for k in range(cfg.clients):
@@ -147,9 +154,25 @@ def write_configs(cfg: DemoConfig, paths: dict[str, Path], broker: str, fleet: s
             "broker": broker, "fleet": fleet, "client_id": cid, "model_dir": paths["model"], "mask": paths["mask"],
             "quant": cfg.quant, "device": "cpu", "data": paths["task"], "batch_size": cfg.batch_size,
             "seq_len": cfg.seq_len, "memory_budget_gib": 2.0, "state_dir": work / "state" / cid, "heartbeat_s": 2.0,
+            "eval_every": cfg.eval_every,
         }))
         clients.append(path)
     return coord, clients
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def dashboard_url(coord_cfg: Path) -> str:
+    import tomllib
+
+    conf = tomllib.loads(coord_cfg.read_text())
+    return f"http://{conf['metrics_host']}:{conf['metrics_port']}/"
 
 
 # --------------------------------------------------------------------------------------- running
@@ -171,7 +194,8 @@ def _stop(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> int | None:
     return proc.returncode
 
 
-def run_demo(cfg: DemoConfig) -> dict[str, Any]:
+def run_demo(cfg: DemoConfig, on_round: Callable[[int, str], None] | None = None) -> dict[str, Any]:
+    """Run the fleet; `on_round(round, dashboard_url)` is called after each observed result (tests)."""
     from tqdm import tqdm
 
     from bench.broker import find_or_start_broker
@@ -190,6 +214,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     before = evaluator(evaluator.initial_values())
     print(f"[4/4] fleet {fleet} on {broker.url}: coordinator + {cfg.clients} clients, "
           f"{cfg.rounds} rounds x {cfg.steps} steps", flush=True)
+    url = dashboard_url(coord_cfg)
+    print(f"      live dashboard: {url}  (Prometheus: {url}metrics)", flush=True)
     observer = FleetObserver(broker.url, fleet)
     observer.start()
     procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -217,6 +243,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             losses = [u.loss for u in ups.values()]
             bar.set_postfix(clients=res.n_clients, loss=f"{sum(losses) / len(losses):.3f}" if losses else "-")
             bar.update(1)
+            if on_round is not None:
+                on_round(res.round, url)
         bar.close()
         rc = procs["coordinator"].wait(60)
         time.sleep(1.0)  # let clients apply the last result before they are asked to stop
@@ -226,7 +254,23 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         broker.stop()
     if rc != 0:
         raise DemoError(f"coordinator exited with {rc}; see {work / 'logs' / 'coordinator.log'}")
-    return build_report(cfg, paths, observer.traffic, evaluator, before, codes, time.monotonic() - t0)
+    report = build_report(cfg, paths, observer.traffic, evaluator, before, codes, time.monotonic() - t0)
+    report["dashboard_url"] = url
+    report["quality"] = fleet_quality(work / "state" / "coordinator")
+    cfg.report.write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
+    return report
+
+
+def fleet_quality(state_dir: Path) -> dict[str, Any]:
+    """The quality curves the coordinator logged: devices' held-out evals and its own, per round."""
+    from dataclasses import asdict
+
+    from coordinator.fleetview import fleet_view
+
+    view = fleet_view(state_dir, time.time())
+    return {"device_evals": [asdict(p) for p in view.device_evals],
+            "coordinator_evals": [asdict(p) for p in view.coordinator_evals],
+            "train_loss": [{"round": r.round, "loss": r.train_loss} for r in view.rounds]}
 
 
 def _rmtree(path: Path) -> None:
@@ -402,3 +446,8 @@ def print_summary(report: dict[str, Any]) -> None:
     print(f"bit-identical values on coordinator and all clients: {ex['all_identical']} ({ex['final_checksum'][:16]})")
     png = " (+ .png)" if Path(report["report"]).with_suffix(".png").exists() else ""
     print(f"wall time {report['wall_s']} s; report: {report['report']}{png}")
+    q = report.get("quality", {})
+    for key, label in (("device_evals", "devices' held-out eval loss"), ("coordinator_evals", "coordinator eval loss")):
+        pts = q.get(key) or []
+        if pts:
+            print(f"{label}: round {pts[0]['round']} {pts[0]['loss']:.4f} -> round {pts[-1]['round']} {pts[-1]['loss']:.4f}")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-SUBCOMMANDS: tuple[str, ...] = ("coordinator.server_cli", "coordinator.mask.cli", "coordinator.provision")
+SUBCOMMANDS: tuple[str, ...] = (
+    "coordinator.server_cli", "coordinator.mask.cli", "coordinator.provision", "coordinator.evaluate_cli",
+)
 
 
 def register(sub: Any) -> None:

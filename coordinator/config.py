@@ -247,6 +247,17 @@ class CoordinatorConfig:
         9464, "metrics port (0 = any free port)", (lambda v: 0 <= v < 65536, "must be in 0..65535")
     )
     metrics_token: str = cfg.field("", "bearer token required on /metrics (required when not on loopback)")
+    metrics_per_device: bool = cfg.field(
+        True, "per-device series on /metrics (about 15 per device; turn off for fleets of thousands)"
+    )
+    dashboard: bool = cfg.field(True, "serve the live dashboard on / of the metrics server (same bind, same token)")
+    # -- training quality -------------------------------------------------------------------------
+    eval_data: Path | None = cfg.field(
+        None, "the coordinator's own eval set (task.json with 'eval', or JSONL): evaluates its values on CPU between rounds"
+    )
+    eval_every: int = cfg.field(1, "evaluate after every K-th closed round (round % K == 0)", (lambda v: v >= 1, "must be >= 1"))
+    eval_max: int = cfg.field(256, "evaluate on at most this many examples of eval_data", (lambda v: v >= 1, "must be >= 1"))
+    eval_seq_len: int = cfg.field(256, "max tokens per eval example (as `meerkat evaluate --seq-len`)", (lambda v: v >= 2, "must be >= 2"))
 
     def drift_thresholds(self) -> DriftThresholds:
         from coordinator.drift import DriftThresholds  # lazy: keeps torch out of config loading
@@ -276,6 +287,10 @@ class CoordinatorConfig:
             problems.append(
                 f"drift_min_steps: {self.drift_min_steps} is below 2 * drift_window = {2 * self.drift_window}"
             )
+        if self.eval_data is not None and not Path(self.eval_data).is_file():
+            problems.append(f"eval_data: file {self.eval_data} does not exist")
+        if self.eval_data is not None and self.model_dir is None:
+            problems.append("eval_data: needs model_dir (the coordinator evaluates the fleet's model)")
         from shared.mqtt import broker_settings_problems
 
         problems += broker_settings_problems(

@@ -31,10 +31,13 @@ from typing import Any, cast
 import numpy as np
 
 from coordinator.records import (
+    COORDINATOR_EVAL,
     ClientRow,
     ClientStatusRow,
     DriftRecord,
     DriftRow,
+    EvalRecord,
+    EvalRow,
     EventRecord,
     EventRow,
     HeartbeatRecord,
@@ -50,6 +53,7 @@ from coordinator.records import (
     ReplanRecord,
     ResultRecord,
     ResultRow,
+    RoundPoint,
     SeenRecord,
     UpdateRecord,
     UpdateRow,
@@ -141,6 +145,12 @@ CREATE TABLE IF NOT EXISTS drift (
 );
 CREATE TABLE IF NOT EXISTS checkpoints (
     round INTEGER PRIMARY KEY, path TEXT NOT NULL, values_checksum TEXT NOT NULL, written_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS evals (
+    source TEXT NOT NULL,              -- client id (its Heartbeat eval keys) or '@coordinator' (eval_data)
+    round INTEGER NOT NULL,            -- values after this round were evaluated (-1 = v_0)
+    loss REAL NOT NULL, accuracy REAL, n INTEGER NOT NULL, ts REAL NOT NULL,
+    PRIMARY KEY (source, round)
 );
 """
 
@@ -555,6 +565,7 @@ class EventLog:
                                rec.gradip)  # fmt: skip
         elif isinstance(rec, HeartbeatRecord):
             self.record_heartbeat(rec.client, rec.telemetry, rec.now)
+            self._heartbeat_eval(rec)
         elif isinstance(rec, OnlineRecord):
             self.set_online(rec.client, rec.online, rec.now)
         elif isinstance(rec, SeenRecord):
@@ -585,8 +596,78 @@ class EventLog:
             self.put_drift(rec.client, rec.n_steps, rec.early, rec.late, rec.rho_later, rec.rho_quie, rec.now)
         elif isinstance(rec, LimitRecord):
             self.set_limited(rec.client, rec.round, rec.now)
+        elif isinstance(rec, EvalRecord):
+            self.add_eval(COORDINATOR_EVAL, rec.round, rec.loss, rec.accuracy, rec.n, rec.now)
         else:
             raise TypeError(f"EventLog.persist: not a record: {rec!r}")
+
+
+    # -- training quality (evals, curves) and the dashboard's read-only views ------------------------
+    def _heartbeat_eval(self, rec: HeartbeatRecord) -> None:
+        """A heartbeat repeats the device's latest evaluation: store the first one per (client, round)."""
+        t = rec.telemetry
+        if t.get("eval_round") is None or t.get("eval_loss") is None:
+            return
+        self.add_eval(rec.client, int(t["eval_round"]), float(t["eval_loss"]), _opt(t.get("eval_acc")),
+                      int(t.get("eval_n") or 0), rec.now)  # fmt: skip
+
+    def add_eval(self, source: str, round: int, loss: float, accuracy: float | None, n: int, now: float) -> None:
+        self._need_tx()
+        self.db.execute(
+            "INSERT OR IGNORE INTO evals(source, round, loss, accuracy, n, ts) VALUES (?,?,?,?,?,?)",
+            (source, round, loss, accuracy, n, now),
+        )
+
+    def evals(self, source: str | None = None, last: int | None = None) -> list[EvalRow]:
+        """Evaluations in (round, source) order; `source` one client or COORDINATOR_EVAL; `last` rounds only."""
+        q = "SELECT source, round, loss, accuracy, n, ts FROM evals"
+        where: list[str] = []
+        args: list[Any] = []
+        if source is not None:
+            where.append("source=?")
+            args.append(source)
+        if last is not None:
+            where.append("round > (SELECT COALESCE(MAX(round), -1) FROM evals) - ?")
+            args.append(last)
+        if where:
+            q += " WHERE " + " AND ".join(where)
+        return [
+            EvalRow(str(c), int(r), float(lo), _opt(acc), int(n), float(ts))
+            for c, r, lo, acc, n, ts in self.db.execute(q + " ORDER BY round, source", args).fetchall()
+        ]
+
+    def round_points(self, last: int = 200) -> list[RoundPoint]:
+        """The last `last` closed rounds, oldest first, with the n_samples-weighted mean training loss of
+        the updates each one used (on time or folded late)."""
+        q = """SELECT r.round, r.closed_at, r.duration_s, r.n_clients,
+                      (SELECT SUM(u.loss * u.n_samples) / SUM(u.n_samples) FROM updates u
+                        WHERE u.used_in = r.round)
+               FROM results r ORDER BY r.round DESC LIMIT ?"""
+        rows = self.db.execute(q, (last,)).fetchall()
+        return [RoundPoint(int(r), float(c), float(d), int(n), _opt(lo)) for r, c, d, n, lo in reversed(rows)]
+
+    def gradip_means(self, last: int = 200) -> dict[str, list[tuple[int, float]]]:
+        """client -> [(round, mean |GradIP| of its update for that round)] over the last `last` rounds."""
+        q = """SELECT client, round, gradip FROM updates WHERE gradip IS NOT NULL
+                 AND round > (SELECT COALESCE(MAX(round), -1) FROM updates) - ? ORDER BY round"""
+        out: dict[str, list[tuple[int, float]]] = {}
+        for c, r, g in self.db.execute(q, (last,)):
+            vals = np.abs(np.frombuffer(g, dtype="<f8"))
+            if vals.size:
+                out.setdefault(str(c), []).append((int(r), float(vals.mean())))
+        return out
+
+    def client_budgets(self) -> dict[str, tuple[float, dict[str, Any]]]:
+        """client -> (memory budget GiB, capabilities) as announced in its Join."""
+        q = "SELECT client, budget_gib, capabilities FROM clients"
+        return {str(c): (float(b), json.loads(cap or "{}")) for c, b, cap in self.db.execute(q)}
+
+    def last_losses(self) -> dict[str, float]:
+        """client -> training loss (Update.loss) of its newest stored update."""
+        q = """SELECT u.client, u.loss FROM updates u
+               JOIN (SELECT client, MAX(round) AS r FROM updates GROUP BY client) m
+                 ON u.client = m.client AND u.round = m.r"""
+        return {str(c): float(lo) for c, lo in self.db.execute(q)}
 
 
 def _opt(v: Any) -> float | None:

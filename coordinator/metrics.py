@@ -17,7 +17,12 @@ import logging
 import queue
 import socket
 import threading
+import time
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -27,6 +32,10 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from coordinator.fleetview import FleetView, fleet_view
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +76,102 @@ class Metrics:
         self.clients_limited = Gauge(
             "meerkat_clients_limited", "clients currently limited to 1 local step by MEERKAT-VP", registry=r
         )
+        self.bytes_received = Counter(
+            "meerkat_bytes_received", "payload bytes received (uplink), by topic kind", ["kind"], registry=r
+        )
+        self.bytes_sent = Counter(
+            "meerkat_bytes_sent", "payload bytes published (downlink, once per publish), by topic kind", ["kind"], registry=r
+        )
+        self.eval_seconds = Histogram(
+            "meerkat_eval_duration_seconds", "the coordinator's own evaluation (eval_data)", registry=r,
+            buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 300),
+        )  # fmt: skip
         self.current_round.set(-1)
+
+    def watch_fleet(self, state_dir: Path, per_device: bool) -> None:
+        """Also export the event log's fleet snapshot (devices, quality) on every scrape."""
+        self.registry.register(FleetCollector(state_dir, per_device))
+
+    def bytes_totals(self) -> tuple[float, float]:
+        """(bytes received, bytes sent) so far, all kinds."""
+        up = sum(s.value for m in self.bytes_received.collect() for s in m.samples if s.name.endswith("_total"))
+        down = sum(s.value for m in self.bytes_sent.collect() for s in m.samples if s.name.endswith("_total"))
+        return up, down
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
+# per-device gauges: (metric name, help, DeviceView attribute); each is one series per device
+DEVICE_GAUGES: tuple[tuple[str, str, str], ...] = (
+    ("meerkat_device_online", "1 while the device is online", "online"),
+    ("meerkat_device_last_seen_timestamp_seconds", "unix time of the device's last message", "seen_at"),
+    ("meerkat_device_cpu_percent", "CPU of the client process (100 = one core)", "cpu_pct"),
+    ("meerkat_device_rss_bytes", "resident memory of the client process", "rss_bytes"),
+    ("meerkat_device_gpu_memory_bytes", "GPU memory in use", "gpu_mem_bytes"),
+    ("meerkat_device_memory_budget_bytes", "memory budget announced in the Join", "budget_bytes"),
+    ("meerkat_device_peak_step_memory_bytes", "planned/measured peak memory of one SPSA step", "peak_mem_bytes"),
+    ("meerkat_device_temperature_celsius", "hottest sensor", "temp_c"),
+    ("meerkat_device_power_watts", "power draw", "power_w"),
+    ("meerkat_device_step_seconds", "wall time of the last SPSA step", "step_time_s"),
+    ("meerkat_device_train_loss", "training loss (Update.loss) of its newest update", "train_loss"),
+    ("meerkat_device_eval_loss", "loss on its held-out slice, newest evaluation", "eval_loss"),
+    ("meerkat_device_eval_accuracy", "accuracy on its held-out slice, newest evaluation", "eval_acc"),
+    ("meerkat_device_gradip", "mean |GradIP| of its newest update (MEERKAT-VP)", "gradip"),
+    ("meerkat_device_vp_limited", "1 when MEERKAT-VP limited it to 1 local step", "limited"),
+)
+
+
+class FleetCollector(Collector):
+    """Reads the event log (read-only, one connection per scrape) and yields device + quality gauges."""
+
+    def __init__(self, state_dir: Path, per_device: bool) -> None:
+        self.state_dir = state_dir
+        self.per_device = per_device
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            view = fleet_view(self.state_dir, time.time())
+        except Exception:  # a scrape must never break /metrics; the counters above still answer
+            log.debug("metrics: fleet snapshot failed", exc_info=True)
+            return
+        yield from fleet_families(view, self.per_device)
+
+
+def fleet_families(view: FleetView, per_device: bool) -> Iterator[GaugeMetricFamily]:
+    if per_device:
+        for name, doc, attr in DEVICE_GAUGES:
+            g = GaugeMetricFamily(name, doc, labels=["device"])
+            for d in view.devices:
+                v: Any = getattr(d, attr)
+                if v is not None:
+                    g.add_metric([d.client], float(v))
+            yield g
+    q = GaugeMetricFamily("meerkat_eval_loss", "newest fleet evaluation loss, by source", labels=["source"])
+    a = GaugeMetricFamily("meerkat_eval_accuracy", "newest fleet evaluation accuracy, by source", labels=["source"])
+    er = GaugeMetricFamily("meerkat_eval_round", "round of the newest evaluation, by source", labels=["source"])
+    for source, curve in (("devices", view.device_evals), ("coordinator", view.coordinator_evals)):
+        if curve:
+            q.add_metric([source], curve[-1].loss)
+            er.add_metric([source], curve[-1].round)
+            if curve[-1].accuracy is not None:
+                a.add_metric([source], curve[-1].accuracy)
+    yield from (q, a, er)
+    losses = [r for r in view.rounds if r.train_loss is not None]
+    t = GaugeMetricFamily("meerkat_train_loss", "n_samples-weighted mean Update.loss of the last closed round")
+    if losses:
+        t.add_metric([], losses[-1].train_loss or 0.0)
+    yield t
+    rpm = view.rounds_per_minute()
+    g = GaugeMetricFamily("meerkat_rounds_per_minute", "closed rounds per minute over the last 10 minutes")
+    if rpm is not None:
+        g.add_metric([], rpm)
+    yield g
+    yield GaugeMetricFamily("meerkat_devices_known", "devices in the registry (per-device series: one each)",
+                            value=len(view.devices))  # fmt: skip
+
+
+PAGES = {"/", "/dashboard", "/dashboard.json"}  # served when the coordinator's `dashboard` is on
 WORKERS = 4  # threads serving /metrics requests
 TIMEOUT_S = 5.0  # per socket read/write of one connection
 
@@ -143,9 +242,12 @@ class MetricsServer:
         *,
         workers: int = WORKERS,
         timeout: float = TIMEOUT_S,
+        pages: Callable[[str], tuple[bytes, str]] | None = None,
     ) -> None:
+        """`pages(path) -> (body, content type)` serves the dashboard (PAGES) beside /metrics."""
         self.metrics = metrics
         token_b = token.encode()
+        routes = {"/metrics"} | (PAGES if pages is not None else set())
 
         sock_timeout = timeout
 
@@ -153,17 +255,29 @@ class MetricsServer:
             timeout = sock_timeout  # set on the socket by StreamRequestHandler: every read/write is bounded
 
             def do_GET(self) -> None:  # noqa: N802 (http.server API)
-                if self.path.split("?")[0] != "/metrics":
-                    self.send_error(404, "only /metrics here")
+                path, _, query = self.path.partition("?")
+                if path not in routes:
+                    self.send_error(404, "only " + " ".join(sorted(routes)) + " here")
                     return
-                if token_b:
+                if token_b:  # a browser cannot set a header: the dashboard also takes ?token=
                     got = self.headers.get("Authorization", "").encode()
-                    if not hmac.compare_digest(got, b"Bearer " + token_b):
+                    q = parse_qs(query).get("token", [""])[0].encode()
+                    if not (hmac.compare_digest(got, b"Bearer " + token_b) or hmac.compare_digest(q, token_b)):
                         self.send_error(401, "bearer token required")
                         return
-                body = metrics.render()
+                if path == "/metrics":
+                    body, ctype = metrics.render(), CONTENT_TYPE_LATEST
+                else:
+                    assert pages is not None
+                    try:
+                        body, ctype = pages(path)
+                    except Exception:
+                        log.exception("dashboard: rendering %s failed", path)
+                        self.send_error(500, "dashboard rendering failed (see the coordinator log)")
+                        return
                 self.send_response(200)
-                self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Cache-Control", "no-store")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
@@ -171,13 +285,17 @@ class MetricsServer:
             def log_message(self, format: str, *args: object) -> None:
                 log.debug("metrics http: " + format, *args)
 
+        self._routes = routes
         self.server = PooledHTTPServer((host, port), Handler, workers=workers, backlog=2 * workers)
         self.port = int(self.server.server_address[1])
         self._thread = threading.Thread(target=self.server.serve_forever, name="metrics-http", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
-        log.info("metrics on http://%s:%d/metrics", self.server.server_address[0], self.port)
+        host = self.server.server_address[0]
+        log.info("metrics on http://%s:%d/metrics", host, self.port)
+        if PAGES & self._routes:
+            log.info("dashboard on http://%s:%d/", host, self.port)
 
     def stop(self) -> None:
         self.server.shutdown()

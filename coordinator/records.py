@@ -117,6 +117,32 @@ class EventRow:
     detail: str
 
 
+@dataclass(frozen=True)
+class EvalRow:
+    """One evaluation: a device's on its held-out slice (Heartbeat eval keys) or the coordinator's own."""
+
+    source: str  # client id, or COORDINATOR_EVAL
+    round: int  # the values evaluated are those after this round (-1 = v_0)
+    loss: float
+    accuracy: float | None
+    n: int
+    ts: float
+
+
+@dataclass(frozen=True)
+class RoundPoint:
+    """One closed round for curves: when, how long, how many clients, mean training loss of its updates."""
+
+    round: int
+    closed_at: float
+    duration_s: float
+    n_clients: int
+    train_loss: float | None  # n_samples-weighted mean Update.loss of the round's updates (None: none stored)
+
+
+COORDINATOR_EVAL = "@coordinator"  # EvalRow.source of the coordinator's own evaluation (not a legal client id)
+
+
 # -- records: one per durable decision (EventLog.persist writes each) -------------------------------
 @dataclass(frozen=True)
 class JoinRecord:
@@ -217,7 +243,18 @@ class EventRecord:
     now: float
 
 
+@dataclass(frozen=True)
+class EvalRecord:
+    """The coordinator evaluated its values after `round` on its eval set (`eval_data`)."""
+
+    round: int
+    loss: float
+    accuracy: float | None
+    n: int
+    now: float
+
+
 Record = (
     JoinRecord | OnlineRecord | HeartbeatRecord | SeenRecord | OfflineRecord | PlanRecord | ReplanRecord
-    | UpdateRecord | ResultRecord | DriftRecord | LimitRecord | RejectRecord | EventRecord
+    | UpdateRecord | ResultRecord | DriftRecord | LimitRecord | RejectRecord | EventRecord | EvalRecord
 )  # fmt: skip

@@ -30,7 +30,9 @@ import torch
 
 from coordinator.checkpoint import checkpoint_path, write_checkpoint
 from coordinator.config import CoordinatorConfig
+from coordinator.dashboard import pages as dashboard_pages
 from coordinator.drift import DriftMonitor
+from coordinator.evaluator import CoordinatorEvaluator
 from coordinator.eventlog import EventLog
 from coordinator.ingest import Reject, decode_reject
 from coordinator.metrics import Metrics, MetricsServer
@@ -144,6 +146,8 @@ class Coordinator:
             recovered=recover(self.log, self.v0, self.mask_id, self.fingerprint, config.replay_max),
         )  # fmt: skip
         self.metrics.current_round.set(self.book.last_round)
+        self.evaluator = CoordinatorEvaluator(config, self.mask, self.fingerprint) if config.eval_data else None
+        self._eval_round: int | None = None  # a closed round the evaluator has not seen yet
         if self.book.limited():
             log.info("drift: %d clients limited to 1 local step: %s", len(self.book.limited()),
                      " ".join(sorted(self.book.limited())))  # fmt: skip
@@ -207,7 +211,9 @@ class Coordinator:
         )
         self.link.start()
         if c.metrics:
-            self.metrics_server = MetricsServer(self.metrics, c.metrics_host, c.metrics_port, c.metrics_token)
+            self.metrics.watch_fleet(self.state_dir, c.metrics_per_device)
+            pages = dashboard_pages(self.state_dir, self.metrics.bytes_totals) if c.dashboard else None
+            self.metrics_server = MetricsServer(self.metrics, c.metrics_host, c.metrics_port, c.metrics_token, pages=pages)
             self.metrics_server.start()
         self._carry_out(self.book.start(self.clock()))
 
@@ -307,6 +313,7 @@ class Coordinator:
     def _publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
         assert self.link is not None
         mid = self.link.publish(topic, payload, qos, retain)
+        self.metrics.bytes_sent.labels(self.topics.parse(topic)[0]).inc(len(payload))
         if qos > 0:
             self._pending_mids.add(mid)
 
@@ -320,6 +327,7 @@ class Coordinator:
             return self.book.on_reject("?", msg.topic, Reject("bad_topic", ErrorCode.INTERNAL, str(exc)), now, False)
         client = str(arg)
         self.metrics.messages.labels(kind).inc()
+        self.metrics.bytes_received.labels(kind).inc(len(msg.payload))
         if kind == "status" and not msg.payload:
             return []  # a retained status being cleared
         if kind not in INBOUND:
@@ -372,6 +380,8 @@ class Coordinator:
                     self.log.count_round(d.round, "duplicate")
         self.metrics.clients_online.set(len(self.book.online()))
         self.metrics.clients_limited.set(len(self.book.limited()))
+        if self._eval_round is not None:
+            self._evaluate(self._eval_round)
 
     def _count(self, rec: Record) -> None:
         m = self.metrics
@@ -386,6 +396,8 @@ class Coordinator:
             m.current_round.set(rec.result.round)
             m.round_open.set(0)
             m.round_duration.observe(rec.result.duration_s)
+            if self.evaluator is not None and self.evaluator.due(rec.result.round):
+                self._eval_round = rec.result.round
         elif isinstance(rec, LimitRecord):
             m.drift_limited.inc()
 
@@ -401,6 +413,21 @@ class Coordinator:
             self._publish(self.topics.result_latest, payload, 1, True)
         else:
             raise TypeError(f"cannot broadcast a {type(p.message).__name__}")
+
+    def _evaluate(self, round: int) -> None:
+        """The coordinator's own evaluation of the values after `round` (committed + published already)."""
+        self._eval_round = None
+        assert self.evaluator is not None
+        if round != self.book.last_round:
+            return  # the values of that round are gone (a later round closed in the same batch)
+        t0 = time.perf_counter()
+        try:
+            rec = self.evaluator.evaluate(round, self.book.values, self.clock())
+        except Exception:  # a broken eval set must not stop the fleet
+            log.exception("eval after round %d failed", round)
+            return
+        self.metrics.eval_seconds.observe(time.perf_counter() - t0)
+        self._carry_out([Persist(rec)])
 
     # -- direct calls (tests, tools) ---------------------------------------------------------------
     def close_round(self, why: str = "") -> RoundResult:

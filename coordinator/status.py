@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.eventlog import DB_NAME, EventLog
+from coordinator.fleetview import fleet_view, quality_trend
 
 STALE_AFTER_S = 15.0  # a coordinator that has not written `alive_at` for this long counts as gone (it writes every 2 s)
 
@@ -106,6 +107,7 @@ def status_report(
         "rejected": rejects,
         "last_checkpoint_round": ck[0][0] if ck else None,
         "recent_events": ev,
+        "quality": quality_trend(fleet_view(state_dir, now)),
     }
 
 
@@ -152,6 +154,7 @@ def format_status(rep: dict[str, Any]) -> str:
             f"{'-' if gi is None else f'{gi:.3g}':>10} {_g(d.get('rho_later')):>9} {_g(d.get('rho_quie')):>8} "
             f"{'-' if not d else ('yes' if d['limited'] else 'no'):>7}"
         )
+    lines += _quality_lines(rep.get("quality") or {})
     if rep["clients_limited"]:
         lines.append("limited to 1 local step (MEERKAT-VP): " + ", ".join(rep["clients_limited"]))
     if rep["rejected"]:
@@ -171,6 +174,26 @@ def _liveness_line(rep: dict[str, Any]) -> str:
         return f"coordinator stopped at {when}: the round and online flags (*) below are as of then"
     return (f"STALE: coordinator not seen for {rep['coordinator_seen_s_ago']:.0f} s (last heartbeat {when}; "
             "is it running?): the open round and online flags (*) below are as of then")
+
+
+def _quality_lines(q: dict[str, Any]) -> list[str]:
+    """The quality trend beside the fleet table: first -> latest point of each curve."""
+    out = []
+    for key, label, pct in (
+        ("train_loss", "train loss (updates)", False), ("device_eval_loss", "eval loss (devices)", False),
+        ("device_eval_accuracy", "eval accuracy (devices)", True), ("coordinator_eval_loss", "eval loss (coordinator)", False),
+        ("coordinator_eval_accuracy", "eval accuracy (coordinator)", True),
+    ):  # fmt: skip
+        t = q.get(key)
+        if t:
+            f = "{:.1%}" if pct else "{:.4f}"
+            arrow = "down" if t["last"] < t["first"] else ("up" if t["last"] > t["first"] else "flat")
+            out.append(f"  {label:<28} round {t['first_round']}: {f.format(t['first'])} -> round {t['last_round']}: "
+                       f"{f.format(t['last'])} ({arrow})")  # fmt: skip
+    rpm = q.get("rounds_per_minute")
+    if out or rpm is not None:
+        out.insert(0, "quality:" + ("" if rpm is None else f"  {rpm:.1f} rounds/min"))
+    return out
 
 
 def _g(v: float | None) -> str:

@@ -306,6 +306,11 @@ class Heartbeat:
     step_time_s: float | None = None
     peak_mem_bytes: int | None = None
     round: int = -1  # round the client is working on / last applied, -1 = none
+    # v1.2: the device's latest evaluation on its held-out slice (all four or none): values at eval_round
+    eval_round: int | None = None
+    eval_loss: float | None = None  # mean per-example loss (float32 on the wire)
+    eval_acc: float | None = None  # accuracy in [0, 1], labelled data only
+    eval_n: int | None = None  # examples evaluated
 
     def __post_init__(self) -> None:
         o = "Heartbeat"
@@ -319,6 +324,14 @@ class Heartbeat:
         _set(self, "step_time_s", _opt_float(o, "step_time_s", self.step_time_s, 0.0))
         _opt_int(o, "peak_mem_bytes", self.peak_mem_bytes, 0, U64)
         _int(o, "round", self.round, -1, U32)
+        _opt_int(o, "eval_round", self.eval_round, -1, U32)
+        _set(self, "eval_loss", _opt_f32(o, "eval_loss", self.eval_loss, 0.0, 1e9))
+        _set(self, "eval_acc", _opt_f32(o, "eval_acc", self.eval_acc, 0.0, 1.0))
+        _opt_int(o, "eval_n", self.eval_n, 1, U32)
+        if (self.eval_round is None) != (self.eval_loss is None) or (self.eval_round is None) != (self.eval_n is None):
+            raise ValueError(f"{o}.eval_round/eval_loss/eval_n: set all three or none")
+        if self.eval_acc is not None and self.eval_round is None:
+            raise ValueError(f"{o}.eval_acc: needs eval_round/eval_loss/eval_n")
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,8 @@ from collections.abc import Callable
 from functools import partial
 from typing import TypeVar
 
+import torch
+
 from edge_client.service.config import ClientConfig
 from edge_client.service.rounds import (
     Action,
@@ -49,6 +51,7 @@ from edge_client.service.state import ClientState, StateStore, StorageFull
 from edge_client.service.telemetry import Telemetry
 from edge_client.service.trainer import Trainer
 from shared.codec import DecodeError, decode, encode
+from shared.evaluation import EvalResult
 from shared.messages import (
     CheckpointChunk,
     ErrorMsg,
@@ -103,6 +106,7 @@ class EdgeClient:
         self.link = self._make_link()
         self._hb_thread: threading.Thread | None = None
         self.telemetry: Telemetry | None = None
+        self.last_eval: tuple[int, EvalResult] | None = None  # (round, result): repeated on every heartbeat
 
     # -- setup -----------------------------------------------------------------------------------
     def _status(self, online: bool) -> bytes:
@@ -194,6 +198,7 @@ class EdgeClient:
                     self._resend_due()
             elif isinstance(act, Commit):
                 self.st = self._durably(partial(self.store.commit_round, act.round, act.values, act.checksum))
+                self._maybe_evaluate(act.round, act.values)
             elif isinstance(act, LoadValues):
                 self.trainer.set_values(act.values)
             elif isinstance(act, SendJoin):
@@ -320,16 +325,43 @@ class EdgeClient:
         except DecodeError as exc:
             self.rounds.reject(f"decode_{exc.code.name.lower()}", f"{topic}: {exc}")
 
+    # -- evaluation ------------------------------------------------------------------------------
+    def _maybe_evaluate(self, round: int, values: torch.Tensor) -> None:
+        """After applying round r with r % eval_every == 0: evaluate on the held-out slice, then send a
+        heartbeat at once so the coordinator's curve does not wait for the next period."""
+        k = self.cfg.eval_every
+        evaluate = getattr(self.trainer, "evaluate", None)  # optional: a Trainer without a held-out slice
+        if k <= 0 or round < 0 or round % k or evaluate is None:
+            return
+        try:
+            res = evaluate(values)
+        except Exception:  # an evaluation problem must not stop training
+            log.exception("evaluation after round %d failed", round)
+            return
+        if res is None:
+            return
+        self.last_eval = (round, res)
+        acc = "-" if res.accuracy is None else f"{res.accuracy:.3f}"
+        log.info("eval after round %d: loss %.4f accuracy %s (%d held-out examples)", round, res.loss, acc, res.n)
+        if self.telemetry is not None and self.link.connected.is_set():
+            try:
+                self.link.publish(self.topics.hb(self.cid), encode(self.heartbeat()), qos=0)
+            except (RuntimeError, ValueError) as exc:
+                log.warning("heartbeat after eval skipped: %s", exc)
+
     # -- heartbeat -------------------------------------------------------------------------------
     def heartbeat(self) -> Heartbeat:
         assert self.telemetry is not None
         r = self.telemetry.read()
         job = self.rounds.job
+        ev = self.last_eval
         return Heartbeat(
             client="", ts=time.time(), cpu_pct=r.cpu_pct, rss_bytes=r.rss_bytes, gpu_mem_bytes=r.gpu_mem_bytes,
             temp_c=r.temp_c, power_w=r.power_w, step_time_s=self.last_step_s,
             peak_mem_bytes=self.trainer.peak_mem_bytes,
             round=job.plan.round if job is not None else max(self.rounds.round, -1),
+            eval_round=None if ev is None else ev[0], eval_loss=None if ev is None else ev[1].loss,
+            eval_acc=None if ev is None else ev[1].accuracy, eval_n=None if ev is None else ev[1].n,
         )
 
     def _heartbeats(self) -> None:

@@ -65,6 +65,16 @@ class ClientConfig:
         4.0, "memory the model + activations may use; sets the micro-batch, refuses to start if one sequence does not fit",
         check=(_positive, "must be > 0"),
     )
+    # -- evaluation ------------------------------------------------------------------------------
+    eval_every: int = config.field(
+        5, "evaluate on the held-out slice after every K-th applied round (round % K == 0); 0 = off, nothing held out",
+        check=(lambda v: v >= 0, "must be >= 0"),
+    )
+    eval_fraction: float = config.field(
+        0.1, "share of the local examples held out for evaluation (never trained on)",
+        check=(lambda v: 0 < v < 1, "must be in (0, 1)"),
+    )
+    eval_max: int = config.field(64, "at most this many examples are held out", check=(_positive, "must be > 0"))
     # -- service ---------------------------------------------------------------------------------
     state_dir: Path = config.field(Path("meerkat-state"), "durable state: SQLite (round, data pointer, outbox) + values files")
     heartbeat_s: float = config.field(15.0, "seconds between telemetry heartbeats (QoS0 on hb/{client})", check=(_positive, "must be > 0"))

@@ -124,7 +124,7 @@ def test_scripted_plans_refusal_update_contents_sync_and_heartbeat(toy: Toy, bro
     try:
         assert probe.next(Status).online is True
         join = probe.next(Join)
-        assert (join.fingerprint, join.mask_id, join.last_round, join.n_samples) == (toy.fingerprint, toy.mask.mask_id, -1, 24)
+        assert (join.fingerprint, join.mask_id, join.last_round, join.n_samples) == (toy.fingerprint, toy.mask.mask_id, -1, 22)  # 24 rows, 2 held out (eval)
         assert join.capabilities["quant"] == "nf4" and join.budget_gib == 2.0
         # a plan for another model: refused, nothing trained, nothing sent
         wrong = RoundPlan(**{**good, "fingerprint": "0" * 64})
@@ -135,7 +135,7 @@ def test_scripted_plans_refusal_update_contents_sync_and_heartbeat(toy: Toy, bro
         plan = RoundPlan(**good)
         probe.link.publish(probe.t.plan, encode(plan), qos=1, retain=True)
         upd = probe.next(Update)
-        assert (upd.round, len(upd.grads), upd.n_samples) == (0, 2, 24)
+        assert (upd.round, len(upd.grads), upd.n_samples) == (0, 2, 22)
         assert upd.fp_tag == fp_tag(toy.fingerprint) and upd.msg_id == update_msg_id(cid, plan)
         assert all(g == g and abs(g) < 1e3 for g in upd.grads) and upd.loss > 0
         # a re-plan whose base values differ from ours: refused, and the client resyncs from v_0

@@ -109,7 +109,9 @@ def test_fused_loss_and_tail_logits_equal_the_models_own_forward(
     ])
     torch.testing.assert_close(fused, want, rtol=1e-5, atol=1e-5)
     # small chunks: head on 5 rows at a time, log-softmax on 2 (rows and slices cross example borders)
-    from edge_client.engine import loss
+    from shared import (
+        loss,  # the constants live where the code reads them (edge_client.engine.loss re-exports)
+    )
 
     monkeypatch.setitem(loss.HEAD_CHUNK_ELEMS, "cpu", 5 * 384)
     monkeypatch.setattr(loss, "LOGSOFTMAX_ROWS_ELEMS", 2 * 384)

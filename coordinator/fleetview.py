@@ -1,0 +1,151 @@
+"""One read-only snapshot of the fleet for /metrics, the dashboard and `meerkat status`'s quality trend.
+
+Everything comes from `EventLog` methods on a read-only connection (SQLite `mode=ro`, WAL: readers never
+block the coordinator's writer); this module only joins and summarises what they return.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from coordinator.eventlog import EventLog
+from coordinator.records import COORDINATOR_EVAL, EvalRow, RoundPoint
+
+
+@dataclass(frozen=True)
+class DeviceView:
+    client: str
+    state: str
+    online: bool
+    seen_at: float | None
+    cpu_pct: float | None
+    rss_bytes: int | None
+    gpu_mem_bytes: int | None
+    budget_bytes: int | None  # memory budget announced in the Join
+    temp_c: float | None
+    power_w: float | None
+    step_time_s: float | None
+    peak_mem_bytes: int | None  # planned or measured peak of one SPSA step
+    device: str  # capabilities["device"]: cpu | cuda
+    updates: int
+    train_loss: float | None  # loss of its newest update
+    eval_round: int | None
+    eval_loss: float | None  # newest evaluation on its held-out slice
+    eval_acc: float | None
+    gradip: float | None  # mean |GradIP| of its newest update (MEERKAT-VP)
+    limited: bool  # MEERKAT-VP limited it to 1 local step
+    rho_later: float | None
+    rho_quie: float | None
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    round: int
+    loss: float
+    accuracy: float | None
+    n: int
+
+
+@dataclass(frozen=True)
+class FleetView:
+    fleet: str
+    now: float
+    last_round: int
+    devices: list[DeviceView]
+    rounds: list[RoundPoint]  # oldest first
+    device_evals: list[CurvePoint]  # per round: n-weighted mean of the devices' evaluations
+    coordinator_evals: list[CurvePoint]  # the coordinator's own (eval_data)
+    gradip: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # client -> (round, mean |GradIP|)
+
+    def rounds_per_minute(self, window_s: float = 600.0) -> float | None:
+        """Closed rounds per minute over the last `window_s` seconds of closes (None: fewer than 2)."""
+        ts = [r.closed_at for r in self.rounds if r.closed_at >= self.now - window_s]
+        if len(ts) < 2 or ts[-1] <= ts[0]:
+            return None
+        return 60.0 * (len(ts) - 1) / (ts[-1] - ts[0])
+
+
+def _mean_curve(rows: list[EvalRow]) -> list[CurvePoint]:
+    by_round: dict[int, list[EvalRow]] = {}
+    for e in rows:
+        by_round.setdefault(e.round, []).append(e)
+    out = []
+    for r in sorted(by_round):
+        es = by_round[r]
+        n = sum(max(e.n, 1) for e in es)
+        loss = math.fsum(e.loss * max(e.n, 1) for e in es) / n
+        accs = [e for e in es if e.accuracy is not None]
+        acc = math.fsum(e.accuracy * max(e.n, 1) for e in accs if e.accuracy is not None) / sum(
+            max(e.n, 1) for e in accs
+        ) if accs else None  # fmt: skip
+        out.append(CurvePoint(r, loss, acc, n))
+    return out
+
+
+def _num(t: dict[str, Any], key: str) -> Any:
+    v = t.get(key)
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def fleet_view(state_dir: str | Path, now: float, last: int = 200) -> FleetView:
+    """Read the snapshot (the last `last` rounds of curves) from the event log in `state_dir`."""
+    log = EventLog(state_dir, readonly=True)
+    try:
+        meta = log.meta()
+        budgets = log.client_budgets()
+        losses = log.last_losses()
+        drift = {d.client: d for d in log.drift_rows()}
+        gradip = log.gradip_means(last)
+        evals = log.evals(last=last)
+        rounds = log.round_points(last)
+        devices = []
+        for c in log.client_status():
+            t = c.telemetry
+            budget, caps = budgets.get(c.client, (0.0, {}))
+            d = drift.get(c.client)
+            g = gradip.get(c.client)
+            devices.append(DeviceView(
+                client=c.client, state=c.state, online=c.online, seen_at=c.seen_at, cpu_pct=_num(t, "cpu_pct"),
+                rss_bytes=_num(t, "rss_bytes"), gpu_mem_bytes=_num(t, "gpu_mem_bytes"),
+                budget_bytes=int(budget * 2**30) if budget > 0 else None, temp_c=_num(t, "temp_c"),
+                power_w=_num(t, "power_w"), step_time_s=_num(t, "step_time_s"), peak_mem_bytes=_num(t, "peak_mem_bytes"),
+                device=str(caps.get("device", "")), updates=c.updates, train_loss=losses.get(c.client),
+                eval_round=_num(t, "eval_round"), eval_loss=_num(t, "eval_loss"), eval_acc=_num(t, "eval_acc"),
+                gradip=g[-1][1] if g else None, limited=d is not None and d.limited_round is not None,
+                rho_later=None if d is None else d.rho_later, rho_quie=None if d is None else d.rho_quie,
+            ))  # fmt: skip
+    finally:
+        log.close()
+    return FleetView(
+        fleet=meta.get("fleet", ""),
+        now=now,
+        last_round=rounds[-1].round if rounds else -1,
+        devices=devices,
+        rounds=rounds,
+        device_evals=_mean_curve([e for e in evals if e.source != COORDINATOR_EVAL]),
+        coordinator_evals=[CurvePoint(e.round, e.loss, e.accuracy, e.n) for e in evals if e.source == COORDINATOR_EVAL],
+        gradip=gradip,
+    )
+
+
+def quality_trend(view: FleetView) -> dict[str, Any]:
+    """First and latest point of each quality curve (what `meerkat status` prints next to the table)."""
+
+    def ends(points: list[Any], key: str) -> dict[str, Any] | None:
+        pts = [p for p in points if getattr(p, key) is not None]
+        if not pts:
+            return None
+        a, b = pts[0], pts[-1]
+        return {"first_round": a.round, "first": getattr(a, key), "last_round": b.round, "last": getattr(b, key)}
+
+    return {
+        "train_loss": ends(view.rounds, "train_loss"),
+        "device_eval_loss": ends(view.device_evals, "loss"),
+        "device_eval_accuracy": ends(view.device_evals, "accuracy"),
+        "coordinator_eval_loss": ends(view.coordinator_evals, "loss"),
+        "coordinator_eval_accuracy": ends(view.coordinator_evals, "accuracy"),
+        "rounds_per_minute": view.rounds_per_minute(),
+    }
