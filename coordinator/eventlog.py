@@ -23,7 +23,7 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
@@ -146,6 +146,18 @@ CREATE TABLE IF NOT EXISTS checkpoints (
 
 REJECT_LOG_KEEP = 1000
 
+# a heartbeat may be written after records that saw the client later (the pump batches heartbeats,
+# coordinator/server.py): seen_at only moves forward
+_HEARTBEAT = """INSERT INTO clients(client, state, online, seen_at, hb_at, telemetry) VALUES (?, 'unknown', 1, ?, ?, ?)
+   ON CONFLICT(client) DO UPDATE SET online=1, hb_at=excluded.hb_at, telemetry=excluded.telemetry,
+       seen_at=MAX(COALESCE(clients.seen_at, excluded.seen_at), excluded.seen_at)"""
+_ONLINE = """INSERT INTO clients(client, state, online, seen_at) VALUES (?, 'unknown', ?, ?)
+   ON CONFLICT(client) DO UPDATE SET online=excluded.online, seen_at=excluded.seen_at"""
+_TOUCH = "UPDATE clients SET seen_at=? WHERE client=?"
+_PUT_DRIFT = """INSERT INTO drift(client, n_steps, early, late, rho_later, rho_quie, updated_at) VALUES (?,?,?,?,?,?,?)
+   ON CONFLICT(client) DO UPDATE SET n_steps=excluded.n_steps, early=excluded.early, late=excluded.late,
+       rho_later=excluded.rho_later, rho_quie=excluded.rho_quie, updated_at=excluded.updated_at"""
+
 
 def f64_blob(xs: Sequence[float]) -> bytes:
     return np.asarray(list(xs), dtype="<f8").tobytes()
@@ -232,24 +244,15 @@ class EventLog:
 
     def set_online(self, client: str, online: bool, now: float) -> None:
         self._need_tx()
-        self.db.execute(
-            """INSERT INTO clients(client, state, online, seen_at) VALUES (?, 'unknown', ?, ?)
-               ON CONFLICT(client) DO UPDATE SET online=excluded.online, seen_at=excluded.seen_at""",
-            (client, int(online), now),
-        )
+        self.db.execute(_ONLINE, (client, int(online), now))
 
     def record_heartbeat(self, client: str, telemetry: dict[str, Any], now: float) -> None:
         self._need_tx()
-        self.db.execute(
-            """INSERT INTO clients(client, state, online, seen_at, hb_at, telemetry) VALUES (?, 'unknown', 1, ?, ?, ?)
-               ON CONFLICT(client) DO UPDATE SET online=1, seen_at=excluded.seen_at, hb_at=excluded.hb_at,
-                   telemetry=excluded.telemetry""",
-            (client, now, now, json.dumps(telemetry)),
-        )
+        self.db.execute(_HEARTBEAT, (client, now, now, json.dumps(telemetry)))
 
     def touch(self, client: str, now: float) -> None:
         self._need_tx()
-        self.db.execute("UPDATE clients SET seen_at=? WHERE client=?", (now, client))
+        self.db.execute(_TOUCH, (now, client))
 
     def mark_offline(self, clients: Sequence[str]) -> None:
         self._need_tx()
@@ -423,12 +426,7 @@ class EventLog:
         rho_quie: float | None, now: float,
     ) -> None:  # fmt: skip
         self._need_tx()
-        self.db.execute(
-            """INSERT INTO drift(client, n_steps, early, late, rho_later, rho_quie, updated_at) VALUES (?,?,?,?,?,?,?)
-               ON CONFLICT(client) DO UPDATE SET n_steps=excluded.n_steps, early=excluded.early, late=excluded.late,
-                   rho_later=excluded.rho_later, rho_quie=excluded.rho_quie, updated_at=excluded.updated_at""",
-            (client, n_steps, early, late, rho_later, rho_quie, now),
-        )
+        self.db.execute(_PUT_DRIFT, (client, n_steps, early, late, rho_later, rho_quie, now))
 
     def set_limited(self, client: str, round: int, now: float) -> None:
         """Persist the (sticky) MEERKAT-VP flag; a client already limited keeps its first round."""
@@ -537,6 +535,79 @@ class EventLog:
         return {str(k): str(v) for k, v in self.db.execute("SELECT key, value FROM meta")}
 
     # -- the round book's records ----------------------------------------------------------------
+    def persist_many(self, records: Sequence[Record]) -> None:
+        """Write a batch of records (inside a transaction) with ONE executemany per run of one type.
+
+        The final state is the same as `persist` of each record in order: a record may only move ahead
+        of records that write none of its tables (`_TABLES`), so records of one type are gathered while
+        nothing between them touches their tables. During a round the batch is Update, Drift, Update,
+        Drift, ...: two statements instead of three per update."""
+        self._need_tx()
+        groups: list[tuple[type, list[Record]]] = []
+        for rec in records:
+            kind = type(rec)
+            tables = _TABLES.get(kind)
+            if tables is None:
+                raise TypeError(f"EventLog.persist_many: not a record: {rec!r}")
+            target = None
+            for i in range(len(groups) - 1, -1, -1):
+                gk = groups[i][0]
+                if gk is kind:
+                    target = i
+                    break
+                if _TABLES[gk] & tables:  # a record in between writes one of our tables: keep the order
+                    break
+            if target is None:
+                groups.append((kind, [rec]))
+            else:
+                groups[target][1].append(rec)
+        for kind, recs in groups:
+            writer = _BATCH.get(kind)
+            if writer is None or len(recs) == 1:
+                for rec in recs:
+                    self.persist(rec)
+            else:
+                writer(self, recs)
+
+    def _many_updates(self, recs: Sequence[Record]) -> None:
+        ups = [r for r in recs if isinstance(r, UpdateRecord)]
+        self.db.executemany(
+            """INSERT INTO updates(client, round, msg_id, grads, n_samples, loss, received_at, status, gradip)
+               VALUES (?,?,?,?,?,?,?,?,?)""",
+            [(r.update.client, r.update.round, str(r.update.msg_id), f64_blob(r.update.grads), r.update.n_samples,
+              r.update.loss, r.update.received_at, r.update.status, None if r.gradip is None else f64_blob(r.gradip))
+             for r in ups],
+        )  # fmt: skip
+        self.db.executemany(
+            "UPDATE clients SET last_update_at=?, seen_at=?, updates=updates+1 WHERE client=?",
+            [(r.update.received_at, r.update.received_at, r.update.client) for r in ups],
+        )
+
+    def _many_drift(self, recs: Sequence[Record]) -> None:
+        self.db.executemany(
+            _PUT_DRIFT,
+            [(r.client, r.n_steps, r.early, r.late, r.rho_later, r.rho_quie, r.now) for r in recs
+             if isinstance(r, DriftRecord)],
+        )  # fmt: skip
+
+    def _many_heartbeats(self, recs: Sequence[Record]) -> None:
+        self.db.executemany(
+            _HEARTBEAT,
+            [(r.client, r.now, r.now, json.dumps(r.telemetry)) for r in recs if isinstance(r, HeartbeatRecord)],
+        )
+
+    def _many_online(self, recs: Sequence[Record]) -> None:
+        self.db.executemany(_ONLINE, [(r.client, int(r.online), r.now) for r in recs if isinstance(r, OnlineRecord)])
+
+    def _many_seen(self, recs: Sequence[Record]) -> None:
+        self.db.executemany(_TOUCH, [(r.now, r.client) for r in recs if isinstance(r, SeenRecord)])
+
+    def _many_events(self, recs: Sequence[Record]) -> None:
+        self.db.executemany(
+            "INSERT INTO events(ts, round, kind, detail) VALUES (?,?,?,?)",
+            [(r.now, r.round, r.kind, r.detail) for r in recs if isinstance(r, EventRecord)],
+        )
+
     def persist(self, rec: Record) -> None:
         """Write one record of `coordinator/rounds.py` (inside a transaction)."""
         if isinstance(rec, UpdateRecord):
@@ -581,3 +652,19 @@ class EventLog:
 
 def _opt(v: Any) -> float | None:
     return None if v is None else float(v)
+
+
+# the tables each record writes: persist_many reorders two records only when these are disjoint
+_TABLES: dict[type, frozenset[str]] = {
+    JoinRecord: frozenset({"clients"}), OnlineRecord: frozenset({"clients"}),
+    HeartbeatRecord: frozenset({"clients"}), SeenRecord: frozenset({"clients"}),
+    OfflineRecord: frozenset({"clients"}), PlanRecord: frozenset({"rounds"}), ReplanRecord: frozenset({"rounds"}),
+    UpdateRecord: frozenset({"updates", "clients"}), ResultRecord: frozenset({"results", "rounds", "updates"}),
+    DriftRecord: frozenset({"drift"}), LimitRecord: frozenset({"drift"}),
+    RejectRecord: frozenset({"rejects", "reject_log"}), EventRecord: frozenset({"events"}),
+}  # fmt: skip
+_BATCH: dict[type, Callable[[EventLog, Sequence[Record]], None]] = {
+    UpdateRecord: EventLog._many_updates, DriftRecord: EventLog._many_drift,
+    HeartbeatRecord: EventLog._many_heartbeats, OnlineRecord: EventLog._many_online,
+    SeenRecord: EventLog._many_seen, EventRecord: EventLog._many_events,
+}  # fmt: skip
