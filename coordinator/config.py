@@ -232,6 +232,13 @@ class CoordinatorConfig:
         "a client at most this many rounds behind gets a scalar Replay, else a checkpoint",
         (lambda v: v >= 1, "must be >= 1"),
     )
+    retain_rounds: int = cfg.field(
+        256,
+        "event log retention (docs/COORDINATOR.md \"Retention\"): updates, plans, events and per-round counters "
+        "of rounds older than this many are pruned at each checkpoint; results are kept back to the oldest "
+        "checkpoint and replay_max (0 = keep everything)",
+        (lambda v: v == 0 or v >= 64, "must be 0 (keep all) or >= 64 (the late/dedupe window)"),
+    )
     chunk_bytes: int = cfg.field(
         256 * 1024,
         "checkpoint chunk size on to/{client}",

@@ -249,6 +249,18 @@ class DriftMonitor:
         h = self._hist.get(client)
         return [] if h is None else h.values()
 
+    def restore_steps(self, client: str, n_steps: int) -> None:
+        """After a restart from a pruned log (retention keeps each client's first and last `window` updates
+        with GradIP, not the middle): the logged step count, so n and the statistics are as before."""
+        h = self._hist.get(client)
+        if h is not None and h.compact and n_steps > h.n:
+            h.n = n_steps
+
+    def forget_before(self, round: int) -> None:
+        """Forget the (client, round) observation keys of rounds < round (the round book no longer
+        accepts updates for them): the key set stays O(clients x late window), not O(history)."""
+        self._seen = {k for k in self._seen if k[1] >= round}
+
     def steps_seen(self, client: str) -> int:
         """Number of GradIP values observed for `client`."""
         h = self._hist.get(client)

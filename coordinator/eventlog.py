@@ -534,6 +534,41 @@ class EventLog:
     def meta(self) -> dict[str, str]:
         return {str(k): str(v) for k, v in self.db.execute("SELECT key, value FROM meta")}
 
+    # -- retention -------------------------------------------------------------------------------
+    def prune(self, before: int, results_before: int, keep_per_client: int) -> dict[str, int]:
+        """Delete what neither recovery nor the audit window needs (docs/COORDINATOR.md "Retention"):
+
+        updates       of rounds < before, except pending late ones and each client's first and last
+                      `keep_per_client` updates with GradIP (the MEERKAT-VP monitor rebuilds its first and
+                      last window from them; the step count comes from the drift table)
+        rounds        closed plans of rounds < before;  events, round_counts: rounds < before
+        results       rounds < results_before (the caller keeps those after the oldest checkpoint and the
+                      last replay_max)
+        Returns the rows deleted per table. Inside a transaction."""
+        self._need_tx()
+        out = {}
+        cur = self.db.execute(
+            """DELETE FROM updates WHERE round < ? AND status != 'late' AND rowid NOT IN (
+                   SELECT rid FROM (SELECT rowid AS rid,
+                       ROW_NUMBER() OVER (PARTITION BY client ORDER BY rowid) AS a,
+                       ROW_NUMBER() OVER (PARTITION BY client ORDER BY rowid DESC) AS b
+                       FROM updates WHERE gradip IS NOT NULL) WHERE a <= ? OR b <= ?)""",
+            (before, keep_per_client, keep_per_client),
+        )
+        out["updates"] = cur.rowcount
+        out["rounds"] = self.db.execute("DELETE FROM rounds WHERE round < ? AND state = 'closed' AND round NOT IN "
+                                        "(SELECT round FROM updates WHERE status = 'late')", (before,)).rowcount
+        out["events"] = self.db.execute("DELETE FROM events WHERE round < ?", (before,)).rowcount
+        out["round_counts"] = self.db.execute("DELETE FROM round_counts WHERE round < ?", (before,)).rowcount
+        out["results"] = self.db.execute("DELETE FROM results WHERE round < ?", (results_before,)).rowcount
+        return out
+
+    def table_rows(self) -> dict[str, int]:
+        """Row count per table (retention tests, `bench fleet --soak`)."""
+        names = [str(r[0]) for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        return {n: int(self.db.execute(f'SELECT COUNT(*) FROM "{n}"').fetchone()[0]) for n in sorted(names)
+                if not n.startswith("sqlite_")}  # fmt: skip
+
     # -- the round book's records ----------------------------------------------------------------
     def persist_many(self, records: Sequence[Record]) -> None:
         """Write a batch of records (inside a transaction) with ONE executemany per run of one type.

@@ -169,6 +169,7 @@ class Recovered:
     clients: tuple[ClientRow, ...] = ()
     limited: dict[str, int] = field(default_factory=dict)  # MEERKAT-VP flags: client -> round flagged
     gradip: Iterable[tuple[str, int, Sequence[float]]] = ()  # logged GradIP, insertion order
+    drift_steps: dict[str, int] = field(default_factory=dict)  # logged MEERKAT-VP step count per client
 
 
 def plan_message(p: PlanRow, fleet: str, fingerprint: str, mask_id: str) -> RoundPlan:
@@ -249,6 +250,8 @@ class RoundBook:
                 st = drift.observe_gradip(client, r, gradip)
                 if st is not None and self.drift_on:  # thresholds changed since the update was logged
                     self._reflagged.append((client, r, st))
+            for client, n in rec.drift_steps.items():  # a pruned log has fewer GradIP rows than steps seen
+                drift.restore_steps(client, n)
 
     # -- queries ---------------------------------------------------------------------------------
     def done(self) -> bool:
@@ -725,6 +728,8 @@ class RoundBook:
             del self.plans[r]
         for key in [k for k in self.stored if k[1] < oldest and k[1] not in keep]:
             del self.stored[key]
+        if self.drift is not None and oldest > 0 and oldest % LATE_WINDOW == 0:  # O(keys) every 64 rounds
+            self.drift.forget_before(min([oldest, *keep]))
 
     # -- sync ------------------------------------------------------------------------------------
     def sync_reply(self, client: str, have_round: int) -> list[Publish]:

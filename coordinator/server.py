@@ -49,6 +49,7 @@ from coordinator.records import (
     UpdateRecord,
 )
 from coordinator.recovery import recover
+from coordinator.retention import retention_bounds
 from coordinator.rounds import Action, Dropped, Duplicate, Persist, Publish, RoundBook, WriteCheckpoint
 from shared.apply import values_checksum
 from shared.codec import DecodeError, decode, encode
@@ -463,7 +464,23 @@ class Coordinator:
         for _, p, _ in old:
             Path(p).unlink(missing_ok=True)
         log.info("checkpoint of round %d written: %s", round, path)
+        if self.config.retain_rounds:
+            self.prune(round)
         return path
+
+    def prune(self, last_round: int) -> dict[str, int]:
+        """Retention (at each checkpoint): drop what recovery and the audit window of retain_rounds no
+        longer need, so a long run's disk stays flat (docs/COORDINATOR.md "Retention")."""
+        c = self.config
+        ckpts = [r for r, _, _ in self.log.checkpoints()]
+        before, results_before = retention_bounds(last_round, c.retain_rounds, c.replay_max, ckpts)
+        if before <= 0 and results_before <= 0:
+            return {}
+        with self.log.transaction():
+            gone = self.log.prune(before, results_before, c.drift_window)
+        log.info("retention: pruned rounds < %d (results < %d): %s", before, results_before,
+                 " ".join(f"{k}={v}" for k, v in gone.items()))  # fmt: skip
+        return gone
 
 
 def _need(value: Path | None, key: str) -> Path:
