@@ -189,6 +189,13 @@ class CoordinatorConfig:
     sqlite_synchronous: Literal["full", "normal"] = cfg.field(
         "full", "SQLite fsync level of the event log (full survives power loss)"
     )
+    event_log: str = cfg.field(
+        "sqlite",
+        "where the event log lives: \"sqlite\" (state_dir/events.sqlite) or a postgresql://user@host/db URL "
+        "(psycopg 3; checkpoints stay in state_dir)",
+        (lambda v: v == "sqlite" or v.startswith(("postgresql://", "postgres://")),
+         "must be \"sqlite\" or a postgresql:// URL"),
+    )
     # -- MEERKAT-VP drift control (coordinator/drift.py; defaults = drift.DriftThresholds) ----------
     drift_control: bool = cfg.field(
         True,

@@ -30,6 +30,8 @@ from typing import Any, cast
 
 import numpy as np
 
+from coordinator.logstore import DB_NAME as DB_NAME  # re-exported: status, export, tests
+from coordinator.logstore import Store, open_store
 from coordinator.records import (
     ClientRow,
     ClientStatusRow,
@@ -59,7 +61,6 @@ from shared.prng import Dist
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-DB_NAME = "events.sqlite"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -150,7 +151,8 @@ REJECT_LOG_KEEP = 1000
 # coordinator/server.py): seen_at only moves forward
 _HEARTBEAT = """INSERT INTO clients(client, state, online, seen_at, hb_at, telemetry) VALUES (?, 'unknown', 1, ?, ?, ?)
    ON CONFLICT(client) DO UPDATE SET online=1, hb_at=excluded.hb_at, telemetry=excluded.telemetry,
-       seen_at=MAX(COALESCE(clients.seen_at, excluded.seen_at), excluded.seen_at)"""
+       seen_at=CASE WHEN clients.seen_at IS NULL OR clients.seen_at < excluded.seen_at THEN excluded.seen_at
+                    ELSE clients.seen_at END"""
 _ONLINE = """INSERT INTO clients(client, state, online, seen_at) VALUES (?, 'unknown', ?, ?)
    ON CONFLICT(client) DO UPDATE SET online=excluded.online, seen_at=excluded.seen_at"""
 _TOUCH = "UPDATE clients SET seen_at=? WHERE client=?"
@@ -170,23 +172,18 @@ def f64_list(blob: bytes) -> list[float]:
 class EventLog:
     """One writer connection (the coordinator thread). Readers (`meerkat status`) open their own."""
 
-    def __init__(self, state_dir: str | Path, synchronous: str = "full", *, readonly: bool = False) -> None:
-        """readonly=True (`meerkat status`): open an existing log with `mode=ro`; FileNotFoundError if absent."""
+    def __init__(
+        self, state_dir: str | Path, synchronous: str = "full", *, readonly: bool = False, event_log: str = "sqlite"
+    ) -> None:
+        """readonly=True (`meerkat status`): open an existing log (SQLite: `mode=ro`; FileNotFoundError if
+        absent). `event_log`: "sqlite" (state_dir/events.sqlite) or a postgresql:// URL (coordinator/logstore.py)."""
         self.dir = Path(state_dir)
         self.path = self.dir / DB_NAME
         self._in_tx = False
-        if readonly:
-            if not self.path.is_file():
-                raise FileNotFoundError(f"{self.path} does not exist")
-            self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
-            self.db.execute("PRAGMA busy_timeout=5000")
+        self.db: Store = open_store(event_log, self.dir, synchronous, readonly=readonly)
+        if readonly and self.db.kind == "sqlite":
             return
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
-        self.db.execute("PRAGMA busy_timeout=5000")
-        self.db.executescript(_SCHEMA)
+        self.db.create_schema(_SCHEMA)
         if self.get_meta("schema_version") is None:
             with self.transaction():
                 self.set_meta("schema_version", str(SCHEMA_VERSION))
@@ -200,14 +197,14 @@ class EventLog:
         if self._in_tx:
             raise RuntimeError("EventLog.transaction is not re-entrant")
         self._in_tx = True
-        self.db.execute("BEGIN IMMEDIATE")
+        self.db.begin()
         try:
             yield
         except BaseException:
-            self.db.execute("ROLLBACK")
+            self.db.rollback()
             raise
         else:
-            self.db.execute("COMMIT")
+            self.db.commit()
         finally:
             self._in_tx = False
 
@@ -222,7 +219,9 @@ class EventLog:
 
     def set_meta(self, key: str, value: str) -> None:
         self._need_tx()
-        self.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+        self.db.execute(
+            "INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value", (key, value)
+        )
 
     # -- clients ---------------------------------------------------------------------------------
     def upsert_join(
@@ -433,8 +432,8 @@ class EventLog:
         self._need_tx()
         self.db.execute(
             """INSERT INTO drift(client, n_steps, limited_round, limited_at, updated_at) VALUES (?, 0, ?, ?, ?)
-               ON CONFLICT(client) DO UPDATE SET limited_round=COALESCE(limited_round, excluded.limited_round),
-                   limited_at=COALESCE(limited_at, excluded.limited_at)""",
+               ON CONFLICT(client) DO UPDATE SET limited_round=COALESCE(drift.limited_round, excluded.limited_round),
+                   limited_at=COALESCE(drift.limited_at, excluded.limited_at)""",
             (client, round, now, now),
         )
 
@@ -454,22 +453,23 @@ class EventLog:
     def count_reject(self, reason: str, client: str, topic: str, detail: str, now: float) -> None:
         self._need_tx()
         self.db.execute(
-            "INSERT INTO rejects(reason, count) VALUES (?, 1) ON CONFLICT(reason) DO UPDATE SET count=count+1",
+            "INSERT INTO rejects(reason, count) VALUES (?, 1) ON CONFLICT(reason) DO UPDATE SET count=rejects.count+1",
             (reason,),
         )
-        cur = self.db.execute(
+        self.db.execute(
             "INSERT INTO reject_log(ts, client, topic, reason, detail) VALUES (?,?,?,?,?)",
             (now, client, topic, reason, detail[:500]),
         )
-        if cur.lastrowid is not None and cur.lastrowid % 100 == 0:
-            self.db.execute("DELETE FROM reject_log WHERE id <= ?", (cur.lastrowid - REJECT_LOG_KEEP,))
+        last = self.db.execute("SELECT MAX(id) FROM reject_log").fetchone()[0]
+        if last is not None and int(last) % 100 == 0:
+            self.db.execute("DELETE FROM reject_log WHERE id <= ?", (int(last) - REJECT_LOG_KEEP,))
 
     def count_round(self, round: int, kind: str, n: int = 1) -> None:
         """Add n to the per-round counter `kind` (e.g. "duplicate") of `round`."""
         self._need_tx()
         self.db.execute(
             "INSERT INTO round_counts(round, kind, count) VALUES (?,?,?) "
-            "ON CONFLICT(round, kind) DO UPDATE SET count=count+excluded.count",
+            "ON CONFLICT(round, kind) DO UPDATE SET count=round_counts.count+excluded.count",
             (round, kind, n),
         )
 
@@ -478,7 +478,7 @@ class EventLog:
         out: dict[int, dict[str, int]] = {}
         try:
             rows = self.db.execute("SELECT round, kind, count FROM round_counts WHERE round > ?", (after,)).fetchall()
-        except sqlite3.OperationalError:  # read-only open of an older log without the table
+        except sqlite3.OperationalError:  # read-only open of an older SQLite log without the table
             return out
         for r, k, c in rows:
             out.setdefault(int(r), {})[str(k)] = int(c)
@@ -499,7 +499,8 @@ class EventLog:
     def add_checkpoint(self, round: int, path: str, checksum: str, now: float) -> None:
         self._need_tx()
         self.db.execute(
-            "INSERT OR REPLACE INTO checkpoints(round, path, values_checksum, written_at) VALUES (?,?,?,?)",
+            "INSERT INTO checkpoints(round, path, values_checksum, written_at) VALUES (?,?,?,?) ON CONFLICT(round) "
+            "DO UPDATE SET path=excluded.path, values_checksum=excluded.values_checksum, written_at=excluded.written_at",
             (round, path, checksum, now),
         )
 
@@ -552,7 +553,7 @@ class EventLog:
                    SELECT rid FROM (SELECT rowid AS rid,
                        ROW_NUMBER() OVER (PARTITION BY client ORDER BY rowid) AS a,
                        ROW_NUMBER() OVER (PARTITION BY client ORDER BY rowid DESC) AS b
-                       FROM updates WHERE gradip IS NOT NULL) WHERE a <= ? OR b <= ?)""",
+                       FROM updates WHERE gradip IS NOT NULL) AS firstlast WHERE a <= ? OR b <= ?)""",
             (before, keep_per_client, keep_per_client),
         )
         out["updates"] = cur.rowcount
@@ -565,9 +566,7 @@ class EventLog:
 
     def table_rows(self) -> dict[str, int]:
         """Row count per table (retention tests, `bench fleet --soak`)."""
-        names = [str(r[0]) for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
-        return {n: int(self.db.execute(f'SELECT COUNT(*) FROM "{n}"').fetchone()[0]) for n in sorted(names)
-                if not n.startswith("sqlite_")}  # fmt: skip
+        return {n: int(self.db.execute(f'SELECT COUNT(*) FROM "{n}"').fetchone()[0]) for n in self.db.tables()}
 
     # -- the round book's records ----------------------------------------------------------------
     def persist_many(self, records: Sequence[Record]) -> None:

@@ -128,7 +128,7 @@ class Coordinator:
         ]
         self.stop_after_round: int | None = min(targets) if targets else None
         self.state_dir = Path(config.state_dir)
-        self.log = EventLog(self.state_dir, config.sqlite_synchronous)
+        self.log = EventLog(self.state_dir, config.sqlite_synchronous, event_log=config.event_log)
         self.metrics = Metrics()
         drift = (
             DriftMonitor(grad, config.dist, config.drift_thresholds(), keep_history=False)

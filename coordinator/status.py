@@ -22,11 +22,13 @@ class StatusError(RuntimeError):
 RECENT_ROUNDS = 10  # rounds listed with checksum and counters in `meerkat status --json`
 
 
-def status_report(state_dir: Path, now: float | None = None, events: int = 10) -> dict[str, Any]:
-    """Everything `meerkat status` shows, as plain JSON-able data."""
+def status_report(
+    state_dir: Path, now: float | None = None, events: int = 10, event_log: str = "sqlite"
+) -> dict[str, Any]:
+    """Everything `meerkat status` shows, as plain JSON-able data (`event_log`: the config key)."""
     now = time.time() if now is None else now
     try:
-        log = EventLog(state_dir, readonly=True)
+        log = EventLog(state_dir, readonly=True, event_log=event_log)
     except FileNotFoundError as exc:
         raise StatusError(f"{Path(state_dir) / DB_NAME} does not exist: is {state_dir} a coordinator state_dir?") from exc
     try:

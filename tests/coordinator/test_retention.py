@@ -74,10 +74,10 @@ def play_round(b: RoundBook, r: int, sink: Any) -> list[Action]:
     return acts + sink(b.tick(t + 5))
 
 
-def test_long_run_log_stays_flat_and_restart_continues_identically(tmp_path: Path) -> None:
+def test_long_run_log_stays_flat_and_restart_continues_identically(tmp_path: Path, event_log: str) -> None:
     c = cfg()
     state = tmp_path / "state"
-    log = EventLog(state)
+    log = EventLog(state, event_log=event_log)
     live = new_book(c)
     for k in CLIENTS:
         carry(log, state, c, live.handle(Join(k, FP, MASK, 4, 1.0, {}, -1), 0.0))
