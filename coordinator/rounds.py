@@ -728,7 +728,7 @@ class RoundBook:
             del self.plans[r]
         for key in [k for k in self.stored if k[1] < oldest and k[1] not in keep]:
             del self.stored[key]
-        if self.drift is not None and oldest > 0 and oldest % LATE_WINDOW == 0:  # O(keys) every 64 rounds
+        if self.drift is not None:
             self.drift.forget_before(min([oldest, *keep]))
 
     # -- sync ------------------------------------------------------------------------------------
