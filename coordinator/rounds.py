@@ -222,6 +222,9 @@ class RoundBook:
             elif u.status == "late":
                 self.late[(u.client, u.round)] = u
         self.stored: dict[tuple[str, int], int] = dict(rec.stored)
+        self._stored_rounds: dict[int, list[str]] = {}  # round -> clients with a key in `stored` (cheap forgetting)
+        for client, r in self.stored:
+            self._stored_rounds.setdefault(r, []).append(client)
         self.results: deque[ResultRow] = deque(rec.results, maxlen=max(1, config.replay_max))
         self.clients: dict[str, ClientRow] = {c.client: c for c in rec.clients}
         self._n_online = sum(1 for c in self.clients.values() if self._samplable(c))  # = len(online()), kept by _put_client
@@ -486,6 +489,7 @@ class RoundBook:
         row = UpdateRow(u.client, u.round, u.msg_id, u.grads, weight, u.loss, now, status, None)
         gradip = self._gradip(plan, u.grads)
         self.stored[(u.client, u.round)] = u.msg_id
+        self._stored_rounds.setdefault(u.round, []).append(u.client)
         self._seen(u.client, now)
         acts: list[Action] = [Persist(UpdateRecord(row, None if gradip is None else tuple(gradip)))]
         if status != "dropped":
@@ -726,8 +730,9 @@ class RoundBook:
         keep = {r for _, r in self.late}
         for r in [r for r in self.plans if r < oldest and r not in keep]:
             del self.plans[r]
-        for key in [k for k in self.stored if k[1] < oldest and k[1] not in keep]:
-            del self.stored[key]
+        for r in [r for r in self._stored_rounds if r < oldest and r not in keep]:  # O(rounds), not O(keys)
+            for client in self._stored_rounds.pop(r):
+                del self.stored[(client, r)]
         if self.drift is not None:
             self.drift.forget_before(min([oldest, *keep]))
 
