@@ -500,7 +500,33 @@ def build_result(cfg: FleetConfig, outs: list[dict[str, Any]], status: dict[str,
         "reconnects": sum(d["reconnects"] for d in devices.values()),
         "nofile_limit": nofile, "load_avg": [round(x, 2) for x in os.getloadavg()], "cpus": os.cpu_count(),
         "wall_s": round(wall_s, 1), "per_round": per_round,
+        **soak_slopes(latency, {r: results[r][0] for r in results}, sampler.rss.get("coordinator", [])),
     }  # fmt: skip
+
+
+def soak_slopes(latency: dict[int, float], closed_at: dict[int, float],
+                rss: list[tuple[float, float]]) -> dict[str, Any]:
+    """Least-squares slopes per 100 rounds of the close latency and of the coordinator's RSS at each
+    round's close, over the rounds after the first 10 % (start-up: imports, caches, the fleet joining).
+    Flat = a run of any length costs the same per round (the soak: 1,000 devices x 500 rounds)."""
+    rounds = sorted(closed_at)
+    if len(rounds) < 10:
+        return {"close_latency_slope_s_per_100_rounds": None, "coordinator_rss_slope_mib_per_100_rounds": None}
+    keep = rounds[len(rounds) // 10 :]
+    lat = [(r, latency[r]) for r in keep if r in latency]
+    mem = []
+    for r in keep:  # the last RSS sample at or before the round's result
+        before = [v for t, v in rss if t <= closed_at[r]]
+        if before:
+            mem.append((r, before[-1]))
+
+    def slope(pts: list[tuple[int, float]]) -> float | None:
+        if len(pts) < 3:
+            return None
+        return _round(100 * statistics.linear_regression([float(x) for x, _ in pts], [y for _, y in pts]).slope, 4)
+
+    return {"close_latency_slope_s_per_100_rounds": slope(lat), "coordinator_rss_slope_mib_per_100_rounds": slope(mem),
+            "coordinator_rss_first_last_mib": [_round(mem[0][1], 1), _round(mem[-1][1], 1)] if mem else None}  # fmt: skip
 
 
 def _bulk_rate(ts: list[float]) -> float:
@@ -537,6 +563,10 @@ def print_summary(r: dict[str, Any]) -> None:
     print(f"VP apply_round {_f(r['vp_time_per_round_s'])} s/round on {r['nnz']} values, checksums ok: "
           f"{r['vp_checksums_ok']}; plan payload {r['plan_bytes']} bytes; load avg {r['load_avg']} on {r['cpus']} CPUs; "
           f"RLIMIT_NOFILE {r['nofile_limit']}; wall {r['wall_s']} s")
+    if r.get("close_latency_slope_s_per_100_rounds") is not None:
+        print(f"soak slopes per 100 rounds (after the first 10 %): close latency "
+              f"{_f(r['close_latency_slope_s_per_100_rounds'])} s, coordinator RSS "
+              f"{_f(r['coordinator_rss_slope_mib_per_100_rounds'])} MiB (first/last {r['coordinator_rss_first_last_mib']})")
 
 
 def _f(x: Any) -> str:

@@ -110,6 +110,12 @@ def rebuild_values(
         values, start = ck.values, ck.round
         break
     results = events.results(after=start)
+    if results and results[0].round != start + 1:
+        raise RuntimeError(
+            f"the log's results start at round {results[0].round} (older ones were pruned by retain_rounds) but "
+            f"no checkpoint of round {results[0].round - 1} or later verifies: restore one of the checkpoint "
+            f"files listed by the log, or start a fresh state_dir"
+        )
     for r in results:
         values = apply_round(values, r.seeds, r.scalars, r.lr, r.dist)
         if values_checksum(values) != r.values_checksum:

@@ -192,6 +192,13 @@ class CoordinatorConfig:
     sqlite_synchronous: Literal["full", "normal"] = cfg.field(
         "full", "SQLite fsync level of the event log (full survives power loss)"
     )
+    event_log: str = cfg.field(
+        "sqlite",
+        "where the event log lives: \"sqlite\" (state_dir/events.sqlite) or a postgresql://user@host/db URL "
+        "(psycopg 3; checkpoints stay in state_dir)",
+        (lambda v: v == "sqlite" or v.startswith(("postgresql://", "postgres://")),
+         "must be \"sqlite\" or a postgresql:// URL"),
+    )
     # -- MEERKAT-VP drift control (coordinator/drift.py; defaults = drift.DriftThresholds) ----------
     drift_control: bool = cfg.field(
         True,
@@ -234,6 +241,13 @@ class CoordinatorConfig:
         50,
         "a client at most this many rounds behind gets a scalar Replay, else a checkpoint",
         (lambda v: v >= 1, "must be >= 1"),
+    )
+    retain_rounds: int = cfg.field(
+        256,
+        "event log retention (docs/COORDINATOR.md \"Retention\"): updates, plans, events and per-round counters "
+        "of rounds older than this many are pruned at each checkpoint; results are kept back to the oldest "
+        "checkpoint and replay_max (0 = keep everything)",
+        (lambda v: v == 0 or v >= 64, "must be 0 (keep all) or >= 64 (the late/dedupe window)"),
     )
     chunk_bytes: int = cfg.field(
         256 * 1024,

@@ -167,7 +167,7 @@ class DriftMonitor:
         self._coef: dict[int, float] = {}
         self.keep_history = keep_history
         self._hist: dict[str, _History] = {}
-        self._seen: set[tuple[str, int]] = set()
+        self._seen: dict[int, set[str]] = {}  # round -> clients observed in it (dedupe; forget_before drops rounds)
         self._limited: dict[str, int] = {}  # client -> round in which it was flagged
 
     @classmethod
@@ -213,21 +213,20 @@ class DriftMonitor:
         for t, g in enumerate(grads):
             if not math.isfinite(g):
                 raise ValueError(f"client {client!r} round {round}: grads[{t}] is not finite: {g!r}")
-        if (client, int(round)) in self._seen:
+        if client in self._seen.get(int(round), ()):
             log.debug("drift: client %s round %d already observed; ignored", client, round)
             return None
         return self.observe_gradip(client, round, self.compute_gradip(seeds, grads))
 
     def observe_gradip(self, client: str, round: int, gradip: Sequence[float]) -> DriftStats | None:
         """Record already computed GradIP values of (client, round); same contract as `observe`."""
-        key = (client, int(round))
-        if key in self._seen:
+        if client in self._seen.get(int(round), ()):
             log.debug("drift: client %s round %d already observed; ignored", client, round)
             return None
         for t, h in enumerate(gradip):
             if not math.isfinite(h):
                 raise ValueError(f"client {client!r} round {round}: gradip[{t}] is not finite: {h!r}")
-        self._seen.add(key)
+        self._seen.setdefault(int(round), set()).add(client)
         hist = self._hist.setdefault(client, _History(self.thresholds.window, not self.keep_history))
         hist.extend(float(h) for h in gradip)
         if client in self._limited:
@@ -248,6 +247,19 @@ class DriftMonitor:
         """The client's GradIP values in observation order (a copy; without keep_history: first + last window)."""
         h = self._hist.get(client)
         return [] if h is None else h.values()
+
+    def restore_steps(self, client: str, n_steps: int) -> None:
+        """After a restart from a pruned log (retention keeps each client's first and last `window` updates
+        with GradIP, not the middle): the logged step count, so n and the statistics are as before."""
+        h = self._hist.get(client)
+        if h is not None and h.compact and n_steps > h.n:
+            h.n = n_steps
+
+    def forget_before(self, round: int) -> None:
+        """Forget the (client, round) observation keys of rounds < round (the round book no longer
+        accepts updates for them): the key set stays O(clients x late window), not O(history)."""
+        for r in [r for r in self._seen if r < round]:
+            del self._seen[r]
 
     def steps_seen(self, client: str) -> int:
         """Number of GradIP values observed for `client`."""

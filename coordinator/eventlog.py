@@ -23,13 +23,15 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 
+from coordinator.logstore import DB_NAME as DB_NAME  # re-exported: status, export, tests
+from coordinator.logstore import Store, open_store
 from coordinator.records import (
     COORDINATOR_EVAL,
     ClientRow,
@@ -63,7 +65,6 @@ from shared.prng import Dist
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-DB_NAME = "events.sqlite"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -156,6 +157,19 @@ CREATE TABLE IF NOT EXISTS evals (
 
 REJECT_LOG_KEEP = 1000
 
+# a heartbeat may be written after records that saw the client later (the pump batches heartbeats,
+# coordinator/server.py): seen_at only moves forward
+_HEARTBEAT = """INSERT INTO clients(client, state, online, seen_at, hb_at, telemetry) VALUES (?, 'unknown', 1, ?, ?, ?)
+   ON CONFLICT(client) DO UPDATE SET online=1, hb_at=excluded.hb_at, telemetry=excluded.telemetry,
+       seen_at=CASE WHEN clients.seen_at IS NULL OR clients.seen_at < excluded.seen_at THEN excluded.seen_at
+                    ELSE clients.seen_at END"""
+_ONLINE = """INSERT INTO clients(client, state, online, seen_at) VALUES (?, 'unknown', ?, ?)
+   ON CONFLICT(client) DO UPDATE SET online=excluded.online, seen_at=excluded.seen_at"""
+_TOUCH = "UPDATE clients SET seen_at=? WHERE client=?"
+_PUT_DRIFT = """INSERT INTO drift(client, n_steps, early, late, rho_later, rho_quie, updated_at) VALUES (?,?,?,?,?,?,?)
+   ON CONFLICT(client) DO UPDATE SET n_steps=excluded.n_steps, early=excluded.early, late=excluded.late,
+       rho_later=excluded.rho_later, rho_quie=excluded.rho_quie, updated_at=excluded.updated_at"""
+
 
 def f64_blob(xs: Sequence[float]) -> bytes:
     return np.asarray(list(xs), dtype="<f8").tobytes()
@@ -168,23 +182,18 @@ def f64_list(blob: bytes) -> list[float]:
 class EventLog:
     """One writer connection (the coordinator thread). Readers (`meerkat status`) open their own."""
 
-    def __init__(self, state_dir: str | Path, synchronous: str = "full", *, readonly: bool = False) -> None:
-        """readonly=True (`meerkat status`): open an existing log with `mode=ro`; FileNotFoundError if absent."""
+    def __init__(
+        self, state_dir: str | Path, synchronous: str = "full", *, readonly: bool = False, event_log: str = "sqlite"
+    ) -> None:
+        """readonly=True (`meerkat status`): open an existing log (SQLite: `mode=ro`; FileNotFoundError if
+        absent). `event_log`: "sqlite" (state_dir/events.sqlite) or a postgresql:// URL (coordinator/logstore.py)."""
         self.dir = Path(state_dir)
         self.path = self.dir / DB_NAME
         self._in_tx = False
-        if readonly:
-            if not self.path.is_file():
-                raise FileNotFoundError(f"{self.path} does not exist")
-            self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
-            self.db.execute("PRAGMA busy_timeout=5000")
+        self.db: Store = open_store(event_log, self.dir, synchronous, readonly=readonly)
+        if readonly and self.db.kind == "sqlite":
             return
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
-        self.db.execute("PRAGMA busy_timeout=5000")
-        self.db.executescript(_SCHEMA)
+        self.db.create_schema(_SCHEMA)
         if self.get_meta("schema_version") is None:
             with self.transaction():
                 self.set_meta("schema_version", str(SCHEMA_VERSION))
@@ -198,14 +207,14 @@ class EventLog:
         if self._in_tx:
             raise RuntimeError("EventLog.transaction is not re-entrant")
         self._in_tx = True
-        self.db.execute("BEGIN IMMEDIATE")
+        self.db.begin()
         try:
             yield
         except BaseException:
-            self.db.execute("ROLLBACK")
+            self.db.rollback()
             raise
         else:
-            self.db.execute("COMMIT")
+            self.db.commit()
         finally:
             self._in_tx = False
 
@@ -220,7 +229,9 @@ class EventLog:
 
     def set_meta(self, key: str, value: str) -> None:
         self._need_tx()
-        self.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+        self.db.execute(
+            "INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value", (key, value)
+        )
 
     def beat(self, now: float, *, stopped: bool = False) -> None:
         """The coordinator's liveness for `meerkat status`: meta `alive_at` (written every few seconds by
@@ -252,24 +263,15 @@ class EventLog:
 
     def set_online(self, client: str, online: bool, now: float) -> None:
         self._need_tx()
-        self.db.execute(
-            """INSERT INTO clients(client, state, online, seen_at) VALUES (?, 'unknown', ?, ?)
-               ON CONFLICT(client) DO UPDATE SET online=excluded.online, seen_at=excluded.seen_at""",
-            (client, int(online), now),
-        )
+        self.db.execute(_ONLINE, (client, int(online), now))
 
     def record_heartbeat(self, client: str, telemetry: dict[str, Any], now: float) -> None:
         self._need_tx()
-        self.db.execute(
-            """INSERT INTO clients(client, state, online, seen_at, hb_at, telemetry) VALUES (?, 'unknown', 1, ?, ?, ?)
-               ON CONFLICT(client) DO UPDATE SET online=1, seen_at=excluded.seen_at, hb_at=excluded.hb_at,
-                   telemetry=excluded.telemetry""",
-            (client, now, now, json.dumps(telemetry)),
-        )
+        self.db.execute(_HEARTBEAT, (client, now, now, json.dumps(telemetry)))
 
     def touch(self, client: str, now: float) -> None:
         self._need_tx()
-        self.db.execute("UPDATE clients SET seen_at=? WHERE client=?", (now, client))
+        self.db.execute(_TOUCH, (now, client))
 
     def mark_offline(self, clients: Sequence[str]) -> None:
         self._need_tx()
@@ -443,20 +445,15 @@ class EventLog:
         rho_quie: float | None, now: float,
     ) -> None:  # fmt: skip
         self._need_tx()
-        self.db.execute(
-            """INSERT INTO drift(client, n_steps, early, late, rho_later, rho_quie, updated_at) VALUES (?,?,?,?,?,?,?)
-               ON CONFLICT(client) DO UPDATE SET n_steps=excluded.n_steps, early=excluded.early, late=excluded.late,
-                   rho_later=excluded.rho_later, rho_quie=excluded.rho_quie, updated_at=excluded.updated_at""",
-            (client, n_steps, early, late, rho_later, rho_quie, now),
-        )
+        self.db.execute(_PUT_DRIFT, (client, n_steps, early, late, rho_later, rho_quie, now))
 
     def set_limited(self, client: str, round: int, now: float) -> None:
         """Persist the (sticky) MEERKAT-VP flag; a client already limited keeps its first round."""
         self._need_tx()
         self.db.execute(
             """INSERT INTO drift(client, n_steps, limited_round, limited_at, updated_at) VALUES (?, 0, ?, ?, ?)
-               ON CONFLICT(client) DO UPDATE SET limited_round=COALESCE(limited_round, excluded.limited_round),
-                   limited_at=COALESCE(limited_at, excluded.limited_at)""",
+               ON CONFLICT(client) DO UPDATE SET limited_round=COALESCE(drift.limited_round, excluded.limited_round),
+                   limited_at=COALESCE(drift.limited_at, excluded.limited_at)""",
             (client, round, now, now),
         )
 
@@ -476,22 +473,23 @@ class EventLog:
     def count_reject(self, reason: str, client: str, topic: str, detail: str, now: float) -> None:
         self._need_tx()
         self.db.execute(
-            "INSERT INTO rejects(reason, count) VALUES (?, 1) ON CONFLICT(reason) DO UPDATE SET count=count+1",
+            "INSERT INTO rejects(reason, count) VALUES (?, 1) ON CONFLICT(reason) DO UPDATE SET count=rejects.count+1",
             (reason,),
         )
-        cur = self.db.execute(
+        self.db.execute(
             "INSERT INTO reject_log(ts, client, topic, reason, detail) VALUES (?,?,?,?,?)",
             (now, client, topic, reason, detail[:500]),
         )
-        if cur.lastrowid is not None and cur.lastrowid % 100 == 0:
-            self.db.execute("DELETE FROM reject_log WHERE id <= ?", (cur.lastrowid - REJECT_LOG_KEEP,))
+        last = self.db.execute("SELECT MAX(id) FROM reject_log").fetchone()[0]
+        if last is not None and int(last) % 100 == 0:
+            self.db.execute("DELETE FROM reject_log WHERE id <= ?", (int(last) - REJECT_LOG_KEEP,))
 
     def count_round(self, round: int, kind: str, n: int = 1) -> None:
         """Add n to the per-round counter `kind` (e.g. "duplicate") of `round`."""
         self._need_tx()
         self.db.execute(
             "INSERT INTO round_counts(round, kind, count) VALUES (?,?,?) "
-            "ON CONFLICT(round, kind) DO UPDATE SET count=count+excluded.count",
+            "ON CONFLICT(round, kind) DO UPDATE SET count=round_counts.count+excluded.count",
             (round, kind, n),
         )
 
@@ -500,7 +498,7 @@ class EventLog:
         out: dict[int, dict[str, int]] = {}
         try:
             rows = self.db.execute("SELECT round, kind, count FROM round_counts WHERE round > ?", (after,)).fetchall()
-        except sqlite3.OperationalError:  # read-only open of an older log without the table
+        except sqlite3.OperationalError:  # read-only open of an older SQLite log without the table
             return out
         for r, k, c in rows:
             out.setdefault(int(r), {})[str(k)] = int(c)
@@ -521,7 +519,8 @@ class EventLog:
     def add_checkpoint(self, round: int, path: str, checksum: str, now: float) -> None:
         self._need_tx()
         self.db.execute(
-            "INSERT OR REPLACE INTO checkpoints(round, path, values_checksum, written_at) VALUES (?,?,?,?)",
+            "INSERT INTO checkpoints(round, path, values_checksum, written_at) VALUES (?,?,?,?) ON CONFLICT(round) "
+            "DO UPDATE SET path=excluded.path, values_checksum=excluded.values_checksum, written_at=excluded.written_at",
             (round, path, checksum, now),
         )
 
@@ -556,7 +555,113 @@ class EventLog:
     def meta(self) -> dict[str, str]:
         return {str(k): str(v) for k, v in self.db.execute("SELECT key, value FROM meta")}
 
+    # -- retention -------------------------------------------------------------------------------
+    def prune(self, before: int, results_before: int, keep_per_client: int) -> dict[str, int]:
+        """Delete what neither recovery nor the audit window needs (docs/COORDINATOR.md "Retention"):
+
+        updates       of rounds < before, except pending late ones and each client's first and last
+                      `keep_per_client` updates with GradIP (the MEERKAT-VP monitor rebuilds its first and
+                      last window from them; the step count comes from the drift table)
+        rounds        closed plans of rounds < before;  events, round_counts: rounds < before
+        results       rounds < results_before (the caller keeps those after the oldest checkpoint and the
+                      last replay_max)
+        Returns the rows deleted per table. Inside a transaction."""
+        self._need_tx()
+        out = {}
+        cur = self.db.execute(
+            """DELETE FROM updates WHERE round < ? AND status != 'late' AND rowid NOT IN (
+                   SELECT rid FROM (SELECT rowid AS rid,
+                       ROW_NUMBER() OVER (PARTITION BY client ORDER BY rowid) AS a,
+                       ROW_NUMBER() OVER (PARTITION BY client ORDER BY rowid DESC) AS b
+                       FROM updates WHERE gradip IS NOT NULL) AS firstlast WHERE a <= ? OR b <= ?)""",
+            (before, keep_per_client, keep_per_client),
+        )
+        out["updates"] = cur.rowcount
+        out["rounds"] = self.db.execute("DELETE FROM rounds WHERE round < ? AND state = 'closed' AND round NOT IN "
+                                        "(SELECT round FROM updates WHERE status = 'late')", (before,)).rowcount
+        out["events"] = self.db.execute("DELETE FROM events WHERE round < ?", (before,)).rowcount
+        out["round_counts"] = self.db.execute("DELETE FROM round_counts WHERE round < ?", (before,)).rowcount
+        out["results"] = self.db.execute("DELETE FROM results WHERE round < ?", (results_before,)).rowcount
+        return out
+
+    def table_rows(self) -> dict[str, int]:
+        """Row count per table (retention tests, `bench fleet --soak`)."""
+        return {n: int(self.db.execute(f'SELECT COUNT(*) FROM "{n}"').fetchone()[0]) for n in self.db.tables()}
+
     # -- the round book's records ----------------------------------------------------------------
+    def persist_many(self, records: Sequence[Record]) -> None:
+        """Write a batch of records (inside a transaction) with ONE executemany per run of one type.
+
+        The final state is the same as `persist` of each record in order: a record may only move ahead
+        of records that write none of its tables (`_TABLES`), so records of one type are gathered while
+        nothing between them touches their tables. During a round the batch is Update, Drift, Update,
+        Drift, ...: two statements instead of three per update."""
+        self._need_tx()
+        groups: list[tuple[type, list[Record]]] = []
+        for rec in records:
+            kind = type(rec)
+            tables = _TABLES.get(kind)
+            if tables is None:
+                raise TypeError(f"EventLog.persist_many: not a record: {rec!r}")
+            target = None
+            for i in range(len(groups) - 1, -1, -1):
+                gk = groups[i][0]
+                if gk is kind:
+                    target = i
+                    break
+                if _TABLES[gk] & tables:  # a record in between writes one of our tables: keep the order
+                    break
+            if target is None:
+                groups.append((kind, [rec]))
+            else:
+                groups[target][1].append(rec)
+        for kind, recs in groups:
+            writer = _BATCH.get(kind)
+            if writer is None or len(recs) == 1:
+                for rec in recs:
+                    self.persist(rec)
+            else:
+                writer(self, recs)
+
+    def _many_updates(self, recs: Sequence[Record]) -> None:
+        ups = [r for r in recs if isinstance(r, UpdateRecord)]
+        self.db.executemany(
+            """INSERT INTO updates(client, round, msg_id, grads, n_samples, loss, received_at, status, gradip)
+               VALUES (?,?,?,?,?,?,?,?,?)""",
+            [(r.update.client, r.update.round, str(r.update.msg_id), f64_blob(r.update.grads), r.update.n_samples,
+              r.update.loss, r.update.received_at, r.update.status, None if r.gradip is None else f64_blob(r.gradip))
+             for r in ups],
+        )  # fmt: skip
+        self.db.executemany(
+            "UPDATE clients SET last_update_at=?, seen_at=?, updates=updates+1 WHERE client=?",
+            [(r.update.received_at, r.update.received_at, r.update.client) for r in ups],
+        )
+
+    def _many_drift(self, recs: Sequence[Record]) -> None:
+        self.db.executemany(
+            _PUT_DRIFT,
+            [(r.client, r.n_steps, r.early, r.late, r.rho_later, r.rho_quie, r.now) for r in recs
+             if isinstance(r, DriftRecord)],
+        )  # fmt: skip
+
+    def _many_heartbeats(self, recs: Sequence[Record]) -> None:
+        self.db.executemany(
+            _HEARTBEAT,
+            [(r.client, r.now, r.now, json.dumps(r.telemetry)) for r in recs if isinstance(r, HeartbeatRecord)],
+        )
+
+    def _many_online(self, recs: Sequence[Record]) -> None:
+        self.db.executemany(_ONLINE, [(r.client, int(r.online), r.now) for r in recs if isinstance(r, OnlineRecord)])
+
+    def _many_seen(self, recs: Sequence[Record]) -> None:
+        self.db.executemany(_TOUCH, [(r.now, r.client) for r in recs if isinstance(r, SeenRecord)])
+
+    def _many_events(self, recs: Sequence[Record]) -> None:
+        self.db.executemany(
+            "INSERT INTO events(ts, round, kind, detail) VALUES (?,?,?,?)",
+            [(r.now, r.round, r.kind, r.detail) for r in recs if isinstance(r, EventRecord)],
+        )
+
     def persist(self, rec: Record) -> None:
         """Write one record of `coordinator/rounds.py` (inside a transaction)."""
         if isinstance(rec, UpdateRecord):
@@ -672,3 +777,19 @@ class EventLog:
 
 def _opt(v: Any) -> float | None:
     return None if v is None else float(v)
+
+
+# the tables each record writes: persist_many reorders two records only when these are disjoint
+_TABLES: dict[type, frozenset[str]] = {
+    JoinRecord: frozenset({"clients"}), OnlineRecord: frozenset({"clients"}),
+    HeartbeatRecord: frozenset({"clients"}), SeenRecord: frozenset({"clients"}),
+    OfflineRecord: frozenset({"clients"}), PlanRecord: frozenset({"rounds"}), ReplanRecord: frozenset({"rounds"}),
+    UpdateRecord: frozenset({"updates", "clients"}), ResultRecord: frozenset({"results", "rounds", "updates"}),
+    DriftRecord: frozenset({"drift"}), LimitRecord: frozenset({"drift"}),
+    RejectRecord: frozenset({"rejects", "reject_log"}), EventRecord: frozenset({"events"}),
+}  # fmt: skip
+_BATCH: dict[type, Callable[[EventLog, Sequence[Record]], None]] = {
+    UpdateRecord: EventLog._many_updates, DriftRecord: EventLog._many_drift,
+    HeartbeatRecord: EventLog._many_heartbeats, OnlineRecord: EventLog._many_online,
+    SeenRecord: EventLog._many_seen, EventRecord: EventLog._many_events,
+}  # fmt: skip

@@ -33,14 +33,14 @@ class ExportError(RuntimeError):
 
 
 def values_from_state(
-    state_dir: Path, mask: Mask, model_dir: Path, fingerprint: str
+    state_dir: Path, mask: Mask, model_dir: Path, fingerprint: str, *, event_log: str = "sqlite"
 ) -> tuple[torch.Tensor, int]:
     """The coordinator's values after its last closed round, rebuilt from checkpoints + the event log."""
     from shared.sidecar import initial_values_from_dir
 
-    if not (Path(state_dir) / DB_NAME).is_file():
+    if event_log == "sqlite" and not (Path(state_dir) / DB_NAME).is_file():
         raise ExportError(f"{state_dir} has no coordinator event log ({DB_NAME})")
-    events = EventLog(state_dir)
+    events = EventLog(state_dir, event_log=event_log)
     try:
         logged = events.get_meta("fingerprint"), events.get_meta("mask_id")
         if logged != (fingerprint, mask.mask_id):

@@ -43,4 +43,5 @@ def recover(events: EventLog, v0: torch.Tensor, mask_id: str, fingerprint: str, 
         stored={**events.update_keys(since=oldest), **{(u.client, u.round): u.msg_id for u in late}},
         results=tuple(events.results(after=last - max(1, replay_max))), clients=tuple(events.clients()),
         limited=events.limited_clients(), gradip=events.gradip_history(),
+        drift_steps={d.client: d.n_steps for d in events.drift_rows()},
     )  # fmt: skip

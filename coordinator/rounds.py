@@ -23,7 +23,7 @@ Rules, each in one place (docs/ARCHITECTURE.md "Round lifecycle" names them):
   join / unknown-client nag   on_join, _note_live, _nag          (ErrorMsg UNKNOWN_CLIENT)
   online / offline            on_status, on_heartbeat, _offline
   open + sampling             _maybe_open  (scheduler.round_seeds / sample_clients)
-  deadline, extension         tick -> scheduler.close_decision -> close_round / _extend
+  deadline, extension         tick -> scheduler.close_decision_n -> close_round / _extend
   validation                  on_update -> ingest.check_update
   dedupe, conflict            on_update (same msg_id: Duplicate; another: reject `conflict`, first wins)
   stragglers, late folding    on_update (late | dropped), close_round -> aggregate.result_scalars
@@ -35,7 +35,7 @@ Rules, each in one place (docs/ARCHITECTURE.md "Round lifecycle" names them):
     FedAvg weight             _weight (min of Update n, Join n, weight_cap_factor x median Join n)
     adaptive |g| cap          grad_cap (k x median |g| of the last accepted updates, floor, fixed cap)
     late age                  on_update (late_max_age)
-    quorum + grace            tick (scheduler.quorum_met / close_decision)
+    quorum + grace            tick (scheduler.quorum_met_n / close_decision_n)
     benching silent clients   close_round -> _count_misses; _prove (Heartbeat AND Join after the bench)
     unknown ids               on_status / on_heartbeat / on_join: no row, bounded LRUs only
     sync budget               on_sync (joined only; reply bytes per minute; checkpoint_every_s)
@@ -57,6 +57,7 @@ from coordinator.checkpoint import value_chunks
 from coordinator.config import CoordinatorConfig
 from coordinator.drift import DriftMonitor, DriftStats
 from coordinator.ingest import Reject, check_join, check_update
+from coordinator.median import SlidingMedian
 from coordinator.ratelimit import Limiter, LruDict
 from coordinator.records import (
     ClientRow,
@@ -78,7 +79,7 @@ from coordinator.records import (
     UpdateRecord,
     UpdateRow,
 )
-from coordinator.scheduler import close_decision, quorum_met, round_seeds, sample_clients
+from coordinator.scheduler import close_decision_n, quorum_met_n, round_seeds, sample_clients
 from shared.apply import apply_round, values_checksum
 from shared.codec import encode
 from shared.fingerprint import fp_tag as make_fp_tag
@@ -168,6 +169,7 @@ class Recovered:
     clients: tuple[ClientRow, ...] = ()
     limited: dict[str, int] = field(default_factory=dict)  # MEERKAT-VP flags: client -> round flagged
     gradip: Iterable[tuple[str, int, Sequence[float]]] = ()  # logged GradIP, insertion order
+    drift_steps: dict[str, int] = field(default_factory=dict)  # logged MEERKAT-VP step count per client
 
 
 def plan_message(p: PlanRow, fleet: str, fingerprint: str, mask_id: str) -> RoundPlan:
@@ -220,8 +222,12 @@ class RoundBook:
             elif u.status == "late":
                 self.late[(u.client, u.round)] = u
         self.stored: dict[tuple[str, int], int] = dict(rec.stored)
+        self._stored_rounds: dict[int, list[str]] = {}  # round -> clients with a key in `stored` (cheap forgetting)
+        for client, r in self.stored:
+            self._stored_rounds.setdefault(r, []).append(client)
         self.results: deque[ResultRow] = deque(rec.results, maxlen=max(1, config.replay_max))
         self.clients: dict[str, ClientRow] = {c.client: c for c in rec.clients}
+        self._n_online = sum(1 for c in self.clients.values() if self._samplable(c))  # = len(online()), kept by _put_client
         # live client without a Join -> (when to ask it next, last seen); bounded: unknown ids never get a row
         self.unjoined: LruDict[str, tuple[float, float]] = LruDict()
         self.refused: LruDict[str, float] = LruDict()  # ids whose Join was refused (not nagged), not persisted
@@ -232,7 +238,7 @@ class RoundBook:
         self.misses: dict[str, int] = {}  # joined client -> rounds in a row it was sampled and silent
         self.benched: dict[str, set[str]] = {}  # client -> proofs of life since benched ("hb", "join")
         self.bench_nagged: LruDict[str, float] = LruDict()  # benched client -> when to ask it to Join again
-        self.grad_hist: deque[np.ndarray] = deque(maxlen=config.grad_cap_window)  # |g| of accepted updates
+        self.grad_hist = SlidingMedian(config.grad_cap_window)  # |g| of the last accepted updates
         self.grad_seen = 0  # updates accepted since the start (the adaptive cap needs grad_cap_min_updates)
         self._grad_cap: float | None = None  # cached; None = recompute
         self._median_n: float | None = None  # cached median Join n_samples of joined clients; None = recompute
@@ -247,6 +253,8 @@ class RoundBook:
                 st = drift.observe_gradip(client, r, gradip)
                 if st is not None and self.drift_on:  # thresholds changed since the update was logged
                     self._reflagged.append((client, r, st))
+            for client, n in rec.drift_steps.items():  # a pruned log has fewer GradIP rows than steps seen
+                drift.restore_steps(client, n)
 
     # -- queries ---------------------------------------------------------------------------------
     def done(self) -> bool:
@@ -259,6 +267,19 @@ class RoundBook:
             if c.state == "joined" and c.online and c.fingerprint == self.fingerprint and c.mask_id == self.mask_id
         )  # fmt: skip
 
+    def n_online(self) -> int:
+        """len(online()) in O(1) (a counter kept on every registry change: the pump reads it per batch)."""
+        return self._n_online
+
+    def _samplable(self, c: ClientRow) -> bool:
+        return c.state == "joined" and c.online and c.fingerprint == self.fingerprint and c.mask_id == self.mask_id
+
+    def _put_client(self, row: ClientRow) -> None:
+        """The one way the registry changes, so the online counter stays exact."""
+        old = self.clients.get(row.client)
+        self._n_online += self._samplable(row) - (old is not None and self._samplable(old))
+        self.clients[row.client] = row
+
     def eligible(self) -> list[str]:
         """The online clients a plan may sample: benched ones (silent bench_after_misses rounds) excluded."""
         return [c for c in self.online() if c not in self.benched]
@@ -270,7 +291,7 @@ class RoundBook:
         if c.grad_cap_k <= 0 or self.grad_seen < c.grad_cap_min_updates or not self.grad_hist:
             return c.max_abs_grad
         if self._grad_cap is None:
-            med = float(np.median(np.concatenate(list(self.grad_hist))))
+            med = self.grad_hist.median()
             self._grad_cap = min(c.max_abs_grad, max(c.grad_cap_floor, c.grad_cap_k * med))
         return self._grad_cap
 
@@ -372,7 +393,7 @@ class RoundBook:
         self.refused.pop(j.client, None)
         self._median_n = None
         self._prove(j.client, "join")
-        self.clients[j.client] = ClientRow(j.client, "joined", j.fingerprint, j.mask_id, j.n_samples, True, now)
+        self._put_client(ClientRow(j.client, "joined", j.fingerprint, j.mask_id, j.n_samples, True, now))
         acts: list[Action] = [Persist(JoinRecord(
             j.client, "joined", "", j.fingerprint, j.mask_id, j.n_samples, j.budget_gib,
             dict(j.capabilities), j.last_round, now,
@@ -469,6 +490,7 @@ class RoundBook:
         row = UpdateRow(u.client, u.round, u.msg_id, u.grads, weight, u.loss, now, status, None)
         gradip = self._gradip(plan, u.grads)
         self.stored[(u.client, u.round)] = u.msg_id
+        self._stored_rounds.setdefault(u.round, []).append(u.client)
         self._seen(u.client, now)
         acts: list[Action] = [Persist(UpdateRecord(row, None if gradip is None else tuple(gradip)))]
         if status != "dropped":
@@ -488,7 +510,7 @@ class RoundBook:
         return acts
 
     def _remember_grads(self, grads: Sequence[float]) -> None:
-        self.grad_hist.append(np.abs(np.asarray(grads, dtype=np.float64)))
+        self.grad_hist.push([abs(float(g)) for g in grads])
         self.grad_seen += 1
         self._grad_cap = None
 
@@ -523,12 +545,15 @@ class RoundBook:
                 acts += self._maybe_open(now)
             return acts
         plan, c = self.plan, self.config
-        if not quorum_met(plan.steps, self.accepted, c.quorum, c.min_updates):
+        # counts, not sets: accepted is a subset of plan.steps (check_update rejects clients not sampled,
+        # and a re-plan only adds clients), so this tick costs O(1) however large the round
+        n, got = len(plan.steps), len(self.accepted)
+        if not quorum_met_n(n, got, c.quorum, c.min_updates):
             self.quorum_since = None
         elif self.quorum_since is None:
             self.quorum_since = now
-        d = close_decision(plan.steps, list(self.accepted), now, plan.deadline, c.min_updates, plan.extensions,
-                           c.max_extensions, c.quorum, c.quorum_grace_s, self.quorum_since)  # fmt: skip
+        d = close_decision_n(n, got, now, plan.deadline, c.min_updates, plan.extensions, c.max_extensions,
+                             c.quorum, c.quorum_grace_s, self.quorum_since)  # fmt: skip
         if d.action == "close":
             acts += self.close_round(now, d.reason)
         elif d.action == "extend":
@@ -541,7 +566,7 @@ class RoundBook:
             c.client for c in self.clients.values() if c.online and (c.seen_at is None or c.seen_at < cutoff)
         )
         for k in gone:
-            self.clients[k] = replace(self.clients[k], online=False)
+            self._put_client(replace(self.clients[k], online=False))
             log.info("client %s silent for %.0f s: offline", k, self.config.offline_after_s)
         return [Persist(OfflineRecord(tuple(gone)))] if gone else []
 
@@ -575,7 +600,7 @@ class RoundBook:
         c = self.clients.get(client)
         if c is None:
             return False
-        self.clients[client] = replace(c, seen_at=now, online=c.online if online is None else online)
+        self._put_client(replace(c, seen_at=now, online=c.online if online is None else online))
         return True
 
     # -- rounds ----------------------------------------------------------------------------------
@@ -586,6 +611,8 @@ class RoundBook:
 
     def _maybe_open(self, now: float) -> list[Action]:
         c = self.config
+        if self._n_online < c.min_clients:  # O(1) test first: this runs on every tick while the fleet joins
+            return []
         eligible = self.eligible()
         if len(eligible) < c.min_clients:
             return []
@@ -704,8 +731,11 @@ class RoundBook:
         keep = {r for _, r in self.late}
         for r in [r for r in self.plans if r < oldest and r not in keep]:
             del self.plans[r]
-        for key in [k for k in self.stored if k[1] < oldest and k[1] not in keep]:
-            del self.stored[key]
+        for r in [r for r in self._stored_rounds if r < oldest and r not in keep]:  # O(rounds), not O(keys)
+            for client in self._stored_rounds.pop(r):
+                del self.stored[(client, r)]
+        if self.drift is not None:
+            self.drift.forget_before(min([oldest, *keep]))
 
     # -- sync ------------------------------------------------------------------------------------
     def sync_reply(self, client: str, have_round: int) -> list[Publish]:

@@ -45,8 +45,12 @@ class CloseDecision:
 
 def quorum_met(sampled: Collection[str], reported: Collection[str], quorum: float, min_updates: int) -> bool:
     """At least ceil(quorum x sampled) and at least min_updates of the sampled clients reported."""
-    got = len(set(reported) & set(sampled))
-    return bool(sampled) and got >= min_updates and got >= math.ceil(quorum * len(set(sampled)) - 1e-9)
+    return quorum_met_n(len(set(sampled)), len(set(reported) & set(sampled)), quorum, min_updates)
+
+
+def quorum_met_n(n_sampled: int, got: int, quorum: float, min_updates: int) -> bool:
+    """`quorum_met` on counts (the round book keeps them: no per-tick set of the sampled clients)."""
+    return n_sampled > 0 and got >= min_updates and got >= math.ceil(quorum * n_sampled - 1e-9)
 
 
 def close_decision(
@@ -61,15 +65,25 @@ def close_decision(
     After `max_extensions` extensions a round with at least one update closes with what it has (a
     fleet that shrank below min_updates must still make progress); with none it keeps extending.
     """
-    got = len(set(reported) & set(sampled))
-    if sampled and got >= len(set(sampled)):
+    n, got = len(set(sampled)), len(set(reported) & set(sampled))
+    return close_decision_n(n, got, now, deadline, min_updates, extensions, max_extensions, quorum, grace_s,
+                            quorum_since)  # fmt: skip
+
+
+def close_decision_n(
+    n: int, got: int, now: float, deadline: float, min_updates: int, extensions: int, max_extensions: int,
+    quorum: float = 1.0, grace_s: float = 0.0, quorum_since: float | None = None,
+) -> CloseDecision:  # fmt: skip
+    """`close_decision` on counts: n distinct sampled clients, got of them reported. O(1), so the round
+    book can ask on every tick without building sets of a 10,000-client round."""
+    if n and got >= n:
         return CloseDecision("close", f"all {got} sampled clients reported")
-    if quorum_since is not None and now - quorum_since >= grace_s and quorum_met(sampled, reported, quorum, min_updates):
-        return CloseDecision("close", f"quorum: {got}/{len(sampled)} reported, {grace_s:g} s grace over")
+    if quorum_since is not None and now - quorum_since >= grace_s and quorum_met_n(n, got, quorum, min_updates):
+        return CloseDecision("close", f"quorum: {got}/{n} reported, {grace_s:g} s grace over")
     if now < deadline:
-        return CloseDecision("wait", f"{got}/{len(sampled)} reported")
+        return CloseDecision("wait", f"{got}/{n} reported")
     if got >= min_updates:
-        return CloseDecision("close", f"deadline with {got}/{len(sampled)} updates")
+        return CloseDecision("close", f"deadline with {got}/{n} updates")
     if extensions >= max_extensions and got > 0:
         return CloseDecision(
             "close", f"deadline after {extensions} extensions with {got} < min_updates {min_updates}"

@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -37,7 +38,11 @@ from coordinator.eventlog import EventLog
 from coordinator.ingest import Reject, decode_reject
 from coordinator.metrics import Metrics, MetricsServer
 from coordinator.records import (
+    HeartbeatRecord,
+    JoinRecord,
     LimitRecord,
+    OfflineRecord,
+    OnlineRecord,
     PlanRecord,
     PlanRow,
     Record,
@@ -46,6 +51,7 @@ from coordinator.records import (
     UpdateRecord,
 )
 from coordinator.recovery import recover
+from coordinator.retention import retention_bounds
 from coordinator.rounds import Action, Dropped, Duplicate, Persist, Publish, RoundBook, WriteCheckpoint
 from shared.apply import values_checksum
 from shared.codec import DecodeError, decode, encode
@@ -69,6 +75,7 @@ log = logging.getLogger(__name__)
 
 BATCH = 512
 ALIVE_EVERY_S = 2.0  # how often the pump writes its liveness (meta alive_at) for `meerkat status`
+HB_FLUSH_S = 2.0  # heartbeats are written at most this late (telemetry, last seen; see _defer_heartbeats)
 INBOUND: dict[str, type[Message]] = {  # topic kind -> the message the coordinator accepts on it
     "up": Update,
     "join": Join,
@@ -124,7 +131,7 @@ class Coordinator:
         ]
         self.stop_after_round: int | None = min(targets) if targets else None
         self.state_dir = Path(config.state_dir)
-        self.log = EventLog(self.state_dir, config.sqlite_synchronous)
+        self.log = EventLog(self.state_dir, config.sqlite_synchronous, event_log=config.event_log)
         self.metrics = Metrics()
         drift = (
             DriftMonitor(grad, config.dist, config.drift_thresholds(), keep_history=False)
@@ -135,6 +142,9 @@ class Coordinator:
             log.info("drift_control: the mask has no pre-training gradient (grad.*), so MEERKAT-VP is off")
         self._stop = threading.Event()
         self._pending_mids: set[int] = set()
+        self._heartbeats: dict[str, HeartbeatRecord] = {}  # newest per client, not yet written (_defer_heartbeats)
+        self._hb_flushed = time.monotonic()
+        self._kind_counters: dict[str, Any] = {}  # topic kind -> its labelled messages counter (labels() is slow)
         self._seen_connects = 0  # link connects the book has been told about (reconnected())
         self._alive_at = -float("inf")  # last liveness write (the coordinator's clock)
         self.link: MqttLink | None = None
@@ -236,6 +246,7 @@ class Coordinator:
             while not self._stop.is_set() and not self.done():
                 self.step(0.1)
             self._flush(timeout=10.0)
+            self.flush_heartbeats()
         finally:
             self.close()
         return 0
@@ -276,6 +287,8 @@ class Coordinator:
             self._carry_out(acts, acks=batch)
         self._drain_published(0.0)
         self.tick()
+        if self._heartbeats and time.monotonic() - self._hb_flushed >= HB_FLUSH_S:
+            self.flush_heartbeats()  # a quiet fleet: no other write to carry them
 
     def _check_reconnect(self) -> None:
         """After each (re)connect + SUBACK of our link: the book re-publishes the open plan, so devices
@@ -326,7 +339,10 @@ class Coordinator:
         except ValueError as exc:
             return self.book.on_reject("?", msg.topic, Reject("bad_topic", ErrorCode.INTERNAL, str(exc)), now, False)
         client = str(arg)
-        self.metrics.messages.labels(kind).inc()
+        counter = self._kind_counters.get(kind)
+        if counter is None:
+            counter = self._kind_counters[kind] = self.metrics.messages.labels(kind)
+        counter.inc()
         self.metrics.bytes_received.labels(kind).inc(len(msg.payload))
         if kind == "status" and not msg.payload:
             return []  # a retained status being cleared
@@ -354,10 +370,10 @@ class Coordinator:
         if not acts and not acks:
             return
         records = [a.record for a in acts if isinstance(a, Persist)]
-        if records:
+        writes = self._defer_heartbeats(records)
+        if writes:
             with self.log.transaction():
-                for rec in records:
-                    self.log.persist(rec)
+                self.log.persist_many(writes)
         if acks:
             assert self.link is not None
             for msg in acks:  # committed: now the broker may forget them
@@ -378,10 +394,42 @@ class Coordinator:
             with self.log.transaction():
                 for d in dups:
                     self.log.count_round(d.round, "duplicate")
-        self.metrics.clients_online.set(len(self.book.online()))
+        self.metrics.clients_online.set(self.book.n_online())
         self.metrics.clients_limited.set(len(self.book.limited()))
         if self._eval_round is not None:
             self._evaluate(self._eval_round)
+
+    def _defer_heartbeats(self, records: list[Record]) -> list[Record]:
+        """Heartbeats (QoS 0, 667/s at 10,000 devices) are not written one by one: the newest per client
+        waits here and goes out with the next write after HB_FLUSH_S, or AHEAD of any record that sets a
+        client's online state (Join, Status, offline marking), so the log's final state is what writing
+        each in order gives (the heartbeat SQL never moves seen_at back). A kill -9 loses at most
+        HB_FLUSH_S of telemetry and last-seen times, nothing a round or an update depends on."""
+        now = time.monotonic()
+        out: list[Record] = []
+        for rec in records:
+            if isinstance(rec, HeartbeatRecord):
+                self._heartbeats.pop(rec.client, None)  # re-insert: flush order = order of the newest beat
+                self._heartbeats[rec.client] = rec
+                continue
+            if isinstance(rec, (JoinRecord, OnlineRecord, OfflineRecord)) and self._heartbeats:
+                out += self._heartbeats.values()
+                self._heartbeats = {}
+            out.append(rec)
+        if self._heartbeats and (now - self._hb_flushed >= HB_FLUSH_S or self._stop.is_set()):
+            out += self._heartbeats.values()
+            self._heartbeats = {}
+        if not self._heartbeats:
+            self._hb_flushed = now
+        return out
+
+    def flush_heartbeats(self) -> None:
+        """Write the heartbeats still held (run() does this before it returns)."""
+        if self._heartbeats:
+            with self.log.transaction():
+                self.log.persist_many(list(self._heartbeats.values()))
+            self._heartbeats = {}
+        self._hb_flushed = time.monotonic()
 
     def _count(self, rec: Record) -> None:
         m = self.metrics
@@ -455,7 +503,23 @@ class Coordinator:
         for _, p, _ in old:
             Path(p).unlink(missing_ok=True)
         log.info("checkpoint of round %d written: %s", round, path)
+        if self.config.retain_rounds:
+            self.prune(round)
         return path
+
+    def prune(self, last_round: int) -> dict[str, int]:
+        """Retention (at each checkpoint): drop what recovery and the audit window of retain_rounds no
+        longer need, so a long run's disk stays flat (docs/COORDINATOR.md "Retention")."""
+        c = self.config
+        ckpts = [r for r, _, _ in self.log.checkpoints()]
+        before, results_before = retention_bounds(last_round, c.retain_rounds, c.replay_max, ckpts)
+        if before <= 0 and results_before <= 0:
+            return {}
+        with self.log.transaction():
+            gone = self.log.prune(before, results_before, c.drift_window)
+        log.info("retention: pruned rounds < %d (results < %d): %s", before, results_before,
+                 " ".join(f"{k}={v}" for k, v in gone.items()))  # fmt: skip
+        return gone
 
 
 def _need(value: Path | None, key: str) -> Path:

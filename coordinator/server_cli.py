@@ -96,10 +96,10 @@ def _run_export(args: argparse.Namespace) -> int:
     try:
         if args.config is not None:
             c = _load(args)
-            state_dir, model, mask_path, quant = c.state_dir, c.model_dir, c.mask, c.quant
+            state_dir, model, mask_path, quant, event_log = c.state_dir, c.model_dir, c.mask, c.quant, c.event_log
         else:
             state_dir = model = mask_path = None
-            quant = "nf4"
+            quant, event_log = "nf4", "sqlite"
         state_dir = args.state_dir or state_dir
         model = args.model or model
         mask_path = args.mask or mask_path
@@ -111,7 +111,7 @@ def _run_export(args: argparse.Namespace) -> int:
             raise ConfigError([f"--{n}: required (or give --config)" for n in missing])
         fp = fingerprint_model_dir(model)
         mask = load_mask(mask_path, expected_fingerprint=fp)
-        values, round = values_from_state(state_dir, mask, model, fp)
+        values, round = values_from_state(state_dir, mask, model, fp, event_log=event_log)
         out = export_merged(model, mask, values, quant, args.out, round=round, overwrite=args.overwrite)
     except (ConfigError, ExportError, MaskError, FileNotFoundError) as exc:
         print(f"meerkat export: {exc}", file=sys.stderr)
@@ -124,12 +124,13 @@ def _run_status(args: argparse.Namespace) -> int:
     from coordinator.status import StatusError, format_status, status_report
 
     try:
-        state_dir = args.state_dir
-        if state_dir is None and args.config is not None:
-            state_dir = _load(args).state_dir
+        state_dir, event_log = args.state_dir, "sqlite"
+        if args.config is not None:  # the config says where the log is (SQLite in state_dir, or PostgreSQL)
+            loaded = _load(args)
+            state_dir, event_log = state_dir or loaded.state_dir, loaded.event_log
         if state_dir is None:
             raise ConfigError(["--state-dir (or --config): required"])
-        rep = status_report(state_dir, stale_after_s=args.stale_after)
+        rep = status_report(state_dir, stale_after_s=args.stale_after, event_log=event_log)
     except (ConfigError, StatusError) as exc:
         print(f"meerkat status: {exc}", file=sys.stderr)
         return 2

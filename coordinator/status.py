@@ -43,12 +43,13 @@ def liveness(meta: dict[str, str], now: float, stale_after_s: float) -> dict[str
 
 
 def status_report(
-    state_dir: Path, now: float | None = None, events: int = 10, stale_after_s: float = STALE_AFTER_S
+    state_dir: Path, now: float | None = None, events: int = 10, stale_after_s: float = STALE_AFTER_S,
+    event_log: str = "sqlite",
 ) -> dict[str, Any]:
-    """Everything `meerkat status` shows, as plain JSON-able data."""
+    """Everything `meerkat status` shows, as plain JSON-able data (`event_log`: the config key)."""
     now = time.time() if now is None else now
     try:
-        log = EventLog(state_dir, readonly=True)
+        log = EventLog(state_dir, readonly=True, event_log=event_log)
     except FileNotFoundError as exc:
         raise StatusError(f"{Path(state_dir) / DB_NAME} does not exist: is {state_dir} a coordinator state_dir?") from exc
     try:

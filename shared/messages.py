@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 import struct
+from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, TypeAlias
@@ -100,6 +102,17 @@ def _f32(obj: str, name: str, v: Any, lo: float = -math.inf, hi: float = math.in
     except OverflowError as exc:
         raise ValueError(f"{obj}.{name}: {v!r} does not fit float32") from exc
     return r
+
+
+def _f32s(obj: str, name: str, items: Sequence[Any]) -> tuple[float, ...]:
+    """`_f32` of each item. Fast path (the coordinator decodes thousands of Updates a second): plain
+    floats, finite before and after one C float32 rounding (array "f" rounds like struct "<f"), give the
+    same tuple; anything else takes the checked path and its error names the item."""
+    if all(type(g) is float for g in items):
+        out = tuple(array("f", items))
+        if all(map(math.isfinite, items)) and all(map(math.isfinite, out)):
+            return out
+    return tuple(_f32(obj, f"{name}[{i}]", g) for i, g in enumerate(items))
 
 
 def _opt_f32(obj: str, name: str, v: Any, lo: float = -math.inf, hi: float = math.inf) -> float | None:
@@ -253,7 +266,7 @@ class Update:
         _int(o, "round", self.round, 0, U32)
         _int(o, "msg_id", self.msg_id, 0, U64)
         items = _seq(o, "grads", self.grads, 1, MAX_STEPS)
-        _set(self, "grads", tuple(_f32(o, f"grads[{i}]", g) for i, g in enumerate(items)))
+        _set(self, "grads", _f32s(o, "grads", items))
         _int(o, "n_samples", self.n_samples, 0, U32)
         _int(o, "fp_tag", self.fp_tag, 0, U32)
         _set(self, "loss", _f32(o, "loss", self.loss))

@@ -87,3 +87,16 @@ def test_mqttlite_publish_subscribe_qos1_and_will(broker_url: str) -> None:
 
     got = asyncio.run(scenario())
     assert ("lite-t1/x", b"\x00" * 300) in got and ("lite-t1/will", b"gone") in got
+
+
+def test_soak_slopes_flat_and_growing() -> None:
+    from bench.fleet import soak_slopes
+
+    closed = {r: 10.0 * r for r in range(100)}
+    flat = soak_slopes({r: 0.5 for r in closed}, closed, [(10.0 * r - 1, 300.0) for r in range(100)])
+    assert flat["close_latency_slope_s_per_100_rounds"] == 0.0
+    assert flat["coordinator_rss_slope_mib_per_100_rounds"] == 0.0
+    grow = soak_slopes({r: 0.01 * r for r in closed}, closed, [(10.0 * r - 1, 300.0 + 0.5 * r) for r in range(100)])
+    assert grow["close_latency_slope_s_per_100_rounds"] == pytest.approx(1.0)
+    assert grow["coordinator_rss_slope_mib_per_100_rounds"] == pytest.approx(50.0)
+    assert soak_slopes({0: 1.0}, {0: 1.0}, [])["close_latency_slope_s_per_100_rounds"] is None

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,3 +56,38 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
     mask_path = root / "mask.safetensors"
     save_mask(mask, mask_path)
     return TinyModel(model_dir, mask_path, mask, fp)
+
+
+# -- event log backends: the same tests against SQLite and the real PostgreSQL -----------------------
+PG_URL = os.environ.get("MEERKAT_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh schema in the local PostgreSQL (this machine and CI start one: trust auth, database `test`);
+    the URL selects it through search_path. Skipped, with the reason, where none is reachable."""
+    try:
+        import psycopg
+    except ImportError:
+        pytest.skip("psycopg not installed (pip install 'psycopg[binary]')")
+    try:
+        admin = psycopg.connect(PG_URL, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"no PostgreSQL at {PG_URL} (set MEERKAT_TEST_PG): {str(exc).strip()[:200]}")
+    schema = f"meerkat_test_{uuid.uuid4().hex[:12]}"
+    admin.execute(f"CREATE SCHEMA {schema}".encode())
+    sep = "&" if "?" in PG_URL else "?"
+    try:
+        yield f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
+    finally:
+        admin.execute(f"DROP SCHEMA {schema} CASCADE".encode())
+        admin.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def event_log(request: pytest.FixtureRequest) -> str:
+    """The `event_log` config value of each backend (the PostgreSQL one skips where none runs)."""
+    if request.param == "sqlite":
+        return "sqlite"
+    url: str = request.getfixturevalue("pg_url")
+    return url

@@ -1,0 +1,174 @@
+"""Where the event log's rows live: the one seam between `coordinator/eventlog.py` (every query, written
+once in portable SQL with `?` placeholders) and a database engine.
+
+    SqliteStore(path, synchronous="full", readonly=False)   default: state_dir/events.sqlite, WAL
+    PostgresStore("postgresql://user@host/db")              psycopg 3; `?` -> `%s`, `rowid` -> the
+                                                            `rid` BIGSERIAL column, SQLite types mapped
+
+Both give the same contract: `execute` / `executemany` return a cursor (`fetchone`, `fetchall`,
+iteration, `rowcount`); `begin` / `commit` / `rollback` bracket a write transaction (the caller acks
+MQTT messages only after `commit` returned); `tables()` lists the schema's tables. The SQL that
+differs between engines is limited to the schema DDL (`create_schema`) and these translations; the
+EventLog contract tests (tests/coordinator/test_eventlog_contract.py) run against both.
+
+Choosing one: `event_log = "sqlite"` (default) or `event_log = "postgresql://..."` in the coordinator
+config (`open_store`). A PostgreSQL URL may carry `options=-csearch_path%3Dmyschema` to keep several
+runs in one database.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+DB_NAME = "events.sqlite"
+
+
+class Cursor(Protocol):
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+    def fetchall(self) -> list[Any]: ...
+    def __iter__(self) -> Any: ...
+
+
+class Store(Protocol):
+    """What EventLog needs from a database engine (see the module docstring)."""
+
+    kind: str  # "sqlite" | "postgresql"
+    where: str  # for messages: the file or the redacted URL
+
+    def execute(self, sql: str, args: Sequence[Any] = ()) -> Cursor: ...
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> Cursor: ...
+    def begin(self) -> None: ...
+    def commit(self) -> None: ...
+    def rollback(self) -> None: ...
+    def create_schema(self, ddl: str) -> None: ...
+    def tables(self) -> list[str]: ...
+    def close(self) -> None: ...
+
+
+class SqliteStore:
+    """One SQLite file in WAL mode (the default; one writer, readers open their own read-only handle)."""
+
+    kind = "sqlite"
+
+    def __init__(self, path: Path, synchronous: str = "full", *, readonly: bool = False) -> None:
+        self.where = str(path)
+        if readonly:
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} does not exist")
+            self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+            self.db.execute("PRAGMA busy_timeout=5000")
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
+        self.db.execute("PRAGMA busy_timeout=5000")
+
+    def execute(self, sql: str, args: Sequence[Any] = ()) -> Cursor:
+        return self.db.execute(sql, args)
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> Cursor:
+        return self.db.executemany(sql, rows)
+
+    def begin(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def commit(self) -> None:
+        self.db.execute("COMMIT")
+
+    def rollback(self) -> None:
+        self.db.execute("ROLLBACK")
+
+    def create_schema(self, ddl: str) -> None:
+        self.db.executescript(ddl)
+
+    def tables(self) -> list[str]:
+        q = "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%' ORDER BY name"
+        return [str(r[0]) for r in self.db.execute(q)]
+
+    def close(self) -> None:
+        self.db.close()
+
+
+_PG_TYPES = [
+    (re.compile(r"INTEGER PRIMARY KEY AUTOINCREMENT"), "BIGSERIAL PRIMARY KEY"),
+    (re.compile(r"\bBLOB\b"), "BYTEA"),
+    (re.compile(r"\bREAL\b"), "DOUBLE PRECISION"),
+    (re.compile(r"\bINTEGER\b"), "BIGINT"),  # rounds and counters are u32: beyond PostgreSQL's int4
+    # insertion order: SQLite's implicit rowid is an explicit column here
+    (re.compile(r"CREATE TABLE IF NOT EXISTS updates \("), "CREATE TABLE IF NOT EXISTS updates (\n    rid BIGSERIAL,"),
+]
+
+
+class PostgresStore:
+    """A PostgreSQL database through psycopg 3 (autocommit; explicit BEGIN/COMMIT for write batches)."""
+
+    kind = "postgresql"
+
+    def __init__(self, url: str) -> None:
+        try:
+            import psycopg
+        except ImportError as exc:  # pragma: no cover - psycopg[binary] is a dependency
+            raise RuntimeError("event_log = postgresql://... needs psycopg 3: pip install 'meerkat-edge[postgres]'") from exc
+        self.where = redact_url(url)
+        try:
+            self.db = psycopg.connect(url, autocommit=True)
+        except psycopg.OperationalError as exc:
+            raise ConnectionError(f"event log {self.where}: cannot connect: {str(exc).strip()}") from exc
+        self._sql: dict[str, str] = {}
+
+    def _tr(self, sql: str) -> str:
+        out = self._sql.get(sql)
+        if out is None:
+            out = self._sql[sql] = re.sub(r"\browid\b", "rid", sql.replace("%", "%%").replace("?", "%s"))
+        return out
+
+    def execute(self, sql: str, args: Sequence[Any] = ()) -> Cursor:
+        return self.db.execute(self._tr(sql), args)
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> Cursor:
+        cur = self.db.cursor()
+        cur.executemany(self._tr(sql), rows)
+        return cur
+
+    def begin(self) -> None:
+        self.db.execute("BEGIN")
+
+    def commit(self) -> None:
+        self.db.execute("COMMIT")
+
+    def rollback(self) -> None:
+        self.db.execute("ROLLBACK")
+
+    def create_schema(self, ddl: str) -> None:
+        for pat, rep in _PG_TYPES:
+            ddl = pat.sub(rep, ddl)
+        self.db.execute(ddl.encode())  # several statements, no parameters
+
+    def tables(self) -> list[str]:
+        q = "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema() ORDER BY 1"
+        return [str(r[0]) for r in self.db.execute(q)]
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password (for logs and errors)."""
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+
+
+def open_store(event_log: str, state_dir: Path, synchronous: str = "full", *, readonly: bool = False) -> Store:
+    """`event_log` = "sqlite" (state_dir/events.sqlite) or a postgresql:// URL."""
+    if event_log in ("", "sqlite"):
+        return SqliteStore(Path(state_dir) / DB_NAME, synchronous, readonly=readonly)
+    if event_log.startswith(("postgresql://", "postgres://")):
+        return PostgresStore(event_log)
+    raise ValueError(f"event_log: expected \"sqlite\" or a postgresql:// URL, got {redact_url(event_log)!r}")
