@@ -39,7 +39,7 @@ def _other_mask(toy: Toy, path: Path) -> Mask:
 
 
 @pytest.mark.timeout(180)
-def test_client_on_a_fleet_with_another_mask_exits_5_with_the_fix(toy: Toy, broker_url: str, tmp_path: Path) -> None:
+def test_client_on_a_fleet_with_another_mask_exits_6_with_the_fix(toy: Toy, broker_url: str, tmp_path: Path) -> None:
     fleet = uid("f")
     fleet_mask = _other_mask(toy, tmp_path / "fleet-mask.safetensors")
     assert fleet_mask.mask_id != toy.mask.mask_id
