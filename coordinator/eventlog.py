@@ -649,6 +649,9 @@ class EventLog:
             _HEARTBEAT,
             [(r.client, r.now, r.now, json.dumps(r.telemetry)) for r in recs if isinstance(r, HeartbeatRecord)],
         )
+        for r in recs:  # the evaluation a heartbeat carries (rare: every eval_every rounds per device)
+            if isinstance(r, HeartbeatRecord):
+                self._heartbeat_eval(r)
 
     def _many_online(self, recs: Sequence[Record]) -> None:
         self.db.executemany(_ONLINE, [(r.client, int(r.online), r.now) for r in recs if isinstance(r, OnlineRecord)])
@@ -782,11 +785,12 @@ def _opt(v: Any) -> float | None:
 # the tables each record writes: persist_many reorders two records only when these are disjoint
 _TABLES: dict[type, frozenset[str]] = {
     JoinRecord: frozenset({"clients"}), OnlineRecord: frozenset({"clients"}),
-    HeartbeatRecord: frozenset({"clients"}), SeenRecord: frozenset({"clients"}),
+    HeartbeatRecord: frozenset({"clients", "evals"}), SeenRecord: frozenset({"clients"}),
     OfflineRecord: frozenset({"clients"}), PlanRecord: frozenset({"rounds"}), ReplanRecord: frozenset({"rounds"}),
     UpdateRecord: frozenset({"updates", "clients"}), ResultRecord: frozenset({"results", "rounds", "updates"}),
     DriftRecord: frozenset({"drift"}), LimitRecord: frozenset({"drift"}),
     RejectRecord: frozenset({"rejects", "reject_log"}), EventRecord: frozenset({"events"}),
+    EvalRecord: frozenset({"evals"}),
 }  # fmt: skip
 _BATCH: dict[type, Callable[[EventLog, Sequence[Record]], None]] = {
     UpdateRecord: EventLog._many_updates, DriftRecord: EventLog._many_drift,

@@ -143,6 +143,7 @@ class Coordinator:
         self._stop = threading.Event()
         self._pending_mids: set[int] = set()
         self._heartbeats: dict[str, HeartbeatRecord] = {}  # newest per client, not yet written (_defer_heartbeats)
+        self._hb_written: dict[str, Any] = {}  # client -> eval_round of its last written heartbeat (this process)
         self._hb_flushed = time.monotonic()
         self._kind_counters: dict[str, Any] = {}  # topic kind -> its labelled messages counter (labels() is slow)
         self._seen_connects = 0  # link connects the book has been told about (reconnected())
@@ -403,11 +404,21 @@ class Coordinator:
         """Heartbeats (QoS 0, 667/s at 10,000 devices) are not written one by one: the newest per client
         waits here and goes out with the next write after HB_FLUSH_S, or AHEAD of any record that sets a
         client's online state (Join, Status, offline marking), so the log's final state is what writing
-        each in order gives (the heartbeat SQL never moves seen_at back). A kill -9 loses at most
-        HB_FLUSH_S of telemetry and last-seen times, nothing a round or an update depends on."""
+        each in order gives (the heartbeat SQL never moves seen_at back). A device's first heartbeat and
+        a heartbeat with a new evaluation are written at once. A kill -9 loses at most HB_FLUSH_S of telemetry and last-seen times, nothing a
+        round or an update depends on."""
         now = time.monotonic()
         out: list[Record] = []
         for rec in records:
+            if isinstance(rec, HeartbeatRecord):
+                ev = rec.telemetry.get("eval_round")
+                if rec.client not in self._hb_written or (ev is not None and self._hb_written[rec.client] != ev):
+                    # a device's first telemetry, and each new evaluation (rare: every eval_every rounds), are
+                    # written at once: the newest-wins deferral below would drop an evaluation point
+                    self._hb_written[rec.client] = ev
+                    self._heartbeats.pop(rec.client, None)
+                    out.append(rec)
+                    continue
             if isinstance(rec, HeartbeatRecord):
                 self._heartbeats.pop(rec.client, None)  # re-insert: flush order = order of the newest beat
                 self._heartbeats[rec.client] = rec
