@@ -1,12 +1,14 @@
 """`meerkat bench learning`: does sparse zeroth-order federated fine-tuning learn, and which mask wins?
 
-    meerkat bench learning [--quick] [--json] [--out DIR] [--tasks sentiment,topic] [--seeds 3]
+    meerkat bench learning [--quick] [--json] [--out DIR] [--size small[,medium]] [--tasks topic,news8]
+                           [--seeds 3] [--budget 300] [--lrs DIR/lrs.json] [--resume] [--shard K/N]
+    meerkat bench learning --tune [--size ...] [--tasks ...] [--tune-seeds 100,101] --out DIR [--resume]
 
 In-process fleet (bench/inproc.py via bench/learning_sim.py: the product's round book, client cores and
-engine step, messages through the codec, no MQTT) of 10 clients on
-the project's pretrained tiny LM (`meerkat tiny-model`), labelled tasks from bench/tasks.py split with
-Dirichlet(alpha=0.5) label skew, plus an "extreme" split where some clients hold a single label.
-Every method gets the same budget of local steps per client (rounds = budget / T):
+engine step, messages through the codec, no MQTT) of 10 clients on the project's pretrained tiny LM
+(`meerkat tiny-model`), labelled tasks from bench/tasks.py split with Dirichlet(alpha=0.5) label skew,
+plus an "extreme" split where 4 clients hold a single label. Every method gets the same budget of local
+steps per client (rounds = budget / T):
 
     zero-shot         the pretrained model, no training
     backprop-fedavg   full fp32 model, T local AdamW steps, weights averaged (upper bound)
@@ -17,8 +19,17 @@ Every method gets the same budget of local steps per client (rounds = budget / T
     meerkat-vp        meerkat + coordinator.drift: drifting clients run 1 local step (T=10 only: at T=1
                       it is meerkat)
 
-Output under --out: learning.json (every run, its curve and bytes), learning.md (the table),
-learning_rounds.png and learning_bytes.png. With --json the JSON summary is the last stdout line.
+Cells: every (size, task, split, method, T, seed, lr) run is written to DIR/cells/<sha256 of its full
+config>.json with its wall time; `--resume` reuses finished cells, so a long grid completes over several
+invocations, and `--shard K/N` lets N processes share one DIR (then one `--resume` run gathers them).
+`--tune` applies the lr rule (bench/learning_cells.py: each method's lr grid on tuning seeds disjoint
+from the evaluation seeds; best mean accuracy among stable lrs) and writes DIR/lrs.json + lrs.md; the
+grid reads it with `--lrs`. Without `--lrs` the defaults below apply (the demo sweep).
+
+Output under --out: learning.json (every run, its curve, bytes, wall time; machine and load average),
+learning.md (the table), learning_rounds*.png / learning_bytes*.png (per size and split),
+learning_gap.png (MEERKAT - dense FedZO vs dense parameter count across sizes), learning_gradip.png
+(GradIP of single-label vs other devices). With --json the JSON summary is the last stdout line.
 """
 
 from __future__ import annotations
@@ -382,6 +393,7 @@ def run_grid(cfg: LearningConfig, workdir: Path, progress: bool = True, cells_di
 
     t0 = time.perf_counter()
     runner = Runner(cfg, workdir)
+    cfg = runner.cfg = known_tasks(cfg, runner.model_dir)
     cache = CellCache(cells_dir, resume) if cells_dir is not None else None
     cells = _cells(cfg)
     runs: list[dict[str, Any]] = []
@@ -420,6 +432,7 @@ def run_tune(cfg: LearningConfig, workdir: Path, progress: bool = True, cells_di
                          "choose --tune-seeds >= --seeds")
     t0 = time.perf_counter()
     runner = Runner(cfg, workdir)
+    cfg = runner.cfg = known_tasks(cfg, runner.model_dir)
     cache = CellCache(cells_dir, resume) if cells_dir is not None else None
     T = max(cfg.Ts)
     grid = LR_GRID if grid is None else grid
@@ -438,6 +451,20 @@ def run_tune(cfg: LearningConfig, workdir: Path, progress: bool = True, cells_di
     return {"bench": "learning-tune", "rule": asdict(rule), "tuning_seeds": list(cfg.tune_seeds), "T": T,
             "setting": "dirichlet", "budget": cfg.budget, "chosen": chosen, "config": _config_json(cfg),
             "wall_s": round(time.perf_counter() - t0, 1), **machine()}
+
+
+def known_tasks(cfg: LearningConfig, model_dir: Path) -> LearningConfig:
+    """Drop the tasks this model was not pretrained for (demo has no news8/polarity/nli), with a warning;
+    a size list shares one --tasks list."""
+    from bench.tinylm.pretrain import model_tasks
+
+    known = set(model_tasks(model_dir))
+    keep = tuple(t for t in cfg.tasks if t in known)
+    if not keep:
+        raise SystemExit(f"--tasks {','.join(cfg.tasks)}: none is a task of the {cfg.size} model ({sorted(known)})")
+    if keep != cfg.tasks:
+        log.warning("size %s: skipping tasks %s (not in its corpus)", cfg.size, [t for t in cfg.tasks if t not in keep])
+    return replace(cfg, tasks=keep)
 
 
 def _config_json(cfg: LearningConfig) -> dict[str, Any]:

@@ -105,6 +105,27 @@ def test_grid_json_has_one_row_per_method(tmp_path: Path) -> None:
     assert res["cells"] == {"total": len(res["runs"]), "cached": 0, "computed": len(res["runs"]), "missing": 0}
     assert all(r["wall_s"] > 0 for r in res["runs"]) and "loadavg" in res["machine"]
     assert res["vp_calibration"]["single"]["n"] + res["vp_calibration"]["other"]["n"] == 0  # too few steps
+    from bench.learning_plots import plot_results
+
+    (tmp_path / "plots").mkdir()
+    names = {p.name for p in plot_results(res, tmp_path / "plots")}
+    assert {"learning_rounds.png", "learning_bytes.png", "learning_rounds_extreme.png", "learning_gap.png",
+            "learning_gradip.png"} <= names
+
+
+def test_gap_points_pair_meerkat_with_dense_per_size() -> None:
+    from bench.learning_plots import gap_points
+
+    def run(size: str, method: str, acc: float, nnz: int, seed: int = 0) -> dict[str, Any]:
+        return {"size": size, "task": "topic", "setting": "dirichlet", "method": method, "T": 10, "seed": seed,
+                "accuracy": acc, "nnz": nnz}
+
+    runs = [run("demo", "meerkat", 0.9, 4260), run("demo", "fedzo-dense", 0.8, 425984),
+            run("demo", "fedzo-dense", 0.6, 425984, seed=1), run("small", "meerkat", 0.95, 50000),
+            run("small", "fedzo-dense", 0.5, 5000000), run("small", "random-mask", 0.1, 50000)]
+    pts = gap_points(runs)
+    assert list(pts) == [("topic", 10)]
+    assert [(x, round(g, 6), s) for x, g, s in pts[("topic", 10)]] == [(425984, 0.2, "demo"), (5000000, 0.45, "small")]
 
 
 def _micro_cli(out: Path, *extra: str) -> list[str]:
