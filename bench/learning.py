@@ -420,9 +420,10 @@ def run_grid(cfg: LearningConfig, workdir: Path, progress: bool = True, cells_di
 
 def run_tune(cfg: LearningConfig, workdir: Path, progress: bool = True, cells_dir: Path | None = None,
              resume: bool = False, rule: LrRule | None = None,
-             grid: dict[str, tuple[float, ...]] | None = None) -> dict[str, Any]:
+             grid: dict[str, tuple[float, ...]] | None = None, shard: tuple[int, int] = (0, 1)) -> dict[str, Any]:
     """The lr rule (bench/learning_cells.py): each method's lr grid on the tuning seeds, Dirichlet split,
-    T = max(Ts), the grid's budget; returns {"chosen": {"size/task/method": ...}, ...}."""
+    T = max(Ts), the grid's budget; returns {"chosen": {"size/task/method": ...}, ...}. With `shard`, cells
+    of other shards that are not finished yet leave "chosen" empty and count in "missing"."""
     from tqdm import tqdm
 
     rule = rule or LrRule()
@@ -440,15 +441,18 @@ def run_tune(cfg: LearningConfig, workdir: Path, progress: bool = True, cells_di
     todo = [(task, m, lr, s) for task in cfg.tasks for m in methods for lr in grid[m] for s in cfg.tune_seeds]
     bar = tqdm(total=len(todo), desc=f"bench learning --tune {cfg.size}", unit="cell", disable=not progress)
     by: dict[tuple[str, str], dict[float, list[dict[str, Any]]]] = {}
-    for task, m, lr, s in todo:
-        row = runner.cell(cache, task, "dirichlet", m, T, s, lr)
-        assert row is not None
-        by.setdefault((task, m), {}).setdefault(lr, []).append(row)
+    missing = 0
+    for i, (task, m, lr, s) in enumerate(todo):
+        row = runner.cell(cache, task, "dirichlet", m, T, s, lr, compute=i % shard[1] == shard[0])
         bar.update(1)
+        if row is None:
+            missing += 1
+            continue
+        by.setdefault((task, m), {}).setdefault(lr, []).append(row)
         bar.set_postfix(task=task, method=m, lr=lr, acc=f"{row['accuracy']:.3f}")
     bar.close()
-    chosen = {lr_table_key(cfg.size, task, m): choose_lr(rows, rule) for (task, m), rows in by.items()}
-    return {"bench": "learning-tune", "rule": asdict(rule), "tuning_seeds": list(cfg.tune_seeds), "T": T,
+    chosen = {} if missing else {lr_table_key(cfg.size, task, m): choose_lr(rows, rule) for (task, m), rows in by.items()}
+    return {"bench": "learning-tune", "missing": missing, "rule": asdict(rule), "tuning_seeds": list(cfg.tune_seeds), "T": T,
             "setting": "dirichlet", "budget": cfg.budget, "chosen": chosen, "config": _config_json(cfg),
             "wall_s": round(time.perf_counter() - t0, 1), **machine()}
 
@@ -578,9 +582,13 @@ def run(args: argparse.Namespace) -> int:
     cells = out / "cells"
     with tempfile.TemporaryDirectory(prefix="meerkat-learning-") as tmp:
         if args.tune:
-            docs = [run_tune(cfg, Path(tmp) / cfg.size, cells_dir=cells, resume=args.resume) for cfg in cfgs]
+            docs = [run_tune(cfg, Path(tmp) / cfg.size, cells_dir=cells, resume=args.resume, shard=shard)
+                    for cfg in cfgs]
             doc = {**docs[0], "chosen": {k: v for d in docs for k, v in d["chosen"].items()},
-                   "wall_s": round(sum(d["wall_s"] for d in docs), 1)}
+                   "wall_s": round(sum(d["wall_s"] for d in docs), 1), "missing": sum(d["missing"] for d in docs)}
+            if doc["missing"]:
+                print(f"{doc['missing']} tuning cells left to other shards: run --tune --resume once they finish")
+                return 0
             (out / "lrs.json").write_text(json.dumps(doc, indent=1, sort_keys=True, allow_nan=False) + "\n")
             (out / "lrs.md").write_text(lr_markdown(doc))
             print(lr_markdown(doc))
