@@ -1,12 +1,14 @@
 """`meerkat bench learning`: does sparse zeroth-order federated fine-tuning learn, and which mask wins?
 
-    meerkat bench learning [--quick] [--json] [--out DIR] [--tasks sentiment,topic] [--seeds 3]
+    meerkat bench learning [--quick] [--json] [--out DIR] [--size small[,medium]] [--tasks topic,news8]
+                           [--seeds 3] [--budget 300] [--lrs DIR/lrs.json] [--resume] [--shard K/N]
+    meerkat bench learning --tune [--size ...] [--tasks ...] [--tune-seeds 100,101] --out DIR [--resume]
 
 In-process fleet (bench/inproc.py via bench/learning_sim.py: the product's round book, client cores and
-engine step, messages through the codec, no MQTT) of 10 clients on
-the project's pretrained tiny LM (`meerkat tiny-model`), labelled tasks from bench/tasks.py split with
-Dirichlet(alpha=0.5) label skew, plus an "extreme" split where some clients hold a single label.
-Every method gets the same budget of local steps per client (rounds = budget / T):
+engine step, messages through the codec, no MQTT) of 10 clients on the project's pretrained tiny LM
+(`meerkat tiny-model`), labelled tasks from bench/tasks.py split with Dirichlet(alpha=0.5) label skew,
+plus an "extreme" split where 4 clients hold a single label. Every method gets the same budget of local
+steps per client (rounds = budget / T):
 
     zero-shot         the pretrained model, no training
     backprop-fedavg   full fp32 model, T local AdamW steps, weights averaged (upper bound)
@@ -17,8 +19,17 @@ Every method gets the same budget of local steps per client (rounds = budget / T
     meerkat-vp        meerkat + coordinator.drift: drifting clients run 1 local step (T=10 only: at T=1
                       it is meerkat)
 
-Output under --out: learning.json (every run, its curve and bytes), learning.md (the table),
-learning_rounds.png and learning_bytes.png. With --json the JSON summary is the last stdout line.
+Cells: every (size, task, split, method, T, seed, lr) run is written to DIR/cells/<sha256 of its full
+config>.json with its wall time; `--resume` reuses finished cells, so a long grid completes over several
+invocations, and `--shard K/N` lets N processes share one DIR (then one `--resume` run gathers them).
+`--tune` applies the lr rule (bench/learning_cells.py: each method's lr grid on tuning seeds disjoint
+from the evaluation seeds; best mean accuracy among stable lrs) and writes DIR/lrs.json + lrs.md; the
+grid reads it with `--lrs`. Without `--lrs` the defaults below apply (the demo sweep).
+
+Output under --out: learning.json (every run, its curve, bytes, wall time; machine and load average),
+learning.md (the table), learning_rounds*.png / learning_bytes*.png (per size and split),
+learning_gap.png (MEERKAT - dense FedZO vs dense parameter count across sizes), learning_gradip.png
+(GradIP of single-label vs other devices). With --json the JSON summary is the last stdout line.
 """
 
 from __future__ import annotations
@@ -30,12 +41,22 @@ import math
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from bench.learning_cells import (
+    LR_GRID,
+    CellCache,
+    LrRule,
+    cell_key,
+    choose_lr,
+    load_lrs,
+    lr_markdown,
+    lr_table_key,
+)
 from bench.learning_sim import (
     BPSpec,
     ClientData,
@@ -60,13 +81,15 @@ ZO_MASK = {"fedzo-dense": "dense", "meerkat": "pretrain-grad", "weight-magnitude
 
 @dataclass(frozen=True)
 class LearningConfig:
-    """One benchmark run. Learning rates were picked by a sweep on seed 100 (not an eval seed): BENCHMARKS.md."""
+    """One benchmark invocation on one model size. Default lrs: the demo sweep on seed 100 (BENCHMARKS.md);
+    `--lrs` (from `--tune`) replaces them per (task, method) through `lr_table`."""
 
     size: str = "demo"  # tiny-model size
     tasks: tuple[str, ...] = ("topic", "sentiment", "claim")
-    seeds: int = 3
+    seeds: int = 3  # evaluation seeds 0..seeds-1
+    tune_seeds: tuple[int, ...] = (100, 101)  # the lr rule's seeds: disjoint from the evaluation seeds
     Ts: tuple[int, ...] = (1, 10)
-    budget: int = 100  # local steps per client (rounds = budget / T)
+    budget: int = 300  # local steps per client (rounds = budget / T): past saturation, GradIP has time to decay
     n_clients: int = 10
     alpha: float = 0.5
     n_single: int = 4  # extreme setting: clients holding one label
@@ -79,14 +102,17 @@ class LearningConfig:
     lr_sparse: float = 2e-2  # meerkat, weight-magnitude, random, meerkat-vp (5e-2 diverges)
     lr_dense: float = 5e-4  # fedzo-dense: variance grows with nnz, so the stable lr is smaller (1e-3 diverges)
     lr_backprop: float = 1e-3  # AdamW
+    lr_table: tuple[tuple[str, float], ...] = ()  # ("task/method", lr) from --lrs: overrides the three above
     n_evals: int = 10  # eval points per run (curves)
     calib_seqs: int = 64  # pre-training-like sequences (x 128 tokens) backpropagated for the MEERKAT mask
     methods: tuple[str, ...] = METHODS
-    extreme: bool = True  # also run meerkat / meerkat-vp on the extreme split
+    extreme: bool = True  # also run the extreme (single-label devices) split
+    extreme_methods: tuple[str, ...] = METHODS  # the methods run on it
+    thresholds: DriftThresholds = field(default_factory=DriftThresholds)  # MEERKAT-VP detector
 
     @classmethod
     def quick(cls) -> LearningConfig:
-        return cls(tasks=("topic",), budget=40, n_evals=4)
+        return cls(tasks=("topic",), budget=40, n_evals=4, extreme_methods=("meerkat", "meerkat-vp"))
 
 
 def add_parser(sub: Any) -> None:
@@ -94,10 +120,10 @@ def add_parser(sub: Any) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="one task (topic), budget 40 steps per client")
     p.add_argument("--json", action="store_true", help="print the JSON summary as the last stdout line")
-    p.add_argument("--out", default="bench-learning", help="dir for learning.json/.md and the PNG plots")
-    p.add_argument("--size", default=None, help="tiny-model size (default demo)")
-    p.add_argument("--tasks", default=None, help="comma list of tasks (sentiment, topic, claim)")
-    p.add_argument("--seeds", type=int, default=None, help="seeds per configuration (>= 1)")
+    p.add_argument("--out", default="bench-learning", help="dir for learning.json/.md, the PNG plots and cells/")
+    p.add_argument("--size", default=None, help="tiny-model size, or a comma list (default demo)")
+    p.add_argument("--tasks", default=None, help="comma list of tasks (bench/tasks.py: topic, sentiment, ...)")
+    p.add_argument("--seeds", type=int, default=None, help="evaluation seeds 0..N-1 (>= 1)")
     p.add_argument("--budget", type=int, default=None, help="local steps per client (multiple of every T)")
     p.add_argument("--methods", default=None, help=f"comma list from {','.join(METHODS)}")
     p.add_argument("--T", default=None, help="comma list of local steps per round (default 1,10)")
@@ -105,21 +131,29 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--lr-sparse", type=float, default=None)
     p.add_argument("--lr-dense", type=float, default=None)
     p.add_argument("--lr-backprop", type=float, default=None)
+    p.add_argument("--lrs", default=None, help="lrs.json from --tune: the lr of every (size, task, method)")
+    p.add_argument("--tune", action="store_true",
+                   help="run the lr rule instead of the grid: writes OUT/lrs.json and lrs.md (bench/learning_cells.py)")
+    p.add_argument("--tune-seeds", default=None, help="comma list of tuning seeds (default 100,101; not < --seeds)")
+    p.add_argument("--resume", action="store_true", help="reuse finished cells under OUT/cells (same config hash)")
+    p.add_argument("--shard", default=None, help="K/N: compute every N-th cell from the K-th (parallel processes)")
     p.add_argument("--no-extreme", action="store_true", help="skip the single-label (MEERKAT-VP) setting")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: on a shared 2-core box 2 threads oversubscribe and run 20x slower)")
     p.set_defaults(func=run)
 
 
-def config_from_args(args: argparse.Namespace) -> LearningConfig:
+def config_from_args(args: argparse.Namespace, size: str | None = None) -> LearningConfig:
     cfg = LearningConfig.quick() if args.quick else LearningConfig()
     over: dict[str, Any] = {}
-    if args.size:
-        over["size"] = args.size
+    if size:
+        over["size"] = size
     if args.tasks:
         over["tasks"] = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
     if args.seeds is not None:
         over["seeds"] = args.seeds
+    if getattr(args, "tune_seeds", None):
+        over["tune_seeds"] = tuple(int(t) for t in args.tune_seeds.split(","))
     if args.budget is not None:
         over["budget"] = args.budget
     if args.methods:
@@ -132,8 +166,22 @@ def config_from_args(args: argparse.Namespace) -> LearningConfig:
     if args.no_extreme:
         over["extreme"] = False
     cfg = replace(cfg, **over)
+    if getattr(args, "lrs", None):
+        cfg = replace(cfg, lr_table=tuple(sorted(load_lrs(Path(args.lrs), cfg.size).items())))
     check_config(cfg)
     return cfg
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    if not text:
+        return (0, 1)
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise SystemExit(f"--shard: expected K/N with integers, got {text!r}") from None
+    if not 0 <= k < n:
+        raise SystemExit(f"--shard {text}: need 0 <= K < N")
+    return (k, n)
 
 
 def check_config(cfg: LearningConfig) -> None:
@@ -150,7 +198,11 @@ def check_config(cfg: LearningConfig) -> None:
 # ---------------------------------------------------------------- the experiment grid
 
 
-def _lr(cfg: LearningConfig, method: str) -> float:
+def lr_for(cfg: LearningConfig, task: str, method: str) -> float:
+    """The tuned lr of (task, method) from `--lrs` when there is one, else the config's default."""
+    table = dict(cfg.lr_table)
+    if f"{task}/{method}" in table:
+        return table[f"{task}/{method}"]
     if method == "backprop-fedavg":
         return cfg.lr_backprop
     return cfg.lr_dense if method == "fedzo-dense" else cfg.lr_sparse
@@ -159,37 +211,61 @@ def _lr(cfg: LearningConfig, method: str) -> float:
 def runs_for(cfg: LearningConfig) -> list[tuple[str, str, int]]:
     """(setting, method, T) of every trained configuration (zero-shot is evaluated once per setting/seed)."""
     out = []
-    for method in cfg.methods:
-        if method == "zero-shot":
-            continue
-        for T in cfg.Ts:
-            if method == "meerkat-vp" and T == 1:
-                continue  # 1 local step already: identical to meerkat
-            out.append(("dirichlet", method, T))
-    if cfg.extreme:
-        for method in ("meerkat", "meerkat-vp"):
-            if method in cfg.methods:
-                out.extend(("extreme", method, T) for T in cfg.Ts if T > 1)
+    for setting, methods in (("dirichlet", cfg.methods), ("extreme", cfg.extreme_methods if cfg.extreme else ())):
+        for method in methods:
+            if method == "zero-shot" or method not in cfg.methods:
+                continue
+            for T in cfg.Ts:
+                if method == "meerkat-vp" and T == 1:
+                    continue  # 1 local step already: identical to meerkat
+                out.append((setting, method, T))
     return out
 
 
+def cell_fields(cfg: LearningConfig, fingerprint: str, task: str, setting: str, method: str, T: int, seed: int,
+                lr: float) -> dict[str, Any]:
+    """Everything that shapes one cell's result: its cache key is the hash of this (bench/learning_cells.py)."""
+    f: dict[str, Any] = {"size": cfg.size, "fingerprint": fingerprint, "task": task, "setting": setting,
+                         "method": method, "seed": seed, "n_clients": cfg.n_clients, "alpha": cfg.alpha,
+                         "n_train": cfg.n_train, "n_eval": cfg.n_eval}
+    if setting == "extreme":
+        f["n_single"] = cfg.n_single
+    if method != "zero-shot":
+        f |= {"T": T, "lr": lr, "budget": cfg.budget, "batch_size": cfg.batch_size, "n_evals": cfg.n_evals}
+    if method in ZO_MASK:
+        f |= {"eps": cfg.eps, "fraction": cfg.fraction}
+    if ZO_MASK.get(method) == "pretrain-grad":
+        f |= {"calib_seqs": cfg.calib_seqs, "thresholds": asdict(cfg.thresholds)}
+    return f
+
+
 class Runner:
-    """Holds the model dir, masks and loaded models of one benchmark invocation."""
+    """Holds the model dir, masks and loaded models of one benchmark invocation (masks built on first use)."""
 
     def __init__(self, cfg: LearningConfig, workdir: Path) -> None:
-        from bench.learning_masks import build_masks
         from bench.tinylm.pretrain import get_model_dir
         from shared.fingerprint import fingerprint_model_dir
 
         self.cfg, self.workdir = cfg, workdir
         self.model_dir = get_model_dir(cfg.size, progress=False)
         self.fingerprint = fingerprint_model_dir(self.model_dir)
-        t0 = time.perf_counter()
-        self.masks = build_masks(self.model_dir, self.fingerprint, cfg.fraction, seqs=cfg.calib_seqs,
-                                 random_seeds=tuple(range(cfg.seeds)))
-        self.mask_seconds = time.perf_counter() - t0
+        self.mask_seconds = 0.0
+        self._masks: dict[str, Any] | None = None
         self._loaded: dict[str, Any] = {}
         self._plain: Any = None
+        self._data: dict[tuple[str, str, int], ClientData] = {}
+
+    @property
+    def masks(self) -> dict[str, Any]:
+        from bench.learning_masks import build_masks
+
+        if self._masks is None:
+            t0 = time.perf_counter()
+            seeds = tuple(sorted(set(range(self.cfg.seeds)) | set(self.cfg.tune_seeds)))
+            self._masks = build_masks(self.model_dir, self.fingerprint, self.cfg.fraction, seqs=self.cfg.calib_seqs,
+                                      random_seeds=seeds)
+            self.mask_seconds = time.perf_counter() - t0
+        return self._masks
 
     def loaded(self, key: str) -> Any:
         from shared.modelload import load_model
@@ -212,11 +288,16 @@ class Runner:
         return self._plain  # type: ignore[no-any-return]
 
     def data(self, task: str, setting: str, seed: int) -> ClientData:
-        tok = self.loaded("pretrain-grad").tokenizer
-        n_single = self.cfg.n_single if setting == "extreme" else 0
-        return make_data(task, self.workdir / f"{task}-{setting}-{seed}", tok, seed=derive_seed(seed, 4),
-                         n_clients=self.cfg.n_clients, alpha=self.cfg.alpha, n_single=n_single,
-                         n_train=self.cfg.n_train, n_eval=self.cfg.n_eval)
+        """The split (written on first use; the last one is kept)."""
+        key = (task, setting, seed)
+        if key not in self._data:
+            tok = self.loaded("pretrain-grad").tokenizer
+            n_single = self.cfg.n_single if setting == "extreme" else 0
+            self._data = {key: make_data(task, self.workdir / f"{task}-{setting}-{seed}", tok,
+                                         seed=derive_seed(seed, 4), n_clients=self.cfg.n_clients,
+                                         alpha=self.cfg.alpha, n_single=n_single, n_train=self.cfg.n_train,
+                                         n_eval=self.cfg.n_eval)}
+        return self._data[key]
 
     def nnz(self, method: str, seed: int) -> int:
         if method == "backprop-fedavg":
@@ -229,7 +310,7 @@ class Runner:
         key = ZO_MASK[method]
         return f"random/{seed}" if key == "random" else key
 
-    def run(self, method: str, data: ClientData, T: int, seed: int) -> RunResult:
+    def run(self, method: str, data: ClientData, T: int, seed: int, lr: float) -> RunResult:
         cfg = self.cfg
         rounds = cfg.budget // T
         run_seed = derive_seed(seed, 100, T)  # directions and batch order: same for every method at (seed, T)
@@ -237,65 +318,177 @@ class Runner:
             model, state = self.plain()
             restore(model, state)
             try:
-                return run_backprop(model, data, BPSpec(rounds, T, cfg.lr_backprop, cfg.batch_size, run_seed, cfg.n_evals))
+                return run_backprop(model, data, BPSpec(rounds, T, lr, cfg.batch_size, run_seed, cfg.n_evals))
             finally:
                 restore(model, state)
         key = self._mask_key(method, seed)
         loaded = self.loaded(key)
         mask = self.masks[key]
         grad = mask.flat_grad() if hasattr(mask, "flat_grad") else None
-        spec = ZOSpec(rounds, T, _lr(cfg, method), cfg.eps, cfg.batch_size, run_seed,
-                      vp=method == "meerkat-vp", n_evals=cfg.n_evals)
+        spec = ZOSpec(rounds, T, lr, cfg.eps, cfg.batch_size, run_seed, vp=method == "meerkat-vp",
+                      n_evals=cfg.n_evals, thresholds=cfg.thresholds)
         mask_id = mask.mask_id if hasattr(mask, "mask_id") else "d" * 16
-        return run_zo(loaded, data, spec, grad, mask_id=mask_id)
+        try:
+            return run_zo(loaded, data, spec, grad, mask_id=mask_id)
+        finally:
+            loaded.sidecar.set_values(loaded.sidecar.initial_values())
 
     def zero_shot(self, data: ClientData) -> float:
         model, state = self.plain()
         restore(model, state)
         return eval_accuracy(model, data.eval)
 
+    def cell(self, cache: CellCache | None, task: str, setting: str, method: str, T: int, seed: int,
+             lr: float, compute: bool = True) -> dict[str, Any] | None:
+        """One cell's row: from the cache (`--resume`) or computed and written there. None: not finished
+        and `compute` is off (another shard's cell)."""
+        fields = cell_fields(self.cfg, self.fingerprint, task, setting, method, T, seed, lr)
+        key = cell_key(fields)
+        if cache is not None and (row := cache.get(key)) is not None:
+            return row | {"cached": True}
+        if not compute:
+            return None
+        t0 = time.perf_counter()
+        data = self.data(task, setting, seed)
+        base = {"size": self.cfg.size, "task": task, "setting": setting, "method": method, "seed": seed, "key": key}
+        if method == "zero-shot":
+            acc = self.zero_shot(data)
+            row = base | {"T": 0, "accuracy": acc, "bytes_up": 0, "bytes_down": 0, "seconds": 0.0, "nnz": 0,
+                          "lr": 0.0, "final_loss": 0.0, "curve": {"rounds": [0], "accuracy": [acc], "bytes": [0]}}
+        else:
+            res = self.run(method, data, T, seed, lr)
+            row = base | {"T": T, "nnz": self.nnz(method, seed), "lr": lr, **res.to_json()}
+            if not math.isfinite(res.final_loss):
+                row["final_loss"] = None  # JSON has no NaN; run_stable reads None as diverged
+            if res.gradip:
+                row["drift"] = _drift_rows(res, data, self.cfg.thresholds)
+                row["gradip"] = {c: [round(h, 6) for h in v] for c, v in res.gradip.items()}
+        row["wall_s"] = round(time.perf_counter() - t0, 2)
+        if cache is not None:
+            cache.put(key, fields, row)
+        return row | {"cached": False}
 
-def run_grid(cfg: LearningConfig, workdir: Path, progress: bool = True) -> dict[str, Any]:
-    """Every (task, setting, method, T, seed); returns the JSON result (rows + runs + VP calibration)."""
+
+def _cells(cfg: LearningConfig) -> list[tuple[str, str, str, int, int]]:
+    """(task, setting, method, T, seed) of the evaluation grid, in run order (zero-shot first per split)."""
+    grid = runs_for(cfg)
+    settings = sorted({s for s, _, _ in grid} | {"dirichlet"})
+    out = []
+    for task in cfg.tasks:
+        for seed in range(cfg.seeds):
+            for setting in settings:
+                if "zero-shot" in cfg.methods:
+                    out.append((task, setting, "zero-shot", 0, seed))
+                out.extend((task, setting, m, T, seed) for s, m, T in grid if s == setting)
+    return out
+
+
+def run_grid(cfg: LearningConfig, workdir: Path, progress: bool = True, cells_dir: Path | None = None,
+             resume: bool = False, shard: tuple[int, int] = (0, 1)) -> dict[str, Any]:
+    """Every (task, setting, method, T, seed) cell; returns the JSON result (rows + runs + VP calibration).
+
+    `cells_dir`: cache every finished cell there; `resume`: reuse the finished ones. `shard=(k, n)`:
+    compute only the k-th of every n cells (others are read when finished, else left out)."""
     from tqdm import tqdm
 
     t0 = time.perf_counter()
     runner = Runner(cfg, workdir)
-    grid = runs_for(cfg)
-    settings = sorted({s for s, _, _ in grid} | {"dirichlet"})
+    cfg = runner.cfg = known_tasks(cfg, runner.model_dir)
+    cache = CellCache(cells_dir, resume) if cells_dir is not None else None
+    cells = _cells(cfg)
     runs: list[dict[str, Any]] = []
-    total = len(cfg.tasks) * cfg.seeds * len(grid)
-    bar = tqdm(total=total, desc="bench learning", unit="run", disable=not progress)
-    for task in cfg.tasks:
-        for seed in range(cfg.seeds):
-            for setting in settings:
-                data = runner.data(task, setting, seed)
-                if "zero-shot" in cfg.methods:
-                    acc = runner.zero_shot(data)
-                    runs.append({"task": task, "setting": setting, "method": "zero-shot", "T": 0, "seed": seed,
-                                 "accuracy": acc, "bytes_up": 0, "bytes_down": 0, "seconds": 0.0, "nnz": 0,
-                                 "lr": 0.0, "curve": {"rounds": [0], "accuracy": [acc], "bytes": [0]}})
-                for s, method, T in grid:
-                    if s != setting:
-                        continue
-                    res = runner.run(method, data, T, seed)
-                    row = {"task": task, "setting": setting, "method": method, "T": T, "seed": seed,
-                           "nnz": runner.nnz(method, seed), "lr": _lr(cfg, method), **res.to_json()}
-                    if res.gradip:
-                        row["drift"] = _drift_rows(res, data)
-                    runs.append(row)
-                    bar.update(1)
-                    bar.set_postfix(task=task, method=method, T=T, acc=f"{res.accuracy:.3f}")
+    missing = 0
+    bar = tqdm(total=len(cells), desc=f"bench learning {cfg.size}", unit="cell", disable=not progress)
+    for i, (task, setting, method, T, seed) in enumerate(cells):
+        row = runner.cell(cache, task, setting, method, T, seed, lr_for(cfg, task, method),
+                          compute=i % shard[1] == shard[0])
+        bar.update(1)
+        if row is None:
+            missing += 1
+            continue
+        runs.append(row)
+        bar.set_postfix(task=task, method=method, T=T, acc=f"{row['accuracy']:.3f}")
     bar.close()
-    return {"bench": "learning", "config": asdict(cfg), "model": {"size": cfg.size, "dir": str(runner.model_dir),
-            "fingerprint": runner.fingerprint}, "mask_seconds": round(runner.mask_seconds, 2),
-            "rows": summarize(runs), "runs": runs, "vp_calibration": vp_calibration(runs),
-            "wall_s": round(time.perf_counter() - t0, 1), "threads": torch.get_num_threads()}
+    return {"bench": "learning", "config": _config_json(cfg), "model": {"size": cfg.size,
+            "dir": str(runner.model_dir), "fingerprint": runner.fingerprint},
+            "mask_seconds": round(runner.mask_seconds, 2), "rows": summarize(runs), "runs": runs,
+            "vp_calibration": vp_calibration(runs, cfg.thresholds),
+            "cells": {"total": len(cells), "cached": sum(1 for r in runs if r["cached"]),
+                      "computed": sum(1 for r in runs if not r["cached"]), "missing": missing},
+            "wall_s": round(time.perf_counter() - t0, 1), "threads": torch.get_num_threads(), **machine()}
 
 
-def _drift_rows(res: RunResult, data: ClientData) -> dict[str, dict[str, Any]]:
-    """Per client: single-label or not, rho statistics with the default thresholds, GradIP length."""
-    th = DriftThresholds()
+def run_tune(cfg: LearningConfig, workdir: Path, progress: bool = True, cells_dir: Path | None = None,
+             resume: bool = False, rule: LrRule | None = None,
+             grid: dict[str, tuple[float, ...]] | None = None, shard: tuple[int, int] = (0, 1)) -> dict[str, Any]:
+    """The lr rule (bench/learning_cells.py): each method's lr grid on the tuning seeds, Dirichlet split,
+    T = max(Ts), the grid's budget; returns {"chosen": {"size/task/method": ...}, ...}. With `shard`, cells
+    of other shards that are not finished yet leave "chosen" empty and count in "missing"."""
+    from tqdm import tqdm
+
+    rule = rule or LrRule()
+    overlap = set(cfg.tune_seeds) & set(range(cfg.seeds))
+    if overlap:
+        raise SystemExit(f"tuning seeds {sorted(overlap)} are also evaluation seeds 0..{cfg.seeds - 1}: "
+                         "choose --tune-seeds >= --seeds")
+    t0 = time.perf_counter()
+    runner = Runner(cfg, workdir)
+    cfg = runner.cfg = known_tasks(cfg, runner.model_dir)
+    cache = CellCache(cells_dir, resume) if cells_dir is not None else None
+    T = max(cfg.Ts)
+    grid = LR_GRID if grid is None else grid
+    methods = [m for m in cfg.methods if m in grid]
+    todo = [(task, m, lr, s) for task in cfg.tasks for m in methods for lr in grid[m] for s in cfg.tune_seeds]
+    bar = tqdm(total=len(todo), desc=f"bench learning --tune {cfg.size}", unit="cell", disable=not progress)
+    by: dict[tuple[str, str], dict[float, list[dict[str, Any]]]] = {}
+    missing = 0
+    for i, (task, m, lr, s) in enumerate(todo):
+        row = runner.cell(cache, task, "dirichlet", m, T, s, lr, compute=i % shard[1] == shard[0])
+        bar.update(1)
+        if row is None:
+            missing += 1
+            continue
+        by.setdefault((task, m), {}).setdefault(lr, []).append(row)
+        bar.set_postfix(task=task, method=m, lr=lr, acc=f"{row['accuracy']:.3f}")
+    bar.close()
+    chosen = {} if missing else {lr_table_key(cfg.size, task, m): choose_lr(rows, rule) for (task, m), rows in by.items()}
+    return {"bench": "learning-tune", "missing": missing, "rule": asdict(rule), "tuning_seeds": list(cfg.tune_seeds), "T": T,
+            "setting": "dirichlet", "budget": cfg.budget, "chosen": chosen, "config": _config_json(cfg),
+            "wall_s": round(time.perf_counter() - t0, 1), **machine()}
+
+
+def known_tasks(cfg: LearningConfig, model_dir: Path) -> LearningConfig:
+    """Drop the tasks this model was not pretrained for (demo has no news8/polarity/nli), with a warning;
+    a size list shares one --tasks list."""
+    from bench.tinylm.pretrain import model_tasks
+
+    known = set(model_tasks(model_dir))
+    keep = tuple(t for t in cfg.tasks if t in known)
+    if not keep:
+        raise SystemExit(f"--tasks {','.join(cfg.tasks)}: none is a task of the {cfg.size} model ({sorted(known)})")
+    if keep != cfg.tasks:
+        log.warning("size %s: skipping tasks %s (not in its corpus)", cfg.size, [t for t in cfg.tasks if t not in keep])
+    return replace(cfg, tasks=keep)
+
+
+def _config_json(cfg: LearningConfig) -> dict[str, Any]:
+    d = asdict(cfg)
+    d["lr_table"] = dict(cfg.lr_table)
+    return d
+
+
+def machine() -> dict[str, Any]:
+    """Where the numbers came from: CPU count, load average at the end, platform."""
+    import os
+    import platform
+
+    return {"machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                        "cpus": os.cpu_count(), "loadavg": [round(x, 2) for x in os.getloadavg()],
+                        "torch": torch.__version__}}
+
+
+def _drift_rows(res: RunResult, data: ClientData, th: DriftThresholds) -> dict[str, dict[str, Any]]:
+    """Per client: single-label or not, rho statistics with the run's thresholds, GradIP length."""
     out = {}
     for c, hist in res.gradip.items():
         st = drift_stats(hist, th)
@@ -309,21 +502,23 @@ def _drift_rows(res: RunResult, data: ClientData) -> dict[str, dict[str, Any]]:
 
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (task, setting, method, T): mean +- sample std of the final accuracy over seeds."""
-    groups: dict[tuple[str, str, str, int], list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, str, str, str, int], list[dict[str, Any]]] = {}
     for r in runs:
-        groups.setdefault((r["task"], r["setting"], r["method"], r["T"]), []).append(r)
+        groups.setdefault((r.get("size", "?"), r["task"], r["setting"], r["method"], r["T"]), []).append(r)
     rows = []
-    for (task, setting, method, T), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], METHODS.index(kv[0][2]), kv[0][3])):
+    order = sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], METHODS.index(kv[0][3]), kv[0][4]))
+    for (size, task, setting, method, T), rs in order:
         accs = [r["accuracy"] for r in rs]
-        rows.append({"task": task, "setting": setting, "method": method, "T": T, "n_seeds": len(rs),
+        rows.append({"size": size, "task": task, "setting": setting, "method": method, "T": T, "n_seeds": len(rs),
                      "acc_mean": statistics.fmean(accs), "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
                      "accs": accs, "bytes": int(statistics.fmean(r["bytes_up"] + r["bytes_down"] for r in rs)),
                      "bytes_up": int(statistics.fmean(r["bytes_up"] for r in rs)),
-                     "nnz": rs[0]["nnz"], "lr": rs[0]["lr"], "seconds": statistics.fmean(r["seconds"] for r in rs)})
+                     "nnz": rs[0]["nnz"], "lr": rs[0]["lr"], "seconds": statistics.fmean(r["seconds"] for r in rs),
+                     "wall_s": math.fsum(r.get("wall_s", 0.0) for r in rs)})
     return rows
 
 
-def vp_calibration(runs: list[dict[str, Any]]) -> dict[str, Any]:
+def vp_calibration(runs: list[dict[str, Any]], th: DriftThresholds) -> dict[str, Any]:
     """rho_later / rho_quie of single-label vs other clients over every run that recorded GradIP."""
     groups: dict[str, dict[str, list[float]]] = {"single": {"rho_later": [], "rho_quie": []},
                                                  "other": {"rho_later": [], "rho_quie": []}}
@@ -333,7 +528,7 @@ def vp_calibration(runs: list[dict[str, Any]]) -> dict[str, Any]:
             if d["rho_quie"] is not None:
                 g["rho_quie"].append(d["rho_quie"])
                 g["rho_later"].append(d["rho_later"] if d["rho_later"] is not None else math.inf)
-    out: dict[str, Any] = {"thresholds": asdict(DriftThresholds())}
+    out: dict[str, Any] = {"thresholds": asdict(th)}
     for name, g in groups.items():
         out[name] = {k: _quantiles(v) for k, v in g.items()} | {"n": len(g["rho_quie"])}
     return out
@@ -354,12 +549,12 @@ def _quantiles(v: list[float]) -> dict[str, float] | None:
 
 
 def markdown_table(result: dict[str, Any]) -> str:
-    lines = ["| task | setting | method | T | accuracy (mean ± std) | seeds | nnz | comm. bytes / run |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| size | task | setting | method | T | lr | accuracy (mean ± std) | seeds | nnz | comm. bytes / run "
+             "| wall s (all seeds) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['task']} | {r['setting']} | {r['method']} | {r['T'] or '-'} | "
-                     f"{r['acc_mean']:.3f} ± {r['acc_std']:.3f} | {r['n_seeds']} | {r['nnz'] or '-'} | "
-                     f"{_fmt_bytes(r['bytes'])} |")
+        lines.append(f"| {r['size']} | {r['task']} | {r['setting']} | {r['method']} | {r['T'] or '-'} | "
+                     f"{format(r['lr'], 'g') if r['lr'] else '-'} | {r['acc_mean']:.3f} ± {r['acc_std']:.3f} | {r['n_seeds']} | "
+                     f"{r['nnz'] or '-'} | {_fmt_bytes(r['bytes'])} | {r.get('wall_s', 0.0):.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -374,7 +569,9 @@ def run(args: argparse.Namespace) -> int:
     from bench.cli import print_json_last
     from bench.learning_plots import plot_results
 
-    cfg = config_from_args(args)
+    sizes = [x.strip() for x in (args.size or "demo").split(",") if x.strip()]
+    cfgs = [config_from_args(args, size) for size in sizes]
+    shard = parse_shard(args.shard)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:  # -v shows them
@@ -382,17 +579,51 @@ def run(args: argparse.Namespace) -> int:
             logging.getLogger(name).setLevel(logging.WARNING)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    cells = out / "cells"
     with tempfile.TemporaryDirectory(prefix="meerkat-learning-") as tmp:
-        result = run_grid(cfg, Path(tmp))
+        if args.tune:
+            docs = [run_tune(cfg, Path(tmp) / cfg.size, cells_dir=cells, resume=args.resume, shard=shard)
+                    for cfg in cfgs]
+            doc = {**docs[0], "chosen": {k: v for d in docs for k, v in d["chosen"].items()},
+                   "wall_s": round(sum(d["wall_s"] for d in docs), 1), "missing": sum(d["missing"] for d in docs)}
+            if doc["missing"]:
+                print(f"{doc['missing']} tuning cells left to other shards: run --tune --resume once they finish")
+                return 0
+            (out / "lrs.json").write_text(json.dumps(doc, indent=1, sort_keys=True, allow_nan=False) + "\n")
+            (out / "lrs.md").write_text(lr_markdown(doc))
+            print(lr_markdown(doc))
+            print(f"wall {doc['wall_s']} s; chosen lrs in {out / 'lrs.json'} (pass it to the grid with --lrs)")
+            if args.json:
+                print_json_last({k: v for k, v in doc.items() if k != "config"})
+            return 0
+        results = [run_grid(cfg, Path(tmp) / cfg.size, cells_dir=cells, resume=args.resume, shard=shard)
+                   for cfg in cfgs]
+    result = merge_results(results)
     (out / "learning.json").write_text(json.dumps(result, indent=1, sort_keys=True, allow_nan=False) + "\n")
     table = markdown_table(result)
     (out / "learning.md").write_text(table)
     result["plots"] = [str(p) for p in plot_results(result, out)]
     print(table)
-    print(f"wall {result['wall_s']} s; results in {out}")
+    c = result["cells"]
+    print(f"wall {result['wall_s']} s; cells: {c['computed']} computed, {c['cached']} cached, {c['missing']} left "
+          f"to other shards; results in {out}")
     if args.json:
         print_json_last({k: v for k, v in result.items() if k != "runs"})
     return 0
 
 
-__all__ = ["LearningConfig", "METHODS", "add_parser", "markdown_table", "run_grid", "runs_for", "summarize"]
+def merge_results(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result over several model sizes (the first size's config; `sizes` lists them all)."""
+    if len(results) == 1:
+        return results[0] | {"sizes": [results[0]["config"]["size"]]}
+    runs = [r for res in results for r in res["runs"]]
+    first = results[0]
+    return first | {"runs": runs, "rows": summarize(runs), "sizes": [r["config"]["size"] for r in results],
+                    "models": [r["model"] for r in results],
+                    "vp_calibration": vp_calibration(runs, DriftThresholds(**first["config"]["thresholds"])),
+                    "cells": {k: sum(r["cells"][k] for r in results) for k in first["cells"]},
+                    "wall_s": round(sum(r["wall_s"] for r in results), 1)}
+
+
+__all__ = ["LearningConfig", "METHODS", "add_parser", "cell_fields", "lr_for", "markdown_table", "merge_results",
+           "run_grid", "run_tune", "runs_for", "summarize"]

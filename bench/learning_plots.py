@@ -1,4 +1,6 @@
-"""PNG plots of `meerkat bench learning`: accuracy vs rounds and accuracy vs communicated bytes."""
+"""PNG plots of `meerkat bench learning`: accuracy vs rounds and vs communicated bytes (per size and setting),
+the MEERKAT - dense FedZO gap against the number of perturbed dense parameters (across sizes), and GradIP
+traces of single-label vs other devices (the MEERKAT-VP statistic)."""
 
 from __future__ import annotations
 
@@ -10,11 +12,12 @@ COLORS = {"backprop-fedavg": "black", "fedzo-dense": "tab:gray", "meerkat": "tab
           "random-mask": "tab:green", "meerkat-vp": "tab:purple", "zero-shot": "tab:olive"}
 
 
-def mean_curves(runs: list[dict[str, Any]], task: str, setting: str, T: int) -> dict[str, dict[str, list[float]]]:
+def mean_curves(runs: list[dict[str, Any]], task: str, setting: str, T: int,
+                size: str | None = None) -> dict[str, dict[str, list[float]]]:
     """method -> {"rounds", "bytes", "mean", "std"} averaged over seeds (curves share their eval rounds)."""
     by_method: dict[str, list[dict[str, Any]]] = {}
     for r in runs:
-        if r["task"] == task and r["setting"] == setting and r["T"] == T:
+        if r["task"] == task and r["setting"] == setting and r["T"] == T and size in (None, r.get("size")):
             by_method.setdefault(r["method"], []).append(r["curve"])
     out = {}
     for method, curves in by_method.items():
@@ -31,44 +34,141 @@ def plot_results(result: dict[str, Any], out: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    runs = result["runs"]
-    cfg = result["config"]
-    tasks = list(cfg["tasks"])
-    Ts = list(cfg["Ts"])
-    zero = {t: statistics.fmean(r["accuracy"] for r in runs if r["method"] == "zero-shot" and r["task"] == t
-                                and r["setting"] == "dirichlet") for t in tasks
-            if any(r["method"] == "zero-shot" and r["task"] == t for r in runs)}
     paths = []
-    for kind in ("rounds", "bytes"):
-        fig, axes = plt.subplots(len(tasks), len(Ts), figsize=(5.2 * len(Ts), 3.6 * len(tasks)), squeeze=False)
-        for i, task in enumerate(tasks):
-            for j, T in enumerate(Ts):
-                ax = axes[i][j]
-                for method, c in mean_curves(runs, task, "dirichlet", T).items():
-                    xs = c[kind]
-                    ax.plot(xs, c["mean"], marker="o", ms=3, label=method, color=COLORS.get(method))
-                    lo = [m - s for m, s in zip(c["mean"], c["std"], strict=True)]
-                    hi = [m + s for m, s in zip(c["mean"], c["std"], strict=True)]
-                    ax.fill_between(xs, lo, hi, alpha=0.12, color=COLORS.get(method))
-                if task in zero:
-                    ax.axhline(zero[task], ls="--", lw=1, color=COLORS["zero-shot"], label="zero-shot")
-                if kind == "bytes":
-                    ax.set_xscale("log")
-                ax.set_xlabel("round" if kind == "rounds" else "communicated bytes (all clients, up + down)")
-                ax.set_ylabel("eval accuracy")
-                ax.set_title(f"{task}, Dirichlet a={cfg['alpha']}, T={T}", fontsize=10)
-                ax.grid(alpha=0.3)
-        axes[0][-1].legend(fontsize=7, loc="lower right")
-        fig.suptitle(f"meerkat bench learning ({cfg['size']} tiny LM, {cfg['n_clients']} clients, "
-                     f"{cfg['budget']} local steps/client, mean ± std over {cfg['seeds']} seeds)", fontsize=10)
-        fig.tight_layout()
-        path = out / f"learning_{kind}.png"
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        paths.append(path)
+    runs = result["runs"]
+    sizes = result.get("sizes") or [result["config"]["size"]]
+    for size in sizes:
+        for setting in sorted({r["setting"] for r in runs if r.get("size", size) == size}):
+            suffix = ("" if len(sizes) == 1 else f"_{size}") + ("" if setting == "dirichlet" else f"_{setting}")
+            for kind in ("rounds", "bytes"):
+                p = _curves(result, size, setting, kind, out / f"learning_{kind}{suffix}.png")
+                if p is not None:
+                    paths.append(p)
+    for p in (plot_gap(runs, out / "learning_gap.png"), plot_gradip(runs, out / "learning_gradip.png")):
+        if p is not None:
+            paths.append(p)
     return paths
 
 
-__all__ = ["mean_curves", "plot_results"]
+def _curves(result: dict[str, Any], size: str, setting: str, kind: str, path: Path) -> Path | None:
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in result["runs"] if r.get("size", size) == size and r["setting"] == setting]
+    cfg = result["config"]
+    tasks = [t for t in cfg["tasks"] if any(r["task"] == t for r in runs)]
+    Ts = list(cfg["Ts"])
+    if not tasks:
+        return None
+    zero = {t: statistics.fmean(r["accuracy"] for r in runs if r["method"] == "zero-shot" and r["task"] == t)
+            for t in tasks if any(r["method"] == "zero-shot" and r["task"] == t for r in runs)}
+    fig, axes = plt.subplots(len(tasks), len(Ts), figsize=(5.2 * len(Ts), 3.6 * len(tasks)), squeeze=False)
+    for i, task in enumerate(tasks):
+        for j, T in enumerate(Ts):
+            ax = axes[i][j]
+            for method, c in mean_curves(runs, task, setting, T).items():
+                xs = c[kind]
+                ax.plot(xs, c["mean"], marker="o", ms=3, label=method, color=COLORS.get(method))
+                lo = [m - s for m, s in zip(c["mean"], c["std"], strict=True)]
+                hi = [m + s for m, s in zip(c["mean"], c["std"], strict=True)]
+                ax.fill_between(xs, lo, hi, alpha=0.12, color=COLORS.get(method))
+            if task in zero:
+                ax.axhline(zero[task], ls="--", lw=1, color=COLORS["zero-shot"], label="zero-shot")
+            if kind == "bytes":
+                ax.set_xscale("log")
+            ax.set_xlabel("round" if kind == "rounds" else "communicated bytes (all clients, up + down)")
+            ax.set_ylabel("eval accuracy")
+            split = f"Dirichlet a={cfg['alpha']}" if setting == "dirichlet" else f"{cfg['n_single']} single-label"
+            ax.set_title(f"{size} {task}, {split}, T={T}", fontsize=10)
+            ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"meerkat bench learning ({size} tiny LM, {cfg['n_clients']} clients, "
+                 f"{cfg['budget']} local steps/client, mean ± std over {cfg['seeds']} seeds)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def gap_points(runs: list[dict[str, Any]]) -> dict[tuple[str, int], list[tuple[int, float, str]]]:
+    """(task, T) -> [(dense nnz, mean MEERKAT acc - mean dense FedZO acc, size)], Dirichlet split."""
+    acc: dict[tuple[str, str, int, str], list[float]] = {}
+    nnz: dict[str, int] = {}
+    for r in runs:
+        if r["setting"] == "dirichlet" and r["method"] in ("meerkat", "fedzo-dense"):
+            acc.setdefault((r.get("size", "?"), r["task"], r["T"], r["method"]), []).append(r["accuracy"])
+            if r["method"] == "fedzo-dense":
+                nnz[r.get("size", "?")] = r["nnz"]
+    out: dict[tuple[str, int], list[tuple[int, float, str]]] = {}
+    for (size, task, T, method), accs in sorted(acc.items()):
+        dense = acc.get((size, task, T, "fedzo-dense"))
+        if method == "meerkat" and dense and size in nnz:
+            gap = statistics.fmean(accs) - statistics.fmean(dense)
+            out.setdefault((task, T), []).append((nnz[size], gap, size))
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def plot_gap(runs: list[dict[str, Any]], path: Path) -> Path | None:
+    import matplotlib.pyplot as plt
+
+    pts = gap_points(runs)
+    if not pts:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (task, T), v in pts.items():
+        ax.plot([x for x, _, _ in v], [g for _, g, _ in v], marker="o", label=f"{task}, T={T}")
+        for x, g, size in v:
+            ax.annotate(size, (x, g), fontsize=7)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("perturbed parameters of dense FedZO (decoder Linear weights)")
+    ax.set_ylabel("MEERKAT - dense FedZO final accuracy")
+    ax.set_title("Does the sparse mask's advantage grow with model size? (mean over seeds)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def smoothed_abs(h: list[float], w: int) -> list[float]:
+    """Trailing mean of |GradIP| over w steps (the detector's window)."""
+    out, acc = [], 0.0
+    for i, v in enumerate(h):
+        acc += abs(v)
+        if i >= w:
+            acc -= abs(h[i - w])
+        out.append(acc / min(i + 1, w))
+    return out
+
+
+def plot_gradip(runs: list[dict[str, Any]], path: Path, window: int = 20) -> Path | None:
+    """|GradIP| (trailing mean over the detector window) per device: single-label red, others gray; one
+    panel per (size, task, setting, method, T) of seed 0 (first 6 panels)."""
+    import matplotlib.pyplot as plt
+
+    sel = [r for r in runs if r.get("gradip") and r["seed"] == min(x["seed"] for x in runs)][:6]
+    if not sel:
+        return None
+    fig, axes = plt.subplots(len(sel), 1, figsize=(7, 2.6 * len(sel)), squeeze=False)
+    for ax, r in zip(axes[:, 0], sel, strict=True):
+        for c, h in sorted(r["gradip"].items()):
+            single = r.get("drift", {}).get(c, {}).get("single_label", False)
+            ax.plot(smoothed_abs(h, window), lw=1.2 if single else 0.8, color="tab:red" if single else "tab:gray",
+                    alpha=0.9 if single else 0.6, label=("single-label" if single else "other") if c else None)
+        ax.set_yscale("log")
+        ax.set_title(f"{r.get('size', '')} {r['task']} {r['setting']} {r['method']} T={r['T']} seed {r['seed']} "
+                     f"(final acc {r['accuracy']:.2f})", fontsize=8)
+        ax.set_xlabel("local step (rounds concatenated)")
+        ax.set_ylabel(f"|GradIP|, mean of {window}")
+        handles, labels = ax.get_legend_handles_labels()
+        uniq = dict(zip(labels, handles, strict=True))
+        ax.legend(uniq.values(), uniq.keys(), fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+__all__ = ["gap_points", "mean_curves", "plot_gap", "plot_gradip", "plot_results", "smoothed_abs"]

@@ -24,8 +24,11 @@ In the coordinator the monitor owns c_t: `compute_gradip` gives the values store
 logged GradIP and the flags from SQLite (`restore_limited`). It keeps only each client's first and last
 window (`keep_history=False`): O(window) per observation however long the run.
 
-Default thresholds were calibrated on `meerkat bench learning` (extreme setting; see BENCHMARKS.md,
-"MEERKAT-VP calibration"); override them for another model/task.
+Default thresholds come from synthetic sequences (tests/learning/test_drift.py), NOT from real runs: on
+the tiny models they flag nobody where it matters. `meerkat bench learning` on `small` (BENCHMARKS.md,
+"MEERKAT-VP: why the extreme split collapses") shows the harmful devices' GradIP GROWING (local
+divergence at too large an lr), not decaying, so a decay detector cannot catch them; only a device whose
+label the model already predicts decays. Override the thresholds for another model/task.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ COEF_CACHE = 4096  # cached c_t values (seeds are fresh every round: only recent
 
 @dataclass(frozen=True)
 class DriftThresholds:
-    """When a client's GradIP counts as decayed. Defaults: calibrated on the tiny-model simulation."""
+    """When a client's GradIP counts as decayed. Defaults: from synthetic sequences (see the module doc)."""
 
     window: int = 20  # steps in the early and in the late window (10 is too noisy: c_t alone varies ~3x)
     min_steps: int = 40  # observed steps before a client can be flagged (>= 2 * window)

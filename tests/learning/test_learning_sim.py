@@ -80,7 +80,8 @@ def test_run_zo_is_deterministic(micro: dict[str, Any]) -> None:
 
 def test_grid_json_has_one_row_per_method(tmp_path: Path) -> None:
     cfg = LearningConfig(size="micro", tasks=("sentiment",), seeds=2, Ts=(2,), budget=2, n_clients=4, n_single=1,
-                         n_train=80, n_eval=16, calib_seqs=4, n_evals=1, fraction=0.01)
+                         n_train=80, n_eval=16, calib_seqs=4, n_evals=1, fraction=0.01,
+                         extreme_methods=("meerkat", "meerkat-vp"))
     res = run_grid(cfg, tmp_path, progress=False)
     json.dumps(res, allow_nan=False)  # serialisable
     for key in ("config", "model", "rows", "runs", "vp_calibration", "wall_s"):
@@ -100,5 +101,136 @@ def test_grid_json_has_one_row_per_method(tmp_path: Path) -> None:
     # backprop ships dense fp32 models; ZO ships a few scalars: orders of magnitude apart
     assert by[("dirichlet", "backprop-fedavg")]["bytes"] > 100 * by[("dirichlet", "meerkat")]["bytes"]
     assert by[("dirichlet", "fedzo-dense")]["nnz"] > by[("dirichlet", "meerkat")]["nnz"]
-    assert "| sentiment | dirichlet | meerkat | 2 |" in markdown_table(res)
+    assert "| micro | sentiment | dirichlet | meerkat | 2 | 0.02 |" in markdown_table(res)
+    assert res["cells"] == {"total": len(res["runs"]), "cached": 0, "computed": len(res["runs"]), "missing": 0}
+    assert all(r["wall_s"] > 0 for r in res["runs"]) and "loadavg" in res["machine"]
     assert res["vp_calibration"]["single"]["n"] + res["vp_calibration"]["other"]["n"] == 0  # too few steps
+    from bench.learning_plots import plot_results
+
+    (tmp_path / "plots").mkdir()
+    names = {p.name for p in plot_results(res, tmp_path / "plots")}
+    assert {"learning_rounds.png", "learning_bytes.png", "learning_rounds_extreme.png", "learning_gap.png",
+            "learning_gradip.png"} <= names
+
+
+def test_gap_points_pair_meerkat_with_dense_per_size() -> None:
+    from bench.learning_plots import gap_points
+
+    def run(size: str, method: str, acc: float, nnz: int, seed: int = 0) -> dict[str, Any]:
+        return {"size": size, "task": "topic", "setting": "dirichlet", "method": method, "T": 10, "seed": seed,
+                "accuracy": acc, "nnz": nnz}
+
+    runs = [run("demo", "meerkat", 0.9, 4260), run("demo", "fedzo-dense", 0.8, 425984),
+            run("demo", "fedzo-dense", 0.6, 425984, seed=1), run("small", "meerkat", 0.95, 50000),
+            run("small", "fedzo-dense", 0.5, 5000000), run("small", "random-mask", 0.1, 50000)]
+    pts = gap_points(runs)
+    assert list(pts) == [("topic", 10)]
+    assert [(x, round(g, 6), s) for x, g, s in pts[("topic", 10)]] == [(425984, 0.2, "demo"), (5000000, 0.45, "small")]
+
+
+def _micro_cli(out: Path, *extra: str) -> list[str]:
+    return ["--size", "micro", "--tasks", "sentiment", "--seeds", "2", "--T", "2", "--budget", "4", "--no-extreme",
+            "--methods", "zero-shot,meerkat,fedzo-dense,random-mask", "--out", str(out), *extra]
+
+
+def test_killed_grid_resumes_without_recomputing_finished_cells(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    cells = out / "cells"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "bench", "learning", *_micro_cli(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while not (cells.is_dir() and list(cells.glob("*.json"))):
+            assert proc.poll() is None, "the grid ended before writing a cell"
+            assert time.monotonic() < deadline, "no cell written in 300 s"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    before = {p.name: p.read_text() for p in cells.glob("*.json")}
+    # resume in-process: the finished cells are read, not recomputed; the rest are computed
+    from shared.cli import main as cli_main
+
+    assert cli_main(["bench", "learning", *_micro_cli(out, "--resume", "--json")]) == 0
+    res = json.loads((out / "learning.json").read_text())
+    total = res["cells"]["total"]
+    assert total == 2 * 4  # 2 seeds x (zero-shot + 3 methods)
+    assert 1 <= res["cells"]["cached"] == len(before) < total
+    assert res["cells"]["computed"] == total - len(before)
+    for name, text in before.items():  # finished cells untouched, and their rows are what the result holds
+        assert (cells / name).read_text() == text
+        row = json.loads(text)["row"]
+        got = next(r for r in res["runs"] if r["key"] == row["key"])
+        assert got["cached"] and got["accuracy"] == row["accuracy"] and got["wall_s"] == row["wall_s"]
+    assert all(r["wall_s"] >= 0 for r in res["runs"])
+    # a third run computes nothing; a different lr is a different cell
+    assert cli_main(["bench", "learning", *_micro_cli(out, "--resume")]) == 0
+    res2 = json.loads((out / "learning.json").read_text())
+    assert res2["cells"]["computed"] == 0 and res2["cells"]["cached"] == total
+    assert [r["accuracy"] for r in res2["runs"]] == [r["accuracy"] for r in res["runs"]]
+    assert cli_main(["bench", "learning", *_micro_cli(out, "--resume", "--lr-sparse", "0.03")]) == 0
+    res3 = json.loads((out / "learning.json").read_text())
+    fresh = {(r["method"], r["seed"]) for r in res3["runs"] if not r["cached"]}
+    assert fresh == {(m, s) for m in ("meerkat", "random-mask") for s in (0, 1)}  # the sparse-lr cells only
+    assert res3["cells"]["computed"] == 4
+
+
+def test_lr_rule_picks_the_best_stable_lr() -> None:
+    from bench.learning_cells import LrRule, choose_lr, run_stable
+
+    rule = LrRule(drop_tol=0.1, tie_tol=0.005)
+
+    def row(curve: list[float], loss: float | None = 0.5) -> dict[str, Any]:
+        return {"accuracy": curve[-1], "final_loss": loss, "curve": {"accuracy": curve}}
+
+    assert run_stable(row([0.3, 0.6, 0.9]), rule)
+    assert not run_stable(row([0.3, 0.97, 0.85]), rule)  # learned, then fell 0.12 > drop_tol: collapsed
+    assert run_stable(row([0.3, 0.97, 0.88]), rule)
+    assert not run_stable(row([0.3, 0.6, 0.9], loss=None), rule)  # non-finite loss
+    by = {1e-3: [row([0.3, 0.5]), row([0.3, 0.52])],
+          1e-2: [row([0.3, 0.9]), row([0.3, 0.95])],
+          2e-2: [row([0.3, 0.99, 0.99]), row([0.99, 1.0, 0.89])],  # one seed drops 0.11: the lr is unstable
+          5e-2: [row([0.3, 0.25]), row([0.3, 0.25])]}  # stable but useless
+    got = choose_lr(by, rule)
+    assert got["lr"] == 1e-2 and got["stable"]
+    assert got["tried"][2e-2]["stable"] is False and got["tried"][2e-2]["acc_mean"] > got["tried"][1e-2]["acc_mean"]
+    tie = choose_lr({1e-2: [row([0.3, 0.9])], 2e-2: [row([0.3, 0.903])]}, rule)
+    assert tie["lr"] == 1e-2  # within tie_tol: the smaller lr
+    none = choose_lr({1e-2: [row([0.9, 0.3])], 2e-2: [row([0.9, 0.2])]}, rule)
+    assert none == {"lr": 1e-2, "stable": False, "tried": none["tried"]}
+    with pytest.raises(ValueError, match="tuning run"):
+        choose_lr({1e-2: []}, rule)
+
+
+def test_tune_writes_lrs_the_grid_reads(tmp_path: Path) -> None:
+    import argparse
+
+    from bench.learning import config_from_args, lr_for, run_tune
+    from bench.learning_cells import lr_markdown
+
+    cfg = LearningConfig(size="micro", tasks=("sentiment",), seeds=2, tune_seeds=(7,), Ts=(2,), budget=2,
+                         n_clients=4, n_train=80, n_eval=16, calib_seqs=4, n_evals=1, methods=("meerkat",))
+    with pytest.raises(SystemExit, match="also evaluation seeds"):
+        run_tune(LearningConfig(size="micro", seeds=3, tune_seeds=(2, 100)), tmp_path / "w0", progress=False)
+    doc = run_tune(cfg, tmp_path / "w", progress=False, cells_dir=tmp_path / "cells",
+                   grid={"meerkat": (1e-3, 5e-1)})
+    entry = doc["chosen"]["micro/sentiment/meerkat"]
+    assert entry["lr"] in (1e-3, 5e-1) and set(entry["tried"]) == {1e-3, 5e-1}
+    assert doc["tuning_seeds"] == [7] and "micro/sentiment/meerkat" in lr_markdown(doc)
+    path = tmp_path / "lrs.json"
+    path.write_text(json.dumps(doc))
+    ns = argparse.Namespace(quick=False, tasks="sentiment", seeds=1, tune_seeds=None, budget=2, methods=None, T="2",
+                            fraction=None, lr_sparse=None, lr_dense=None, lr_backprop=None, no_extreme=True,
+                            lrs=str(path))
+    grid_cfg = config_from_args(ns, "micro")
+    assert lr_for(grid_cfg, "sentiment", "meerkat") == entry["lr"]
+    assert lr_for(grid_cfg, "sentiment", "meerkat-vp") == entry["lr"]  # VP inherits meerkat's lr
+    assert lr_for(grid_cfg, "sentiment", "fedzo-dense") == grid_cfg.lr_dense  # not tuned: the default
+    assert lr_for(config_from_args(ns, "demo"), "sentiment", "meerkat") == LearningConfig().lr_sparse  # other size
