@@ -73,7 +73,7 @@ def load_eval_data(path: Path, tokenizer: Any, seq_len: int) -> Dataset:
     path = Path(path)
     meta: dict[str, Any] | None
     if path.suffix == ".json":
-        meta = _read_json(path)
+        meta = read_json_object(path, "eval data")
         name = meta.get("eval")
         if not isinstance(name, str):
             raise DataError(f"eval data: {path} has no 'eval' file name")
@@ -81,7 +81,7 @@ def load_eval_data(path: Path, tokenizer: Any, seq_len: int) -> Dataset:
     else:
         jsonl = path
         beside = path.parent / "task.json"
-        meta = _read_json(beside) if beside.is_file() else None
+        meta = read_json_object(beside, "eval data") if beside.is_file() else None
     if not jsonl.is_file():
         raise DataError(f"eval data: {jsonl} does not exist")
     try:
@@ -94,14 +94,16 @@ def load_eval_data(path: Path, tokenizer: Any, seq_len: int) -> Dataset:
     return ds
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """A JSON file that must hold an object (task.json); DataError naming `what` (the config key) otherwise."""
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"eval data: cannot read {path}: {exc}") from None
+        raise DataError(f"{what}: cannot read {path}: {exc}") from None
     if not isinstance(raw, dict):
-        raise DataError(f"eval data: {path} must hold a JSON object")
+        raise DataError(f"{what}: {path} must hold a JSON object")
     return raw
 
 
-__all__ = ["EVAL_BATCH", "EvalResult", "evaluate_model", "holdout_split", "load_eval_data", "subset", "task_from_meta"]
+__all__ = ["EVAL_BATCH", "EvalResult", "evaluate_model", "holdout_split", "load_eval_data", "read_json_object", "subset",
+           "task_from_meta"]
