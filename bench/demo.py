@@ -285,7 +285,7 @@ class Evaluator:
     loss and accuracy of any values, before and after the run."""
 
     def __init__(self, paths: dict[str, Path], cfg: DemoConfig) -> None:
-        from edge_client.engine.data import load_jsonl, load_task_config
+        from shared.dataset import load_jsonl, load_task_config
         from shared.maskfile import load_mask
         from shared.modelload import load_model
 
@@ -305,7 +305,7 @@ class Evaluator:
         """Loss/accuracy with `values` on all clients' train data (weighted by size) and the eval data."""
         import torch
 
-        from edge_client.engine.loss import evaluate
+        from shared.loss import evaluate
 
         sidecar = self.loaded.sidecar
         assert sidecar is not None

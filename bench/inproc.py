@@ -31,7 +31,6 @@ import torch
 
 from coordinator.rounds import Action as BookAction
 from coordinator.rounds import Publish, RoundBook
-from edge_client.engine.data import Dataset, DataStream
 from edge_client.engine.spsa import StepResult
 from edge_client.service.rounds import (
     Action as DeviceAction,
@@ -53,6 +52,7 @@ from edge_client.service.rounds import (
 )
 from edge_client.service.trainer import Trainer, data_stream, engine_step
 from shared.codec import decode, encode
+from shared.dataset import Dataset, DataStream
 from shared.messages import (
     CheckpointChunk,
     ErrorMsg,

@@ -29,10 +29,10 @@ from bench.inproc import Device, InProcessFleet, SharedModelTrainer
 from coordinator.config import CoordinatorConfig
 from coordinator.drift import DriftMonitor, DriftThresholds
 from coordinator.rounds import RoundBook
-from edge_client.engine.data import Dataset, DataStream, load_jsonl, load_task_config
-from edge_client.engine.loss import evaluate, example_losses
 from edge_client.service.rounds import ClientRounds, Identity
 from edge_client.service.trainer import data_stream
+from shared.dataset import Dataset, DataStream, load_jsonl, load_task_config
+from shared.loss import evaluate, example_losses
 from shared.prng import Dist
 
 log = logging.getLogger(__name__)

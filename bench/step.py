@@ -150,10 +150,10 @@ def _ratio(num: list[float], den: list[float]) -> float:
 
 def run(args: argparse.Namespace) -> int:
     from bench.cli import print_json_last
-    from edge_client.engine.data import Batch, Dataset, Example
-    from edge_client.engine.loss import batch_loss, collate, tail_logits
     from edge_client.engine.planner import MemoryMeter
     from edge_client.engine.spsa import spsa_step
+    from shared.dataset import Batch, Dataset, Example
+    from shared.loss import batch_loss, collate, tail_logits
     from shared.modelload import load_model, weight_bytes
 
     if args.threads:

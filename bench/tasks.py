@@ -13,7 +13,7 @@ Files written by `write_task(dir, ...)`:
     client_XX.jsonl    one {"text": <raw text>, "label": <int>} per line; the prompt is
                        template.format(text=text), it ends right before the answer verbalizer[str(label)]
     eval.jsonl         the same, balanced labels, drawn independently of the training examples
-This is the task.json format `edge_client.engine.data.load_task_config` reads (keys it does not know
+This is the task.json format `shared.dataset.load_task_config` reads (keys it does not know
 are ignored there).
 """
 

@@ -15,7 +15,7 @@ Task file `task.json` (written by bench/tasks.py; only `verbalizer` is required 
 Other keys are ignored.
 
 Loss and accuracy over these examples live in shared.loss (moved from edge_client.engine so the
-coordinator can evaluate its own values with the same code; edge_client.engine.data re-exports this).
+coordinator can evaluate its own values with the same code).
 
 The stream: epoch e visits the examples in the permutation argsort(raw_u64(derive_seed(seed, e), n)),
 so a client's whole position in its data is one (epoch, index) pair it can persist as a single int.

@@ -28,8 +28,8 @@ import psutil
 import torch
 from torch import nn
 
-from edge_client.engine.data import Example
-from edge_client.engine.loss import model_device, target_losses
+from shared.dataset import Example
+from shared.loss import model_device, target_losses
 from shared.modelload import weight_bytes
 from shared.sidecar import SideCar
 

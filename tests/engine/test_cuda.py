@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from edge_client.engine.data import Batch, Dataset, Example
-from edge_client.engine.loss import batch_loss
 from edge_client.engine.spsa import spsa_step
+from shared.dataset import Batch, Dataset, Example
+from shared.loss import batch_loss
 from shared.modelload import load_model
 from shared.prng import directions
 from shared.sidecar import merged_dense_state, sidecar_layers

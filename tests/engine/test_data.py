@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from edge_client.engine.data import (
+from shared.dataset import (
     DataError,
     DataPointer,
     DataStream,
@@ -22,7 +22,7 @@ from edge_client.engine.data import (
     load_jsonl,
     load_task_config,
 )
-from edge_client.engine.loss import batch_loss, evaluate
+from shared.loss import batch_loss, evaluate
 
 TASK = TaskConfig(name="t", verbalizer={"0": " negative", "1": " positive"}, template="{text} review:", max_length=64)
 

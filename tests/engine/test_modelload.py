@@ -84,8 +84,8 @@ def test_fused_loss_and_tail_logits_equal_the_models_own_forward(
     the kept rows) == cross-entropy / logits from the model's own forward (incl. Gemma-2 soft-capping)."""
     import torch.nn.functional as F
 
-    from edge_client.engine.data import Example
-    from edge_client.engine.loss import collate, fused_parts, tail_logits, target_losses
+    from shared.dataset import Example
+    from shared.loss import collate, fused_parts, tail_logits, target_losses
     from tests.engine.conftest import prng_mask
 
     model_dir = {"llama": llama_dir, "qwen2": qwen2_dir, "gemma2": gemma2_dir}[family]
@@ -109,9 +109,7 @@ def test_fused_loss_and_tail_logits_equal_the_models_own_forward(
     ])
     torch.testing.assert_close(fused, want, rtol=1e-5, atol=1e-5)
     # small chunks: head on 5 rows at a time, log-softmax on 2 (rows and slices cross example borders)
-    from shared import (
-        loss,  # the constants live where the code reads them (edge_client.engine.loss re-exports)
-    )
+    from shared import loss  # the constants live where the code reads them
 
     monkeypatch.setitem(loss.HEAD_CHUNK_ELEMS, "cpu", 5 * 384)
     monkeypatch.setattr(loss, "LOGSOFTMAX_ROWS_ELEMS", 2 * 384)

@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from edge_client.engine.data import Batch, Dataset, Example
-from edge_client.engine.loss import batch_loss
 from edge_client.engine.spsa import NonFiniteLossError, local_update, spsa_step
+from shared.dataset import Batch, Dataset, Example
+from shared.loss import batch_loss
 from shared.modelload import load_model
 from shared.prng import derive_seed, directions
 
@@ -43,7 +43,7 @@ def test_mean_g_z_matches_autograd_gradient_on_the_mask(llama_dir: Path, llama_m
     batch = _batch()
     dense = AutoModelForCausalLM.from_pretrained(str(llama_dir), dtype=torch.float32)
     dense.requires_grad_(True)
-    from edge_client.engine.loss import example_losses
+    from shared.loss import example_losses
 
     losses, _, _ = example_losses(dense, batch.examples, 0)
     losses.mean().backward()

@@ -13,9 +13,9 @@ import torch
 from bench.learning import METHODS, LearningConfig, markdown_table, run_grid, runs_for
 from bench.learning_sim import ZOSpec, make_data, run_zo
 from coordinator.scheduler import round_seeds
-from edge_client.engine.loss import batch_loss
 from edge_client.engine.spsa import spsa_step
 from edge_client.service.trainer import data_stream
+from shared.loss import batch_loss
 
 
 @pytest.fixture(scope="module")

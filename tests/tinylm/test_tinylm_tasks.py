@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bench import tasks
-from edge_client.engine.data import load_jsonl, load_task_config
+from shared.dataset import load_jsonl, load_task_config
 
 
 def test_examples_balanced_deterministic_and_label_dependent() -> None:
@@ -114,7 +114,7 @@ def test_write_and_load_task_files(tmp_path: Path) -> None:
 
 
 def test_task_files_match_the_engine_loader(tmp_path: Path) -> None:
-    """edge_client.engine.data reads task.json + client JSONL: prompt = template(text), target = the label word."""
+    """shared.dataset reads task.json + client JSONL: prompt = template(text), target = the label word."""
     from bench.tinylm import corpus
     from bench.tinylm.tokenizer import train_tokenizer
 
