@@ -152,6 +152,8 @@ class Worker:
         return 0
 
     def close(self) -> None:
+        log.info("worker %s: %d messages ingested; %s", self.name, self.ingested,
+                 "was the leader" if self.coord is not None else "was a standby")  # fmt: skip
         if self.coord is not None:
             self.coord.close()  # stops the link (shared) and the event log
         elif self.link is not None:
