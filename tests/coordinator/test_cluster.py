@@ -104,8 +104,7 @@ def _status(cfg: Path) -> dict[str, Any]:
     return rep
 
 
-def _run_fleet(broker: str, fleet: str, cfg: Path, procs: list[subprocess.Popen[bytes]], tiny: Any,
-               kill: Any = None) -> dict[str, Device]:  # fmt: skip
+def _run_fleet(broker: str, fleet: str, tiny: Any, kill: Any = None) -> dict[str, Device]:
     """Join the 6 devices, play 2 rounds (round 0: a, b, c, then `kill()`, then d, e, f); the devices."""
     fp, mid = tiny.fingerprint, tiny.mask.mask_id
     devs = {k: Device(broker, fleet, f"dev-{k}") for k in N}
@@ -153,7 +152,7 @@ def test_kill_leader_mid_round_standby_closes_it_byte_identical(tmp_path: Path, 
         killed.append(leader)
 
     try:
-        devs = _run_fleet(broker.url, fleet, cfg, list(procs.values()), tiny_model, kill=kill_leader)
+        devs = _run_fleet(broker.url, fleet, tiny_model, kill=kill_leader)
         standby = next(w for w in procs if w not in killed)
         assert procs[standby].wait(60) == 0, logs[standby].read_text()[-3000:]
         rep = _status(cfg)
@@ -185,7 +184,7 @@ def test_kill_leader_mid_round_standby_closes_it_byte_identical(tmp_path: Path, 
     cfg1 = write_config_toml(tmp_path / "single.toml", broker=broker.url, state_dir=tmp_path / "state1", **keys)
     proc = _start(cfg1, tmp_path / "single.log")
     try:
-        devs = _run_fleet(broker.url, fleet, cfg1, [proc], tiny_model)
+        devs = _run_fleet(broker.url, fleet, tiny_model)
         assert proc.wait(60) == 0
     finally:
         if proc.poll() is None:
@@ -197,3 +196,17 @@ def test_kill_leader_mid_round_standby_closes_it_byte_identical(tmp_path: Path, 
     single = {r: hashlib.sha256(devs["a"].raw_results[r]).hexdigest() for r in (0, 1)}
     assert cluster == single
     assert rep["values_checksum"] == _status(cfg1)["values_checksum"]
+
+
+def test_cluster_config_is_refused_without_postgresql_or_worker_id(tmp_path: Path) -> None:
+    from coordinator.config import CoordinatorConfig
+    from coordinator.workers import Worker
+    from shared.config import ConfigError
+
+    base = dict(mask=tmp_path / "m.safetensors", metrics=False, cluster=True)
+    problems = CoordinatorConfig(**base).validate()  # type: ignore[arg-type]
+    assert any(p.startswith("cluster: needs event_log") for p in problems)
+    cfg = CoordinatorConfig(**base, event_log="postgresql://nobody@127.0.0.1:1/x")  # type: ignore[arg-type]
+    assert not any(p.startswith("cluster") for p in cfg.validate())
+    with pytest.raises(ConfigError, match="worker_id: required"):
+        Worker(cfg)  # refused before it connects anywhere
