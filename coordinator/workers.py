@@ -32,6 +32,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from coordinator.config import CoordinatorConfig
 from coordinator.inbox import Inbox, InboxRow, admit, lock_key
@@ -110,6 +111,7 @@ class Worker:
         self._next_forget = 0.0
         self._republish_at: float | None = None
         self._busy = False  # the last inbox read was a full batch: do not wait on the link
+        self._counters: dict[str, Any] = {}  # topic kind -> the leader's labelled messages counter
 
     def start(self) -> None:
         c = self.config
@@ -215,6 +217,11 @@ class Worker:
         now = coord.clock()
         acts: list[Action] = []
         for row in rows:
+            counter = self._counters.get(row.kind)
+            if counter is None and row.kind in INBOUND:  # meerkat_messages_received_total{kind}, as one coordinator
+                counter = self._counters[row.kind] = coord.metrics.messages.labels(row.kind)
+            if counter is not None:
+                counter.inc()
             acts += row_actions(coord.book, row, now)
         coord.lead_step(acts, {"inbox_done": str(rows[-1].id)} if rows else {})
         if rows:
