@@ -32,6 +32,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from coordinator.config import CoordinatorConfig
@@ -62,7 +63,12 @@ class LeaderLock:
     def __init__(self, url: str, fleet: str) -> None:
         import psycopg
 
-        self.db = psycopg.connect(url, autocommit=True)
+        from coordinator.logstore import redact_url
+
+        try:
+            self.db = psycopg.connect(url, autocommit=True)
+        except psycopg.OperationalError as exc:
+            raise ConnectionError(f"leader lock {redact_url(url)}: cannot connect: {str(exc).strip()}") from exc
         self.key = lock_key("leader", fleet)
         self.held = False
 
@@ -93,6 +99,9 @@ class Worker:
             problems.append("cluster: a Worker needs cluster = true")
         if not config.worker_id:  # checked here, not in validate(): `meerkat status --config` needs none
             problems.append("worker_id: required with cluster = true (one name per worker, e.g. --set worker_id=w1)")
+        for key, path in (("mask", config.mask), ("model_dir", config.model_dir)):
+            if path is not None and not Path(path).exists():  # a standby loads them only when it takes over
+                problems.append(f"{key}: {path} does not exist")
         if problems:
             raise ConfigError(problems)
         self.config = config

@@ -208,5 +208,6 @@ def test_cluster_config_is_refused_without_postgresql_or_worker_id(tmp_path: Pat
     assert any(p.startswith("cluster: needs event_log") for p in problems)
     cfg = CoordinatorConfig(**base, event_log="postgresql://nobody@127.0.0.1:1/x")  # type: ignore[arg-type]
     assert not any(p.startswith("cluster") for p in cfg.validate())
-    with pytest.raises(ConfigError, match="worker_id: required"):
+    with pytest.raises(ConfigError, match="worker_id: required") as err:
         Worker(cfg)  # refused before it connects anywhere
+    assert "mask: " in str(err.value) and "does not exist" in str(err.value)  # a standby loads it only at take-over
