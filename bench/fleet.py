@@ -38,7 +38,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,8 @@ class FleetConfig:
     seed: int = 0
     timeout_s: float = 600.0
     profile: Path | None = None  # cProfile output of the coordinator process
+    workers: int = 1  # coordinator processes; > 1: `cluster = true` workers (needs event_log on PostgreSQL)
+    event_log: str = "sqlite"  # or a postgresql:// URL: the run gets a fresh schema in it
 
 
 def add_parser(sub: Any) -> None:
@@ -97,6 +99,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=d.seed, help="seed of every simulated draw (shared.prng)")
     p.add_argument("--timeout", type=float, default=d.timeout_s, help=f"give up after this many seconds (default {d.timeout_s:.0f})")
     p.add_argument("--profile", type=Path, default=None, help="run the coordinator under cProfile, write stats here")
+    p.add_argument("--workers", type=int, default=1,
+                   help="coordinator worker processes (default 1; > 1 runs them as `cluster = true` workers: "
+                        "MQTT 5 shared subscriptions, one leader; needs --event-log postgresql://...)")
+    p.add_argument("--event-log", default="sqlite",
+                   help="the coordinator's event_log: sqlite (default) or a postgresql:// URL (a fresh schema per run)")
     p.add_argument("--sweep", default=None, metavar="N1,N2,..",
                    help="run once per device count (workdir/N each) and plot latency + memory vs devices")
     p.add_argument("--plot", type=Path, default=Path("fleet-scaling.png"), help="PNG of --sweep (default fleet-scaling.png)")
@@ -113,7 +120,10 @@ def run(args: argparse.Namespace) -> int:
         outage_s=args.outage_s, heartbeat_s=args.heartbeat_s, deadline_s=args.deadline_s,
         sqlite_synchronous=args.sqlite_synchronous, broker_max_queued=args.broker_max_queued,
         broker_max_inflight=args.broker_max_inflight, seed=args.seed, timeout_s=args.timeout, profile=args.profile,
+        workers=args.workers, event_log=args.event_log,
     )
+    if args.workers < 1 or (args.workers > 1 and not args.event_log.startswith(("postgresql://", "postgres://"))):
+        raise SystemExit("bench fleet: --workers must be >= 1; more than 1 needs --event-log postgresql://...")
     if args.sweep:
         return run_sweep(cfg, [int(n) for n in args.sweep.split(",")], args.plot, args.json)
     try:
@@ -226,8 +236,20 @@ def write_coordinator_config(cfg: FleetConfig, work: Path, broker: str, fleet: s
         "steps": cfg.steps, "lr": 1e-4, "eps": 1e-3, "min_clients": max(1, math.ceil(cfg.min_frac * cfg.devices)),
         "round_deadline_s": cfg.deadline_s, "sqlite_synchronous": cfg.sqlite_synchronous, "metrics": True,
         "metrics_port": metrics_port, "checkpoint_every": 10,
+        **({"event_log": cfg.event_log} if cfg.event_log != "sqlite" else {}),
+        **({"cluster": True, "worker_session_s": 10} if cfg.workers > 1 else {}),
     }))
     return path
+
+
+def fresh_schema(url: str, name: str) -> str:
+    """A new schema `name` in the PostgreSQL database of `url`; the URL that selects it (search_path)."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as db:
+        db.execute(f"DROP SCHEMA IF EXISTS {name} CASCADE".encode())
+        db.execute(f"CREATE SCHEMA {name}".encode())
+    return f"{url}{'&' if '?' in url else '?'}options=-csearch_path%3D{name}"
 
 
 def _spawn(argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
@@ -253,15 +275,19 @@ def _stop(proc: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> int | 
 class Sampler:
     """psutil RSS/CPU of the coordinator and broker, and the coordinator's update counter, every 0.2 s."""
 
-    def __init__(self, coord_pid: int, broker_pid: int | None, metrics_port: int) -> None:
+    def __init__(self, coord_pid: int, broker_pid: int | None, metrics_port: int, more_coords: tuple[int, ...] = ()) -> None:
         import psutil
 
         self.procs = {"coordinator": psutil.Process(coord_pid)}
         if broker_pid is not None:
             self.procs["broker"] = psutil.Process(broker_pid)
+        # --workers K: the other coordinator workers, summed into "coordinator" (RSS and CPU of all K)
+        self.more = [psutil.Process(pid) for pid in more_coords]
+        self._more_cpu = [0.0] * len(self.more)
         self.url = f"http://127.0.0.1:{metrics_port}/metrics"
         self.rss: dict[str, list[tuple[float, float]]] = {k: [] for k in self.procs}
         self.cpu: dict[str, float] = {k: 0.0 for k in self.procs}
+        self.own_cpu: dict[str, float] = dict(self.cpu)
         self.start = time.time()
         self.ends: dict[str, float] = {}
         self.accepted: list[tuple[float, float]] = []  # (t, meerkat_updates_accepted_total summed)
@@ -276,9 +302,22 @@ class Sampler:
                 with p.oneshot():
                     self.rss[name].append((now, p.memory_info().rss / 2**20))
                     t = p.cpu_times()
-                    self.cpu[name] = t.user + t.system
+                    self.own_cpu[name] = t.user + t.system
             except Exception:  # exited (psutil.NoSuchProcess / ZombieProcess): keep the last reading
                 self.ends[name] = now
+        if self.more and "coordinator" not in self.ends:
+            rss = self.rss["coordinator"][-1][1] if self.rss["coordinator"] else 0.0
+            for i, p in enumerate(self.more):
+                try:
+                    with p.oneshot():
+                        rss += p.memory_info().rss / 2**20
+                        t = p.cpu_times()
+                        self._more_cpu[i] = t.user + t.system
+                except Exception:  # exited: keep its last CPU reading
+                    pass
+            if self.rss["coordinator"]:
+                self.rss["coordinator"][-1] = (now, rss)
+        self.cpu = {k: v + (sum(self._more_cpu) if k == "coordinator" else 0.0) for k, v in self.own_cpu.items()}
         try:
             with urllib.request.urlopen(self.url, timeout=1.0) as r:
                 text = r.read().decode()
@@ -310,18 +349,24 @@ def run_fleet(cfg: FleetConfig) -> dict[str, Any]:
     broker, broker_proc = start_broker(cfg, work)
     fleet = f"fleet-{int(t0)}-{os.getpid()}"
     metrics_port = free_port()
+    if cfg.event_log != "sqlite":
+        cfg = replace(cfg, event_log=fresh_schema(cfg.event_log, f"bench_{fleet.replace('-', '_')}"))
     coord_cfg = write_coordinator_config(cfg, work, broker, fleet, model, mask_path, metrics_port)
     print(f"fleet {fleet}: {cfg.devices} devices x {cfg.rounds} rounds x {cfg.steps} steps on {broker} "
           f"(RLIMIT_NOFILE raised to {nofile}, inherited by the broker and device processes)", flush=True)
     prof = ["-m", "cProfile", "-o", str(cfg.profile.resolve())] if cfg.profile else []
-    coord = _spawn([*prof, "-m", "shared.cli", "coordinator", "--config", str(coord_cfg)], work / "logs" / "coordinator.log")
+    coord = _spawn([*prof, "-m", "shared.cli", "coordinator", "--config", str(coord_cfg),
+                    *(["--set", "worker_id=w1"] if cfg.workers > 1 else [])], work / "logs" / "coordinator.log")
+    more = [_spawn(["-m", "shared.cli", "coordinator", "--config", str(coord_cfg), "--set", f"worker_id=w{k}"],
+                   work / "logs" / f"coordinator-w{k}.log") for k in range(2, cfg.workers + 1)]
     workers: list[tuple[subprocess.Popen[bytes], Path]] = []
     host_port = broker.split("://", 1)[1]
     host, port = host_port.rsplit(":", 1)
     stop_at = t0 + cfg.timeout_s
     try:
         _wait_port(metrics_port, coord, "the coordinator's /metrics", work / "logs" / "coordinator.log", 60.0)
-        sampler = Sampler(coord.pid, None if broker_proc is None else broker_proc.pid, metrics_port)
+        sampler = Sampler(coord.pid, None if broker_proc is None else broker_proc.pid, metrics_port,
+                          tuple(m.pid for m in more))
         for k, first in enumerate(range(0, cfg.devices, cfg.per_worker)):
             spec = DeviceSpec(
                 host=host, port=int(port), fleet=fleet, first=first, count=min(cfg.per_worker, cfg.devices - first),
@@ -336,18 +381,23 @@ def run_fleet(cfg: FleetConfig) -> dict[str, Any]:
                                    work / "logs" / f"worker-{k}.log"), out))
         while time.time() < stop_at:
             sampler.sample()
-            if coord.poll() is not None and all(w.poll() is not None for w, _ in workers):
+            if coord.poll() is not None and all(w.poll() is not None for w, _ in workers) and all(
+                    m.poll() is not None for m in more):
                 break
             if coord.poll() is not None and coord.returncode != 0:
                 raise FleetError(f"coordinator exited with {coord.returncode}; see {work / 'logs' / 'coordinator.log'}")
             time.sleep(0.2)
         timed_out = time.time() >= stop_at
         coord_rc = _stop(coord, 30.0)
+        for m in more:
+            coord_rc = coord_rc or _stop(m, 30.0)
         for w, _ in workers:
             _stop(w)
         sampler.sample()
     finally:
         _stop(coord, 30.0)
+        for m in more:
+            _stop(m, 30.0)
         for w, _ in workers:
             _stop(w)
         broker_cpu_s = sampler.cpu.get("broker") if "sampler" in locals() else None
@@ -355,7 +405,7 @@ def run_fleet(cfg: FleetConfig) -> dict[str, Any]:
     outs = [json.loads(p.read_text()) for _, p in workers if p.exists()]
     if len(outs) != len(workers):
         raise FleetError(f"{len(workers) - len(outs)} device processes wrote no report; see {work / 'logs'}")
-    status = _status(work / "state")
+    status = _status(work / "state") if cfg.event_log == "sqlite" else _status_config(coord_cfg)
     return build_result(cfg, outs, status, sampler, mask, coord_rc, timed_out, nofile, time.time() - t0,
                         broker_cpu_s)
 
@@ -363,6 +413,15 @@ def run_fleet(cfg: FleetConfig) -> dict[str, Any]:
 def _status(state_dir: Path) -> dict[str, Any]:
     """The coordinator's own account of what it logged, through the public `meerkat status --json`."""
     r = subprocess.run([sys.executable, "-m", "shared.cli", "status", "--state-dir", str(state_dir), "--json"],
+                       capture_output=True, text=True, timeout=300)
+    if r.returncode != 0:
+        raise FleetError(f"meerkat status failed: {r.stderr.strip()}")
+    return dict(json.loads(r.stdout))
+
+
+def _status_config(config: Path) -> dict[str, Any]:
+    """`meerkat status --config --json`: the log the config names (PostgreSQL with --event-log)."""
+    r = subprocess.run([sys.executable, "-m", "shared.cli", "status", "--config", str(config), "--json"],
                        capture_output=True, text=True, timeout=300)
     if r.returncode != 0:
         raise FleetError(f"meerkat status failed: {r.stderr.strip()}")

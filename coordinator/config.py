@@ -199,6 +199,24 @@ class CoordinatorConfig:
         (lambda v: v == "sqlite" or v.startswith(("postgresql://", "postgres://")),
          "must be \"sqlite\" or a postgresql:// URL"),
     )
+    # -- coordinator workers (docs/COORDINATOR.md "Coordinator workers"; coordinator/workers.py) ----------
+    cluster: bool = cfg.field(
+        False,
+        "run as one of several coordinator workers: ingest shared through MQTT 5 shared subscriptions, one "
+        "leader by a PostgreSQL advisory lock (needs event_log = postgresql://... and worker_id)",
+    )
+    worker_id: str = cfg.field(
+        "",
+        "this worker's name, unique in the fleet and kept across restarts: its MQTT client id is "
+        "{client_id}-{worker_id}, so a restarted worker gets the messages its persistent session kept",
+        (lambda v: v == "" or _is_id(v), "is not a valid id"),
+    )
+    worker_session_s: int = cfg.field(
+        60,
+        "MQTT 5 session expiry of a worker: how long the broker keeps a dead worker's share of the messages "
+        "for it; a new leader re-publishes the open plan once more after it, so devices re-send lost updates",
+        (lambda v: 1 <= v <= 86400, "must be in 1..86400"),
+    )
     # -- MEERKAT-VP drift control (coordinator/drift.py; defaults = drift.DriftThresholds) ----------
     drift_control: bool = cfg.field(
         True,
@@ -305,6 +323,8 @@ class CoordinatorConfig:
             problems.append(f"eval_data: file {self.eval_data} does not exist")
         if self.eval_data is not None and self.model_dir is None:
             problems.append("eval_data: needs model_dir (the coordinator evaluates the fleet's model)")
+        if self.cluster and not self.event_log.startswith(("postgresql://", "postgres://")):
+            problems.append("cluster: needs event_log = \"postgresql://...\" (the workers share the log and inbox)")
         from shared.mqtt import broker_settings_problems
 
         problems += broker_settings_problems(

@@ -90,9 +90,9 @@ def _num(t: dict[str, Any], key: str) -> Any:
     return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
-def fleet_view(state_dir: str | Path, now: float, last: int = 200) -> FleetView:
-    """Read the snapshot (the last `last` rounds of curves) from the event log in `state_dir`."""
-    log = EventLog(state_dir, readonly=True)
+def fleet_view(state_dir: str | Path, now: float, last: int = 200, event_log: str = "sqlite") -> FleetView:
+    """Read the snapshot (the last `last` rounds of curves) from the event log (`event_log`: the config key)."""
+    log = EventLog(state_dir, readonly=True, event_log=event_log)
     try:
         meta = log.meta()
         budgets = log.client_budgets()

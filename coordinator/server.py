@@ -211,16 +211,19 @@ class Coordinator:
                     )
 
     # -- lifecycle -------------------------------------------------------------------------------
-    def start(self) -> None:
-        """Connect to the broker, start /metrics, republish the retained plan and latest result."""
+    def start(self, link: MqttLink | None = None) -> None:
+        """Connect to the broker, start /metrics, republish the retained plan and latest result. `link`: a
+        started link to use instead (a cluster worker's, coordinator/workers.py: it drains the inbox itself)."""
         c = self.config
-        subs = [(self.topics.filter(k), self.topics.qos(k)) for k in INBOUND]
-        tls = tls_for(c.broker, c.tls_ca, c.tls_cert, c.tls_key)
-        self.link = MqttLink(
-            c.broker, c.client_id, subscriptions=subs, manual_ack=True, clean_session=False,
-            username=c.username, password=read_secret(c.password_file), tls=tls,
-        )
-        self.link.start()
+        if link is None:
+            subs = [(self.topics.filter(k), self.topics.qos(k)) for k in INBOUND]
+            tls = tls_for(c.broker, c.tls_ca, c.tls_cert, c.tls_key)
+            link = MqttLink(
+                c.broker, c.client_id, subscriptions=subs, manual_ack=True, clean_session=False,
+                username=c.username, password=read_secret(c.password_file), tls=tls,
+            )
+            link.start()
+        self.link = link
         if c.metrics:
             self.metrics.watch_fleet(self.state_dir, c.metrics_per_device)
             pages = dashboard_pages(self.state_dir, self.metrics.bytes_totals) if c.dashboard else None
@@ -301,6 +304,21 @@ class Coordinator:
             log.info("link to the broker up (connect #%d): re-publishing the open plan", self._seen_connects)
             self._carry_out(self.book.reconnected(self.clock()))
 
+    def lead_step(self, acts: Sequence[Action], meta: dict[str, str]) -> None:
+        """A cluster leader's loop iteration (coordinator/workers.py): `acts` are the book's answers to a
+        batch of the PostgreSQL inbox; they are persisted with `meta` (the inbox position) in ONE
+        transaction, then published (no MQTT acks: workers ack after writing the inbox); then as step()."""
+        self._check_reconnect()
+        self._carry_out(acts, meta=meta)
+        self._drain_published(0.0)
+        self.tick()
+        if self._heartbeats and time.monotonic() - self._hb_flushed >= HB_FLUSH_S:
+            self.flush_heartbeats()
+
+    def republish(self) -> None:
+        """Re-publish the latest result and the open plan as after a reconnect (book.reconnected)."""
+        self._carry_out(self.book.reconnected(self.clock()))
+
     def tick(self) -> None:
         now = self.clock()
         self._carry_out(self.book.tick(now))
@@ -366,15 +384,20 @@ class Coordinator:
             return self.book.on_reject(client, kind, Reject("internal", ErrorCode.INTERNAL, repr(exc)), now, False)
 
     # -- out: commit, ack, publish -----------------------------------------------------------------
-    def _carry_out(self, acts: Sequence[Action], acks: Sequence[Incoming] = ()) -> None:
-        """Persist the records in one transaction, THEN ack, THEN publish / checkpoint, in the book's order."""
-        if not acts and not acks:
+    def _carry_out(
+        self, acts: Sequence[Action], acks: Sequence[Incoming] = (), meta: dict[str, str] | None = None
+    ) -> None:
+        """Persist the records (and `meta` keys) in one transaction, THEN ack, THEN publish / checkpoint, in
+        the book's order."""
+        if not acts and not acks and not meta:
             return
         records = [a.record for a in acts if isinstance(a, Persist)]
         writes = self._defer_heartbeats(records)
-        if writes:
+        if writes or meta:
             with self.log.transaction():
                 self.log.persist_many(writes)
+                for key, value in (meta or {}).items():
+                    self.log.set_meta(key, value)
         if acks:
             assert self.link is not None
             for msg in acks:  # committed: now the broker may forget them

@@ -75,12 +75,21 @@ def _run_coordinator(args: argparse.Namespace) -> int:
             }
         )
         config = _load(args, over)
-        from coordinator.server import Coordinator
+        if config.cluster and not args.check:  # one of several workers (coordinator/workers.py)
+            from coordinator.workers import Worker
 
-        coord = Coordinator(config)
+            worker = Worker(config)
+        else:
+            from coordinator.server import Coordinator
+
+            coord = Coordinator(config)
     except (ConfigError, ValueError, RuntimeError, OSError) as exc:  # mask/model/state problems, each named
         print(f"meerkat coordinator: {exc}", file=sys.stderr)
         return 2
+    if config.cluster and not args.check:
+        signal.signal(signal.SIGTERM, lambda *_: worker.stop())
+        signal.signal(signal.SIGINT, lambda *_: worker.stop())
+        return worker.run()
     if args.check:
         return 0 if _broker_check(config) else 4
     signal.signal(signal.SIGTERM, lambda *_: coord.stop())

@@ -108,7 +108,7 @@ def status_report(
         "rejected": rejects,
         "last_checkpoint_round": ck[0][0] if ck else None,
         "recent_events": ev,
-        "quality": quality_trend(fleet_view(state_dir, now)),
+        "quality": quality_trend(fleet_view(state_dir, now, event_log=event_log)),
     }
 
 

@@ -10,6 +10,10 @@ Rules it keeps (from the paho examples and docs/PROTOCOL.md):
   broker after a reconnect (persistent session: `clean_session=False`).
 - `publish` never blocks; paho holds at most `max_queued` messages while offline, beyond which
   `publish` raises `RuntimeError` (the caller keeps its own durable copy, e.g. the client outbox).
+- MQTT 3.1.1 by default (devices, the single coordinator). `session_expiry_s` switches the link to
+  MQTT 5 (`clean_start=False` + that Session Expiry Interval instead of `clean_session`): coordinator
+  workers use it to share `$share/{group}/...` subscriptions (coordinator/workers.py); the broker keeps
+  the session, and with it the unacked messages, that long after a disconnect.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from urllib.parse import unquote, urlparse
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 log = logging.getLogger(__name__)
@@ -227,7 +233,10 @@ class MqttLink:
         keepalive: int = 30,
         reconnect_min_s: float = 0.5,
         reconnect_max_s: float = 30.0,
+        session_expiry_s: int | None = None,
     ) -> None:
+        if session_expiry_s is not None and not 0 <= session_expiry_s <= 0xFFFFFFFF:
+            raise ValueError(f"session_expiry_s must be in 0..2^32-1, got {session_expiry_s}")
         self.address = BrokerAddress.parse(url)
         self.client_id = client_id
         self.subscriptions = list(subscriptions or [])
@@ -242,13 +251,22 @@ class MqttLink:
         self._keepalive = keepalive
         self._started = False
         self._stopping = False
-        c = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            clean_session=clean_session,
-            protocol=mqtt.MQTTv311,
-            manual_ack=manual_ack,
-        )
+        self.session_expiry_s = session_expiry_s
+        if session_expiry_s is None:
+            c = mqtt.Client(
+                callback_api_version=CallbackAPIVersion.VERSION2,
+                client_id=client_id,
+                clean_session=clean_session,
+                protocol=mqtt.MQTTv311,
+                manual_ack=manual_ack,
+            )
+        else:  # MQTT 5: the session is kept by clean_start=False + expiry (connect_async in start())
+            c = mqtt.Client(
+                callback_api_version=CallbackAPIVersion.VERSION2,
+                client_id=client_id,
+                protocol=mqtt.MQTTv5,
+                manual_ack=manual_ack,
+            )
         c.max_queued_messages_set(max_queued)
         c.max_inflight_messages_set(20)
         c.reconnect_delay_set(min_delay=max(1, int(reconnect_min_s)), max_delay=max(1, int(reconnect_max_s)))
@@ -284,7 +302,14 @@ class MqttLink:
             raise RuntimeError("MqttLink already started")
         self._started = True
         log.info("connecting to %s as %s", self.address, self.client_id)
-        self._client.connect_async(self.address.host, self.address.port, keepalive=self._keepalive)
+        if self.session_expiry_s is None:
+            self._client.connect_async(self.address.host, self.address.port, keepalive=self._keepalive)
+        else:
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = self.session_expiry_s
+            self._client.connect_async(
+                self.address.host, self.address.port, keepalive=self._keepalive, clean_start=False, properties=props
+            )
         self._client.loop_start()
 
     def wait_connected(self, timeout: float | None = None) -> bool:

@@ -100,3 +100,33 @@ def test_soak_slopes_flat_and_growing() -> None:
     assert grow["close_latency_slope_s_per_100_rounds"] == pytest.approx(1.0)
     assert grow["coordinator_rss_slope_mib_per_100_rounds"] == pytest.approx(50.0)
     assert soak_slopes({0: 1.0}, {0: 1.0}, [])["close_latency_slope_s_per_100_rounds"] is None
+
+
+def test_fleet_with_2_coordinator_workers_on_postgresql(tmp_path: Path) -> None:
+    """--workers 2: two `cluster = true` workers share the ingest (MQTT 5 shared subscriptions) on PostgreSQL."""
+    import os
+    import re
+
+    psycopg = pytest.importorskip("psycopg")
+    url = os.environ.get("MEERKAT_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+    try:
+        psycopg.connect(url, connect_timeout=3).close()
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"no PostgreSQL at {url} (set MEERKAT_TEST_PG): {str(exc).strip()[:200]}")
+    cmd = [sys.executable, "-m", "shared.cli", "bench", "fleet", "--devices", "40", "--rounds", "2", "--steps", "3",
+           "--compute-s", "0.3", "--heartbeat-s", "2", "--nnz", "5000", "--workers", "2", "--event-log", url,
+           "--workdir", str(tmp_path / "fleet"), "--timeout", "200", "--json"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=260)
+    res = json.loads(r.stdout.strip().splitlines()[-1]) if r.stdout.strip() else {}
+    schema = re.search(r"search_path%3D(\w+)", res.get("config", {}).get("event_log", ""))
+    if schema:
+        with psycopg.connect(url, autocommit=True) as db:
+            db.execute(f"DROP SCHEMA IF EXISTS {schema[1]} CASCADE".encode())
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert res["all_rounds_closed"] and res["lost"] == 0 and res["double_counted"] == 0
+    assert res["updates_acked"] == res["updates_logged"] == res["n_clients_in_results"] >= 2 * 38
+    assert res["vp_checksums_ok"] and res["messages_received"] > 0
+    logs = {p.name: p.read_text() for p in (tmp_path / "fleet" / "logs").glob("coordinator*.log")}
+    assert len(logs) == 2
+    ingested = [int(m[1]) for t in logs.values() for m in re.finditer(r"worker w\d: (\d+) messages ingested", t)]
+    assert len(ingested) == 2 and all(n > 0 for n in ingested), logs  # both workers took a share

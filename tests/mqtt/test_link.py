@@ -132,3 +132,46 @@ def test_tls_for_follows_the_settings(tmp_path) -> None:  # type: ignore[no-unty
     assert tls_for("mqtts://h", None, None, None) is not None  # system CAs
     opts = tls_for("mqtt://h:8883", ca, None, None, insecure=True)
     assert opts is not None and opts.ca_certs == ca and opts.insecure
+
+
+def _drain(link: MqttLink, seconds: float, ack: bool = True) -> list[str]:
+    got, end = [], time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            m = link.inbox.get(timeout=0.05)
+        except queue.Empty:
+            continue
+        got.append(m.topic)
+        if ack:
+            link.ack(m)
+    return got
+
+
+def test_mqtt5_shared_subscription_splits_and_keeps_the_session(broker_url: str) -> None:
+    """Two MQTT 5 links in one `$share` group get each message once between them; a member that leaves
+    (its session kept by session_expiry_s) gets its unacked share again when it returns under its id."""
+    base, group = _topic(), uuid.uuid4().hex[:8]
+    subs = [(f"$share/{group}/{base}/+", 1)]
+    ids = [f"w-{uuid.uuid4().hex[:8]}" for _ in range(2)]
+    a = MqttLink(broker_url, ids[0], subscriptions=subs, manual_ack=True, session_expiry_s=30)
+    b = MqttLink(broker_url, ids[1], subscriptions=subs, manual_ack=True, session_expiry_s=30)
+    pub = MqttLink(broker_url, f"p-{uuid.uuid4().hex[:8]}")
+    for link in (a, b, pub):
+        link.start()
+        assert link.wait_connected(5)
+    try:
+        for i in range(10):
+            pub.publish(f"{base}/{i}", b"x", 1)
+        got_a, got_b = _drain(a, 1.0, ack=False), _drain(b, 0.1)
+        assert sorted(got_a + got_b) == sorted(f"{base}/{i}" for i in range(10))  # each once
+        assert got_a and got_b  # shared, not all to one
+        a.stop()  # leaves without acking its share: the broker keeps it in a's session
+        a = MqttLink(broker_url, ids[0], subscriptions=subs, manual_ack=True, session_expiry_s=30)
+        a.start()
+        assert a.wait_connected(5)
+        assert sorted(_drain(a, 1.0)) == sorted(got_a)
+    finally:
+        for link in (a, b, pub):
+            link.stop()
+    with pytest.raises(ValueError, match="session_expiry_s"):
+        MqttLink(broker_url, "x", session_expiry_s=-1)

@@ -1,0 +1,68 @@
+"""The cluster inbox (coordinator/inbox.py): what a worker admits, the message the leader rebuilds from a
+row, and the table's order on the real PostgreSQL."""
+
+from __future__ import annotations
+
+import pytest
+
+from coordinator.inbox import Inbox, InboxRow, admit, lock_key
+from shared.codec import decode, encode
+from shared.messages import ErrorCode, Heartbeat, Join, Message, Status, SyncRequest, Update
+from shared.mqtt import Incoming
+from shared.topics import Topics
+
+T = Topics("fleet1")
+MSGS: list[tuple[str, Message]] = [
+    ("up", Update(3, 2**64 - 1, (0.5, -1.25e-7, 3.0), 10, 0xDEADBEEF, 0.75)),
+    ("join", Join("", "ab" * 32, "0123abcd" * 2, 12, 1.5, {"cpu": True, "quant": "nf4", "n": 3}, -1)),
+    ("hb", Heartbeat("", 1.7e9, 12.5, 300 << 20, None, 51.5, None, 0.4, 400 << 20, 2, 1, 0.5, 0.75, 64)),
+    ("status", Status("", True, 1.7e9)),
+    ("sync", SyncRequest("", 7)),
+]
+
+
+def _in(topic: str, payload: bytes, retain: bool = False) -> Incoming:
+    return Incoming(topic, payload, 1, 1, retain)
+
+
+@pytest.mark.parametrize("kind,msg", MSGS, ids=[k for k, _ in MSGS])
+def test_a_row_rebuilds_the_decoded_message(kind: str, msg: Message) -> None:
+    topic = getattr(T, kind)("dev-1")
+    row = admit(T, _in(topic, encode(msg)))
+    assert row is not None and row.reject is None and (row.client, row.kind) == ("dev-1", kind)
+    want = decode(encode(msg), type(msg), client="dev-1")
+    got = row.message()
+    assert got == want and type(got) is type(want)
+    assert [type(getattr(got, f)) for f in vars(want)] == [type(getattr(want, f)) for f in vars(want)]
+
+
+def test_rejects_and_drops_are_the_single_coordinators() -> None:
+    bad = admit(T, _in(T.up("dev-1"), b"\x00junk"))
+    assert bad is not None and bad.body is None and bad.reply
+    assert bad.reject is not None and (bad.reject.reason, bad.reject.code) == ("decode_bad_magic", ErrorCode.BAD_MAGIC)
+    hb = admit(T, _in(T.hb("dev-1"), b"\xb1\x00"))
+    assert hb is not None and hb.reject is not None and not hb.reply  # no ErrorMsg for a heartbeat
+    topic = admit(T, _in("meerkat/v1/fleet1/nonsense", b""))
+    assert topic is not None and topic.client == "?" and topic.reject is not None and topic.reject.reason == "bad_topic"
+    assert admit(T, _in(T.up("dev-1"), encode(MSGS[0][1]), retain=True)) is None  # retained update: unread
+    assert admit(T, _in(T.status("dev-1"), b"", retain=True)) is None  # a retained status being cleared
+    with pytest.raises(ValueError, match="reject"):
+        bad.message()
+
+
+def test_inbox_order_and_forget_on_postgresql(pg_url: str) -> None:
+    a, b = Inbox(pg_url, "fleet1", "w1"), Inbox(pg_url, "fleet1", "w2")
+    try:
+        rows = [admit(T, _in(T.up(f"dev-{i}"), encode(MSGS[0][1]))) for i in range(5)]
+        a.append([r for r in rows[:3] if r is not None])
+        b.append([r for r in rows[3:] if r is not None] + [InboxRow("dev-9", "hb", reject=rows[0].reject)])  # type: ignore[union-attr]
+        got = a.after(0, 100)
+        assert [r.client for r in got] == [f"dev-{i}" for i in range(5)] + ["dev-9"]
+        assert [r.id for r in got] == sorted(r.id for r in got)
+        assert [r.client for r in b.after(got[2].id, 2)] == ["dev-3", "dev-4"]
+        assert got[0].message() == decode(encode(MSGS[0][1]), Update, client="dev-0")
+        assert a.forget(got[2].id) == 3 and a.pending(0) == 3
+    finally:
+        a.close()
+        b.close()
+    assert lock_key("leader", "fleet1") != lock_key("inbox", "fleet1") != lock_key("leader", "fleet2")
