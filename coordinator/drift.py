@@ -168,6 +168,8 @@ class DriftMonitor:
         self.dist: Dist = dist
         self.thresholds = thresholds or DriftThresholds()
         self._coef: dict[int, float] = {}
+        self._round_seeds: tuple[int, ...] | None = None  # compute_gradip: the seeds of the last call...
+        self._round_coefs: list[float] = []  # ...and their coefficients (a prefix)
         self.keep_history = keep_history
         self._hist: dict[str, _History] = {}
         self._seen: dict[int, set[str]] = {}  # round -> clients observed in it (dedupe; forget_before drops rounds)
@@ -199,7 +201,14 @@ class DriftMonitor:
         """GradIP_t = g_t * c_t of one update (step t used seeds[t]; a limited client sends fewer grads)."""
         if len(grads) > len(seeds):
             raise ValueError(f"{len(grads)} grads but only {len(seeds)} seeds")
-        return [float(g) * self.coefficient(s) for s, g in zip(seeds, grads, strict=False)]
+        if not isinstance(seeds, tuple):
+            return [float(g) * self.coefficient(s) for s, g in zip(seeds, grads, strict=False)]
+        if seeds is not self._round_seeds:  # every update of a round passes the plan's one seeds tuple
+            self._round_seeds, self._round_coefs = seeds, []
+        coefs = self._round_coefs  # c_t of seeds[:len(coefs)], filled as far as an update needs
+        while len(coefs) < len(grads):
+            coefs.append(self.coefficient(seeds[len(coefs)]))
+        return [float(g) * c for g, c in zip(grads, coefs, strict=False)]
 
     def observe(
         self, client: str, round: int, seeds: Sequence[int], grads: Sequence[float]

@@ -207,6 +207,48 @@ class _Trouble:
         self.last, self.repeats, self.failures = None, 0, 0
 
 
+READ_CHUNK = 1 << 16  # bytes one socket read may take (a burst of small messages in one system call)
+
+
+class _BufferedClient(mqtt.Client):
+    """paho's Client reading the socket in READ_CHUNK pieces instead of 1 byte + 1 byte + body per packet.
+
+    paho reads every packet with three or more recv() calls and goes through select() once per packet
+    (`loop_read` handles one packet unless QoS 2 messages are in flight). Each system call releases
+    the GIL, so under a burst the network thread and the pump hand the GIL to each other several times
+    per message. Here `_sock_recv` serves paho's small reads from a buffer filled by one large recv(),
+    and `loop_read` goes on while the buffer holds bytes, so nothing waits in the buffer while select()
+    sleeps. The bytes and their order are exactly what the socket delivered; the buffer is dropped with
+    the socket it came from (a reconnect starts empty).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._rbuf = bytearray()
+        self._rbuf_sock: object = None  # the socket the buffered bytes came from
+        self.recv_calls = 0  # socket reads made (tests check that a burst needs few)
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        if self._rbuf_sock is not self._sock:
+            self._rbuf.clear()
+            self._rbuf_sock = self._sock
+        if not self._rbuf:
+            self.recv_calls += 1
+            data = super()._sock_recv(max(bufsize, READ_CHUNK))  # BlockingIOError when nothing is there
+            if len(data) <= bufsize:
+                return data  # also b"": the peer closed
+            self._rbuf += data
+        out = bytes(self._rbuf[:bufsize])
+        del self._rbuf[:bufsize]
+        return out
+
+    def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
+        rc = super().loop_read(max_packets)
+        while rc == MQTTErrorCode.MQTT_ERR_SUCCESS and self._rbuf and self._rbuf_sock is self._sock is not None:
+            rc = super().loop_read(max_packets)
+        return rc
+
+
 class MqttLink:
     """One MQTT connection. Drain `inbox` (Incoming) and `published` (mids PUBACKed) from your thread."""
 
@@ -242,7 +284,7 @@ class MqttLink:
         self._keepalive = keepalive
         self._started = False
         self._stopping = False
-        c = mqtt.Client(
+        c = _BufferedClient(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=client_id,
             clean_session=clean_session,
