@@ -295,8 +295,21 @@ class Worker:
             "plans": self.plans, "results": self.results, "errors": self.errors, "plan_bytes": self.plan_bytes,
             "result_payloads": self.result_payloads,
             "connect_failures": self.connect_failures, "connected_at": self.connected_at,
-            "cpu_s": ru.ru_utime + ru.ru_stime, "max_rss_mib": ru.ru_maxrss / 1024,
+            "cpu_s": ru.ru_utime + ru.ru_stime, "max_rss_mib": _peak_rss_kib(ru.ru_maxrss) / 1024,
         }
+
+
+def _peak_rss_kib(fallback: int) -> int:
+    """This process's peak RSS (VmHWM). ru_maxrss is no good here: Linux carries it across exec, so a worker
+    would report the peak of the bench process that forked it."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return fallback
 
 
 def _ignore(topic: str, payload: bytes) -> None:

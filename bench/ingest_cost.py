@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import gc
 import json
 import shutil
 import subprocess
@@ -112,6 +113,8 @@ def _count(coord: Any, phase: str) -> float:
 def measure(clients: int, steps: int, seed: int = 0, work: Path | None = None,
             profile: tuple[str, Path] | None = None) -> dict[str, Any]:
     """CPU per message of each phase; `profile` = (phase, path): cProfile of the pump thread in that phase."""
+    import torch
+
     from bench.broker import free_port
     from bench.fleet import FleetConfig, start_broker, synthetic_model, write_coordinator_config
     from coordinator.config import load_coordinator_config
@@ -128,6 +131,8 @@ def measure(clients: int, steps: int, seed: int = 0, work: Path | None = None,
     fleet = "ingestcost"
     conf = write_coordinator_config(cfg, work, broker, fleet, model, mask_path, free_port())
     coord = Coordinator(load_coordinator_config(conf))
+    torch.set_num_threads(1)  # as bench/fleet.py runs the coordinator (OMP_NUM_THREADS=1)
+    gc.freeze()  # as `meerkat coordinator` does before it serves (coordinator/server_cli.py)
     host, port = broker.split("://", 1)[1].rsplit(":", 1)
     spec = {"host": host, "port": int(port), "fleet": fleet, "clients": clients, "seed": seed,
             "fingerprint": fingerprint_model_dir(model), "mask_id": load_mask(mask_path).mask_id}
