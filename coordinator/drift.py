@@ -127,12 +127,14 @@ class _History:
         self.tail: deque[float] = deque(maxlen=window)  # the last w values (compact only)
 
     def extend(self, values: Iterable[float]) -> None:
-        for v in values:
-            self.n += 1
-            if not self.compact or len(self.head) < self.w:
-                self.head.append(v)
-            if self.compact:
-                self.tail.append(v)
+        vals = list(values)
+        self.n += len(vals)
+        if not self.compact:
+            self.head += vals
+            return
+        if len(self.head) < self.w:
+            self.head += vals[: self.w - len(self.head)]
+        self.tail.extend(vals)  # maxlen w: keeps the last w
 
     def values(self) -> list[float]:
         """What drift_stats needs: every value, or first + last window (disjoint once n >= 2w)."""
