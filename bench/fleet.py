@@ -261,7 +261,10 @@ class Sampler:
         self.procs = {"coordinator": psutil.Process(coord_pid)}
         if broker_pid is not None:
             self.procs["broker"] = psutil.Process(broker_pid)
-        self.url = f"http://127.0.0.1:{metrics_port}/metrics"
+        # only the two counters read here: a full scrape also builds the fleet snapshot from the event log
+        # (~0.3 s of the coordinator's CPU at 3,000 devices), which 5 scrapes a second would make the bottleneck
+        self.url = (f"http://127.0.0.1:{metrics_port}/metrics"
+                    "?name[]=meerkat_updates_accepted_total&name[]=meerkat_messages_received_total")
         self.rss: dict[str, list[tuple[float, float]]] = {k: [] for k in self.procs}
         self.cpu: dict[str, float] = {k: 0.0 for k in self.procs}
         self.start = time.time()
