@@ -208,6 +208,7 @@ class _Trouble:
 
 
 READ_CHUNK = 1 << 16  # bytes one socket read may take (a burst of small messages in one system call)
+READS_PER_LOOP = 4  # socket reads per network-loop turn, then paho writes (acks, pings) before reading on
 
 
 class _BufferedClient(mqtt.Client):
@@ -218,14 +219,17 @@ class _BufferedClient(mqtt.Client):
     the GIL, so under a burst the network thread and the pump hand the GIL to each other several times
     per message. Here `_sock_recv` serves paho's small reads from a buffer filled by one large recv(),
     and `loop_read` goes on while the buffer holds bytes, so nothing waits in the buffer while select()
-    sleeps. The bytes and their order are exactly what the socket delivered; the buffer is dropped with
-    the socket it came from (a reconnect starts empty).
+    sleeps. A turn makes at most READS_PER_LOOP socket reads (then "would block": paho keeps a partial
+    packet and select() sees the rest), so a flood cannot starve the writes of acks and keepalive pings.
+    The bytes and their order are exactly what the socket delivered; the buffer is dropped with the
+    socket it came from (a reconnect starts empty).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._rbuf = bytearray()
         self._rbuf_sock: object = None  # the socket the buffered bytes came from
+        self._reads_left = READS_PER_LOOP  # of this loop turn (loop_read resets it)
         self.recv_calls = 0  # socket reads made (tests check that a burst needs few)
 
     def _sock_recv(self, bufsize: int) -> bytes:
@@ -233,6 +237,9 @@ class _BufferedClient(mqtt.Client):
             self._rbuf.clear()
             self._rbuf_sock = self._sock
         if not self._rbuf:
+            if self._reads_left <= 0:
+                raise BlockingIOError  # this turn read enough: paho writes, then select() brings us back
+            self._reads_left -= 1
             self.recv_calls += 1
             data = super()._sock_recv(max(bufsize, READ_CHUNK))  # BlockingIOError when nothing is there
             if len(data) <= bufsize:
@@ -243,6 +250,7 @@ class _BufferedClient(mqtt.Client):
         return out
 
     def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
+        self._reads_left = READS_PER_LOOP
         rc = super().loop_read(max_packets)
         while rc == MQTTErrorCode.MQTT_ERR_SUCCESS and self._rbuf and self._rbuf_sock is self._sock is not None:
             rc = super().loop_read(max_packets)
