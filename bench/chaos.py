@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.broker import free_port, port_open
+from bench.cli import add_defaults, add_json_flag
 from bench.toy import build_toy, toml_text
 from coordinator.eventlog import DB_NAME, EventLog
 
@@ -392,15 +393,24 @@ def run_chaos(workdir: Path, name: str, broker_mode: str, rounds: int, kills: in
     return out
 
 
+@dataclass(frozen=True)
+class ChaosDefaults:
+    rounds: int = 20
+    kills: int = 3
+    workdir: Path = Path("chaos-runs")
+
+
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("chaos", help="fault injection on a real fleet: kills, host crash, device down, storm")
     p.add_argument("--scenario", choices=SCENARIOS + ("all",), default="host_crash")
     p.add_argument("--broker-mode", choices=BROKER_MODES + ("both",), default="both",
                    help="deploy: deploy/mosquitto persistence settings; amnesic: the broker keeps nothing")
-    p.add_argument("--rounds", type=int, default=20)
-    p.add_argument("--kills", type=int, default=3, help="faults per run")
-    p.add_argument("--workdir", type=Path, default=Path("chaos-runs"))
-    p.add_argument("--json", action="store_true", help="print the JSON result as the last line")
+    add_defaults(
+        p, ChaosDefaults(),
+        ("--rounds", "rounds", "rounds per run"), ("--kills", "kills", "faults per run"),
+        ("--workdir", "workdir", "one directory per scenario and broker mode"),
+    )  # fmt: skip
+    add_json_flag(p)
     p.set_defaults(func=run)
 
 

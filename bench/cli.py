@@ -5,6 +5,7 @@ Each benchmark lives in its own module under `bench/` and exposes `add_parser(su
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 from typing import Any
@@ -21,6 +22,18 @@ def register(sub: Any) -> None:
         importlib.import_module(name).add_parser(bench_sub)
     for name in TOP_LEVEL:
         importlib.import_module(name).add_parser(sub)
+
+
+def add_defaults(p: argparse.ArgumentParser, defaults: object, *flags: tuple[str, str, str]) -> None:
+    """One option per (flag, field, help): its default and type come from `field` of the benchmark's
+    frozen config (`defaults`), and the help ends with "(default X)", so no block repeats default=d.x."""
+    for flag, name, text in flags:
+        value = getattr(defaults, name)
+        p.add_argument(flag, type=type(value), default=value, help=f"{text} (default {value})")
+
+
+def add_json_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the JSON result as the last line")
 
 
 def print_json_last(result: dict[str, Any]) -> None:

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 if TYPE_CHECKING:
     from shared.modelload import Quant
 
+from bench.cli import add_defaults
 from bench.toy import toml_text
 
 log = logging.getLogger(__name__)
@@ -61,19 +62,20 @@ def add_parser(sub: Any) -> None:
     d = DemoConfig()
     p = sub.add_parser("demo", help="run broker + coordinator + N clients on a tiny offline model; write a report",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--clients", type=int, default=d.clients, help=f"edge client processes (default {d.clients})")
-    p.add_argument("--rounds", type=int, default=d.rounds, help=f"rounds to run (default {d.rounds})")
-    p.add_argument("--steps", type=int, default=d.steps, help=f"local SPSA steps per round (default {d.steps})")
+    add_defaults(
+        p, d,
+        ("--clients", "clients", "edge client processes"), ("--rounds", "rounds", "rounds to run"),
+        ("--steps", "steps", "local SPSA steps per round"),
+    )  # fmt: skip
     p.add_argument("--broker", default=None, help="mqtt://host:port (default: 127.0.0.1:1883 or a private mosquitto)")
-    p.add_argument("--workdir", type=Path, default=d.workdir, help=f"configs, state and logs (default {d.workdir})")
-    p.add_argument("--report", type=Path, default=d.report, help=f"report file (default {d.report})")
-    p.add_argument("--quant", choices=("nf4", "int8", "none"), default=d.quant, help="client quantisation")
-    p.add_argument("--task", default=d.task, help="topic | sentiment | domain | claim")
-    p.add_argument("--size", default=d.size, help="tiny-model size (demo | small)")
-    p.add_argument("--fraction", type=float, default=d.fraction, help="mask fraction of the Linear weights")
-    p.add_argument("--lr", type=float, default=d.lr, help="learning rate")
-    p.add_argument("--eps", type=float, default=d.eps, help="SPSA perturbation size")
-    p.add_argument("--timeout", type=float, default=d.timeout_s, help="give up after this many seconds")
+    add_defaults(p, d, ("--workdir", "workdir", "configs, state and logs"), ("--report", "report", "report file"))
+    p.add_argument("--quant", choices=("nf4", "int8", "none"), default=d.quant, help=f"client quantisation (default {d.quant})")
+    add_defaults(
+        p, d,
+        ("--task", "task", "topic | sentiment | domain | claim"), ("--size", "size", "tiny-model size (demo | small)"),
+        ("--fraction", "fraction", "mask fraction of the Linear weights"), ("--lr", "lr", "learning rate"),
+        ("--eps", "eps", "SPSA perturbation size"), ("--timeout", "timeout_s", "give up after this many seconds"),
+    )  # fmt: skip
     p.set_defaults(func=run)
 
 

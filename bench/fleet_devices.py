@@ -33,13 +33,14 @@ from bench.mqttlite import LiteClient, LiteWill, open_client
 from shared.codec import decode, encode
 from shared.fingerprint import fp_tag
 from shared.messages import ErrorCode, ErrorMsg, Heartbeat, Join, RoundPlan, RoundResult, Status, Update
-from shared.prng import derive_seed, raw_u64
+from shared.prng import GOLDEN, MASK64, derive_seed, mix64, raw_u64
 from shared.topics import Topics
 
 DRAW_TAG = 0x464C454554  # "FLEET": timing/dropout draws
 GRAD_TAG = 0x47524144  # "GRAD": the scalars of an Update
 MSG_TAG = 0x4D534744  # "MSGD": msg_id
 CONNECT_CONCURRENCY = 64
+SMALL_DRAW = 4  # uniforms() of at most this many values skip numpy
 
 
 @dataclass(frozen=True)
@@ -68,8 +69,16 @@ def device_id(prefix: str, index: int) -> str:
 
 
 def uniforms(seed: int, tag: int, index: int, round: int, n: int) -> np.ndarray:
-    """n floats in [0, 1) from shared.prng, fixed by (seed, tag, device index, round)."""
-    return (raw_u64(derive_seed(seed, tag, index, round + 1), n) >> np.uint64(11)).astype(np.float64) / 2.0**53
+    """n floats in [0, 1) from shared.prng, fixed by (seed, tag, device index, round).
+
+    A few values (every draw but the grads) are computed on Python ints: numpy's per-call overhead is
+    most of the cost at n = 3. Same bits: u_i = mix64(key + (i + 1) * GOLDEN), and u >> 11 < 2**53 is
+    exact in float64, as is the division by 2**53."""
+    s = derive_seed(seed, tag, index, round + 1)
+    if n > SMALL_DRAW:
+        return (raw_u64(s, n) >> np.uint64(11)).astype(np.float64) / 2.0**53
+    key = mix64(s)
+    return np.array([(mix64((key + (i + 1) * GOLDEN) & MASK64) >> 11) / 2.0**53 for i in range(n)], np.float64)
 
 
 def gaussian_grads(seed: int, index: int, round: int, steps: int, scale: float) -> tuple[float, ...]:
@@ -90,6 +99,7 @@ class Device:
     planned: set[int] = field(default_factory=set)
     reconnects: int = 0
     next_hb: float = 0.0
+    n_samples: int = 0  # its Join's n_samples, also the n_samples of every Update (drawn once)
 
 
 class Worker:
@@ -97,7 +107,8 @@ class Worker:
         self.spec = spec
         self.t = Topics(spec.fleet)
         self.fp_tag = fp_tag(spec.fingerprint)
-        self.devices = [Device(i, device_id(spec.prefix, i)) for i in range(spec.first, spec.first + spec.count)]
+        self.devices = [Device(i, device_id(spec.prefix, i), n_samples=50 + int(uniforms(spec.seed, MSG_TAG, i, 0, 1)[0] * 450))
+                        for i in range(spec.first, spec.first + spec.count)]  # fmt: skip
         self.decoded: dict[bytes, Any] = {}
         self.plans: dict[int, list[float]] = {}  # round -> [first receipt, last receipt, receipts]
         self.results: dict[int, list[float]] = {}  # round -> [first receipt, last receipt, n_clients]
@@ -164,9 +175,9 @@ class Worker:
         s, r = self.spec, plan.round
         steps = plan.steps[dev.cid]
         msg_id = derive_seed(s.seed, MSG_TAG, dev.index, r)
-        n_samples = 50 + int(uniforms(s.seed, MSG_TAG, dev.index, 0, 1)[0] * 450)
         loss = 2.0 + 0.1 * float(uniforms(s.seed, MSG_TAG, dev.index, r + 1, 1)[0])
-        upd = Update(r, msg_id, gaussian_grads(s.seed, dev.index, r, steps, s.grad_scale), n_samples, self.fp_tag, loss)
+        upd = Update(r, msg_id, gaussian_grads(s.seed, dev.index, r, steps, s.grad_scale), dev.n_samples, self.fp_tag,
+                     loss)  # fmt: skip
         entry = [msg_id, time.time(), None, encode(upd)]
         dev.sent[r] = entry
         self._publish_update(dev, entry)
@@ -184,8 +195,7 @@ class Worker:
 
     def _join(self, dev: Device) -> None:
         assert dev.client is not None
-        n = 50 + int(uniforms(self.spec.seed, MSG_TAG, dev.index, 0, 1)[0] * 450)
-        join = Join("", self.spec.fingerprint, self.spec.mask_id, n, 2.0, {"sim": True}, -1)
+        join = Join("", self.spec.fingerprint, self.spec.mask_id, dev.n_samples, 2.0, {"sim": True}, -1)
         dev.client.publish(self.t.join(dev.cid), encode(join), 1)
 
     async def _connect(self, dev: Device, first: bool) -> bool:
@@ -225,10 +235,14 @@ class Worker:
         while True:
             await asyncio.sleep(0.5)
             now = time.time()
+            payloads: dict[int, bytes] = {}  # round -> this tick's heartbeat (the devices differ only in round)
             for d in self.devices:
                 if d.client is not None and d.client.connected and now >= d.next_hb:
-                    hb = Heartbeat("", now, 3.0, 200 << 20, None, 45.0, 5.0, 0.5, 300 << 20, max(d.sent, default=-1))
-                    d.client.publish(self.t.hb(d.cid), encode(hb), 0)
+                    r = max(d.sent, default=-1)
+                    hb = payloads.get(r)
+                    if hb is None:
+                        hb = payloads[r] = encode(Heartbeat("", now, 3.0, 200 << 20, None, 45.0, 5.0, 0.5, 300 << 20, r))
+                    d.client.publish(self.t.hb(d.cid), hb, 0)
                     d.next_hb = now + self.spec.heartbeat_s
 
     # -- run --------------------------------------------------------------------------------------------
@@ -281,8 +295,21 @@ class Worker:
             "plans": self.plans, "results": self.results, "errors": self.errors, "plan_bytes": self.plan_bytes,
             "result_payloads": self.result_payloads,
             "connect_failures": self.connect_failures, "connected_at": self.connected_at,
-            "cpu_s": ru.ru_utime + ru.ru_stime, "max_rss_mib": ru.ru_maxrss / 1024,
+            "cpu_s": ru.ru_utime + ru.ru_stime, "max_rss_mib": _peak_rss_kib(ru.ru_maxrss) / 1024,
         }
+
+
+def _peak_rss_kib(fallback: int) -> int:
+    """This process's peak RSS (VmHWM). ru_maxrss is no good here: Linux carries it across exec, so a worker
+    would report the peak of the bench process that forked it."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return fallback
 
 
 def _ignore(topic: str, payload: bytes) -> None:

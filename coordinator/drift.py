@@ -127,12 +127,14 @@ class _History:
         self.tail: deque[float] = deque(maxlen=window)  # the last w values (compact only)
 
     def extend(self, values: Iterable[float]) -> None:
-        for v in values:
-            self.n += 1
-            if not self.compact or len(self.head) < self.w:
-                self.head.append(v)
-            if self.compact:
-                self.tail.append(v)
+        vals = list(values)
+        self.n += len(vals)
+        if not self.compact:
+            self.head += vals
+            return
+        if len(self.head) < self.w:
+            self.head += vals[: self.w - len(self.head)]
+        self.tail.extend(vals)  # maxlen w: keeps the last w
 
     def values(self) -> list[float]:
         """What drift_stats needs: every value, or first + last window (disjoint once n >= 2w)."""
@@ -168,6 +170,8 @@ class DriftMonitor:
         self.dist: Dist = dist
         self.thresholds = thresholds or DriftThresholds()
         self._coef: dict[int, float] = {}
+        self._round_seeds: tuple[int, ...] | None = None  # compute_gradip: the seeds of the last call...
+        self._round_coefs: list[float] = []  # ...and their coefficients (a prefix)
         self.keep_history = keep_history
         self._hist: dict[str, _History] = {}
         self._seen: dict[int, set[str]] = {}  # round -> clients observed in it (dedupe; forget_before drops rounds)
@@ -199,7 +203,14 @@ class DriftMonitor:
         """GradIP_t = g_t * c_t of one update (step t used seeds[t]; a limited client sends fewer grads)."""
         if len(grads) > len(seeds):
             raise ValueError(f"{len(grads)} grads but only {len(seeds)} seeds")
-        return [float(g) * self.coefficient(s) for s, g in zip(seeds, grads, strict=False)]
+        if not isinstance(seeds, tuple):
+            return [float(g) * self.coefficient(s) for s, g in zip(seeds, grads, strict=False)]
+        if seeds is not self._round_seeds:  # every update of a round passes the plan's one seeds tuple
+            self._round_seeds, self._round_coefs = seeds, []
+        coefs = self._round_coefs  # c_t of seeds[:len(coefs)], filled as far as an update needs
+        while len(coefs) < len(grads):
+            coefs.append(self.coefficient(seeds[len(coefs)]))
+        return [float(g) * c for g, c in zip(grads, coefs, strict=False)]
 
     def observe(
         self, client: str, round: int, seeds: Sequence[int], grads: Sequence[float]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
+import struct
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -38,6 +39,7 @@ from coordinator.records import (
     ClientStatusRow,
     DriftRecord,
     DriftRow,
+    DuplicateRecord,
     EvalRecord,
     EvalRow,
     EventRecord,
@@ -171,8 +173,17 @@ _PUT_DRIFT = """INSERT INTO drift(client, n_steps, early, late, rho_later, rho_q
        rho_later=excluded.rho_later, rho_quie=excluded.rho_quie, updated_at=excluded.updated_at"""
 
 
+def _where(*conditions: tuple[str, Any]) -> tuple[str, list[Any]]:
+    """(" WHERE a AND b", [arg_a, arg_b]) from (clause, argument) pairs, leaving out those whose argument
+    is None; ("", []) when none is left. The readers' optional filters."""
+    kept = [(clause, arg) for clause, arg in conditions if arg is not None]
+    return (" WHERE " + " AND ".join(c for c, _ in kept) if kept else ""), [a for _, a in kept]
+
+
 def f64_blob(xs: Sequence[float]) -> bytes:
-    return np.asarray(list(xs), dtype="<f8").tobytes()
+    """Little-endian float64s (struct: the same bytes as numpy "<f8", a few times cheaper for ~10 values)."""
+    v = list(xs)
+    return struct.pack(f"<{len(v)}d", *v)
 
 
 def f64_list(blob: bytes) -> list[float]:
@@ -367,18 +378,9 @@ class EventLog:
         )
 
     def updates(self, round: int | None = None, status: str | None = None) -> list[UpdateRow]:
+        where, args = _where(("round=?", round), ("status=?", status))
         q = "SELECT client, round, msg_id, grads, n_samples, loss, received_at, status, used_in FROM updates"
-        where: list[str] = []
-        args: list[Any] = []
-        if round is not None:
-            where.append("round=?")
-            args.append(round)
-        if status is not None:
-            where.append("status=?")
-            args.append(status)
-        if where:
-            q += " WHERE " + " AND ".join(where)
-        q += " ORDER BY round, client"
+        q += where + " ORDER BY round, client"
         return [
             UpdateRow(str(c), int(r), int(m), tuple(f64_list(g)), int(n), float(lo), float(ts), str(st),
                       None if u is None else int(u))
@@ -539,15 +541,8 @@ class EventLog:
 
     def events(self, *, kind: str | None = None, round: int | None = None, limit: int | None = None) -> list[EventRow]:
         """Logged round decisions, oldest first (`limit`: only the newest `limit`)."""
-        where: list[str] = []
-        args: list[Any] = []
-        if kind is not None:
-            where.append("kind=?")
-            args.append(kind)
-        if round is not None:
-            where.append("round=?")
-            args.append(round)
-        q = "SELECT ts, round, kind, detail FROM events" + (" WHERE " + " AND ".join(where) if where else "")
+        where, args = _where(("kind=?", kind), ("round=?", round))
+        q = "SELECT ts, round, kind, detail FROM events" + where
         q += " ORDER BY id DESC" + (f" LIMIT {int(limit)}" if limit is not None else "")
         rows = [EventRow(float(ts), None if r is None else int(r), str(k), str(d)) for ts, r, k, d in self.db.execute(q, args)]
         return rows[::-1]
@@ -706,6 +701,8 @@ class EventLog:
             self.set_limited(rec.client, rec.round, rec.now)
         elif isinstance(rec, EvalRecord):
             self.add_eval(COORDINATOR_EVAL, rec.round, rec.loss, rec.accuracy, rec.n, rec.now)
+        elif isinstance(rec, DuplicateRecord):
+            self.count_round(rec.round, "duplicate")
         else:
             raise TypeError(f"EventLog.persist: not a record: {rec!r}")
 
@@ -728,17 +725,8 @@ class EventLog:
 
     def evals(self, source: str | None = None, last: int | None = None) -> list[EvalRow]:
         """Evaluations in (round, source) order; `source` one client or COORDINATOR_EVAL; `last` rounds only."""
-        q = "SELECT source, round, loss, accuracy, n, ts FROM evals"
-        where: list[str] = []
-        args: list[Any] = []
-        if source is not None:
-            where.append("source=?")
-            args.append(source)
-        if last is not None:
-            where.append("round > (SELECT COALESCE(MAX(round), -1) FROM evals) - ?")
-            args.append(last)
-        if where:
-            q += " WHERE " + " AND ".join(where)
+        where, args = _where(("source=?", source), ("round > (SELECT COALESCE(MAX(round), -1) FROM evals) - ?", last))
+        q = "SELECT source, round, loss, accuracy, n, ts FROM evals" + where
         return [
             EvalRow(str(c), int(r), float(lo), _opt(acc), int(n), float(ts))
             for c, r, lo, acc, n, ts in self.db.execute(q + " ORDER BY round, source", args).fetchall()
@@ -790,7 +778,7 @@ _TABLES: dict[type, frozenset[str]] = {
     UpdateRecord: frozenset({"updates", "clients"}), ResultRecord: frozenset({"results", "rounds", "updates"}),
     DriftRecord: frozenset({"drift"}), LimitRecord: frozenset({"drift"}),
     RejectRecord: frozenset({"rejects", "reject_log"}), EventRecord: frozenset({"events"}),
-    EvalRecord: frozenset({"evals"}),
+    EvalRecord: frozenset({"evals"}), DuplicateRecord: frozenset({"round_counts"}),
 }  # fmt: skip
 _BATCH: dict[type, Callable[[EventLog, Sequence[Record]], None]] = {
     UpdateRecord: EventLog._many_updates, DriftRecord: EventLog._many_drift,

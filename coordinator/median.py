@@ -33,13 +33,14 @@ class SlidingMedian:
         return len(self.groups)
 
     def push(self, values: Sequence[float]) -> None:
-        group = tuple(float(v) for v in values)
+        group = tuple(map(float, values))
+        s = self._sorted
         if len(self.groups) == self.maxlen:
             for v in self.groups.popleft():
-                del self._sorted[bisect.bisect_left(self._sorted, v)]
+                del s[bisect.bisect_left(s, v)]
         self.groups.append(group)
         for v in group:
-            bisect.insort(self._sorted, v)
+            bisect.insort(s, v)
 
     def median(self) -> float:
         s = self._sorted

@@ -98,8 +98,9 @@ class Metrics:
         down = sum(s.value for m in self.bytes_sent.collect() for s in m.samples if s.name.endswith("_total"))
         return up, down
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, names: list[str] | None = None) -> bytes:
+        """The exposition text; `names` (the `name[]` query of a scrape): only those series."""
+        return generate_latest(self.registry.restricted_registry(names) if names else self.registry)
 
 
 # per-device gauges: (metric name, help, DeviceView attribute); each is one series per device
@@ -128,6 +129,13 @@ class FleetCollector(Collector):
     def __init__(self, state_dir: Path, per_device: bool) -> None:
         self.state_dir = state_dir
         self.per_device = per_device
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        """The names it yields, without reading the log: a `?name[]=` scrape that asks for none of them
+        (the fleet bench polls two counters 5 times a second) then skips the snapshot, which reads every
+        client (~0.3 s of CPU at 3,000 devices)."""
+        for name in FLEET_NAMES:
+            yield GaugeMetricFamily(name, "")
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         try:
@@ -171,6 +179,10 @@ def fleet_families(view: FleetView, per_device: bool) -> Iterator[GaugeMetricFam
                             value=len(view.devices))  # fmt: skip
 
 
+FLEET_NAMES: tuple[str, ...] = tuple(name for name, _, _ in DEVICE_GAUGES) + (
+    "meerkat_eval_loss", "meerkat_eval_accuracy", "meerkat_eval_round", "meerkat_train_loss",
+    "meerkat_rounds_per_minute", "meerkat_devices_known",
+)  # every family fleet_families() may yield  # fmt: skip
 PAGES = {"/", "/dashboard", "/dashboard.json"}  # served when the coordinator's `dashboard` is on
 WORKERS = 4  # threads serving /metrics requests
 TIMEOUT_S = 5.0  # per socket read/write of one connection
@@ -265,8 +277,8 @@ class MetricsServer:
                     if not (hmac.compare_digest(got, b"Bearer " + token_b) or hmac.compare_digest(q, token_b)):
                         self.send_error(401, "bearer token required")
                         return
-                if path == "/metrics":
-                    body, ctype = metrics.render(), CONTENT_TYPE_LATEST
+                if path == "/metrics":  # ?name[]=a&name[]=b: only those series (as prometheus_client's own app)
+                    body, ctype = metrics.render(parse_qs(query).get("name[]")), CONTENT_TYPE_LATEST
                 else:
                     assert pages is not None
                     try:

@@ -65,8 +65,14 @@ class Limiter:
         self.buckets[key] = Bucket(self.level(key, now) - cost, now)
 
     def allow(self, key: object, now: float) -> bool:
-        """Take one token when one is there."""
-        if self.level(key, now) < 1.0:
+        """Take one token when one is there (`level` then `take`, with one lookup: every message asks)."""
+        b = self.buckets.get(key)
+        level = self.burst if b is None else min(self.burst, b.tokens + max(0.0, now - b.at) * self.rate)
+        if level < 1.0:
             return False
-        self.take(key, now)
+        if b is None:
+            self.buckets[key] = Bucket(level - 1.0, now)
+        else:  # the same bucket, refilled and debited in place, becomes the newest key
+            b.tokens, b.at = level - 1.0, now
+            self.buckets.move_to_end(key)
         return True

@@ -244,6 +244,13 @@ class EventRecord:
 
 
 @dataclass(frozen=True)
+class DuplicateRecord:
+    """A re-sent update of `round` was acked and ignored: counted per round for `meerkat status`."""
+
+    round: int
+
+
+@dataclass(frozen=True)
 class EvalRecord:
     """The coordinator evaluated its values after `round` on its eval set (`eval_data`)."""
 
@@ -257,4 +264,5 @@ class EvalRecord:
 Record = (
     JoinRecord | OnlineRecord | HeartbeatRecord | SeenRecord | OfflineRecord | PlanRecord | ReplanRecord
     | UpdateRecord | ResultRecord | DriftRecord | LimitRecord | RejectRecord | EventRecord | EvalRecord
+    | DuplicateRecord
 )  # fmt: skip

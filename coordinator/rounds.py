@@ -47,7 +47,7 @@ import logging
 import math
 from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -108,6 +108,7 @@ LATE_WINDOW = 64  # plans and dedupe keys of this many closed rounds are kept (l
 RATE_NOTICE_S = 10.0  # a rate-limited client gets at most one ErrorMsg(RATE_LIMITED) per this long
 RESEND_GRACE_S = 30.0  # after a reconnect, a round due sooner gets this long (at most round_deadline_s) for re-sends
 KIND_OF: dict[type, str] = {Update: "up", Join: "join", Heartbeat: "hb", Status: "status", SyncRequest: "sync"}
+TELEMETRY = tuple(f.name for f in fields(Heartbeat) if f.name != "client")  # a HeartbeatRecord's keys, in order
 
 
 # -- actions -----------------------------------------------------------------------------------------
@@ -415,7 +416,7 @@ class RoundBook:
         if not self._seen(h.client, now, online=True):
             return []
         self._prove(h.client, "hb")
-        tele = {k: v for k, v in asdict(h).items() if k != "client"}
+        tele = {k: getattr(h, k) for k in TELEMETRY}  # asdict(h) less client: scalars only, no deep copy
         acts: list[Action] = [Persist(HeartbeatRecord(h.client, tele, now))]
         if h.client in self.benched and now >= self.bench_nagged.get(h.client, -math.inf):
             # benched: its Join proves it is back (PROTOCOL.md §8 client 3: UNKNOWN_CLIENT -> send Join)
@@ -600,7 +601,9 @@ class RoundBook:
         c = self.clients.get(client)
         if c is None:
             return False
-        self._put_client(replace(c, seen_at=now, online=c.online if online is None else online))
+        # replace(c, seen_at=..., online=...) spelled out: this runs for every message
+        self._put_client(ClientRow(c.client, c.state, c.fingerprint, c.mask_id, c.n_samples,
+                                   c.online if online is None else online, now))  # fmt: skip
         return True
 
     # -- rounds ----------------------------------------------------------------------------------

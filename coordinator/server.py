@@ -38,6 +38,7 @@ from coordinator.eventlog import EventLog
 from coordinator.ingest import Reject, decode_reject
 from coordinator.metrics import Metrics, MetricsServer
 from coordinator.records import (
+    DuplicateRecord,
     HeartbeatRecord,
     JoinRecord,
     LimitRecord,
@@ -145,7 +146,7 @@ class Coordinator:
         self._heartbeats: dict[str, HeartbeatRecord] = {}  # newest per client, not yet written (_defer_heartbeats)
         self._hb_written: dict[str, Any] = {}  # client -> eval_round of its last written heartbeat (this process)
         self._hb_flushed = time.monotonic()
-        self._kind_counters: dict[str, Any] = {}  # topic kind -> its labelled messages counter (labels() is slow)
+        self._children: dict[tuple[int, str], Any] = {}  # (id(metric), label) -> metric.labels(label) (_labelled)
         self._seen_connects = 0  # link connects the book has been told about (reconnected())
         self._alive_at = -float("inf")  # last liveness write (the coordinator's clock)
         self.link: MqttLink | None = None
@@ -345,7 +346,7 @@ class Coordinator:
     def _publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
         assert self.link is not None
         mid = self.link.publish(topic, payload, qos, retain)
-        self.metrics.bytes_sent.labels(self.topics.parse(topic)[0]).inc(len(payload))
+        self._labelled(self.metrics.bytes_sent, self.topics.parse(topic)[0]).inc(len(payload))
         if qos > 0:
             self._pending_mids.add(mid)
 
@@ -358,11 +359,8 @@ class Coordinator:
         except ValueError as exc:
             return self.book.on_reject("?", msg.topic, Reject("bad_topic", ErrorCode.INTERNAL, str(exc)), now, False)
         client = str(arg)
-        counter = self._kind_counters.get(kind)
-        if counter is None:
-            counter = self._kind_counters[kind] = self.metrics.messages.labels(kind)
-        counter.inc()
-        self.metrics.bytes_received.labels(kind).inc(len(msg.payload))
+        self._labelled(self.metrics.messages, kind).inc()
+        self._labelled(self.metrics.bytes_received, kind).inc(len(msg.payload))
         if kind == "status" and not msg.payload:
             return []  # a retained status being cleared
         if kind not in INBOUND:
@@ -392,6 +390,8 @@ class Coordinator:
         if not acts and not acks and not meta:
             return
         records = [a.record for a in acts if isinstance(a, Persist)]
+        # a duplicate's per-round counter (`meerkat status`) is durable with the batch that acks it
+        records += [DuplicateRecord(a.round) for a in acts if isinstance(a, Duplicate)]
         writes = self._defer_heartbeats(records)
         if writes or meta:
             with self.log.transaction():
@@ -412,12 +412,7 @@ class Coordinator:
             elif isinstance(a, Duplicate):
                 self.metrics.duplicates.inc()
             elif isinstance(a, Dropped):
-                self.metrics.dropped.labels(a.reason).inc()
-        dups = [a for a in acts if isinstance(a, Duplicate)]
-        if dups:  # `meerkat status` shows them per round (a counter: after the ack, not part of the batch)
-            with self.log.transaction():
-                for d in dups:
-                    self.log.count_round(d.round, "duplicate")
+                self._labelled(self.metrics.dropped, a.reason).inc()
         self.metrics.clients_online.set(self.book.n_online())
         self.metrics.clients_limited.set(len(self.book.limited()))
         if self._eval_round is not None:
@@ -468,9 +463,9 @@ class Coordinator:
     def _count(self, rec: Record) -> None:
         m = self.metrics
         if isinstance(rec, RejectRecord):
-            m.rejected.labels(rec.reason).inc()
+            self._labelled(m.rejected, rec.reason).inc()
         elif isinstance(rec, UpdateRecord):
-            m.updates_accepted.labels(rec.update.status).inc()
+            self._labelled(m.updates_accepted, rec.update.status).inc()
         elif isinstance(rec, PlanRecord):
             m.round_open.set(1)
         elif isinstance(rec, ResultRecord):
@@ -482,6 +477,15 @@ class Coordinator:
                 self._eval_round = rec.result.round
         elif isinstance(rec, LimitRecord):
             m.drift_limited.inc()
+
+    def _labelled(self, metric: Any, label: str) -> Any:
+        """metric.labels(label), cached: labels() validates and locks on every call, and the pump asks per
+        message. The labels are topic kinds, statuses and reject/drop reasons: a small fixed set."""
+        key = (id(metric), label)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(label)
+        return child
 
     def _send(self, p: Publish) -> None:
         """A plan retained on `plan`; a result on `result/{r}` and retained on `result/latest`; else `to/{c}`."""

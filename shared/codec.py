@@ -106,10 +106,10 @@ def _r_arr(fmt: str) -> Callable[[str, str, Any], tuple[Any, ...]]:
 
 
 def _r_typed(expected: type | tuple[type, ...], label: str) -> Callable[[str, str, Any], Any]:
+    bool_ok = bool in (expected if isinstance(expected, tuple) else (expected,))
+
     def r(obj: str, name: str, v: Any) -> Any:
-        if isinstance(v, bool) and bool not in (expected if isinstance(expected, tuple) else (expected,)):
-            raise _bad(obj, name, label, v)
-        if not isinstance(v, expected):
+        if not isinstance(v, expected) or (not bool_ok and v.__class__ is bool):
             raise _bad(obj, name, label, v)
         return v
 
@@ -415,25 +415,32 @@ def encode(msg: Message) -> bytes:
     return data
 
 
+# per message type: its known keys and (key, name, reader, optional) per field, built once (decode is hot)
+_READ: dict[type, tuple[frozenset[int], tuple[tuple[int, str, Callable[[str, str, Any], Any], bool], ...]]] = {
+    cls: (frozenset(f.key for f in fields), tuple((f.key, f.name, _KINDS[f.kind][1], f.optional) for f in fields))
+    for cls, (_, fields, _) in SCHEMAS.items()
+}
+
+
 def _from_map(cls: type[M], m: Any, client: str) -> M:
     name = cls.__name__
     if not isinstance(m, dict):
         raise DecodeError(ErrorCode.MALFORMED, f"{name}: body is not a msgpack map")
-    _, fields, _ = SCHEMAS[cls]
-    known = {f.key for f in fields}
-    for k in m:
-        if isinstance(k, bool) or not isinstance(k, int):
-            raise DecodeError(ErrorCode.MALFORMED, f"{name}: map key {k!r} is not an int")
-        if k not in known:
-            raise DecodeError(ErrorCode.UNKNOWN_FIELD, f"{name}: unknown key {k}")
+    known, readers = _READ[cls]
+    if not known.issuperset(m) or any(k.__class__ is not int for k in m):  # bool == int in a set: checked apart
+        for k in m:
+            if isinstance(k, bool) or not isinstance(k, int):
+                raise DecodeError(ErrorCode.MALFORMED, f"{name}: map key {k!r} is not an int")
+            if k not in known:
+                raise DecodeError(ErrorCode.UNKNOWN_FIELD, f"{name}: unknown key {k}")
     kwargs: dict[str, Any] = {}
-    for f in fields:
-        if f.key not in m:
-            if f.optional:
-                kwargs[f.name] = None
-                continue
-            raise DecodeError(ErrorCode.MISSING_FIELD, f"{name}.{f.name} (key {f.key}) missing")
-        kwargs[f.name] = _KINDS[f.kind][1](name, f.name, m[f.key])
+    for key, field, read, optional in readers:
+        if key in m:
+            kwargs[field] = read(name, field, m[key])
+        elif optional:
+            kwargs[field] = None
+        else:
+            raise DecodeError(ErrorCode.MISSING_FIELD, f"{name}.{field} (key {key}) missing")
     if cls in CLIENT_FROM_TOPIC:
         kwargs["client"] = client
     try:

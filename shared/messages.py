@@ -66,6 +66,8 @@ class ErrorCode(IntEnum):
 
 
 def _int(obj: str, name: str, v: Any, lo: int, hi: int) -> int:
+    if v.__class__ is int and lo <= v <= hi:  # the common case first (decode is hot)
+        return v
     if isinstance(v, bool) or not isinstance(v, int):
         raise ValueError(f"{obj}.{name}: expected int in [{lo}, {hi}], got {type(v).__name__}")
     if not lo <= v <= hi:
@@ -78,6 +80,8 @@ def _opt_int(obj: str, name: str, v: Any, lo: int, hi: int) -> int | None:
 
 
 def _float(obj: str, name: str, v: Any, lo: float = -math.inf, hi: float = math.inf) -> float:
+    if v.__class__ is float and lo <= v <= hi and math.isfinite(v):  # the common case first (decode is hot)
+        return v
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise ValueError(f"{obj}.{name}: expected finite float, got {type(v).__name__}")
     f = float(v)
@@ -90,8 +94,11 @@ def _opt_float(obj: str, name: str, v: Any, lo: float = -math.inf, hi: float = m
     return None if v is None else _float(obj, name, v, lo, hi)
 
 
+_F32 = struct.Struct("<f")
+
+
 def _to_f32(f: float) -> float:
-    return float(struct.unpack("<f", struct.pack("<f", f))[0])
+    return float(_F32.unpack(_F32.pack(f))[0])
 
 
 def _f32(obj: str, name: str, v: Any, lo: float = -math.inf, hi: float = math.inf) -> float:

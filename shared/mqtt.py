@@ -213,6 +213,56 @@ class _Trouble:
         self.last, self.repeats, self.failures = None, 0, 0
 
 
+READ_CHUNK = 1 << 16  # bytes one socket read may take (a burst of small messages in one system call)
+READS_PER_LOOP = 4  # socket reads per network-loop turn, then paho writes (acks, pings) before reading on
+
+
+class _BufferedClient(mqtt.Client):
+    """paho's Client reading the socket in READ_CHUNK pieces instead of 1 byte + 1 byte + body per packet.
+
+    paho reads every packet with three or more recv() calls and goes through select() once per packet
+    (`loop_read` handles one packet unless QoS 2 messages are in flight). Each system call releases
+    the GIL, so under a burst the network thread and the pump hand the GIL to each other several times
+    per message. Here `_sock_recv` serves paho's small reads from a buffer filled by one large recv(),
+    and `loop_read` goes on while the buffer holds bytes, so nothing waits in the buffer while select()
+    sleeps. A turn makes at most READS_PER_LOOP socket reads (then "would block": paho keeps a partial
+    packet and select() sees the rest), so a flood cannot starve the writes of acks and keepalive pings.
+    The bytes and their order are exactly what the socket delivered; the buffer is dropped with the
+    socket it came from (a reconnect starts empty).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._rbuf = bytearray()
+        self._rbuf_sock: object = None  # the socket the buffered bytes came from
+        self._reads_left = READS_PER_LOOP  # of this loop turn (loop_read resets it)
+        self.recv_calls = 0  # socket reads made (tests check that a burst needs few)
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        if self._rbuf_sock is not self._sock:
+            self._rbuf.clear()
+            self._rbuf_sock = self._sock
+        if not self._rbuf:
+            if self._reads_left <= 0:
+                raise BlockingIOError  # this turn read enough: paho writes, then select() brings us back
+            self._reads_left -= 1
+            self.recv_calls += 1
+            data = super()._sock_recv(max(bufsize, READ_CHUNK))  # BlockingIOError when nothing is there
+            if len(data) <= bufsize:
+                return data  # also b"": the peer closed
+            self._rbuf += data
+        out = bytes(self._rbuf[:bufsize])
+        del self._rbuf[:bufsize]
+        return out
+
+    def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
+        self._reads_left = READS_PER_LOOP
+        rc = super().loop_read(max_packets)
+        while rc == MQTTErrorCode.MQTT_ERR_SUCCESS and self._rbuf and self._rbuf_sock is self._sock is not None:
+            rc = super().loop_read(max_packets)
+        return rc
+
+
 class MqttLink:
     """One MQTT connection. Drain `inbox` (Incoming) and `published` (mids PUBACKed) from your thread."""
 
@@ -253,7 +303,7 @@ class MqttLink:
         self._stopping = False
         self.session_expiry_s = session_expiry_s
         if session_expiry_s is None:
-            c = mqtt.Client(
+            c = _BufferedClient(
                 callback_api_version=CallbackAPIVersion.VERSION2,
                 client_id=client_id,
                 clean_session=clean_session,
@@ -261,7 +311,7 @@ class MqttLink:
                 manual_ack=manual_ack,
             )
         else:  # MQTT 5: the session is kept by clean_start=False + expiry (connect_async in start())
-            c = mqtt.Client(
+            c = _BufferedClient(
                 callback_api_version=CallbackAPIVersion.VERSION2,
                 client_id=client_id,
                 protocol=mqtt.MQTTv5,

@@ -18,10 +18,12 @@ both distributions read only the top 16 bits. Three implementations give the sam
 from __future__ import annotations
 
 import functools
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where a tensor is made: what only draws numbers (the fleet simulator,
+    import torch  # the codec's DISTS) does not pay its ~2 s and ~250 MiB
 
 Dist = Literal["rademacher", "gaussian"]
 DISTS: tuple[Dist, ...] = ("rademacher", "gaussian")
@@ -134,6 +136,8 @@ def _srl(x: torch.Tensor, k: int) -> torch.Tensor:
 
 def _torch_directions(seed: int, n: int, dist: Dist, offset: int, device: torch.device) -> torch.Tensor:
     """Same bits as the CPU path, computed with int64 torch ops on `device` (wrapping multiply)."""
+    import torch
+
     key = mix64(seed)
     x = torch.arange(n, dtype=torch.int64, device=device)
     x.mul_(_signed(GOLDEN)).add_(_signed((key + (offset + 1) * GOLDEN) & MASK64))
@@ -153,6 +157,8 @@ def directions(
     """float32 (n,) direction for `seed` on `device`; element i depends only on (seed, offset + i)."""
     if dist not in DISTS:
         raise ValueError(f"dist must be one of {DISTS}, got {dist!r}")
+    import torch
+
     _check(seed, n, offset)
     dev = torch.device(device)
     if dev.type == "cpu":

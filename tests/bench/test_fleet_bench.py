@@ -65,6 +65,25 @@ def test_simulated_draws_are_deterministic_and_plausible() -> None:
     assert 0.0 <= u.min() and u.max() < 1.0
 
 
+@pytest.mark.parametrize("n", [0, 1, 3, 4, 5, 20])
+def test_small_draws_on_python_ints_have_the_numpy_bits(n: int) -> None:
+    """uniforms() of a few values skips numpy: the floats must be bit-identical to the array path."""
+    import numpy as np
+
+    from shared.prng import derive_seed, raw_u64
+
+    for seed, tag, index, rnd in ((0, 0x4D534744, 5, 0), (7, 0x464C454554, 12345, 19), (2**64 - 1, 1, 0, -1)):
+        want = (raw_u64(derive_seed(seed, tag, index, rnd + 1), n) >> np.uint64(11)).astype(np.float64) / 2.0**53
+        got = uniforms(seed, tag, index, rnd, n)
+        assert got.dtype == np.float64 and got.tobytes() == want.tobytes()
+
+
+def test_simulator_does_not_import_torch() -> None:
+    """A device worker only draws numbers and speaks the codec: no ~2 s / ~250 MiB torch import per worker."""
+    code = "import sys, bench.fleet_devices; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+
+
 def test_mqttlite_publish_subscribe_qos1_and_will(broker_url: str) -> None:
     from bench.mqttlite import LiteWill
 

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from coordinator.dashboard import pages, render_html
 from coordinator.eventlog import EventLog
 from coordinator.fleetview import fleet_view, quality_trend
-from coordinator.metrics import Metrics, MetricsServer
+from coordinator.metrics import FLEET_NAMES, Metrics, MetricsServer
 from coordinator.records import (
     COORDINATOR_EVAL,
     EvalRecord,
@@ -108,6 +108,11 @@ def test_metrics_dashboard_routes_and_token(tmp_path: Path) -> None:
         fams = {f.name: f for f in text_string_to_metric_families(get("/metrics", header=True)[1])}
         assert {s.labels["device"] for s in fams["meerkat_device_temperature_celsius"].samples} == {"dev-a", "dev-b"}
         assert {s.labels["source"] for s in fams["meerkat_eval_loss"].samples} == {"devices", "coordinator"}
+        own = {f.name for f in text_string_to_metric_families(Metrics().render().decode())}
+        assert set(fams) - own == set(FLEET_NAMES)  # describe() names exactly what collect() yields
+        code, text = get("/metrics?name[]=meerkat_rounds_closed_total&name[]=meerkat_updates_duplicate_total", True)
+        assert code == 200 and {f.name for f in text_string_to_metric_families(text)} == {
+            "meerkat_rounds_closed", "meerkat_updates_duplicate"}  # and no fleet snapshot
     finally:
         server.stop()
     off = Metrics()

@@ -80,6 +80,33 @@ def test_publish_subscribe_and_puback(broker_url: str) -> None:
         pub.stop()
 
 
+def test_burst_arrives_whole_and_in_order_with_few_socket_reads(broker_url: str) -> None:
+    """The link reads the socket in large pieces (shared.mqtt._BufferedClient): a burst of small and
+    large messages (one over READ_CHUNK, so it spans reads) arrives byte-exact and in order, with fewer
+    socket reads than messages (paho alone makes at least three per message). The 5-chunk message needs
+    more reads than one loop turn allows (READS_PER_LOOP): it is finished in the next turns."""
+    from shared.mqtt import READ_CHUNK
+
+    topic = _topic()
+    sizes = [1, 0, 7, 300, READ_CHUNK + 1234, 5, 70, 5 * READ_CHUNK + 3] + [16 + i % 50 for i in range(400)]
+    payloads = [bytes((i + k) % 256 for k in range(n)) for i, n in enumerate(sizes)]
+    sub = MqttLink(broker_url, f"t-sub-{uuid.uuid4().hex[:8]}", subscriptions=[(topic, 0)])
+    pub = MqttLink(broker_url, f"t-pub-{uuid.uuid4().hex[:8]}")
+    sub.start()
+    pub.start()
+    try:
+        assert sub.wait_connected(10) and pub.wait_connected(10)
+        for p in payloads:
+            pub.publish(topic, p, qos=0)
+        got = [sub.inbox.get(timeout=10).payload for _ in payloads]
+        assert got == payloads
+        reads = sub._client.recv_calls  # type: ignore[attr-defined]
+        assert 0 < reads < len(payloads), reads
+    finally:
+        sub.stop()
+        pub.stop()
+
+
 def test_retained_message_and_final_publish(broker_url: str) -> None:
     topic = _topic()
     pub = MqttLink(broker_url, f"t-pub-{uuid.uuid4().hex[:8]}")
