@@ -231,7 +231,7 @@ class CoordinatorConfig:
         (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
     )
     drift_spike_ratio: float = cfg.field(
-        10.0,
+        15.0,
         "divergence: flag a client whose update's max |g| reaches this x the median |g| of its round's updates "
         "(limited to 1 local step, that update left out of the aggregate); 0 = off",
         (lambda v: v == 0 or v >= 1, "must be 0 (off) or >= 1"),
