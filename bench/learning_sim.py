@@ -100,6 +100,7 @@ class RunResult:
     limited: dict[str, int] = field(default_factory=dict)  # MEERKAT-VP: client -> round it was flagged
     gradip: dict[str, list[float]] = field(default_factory=dict)  # per client, when a monitor ran
     final_loss: float = math.nan
+    spikes: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # per client: (round, max|g| / median)
 
     def to_json(self) -> dict[str, Any]:
         return {"accuracy": self.accuracy, "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
@@ -203,6 +204,7 @@ def run_zo(
         curve.accuracy[-1], curve, fleet.traffic.up, fleet.traffic.down, time.perf_counter() - t0, limited=limited,
         gradip={c: monitor.gradip(c) for c in clients} if monitor is not None else {},
         final_loss=losses[-1] if losses else math.nan,
+        spikes={c: [(st.round, st.ratio) for st in monitor.spikes(c)] for c in clients} if monitor is not None else {},
     )
 
 

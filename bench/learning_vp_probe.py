@@ -1,7 +1,7 @@
 """MEERKAT-VP probe: one federated ZO run with every device's per-step g, loss and GradIP recorded.
 
     python -m bench.learning_vp_probe --size small --task topic --T 10 --budget 200 --lr 1e-2 --seed 0 \
-        --setting extreme --out DIR [--vp]
+        --setting extreme --out DIR [--vp] [--spike-ratio 10]
 
 Why it exists: the extreme split collapses (MEERKAT 0.965 after round 2 -> 0.26 after round 3 on `small`)
 and the detector flags nobody. This records what the coordinator could see (per device per step: g, and
@@ -24,7 +24,7 @@ import torch
 from bench.inproc import SharedModelTrainer
 from bench.learning import LearningConfig, Runner
 from bench.learning_sim import ZOSpec, run_zo
-from coordinator.drift import DriftMonitor
+from coordinator.drift import DriftMonitor, DriftThresholds
 from coordinator.scheduler import round_seeds
 from edge_client.engine.spsa import StepResult
 from shared.prng import Dist, derive_seed
@@ -47,7 +47,7 @@ class RecordingTrainer(SharedModelTrainer):
 
 
 def probe(size: str, task: str, T: int, budget: int, lr: float, seed: int, setting: str, vp: bool,
-          out: Path) -> dict[str, Any]:
+          out: Path, thresholds: DriftThresholds | None = None) -> dict[str, Any]:
     import bench.learning_sim as sim
 
     cfg = LearningConfig(size=size, tasks=(task,), seeds=1, Ts=(T,), budget=budget, lr_sparse=lr)
@@ -57,7 +57,8 @@ def probe(size: str, task: str, T: int, budget: int, lr: float, seed: int, setti
         loaded = runner.loaded("pretrain-grad")
         mask = runner.masks["pretrain-grad"]
         rounds = budget // T
-        spec = ZOSpec(rounds, T, lr, cfg.eps, cfg.batch_size, derive_seed(seed, 100, T), vp=vp, n_evals=rounds)
+        spec = ZOSpec(rounds, T, lr, cfg.eps, cfg.batch_size, derive_seed(seed, 100, T), vp=vp, n_evals=rounds,
+                      thresholds=thresholds)
         RecordingTrainer.log = {}
         aggs: list[list[float]] = []
         orig = sim.SharedModelTrainer  # type: ignore[attr-defined]
@@ -79,7 +80,9 @@ def probe(size: str, task: str, T: int, budget: int, lr: float, seed: int, setti
               "vp": vp, "wall_s": round(wall, 1), "curve": res.curve.accuracy, "curve_rounds": res.curve.rounds,
               "label_counts": data.label_counts, "single_label": sorted(singles), "limited": res.limited,
               "aggregate": aggs, "agg_norm": [math.sqrt(math.fsum(g * g for g in G)) for G in aggs],
-              "gradip": res.gradip,
+              "gradip": res.gradip, "spikes": {c: [[rr, x if math.isfinite(x) else None] for rr, x in v]
+                                                     for c, v in res.spikes.items()},
+              "thresholds": dict(vars(spec.thresholds or DriftThresholds())),
               "steps": steps,
               "threads": torch.get_num_threads()}
     out.mkdir(parents=True, exist_ok=True)
@@ -129,7 +132,11 @@ def per_round(result: dict[str, Any]) -> list[dict[str, Any]]:
                 l0.append((st[0][3] + st[0][4]) / 2)
                 l1.append((st[-1][3] + st[-1][4]) / 2)
                 gi += [abs(x[5]) for x in st]
-            row[name] = {"cos": mean([cos[c] for c in members if c in cos]), "abs_g": mean(g), "max_abs_g": max(g) if g else math.nan, "loss_first": mean(l0),
+            ratios = {c: math.inf if x is None else x for c in members for rr, x in result["spikes"].get(c, [])
+                      if rr == r}
+            top = max(ratios, key=lambda c: ratios[c]) if ratios else None
+            row[name] = {"max_ratio": None if top is None else [top, round(ratios[top], 2)],
+                         "cos": mean([cos[c] for c in members if c in cos]), "abs_g": mean(g), "max_abs_g": max(g) if g else math.nan, "loss_first": mean(l0),
                          "loss_last": mean(l1), "abs_gradip": mean(gi)}
         out.append(row)
     return out
@@ -156,15 +163,19 @@ def main() -> None:
     p.add_argument("--vp", action="store_true")
     p.add_argument("--out", default="vp-probe")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--spike-ratio", type=float, default=DriftThresholds().spike_ratio,
+                   help="MEERKAT-VP divergence threshold (max |g| / round median |g|; 0 = off)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    r = probe(a.size, a.task, a.T, a.budget, a.lr, a.seed, a.setting, a.vp, Path(a.out))
+    r = probe(a.size, a.task, a.T, a.budget, a.lr, a.seed, a.setting, a.vp, Path(a.out),
+              DriftThresholds(spike_ratio=a.spike_ratio))
     from bench.learning_plots import plot_gradip
 
     plot_gradip([as_run_row(r)], Path(a.out) / "gradip.png", window=a.T)
     for row in per_round(r):
         print(json.dumps(row))
     print(json.dumps({k: r[k] for k in ("curve", "single_label", "limited", "wall_s")}))
+    print(json.dumps({"spikes": {c: [x for _, x in v] for c, v in r["spikes"].items()}}))
 
 
 if __name__ == "__main__":

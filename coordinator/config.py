@@ -248,6 +248,17 @@ class CoordinatorConfig:
         "flag when rho_quie (share of quiet steps in the late window) reaches this (decayed, not just noisy)",
         (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
     )
+    drift_spike_ratio: float = cfg.field(
+        15.0,
+        "divergence: flag a client whose update's max |g| reaches this x the median |g| of its round's updates "
+        "(limited to 1 local step, that update left out of the aggregate); 0 = off",
+        (lambda v: v == 0 or v >= 1, "must be 0 (off) or >= 1"),
+    )
+    drift_spike_min_updates: int = cfg.field(
+        3,
+        "updates a round needs before the spike rule applies (the median of fewer says little)",
+        (lambda v: v >= 2, "must be >= 2"),
+    )
     # -- history --------------------------------------------------------------------------------
     checkpoint_every: int = cfg.field(
         10, "write a sparse values checkpoint every K rounds", (lambda v: v >= 1, "must be >= 1")
@@ -300,6 +311,8 @@ class CoordinatorConfig:
             self.drift_later_min,
             self.drift_quiet_ratio,
             self.drift_quie_min,
+            self.drift_spike_ratio,
+            self.drift_spike_min_updates,
         )
 
     def validate(self) -> list[str]:

@@ -24,11 +24,30 @@ In the coordinator the monitor owns c_t: `compute_gradip` gives the values store
 logged GradIP and the flags from SQLite (`restore_limited`). It keeps only each client's first and last
 window (`keep_history=False`): O(window) per observation however long the run.
 
-Default thresholds come from synthetic sequences (tests/learning/test_drift.py), NOT from real runs: on
-the tiny models they flag nobody where it matters. `meerkat bench learning` on `small` (BENCHMARKS.md,
-"MEERKAT-VP: why the extreme split collapses") shows the harmful devices' GradIP GROWING (local
-divergence at too large an lr), not decaying, so a decay detector cannot catch them; only a device whose
-label the model already predicts decays. Override the thresholds for another model/task.
+Divergence (the second rule; BENCHMARKS.md "MEERKAT-VP: a divergence detector"). On real data the
+devices that hurt the fleet do not decay: one diverges inside its own T local steps (too large lr x T for
+where the aggregate put the model) and its |g| spikes while everyone else's stays put. When a round
+closes, over the updates it would aggregate (at least spike_min_updates of them):
+
+    m_r        = median |g_{j,t}| over every local step t of every update j of round r
+    ratio_{k,r} = max_t |g_{k,t}| / m_r
+
+ratio >= spike_ratio flags client k (sticky, `steps_for` -> 1, as for decay) and its update is left out
+of round r's aggregate (RoundBook._check_spikes; left out also when k was limited already; a round whose
+every update spiked keeps them all). GradIP = g x c(seed) with c the same for every device of a round,
+so this is the GradIP ratio up to c_t's spread over the steps: |g| is used directly. The median is the
+round's own, so a fleet-wide rise (everyone overshooting together) flags nobody: only outliers.
+Limitation: when most updates of a round decayed (a majority of single-label devices at ~0 |g|), the
+median is theirs and an ordinary device can look like a spike.
+
+Defaults. The decay rule's come from synthetic sequences (tests/learning/test_drift.py), NOT from real
+runs: on the tiny models they flag nobody where it matters (BENCHMARKS.md, "MEERKAT-VP: why the extreme
+split collapses": the harmful devices' |g| GROWS). spike_ratio = 15 was chosen on tuning seed 100 only
+(`small`, topic, T = 10, budget 100, extreme and Dirichlet, lr 1e-2 and 5e-3; BENCHMARKS.md "MEERKAT-VP:
+a divergence detector"): updates of rounds before any device diverged reached at most 9.8x, the first
+diverging device 29.7x (extreme) and 39.1x (Dirichlet); 15 lies between (geometric mean of 9.8 and 29.7:
+17). What it does on held-out seeds, and what it does not fix (at lr 1e-2 the whole fleet diverges a few
+rounds later), is in the same section. Override the thresholds for another model/task.
 """
 
 from __future__ import annotations
@@ -36,15 +55,19 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
+import numpy as np
 import torch
 
 from shared.prng import DISTS, Dist, directions
 
 log = logging.getLogger(__name__)
 
+Reason = Literal["decay", "spike"]
+LATE_ROUNDS = 64  # observe_round remembers this many round numbers (a round closes once; replays are ignored)
 COEF_CACHE = 4096  # cached c_t values (seeds are fresh every round: only recent rounds are ever looked up)
 
 
@@ -57,6 +80,9 @@ class DriftThresholds:
     later_min: float = 3.0  # rho_later must reach this (early magnitude / late magnitude)
     quiet_ratio: float = 0.25  # a step is quiet when |GradIP| < quiet_ratio * early mean
     quie_min: float = 0.6  # share of quiet steps in the late window needed to flag
+    # divergence (the module doc, "Divergence"): max |g| of an update / median |g| of its round's updates
+    spike_ratio: float = 15.0  # flag (and leave out of that round's aggregate) at this ratio; 0 = off
+    spike_min_updates: int = 3  # updates a round needs before its median means anything
 
     def __post_init__(self) -> None:
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
@@ -69,7 +95,20 @@ class DriftThresholds:
             raise ValueError(
                 f"DriftThresholds.min_steps: expected an int >= 2 * window = {2 * self.window}, got {self.min_steps!r}"
             )
-        for name, lo, hi in (("later_min", 1.0, math.inf), ("quiet_ratio", 0.0, 1.0), ("quie_min", 0.0, 1.0)):
+        if (
+            isinstance(self.spike_min_updates, bool)
+            or not isinstance(self.spike_min_updates, int)
+            or self.spike_min_updates < 2
+        ):
+            raise ValueError(
+                f"DriftThresholds.spike_min_updates: expected an int >= 2, got {self.spike_min_updates!r}"
+            )
+        for name, lo, hi in (
+            ("later_min", 1.0, math.inf),
+            ("quiet_ratio", 0.0, 1.0),
+            ("quie_min", 0.0, 1.0),
+            ("spike_ratio", 0.0, math.inf),
+        ):
             v = getattr(self, name)
             if (
                 isinstance(v, bool)
@@ -80,6 +119,8 @@ class DriftThresholds:
                 raise ValueError(
                     f"DriftThresholds.{name}: expected a finite number in [{lo}, {hi}], got {v!r}"
                 )
+        if 0 < self.spike_ratio < 1:
+            raise ValueError(f"DriftThresholds.spike_ratio: expected 0 (off) or >= 1, got {self.spike_ratio!r}")
 
 
 @dataclass(frozen=True)
@@ -116,6 +157,38 @@ def drift_stats(
     rho_quie = quiet / w
     flagged = n >= th.min_steps and rho_later >= th.later_min and rho_quie >= th.quie_min
     return DriftStats(n, early, late, rho_later, rho_quie, flagged)
+
+
+@dataclass(frozen=True)
+class SpikeStats:
+    """One update's divergence statistic: its largest |g| against the median |g| of its round."""
+
+    round: int
+    peak: float  # max |g_t| over the update's local steps
+    median: float  # median |g| over every local step of every update of the round
+    ratio: float  # peak / median (inf when the median is 0 and the peak is not)
+    flagged: bool
+
+
+def spike_stats(round: int, updates: Mapping[str, Sequence[float]], th: DriftThresholds) -> dict[str, SpikeStats]:
+    """Per client: peak |g| / the round's median |g|; {} when fewer than th.spike_min_updates updates
+    (or no grads) came in. `flagged` when spike_ratio > 0 and ratio >= spike_ratio."""
+    if len(updates) < th.spike_min_updates:
+        return {}
+    mags = np.abs(np.concatenate([np.asarray(g, dtype=np.float64) for g in updates.values()]))  # (sum T_k,)
+    if mags.size == 0:
+        return {}
+    median = float(np.median(mags))
+    out = {}
+    for client in sorted(updates):
+        g = updates[client]
+        peak = max((abs(float(x)) for x in g), default=0.0)
+        if median > 0:
+            ratio = peak / median
+        else:
+            ratio = math.inf if peak > 0 else 0.0
+        out[client] = SpikeStats(int(round), peak, median, ratio, th.spike_ratio > 0 and ratio >= th.spike_ratio)
+    return out
 
 
 class _History:
@@ -176,6 +249,9 @@ class DriftMonitor:
         self._hist: dict[str, _History] = {}
         self._seen: dict[int, set[str]] = {}  # round -> clients observed in it (dedupe; forget_before drops rounds)
         self._limited: dict[str, int] = {}  # client -> round in which it was flagged
+        self._reason: dict[str, Reason] = {}  # client -> why (not persisted: restored flags have none)
+        self._spikes: dict[str, list[SpikeStats]] = {}  # client -> its spike statistics (last one unless keep_history)
+        self._spike_rounds: deque[int] = deque(maxlen=LATE_ROUNDS)  # rounds observed by observe_round (dedupe)
 
     @classmethod
     def from_mask(
@@ -249,9 +325,45 @@ class DriftMonitor:
         if st is None or not st.flagged:
             return None
         self._limited[client] = int(round)
+        self._reason[client] = "decay"
         log.debug("drift: client %s flagged in round %d (rho_later %.3g, rho_quie %.2f, %d steps)",
                   client, round, st.rho_later, st.rho_quie, st.n_steps)  # fmt: skip
         return st
+
+    def observe_round(self, round: int, updates: Mapping[str, Sequence[float]]) -> dict[str, SpikeStats]:
+        """The divergence check of one closing round: `updates` = client -> its grads g_1..g_Tk (the
+        updates the round would aggregate). Records every client's SpikeStats and flags (sticky, like the
+        decay rule) each client whose ratio reaches spike_ratio; returns the statistics of the flagged
+        updates, already-limited clients included (the caller leaves all of them out of the aggregate).
+        A second call for the same round returns {} and changes nothing."""
+        if int(round) in self._spike_rounds:
+            log.debug("drift: round %d already checked for spikes; ignored", round)
+            return {}
+        self._spike_rounds.append(int(round))
+        stats = spike_stats(round, updates, self.thresholds)
+        out = {}
+        for client, st in stats.items():
+            hist = self._spikes.setdefault(client, [])
+            if not self.keep_history:
+                hist.clear()
+            hist.append(st)
+            if not st.flagged:
+                continue
+            out[client] = st
+            if client not in self._limited:
+                self._limited[client] = int(round)
+                self._reason[client] = "spike"
+                log.debug("drift: client %s flagged in round %d (max |g| %.3g = %.1fx the round median %.3g)",
+                          client, round, st.peak, st.ratio, st.median)  # fmt: skip
+        return out
+
+    def spikes(self, client: str) -> list[SpikeStats]:
+        """The client's SpikeStats per checked round, oldest first (without keep_history: the last one)."""
+        return list(self._spikes.get(client, ()))
+
+    def reason(self, client: str) -> Reason | None:
+        """Why `client` is limited in this process ("decay" | "spike"); None when not, or restored."""
+        return self._reason.get(client)
 
     def restore_limited(self, client: str, round: int) -> None:
         """Mark `client` limited since `round` (a flag persisted before a restart; flags are sticky)."""
@@ -299,4 +411,4 @@ class DriftMonitor:
         return sorted(self._hist)
 
 
-__all__ = ["DriftMonitor", "DriftStats", "DriftThresholds", "drift_stats"]
+__all__ = ["DriftMonitor", "DriftStats", "DriftThresholds", "SpikeStats", "drift_stats", "spike_stats"]

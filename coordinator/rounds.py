@@ -661,7 +661,12 @@ class RoundBook:
             raise RuntimeError("close_round: no round is open")
         if not self.accepted:
             raise RuntimeError(f"close_round: round {plan.round} has no update")
-        ups = [self.accepted[k] for k in sorted(self.accepted)]
+        reported = [self.accepted[k] for k in sorted(self.accepted)]
+        acts: list[Action] = []
+        ups = reported
+        if self.drift is not None:
+            drift_acts, ups = self._check_spikes(plan.round, reported, now)
+            acts += drift_acts
         late = self._late_to_fold(len(plan.seeds)) if c.straggler == "next" else []
         on_time = Group(plan.seeds, {u.client: u.grads for u in ups}, {u.client: u.n_samples for u in ups})
         groups = [
@@ -681,13 +686,13 @@ class RoundBook:
         for u in late:
             del self.late[(u.client, u.round)]
         self.plans[plan.round] = replace(plan, state="closed")
-        benched = self._count_misses(plan, {u.client for u in ups})
+        benched = self._count_misses(plan, {u.client for u in reported})
         self.results.append(row)
         self._forget_before(plan.round + 1 - LATE_WINDOW)
         loss = math.fsum(u.loss for u in ups) / len(ups)
         log.info("round %d closed (%s): %d updates, %d late, mean loss %.4f, checksum %s", plan.round, why, len(ups),
                  len(late), loss, checksum[:12])  # fmt: skip
-        acts: list[Action] = [
+        acts += [
             Persist(ResultRecord(row, used)),
             Persist(EventRecord("close", f"{why}; {len(ups)} updates + {len(late)} late", plan.round, now)),
             *(Persist(EventRecord("bench", f"{k}: sampled and silent {self.config.bench_after_misses} rounds in a "
@@ -788,12 +793,42 @@ class RoundBook:
             acts += self._limit(client, round, flagged, now)
         return acts
 
-    def _limit(self, client: str, round: int, st: DriftStats, now: float) -> list[Action]:
-        """The log line, event and durable flag of one MEERKAT-VP decision."""
+    def _check_spikes(self, round: int, ups: list[UpdateRow], now: float) -> tuple[list[Action], list[UpdateRow]]:
+        """The divergence rule at close: an update whose max |g| is spike_ratio x the round's median |g| flags
+        its client (1 local step from the next plan, sticky) and is left out of this round's aggregate (it
+        stays `accepted` in the log with no used_in). Acts only with drift_control; a round where every
+        update spiked keeps them all (no outlier to leave out)."""
+        assert self.drift is not None
+        was = self.drift.limited()
+        spiked = self.drift.observe_round(round, {u.client: u.grads for u in ups})
+        if not spiked or not self.drift_on:
+            return [], ups
+        keep = [u for u in ups if u.client not in spiked]
+        if not keep:
+            log.warning("round %d: every update spiked (%d): none left out", round, len(ups))
+            keep = ups
+        acts: list[Action] = []
+        for client in sorted(spiked):
+            st = spiked[client]
+            left_out = len(keep) < len(ups)
+            detail = (f"client={client} max_abs_g={st.peak:.4g} ratio={st.ratio:.3g} median={st.median:.4g} "
+                      f"left_out={str(left_out).lower()}")  # fmt: skip
+            if client not in was:
+                acts += self._limit(client, round, f"{detail} reason=spike", now)
+            else:
+                log.info("drift_spike %s (already limited)", detail)
+                acts.append(Persist(EventRecord("drift_spike", detail, round, now)))
+        return acts, keep
+
+    def _decay_detail(self, st: DriftStats) -> str:
+        return f"rho_later={st.rho_later:.3g} rho_quie={st.rho_quie:.2f} n_steps={st.n_steps} reason=decay"
+
+    def _limit(self, client: str, round: int, why: str | DriftStats, now: float) -> list[Action]:
+        """The log line, event and durable flag of one MEERKAT-VP decision (`why`: the decay statistics or
+        the text of the spike rule)."""
         nxt = self.last_round + (2 if self.plan is not None else 1)  # the next plan not yet published
-        detail = (
-            f"client={client} steps=1 from_round={nxt} rho_later={st.rho_later:.3g} "
-            f"rho_quie={st.rho_quie:.2f} n_steps={st.n_steps}"
+        detail = f"client={client} steps=1 from_round={nxt} " + (
+            self._decay_detail(why) if isinstance(why, DriftStats) else why
         )
         log.info("drift_limit %s", detail)
         return [Persist(LimitRecord(client, round, now)), Persist(EventRecord("drift_limit", detail, round, now))]

@@ -323,3 +323,27 @@ def test_join_with_another_quant_is_refused_unless_the_fleet_mixes(policy: str) 
     assert err.code == ErrorCode.QUANT_MISMATCH == 41 and "int8" in err.reason and "nf4" in err.reason
     assert "q8" not in b.clients or b.clients["q8"].state != "joined"
     assert records(int8, RejectRecord)[0].reason == "quant"
+
+
+@pytest.mark.parametrize("control", [True, False])
+def test_vp_spike_leaves_the_update_out_and_limits_the_client(control: bool) -> None:
+    cfg = config(min_clients=4, drift_control=control, drift_spike_ratio=10.0)
+    grad = torch.from_numpy(((raw_u64(5, NNZ) >> 40).astype("float64") / 2**24 - 0.5).astype("float32"))
+    b = book(cfg, drift=DriftMonitor(grad, "rademacher", cfg.drift_thresholds()))
+    grads = {"a": [1.0, -1.0], "b": [-1.0, 2.0], "c": [1.0, 1.0], "d": [1.0, -30.0]}  # d: 30x the median 1.0
+    for k in grads:
+        join(b, k, 10)
+    (plan,) = sent(b.tick(0.0), RoundPlan)
+    for k, g in grads.items():
+        b.handle(update(k, 0, g, 10), 0.0)
+    acts = b.tick(0.0)
+    (res,) = sent(acts, RoundResult)
+    kept = [k for k in sorted(grads) if not control or k != "d"]
+    expect = fedavg_scalars({k: grads[k] for k in kept}, {k: 10 for k in kept}, 2)
+    assert res.n_clients == len(kept) and list(res.scalars) == pytest.approx(list(expect), rel=1e-12)
+    assert [(x.client, x.round) for x in records(acts, LimitRecord)] == ([("d", 0)] if control else [])
+    (used,) = [r.used for r in records(acts, ResultRecord)]
+    assert [c for c, _, _ in used] == kept  # d's update stays `accepted`, used by no result
+    (p1,) = sent(b.tick(1.0), RoundPlan)
+    assert p1.steps == {"a": 2, "b": 2, "c": 2, "d": 1 if control else 2}
+    assert b.misses == {}  # a left-out update still counts as the client's answer

@@ -1,4 +1,5 @@
-"""MEERKAT-VP drift monitor: c_t is the dense inner product, decaying GradIP gets flagged, oscillating not."""
+"""MEERKAT-VP drift monitor: c_t is the dense inner product, decaying GradIP gets flagged, oscillating not;
+a device whose |g| spikes far above its round's median gets flagged, ordinary round-to-round noise not."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from coordinator.drift import DriftMonitor, DriftThresholds, drift_stats
+from coordinator.drift import DriftMonitor, DriftThresholds, drift_stats, spike_stats
 from shared.prng import derive_seed, directions, raw_u64
 
 
@@ -101,3 +102,55 @@ def test_flag_is_sticky_and_bad_input_raises() -> None:
         DriftThresholds(window=10, min_steps=5)
     with pytest.raises(ValueError, match="no mean pre-training gradient"):
         DriftMonitor.from_mask(object())
+
+
+def _fleet_round(r: int, T: int, n: int, seed: int, scale: float = 1.0) -> dict[str, list[float]]:
+    """n clients' grads of round r: |g| in [0.5, 1.5) x scale with alternating signs (a fleet's spread)."""
+    u = raw_u64(derive_seed(seed, r), n * T).astype(np.float64) / 2.0**64
+    return {f"c{k}": [(1 if t % 2 else -1) * (0.5 + u[k * T + t]) * scale for t in range(T)] for k in range(n)}
+
+
+def test_spike_ratio_is_peak_over_the_round_median() -> None:
+    th = DriftThresholds(spike_ratio=10.0, spike_min_updates=3)
+    ups = {"a": [1.0, -2.0], "b": [0.5, 1.0], "c": [-1.0, 1.0], "d": [3.0, -40.0]}
+    st = spike_stats(4, ups, th)
+    assert st["d"].median == 1.0 and st["d"].peak == 40.0 and st["d"].ratio == 40.0 and st["d"].round == 4
+    assert st["a"].ratio == 2.0 and [c for c, s in st.items() if s.flagged] == ["d"]
+    assert spike_stats(4, {"a": [1.0], "d": [40.0]}, th) == {}  # 2 updates < spike_min_updates
+    assert not spike_stats(4, ups, DriftThresholds(spike_ratio=0.0))["d"].flagged  # 0 = off
+    zero = spike_stats(0, {"a": [0.0], "b": [0.0], "c": [0.0, 0.0], "d": [1e-9]}, th)
+    assert math.isinf(zero["d"].ratio) and zero["d"].flagged and zero["a"].ratio == 0.0 and not zero["a"].flagged
+
+
+def test_spike_flags_only_the_diverging_client_and_is_sticky() -> None:
+    mon = DriftMonitor(_grad(500), thresholds=DriftThresholds(spike_ratio=10.0))
+    T, n = 10, 10
+    for r in range(3):  # a fleet whose scale drifts over rounds (x4): the ratio is per round, nobody spikes
+        assert mon.observe_round(r, _fleet_round(r, T, n, 1, scale=4.0**r)) == {}
+    ups = _fleet_round(3, T, n, 1)
+    ups["c3"] = [g * (20.0 if t >= 6 else 1.0) for t, g in enumerate(ups["c3"])]  # diverges in its last steps
+    flagged = mon.observe_round(3, ups)
+    assert list(flagged) == ["c3"] and flagged["c3"].ratio > 10.0
+    assert mon.limited() == {"c3"} and mon.flagged_round("c3") == 3 and mon.reason("c3") == "spike"
+    assert mon.steps_for("c3", T) == 1 and mon.steps_for("c0", T) == T
+    assert mon.observe_round(3, ups) == {}  # the same round again: ignored
+    assert [s.round for s in mon.spikes("c3")] == [0, 1, 2, 3]
+    calm = _fleet_round(4, T, n, 1)
+    calm["c3"] = [calm["c3"][0]]  # limited: one step, an ordinary one
+    assert mon.observe_round(4, calm) == {} and mon.limited() == {"c3"}  # sticky
+    ups5 = _fleet_round(5, T, n, 1)
+    ups5["c3"] = [50.0]
+    assert list(mon.observe_round(5, ups5)) == ["c3"] and mon.flagged_round("c3") == 3  # still reported, not re-flagged
+    compact = DriftMonitor(_grad(500), keep_history=False)
+    for r in range(3):
+        compact.observe_round(r, _fleet_round(r, T, n, 1))
+    assert [s.round for s in compact.spikes("c0")] == [2]
+
+
+def test_spike_thresholds_are_validated() -> None:
+    with pytest.raises(ValueError, match="spike_ratio"):
+        DriftThresholds(spike_ratio=0.5)
+    with pytest.raises(ValueError, match="spike_ratio"):
+        DriftThresholds(spike_ratio=math.inf)
+    with pytest.raises(ValueError, match="spike_min_updates"):
+        DriftThresholds(spike_min_updates=1)
