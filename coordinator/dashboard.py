@@ -196,11 +196,13 @@ def render_json(view: FleetView, bytes_up: float | None = None, bytes_down: floa
     })  # fmt: skip
 
 
-def pages(state_dir: Path, totals: Callable[[], tuple[float, float]] | None = None) -> Callable[[str], tuple[bytes, str]]:
-    """The metrics server's page callback: path -> (body, content type)."""
+def pages(
+    state_dir: Path, totals: Callable[[], tuple[float, float]] | None = None, event_log: str = "sqlite"
+) -> Callable[[str], tuple[bytes, str]]:
+    """The metrics server's page callback: path -> (body, content type); `event_log` as the config key."""
 
     def serve(path: str) -> tuple[bytes, str]:
-        view = fleet_view(state_dir, time.time())
+        view = fleet_view(state_dir, time.time(), event_log=event_log)
         up, down = totals() if totals is not None else (None, None)
         if path == "/dashboard.json":
             return render_json(view, up, down).encode(), "application/json"

@@ -719,7 +719,8 @@ class EventLog:
     def add_eval(self, source: str, round: int, loss: float, accuracy: float | None, n: int, now: float) -> None:
         self._need_tx()
         self.db.execute(
-            "INSERT OR IGNORE INTO evals(source, round, loss, accuracy, n, ts) VALUES (?,?,?,?,?,?)",
+            "INSERT INTO evals(source, round, loss, accuracy, n, ts) VALUES (?,?,?,?,?,?) "
+            "ON CONFLICT(source, round) DO NOTHING",  # the first evaluation of a (source, round) stays
             (source, round, loss, accuracy, n, now),
         )
 

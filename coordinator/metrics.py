@@ -88,9 +88,10 @@ class Metrics:
         )  # fmt: skip
         self.current_round.set(-1)
 
-    def watch_fleet(self, state_dir: Path, per_device: bool) -> None:
-        """Also export the event log's fleet snapshot (devices, quality) on every scrape."""
-        self.registry.register(FleetCollector(state_dir, per_device))
+    def watch_fleet(self, state_dir: Path, per_device: bool, event_log: str = "sqlite") -> None:
+        """Also export the event log's fleet snapshot (devices, quality) on every scrape (`event_log`: the
+        config key, so a PostgreSQL log is read where it is)."""
+        self.registry.register(FleetCollector(state_dir, per_device, event_log))
 
     def bytes_totals(self) -> tuple[float, float]:
         """(bytes received, bytes sent) so far, all kinds."""
@@ -126,9 +127,10 @@ DEVICE_GAUGES: tuple[tuple[str, str, str], ...] = (
 class FleetCollector(Collector):
     """Reads the event log (read-only, one connection per scrape) and yields device + quality gauges."""
 
-    def __init__(self, state_dir: Path, per_device: bool) -> None:
+    def __init__(self, state_dir: Path, per_device: bool, event_log: str = "sqlite") -> None:
         self.state_dir = state_dir
         self.per_device = per_device
+        self.event_log = event_log
 
     def describe(self) -> Iterator[GaugeMetricFamily]:
         """The names it yields, without reading the log: a `?name[]=` scrape that asks for none of them
@@ -139,7 +141,7 @@ class FleetCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         try:
-            view = fleet_view(self.state_dir, time.time())
+            view = fleet_view(self.state_dir, time.time(), event_log=self.event_log)
         except Exception:  # a scrape must never break /metrics; the counters above still answer
             log.debug("metrics: fleet snapshot failed", exc_info=True)
             return

@@ -226,8 +226,8 @@ class Coordinator:
             link.start()
         self.link = link
         if c.metrics:
-            self.metrics.watch_fleet(self.state_dir, c.metrics_per_device)
-            pages = dashboard_pages(self.state_dir, self.metrics.bytes_totals) if c.dashboard else None
+            self.metrics.watch_fleet(self.state_dir, c.metrics_per_device, c.event_log)
+            pages = dashboard_pages(self.state_dir, self.metrics.bytes_totals, c.event_log) if c.dashboard else None
             self.metrics_server = MetricsServer(self.metrics, c.metrics_host, c.metrics_port, c.metrics_token, pages=pages)
             self.metrics_server.start()
         self._carry_out(self.book.start(self.clock()))

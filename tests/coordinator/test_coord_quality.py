@@ -38,8 +38,8 @@ def _hb(client: str, eval_round: int | None, loss: float | None, now: float) -> 
     return HeartbeatRecord(client, {k: v for k, v in h.__dict__.items() if k != "client"}, now)
 
 
-def _fill(state: Path, now: float) -> None:
-    log = EventLog(state)
+def _fill(state: Path, now: float, event_log: str = "sqlite") -> None:
+    log = EventLog(state, event_log=event_log)
     with log.transaction():
         log.set_meta("fleet", "f1")
         for c in ("dev-a", "dev-b"):
@@ -82,12 +82,13 @@ def test_evals_curves_and_trend(tmp_path: Path) -> None:
     assert "eval loss (devices)" in text and "-> round 2: 2.2000 (down)" in text
 
 
-def test_metrics_dashboard_routes_and_token(tmp_path: Path) -> None:
+def test_metrics_dashboard_routes_and_token(tmp_path: Path, event_log: str) -> None:
+    """On both event-log backends: the fleet gauges and the dashboard read the log the config names."""
     now = 1_000_000.0
-    _fill(tmp_path, now)
+    _fill(tmp_path, now, event_log)
     m = Metrics()
-    m.watch_fleet(tmp_path, per_device=True)
-    server = MetricsServer(m, "127.0.0.1", 0, token="s3cret", pages=pages(tmp_path))
+    m.watch_fleet(tmp_path, per_device=True, event_log=event_log)
+    server = MetricsServer(m, "127.0.0.1", 0, token="s3cret", pages=pages(tmp_path, event_log=event_log))
     server.start()
     base = f"http://127.0.0.1:{server.port}"
 
@@ -116,7 +117,7 @@ def test_metrics_dashboard_routes_and_token(tmp_path: Path) -> None:
     finally:
         server.stop()
     off = Metrics()
-    off.watch_fleet(tmp_path, per_device=False)  # large fleets: no per-device series, quality stays
+    off.watch_fleet(tmp_path, per_device=False, event_log=event_log)  # large fleets: no per-device series, quality stays
     names = {f.name for f in text_string_to_metric_families(off.render().decode())}
     assert "meerkat_eval_loss" in names and not any(n.startswith("meerkat_device_") for n in names)
 
