@@ -22,6 +22,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import chain
+from operator import mul
 
 import numpy as np
 
@@ -96,9 +98,20 @@ def aggregate(
 
 
 def _weighted(group: Group, grads: Mapping[str, Sequence[float]], N: float, T: int) -> list[float]:
-    """G_t = fsum over the group's clients with T_k > t of (n_k / N) * g_{k,t}, t = 0..T-1."""
+    """G_t = fsum over the group's clients with T_k > t of (n_k / N) * g_{k,t}, t = 0..T-1.
+
+    The clients that ran all T steps (all of them unless MEERKAT-VP limited some) go column by column
+    through zip / map(mul) in C: the same Python float products, and fsum is correctly rounded whatever
+    the order of its terms (10,000 updates at a close: ~25 -> ~8 ms)."""
     w = {k: float(group.n_samples[k]) / N for k in grads}
-    return [math.fsum(w[k] * gs[t] for k, gs in grads.items() if len(gs) > t) for t in range(T)]
+    full = [k for k, gs in grads.items() if len(gs) == T]
+    short = [(w[k], gs) for k, gs in grads.items() if len(gs) != T]
+    w_full = [w[k] for k in full]
+    cols = zip(*(grads[k] for k in full), strict=True) if full else iter([()] * T)  # column t: g_{k,t}, k in full
+    return [
+        math.fsum(chain(map(mul, w_full, col), (wk * gs[t] for wk, gs in short if len(gs) > t)))
+        for t, col in zip(range(T), cols, strict=True)
+    ]
 
 
 def result_scalars(

@@ -61,7 +61,7 @@ def check_update(u: Update, plan: PlanRow | None, fp_tag: int, max_abs_grad: flo
     want = plan.steps[u.client]
     if len(u.grads) != want:
         return Reject("wrong_steps", ErrorCode.BAD_UPDATE, f"{len(u.grads)} grads, the plan asked for {want}")
-    big = max(abs(g) for g in u.grads)
+    big = max(map(abs, u.grads))  # grads: floats (shared.messages.Update)
     if big > max_abs_grad:  # the caller's cap: the fixed max_abs_grad or the fleet's adaptive one (rounds.py)
         return Reject("grad_too_large", ErrorCode.BAD_UPDATE, f"|g| = {big:.3g} > the cap {max_abs_grad:.3g}")
     if u.n_samples <= 0:

@@ -511,7 +511,7 @@ class RoundBook:
         return acts
 
     def _remember_grads(self, grads: Sequence[float]) -> None:
-        self.grad_hist.push([abs(float(g)) for g in grads])
+        self.grad_hist.push(tuple(map(abs, grads)))  # grads: floats (Update checked them), so abs = |float|
         self.grad_seen += 1
         self._grad_cap = None
 

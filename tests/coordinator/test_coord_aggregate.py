@@ -88,6 +88,23 @@ def test_result_scalars_late_fold_is_one_fsum_per_scalar() -> None:
     assert gc == [math.fsum([3 / N * 0.1, 5 / N * 0.3]), 3 / N * 0.7, 8 / N * 1.0]
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_result_scalars_fedavg_is_the_formula_bit_for_bit(seed: int) -> None:
+    """The column-wise fast path (clients with all T steps) and the limited clients (T_k < T) together give
+    exactly the formula's fsum per scalar, whatever the mix (none, some or all limited; one client)."""
+    T = 7
+    for case, n in enumerate((1, 3, 40)):
+        steps = [[T] * n, [T if i % 3 else 1 for i in range(n)], [1 + i % (T - 1) for i in range(n)]]
+        for kind, ts in enumerate(steps):
+            ks = [f"c{(i * 13) % n:02d}" for i in range(n)]
+            grads = {k: _grads(derive_seed(seed, case, kind, i), t) for i, (k, t) in enumerate(zip(ks, ts, strict=True))}
+            ns = {k: 1 + int(raw_u64(derive_seed(seed, case, kind, i, 1), 1)[0] % 500) for i, k in enumerate(ks)}
+            N = math.fsum(float(v) for v in ns.values())
+            want = [math.fsum(ns[k] / N * gs[t] for k, gs in grads.items() if len(gs) > t) for t in range(T)]
+            got = result_scalars("fedavg", Group(tuple(range(T)), grads, ns))[1]
+            assert [x.hex() for x in got] == [x.hex() for x in want]
+
+
 def test_sampling_is_deterministic_and_from_prng() -> None:
     pool = [f"c{i:02d}" for i in range(20)]
     s1 = sample_clients(pool, 5, 42, 3)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from coordinator.drift import DriftMonitor, DriftThresholds, drift_stats, spike_stats
+from coordinator.drift import DriftMonitor, DriftThresholds, SpikeStats, drift_stats, spike_stats
 from shared.prng import derive_seed, directions, raw_u64
 
 
@@ -120,6 +120,43 @@ def test_spike_ratio_is_peak_over_the_round_median() -> None:
     assert not spike_stats(4, ups, DriftThresholds(spike_ratio=0.0))["d"].flagged  # 0 = off
     zero = spike_stats(0, {"a": [0.0], "b": [0.0], "c": [0.0, 0.0], "d": [1e-9]}, th)
     assert math.isinf(zero["d"].ratio) and zero["d"].flagged and zero["a"].ratio == 0.0 and not zero["a"].flagged
+
+
+def _spike_stats_loop(round: int, updates: dict[str, list[float]], th: DriftThresholds) -> dict[str, SpikeStats]:
+    """The per-client definition (the module doc's ratio_{k,r}), written as a plain loop."""
+    if len(updates) < th.spike_min_updates:
+        return {}
+    mags = np.abs(np.concatenate([np.asarray(g, dtype=np.float64) for g in updates.values()]))
+    if mags.size == 0:
+        return {}
+    median = float(np.median(mags))
+    out = {}
+    for client in sorted(updates):
+        peak = max((abs(float(x)) for x in updates[client]), default=0.0)
+        ratio = peak / median if median > 0 else (math.inf if peak > 0 else 0.0)
+        out[client] = SpikeStats(round, peak, median, ratio, th.spike_ratio > 0 and ratio >= th.spike_ratio)
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_spike_stats_equals_the_per_client_loop(seed: int) -> None:
+    """The one-pass numpy version gives exactly the loop's values: mixed T_k (limited clients send 1 grad,
+    one update none), ties, zeros, odd and even value counts, unsorted client ids."""
+    u = raw_u64(derive_seed(seed, 5), 4000).astype(np.float64) / 2.0**64 - 0.5
+    ups: dict[str, list[float]] = {}
+    i = 0
+    for k in range(300):
+        T = [10, 1, 3][k % 3] if k != 7 else 0
+        ups[f"c{(k * 37) % 300:03d}"] = [float(x) * (1e3 if k == 11 else 1.0) for x in u[i : i + T]]
+        i += T
+    ups["c000"] = [0.0, -0.0, 0.25, -0.25]
+    ups["c001"] = [0.25]
+    for th in (DriftThresholds(), DriftThresholds(spike_ratio=0.0), DriftThresholds(spike_ratio=2.0)):
+        assert spike_stats(9, ups, th) == _spike_stats_loop(9, ups, th)
+        odd = dict(list(ups.items())[:-1])
+        assert spike_stats(9, odd, th) == _spike_stats_loop(9, odd, th)
+    zeros = {"a": [0.0], "b": [], "c": [0.0, 0.0], "d": [1e-9]}
+    assert spike_stats(0, zeros, DriftThresholds()) == _spike_stats_loop(0, zeros, DriftThresholds())
 
 
 def test_spike_flags_only_the_diverging_client_and_is_sticky() -> None:
