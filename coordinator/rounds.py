@@ -823,8 +823,11 @@ class RoundBook:
     def _check_fleet_decay(self, round: int, ups: list[UpdateRow], now: float) -> list[Action]:
         """The fleet-relative decay rule at close (drift_decay_rule = "fleet"): a client whose rho_later is
         drift_fleet_ratio x the median of the round's clients is flagged (1 local step from the next plan,
-        sticky); its update stays in this round's aggregate. Acts only with drift_control."""
+        sticky); its update stays in this round's aggregate. Acts only with drift_control; not computed
+        under another decay_rule."""
         assert self.drift is not None
+        if self.drift.thresholds.decay_rule != "fleet":
+            return []  # O(clients x window) per close: only when the rule is on
         flagged = self.drift.observe_fleet(round, [u.client for u in ups])
         acts: list[Action] = []
         for client in sorted(flagged) if self.drift_on else ():
