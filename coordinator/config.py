@@ -23,6 +23,7 @@ SECTION = "coordinator"
 
 Aggregation = Literal["fedavg", "clipped", "median", "trimmed"]
 Straggler = Literal["next", "drop"]
+DecayRule = Literal["off", "fleet", "absolute"]  # = coordinator.drift.DecayRule (kept here: no torch at config load)
 
 
 def _is_id(v: str) -> bool:
@@ -259,6 +260,23 @@ class CoordinatorConfig:
         "updates a round needs before the spike rule applies (the median of fewer says little)",
         (lambda v: v >= 2, "must be >= 2"),
     )
+    drift_decay_rule: DecayRule = cfg.field(
+        "off",
+        "GradIP-decay rule: off (measured, never acted on: no threshold separated harmful from converged devices "
+        "on real runs) | fleet (rho_later >= drift_fleet_ratio x the round's fleet median, at round close) | "
+        "absolute (the paper's: drift_later_min and drift_quie_min per update)",
+    )
+    drift_fleet_ratio: float = cfg.field(
+        3.0,
+        "fleet decay rule: flag a client whose rho_later reaches this x the median rho_later of the round's "
+        "clients (those with >= drift_min_steps values, not limited)",
+        (lambda v: v >= 1, "must be >= 1"),
+    )
+    drift_fleet_min_clients: int = cfg.field(
+        5,
+        "fleet decay rule: clients with >= drift_min_steps values (not limited) a round needs before it applies",
+        (lambda v: v >= 2, "must be >= 2"),
+    )
     # -- history --------------------------------------------------------------------------------
     checkpoint_every: int = cfg.field(
         10, "write a sparse values checkpoint every K rounds", (lambda v: v >= 1, "must be >= 1")
@@ -313,6 +331,9 @@ class CoordinatorConfig:
             self.drift_quie_min,
             self.drift_spike_ratio,
             self.drift_spike_min_updates,
+            self.drift_decay_rule,
+            self.drift_fleet_ratio,
+            self.drift_fleet_min_clients,
         )
 
     def validate(self) -> list[str]:

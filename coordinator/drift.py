@@ -14,8 +14,11 @@ to ~0, while a balanced client's GradIP keeps oscillating. Over the client's Gra
     rho_later = early / late              (large: the magnitude decayed)
     rho_quie  = share of the last w steps with |h| < quiet_ratio * early
 
-A client is flagged once n >= min_steps, rho_later >= later_min and rho_quie >= quie_min; a flag is
-sticky (the paper limits a drifting client for the rest of the run). `steps_for(client, T)` is what the
+Which decay rule acts is `decay_rule` (default "off", see "Defaults"): "absolute" (the paper's) flags a
+client when its update brings n >= min_steps with rho_later >= later_min and rho_quie >= quie_min;
+"fleet" (below, "Fleet-relative decay") compares rho_later with the fleet's at round close; "off"
+measures both and acts on neither. A flag is sticky (the paper limits a drifting client for the rest
+of the run). `steps_for(client, T)` is what the
 round scheduler puts into `RoundPlan.steps`: 1 for a flagged client, T otherwise. The client keeps its
 data pointer, so it still sees all of its data, one batch per round.
 
@@ -40,8 +43,26 @@ round's own, so a fleet-wide rise (everyone overshooting together) flags nobody:
 Limitation: when most updates of a round decayed (a majority of single-label devices at ~0 |g|), the
 median is theirs and an ordinary device can look like a spike.
 
-Defaults. The decay rule's come from synthetic sequences (tests/learning/test_drift.py), NOT from real
-runs: on the tiny models they flag nobody where it matters (BENCHMARKS.md, "MEERKAT-VP: why the extreme
+Fleet-relative decay (decay_rule = "fleet"; BENCHMARKS.md "MEERKAT-VP: a fleet-relative decay rule").
+On real runs GradIP decays for every device once the fleet has converged (the loss is low everywhere),
+so the absolute rule flags converged ordinary devices. When a round closes, over the clients whose
+update it received that are not limited and have n >= min_steps (at least fleet_min_clients of them):
+
+    M_r          = median rho_later_j over those clients        (a decay the fleet shares raises M_r)
+    ratio_{k,r}  = rho_later_k / M_r
+
+ratio >= fleet_ratio flags client k (sticky, `steps_for` -> 1; its update stays in the aggregate;
+RoundBook._check_fleet_decay). O(clients x window) per round, deterministic (sorted clients).
+
+Defaults. decay_rule = "off": replayed offline through this monitor on the recorded probe runs
+(`bench/learning_vp_replay.py`), no threshold separates. The absolute rule flags only converged
+devices (held-out seed 0: 1 true, 6 false). The fleet ratio of the devices that hurt (single-label, or
+first to diverge) on tuning seed 100 stays at most 1.66 with the spike rule on, below the converged
+ordinary devices' 2.04; with the spike rule off they reach 2.53 / 4.45 only after the fleet collapsed.
+fleet_ratio = 3.0 (for "fleet" when an operator turns it on) lies above every ordinary device's ratio
+on seeds 100 (2.04) and 0 (2.37); fleet_min_clients = 5 is a choice, not calibrated (a median of fewer
+is one or two devices' value). The absolute rule's thresholds come from synthetic sequences
+(tests/learning/test_drift.py), NOT from real runs: on the tiny models they flag nobody where it matters (BENCHMARKS.md, "MEERKAT-VP: why the extreme
 split collapses": the harmful devices' |g| GROWS). spike_ratio = 15 was chosen on tuning seed 100 only
 (`small`, topic, T = 10, budget 100, extreme and Dirichlet, lr 1e-2 and 5e-3; BENCHMARKS.md "MEERKAT-VP:
 a divergence detector"): updates of rounds before any device diverged reached at most 9.8x, the first
@@ -68,13 +89,15 @@ from shared.prng import DISTS, Dist, directions
 log = logging.getLogger(__name__)
 
 Reason = Literal["decay", "spike"]
+DecayRule = Literal["fleet", "absolute", "off"]
+DECAY_RULES: tuple[DecayRule, ...] = ("fleet", "absolute", "off")
 LATE_ROUNDS = 64  # observe_round remembers this many round numbers (a round closes once; replays are ignored)
 COEF_CACHE = 4096  # cached c_t values (seeds are fresh every round: only recent rounds are ever looked up)
 
 
 @dataclass(frozen=True)
 class DriftThresholds:
-    """When a client's GradIP counts as decayed. Defaults: from synthetic sequences (see the module doc)."""
+    """When a client is flagged (decay and spike rules). Where each default comes from: the module doc."""
 
     window: int = 20  # steps in the early and in the late window (10 is too noisy: c_t alone varies ~3x)
     min_steps: int = 40  # observed steps before a client can be flagged (>= 2 * window)
@@ -84,8 +107,23 @@ class DriftThresholds:
     # divergence (the module doc, "Divergence"): max |g| of an update / median |g| of its round's updates
     spike_ratio: float = 15.0  # flag (and leave out of that round's aggregate) at this ratio; 0 = off
     spike_min_updates: int = 3  # updates a round needs before its median means anything
+    # decay, which rule (the module doc, "Fleet-relative decay"): "fleet" = rho_later against the fleet's
+    # median at round close; "absolute" = the paper's later_min / quie_min per update; "off" = measured only
+    decay_rule: DecayRule = "off"  # no threshold separated on real runs (module doc): measured, never acted on
+    fleet_ratio: float = 3.0  # "fleet": flag at rho_later >= fleet_ratio x the median rho_later of the round
+    fleet_min_clients: int = 5  # "fleet": clients with >= min_steps (not limited) a round needs
 
     def __post_init__(self) -> None:
+        if self.decay_rule not in DECAY_RULES:
+            raise ValueError(f"DriftThresholds.decay_rule: expected one of {DECAY_RULES}, got {self.decay_rule!r}")
+        if (
+            isinstance(self.fleet_min_clients, bool)
+            or not isinstance(self.fleet_min_clients, int)
+            or self.fleet_min_clients < 2
+        ):
+            raise ValueError(
+                f"DriftThresholds.fleet_min_clients: expected an int >= 2, got {self.fleet_min_clients!r}"
+            )
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
             raise ValueError(f"DriftThresholds.window: expected an int >= 1, got {self.window!r}")
         if (
@@ -109,6 +147,7 @@ class DriftThresholds:
             ("quiet_ratio", 0.0, 1.0),
             ("quie_min", 0.0, 1.0),
             ("spike_ratio", 0.0, math.inf),
+            ("fleet_ratio", 1.0, math.inf),
         ):
             v = getattr(self, name)
             if (
@@ -133,7 +172,7 @@ class DriftStats:
     late: float
     rho_later: float  # inf when the late window is exactly 0 and the early one is not
     rho_quie: float
-    flagged: bool
+    flagged: bool  # by the "absolute" rule (always False under decay_rule "fleet" / "off")
 
 
 def drift_stats(
@@ -156,7 +195,9 @@ def drift_stats(
         rho_later = math.inf if early > 0 else 1.0
     quiet = sum(1 for m in mags[-w:] if m < th.quiet_ratio * early)
     rho_quie = quiet / w
-    flagged = n >= th.min_steps and rho_later >= th.later_min and rho_quie >= th.quie_min
+    flagged = (
+        th.decay_rule == "absolute" and n >= th.min_steps and rho_later >= th.later_min and rho_quie >= th.quie_min
+    )
     return DriftStats(n, early, late, rho_later, rho_quie, flagged)
 
 
@@ -199,6 +240,38 @@ def spike_stats(round: int, updates: Mapping[str, Sequence[float]], th: DriftThr
         c: SpikeStats(r, p, median, q, on and q >= cut)
         for c, p, q in zip(clients, peaks.tolist(), ratios, strict=True)
     }
+
+
+@dataclass(frozen=True)
+class FleetDecayStats:
+    """One client's fleet-relative decay statistic at the close of a round."""
+
+    round: int
+    rho_later: float  # the client's own early / late mean |GradIP| (DriftStats.rho_later)
+    median: float  # median rho_later over the round's fleet (clients with >= min_steps, not limited)
+    ratio: float  # rho_later / median (inf when the median is 0 and rho_later is not)
+    n_steps: int
+    flagged: bool
+
+
+def fleet_decay_stats(round: int, stats: Mapping[str, DriftStats], th: DriftThresholds) -> dict[str, FleetDecayStats]:
+    """Per client of `stats` (the round's fleet: its DriftStats, callers pass only clients with >=
+    min_steps that are not limited): rho_later / the median rho_later of all of them; {} with fewer than
+    th.fleet_min_clients. `flagged` when decay_rule is "fleet" and ratio >= fleet_ratio."""
+    fleet = {c: s for c, s in stats.items() if s.n_steps >= th.min_steps}
+    if len(fleet) < th.fleet_min_clients:
+        return {}
+    median = float(np.median(np.array([s.rho_later for s in fleet.values()], dtype=np.float64)))
+    out = {}
+    for client in sorted(fleet):
+        s = fleet[client]
+        if median > 0:
+            ratio = s.rho_later / median
+        else:
+            ratio = math.inf if s.rho_later > 0 else 0.0
+        flagged = th.decay_rule == "fleet" and ratio >= th.fleet_ratio
+        out[client] = FleetDecayStats(int(round), s.rho_later, median, ratio, s.n_steps, flagged)
+    return out
 
 
 class _History:
@@ -262,6 +335,8 @@ class DriftMonitor:
         self._reason: dict[str, Reason] = {}  # client -> why (not persisted: restored flags have none)
         self._spikes: dict[str, list[SpikeStats]] = {}  # client -> its spike statistics (last one unless keep_history)
         self._spike_rounds: deque[int] = deque(maxlen=LATE_ROUNDS)  # rounds observed by observe_round (dedupe)
+        self._fleet: dict[str, FleetDecayStats] = {}  # client -> its last fleet-relative decay statistic
+        self._fleet_rounds: deque[int] = deque(maxlen=LATE_ROUNDS)  # rounds checked by observe_fleet (dedupe)
 
     @classmethod
     def from_mask(
@@ -367,6 +442,36 @@ class DriftMonitor:
                           client, round, st.peak, st.ratio, st.median)  # fmt: skip
         return out
 
+    def observe_fleet(self, round: int, clients: Iterable[str]) -> dict[str, FleetDecayStats]:
+        """The fleet-relative decay check of one closing round over `clients` (those whose update the round
+        received; their GradIP already observed): the fleet is those of them not limited with >= min_steps
+        values. Records each one's FleetDecayStats, flags (sticky) each one whose rho_later reaches
+        fleet_ratio x the fleet's median under decay_rule "fleet", and returns the flagged ones' statistics.
+        O(clients x window). A second call for the same round returns {} and changes nothing."""
+        if int(round) in self._fleet_rounds:
+            log.debug("drift: round %d already checked for fleet decay; ignored", round)
+            return {}
+        self._fleet_rounds.append(int(round))
+        stats = {}
+        for client in sorted(set(clients)):
+            st = None if client in self._limited else self.stats(client)
+            if st is not None:
+                stats[client] = st
+        out = {}
+        for client, fs in fleet_decay_stats(round, stats, self.thresholds).items():
+            self._fleet[client] = fs
+            if fs.flagged and client not in self._limited:
+                out[client] = fs
+                self._limited[client] = int(round)
+                self._reason[client] = "decay"
+                log.debug("drift: client %s flagged in round %d (rho_later %.3g = %.2fx the fleet median %.3g)",
+                          client, round, fs.rho_later, fs.ratio, fs.median)  # fmt: skip
+        return out
+
+    def fleet(self, client: str) -> FleetDecayStats | None:
+        """The client's last fleet-relative decay statistic (None before its first full window in a checked round)."""
+        return self._fleet.get(client)
+
     def spikes(self, client: str) -> list[SpikeStats]:
         """The client's SpikeStats per checked round, oldest first (without keep_history: the last one)."""
         return list(self._spikes.get(client, ()))
@@ -421,4 +526,14 @@ class DriftMonitor:
         return sorted(self._hist)
 
 
-__all__ = ["DriftMonitor", "DriftStats", "DriftThresholds", "SpikeStats", "drift_stats", "spike_stats"]
+__all__ = [
+    "DECAY_RULES",
+    "DriftMonitor",
+    "DriftStats",
+    "DriftThresholds",
+    "FleetDecayStats",
+    "SpikeStats",
+    "drift_stats",
+    "fleet_decay_stats",
+    "spike_stats",
+]

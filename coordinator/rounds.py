@@ -666,7 +666,7 @@ class RoundBook:
         ups = reported
         if self.drift is not None:
             drift_acts, ups = self._check_spikes(plan.round, reported, now)
-            acts += drift_acts
+            acts += drift_acts + self._check_fleet_decay(plan.round, reported, now)
         late = self._late_to_fold(len(plan.seeds)) if c.straggler == "next" else []
         on_time = Group(plan.seeds, {u.client: u.grads for u in ups}, {u.client: u.n_samples for u in ups})
         groups = [
@@ -819,6 +819,22 @@ class RoundBook:
                 log.info("drift_spike %s (already limited)", detail)
                 acts.append(Persist(EventRecord("drift_spike", detail, round, now)))
         return acts, keep
+
+    def _check_fleet_decay(self, round: int, ups: list[UpdateRow], now: float) -> list[Action]:
+        """The fleet-relative decay rule at close (drift_decay_rule = "fleet"): a client whose rho_later is
+        drift_fleet_ratio x the median of the round's clients is flagged (1 local step from the next plan,
+        sticky); its update stays in this round's aggregate. Acts only with drift_control; not computed
+        under another decay_rule."""
+        assert self.drift is not None
+        if self.drift.thresholds.decay_rule != "fleet":
+            return []  # O(clients x window) per close: only when the rule is on
+        flagged = self.drift.observe_fleet(round, [u.client for u in ups])
+        acts: list[Action] = []
+        for client in sorted(flagged) if self.drift_on else ():
+            fs = flagged[client]
+            acts += self._limit(client, round, f"rho_later={fs.rho_later:.3g} fleet_median={fs.median:.3g} "
+                                f"ratio={fs.ratio:.3g} n_steps={fs.n_steps} reason=decay", now)  # fmt: skip
+        return acts
 
     def _decay_detail(self, st: DriftStats) -> str:
         return f"rho_later={st.rho_later:.3g} rho_quie={st.rho_quie:.2f} n_steps={st.n_steps} reason=decay"

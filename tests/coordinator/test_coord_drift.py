@@ -39,7 +39,8 @@ ROOT = Path(__file__).resolve().parents[2]
 T = 3
 # tiny windows so two rounds of T=3 steps decide: early = round 0, late = round 1
 DRIFT = dict(
-    drift_window=3, drift_min_steps=6, drift_later_min=3.0, drift_quiet_ratio=0.25, drift_quie_min=0.6
+    drift_window=3, drift_min_steps=6, drift_later_min=3.0, drift_quiet_ratio=0.25, drift_quie_min=0.6,
+    drift_decay_rule="absolute",  # the paper's per-update rule (default off; two clients: no fleet median)
 )
 
 
@@ -181,7 +182,7 @@ def test_drift_config_validated() -> None:
 def test_compact_history_matches_full() -> None:
     """The coordinator's monitor keeps first + last window only: same stats and flags as the full history."""
     g = torch.linspace(-1.0, 1.0, 64)
-    th = DriftThresholds(window=4, min_steps=8)
+    th = DriftThresholds(window=4, min_steps=8, decay_rule="absolute")
     u = raw_u64(11, 600)
     vals = [
         float((x >> 40) / 2**24 - 0.5) * (0.99**i) for i, x in enumerate(u)

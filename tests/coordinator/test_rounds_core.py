@@ -175,7 +175,8 @@ def test_conflict_other_msg_id_first_wins() -> None:
 
 
 def test_vp_limit_flagged_client_gets_one_step_in_the_next_plan() -> None:
-    cfg = config(steps=3, drift_window=3, drift_min_steps=6, drift_later_min=3.0, drift_quie_min=0.6)
+    cfg = config(steps=3, drift_window=3, drift_min_steps=6, drift_later_min=3.0, drift_quie_min=0.6,
+                 drift_decay_rule="absolute")
     grad = torch.from_numpy(((raw_u64(5, NNZ) >> 40).astype("float64") / 2**24 - 0.5).astype("float32"))
     mon = DriftMonitor(grad, "rademacher", cfg.drift_thresholds(), keep_history=False)
     b = book(cfg, drift=mon)
@@ -194,6 +195,42 @@ def test_vp_limit_flagged_client_gets_one_step_in_the_next_plan() -> None:
     assert [(x.client, x.round) for x in flagged] == [("drift", 1)]
     (p2,) = sent(b.tick(now), RoundPlan)
     assert p2.steps == {"ok": 3, "drift": 1}
+
+
+@pytest.mark.parametrize("rule", ["fleet", "off"])
+def test_vp_fleet_decay_limits_at_close_and_keeps_the_update(rule: str) -> None:
+    """drift_decay_rule = fleet: a client whose GradIP decayed while the fleet's did not is flagged when the
+    round closes (not on its update), its update stays in that round's aggregate; off (the default):
+    rho_later measured, nobody limited."""
+    cfg = config(steps=3, min_clients=5, drift_window=3, drift_min_steps=6, drift_decay_rule=rule,
+                 drift_fleet_ratio=3.0, drift_fleet_min_clients=5)
+    grad = torch.from_numpy(((raw_u64(5, NNZ) >> 40).astype("float64") / 2**24 - 0.5).astype("float32"))
+    mon = DriftMonitor(grad, "rademacher", cfg.drift_thresholds(), keep_history=False)
+    b = book(cfg, drift=mon)
+    names = ["a", "b", "c", "d", "drift"]
+    for k in names:
+        join(b, k, 10)
+    now, limits = 0.0, []
+    for r in range(2):
+        (plan,) = sent(b.tick(now), RoundPlan)
+        for k in names:
+            gradip = 0.01 if k == "drift" and r == 1 else 1.0 + 0.1 * names.index(k)  # drift decays 100x in round 1
+            acts = b.handle(update(k, r, [gradip / mon.coefficient(s) for s in plan.seeds], 10, msg_id=r), now)
+            assert records(acts, LimitRecord) == []  # never on the update itself
+        acts = b.tick(now)
+        (res,) = sent(acts, RoundResult)
+        assert res.n_clients == 5  # the flagged client's update is aggregated
+        limits += [(x.client, x.round) for x in records(acts, LimitRecord)]
+        now += 1.0
+    assert limits == ([("drift", 1)] if rule == "fleet" else [])
+    fs = mon.fleet("drift")
+    if rule == "fleet":
+        assert fs is not None and fs.ratio > 3.0 and fs.median == pytest.approx(1.0)
+    else:
+        assert fs is None  # off: the book does not compute it (O(clients) per close saved)
+        assert mon.stats("drift") is not None and mon.stats("drift").rho_later > 3.0  # type: ignore[union-attr]
+    (p2,) = sent(b.tick(now), RoundPlan)
+    assert p2.steps == {**{k: 3 for k in names}, "drift": 1 if rule == "fleet" else 3}
 
 
 def test_replay_when_close_behind_checkpoint_when_far() -> None:

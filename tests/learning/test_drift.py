@@ -1,5 +1,7 @@
 """MEERKAT-VP drift monitor: c_t is the dense inner product, decaying GradIP gets flagged, oscillating not;
-a device whose |g| spikes far above its round's median gets flagged, ordinary round-to-round noise not."""
+a device whose |g| spikes far above its round's median gets flagged, ordinary round-to-round noise not;
+the fleet-relative decay rule flags the one client that decays while the fleet does not, and nobody when
+the whole fleet decays together (convergence)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from coordinator.drift import DriftMonitor, DriftThresholds, SpikeStats, drift_stats, spike_stats
+from coordinator.drift import (
+    DriftMonitor,
+    DriftThresholds,
+    SpikeStats,
+    drift_stats,
+    fleet_decay_stats,
+    spike_stats,
+)
 from shared.prng import derive_seed, directions, raw_u64
 
 
@@ -59,7 +68,7 @@ def _synthetic(kind: str, rounds: int, T: int, seed: int) -> list[list[float]]:
 
 def test_flags_exactly_the_decaying_client() -> None:
     g = _grad(2000)
-    mon = DriftMonitor(g, thresholds=DriftThresholds())
+    mon = DriftMonitor(g, thresholds=DriftThresholds(decay_rule="absolute"))
     T = 10
     seeds_of = [[derive_seed(1, r, t) for t in range(T)] for r in range(12)]
     data = {f"osc{k}": _synthetic("oscillate", 12, T, 10 + k) for k in range(4)}
@@ -77,7 +86,7 @@ def test_flags_exactly_the_decaying_client() -> None:
 
 
 def test_not_flagged_before_min_steps() -> None:
-    th = DriftThresholds(window=5, min_steps=40)
+    th = DriftThresholds(window=5, min_steps=40, decay_rule="absolute")
     hist = [1.0] * 5 + [0.0] * 25  # decayed, but only 30 steps
     st = drift_stats(hist, th)
     assert st is not None and not st.flagged and math.isinf(st.rho_later)
@@ -87,7 +96,7 @@ def test_not_flagged_before_min_steps() -> None:
 
 def test_flag_is_sticky_and_bad_input_raises() -> None:
     g = _grad(100)
-    th = DriftThresholds(window=2, min_steps=4, later_min=2.0, quiet_ratio=0.5, quie_min=0.5)
+    th = DriftThresholds(window=2, min_steps=4, later_min=2.0, quiet_ratio=0.5, quie_min=0.5, decay_rule="absolute")
     mon = DriftMonitor(g, thresholds=th)
     seeds = [derive_seed(2, 0, t) for t in range(4)]
     mon.observe("c", 0, seeds, [1.0, -1.0, 1e-6, 1e-6])
@@ -191,3 +200,88 @@ def test_spike_thresholds_are_validated() -> None:
         DriftThresholds(spike_ratio=math.inf)
     with pytest.raises(ValueError, match="spike_min_updates"):
         DriftThresholds(spike_min_updates=1)
+
+
+def _fleet_run(mon: DriftMonitor, data: dict[str, list[list[float]]], rounds: int, T: int) -> list[tuple[int, str]]:
+    """Feed every client's round as the RoundBook does (observe per update, observe_fleet at close);
+    (round, client) of every flag, in order."""
+    seeds_of = [[derive_seed(1, r, t) for t in range(T)] for r in range(rounds)]
+    flags = []
+    for r in range(rounds):
+        for client, rows in data.items():
+            assert mon.observe(client, r, seeds_of[r], rows[r]) is None or mon.thresholds.decay_rule == "absolute"
+        flags += [(r, c) for c in mon.observe_fleet(r, data)]
+    return flags
+
+
+def _converging_fleet(n: int, rounds: int, T: int) -> dict[str, list[list[float]]]:
+    """n clients whose GradIP all decay together to a floor (the whole fleet converged: loss ~0, |GradIP|
+    ~5% of its start), each at its own rate exp(-step / tau) with tau in 12..18 and its own noise."""
+    out = {}
+    for k in range(n):
+        base = _synthetic("oscillate", rounds, T, 40 + k)
+        tau = 12.0 + 6.0 * k / max(n - 1, 1)
+        out[f"c{k}"] = [[v / (1.0 + 0.5 * math.sin((r * T + t) / 3.0)) * max(math.exp(-(r * T + t) / tau), 0.05)
+                         for t, v in enumerate(row)] for r, row in enumerate(base)]
+    return out
+
+
+def test_fleet_rule_ignores_a_decay_the_whole_fleet_shares() -> None:
+    T, rounds = 10, 12
+    data = _converging_fleet(8, rounds, T)
+    fleet = DriftMonitor(_grad(2000), thresholds=DriftThresholds(decay_rule="fleet"))
+    assert _fleet_run(fleet, data, rounds, T) == []  # everyone converged: nobody stands out
+    for c in data:
+        st, fs = fleet.stats(c), fleet.fleet(c)
+        assert st is not None and st.rho_later > 10 and not st.flagged  # decayed, measured, not acted on
+        assert fs is not None and fs.round == rounds - 1 and fs.ratio < 3.0
+    paper = DriftMonitor(_grad(2000), thresholds=DriftThresholds(decay_rule="absolute"))
+    _fleet_run(paper, data, rounds, T)
+    assert paper.limited() == set(data)  # the paper's rule: the whole converged fleet limited
+
+
+def test_fleet_rule_flags_the_client_that_decays_alone() -> None:
+    T, rounds = 10, 12
+    data = {f"osc{k}": _synthetic("oscillate", rounds, T, 10 + k) for k in range(6)}
+    data["decay"] = _synthetic("decay", rounds, T, 3)
+    mon = DriftMonitor(_grad(2000), thresholds=DriftThresholds(decay_rule="fleet"), keep_history=False)
+    flags = _fleet_run(mon, data, rounds, T)
+    assert flags == [(3, "decay")]  # at the first close with >= min_steps = 40 values, at round close only
+    assert mon.limited() == {"decay"} and mon.reason("decay") == "decay" and mon.steps_for("decay", T) == 1
+    fs = mon.fleet("decay")
+    assert fs is not None and fs.round == 3 and fs.ratio >= 3.0 and fs.median < 3.0 and fs.flagged
+    assert mon.observe_fleet(3, data) == {}  # the same round again: ignored
+    assert mon.fleet("osc0") is not None and mon.fleet("decay").round == 3  # type: ignore[union-attr]
+    # limited clients leave the fleet: later medians are the others' only
+    assert mon.observe_fleet(rounds, data) == {} and mon.fleet("decay").round == 3  # type: ignore[union-attr]
+
+
+def test_fleet_rule_off_by_default_and_needs_enough_clients() -> None:
+    assert DriftThresholds().decay_rule == "off"  # no threshold separated on real runs (BENCHMARKS.md)
+    T, rounds = 10, 12
+    data = {f"osc{k}": _synthetic("oscillate", rounds, T, 10 + k) for k in range(6)}
+    data["decay"] = _synthetic("decay", rounds, T, 3)
+    off = DriftMonitor(_grad(2000))
+    assert _fleet_run(off, data, rounds, T) == [] and off.limited() == set()
+    fs = off.fleet("decay")
+    assert fs is not None and fs.ratio >= 3.0 and not fs.flagged  # measured, never acted on
+    few = DriftMonitor(_grad(2000), thresholds=DriftThresholds(decay_rule="fleet", fleet_min_clients=8))
+    assert _fleet_run(few, data, rounds, T) == [] and few.fleet("decay") is None  # 7 clients < 8
+
+
+def test_fleet_decay_stats_ratio_and_validation() -> None:
+    th = DriftThresholds(window=2, min_steps=4, decay_rule="fleet", fleet_ratio=2.0, fleet_min_clients=3)
+    st = {c: drift_stats(h, th) for c, h in {"a": [1, 1, 1, 1], "b": [2, 2, 1, 1], "c": [4, 4, 1, 1],
+                                             "short": [1, 1, 1]}.items()}
+    ok = {c: s for c, s in st.items() if s is not None}
+    out = fleet_decay_stats(7, ok, th)
+    assert sorted(out) == ["a", "b", "c"]  # "short" has no statistics yet
+    assert out["b"].median == 2.0 and out["c"].ratio == 2.0 and out["c"].flagged and not out["b"].flagged
+    assert out["a"].ratio == 0.5 and out["a"].round == 7 and out["a"].n_steps == 4
+    assert fleet_decay_stats(7, {"a": ok["a"], "b": ok["b"]}, th) == {}  # < fleet_min_clients
+    absolute = DriftThresholds(window=2, min_steps=4, decay_rule="absolute", fleet_ratio=2.0, fleet_min_clients=3)
+    assert not any(f.flagged for f in fleet_decay_stats(7, ok, absolute).values())
+    for bad, match in (({"decay_rule": "paper"}, "decay_rule"), ({"fleet_ratio": 0.5}, "fleet_ratio"),
+                       ({"fleet_ratio": math.inf}, "fleet_ratio"), ({"fleet_min_clients": 1}, "fleet_min_clients")):
+        with pytest.raises(ValueError, match=match):
+            DriftThresholds(**bad)
