@@ -566,6 +566,18 @@ def _fmt_bytes(n: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    """`meerkat bench learning`; the round loggers' levels it quiets are put back when it returns (a test
+    or a caller in the same process keeps its own logging)."""
+    quiet = ("coordinator.rounds", "edge_client.service.rounds")  # ten simulated devices x every round
+    levels = {name: logging.getLogger(name).level for name in quiet}
+    try:
+        return _run(args, quiet)
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def _run(args: argparse.Namespace, quiet: tuple[str, ...]) -> int:
     from bench.cli import print_json_last
     from bench.learning_plots import plot_results
 
@@ -575,7 +587,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:  # -v shows them
-        for name in ("coordinator.rounds", "edge_client.service.rounds"):  # ten simulated devices x every round
+        for name in quiet:
             logging.getLogger(name).setLevel(logging.WARNING)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
