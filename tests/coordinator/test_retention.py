@@ -31,6 +31,7 @@ def cfg(**kw: Any) -> CoordinatorConfig:
     base: dict[str, Any] = dict(
         fleet="f", steps=3, lr=0.01, min_clients=3, min_updates=1, round_deadline_s=10.0, metrics=False,
         checkpoint_every=8, keep_checkpoints=2, replay_max=8, retain_rounds=64, drift_window=2, drift_min_steps=4,
+        drift_decay_rule="absolute",  # the decaying grads flag clients: retention must keep what restores them
     )  # fmt: skip
     return CoordinatorConfig(**{**base, **kw})
 
