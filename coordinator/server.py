@@ -279,13 +279,7 @@ class Coordinator:
     def step(self, timeout: float = 0.1) -> None:
         assert self.link is not None, "start() first"
         self._check_reconnect()
-        batch: list[Incoming] = []
-        try:
-            batch.append(self.link.inbox.get(timeout=timeout))
-            while len(batch) < BATCH:
-                batch.append(self.link.inbox.get_nowait())
-        except queue.Empty:
-            pass
+        batch = take_batch(self.link.inbox, timeout)
         if batch:
             acts: list[Action] = []
             for msg in batch:
@@ -567,6 +561,18 @@ class Coordinator:
         log.info("retention: pruned rounds < %d (results < %d): %s", before, results_before,
                  " ".join(f"{k}={v}" for k, v in gone.items()))  # fmt: skip
         return gone
+
+
+def take_batch(inbox: queue.Queue[Incoming], timeout: float) -> list[Incoming]:
+    """Up to BATCH messages: wait up to `timeout` for the first, then take what is already there."""
+    batch: list[Incoming] = []
+    try:
+        batch.append(inbox.get(timeout=timeout))
+        while len(batch) < BATCH:
+            batch.append(inbox.get_nowait())
+    except queue.Empty:
+        pass
+    return batch
 
 
 def _need(value: Path | None, key: str) -> Path:

@@ -28,7 +28,6 @@ that session swallowed is re-sent to the living workers.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable
@@ -39,10 +38,10 @@ from coordinator.config import CoordinatorConfig
 from coordinator.inbox import Inbox, InboxRow, admit, lock_key
 from coordinator.ingest import Reject
 from coordinator.rounds import Action, RoundBook
-from coordinator.server import BATCH, INBOUND, Coordinator
+from coordinator.server import BATCH, INBOUND, Coordinator, take_batch
 from shared.config import ConfigError
 from shared.messages import ErrorCode
-from shared.mqtt import Incoming, MqttLink, read_secret, tls_for
+from shared.mqtt import MqttLink, read_secret, tls_for
 from shared.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -177,13 +176,7 @@ class Worker:
     def ingest(self, timeout: float) -> int:
         """One batch from the link into the inbox: admit, append (commit), THEN ack. Returns its size."""
         assert self.link is not None, "start() first"
-        batch: list[Incoming] = []
-        try:
-            batch.append(self.link.inbox.get(timeout=timeout))
-            while len(batch) < BATCH:
-                batch.append(self.link.inbox.get_nowait())
-        except queue.Empty:
-            pass
+        batch = take_batch(self.link.inbox, timeout)
         if not batch:
             return 0
         rows = [row for msg in batch if (row := admit(self.topics, msg)) is not None]
