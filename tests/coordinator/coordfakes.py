@@ -122,9 +122,13 @@ class FakeClient:
             if isinstance(m, ErrorMsg) and m.code == ErrorCode.UNKNOWN_CLIENT and self._joined is not None:
                 self.rejoins += 1  # the coordinator started after our join: join again (docs/ARCHITECTURE.md)
                 self.join(*self._joined)
+            self.seen(msg.topic, msg.payload, m)
             with self._cv:
                 self._buffer.append((msg.topic, m))
                 self._cv.notify_all()
+
+    def seen(self, topic: str, payload: bytes, m: Any) -> None:
+        """Called by the reader for every decoded message before it is buffered (subclasses react here)."""
 
     def wait_for(
         self,

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import queue
 import signal
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from coordinator.eventlog import EventLog
 from shared.apply import fedavg_scalars
 from shared.codec import decode, encode
 from shared.fingerprint import fp_tag
-from shared.messages import ErrorCode, ErrorMsg, RoundPlan, RoundResult, Update
+from shared.messages import RoundPlan, RoundResult, Update
 from tests.conftest import Mosquitto
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,27 +49,13 @@ class Device(FakeClient):
         self.kept[round] = payload
         self.publish(self.topics.up(self.cid), payload)
 
-    def _listen(self) -> None:
-        while not self._closed.is_set():
-            try:
-                msg = self.link.inbox.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            if not msg.payload:
-                continue
-            m = decode(msg.payload)
-            if isinstance(m, ErrorMsg) and m.code == ErrorCode.UNKNOWN_CLIENT and self._joined is not None:
-                self.rejoins += 1
-                self.join(*self._joined)
-            if isinstance(m, RoundResult) and msg.topic == self.topics.result(m.round):
-                self.raw_results.setdefault(m.round, msg.payload)
-                self.kept.pop(m.round, None)
-            if isinstance(m, RoundPlan) and m.round in self.kept:
-                self.resends += 1
-                self.publish(self.topics.up(self.cid), self.kept[m.round])
-            with self._cv:
-                self._buffer.append((msg.topic, m))
-                self._cv.notify_all()
+    def seen(self, topic: str, payload: bytes, m: Any) -> None:
+        if isinstance(m, RoundResult) and topic == self.topics.result(m.round):
+            self.raw_results.setdefault(m.round, payload)
+            self.kept.pop(m.round, None)
+        if isinstance(m, RoundPlan) and m.round in self.kept:
+            self.resends += 1
+            self.publish(self.topics.up(self.cid), self.kept[m.round])
 
 
 def _start(cfg: Path, log: Path, *extra: str) -> subprocess.Popen[bytes]:
