@@ -256,8 +256,9 @@ class CoordinatorConfig:
         (lambda v: v == 0 or v >= 1, "must be 0 (off) or >= 1"),
     )
     drift_spike_min_updates: int = cfg.field(
-        3,
-        "updates a round needs before the spike rule applies (the median of fewer says little)",
+        5,
+        "updates a round needs before the spike rule applies (the median of fewer is one or two devices' |g|: "
+        "with 3 devices and one decayed, the two healthy ones looked like spikes)",
         (lambda v: v >= 2, "must be >= 2"),
     )
     drift_decay_rule: DecayRule = cfg.field(

@@ -41,7 +41,11 @@ every update spiked keeps them all). GradIP = g x c(seed) with c the same for ev
 so this is the GradIP ratio up to c_t's spread over the steps: |g| is used directly. The median is the
 round's own, so a fleet-wide rise (everyone overshooting together) flags nobody: only outliers.
 Limitation: when most updates of a round decayed (a majority of single-label devices at ~0 |g|), the
-median is theirs and an ordinary device can look like a spike.
+median is theirs and an ordinary device can look like a spike. The same holds for tiny fleets, hence
+spike_min_updates = 5 (a choice, not calibrated; the calibration runs had 10 updates a round, so it does
+not change them): at 3, a fleet of 3 with one decayed device (tests/coordinator/test_retention.py's) had
+its two healthy devices flagged. A round with fewer updates gets no divergence check (the |g| cap of
+`aggregate` still applies).
 
 Fleet-relative decay (decay_rule = "fleet"; BENCHMARKS.md "MEERKAT-VP: a fleet-relative decay rule").
 On real runs GradIP decays for every device once the fleet has converged (the loss is low everywhere),
@@ -106,7 +110,7 @@ class DriftThresholds:
     quie_min: float = 0.6  # share of quiet steps in the late window needed to flag
     # divergence (the module doc, "Divergence"): max |g| of an update / median |g| of its round's updates
     spike_ratio: float = 15.0  # flag (and leave out of that round's aggregate) at this ratio; 0 = off
-    spike_min_updates: int = 3  # updates a round needs before its median means anything
+    spike_min_updates: int = 5  # updates a round needs before its median means anything (module doc)
     # decay, which rule (the module doc, "Fleet-relative decay"): "fleet" = rho_later against the fleet's
     # median at round close; "absolute" = the paper's later_min / quie_min per update; "off" = measured only
     decay_rule: DecayRule = "off"  # no threshold separated on real runs (module doc): measured, never acted on

@@ -364,10 +364,10 @@ def test_join_with_another_quant_is_refused_unless_the_fleet_mixes(policy: str) 
 
 @pytest.mark.parametrize("control", [True, False])
 def test_vp_spike_leaves_the_update_out_and_limits_the_client(control: bool) -> None:
-    cfg = config(min_clients=4, drift_control=control, drift_spike_ratio=10.0)
+    cfg = config(min_clients=5, drift_control=control, drift_spike_ratio=10.0)
     grad = torch.from_numpy(((raw_u64(5, NNZ) >> 40).astype("float64") / 2**24 - 0.5).astype("float32"))
     b = book(cfg, drift=DriftMonitor(grad, "rademacher", cfg.drift_thresholds()))
-    grads = {"a": [1.0, -1.0], "b": [-1.0, 2.0], "c": [1.0, 1.0], "d": [1.0, -30.0]}  # d: 30x the median 1.0
+    grads = {"a": [1.0, -1.0], "b": [-1.0, 2.0], "c": [1.0, 1.0], "d": [1.0, -30.0], "e": [-1.0, 1.0]}  # d: 30x the median 1.0
     for k in grads:
         join(b, k, 10)
     (plan,) = sent(b.tick(0.0), RoundPlan)
@@ -382,5 +382,23 @@ def test_vp_spike_leaves_the_update_out_and_limits_the_client(control: bool) -> 
     (used,) = [r.used for r in records(acts, ResultRecord)]
     assert [c for c, _, _ in used] == kept  # d's update stays `accepted`, used by no result
     (p1,) = sent(b.tick(1.0), RoundPlan)
-    assert p1.steps == {"a": 2, "b": 2, "c": 2, "d": 1 if control else 2}
+    assert p1.steps == {"a": 2, "b": 2, "c": 2, "d": 1 if control else 2, "e": 2}
     assert b.misses == {}  # a left-out update still counts as the client's answer
+
+
+def test_vp_spike_needs_five_updates_by_default() -> None:
+    """Four updates (one of them 30x the median) are too few for the default spike_min_updates (5): a tiny
+    fleet's median is one or two devices' |g|, so nobody is flagged or left out."""
+    cfg = config(min_clients=4)
+    assert cfg.drift_spike_min_updates == 5
+    grad = torch.from_numpy(((raw_u64(5, NNZ) >> 40).astype("float64") / 2**24 - 0.5).astype("float32"))
+    b = book(cfg, drift=DriftMonitor(grad, "rademacher", cfg.drift_thresholds()))
+    grads = {"a": [1.0, -1.0], "b": [-1.0, 2.0], "c": [1.0, 1.0], "d": [1.0, -30.0]}
+    for k in grads:
+        join(b, k, 10)
+    sent(b.tick(0.0), RoundPlan)
+    for k, g in grads.items():
+        b.handle(update(k, 0, g, 10), 0.0)
+    acts = b.tick(0.0)
+    (res,) = sent(acts, RoundResult)
+    assert res.n_clients == 4 and records(acts, LimitRecord) == []

@@ -126,7 +126,8 @@ def test_spike_ratio_is_peak_over_the_round_median() -> None:
     assert st["d"].median == 1.0 and st["d"].peak == 40.0 and st["d"].ratio == 40.0 and st["d"].round == 4
     assert st["a"].ratio == 2.0 and [c for c, s in st.items() if s.flagged] == ["d"]
     assert spike_stats(4, {"a": [1.0], "d": [40.0]}, th) == {}  # 2 updates < spike_min_updates
-    assert not spike_stats(4, ups, DriftThresholds(spike_ratio=0.0))["d"].flagged  # 0 = off
+    assert spike_stats(4, ups, DriftThresholds()) == {}  # 4 updates < the default spike_min_updates (5)
+    assert not spike_stats(4, ups, DriftThresholds(spike_ratio=0.0, spike_min_updates=3))["d"].flagged  # 0 = off
     zero = spike_stats(0, {"a": [0.0], "b": [0.0], "c": [0.0, 0.0], "d": [1e-9]}, th)
     assert math.isinf(zero["d"].ratio) and zero["d"].flagged and zero["a"].ratio == 0.0 and not zero["a"].flagged
 
