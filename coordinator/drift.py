@@ -285,6 +285,7 @@ class _History:
         self.w, self.compact, self.n = window, compact, 0
         self.head: list[float] = []  # everything, or the first w values when compact
         self.tail: deque[float] = deque(maxlen=window)  # the last w values (compact only)
+        self.stats_at: tuple[int, DriftStats | None] | None = None  # (n, drift_stats at n): computed once per n
 
     def extend(self, values: Iterable[float]) -> None:
         vals = list(values)
@@ -410,7 +411,7 @@ class DriftMonitor:
         hist.extend(float(h) for h in gradip)
         if client in self._limited:
             return None
-        st = drift_stats(hist.values(), self.thresholds, hist.n)
+        st = self._stats_of(hist)
         if st is None or not st.flagged:
             return None
         self._limited[client] = int(round)
@@ -513,7 +514,14 @@ class DriftMonitor:
 
     def stats(self, client: str) -> DriftStats | None:
         h = self._hist.get(client)
-        return None if h is None else drift_stats(h.values(), self.thresholds, h.n)
+        return None if h is None else self._stats_of(h)
+
+    def _stats_of(self, h: _History) -> DriftStats | None:
+        """drift_stats of a history, computed once per value count (observe_gradip, then the coordinator's
+        DriftRecord via `stats`, ask for the same one)."""
+        if h.stats_at is None or h.stats_at[0] != h.n:
+            h.stats_at = (h.n, drift_stats(h.values(), self.thresholds, h.n))
+        return h.stats_at[1]
 
     def limited(self) -> set[str]:
         """Clients flagged so far (they run 1 local step per round)."""
