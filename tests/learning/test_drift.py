@@ -94,6 +94,25 @@ def test_not_flagged_before_min_steps() -> None:
     assert drift_stats([1.0] * 9, th) is None
 
 
+def test_stats_are_computed_once_per_value_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    """observe_gradip then stats (what the coordinator does for every Update) runs drift_stats once; a new
+    observation recomputes, and the values equal a fresh drift_stats over the same history."""
+    import coordinator.drift as drift
+
+    calls: list[int] = []
+    real = drift.drift_stats
+    monkeypatch.setattr(drift, "drift_stats", lambda v, th, n=None: calls.append(1) or real(v, th, n))
+    th = DriftThresholds(window=2, min_steps=4)
+    mon = DriftMonitor(_grad(100), thresholds=th, keep_history=False)
+    seen: list[float] = []
+    for r in range(4):
+        g = [1.0 / (r + 1), -0.5 / (r + 1)]
+        seen += g
+        mon.observe_gradip("a", r, g)
+        assert mon.stats("a") == real(seen, th) and len(calls) == r + 1
+    assert mon.stats("a") is mon.stats("a") and len(calls) == 4
+
+
 def test_flag_is_sticky_and_bad_input_raises() -> None:
     g = _grad(100)
     th = DriftThresholds(window=2, min_steps=4, later_min=2.0, quiet_ratio=0.5, quie_min=0.5, decay_rule="absolute")
