@@ -128,6 +128,43 @@ def test_gap_points_pair_meerkat_with_dense_per_size() -> None:
     assert [(x, round(g, 6), s) for x, g, s in pts[("topic", 10)]] == [(425984, 0.2, "demo"), (5000000, 0.45, "small")]
 
 
+def test_targets_check_the_issue_goals_from_the_t10_means() -> None:
+    from bench.learning import config_from_args, summarize, targets, targets_markdown
+
+    def run(method: str, acc: float, setting: str = "dirichlet", seed: int = 0, **kw: Any) -> dict[str, Any]:
+        T = 0 if method == "zero-shot" else 10
+        return {"size": "small", "task": "topic", "setting": setting, "method": method, "T": T, "seed": seed,
+                "accuracy": acc, "bytes_up": 1, "bytes_down": 1, "nnz": 1, "lr": 0.01, "seconds": 1.0} | kw
+
+    drift = {"c0": {"single_label": True, "limited_round": 2}, "c1": {"single_label": False, "limited_round": 3},
+             "c2": {"single_label": False, "limited_round": None}}
+    runs = [run("zero-shot", 0.25), run("backprop-fedavg", 1.0), run("fedzo-dense", 0.90), run("meerkat", 0.96),
+            run("meerkat", 0.98, seed=1), run("weight-magnitude", 0.95), run("random-mask", 0.99),
+            run("meerkat-vp", 0.90, "extreme", drift=drift), run("meerkat", 0.5, setting="extreme"),
+            run("meerkat", 0.2) | {"T": 1}]  # T = 1 rows do not enter the targets
+    by = {c["check"]: c for c in targets(summarize(runs), runs)}
+    assert by["meerkat - fedzo-dense (Dirichlet)"]["value"] == pytest.approx(0.07)  # mean of 0.96 and 0.98
+    assert by["meerkat - fedzo-dense (Dirichlet)"]["met"] is True
+    assert by["meerkat - weight-magnitude (Dirichlet)"]["met"] is True
+    assert by["meerkat - random-mask (Dirichlet)"]["met"] is False  # 0.97 < 0.99
+    assert by["meerkat-vp extreme / meerkat Dirichlet"]["value"] == pytest.approx(0.90 / 0.97)
+    assert by["(meerkat - zero-shot) / (backprop - zero-shot)"]["value"] == pytest.approx(0.72 / 0.75)
+    flags = by["meerkat-vp flags: single-label / other devices"]
+    assert flags["value"] == [1, 1] and flags["met"] is True
+    md = targets_markdown(list(by.values()))
+    assert "| small | topic | meerkat - random-mask (Dirichlet) | -0.020 | > 0 | **no** |" in md
+    no_vp = targets(summarize(runs[:3]), runs[:3])
+    assert {c["check"]: c["met"] for c in no_vp}["meerkat-vp extreme / meerkat Dirichlet"] is None  # missing
+    import argparse
+
+    ns = argparse.Namespace(quick=False, tasks=None, seeds=None, tune_seeds=None, budget=None, methods=None, T=None,
+                            fraction=None, lr_sparse=None, lr_dense=None, lr_backprop=None, no_extreme=False,
+                            extreme_methods="meerkat,meerkat-vp", lrs=None)
+    assert config_from_args(ns).extreme_methods == ("meerkat", "meerkat-vp")
+    with pytest.raises(SystemExit, match="--extreme-methods: unknown"):
+        config_from_args(argparse.Namespace(**{**vars(ns), "extreme_methods": "meerkat,mezo"}))
+
+
 def _micro_cli(out: Path, *extra: str) -> list[str]:
     return ["--size", "micro", "--tasks", "sentiment", "--seeds", "2", "--T", "2", "--budget", "4", "--no-extreme",
             "--methods", "zero-shot,meerkat,fedzo-dense,random-mask", "--out", str(out), *extra]
