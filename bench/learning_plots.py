@@ -81,7 +81,8 @@ def _curves(result: dict[str, Any], size: str, setting: str, kind: str, path: Pa
             ax.set_title(f"{size} {task}, {split}, T={T}", fontsize=10)
             ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="lower right")
-    fig.suptitle(f"meerkat bench learning ({size} tiny LM, {cfg['n_clients']} clients, "
+    sep = "\n" if len(Ts) == 1 else " "  # one column is too narrow for the title on one line
+    fig.suptitle(f"meerkat bench learning ({size} tiny LM, {cfg['n_clients']} clients,{sep}"
                  f"{cfg['budget']} local steps/client, mean ± std over {cfg['seeds']} seeds)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
