@@ -24,7 +24,8 @@ Cells: every (size, task, split, method, T, seed, lr) run is written to DIR/cell
 config>.json with its wall time; `--resume` reuses finished cells, so a long grid completes over several
 invocations, and `--shard K/N` lets N processes share one DIR (then one `--resume` run gathers them).
 `--tune` applies the lr rule (bench/learning_cells.py: each method's lr grid on tuning seeds disjoint
-from the evaluation seeds; best mean accuracy among stable lrs) and writes DIR/lrs.json + lrs.md; the
+from the evaluation seeds; best mean final accuracy among stable lrs, ties to the one whose curve learns
+sooner) and writes DIR/lrs.json + lrs.md; the
 grid reads it with `--lrs`. Without `--lrs` the defaults below apply (the demo sweep).
 
 Output under --out: learning.json (every run, its curve, bytes, wall time; machine and load average;

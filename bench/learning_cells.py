@@ -44,7 +44,15 @@ TUNED_BY = {"meerkat-vp": "meerkat"}  # VP = meerkat + the detector: same lr, so
 @dataclass(frozen=True)
 class LrRule:
     drop_tol: float = 0.1  # final accuracy >= peak of the curve - drop_tol, else the run collapsed
-    tie_tol: float = 0.005  # lrs this close to the best mean count as tied: the smallest wins
+    tie_tol: float = 0.005  # lrs this close to the best mean final accuracy count as tied
+    # among tied lrs: "faster" = the best mean accuracy over the curve (learns sooner; then the smaller lr),
+    # "smaller" = the smallest lr. On a task every method saturates, "smaller" picks each method's slowest
+    # lr that still saturates (BENCHMARKS.md, the small/topic grid), so the methods' speed is not compared.
+    tie_break: str = "faster"
+
+    def __post_init__(self) -> None:
+        if self.tie_break not in ("faster", "smaller"):
+            raise ValueError(f"LrRule.tie_break: expected 'faster' or 'smaller', got {self.tie_break!r}")
 
 
 def cell_key(fields: Mapping[str, Any]) -> str:
@@ -106,12 +114,17 @@ def choose_lr(by_lr: Mapping[float, Sequence[Mapping[str, Any]]], rule: LrRule) 
         rows = by_lr[lr]
         accs = [float(r["accuracy"]) for r in rows]
         tried[lr] = {"acc_mean": statistics.fmean(accs), "accs": accs,
+                     "curve_mean": statistics.fmean(statistics.fmean(r["curve"]["accuracy"]) for r in rows),
                      "stable": all(run_stable(r, rule) for r in rows)}
     stable = {lr: t for lr, t in tried.items() if t["stable"]}
     if not stable:
         return {"lr": min(tried), "stable": False, "tried": tried}
     best = max(t["acc_mean"] for t in stable.values())
-    lr = min(lr for lr, t in stable.items() if t["acc_mean"] >= best - rule.tie_tol)
+    tied = [lr for lr, t in stable.items() if t["acc_mean"] >= best - rule.tie_tol]
+    if rule.tie_break == "faster":
+        lr = min(tied, key=lambda x: (-round(stable[x]["curve_mean"], 9), x))
+    else:
+        lr = min(tied)
     return {"lr": lr, "stable": True, "tried": tried}
 
 
@@ -138,11 +151,15 @@ def load_lrs(path: Path, size: str) -> dict[str, float]:
     return out
 
 
+def _curve(t: Mapping[str, Any]) -> str:
+    return f" [{t['curve_mean']:.3f}]" if "curve_mean" in t else ""
+
+
 def lr_markdown(doc: Mapping[str, Any]) -> str:
-    lines = ["| size / task / method | chosen lr | stable | lr -> mean final accuracy (tuning seeds; * = unstable) |",
-             "|---|---|---|---|"]
+    lines = ["| size / task / method | chosen lr | stable | lr -> mean final accuracy [mean over the curve] "
+             "(tuning seeds; * = unstable) |", "|---|---|---|---|"]
     for key, v in sorted(doc["chosen"].items()):
-        tried = ", ".join(f"{float(lr):g} -> {t['acc_mean']:.3f}{'' if t['stable'] else '*'}"
+        tried = ", ".join(f"{float(lr):g} -> {t['acc_mean']:.3f}{_curve(t)}{'' if t['stable'] else '*'}"
                           for lr, t in sorted(v["tried"].items(), key=lambda kv: float(kv[0])))
         lines.append(f"| {key} | {v['lr']:g} | {'yes' if v['stable'] else 'NO'} | {tried} |")
     return "\n".join(lines) + "\n"

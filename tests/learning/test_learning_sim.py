@@ -239,7 +239,14 @@ def test_lr_rule_picks_the_best_stable_lr() -> None:
     assert got["lr"] == 1e-2 and got["stable"]
     assert got["tried"][2e-2]["stable"] is False and got["tried"][2e-2]["acc_mean"] > got["tried"][1e-2]["acc_mean"]
     tie = choose_lr({1e-2: [row([0.3, 0.9])], 2e-2: [row([0.3, 0.903])]}, rule)
-    assert tie["lr"] == 1e-2  # within tie_tol: the smaller lr
+    assert tie["lr"] == 2e-2  # within tie_tol on the final accuracy: the curve's mean decides (.6015 > .6)
+    same = choose_lr({1e-2: [row([0.3, 1.0])], 2e-2: [row([0.3, 1.0])]}, rule)
+    assert same["lr"] == 1e-2  # same curve: the smaller lr
+    saturated = {5e-3: [row([0.3, 0.9, 1.0])], 1e-2: [row([0.8, 1.0, 1.0])], 2e-2: [row([0.3, 0.2, 0.25])]}
+    assert choose_lr(saturated, rule)["lr"] == 1e-2  # both saturate: the one that learns sooner
+    assert choose_lr(saturated, LrRule(tie_break="smaller"))["lr"] == 5e-3
+    with pytest.raises(ValueError, match="tie_break"):
+        LrRule(tie_break="largest")
     none = choose_lr({1e-2: [row([0.9, 0.3])], 2e-2: [row([0.9, 0.2])]}, rule)
     assert none == {"lr": 1e-2, "stable": False, "tried": none["tried"]}
     with pytest.raises(ValueError, match="tuning run"):
