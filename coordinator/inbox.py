@@ -111,7 +111,7 @@ class Inbox:
     def __init__(self, url: str, fleet: str, worker: str) -> None:
         import psycopg
 
-        from coordinator.logstore import redact_url
+        from coordinator.logstore import pg_create_schema, redact_url
 
         try:
             self.db = psycopg.connect(url, autocommit=True)
@@ -119,7 +119,7 @@ class Inbox:
             raise ConnectionError(f"cluster inbox {redact_url(url)}: cannot connect: {str(exc).strip()}") from exc
         self.worker = worker
         self._order_key = lock_key("inbox", fleet)
-        self.db.execute(_DDL.encode())
+        pg_create_schema(self.db, _DDL, "inbox")  # every worker runs it, possibly at the same moment
 
     def append(self, rows: Sequence[InboxRow]) -> None:
         """Write `rows` in ONE transaction and commit (ids taken and committed in order, see the module doc)."""

@@ -18,6 +18,7 @@ runs in one database.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import sqlite3
 from collections.abc import Iterable, Sequence
@@ -150,7 +151,7 @@ class PostgresStore:
     def create_schema(self, ddl: str) -> None:
         for pat, rep in _PG_TYPES:
             ddl = pat.sub(rep, ddl)
-        self.db.execute(ddl.encode())  # several statements, no parameters
+        pg_create_schema(self.db, ddl, "event-log")
 
     def tables(self) -> list[str]:
         q = "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema() ORDER BY 1"
@@ -158,6 +159,16 @@ class PostgresStore:
 
     def close(self) -> None:
         self.db.close()
+
+
+def pg_create_schema(db: Any, ddl: str, what: str) -> None:
+    """Run `ddl` (several statements, no parameters) in one transaction under an advisory lock named by
+    `what`: two processes running CREATE TABLE IF NOT EXISTS for the same table at the same moment make
+    one fail with UniqueViolation on pg_type (two coordinator workers starting together did)."""
+    key = int.from_bytes(hashlib.sha256(f"meerkat/schema/{what}".encode()).digest()[:8], "big", signed=True)
+    with db.transaction():
+        db.execute("SELECT pg_advisory_xact_lock(%s)", (key,))
+        db.execute(ddl.encode())
 
 
 def redact_url(url: str) -> str:

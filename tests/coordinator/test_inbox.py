@@ -66,3 +66,54 @@ def test_inbox_order_and_forget_on_postgresql(pg_url: str) -> None:
         a.close()
         b.close()
     assert lock_key("leader", "fleet1") != lock_key("inbox", "fleet1") != lock_key("leader", "fleet2")
+
+
+def test_workers_starting_together_create_the_inbox_once(pg_url: str) -> None:
+    """Every worker creates the inbox table at start; without the advisory lock around the DDL, two
+    CREATE TABLE IF NOT EXISTS at the same moment on a fresh schema fail one of them with UniqueViolation
+    (pg_type), which killed the standby in tests/coordinator/test_cluster.py on an idle machine."""
+    import threading
+
+    from coordinator.logstore import PostgresStore
+
+    n = 6
+    go = threading.Barrier(n)
+    made: list[Inbox] = []
+    errors: list[BaseException] = []
+
+    def start(k: int) -> None:
+        try:
+            go.wait()
+            made.append(Inbox(pg_url, "fleet1", f"w{k}"))
+        except BaseException as exc:  # noqa: BLE001 - the test reports every failure
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start, args=(k,)) for k in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    try:
+        assert errors == [] and len(made) == n
+    finally:
+        for ib in made:
+            ib.close()
+    stores = [PostgresStore(pg_url) for _ in range(4)]
+    go4 = threading.Barrier(4)
+    errors.clear()
+
+    def schema(s: PostgresStore) -> None:
+        try:
+            go4.wait()
+            s.create_schema("CREATE TABLE IF NOT EXISTS probe (k INTEGER PRIMARY KEY, v TEXT);")
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    ts = [threading.Thread(target=schema, args=(s,)) for s in stores]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(30)
+    for s in stores:
+        s.close()
+    assert errors == []
