@@ -20,7 +20,6 @@ the round book, and `forget`s the rows up to it afterwards.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import time
 from collections.abc import Sequence
@@ -30,6 +29,7 @@ from typing import Any
 import msgpack
 
 from coordinator.ingest import Reject, decode_reject
+from coordinator.logstore import lock_key, pg_create_schema, redact_url
 from coordinator.server import INBOUND, NO_RETAIN
 from shared.codec import DecodeError, decode
 from shared.messages import ErrorCode, Message
@@ -99,19 +99,11 @@ def admit(topics: Topics, msg: Incoming) -> InboxRow | None:
     return InboxRow(client, kind, body=body)
 
 
-def lock_key(purpose: str, fleet: str) -> int:
-    """A stable signed 64-bit PostgreSQL advisory lock key for (purpose, fleet)."""
-    digest = hashlib.sha256(f"meerkat/{purpose}/{fleet}".encode()).digest()
-    return int.from_bytes(digest[:8], "big", signed=True)
-
-
 class Inbox:
     """The `inbox` table on its own PostgreSQL connection (each worker has one; the leader reads through its own)."""
 
     def __init__(self, url: str, fleet: str, worker: str) -> None:
         import psycopg
-
-        from coordinator.logstore import pg_create_schema, redact_url
 
         try:
             self.db = psycopg.connect(url, autocommit=True)

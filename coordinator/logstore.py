@@ -161,13 +161,18 @@ class PostgresStore:
         self.db.close()
 
 
+def lock_key(purpose: str, name: str) -> int:
+    """A stable signed 64-bit PostgreSQL advisory lock key for (purpose, name), e.g. ("leader", fleet)."""
+    digest = hashlib.sha256(f"meerkat/{purpose}/{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
 def pg_create_schema(db: Any, ddl: str, what: str) -> None:
-    """Run `ddl` (several statements, no parameters) in one transaction under an advisory lock named by
-    `what`: two processes running CREATE TABLE IF NOT EXISTS for the same table at the same moment make
-    one fail with UniqueViolation on pg_type (two coordinator workers starting together did)."""
-    key = int.from_bytes(hashlib.sha256(f"meerkat/schema/{what}".encode()).digest()[:8], "big", signed=True)
+    """Run `ddl` (several statements, no parameters) in one transaction under the advisory lock
+    ("schema", what): two processes running CREATE TABLE IF NOT EXISTS for the same table at the same
+    moment make one fail with UniqueViolation on pg_type (two coordinator workers starting together did)."""
     with db.transaction():
-        db.execute("SELECT pg_advisory_xact_lock(%s)", (key,))
+        db.execute("SELECT pg_advisory_xact_lock(%s)", (lock_key("schema", what),))
         db.execute(ddl.encode())
 
 

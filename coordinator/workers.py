@@ -35,8 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.config import CoordinatorConfig
-from coordinator.inbox import Inbox, InboxRow, admit, lock_key
+from coordinator.inbox import Inbox, InboxRow, admit
 from coordinator.ingest import Reject
+from coordinator.logstore import lock_key
 from coordinator.rounds import Action, RoundBook
 from coordinator.server import BATCH, INBOUND, Coordinator, take_batch
 from shared.config import ConfigError

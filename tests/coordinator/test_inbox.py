@@ -3,9 +3,12 @@ row, and the table's order on the real PostgreSQL."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
-from coordinator.inbox import Inbox, InboxRow, admit, lock_key
+from coordinator.inbox import Inbox, InboxRow, admit
+from coordinator.logstore import lock_key
 from shared.codec import decode, encode
 from shared.messages import ErrorCode, Heartbeat, Join, Message, Status, SyncRequest, Update
 from shared.mqtt import Incoming
@@ -76,44 +79,34 @@ def test_workers_starting_together_create_the_inbox_once(pg_url: str) -> None:
 
     from coordinator.logstore import PostgresStore
 
-    n = 6
-    go = threading.Barrier(n)
-    made: list[Inbox] = []
-    errors: list[BaseException] = []
+    def all_at_once(calls: list[Callable[[], object]]) -> list[object]:
+        """Run every call in its own thread, released together by a barrier; raise the first failure."""
+        go = threading.Barrier(len(calls))
+        got: list[object] = []
+        errors: list[BaseException] = []
 
-    def start(k: int) -> None:
-        try:
-            go.wait()
-            made.append(Inbox(pg_url, "fleet1", f"w{k}"))
-        except BaseException as exc:  # noqa: BLE001 - the test reports every failure
-            errors.append(exc)
+        def run(call: Callable[[], object]) -> None:
+            try:
+                go.wait()
+                got.append(call())
+            except BaseException as exc:  # noqa: BLE001 - the test reports every failure
+                errors.append(exc)
 
-    threads = [threading.Thread(target=start, args=(k,)) for k in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    try:
-        assert errors == [] and len(made) == n
-    finally:
-        for ib in made:
-            ib.close()
+        threads = [threading.Thread(target=run, args=(c,)) for c in calls]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert errors == [] and len(got) == len(calls)
+        return got
+
+    made = all_at_once([lambda k=k: Inbox(pg_url, "fleet1", f"w{k}") for k in range(6)])
+    for ib in made:
+        ib.close()  # type: ignore[attr-defined]
     stores = [PostgresStore(pg_url) for _ in range(4)]
-    go4 = threading.Barrier(4)
-    errors.clear()
-
-    def schema(s: PostgresStore) -> None:
-        try:
-            go4.wait()
-            s.create_schema("CREATE TABLE IF NOT EXISTS probe (k INTEGER PRIMARY KEY, v TEXT);")
-        except BaseException as exc:  # noqa: BLE001
-            errors.append(exc)
-
-    ts = [threading.Thread(target=schema, args=(s,)) for s in stores]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join(30)
-    for s in stores:
-        s.close()
-    assert errors == []
+    try:
+        all_at_once([lambda s=s: s.create_schema("CREATE TABLE IF NOT EXISTS probe (k INTEGER PRIMARY KEY, v TEXT);")
+                     for s in stores])
+    finally:
+        for s in stores:
+            s.close()
