@@ -35,6 +35,7 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import Tensor, nn
 
+from shared.architectures import check_model_dir
 from shared.sidecar import (
     SideCar,
     SideCarError,
@@ -117,6 +118,7 @@ def load_model(
         raise ValueError(f"quant must be one of {QUANTS}, got {quant!r}")
     if not (root / "config.json").is_file():
         raise FileNotFoundError(f"{root}: not a Hugging Face model directory (no config.json)")
+    check_model_dir(root, quant)  # an unsupported family fails here, in one line
     dev = torch.device(device)
     dtype = compute_dtype or default_compute_dtype(quant, dev)
     layers, shapes = _mask_parts(mask)

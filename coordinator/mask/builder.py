@@ -322,7 +322,6 @@ def build_mask(
     seqs: int = 128,
     seq_len: int = 512,
     seed: int = 0,
-    include_embeddings: bool = False,
     progress: bool = True,
 ) -> BuildResult:
     """Score every eligible weight by `method`, keep the global top `fraction`, attach the mean gradient.
@@ -336,7 +335,7 @@ def build_mask(
         raise MaskBuildError("method pretrain-grad needs calibration text (--calib FILE)")
     if calib and encode is None:
         raise MaskBuildError("calibration text given but no tokenizer to encode it")
-    weights = eligible_weights(model, include_embeddings)
+    weights = eligible_weights(model)
     shapes = {n: _shape2(n, w) for n, w in weights.items()}
     k = k_for(fraction, sum(w.numel() for w in weights.values()))
     grads: GradStats | None = None

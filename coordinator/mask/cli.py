@@ -40,11 +40,6 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool) -> None:
         action="store_true",
         help="recompute activations: less memory, ~30%% slower",
     )
-    p.add_argument(
-        "--include-embeddings",
-        action="store_true",
-        help="also score input embeddings and lm_head (off by default)",
-    )
 
 
 def register(sub: Any) -> None:
@@ -104,6 +99,7 @@ def _calibrated_stats(args: argparse.Namespace, include_embeddings: bool) -> tup
 
 def cmd_build(args: argparse.Namespace) -> int:
     from coordinator.mask.builder import build_mask, read_calibration, to_mask
+    from coordinator.mask.loading import check_supported
     from shared.fingerprint import FingerprintError, fingerprint_model_dir
     from shared.maskfile import MaskError, save_mask
 
@@ -114,6 +110,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         if out.exists() and not args.overwrite:  # checked before minutes of backprop, not after
             raise MaskBuildError(f"--out {out} already exists (pass --overwrite to replace it)")
         calib = [read_calibration(f) for f in args.calib]
+        check_supported(args.model)  # before hashing gigabytes of a model that cannot be used
         fingerprint = fingerprint_model_dir(args.model)
         model, encode, eos = _load_model(args)
         result = build_mask(
@@ -126,12 +123,10 @@ def cmd_build(args: argparse.Namespace) -> int:
             seqs=args.seqs,
             seq_len=args.seq_len,
             seed=args.seed,
-            include_embeddings=args.include_embeddings,
         )
         n_weights = sum(a * b for a, b in result.shapes.values())
         extra = {
             "seed": args.seed if args.method == "random" else None,
-            "include_embeddings": bool(args.include_embeddings),
             "eligible_weights": n_weights,
             "eligible_layers": len(result.shapes),
             "dtype": args.dtype,

@@ -28,6 +28,16 @@ def pick_device(device: str) -> torch.device:
     return dev
 
 
+def check_supported(model_dir: str | Path) -> None:
+    """The architecture check of shared/architectures.py, as a MaskBuildError (one line, exit 2)."""
+    from shared.architectures import UnsupportedModelError, check_model_dir
+
+    try:
+        check_model_dir(model_dir)
+    except UnsupportedModelError as exc:
+        raise MaskBuildError(str(exc)) from exc
+
+
 def load_for_mask(
     model_dir: str | Path,
     *,
@@ -45,6 +55,7 @@ def load_for_mask(
     root = Path(model_dir)
     if not (root / "config.json").is_file():
         raise MaskBuildError(f"--model {root}: no config.json (expected a Hugging Face model directory)")
+    check_supported(root)
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     if dtype not in dtypes:
         raise MaskBuildError(f"--dtype must be one of {', '.join(dtypes)}, got {dtype!r}")
@@ -81,4 +92,4 @@ def tokenizer_encoder(tokenizer: Any) -> tuple[Callable[[str], list[int]], int |
     return encode, int(eos) if eos is not None else None
 
 
-__all__ = ["load_for_mask", "pick_device", "tokenizer_encoder"]
+__all__ = ["check_supported", "load_for_mask", "pick_device", "tokenizer_encoder"]
