@@ -148,7 +148,7 @@ def load_model(
         sidecar = SideCar(layers, initial_values_from_dir(root, layers), dev)
         attach_sidecar(model, sidecar, dtype)
         log.info("side-car: %d values over %d layers", sidecar.nnz, len(sidecar.layer_names))
-    return LoadedModel(model, _load_tokenizer(root), sidecar, fingerprint, quant, dev, dtype)
+    return LoadedModel(model, load_tokenizer(root), sidecar, fingerprint, quant, dev, dtype)
 
 
 def _mask_parts(
@@ -226,7 +226,8 @@ def _quantize_linears(
     return len(targets)
 
 
-def _load_tokenizer(root: Path) -> Any | None:
+def load_tokenizer(root: Path) -> Any | None:
+    """The directory's tokenizer, or None when it has no tokenizer files."""
     names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
     if not any((root / n).is_file() for n in names):
         log.info("%s has no tokenizer files; LoadedModel.tokenizer is None", root)
@@ -264,4 +265,13 @@ def _quant_state_bytes(qs: Any) -> int:
     return total + (_quant_state_bytes(inner) if inner is not None else 0)
 
 
-__all__ = ["LoadedModel", "MaskLike", "QUANTS", "Quant", "default_compute_dtype", "load_model", "weight_bytes"]
+__all__ = [
+    "LoadedModel",
+    "MaskLike",
+    "QUANTS",
+    "Quant",
+    "default_compute_dtype",
+    "load_model",
+    "load_tokenizer",
+    "weight_bytes",
+]
