@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,7 +189,7 @@ def eligible_weights(model: nn.Module, include_embeddings: bool = False) -> dict
 class GradStats:
     """Per-layer fp32 mean gradient and mean squared gradient over calibration sequences."""
 
-    mean: dict[str, torch.Tensor]  # layer -> (out, in) fp32
+    mean: dict[str, torch.Tensor]  # layer -> (out, in) in the weight's dtype
     sq: dict[str, torch.Tensor]  # layer -> (out, in) fp32
     n_seqs: int
     mean_loss: float
@@ -201,11 +202,15 @@ def accumulate_gradients(
     *,
     progress: bool = True,
 ) -> GradStats:
-    """Backprop the LM loss of each sequence alone; add g and g^2 into fp32 buffers; free the grads.
+    """Backprop the LM loss of each sequence alone; add g and g^2 into per-layer buffers as each arrives.
 
     One sequence at a time keeps activation memory at batch 1; the squared gradient is per sequence
     (a batch would square an average and shrink the signal). Only the eligible weights keep
-    requires_grad, so no gradient memory is spent on anything else.
+    requires_grad. A post-accumulate hook on each weight adds its gradient into the buffers the moment
+    backprop has finished it and frees it, so at most one layer's gradient is alive, never a full
+    gradient copy of the model. g^2 is summed in fp32 (the ranking needs it); g in the weight's own
+    dtype (fp32 for an fp32 model; a bf16 model's mean gradient, used only at the mask by GradIP, is
+    summed in bf16 to keep the peak near 6 bytes per eligible parameter + the bf16 weights).
     """
     from tqdm import tqdm
 
@@ -215,8 +220,23 @@ def accumulate_gradients(
     wanted = {id(w) for w in weights.values()}
     for p in model.parameters():
         p.requires_grad_(id(p) in wanted)
-    total = {n: torch.zeros(w.shape, dtype=torch.float32, device=device) for n, w in weights.items()}
+    total = {n: torch.zeros(w.shape, dtype=w.dtype, device=device) for n, w in weights.items()}
     total_sq = {n: torch.zeros(w.shape, dtype=torch.float32, device=device) for n, w in weights.items()}
+    arrived: set[str] = set()
+
+    def make_hook(name: str) -> Callable[[torch.Tensor], None]:
+        def hook(w: torch.Tensor) -> None:
+            g = w.grad
+            assert g is not None  # the hook runs after accumulation
+            g32 = g.float()  # the same tensor for an fp32 weight
+            total[name].add_(g)
+            total_sq[name].addcmul_(g32, g32)
+            w.grad = None  # freed as soon as it is counted
+            arrived.add(name)
+
+        return hook
+
+    handles = [w.register_post_accumulate_grad_hook(make_hook(n)) for n, w in weights.items()]  # type: ignore[no-untyped-call]
     loss_sum = 0.0
     modes = {m: m.training for m in model.modules()}
     model.eval()  # no dropout: the gradient of the model as it is
@@ -225,34 +245,43 @@ def accumulate_gradients(
         # checkpointed blocks; their children (attention, dropout) stay in eval mode
         if getattr(m, "gradient_checkpointing", False) is True:
             m.training = True
+    n = ids.shape[0]
+    started = time.perf_counter()
     try:
-        for row in tqdm(ids, desc="mask: backprop", unit="seq", disable=None if progress else True):
+        for i, row in enumerate(tqdm(ids, desc="mask: backprop", unit="seq", disable=None if progress else True)):
             seq = row.unsqueeze(0).to(device)  # (1, L)
             loss = model(input_ids=seq, labels=seq).loss
             if not torch.isfinite(loss):
                 raise MaskBuildError(
                     f"calibration loss is {loss.item()} (not finite): check the model weights"
                 )
+            arrived.clear()
             loss.backward()
             loss_sum += float(loss.item())
-            for name, w in weights.items():
-                g = w.grad
-                if g is None:
-                    raise MaskBuildError(f"layer {name} got no gradient: is it used by the forward pass?")
-                g32 = g.float()
-                total[name].add_(g32)
-                total_sq[name].addcmul_(g32, g32)
-                w.grad = None
+            missing = sorted(set(weights) - arrived)
+            if missing:
+                raise MaskBuildError(f"layer {missing[0]} got no gradient: is it used by the forward pass?")
+            _log_progress(i + 1, n, time.perf_counter() - started)
     finally:
+        for h in handles:
+            h.remove()
         for m, mode in modes.items():
             m.training = mode
-    n = ids.shape[0]
     for name in weights:
         total[name].div_(n)
         total_sq[name].div_(n)
         if not bool(torch.isfinite(total_sq[name]).all()):
             raise MaskBuildError(f"layer {name}: gradient overflowed (inf/NaN); try --dtype float32")
     return GradStats(total, total_sq, n, loss_sum / n)
+
+
+def _log_progress(done: int, total: int, elapsed: float) -> None:
+    """A log line with the rate and the ETA (also when stderr is not a terminal and tqdm stays quiet)."""
+    every = max(1, total // 10)
+    if done % every and done != total:
+        return
+    per = elapsed / done
+    log.info("mask: %d/%d sequences, %.1f s/seq, ETA %.0f s", done, total, per, per * (total - done))
 
 
 # ---------------------------------------------------------------- the whole build

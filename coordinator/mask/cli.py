@@ -31,9 +31,9 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument(
         "--dtype",
-        default="float32",
-        choices=("float32", "bfloat16"),
-        help="model dtype for backprop (default: %(default)s)",
+        default="auto",
+        choices=("auto", "float32", "bfloat16"),
+        help="model dtype for backprop (default: %(default)s = the checkpoint's; fp16 is widened to fp32)",
     )
     p.add_argument(
         "--gradient-checkpointing",
@@ -129,7 +129,7 @@ def cmd_build(args: argparse.Namespace) -> int:
             "seed": args.seed if args.method == "random" else None,
             "eligible_weights": n_weights,
             "eligible_layers": len(result.shapes),
-            "dtype": args.dtype,
+            "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         }
         created = datetime.now(timezone.utc).replace(microsecond=0).isoformat()
         mask = to_mask(result, fingerprint, extra, created=created)

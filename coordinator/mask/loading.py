@@ -28,6 +28,17 @@ def pick_device(device: str) -> torch.device:
     return dev
 
 
+def checkpoint_float_dtype(model_dir: Path) -> torch.dtype:
+    """The checkpoint's weight dtype (fp16 is widened to fp32: fp16 gradients overflow), fp32 when unknown."""
+    from coordinator.export import ExportError, checkpoint_dtype
+
+    try:
+        found = checkpoint_dtype(model_dir)
+    except (ExportError, OSError, ValueError):
+        return torch.float32
+    return torch.bfloat16 if found == torch.bfloat16 else torch.float32
+
+
 def check_supported(model_dir: str | Path) -> None:
     """The architecture check of shared/architectures.py, as a MaskBuildError (one line, exit 2)."""
     from shared.architectures import UnsupportedModelError, check_model_dir
@@ -42,11 +53,14 @@ def load_for_mask(
     model_dir: str | Path,
     *,
     device: str = "auto",
-    dtype: str = "float32",
+    dtype: str = "auto",
     checkpointing: bool = False,
     tokenizer_dir: str | Path | None = None,
 ) -> tuple[nn.Module, Any]:
-    """The full-precision model (no quantization: the mask needs true gradients) and its tokenizer.
+    """The unquantized model (the mask needs true gradients) in the checkpoint's dtype, and its tokenizer.
+
+    `dtype` "auto": the checkpoint's (bf16 stays bf16: half the memory of an fp32 copy; fp16 is
+    widened to fp32), or "float32" / "bfloat16".
 
     `checkpointing` turns on HF activation checkpointing (see `accumulate_gradients` for the mode).
     """
@@ -57,17 +71,16 @@ def load_for_mask(
         raise MaskBuildError(f"--model {root}: no config.json (expected a Hugging Face model directory)")
     check_supported(root)
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-    if dtype not in dtypes:
-        raise MaskBuildError(f"--dtype must be one of {', '.join(dtypes)}, got {dtype!r}")
+    if dtype != "auto" and dtype not in dtypes:
+        raise MaskBuildError(f"--dtype must be auto or one of {', '.join(dtypes)}, got {dtype!r}")
+    torch_dtype = checkpoint_float_dtype(root) if dtype == "auto" else dtypes[dtype]
     dev = pick_device(device)
-    if dev.type == "cpu" and dtype != "float32":
-        log.warning("bfloat16 backprop on CPU is slow and coarse; float32 is recommended")
     tok_root = Path(tokenizer_dir) if tokenizer_dir is not None else root
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(tok_root))
     except (OSError, ValueError) as exc:
         raise MaskBuildError(f"cannot load a tokenizer from {tok_root} (use --tokenizer DIR): {exc}") from exc
-    model: Any = AutoModelForCausalLM.from_pretrained(str(root), dtype=dtypes[dtype])  # a PreTrainedModel
+    model: Any = AutoModelForCausalLM.from_pretrained(str(root), dtype=torch_dtype)  # a PreTrainedModel
     model.to(dev)
     model.config.use_cache = False  # no KV cache during backprop
     model.eval()  # no dropout: the gradient of the model as it is
@@ -92,4 +105,6 @@ def tokenizer_encoder(tokenizer: Any) -> tuple[Callable[[str], list[int]], int |
     return encode, int(eos) if eos is not None else None
 
 
-__all__ = ["check_supported", "load_for_mask", "pick_device", "tokenizer_encoder"]
+__all__ = [
+    "check_supported",
+    "checkpoint_float_dtype", "load_for_mask", "pick_device", "tokenizer_encoder"]
