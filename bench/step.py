@@ -81,6 +81,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="a named model shape (overrides sizes)")
     p.add_argument("--model", default=None, metavar="DIR", help="time this local HF causal-LM directory instead")
     p.add_argument("--no-plan", action="store_true", help="skip the memory planner's prediction (2 more forwards)")
+    p.add_argument("--sidecar-mode", choices=("auto", "correct", "tile"), default="auto",
+                   help="how quantized layers apply the side-car (default: the device's cheaper one)")
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--hidden", type=int, default=384)
     p.add_argument("--intermediate", type=int, default=None, help="MLP width (default 4 x hidden)")
@@ -249,6 +251,11 @@ def run(args: argparse.Namespace) -> int:
         model, sidecar = loaded.model, loaded.sidecar
         if sidecar is None:
             raise RuntimeError("side-car model loaded without a side-car")
+        if args.sidecar_mode != "auto":
+            from shared.sidecar import sidecar_layers
+
+            for _, layer in sidecar_layers(model):
+                layer.mode = args.sidecar_mode
         side_bytes = sidecar.nbytes()
         gc.collect()
         meter.reset()
@@ -302,6 +309,10 @@ def run(args: argparse.Namespace) -> int:
             measured = step_peak  # CUDA: allocated bytes, CPU: RSS above the libraries' (what the planner reads)
             result.update(
                 planner_need_mib=round(plan.need_bytes(args.batch) / 2**20, 1),
+                planner_weights_mib=round(plan.weights_bytes / 2**20, 1),
+                planner_sidecar_mib=round(plan.sidecar_bytes / 2**20, 2),
+                planner_fixed_mib=round(plan.fixed_bytes / 2**20, 1),
+                planner_per_seq_mib=round(plan.per_seq_bytes / 2**20, 2),
                 planner_error=round(plan.need_bytes(args.batch) / measured - 1, 4),
             )
         if dev.type == "cpu":
