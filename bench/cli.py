@@ -10,8 +10,8 @@ import importlib
 import json
 from typing import Any
 
-BENCHES = ("bench.wire", "bench.prng", "bench.step", "bench.learning", "bench.fleet", "bench.chaos")
-TOP_LEVEL = ("bench.tinylm.cli", "bench.demo")
+BENCHES = ("bench.wire", "bench.prng", "bench.step", "bench.learning.learning", "bench.fleet.fleet", "bench.chaos")
+TOP_LEVEL = ("bench.tinylm.cli", "bench.demo.demo")
 
 
 def register(sub: Any) -> None:

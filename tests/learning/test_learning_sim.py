@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from bench.learning import METHODS, LearningConfig, markdown_table, run_grid, runs_for
-from bench.learning_sim import ZOSpec, make_data, run_zo
+from bench.learning.learning import METHODS, LearningConfig, markdown_table, run_grid, runs_for
+from bench.learning.sim import ZOSpec, make_data, run_zo
 from coordinator.scheduler import round_seeds
 from edge_client.engine.spsa import spsa_step
 from edge_client.service.trainer import data_stream
@@ -20,7 +21,7 @@ from shared.loss import batch_loss
 
 @pytest.fixture(scope="module")
 def micro(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    from bench.learning_masks import build_masks
+    from bench.learning.masks import build_masks
     from bench.tinylm.pretrain import get_model_dir
     from shared.fingerprint import fingerprint_model_dir
     from shared.modelload import load_model
@@ -54,7 +55,7 @@ def test_round_equals_weighted_average_of_client_paths(micro: dict[str, Any]) ->
         sidecar.set_values(v0)
         for t in range(spec.T):
             batch = ds.batch(stream.take(spec.batch_size))
-            spsa_step(loaded.model, sidecar, lambda m, b=batch: batch_loss(m, b), seeds[t], spec.eps, spec.lr)
+            spsa_step(loaded.model, sidecar, partial(batch_loss, batch=batch), seeds[t], spec.eps, spec.lr)
         avg += sidecar.get_values().double() * (len(ds) / total)
     moved = float((after.double() - v0.double()).abs().max())
     assert moved > 1e-4  # the round did move the values
@@ -69,7 +70,7 @@ def test_run_zo_is_deterministic(micro: dict[str, Any]) -> None:
     outs = []
     for _ in range(2):
         Gs: list[list[float]] = []
-        res = run_zo(loaded, data, spec, mask.flat_grad(), on_round=lambda r, G, Gs=Gs: Gs.append(G),
+        res = run_zo(loaded, data, spec, mask.flat_grad(), on_round=lambda r, G: Gs.append(G),  # noqa: B023 (called in this iteration)
                      mask_id=mask.mask_id)
         outs.append((Gs, res.accuracy, res.bytes_up, res.bytes_down, res.gradip, loaded.sidecar.get_values()))
     assert outs[0][:5] == outs[1][:5]
@@ -105,7 +106,7 @@ def test_grid_json_has_one_row_per_method(tmp_path: Path) -> None:
     assert res["cells"] == {"total": len(res["runs"]), "cached": 0, "computed": len(res["runs"]), "missing": 0}
     assert all(r["wall_s"] > 0 for r in res["runs"]) and "loadavg" in res["machine"]
     assert res["vp_calibration"]["single"]["n"] + res["vp_calibration"]["other"]["n"] == 0  # too few steps
-    from bench.learning_plots import plot_results
+    from bench.learning.plots import plot_results
 
     (tmp_path / "plots").mkdir()
     names = {p.name for p in plot_results(res, tmp_path / "plots")}
@@ -114,7 +115,7 @@ def test_grid_json_has_one_row_per_method(tmp_path: Path) -> None:
 
 
 def test_gap_points_pair_meerkat_with_dense_per_size() -> None:
-    from bench.learning_plots import gap_points
+    from bench.learning.plots import gap_points
 
     def run(size: str, method: str, acc: float, nnz: int, seed: int = 0) -> dict[str, Any]:
         return {"size": size, "task": "topic", "setting": "dirichlet", "method": method, "T": 10, "seed": seed,
@@ -129,7 +130,7 @@ def test_gap_points_pair_meerkat_with_dense_per_size() -> None:
 
 
 def test_targets_check_the_issue_goals_from_the_t10_means() -> None:
-    from bench.learning import config_from_args, summarize, targets, targets_markdown
+    from bench.learning.learning import config_from_args, summarize, targets, targets_markdown
 
     def run(method: str, acc: float, setting: str = "dirichlet", seed: int = 0, **kw: Any) -> dict[str, Any]:
         T = 0 if method == "zero-shot" else 10
@@ -220,7 +221,7 @@ def test_killed_grid_resumes_without_recomputing_finished_cells(tmp_path: Path) 
 
 
 def test_lr_rule_picks_the_best_stable_lr() -> None:
-    from bench.learning_cells import LrRule, choose_lr, run_stable
+    from bench.learning.cells import LrRule, choose_lr, run_stable
 
     rule = LrRule(drop_tol=0.1, tie_tol=0.005)
 
@@ -256,8 +257,8 @@ def test_lr_rule_picks_the_best_stable_lr() -> None:
 def test_tune_writes_lrs_the_grid_reads(tmp_path: Path) -> None:
     import argparse
 
-    from bench.learning import config_from_args, lr_for, run_tune
-    from bench.learning_cells import lr_markdown
+    from bench.learning.cells import lr_markdown
+    from bench.learning.learning import config_from_args, lr_for, run_tune
 
     cfg = LearningConfig(size="micro", tasks=("sentiment",), seeds=2, tune_seeds=(7,), Ts=(2,), budget=2,
                          n_clients=4, n_train=80, n_eval=16, calib_seqs=4, n_evals=1, methods=("meerkat",))

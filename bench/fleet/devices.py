@@ -1,7 +1,7 @@
 """Simulated devices for `meerkat bench fleet`: one process runs a few thousand of them in one event loop.
 
-Run by bench/fleet.py as `python -m bench.fleet_devices SPEC.json OUT.json`. Each device is a real MQTT
-connection (bench/mqttlite.py) that behaves like edge_client on the wire: clean_session=False with a
+Run by bench/fleet/fleet.py as `python -m bench.fleet.devices SPEC.json OUT.json`. Each device is a real MQTT
+connection (bench/fleet/mqttlite.py) that behaves like edge_client on the wire: clean_session=False with a
 unique id, a will that publishes Status(offline), retained Status(online), Join, subscriptions to plan,
 result/+ and to/{id}; for every plan that samples it, an encoded Update (QoS 1) after a jittered compute
 delay; QoS 0 heartbeats. Dropouts: with probability `dropout` a sampled device loses its connection the
@@ -9,7 +9,7 @@ moment the plan arrives (no DISCONNECT: the broker publishes its will), stays aw
 plan again and then sends; an Update whose PUBACK never came is re-sent with the same msg_id.
 
 Every random draw comes from shared.prng with the spec's seed (device index and round in the path).
-What each device sent (round, msg_id, send time, PUBACK time) is the ground truth bench/fleet.py checks
+What each device sent (round, msg_id, send time, PUBACK time) is the ground truth bench/fleet/fleet.py checks
 against the coordinator's log. The plan payload is identical for every device of a process, so it is
 decoded once per process (a real device decodes its own copy on its own CPU).
 """
@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.mqttlite import LiteClient, LiteWill, open_client
+from bench.fleet.mqttlite import LiteClient, LiteWill, open_client
 from shared.codec import decode, encode
 from shared.fingerprint import fp_tag
 from shared.messages import ErrorCode, ErrorMsg, Heartbeat, Join, RoundPlan, RoundResult, Status, Update
@@ -113,7 +113,7 @@ class Worker:
         self.plans: dict[int, list[float]] = {}  # round -> [first receipt, last receipt, receipts]
         self.results: dict[int, list[float]] = {}  # round -> [first receipt, last receipt, n_clients]
         self.closed: set[int] = set()
-        self.result_payloads: dict[int, str] = {}  # round -> hex payload (for the VP replay in bench/fleet.py)
+        self.result_payloads: dict[int, str] = {}  # round -> hex payload (for the VP replay in bench/fleet/fleet.py)
         self.plan_bytes = 0
         self.errors: dict[str, int] = {}
         self.connect_failures = 0
