@@ -1,6 +1,7 @@
 """`meerkat bench <name>`, `meerkat tiny-model` and `meerkat demo`.
 
-Each benchmark lives in its own module under `bench/` and exposes `add_parser(sub)`.
+Each benchmark is one module (`bench/wire.py`) or a folder's main module (`bench/learning/learning.py`),
+and exposes `add_parser(sub)`.
 """
 
 from __future__ import annotations
