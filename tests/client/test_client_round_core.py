@@ -148,6 +148,7 @@ def test_resume_at_step_k_after_restart_gives_the_same_actions() -> None:
     saved = of(SaveStep, full)[:2]
     again = core(progress=Progress(0, update_msg_id(ME, p), tuple(s.result for s in saved), saved[-1].data_pointer))
     (load,) = again.on_plan(p)
+    assert isinstance(load, LoadValues)
     local = V0
     for s in saved:
         local = local_update(local, s.result.seed, s.result.g, p.lr, "rademacher")
@@ -251,7 +252,7 @@ def test_result_arriving_before_we_finished_drops_the_round() -> None:
     res, after = result(0, V0)
     acts = c.on_result(res)
     assert [type(a) for a in acts] == [Commit, DropRound, LoadValues]
-    assert acts[1] == DropRound(0, 1, 3) and torch.equal(acts[2].values, after)
+    assert acts[1] == DropRound(0, 1, 3) and isinstance(acts[2], LoadValues) and torch.equal(acts[2].values, after)
     assert c.job is None and c.data_pointer == 0 and c.counters["rounds_missed"] == 1  # the pointer did not move
     assert of(TrainStep, c.tick(0.0)) == []
 

@@ -9,6 +9,7 @@ import pytest
 from test_rounds_core import FP, MASK, book, config, join, records, sent, update
 
 import coordinator.rounds as rounds
+from coordinator.ratelimit import LruDict
 from coordinator.records import JoinRecord, RejectRecord, UpdateRecord
 from coordinator.rounds import Dropped, Persist, RoundBook
 from shared.codec import encode
@@ -164,11 +165,11 @@ def test_round_closes_on_quorum_plus_grace_not_the_slowest() -> None:
 def test_unknown_ids_cost_no_row_and_bounded_memory() -> None:
     b = book(config())
     acts = []
-    for i in range(rounds.LruDict().max_keys + 500):
+    for i in range(LruDict().max_keys + 500):
         cid = f"spoof-{i}"
         acts += b.handle(Heartbeat(cid, 0.0, 1.0, 1), 0.0) + b.handle(Status(cid, True, 0.0), 0.0)
     assert [a for a in acts if isinstance(a, Persist)] == [] and b.clients == {}
-    assert len(b.unjoined) == rounds.LruDict().max_keys
+    assert len(b.unjoined) == LruDict().max_keys
     assert b.tick(200.0) == [] and len(b.unjoined) == 0  # silent for offline_after_s: forgotten, not nagged
 
 
