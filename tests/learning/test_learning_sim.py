@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -64,15 +65,31 @@ def test_round_equals_weighted_average_of_client_paths(micro: dict[str, Any]) ->
     sidecar.set_values(v0)
 
 
+def test_run_zo_builds_each_device_with_the_trainer_factory(micro: dict[str, Any]) -> None:
+    from bench.learning.vp_probe import RecordingTrainer, Steps
+
+    loaded, data, mask = micro["loaded"], micro["data"], micro["masks"]["pretrain-grad"]
+    spec = ZOSpec(rounds=1, T=2, lr=0.5, eps=1e-2, batch_size=8, seed=5, n_evals=1)
+    log: Steps = {}
+    run_zo(loaded, data, spec, None, mask_id=mask.mask_id,
+           trainer=lambda lm, ds, client, mask_id: RecordingTrainer(lm, ds, client, mask_id, log))
+    seeds = list(round_seeds(spec.seed, 0, spec.T))
+    assert sorted(log) == sorted(data.clients)  # every device ran the factory's trainer
+    assert all([seed for seed, *_ in steps] == seeds for steps in log.values())
+    assert all(math.isfinite(g) for steps in log.values() for _, g, _, _ in steps)
+    loaded.sidecar.set_values(loaded.sidecar.initial_values())
+
+
 def test_run_zo_is_deterministic(micro: dict[str, Any]) -> None:
     loaded, data, mask = micro["loaded"], micro["data"], micro["masks"]["pretrain-grad"]
     spec = ZOSpec(rounds=2, T=2, lr=0.5, eps=1e-2, batch_size=8, seed=5, vp=True, n_evals=2)
-    outs = []
-    for _ in range(2):
+
+    def run_once() -> tuple[Any, ...]:
         Gs: list[list[float]] = []
-        res = run_zo(loaded, data, spec, mask.flat_grad(), on_round=lambda r, G: Gs.append(G),  # noqa: B023 (called in this iteration)
-                     mask_id=mask.mask_id)
-        outs.append((Gs, res.accuracy, res.bytes_up, res.bytes_down, res.gradip, loaded.sidecar.get_values()))
+        res = run_zo(loaded, data, spec, mask.flat_grad(), on_round=lambda r, G: Gs.append(G), mask_id=mask.mask_id)
+        return Gs, res.accuracy, res.bytes_up, res.bytes_down, res.gradip, loaded.sidecar.get_values()
+
+    outs = [run_once(), run_once()]
     assert outs[0][:5] == outs[1][:5]
     assert torch.equal(outs[0][5], outs[1][5])
     assert all(len(h) == 4 for h in outs[0][4].values())  # 2 rounds x 2 steps of GradIP per client
