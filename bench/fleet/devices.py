@@ -89,7 +89,9 @@ def gaussian_grads(seed: int, index: int, round: int, steps: int, scale: float) 
 
 
 @dataclass
-class Device:
+class SimDevice:
+    """One simulated device: its MQTT connection and what it sent (the ground truth fleet.py checks)."""
+
     index: int
     cid: str
     client: LiteClient | None = None
@@ -102,12 +104,14 @@ class Device:
     n_samples: int = 0  # its Join's n_samples, also the n_samples of every Update (drawn once)
 
 
-class Worker:
+class DeviceProcess:
+    """The devices of one `python -m bench.fleet.devices` process, all on one asyncio loop."""
+
     def __init__(self, spec: DeviceSpec) -> None:
         self.spec = spec
         self.t = Topics(spec.fleet)
         self.fp_tag = fp_tag(spec.fingerprint)
-        self.devices = [Device(i, device_id(spec.prefix, i), n_samples=50 + int(uniforms(spec.seed, MSG_TAG, i, 0, 1)[0] * 450))
+        self.devices = [SimDevice(i, device_id(spec.prefix, i), n_samples=50 + int(uniforms(spec.seed, MSG_TAG, i, 0, 1)[0] * 450))
                         for i in range(spec.first, spec.first + spec.count)]  # fmt: skip
         self.decoded: dict[bytes, Any] = {}
         self.plans: dict[int, list[float]] = {}  # round -> [first receipt, last receipt, receipts]
@@ -127,7 +131,7 @@ class Worker:
             m = self.decoded[payload] = decode(payload)
         return m
 
-    def on_message(self, dev: Device, topic: str, payload: bytes) -> None:
+    def on_message(self, dev: SimDevice, topic: str, payload: bytes) -> None:
         now = time.time()
         if not payload:
             return
@@ -152,7 +156,7 @@ class Worker:
             if m.code == ErrorCode.UNKNOWN_CLIENT and dev.client is not None:
                 self._join(dev)
 
-    def _on_plan(self, dev: Device, plan: RoundPlan) -> None:
+    def _on_plan(self, dev: SimDevice, plan: RoundPlan) -> None:
         r = plan.round
         if dev.cid not in plan.steps or r in dev.sent or r in dev.scheduled or r in self.closed:
             return
@@ -168,7 +172,7 @@ class Worker:
         loop.call_later(self.spec.compute_s * (0.5 + u[2]), self._send_update, dev, plan)
 
     # -- messages out ---------------------------------------------------------------------------------
-    def _send_update(self, dev: Device, plan: RoundPlan) -> None:
+    def _send_update(self, dev: SimDevice, plan: RoundPlan) -> None:
         dev.scheduled.discard(plan.round)
         if dev.client is None or not dev.client.connected:
             return  # it will see the plan again after reconnecting
@@ -182,7 +186,7 @@ class Worker:
         dev.sent[r] = entry
         self._publish_update(dev, entry)
 
-    def _publish_update(self, dev: Device, entry: list[Any]) -> None:
+    def _publish_update(self, dev: SimDevice, entry: list[Any]) -> None:
         assert dev.client is not None
         fut = dev.client.publish(self.t.up(dev.cid), entry[3], 1)
         assert fut is not None
@@ -193,12 +197,12 @@ class Worker:
 
         fut.add_done_callback(acked)
 
-    def _join(self, dev: Device) -> None:
+    def _join(self, dev: SimDevice) -> None:
         assert dev.client is not None
         join = Join("", self.spec.fingerprint, self.spec.mask_id, dev.n_samples, 2.0, {"sim": True}, -1)
         dev.client.publish(self.t.join(dev.cid), encode(join), 1)
 
-    async def _connect(self, dev: Device, first: bool) -> bool:
+    async def _connect(self, dev: SimDevice, first: bool) -> bool:
         will = LiteWill(self.t.status(dev.cid), encode(Status("", False, time.time())), 1, True)
         subs = [(self.t.plan, 1), (self.t.filter("result"), 1), (self.t.to(dev.cid), 1)]
         for attempt in range(6):
@@ -222,7 +226,7 @@ class Worker:
                 await asyncio.sleep(0.2 * 2**attempt)
         return False
 
-    async def _reconnect(self, dev: Device, after: float) -> None:
+    async def _reconnect(self, dev: SimDevice, after: float) -> None:
         await asyncio.sleep(after)
         dev.reconnects += 1
         await self._connect(dev, first=False)
@@ -249,7 +253,7 @@ class Worker:
     async def run(self) -> None:
         sem = asyncio.Semaphore(CONNECT_CONCURRENCY)
 
-        async def one(dev: Device) -> None:
+        async def one(dev: SimDevice) -> None:
             async with sem:
                 await self._connect(dev, first=True)
 
@@ -276,7 +280,7 @@ class Worker:
 
     async def _wipe_sessions(self, sem: asyncio.Semaphore) -> None:
         """On a shared broker: a clean_session connect drops each device's persistent session."""
-        async def wipe(dev: Device) -> None:
+        async def wipe(dev: SimDevice) -> None:
             async with sem:
                 try:
                     c = await open_client(self.spec.host, self.spec.port, dev.cid, _ignore, clean=True)
@@ -330,7 +334,7 @@ def main(argv: list[str]) -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < spec.count + 64:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, spec.count + 1024), hard))
-    worker = Worker(spec)
+    worker = DeviceProcess(spec)
     asyncio.run(worker.run())
     Path(argv[1]).write_text(json.dumps(worker.report()))
     return 0
