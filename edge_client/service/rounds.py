@@ -493,11 +493,4 @@ class ClientRounds:
         return [SendSync(self.round)]
 
 
-__all__ = [
-    "FINAL_FOR_UPDATE",
-    "ClientRounds",
-    "Identity",
-    "Job",
-    "Progress",
-    "update_msg_id",
-]
+__all__ = ["FINAL_FOR_UPDATE", "ClientRounds", "Identity", "Job", "Progress", "update_msg_id"]

@@ -96,7 +96,7 @@ def test_resume_at_step_k_after_restart_gives_the_same_actions() -> None:
     local = V0
     for s in saved:
         local = local_update(local, s.result.seed, s.result.g, p.lr, "rademacher")
-    assert torch.equal(load.values, local)
+    assert isinstance(load, LoadValues) and torch.equal(load.values, local)
     rest = run_steps(again)
     assert of(TrainStep, rest) == of(TrainStep, full)[2:] and of(QueueUpdate, rest) == of(QueueUpdate, full)
     # saved steps of another plan are not resumed: the round starts over
@@ -178,7 +178,8 @@ def test_result_arriving_before_we_finished_drops_the_round() -> None:
     res, after = result(0, V0)
     acts = c.on_result(res, 0.0)
     assert [type(a) for a in acts] == [Commit, DropRound, LoadValues]
-    assert acts[1] == DropRound(0, 1, 3) and torch.equal(acts[2].values, after)
+    load = acts[2]
+    assert acts[1] == DropRound(0, 1, 3) and isinstance(load, LoadValues) and torch.equal(load.values, after)
     assert c.job is None and c.data_pointer == 0 and c.counters["rounds_missed"] == 1  # the pointer did not move
     assert of(TrainStep, c.tick(0.0)) == []
 
@@ -235,10 +236,12 @@ def test_handle_dispatches_like_the_named_events() -> None:
     by_name, by_type = core(), core()
     res, _ = result(0, V0)
     p = plan(round=1, base_values=apply_round(V0, res.seeds, res.scalars, res.lr, res.dist))
-    for msg, event in ((res, by_name.on_result), (p, by_name.on_plan), (Replay(()), by_name.on_replay),
-                       (ErrorMsg(ErrorCode.RATE_LIMITED, "x"), by_name.on_error)):  # fmt: skip
-        want, got = event(msg, 3.0), by_type.handle(msg, 3.0)  # type: ignore[operator]
-        assert [type(a) for a in got] == [type(a) for a in want] and (got or isinstance(msg, Replay))
+    err = ErrorMsg(ErrorCode.RATE_LIMITED, "x")
+    want = [by_name.on_result(res, 3.0), by_name.on_plan(p, 3.0), by_name.on_replay(Replay(()), 3.0),
+            by_name.on_error(err, 3.0)]  # fmt: skip
+    got = [by_type.handle(msg, 3.0) for msg in (res, p, Replay(()), err)]
+    assert [[type(a) for a in acts] for acts in got] == [[type(a) for a in acts] for acts in want]
+    assert [[type(a) for a in acts] for acts in got] == [[Commit, LoadValues], [LoadValues], [], [SlowDown]]
     assert (by_type.round, by_type.checksum, by_type.job is not None) == (0, by_name.checksum, True)
     with pytest.raises(TypeError, match="Heartbeat is not a coordinator -> client message"):
         by_type.handle(Heartbeat(client="", ts=0.0, cpu_pct=0.0, rss_bytes=0, gpu_mem_bytes=None, temp_c=None,
