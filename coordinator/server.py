@@ -134,13 +134,6 @@ class Coordinator:
         self.state_dir = Path(config.state_dir)
         self.log = EventLog(self.state_dir, config.sqlite_synchronous, event_log=config.event_log)
         self.metrics = Metrics()
-        drift = (
-            DriftMonitor(grad, config.dist, config.drift_thresholds(), keep_history=False)
-            if (grad := self.mask.flat_grad()) is not None
-            else None
-        )  # owns c_t: GradIP is computed once, stored, and fed to the monitor
-        if config.drift_control and drift is None:
-            log.info("drift_control: the mask has no pre-training gradient (grad.*), so MEERKAT-VP is off")
         self._stop = threading.Event()
         self._pending_mids: set[int] = set()
         self._heartbeats: dict[str, HeartbeatRecord] = {}  # newest per client, not yet written (_defer_heartbeats)
@@ -153,17 +146,16 @@ class Coordinator:
         self.link: MqttLink | None = None
         self.metrics_server: MetricsServer | None = None
         self._check_meta()
-        self.book = RoundBook(
-            config, fingerprint=self.fingerprint, mask_id=self.mask_id, values=self.v0, drift=drift,
-            stop_after_round=self.stop_after_round,
+        self.book = RoundBook.from_config(
+            config, self.mask, fingerprint=self.fingerprint, values=self.v0, stop_after_round=self.stop_after_round,
             recovered=recover(self.log, self.v0, self.mask_id, self.fingerprint, config.replay_max),
         )  # fmt: skip
         self.metrics.current_round.set(self.book.last_round)
         self.evaluator = CoordinatorEvaluator(config, self.mask, self.fingerprint) if config.eval_data else None
         self._eval_round: int | None = None  # a closed round the evaluator has not seen yet
-        if self.book.limited():
-            log.info("drift: %d clients limited to 1 local step: %s", len(self.book.limited()),
-                     " ".join(sorted(self.book.limited())))  # fmt: skip
+        if self.book.vp_limited():
+            log.info("drift: %d clients limited to 1 local step: %s", len(self.book.vp_limited()),
+                     " ".join(sorted(self.book.vp_limited())))  # fmt: skip
 
     # the book's state, for callers that held it on the Coordinator
     @property
@@ -410,7 +402,7 @@ class Coordinator:
             elif isinstance(a, Dropped):
                 self._add(self.metrics.dropped, a.reason)
         self.metrics.clients_online.set(self.book.n_online())
-        self.metrics.clients_limited.set(len(self.book.limited()))
+        self.metrics.clients_limited.set(len(self.book.vp_limited()))
         if self._eval_round is not None:
             self._evaluate(self._eval_round)
         self._apply_tally()
