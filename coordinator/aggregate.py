@@ -178,7 +178,8 @@ def late_to_fold(late: Iterable[UpdateRow], T: int) -> list[UpdateRow]:
 
 
 def round_groups(
-    seeds: Sequence[int], ups: Sequence[UpdateRow], late: Sequence[UpdateRow], plan_seeds: Mapping[int, Sequence[int]]
+    seeds: tuple[int, ...], ups: Sequence[UpdateRow], late: Sequence[UpdateRow],
+    plan_seeds: Mapping[int, tuple[int, ...]],
 ) -> tuple[Group, list[Group]]:
     """The closing round's group (its on-time updates) and one group per round of the late updates folded
     into its result (`plan_seeds`: round -> that round's seeds), the arguments of `result_scalars`."""
