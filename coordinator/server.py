@@ -35,6 +35,7 @@ from coordinator.eventlog import EventLog
 from coordinator.heartbeats import HeartbeatBuffer
 from coordinator.intake import INBOUND, Decision, admit, feed
 from coordinator.metrics import Metrics, MetricsServer
+from coordinator.publisher import Publisher
 from coordinator.records import DuplicateRecord, PlanRow, ResultRecord
 from coordinator.recovery import StateMismatch as StateMismatch
 from coordinator.recovery import check_meta, recover
@@ -42,11 +43,10 @@ from coordinator.retention import prune_log
 from coordinator.rounds import Action, Dropped, Duplicate, Persist, Publish, RoundBook, WriteCheckpoint
 from coordinator.tally import Tally
 from shared.apply import values_checksum
-from shared.codec import encode
 from shared.config import ConfigError
 from shared.fingerprint import fingerprint_model_dir
 from shared.maskfile import Mask, load_mask
-from shared.messages import RoundPlan, RoundResult
+from shared.messages import RoundResult
 from shared.mqtt import Incoming, MqttLink, read_secret, tls_for
 from shared.sidecar import initial_values_from_dir
 from shared.topics import Topics
@@ -92,9 +92,9 @@ class Coordinator:
         self.log = EventLog(self.state_dir, config.sqlite_synchronous, event_log=config.event_log)
         self.metrics = Metrics()
         self._stop = threading.Event()
-        self._pending_mids: set[int] = set()
         self.heartbeats = HeartbeatBuffer()
         self.tally = Tally(self.metrics)
+        self.out = Publisher(self.topics, self.tally, self.metrics)
         self._seen_connects = 0  # link connects the book has been told about (reconnected())
         self._alive_at = -float("inf")  # last liveness write (the coordinator's clock)
         self.link: MqttLink | None = None
@@ -139,7 +139,7 @@ class Coordinator:
         if link is None:
             subs = [(self.topics.filter(k), self.topics.qos(k)) for k in INBOUND]
             link = broker_link(c, c.client_id, subs, clean_session=False)
-        self.link = link
+        self.link = self.out.link = link
         if c.metrics:
             self.metrics.watch_fleet(self.state_dir, c.metrics_per_device, c.event_log)
             pages = dashboard_pages(self.state_dir, self.metrics.bytes_totals, c.event_log) if c.dashboard else None
@@ -173,7 +173,7 @@ class Coordinator:
     def close(self) -> None:
         if self.link is not None:
             self.link.stop()
-            self.link = None
+            self.link = self.out.link = None
             self._beat(self.clock(), stopped=True)  # a clean stop: status says "stopped", not "not seen"
         if self.metrics_server is not None:
             self.metrics_server.stop()
@@ -183,11 +183,7 @@ class Coordinator:
     def drain(self, timeout: float = 10.0) -> None:
         """Before exiting: the held heartbeats written, and every QoS1 publish so far PUBACKed (or `timeout`)."""
         self.flush_heartbeats()
-        end = time.monotonic() + timeout
-        while self._pending_mids and time.monotonic() < end:
-            self._drain_published(0.05)
-        if self._pending_mids:
-            log.warning("%d publishes not acknowledged by the broker at shutdown", len(self._pending_mids))
+        self.out.wait(timeout)
 
     # -- one loop iteration ----------------------------------------------------------------------
     def step(self, timeout: float = 0.1) -> None:
@@ -197,7 +193,7 @@ class Coordinator:
         acts: list[Action] = []
         for msg in batch:
             acts += self.feed(admit(self.topics, msg))
-        self._settle(acts, acks=batch)
+        self.advance(acts, acks=batch)
 
     def _check_reconnect(self) -> None:
         """After each (re)connect + SUBACK of our link: the book re-publishes the open plan, so devices
@@ -209,17 +205,13 @@ class Coordinator:
             log.info("link to the broker up (connect #%d): re-publishing the open plan", self._seen_connects)
             self._carry_out(self.book.reconnected(self.clock()))
 
-    def lead_step(self, acts: Sequence[Action], meta: dict[str, str]) -> None:
-        """A cluster leader's loop iteration (coordinator/workers.py): `acts` are the book's answers to a
-        batch of the PostgreSQL inbox; they are persisted with `meta` (the inbox position) in ONE
-        transaction, then published (no MQTT acks: workers ack after writing the inbox); then as step()."""
+    def advance(self, acts: Sequence[Action], acks: Sequence[Incoming] = (), meta: dict[str, str] | None = None) -> None:
+        """The end of every loop iteration: `acts` (the book's answers to a batch) persisted with `meta` (a
+        cluster leader's inbox position, coordinator/workers.py) in ONE transaction, THEN `acks` acked, THEN
+        published; PUBACKs collected; the clock ticked."""
         self._check_reconnect()
-        self._settle(acts, meta=meta)
-
-    def _settle(self, acts: Sequence[Action], acks: Sequence[Incoming] = (), meta: dict[str, str] | None = None) -> None:
-        """The end of every loop iteration: carry out the batch's actions, collect PUBACKs, tick the clock."""
         self._carry_out(acts, acks=acks, meta=meta)
-        self._drain_published(0.0)
+        self.out.collect(0.0)
         self.tick()
         if self.heartbeats.due():
             self.flush_heartbeats()  # a quiet fleet: no other write to carry them
@@ -239,23 +231,6 @@ class Coordinator:
             with self.log.transaction():
                 self.log.beat(now, stopped=stopped)
             self._alive_at = now
-
-    def _drain_published(self, timeout: float) -> None:
-        assert self.link is not None
-        try:
-            published = self.link.published
-            self._pending_mids.discard(published.get(timeout=timeout) if timeout else published.get_nowait())
-            while True:
-                self._pending_mids.discard(self.link.published.get_nowait())
-        except queue.Empty:
-            pass
-
-    def _publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
-        assert self.link is not None
-        mid = self.link.publish(topic, payload, qos, retain)
-        self.tally.add(self.metrics.bytes_sent, self.topics.parse(topic)[0], len(payload))
-        if qos > 0:
-            self._pending_mids.add(mid)
 
     # -- in: an intake decision -> the book -------------------------------------------------------
     def feed(self, d: Decision) -> list[Action]:
@@ -294,7 +269,7 @@ class Coordinator:
                 self._eval_round = rec.result.round
         for a in acts:
             if isinstance(a, Publish):
-                self._send(a)
+                self.out.send(a)
             elif isinstance(a, WriteCheckpoint):
                 self._write_checkpoint(a.round, a.values)
             elif isinstance(a, Duplicate):
@@ -314,19 +289,6 @@ class Coordinator:
             with self.log.transaction():
                 self.log.persist_many(held)
         self.heartbeats.flushed = time.monotonic()
-
-    def _send(self, p: Publish) -> None:
-        """A plan retained on `plan`; a result on `result/{r}` and retained on `result/latest`; else `to/{c}`."""
-        payload = encode(p.message)
-        if p.to is not None:
-            self._publish(self.topics.to(p.to), payload, 1, False)
-        elif isinstance(p.message, RoundPlan):
-            self._publish(self.topics.plan, payload, 1, True)
-        elif isinstance(p.message, RoundResult):
-            self._publish(self.topics.result(p.message.round), payload, 1, False)
-            self._publish(self.topics.result_latest, payload, 1, True)
-        else:
-            raise TypeError(f"cannot broadcast a {type(p.message).__name__}")
 
     def _evaluate(self, round: int) -> None:
         """The coordinator's own evaluation of the values after `round` (committed + published already)."""
@@ -355,16 +317,12 @@ class Coordinator:
         return [a for a in self.book.sync_reply(client, have_round) if isinstance(a, Publish)]
 
     def _write_checkpoint(self, round: int, values: torch.Tensor) -> Path:
-        path = keep_checkpoint(self.log, self.state_dir, round, values, self.mask_id, self.fingerprint,
-                               self.config.keep_checkpoints, self.clock())  # fmt: skip
-        if self.config.retain_rounds:
-            self.prune(round)
-        return path
-
-    def prune(self, last_round: int) -> dict[str, int]:
-        """Retention (at each checkpoint, docs/COORDINATOR.md "Retention"): `retention.prune_log`."""
         c = self.config
-        return prune_log(self.log, last_round, c.retain_rounds, c.replay_max, c.drift_window)
+        path = keep_checkpoint(self.log, self.state_dir, round, values, self.mask_id, self.fingerprint,
+                               c.keep_checkpoints, self.clock())  # fmt: skip
+        if c.retain_rounds:  # retention (docs/COORDINATOR.md "Retention")
+            prune_log(self.log, round, c.retain_rounds, c.replay_max, c.drift_window)
+        return path
 
 
 def broker_link(

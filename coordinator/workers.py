@@ -12,7 +12,7 @@ Leader (one worker): holds `pg_try_advisory_lock(fleet)` on a dedicated connecti
 with a `RoundBook` (a `Coordinator` built at take-over: recovery from the log, `coordinator/recovery.py`).
 It reads the inbox in id order after `meta.inbox_done`, feeds each row's decision to the book as the
 single pump does (`Coordinator.feed`: the same actions, the same counters), and commits the book's records
-with the new `inbox_done` in one transaction (`Coordinator.lead_step`), then publishes. The book is the
+with the new `inbox_done` in one transaction (`Coordinator.advance`), then publishes. The book is the
 single coordinator's: the same inbox gives the same RoundResults.
 
 Failover: the leader's PostgreSQL session ends when it dies (kill -9 closes its socket), which releases
@@ -213,7 +213,7 @@ class Worker:
         acts: list[Action] = []
         for row in rows:
             acts += coord.feed(row.decision())
-        coord.lead_step(acts, {"inbox_done": str(rows[-1].id)} if rows else {})
+        coord.advance(acts, meta={"inbox_done": str(rows[-1].id)} if rows else {})
         if rows:
             self.position = rows[-1].id
         mono = time.monotonic()
