@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from test_rounds_core import FP, MASK, book, config, records
 
@@ -63,3 +65,43 @@ def test_a_bug_in_the_book_is_a_counted_internal_reject(monkeypatch: pytest.Monk
     acts = feed(b, Admitted("c1", "hb", Heartbeat("c1", 0.0, 1.0, 1), 10), 0.0)
     assert [r.reason for r in records(acts, RejectRecord)] == ["internal"]
     assert not [a for a in acts if isinstance(a, Publish)]  # no reply for an internal error
+
+
+def test_single_pump_and_cluster_leader_count_the_same(tmp_path: Path) -> None:
+    """The same messages, fed as `admit` decides them (one coordinator) and through inbox rows (a cluster
+    leader): the same actions and the same received/bytes counters (retained drops and unparsed topics too)."""
+    from coordfakes import make_config, synthetic_mask, synthetic_v0
+
+    from coordinator.inbox import row_of
+    from coordinator.server import Coordinator
+
+    mask = synthetic_mask((50,))
+    msgs = [
+        _in(T.join("c1"), encode(Join("", mask.meta.fingerprint, mask.mask_id, 5, 1.0, {}, -1))),
+        _in(T.hb("c1"), encode(Heartbeat("", 0.0, 1.0, 1))),
+        _in(T.up("c1"), b"bomb", retain=True),
+        _in(T.status("c1"), b"", retain=True),
+        _in(T.up("c1"), b"\x00junk"),
+        _in(T.plan, b"xyz"),
+        _in("elsewhere/x", b"abc"),
+    ]
+    counts = []
+    for i, via_inbox in enumerate((False, True)):
+        coord = Coordinator(make_config(tmp_path / str(i), "mqtt://127.0.0.1:1", fleet="f"), mask=mask,
+                            initial_values=synthetic_v0(mask.nnz), clock=lambda: 5.0)  # fmt: skip
+        try:
+            acts = [coord.feed(row_of(admit(T, m)).decision() if via_inbox else admit(T, m)) for m in msgs]
+            coord.tally.apply()
+            reg = coord.metrics.registry
+            counts.append((acts, {
+                (name, kind): reg.get_sample_value(name, {"kind": kind})
+                for name in ("meerkat_messages_received_total", "meerkat_bytes_received_total")
+                for kind in ("join", "hb", "up", "status", "plan")
+            }))  # fmt: skip
+        finally:
+            coord.log.close()
+    assert counts[0] == counts[1]
+    got = counts[0][1]
+    assert got[("meerkat_messages_received_total", "up")] == 2 and got[("meerkat_bytes_received_total", "up")] == 9
+    assert got[("meerkat_messages_received_total", "status")] == 1 and got[("meerkat_messages_received_total", "plan")] == 1
+    assert [DropAction("c1", "up", "retained")] in counts[0][0]
