@@ -72,7 +72,10 @@ class InboxRow:
         n = self.nbytes or 0
         if self.drop is not None:
             return Dropped(self.client, self.kind, self.drop, n)
-        return Admitted(self.client, self.kind, self.message(), n)
+        try:
+            return Admitted(self.client, self.kind, self.message(), n)
+        except ValueError as exc:  # a row another version wrote: counted as internal, the leader goes on
+            return Rejected(self.client, self.kind, Reject("internal", ErrorCode.INTERNAL, str(exc)), False, n)
 
     def message(self) -> Message:
         """The message this row holds, rebuilt from its validated fields (no second validation)."""

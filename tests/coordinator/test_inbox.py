@@ -7,8 +7,8 @@ from collections.abc import Callable
 
 import pytest
 
-from coordinator.inbox import Inbox, row_of
-from coordinator.intake import CLEARED, Dropped, admit
+from coordinator.inbox import Inbox, InboxRow, row_of
+from coordinator.intake import CLEARED, Dropped, Rejected, admit
 from coordinator.logstore import lock_key
 from shared.codec import decode, encode
 from shared.messages import ErrorCode, Heartbeat, Join, Message, Status, SyncRequest, Update
@@ -57,6 +57,9 @@ def test_rejects_and_drops_are_the_single_coordinators() -> None:
     assert cleared == Dropped("dev-1", "status", CLEARED, 0) and row_of(cleared).decision() == cleared
     with pytest.raises(ValueError, match="reject"):
         bad.message()
+    short = InboxRow("dev-1", "up", body=b"\x91\x01", nbytes=3)  # one field where Update has six
+    d = short.decision()
+    assert isinstance(d, Rejected) and d.reject.reason == "internal" and not d.reply
 
 
 def test_inbox_order_and_forget_on_postgresql(pg_url: str) -> None:
