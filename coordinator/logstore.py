@@ -1,4 +1,4 @@
-"""Where the event log's rows live: the one seam between `coordinator/eventlog.py` (every query, written
+"""Where the event log's rows live: the one seam between `coordinator/eventlog/` (every query, written
 once in portable SQL with `?` placeholders) and a database engine.
 
     SqliteStore(path, synchronous="full", readonly=False)   default: state_dir/events.sqlite, WAL
@@ -42,6 +42,7 @@ class Store(Protocol):
 
     kind: str  # "sqlite" | "postgresql"
     where: str  # for messages: the file or the redacted URL
+    readonly: bool  # opened read-only: no schema to create, no writes (PostgreSQL always opens read-write)
 
     def execute(self, sql: str, args: Sequence[Any] = ()) -> Cursor: ...
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> Cursor: ...
@@ -60,6 +61,7 @@ class SqliteStore:
 
     def __init__(self, path: Path, synchronous: str = "full", *, readonly: bool = False) -> None:
         self.where = str(path)
+        self.readonly = readonly
         if readonly:
             if not path.is_file():
                 raise FileNotFoundError(f"{path} does not exist")
@@ -112,6 +114,7 @@ class PostgresStore:
     """A PostgreSQL database through psycopg 3 (autocommit; explicit BEGIN/COMMIT for write batches)."""
 
     kind = "postgresql"
+    readonly = False  # `meerkat status` on PostgreSQL creates the (empty) tables if they do not exist yet
 
     def __init__(self, url: str) -> None:
         try:
