@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.demo import DemoConfig, run_demo
+from bench.demo.demo import DemoConfig, run_demo
 from coordinator.config import load_coordinator_config
 from coordinator.dashboard import pages
 from coordinator.evaluate_cli import evaluate_cmd
@@ -88,7 +88,7 @@ def test_fleet_dashboard_metrics_and_quality(broker_url: str, tmp_path: Path, mo
     shutil.copytree(cfg.workdir / "state" / "coordinator", state)
     log = EventLog(state, readonly=True)
     try:
-        last = log.evals(source=COORDINATOR_EVAL)[-1]
+        last = log.views.evals(source=COORDINATOR_EVAL)[-1]
     finally:
         log.close()
     assert last.round == cfg.rounds - 1
