@@ -81,8 +81,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="a named model shape (overrides sizes)")
     p.add_argument("--model", default=None, metavar="DIR", help="time this local HF causal-LM directory instead")
     p.add_argument("--no-plan", action="store_true", help="skip the memory planner's prediction (2 more forwards)")
-    p.add_argument("--sidecar-mode", choices=("auto", "correct", "tile"), default="auto",
-                   help="how quantized layers apply the side-car (default: the device's cheaper one)")
+    p.add_argument("--sidecar-mode", choices=("default", "auto", "correct", "tile"), default="default",
+                   help="how quantized layers apply the side-car (default: shared.sidecar.default_sidecar_mode)")
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--hidden", type=int, default=384)
     p.add_argument("--intermediate", type=int, default=None, help="MLP width (default 4 x hidden)")
@@ -251,7 +251,7 @@ def run(args: argparse.Namespace) -> int:
         model, sidecar = loaded.model, loaded.sidecar
         if sidecar is None:
             raise RuntimeError("side-car model loaded without a side-car")
-        if args.sidecar_mode != "auto":
+        if args.sidecar_mode != "default":
             from shared.sidecar import sidecar_layers
 
             for _, layer in sidecar_layers(model):

@@ -18,7 +18,8 @@ error there. The correction costs tokens x nnz gathered multiply-adds instead of
 whole weight tile every forward (the previous design; a fifth of an fp32 forward at the 1B shape on
 CPU, BENCHMARKS.md). Its sums run in a fixed order on each device (see `_add_correction`), so a
 device computes the same bits every time. "tile" mode (dequantise the tile, overwrite the masked
-entries, F.linear) is the cheaper one on a CPU computing in bf16: `default_sidecar_mode`. For a plain (unquantized) base the
+entries, F.linear) is the cheaper one on a CPU computing in bf16 and for many tokens per call; "auto"
+picks per call by the token count: `default_sidecar_mode`. For a plain (unquantized) base the
 side-car is written into the weight in place before each forward (the weight *aliases* the buffer at
 the masked positions; no copy of the tile is made).
 """
@@ -138,19 +139,25 @@ def _unpack_cpu_4bit(layer: Any) -> None:
         layer.quant_state = layer.weight.quant_state
 
 
-SideCarMode = Literal["correct", "tile"]
-SIDECAR_MODES: tuple[str, ...] = ("correct", "tile")
+SideCarMode = Literal["correct", "tile", "auto"]
+SIDECAR_MODES: tuple[str, ...] = ("correct", "tile", "auto")
+# "auto": the correction while tokens x nnz x GATHER_COST <= out x in (the tile's dequantisation), else
+# the tile; a gathered product costs ~3 dequantised weights on CPU (BENCHMARKS.md "side-car modes")
+GATHER_COST = 3
 
 
 def default_sidecar_mode(device: torch.device, compute_dtype: torch.dtype) -> SideCarMode:
-    """How a quantized layer computes, whichever is cheaper (profiled, BENCHMARKS.md "side-car modes").
+    """How a quantized layer computes, whichever profiled cheaper (BENCHMARKS.md "side-car modes").
 
-    "correct": the base kernel plus the sparse correction (fp32 compute; CUDA). "tile": dequantise
-    and overwrite the tile, then F.linear -- on a CPU computing in bf16 (AVX512-BF16), where
-    dequantise + a bf16 matmul costs what bnb's own kernel does (1.00x) and the correction's bf16
-    gathers and adds cost a quarter of a forward.
+    CPU in fp32 (no AVX512-BF16): "auto", per call -- the correction for few tokens (a 1B model at
+    batch 1 x 128: 1.035x the plain forward vs the tile's 1.107x), the tile for many (the default
+    8 x 128 bench). CPU in bf16: "tile" (dequantise + a bf16 matmul costs what bnb's own kernel does,
+    the correction's bf16 gathers a quarter of a forward). CUDA: "tile", the measured design (1.33x
+    on an H200); the correction has not been profiled on a GPU yet.
     """
-    return "tile" if device.type == "cpu" and compute_dtype == torch.bfloat16 else "correct"
+    if device.type == "cpu" and compute_dtype == torch.float32:
+        return "auto"
+    return "tile"
 
 
 class SideCarLinear(nn.Module):
@@ -204,7 +211,11 @@ class SideCarLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.is_quantized:
             return self._dense_forward(x)
-        if self.mode == "tile":
+        if self.mode == "tile" or (
+            self.mode == "auto"
+            and x.numel() // self.in_features * self.sidecar_indices.numel() * GATHER_COST
+            > self.in_features * self.out_features
+        ):
             return self._tile_forward(x)
         y: Tensor = self.base_layer(x)
         if self.sidecar_indices.numel() == 0:
@@ -396,6 +407,7 @@ def initial_values_from_dir(model_dir: str | Path, mask_layers: Mapping[str, Ten
 __all__ = [
     "SideCar",
     "SideCarError",
+    "GATHER_COST",
     "SIDECAR_MODES",
     "SideCarLinear",
     "SideCarMode",

@@ -175,7 +175,8 @@ def test_correction_matches_the_dequantised_tile_path(
     quant: str, dtype: torch.dtype, llama_dir: Path, llama_mask: dict[str, torch.Tensor]
 ) -> None:
     """base kernel + sparse correction == dequantise-and-overwrite, to forward rounding; repeatable bits."""
-    assert default_sidecar_mode(torch.device("cpu"), torch.float32) == "correct"
+    assert default_sidecar_mode(torch.device("cpu"), torch.float32) == "auto"
+    assert default_sidecar_mode(torch.device("cpu"), torch.bfloat16) == "tile"
     from unittest import mock
 
     from shared.dataset import Batch, Dataset, Example
@@ -202,3 +203,19 @@ def test_correction_matches_the_dequantised_tile_path(
     assert abs(new - old) <= tol * abs(old), (new, old)
     assert tile_mode == old  # "tile" mode is the previous design
     assert abs(moved - new) > 10 * abs(new - old)  # the comparison can tell the side-car apart
+
+
+def test_auto_mode_picks_by_token_count(llama_dir: Path, llama_mask: dict[str, torch.Tensor]) -> None:
+    """"auto": the correction for few tokens, the tile for many; each call equals the forced mode."""
+    from shared.sidecar import GATHER_COST
+
+    lm = load_model(llama_dir, "nf4", "cpu", llama_mask, torch.float32, fingerprint=FP)
+    name, layer = next((n, m) for n, m in sidecar_layers(lm.model) if n in llama_mask)
+    assert layer.mode == "auto"
+    limit = layer.in_features * layer.out_features // (layer.sidecar_indices.numel() * GATHER_COST)
+    for tokens, expect in ((1, "correct"), (limit + 1, "tile")):
+        x = torch.linspace(-1, 1, tokens * layer.in_features).view(tokens, layer.in_features)
+        got = layer(x)
+        layer.mode = expect
+        assert torch.equal(got, layer(x)), (tokens, expect)
+        layer.mode = "auto"
