@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 ENV_PREFIX = "MEERKAT_COORD_"
 SECTION = "coordinator"
 
-Aggregation = Literal["fedavg", "clipped", "median", "trimmed"]
+Aggregation = Literal["fedavg", "clipped", "median", "trimmed", "centered"]
 Straggler = Literal["next", "drop"]
 DecayRule = Literal["off", "fleet", "absolute"]  # = coordinator.drift.DecayRule (kept here: no torch at config load)
 
@@ -110,7 +110,14 @@ class CoordinatorConfig:
     )
     # -- ingest and aggregation -----------------------------------------------------------------
     aggregation: Aggregation = cfg.field(
-        "fedavg", "fedavg (weighted by n_samples) | clipped | median | trimmed"
+        "centered",
+        "centered (FedAvg of the scalars clipped into median +- center_clip_k x MAD per step; a round of < 3 "
+        "updates is plain FedAvg) | fedavg (weighted by n_samples, no outlier bound) | clipped | median | trimmed",
+    )
+    center_clip_k: float = cfg.field(
+        4.0,
+        "centered: the band is the step's median +- this x the median absolute deviation of its scalars",
+        (lambda v: v >= 1, "must be >= 1"),
     )
     clip_norm: float = cfg.field(
         10.0,
@@ -128,9 +135,9 @@ class CoordinatorConfig:
         (lambda v: v > 0, "must be > 0"),
     )
     grad_cap_k: float = cfg.field(
-        50.0,
-        "adaptive |g| cap: k x the median |g| of the last grad_cap_window accepted updates (0 = fixed "
-        "max_abs_grad only; the lower of the two applies)",
+        10.0,
+        "adaptive |g| cap: an update's scalars are clipped (not refused) to k x the median over the OTHER "
+        "clients of each one's median |g| of its last updates (0 = fixed max_abs_grad only; the lower applies)",
         (lambda v: v >= 0, "must be >= 0"),
     )
     grad_cap_window: int = cfg.field(
@@ -145,9 +152,9 @@ class CoordinatorConfig:
         1.0, "the adaptive |g| cap is never below this", (lambda v: v > 0, "must be > 0")
     )
     weight_cap_factor: float = cfg.field(
-        4.0,
-        "FedAvg weight = min(Update n_samples, Join n_samples, this x the median Join n_samples of the "
-        "joined clients); 0 = no fleet-wide cap",
+        2.0,
+        "FedAvg weight = min(Update n_samples, first Join n_samples, this x the median Join n_samples of the "
+        "OTHER joined clients); 0 = no fleet-wide cap",
         (lambda v: v >= 0, "must be >= 0"),
     )
     late_max_age: int = cfg.field(

@@ -48,6 +48,8 @@ from coordinator.actions import (
 )
 from coordinator.admission import Admission
 from coordinator.aggregate import late_to_fold, result_scalars, round_groups
+from coordinator.centered import MIN_CLIENTS as CENTERED_MIN
+from coordinator.centered import is_small
 from coordinator.config import CoordinatorConfig
 from coordinator.drift import DriftMonitor
 from coordinator.ingest import Reject, check_join, check_update
@@ -451,8 +453,11 @@ class RoundBook:
         acts += [Persist(r) for r in drift_records]
         late = late_to_fold(self.late.values(), len(plan.seeds)) if c.straggler == "next" else []
         on_time, groups = round_groups(plan.seeds, ups, late, {r: p.seeds for r, p in self.plans.items()})
+        if c.aggregation == "centered" and is_small(on_time.grads):
+            log.info("round %d: %d on-time updates, centred clipping needs %d to tell an outlier: plain FedAvg",
+                     plan.round, len(on_time.grads), CENTERED_MIN)  # fmt: skip
         seeds, scalars = result_scalars(c.aggregation, on_time, groups, clip_norm=c.clip_norm,
-                                        trim_fraction=c.trim_fraction)  # fmt: skip
+                                        trim_fraction=c.trim_fraction, center_clip_k=c.center_clip_k)  # fmt: skip
         new_values = apply_round(self.values, seeds, scalars, plan.lr, plan.dist)
         checksum = values_checksum(new_values)
         n_clients = len({u.client for u in ups} | {u.client for u in late})

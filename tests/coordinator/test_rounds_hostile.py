@@ -33,7 +33,7 @@ def _open(b: RoundBook, now: float = 0.0) -> RoundPlan:
 
 
 def test_weight_is_min_of_update_join_and_fleet_cap() -> None:
-    b = book(config(min_clients=3, weight_cap_factor=4.0))
+    b = book(config(min_clients=3, weight_cap_factor=4.0, aggregation="fedavg"))
     for k, n in (("a", 10), ("b", 10), ("evil", 10)):
         join(b, k, n)
     _open(b)
