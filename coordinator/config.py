@@ -30,6 +30,11 @@ def _is_id(v: str) -> bool:
     return bool(ID_RE.match(v))
 
 
+def _is_grant(entry: str) -> bool:
+    client, sep, n = entry.partition("=")
+    return bool(sep) and _is_id(client) and n.isdigit() and 1 <= int(n) < 2**32
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -141,11 +146,11 @@ class CoordinatorConfig:
         (lambda v: v >= 0, "must be >= 0"),
     )
     grad_cap_window: int = cfg.field(
-        64, "accepted updates whose grads feed the adaptive |g| cap", (lambda v: v >= 1, "must be >= 1")
+        16, "a client's |g| level: the median over its last this-many accepted updates", (lambda v: v >= 1, "must be >= 1")
     )
     grad_cap_min_updates: int = cfg.field(
         8,
-        "the adaptive |g| cap applies once this many updates were accepted (since the start)",
+        "the adaptive |g| cap of a client applies once the OTHER clients sent this many updates (since the start)",
         (lambda v: v >= 1, "must be >= 1"),
     )
     grad_cap_floor: float = cfg.field(
@@ -156,6 +161,12 @@ class CoordinatorConfig:
         "FedAvg weight = min(Update n_samples, first Join n_samples, this x the median Join n_samples of the "
         "OTHER joined clients); 0 = no fleet-wide cap",
         (lambda v: v >= 0, "must be >= 0"),
+    )
+    weight_grants: tuple[str, ...] = cfg.field(
+        (),
+        "\"client=n\" entries: the Join n_samples ceiling the operator grants a client (a re-Join can lower its "
+        "n_samples, never raise it above its first accepted Join's; an entry here raises it)",
+        (lambda v: all(_is_grant(x) for x in v), "entries must be \"client=n\" with a valid id and 1 <= n < 2**32"),
     )
     late_max_age: int = cfg.field(
         1,
@@ -327,6 +338,10 @@ class CoordinatorConfig:
     eval_every: int = cfg.field(1, "evaluate after every K-th closed round (round % K == 0)", (lambda v: v >= 1, "must be >= 1"))
     eval_max: int = cfg.field(256, "evaluate on at most this many examples of eval_data", (lambda v: v >= 1, "must be >= 1"))
     eval_seq_len: int = cfg.field(256, "max tokens per eval example (as `meerkat evaluate --seq-len`)", (lambda v: v >= 2, "must be >= 2"))
+
+    def grants(self) -> dict[str, int]:
+        """weight_grants as client -> n_samples ceiling."""
+        return {c: int(n) for c, _, n in (e.partition("=") for e in self.weight_grants)}
 
     def drift_thresholds(self) -> DriftThresholds:
         from coordinator.drift import DriftThresholds  # lazy: keeps torch out of config loading
