@@ -141,7 +141,11 @@ class Coordinator:
         started link to use instead (a cluster worker's, coordinator/workers.py: it drains the inbox itself)."""
         c = self.config
         if link is None:
-            tele = ("hb",) if c.telemetry_link else ()
+            # not with a client certificate: a broker that takes the certificate's identity as the login
+            # (use_identity_as_username) would make both links one client id, each taking the other's session
+            tele = ("hb",) if c.telemetry_link and c.tls_cert is None else ()
+            if c.telemetry_link and c.tls_cert is not None:
+                log.info("telemetry_link: off with a client certificate (tls_cert): heartbeats share the main link")
             subs = [(self.topics.filter(k), self.topics.qos(k)) for k in INBOUND if k not in tele]
             link = broker_link(c, c.client_id, subs, clean_session=False)
             if tele:
