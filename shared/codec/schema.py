@@ -38,6 +38,7 @@ M = TypeVar("M")
 
 # ---- field kinds: (to_wire, from_wire) pairs ------------------------------------------------------------
 
+
 def _bad(obj: str, name: str, expected: str, v: Any) -> DecodeError:
     return DecodeError(
         ErrorCode.INVALID_FIELD, f"{obj}.{name}: expected {expected} on the wire, got {type(v).__name__}"
