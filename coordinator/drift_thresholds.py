@@ -1,7 +1,7 @@
 """MEERKAT-VP: when a client is flagged (`DriftThresholds`, one field per rule) and why each default.
 
 Defaults. decay_rule = "off": replayed offline through DriftMonitor (drift.py) on the recorded probe runs
-(`bench/learning_vp_replay.py`), no threshold separates. The absolute rule flags only converged
+(`bench/learning/vp_replay.py`), no threshold separates. The absolute rule flags only converged
 devices (held-out seed 0: 1 true, 6 false). The fleet ratio of the devices that hurt (single-label, or
 first to diverge) on tuning seed 100 stays at most 1.66 with the spike rule on, below the converged
 ordinary devices' 2.04; with the spike rule off they reach 2.53 / 4.45 only after the fleet collapsed.
