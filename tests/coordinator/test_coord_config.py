@@ -100,3 +100,11 @@ def test_example_deploy_config_loads() -> None:
     client = tomllib.loads((Path(__file__).resolve().parents[2] / "deploy" / "client.toml").read_text())
     assert client.get("client", client)["fleet"] == c.fleet  # issue 16: the two examples named different fleets
     assert client.get("client", client)["quant"] == c.quant
+
+
+def test_weight_grants_parse_and_name_a_bad_entry() -> None:
+    c = load_coordinator_config(None, {"mask": "m", "weight_grants": "dev-7=500,dev-8=20"}, environ={})
+    assert c.grants() == {"dev-7": 500, "dev-8": 20} and c.aggregation == "centered"
+    for bad in ("dev-7=0", "dev-7", "dev 7=5", "dev-7=4294967296"):
+        with pytest.raises(ConfigError, match="weight_grants"):
+            load_coordinator_config(None, {"mask": "m", "weight_grants": bad}, environ={})
