@@ -15,6 +15,12 @@ from shared.config import ConfigError, parse_overrides
 
 log = logging.getLogger(__name__)
 
+# `meerkat coordinator` exit statuses (docs/COORDINATOR.md "Exit status"; the systemd unit's
+# RestartPreventExitStatus lists those a restart cannot fix)
+EXIT_CONFIG = 2  # bad config, or model / mask / state dir unusable
+EXIT_BROKER = 4  # --check only: the broker test failed
+EXIT_PORT_IN_USE = 7  # metrics_port is taken by another process
+
 
 def register(sub: Any) -> None:
     p = sub.add_parser("coordinator", help="run the fleet coordinator (rounds, aggregation, event log)")
@@ -86,20 +92,26 @@ def _run_coordinator(args: argparse.Namespace) -> int:
             coord = Coordinator(config)
     except (ConfigError, ValueError, RuntimeError, OSError) as exc:  # mask/model/state problems, each named
         print(f"meerkat coordinator: {exc}", file=sys.stderr)
-        return 2
-    if config.cluster and not args.check:
-        signal.signal(signal.SIGTERM, lambda *_: worker.stop())
-        signal.signal(signal.SIGINT, lambda *_: worker.stop())
-        return worker.run()
+        return EXIT_CONFIG
     if args.check:
-        return 0 if _broker_check(config) else 4
-    signal.signal(signal.SIGTERM, lambda *_: coord.stop())
-    signal.signal(signal.SIGINT, lambda *_: coord.stop())
-    # The start-up heap (torch, numpy, the recovered book: ~190,000 objects) lives as long as the process.
-    # Frozen, the cyclic GC's full passes stop walking it again and again: one such pass cost ~40 us per
-    # update of a 3,000-update round (docs/SCALING.md). Reference counting still frees what dies.
-    gc.freeze()
-    return coord.run()
+        return 0 if _broker_check(config) else EXIT_BROKER
+    from coordinator.httpserve import PortInUse
+
+    try:
+        if config.cluster:
+            signal.signal(signal.SIGTERM, lambda *_: worker.stop())
+            signal.signal(signal.SIGINT, lambda *_: worker.stop())
+            return worker.run()
+        signal.signal(signal.SIGTERM, lambda *_: coord.stop())
+        signal.signal(signal.SIGINT, lambda *_: coord.stop())
+        # The start-up heap (torch, numpy, the recovered book: ~190,000 objects) lives as long as the process.
+        # Frozen, the cyclic GC's full passes stop walking it again and again: one such pass cost ~40 us per
+        # update of a 3,000-update round (docs/SCALING.md). Reference counting still frees what dies.
+        gc.freeze()
+        return coord.run()
+    except PortInUse as exc:  # one line naming the port and the fix, not a traceback
+        print(f"meerkat coordinator: {exc}", file=sys.stderr)
+        return EXIT_PORT_IN_USE
 
 
 def _run_export(args: argparse.Namespace) -> int:
