@@ -45,7 +45,7 @@ from edge_client.engine.spsa import StepResult
 from edge_client.service.outbox import Outbox, to_i64, to_u64
 from edge_client.service.rounds import Progress, values_from_bytes
 from shared.apply import values_checksum
-from shared.fsio import atomic_write
+from shared.fsio import atomic_write, private_dir, private_file
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +129,9 @@ class StateStore:
             self.db = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, isolation_level=None, timeout=5)
             self.outbox = Outbox(self.db, resend_after_s, writable=False)
             return
-        self.dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.dir)
         self._refuse_lost_db()
+        private_file(self.db_path)  # 0600 before SQLite opens it: its -wal/-shm take the database file's mode
         try:
             # built in one thread, then used by the client loop only (one user at a time)
             self.db = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False)
