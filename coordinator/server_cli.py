@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.config import ConfigError, parse_overrides
+from shared.fsio import permission_hint
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def _run_coordinator(args: argparse.Namespace) -> int:
 
             coord = Coordinator(config)
     except (ConfigError, ValueError, RuntimeError, OSError) as exc:  # mask/model/state problems, each named
-        print(f"meerkat coordinator: {exc}", file=sys.stderr)
+        print(f"meerkat coordinator: {exc}{permission_hint(exc)}", file=sys.stderr)
         return EXIT_CONFIG
     if args.check:
         return 0 if _broker_check(config) else EXIT_BROKER

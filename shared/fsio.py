@@ -21,6 +21,7 @@ from pathlib import Path
 STATE_MODE = 0o600  # the default: readable by the owner only
 SHARED_MODE = 0o644  # files other users/devices must read (masks)
 DIR_MODE = 0o700  # directories this code creates for state (an existing one keeps the mode it has)
+SHARED_DIR_MODE = 0o755  # directories of files other users must read (model dirs, exports)
 SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")
 
 
@@ -87,4 +88,48 @@ def atomic_write(path: Path, data: bytes, tmp: Path | None = None, *, mode: int 
         os.close(dir_fd)
 
 
-__all__ = ["DIR_MODE", "SHARED_MODE", "STATE_MODE", "atomic_write", "private_dir", "private_file"]
+def share_tree(root: Path) -> Path:
+    """Make `root` and everything below it readable by every user: files SHARED_MODE, directories
+    SHARED_DIR_MODE. For model directories (`meerkat tiny-model`, `meerkat export`), which a service user
+    other than their writer reads: transformers writes model.safetensors through a 0600 temp file and a
+    0077 umask does the rest. Model weights are not secrets. Returns `root`."""
+    root = Path(root)
+    for p in (root, *root.rglob("*")):
+        if p.is_symlink():
+            continue  # never chmod through a link
+        want = SHARED_DIR_MODE if p.is_dir() else SHARED_MODE
+        if p.stat().st_mode & 0o7777 != want:
+            os.chmod(p, want)
+    return root
+
+
+def unreadable_hint(path: Path | str) -> str:
+    """What to say when this process cannot read `path`: the user it runs as and the command that fixes it.
+    Names the first directory on the way it cannot enter, when that is the cause."""
+    import pwd
+
+    uid = os.geteuid()
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = f"uid {uid}"
+    p = Path(path).absolute()
+    for d in reversed(p.parents):
+        if d.is_dir() and not os.access(d, os.X_OK):
+            return (f"user {user} cannot enter {d} on the way to {p}: keep the model outside a private home "
+                    f"(e.g. /opt/meerkat/models), or `sudo chmod o+x {d}`")
+    target = p if p.is_dir() else p.parent
+    return f"{p} is not readable by user {user}: `sudo chmod -R a+rX {target}` (model files are not secrets)"
+
+
+def permission_hint(exc: BaseException) -> str:
+    """"; <unreadable_hint>" for a PermissionError that names its file, else "" (appended to CLI errors)."""
+    if isinstance(exc, PermissionError) and exc.filename:
+        return f"; {unreadable_hint(exc.filename)}"
+    return ""
+
+
+__all__ = [
+    "DIR_MODE", "SHARED_DIR_MODE", "SHARED_MODE", "STATE_MODE", "atomic_write", "private_dir", "private_file",
+    "permission_hint", "share_tree", "unreadable_hint",
+]

@@ -25,6 +25,7 @@ from edge_client.service.config import ENV_PREFIX, ClientConfig, ConfigError, lo
 from edge_client.service.rounds import EXIT_MISMATCH
 from shared.cli import log_level_given
 from shared.config import describe, parse_overrides
+from shared.fsio import permission_hint
 
 log = logging.getLogger("edge_client.service")
 
@@ -71,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         trainer = EngineTrainer(cfg)
     except (OSError, ValueError, RuntimeError) as exc:  # MaskError/DataError/SideCarError/MemoryBudgetError...
-        print(f"meerkat client: cannot set up {cfg.client_id}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"meerkat client: cannot set up {cfg.client_id}: {type(exc).__name__}: {exc}{permission_hint(exc)}",
+              file=sys.stderr)  # fmt: skip
         return EXIT_SETUP
     if args.check:
         print(
