@@ -40,6 +40,12 @@ class PortInUse(RuntimeError):
     """The address to bind is taken: names the host, the port and the ways out."""
 
 
+def port_in_use_message(host: str, port: int) -> str:
+    return (f"metrics_port {port} on {host or '0.0.0.0'} is already in use (another coordinator, or another "
+            f"service): stop it (`ss -ltnp 'sport = :{port}'` shows which), or set metrics_port to a free port "
+            "(0 = any), or metrics = false")
+
+
 def redact(text: str) -> str:
     """`text` with every `token=...` query value replaced: request lines are logged, tokens never are."""
     return _TOKEN_IN_URL.sub(r"\1<redacted>", text)
@@ -92,12 +98,7 @@ class PooledHTTPServer(HTTPServer):
             self._wake_r.close()
             self._wake_w.close()
             if exc.errno == errno.EADDRINUSE:
-                host, port = addr
-                raise PortInUse(
-                    f"metrics_port {port} on {host or '0.0.0.0'} is already in use (another coordinator, or "
-                    f"another service): stop it (`ss -ltnp 'sport = :{port}'` shows which), or set "
-                    "metrics_port to a free port (0 = any), or metrics = false"
-                ) from exc
+                raise PortInUse(port_in_use_message(*addr)) from exc
             raise
         self._workers = [
             threading.Thread(target=self._work, name=f"metrics-http-{i}", daemon=True) for i in range(workers)

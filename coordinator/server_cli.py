@@ -33,8 +33,9 @@ def register(sub: Any) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
     p.add_argument(
         "--check", action="store_true",
-        help="validate config, mask and model, test the broker (TLS, login, subscribe, read+write round trip), "
-        "exit 0 or 4 (broker) / 2 (config); run it while the coordinator is stopped: it uses the same session",
+        help="validate config, mask and model, read eval_data, bind metrics_port, test the broker (TLS, login, "
+        "subscribe, read+write round trip); exit 0, 2 (config, model, mask, eval data), 7 (metrics_port taken) or "
+        "4 (broker); run it while the coordinator is stopped: it uses the same session",
     )
     p.set_defaults(func=_run_coordinator)
 
@@ -95,6 +96,13 @@ def _run_coordinator(args: argparse.Namespace) -> int:
         print(f"meerkat coordinator: {exc}{permission_hint(exc)}", file=sys.stderr)
         return EXIT_CONFIG
     if args.check:
+        from coordinator.selfcheck import local_checks
+
+        checks, code = local_checks(config, coord)
+        for c in checks:
+            print(c.line(), file=sys.stderr if c.ok is False else sys.stdout)
+        if code != 0:
+            return code
         return 0 if _broker_check(config) else EXIT_BROKER
     from coordinator.httpserve import PortInUse
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import stat
@@ -179,3 +180,26 @@ def test_state_files_are_0600_and_dirs_0700_under_umask_022(tmp_path: Path) -> N
         store.close()
     finally:
         os.umask(old)
+
+
+def test_an_untrained_state_starts_over_for_another_mask_a_trained_one_is_refused(tmp_path: Path) -> None:
+    """One start with a wrong mask (refused by the fleet: exit 6) must not leave a directory every later start
+    refuses (issue 30); a state that learned or queued anything stays refused (nothing is thrown away)."""
+    store = StateStore(tmp_path)
+    first, _ = store.open(FP, MASK, torch.zeros(8))
+    store.close()
+    other = "fedcba9876543210"
+    store = StateStore(tmp_path)
+    st, values = store.open(FP, other, torch.ones(5))  # another mask: another nnz, another v_0
+    assert (st.mask_id, st.nnz, st.round) == (other, 5, -1) and torch.equal(values, torch.ones(5))
+    assert json.loads((tmp_path / "identity.json").read_text())["mask_id"] == other
+    assert not (tmp_path / first.values_file).exists()
+    store.close()
+    store = StateStore(tmp_path)  # and it stays usable
+    assert store.open(FP, other, torch.ones(5))[0] == st
+    store.record_step(0, 5, 0, StepResult(0.5, 1.0, 0.5, 0.1, seed=3), 4)  # one step done: evidence now
+    store.close()
+    store = StateStore(tmp_path)
+    with pytest.raises(StateError, match="belongs to model"):
+        store.open(FP, MASK, torch.zeros(8))
+    store.close()
