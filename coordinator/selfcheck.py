@@ -5,7 +5,7 @@ loaded, model fingerprinted and matched to the mask, v_0 read, state dir opened 
 - model + mask: reported (building the Coordinator proved them);
 - eval data (`eval_data`): the model's tokenizer reads it, as the first evaluation will;
 - metrics port (`metrics`): bound and released, so a port another process holds is named now, not by an
-  exit 7 after start (issue 30).
+  exit 9 after start (issue 30).
 Each line is a shared.preflight.Check; `local_checks` returns them with the exit status they call for.
 """
 

@@ -17,10 +17,10 @@ from shared.fsio import permission_hint
 log = logging.getLogger(__name__)
 
 # `meerkat coordinator` exit statuses (docs/COORDINATOR.md "Exit status"; the systemd unit's
-# RestartPreventExitStatus lists those a restart cannot fix)
+# RestartPreventExitStatus lists those a restart cannot fix); 5 / 7 / 8: storage faults (coordinator/storage.py)
 EXIT_CONFIG = 2  # bad config, or model / mask / state dir unusable
 EXIT_BROKER = 4  # --check only: the broker test failed
-EXIT_PORT_IN_USE = 7  # metrics_port is taken by another process
+EXIT_PORT_IN_USE = 9  # metrics_port is taken by another process
 
 
 def register(sub: Any) -> None:
@@ -34,7 +34,7 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--check", action="store_true",
         help="validate config, mask and model, read eval_data, bind metrics_port, test the broker (TLS, login, "
-        "subscribe, read+write round trip); exit 0, 2 (config, model, mask, eval data), 7 (metrics_port taken) or "
+        "subscribe, read+write round trip); exit 0, 2 (config, model, mask, eval data), 9 (metrics_port taken) or "
         "4 (broker); run it while the coordinator is stopped: it uses the same session",
     )
     p.set_defaults(func=_run_coordinator)
@@ -84,6 +84,12 @@ def _run_coordinator(args: argparse.Namespace) -> int:
             }
         )
         config = _load(args, over)
+    except (ConfigError, ValueError, RuntimeError, OSError) as exc:
+        print(f"meerkat coordinator: {exc}", file=sys.stderr)
+        return 2
+    from coordinator.storage import StorageFault, check_state, full_disk_fault
+
+    try:
         if config.cluster and not args.check:  # one of several workers (coordinator/workers.py)
             from coordinator.workers import Worker
 
@@ -91,10 +97,19 @@ def _run_coordinator(args: argparse.Namespace) -> int:
         else:
             from coordinator.server import Coordinator
 
+            check_state(config.state_dir, config.event_log)  # a lost or damaged log: refused, never a new fleet
             coord = Coordinator(config)
-    except (ConfigError, ValueError, RuntimeError, OSError) as exc:  # mask/model/state problems, each named
-        print(f"meerkat coordinator: {exc}{permission_hint(exc)}", file=sys.stderr)
-        return EXIT_CONFIG
+    except StorageFault as exc:
+        print(f"meerkat coordinator: {exc}", file=sys.stderr)
+        return exc.code
+    except Exception as exc:
+        if (fault := full_disk_fault(exc, config.state_dir, config.event_log)) is not None:
+            print(f"meerkat coordinator: {fault}", file=sys.stderr)
+            return fault.code
+        if isinstance(exc, (ConfigError, ValueError, RuntimeError, OSError)):  # mask/model/state problems, each named
+            print(f"meerkat coordinator: {exc}{permission_hint(exc)}", file=sys.stderr)
+            return EXIT_CONFIG
+        raise
     if args.check:
         from coordinator.selfcheck import local_checks
 
@@ -121,6 +136,11 @@ def _run_coordinator(args: argparse.Namespace) -> int:
     except PortInUse as exc:  # one line naming the port and the fix, not a traceback
         print(f"meerkat coordinator: {exc}", file=sys.stderr)
         return EXIT_PORT_IN_USE
+    except Exception as exc:
+        if (fault := full_disk_fault(exc, config.state_dir, config.event_log)) is None:
+            raise
+        print(f"meerkat coordinator: {fault}", file=sys.stderr)
+        return fault.code
 
 
 def _run_export(args: argparse.Namespace) -> int:

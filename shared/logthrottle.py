@@ -8,7 +8,7 @@ logs the first, then one line every `every_s` such as
     quiet = LogThrottle(log)                  # one per component instance: no global state
     quiet.log("catchup", logging.INFO, "result %d arrived, ...", r, ...)   # key: what counts as "the same line"
 
-The clock is an argument (tests pass a fake one); nothing is lost silently: every held-back line is counted
+The clock is an argument (tests pass a fake one; a core passes each event's `now`); nothing is lost silently: every held-back line is counted
 in the next line of its key (`flush` logs a pending count at once, e.g. when the burst is over).
 """
 
@@ -36,10 +36,11 @@ class LogThrottle:
         self.clock = clock
         self._bursts: dict[str, _Burst] = {}
 
-    def log(self, key: str, level: int, msg: str, *args: object) -> bool:
+    def log(self, key: str, level: int, msg: str, *args: object, now: float | None = None) -> bool:
         """Log `msg % args` unless a line of `key` was logged less than `every_s` ago (then count it).
-        Returns whether it was logged."""
-        now = self.clock()
+        `now`: the caller's time (an I/O-free core passes its event's), else the clock. Returns whether
+        it was logged."""
+        now = self.clock() if now is None else now
         b = self._bursts.get(key)
         if b is not None and now - b.shown_at < self.every_s:
             b.held += 1
@@ -49,12 +50,12 @@ class LogThrottle:
         self._bursts[key] = _Burst(now)
         return True
 
-    def flush(self, key: str) -> None:
+    def flush(self, key: str, now: float | None = None) -> None:
         """Log the newest held-back line of `key` now (with its count), if any: the end of a burst."""
         b = self._bursts.get(key)
         if b is None or b.last is None:
             return
-        now = self.clock()
+        now = self.clock() if now is None else now
         level, msg, args = b.last
         self._emit(level, msg, args, b, now)
         self._bursts[key] = _Burst(now)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from coordfakes import make_config, synthetic_mask, synthetic_v0
 
+from coordinator.checkpoint import keep_checkpoint
 from coordinator.server import Coordinator
 
 
@@ -37,7 +38,7 @@ def test_event_log_and_checkpoints_are_private(tmp_path: Path, umask_022: None) 
     coord = Coordinator(make_config(tmp_path, "mqtt://127.0.0.1:1", state_dir=state), mask=mask,
                         initial_values=synthetic_v0(mask.nnz))  # fmt: skip
     try:
-        ckpt = coord.write_checkpoint()
+        ckpt = keep_checkpoint(coord.log, state, 0, coord.values, coord.mask_id, coord.fingerprint, 3, 1.0)
         got = modes(state)  # while the log is open: its -wal and -shm exist
         assert {"events.sqlite", "events.sqlite-wal", "events.sqlite-shm"} <= set(got), got
         assert ckpt.relative_to(state).as_posix() in got

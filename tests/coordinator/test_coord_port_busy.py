@@ -1,4 +1,4 @@
-"""A coordinator whose metrics_port is taken exits EXIT_PORT_IN_USE (7) with one line naming the port and
+"""A coordinator whose metrics_port is taken exits EXIT_PORT_IN_USE (9) with one line naming the port and
 the fix (issue 30: it was exit 1 with the cause under `AttributeError: ... no attribute '_jobs'`), and the
 systemd unit does not restart it in a loop."""
 
@@ -33,7 +33,7 @@ def test_busy_metrics_port_exits_7_with_one_line(tmp_path: Path, broker_url: str
             [sys.executable, "-m", "shared.cli", "coordinator", "--config", str(cfg)],
             cwd=ROOT, capture_output=True, text=True, timeout=100, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )  # fmt: skip
-    assert proc.returncode == EXIT_PORT_IN_USE == 7, proc.stderr
+    assert proc.returncode == EXIT_PORT_IN_USE == 9, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert "Traceback" not in proc.stderr and "AttributeError" not in proc.stderr, proc.stderr
     assert lines[-1].startswith(f"meerkat coordinator: metrics_port {port} on 127.0.0.1 is already in use"), lines

@@ -1,6 +1,6 @@
 """`meerkat coordinator --check` tests what used to fail only after start (issue 30): the model and mask
 (built for another model: exit 2), the eval data (unreadable: exit 2, the file named), the metrics port
-(held by another process: exit 7, the port and the fix named), then the broker; a good setup exits 0."""
+(held by another process: exit 9, the port and the fix named), then the broker; a good setup exits 0."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def test_coordinator_check_catches_port_eval_data_and_mask(
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
-        assert main(["coordinator", "--config", str(_cfg(tmp_path, broker_url, toy, metrics_port=port)), "--check"]) == 7
+        assert main(["coordinator", "--config", str(_cfg(tmp_path, broker_url, toy, metrics_port=port)), "--check"]) == 9
     err = capsys.readouterr().err
     assert f"FAIL metrics_port {port}: metrics_port {port} on 127.0.0.1 is already in use" in err, err
 

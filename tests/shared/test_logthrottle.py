@@ -52,7 +52,7 @@ def test_keys_are_independent_and_a_quiet_key_logs_at_once(caplog: pytest.LogCap
         LogThrottle(logging.getLogger("t"), every_s=0)
 
 
-def test_the_client_logs_one_catching_up_line_for_a_burst_of_results(caplog: pytest.LogCaptureFixture) -> None:
+def test_the_client_rate_limits_its_catching_up_lines(caplog: pytest.LogCaptureFixture) -> None:
     import torch
 
     from edge_client.service.rounds import ClientRounds, Identity
@@ -60,10 +60,15 @@ def test_the_client_logs_one_catching_up_line_for_a_burst_of_results(caplog: pyt
     from shared.messages import RoundResult
 
     c = ClientRounds(Identity("dev1", "f1", "ab" * 32, "0123456789abcdef", n_samples=24), lambda: torch.zeros(8))
-    c.connected()
+    c.connected(0.0)
     caplog.set_level(logging.INFO, logger="edge_client.service.rounds")
-    for r in range(5, 329):  # 324 results of rounds far ahead of ours (-1): each one says "catching up"
-        assert c.on_result(RoundResult(r, (1,), (0.5,), 1e-2, "rademacher", 2, values_checksum(torch.ones(8)))) == []
+    for i, r in enumerate(range(5, 329)):  # 324 results far ahead of our round (-1), 12/s: each "catching up"
+        res = RoundResult(r, (1,), (0.5,), 1e-2, "rademacher", 2, values_checksum(torch.ones(8)))
+        assert c.on_result(res, now=100.0 + i / 12) == []
     lines = [r.getMessage() for r in caplog.records if "catching up" in r.getMessage()]
-    assert lines == ["result 5 arrived, we are at round -1: catching up (6 rounds behind)"], lines[:5]
+    assert lines == [
+        "result 5 arrived, we are at round -1: catching up (6 rounds behind)",
+        "result 125 arrived, we are at round -1: catching up (126 rounds behind) (+119 like it in 10 s, 11.9/s)",
+        "result 245 arrived, we are at round -1: catching up (246 rounds behind) (+119 like it in 10 s, 11.9/s)",
+    ], lines
     assert c.known_round == 328
