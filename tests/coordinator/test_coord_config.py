@@ -108,7 +108,7 @@ def test_the_default_lr_and_eps_are_the_ones_the_demo_learns_with() -> None:
     shows the same numbers."""
     import tomllib
 
-    from bench.demo import DemoConfig
+    from bench.demo.demo import DemoConfig
 
     c, demo = CoordinatorConfig(), DemoConfig()
     assert (c.lr, c.eps) == (demo.lr, demo.eps) == (2e-3, 1e-2)

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.timeout(120)
-def test_busy_metrics_port_exits_7_with_one_line(tmp_path: Path, broker_url: str, tiny_model) -> None:  # type: ignore[no-untyped-def]
+def test_busy_metrics_port_exits_9_with_one_line(tmp_path: Path, broker_url: str, tiny_model) -> None:  # type: ignore[no-untyped-def]
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
@@ -38,6 +38,7 @@ def test_busy_metrics_port_exits_7_with_one_line(tmp_path: Path, broker_url: str
     assert "Traceback" not in proc.stderr and "AttributeError" not in proc.stderr, proc.stderr
     assert lines[-1].startswith(f"meerkat coordinator: metrics_port {port} on 127.0.0.1 is already in use"), lines
     assert "set metrics_port to a free port" in lines[-1] and f"sport = :{port}" in lines[-1]
+    assert "connecting to" not in proc.stderr  # the port is bound first: nothing was connected
 
 
 def test_the_unit_does_not_restart_on_a_busy_port() -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from coordfakes import uid, write_config_toml
 
-from bench.toy import Toy, build_toy
+from bench.demo.toy import Toy, build_toy
 from shared.cli import main
 
 
