@@ -14,6 +14,7 @@ import pytest
 from deploytools import INSTALL, REPO, VENV, install, unit_settings
 
 from coordinator.server_cli import EXIT_PORT_IN_USE
+from coordinator.storage import EXIT_LOG_DAMAGED, EXIT_LOG_LOST, EXIT_STORAGE_FULL
 from edge_client.service.cli import EXIT_BROKER, EXIT_CONFIG, EXIT_MISMATCH, EXIT_SETUP
 
 HARDENING = {
@@ -47,9 +48,12 @@ def test_units_are_hardened_and_do_not_restart_on_config_errors(role: str) -> No
     assert int(s["RestartSec"][-1]) >= 5 and int(s["StartLimitBurst"][-1]) <= 10
     no_restart = {int(x) for x in s["RestartPreventExitStatus"][-1].split()}
     # the codes the service itself returns for "fix the config first" (edge_client/service/cli.py,
-    # coordinator/server_cli.py: 9 = metrics_port taken); 4 is --check only
-    codes = {EXIT_CONFIG, EXIT_SETUP, EXIT_MISMATCH} if role == "client" else {EXIT_CONFIG, EXIT_PORT_IN_USE}
+    # coordinator/server_cli.py: 9 = metrics_port taken; coordinator/storage.py: 7 = event log lost,
+    # 8 = damaged; a full disk (5) may clear, so it restarts); 4 is --check only
+    codes = ({EXIT_CONFIG, EXIT_SETUP, EXIT_MISMATCH} if role == "client"
+             else {EXIT_CONFIG, EXIT_PORT_IN_USE, EXIT_LOG_LOST, EXIT_LOG_DAMAGED})
     assert no_restart == codes, no_restart
+    assert EXIT_STORAGE_FULL not in no_restart
     assert EXIT_BROKER not in no_restart
 
 
