@@ -26,6 +26,7 @@ import torch
 from coordinator.checkpoint import rebuild_values
 from coordinator.eventlog import DB_NAME, EventLog
 from shared.apply import values_checksum
+from shared.fsio import share_tree
 from shared.maskfile import Mask
 
 if TYPE_CHECKING:
@@ -138,6 +139,7 @@ def export_merged(
         "dtype": str(torch_dtype).replace("torch.", ""),
     }  # fmt: skip
     (out / "meerkat_export.json").write_text(json.dumps(info, indent=2) + "\n")
+    share_tree(out)  # read by other users (a service, `meerkat evaluate`): weights 0644, not transformers' 0600
     log.info("exported round %d (%s base, %s-merged, %s) to %s", round, base, quant, info["dtype"], out)
     return out
 
