@@ -284,6 +284,9 @@ def load_tokenizer(root: Path) -> Any | None:
     return AutoTokenizer.from_pretrained(str(root))
 
 
+_load_tokenizer = load_tokenizer  # the old private name (coordinator/selfcheck.py imports it)
+
+
 def weight_bytes(model: nn.Module) -> int:
     """Bytes held by the model's parameters and buffers (quantized storage + quant states)."""
     total = 0
