@@ -73,16 +73,22 @@ def build_toy(root: Path, seed: int = 11, n_examples: int = 24) -> Toy:
 
 
 def toml_text(settings: dict[str, Any]) -> str:
-    """Flat `key = value` TOML lines (bools, numbers, everything else as a JSON string)."""
+    """`key = value` TOML lines (bools, numbers, everything else as a JSON string); a dict value becomes a
+    table after them (`policy={"enabled": False}` -> `[policy]`)."""
     lines = []
+    tables = [f"\n[{k}]\n" + toml_text(v) for k, v in settings.items() if isinstance(v, dict)]
     for k, v in settings.items():
+        if isinstance(v, dict):
+            continue
         if isinstance(v, bool):
             lines.append(f"{k} = {'true' if v else 'false'}")
         elif isinstance(v, (int, float)):
             lines.append(f"{k} = {v!r}")
+        elif isinstance(v, (list, tuple)):
+            lines.append(f"{k} = {json.dumps([x if isinstance(x, (int, float)) else str(x) for x in v])}")
         else:
             lines.append(f"{k} = {json.dumps(str(v))}")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + "".join(tables)
 
 
 __all__ = ["WORDS", "Toy", "build_toy", "toml_text"]

@@ -1,0 +1,81 @@
+"""What the device policy reads: battery, other processes' load, GPU load, temperature, free memory, clock.
+
+`Sensors` is the seam: `read()` returns one `Sample`. `SystemSensors` is the real one:
+- battery: `psutil.sensors_battery()` (None = no battery = AC);
+- other processes' CPU: system-wide busy share since the last read (`psutil.cpu_percent`) minus this
+  process's own share (`Process.cpu_percent` / cores), in % of all cores; the first read only primes;
+- GPU busy %: NVML utilization or tegrastats GR3D_FREQ, through `Telemetry` when it found either;
+- temperature: tegrastats, NVML, else the hottest `psutil.sensors_temperatures()` reading;
+- free memory: `psutil.virtual_memory().available`;
+- clock: `time.monotonic()` (quiet timer) and the local minute of the day (time windows).
+Tests hand in their own `Sensors` to drive every one of these.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import psutil
+
+if TYPE_CHECKING:
+    from edge_client.service.telemetry import Telemetry
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One reading; None = this device cannot tell (never a reason to pause)."""
+
+    mono_s: float  # monotonic seconds (only differences matter)
+    minute: int  # local time: minute of the day, 0 .. 1439
+    on_battery: bool | None = None
+    other_cpu_pct: float | None = None  # % of all cores busy outside this process since the last read
+    gpu_pct: float | None = None
+    temp_c: float | None = None
+    free_mem_bytes: int | None = None
+
+
+class Sensors(Protocol):
+    def read(self) -> Sample: ...
+
+
+def local_minute(unix_s: float) -> int:
+    t = time.localtime(unix_s)
+    return t.tm_hour * 60 + t.tm_min
+
+
+class SystemSensors:
+    """The real readers (psutil; NVML/tegrastats through `telemetry` where present)."""
+
+    def __init__(self, telemetry: Telemetry | None = None) -> None:
+        self.telemetry = telemetry
+        self.me = psutil.Process()
+        self.cores = psutil.cpu_count() or 1
+        psutil.cpu_percent(None)  # both counters start now: the next read covers the same interval
+        self.me.cpu_percent(None)
+
+    def other_cpu_pct(self) -> float:
+        total = psutil.cpu_percent(None)  # % of all cores, since the last call
+        mine = self.me.cpu_percent(None) / self.cores  # % of one core -> % of all cores
+        return float(min(100.0, max(0.0, total - mine)))
+
+    def read(self) -> Sample:
+        battery = psutil.sensors_battery()
+        gpu_pct, temp_c = (None, None) if self.telemetry is None else self.telemetry.gpu_load()
+        if temp_c is None:
+            from edge_client.service.telemetry import psutil_temp
+
+            temp_c = psutil_temp()
+        return Sample(
+            mono_s=time.monotonic(),
+            minute=local_minute(time.time()),
+            on_battery=None if battery is None or battery.power_plugged is None else not battery.power_plugged,
+            other_cpu_pct=self.other_cpu_pct(),
+            gpu_pct=gpu_pct,
+            temp_c=temp_c,
+            free_mem_bytes=int(psutil.virtual_memory().available),
+        )
+
+
+__all__ = ["Sample", "Sensors", "SystemSensors", "local_minute"]
