@@ -242,7 +242,6 @@ def from_configs(coordinator_toml: Path, client_tomls: Sequence[Path]) -> InProc
     gradient, `rounds` as the stop), and one `EngineTrainer` per client config (quantized model, its
     data file, its memory plan). Same inputs as a real fleet: the same RoundResults, byte for byte."""
     from coordinator.config import load_coordinator_config
-    from coordinator.drift import DriftMonitor
     from edge_client.service.config import load_client_config
     from edge_client.service.rounds import Identity
     from edge_client.service.trainer import EngineTrainer
@@ -254,11 +253,9 @@ def from_configs(coordinator_toml: Path, client_tomls: Sequence[Path]) -> InProc
     if cfg.mask is None or cfg.model_dir is None:
         raise ValueError(f"{coordinator_toml}: the in-process fleet needs `mask` and `model_dir`")
     mask = load_mask(cfg.mask)
-    grad = mask.flat_grad()
-    drift = DriftMonitor(grad, cfg.dist, cfg.drift_thresholds(), keep_history=False) if grad is not None else None
-    book = RoundBook(cfg, fingerprint=fingerprint_model_dir(cfg.model_dir), mask_id=mask.mask_id,
-                     values=initial_values_from_dir(cfg.model_dir, mask.layers), drift=drift,
-                     stop_after_round=cfg.rounds - 1 if cfg.rounds else None)
+    book = RoundBook.from_config(cfg, mask, fingerprint=fingerprint_model_dir(cfg.model_dir),
+                                 values=initial_values_from_dir(cfg.model_dir, mask.layers),
+                                 stop_after_round=cfg.rounds - 1 if cfg.rounds else None)  # fmt: skip
     devices = []
     for path in client_tomls:
         ccfg = load_client_config(path)
