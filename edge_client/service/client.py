@@ -194,7 +194,7 @@ class EdgeClient:
             self._resend_due()
         policy = self.policy
         if policy is not None and self.rounds.job is None and time.monotonic() - policy.checked_at >= self.cfg.policy.poll_s:
-            policy.check()  # idle: keep the availability the heartbeat reports current (the fleet samples on it)
+            self._check_policy()  # idle: keep the availability the heartbeat reports current (the fleet samples on it)
         paused = policy is not None and not policy.verdict.available
         wait = idle_wait if self.rounds.job is None else self.cfg.policy.poll_s if paused else 0.0
         self._drain_inbox(wait)
@@ -241,13 +241,22 @@ class EdgeClient:
 
     def _may_step(self) -> bool:
         """The device policy's word, read from the sensors now (before every local step)."""
-        if self.policy is None:
-            return True
-        was = self.policy.verdict.available
-        now = self.policy.check().available
-        if was and not now:
+        return self.policy is None or self._check_policy()
+
+    def _check_policy(self) -> bool:
+        """Ask the policy; on a change between available and paused, tell the coordinator at once (a
+        Heartbeat): it samples only available devices and closes a round whose sampled devices all paused."""
+        assert self.policy is not None
+        was = self.policy.verdict
+        now = self.policy.check()
+        if was.available and not now.available:
             self.counters["policy_pauses"] += 1
-        return now
+        if was.reason != now.reason and self.telemetry is not None and self.link.connected.is_set():
+            try:
+                self.link.publish(self.topics.hb(self.cid), encode(self.heartbeat()), qos=0)
+            except (RuntimeError, ValueError) as exc:
+                log.warning("heartbeat after a policy change skipped: %s", exc)
+        return now.available
 
     def trained_share(self) -> float:
         """Share of wall time since start spent in local steps (0..1)."""
@@ -374,8 +383,9 @@ class EdgeClient:
     # -- heartbeat -------------------------------------------------------------------------------
     def heartbeat(self) -> Heartbeat:
         assert self.telemetry is not None
+        verdict = None if self.policy is None else self.policy.verdict
         return heartbeat_message(self.rounds, self.trainer, time.time(), self.telemetry.read(), self.last_step_s,
-                                 self.last_eval)
+                                 self.last_eval, verdict, self.trained_share())
 
     def _heartbeats(self) -> None:
         topic = self.topics.hb(self.cid)
