@@ -18,8 +18,9 @@ A 1.2 device says nothing (available None) and counts as available, as before.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -87,4 +88,15 @@ class Availability:
         self.devices.pop(client, None)
 
 
-__all__ = ["Availability", "DeviceState"]
+def from_telemetry(t: Mapping[str, Any], online: bool) -> tuple[bool | None, str]:
+    """(available, words) from a stored heartbeat's telemetry, for status, dashboard and metrics: an offline
+    device is not available; a device that says nothing (1.2, or its policy is off) is None, "-"."""
+    if not online:
+        return False, "offline"
+    a = t.get("available")
+    if not isinstance(a, bool):
+        return None, "-"
+    return (True, "yes") if a else (False, f"paused: {t.get('pause_reason') or '?'}")
+
+
+__all__ = ["Availability", "DeviceState", "from_telemetry"]

@@ -383,9 +383,11 @@ class EdgeClient:
     # -- heartbeat -------------------------------------------------------------------------------
     def heartbeat(self) -> Heartbeat:
         assert self.telemetry is not None
-        verdict = None if self.policy is None else self.policy.verdict
+        # policy off: keys 16-18 stay out, so the device keeps working with a 1.2 coordinator
+        on = self.policy is not None and self.cfg.policy.enabled
         return heartbeat_message(self.rounds, self.trainer, time.time(), self.telemetry.read(), self.last_step_s,
-                                 self.last_eval, verdict, self.trained_share())
+                                 self.last_eval, self.policy.verdict if on and self.policy else None,
+                                 self.trained_share() if on else None)
 
     def _heartbeats(self) -> None:
         topic = self.topics.hb(self.cid)
