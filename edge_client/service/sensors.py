@@ -2,8 +2,9 @@
 
 `Sensors` is the seam: `read()` returns one `Sample`. `SystemSensors` is the real one:
 - battery: `psutil.sensors_battery()` (None = no battery = AC);
-- other processes' CPU: system-wide busy share since the last read (`psutil.cpu_percent`) minus this
-  process's own share (`Process.cpu_percent` / cores), in % of all cores; the first read only primes;
+- other processes' CPU: system-wide busy share since the last read (`psutil.cpu_percent` x cores) minus
+  this process's own (`Process.cpu_percent`), in % of one core (100 = one core busy, as `top` counts);
+  the first read only primes;
 - GPU busy %: NVML utilization or tegrastats GR3D_FREQ, through `Telemetry` when it found either;
 - temperature: tegrastats, NVML, else the hottest `psutil.sensors_temperatures()` reading;
 - free memory: `psutil.virtual_memory().available`;
@@ -31,7 +32,7 @@ class Sample:
     mono_s: float  # monotonic seconds (only differences matter)
     minute: int  # local time: minute of the day, 0 .. 1439
     on_battery: bool | None = None
-    other_cpu_pct: float | None = None  # % of all cores busy outside this process since the last read
+    other_cpu_pct: float | None = None  # CPU used outside this process since the last read, % of one core
     gpu_pct: float | None = None
     temp_c: float | None = None
     free_mem_bytes: int | None = None
@@ -47,7 +48,7 @@ def local_minute(unix_s: float) -> int:
 
 
 class OthersCpu:
-    """CPU used by every process but this one since the last call, in % of all cores."""
+    """CPU used by every process but this one since the last call, in % of one core (200 = two cores busy)."""
 
     def __init__(self) -> None:
         self.me = psutil.Process()
@@ -56,19 +57,18 @@ class OthersCpu:
         self.me.cpu_percent(None)
 
     def __call__(self) -> float:
-        total = psutil.cpu_percent(None)  # % of all cores, since the last call
-        mine = self.me.cpu_percent(None) / self.cores  # % of one core -> % of all cores
-        return float(min(100.0, max(0.0, total - mine)))
+        total = psutil.cpu_percent(None) * self.cores  # % of all cores since the last call -> % of one core
+        mine = self.me.cpu_percent(None)  # % of one core
+        return float(max(0.0, total - mine))
 
 
 class TreeCpu:
-    """CPU used by the descendants of process `root` (not `root` itself) since the last call, in % of all
-    cores: the same reading scoped to one process tree, for a machine whose other load is not the owner's
+    """CPU used by the descendants of process `root` (not `root` itself) since the last call, in % of one
+    core: the same reading scoped to one process tree, for a machine whose other load is not the owner's
     (a shared test box at 100 % already; the owner's job started under a known parent)."""
 
     def __init__(self, root: int) -> None:
         self.root = psutil.Process(root)
-        self.cores = psutil.cpu_count() or 1
         self.at = time.monotonic()
         self.seen: dict[int, float] = {p.pid: _cpu_s(p) for p in self.root.children(recursive=True)}
 
@@ -80,7 +80,7 @@ class TreeCpu:
             seen[p.pid] = t
             busy += t - self.seen.get(p.pid, 0.0)  # a process new since the last call: all its CPU is new
         wall, self.at, self.seen = max(now - self.at, 1e-6), now, seen
-        return float(min(100.0, max(0.0, 100.0 * busy / wall / self.cores)))
+        return float(max(0.0, 100.0 * busy / wall))
 
 
 def _cpu_s(p: psutil.Process) -> float:
