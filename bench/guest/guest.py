@@ -119,9 +119,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_guest(cfg: GuestConfig) -> dict[str, Any]:
-    from bench.broker import find_or_start_broker
-    from bench.demo import _quiet_libraries
-    from bench.toy import build_toy
+    from bench.demo.broker import find_or_start_broker
+    from bench.demo.demo import _quiet_libraries
+    from bench.demo.toy import build_toy
 
     _quiet_libraries()
     runner = JobRunner(cfg.job_iters)  # first: nice 0 whatever the client does to this process later

@@ -44,7 +44,7 @@ from shared.topics import Topics
 GIB = 2**30
 GOOD = Sample(mono_s=0.0, minute=600, on_battery=False, other_cpu_pct=5.0, gpu_pct=None, temp_c=50.0,
               free_mem_bytes=8 * GIB)  # fmt: skip
-BAD = {  # one reading per rule that the test config below refuses
+BAD: dict[str, dict[str, Any]] = {  # one reading per rule that the test config below refuses
     OUTSIDE_WINDOW: {"minute": 21 * 60},
     ON_BATTERY: {"on_battery": True},
     HOT: {"temp_c": 95.0},
