@@ -56,6 +56,7 @@ class GuestConfig:
     jobs: int = 3  # foreground job runs per condition
     job_iters: int = 8_000_000  # work of one job (sum of i*i): about 1-3 s on one core
     quiet_s: float = 30.0  # the default policy's quiet period (lower it for a quick run)
+    max_other_cpu_pct: float = 30.0  # the default policy's busy line (% of one core)
     scope: str = "machine"  # whose CPU counts as the owner's load: machine | tree (this benchmark's children)
     workdir: Path = Path("guest-out")
     timeout_s: float = 900.0  # per fleet
@@ -92,7 +93,8 @@ def add_parser(sub: Any) -> None:
         ("--rounds", "rounds", "rounds each fleet completes"),
         ("--steps", "steps", "local SPSA steps per round"), ("--jobs", "jobs", "foreground job runs per condition"),
         ("--job-iters", "job_iters", "work of one foreground job"),
-        ("--quiet-s", "quiet_s", "the default policy's quiet_s"), ("--workdir", "workdir", "state and logs"),
+        ("--quiet-s", "quiet_s", "the default policy's quiet_s"),
+        ("--max-other-cpu-pct", "max_other_cpu_pct", "the default policy's max_other_cpu_pct"), ("--workdir", "workdir", "state and logs"),
         ("--timeout", "timeout_s", "give up on a fleet after this many seconds"),
     )  # fmt: skip
     p.add_argument("--scope", choices=("machine", "tree"), default=d.scope,
@@ -104,7 +106,7 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = GuestConfig(hidden=args.hidden, layers=args.layers, rounds=args.rounds, steps=args.steps, jobs=args.jobs, job_iters=args.job_iters,
-                      quiet_s=args.quiet_s, scope=args.scope, workdir=args.workdir, timeout_s=args.timeout,
+                      quiet_s=args.quiet_s, max_other_cpu_pct=args.max_other_cpu_pct, scope=args.scope, workdir=args.workdir, timeout_s=args.timeout,
                       broker=args.broker)  # fmt: skip
     result = run_guest(cfg)
     for k in ("off", "default"):
@@ -135,7 +137,8 @@ def run_guest(cfg: GuestConfig) -> dict[str, Any]:
         alone = [runner.run() for _ in range(cfg.jobs)]
         off = _fleet(cfg, paths, broker.url, runner, {"enabled": False}, "off")
         # last: the default policy lowers this process's priority for good (torch threads, nice, IO class)
-        default = _fleet(cfg, paths, broker.url, runner, {"quiet_s": cfg.quiet_s}, "default")
+        default = _fleet(cfg, paths, broker.url, runner,
+                         {"quiet_s": cfg.quiet_s, "max_other_cpu_pct": cfg.max_other_cpu_pct}, "default")
         alone += [runner.run() for _ in range(cfg.jobs)]
     finally:
         runner.close()
