@@ -24,7 +24,8 @@ def test_job_runner_times_the_same_work_each_call() -> None:
 @pytest.mark.slow
 def test_guest_bench_small_run(tmp_path: Path) -> None:
     cfg = GuestConfig(hidden=64, layers=2, intermediate=128, filler=8, rounds=2, steps=3, jobs=2,
-                      job_iters=3_000_000, quiet_s=0.5, scope="tree", workdir=tmp_path / "g", timeout_s=300.0)
+                      job_iters=3_000_000, quiet_s=0.5, max_other_cpu_pct=5.0, scope="tree", workdir=tmp_path / "g",
+                      timeout_s=300.0)  # fmt: skip
     res = run_guest(cfg)
     assert res["bench"] == "guest" and res["cores"] == os.cpu_count() and len(res["alone_s"]) == 2 * cfg.jobs
     for k in ("off", "default"):
