@@ -43,7 +43,7 @@ ON_TOPIC: dict[str, Any] = {  # topic kind -> what may arrive there (PROTOCOL.md
     "sync": SyncRequest, "to": (Replay, CheckpointChunk, ErrorMsg),
 }  # fmt: skip
 FROM_CLIENT = ("up", "join", "hb", "status", "sync")  # the sender's id is the topic's last level
-RETAINED = ("plan", "result_latest", "status")  # a zero-length payload there clears a retained message
+RETAINED = ("plan", "result_latest", *FROM_CLIENT)  # a zero-length payload there clears a retained message
 
 
 def _topic(topic: str) -> tuple[str, str, str] | None:

@@ -49,7 +49,7 @@ def _plan(n_seeds: int, fleet: str = "conf-vectors", steps: dict[Any, Any] | Non
 
 def vectors() -> list[dict[str, Any]]:
     v: list[dict[str, Any]] = [
-        dict(name="empty", rule="shorter than the header", topic=SYNC, payload=b"", error="TRUNCATED"),
+        dict(name="empty", rule="shorter than the header", topic=f"{F}/to/dev-a", payload=b"\xb1\x00", error="TRUNCATED"),
         dict(name="bad_magic", rule="high nibble of byte 0", topic=SYNC, payload=b"\x01\x00\x07\x81\x00\x05", error="BAD_MAGIC"),
         dict(name="version_2", rule="schema version", topic=SYNC, payload=b"\xb2\x00\x07" + BODY, error="UNSUPPORTED_VERSION"),
         dict(name="reserved_flag", rule="flag bits 1-7", topic=SYNC, payload=b"\xb1\x02\x07" + BODY, error="BAD_FLAGS"),
@@ -101,6 +101,17 @@ def vectors() -> list[dict[str, Any]]:
                       "eval_acc": 0.75, "eval_n": 32}),
         dict(name="hb_eval_partial", rule="v1.2: eval_round, eval_loss and eval_n come together",
              topic=f"{F}/hb/dev-a", payload=_hb({9: 4, 10: 0.5}), error="INVALID_FIELD"),
+        dict(name="hb_paused", rule="v1.3: a Heartbeat may say the device policy paused it, and why (keys 16-18)",
+             topic=f"{F}/hb/dev-a", payload=_hb({16: False, 17: "on battery", 18: 0.25}), type="Heartbeat",
+             decoded={"ts": 1.0, "cpu_pct": 1.0, "rss_bytes": 1, "round": -1, "available": False,
+                      "pause_reason": "on battery", "trained_share": 0.25}),
+        dict(name="hb_available", rule="v1.3: an available device sends no pause_reason", topic=f"{F}/hb/dev-a",
+             payload=_hb({16: True, 18: 1.0}), type="Heartbeat",
+             decoded={"ts": 1.0, "cpu_pct": 1.0, "rss_bytes": 1, "round": -1, "available": True, "trained_share": 1.0}),
+        dict(name="hb_reason_while_available", rule="v1.3: pause_reason only with available = false",
+             topic=f"{F}/hb/dev-a", payload=_hb({16: True, 17: "busy"}), error="INVALID_FIELD"),
+        dict(name="hb_share_over_1", rule="v1.3: trained_share is in [0, 1]", topic=f"{F}/hb/dev-a",
+             payload=_hb({16: True, 18: 1.5}), error="INVALID_FIELD"),
         dict(name="invalid_utf8", rule="str is UTF-8", topic=f"{F}/to/dev-a",
              payload=bytes([0xB1, 0, 10]) + b"\x82\x00\x01\x01\xa1\xff", error="MALFORMED"),
         dict(name="keys_out_of_order", rule="a receiver must not depend on key order", topic=f"{F}/status/dev-a",
@@ -224,6 +235,8 @@ def check_order() -> list[dict[str, Any]]:
              topic=f"{F}/result/latest", payload=b"", ignored="retained_clear"),
         dict(name="retained_clear_status", rule="check 3: zero-length on status/{client}", topic=ST, payload=b"",
              ignored="retained_clear"),
+        dict(name="retained_clear_sync", rule="check 3: zero-length on a client topic (the coordinator clears "
+             "retained device messages, 1.3)", topic=SYNC, payload=b"", ignored="retained_clear"),
         dict(name="empty_result_round", rule="checks 3, 4: result/{round} is not retained: zero-length is TRUNCATED",
              topic=f"{F}/result/3", payload=b"", error="TRUNCATED"),
         dict(name="empty_to", rule="checks 3, 4: zero-length on to/{client} is TRUNCATED", topic=TO, payload=b"",
