@@ -132,10 +132,23 @@ def config_from_args(args: argparse.Namespace) -> AttacksConfig:
     return cfg
 
 
+# Ten simulated devices x every round, and every refused probe of a hostile device: the attacker's tally
+# reports the refusals, so these stay quiet unless -v (DEBUG) asks for them.
+QUIET = ("coordinator.rounds", "coordinator.admission", "edge_client.service.rounds")
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     torch.set_num_threads(max(1, args.threads))
-    summary = run_matrix(cfg, args.out, resume=args.resume)
+    levels = {name: logging.getLogger(name).level for name in QUIET}
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        for name in QUIET:
+            logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        summary = run_matrix(cfg, args.out, resume=args.resume)
+    finally:  # a test or a caller in the same process keeps its own logging
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
     print(summary["markdown"], end="")
     if args.json:
         print_json_last({k: v for k, v in summary.items() if k != "markdown"})
