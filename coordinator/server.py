@@ -32,8 +32,9 @@ from coordinator.dashboard import pages as dashboard_pages
 from coordinator.drift import DriftMonitor
 from coordinator.evaluator import CoordinatorEvaluator
 from coordinator.eventlog import EventLog
+from coordinator.floodgate import FloodGate
 from coordinator.heartbeats import HeartbeatBuffer
-from coordinator.intake import INBOUND, Decision, admit, feed
+from coordinator.intake import INBOUND, Decision, admit, clear_topic, feed
 from coordinator.metrics import Metrics, MetricsServer
 from coordinator.publisher import Publisher
 from coordinator.records import DuplicateRecord, PlanRow, ResultRecord
@@ -97,6 +98,7 @@ class Coordinator:
         self.out = Publisher(self.topics, self.tally, self.metrics)
         self._seen_connects = 0  # link connects the book has been told about (reconnected())
         self._alive_at = -float("inf")  # last liveness write (the coordinator's clock)
+        self._gate_refused = 0  # the flood gate's refusals already counted (count_gate)
         self.link: MqttLink | None = None
         self.metrics_server: MetricsServer | None = None
         check_meta(self.log, self.state_dir, {
@@ -190,10 +192,19 @@ class Coordinator:
         assert self.link is not None, "start() first"
         self._check_reconnect()
         batch = take_batch(self.link.inbox, timeout)
+        self.count_gate(self.link.inbox)
         acts: list[Action] = []
         for msg in batch:
             acts += self.feed(admit(self.topics, msg))
         self.advance(acts, acks=batch)
+
+    def count_gate(self, inbox: object) -> None:
+        """Messages the flood gate refused since the last call -> meerkat_messages_dropped{reason="flood"}."""
+        if isinstance(inbox, FloodGate):
+            total = inbox.refused_total()
+            if total != self._gate_refused:
+                self.tally.add(self.metrics.dropped, "flood", total - self._gate_refused)
+                self._gate_refused = total
 
     def _check_reconnect(self) -> None:
         """After each (re)connect + SUBACK of our link: the book re-publishes the open plan, so devices
@@ -239,6 +250,9 @@ class Coordinator:
         if d.nbytes is not None:
             self.tally.add(self.metrics.messages, d.kind)
             self.tally.add(self.metrics.bytes_received, d.kind, d.nbytes)
+        clear = clear_topic(self.topics, d)
+        if clear is not None and self.link is not None:
+            self.link.publish(clear, b"", qos=1, retain=True)
         return feed(self.book, d, self.clock())
 
     # -- out: commit, ack, publish -----------------------------------------------------------------
@@ -331,11 +345,13 @@ def broker_link(
     """A started, manual-ack link to the broker with the config's login and TLS, subscribed to
     (filter, QoS) pairs; `session`: clean_session / session_expiry_s (a worker's shared session)."""
     c = config
+    gate = FloodGate(c.rate_per_s, c.rate_burst)  # per-device limits before decode; updates before heartbeats
     link = MqttLink(
         c.broker, client_id, subscriptions=list(subscriptions), manual_ack=True,
         username=c.username, password=read_secret(c.password_file), tls=tls_for(c.broker, c.tls_ca, c.tls_cert, c.tls_key),
-        **session,  # type: ignore[arg-type]
+        inbox=gate, **session,  # type: ignore[arg-type]
     )  # fmt: skip
+    gate.ack = link.ack
     link.start()
     return link
 

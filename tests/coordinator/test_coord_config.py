@@ -94,7 +94,7 @@ def test_state_dir_of_another_run_is_refused(tmp_path: Path) -> None:
 
 def test_example_deploy_config_loads() -> None:
     c = load_coordinator_config(Path(__file__).resolve().parents[2] / "deploy" / "coordinator.toml")
-    assert c.fleet == "sst2-pilot" and c.quant_policy == "same" and c.aggregation == "fedavg" and c.metrics_host == "127.0.0.1"
+    assert c.fleet == "sst2-pilot" and c.quant_policy == "same" and c.aggregation == "centered" and c.metrics_host == "127.0.0.1"
     import tomllib
 
     client = tomllib.loads((Path(__file__).resolve().parents[2] / "deploy" / "client.toml").read_text())
