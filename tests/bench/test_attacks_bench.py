@@ -55,12 +55,11 @@ class SameG:
         return {"device": "cpu"}
 
 
-def fleet(rule: str, attack: str, hostile: int, cap: float | None = None) -> tuple[InProcessFleet, Attack]:
-    """Ten devices of n = N, the first `hostile` sharing one `attack`; `cap`: a fixed |g| cap (no adaptive one)."""
+def fleet(rule: str, attack: str, hostile: int, cap: float = 1e6) -> tuple[InProcessFleet, Attack]:
+    """Ten devices of n = N, the first `hostile` sharing one `attack`; `cap`: a fixed |g| cap and no adaptive
+    one (so what reaches the aggregate is known: the rule alone decides)."""
     spec = ZOSpec(rounds=3, T=3, lr=1e-2, eps=1e-2, batch_size=4, seed=5)
-    cfg = replace(zo_config(spec, 10), aggregation=cast("Aggregation", rule))
-    if cap is not None:
-        cfg = replace(cfg, max_abs_grad=cap, grad_cap_k=0.0)
+    cfg = replace(zo_config(spec, 10), aggregation=cast("Aggregation", rule), max_abs_grad=cap, grad_cap_k=0.0)
     book = RoundBook(cfg, fingerprint=FP, mask_id=MASK, values=torch.zeros(NNZ))
     strategy = make_attack(attack)
     devices = [Device(ClientRounds(Identity(f"d{i}", FLEET, FP, MASK, N), lambda: torch.zeros(NNZ)), SameG(),
