@@ -1,10 +1,10 @@
 """`meerkat bench attacks`: can one valid device (or three colluding) steer the model? (issue 26)
 
     meerkat bench attacks [--json] [--out DIR] [--seeds 3] [--rounds R] [--steps T] [--task topic]
-                          [--attacks ratchet,scaling,...] [--hostile 1,3] [--rules fedavg,<default>] [--resume]
+                          [--attacks ratchet,scaling,...] [--hostile 1,3] [--rules fedavg,<default>] [--resume] [--shard K/N]
 
 In-process fleet (bench/inproc.py: the product's RoundBook, 10 device cores with the client's engine step,
-every message through the codec) on the tiny model (`meerkat tiny-model`, MEERKAT mask), a labelled task
+every message through the codec) on the tiny model (`meerkat tiny-model`, or --model-dir; MEERKAT mask), a labelled task
 split Dirichlet(0.5) over 10 devices. Hostile devices are the first 1 or 3 client ids; they train
 honestly and hand their Join / Updates to an attack strategy (bench/attacks/strategies.py: ratchet,
 scaling, sign-flip, bias, rejoin, alternating), so the coordinator's real intake, admission and
@@ -15,7 +15,8 @@ Reported (DIR/attacks.json, DIR/attacks.md, the JSON summary last on stdout with
 held-out accuracy and loss after every round; per (rule, attack, hostile) the final accuracy against the
 clean run of the same rule and seed (mean and worst seed), the worst per-round gap, what the coordinator
 refused; the verdicts: with 1 hostile every attack within 2 points of clean, which hold with 3, and the
-clean run of the default rule within 1 point of plain FedAvg. Runs are cached in DIR/cells/ (`--resume`).
+clean run of the default rule within 1 point of plain FedAvg. Runs are cached in DIR/cells/ (`--resume`);
+`--shard K/N` lets N processes share one DIR, one `--resume` run then gathers them.
 """
 
 from __future__ import annotations
@@ -51,15 +52,17 @@ def default_rule() -> Aggregation:
 
 @dataclass(frozen=True)
 class AttacksConfig:
-    """One matrix. Rounds x steps: the clean run learns the demo model's topic task clearly (zero-shot
-    ~0.3, clean ~0.9+) in a run short enough for the whole matrix on 2 shared cores."""
+    """One matrix. Rounds x steps x lr: the clean run learns the demo model's topic task clearly (0.53 before,
+    0.975 after 5 rounds x 4 steps at seed 0) in a run short enough (~20 s on 2 loaded cores) for the whole
+    matrix (78 runs at the defaults)."""
 
     size: str = "demo"  # tiny-model size
+    model_dir: str = ""  # a tiny-model dir instead of the cached build of `size` ("": that build)
     task: str = "topic"
     seeds: int = 3  # seeds 0..seeds-1: data split, directions and batches
-    rounds: int = 6
-    steps: int = 5  # local SPSA steps T per round
-    lr: float = 2e-2  # the learning bench's MEERKAT lr on demo/topic (BENCHMARKS.md)
+    rounds: int = 5
+    steps: int = 4  # local SPSA steps T per round
+    lr: float = 5e-2  # within the lr rule's tie of MEERKAT's 2e-2 on demo/topic (BENCHMARKS.md): learns in 20 steps
     eps: float = 1e-2
     batch_size: int = 16
     n_clients: int = 10
@@ -99,11 +102,15 @@ def add_parser(sub: Any) -> None:
         ("--steps", "steps", "local SPSA steps per round"), ("--lr", "lr", "learning rate"),
         ("--n-train", "n_train", "training examples over all devices"), ("--n-eval", "n_eval", "held-out examples"),
     )  # fmt: skip
+    p.add_argument("--model-dir", default="", help="a `meerkat tiny-model` dir to use instead of --size's cached build")
     p.add_argument("--attacks", default=",".join(d.attacks), help=f"comma list from {','.join(ATTACKS)}")
     p.add_argument("--hostile", default=",".join(map(str, d.hostile)), help="comma list: hostile devices of 10")
     p.add_argument("--rules", default=None, help=f"comma list from {','.join(RULES)} (default fedavg and the "
                                                    f"default rule, {default_rule()})")
     p.add_argument("--resume", action="store_true", help="reuse finished runs under OUT/cells (same config)")
+    p.add_argument("--shard", default=None,
+                   help="K/N: only run every N-th cell from the K-th into OUT/cells (parallel processes; then one "
+                        "--resume run gathers them)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: 2 shared cores)")
     p.set_defaults(func=run)
 
@@ -112,7 +119,7 @@ def config_from_args(args: argparse.Namespace) -> AttacksConfig:
     def items(text: str | None) -> tuple[str, ...]:
         return tuple(t.strip() for t in (text or "").split(",") if t.strip())
 
-    cfg = replace(AttacksConfig(), size=args.size, task=args.task, seeds=args.seeds, rounds=args.rounds,
+    cfg = replace(AttacksConfig(), size=args.size, model_dir=args.model_dir, task=args.task, seeds=args.seeds, rounds=args.rounds,
                   steps=args.steps, lr=args.lr, n_train=args.n_train, n_eval=args.n_eval,
                   attacks=items(args.attacks), rules=items(args.rules))  # fmt: skip
     try:
@@ -145,6 +152,11 @@ def run(args: argparse.Namespace) -> int:
         for name in QUIET:
             logging.getLogger(name).setLevel(logging.ERROR)
     try:
+            if args.shard:
+            k, n = parse_shard(args.shard)
+            done = run_shard(cfg, args.out, k, n, resume=args.resume)
+            print(f"shard {k}/{n}: {done} runs in {args.out / 'cells'}; gather with --resume (no --shard)")
+            return 0
         summary = run_matrix(cfg, args.out, resume=args.resume)
     finally:  # a test or a caller in the same process keeps its own logging
         for name, level in levels.items():
@@ -165,7 +177,7 @@ class Matrix:
         from shared.modelload import load_model
 
         self.cfg, self.out, self.resume = cfg, out, resume
-        model_dir = get_model_dir(cfg.size, progress=False)
+        model_dir = Path(cfg.model_dir) if cfg.model_dir else get_model_dir(cfg.size, progress=False)
         self.fingerprint = fingerprint_model_dir(model_dir)
         mask = build_masks(model_dir, self.fingerprint, cfg.fraction, seqs=cfg.calib_seqs, random_seeds=())
         self.loaded = load_model(model_dir, "none", "cpu", mask["pretrain-grad"], fingerprint=self.fingerprint)
@@ -189,7 +201,7 @@ class Matrix:
 
     def cell_path(self, cell: Cell) -> Path:
         c = self.cfg
-        shape = {k: v for k, v in asdict(c).items() if k not in ("attacks", "hostile", "rules", "seeds")}
+        shape = {k: v for k, v in asdict(c).items() if k not in ("attacks", "hostile", "rules", "seeds", "model_dir")}
         coord = repr(CoordinatorConfig())  # the product's defaults (caps, weights) shape every run too
         key = json.dumps({"v": CELL_VERSION, "fp": self.fingerprint, "cfg": shape, "coord": coord, "cell": cell.key},
                          sort_keys=True)
@@ -207,6 +219,26 @@ class Matrix:
         tmp.write_text(json.dumps(res.to_json(), sort_keys=True))
         tmp.replace(path)
         return res
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise SystemExit(f"--shard: expected K/N with integers, got {text!r}") from None
+    if not 0 <= k < n:
+        raise SystemExit(f"--shard {text}: need 0 <= K < N")
+    return k, n
+
+
+def run_shard(cfg: AttacksConfig, out: Path, k: int, n: int, *, resume: bool = False) -> int:
+    """Run (or, with `resume`, skip when cached) every n-th cell from the k-th; how many there were."""
+    matrix = Matrix(cfg, out, resume)
+    mine = cfg.cells()[k::n]
+    for i, cell in enumerate(mine):
+        res = matrix.result(cell)
+        print(f"[{k}/{n} {i + 1}/{len(mine)}] {cell.key}: final accuracy {res.accuracy[-1]:.3f}", flush=True)
+    return len(mine)
 
 
 def run_matrix(cfg: AttacksConfig, out: Path, *, resume: bool = False) -> dict[str, Any]:
@@ -237,4 +269,5 @@ def run_matrix(cfg: AttacksConfig, out: Path, *, resume: bool = False) -> dict[s
     return summary
 
 
-__all__ = ["AttacksConfig", "Matrix", "add_parser", "config_from_args", "default_rule", "run", "run_matrix"]
+__all__ = ["AttacksConfig", "Matrix", "add_parser", "config_from_args", "default_rule", "parse_shard", "run",
+           "run_matrix", "run_shard"]
