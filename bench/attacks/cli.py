@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
         for name in QUIET:
             logging.getLogger(name).setLevel(logging.ERROR)
     try:
-            if args.shard:
+        if args.shard:
             k, n = parse_shard(args.shard)
             done = run_shard(cfg, args.out, k, n, resume=args.resume)
             print(f"shard {k}/{n}: {done} runs in {args.out / 'cells'}; gather with --resume (no --shard)")
