@@ -58,6 +58,12 @@ class CoordinatorConfig:
     allow_plaintext_password: bool = cfg.field(
         False, "allow password_file with plain mqtt:// to a non-loopback host (the password crosses the network in clear)"
     )
+    telemetry_link: bool = cfg.field(
+        True,
+        "heartbeats on a second MQTT connection (client id and username + \"-hb\"): a heartbeat flood then never "
+        "queues in front of updates at the broker or in TCP (the rendered ACL has that user; give it the "
+        "coordinator's password). Off with tls_cert (the certificate may be the login); unreachable: main link",
+    )
     fleet: str = cfg.field(
         "default", "fleet id: topics live under meerkat/v1/{fleet}/", (_is_id, "is not a valid id")
     )

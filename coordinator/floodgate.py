@@ -10,6 +10,9 @@ book rate-limits only after the pump has queued, decoded and handed it every mes
      RATE_LIMITED notice, stays the policy a well-behaved device meets);
   3. two lanes: heartbeats (telemetry, QoS 0) wait behind everything else, so an Update never queues behind
      a heartbeat flood; the heartbeat lane holds at most MAX_SLOW messages (newest dropped beyond).
+     With telemetry_link the heartbeats come on their own MQTT connection into the same gate: at the
+     broker and in TCP too, updates never wait behind them (the coordinator reads ~10k messages/s in Python;
+     a flood above that would otherwise queue in front of every update).
 
 Retained messages pass (one per topic per subscribe; the intake drops them unread and clears them).
 
@@ -21,6 +24,7 @@ Retained messages pass (one per topic per subscribe; the intake drops them unrea
 from __future__ import annotations
 
 import queue
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -47,13 +51,19 @@ class FloodGate(queue.Queue[Incoming]):
         self.limits = Limiter(GATE_FACTOR * rate_per_s, GATE_FACTOR * burst)
         self.clock = clock
         self.ack: Callable[[Incoming], None] | None = None  # the link's ack, for QoS 1 messages refused here
-        self.refused: dict[str, int] = {}  # kind -> messages refused at the gate (written by paho's thread only)
+        self.refused: dict[str, int] = {}  # kind -> messages refused at the gate (written under gate_lock)
+        self.gate_lock = threading.Lock()
 
     def put(self, item: Incoming, block: bool = True, timeout: float | None = None) -> None:
         if not item.retain:
             kind, client = _kind_client(item.topic)
-            if not self.limits.allow((client, kind), self.clock()) or (kind in SLOW_KINDS and len(self.slow) >= MAX_SLOW):
-                self.refused[kind] = self.refused.get(kind, 0) + 1
+            with self.gate_lock:  # two links (telemetry_link) may put at once
+                ok = self.limits.allow((client, kind), self.clock()) and not (
+                    kind in SLOW_KINDS and len(self.slow) >= MAX_SLOW
+                )
+                if not ok:
+                    self.refused[kind] = self.refused.get(kind, 0) + 1
+            if not ok:
                 if item.qos and self.ack is not None:
                     self.ack(item)
                 return

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from coordinator.broker_acl import TELEMETRY_SUFFIX
 from coordinator.checkpoint import keep_checkpoint
 from coordinator.config import CoordinatorConfig
 from coordinator.dashboard import pages as dashboard_pages
@@ -100,6 +101,7 @@ class Coordinator:
         self._alive_at = -float("inf")  # last liveness write (the coordinator's clock)
         self._gate_refused = 0  # the flood gate's refusals already counted (count_gate)
         self.link: MqttLink | None = None
+        self.tele_link: MqttLink | None = None  # heartbeats only (telemetry_link)
         self.metrics_server: MetricsServer | None = None
         check_meta(self.log, self.state_dir, {
             "fingerprint": self.fingerprint, "mask_id": self.mask_id, "nnz": str(self.nnz),
@@ -139,8 +141,15 @@ class Coordinator:
         started link to use instead (a cluster worker's, coordinator/workers.py: it drains the inbox itself)."""
         c = self.config
         if link is None:
-            subs = [(self.topics.filter(k), self.topics.qos(k)) for k in INBOUND]
+            # not with a client certificate: a broker that takes the certificate's identity as the login
+            # (use_identity_as_username) would make both links one client id, each taking the other's session
+            tele = ("hb",) if c.telemetry_link and c.tls_cert is None else ()
+            if c.telemetry_link and c.tls_cert is not None:
+                log.info("telemetry_link: off with a client certificate (tls_cert): heartbeats share the main link")
+            subs = [(self.topics.filter(k), self.topics.qos(k)) for k in INBOUND if k not in tele]
             link = broker_link(c, c.client_id, subs, clean_session=False)
+            if tele:
+                self.tele_link = self._telemetry_link(link)
         self.link = self.out.link = link
         if c.metrics:
             self.metrics.watch_fleet(self.state_dir, c.metrics_per_device, c.event_log)
@@ -148,6 +157,23 @@ class Coordinator:
             self.metrics_server = MetricsServer(self.metrics, c.metrics_host, c.metrics_port, c.metrics_token, pages=pages)
             self.metrics_server.start()
         self._carry_out(self.book.start(self.clock()))
+
+    def _telemetry_link(self, link: MqttLink, wait_s: float = 5.0) -> MqttLink | None:
+        """Heartbeats on their own connection into `link`'s flood gate (its slow lane), so a flood never queues
+        in front of updates at the broker. When it cannot connect (a broker without the "-hb" user), the
+        heartbeats go on `link` instead, with a warning: a fleet whose heartbeats are lost would go offline."""
+        c = self.config
+        tele = broker_link(c, c.client_id + TELEMETRY_SUFFIX, [(self.topics.filter("hb"), 0)], inbox=link.inbox,
+                           login_suffix=TELEMETRY_SUFFIX, clean_session=True)  # fmt: skip
+        if tele.wait_connected(wait_s):
+            return tele
+        tele.stop()
+        who = "" if c.username is None else f" as {c.username}{TELEMETRY_SUFFIX}"
+        log.warning("telemetry_link: the heartbeat link could not connect%s (%s): heartbeats share the main link, "
+                    "so a heartbeat flood can delay updates; add that user to the broker's password file and ACL "
+                    "(docs/DEPLOY.md) or set telemetry_link = false", who, tele.trouble.last or "no answer")  # fmt: skip
+        link.subscribe(self.topics.filter("hb"), self.topics.qos("hb"))
+        return None
 
     def stop(self) -> None:
         """Ask `run()` to return (thread-safe)."""
@@ -173,6 +199,9 @@ class Coordinator:
         return 0
 
     def close(self) -> None:
+        if self.tele_link is not None:
+            self.tele_link.stop()
+            self.tele_link = None
         if self.link is not None:
             self.link.stop()
             self.link = self.out.link = None
@@ -340,18 +369,21 @@ class Coordinator:
 
 
 def broker_link(
-    config: CoordinatorConfig, client_id: str, subscriptions: Sequence[tuple[str, int]], **session: int | bool
+    config: CoordinatorConfig, client_id: str, subscriptions: Sequence[tuple[str, int]], *,
+    inbox: queue.Queue[Incoming] | None = None, login_suffix: str = "", **session: int | bool,
 ) -> MqttLink:
-    """A started, manual-ack link to the broker with the config's login and TLS, subscribed to
-    (filter, QoS) pairs; `session`: clean_session / session_expiry_s (a worker's shared session)."""
+    """A started, manual-ack link to the broker with the config's login (username + `login_suffix`) and TLS,
+    subscribed to (filter, QoS) pairs; `session`: clean_session / session_expiry_s (a worker's shared session).
+    Its inbox is a new flood gate (coordinator/floodgate.py), or `inbox` (another link's gate, shared)."""
     c = config
-    gate = FloodGate(c.rate_per_s, c.rate_burst)  # per-device limits before decode; updates before heartbeats
+    gate = FloodGate(c.rate_per_s, c.rate_burst) if inbox is None else inbox
     link = MqttLink(
         c.broker, client_id, subscriptions=list(subscriptions), manual_ack=True,
-        username=c.username, password=read_secret(c.password_file), tls=tls_for(c.broker, c.tls_ca, c.tls_cert, c.tls_key),
-        inbox=gate, **session,  # type: ignore[arg-type]
+        username=None if c.username is None else c.username + login_suffix, password=read_secret(c.password_file),
+        tls=tls_for(c.broker, c.tls_ca, c.tls_cert, c.tls_key), inbox=gate, **session,  # type: ignore[arg-type]
     )  # fmt: skip
-    gate.ack = link.ack
+    if inbox is None and isinstance(gate, FloodGate):
+        gate.ack = link.ack  # QoS 1 messages refused at the gate are acked on the link they came by
     link.start()
     return link
 

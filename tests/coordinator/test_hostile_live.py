@@ -20,6 +20,7 @@ from coordfakes import (
     synthetic_mask,
     synthetic_v0,
     uid,
+    wait_until,
 )
 
 from coordinator.eventlog import EventLog
@@ -198,3 +199,104 @@ def test_retained_bomb_dropped_unread_and_cleared(tmp_path: Path, broker_url: st
     finally:
         attacker.publish(Topics(fleet).up(attacker.cid), b"", 1, True)  # clear it whatever happened
         attacker.close()
+
+
+FLOODER = """
+import sys, time
+import paho.mqtt.client as mqtt
+host, port, topic, n, payload = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), bytes.fromhex(sys.argv[5])
+c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=topic.rsplit("/", 1)[1])
+c.max_queued_messages_set(0)
+c.connect(host, port)
+c.loop_start()
+t0 = time.monotonic()
+for _ in range(n):
+    c.publish(topic, payload, qos=0)
+while c.want_write() or len(c._out_packet):
+    time.sleep(0.01)
+print(f"sent {n} in {time.monotonic() - t0:.2f} s", flush=True)
+c.disconnect()
+c.loop_stop()
+"""
+
+
+@pytest.mark.slow
+def test_heartbeat_flood_does_not_delay_an_update(tmp_path: Path, broker_url: str) -> None:
+    """Issue 26: 216,710 heartbeats of a never-joined id in 15 s delayed an honest Update by 18 s. The flood
+    gate refuses them in the MQTT callback, before decode, and updates go before heartbeats: < 1 s."""
+    import subprocess
+    import sys
+
+    from shared.codec import encode
+    from shared.messages import Heartbeat
+    from shared.mqtt import BrokerAddress
+
+    runner, coord = start(tmp_path, broker_url, min_clients=1, quorum=1.0, quorum_grace_s=0.0)
+    a = FakeClient(broker_url, coord.config.fleet, uid("a"))
+    addr = BrokerAddress.parse(broker_url)
+    hb = encode(Heartbeat("", 1.0, 1.0, 1, None, None, None, None, None, -1))
+    flood_topic = Topics(coord.config.fleet).hb(uid("flood"))
+    n = 200_000
+
+    def timed_round(r: int) -> float:
+        plan = a.wait_for(RoundPlan, lambda p: p.round == r, timeout=30)
+        assert a.cid in plan.steps
+        t0 = time.monotonic()
+        a.update(r, [0.1, -0.1], 10, FP, msg_id=r + 1)
+        a.wait_for(RoundResult, lambda x: x.round == r, timeout=30)
+        return time.monotonic() - t0
+
+    try:
+        a.join(FP, MASK.mask_id, 10)
+        quiet = timed_round(0)
+        flooder = subprocess.Popen(
+            [sys.executable, "-c", FLOODER, addr.host, str(addr.port), flood_topic, str(n), hb.hex()],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        delays, r = [], 1
+        try:
+            while flooder.poll() is None or r < 4:
+                delays.append(timed_round(r))
+                r += 1
+            out, _ = flooder.communicate(timeout=60)
+        finally:
+            flooder.kill()
+        time.sleep(1.0)
+        refused = coord.metrics.dropped.labels("flood")._value.get()
+        passed = coord.metrics.messages.labels("hb")._value.get()  # decoded by the pump
+        print(f"quiet {quiet:.3f} s; under the flood ({out.strip()}): {len(delays)} rounds, max delay "
+              f"{max(delays):.3f} s; {refused:.0f} refused at the gate, {passed:.0f} decoded (the broker shed "
+              "the rest of a QoS 0 flood its subscriber could not take)")  # fmt: skip
+        assert max(delays) < 1.0, delays
+        assert refused > 10_000 and passed < 0.02 * refused  # refused before decode, not by the book
+    finally:
+        runner.stop()
+        a.close()
+
+
+@pytest.mark.parametrize("hb_user", [True, False])
+def test_heartbeats_on_their_own_link_or_the_main_one(acl_broker, tmp_path: Path, hb_user: bool) -> None:  # type: ignore[no-untyped-def]
+    """telemetry_link: heartbeats come by a second login (coordinator-hb, in the shipped ACL); a broker
+    without that user gets them on the main link, with a warning (never lost: the fleet would go offline)."""
+    import subprocess
+
+    from shared.codec import encode
+    from shared.messages import Heartbeat
+
+    if not hb_user:
+        subprocess.run(["mosquitto_passwd", "-D", str(tmp_path / "passwd"), "coordinator-hb"], check=True)
+        acl_broker.restart()
+    (tmp_path / "coordinator.pw").write_text(acl_broker.users["coordinator"] + "\n")
+    runner, coord = start(tmp_path, acl_broker.url, fleet="fleet-a", client_id="coordinator", username="coordinator",
+                          password_file=tmp_path / "coordinator.pw", min_clients=1)  # fmt: skip
+    dev = MqttLink(acl_broker.url, "client_00", username="client_00", password=acl_broker.users["client_00"])
+    try:
+        dev.start()
+        assert dev.wait_connected(10)
+        assert (coord.tele_link is not None) is hb_user
+        hb = encode(Heartbeat("", 1.0, 1.0, 1, None, None, None, None, None, -1))
+        wait_until(lambda: dev.publish(Topics("fleet-a").hb("client_00"), hb, 0) is not None
+                   and coord.metrics.messages.labels("hb")._value.get() >= 1, 10, "heartbeat received")  # fmt: skip
+    finally:
+        dev.stop()
+        runner.stop()
