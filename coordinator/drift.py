@@ -59,7 +59,7 @@ ratio >= fleet_ratio flags client k (sticky, `steps_for` -> 1; its update stays 
 RoundBook._check_fleet_decay). O(clients x window) per round, deterministic (sorted clients).
 
 Defaults. decay_rule = "off": replayed offline through this monitor on the recorded probe runs
-(`bench/learning_vp_replay.py`), no threshold separates. The absolute rule flags only converged
+(`bench/learning/vp_replay.py`), no threshold separates. The absolute rule flags only converged
 devices (held-out seed 0: 1 true, 6 false). The fleet ratio of the devices that hurt (single-label, or
 first to diverge) on tuning seed 100 stays at most 1.66 with the spike rule on, below the converged
 ordinary devices' 2.04; with the spike rule off they reach 2.53 / 4.45 only after the fleet collapsed.

@@ -97,7 +97,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print the JSON summary as the last stdout line")
     p.add_argument("--out", type=Path, default=Path("bench-attacks"), help="dir for attacks.json/.md and cells/")
     add_defaults(
-        p, d, ("--size", "size", "tiny-model size"), ("--task", "task", "task (bench/tasks.py)"),
+        p, d, ("--size", "size", "tiny-model size"), ("--task", "task", "task (bench/tinylm/tasks.py)"),
         ("--seeds", "seeds", "seeds 0..N-1"), ("--rounds", "rounds", "rounds per run"),
         ("--steps", "steps", "local SPSA steps per round"), ("--lr", "lr", "learning rate"),
         ("--n-train", "n_train", "training examples over all devices"), ("--n-eval", "n_eval", "held-out examples"),
@@ -171,7 +171,7 @@ class Matrix:
     """The model, mask and data of one invocation, built once; `result(cell)` runs or reads a cell."""
 
     def __init__(self, cfg: AttacksConfig, out: Path, resume: bool) -> None:
-        from bench.learning_masks import build_masks
+        from bench.learning.masks import build_masks
         from bench.tinylm.pretrain import get_model_dir
         from shared.fingerprint import fingerprint_model_dir
         from shared.modelload import load_model
@@ -184,7 +184,7 @@ class Matrix:
         self._data: tuple[int, Any] | None = None
 
     def data(self, seed: int) -> Any:
-        from bench.learning_sim import make_data
+        from bench.learning.sim import make_data
 
         if self._data is None or self._data[0] != seed:
             cfg = self.cfg
@@ -194,7 +194,7 @@ class Matrix:
         return self._data[1]
 
     def spec(self, seed: int) -> Any:
-        from bench.learning_sim import ZOSpec
+        from bench.learning.sim import ZOSpec
 
         c = self.cfg
         return ZOSpec(c.rounds, c.steps, c.lr, c.eps, c.batch_size, derive_seed(seed, 100, c.steps))
@@ -243,7 +243,7 @@ def run_shard(cfg: AttacksConfig, out: Path, k: int, n: int, *, resume: bool = F
 
 def run_matrix(cfg: AttacksConfig, out: Path, *, resume: bool = False) -> dict[str, Any]:
     """Every cell of `cfg` (cached ones read back with `resume`); writes OUT/attacks.json and attacks.md."""
-    from bench.learning import machine
+    from bench.learning.learning import machine
 
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ from typing import Any
 
 from bench.attacks.strategies import Attack, make_attack
 from bench.inproc import Device, InProcessFleet, SharedModelTrainer
-from bench.learning_sim import FLEET, ClientData, ZOSpec, zo_config
+from bench.learning.sim import FLEET, ClientData, ZOSpec, zo_config
 from coordinator.config import Aggregation
 from coordinator.rounds import RoundBook
 from edge_client.service.rounds import ClientRounds, Identity

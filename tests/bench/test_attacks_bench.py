@@ -17,7 +17,7 @@ import torch
 
 from bench.attacks.strategies import FLIP, SCALE, Attack, make_attack
 from bench.inproc import Device, InProcessFleet
-from bench.learning_sim import FLEET, ZOSpec, zo_config
+from bench.learning.sim import FLEET, ZOSpec, zo_config
 from coordinator.aggregate import RULES
 from coordinator.config import Aggregation
 from coordinator.rounds import RoundBook

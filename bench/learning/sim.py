@@ -24,13 +24,13 @@ from typing import Any
 
 import torch
 
-from bench import tasks as tasks_mod
 from bench.inproc import Device, InProcessFleet, SharedModelTrainer
+from bench.tinylm import tasks as tasks_mod
 from coordinator.config import CoordinatorConfig
 from coordinator.drift import DriftMonitor, DriftThresholds
 from coordinator.rounds import RoundBook
 from edge_client.service.rounds import ClientRounds, Identity
-from edge_client.service.trainer import data_stream
+from edge_client.service.trainer import Trainer, data_stream
 from shared.dataset import Dataset, DataStream, load_jsonl, load_task_config
 from shared.loss import evaluate, example_losses
 from shared.prng import Dist
@@ -42,7 +42,7 @@ FLEET = "bench"
 
 @dataclass
 class ClientData:
-    """One task split: per-client datasets (JSONL written by bench.tasks) and the eval set."""
+    """One task split: per-client datasets (JSONL written by bench.tinylm.tasks) and the eval set."""
 
     task: str
     clients: dict[str, Dataset]
@@ -62,7 +62,7 @@ def make_data(
     task: str, out_dir: Path, tokenizer: Any, *, seed: int, n_clients: int = 10, alpha: float = 0.5,
     n_single: int = 0, n_train: int = 1000, n_eval: int = 200, max_length: int = 128,
 ) -> ClientData:
-    """Write the split with bench.tasks.write_task and read it back as the client engine does."""
+    """Write the split with bench.tinylm.tasks.write_task and read it back as the client engine does."""
     meta_path = tasks_mod.write_task(out_dir, task, n_clients=n_clients, alpha=alpha, seed=seed,
                                      n_train=n_train, n_eval=n_eval, n_single=n_single)
     files = tasks_mod.load_task(meta_path)
@@ -154,9 +154,14 @@ def zo_config(spec: ZOSpec, n_devices: int) -> CoordinatorConfig:
     )
 
 
+# (loaded model, the device's examples, client id, mask id) -> that device's engine
+TrainerFactory = Callable[[Any, Dataset, str, str], Trainer]
+
+
 def run_zo(
     loaded: Any, data: ClientData, spec: ZOSpec, grad_on_mask: torch.Tensor | None,
     on_round: Callable[[int, list[float]], None] | None = None, mask_id: str = "0" * 16,
+    trainer: TrainerFactory = SharedModelTrainer,
 ) -> RunResult:
     """The federated ZO run through the product's round code (bench/inproc.py: RoundBook + one ClientRounds
     per client + the client's engine step, messages through the real codec). `loaded` =
@@ -164,6 +169,7 @@ def run_zo(
 
     With `grad_on_mask`, the book's DriftMonitor records GradIP for every client (for calibration); it
     limits clients only when spec.vp. `on_round(r, G)` sees every round's aggregate (tests use it).
+    `trainer` builds each device's engine (the MEERKAT-VP probe passes one that also records every step).
     """
     sidecar = loaded.sidecar
     if sidecar is None:
@@ -176,7 +182,7 @@ def run_zo(
     devices = [
         Device(ClientRounds(Identity(c, FLEET, loaded.fingerprint, mask_id, len(data.clients[c])),
                             sidecar.initial_values),
-               SharedModelTrainer(loaded, data.clients[c], c, mask_id))
+               trainer(loaded, data.clients[c], c, mask_id))
         for c in clients
     ]
     fleet = InProcessFleet(book, devices)
