@@ -151,6 +151,7 @@ class RoundBook:
         self.vp.restore(rec)
         self.quorum_since: float | None = None  # when the open round first met its quorum
         self._last_offline_check = -math.inf
+        self._small_round = False  # the last close had too few updates for centred clipping (logged on change)
 
     @classmethod
     def from_config(
@@ -464,9 +465,12 @@ class RoundBook:
         acts += [Persist(r) for r in drift_records]
         late = late_to_fold(self.late.values(), len(plan.seeds)) if c.straggler == "next" else []
         on_time, groups = round_groups(plan.seeds, ups, late, {r: p.seeds for r, p in self.plans.items()})
-        if c.aggregation == "centered" and is_small(on_time.grads):
-            log.info("round %d: %d on-time updates, centred clipping needs %d to tell an outlier: plain FedAvg",
-                     plan.round, len(on_time.grads), CENTERED_MIN)  # fmt: skip
+        small = c.aggregation == "centered" and is_small(on_time.grads)
+        if small != self._small_round:  # logged when it starts and when it ends, not every round
+            self._small_round = small
+            log.info("round %d: %d on-time updates: %s", plan.round, len(on_time.grads),
+                     f"centred clipping needs {CENTERED_MIN} to tell an outlier: plain FedAvg (bounded by the "
+                     "weight and |g| caps only)" if small else "centred clipping again")  # fmt: skip
         seeds, scalars = result_scalars(c.aggregation, on_time, groups, clip_norm=c.clip_norm,
                                         trim_fraction=c.trim_fraction, center_clip_k=c.center_clip_k)  # fmt: skip
         new_values = apply_round(self.values, seeds, scalars, plan.lr, plan.dist)

@@ -154,3 +154,30 @@ def test_centered_bounds_late_updates_by_the_on_time_median() -> None:
     # steps a VP-limited client did not run are not in its step's band (as FedAvg skips them)
     per = {"a": [1.0], "b": [2.0, 5.0], "c": [3.0, 6.0], "d": [2.5, 5.5]}
     assert aggregate("centered", per, dict.fromkeys(per, 1), 2) == aggregate("fedavg", per, dict.fromkeys(per, 1), 2)
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 9, 50])
+def test_centered_numpy_pass_is_the_per_step_rule(n: int) -> None:
+    """clipped_steps (one numpy pass per step) == `band` + min/max per value, bit for bit: mixed T_k, ties,
+    odd and even counts, heavy outliers."""
+    from coordinator.centered import band, clipped_steps
+
+    T = 6
+    per = {f"c{i}": [g * (1e4 if (i + t) % 7 == 0 else 1.0) for t, g in enumerate(_grads(derive_seed(5, i), T))]
+           for i in range(n)}  # fmt: skip
+    per["c0"] = per["c0"][:2]  # a VP-limited client (n >= 2)
+    per[f"c{n - 1}"] = list(per["c0"]) + [0.0] * (T - 2)  # ties with c0 on its steps
+    got, clipped = clipped_steps(per, T, 4.0)
+    want = {c: list(gs) for c, gs in per.items()}
+    count = 0
+    for t in range(T):
+        present = [c for c, gs in per.items() if len(gs) > t]
+        lim = band([per[c][t] for c in present], 4.0)
+        if lim is None:
+            continue
+        for c in present:
+            new = min(max(per[c][t], lim[0]), lim[1])
+            count += new != per[c][t]
+            want[c][t] = new
+    assert {c: list(gs) for c, gs in got.items()} == want and clipped == count
+    assert (clipped > 0) == (n >= 3)  # two values are never clipped (each is half their gap from the median)

@@ -110,7 +110,7 @@ def test_extension_samples_more_clients_with_the_same_seeds() -> None:
 
 
 def _round0_with_a_straggler(policy: str) -> tuple[RoundBook, RoundPlan]:
-    b = book(config(min_updates=1, straggler=policy))
+    b = book(config(min_updates=1, straggler=policy, weight_cap_factor=0.0))  # the weights as joined
     join(b, "a", 2)
     join(b, "b", 6)
     (p0,) = sent(b.tick(0.0), RoundPlan)

@@ -225,3 +225,19 @@ def test_late_folding_keeps_a_result_within_max_pairs(monkeypatch: pytest.Monkey
         b.handle(update(k, 3, [1.0, 1.0], 1, msg_id=20), 12.0)
     (res,) = sent(b.tick(12.0), RoundResult)
     assert len(res.seeds) == 4 and b.late == {}
+
+
+def test_small_round_falls_back_to_fedavg_with_a_logged_reason(caplog: pytest.LogCaptureFixture) -> None:
+    b = book(config(min_clients=2, quorum=1.0))  # the default rule: centered
+    join(b, "a", 10)
+    join(b, "evil", 10)
+    g = {"a": [0.5, -0.5], "evil": [1e5, 1e5]}  # under the fixed cap: no |g| history yet
+    with caplog.at_level("INFO", logger="coordinator.rounds"):
+        for r in range(2):
+            _open(b, float(r))
+            for k, gs in g.items():
+                b.handle(update(k, r, gs, 10, msg_id=r), float(r))
+            (res,) = sent(b.tick(float(r)), RoundResult)
+            assert list(res.scalars) == aggregate.aggregate("fedavg", g, {"a": 10, "evil": 10}, 2)
+    said = [m for m in caplog.messages if "plain FedAvg" in m]
+    assert len(said) == 1 and "centred clipping needs 3" in said[0]  # once, not every round
