@@ -137,9 +137,15 @@ class Coordinator:
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self, link: MqttLink | None = None) -> None:
-        """Connect to the broker, start /metrics, republish the retained plan and latest result. `link`: a
-        started link to use instead (a cluster worker's, coordinator/workers.py: it drains the inbox itself)."""
+        """Start /metrics, connect to the broker, republish the retained plan and latest result. `link`: a
+        started link to use instead (a cluster worker's, coordinator/workers.py: it drains the inbox itself).
+        /metrics first: a taken port (PortInUse, exit 9) stops the start before anything is connected."""
         c = self.config
+        if c.metrics:
+            self.metrics.watch_fleet(self.state_dir, c.metrics_per_device, c.event_log)
+            pages = dashboard_pages(self.state_dir, self.metrics.bytes_totals, c.event_log) if c.dashboard else None
+            self.metrics_server = MetricsServer(self.metrics, c.metrics_host, c.metrics_port, c.metrics_token, pages=pages)
+            self.metrics_server.start()
         if link is None:
             # not with a client certificate: a broker that takes the certificate's identity as the login
             # (use_identity_as_username) would make both links one client id, each taking the other's session
@@ -151,11 +157,6 @@ class Coordinator:
             if tele:
                 self.tele_link = self._telemetry_link(link)
         self.link = self.out.link = link
-        if c.metrics:
-            self.metrics.watch_fleet(self.state_dir, c.metrics_per_device, c.event_log)
-            pages = dashboard_pages(self.state_dir, self.metrics.bytes_totals, c.event_log) if c.dashboard else None
-            self.metrics_server = MetricsServer(self.metrics, c.metrics_host, c.metrics_port, c.metrics_token, pages=pages)
-            self.metrics_server.start()
         self._carry_out(self.book.start(self.clock()))
 
     def _telemetry_link(self, link: MqttLink, wait_s: float = 5.0) -> MqttLink | None:

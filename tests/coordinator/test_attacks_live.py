@@ -111,7 +111,7 @@ def test_patient_attack_does_not_steer_the_default_fleet(tmp_path: Path, broker_
     runner = ThreadedCoordinator(coord).start()
     honest = [Honest(broker_url, cfg.fleet, i, v0) for i in range(3)]
     evil = Hostile(broker_url, cfg.fleet)
-    devs = [*honest, evil]
+    devs: list[FakeClient] = [*honest, evil]
     losses, refused = [], 0
     t0 = time.monotonic()
     try:
