@@ -33,9 +33,10 @@ from typing import Any, cast
 import torch
 
 from bench.attacks.report import markdown, summarize
-from bench.attacks.run import Cell, CellResult, run_cell
+from bench.attacks.run import Cell, CellResult, book_config, run_cell
 from bench.attacks.strategies import ATTACKS
 from bench.cli import add_defaults, print_json_last
+from bench.learning.sim import ZOSpec
 from coordinator.aggregate import RULES
 from coordinator.config import Aggregation, CoordinatorConfig
 from shared.prng import derive_seed
@@ -193,16 +194,14 @@ class Matrix:
                                           n_train=cfg.n_train, n_eval=cfg.n_eval))  # fmt: skip
         return self._data[1]
 
-    def spec(self, seed: int) -> Any:
-        from bench.learning.sim import ZOSpec
-
+    def spec(self, seed: int) -> ZOSpec:
         c = self.cfg
         return ZOSpec(c.rounds, c.steps, c.lr, c.eps, c.batch_size, derive_seed(seed, 100, c.steps))
 
     def cell_path(self, cell: Cell) -> Path:
         c = self.cfg
         shape = {k: v for k, v in asdict(c).items() if k not in ("attacks", "hostile", "rules", "seeds", "model_dir")}
-        coord = repr(CoordinatorConfig())  # the product's defaults (caps, weights) shape every run too
+        coord = repr(book_config(self.spec(cell.seed), cell.rule, c.n_clients))  # caps and weights shape it too
         key = json.dumps({"v": CELL_VERSION, "fp": self.fingerprint, "cfg": shape, "coord": coord, "cell": cell.key},
                          sort_keys=True)
         return self.out / "cells" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"

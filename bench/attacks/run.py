@@ -17,7 +17,7 @@ from typing import Any
 from bench.attacks.strategies import Attack, make_attack
 from bench.inproc import Device, InProcessFleet, SharedModelTrainer
 from bench.learning.sim import FLEET, ClientData, ZOSpec, zo_config
-from coordinator.config import Aggregation
+from coordinator.config import Aggregation, CoordinatorConfig
 from coordinator.rounds import RoundBook
 from edge_client.service.rounds import ClientRounds, Identity
 from shared.loss import evaluate
@@ -64,6 +64,12 @@ def held_out(loaded: Any, data: ClientData, values: Any) -> tuple[float, float]:
     return float(ev["accuracy"]), float(ev["loss"])
 
 
+def book_config(spec: ZOSpec, rule: Aggregation, n_devices: int) -> CoordinatorConfig:
+    """The coordinator config of a run: the learning bench's (every device every round, the product's
+    defaults for caps and weights) with `rule` as the aggregation."""
+    return zo_config(replace(spec, aggregation=rule), n_devices)
+
+
 def run_cell(loaded: Any, data: ClientData, spec: ZOSpec, cell: Cell, mask_id: str = "0" * 16) -> CellResult:
     """`cell` through the in-process fleet; `loaded` = shared.modelload.LoadedModel with a side-car."""
     sidecar = loaded.sidecar
@@ -74,8 +80,7 @@ def run_cell(loaded: Any, data: ClientData, spec: ZOSpec, cell: Cell, mask_id: s
     if not 0 <= cell.hostile < len(clients):
         raise ValueError(f"hostile must be in 0..{len(clients) - 1}, got {cell.hostile}")
     attack: Attack | None = make_attack(cell.attack) if cell.hostile else None
-    config = replace(zo_config(spec, len(clients)), aggregation=cell.rule)
-    book = RoundBook(config, fingerprint=loaded.fingerprint, mask_id=mask_id, values=sidecar.initial_values())
+    book = RoundBook(book_config(spec, cell.rule, len(clients)), fingerprint=loaded.fingerprint, mask_id=mask_id, values=sidecar.initial_values())
     devices = [
         Device(ClientRounds(Identity(c, FLEET, loaded.fingerprint, mask_id, len(data.clients[c])),
                             sidecar.initial_values),
@@ -95,4 +100,4 @@ def run_cell(loaded: Any, data: ClientData, spec: ZOSpec, cell: Cell, mask_id: s
     return out
 
 
-__all__ = ["Cell", "CellResult", "held_out", "run_cell"]
+__all__ = ["Cell", "CellResult", "book_config", "held_out", "run_cell"]
