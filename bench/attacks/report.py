@@ -24,6 +24,8 @@ def summarize(results: Sequence[CellResult], *, default_rule: str, tolerance: fl
     """{"rows": one per (rule, attack, hostile), "clean_cost": default rule vs fedavg without attack,
     "verdicts": the issue's questions answered from the rows}."""
     clean: dict[tuple[str, int], CellResult] = {(r.cell.rule, r.cell.seed): r for r in results if r.cell.attack == "none"}
+    absent: dict[tuple[str, int, int], CellResult] = {
+        (r.cell.rule, r.cell.hostile, r.cell.seed): r for r in results if r.cell.attack == "absent"}
     groups: dict[tuple[str, str, int], list[CellResult]] = {}
     for r in results:
         if r.cell.attack != "none":
@@ -45,8 +47,10 @@ def summarize(results: Sequence[CellResult], *, default_rule: str, tolerance: fl
             "loss": statistics.fmean(_final(r)[1] for r in runs),
             "clean_loss": statistics.fmean(_final(b)[1] for b in base),
             "within_tolerance": min(deltas) >= -tolerance,
+            "delta_vs_absent": _vs_absent(runs, absent),
             "refused": sum(sum(r.attacker.get("refused", {}).values()) for r in runs),
             "max_abs_unrefused": max(float(r.attacker.get("max_abs_unrefused", 0.0)) for r in runs),
+            "max_abs_sent": max(float(r.attacker.get("max_abs_sent", 0.0)) for r in runs),
         })  # fmt: skip
     cost = _clean_cost(clean, default_rule)
     verdicts: dict[str, Any] = {}
@@ -62,6 +66,15 @@ def summarize(results: Sequence[CellResult], *, default_rule: str, tolerance: fl
         verdicts["clean_cost_within"] = cost["delta_mean"] >= -clean_tolerance
     return {"rows": rows, "clean_cost": cost, "verdicts": verdicts, "tolerance": tolerance,
             "clean_tolerance": clean_tolerance}
+
+
+def _vs_absent(runs: Sequence[CellResult], absent: dict[tuple[str, int, int], CellResult]) -> float | None:
+    """Mean final accuracy minus the run where the same devices joined and stayed silent (their data lost,
+    nothing sent): what the messages did beyond losing the data. None when not every seed has that run."""
+    keys = [(r.cell.rule, r.cell.hostile, r.cell.seed) for r in runs]
+    if not all(k in absent for k in keys):
+        return None
+    return statistics.fmean(_final(r)[0] - _final(absent[k])[0] for r, k in zip(runs, keys, strict=True))
 
 
 def _clean_cost(clean: dict[tuple[str, int], CellResult], default_rule: str) -> dict[str, Any] | None:
@@ -80,14 +93,15 @@ def markdown(summary: dict[str, Any]) -> str:
     tol = summary["tolerance"]
     lines = [
         "| rule | attack | hostile of 10 | final acc | clean acc | delta mean / worst seed | worst round gap "
-        "| final loss (clean) | refused | max \\|g\\| stored | within " + f"{tol * 100:g} pts |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| vs absent | final loss (clean) | refused | max \\|g\\| sent | within " + f"{tol * 100:g} pts |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary["rows"]:
         lines.append(
             f"| {r['rule']} | {r['attack']} | {r['hostile']} | {r['accuracy']:.3f} | {r['clean_accuracy']:.3f} "
             f"| {r['delta_mean']:+.3f} / {r['delta_worst']:+.3f} | {r['worst_round_gap']:.3f} "
-            f"| {r['loss']:.3f} ({r['clean_loss']:.3f}) | {r['refused']} | {r['max_abs_unrefused']:.3g} "
+            f"| {'-' if r['delta_vs_absent'] is None else format(r['delta_vs_absent'], '+.3f')} "
+            f"| {r['loss']:.3f} ({r['clean_loss']:.3f}) | {r['refused']} | {r['max_abs_sent']:.3g} "
             f"| {'yes' if r['within_tolerance'] else '**no**'} |"
         )
     cost = summary["clean_cost"]

@@ -15,6 +15,8 @@ the ratchet, climb one shared level.
     rejoin       a re-Join with n_samples = 2^32 - 1 before its first Update, every Update claiming it,
                  carrying -g: the weight, not the scalar, is the lever
     alternating  honest on even rounds, -SCALE * g on odd ones (a reputation must not forget)
+    absent       joins, never sends an Update: not an attack on the aggregate but the baseline that
+                 tells the hostile devices' lost data apart from what their messages did
     ratchet      -g scaled to max |g| = level; refused (BAD_UPDATE) -> bisect the level down with fresh
                  msg_ids (at most PROBES a round); accepted -> next round starts at RAISE x level: it
                  finds an unannounced |g| cap and, if the cap follows what it accepted, climbs with it
@@ -29,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from bench.inproc import Send
 from shared.messages import U32, U64, ErrorCode, ErrorMsg, Join, Update
 
-ATTACKS = ("ratchet", "scaling", "sign-flip", "bias", "rejoin", "alternating")
+ATTACKS = ("ratchet", "scaling", "sign-flip", "bias", "rejoin", "alternating", "absent")
 
 SCALE = 20.0  # scaling / alternating: within the main branch's adaptive cap (50 x median |g|), so accepted there
 FLIP = 4.0  # sign-flip: one device of ten at -4 g cancels ~half of the honest step under plain FedAvg
@@ -119,6 +121,13 @@ class Alternating(Attack):
         return g if round % 2 == 0 else tuple(-SCALE * x for x in g)
 
 
+class Absent(Attack):
+    name = "absent"
+
+    def update(self, client: str, msg: Update, send: Send) -> None:
+        pass  # silent: the round closes on the others (quorum), the device's data is never learnt from
+
+
 class Rejoin(Attack):
     """Joins honestly; before its first Update a re-Join with the largest n_samples the wire allows."""
 
@@ -175,7 +184,7 @@ class Ratchet(Attack):
 
 FACTORIES: dict[str, type[Attack]] = {
     "ratchet": Ratchet, "scaling": Scaling, "sign-flip": SignFlip, "bias": Bias, "rejoin": Rejoin,
-    "alternating": Alternating,
+    "alternating": Alternating, "absent": Absent,
 }  # fmt: skip
 
 

@@ -101,7 +101,7 @@ def test_ratchet_bisects_an_unannounced_cap_with_fresh_msg_ids_and_climbs_when_i
     assert all(math.copysign(1, a) == -math.copysign(1, b) for a, b in zip(first, update().grads, strict=True))
 
 
-def test_colluders_share_one_vector_per_round_and_rejoin_inflates_n_before_its_first_update() -> None:
+def test_colluders_share_one_vector_rejoin_inflates_n_before_its_first_update_absent_never_answers() -> None:
     flip, wire = make_attack("sign-flip"), CapAt(1e9)
     flip.update("a", update(0, (1.0, 2.0, 3.0)), wire)
     flip.update("b", update(0, (9.0, 9.0, 9.0)), wire)  # another colluder's honest g: the round's vector stays
@@ -114,6 +114,10 @@ def test_colluders_share_one_vector_per_round_and_rejoin_inflates_n_before_its_f
     kinds = [(type(m).__name__, m.n_samples) for m in wire.got]
     assert kinds == [("Join", N), ("Join", U32), ("Update", U32), ("Update", U32)]
     assert wire.got[1].last_round == 2  # type: ignore[union-attr]
+    absent, wire = make_attack("absent"), CapAt(1e9)
+    absent.join("a", join, wire)
+    absent.update("a", update(0), wire)
+    assert wire.got == [join]  # joins (it is sampled), never answers: the lost-data baseline
 
 
 # -- hostile devices judged by the real round book ----------------------------------------------------
