@@ -56,7 +56,7 @@ def summarize(results: Sequence[CellResult], *, default_rule: str, tolerance: fl
     verdicts: dict[str, Any] = {}
     for rule in sorted({row["rule"] for row in rows}):
         for hostile in sorted({row["hostile"] for row in rows if row["rule"] == rule}):
-            sel = [row for row in rows if row["rule"] == rule and row["hostile"] == hostile]
+            sel = [row for row in rows if row["rule"] == rule and row["hostile"] == hostile and row["attack"] != "absent"]
             verdicts[f"{rule}/{hostile}"] = {
                 "all_within": all(row["within_tolerance"] for row in sel),
                 "held": [row["attack"] for row in sel if row["within_tolerance"]],
