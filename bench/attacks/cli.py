@@ -1,22 +1,23 @@
 """`meerkat bench attacks`: can one valid device (or three colluding) steer the model? (issue 26)
 
     meerkat bench attacks [--json] [--out DIR] [--seeds 3] [--rounds R] [--steps T] [--task topic]
-                          [--attacks ratchet,scaling,...] [--hostile 1,3] [--rules fedavg,<default>] [--resume] [--shard K/N]
+                          [--model-dir DIR] [--attacks ratchet,scaling,...] [--hostile 1,3]
+                          [--rules fedavg,<default>] [--resume] [--shard K/N]
 
 In-process fleet (bench/inproc.py: the product's RoundBook, 10 device cores with the client's engine step,
-every message through the codec) on the tiny model (`meerkat tiny-model`, or --model-dir; MEERKAT mask), a labelled task
-split Dirichlet(0.5) over 10 devices. Hostile devices are the first 1 or 3 client ids; they train
-honestly and hand their Join / Updates to an attack strategy (bench/attacks/strategies.py: ratchet,
-scaling, sign-flip, bias, rejoin, alternating), so the coordinator's real intake, admission and
-aggregation judge them. Each (rule, attack, hostile, seed) is one run; each rule also runs clean (no
-attack) per seed. After every round the coordinator's values are evaluated on the held-out set.
+every message through the codec) on the tiny model (`meerkat tiny-model`, or --model-dir; MEERKAT mask), a
+labelled task split Dirichlet(0.5) over 10 devices. Hostile devices are the first 1 or 3 client ids; they
+train honestly and hand their Join / Updates to an attack strategy (bench/attacks/strategies.py: ratchet,
+scaling, sign-flip, bias, rejoin, alternating; and absent, the silent baseline), so the coordinator's real
+intake, admission and aggregation judge them. Each (rule, attack, hostile, seed) is one run; each rule also
+runs clean (no attack) per seed. After every round the coordinator's values are evaluated on the held-out set.
 
 Reported (DIR/attacks.json, DIR/attacks.md, the JSON summary last on stdout with --json): per run the
 held-out accuracy and loss after every round; per (rule, attack, hostile) the final accuracy against the
-clean run of the same rule and seed (mean and worst seed), the worst per-round gap, what the coordinator
-refused; the verdicts: with 1 hostile every attack within 2 points of clean, which hold with 3, and the
-clean run of the default rule within 1 point of plain FedAvg. Runs are cached in DIR/cells/ (`--resume`);
-`--shard K/N` lets N processes share one DIR, one `--resume` run then gathers them.
+clean run of the same rule and seed (mean and worst seed) and against the absent run, the worst per-round
+gap, what the coordinator refused; the verdicts: with 1 hostile every attack within 2 points of clean, which
+hold with 3, and the clean run of the default rule within 1 point of plain FedAvg. Runs are cached in
+DIR/cells/ (`--resume`); `--shard K/N` lets N processes share one DIR, one `--resume` run then gathers them.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def default_rule() -> Aggregation:
 class AttacksConfig:
     """One matrix. Rounds x steps x lr: the clean run learns the demo model's topic task clearly (0.53 before,
     0.975 after 5 rounds x 4 steps at seed 0) in a run short enough (~20 s on 2 loaded cores) for the whole
-    matrix (78 runs at the defaults)."""
+    matrix (90 runs at the defaults)."""
 
     size: str = "demo"  # tiny-model size
     model_dir: str = ""  # a tiny-model dir instead of the cached build of `size` ("": that build)
