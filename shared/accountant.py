@@ -55,7 +55,7 @@ def default_delta(n: int) -> float:
     """1 / n^1.1: below 1/n (a mechanism that publishes one random example meets delta = 1/n)."""
     if n < 2:
         raise AccountingError(f"default delta needs n >= 2 local examples, got {n}")
-    return float(n) ** -1.1
+    return math.pow(n, -1.1)
 
 
 def epsilon(spends: Iterable[Spend], delta: float) -> float:

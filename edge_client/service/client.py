@@ -29,6 +29,7 @@ from typing import TypeVar
 
 import torch
 
+from edge_client.privacy import DeviceBudget
 from edge_client.service.config import ClientConfig
 from edge_client.service.rounds import (
     Action,
@@ -93,10 +94,12 @@ class EdgeClient:
             self.st.round, self.st.checksum[:12], self.st.data_pointer, len(self.store.outbox),
         )
         me = Identity(cfg.client_id, cfg.fleet, trainer.fingerprint, trainer.mask_id, trainer.n_samples, cfg.quant)
+        # a trainer with a private step can serve DP fleets; its spent budget comes back from the state
+        privacy = DeviceBudget(trainer.n_samples, self.store.dp_spends()) if hasattr(trainer, "private_step") else None
         self.rounds = ClientRounds(
             me, trainer.initial_values, values=values, round=self.st.round, data_pointer=self.st.data_pointer,
             trained_round=self.st.trained_round, trained_msg_id=self.st.trained_msg_id,
-            progress=self.store.progress(), sync_retry_s=cfg.sync_retry_s,
+            progress=self.store.progress(), sync_retry_s=cfg.sync_retry_s, privacy=privacy,
         )  # fmt: skip
         self.counters = self.rounds.counters  # one set of counters: the core's rules and the pump's I/O
         self._seen_connects = 0
@@ -180,7 +183,12 @@ class EdgeClient:
             if isinstance(act, TrainStep):
                 if self.stop_event.is_set():
                     continue  # a step not taken changes nothing; the saved steps resume the round after a restart
-                result, pointer = self.trainer.step(act.seed, act.eps, act.lr, act.dist, act.batch_size, act.data_pointer)
+                if act.dp is not None:  # a DP fleet (ClientRounds only asks this of a trainer with private_step)
+                    result, pointer = self.trainer.private_step(  # type: ignore[attr-defined]
+                        act.seed, act.eps, act.lr, act.dist, act.data_pointer, act.dp)
+                else:
+                    result, pointer = self.trainer.step(act.seed, act.eps, act.lr, act.dist, act.batch_size,
+                                                        act.data_pointer)  # fmt: skip
                 self.last_step_s = result.seconds
                 self._carry_out(self.rounds.step_done(result, pointer))
             elif isinstance(act, SaveStep):
@@ -189,7 +197,8 @@ class EdgeClient:
             elif isinstance(act, QueueUpdate):
                 upd = act.update
                 self.st = self._durably(partial(self.store.finish_training, upd.round, upd.msg_id,
-                                                self.topics.up(self.cid), encode(upd), act.data_pointer))
+                                                self.topics.up(self.cid), encode(upd), act.data_pointer,
+                                                act.spend))
                 if self.link.connected.is_set():
                     self._resend_due()
             elif isinstance(act, ResendUpdates):
@@ -354,7 +363,10 @@ class EdgeClient:
         assert self.telemetry is not None
         r = self.telemetry.read()
         job = self.rounds.job
-        ev = self.last_eval
+        privacy = self.rounds.privacy
+        spent = privacy.spent() if privacy is not None else None
+        # a DP fleet: no held-out evaluation leaves the device (it is a function of the data, not noised)
+        ev = self.last_eval if spent is None else None
         return Heartbeat(
             client="", ts=time.time(), cpu_pct=r.cpu_pct, rss_bytes=r.rss_bytes, gpu_mem_bytes=r.gpu_mem_bytes,
             temp_c=r.temp_c, power_w=r.power_w, step_time_s=self.last_step_s,
@@ -362,6 +374,8 @@ class EdgeClient:
             round=job.plan.round if job is not None else max(self.rounds.round, -1),
             eval_round=None if ev is None else ev[0], eval_loss=None if ev is None else ev[1].loss,
             eval_acc=None if ev is None else ev[1].accuracy, eval_n=None if ev is None else ev[1].n,
+            dp_epsilon=None if spent is None else spent[0], dp_delta=None if spent is None else spent[1],
+            dp_exhausted=None if spent is None else bool(privacy and privacy.exhausted),
         )
 
     def _heartbeats(self) -> None:

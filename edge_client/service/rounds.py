@@ -50,6 +50,8 @@ import numpy as np
 import torch
 
 from edge_client.engine.spsa import StepResult, local_update
+from edge_client.privacy import DeviceBudget, DpStep
+from shared.accountant import Spend
 from shared.apply import apply_round, values_checksum
 from shared.fingerprint import fp_tag
 from shared.messages import (
@@ -131,6 +133,7 @@ class TrainStep:
     dist: Dist
     batch_size: int
     data_pointer: int  # the batch starts here
+    dp: DpStep | None = None  # a DP fleet: the private step's parameters (edge_client/privacy.py)
 
 
 @dataclass(frozen=True)
@@ -152,6 +155,7 @@ class QueueUpdate:
 
     update: Update
     data_pointer: int
+    spend: Spend | None = None  # a DP fleet: what the update costs; charged in the same transaction
 
 
 @dataclass(frozen=True)
@@ -241,6 +245,8 @@ def update_msg_id(client: str, plan: RoundPlan) -> int:
     h.update(f"{client}|{plan.fleet}|{plan.round}|{plan.base_round}|{plan.steps.get(client, 0)}|".encode())
     h.update(f"{plan.lr!r}|{plan.eps!r}|{plan.dist}|{plan.batch_size}|{plan.values_checksum}|".encode())
     h.update(b",".join(str(s).encode() for s in plan.seeds))
+    if plan.dp_clip is not None:  # another privacy rule is other work (1.3)
+        h.update(f"|dp|{plan.dp_clip!r}|{plan.dp_noise!r}|{plan.dp_epsilon!r}|{plan.dp_delta!r}|{plan.dp_steps}".encode())
     return int.from_bytes(h.digest()[:8], "little")
 
 
@@ -275,8 +281,10 @@ class ClientRounds:
         trained_msg_id: int = 0,
         progress: Progress | None = None,
         sync_retry_s: float = 10.0,
+        privacy: DeviceBudget | None = None,
     ) -> None:
         self.me = me
+        self.privacy = privacy  # None: this device cannot train privately and refuses DP plans
         self.fp_tag = fp_tag(me.fingerprint)
         self._initial_values = initial_values
         self.values = initial_values() if values is None else values
@@ -310,6 +318,7 @@ class ClientRounds:
         self._heard = False  # anything from a coordinator (plan, result, to/) since we connected
         self._silent_since: float | None = None
         self._silent_warn_at = -math.inf
+        self._dp_refused = -2  # the round whose DP refusal was logged last
 
     @property
     def nnz(self) -> int:
@@ -489,7 +498,21 @@ class ClientRounds:
                       plan.round, plan.values_checksum[:12], self.round, self.checksum[:12])
             self.counters["checksum_mismatch"] += 1
             return self._reset_to_initial()
+        if self._privacy_refuses(plan):
+            return []
         return self._start_job(plan, msg_id)
+
+    def _privacy_refuses(self, plan: RoundPlan) -> bool:
+        """A DP plan this device cannot train privately, or whose steps its privacy budget cannot pay."""
+        if plan.dp_clip is None:
+            return False
+        why = "this device cannot train privately" if self.privacy is None else self.privacy.refusal(
+            plan, plan.steps[self.me.client_id])
+        if why is not None and self._dp_refused != plan.round:  # once per round
+            self._dp_refused = plan.round
+            self.counters["dp_refused"] += 1
+            log.warning("not training round %d: %s", plan.round, why)
+        return why is not None
 
     def _start_job(self, plan: RoundPlan, msg_id: int) -> list[Action]:
         steps = plan.steps[self.me.client_id]
@@ -522,8 +545,9 @@ class ClientRounds:
         job = self.job
         if job is not None:
             p, t = job.plan, len(job.results)
+            dp = self.privacy.step(p, job.msg_id, t) if self.privacy is not None else None
             acts.append(TrainStep(p.round, job.msg_id, t, p.seeds[t], p.eps, p.lr, p.dist,
-                                  p.batch_size, job.data_pointer))
+                                  p.batch_size, job.data_pointer, dp))
         return acts
 
     def step_done(self, result: StepResult, data_pointer: int) -> list[Action]:
@@ -539,14 +563,18 @@ class ClientRounds:
         acts: list[Action] = [SaveStep(p.round, job.msg_id, t, result, data_pointer)]
         if len(job.results) < job.steps:
             return acts
-        loss = sum(r.loss for r in job.results) / len(job.results)
+        spend = self.privacy.spend_of(p, job.steps) if self.privacy is not None else None
+        # under DP the loss (a function of the data, not noised) stays on the device
+        loss = 0.0 if spend is not None else sum(r.loss for r in job.results) / len(job.results)
         upd = Update(round=p.round, msg_id=job.msg_id, grads=tuple(r.g for r in job.results),
                      n_samples=self.me.n_samples, fp_tag=self.fp_tag, loss=loss)
         self.trained_round, self.trained_msg_id, self.data_pointer = p.round, job.msg_id, data_pointer
         self.job = None
         self.counters["rounds_trained"] += 1
         log.info("round %d trained: %d step(s), mean loss %.4f; update queued", p.round, len(upd.grads), loss)
-        return [*acts, QueueUpdate(upd, data_pointer)]
+        if spend is not None and self.privacy is not None:
+            self.privacy.charge(spend)
+        return [*acts, QueueUpdate(upd, data_pointer, spend)]
 
     # -- results ---------------------------------------------------------------------------------
     def on_result(self, res: RoundResult) -> list[Action]:
