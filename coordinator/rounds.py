@@ -58,6 +58,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.drift import DriftMonitor, DriftStats
 from coordinator.ingest import Reject, check_join, check_update
 from coordinator.median import SlidingMedian
+from coordinator.privacy import with_privacy
 from coordinator.ratelimit import Limiter, LruDict
 from coordinator.records import (
     ClientRow,
@@ -314,7 +315,7 @@ class RoundBook:
         return self.drift.limited() if self.drift_on and self.drift is not None else set()
 
     def plan_message(self, p: PlanRow) -> RoundPlan:
-        return plan_message(p, self.config.fleet, self.fingerprint, self.mask_id)
+        return with_privacy(plan_message(p, self.config.fleet, self.fingerprint, self.mask_id), self.config)
 
     # -- events ----------------------------------------------------------------------------------
     def start(self, now: float) -> list[Action]:
