@@ -77,6 +77,7 @@ def status_report(
                 "n_samples": c.n_samples, "joined_at_round": c.last_round, "seen_s_ago": _ago(now, c.seen_at),
                 "heartbeat_s_ago": _ago(now, c.hb_at), "last_update_s_ago": _ago(now, c.last_update_at),
                 "updates": c.updates, "telemetry": c.telemetry,
+                "dp_epsilon": c.telemetry.get("dp_epsilon"), "dp_exhausted": c.telemetry.get("dp_exhausted"),
                 "gradip_mean_last": math.fsum(gi) / len(gi) if gi else None,
                 "drift": None if d is None else {
                     **{k: v for k, v in asdict(d).items() if k != "client"}, "limited": d.limited_round is not None,
