@@ -10,7 +10,7 @@ import importlib
 import json
 from typing import Any
 
-BENCHES = ("bench.wire", "bench.prng", "bench.step", "bench.learning", "bench.fleet", "bench.chaos")
+BENCHES = ("bench.wire", "bench.prng", "bench.step", "bench.learning", "bench.fleet", "bench.chaos", "bench.privacy")
 TOP_LEVEL = ("bench.tinylm.cli", "bench.demo")
 
 

@@ -32,6 +32,7 @@ import torch
 from coordinator.rounds import Action as BookAction
 from coordinator.rounds import Publish, RoundBook
 from edge_client.engine.spsa import StepResult
+from edge_client.privacy import DpStep
 from edge_client.service.rounds import (
     Action as DeviceAction,
 )
@@ -50,9 +51,10 @@ from edge_client.service.rounds import (
     SlowDown,
     TrainStep,
 )
-from edge_client.service.trainer import Trainer, data_stream, engine_step
+from edge_client.service.trainer import Trainer, data_stream, engine_step, private_engine_step
 from shared.codec import decode, encode
 from shared.dataset import Dataset, DataStream
+from shared.dp import SecretStream
 from shared.messages import (
     CheckpointChunk,
     ErrorMsg,
@@ -177,8 +179,12 @@ class InProcessFleet:
     def _device(self, d: Device, actions: list[DeviceAction]) -> None:
         for act in actions:
             if isinstance(act, TrainStep):
-                result, pointer = d.trainer.step(act.seed, act.eps, act.lr, act.dist, act.batch_size,
-                                                 act.data_pointer)
+                if act.dp is not None:  # a DP fleet: the core asks this only of a device with a budget
+                    result, pointer = d.trainer.private_step(  # type: ignore[attr-defined]
+                        act.seed, act.eps, act.lr, act.dist, act.data_pointer, act.dp)
+                else:
+                    result, pointer = d.trainer.step(act.seed, act.eps, act.lr, act.dist, act.batch_size,
+                                                     act.data_pointer)
                 self._device(d, d.core.step_done(result, pointer))
             elif isinstance(act, LoadValues):
                 d.trainer.set_values(act.values)
@@ -296,7 +302,7 @@ class SharedModelTrainer:
     `meerkat client` with the same id would."""
 
     def __init__(self, loaded: LoadedModel, dataset: Dataset, client_id: str, mask_id: str,
-                 micro_batch: int | None = None) -> None:
+                 micro_batch: int | None = None, secret: SecretStream | None = None) -> None:
         if loaded.sidecar is None:
             raise ValueError("SharedModelTrainer needs a model loaded with a mask (side-car)")
         self.model: torch.nn.Module = loaded.model
@@ -309,6 +315,7 @@ class SharedModelTrainer:
         self.n_samples = len(dataset)
         self.stream: DataStream = data_stream(client_id, self.n_samples)
         self.micro_batch = micro_batch
+        self.secret = secret  # the device's DP secret stream (a DP fleet); None: private steps refused
         self._values: torch.Tensor | None = None
 
     def initial_values(self) -> torch.Tensor:
@@ -325,6 +332,18 @@ class SharedModelTrainer:
         self.sidecar.set_values(self._values)
         out = engine_step(self.model, self.sidecar, self.dataset, self.stream, self.micro_batch, seed, eps, lr,
                           dist, batch_size, data_pointer)
+        self._values = self.sidecar.get_values()
+        return out
+
+    def private_step(
+        self, seed: int, eps: float, lr: float, dist: Dist, data_pointer: int, dp: DpStep
+    ) -> tuple[StepResult, int]:
+        """The client's private step (private_engine_step) over the shared model."""
+        if self._values is None or self.secret is None:
+            raise RuntimeError("private_step() needs set_values() first and a secret")
+        self.sidecar.set_values(self._values)
+        out = private_engine_step(self.model, self.sidecar, self.dataset, self.micro_batch, self.secret, seed, eps,
+                                  lr, dist, dp, data_pointer)  # fmt: skip
         self._values = self.sidecar.get_values()
         return out
 

@@ -14,6 +14,7 @@ fp32 parameters.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -29,9 +30,11 @@ from bench.inproc import Device, InProcessFleet, SharedModelTrainer
 from coordinator.config import CoordinatorConfig
 from coordinator.drift import DriftMonitor, DriftThresholds
 from coordinator.rounds import RoundBook
+from edge_client.privacy import DeviceBudget
 from edge_client.service.rounds import ClientRounds, Identity
 from edge_client.service.trainer import data_stream
 from shared.dataset import Dataset, DataStream, load_jsonl, load_task_config
+from shared.dp import SecretStream
 from shared.loss import evaluate, example_losses
 from shared.prng import Dist
 
@@ -101,6 +104,7 @@ class RunResult:
     gradip: dict[str, list[float]] = field(default_factory=dict)  # per client, when a monitor ran
     final_loss: float = math.nan
     spikes: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # per client: (round, max|g| / median)
+    dp_spent: dict[str, float] = field(default_factory=dict)  # DP runs: epsilon each device spent
 
     def to_json(self) -> dict[str, Any]:
         return {"accuracy": self.accuracy, "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
@@ -138,6 +142,9 @@ class ZOSpec:
     vp: bool = False  # MEERKAT-VP: limit drifting clients to one local step
     n_evals: int = 10
     thresholds: DriftThresholds | None = None
+    dp_epsilon: float = 0.0  # > 0: device-level DP at this target epsilon (bench/privacy.py), budget = rounds * T
+    dp_clip: float = 1.0
+    dp_delta: float = 0.0  # 0: each device's 1 / n^1.1
 
 
 def zo_config(spec: ZOSpec, n_devices: int) -> CoordinatorConfig:
@@ -151,6 +158,7 @@ def zo_config(spec: ZOSpec, n_devices: int) -> CoordinatorConfig:
         fleet=FLEET, mask=Path("in-process"), quant="none", master_seed=spec.seed, steps=spec.T, lr=spec.lr, eps=spec.eps,
         dist=spec.dist, batch_size=spec.batch_size, min_clients=n_devices, clients_per_round=0,
         min_updates=1, round_deadline_s=600.0, offline_after_s=1e9, drift_control=spec.vp, metrics=False,
+        dp_epsilon=spec.dp_epsilon, dp_clip=spec.dp_clip, dp_delta=spec.dp_delta, dp_steps=spec.rounds * spec.T,
     )
 
 
@@ -173,10 +181,11 @@ def run_zo(
     clients = sorted(data.clients)
     book = RoundBook(zo_config(spec, len(clients)), fingerprint=loaded.fingerprint, mask_id=mask_id,
                      values=sidecar.initial_values(), drift=monitor)
+    dp = spec.dp_epsilon > 0
     devices = [
         Device(ClientRounds(Identity(c, FLEET, loaded.fingerprint, mask_id, len(data.clients[c])),
-                            sidecar.initial_values),
-               SharedModelTrainer(loaded, data.clients[c], c, mask_id))
+                            sidecar.initial_values, privacy=DeviceBudget(len(data.clients[c])) if dp else None),
+               SharedModelTrainer(loaded, data.clients[c], c, mask_id, secret=bench_secret(spec.seed, c) if dp else None))
         for c in clients
     ]
     fleet = InProcessFleet(book, devices)
@@ -205,7 +214,14 @@ def run_zo(
         gradip={c: monitor.gradip(c) for c in clients} if monitor is not None else {},
         final_loss=losses[-1] if losses else math.nan,
         spikes={c: [(st.round, st.ratio) for st in monitor.spikes(c)] for c in clients} if monitor is not None else {},
+        dp_spent={d.client: spent[0] for d in devices if d.core.privacy and (spent := d.core.privacy.spent())},
     )
+
+
+def bench_secret(seed: int, client: str) -> SecretStream:
+    """A simulated device's DP secret, derived from the run seed so a benchmark run is reproducible. A real
+    device draws its secret from os.urandom (edge_client/privacy.py); nothing public may derive it."""
+    return SecretStream(hashlib.sha256(f"meerkat-bench-dp|{seed}|{client}".encode()).digest())
 
 
 # ---------------------------------------------------------------- backprop FedAvg (upper bound)

@@ -87,9 +87,12 @@ class DeviceBudget:
 
     def __init__(self, n_samples: int, spends: list[Spend] | None = None) -> None:
         self.n = n_samples
-        self.spends: list[Spend] = list(spends or [])
+        self.spends: list[Spend] = []
+        for sp in spends or []:
+            self.charge(sp)
         self.fleet: FleetDp | None = None  # the latest DP rule seen (for the heartbeat's delta)
         self.exhausted = False  # the latest DP plan did not fit the remaining budget
+        self._spent: tuple[tuple[tuple[Spend, ...], float], float] | None = None
 
     def terms(self, fleet: FleetDp, batch_size: int) -> tuple[float, float, float]:
         """(q, sigma, delta) of this device under `fleet` with batches of `batch_size`."""
@@ -103,7 +106,10 @@ class DeviceBudget:
         if self.fleet is None and not self.spends:
             return None
         delta = (self.fleet.delta if self.fleet else 0.0) or default_delta(self.n)
-        return epsilon(self.spends, delta), delta
+        key = (tuple(self.spends), delta)  # the heartbeat thread asks every period: compute once per change
+        if self._spent is None or self._spent[0] != key:
+            self._spent = (key, epsilon(key[0], delta))
+        return self._spent[1], delta
 
     def refusal(self, plan: RoundPlan, steps: int) -> str | None:
         """Why this device must not train `steps` steps of `plan` (None: it may)."""
@@ -135,6 +141,12 @@ class DeviceBudget:
         return Spend(q, sigma, steps)
 
     def charge(self, spend: Spend) -> None:
+        """Add `spend` to the ledger: steps of one (q, sigma) are summed, as StateStore keeps them, so the
+        epsilon after a restart is computed from the very same terms as before it."""
+        for i, old in enumerate(self.spends):
+            if (old.q, old.sigma) == (spend.q, spend.sigma):
+                self.spends[i] = Spend(old.q, old.sigma, old.steps + spend.steps)
+                return
         self.spends.append(spend)
 
 

@@ -369,7 +369,8 @@ class EdgeClient:
         ev = self.last_eval if spent is None else None
         return Heartbeat(
             client="", ts=time.time(), cpu_pct=r.cpu_pct, rss_bytes=r.rss_bytes, gpu_mem_bytes=r.gpu_mem_bytes,
-            temp_c=r.temp_c, power_w=r.power_w, step_time_s=self.last_step_s,
+            temp_c=r.temp_c, power_w=r.power_w,
+            step_time_s=self.last_step_s if spent is None else None,  # DP: step time tracks the secret batch size
             peak_mem_bytes=self.trainer.peak_mem_bytes,
             round=job.plan.round if job is not None else max(self.rounds.round, -1),
             eval_round=None if ev is None else ev[0], eval_loss=None if ev is None else ev[1].loss,
