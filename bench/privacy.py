@@ -77,6 +77,20 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """`meerkat bench privacy`; the round loggers (every simulated device, every round) are quieted to
+    WARNING while it runs -- a device's budget stop still shows -- and put back when it returns."""
+    quiet = ("coordinator.rounds", "edge_client.service.rounds")
+    levels = {name: logging.getLogger(name).level for name in quiet}
+    try:
+        for name in quiet:
+            logging.getLogger(name).setLevel(logging.WARNING)
+        return _run(args)
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def _run(args: argparse.Namespace) -> int:
     cfg = replace(PrivacyConfig(), size=args.size, task=args.task, seeds=args.seeds, budget=args.budget, T=args.T,
                   clients=args.clients, n_train=args.n_train, clip=args.clip, delta=args.delta, lr=args.lr,
                   epsilons=tuple(float(e) for e in args.epsilons.split(",") if e))  # fmt: skip
