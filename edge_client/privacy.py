@@ -85,8 +85,9 @@ class DpStep:
 class DeviceBudget:
     """Spent privacy of one device: its ledger of spends and the rule of the latest DP plan."""
 
-    def __init__(self, n_samples: int, spends: list[Spend] | None = None) -> None:
+    def __init__(self, n_samples: int, spends: list[Spend] | None = None, *, max_epsilon: float = 0.0) -> None:
         self.n = n_samples
+        self.max_epsilon = max_epsilon  # the owner's floor (client config dp_max_epsilon); 0 = the fleet's rule
         self.spends: list[Spend] = []
         for sp in spends or []:
             self.charge(sp)
@@ -115,15 +116,19 @@ class DeviceBudget:
         """Why this device must not train `steps` steps of `plan` (None: it may)."""
         fleet = FleetDp.of(plan)
         if fleet is None:
+            if self.max_epsilon:
+                return (f"this device trains only with differential privacy (dp_max_epsilon = {self.max_epsilon:g}) "
+                        "and the fleet's plan has none")  # fmt: skip
             return None
         self.fleet = fleet
+        target = min(fleet.epsilon, self.max_epsilon) if self.max_epsilon else fleet.epsilon
         q, sigma, delta = self.terms(fleet, plan.batch_size)
         after = epsilon([*self.spends, Spend(q, sigma, steps)], delta)
-        self.exhausted = after > fleet.epsilon
+        self.exhausted = after > target
         if not self.exhausted:
             return None
         now = epsilon(self.spends, delta)
-        return (f"privacy budget spent: epsilon {now:.4g} of {fleet.epsilon:g} (delta {delta:.3g}) used, round "
+        return (f"privacy budget spent: epsilon {now:.4g} of {target:g} (delta {delta:.3g}) used, round "
                 f"{plan.round}'s {steps} step(s) would reach {after:.4g}; this device stops contributing")  # fmt: skip
 
     def step(self, plan: RoundPlan, msg_id: int, step: int) -> DpStep | None:

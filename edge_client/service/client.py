@@ -95,7 +95,8 @@ class EdgeClient:
         )
         me = Identity(cfg.client_id, cfg.fleet, trainer.fingerprint, trainer.mask_id, trainer.n_samples, cfg.quant)
         # a trainer with a private step can serve DP fleets; its spent budget comes back from the state
-        privacy = DeviceBudget(trainer.n_samples, self.store.dp_spends()) if hasattr(trainer, "private_step") else None
+        privacy = (DeviceBudget(trainer.n_samples, self.store.dp_spends(), max_epsilon=cfg.dp_max_epsilon)
+                   if hasattr(trainer, "private_step") else None)  # fmt: skip
         self.rounds = ClientRounds(
             me, trainer.initial_values, values=values, round=self.st.round, data_pointer=self.st.data_pointer,
             trained_round=self.st.trained_round, trained_msg_id=self.st.trained_msg_id,

@@ -504,10 +504,10 @@ class ClientRounds:
 
     def _privacy_refuses(self, plan: RoundPlan) -> bool:
         """A DP plan this device cannot train privately, or whose steps its privacy budget cannot pay."""
-        if plan.dp_clip is None:
-            return False
-        why = "this device cannot train privately" if self.privacy is None else self.privacy.refusal(
-            plan, plan.steps[self.me.client_id])
+        if self.privacy is None:
+            why = "this device cannot train privately" if plan.dp_clip is not None else None
+        else:
+            why = self.privacy.refusal(plan, plan.steps[self.me.client_id])
         if why is not None and self._dp_refused != plan.round:  # once per round
             self._dp_refused = plan.round
             self.counters["dp_refused"] += 1

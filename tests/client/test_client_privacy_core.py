@@ -66,3 +66,18 @@ def test_fleet_rule_from_the_plan() -> None:
     assert FleetDp.of(plan(0, **DP)) == FleetDp(0.5, 0.0, 3.0, 0.0, 6)
     with pytest.raises(ValueError, match="all five or none"):
         plan(0, dp_clip=0.5)
+
+
+def test_owner_floor_refuses_plain_plans_and_stops_below_the_fleet_target() -> None:
+    c = core(privacy=DeviceBudget(N, max_epsilon=1.0))
+    c.on_plan(plan(0))  # the fleet trains without DP: refused
+    assert not [a for a in run_steps(c) if isinstance(a, TrainStep)] and c.counters["dp_refused"] == 1
+    q, delta = 4 / N, default_delta(N)
+    sigma = noise_multiplier(3.0, delta, q, 6)
+    assert epsilon([Spend(q, sigma, 3)], delta) > 1.0  # one round at the fleet's sigma passes the owner's 1.0
+    c2 = core(privacy=DeviceBudget(N, max_epsilon=1.0))
+    c2.on_plan(plan(0, **DP))
+    assert not [a for a in run_steps(c2) if isinstance(a, TrainStep)]
+    c3 = core(privacy=DeviceBudget(N, max_epsilon=100.0))
+    c3.on_plan(plan(0, **DP))  # a looser floor: the fleet's target applies
+    assert len([a for a in run_steps(c3) if isinstance(a, TrainStep)]) == 3
