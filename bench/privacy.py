@@ -2,6 +2,7 @@
 
     meerkat bench privacy [--json] [--out DIR] [--size demo] [--task topic] [--seeds 3] [--epsilons 2,8]
                           [--budget 40] [--T 10] [--clients 4] [--n-train 2000] [--clip C] [--delta D]
+    meerkat bench privacy --clip-quantiles [--size demo] [--task topic]      # how large |d_i| is: choose C
 
 The in-process fleet (bench/inproc.py through bench/learning_sim.py `run_zo`: the product's RoundBook,
 one ClientRounds per device, the client's engine step, every message through the codec) on the
@@ -73,6 +74,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--out", default="bench-privacy", help="dir for privacy.json/.md/.png")
     p.add_argument("--json", action="store_true", help="print the JSON summary as the last stdout line")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--clip-quantiles", action="store_true",
+                   help="only print the quantiles of |(l+ - l-)/2eps| per example at v_0 (to choose --clip) and exit")
     p.set_defaults(func=run)
 
 
@@ -97,6 +100,10 @@ def _run(args: argparse.Namespace) -> int:
     if cfg.budget % cfg.T:
         raise SystemExit(f"--budget {cfg.budget} must be a multiple of --T {cfg.T}")
     torch.set_num_threads(args.threads)
+    if args.clip_quantiles:
+        qs = clip_quantiles(cfg)
+        print(json.dumps(qs, sort_keys=True) if args.json else " ".join(f"{k}={v:.4g}" for k, v in qs.items()))
+        return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = run_bench(cfg)
@@ -111,18 +118,11 @@ def _run(args: argparse.Namespace) -> int:
 
 def run_bench(cfg: PrivacyConfig) -> dict[str, Any]:
     from bench.learning import machine
-    from bench.learning_masks import build_masks
     from bench.learning_sim import ZOSpec, make_data, run_zo
-    from bench.tinylm.pretrain import get_model_dir
-    from shared.fingerprint import fingerprint_model_dir
-    from shared.modelload import load_model
     from shared.prng import derive_seed
 
     t0 = time.perf_counter()
-    model_dir = get_model_dir(cfg.size, progress=False)
-    fp = fingerprint_model_dir(model_dir)
-    mask = build_masks(model_dir, fp, cfg.fraction, random_seeds=(0,))["pretrain-grad"]
-    loaded = load_model(model_dir, "none", "cpu", mask, fingerprint=fp)
+    model_dir, mask, fp, loaded = _setup(cfg)
     rounds = cfg.budget // cfg.T
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-privacy-") as tmp:
@@ -144,6 +144,51 @@ def run_bench(cfg: PrivacyConfig) -> dict[str, Any]:
     return {"config": asdict(cfg), "model": {"dir": model_dir.name, "fingerprint": fp, "nnz": int(mask.nnz)},
             "runs": runs, "rows": summarize(runs, cfg), "seconds": round(time.perf_counter() - t0, 1),
             **machine()}  # fmt: skip
+
+
+def _setup(cfg: PrivacyConfig) -> tuple[Any, Any, str, Any]:
+    """(model dir, MEERKAT mask, fingerprint, loaded model with its side-car) of `cfg.size`."""
+    from bench.learning_masks import build_masks
+    from bench.tinylm.pretrain import get_model_dir
+    from shared.fingerprint import fingerprint_model_dir
+    from shared.modelload import load_model
+
+    model_dir = get_model_dir(cfg.size, progress=False)
+    fp = fingerprint_model_dir(model_dir)
+    mask = build_masks(model_dir, fp, cfg.fraction, random_seeds=(0,))["pretrain-grad"]
+    return model_dir, mask, fp, load_model(model_dir, "none", "cpu", mask, fingerprint=fp)
+
+
+def clip_quantiles(cfg: PrivacyConfig, directions_n: int = 8, examples: int = 128) -> dict[str, float]:
+    """Quantiles of |d_i| = |(l_i(v0 + eps z) - l_i(v0 - eps z)) / 2eps| over `examples` training examples of
+    seed 0's split and `directions_n` directions: the scale C is chosen against (docs/PRIVACY.md)."""
+    import numpy as np
+
+    from bench.learning_sim import make_data
+    from shared.loss import target_losses
+    from shared.prng import derive_seed, directions
+
+    _, _, _, loaded = _setup(cfg)
+    sc = loaded.sidecar
+    with tempfile.TemporaryDirectory(prefix="bench-privacy-clip-") as tmp:
+        data = make_data(cfg.task, Path(tmp), loaded.tokenizer, seed=derive_seed(0, 4), n_clients=cfg.clients,
+                         alpha=cfg.alpha, n_train=cfg.n_train, n_eval=cfg.n_eval)
+    ds = data.clients[sorted(data.clients)[0]]
+    chosen = ds.examples[:examples]
+    v0 = sc.initial_values()
+    d: list[float] = []
+    with torch.no_grad():
+        for k in range(directions_n):
+            z = directions(derive_seed(99, k), sc.nnz)
+            out = []
+            for sign in (1.0, -1.0):
+                sc.set_values(v0 + sign * cfg.eps * z)
+                out.append(torch.cat([target_losses(loaded.model, chosen[i : i + 32], ds.pad_id)
+                                      for i in range(0, len(chosen), 32)]).double())  # fmt: skip
+            d += ((out[0] - out[1]) / (2 * cfg.eps)).abs().tolist()
+    sc.set_values(v0)
+    a = np.asarray(d)
+    return {f"p{p}": float(np.quantile(a, p / 100)) for p in (10, 25, 50, 75, 90, 99)} | {"n": float(a.size)}
 
 
 def summarize(runs: list[dict[str, Any]], cfg: PrivacyConfig) -> list[dict[str, Any]]:
