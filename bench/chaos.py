@@ -197,7 +197,7 @@ class Fleet:
         if log is None:
             return 0
         try:
-            return log.last_result_round() + 1
+            return log.views.last_result_round() + 1
         except sqlite3.OperationalError:
             return 0
         finally:
@@ -208,7 +208,7 @@ class Fleet:
         if log is None:
             return None
         try:
-            row = log.open_round()
+            row = log.views.open_round()
         except sqlite3.OperationalError:
             return None
         finally:
@@ -257,7 +257,7 @@ class Fleet:
         try:
             stored = {(u.client, u.round): (u.status, u.used_in) for u in log.updates()}
             results = [(r.round, r.n_clients, r.values_checksum) for r in log.results()]
-            dup = sum(c.get("duplicate", 0) for c in log.round_counts().values())
+            dup = sum(c.get("duplicate", 0) for c in log.views.round_counts().values())
         finally:
             log.close()
         published: set[tuple[str, int]] = set()

@@ -33,11 +33,8 @@ from coordinator.rounds import Action as BookAction
 from coordinator.rounds import Publish, RoundBook
 from edge_client.engine.spsa import StepResult
 from edge_client.privacy import DpStep
-from edge_client.service.rounds import (
-    Action as DeviceAction,
-)
-from edge_client.service.rounds import (
-    ClientRounds,
+from edge_client.service.actions import Action as DeviceAction
+from edge_client.service.actions import (
     Commit,
     DropQueued,
     DropRound,
@@ -51,6 +48,8 @@ from edge_client.service.rounds import (
     SlowDown,
     TrainStep,
 )
+from edge_client.service.carry import heartbeat_message, join_message, sync_message, train_step
+from edge_client.service.rounds import ClientRounds
 from edge_client.service.trainer import Trainer, data_stream, engine_step, private_engine_step
 from shared.codec import decode, encode
 from shared.dataset import Dataset, DataStream
@@ -148,7 +147,7 @@ class InProcessFleet:
         self._connected = True
         for d in self.devices.values():
             self._send(d, Status(client="", online=True, ts=self.now), Status)
-            self._device(d, d.core.connected())
+            self._device(d, d.core.connected(self.now))
         self._deliver()
 
     def _device_tick(self, d: Device) -> bool:
@@ -162,11 +161,8 @@ class InProcessFleet:
         if self.now - self._last_hb < self.heartbeat_s:
             return
         self._last_hb = self.now
-        for d in self.devices.values():
-            hb = Heartbeat(client="", ts=self.now, cpu_pct=0.0, rss_bytes=0, gpu_mem_bytes=None, temp_c=None,
-                           power_w=None, step_time_s=None, peak_mem_bytes=d.trainer.peak_mem_bytes,
-                           round=max(d.committed, -1))
-            self._send(d, hb, Heartbeat)
+        for d in self.devices.values():  # no telemetry: cpu 0, rss 0, the rest unknown
+            self._send(d, heartbeat_message(d.core, d.trainer, self.now), Heartbeat)
         self._deliver()
 
     # -- device -> coordinator -------------------------------------------------------------------
@@ -179,13 +175,7 @@ class InProcessFleet:
     def _device(self, d: Device, actions: list[DeviceAction]) -> None:
         for act in actions:
             if isinstance(act, TrainStep):
-                if act.dp is not None:  # a DP fleet: the core asks this only of a device with a budget
-                    result, pointer = d.trainer.private_step(  # type: ignore[attr-defined]
-                        act.seed, act.eps, act.lr, act.dist, act.data_pointer, act.dp)
-                else:
-                    result, pointer = d.trainer.step(act.seed, act.eps, act.lr, act.dist, act.batch_size,
-                                                     act.data_pointer)
-                self._device(d, d.core.step_done(result, pointer))
+                self._device(d, train_step(d.core, d.trainer, act)[1])
             elif isinstance(act, LoadValues):
                 d.trainer.set_values(act.values)
             elif isinstance(act, QueueUpdate):
@@ -199,12 +189,9 @@ class InProcessFleet:
                 d.committed = act.round
                 d.queued = {r: p for r, p in d.queued.items() if r > act.round}
             elif isinstance(act, SendJoin):
-                join = Join(client="", fingerprint=d.trainer.fingerprint, mask_id=d.trainer.mask_id,
-                            n_samples=d.trainer.n_samples, budget_gib=float(d.budget_gib),
-                            capabilities=d.trainer.capabilities(), last_round=act.last_round)
-                self._send(d, join, Join)
+                self._send(d, join_message(d.trainer, d.budget_gib, act.last_round), Join)
             elif isinstance(act, SendSync):
-                self._send(d, SyncRequest(client="", have_round=act.have_round), SyncRequest)
+                self._send(d, sync_message(act.have_round), SyncRequest)
             elif isinstance(act, (SaveStep, DropRound, SlowDown)):
                 pass  # nothing is persisted in memory; a dropped round needs no bookkeeping here; no clock to slow
             elif isinstance(act, DropQueued):
@@ -246,17 +233,7 @@ class InProcessFleet:
             dest, payload, kind = self._mail.popleft()
             if dest.startswith("@"):
                 d = self.devices[dest[1:]]
-                msg = decode(payload, kind)
-                if isinstance(msg, RoundPlan):
-                    self._device(d, d.core.on_plan(msg))
-                elif isinstance(msg, RoundResult):
-                    self._device(d, d.core.on_result(msg))
-                elif isinstance(msg, Replay):
-                    self._device(d, d.core.on_replay(msg))
-                elif isinstance(msg, CheckpointChunk):
-                    self._device(d, d.core.on_chunk(msg))
-                elif isinstance(msg, ErrorMsg):
-                    self._device(d, d.core.on_error(msg))
+                self._device(d, d.core.handle(decode(payload, kind), self.now))
             else:
                 self._to_book(self.book.handle(decode(payload, kind, client=dest), self.now))
 
@@ -267,7 +244,6 @@ def from_configs(coordinator_toml: Path, client_tomls: Sequence[Path]) -> InProc
     gradient, `rounds` as the stop), and one `EngineTrainer` per client config (quantized model, its
     data file, its memory plan). Same inputs as a real fleet: the same RoundResults, byte for byte."""
     from coordinator.config import load_coordinator_config
-    from coordinator.drift import DriftMonitor
     from edge_client.service.config import load_client_config
     from edge_client.service.rounds import Identity
     from edge_client.service.trainer import EngineTrainer
@@ -279,16 +255,14 @@ def from_configs(coordinator_toml: Path, client_tomls: Sequence[Path]) -> InProc
     if cfg.mask is None or cfg.model_dir is None:
         raise ValueError(f"{coordinator_toml}: the in-process fleet needs `mask` and `model_dir`")
     mask = load_mask(cfg.mask)
-    grad = mask.flat_grad()
-    drift = DriftMonitor(grad, cfg.dist, cfg.drift_thresholds(), keep_history=False) if grad is not None else None
-    book = RoundBook(cfg, fingerprint=fingerprint_model_dir(cfg.model_dir), mask_id=mask.mask_id,
-                     values=initial_values_from_dir(cfg.model_dir, mask.layers), drift=drift,
-                     stop_after_round=cfg.rounds - 1 if cfg.rounds else None)
+    book = RoundBook.from_config(cfg, mask, fingerprint=fingerprint_model_dir(cfg.model_dir),
+                                 values=initial_values_from_dir(cfg.model_dir, mask.layers),
+                                 stop_after_round=cfg.rounds - 1 if cfg.rounds else None)  # fmt: skip
     devices = []
     for path in client_tomls:
         ccfg = load_client_config(path)
         trainer = EngineTrainer(ccfg)
-        me = Identity(ccfg.client_id, ccfg.fleet, trainer.fingerprint, trainer.mask_id, trainer.n_samples)
+        me = Identity(ccfg.client_id, ccfg.fleet, trainer.fingerprint, trainer.mask_id, trainer.n_samples, ccfg.quant)
         devices.append(Device(ClientRounds(me, trainer.initial_values), trainer, budget_gib=ccfg.memory_budget_gib))
     return InProcessFleet(book, devices)
 

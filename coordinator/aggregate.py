@@ -20,14 +20,16 @@ finiteness: `shared.messages.Update` checked them at the wire boundary.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from operator import mul
 
 import numpy as np
 
+from coordinator.records import UpdateRow
 from shared.apply import fedavg_scalars
+from shared.messages import MAX_SEEDS
 
 RULES = ("fedavg", "clipped", "median", "trimmed")
 
@@ -157,3 +159,34 @@ def result_scalars(
         seeds += g.seeds[:used]
         scalars += _weighted(g, prepared(g), N, used)
     return seeds, scalars
+
+
+def late_to_fold(late: Iterable[UpdateRow], T: int) -> list[UpdateRow]:
+    """The pending late updates of the oldest rounds first, whole rounds only, while the result stays
+    within MAX_SEEDS (seed, scalar) pairs (T: the closing round's); the rest stay pending for the next result."""
+    pending = list(late)
+    out: list[UpdateRow] = []
+    pairs = T
+    for r in sorted({u.round for u in pending}):
+        group = sorted((u for u in pending if u.round == r), key=lambda u: u.client)
+        used = max(len(u.grads) for u in group)
+        if pairs + used > MAX_SEEDS:
+            break
+        pairs += used
+        out += group
+    return out
+
+
+def round_groups(
+    seeds: tuple[int, ...], ups: Sequence[UpdateRow], late: Sequence[UpdateRow],
+    plan_seeds: Mapping[int, tuple[int, ...]],
+) -> tuple[Group, list[Group]]:
+    """The closing round's group (its on-time updates) and one group per round of the late updates folded
+    into its result (`plan_seeds`: round -> that round's seeds), the arguments of `result_scalars`."""
+    on_time = Group(seeds, {u.client: u.grads for u in ups}, {u.client: u.n_samples for u in ups})
+    groups = [
+        Group(plan_seeds[r], {u.client: u.grads for u in late if u.round == r},
+              {u.client: u.n_samples for u in late if u.round == r})
+        for r in sorted({u.round for u in late})
+    ]  # fmt: skip
+    return on_time, groups

@@ -124,3 +124,21 @@ def rebuild_values(
     if results or start >= 0:
         log.info("values at round %d rebuilt (checkpoint %d + %d logged results)", last, start, len(results))
     return values, last
+
+
+def keep_checkpoint(
+    events: EventLog, state_dir: Path, round: int, values: torch.Tensor, mask_id: str, fingerprint: str, keep: int,
+    now: float,
+) -> Path:
+    """Write the checkpoint of `round`, log it, and delete all but the newest `keep` (log rows, then files)."""
+    path = checkpoint_path(state_dir, round)
+    checksum = write_checkpoint(path, round, values, mask_id, fingerprint)
+    with events.transaction():
+        events.add_checkpoint(round, str(path), checksum, now)
+        old = events.checkpoints()[keep:]
+        for r, _p, _ in old:
+            events.remove_checkpoint(r)
+    for _, p, _ in old:
+        Path(p).unlink(missing_ok=True)
+    log.info("checkpoint of round %d written: %s", round, path)
+    return path

@@ -1,7 +1,8 @@
 """One read-only snapshot of the fleet for /metrics, the dashboard and `meerkat status`'s quality trend.
 
-Everything comes from `EventLog` methods on a read-only connection (SQLite `mode=ro`, WAL: readers never
-block the coordinator's writer); this module only joins and summarises what they return.
+Everything comes from the event log's read-only views (`EventLog.views`: `LogViews`) and drift rows on a
+read-only connection (SQLite `mode=ro`, WAL: readers never block the coordinator's writer); this module
+only joins and summarises what they return.
 """
 
 from __future__ import annotations
@@ -96,15 +97,15 @@ def fleet_view(state_dir: str | Path, now: float, last: int = 200, event_log: st
     """Read the snapshot (the last `last` rounds of curves) from the event log (`event_log`: the config key)."""
     log = EventLog(state_dir, readonly=True, event_log=event_log)
     try:
-        meta = log.meta()
-        budgets = log.client_budgets()
-        losses = log.last_losses()
+        meta = log.views.meta()
+        budgets = log.views.client_budgets()
+        losses = log.views.last_losses()
         drift = {d.client: d for d in log.drift_rows()}
-        gradip = log.gradip_means(last)
-        evals = log.evals(last=last)
-        rounds = log.round_points(last)
+        gradip = log.views.gradip_means(last)
+        evals = log.views.evals(last=last)
+        rounds = log.views.round_points(last)
         devices = []
-        for c in log.client_status():
+        for c in log.views.client_status():
             t = c.telemetry
             budget, caps = budgets.get(c.client, (0.0, {}))
             d = drift.get(c.client)

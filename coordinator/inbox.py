@@ -1,12 +1,14 @@
 """The cluster inbox: what coordinator workers ingested, in one PostgreSQL table, read by the leader in id order.
 
-Every worker (coordinator/workers.py) turns its share of the device messages into inbox rows: it parses
-the topic (the client id comes from it), drops retained messages unread, decodes and validates. That is
-the boundary: a row holds either the validated message's fields (msgpack, in field order) or the reject
-the single coordinator would have counted (reason, ErrorCode, detail, whether the client gets an
-ErrorMsg). The leader rebuilds the message from its fields without validating again (`message()`).
+Every worker (coordinator/workers.py) turns its share of the device messages into inbox rows: the
+intake decision (coordinator/intake.py `admit`: parse, drop, decode, validate) stored as a row
+(`row_of`). That is the boundary: a row holds the validated message's fields (msgpack, in field order),
+the reject the single coordinator counts (reason, ErrorCode, detail, whether the client gets an
+ErrorMsg), or a drop (reason, no code), with the payload size the metrics count. The leader turns a row
+back into the same decision (`InboxRow.decision()`, the message rebuilt without validating again) and
+feeds it as the single coordinator does: the same actions, the same counters.
 
-    CREATE TABLE inbox (id BIGSERIAL PRIMARY KEY, client, kind, body BYTEA, reason, code, detail, reply, ...)
+    CREATE TABLE inbox (id BIGSERIAL PRIMARY KEY, client, kind, body BYTEA, reason, code, detail, reply, nbytes, ...)
 
 Order: ids are taken and committed in the same order (`append` holds a per-fleet transaction-scoped
 advisory lock), so a reader that saw id n has seen every row below n. Without it, a batch with smaller
@@ -28,13 +30,10 @@ from typing import Any
 
 import msgpack
 
-from coordinator.ingest import Reject, decode_reject
+from coordinator.ingest import Reject
+from coordinator.intake import INBOUND, Admitted, Decision, Dropped, Rejected
 from coordinator.logstore import lock_key, pg_create_schema, redact_url
-from coordinator.server import INBOUND, NO_RETAIN
-from shared.codec import DecodeError, decode
 from shared.messages import ErrorCode, Message
-from shared.mqtt import Incoming
-from shared.topics import Topics
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +44,17 @@ _DDL = """CREATE TABLE IF NOT EXISTS inbox (
     client TEXT NOT NULL,               -- from the topic ('?' when the topic did not parse)
     kind TEXT NOT NULL,                 -- up | join | hb | status | sync, or the topic of a reject
     body BYTEA,                         -- msgpack list of the message's fields (NULL: a reject)
-    reason TEXT, code INTEGER, detail TEXT, reply BOOLEAN,   -- the reject (NULL: a message)
+    reason TEXT, code INTEGER, detail TEXT, reply BOOLEAN,   -- the reject (NULL: a message); code NULL: a drop
     worker TEXT NOT NULL,
     received_at DOUBLE PRECISION NOT NULL
-)"""
+);
+ALTER TABLE inbox ADD COLUMN IF NOT EXISTS nbytes INTEGER  -- payload bytes (NULL: the topic did not parse)
+"""
 
 
 @dataclass(frozen=True)
 class InboxRow:
-    """One ingested message: `body` (validated fields) or `reject`, never both."""
+    """One ingested message: `body` (validated fields), `reject` or `drop`, exactly one."""
 
     client: str
     kind: str
@@ -61,6 +62,20 @@ class InboxRow:
     reject: Reject | None = None
     reply: bool = False  # a reject the client is told about (ErrorMsg), as the single coordinator does
     id: int = 0  # set when read back
+    drop: str | None = None  # the reason of an intake.Dropped
+    nbytes: int | None = 0  # the payload's size (None: the topic did not parse, counted nowhere)
+
+    def decision(self) -> Decision:
+        """The intake decision this row stores (the leader feeds it as the single pump feeds `admit`'s)."""
+        if self.reject is not None:
+            return Rejected(self.client, self.kind, self.reject, self.reply, self.nbytes)
+        n = self.nbytes or 0
+        if self.drop is not None:
+            return Dropped(self.client, self.kind, self.drop, n)
+        try:
+            return Admitted(self.client, self.kind, self.message(), n)
+        except ValueError as exc:  # a row another version wrote: counted as internal, the leader goes on
+            return Rejected(self.client, self.kind, Reject("internal", ErrorCode.INTERNAL, str(exc)), False, n)
 
     def message(self) -> Message:
         """The message this row holds, rebuilt from its validated fields (no second validation)."""
@@ -76,27 +91,14 @@ class InboxRow:
         return msg
 
 
-def admit(topics: Topics, msg: Incoming) -> InboxRow | None:
-    """The row for one incoming MQTT message, or None when it is dropped unread (a retained message on a
-    topic that is never retained; a retained status being cleared): the single coordinator's `_feed`."""
-    try:
-        kind, arg = topics.parse(msg.topic)
-    except ValueError as exc:
-        return InboxRow("?", msg.topic, reject=Reject("bad_topic", ErrorCode.INTERNAL, str(exc)))
-    client = str(arg)
-    if kind == "status" and not msg.payload:
-        return None
-    if kind not in INBOUND:
-        return InboxRow(client, kind, reject=Reject("bad_topic", ErrorCode.INTERNAL, f"{kind} is not for the coordinator"))
-    if msg.retain and kind in NO_RETAIN:
-        log.warning("retained message on %s dropped unread (%d bytes)", msg.topic, len(msg.payload))
-        return None
-    try:
-        m = decode(msg.payload, INBOUND[kind], client=client)
-    except DecodeError as exc:
-        return InboxRow(client, kind, reject=decode_reject(exc), reply=kind in ("up", "join", "sync"))
-    body = msgpack.packb([getattr(m, n) for n in _FIELDS[kind]], use_bin_type=True)
-    return InboxRow(client, kind, body=body)
+def row_of(d: Decision) -> InboxRow:
+    """The row that stores an intake decision (a message as its validated fields, msgpack)."""
+    if isinstance(d, Rejected):
+        return InboxRow(d.client, d.kind, reject=d.reject, reply=d.reply, nbytes=d.nbytes)
+    if isinstance(d, Dropped):
+        return InboxRow(d.client, d.kind, drop=d.reason, nbytes=d.nbytes)
+    body = msgpack.packb([getattr(d.message, n) for n in _FIELDS[d.kind]], use_bin_type=True)
+    return InboxRow(d.client, d.kind, body=body, nbytes=d.nbytes)
 
 
 class Inbox:
@@ -122,21 +124,24 @@ class Inbox:
             self.db.execute("SELECT pg_advisory_xact_lock(%s)", (self._order_key,))
             with self.db.cursor() as cur:
                 cur.executemany(
-                    "INSERT INTO inbox(client, kind, body, reason, code, detail, reply, worker, received_at) "
-                    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                    "INSERT INTO inbox(client, kind, body, reason, code, detail, reply, worker, received_at, nbytes) "
+                    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
                     [_row_args(r, self.worker, now) for r in rows],
                 )
 
     def after(self, position: int, limit: int) -> list[InboxRow]:
         """Up to `limit` rows with id > position, in id order."""
         cur = self.db.execute(
-            "SELECT id, client, kind, body, reason, code, detail, reply FROM inbox WHERE id > %s ORDER BY id LIMIT %s",
+            "SELECT id, client, kind, body, reason, code, detail, reply, nbytes FROM inbox WHERE id > %s "
+            "ORDER BY id LIMIT %s",
             (position, limit),
         )
         out = []
-        for rid, client, kind, body, reason, code, detail, reply in cur.fetchall():
-            rej = None if reason is None else Reject(str(reason), ErrorCode(code), str(detail))
-            out.append(InboxRow(client, kind, None if body is None else bytes(body), rej, bool(reply), int(rid)))
+        for rid, client, kind, body, reason, code, detail, reply, nbytes in cur.fetchall():
+            rej = None if reason is None or code is None else Reject(str(reason), ErrorCode(code), str(detail))
+            drop = str(reason) if reason is not None and code is None else None
+            out.append(InboxRow(client, kind, None if body is None else bytes(body), rej, bool(reply), int(rid), drop,
+                                None if nbytes is None else int(nbytes)))  # fmt: skip
         return out
 
     def forget(self, upto: int) -> int:
@@ -154,6 +159,6 @@ class Inbox:
 def _row_args(r: InboxRow, worker: str, now: float) -> tuple[Any, ...]:
     j = r.reject
     return (
-        r.client, r.kind, r.body, None if j is None else j.reason, None if j is None else int(j.code),
-        None if j is None else j.detail, r.reply, worker, now,
+        r.client, r.kind, r.body, r.drop if j is None else j.reason, None if j is None else int(j.code),
+        None if j is None else j.detail, r.reply, worker, now, r.nbytes,
     )  # fmt: skip

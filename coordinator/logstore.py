@@ -1,4 +1,4 @@
-"""Where the event log's rows live: the one seam between `coordinator/eventlog.py` (every query, written
+"""Where the event log's rows live: the one seam between `coordinator/eventlog/` (every query, written
 once in portable SQL with `?` placeholders) and a database engine.
 
     SqliteStore(path, synchronous="full", readonly=False)   default: state_dir/events.sqlite, WAL
@@ -18,6 +18,7 @@ runs in one database.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import re
 import sqlite3
@@ -42,6 +43,7 @@ class Store(Protocol):
 
     kind: str  # "sqlite" | "postgresql"
     where: str  # for messages: the file or the redacted URL
+    readonly: bool  # opened read-only: no schema to create, no writes (PostgreSQL always opens read-write)
 
     def execute(self, sql: str, args: Sequence[Any] = ()) -> Cursor: ...
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> Cursor: ...
@@ -50,6 +52,7 @@ class Store(Protocol):
     def rollback(self) -> None: ...
     def create_schema(self, ddl: str) -> None: ...
     def tables(self) -> list[str]: ...
+    def damage(self) -> str | None: ...
     def close(self) -> None: ...
 
 
@@ -60,6 +63,7 @@ class SqliteStore:
 
     def __init__(self, path: Path, synchronous: str = "full", *, readonly: bool = False) -> None:
         self.where = str(path)
+        self.readonly = readonly
         if readonly:
             if not path.is_file():
                 raise FileNotFoundError(f"{path} does not exist")
@@ -94,6 +98,14 @@ class SqliteStore:
         q = "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%' ORDER BY name"
         return [str(r[0]) for r in self.db.execute(q)]
 
+    def damage(self) -> str | None:
+        """What is wrong with the file (`PRAGMA quick_check`, or the error reading it), None when sound."""
+        try:
+            rows = [str(r[0]) for r in self.db.execute("PRAGMA quick_check").fetchall()]
+        except sqlite3.DatabaseError as exc:  # "file is not a database", "database disk image is malformed"
+            return str(exc)
+        return None if rows == ["ok"] else "; ".join(rows[:3])
+
     def close(self) -> None:
         self.db.close()
 
@@ -112,6 +124,7 @@ class PostgresStore:
     """A PostgreSQL database through psycopg 3 (autocommit; explicit BEGIN/COMMIT for write batches)."""
 
     kind = "postgresql"
+    readonly = False  # `meerkat status` on PostgreSQL creates the (empty) tables if they do not exist yet
 
     def __init__(self, url: str) -> None:
         try:
@@ -157,6 +170,9 @@ class PostgresStore:
         q = "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema() ORDER BY 1"
         return [str(r[0]) for r in self.db.execute(q)]
 
+    def damage(self) -> str | None:
+        return None  # the server keeps its own files consistent (WAL, checksums): nothing to check from here
+
     def close(self) -> None:
         self.db.close()
 
@@ -174,6 +190,23 @@ def pg_create_schema(db: Any, ddl: str, what: str) -> None:
     with db.transaction():
         db.execute("SELECT pg_advisory_xact_lock(%s)", (lock_key("schema", what),))
         db.execute(ddl.encode())
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Is `exc`, or an exception it was raised from or during, a full disk? (OSError ENOSPC / EDQUOT,
+    SQLite SQLITE_FULL, PostgreSQL SQLSTATE 53100 disk_full.)"""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(e, sqlite3.Error) and getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+            return True
+        if getattr(e, "sqlstate", None) == "53100":  # psycopg.errors.DiskFull
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def redact_url(url: str) -> str:

@@ -6,6 +6,8 @@ late        stored `late` updates not yet folded, and the plans of their rounds
 dedupe      (client, round) -> msg_id of the last LATE_WINDOW rounds, and those rounds' plans
 replay      the last replay_max results
 registry    every client row; MEERKAT-VP flags and the logged GradIP history (insertion order)
+
+`check_meta` runs first: a state_dir of another run (model, mask, fleet, seed, v_0) is refused.
 """
 
 from __future__ import annotations
@@ -19,6 +21,24 @@ from coordinator.eventlog import EventLog
 from coordinator.rounds import LATE_WINDOW, Recovered
 
 log = logging.getLogger(__name__)
+
+
+class StateMismatch(RuntimeError):
+    """The state_dir belongs to another run (model, mask, fleet or master seed differ)."""
+
+
+def check_meta(events: EventLog, state_dir: object, want: dict[str, str]) -> None:
+    """Log each `want` key a fresh log lacks; raise StateMismatch when a logged one differs."""
+    with events.transaction():
+        for key, value in want.items():
+            have = events.get_meta(key)
+            if have is None:
+                events.set_meta(key, value)
+            elif have != value:
+                raise StateMismatch(
+                    f"{state_dir}: logged {key} is {have!r} but this coordinator has {value!r}; "
+                    "use a fresh state_dir for a new run"
+                )
 
 
 def recover(events: EventLog, v0: torch.Tensor, mask_id: str, fingerprint: str, replay_max: int) -> Recovered:

@@ -1,5 +1,5 @@
-"""What the event log may forget: the round bounds of `EventLog.prune` (a pure function; the pump calls
-it after each checkpoint, docs/COORDINATOR.md "Retention").
+"""What the event log may forget: the round bounds of `EventLog.prune` (`retention_bounds`, a pure
+function) and `prune_log`, which the pump calls after each checkpoint (docs/COORDINATOR.md "Retention").
 
     before          rounds < before lose their updates, plans, events and per-round counters: the
                     audit window is the last `retain_rounds` rounds (>= the 64-round late/dedupe window
@@ -14,7 +14,12 @@ it after each checkpoint, docs/COORDINATOR.md "Retention").
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+
+from coordinator.eventlog import EventLog
+
+log = logging.getLogger(__name__)
 
 
 def retention_bounds(
@@ -26,3 +31,17 @@ def retention_bounds(
     before = max(0, last_round + 1 - retain_rounds)
     oldest_ckpt = min(checkpoint_rounds) + 1 if checkpoint_rounds else 0
     return before, max(0, min(before, last_round + 1 - replay_max, oldest_ckpt))
+
+
+def prune_log(events: EventLog, last_round: int, retain_rounds: int, replay_max: int, drift_window: int) -> dict[str, int]:
+    """Drop what recovery and the audit window of retain_rounds no longer need, so a long run's disk stays
+    flat; returns the rows deleted per table ({} when nothing is due)."""
+    ckpts = [r for r, _, _ in events.checkpoints()]
+    before, results_before = retention_bounds(last_round, retain_rounds, replay_max, ckpts)
+    if before <= 0 and results_before <= 0:
+        return {}
+    with events.transaction():
+        gone = events.prune(before, results_before, drift_window)
+    log.info("retention: pruned rounds < %d (results < %d): %s", before, results_before,
+             " ".join(f"{k}={v}" for k, v in gone.items()))  # fmt: skip
+    return gone

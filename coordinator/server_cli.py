@@ -76,6 +76,12 @@ def _run_coordinator(args: argparse.Namespace) -> int:
             }
         )
         config = _load(args, over)
+    except (ConfigError, ValueError, RuntimeError, OSError) as exc:
+        print(f"meerkat coordinator: {exc}", file=sys.stderr)
+        return 2
+    from coordinator.storage import StorageFault, check_state, full_disk_fault
+
+    try:
         if config.cluster and not args.check:  # one of several workers (coordinator/workers.py)
             from coordinator.workers import Worker
 
@@ -83,10 +89,19 @@ def _run_coordinator(args: argparse.Namespace) -> int:
         else:
             from coordinator.server import Coordinator
 
+            check_state(config.state_dir, config.event_log)  # a lost or damaged log: refused, never a new fleet
             coord = Coordinator(config)
-    except (ConfigError, ValueError, RuntimeError, OSError) as exc:  # mask/model/state problems, each named
+    except StorageFault as exc:
         print(f"meerkat coordinator: {exc}", file=sys.stderr)
-        return 2
+        return exc.code
+    except Exception as exc:
+        if (fault := full_disk_fault(exc, config.state_dir, config.event_log)) is not None:
+            print(f"meerkat coordinator: {fault}", file=sys.stderr)
+            return fault.code
+        if isinstance(exc, (ConfigError, ValueError, RuntimeError, OSError)):  # mask/model/state problems, each named
+            print(f"meerkat coordinator: {exc}", file=sys.stderr)
+            return 2
+        raise
     if config.cluster and not args.check:
         signal.signal(signal.SIGTERM, lambda *_: worker.stop())
         signal.signal(signal.SIGINT, lambda *_: worker.stop())
@@ -99,7 +114,13 @@ def _run_coordinator(args: argparse.Namespace) -> int:
     # Frozen, the cyclic GC's full passes stop walking it again and again: one such pass cost ~40 us per
     # update of a 3,000-update round (docs/SCALING.md). Reference counting still frees what dies.
     gc.freeze()
-    return coord.run()
+    try:
+        return coord.run()
+    except Exception as exc:
+        if (fault := full_disk_fault(exc, config.state_dir, config.event_log)) is None:
+            raise
+        print(f"meerkat coordinator: {fault}", file=sys.stderr)
+        return fault.code
 
 
 def _run_export(args: argparse.Namespace) -> int:

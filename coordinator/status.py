@@ -53,25 +53,25 @@ def status_report(
     except FileNotFoundError as exc:
         raise StatusError(f"{Path(state_dir) / DB_NAME} does not exist: is {state_dir} a coordinator state_dir?") from exc
     try:
-        meta = log.meta()
-        results = log.results(after=log.last_result_round() - RECENT_ROUNDS)
+        meta = log.views.meta()
+        results = log.results(after=log.views.last_result_round() - RECENT_ROUNDS)
         last = results[-1] if results else None
-        counts = log.round_counts()
+        counts = log.views.round_counts()
         duplicates = sum(c.get("duplicate", 0) for c in counts.values())
         recent = [{
             "round": r.round, "n_clients": r.n_clients, "values_checksum": r.values_checksum,
             "duration_s": round(r.duration_s, 3), "duplicates": counts.get(r.round, {}).get("duplicate", 0),
         } for r in results]  # fmt: skip
-        o = log.open_round()
+        o = log.views.open_round()
         open_info = None if o is None else {
             "round": o.round, "opened_at": o.opened_at, "deadline_in_s": round(o.deadline - now, 1),
             "sampled": o.sampled, "reported": o.reported, "extensions": o.extensions,
         }  # fmt: skip
         drift = {d.client: d for d in log.drift_rows()}
         clients: list[dict[str, Any]] = []
-        for c in log.client_status():
+        for c in log.views.client_status():
             d = drift.get(c.client)
-            gi = log.latest_gradip(c.client)
+            gi = log.views.latest_gradip(c.client)
             clients.append({
                 "client": c.client, "state": c.state, "reason": c.reason, "online": c.online,
                 "n_samples": c.n_samples, "joined_at_round": c.last_round, "seen_s_ago": _ago(now, c.seen_at),
@@ -83,8 +83,8 @@ def status_report(
                     **{k: v for k, v in asdict(d).items() if k != "client"}, "limited": d.limited_round is not None,
                 },
             })  # fmt: skip
-        rejects = log.reject_counts()
-        ev = [asdict(e) for e in reversed(log.events(limit=events))]
+        rejects = log.views.reject_counts()
+        ev = [asdict(e) for e in reversed(log.views.events(limit=events))]
         ck = log.checkpoints()
     finally:
         log.close()

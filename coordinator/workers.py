@@ -3,14 +3,16 @@ log on PostgreSQL, one `worker_id` each) share the fleet's ingest; exactly one o
 
 Ingest (every worker): an MQTT 5 link with a persistent session (clean_start=False + `worker_session_s`)
 subscribes to `$share/meerkat-{fleet}/meerkat/v1/{fleet}/{up,join,hb,status,sync}/+`, so the broker hands
-each message to one worker. A worker parses, drops, decodes and validates its batch (`inbox.admit`),
-appends it to the `inbox` table in ONE transaction, commits, THEN acks (nothing is acked before it is
+each message to one worker. A worker makes the intake decision of each message of its batch
+(`intake.admit`: parse, drop, decode, validate), appends them to the `inbox` table (`inbox.row_of`) in
+ONE transaction, commits, THEN acks (nothing is acked before it is
 durable; an unacked message stays in the worker's session and comes back when the worker returns).
 
 Leader (one worker): holds `pg_try_advisory_lock(fleet)` on a dedicated connection and is the only one
 with a `RoundBook` (a `Coordinator` built at take-over: recovery from the log, `coordinator/recovery.py`).
-It reads the inbox in id order after `meta.inbox_done`, feeds the book, and commits the book's records
-with the new `inbox_done` in one transaction (`Coordinator.lead_step`), then publishes. The book is the
+It reads the inbox in id order after `meta.inbox_done`, feeds each row's decision to the book as the
+single pump does (`Coordinator.feed`: the same actions, the same counters), and commits the book's records
+with the new `inbox_done` in one transaction (`Coordinator.advance`), then publishes. The book is the
 single coordinator's: the same inbox gives the same RoundResults.
 
 Failover: the leader's PostgreSQL session ends when it dies (kill -9 closes its socket), which releases
@@ -32,17 +34,15 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from coordinator.config import CoordinatorConfig
-from coordinator.inbox import Inbox, InboxRow, admit
-from coordinator.ingest import Reject
+from coordinator.inbox import Inbox, row_of
+from coordinator.intake import INBOUND, admit
 from coordinator.logstore import lock_key
-from coordinator.rounds import Action, RoundBook
-from coordinator.server import BATCH, INBOUND, Coordinator, take_batch
+from coordinator.rounds import Action
+from coordinator.server import BATCH, Coordinator, broker_link, take_batch
 from shared.config import ConfigError
-from shared.messages import ErrorCode
-from shared.mqtt import MqttLink, read_secret, tls_for
+from shared.mqtt import MqttLink
 from shared.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -120,17 +120,11 @@ class Worker:
         self._next_forget = 0.0
         self._republish_at: float | None = None
         self._busy = False  # the last inbox read was a full batch: do not wait on the link
-        self._counters: dict[str, Any] = {}  # topic kind -> the leader's labelled messages counter
 
     def start(self) -> None:
         c = self.config
         subs = [(shared_filter(self.topics, k), self.topics.qos(k)) for k in INBOUND]
-        self.link = MqttLink(
-            c.broker, f"{c.client_id}-{c.worker_id}", subscriptions=subs, manual_ack=True,
-            session_expiry_s=c.worker_session_s, username=c.username, password=read_secret(c.password_file),
-            tls=tls_for(c.broker, c.tls_ca, c.tls_cert, c.tls_key),
-        )  # fmt: skip
-        self.link.start()
+        self.link = broker_link(c, f"{c.client_id}-{c.worker_id}", subs, session_expiry_s=c.worker_session_s)
 
     def stop(self) -> None:
         self._stop.set()
@@ -156,8 +150,7 @@ class Worker:
                     if self.coord.done():
                         break
             if self.coord is not None:
-                self.coord._flush(timeout=10.0)  # every result PUBACKed before we exit
-                self.coord.flush_heartbeats()
+                self.coord.drain()  # every result PUBACKed before we exit
         finally:
             self.close()
         return 0
@@ -180,7 +173,7 @@ class Worker:
         batch = take_batch(self.link.inbox, timeout)
         if not batch:
             return 0
-        rows = [row for msg in batch if (row := admit(self.topics, msg)) is not None]
+        rows = [row_of(admit(self.topics, msg)) for msg in batch]  # drops too: the leader counts them
         self.inbox.append(rows)  # committed
         for msg in batch:
             self.link.ack(msg)
@@ -217,16 +210,10 @@ class Worker:
         assert coord is not None
         rows = self.inbox.after(self.position, BATCH)
         self._busy = len(rows) == BATCH
-        now = coord.clock()
         acts: list[Action] = []
         for row in rows:
-            counter = self._counters.get(row.kind)
-            if counter is None and row.kind in INBOUND:  # meerkat_messages_received_total{kind}, as one coordinator
-                counter = self._counters[row.kind] = coord.metrics.messages.labels(row.kind)
-            if counter is not None:
-                counter.inc()
-            acts += row_actions(coord.book, row, now)
-        coord.lead_step(acts, {"inbox_done": str(rows[-1].id)} if rows else {})
+            acts += coord.feed(row.decision())
+        coord.advance(acts, meta={"inbox_done": str(rows[-1].id)} if rows else {})
         if rows:
             self.position = rows[-1].id
         mono = time.monotonic()
@@ -240,14 +227,3 @@ class Worker:
         if mono >= self._next_check:
             self._next_check = mono + LOCK_CHECK_S
             self.lock.check()
-
-
-def row_actions(book: RoundBook, row: InboxRow, now: float) -> list[Action]:
-    """The book's answer to one inbox row: a reject as the single coordinator counts it, or the message."""
-    if row.reject is not None:
-        return book.on_reject(row.client, row.kind, row.reject, now, reply=row.reply)
-    try:
-        return book.handle(row.message(), now)
-    except Exception as exc:  # a bug in the book must not take the service down (as server._feed)
-        log.exception("internal error handling inbox row %d (%s from %s)", row.id, row.kind, row.client)
-        return book.on_reject(row.client, row.kind, Reject("internal", ErrorCode.INTERNAL, repr(exc)), now, False)

@@ -21,8 +21,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from edge_client.service.actions import EXIT_MISMATCH
 from edge_client.service.config import ENV_PREFIX, ClientConfig, ConfigError, load_client_config
-from edge_client.service.rounds import EXIT_MISMATCH
 from shared.cli import log_level_given
 from shared.config import describe, parse_overrides
 

@@ -7,11 +7,11 @@ through the `Trainer`.
 
 One thread (the caller's) owns the state; paho's thread only fills `link.inbox` / `link.published`; a
 heartbeat thread publishes QoS0 telemetry. Each `tick()` does, in order:
-  1. on a (re)connection: publish retained Status(online), make every outbox row due, core.connected()
-     (Join); on a lost connection: core.disconnected();
+  1. on a (re)connection: publish retained Status(online), make every outbox row due, core.connected(now)
+     (Join); on a lost connection: core.disconnected(now);
   2. drain PUBACKs: mark the acked outbox rows;
   3. publish outbox rows that are due (after a restart: all of them; the coordinator dedupes);
-  4. decode incoming messages (plan, result/{r}, result/latest, to/{client}) and feed them to the core;
+  4. decode incoming messages (plan, result/{r}, result/latest, to/{client}): core.handle(msg, now);
   5. core.tick(now): a SyncRequest when the core asks, then at most ONE SPSA step, saved as a step row.
 So a SIGTERM, a round result or a PUBACK is never more than one step away.
 """
@@ -30,15 +30,12 @@ from typing import TypeVar
 import torch
 
 from edge_client.privacy import DeviceBudget
-from edge_client.service.config import ClientConfig
-from edge_client.service.rounds import (
+from edge_client.service.actions import (
     Action,
-    ClientRounds,
     Commit,
     DropQueued,
     DropRound,
     Exit,
-    Identity,
     LoadValues,
     QueueUpdate,
     ResendUpdates,
@@ -48,6 +45,9 @@ from edge_client.service.rounds import (
     SlowDown,
     TrainStep,
 )
+from edge_client.service.carry import heartbeat_message, join_message, sync_message, train_step
+from edge_client.service.config import ClientConfig
+from edge_client.service.rounds import ClientRounds, Identity
 from edge_client.service.state import ClientState, StateStore, StorageFull
 from edge_client.service.telemetry import Telemetry
 from edge_client.service.trainer import Trainer
@@ -57,12 +57,11 @@ from shared.messages import (
     CheckpointChunk,
     ErrorMsg,
     Heartbeat,
-    Join,
+    Message,
     Replay,
     RoundPlan,
     RoundResult,
     Status,
-    SyncRequest,
 )
 from shared.mqtt import MqttLink, Will, tls_for
 from shared.topics import Topics
@@ -70,6 +69,12 @@ from shared.topics import Topics
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+INBOUND: dict[str, type[Message] | tuple[type[Message], ...]] = {  # topic kind -> what may arrive on it
+    "plan": RoundPlan,
+    "result": RoundResult,
+    "result_latest": RoundResult,
+    "to": (Replay, CheckpointChunk, ErrorMsg),
+}
 STORAGE_RETRY_S = 5.0  # a full disk: try the same write again this often (nothing half-written was committed)
 
 
@@ -169,9 +174,9 @@ class EdgeClient:
             self._seen_connects = self.link.connect_count
             self.link.publish(self.topics.status(self.cid), self._status(True), qos=1, retain=True)
             self.store.outbox.reconnected()  # re-send updates whose round is not over: the broker may have lost them
-            self._carry_out(self.rounds.connected())
+            self._carry_out(self.rounds.connected(time.time()))
         elif not connected and self.rounds.online:
-            self._carry_out(self.rounds.disconnected())
+            self._carry_out(self.rounds.disconnected(time.time()))
         self._drain_published()
         if connected and time.monotonic() >= self._quiet_until:
             self._resend_due()
@@ -184,14 +189,9 @@ class EdgeClient:
             if isinstance(act, TrainStep):
                 if self.stop_event.is_set():
                     continue  # a step not taken changes nothing; the saved steps resume the round after a restart
-                if act.dp is not None:  # a DP fleet (ClientRounds only asks this of a trainer with private_step)
-                    result, pointer = self.trainer.private_step(  # type: ignore[attr-defined]
-                        act.seed, act.eps, act.lr, act.dist, act.data_pointer, act.dp)
-                else:
-                    result, pointer = self.trainer.step(act.seed, act.eps, act.lr, act.dist, act.batch_size,
-                                                        act.data_pointer)  # fmt: skip
+                result, then = train_step(self.rounds, self.trainer, act)
                 self.last_step_s = result.seconds
-                self._carry_out(self.rounds.step_done(result, pointer))
+                self._carry_out(then)
             elif isinstance(act, SaveStep):
                 self._durably(partial(self.store.record_step, act.round, act.msg_id, act.step, act.result,
                                       act.data_pointer))
@@ -212,10 +212,11 @@ class EdgeClient:
             elif isinstance(act, LoadValues):
                 self.trainer.set_values(act.values)
             elif isinstance(act, SendJoin):
-                self._send_join(act.last_round)
+                join = join_message(self.trainer, self.budget_gib, act.last_round)
+                self.link.publish(self.topics.join(self.cid), encode(join), qos=1)
+                log.info("joined fleet %s as %s at round %d", self.cfg.fleet, self.cid, act.last_round)
             elif isinstance(act, SendSync):
-                sync = SyncRequest(client="", have_round=act.have_round)
-                self.link.publish(self.topics.sync(self.cid), encode(sync), qos=1)
+                self.link.publish(self.topics.sync(self.cid), encode(sync_message(act.have_round)), qos=1)
             elif isinstance(act, DropRound):
                 pass  # the Commit before it already dropped the round's saved steps
             else:
@@ -251,19 +252,6 @@ class EdgeClient:
             if failures:
                 log.warning("state write succeeded after %d failed attempt(s): disk space is back", failures)
             return out
-
-    def _send_join(self, last_round: int) -> None:
-        join = Join(
-            client="",
-            fingerprint=self.trainer.fingerprint,
-            mask_id=self.trainer.mask_id,
-            n_samples=self.trainer.n_samples,
-            budget_gib=float(self.budget_gib),
-            capabilities=self.trainer.capabilities(),
-            last_round=last_round,
-        )
-        self.link.publish(self.topics.join(self.cid), encode(join), qos=1)
-        log.info("joined fleet %s as %s at round %d", self.cfg.fleet, self.cid, last_round)
 
     # -- outbox ----------------------------------------------------------------------------------
     def _drain_published(self, wait_s: float = 0.0) -> None:
@@ -317,23 +305,16 @@ class EdgeClient:
             return
         if not payload:
             return  # a retained message was cleared
+        kinds = INBOUND.get(kind)
+        if kinds is None:
+            self.rounds.reject("unexpected_topic", f"message on {topic}")
+            return
         try:
-            if kind == "plan":
-                self._carry_out(self.rounds.on_plan(decode(payload, RoundPlan)))
-            elif kind in ("result", "result_latest"):
-                self._carry_out(self.rounds.on_result(decode(payload, RoundResult)))
-            elif kind == "to":
-                msg = decode(payload, (Replay, CheckpointChunk, ErrorMsg))
-                if isinstance(msg, Replay):
-                    self._carry_out(self.rounds.on_replay(msg))
-                elif isinstance(msg, CheckpointChunk):
-                    self._carry_out(self.rounds.on_chunk(msg))
-                elif isinstance(msg, ErrorMsg):
-                    self._carry_out(self.rounds.on_error(msg))
-            else:
-                self.rounds.reject("unexpected_topic", f"message on {topic}")
+            msg = decode(payload, kinds)
         except DecodeError as exc:
             self.rounds.reject(f"decode_{exc.code.name.lower()}", f"{topic}: {exc}")
+            return
+        self._carry_out(self.rounds.handle(msg, time.time()))
 
     # -- evaluation ------------------------------------------------------------------------------
     def _maybe_evaluate(self, round: int, values: torch.Tensor) -> None:
@@ -362,23 +343,8 @@ class EdgeClient:
     # -- heartbeat -------------------------------------------------------------------------------
     def heartbeat(self) -> Heartbeat:
         assert self.telemetry is not None
-        r = self.telemetry.read()
-        job = self.rounds.job
-        privacy = self.rounds.privacy
-        spent = privacy.spent() if privacy is not None else None
-        # a DP fleet: no held-out evaluation leaves the device (it is a function of the data, not noised)
-        ev = self.last_eval if spent is None else None
-        return Heartbeat(
-            client="", ts=time.time(), cpu_pct=r.cpu_pct, rss_bytes=r.rss_bytes, gpu_mem_bytes=r.gpu_mem_bytes,
-            temp_c=r.temp_c, power_w=r.power_w,
-            step_time_s=self.last_step_s if spent is None else None,  # DP: step time tracks the secret batch size
-            peak_mem_bytes=self.trainer.peak_mem_bytes,
-            round=job.plan.round if job is not None else max(self.rounds.round, -1),
-            eval_round=None if ev is None else ev[0], eval_loss=None if ev is None else ev[1].loss,
-            eval_acc=None if ev is None else ev[1].accuracy, eval_n=None if ev is None else ev[1].n,
-            dp_epsilon=None if spent is None else spent[0], dp_delta=None if spent is None else spent[1],
-            dp_exhausted=None if spent is None else bool(privacy and privacy.exhausted),
-        )
+        return heartbeat_message(self.rounds, self.trainer, time.time(), self.telemetry.read(), self.last_step_s,
+                                 self.last_eval)
 
     def _heartbeats(self) -> None:
         topic = self.topics.hb(self.cid)

@@ -7,27 +7,25 @@ actions come out. The client side of docs/ARCHITECTURE.md "Round lifecycle", in 
 The only arithmetic it does itself is on the flat value buffer (`shared.apply.apply_round`,
 `values_checksum`, `edge_client.engine.spsa.local_update`): pure functions, testable on a tiny tensor.
 
-Events (each returns the actions to carry out, in order; carry them all out before the next event):
-    connected()                     a (re)connection: Join, then one SyncRequest at the next tick
-    disconnected()                  no SyncRequest until the next connected()
-    on_plan(plan)                   a RoundPlan (topic `plan`, retained); the plan of a round whose Update
+Events (each takes `now`, unix seconds, and returns the actions to carry out, in order; carry them all
+out before the next event):
+    connected(now)                  a (re)connection: Join, then one SyncRequest at the next tick
+    disconnected(now)               no SyncRequest until the next connected()
+    handle(msg, now)                a decoded message from a coordinator, dispatched by type:
+      on_plan(plan, now)            a RoundPlan (topic `plan`, retained); the plan of a round whose Update
                                     is queued and unconfirmed again -> ResendUpdates
-    on_result(result)               a RoundResult (result/{r} or result/latest)
-    on_replay(replay)               a Replay on to/{client}
-    on_chunk(chunk)                 a CheckpointChunk on to/{client}
-    on_error(err)                   an ErrorMsg on to/{client}: UNKNOWN_CLIENT -> Join; a refused Join
+      on_result(result, now)        a RoundResult (result/{r} or result/latest)
+      on_replay(replay, now)        a Replay on to/{client}
+      on_chunk(chunk, now)          a CheckpointChunk on to/{client} (edge_client/service/chunks.py)
+      on_error(err, now)            an ErrorMsg on to/{client}: UNKNOWN_CLIENT -> Join; a refused Join
                                     (FINGERPRINT/MASK/QUANT_MISMATCH) -> Exit when real, else re-Join with
-                                    back-off; RATE_LIMITED -> SlowDown; a final update refusal -> DropQueued
-    tick(now)                       `now` = unix seconds: maybe a SyncRequest (+ ResendUpdates when a result
+                                    back-off; RATE_LIMITED -> SlowDown (edge_client/service/refusals.py);
+                                    a final update refusal -> DropQueued
+    tick(now)                       maybe a Join (back-off) or a SyncRequest (+ ResendUpdates when a result
                                     is overdue), then at most ONE TrainStep
     step_done(result, data_pointer) the TrainStep just returned was carried out (engine result, pointer after)
 
-Refused Joins (PROTOCOL.md §8 client 3): the refusal is REAL, and the answer is `Exit(EXIT_MISMATCH)`, when
-the retained plan names another fingerprint/mask than ours, or when REFUSALS_TO_EXIT Joins in a row were
-refused with no plan to check against (QUANT_MISMATCH: the plan carries no quant) and no sign we are joined
-(an answered SyncRequest). A refusal while the plan matches what we hold is not our doing (a Join spoofed
-under our id without the broker ACL, a coordinator restart): logged at ERROR, Join again after 2, 4, 8 ...
-60 s. Connected SILENT_WARN_S without a word from any coordinator: an ERROR naming the fleet we wait on.
+The action types are in edge_client/service/actions.py.
 
 A TrainStep is a request: left undone (e.g. while stopping) it changes nothing and the next tick asks
 again. Carried out, it must be answered with step_done() before any other event.
@@ -44,31 +42,47 @@ import math
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeAlias
 
-import numpy as np
 import torch
 
 from edge_client.engine.spsa import StepResult, local_update
-from edge_client.privacy import DeviceBudget, DpStep
-from shared.accountant import Spend
+from edge_client.privacy import DeviceBudget
+from edge_client.service.actions import (
+    EXIT_MISMATCH,
+    Action,
+    Commit,
+    DropQueued,
+    DropRound,
+    Exit,
+    LoadValues,
+    QueueUpdate,
+    ResendUpdates,
+    SaveStep,
+    SendJoin,
+    SendSync,
+    SlowDown,
+    TrainStep,
+)
+from edge_client.service.chunks import ChunkAssembler
+from edge_client.service.refusals import REFUSALS, JoinBackoff
 from shared.apply import apply_round, values_checksum
 from shared.fingerprint import fp_tag
 from shared.messages import (
     CheckpointChunk,
     ErrorCode,
     ErrorMsg,
+    Message,
     Replay,
     RoundPlan,
     RoundResult,
     Update,
 )
-from shared.prng import Dist
 
 log = logging.getLogger(__name__)
 
-MAX_CHUNKS = 4096  # chunks of one checkpoint (coordinator chunk_bytes >= 1 KiB: a 4 MiB buffer at least)
-MAX_CHECKPOINTS = 4  # checkpoints being reassembled at once (e.g. answers to repeated SyncRequests)
+FINAL_FOR_UPDATE = (  # an Update refused for good (PROTOCOL.md §2): stop re-sending it
+    ErrorCode.STALE_ROUND, ErrorCode.NOT_IN_ROUND, ErrorCode.BAD_UPDATE, ErrorCode.UNKNOWN_ROUND, ErrorCode.CONFLICT,
+)
 
 
 # ---- inputs --------------------------------------------------------------------------------------
@@ -94,145 +108,6 @@ class Progress:
     msg_id: int
     results: tuple[StepResult, ...]  # steps 0..k-1, in order
     data_pointer: int  # pointer after step k-1
-
-
-# ---- actions -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SendJoin:
-    """Publish Join(fingerprint, mask_id, n_samples, budget, capabilities, last_round) on join/{client}."""
-
-    last_round: int
-
-
-@dataclass(frozen=True)
-class SendSync:
-    """Publish SyncRequest(have_round) on sync/{client}."""
-
-    have_round: int
-
-
-@dataclass(frozen=True, eq=False)
-class LoadValues:
-    """Load `values` (CPU fp32 (nnz,)) into the trainer's side-car buffer: the start of a local path."""
-
-    values: torch.Tensor
-
-
-@dataclass(frozen=True)
-class TrainStep:
-    """Run SPSA step `step` of `round` on the trainer's buffer (Trainer.step), then call step_done()."""
-
-    round: int
-    msg_id: int
-    step: int
-    seed: int
-    eps: float
-    lr: float
-    dist: Dist
-    batch_size: int
-    data_pointer: int  # the batch starts here
-    dp: DpStep | None = None  # a DP fleet: the private step's parameters (edge_client/privacy.py)
-
-
-@dataclass(frozen=True)
-class SaveStep:
-    """Persist a finished step (StateStore.record_step) so a restart resumes after it."""
-
-    round: int
-    msg_id: int
-    step: int
-    result: StepResult
-    data_pointer: int  # after this step
-
-
-@dataclass(frozen=True)
-class QueueUpdate:
-    """The round is trained: in ONE transaction queue `update` in the outbox, move the data pointer to
-    `data_pointer` and mark (update.round, update.msg_id) trained (StateStore.finish_training); then
-    publish it on up/{client} (QoS1) and keep re-publishing until the round's result is committed."""
-
-    update: Update
-    data_pointer: int
-    spend: Spend | None = None  # a DP fleet: what the update costs; charged in the same transaction
-
-
-@dataclass(frozen=True)
-class ResendUpdates:
-    """Publish every queued Update again now (Outbox.reconnected): a result is overdue, or the plan of a
-    round we answered was re-published, so the coordinator may not hold an Update the broker acknowledged
-    (e.g. a broker restart that dropped its session); it dedupes on (client, round, msg_id), so a copy it
-    already holds costs nothing."""
-
-
-@dataclass(frozen=True, eq=False)
-class Commit:
-    """Make `values` the values at `round` (StateStore.commit_round); this also drops saved steps and
-    outbox rows of rounds <= round. round -1 with v_0 is the reset after a checksum mismatch."""
-
-    round: int
-    values: torch.Tensor
-    checksum: str
-
-
-@dataclass(frozen=True)
-class DropRound:
-    """The round closed before we finished training it (the Commit before this one already dropped its
-    saved steps; the data pointer did not move). Nothing to persist: for logs and simulators."""
-
-    round: int
-    steps_done: int
-    steps: int
-
-
-@dataclass(frozen=True)
-class Exit:
-    """This device cannot take part in its fleet (the coordinator refused its Join and the evidence says the
-    refusal is real): stop the service with exit status `code` (EXIT_MISMATCH) and print `reason`, which
-    names what the device holds, what the fleet runs and how to fix it. Restarting would not help."""
-
-    code: int
-    reason: str
-
-
-@dataclass(frozen=True)
-class DropQueued:
-    """The coordinator refused the queued Update of `round` for good (UNKNOWN_ROUND, CONFLICT, STALE_ROUND,
-    NOT_IN_ROUND, BAD_UPDATE): delete its outbox row (Outbox.discard) so it is never re-sent."""
-
-    round: int
-
-
-@dataclass(frozen=True)
-class SlowDown:
-    """The coordinator said RATE_LIMITED: publish no outbox re-send for `seconds` (the core itself holds its
-    SyncRequests and Joins back as long)."""
-
-    seconds: float
-
-
-Action: TypeAlias = (
-    SendJoin | SendSync | LoadValues | TrainStep | SaveStep | QueueUpdate | ResendUpdates | Commit | DropRound
-    | Exit | DropQueued | SlowDown
-)
-
-EXIT_MISMATCH = 6  # `meerkat client` exit status: the fleet runs another model / mask / quantization
-REFUSALS = (ErrorCode.FINGERPRINT_MISMATCH, ErrorCode.MASK_MISMATCH, ErrorCode.QUANT_MISMATCH)  # of a Join
-FINAL_FOR_UPDATE = (  # an Update refused for good (PROTOCOL.md §2): stop re-sending it
-    ErrorCode.STALE_ROUND, ErrorCode.NOT_IN_ROUND, ErrorCode.BAD_UPDATE, ErrorCode.UNKNOWN_ROUND, ErrorCode.CONFLICT,
-)
-REFUSALS_TO_EXIT = 3  # refused Joins in a row, no plan contradicting them, no sign we are joined: believe them
-REJOIN_FIRST_S = 2.0  # back-off after a refused Join: 2, 4, 8 ... s
-REJOIN_MAX_S = 60.0
-SLOW_FIRST_S = 10.0  # after RATE_LIMITED (the coordinator says so at most once per 10 s): 10, 20 ... s
-SLOW_MAX_S = 120.0
-SILENT_WARN_S = 30.0  # connected this long without a word from any coordinator: say what we wait for
-
-
-def values_from_bytes(raw: bytes) -> torch.Tensor:
-    """Raw little-endian fp32 bytes (a checkpoint, a values file) -> CPU fp32 tensor (nnz,)."""
-    return torch.from_numpy(np.frombuffer(raw, dtype="<f4").astype(np.float32))
 
 
 # ---- the core ------------------------------------------------------------------------------------
@@ -304,20 +179,9 @@ class ClientRounds:
         self._refused_round = -2
         self._sync_check = False
         self._last_sync = -math.inf
-        self._chunks: dict[tuple[int, str], dict[int, bytes]] = {}
-        # refused Joins (issue 14/16): the latest refusal since the last sign we are joined, how many in a row,
-        # when the next Join may go out (set at the next tick: events carry no clock)
-        self.refusal: ErrorMsg | None = None
-        self.refusals = 0
-        self._rejoin_at: float | None = None
-        self._rejoin_wanted = False
-        self._slow_streak = 0
-        self._slow_pending = 0.0
-        self._quiet_until = -math.inf
+        self._chunks = ChunkAssembler(self.nnz, self.reject)
+        self.joins = JoinBackoff(me.fleet, (me.fingerprint, me.mask_id), self.counters)  # refusals, slow-down
         self.exiting: Exit | None = None
-        self._heard = False  # anything from a coordinator (plan, result, to/) since we connected
-        self._silent_since: float | None = None
-        self._silent_warn_at = -math.inf
         self._dp_refused = -2  # the round whose DP refusal was logged last
 
     @property
@@ -325,17 +189,15 @@ class ClientRounds:
         return int(self.values.numel())
 
     # -- connection ------------------------------------------------------------------------------
-    def connected(self) -> list[Action]:
+    def connected(self, now: float) -> list[Action]:
         self.online = True
         self._sync_check = True  # results published while we were away may be gone: ask once
         self._last_sync = -math.inf
-        self._silent_since, self._silent_warn_at = None, -math.inf
-        if self.refusals:  # refused before: the back-off schedule decides when the next Join goes out
-            self._rejoin_wanted = True
-            return []
-        return [self._join()]
+        self.joins.connected(now)
+        # refused before: the back-off schedule decides when the next Join goes out
+        return [self._join()] if self.joins.may_join_now(now) else []
 
-    def disconnected(self) -> list[Action]:
+    def disconnected(self, now: float) -> list[Action]:
         self.online = False
         return []
 
@@ -344,61 +206,46 @@ class ClientRounds:
         log.info("joining fleet %s as %s at round %d", self.me.fleet, self.me.client_id, self.round)
         return SendJoin(max(self.round, -1))
 
-    def on_error(self, err: ErrorMsg) -> list[Action]:
+    # -- messages --------------------------------------------------------------------------------
+    def handle(self, msg: Message, now: float) -> list[Action]:
+        """Dispatch one decoded coordinator -> client message (the mirror of `RoundBook.handle`)."""
+        if isinstance(msg, RoundPlan):
+            return self.on_plan(msg, now)
+        if isinstance(msg, RoundResult):
+            return self.on_result(msg, now)
+        if isinstance(msg, Replay):
+            return self.on_replay(msg, now)
+        if isinstance(msg, CheckpointChunk):
+            return self.on_chunk(msg, now)
+        if isinstance(msg, ErrorMsg):
+            return self.on_error(msg, now)
+        raise TypeError(f"ClientRounds.handle: {type(msg).__name__} is not a coordinator -> client message")
+
+    def on_error(self, err: ErrorMsg, now: float) -> list[Action]:
         try:
             code: ErrorCode | None = ErrorCode(err.code)
             name = code.name if code is not None else ""
         except ValueError:
             code, name = None, f"code {err.code}"
-        self._heard = True
+        self.joins.heard()
         self.counters[f"coordinator_error_{name.lower().replace(' ', '_')}"] += 1
         if code == ErrorCode.UNKNOWN_CLIENT:  # it (re)started after our Join: announce ourselves again
-            if self.refusals:
+            if not self.joins.may_join_now(now):
                 log.warning("coordinator does not know us (%s): joining again after the back-off", err.reason)
-                self._rejoin_wanted = True
                 return []
             log.info("coordinator does not know us (%s): joining again", err.reason)
             return [self._join()]
         if code in REFUSALS:
-            return self._refused(err, name)
+            why = self.joins.refused(err, name, self.plan, now)
+            return [] if why is None else self._exit(why)
         if code == ErrorCode.RATE_LIMITED:
-            self._slow_streak += 1
-            seconds = min(SLOW_FIRST_S * 2 ** (self._slow_streak - 1), SLOW_MAX_S)
-            self._slow_pending = max(self._slow_pending, seconds)
-            log.warning("coordinator says RATE_LIMITED (%s): sending less for %.0f s", err.reason, seconds)
-            return [SlowDown(seconds)]
+            return [SlowDown(self.joins.rate_limited(err.reason, now))]
         if code in FINAL_FOR_UPDATE and self.trained_round > self.round:
             log.error("coordinator refused our update of round %d for good (%s: %s): not sending it again",
                       self.trained_round, name, err.reason)
             self.counters["updates_refused"] += 1
             return [DropQueued(self.trained_round)]
         log.warning("coordinator says %s: %s", name, err.reason)
-        return []
-
-    def _refused(self, err: ErrorMsg, name: str) -> list[Action]:
-        """A refused Join. Real when the retained plan confirms the fleet runs another model/mask, or when
-        our own Joins keep being refused with nothing to contradict it (QUANT_MISMATCH has no plan field to
-        check): then Exit. When the plan MATCHES what we hold, we did not cause it (a Join spoofed without
-        the broker ACL, a coordinator restarting): say so loudly and re-join with a capped back-off."""
-        self.refusal = err
-        self.refusals += 1
-        self._rejoin_wanted = True
-        plan = self.plan
-        fleet_differs = plan is not None and (plan.fingerprint, plan.mask_id) != (self.me.fingerprint, self.me.mask_id)
-        if err.code != ErrorCode.QUANT_MISMATCH and fleet_differs:
-            return self._exit(f"the coordinator refused this device's Join ({name}: {err.reason})")
-        if plan is not None and err.code != ErrorCode.QUANT_MISMATCH:
-            log.error(
-                "coordinator refused our Join (%s: %s), but its plan %d is for the model/mask we hold (%s/%s): "
-                "not our doing (a Join spoofed under our id, or a coordinator restart); joining again (#%d)",
-                name, err.reason, plan.round, self.me.fingerprint[:12], self.me.mask_id, self.refusals,
-            )  # fmt: skip
-            return []
-        if self.refusals >= REFUSALS_TO_EXIT:
-            return self._exit(f"the coordinator refused this device's Join {self.refusals} times in a row "
-                              f"({name}: {err.reason})")
-        log.error("coordinator refused our Join (%s: %s): trying again (%d/%d) before giving up", name, err.reason,
-                  self.refusals, REFUSALS_TO_EXIT)
         return []
 
     def _exit(self, why: str) -> list[Action]:
@@ -416,30 +263,22 @@ class ClientRounds:
         log.critical("%s", reason)
         return [self.exiting]
 
-    def _joined(self) -> None:
-        """A sign the coordinator accepted our Join (a sync answered, a plan that samples us)."""
-        if self.refusals:
-            log.warning("coordinator accepts us again after %d refused Join(s)", self.refusals)
-        self.refusal, self.refusals, self._rejoin_at, self._rejoin_wanted = None, 0, None, False
-        self._slow_streak = 0
-
     def reject(self, reason: str, detail: str) -> None:
         """Count and log a message dropped as invalid (also used by the pump for decode errors)."""
         self.counters[f"rejected_{reason}"] += 1
         log.warning("dropped message (%s): %s", reason, detail)
 
     # -- plans -----------------------------------------------------------------------------------
-    def on_plan(self, plan: RoundPlan) -> list[Action]:
+    def on_plan(self, plan: RoundPlan, now: float) -> list[Action]:
         if plan.fleet != self.me.fleet:
             self.reject("wrong_fleet", f"plan for fleet {plan.fleet!r}")
             return []
         self.plan = plan
-        self._heard = True
+        self.joins.heard()
         self.known_round = max(self.known_round, plan.base_round)
-        if (plan.fingerprint, plan.mask_id) != (self.me.fingerprint, self.me.mask_id):
-            if self.refusal is not None and self.refusal.code != ErrorCode.QUANT_MISMATCH:
-                return self._exit(f"the coordinator refused this device's Join ({ErrorCode(self.refusal.code).name}: "
-                                  f"{self.refusal.reason})")
+        why = self.joins.contradicted(plan)
+        if why is not None:
+            return self._exit(why)
         if self._answered(plan):
             return self._resend_for_plan(plan)
         return self._consider_plan()
@@ -535,13 +374,11 @@ class ClientRounds:
         acts: list[Action] = []
         if self.exiting is not None:
             return []  # the pump is stopping
-        if self._slow_pending:  # RATE_LIMITED: no SyncRequest / Join before then
-            self._quiet_until = max(self._quiet_until, now + self._slow_pending)
-            self._slow_pending = 0.0
         if self.online:
-            acts += self._maybe_rejoin(now)
+            if self.joins.rejoin_due(now):  # after a refused Join: 2, 4, 8 ... s later
+                acts.append(self._join())
             acts += self._maybe_sync(now)
-            self._watch_silence(now)
+            self.joins.watch_silence(now)
         job = self.job
         if job is not None:
             p, t = job.plan, len(job.results)
@@ -577,8 +414,8 @@ class ClientRounds:
         return [*acts, QueueUpdate(upd, data_pointer, spend)]
 
     # -- results ---------------------------------------------------------------------------------
-    def on_result(self, res: RoundResult) -> list[Action]:
-        self._heard = True
+    def on_result(self, res: RoundResult, now: float) -> list[Action]:
+        self.joins.heard()
         self.known_round = max(self.known_round, res.round)
         if res.round <= self.round:
             return []  # duplicate (retained result/latest, or result/{r} next to it)
@@ -624,9 +461,9 @@ class ClientRounds:
         return [Commit(-1, v0, self.checksum), LoadValues(v0)]
 
     # -- catching up -----------------------------------------------------------------------------
-    def on_replay(self, rep: Replay) -> list[Action]:
-        self._heard = True
-        self._joined()  # SyncRequests are answered for joined clients only
+    def on_replay(self, rep: Replay, now: float) -> list[Action]:
+        self.joins.heard()
+        self.joins.joined()  # SyncRequests are answered for joined clients only
         log.info("replay of %d result(s) (rounds %s)", len(rep.results),
                  f"{rep.results[0].round}..{rep.results[-1].round}" if rep.results else "-")
         acts: list[Action] = []
@@ -643,27 +480,13 @@ class ClientRounds:
             self._last_sync = -math.inf  # still behind: ask for the rest at once
         return acts
 
-    def on_chunk(self, ch: CheckpointChunk) -> list[Action]:
-        self._heard = True
-        self._joined()
+    def on_chunk(self, ch: CheckpointChunk, now: float) -> list[Action]:
+        self.joins.heard()
+        self.joins.joined()
         if ch.round <= self.round and not self.need_full_sync:
             return []  # we hold these values or newer ones already (e.g. the answer to a repeated SyncRequest)
-        parts = self._chunks.setdefault((ch.round, ch.sha256), {})
-        if ch.total > MAX_CHUNKS or len(self._chunks) > MAX_CHECKPOINTS:
-            self._chunks.clear()
-            self.reject("checkpoint_too_big", f"round {ch.round}: {ch.total} chunks")
-            return []
-        parts[ch.index] = ch.data
-        if len(parts) < ch.total:
-            return []
-        data = b"".join(parts[i] for i in range(ch.total))
-        del self._chunks[(ch.round, ch.sha256)]
-        if len(data) != 4 * self.nnz or hashlib.sha256(data).hexdigest() != ch.sha256:
-            self.reject("checkpoint_bad", f"round {ch.round}: {len(data)} bytes, sha256 mismatch or wrong size")
-            return []
-        values = values_from_bytes(data)
-        if not bool(torch.isfinite(values).all()):
-            self.reject("checkpoint_bad", f"round {ch.round}: non-finite values")
+        values = self._chunks.add(ch)
+        if values is None:
             return []
         log.info("checkpoint of round %d installed (%d values)", ch.round, values.numel())
         self.counters["checkpoints_installed"] += 1
@@ -671,40 +494,9 @@ class ClientRounds:
         self.known_round = max(self.known_round, ch.round)
         return self._commit(ch.round, values, ch.sha256)
 
-    def _maybe_rejoin(self, now: float) -> list[Action]:
-        """After a refused Join: the next one 2, 4, 8 ... s later (capped), never sooner than RATE_LIMITED allows."""
-        if not self._rejoin_wanted:
-            return []
-        if self._rejoin_at is None:
-            self._rejoin_at = now + min(REJOIN_FIRST_S * 2 ** max(self.refusals - 1, 0), REJOIN_MAX_S)
-        if now < max(self._rejoin_at, self._quiet_until):
-            return []
-        self._rejoin_wanted, self._rejoin_at = False, None
-        return [self._join()]
-
-    def _watch_silence(self, now: float) -> None:
-        """Connected and no coordinator has said anything (no retained plan, Join/SyncRequest unanswered):
-        the fleet has no coordinator, e.g. client and coordinator configs name different fleets. The
-        coordinator never sees other fleets' topics, so this device is where it shows."""
-        if self._heard:
-            return
-        if self._silent_since is None:
-            self._silent_since = now
-        waited = now - self._silent_since
-        if waited < SILENT_WARN_S or now < self._silent_warn_at:
-            return
-        self._silent_warn_at = now + max(SILENT_WARN_S, waited)  # 30 s, then 60, 120 ... apart
-        self.counters["coordinator_silent"] += 1
-        log.error(
-            "no coordinator on fleet %r for %.0f s: no retained plan on meerkat/v1/%s/plan and no answer to our "
-            "Join/SyncRequest. Waiting for it; check that the coordinator runs and that its `fleet` is %r (the "
-            "`fleet` key in coordinator.toml and client.toml must be equal)",
-            self.me.fleet, waited, self.me.fleet, self.me.fleet,
-        )  # fmt: skip
-
     def _maybe_sync(self, now: float) -> list[Action]:
         """SyncRequest when behind, once after each (re)connection, and while a result is overdue."""
-        if now < self._quiet_until:
+        if self.joins.quiet(now):
             return []
         behind = self.need_full_sync or self.round < self.known_round
         plan = self.plan
@@ -726,25 +518,4 @@ class ClientRounds:
         return [SendSync(self.round)]
 
 
-__all__ = [
-    "Action",
-    "ClientRounds",
-    "Commit",
-    "DropQueued",
-    "DropRound",
-    "EXIT_MISMATCH",
-    "Exit",
-    "Identity",
-    "Job",
-    "LoadValues",
-    "Progress",
-    "QueueUpdate",
-    "ResendUpdates",
-    "SaveStep",
-    "SendJoin",
-    "SendSync",
-    "SlowDown",
-    "TrainStep",
-    "update_msg_id",
-    "values_from_bytes",
-]
+__all__ = ["FINAL_FOR_UPDATE", "ClientRounds", "Identity", "Job", "Progress", "update_msg_id"]

@@ -42,8 +42,9 @@ from pathlib import Path
 import torch
 
 from edge_client.engine.spsa import StepResult
+from edge_client.service.chunks import values_from_bytes
 from edge_client.service.outbox import Outbox, to_i64, to_u64
-from edge_client.service.rounds import Progress, values_from_bytes
+from edge_client.service.rounds import Progress
 from shared.accountant import Spend
 from shared.apply import values_checksum
 from shared.fsio import atomic_write

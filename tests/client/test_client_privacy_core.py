@@ -7,11 +7,12 @@ from __future__ import annotations
 import logging
 
 import pytest
-from test_client_round_core import IDENTITY, core, plan, run_steps
 
 from edge_client.privacy import DeviceBudget, FleetDp
 from edge_client.service.rounds import QueueUpdate, TrainStep
 from shared.accountant import Spend, default_delta, epsilon, noise_multiplier
+
+from roundkit import IDENTITY, core, plan, run_steps  # isort: skip
 
 DP = dict(dp_clip=0.5, dp_noise=0.0, dp_epsilon=3.0, dp_delta=0.0, dp_steps=6)
 N = IDENTITY.n_samples  # 24
@@ -20,7 +21,7 @@ N = IDENTITY.n_samples  # 24
 def test_dp_round_carries_its_parameters_and_charges_the_budget() -> None:
     budget = DeviceBudget(N)
     c = core(privacy=budget)
-    c.on_plan(plan(0, **DP))
+    c.on_plan(plan(0, **DP), 0.0)
     acts = run_steps(c)
     steps = [a for a in acts if isinstance(a, TrainStep)]
     (queued,) = [a for a in acts if isinstance(a, QueueUpdate)]
@@ -40,8 +41,8 @@ def test_plan_past_the_budget_is_refused_once_with_a_clear_line(caplog: pytest.L
     assert budget.spends == [Spend(q, sigma, 6)]  # one term per (q, sigma), as StateStore keeps it
     c = core(privacy=budget)
     with caplog.at_level(logging.WARNING):
-        c.on_plan(plan(0, **DP))
-        c.on_plan(plan(0, **DP))  # re-published: no second line
+        c.on_plan(plan(0, **DP), 0.0)
+        c.on_plan(plan(0, **DP), 0.0)  # re-published: no second line
         acts = run_steps(c)
     assert not [a for a in acts if isinstance(a, TrainStep)] and c.job is None
     lines = [r.getMessage() for r in caplog.records if "privacy budget spent" in r.getMessage()]
@@ -51,10 +52,10 @@ def test_plan_past_the_budget_is_refused_once_with_a_clear_line(caplog: pytest.L
 
 def test_device_without_privacy_refuses_dp_plans_but_trains_plain_ones() -> None:
     c = core()
-    c.on_plan(plan(0, **DP))
+    c.on_plan(plan(0, **DP), 0.0)
     assert not [a for a in run_steps(c) if isinstance(a, TrainStep)]
     c2 = core(privacy=DeviceBudget(N))
-    c2.on_plan(plan(0))
+    c2.on_plan(plan(0), 0.0)
     acts = run_steps(c2)
     assert all(a.dp is None for a in acts if isinstance(a, TrainStep))
     (queued,) = [a for a in acts if isinstance(a, QueueUpdate)]
@@ -70,14 +71,14 @@ def test_fleet_rule_from_the_plan() -> None:
 
 def test_owner_floor_refuses_plain_plans_and_stops_below_the_fleet_target() -> None:
     c = core(privacy=DeviceBudget(N, max_epsilon=1.0))
-    c.on_plan(plan(0))  # the fleet trains without DP: refused
+    c.on_plan(plan(0), 0.0)  # the fleet trains without DP: refused
     assert not [a for a in run_steps(c) if isinstance(a, TrainStep)] and c.counters["dp_refused"] == 1
     q, delta = 4 / N, default_delta(N)
     sigma = noise_multiplier(3.0, delta, q, 6)
     assert epsilon([Spend(q, sigma, 3)], delta) > 1.0  # one round at the fleet's sigma passes the owner's 1.0
     c2 = core(privacy=DeviceBudget(N, max_epsilon=1.0))
-    c2.on_plan(plan(0, **DP))
+    c2.on_plan(plan(0, **DP), 0.0)
     assert not [a for a in run_steps(c2) if isinstance(a, TrainStep)]
     c3 = core(privacy=DeviceBudget(N, max_epsilon=100.0))
-    c3.on_plan(plan(0, **DP))  # a looser floor: the fleet's target applies
+    c3.on_plan(plan(0, **DP), 0.0)  # a looser floor: the fleet's target applies
     assert len([a for a in run_steps(c3) if isinstance(a, TrainStep)]) == 3

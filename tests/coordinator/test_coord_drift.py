@@ -64,7 +64,7 @@ def _round(
 def _events(state_dir: Path, kind: str) -> list[tuple[int, str]]:
     log = EventLog(state_dir, readonly=True)
     try:
-        return [(int(e.round or 0), e.detail) for e in log.events(kind=kind)]
+        return [(int(e.round or 0), e.detail) for e in log.views.events(kind=kind)]
     finally:
         log.close()
 

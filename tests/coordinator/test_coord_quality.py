@@ -19,6 +19,7 @@ from coordinator.records import (
     EvalRecord,
     HeartbeatRecord,
     JoinRecord,
+    PlanRecord,
     PlanRow,
     ResultRecord,
     ResultRow,
@@ -45,8 +46,8 @@ def _fill(state: Path, now: float, event_log: str = "sqlite") -> None:
         for c in ("dev-a", "dev-b"):
             log.persist(JoinRecord(c, "joined", "", "fp", "m", 100, 2.0, {"device": "cpu"}, -1, now - 100))
         for r in range(3):
-            log.insert_plan(PlanRow(r, "open", now - 90 + 10 * r, now, (1, 2), {"dev-a": 2, "dev-b": 2}, 0.01, 0.001,
-                                    "rademacher", 4, r - 1, "0" * 64, 0))  # fmt: skip
+            log.persist(PlanRecord(PlanRow(r, "open", now - 90 + 10 * r, now, (1, 2), {"dev-a": 2, "dev-b": 2}, 0.01,
+                                           0.001, "rademacher", 4, r - 1, "0" * 64, 0)))  # fmt: skip
             for c, base in (("dev-a", 3.0), ("dev-b", 2.0)):
                 u = UpdateRow(c, r, r + 1, (0.1, -0.2), 100, base - 0.5 * r, now - 85 + 10 * r, "accepted", None)
                 log.persist(UpdateRecord(u, (0.4 / (r + 1), -0.2)))
@@ -63,12 +64,12 @@ def test_evals_curves_and_trend(tmp_path: Path) -> None:
     now = 1_000_000.0
     _fill(tmp_path, now)
     log = EventLog(tmp_path, readonly=True)
-    evs = log.evals(source="dev-a")
+    evs = log.views.evals(source="dev-a")
     assert [(e.round, e.loss) for e in evs] == [(0, pytest.approx(2.6)), (1, pytest.approx(2.4)), (2, pytest.approx(2.2))]
-    assert [e.round for e in log.evals(source=COORDINATOR_EVAL, last=2)] == [1, 2]
-    pts = log.round_points()
+    assert [e.round for e in log.views.evals(source=COORDINATOR_EVAL, last=2)] == [1, 2]
+    pts = log.views.round_points()
     assert [p.train_loss for p in pts] == [pytest.approx(2.5), pytest.approx(2.0), pytest.approx(1.5)]  # n-weighted mean
-    assert log.gradip_means()["dev-a"][0] == (0, pytest.approx(0.3))
+    assert log.views.gradip_means()["dev-a"][0] == (0, pytest.approx(0.3))
     log.close()
     view = fleet_view(tmp_path, now)
     assert [d.client for d in view.devices] == ["dev-a", "dev-b"]

@@ -52,7 +52,7 @@ def test_late_update(tmp_path: Path, broker_url: str, policy: str) -> None:
         assert list(r1.seeds) == list(p1.seeds)
         want = fedavg_scalars({"a": [0.5, 0.5], "b": [-0.5, 1.5]}, {"a": 2.0, "b": 6.0}, 2)
         assert r1.n_clients == 2
-        assert EventLog(cfg.state_dir).reject_counts() == {"late_dropped": 1}
+        assert EventLog(cfg.state_dir).views.reject_counts() == {"late_dropped": 1}
     assert list(r1.scalars) == want  # bit for bit
     v1 = apply_round(
         apply_round(v0, r0.seeds, r0.scalars, r0.lr, "rademacher"), r1.seeds, r1.scalars, r1.lr, "rademacher"
@@ -91,4 +91,4 @@ def test_short_round_is_extended_with_more_clients(tmp_path: Path, broker_url: s
         for c in cl.values():
             c.close()
     assert res.n_clients == 2 and list(res.scalars) == [2.0]
-    assert [e.kind for e in EventLog(cfg.state_dir, readonly=True).events(round=0)] == ["open", "extend", "close"]
+    assert [e.kind for e in EventLog(cfg.state_dir, readonly=True).views.events(round=0)] == ["open", "extend", "close"]

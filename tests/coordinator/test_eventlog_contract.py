@@ -65,12 +65,12 @@ def script(b: RoundBook) -> list[list[Action]]:
 
 def readers(log: EventLog) -> dict[str, Any]:
     return {
-        "meta": log.meta(), "clients": log.clients(), "status": log.client_status(), "results": log.results(),
+        "meta": log.views.meta(), "clients": log.clients(), "status": log.views.client_status(), "results": log.results(),
         "updates": log.updates(), "late": log.updates(status="late"), "plans": log.plans(since=0),
-        "open_plan": log.open_plan(), "open_round": log.open_round(), "keys": log.update_keys(since=0),
+        "open_plan": log.open_plan(), "open_round": log.views.open_round(), "keys": log.update_keys(since=0),
         "gradip": list(log.gradip_history()), "drift": log.drift_rows(), "limited": log.limited_clients(),
-        "rejects": log.reject_counts(), "round_counts": log.round_counts(), "events": log.events(),
-        "last": log.last_result_round(), "checkpoints": log.checkpoints(), "latest_gradip": log.latest_gradip("b"),
+        "rejects": log.views.reject_counts(), "round_counts": log.views.round_counts(), "events": log.views.events(),
+        "last": log.views.last_result_round(), "checkpoints": log.checkpoints(), "latest_gradip": log.views.latest_gradip("b"),
     }  # fmt: skip
 
 
@@ -115,12 +115,12 @@ def test_rollback_leaves_nothing_and_reject_log_is_bounded(tmp_path: Path, event
     with pytest.raises(RuntimeError), log.transaction():
         log.persist(RejectRecord("x", "c1", "up", "d", 1.0))
         raise RuntimeError("boom")
-    assert log.reject_counts() == {}
+    assert log.views.reject_counts() == {}
     with log.transaction():
         log.persist_many([RejectRecord("bad", f"c{i}", "up", "d", float(i)) for i in range(1250)])
         log.persist_many([HeartbeatRecord("nobody", {"t": 1}, 2.0), SeenRecord("nobody", 3.0)])
-    assert log.reject_counts() == {"bad": 1250}
-    assert log.table_rows()["reject_log"] <= 1100
+    assert log.views.reject_counts() == {"bad": 1250}
+    assert log.views.table_rows()["reject_log"] <= 1100
     log.close()
 
 

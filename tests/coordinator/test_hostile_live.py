@@ -119,7 +119,7 @@ def test_silent_device_does_not_stall_the_fleet(tmp_path: Path, broker_url: str)
             play([a, b], r, {a.cid: [0.1, 0.1], b.cid: [0.2, 0.2]}, {a.cid: 10, b.cid: 10})
         took = time.monotonic() - t0
         assert took < 10.0, took  # a 30 s deadline per round would take 180 s
-        assert silent.cid in coord.book.benched
+        assert silent.cid in coord.book.admission.benched
         plan = a.wait_for(RoundPlan, lambda p: p.round == 6)
         assert silent.cid not in plan.steps
     finally:

@@ -7,7 +7,8 @@ from collections.abc import Callable
 
 import pytest
 
-from coordinator.inbox import Inbox, InboxRow, admit
+from coordinator.inbox import Inbox, InboxRow, row_of
+from coordinator.intake import CLEARED, Dropped, Rejected, admit
 from coordinator.logstore import lock_key
 from shared.codec import decode, encode
 from shared.messages import ErrorCode, Heartbeat, Join, Message, Status, SyncRequest, Update
@@ -31,8 +32,8 @@ def _in(topic: str, payload: bytes, retain: bool = False) -> Incoming:
 @pytest.mark.parametrize("kind,msg", MSGS, ids=[k for k, _ in MSGS])
 def test_a_row_rebuilds_the_decoded_message(kind: str, msg: Message) -> None:
     topic = getattr(T, kind)("dev-1")
-    row = admit(T, _in(topic, encode(msg)))
-    assert row is not None and row.reject is None and (row.client, row.kind) == ("dev-1", kind)
+    row = row_of(admit(T, _in(topic, encode(msg))))
+    assert row.reject is None and row.drop is None and row.nbytes == len(encode(msg)) and (row.client, row.kind) == ("dev-1", kind)
     want = decode(encode(msg), type(msg), client="dev-1")
     got = row.message()
     assert got == want and type(got) is type(want)
@@ -40,31 +41,45 @@ def test_a_row_rebuilds_the_decoded_message(kind: str, msg: Message) -> None:
 
 
 def test_rejects_and_drops_are_the_single_coordinators() -> None:
-    bad = admit(T, _in(T.up("dev-1"), b"\x00junk"))
-    assert bad is not None and bad.body is None and bad.reply
+    bad = row_of(admit(T, _in(T.up("dev-1"), b"\x00junk")))
+    assert bad.body is None and bad.reply and bad.nbytes == 5
     assert bad.reject is not None and (bad.reject.reason, bad.reject.code) == ("decode_bad_magic", ErrorCode.BAD_MAGIC)
-    hb = admit(T, _in(T.hb("dev-1"), b"\xb1\x00"))
-    assert hb is not None and hb.reject is not None and not hb.reply  # no ErrorMsg for a heartbeat
-    topic = admit(T, _in("meerkat/v1/fleet1/nonsense", b""))
-    assert topic is not None and topic.client == "?" and topic.reject is not None and topic.reject.reason == "bad_topic"
-    assert admit(T, _in(T.up("dev-1"), encode(MSGS[0][1]), retain=True)) is None  # retained update: unread
-    assert admit(T, _in(T.status("dev-1"), b"", retain=True)) is None  # a retained status being cleared
+    hb = row_of(admit(T, _in(T.hb("dev-1"), b"\xb1\x00")))
+    assert hb.reject is not None and not hb.reply  # no ErrorMsg for a heartbeat
+    topic = row_of(admit(T, _in("meerkat/v1/fleet1/nonsense", b"")))
+    assert topic.client == "?" and topic.reject is not None and topic.reject.reason == "bad_topic"
+    assert topic.nbytes is None  # an unparsed topic is counted nowhere
+    retained = row_of(admit(T, _in(T.up("dev-1"), encode(MSGS[0][1]), retain=True)))  # retained update: unread
+    assert (retained.body, retained.reject, retained.drop) == (None, None, "retained")
+    assert bad.decision() == admit(T, _in(T.up("dev-1"), b"\x00junk"))
+    assert retained.decision() == Dropped("dev-1", "up", "retained", len(encode(MSGS[0][1])))
+    cleared = admit(T, _in(T.status("dev-1"), b"", retain=True))  # a retained status being cleared
+    assert cleared == Dropped("dev-1", "status", CLEARED, 0) and row_of(cleared).decision() == cleared
     with pytest.raises(ValueError, match="reject"):
         bad.message()
+    short = InboxRow("dev-1", "up", body=b"\x91\x01", nbytes=3)  # one field where Update has six
+    d = short.decision()
+    assert isinstance(d, Rejected) and d.reject.reason == "internal" and not d.reply
 
 
 def test_inbox_order_and_forget_on_postgresql(pg_url: str) -> None:
     a, b = Inbox(pg_url, "fleet1", "w1"), Inbox(pg_url, "fleet1", "w2")
     try:
-        rows = [admit(T, _in(T.up(f"dev-{i}"), encode(MSGS[0][1]))) for i in range(5)]
-        a.append([r for r in rows[:3] if r is not None])
-        b.append([r for r in rows[3:] if r is not None] + [InboxRow("dev-9", "hb", reject=rows[0].reject)])  # type: ignore[union-attr]
+        rows = [row_of(admit(T, _in(T.up(f"dev-{i}"), encode(MSGS[0][1])))) for i in range(5)]
+        junk = row_of(admit(T, _in(T.hb("dev-9"), b"\xb1\x00")))
+        dropped = row_of(admit(T, _in(T.join("dev-8"), b"x", retain=True)))
+        nonsense = row_of(admit(T, _in("meerkat/v1/fleet1/nonsense", b"")))
+        a.append(rows[:3])
+        b.append([*rows[3:], junk, dropped, nonsense])
         got = a.after(0, 100)
-        assert [r.client for r in got] == [f"dev-{i}" for i in range(5)] + ["dev-9"]
+        assert [r.client for r in got] == [f"dev-{i}" for i in range(5)] + ["dev-9", "dev-8", "?"]
+        # every decision survives the table: the leader feeds what the worker decided, counted the same
+        assert [r.decision() for r in got[3:]] == [rows[3].decision(), rows[4].decision(), junk.decision(),
+                                                   dropped.decision(), nonsense.decision()]  # fmt: skip
         assert [r.id for r in got] == sorted(r.id for r in got)
         assert [r.client for r in b.after(got[2].id, 2)] == ["dev-3", "dev-4"]
         assert got[0].message() == decode(encode(MSGS[0][1]), Update, client="dev-0")
-        assert a.forget(got[2].id) == 3 and a.pending(0) == 3
+        assert a.forget(got[2].id) == 3 and a.pending(0) == 5
     finally:
         a.close()
         b.close()

@@ -86,7 +86,7 @@ def test_long_run_log_stays_flat_and_restart_continues_identically(tmp_path: Pat
     for r in range(200):
         play_round(live, r, lambda acts: carry(log, state, c, acts))
         if r in (103, 199):  # same phase of checkpoint_every: the log holds the same rows
-            rows[r] = log.table_rows()
+            rows[r] = log.views.table_rows()
     assert rows[103] == rows[199], rows
     # the window (64 rounds + up to checkpoint_every since the last prune) plus each client's first and last
     # drift_window updates: O(retain_rounds), not O(rounds)
@@ -101,7 +101,7 @@ def test_long_run_log_stays_flat_and_restart_continues_identically(tmp_path: Pat
     for k in CLIENTS:
         assert again.drift.steps_seen(k) == live.drift.steps_seen(k) > 200
         assert again.drift.stats(k) == live.drift.stats(k)
-    assert again.limited() == live.limited()
+    assert again.vp_limited() == live.vp_limited()
     for r in range(200, 204):  # and the next rounds: the same actions, byte for byte
         assert play_round(again, r, lambda acts: acts) == play_round(live, r, lambda acts: acts)
     log.close()
@@ -116,7 +116,7 @@ def test_retention_off_keeps_everything(tmp_path: Path) -> None:
         carry(log, state, c, b.handle(Join(k, FP, MASK, 4, 1.0, {}, -1), 0.0))
     for r in range(80):
         play_round(b, r, lambda acts: carry(log, state, c, acts))
-    n = log.table_rows()
+    n = log.views.table_rows()
     assert n["updates"] == 240 and n["results"] == 80 and n["rounds"] == 80
     log.close()
 

@@ -16,9 +16,8 @@ from coordinator.drift import DriftMonitor
 from coordinator.eventlog import EventLog
 from coordinator.records import LimitRecord, RejectRecord, ReplanRecord, ResultRecord, UpdateRecord
 from coordinator.recovery import recover
+from coordinator.registry import JOIN_GRACE_S, REJOIN_NAG_S
 from coordinator.rounds import (
-    JOIN_GRACE_S,
-    REJOIN_NAG_S,
     Action,
     Duplicate,
     Persist,
@@ -264,9 +263,9 @@ def test_rejoin_after_unknown_client() -> None:
     assert len(sent(b.tick(JOIN_GRACE_S + REJOIN_NAG_S), ErrorMsg, "dev")) == 1  # asked again
     join(b, "dev", 3, now=20.0)
     assert all(sent(b.tick(t), ErrorMsg, "dev") == [] for t in (25.0, 40.0, 60.0))
-    assert b.online() == ["dev"]
+    assert b.registry.online() == ["dev"]
     b.handle(Status("dev", False, 61.0), 61.0)
-    assert b.online() == [] and sent(b.tick(80.0), ErrorMsg, "dev") == []
+    assert b.registry.online() == [] and sent(b.tick(80.0), ErrorMsg, "dev") == []
 
 
 def _persist(log: EventLog, acts: list[Action]) -> list[Action]:
@@ -354,11 +353,11 @@ def test_join_with_another_quant_is_refused_unless_the_fleet_mixes(policy: str) 
     bare = b.handle(Join("qx", FP, MASK, 5, 1.0, {}, -1), 0.0)  # capabilities are optional: no quant, no refusal
     assert sent(nf4, ErrorMsg, "q4") == [] and sent(bare, ErrorMsg, "qx") == []
     if policy == "any":
-        assert sent(int8, ErrorMsg, "q8") == [] and b.clients["q8"].state == "joined"
+        assert sent(int8, ErrorMsg, "q8") == [] and b.registry.clients["q8"].state == "joined"
         return
     (err,) = sent(int8, ErrorMsg, "q8")
     assert err.code == ErrorCode.QUANT_MISMATCH == 41 and "int8" in err.reason and "nf4" in err.reason
-    assert "q8" not in b.clients or b.clients["q8"].state != "joined"
+    assert "q8" not in b.registry.clients or b.registry.clients["q8"].state != "joined"
     assert records(int8, RejectRecord)[0].reason == "quant"
 
 
@@ -383,7 +382,7 @@ def test_vp_spike_leaves_the_update_out_and_limits_the_client(control: bool) -> 
     assert [c for c, _, _ in used] == kept  # d's update stays `accepted`, used by no result
     (p1,) = sent(b.tick(1.0), RoundPlan)
     assert p1.steps == {"a": 2, "b": 2, "c": 2, "d": 1 if control else 2, "e": 2}
-    assert b.misses == {}  # a left-out update still counts as the client's answer
+    assert b.admission.misses == {}  # a left-out update still counts as the client's answer
 
 
 def test_vp_spike_needs_five_updates_by_default() -> None:

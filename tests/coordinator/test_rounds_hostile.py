@@ -8,7 +8,8 @@ import math
 import pytest
 from test_rounds_core import FP, MASK, book, config, join, records, sent, update
 
-import coordinator.rounds as rounds
+import coordinator.aggregate as aggregate
+from coordinator.ratelimit import LruDict
 from coordinator.records import JoinRecord, RejectRecord, UpdateRecord
 from coordinator.rounds import Dropped, Persist, RoundBook
 from shared.codec import encode
@@ -44,7 +45,7 @@ def test_weight_is_min_of_update_join_and_fleet_cap() -> None:
     assert list(res.scalars) == [math.fsum([1 / 3, 1 / 3, 7.25 / 3])] * 2  # equal weights, not [7.25, 7.25]
     # a device that also JOINS with a huge n is capped at 4 x the median Join n (10 -> 40)
     join(b, "evil", 2**32 - 1, now=2.0)
-    assert b.weight("evil", 2**32 - 1) == 40 and b.weight("a", 3) == 3
+    assert b.admission.weight("evil", 2**32 - 1) == 40 and b.admission.weight("a", 3) == 3
 
 
 def test_late_update_older_than_late_max_age_is_stale() -> None:
@@ -67,7 +68,7 @@ def test_adaptive_grad_cap_from_the_fleets_own_scalars() -> None:
     cfg = config(min_clients=1, quorum=1.0, grad_cap_k=10.0, grad_cap_min_updates=3, grad_cap_floor=0.5)
     b = book(cfg)
     join(b, "a", 1)
-    assert b.grad_cap() == cfg.max_abs_grad  # no history yet: the fixed cap
+    assert b.admission.grad_cap() == cfg.max_abs_grad  # no history yet: the fixed cap
     _open(b)
     assert records(b.handle(update("a", 0, [900.0, 1.0], 1), 0.0), UpdateRecord)  # accepted under 1e6
     sent(b.tick(0.0), RoundResult)
@@ -75,7 +76,7 @@ def test_adaptive_grad_cap_from_the_fleets_own_scalars() -> None:
         _open(b, r)
         b.handle(update("a", r, [1.0, -1.0], 1, msg_id=r), float(r))
         sent(b.tick(float(r)), RoundResult)
-    assert b.grad_cap() == 10.0  # median |g| of [900, 1, 1, 1, 1, 1] = 1
+    assert b.admission.grad_cap() == 10.0  # median |g| of [900, 1, 1, 1, 1, 1] = 1
     _open(b, 3.0)
     acts = b.handle(update("a", 3, [50.0, 1.0], 1, msg_id=3), 3.0)
     assert [r.reason for r in records(acts, RejectRecord)] == ["grad_too_large"]
@@ -93,7 +94,7 @@ def test_rate_limit_drops_and_tells_once_per_window() -> None:
     assert not any(isinstance(a, Dropped) for a in b.handle(Heartbeat("a", 0.0, 1.0, 1), 3.0))  # refilled
     later = b.handle(Heartbeat("a", 0.0, 1.0, 1), 3.0) + b.handle(Heartbeat("a", 0.0, 1.0, 1), 3.0)
     assert sent(later, ErrorMsg, "a") == []  # within RATE_NOTICE_S of the last notice
-    assert b.clients["a"].state == "joined"
+    assert b.registry.clients["a"].state == "joined"
 
 
 def test_sync_only_for_joined_and_checkpoints_rate_limited() -> None:
@@ -105,7 +106,7 @@ def test_sync_only_for_joined_and_checkpoints_rate_limited() -> None:
         b.handle(update("a", r, [0.5, 0.5], 1, msg_id=r), float(r))
         sent(b.tick(float(r)), RoundResult)
     (e,) = sent(b.handle(SyncRequest("ghost", -1), 5.0), ErrorMsg, "ghost")
-    assert e.code == ErrorCode.UNKNOWN_CLIENT and "ghost" not in b.clients
+    assert e.code == ErrorCode.UNKNOWN_CLIENT and "ghost" not in b.registry.clients
     join(b, "s", 1, now=5.0)
     assert len(sent(b.handle(SyncRequest("s", -1), 5.0), CheckpointChunk, "s")) == 4  # 1 KiB of values
     again = b.handle(SyncRequest("s", -1), 6.0)
@@ -134,13 +135,13 @@ def test_silent_client_benched_until_heartbeat_and_join() -> None:
         now += 5.0
         acts = b.tick(now)
         assert sent(acts, RoundResult)
-    assert "silent" in b.benched
+    assert "silent" in b.admission.benched
     assert set(_open(b, now).steps) == {"a"}  # benched: not sampled
     nag = b.handle(Heartbeat("silent", 0.0, 1.0, 1), now)
-    assert "silent" in b.benched  # a heartbeat alone is not enough: it is asked to Join
+    assert "silent" in b.admission.benched  # a heartbeat alone is not enough: it is asked to Join
     assert [e.code for e in sent(nag, ErrorMsg, "silent")] == [ErrorCode.UNKNOWN_CLIENT]
     join(b, "silent", 1, now=now)
-    assert "silent" not in b.benched
+    assert "silent" not in b.admission.benched
     b.handle(update("a", 2, [1.0, 1.0], 1, msg_id=2), now)
     sent(b.tick(now), RoundResult)
     assert set(_open(b, now).steps) == {"a", "silent"}
@@ -164,30 +165,30 @@ def test_round_closes_on_quorum_plus_grace_not_the_slowest() -> None:
 def test_unknown_ids_cost_no_row_and_bounded_memory() -> None:
     b = book(config())
     acts = []
-    for i in range(rounds.LruDict().max_keys + 500):
+    for i in range(LruDict().max_keys + 500):
         cid = f"spoof-{i}"
         acts += b.handle(Heartbeat(cid, 0.0, 1.0, 1), 0.0) + b.handle(Status(cid, True, 0.0), 0.0)
-    assert [a for a in acts if isinstance(a, Persist)] == [] and b.clients == {}
-    assert len(b.unjoined) == rounds.LruDict().max_keys
-    assert b.tick(200.0) == [] and len(b.unjoined) == 0  # silent for offline_after_s: forgotten, not nagged
+    assert [a for a in acts if isinstance(a, Persist)] == [] and b.registry.clients == {}
+    assert len(b.registry.unjoined) == LruDict().max_keys
+    assert b.tick(200.0) == [] and len(b.registry.unjoined) == 0  # silent for offline_after_s: forgotten, not nagged
 
 
 def test_spoofed_bad_join_does_not_flip_a_joined_client() -> None:
     b = book(config())
     join(b, "a", 10)
     acts = b.handle(Join("a", "ff" * 32, MASK, 10, 1.0, {}, -1), 1.0)
-    assert b.clients["a"].state == "joined" and records(acts, JoinRecord) == []
+    assert b.registry.clients["a"].state == "joined" and records(acts, JoinRecord) == []
     assert [r.reason for r in records(acts, RejectRecord)] == ["join_ignored"] and sent(
         acts, ErrorMsg, "a"
     ) == []
     refused = b.handle(Join("x", "ff" * 32, MASK, 10, 1.0, {}, -1), 1.0)  # never joined: answered, no row
     assert [e.code for e in sent(refused, ErrorMsg, "x")] == [ErrorCode.FINGERPRINT_MISMATCH]
-    assert records(refused, JoinRecord) == [] and "x" not in b.clients
-    assert b.handle(Join("x", FP, MASK, 1, 1.0, {}, -1), 2.0) and b.clients["x"].state == "joined"
+    assert records(refused, JoinRecord) == [] and "x" not in b.registry.clients
+    assert b.handle(Join("x", FP, MASK, 1, 1.0, {}, -1), 2.0) and b.registry.clients["x"].state == "joined"
 
 
 def test_late_folding_keeps_a_result_within_max_pairs(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(rounds, "MAX_SEEDS", 5)  # plan T = 2: room for ONE late round of 2 pairs per result
+    monkeypatch.setattr(aggregate, "MAX_SEEDS", 5)  # plan T = 2: room for ONE late round of 2 pairs per result
     b = book(config(min_clients=2, min_updates=1, quorum=1.0, late_max_age=3, round_deadline_s=5.0,
                     bench_after_misses=0))  # fmt: skip
     join(b, "a", 1)

@@ -88,7 +88,7 @@ def test_fleet_dashboard_metrics_and_quality(broker_url: str, tmp_path: Path, mo
     shutil.copytree(cfg.workdir / "state" / "coordinator", state)
     log = EventLog(state, readonly=True)
     try:
-        last = log.evals(source=COORDINATOR_EVAL)[-1]
+        last = log.views.evals(source=COORDINATOR_EVAL)[-1]
     finally:
         log.close()
     assert last.round == cfg.rounds - 1

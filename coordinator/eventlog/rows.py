@@ -1,0 +1,47 @@
+"""Column codecs shared by the event log's writer and readers: float64 blobs, optional floats, the plan
+row, and the readers' optional WHERE filters."""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Sequence
+from typing import Any, cast
+
+import numpy as np
+
+from coordinator.records import PlanRow
+from shared.prng import Dist
+
+PLAN_COLS = "round, state, opened_at, deadline, seeds, steps, lr, eps, dist, batch_size, base_round, base_checksum, extensions"
+
+
+def f64_blob(xs: Sequence[float]) -> bytes:
+    """Little-endian float64s (struct: the same bytes as numpy "<f8", a few times cheaper for ~10 values)."""
+    v = list(xs)
+    return struct.pack(f"<{len(v)}d", *v)
+
+
+def f64_list(blob: bytes) -> list[float]:
+    return [float(x) for x in np.frombuffer(blob, dtype="<f8")]
+
+
+def opt(v: Any) -> float | None:
+    return None if v is None else float(v)
+
+
+def where(*conditions: tuple[str, Any]) -> tuple[str, list[Any]]:
+    """(" WHERE a AND b", [arg_a, arg_b]) from (clause, argument) pairs, leaving out those whose argument
+    is None; ("", []) when none is left. The readers' optional filters."""
+    kept = [(clause, arg) for clause, arg in conditions if arg is not None]
+    return (" WHERE " + " AND ".join(c for c, _ in kept) if kept else ""), [a for _, a in kept]
+
+
+def plan_row(row: Sequence[Any]) -> PlanRow:
+    """A `rounds` row selected as PLAN_COLS."""
+    return PlanRow(
+        round=int(row[0]), state=str(row[1]), opened_at=float(row[2]), deadline=float(row[3]),
+        seeds=tuple(int(s) for s in json.loads(row[4])), steps={str(k): int(v) for k, v in json.loads(row[5]).items()},
+        lr=float(row[6]), eps=float(row[7]), dist=cast(Dist, str(row[8])), batch_size=int(row[9]), base_round=int(row[10]),
+        base_checksum=str(row[11]), extensions=int(row[12]),
+    )  # fmt: skip
