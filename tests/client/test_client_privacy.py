@@ -40,7 +40,7 @@ def _telemetry(coord_state: Path, client: str, timeout: float) -> dict[str, obje
     while True:
         log = EventLog(coord_state, readonly=True)
         try:
-            t = next((c.telemetry for c in log.client_status() if c.client == client), {})
+            t = next((c.telemetry for c in log.views.client_status() if c.client == client), {})
         finally:
             log.close()
         if t.get("dp_exhausted") is True or time.monotonic() > end:
