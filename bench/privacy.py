@@ -53,10 +53,11 @@ class PrivacyConfig:
     batch_size: int = 16  # expected batch B (Poisson under DP)
     eps: float = 1e-2
     lr: float = 2e-2
-    clip: float = 2.0  # C; see BENCHMARKS.md for how it was chosen (per-example |d| quantiles)
+    clip: float = 1.5  # C: about the 90th percentile of |d_i| at v_0 on demo/topic (--clip-quantiles, BENCHMARKS.md)
     delta: float = 0.0  # 0: each device's 1 / n^1.1
     fraction: float = 0.01
     n_evals: int = 4
+    model_dir: str = ""  # a tiny-model dir to use instead of the `size` cache entry
 
 
 def add_parser(sub: Any) -> None:
@@ -71,6 +72,7 @@ def add_parser(sub: Any) -> None:
                  ("--delta", "delta", "DP delta (0 = each device's 1/n^1.1)"), ("--lr", "lr", "learning rate"))
     p.add_argument("--epsilons", default=",".join(f"{e:g}" for e in d.epsilons),
                    help="comma list of target epsilons (default %(default)s)")
+    p.add_argument("--model-dir", default="", help="a tiny-model dir (meerkat tiny-model --out) instead of --size's cache entry")
     p.add_argument("--out", default="bench-privacy", help="dir for privacy.json/.md/.png")
     p.add_argument("--json", action="store_true", help="print the JSON summary as the last stdout line")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
@@ -96,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     cfg = replace(PrivacyConfig(), size=args.size, task=args.task, seeds=args.seeds, budget=args.budget, T=args.T,
                   clients=args.clients, n_train=args.n_train, clip=args.clip, delta=args.delta, lr=args.lr,
+                  model_dir=args.model_dir,
                   epsilons=tuple(float(e) for e in args.epsilons.split(",") if e))  # fmt: skip
     if cfg.budget % cfg.T:
         raise SystemExit(f"--budget {cfg.budget} must be a multiple of --T {cfg.T}")
@@ -153,7 +156,7 @@ def _setup(cfg: PrivacyConfig) -> tuple[Any, Any, str, Any]:
     from shared.fingerprint import fingerprint_model_dir
     from shared.modelload import load_model
 
-    model_dir = get_model_dir(cfg.size, progress=False)
+    model_dir = Path(cfg.model_dir) if cfg.model_dir else get_model_dir(cfg.size, progress=False)
     fp = fingerprint_model_dir(model_dir)
     mask = build_masks(model_dir, fp, cfg.fraction, random_seeds=(0,))["pretrain-grad"]
     return model_dir, mask, fp, load_model(model_dir, "none", "cpu", mask, fingerprint=fp)
