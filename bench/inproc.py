@@ -32,7 +32,7 @@ import torch
 from coordinator.rounds import Action as BookAction
 from coordinator.rounds import Publish, RoundBook
 from edge_client.engine.spsa import StepResult
-from edge_client.privacy import DpStep
+from edge_client.privacy import DeviceBudget, DpStep
 from edge_client.service.actions import Action as DeviceAction
 from edge_client.service.actions import (
     Commit,
@@ -263,7 +263,9 @@ def from_configs(coordinator_toml: Path, client_tomls: Sequence[Path]) -> InProc
         ccfg = load_client_config(path)
         trainer = EngineTrainer(ccfg)
         me = Identity(ccfg.client_id, ccfg.fleet, trainer.fingerprint, trainer.mask_id, trainer.n_samples, ccfg.quant)
-        devices.append(Device(ClientRounds(me, trainer.initial_values), trainer, budget_gib=ccfg.memory_budget_gib))
+        budget = DeviceBudget(trainer.n_samples, max_epsilon=ccfg.dp_max_epsilon)  # as EdgeClient (ledger in memory)
+        devices.append(Device(ClientRounds(me, trainer.initial_values, privacy=budget), trainer,
+                              budget_gib=ccfg.memory_budget_gib))
     return InProcessFleet(book, devices)
 
 
