@@ -12,7 +12,7 @@ A scenario injects its faults while the fleet runs `rounds` rounds; then the run
 - equal checksums: every client ends at the last round with the coordinator's values checksum.
 
 Recovery time of a fault = from the restart of what was killed to the next round closed.
-The tiny model comes from bench/toy.py (built in a second, never downloaded).
+The tiny model comes from bench/demo/toy.py (built in a second, never downloaded).
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.broker import free_port, port_open
 from bench.cli import add_defaults, add_json_flag
-from bench.toy import build_toy, toml_text
+from bench.demo.broker import free_port, port_open
+from bench.demo.toy import build_toy, toml_text
 from coordinator.eventlog import DB_NAME, EventLog
 
 REPO = Path(__file__).resolve().parents[1]
@@ -217,7 +217,7 @@ class Fleet:
 
     def client_state(self, cid: str) -> tuple[int, str]:
         """(round, checksum) a client persisted; (-2, "") while it has none (or its db is busy)."""
-        from bench.demo import client_checksum_and_round
+        from bench.demo.demo import client_checksum_and_round
 
         got = client_checksum_and_round(self.workdir / cid)
         return (-2, "") if got is None else got

@@ -1,6 +1,7 @@
 """`meerkat bench <name>`, `meerkat tiny-model` and `meerkat demo`.
 
-Each benchmark lives in its own module under `bench/` and exposes `add_parser(sub)`.
+Each benchmark is one module (`bench/wire.py`) or a folder's main module (`bench/learning/learning.py`),
+and exposes `add_parser(sub)`.
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ import importlib
 import json
 from typing import Any
 
-BENCHES = ("bench.wire", "bench.prng", "bench.step", "bench.learning", "bench.fleet", "bench.chaos", "bench.privacy")
-TOP_LEVEL = ("bench.tinylm.cli", "bench.demo")
+BENCHES = ("bench.wire", "bench.prng", "bench.step", "bench.learning.learning", "bench.fleet.fleet", "bench.chaos",
+           "bench.privacy")
+TOP_LEVEL = ("bench.tinylm.cli", "bench.demo.demo")
 
 
 def register(sub: Any) -> None:

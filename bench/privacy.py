@@ -4,7 +4,7 @@
                           [--budget 40] [--T 10] [--clients 4] [--n-train 2000] [--clip C] [--delta D]
     meerkat bench privacy --clip-quantiles [--size demo] [--task topic]      # how large |d_i| is: choose C
 
-The in-process fleet (bench/inproc.py through bench/learning_sim.py `run_zo`: the product's RoundBook,
+The in-process fleet (bench/inproc.py through bench/learning/sim.py `run_zo`: the product's RoundBook,
 one ClientRounds per device, the client's engine step, every message through the codec) on the
 project's pretrained tiny LM with the MEERKAT (pretrain-gradient) mask. Per seed the same split, seeds
 and budget run once without DP and once per target epsilon with the fleet's DP switch on
@@ -123,8 +123,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def run_bench(cfg: PrivacyConfig) -> dict[str, Any]:
-    from bench.learning import machine
-    from bench.learning_sim import ZOSpec, make_data, run_zo
+    from bench.learning.learning import machine
+    from bench.learning.sim import ZOSpec, make_data, run_zo
     from shared.prng import derive_seed
 
     t0 = time.perf_counter()
@@ -154,7 +154,7 @@ def run_bench(cfg: PrivacyConfig) -> dict[str, Any]:
 
 def _setup(cfg: PrivacyConfig) -> tuple[Any, Any, str, Any]:
     """(model dir, MEERKAT mask, fingerprint, loaded model with its side-car) of `cfg.size`."""
-    from bench.learning_masks import build_masks
+    from bench.learning.masks import build_masks
     from bench.tinylm.pretrain import get_model_dir
     from shared.fingerprint import fingerprint_model_dir
     from shared.modelload import load_model
@@ -170,7 +170,7 @@ def clip_quantiles(cfg: PrivacyConfig, directions_n: int = 8, examples: int = 12
     seed 0's split and `directions_n` directions: the scale C is chosen against (docs/PRIVACY.md)."""
     import numpy as np
 
-    from bench.learning_sim import make_data
+    from bench.learning.sim import make_data
     from shared.loss import target_losses
     from shared.prng import derive_seed, directions
 

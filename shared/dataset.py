@@ -6,7 +6,7 @@ Row formats (one JSON object per line; the kind is decided per row):
     {"text": "...", "label": 1}             classification: prompt = template(text), completion =
                                             verbalizer[str(label)]; loss on those tokens only
 
-Task file `task.json` (written by bench/tasks.py; only `verbalizer` is required for labelled rows):
+Task file `task.json` (written by bench/tinylm/tasks.py; only `verbalizer` is required for labelled rows):
     {"name": "sst2-synth",                              free text
      "verbalizer": {"0": " negative", "1": " positive"}, label (as str) -> label word(s), with its space
      "template": "{text} Sentiment:",                   optional, default "{text}"; {text} is the row's text
@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from shared.jsonl import JsonlError, read_jsonl
 from shared.prng import derive_seed, raw_u64
 
 log = logging.getLogger(__name__)
@@ -115,18 +116,10 @@ def load_jsonl(path: str | Path, tokenizer: Any, task_config: TaskConfig | None 
     """Tokenize every row of a JSONL file (formats in the module docstring)."""
     task = task_config or TaskConfig()
     p = Path(path)
-    rows: list[dict[str, Any]] = []
-    with p.open() as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{p}:{lineno}: not JSON: {exc}") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{p}:{lineno}: expected a JSON object")
-            rows.append(row)
+    try:
+        rows = [row for _, row in read_jsonl(p)]
+    except JsonlError as exc:
+        raise DataError(str(exc)) from None
     return encode_rows(rows, tokenizer, task, source=str(p))
 
 

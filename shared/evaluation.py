@@ -57,7 +57,7 @@ def subset(dataset: Dataset, indices: list[int]) -> Dataset:
 
 
 def task_from_meta(meta: dict[str, Any] | None, seq_len: int) -> TaskConfig:
-    """TaskConfig from a task.json object (`verbalizer`, or `labels` as bench/tasks.py writes it)."""
+    """TaskConfig from a task.json object (`verbalizer`, or `labels` as bench/tinylm/tasks.py writes it)."""
     if meta is None:
         return TaskConfig(max_length=seq_len)
     return TaskConfig(

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.broker import free_port, port_open
+from bench.demo.broker import free_port, port_open
 
 
 class Mosquitto:

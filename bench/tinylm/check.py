@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from bench import tasks
+from bench.tinylm import tasks
 from bench.tinylm.pretrain import model_tasks
 from shared.prng import derive_seed
 

@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         print(args.write_corpus)
         return 0
     if args.write_task is not None:
-        from bench.tasks import write_task
+        from bench.tinylm.tasks import write_task
 
         if args.task_dir is None:
             raise SystemExit("--write-task needs --task-dir DIR")

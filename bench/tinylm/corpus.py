@@ -2,7 +2,7 @@
 
 Every draw comes from `Rng`, a small counter-based helper over `shared.prng.raw_u64`, so a seed gives the
 same documents on every machine. Domains: product reviews, news, recipes / how-to, code, clinical notes,
-dialogues. The review and news generators are reused by `bench.tasks` (sentiment / topic labels).
+dialogues. The review and news generators are reused by `bench.tinylm.tasks` (sentiment / topic labels).
 
 Two corpora: "core" (micro / demo sizes: four news topics) and "rich" (small / medium: the news domain
 draws from eight topics, see NEWS_TOPICS_8). The core text is unchanged by anything added for "rich".

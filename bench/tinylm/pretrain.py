@@ -25,8 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from bench import tasks
-from bench.tinylm import corpus
+from bench.tinylm import corpus, tasks
 from bench.tinylm import tokenizer as tokenizer_mod
 from bench.tinylm.tokenizer import save_tokenizer, train_tokenizer
 from shared.prng import derive_seed, raw_u64
@@ -51,7 +50,7 @@ class SizeSpec:
     warmup: int = 50
     weight_decay: float = 0.1
     n_docs: int = 30_000  # domain documents (reviews, news, recipes, code, clinical, dialogue)
-    n_task_docs: int = 15_000  # task-style documents with noisy, biased answers (bench.tasks)
+    n_task_docs: int = 15_000  # task-style documents with noisy, biased answers (bench.tinylm.tasks)
     init_std: float = 0.02
     corpus: str = "core"  # "core": 4 tasks, the demo text; "rich": + news8 / polarity / nli (corpus.CORPORA)
     device: str = "cpu"  # "auto" = cuda when available; not in the cache key (like the thread count)
@@ -82,7 +81,7 @@ def get_spec(size: str) -> SizeSpec:
 
 
 def spec_tasks(spec: SizeSpec) -> tuple[str, ...]:
-    """The task names this size is pretrained for (bench.tasks.CORPUS_TASKS of its corpus)."""
+    """The task names this size is pretrained for (bench.tinylm.tasks.CORPUS_TASKS of its corpus)."""
     return tasks.CORPUS_TASKS[spec.corpus]
 
 

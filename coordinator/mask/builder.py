@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from shared import prng
+from shared.jsonl import JsonlError, parse_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +53,7 @@ class CalibFile:
     documents: tuple[str, ...]
 
 
-def _jsonl_document(path: Path, lineno: int, line: str) -> str:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise MaskBuildError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
-    if not isinstance(record, dict):
-        raise MaskBuildError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+def _jsonl_document(path: Path, lineno: int, record: dict[str, Any]) -> str:
     if isinstance(record.get("text"), str):
         return str(record["text"])
     prompt, completion = record.get("prompt"), record.get("completion")
@@ -79,7 +74,10 @@ def read_calibration(path: str | Path) -> CalibFile:
     except UnicodeDecodeError as exc:
         raise MaskBuildError(f"calibration file {p}: not UTF-8 text (byte {exc.start})") from exc
     if p.suffix.lower() in (".jsonl", ".ndjson"):
-        docs = [_jsonl_document(p, i, ln) for i, ln in enumerate(text.splitlines(), 1) if ln.strip()]
+        try:
+            docs = [_jsonl_document(p, i, row) for i, row in parse_jsonl(text, str(p))]
+        except JsonlError as exc:
+            raise MaskBuildError(str(exc)) from exc
     else:
         docs = [para.strip() for para in text.replace("\r\n", "\n").split("\n\n") if para.strip()]
     if not docs:

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.fleet import ingest_rates, lost_and_double
-from bench.fleet_devices import gaussian_grads, uniforms
-from bench.mqttlite import open_client
+from bench.fleet.devices import gaussian_grads, uniforms
+from bench.fleet.fleet import ingest_rates, lost_and_double
+from bench.fleet.mqttlite import open_client
 
 KEYS = ("ingest_msgs_per_s", "close_latency_p50_s", "close_latency_p99_s", "lost", "double_counted",
         "coordinator_rss_mib", "coordinator_cpu_pct", "broker_cpu_pct", "vp_time_per_round_s", "rounds_closed")
@@ -80,12 +80,12 @@ def test_small_draws_on_python_ints_have_the_numpy_bits(n: int) -> None:
 
 def test_simulator_does_not_import_torch() -> None:
     """A device worker only draws numbers and speaks the codec: no ~2 s / ~250 MiB torch import per worker."""
-    code = "import sys, bench.fleet_devices; sys.exit('torch' in sys.modules)"
+    code = "import sys, bench.fleet.devices; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
 
 
 def test_mqttlite_publish_subscribe_qos1_and_will(broker_url: str) -> None:
-    from bench.mqttlite import LiteWill
+    from bench.fleet.mqttlite import LiteWill
 
     async def scenario() -> list[tuple[str, bytes]]:
         host, port = broker_url.split("://")[1].rsplit(":", 1)
@@ -109,7 +109,7 @@ def test_mqttlite_publish_subscribe_qos1_and_will(broker_url: str) -> None:
 
 
 def test_soak_slopes_flat_and_growing() -> None:
-    from bench.fleet import soak_slopes
+    from bench.fleet.fleet import soak_slopes
 
     closed = {r: 10.0 * r for r in range(100)}
     flat = soak_slopes({r: 0.5 for r in closed}, closed, [(10.0 * r - 1, 300.0) for r in range(100)])

@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from bench.toy import WORDS, Toy, build_toy, toml_text  # noqa: F401  (re-exported for the tests)
+from bench.demo.toy import WORDS, Toy, build_toy, toml_text  # noqa: F401  (re-exported for the tests)
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from clienttoy import REPO, Toy, client_settings, uid, write_toml
 
-from bench.broker import free_port
+from bench.demo.broker import free_port
 from shared.mqtt import MqttLink
 
 pytestmark = pytest.mark.slow

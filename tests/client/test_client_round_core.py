@@ -93,6 +93,7 @@ def test_resume_at_step_k_after_restart_gives_the_same_actions() -> None:
     saved = of(SaveStep, full)[:2]
     again = core(progress=Progress(0, update_msg_id(ME, p), tuple(s.result for s in saved), saved[-1].data_pointer))
     (load,) = again.on_plan(p, 0.0)
+    assert isinstance(load, LoadValues)
     local = V0
     for s in saved:
         local = local_update(local, s.result.seed, s.result.g, p.lr, "rademacher")

@@ -45,7 +45,7 @@ import torch  # noqa: E402
 from coordfakes import FakeClient, ThreadedCoordinator, make_config, synthetic_mask, synthetic_v0  # noqa: E402
 from wirejson import to_json  # noqa: E402
 
-from bench.broker import free_port, port_open  # noqa: E402
+from bench.demo.broker import free_port, port_open  # noqa: E402
 from coordinator.drift import DriftMonitor  # noqa: E402
 from coordinator.server import Coordinator  # noqa: E402
 from shared.apply import apply_round, values_checksum  # noqa: E402
@@ -75,7 +75,7 @@ MASTER_SEED = 20240613
 NNZ = (300, 200)  # two synthetic (64, 64) layers: nnz 500, v0.f32 = 2000 bytes
 T = 4
 INBOUND = {"up", "join", "hb", "status", "sync"}  # kinds a client writes
-EXPECTED = {  # topic kind -> the message type allowed on it (PROTOCOL.md §1)
+EXPECTED: dict[str, type | tuple[type, ...]] = {  # topic kind -> the message type allowed on it (PROTOCOL.md §1)
     "plan": RoundPlan, "result": RoundResult, "result_latest": RoundResult, "up": Update, "join": Join,
     "hb": Heartbeat, "status": Status, "sync": SyncRequest,
     "to": (Replay, CheckpointChunk, ErrorMsg),
@@ -357,7 +357,7 @@ def run_scenario(sc: Scenario, out: Path, work: Path) -> dict[str, Any]:
             runner.stop()
         recorder.stop()
         broker.stop()
-    lines = []
+    lines: list[dict[str, Any]] = []
     while not recorder.inbox.empty():
         msg = recorder.inbox.get()
         if msg.payload:  # an empty payload only clears a retained message (PROTOCOL.md §8)

@@ -66,7 +66,7 @@ class Receiver:
                 m = decode(bytes.fromhex(req["payload"]), ON_TOPIC[kind], client=client)
             except DecodeError as exc:
                 return {"error": exc.code.name}
-            assert type(m) not in CLIENT_FROM_TOPIC or m.client == client  # type: ignore[union-attr]
+            assert type(m) not in CLIENT_FROM_TOPIC or m.client == client
             return {"type": type(m).__name__, "fields": to_json(m)}
         if op == "load":
             raw = np.frombuffer(Path(req["path"]).read_bytes(), dtype="<f4").astype(np.float32)
@@ -77,7 +77,7 @@ class Receiver:
                 return {"error": "no values loaded"}
             res = decode(bytes.fromhex(req["payload"]), RoundResult)
             n = len(res.seeds) if self.max_pairs is None else self.max_pairs
-            self.values = apply_round(self.values, res.seeds[:n], res.scalars[:n], res.lr, res.dist)  # type: ignore[arg-type]
+            self.values = apply_round(self.values, res.seeds[:n], res.scalars[:n], res.lr, res.dist)
             return {"round": res.round, "values_checksum": values_checksum(self.values)}
         return {"error": f"unknown op {op!r}"}
 

@@ -170,7 +170,8 @@ def check_checkpoints(t: Transcript, impl: Impl) -> None:
 
 def check_rules(t: Transcript) -> None:
     """Rules of docs/PROTOCOL.md that a recorded run must obey (the kit checks the coordinator too)."""
-    m, plans = t.meta, {}
+    m = t.meta
+    plans: dict[int, list[dict[str, Any]]] = {}
     for ln in t.of_type("RoundPlan"):
         p = ln["decoded"]
         plans.setdefault(p["round"], []).append(p)

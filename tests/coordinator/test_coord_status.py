@@ -12,6 +12,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 from coordfakes import (
@@ -105,7 +106,7 @@ def test_status_on_a_missing_state_dir(tmp_path: Path, capsys: pytest.CaptureFix
 
 @pytest.mark.timeout(120)
 def test_status_after_the_coordinator_is_sigkilled(
-    tmp_path: Path, broker_url: str, tiny_model, capsys: pytest.CaptureFixture[str]  # type: ignore[no-untyped-def]
+    tmp_path: Path, broker_url: str, tiny_model: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Issue 16: a dead coordinator left status showing an open round and `online yes`. Now its heartbeat
     (meta alive_at) ages, and status says the round and the online flags are as of then."""
@@ -122,9 +123,9 @@ def test_status_after_the_coordinator_is_sigkilled(
     )  # fmt: skip
     dev = FakeClient(broker_url, fleet, uid("dev"))
 
-    def status() -> dict:  # type: ignore[type-arg]
+    def status() -> dict[str, Any]:
         assert main(["status", "--json", "--stale-after", "3", "--state-dir", str(state)]) == 0
-        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # type: ignore[no-any-return]
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
     try:
         dev.join(tiny_model.fingerprint, tiny_model.mask.mask_id, n_samples=4)

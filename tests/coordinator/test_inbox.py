@@ -4,6 +4,7 @@ row, and the table's order on the real PostgreSQL."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import pytest
 
@@ -115,12 +116,12 @@ def test_workers_starting_together_create_the_inbox_once(pg_url: str) -> None:
         assert errors == [] and len(got) == len(calls)
         return got
 
-    made = all_at_once([lambda k=k: Inbox(pg_url, "fleet1", f"w{k}") for k in range(6)])
+    made = all_at_once([partial(Inbox, pg_url, "fleet1", f"w{k}") for k in range(6)])
     for ib in made:
         ib.close()  # type: ignore[attr-defined]
     stores = [PostgresStore(pg_url) for _ in range(4)]
     try:
-        all_at_once([lambda s=s: s.create_schema("CREATE TABLE IF NOT EXISTS probe (k INTEGER PRIMARY KEY, v TEXT);")
+        all_at_once([partial(s.create_schema, "CREATE TABLE IF NOT EXISTS probe (k INTEGER PRIMARY KEY, v TEXT);")
                      for s in stores])
     finally:
         for s in stores:

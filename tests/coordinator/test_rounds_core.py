@@ -4,6 +4,7 @@ one test per round-lifecycle rule of docs/ARCHITECTURE.md, driven by decoded mes
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,7 @@ def records(acts: list[Action], cls: type[Any]) -> list[Any]:
     return [a.record for a in acts if isinstance(a, Persist) and isinstance(a.record, cls)]
 
 
-def sent(acts: list[Action], cls: type[Any], to: str | None = None) -> list[Any]:
+def sent(acts: Sequence[Action], cls: type[Any], to: str | None = None) -> list[Any]:
     return [a.message for a in acts if isinstance(a, Publish) and isinstance(a.message, cls) and a.to == to]
 
 
@@ -235,7 +236,7 @@ def test_vp_fleet_decay_limits_at_close_and_keeps_the_update(rule: str) -> None:
 def test_replay_when_close_behind_checkpoint_when_far() -> None:
     b = book(config(min_clients=1, replay_max=2, chunk_bytes=256))
     join(b, "a", 1)
-    results = []
+    results: list[RoundResult] = []
     for r in range(4):
         b.tick(float(r))
         b.handle(update("a", r, [0.5 - r, 0.25], 1, msg_id=r), float(r))
@@ -356,7 +357,7 @@ def test_join_with_another_quant_is_refused_unless_the_fleet_mixes(policy: str) 
         assert sent(int8, ErrorMsg, "q8") == [] and b.registry.clients["q8"].state == "joined"
         return
     (err,) = sent(int8, ErrorMsg, "q8")
-    assert err.code == ErrorCode.QUANT_MISMATCH == 41 and "int8" in err.reason and "nf4" in err.reason
+    assert err.code == ErrorCode.QUANT_MISMATCH and int(err.code) == 41 and "int8" in err.reason and "nf4" in err.reason
     assert "q8" not in b.registry.clients or b.registry.clients["q8"].state != "joined"
     assert records(int8, RejectRecord)[0].reason == "quant"
 

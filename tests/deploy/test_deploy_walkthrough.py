@@ -26,7 +26,7 @@ import pytest
 from deploytools import REPO, exec_start, install, mdwe_supported, run_exec_start, unit_settings  # isort: skip
 from clienttoy import Toy, build_toy  # isort: skip
 
-from bench.broker import free_port, port_open
+from bench.demo.broker import free_port, port_open
 
 pytestmark = pytest.mark.slow
 DEVICES = ("dev-a", "dev-b")

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.demo import DemoConfig, run_demo
+from bench.demo.demo import DemoConfig, run_demo
 from coordinator.config import load_coordinator_config
 from coordinator.dashboard import pages
 from coordinator.evaluate_cli import evaluate_cmd

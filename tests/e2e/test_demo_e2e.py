@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.demo import DemoConfig, run_demo
+from bench.demo.demo import DemoConfig, run_demo
 
 pytestmark = pytest.mark.slow
 

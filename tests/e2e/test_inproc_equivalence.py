@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.demo import DemoConfig, run_demo
+from bench.demo.demo import DemoConfig, run_demo
 from bench.inproc import from_configs
 from shared.apply import values_checksum
 

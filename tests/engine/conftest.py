@@ -5,12 +5,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
 import torch
 
 from shared.prng import derive_seed, raw_u64
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 CORPUS = [
     "the movie was great and the acting was wonderful",
@@ -65,7 +69,7 @@ def build_model(path: Path, family: str, seed: int, tokenizer: bool = True) -> P
         Qwen2ForCausalLM,
     )
 
-    common = dict(
+    common: dict[str, Any] = dict(
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -75,7 +79,7 @@ def build_model(path: Path, family: str, seed: int, tokenizer: bool = True) -> P
         max_position_embeddings=256,
     )
     if family == "llama":
-        model: torch.nn.Module = LlamaForCausalLM(LlamaConfig(**common))
+        model: PreTrainedModel = LlamaForCausalLM(LlamaConfig(**common))
     elif family == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**common, tie_word_embeddings=False))
     else:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from edge_client.engine.spsa import spsa_step
 from shared.dataset import Batch, Dataset, Example
 from shared.loss import batch_loss
-from shared.modelload import load_model
+from shared.modelload import Quant, load_model
 from shared.prng import directions
 from shared.sidecar import merged_dense_state, sidecar_layers
 
@@ -22,7 +22,7 @@ pytestmark = [
 
 
 @pytest.mark.parametrize("quant", ["nf4", "int8"])
-def test_cuda_wrapped_forward_and_exact_step(quant: str, llama_dir: Path, llama_mask: dict[str, torch.Tensor]) -> None:
+def test_cuda_wrapped_forward_and_exact_step(quant: Quant, llama_dir: Path, llama_mask: dict[str, torch.Tensor]) -> None:
     lm = load_model(llama_dir, quant, "cuda", llama_mask, torch.float32, fingerprint="0" * 64)
     sc = lm.sidecar
     assert sc is not None and sc.values.is_cuda

@@ -43,7 +43,7 @@ def _write(path: Path, rows: list[dict[str, Any]]) -> Path:
 
 
 def test_row_formats_and_targets(tmp_path: Path, tok: Any) -> None:
-    rows = [
+    rows: list[dict[str, Any]] = [
         {"text": "the movie was great"},
         {"prompt": "the movie", "completion": " was great"},
         {"text": "a terrible film", "label": 0},
@@ -97,7 +97,7 @@ def _reference_loss(model: Any, ids: tuple[int, ...], n_target: int) -> float:
 
 
 def test_loss_only_on_targets_and_padding_invariant(model: Any, tok: Any) -> None:
-    rows = [
+    rows: list[dict[str, Any]] = [
         {"text": "the worst thing i have seen this year"},
         {"prompt": "a terrible film with a boring plot", "completion": " and bad acting"},
         {"text": "fun", "label": 1},

@@ -38,7 +38,7 @@ def test_every_quantized_layer_is_wrapped_and_lm_head_is_not(llama_dir: Path, ll
     names = [n for n, _ in sidecar_layers(lm.model)]
     assert len(names) == 14  # 7 Linear per layer x 2 layers
     assert isinstance(lm.model.lm_head, torch.nn.Linear) and not isinstance(lm.model.lm_head, SideCarLinear)
-    bare = [n for n, m in lm.model.named_modules() if isinstance(m, bnb.nn.Linear4bit) and not n.endswith("base_layer")]
+    bare = [n for n, m in lm.model.named_modules() if isinstance(m, bnb.nn.Linear4bit) and not n.endswith("base_layer")]  # type: ignore[attr-defined]
     assert bare == []
     plain = load_model(llama_dir, "nf4", "cpu", None, torch.float32, fingerprint="0" * 64)
     assert plain.sidecar is None and not list(sidecar_layers(plain.model))
@@ -52,12 +52,15 @@ def test_mask_object_and_fingerprint_check(llama_dir: Path, llama_mask: dict[str
 
     fp = fingerprint_model_dir(llama_dir)
     lm = load_model(llama_dir, "none", "cpu", None, torch.float32)
-    shapes = {n: tuple(lm.model.get_submodule(n).weight.shape) for n in llama_mask}
+    shapes: dict[str, tuple[int, int]] = {}
+    for n in llama_mask:
+        rows, cols = lm.model.get_parameter(f"{n}.weight").shape
+        shapes[n] = (rows, cols)
     meta = MaskMeta(FORMAT_VERSION, "test", 0.01, "prng", fp)
-    mask = Mask(dict(llama_mask), shapes, None, meta)  # type: ignore[arg-type]
+    mask = Mask(dict(llama_mask), shapes, None, meta)
     loaded = load_model(llama_dir, "int8", "cpu", mask, torch.float32)
     assert loaded.fingerprint == fp and loaded.sidecar is not None and loaded.sidecar.nnz == mask.nnz
-    other = Mask(dict(llama_mask), shapes, None, MaskMeta(FORMAT_VERSION, "test", 0.01, "prng", "a" * 64))  # type: ignore[arg-type]
+    other = Mask(dict(llama_mask), shapes, None, MaskMeta(FORMAT_VERSION, "test", 0.01, "prng", "a" * 64))
     with pytest.raises(SideCarError, match="mask was built for model aaaa"):
         load_model(llama_dir, "int8", "cpu", other, torch.float32)
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from shared.modelload import load_model
+from shared.modelload import Quant, load_model
 from shared.sidecar import (
     SideCar,
     SideCarError,
@@ -73,7 +73,7 @@ def test_set_values_validates(llama_dir: Path, llama_mask: dict[str, torch.Tenso
 
 @pytest.mark.parametrize("quant", ["nf4", "int8", "none"])
 def test_wrapped_forward_equals_dense_merged(
-    quant: str, llama_dir: Path, llama_mask: dict[str, torch.Tensor]
+    quant: Quant, llama_dir: Path, llama_mask: dict[str, torch.Tensor]
 ) -> None:
     """(b) every wrapped layer: forward == F.linear with the merged dense weight; masked entries exact."""
     lm = load_model(llama_dir, quant, "cpu", llama_mask, torch.float32, fingerprint=FP)
@@ -95,7 +95,7 @@ def test_wrapped_forward_equals_dense_merged(
 
 @pytest.mark.parametrize("quant", ["nf4", "int8"])
 def test_masked_positions_removed_from_quantized_base(
-    quant: str, llama_dir: Path, llama_mask: dict[str, torch.Tensor]
+    quant: Quant, llama_dir: Path, llama_mask: dict[str, torch.Tensor]
 ) -> None:
     lm = load_model(llama_dir, quant, "cpu", llama_mask, torch.float32, fingerprint=FP)
     for name, layer in sidecar_layers(lm.model):
@@ -106,7 +106,7 @@ def test_masked_positions_removed_from_quantized_base(
 
 
 @pytest.mark.parametrize("quant", ["nf4", "int8"])
-def test_export_gives_the_side_car_logits(quant: str, llama_dir: Path, llama_mask: dict[str, torch.Tensor]) -> None:
+def test_export_gives_the_side_car_logits(quant: Quant, llama_dir: Path, llama_mask: dict[str, torch.Tensor]) -> None:
     """merged_dense_state in a plain fp32 model == the side-car model's logits (what export relies on)."""
     lm = load_model(llama_dir, quant, "cpu", llama_mask, torch.float32, fingerprint=FP)
     assert lm.sidecar is not None

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from edge_client.engine.spsa import NonFiniteLossError, local_update, spsa_step
 from shared.dataset import Batch, Dataset, Example
 from shared.loss import batch_loss
-from shared.modelload import load_model
+from shared.modelload import Quant, load_model
 from shared.prng import derive_seed, directions
 
 FP = "0" * 64
@@ -48,7 +48,7 @@ def test_mean_g_z_matches_autograd_gradient_on_the_mask(llama_dir: Path, llama_m
     losses, _, _ = example_losses(dense, batch.examples, 0)
     losses.mean().backward()
     modules = dict(dense.named_modules())
-    grad = torch.cat([modules[n].weight.grad.reshape(-1)[mask[n]] for n in sorted(mask)])  # type: ignore[union-attr]
+    grad = torch.cat([modules[n].weight.grad.reshape(-1)[mask[n]] for n in sorted(mask)])
 
     lm = load_model(llama_dir, "none", "cpu", mask, torch.float32, fingerprint=FP)
     sc = lm.sidecar
@@ -71,7 +71,7 @@ def test_mean_g_z_matches_autograd_gradient_on_the_mask(llama_dir: Path, llama_m
 
 
 @pytest.mark.parametrize("quant", ["nf4", "none"])
-def test_lr_zero_leaves_buffer_bit_identical(quant: str, llama_dir: Path, llama_mask: dict[str, torch.Tensor]) -> None:
+def test_lr_zero_leaves_buffer_bit_identical(quant: Quant, llama_dir: Path, llama_mask: dict[str, torch.Tensor]) -> None:
     """(c) lr = 0: same bits afterwards (also with -0.0 entries and gaussian directions)."""
     lm = load_model(llama_dir, quant, "cpu", llama_mask, torch.float32, fingerprint=FP)
     sc = lm.sidecar

@@ -6,6 +6,7 @@ the whole fleet decays together (convergence)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import torch
 
 from coordinator.drift import (
     DriftMonitor,
+    DriftStats,
     DriftThresholds,
     SpikeStats,
     drift_stats,
@@ -101,7 +103,11 @@ def test_stats_are_computed_once_per_value_count(monkeypatch: pytest.MonkeyPatch
 
     calls: list[int] = []
     real = drift.drift_stats
-    monkeypatch.setattr(drift, "drift_stats", lambda v, th, n=None: calls.append(1) or real(v, th, n))
+    def counted(v: Sequence[float], th: DriftThresholds, n: int | None = None) -> DriftStats | None:
+        calls.append(1)
+        return real(v, th, n)
+
+    monkeypatch.setattr(drift, "drift_stats", counted)
     th = DriftThresholds(window=2, min_steps=4)
     mon = DriftMonitor(_grad(100), thresholds=th, keep_history=False)
     seen: list[float] = []

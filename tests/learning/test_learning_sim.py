@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from bench.learning import METHODS, LearningConfig, markdown_table, run_grid, runs_for
-from bench.learning_sim import ZOSpec, make_data, run_zo
+from bench.learning.learning import METHODS, LearningConfig, markdown_table, run_grid, runs_for
+from bench.learning.sim import ZOSpec, make_data, run_zo
 from coordinator.scheduler import round_seeds
 from edge_client.engine.spsa import spsa_step
 from edge_client.service.trainer import data_stream
@@ -20,7 +22,7 @@ from shared.loss import batch_loss
 
 @pytest.fixture(scope="module")
 def micro(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    from bench.learning_masks import build_masks
+    from bench.learning.masks import build_masks
     from bench.tinylm.pretrain import get_model_dir
     from shared.fingerprint import fingerprint_model_dir
     from shared.modelload import load_model
@@ -54,7 +56,7 @@ def test_round_equals_weighted_average_of_client_paths(micro: dict[str, Any]) ->
         sidecar.set_values(v0)
         for t in range(spec.T):
             batch = ds.batch(stream.take(spec.batch_size))
-            spsa_step(loaded.model, sidecar, lambda m, b=batch: batch_loss(m, b), seeds[t], spec.eps, spec.lr)
+            spsa_step(loaded.model, sidecar, partial(batch_loss, batch=batch), seeds[t], spec.eps, spec.lr)
         avg += sidecar.get_values().double() * (len(ds) / total)
     moved = float((after.double() - v0.double()).abs().max())
     assert moved > 1e-4  # the round did move the values
@@ -63,15 +65,31 @@ def test_round_equals_weighted_average_of_client_paths(micro: dict[str, Any]) ->
     sidecar.set_values(v0)
 
 
+def test_run_zo_builds_each_device_with_the_trainer_factory(micro: dict[str, Any]) -> None:
+    from bench.learning.vp_probe import RecordingTrainer, Steps
+
+    loaded, data, mask = micro["loaded"], micro["data"], micro["masks"]["pretrain-grad"]
+    spec = ZOSpec(rounds=1, T=2, lr=0.5, eps=1e-2, batch_size=8, seed=5, n_evals=1)
+    log: Steps = {}
+    run_zo(loaded, data, spec, None, mask_id=mask.mask_id,
+           trainer=lambda lm, ds, client, mask_id: RecordingTrainer(lm, ds, client, mask_id, log))
+    seeds = list(round_seeds(spec.seed, 0, spec.T))
+    assert sorted(log) == sorted(data.clients)  # every device ran the factory's trainer
+    assert all([seed for seed, *_ in steps] == seeds for steps in log.values())
+    assert all(math.isfinite(g) for steps in log.values() for _, g, _, _ in steps)
+    loaded.sidecar.set_values(loaded.sidecar.initial_values())
+
+
 def test_run_zo_is_deterministic(micro: dict[str, Any]) -> None:
     loaded, data, mask = micro["loaded"], micro["data"], micro["masks"]["pretrain-grad"]
     spec = ZOSpec(rounds=2, T=2, lr=0.5, eps=1e-2, batch_size=8, seed=5, vp=True, n_evals=2)
-    outs = []
-    for _ in range(2):
+
+    def run_once() -> tuple[Any, ...]:
         Gs: list[list[float]] = []
-        res = run_zo(loaded, data, spec, mask.flat_grad(), on_round=lambda r, G, Gs=Gs: Gs.append(G),
-                     mask_id=mask.mask_id)
-        outs.append((Gs, res.accuracy, res.bytes_up, res.bytes_down, res.gradip, loaded.sidecar.get_values()))
+        res = run_zo(loaded, data, spec, mask.flat_grad(), on_round=lambda r, G: Gs.append(G), mask_id=mask.mask_id)
+        return Gs, res.accuracy, res.bytes_up, res.bytes_down, res.gradip, loaded.sidecar.get_values()
+
+    outs = [run_once(), run_once()]
     assert outs[0][:5] == outs[1][:5]
     assert torch.equal(outs[0][5], outs[1][5])
     assert all(len(h) == 4 for h in outs[0][4].values())  # 2 rounds x 2 steps of GradIP per client
@@ -105,7 +123,7 @@ def test_grid_json_has_one_row_per_method(tmp_path: Path) -> None:
     assert res["cells"] == {"total": len(res["runs"]), "cached": 0, "computed": len(res["runs"]), "missing": 0}
     assert all(r["wall_s"] > 0 for r in res["runs"]) and "loadavg" in res["machine"]
     assert res["vp_calibration"]["single"]["n"] + res["vp_calibration"]["other"]["n"] == 0  # too few steps
-    from bench.learning_plots import plot_results
+    from bench.learning.plots import plot_results
 
     (tmp_path / "plots").mkdir()
     names = {p.name for p in plot_results(res, tmp_path / "plots")}
@@ -114,7 +132,7 @@ def test_grid_json_has_one_row_per_method(tmp_path: Path) -> None:
 
 
 def test_gap_points_pair_meerkat_with_dense_per_size() -> None:
-    from bench.learning_plots import gap_points
+    from bench.learning.plots import gap_points
 
     def run(size: str, method: str, acc: float, nnz: int, seed: int = 0) -> dict[str, Any]:
         return {"size": size, "task": "topic", "setting": "dirichlet", "method": method, "T": 10, "seed": seed,
@@ -129,7 +147,7 @@ def test_gap_points_pair_meerkat_with_dense_per_size() -> None:
 
 
 def test_targets_check_the_issue_goals_from_the_t10_means() -> None:
-    from bench.learning import config_from_args, summarize, targets, targets_markdown
+    from bench.learning.learning import config_from_args, summarize, targets, targets_markdown
 
     def run(method: str, acc: float, setting: str = "dirichlet", seed: int = 0, **kw: Any) -> dict[str, Any]:
         T = 0 if method == "zero-shot" else 10
@@ -220,7 +238,7 @@ def test_killed_grid_resumes_without_recomputing_finished_cells(tmp_path: Path) 
 
 
 def test_lr_rule_picks_the_best_stable_lr() -> None:
-    from bench.learning_cells import LrRule, choose_lr, run_stable
+    from bench.learning.cells import LrRule, choose_lr, run_stable
 
     rule = LrRule(drop_tol=0.1, tie_tol=0.005)
 
@@ -256,8 +274,8 @@ def test_lr_rule_picks_the_best_stable_lr() -> None:
 def test_tune_writes_lrs_the_grid_reads(tmp_path: Path) -> None:
     import argparse
 
-    from bench.learning import config_from_args, lr_for, run_tune
-    from bench.learning_cells import lr_markdown
+    from bench.learning.cells import lr_markdown
+    from bench.learning.learning import config_from_args, lr_for, run_tune
 
     cfg = LearningConfig(size="micro", tasks=("sentiment",), seeds=2, tune_seeds=(7,), Ts=(2,), budget=2,
                          n_clients=4, n_train=80, n_eval=16, calib_seqs=4, n_evals=1, methods=("meerkat",))

@@ -43,6 +43,9 @@ class PlantedLM(nn.Module):
     `scale` so the effective weights (and the forward pass) are those of an ordinary model.
     """
 
+    amp_fc1: torch.Tensor  # buffers (register_buffer below): 1 or `scale` per weight
+    amp_fc2: torch.Tensor
+
     def __init__(self, vocab: int, d: int, h: int, planted: dict[str, list[int]], scale: float) -> None:
         super().__init__()
         self.emb = nn.Embedding(vocab, d)

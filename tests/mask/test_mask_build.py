@@ -246,7 +246,7 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_mask(
         model, tok = load_for_mask(llama, device="cpu", checkpointing=ckpt)
         encode, eos = tokenizer_encoder(tok)
         seen: list[int] = []
-        model.model.layers[0].self_attn.register_forward_hook(lambda *_, seen=seen: seen.append(1))
+        model.get_submodule("model.layers.0.self_attn").register_forward_hook(lambda *_, seen=seen: seen.append(1))
         results.append(
             build_mask(model, encode, eos, calib, fraction=0.01, seqs=2, seq_len=48, progress=False)
         )

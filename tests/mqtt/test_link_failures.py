@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.broker import free_port
+from bench.demo.broker import free_port
 from coordinator.pki import make_ca, make_leaf
 from shared.mqtt import MqttLink, TlsOptions
 

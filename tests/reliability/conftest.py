@@ -1,4 +1,4 @@
-"""Fixtures of the reliability tests: the tiny model of bench/toy.py (what `meerkat bench chaos` runs)."""
+"""Fixtures of the reliability tests: the tiny model of bench/demo/toy.py (what `meerkat bench chaos` runs)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.toy import Toy, build_toy
+from bench.demo.toy import Toy, build_toy
 
 # the storage-fault tests also use the client tests' config helpers (tests/client/clienttoy.py)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "client"))

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
 from shared.cli import main
 
 
-def _last_json(capsys: pytest.CaptureFixture[str]) -> dict[str, object]:
+def _last_json(capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
     lines = capsys.readouterr().out.strip().splitlines()
     out = json.loads(lines[-1])
     assert isinstance(out, dict)

@@ -119,7 +119,7 @@ def _legal_max(cls: type) -> Any:
     """The largest legal message of each type (what an honest sender may send at most)."""
     seeds = tuple(int(s) for s in raw_u64(1, MAX_SEEDS))
     if cls is Join:
-        caps = {f"{i:02d}" + "😀" * 62: "😀" * 256 for i in range(MAX_CAPS)}  # 4-byte UTF-8 chars
+        caps: dict[str, str | int | float | bool] = {f"{i:02d}" + "😀" * 62: "😀" * 256 for i in range(MAX_CAPS)}  # 4-byte UTF-8 chars
         return Join("", FP, MID, 1 << 31, 1e6, caps, 1 << 31)
     if cls is RoundPlan:
         steps = {f"c{i:063d}": 1 + i % MAX_STEPS for i in range(MAX_PLAN_CLIENTS)}

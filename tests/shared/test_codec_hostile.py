@@ -68,8 +68,8 @@ class BookSink:
     def state(self) -> tuple[Any, ...]:
         b = self.book
         return (b.last_round, b.plan, sorted(b.accepted), sorted(b.late), dict(b.stored),
-                {k: (c.state, c.n_samples) for k, c in b.clients.items()}, values_checksum(b.values),
-                b.grad_seen, dict(b.benched))  # fmt: skip
+                {k: (c.state, c.n_samples) for k, c in b.registry.clients.items()}, values_checksum(b.values),
+                b.admission.grad_seen, dict(b.admission.benched))  # fmt: skip
 
     def __call__(self, msg: Message) -> None:
         if not isinstance(msg, (Join, Update, Heartbeat, Status, SyncRequest)):

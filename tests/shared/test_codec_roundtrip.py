@@ -19,6 +19,7 @@ from shared.messages import (
     ErrorMsg,
     Heartbeat,
     Join,
+    Message,
     Replay,
     RoundPlan,
     RoundResult,
@@ -60,7 +61,7 @@ def _result(T: int = 10) -> RoundResult:
 def test_roundtrip_every_type(name: str) -> None:
     @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(ALL[name])
-    def check(msg: Any) -> None:
+    def check(msg: Message) -> None:
         data = encode(msg)
         assert peek_type(data) is type(msg)
         client = getattr(msg, "client", "")
@@ -221,7 +222,7 @@ def test_validation_other_types() -> None:
     with pytest.raises(ValueError, match="RoundResult.scalars: expected 2 items"):
         RoundResult(1, (1, 2), (0.5,), 0.1, "gaussian", 1, FP)
     with pytest.raises(ValueError, match="Join.capabilities\\['x'\\]"):
-        Join("c", FP, MID, 1, 1.0, {"x": [1]})
+        Join("c", FP, MID, 1, 1.0, {"x": [1]})  # type: ignore[dict-item]  # the wrong type on purpose
     with pytest.raises(ValueError, match="Join.budget_gib"):
         Join("c", FP, MID, 1, -1.0)
     with pytest.raises(ValueError, match="Heartbeat.temp_c"):

@@ -46,7 +46,8 @@ def test_golden_vectors_every_path(case: dict[str, object]) -> None:
     assert raw_u64(seed, n, offset).tolist() == want_u
     assert np.array_equal(directions(seed, n, "rademacher", offset=offset).numpy(), want_r)
     assert np.array_equal(directions(seed, n, "gaussian", offset=offset).numpy(), want_g)
-    for dist, want in (("rademacher", want_r), ("gaussian", want_g)):
+    pairs: tuple[tuple[prng.Dist, np.ndarray], ...] = (("rademacher", want_r), ("gaussian", want_g))
+    for dist, want in pairs:
         t = prng._torch_directions(seed, n, dist, offset, torch.device("cpu"))
         assert t.dtype == torch.float32 and np.array_equal(t.numpy(), want)
 
@@ -55,7 +56,7 @@ def test_golden_vectors_every_path(case: dict[str, object]) -> None:
 @pytest.mark.parametrize(
     "n,offset", [(1, 0), (prng._CHUNK, 0), (prng._CHUNK + 1, 3), (3 * prng._CHUNK + 17, 1 << 33)]
 )
-def test_fast_paths_match_reference_across_chunks(dist: str, n: int, offset: int) -> None:
+def test_fast_paths_match_reference_across_chunks(dist: prng.Dist, n: int, offset: int) -> None:
     seed = derive_seed(7, n, offset)
     u = raw_u64(seed, n, offset)
     want = (
@@ -63,7 +64,7 @@ def test_fast_paths_match_reference_across_chunks(dist: str, n: int, offset: int
         if dist == "rademacher"
         else gauss_table()[(u >> np.uint64(48)).astype(np.int64)]
     )
-    fast = directions(seed, n, dist, offset=offset)  # type: ignore[arg-type]
+    fast = directions(seed, n, dist, offset=offset)
     assert fast.shape == (n,) and fast.dtype == torch.float32
     assert np.array_equal(fast.numpy(), want)
     assert np.array_equal(prng._torch_directions(seed, n, dist, offset, torch.device("cpu")).numpy(), want)

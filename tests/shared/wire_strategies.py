@@ -18,6 +18,7 @@ from shared.messages import (
     SyncRequest,
     Update,
 )
+from shared.prng import Dist
 
 U32 = (1 << 32) - 1
 U64 = (1 << 64) - 1
@@ -29,7 +30,7 @@ f32 = st.floats(-3e38, 3e38, allow_nan=False)  # any float32-range value: messag
 nonneg = st.floats(min_value=0.0, max_value=1e12, allow_nan=False)
 rounds = st.integers(0, U32)
 seeds = st.lists(st.integers(0, U64), min_size=1, max_size=40).map(tuple)
-dists = st.sampled_from(["rademacher", "gaussian"])
+dists: st.SearchStrategy[Dist] = st.sampled_from(["rademacher", "gaussian"])
 text = st.text(string.printable + "äß→😀", max_size=60)
 
 

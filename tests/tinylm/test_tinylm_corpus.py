@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from bench import tasks
-from bench.tinylm import corpus
+from bench.tinylm import corpus, tasks
 from bench.tinylm.tokenizer import save_tokenizer, train_tokenizer
 
 

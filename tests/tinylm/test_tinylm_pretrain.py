@@ -11,8 +11,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from bench import tasks
-from bench.tinylm import pretrain
+from bench.tinylm import pretrain, tasks
 from shared.cli import main as meerkat_main
 
 

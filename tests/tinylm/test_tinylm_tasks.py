@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import tasks
+from bench.tinylm import tasks
 from shared.dataset import load_jsonl, load_task_config
 
 
@@ -223,7 +223,7 @@ def _effective_polarity(clause: str) -> int:
 def test_polarity_every_clause_implies_the_label_and_words_alone_do_not() -> None:
     task = tasks.get_task("polarity")
     ex = tasks.make_examples(task, 300, seed=5)
-    naive_right = 0
+    naive_right = 0.0
     for e in ex:
         clauses = [c.strip() + "." for c in e.text.split(".")[1:] if c.strip()]
         assert 2 <= len(clauses) <= 3, e.text
@@ -236,7 +236,7 @@ def test_polarity_every_clause_implies_the_label_and_words_alone_do_not() -> Non
 def test_nli_second_sentence_is_decided_by_the_first() -> None:
     """true: hypothesis words all in the premise, same person; false: a negation of a premise fact or a
     value absent from the premise; unknown: another person or a fact of a kind the premise lacks."""
-    from bench.tasks import ABSENT_FACTS
+    from bench.tinylm.tasks import ABSENT_FACTS
 
     task = tasks.get_task("nli")
     assert task.labels == (" true", " false", " unknown")

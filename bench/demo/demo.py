@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from shared.modelload import Quant
 
 from bench.cli import add_defaults
-from bench.toy import toml_text
+from bench.demo.toy import toml_text
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def _quiet_libraries() -> None:
     """The demo prints its own progress; the libraries' load bars and info lines would bury it."""
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # optional CPU kernels package notice
 
@@ -111,9 +111,9 @@ def _quiet_libraries() -> None:
 # --------------------------------------------------------------------------------------- preparation
 def prepare(cfg: DemoConfig) -> dict[str, Path]:
     """Tiny model (cached), mask (cached per model/fraction), task split: the inputs every process reads."""
-    from bench.tasks import write_task
     from bench.tinylm.corpus import write_corpus
     from bench.tinylm.pretrain import get_model_dir
+    from bench.tinylm.tasks import write_task
     from shared.cli import main as meerkat
 
     work = cfg.workdir.resolve()
@@ -137,6 +137,8 @@ def prepare(cfg: DemoConfig) -> dict[str, Path]:
 
 
 def write_configs(cfg: DemoConfig, paths: dict[str, Path], broker: str, fleet: str) -> tuple[Path, list[Path]]:
+    from bench.demo.broker import free_port
+
     work = cfg.workdir.resolve()
     (work / "config").mkdir(exist_ok=True)
     coord = work / "config" / "coordinator.toml"
@@ -160,14 +162,6 @@ def write_configs(cfg: DemoConfig, paths: dict[str, Path], broker: str, fleet: s
         }))
         clients.append(path)
     return coord, clients
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def dashboard_url(coord_cfg: Path) -> str:
@@ -200,8 +194,8 @@ def run_demo(cfg: DemoConfig, on_round: Callable[[int, str], None] | None = None
     """Run the fleet; `on_round(round, dashboard_url)` is called after each observed result (tests)."""
     from tqdm import tqdm
 
-    from bench.broker import find_or_start_broker
-    from bench.observer import FleetObserver
+    from bench.demo.broker import find_or_start_broker
+    from bench.demo.observer import FleetObserver
 
     t0 = time.monotonic()
     paths = prepare(cfg)

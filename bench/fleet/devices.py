@@ -1,7 +1,7 @@
 """Simulated devices for `meerkat bench fleet`: one process runs a few thousand of them in one event loop.
 
-Run by bench/fleet.py as `python -m bench.fleet_devices SPEC.json OUT.json`. Each device is a real MQTT
-connection (bench/mqttlite.py) that behaves like edge_client on the wire: clean_session=False with a
+Run by bench/fleet/fleet.py as `python -m bench.fleet.devices SPEC.json OUT.json`. Each device is a real MQTT
+connection (bench/fleet/mqttlite.py) that behaves like edge_client on the wire: clean_session=False with a
 unique id, a will that publishes Status(offline), retained Status(online), Join, subscriptions to plan,
 result/+ and to/{id}; for every plan that samples it, an encoded Update (QoS 1) after a jittered compute
 delay; QoS 0 heartbeats. Dropouts: with probability `dropout` a sampled device loses its connection the
@@ -9,7 +9,7 @@ moment the plan arrives (no DISCONNECT: the broker publishes its will), stays aw
 plan again and then sends; an Update whose PUBACK never came is re-sent with the same msg_id.
 
 Every random draw comes from shared.prng with the spec's seed (device index and round in the path).
-What each device sent (round, msg_id, send time, PUBACK time) is the ground truth bench/fleet.py checks
+What each device sent (round, msg_id, send time, PUBACK time) is the ground truth bench/fleet/fleet.py checks
 against the coordinator's log. The plan payload is identical for every device of a process, so it is
 decoded once per process (a real device decodes its own copy on its own CPU).
 """
@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.mqttlite import LiteClient, LiteWill, open_client
+from bench.fleet.mqttlite import LiteClient, LiteWill, open_client
 from shared.codec import decode, encode
 from shared.fingerprint import fp_tag
 from shared.messages import ErrorCode, ErrorMsg, Heartbeat, Join, RoundPlan, RoundResult, Status, Update
@@ -89,7 +89,9 @@ def gaussian_grads(seed: int, index: int, round: int, steps: int, scale: float) 
 
 
 @dataclass
-class Device:
+class SimDevice:
+    """One simulated device: its MQTT connection and what it sent (the ground truth fleet.py checks)."""
+
     index: int
     cid: str
     client: LiteClient | None = None
@@ -102,18 +104,20 @@ class Device:
     n_samples: int = 0  # its Join's n_samples, also the n_samples of every Update (drawn once)
 
 
-class Worker:
+class DeviceProcess:
+    """The devices of one `python -m bench.fleet.devices` process, all on one asyncio loop."""
+
     def __init__(self, spec: DeviceSpec) -> None:
         self.spec = spec
         self.t = Topics(spec.fleet)
         self.fp_tag = fp_tag(spec.fingerprint)
-        self.devices = [Device(i, device_id(spec.prefix, i), n_samples=50 + int(uniforms(spec.seed, MSG_TAG, i, 0, 1)[0] * 450))
+        self.devices = [SimDevice(i, device_id(spec.prefix, i), n_samples=50 + int(uniforms(spec.seed, MSG_TAG, i, 0, 1)[0] * 450))
                         for i in range(spec.first, spec.first + spec.count)]  # fmt: skip
         self.decoded: dict[bytes, Any] = {}
         self.plans: dict[int, list[float]] = {}  # round -> [first receipt, last receipt, receipts]
         self.results: dict[int, list[float]] = {}  # round -> [first receipt, last receipt, n_clients]
         self.closed: set[int] = set()
-        self.result_payloads: dict[int, str] = {}  # round -> hex payload (for the VP replay in bench/fleet.py)
+        self.result_payloads: dict[int, str] = {}  # round -> hex payload (for the VP replay in bench/fleet/fleet.py)
         self.plan_bytes = 0
         self.errors: dict[str, int] = {}
         self.connect_failures = 0
@@ -127,7 +131,7 @@ class Worker:
             m = self.decoded[payload] = decode(payload)
         return m
 
-    def on_message(self, dev: Device, topic: str, payload: bytes) -> None:
+    def on_message(self, dev: SimDevice, topic: str, payload: bytes) -> None:
         now = time.time()
         if not payload:
             return
@@ -152,7 +156,7 @@ class Worker:
             if m.code == ErrorCode.UNKNOWN_CLIENT and dev.client is not None:
                 self._join(dev)
 
-    def _on_plan(self, dev: Device, plan: RoundPlan) -> None:
+    def _on_plan(self, dev: SimDevice, plan: RoundPlan) -> None:
         r = plan.round
         if dev.cid not in plan.steps or r in dev.sent or r in dev.scheduled or r in self.closed:
             return
@@ -168,7 +172,7 @@ class Worker:
         loop.call_later(self.spec.compute_s * (0.5 + u[2]), self._send_update, dev, plan)
 
     # -- messages out ---------------------------------------------------------------------------------
-    def _send_update(self, dev: Device, plan: RoundPlan) -> None:
+    def _send_update(self, dev: SimDevice, plan: RoundPlan) -> None:
         dev.scheduled.discard(plan.round)
         if dev.client is None or not dev.client.connected:
             return  # it will see the plan again after reconnecting
@@ -182,7 +186,7 @@ class Worker:
         dev.sent[r] = entry
         self._publish_update(dev, entry)
 
-    def _publish_update(self, dev: Device, entry: list[Any]) -> None:
+    def _publish_update(self, dev: SimDevice, entry: list[Any]) -> None:
         assert dev.client is not None
         fut = dev.client.publish(self.t.up(dev.cid), entry[3], 1)
         assert fut is not None
@@ -193,12 +197,12 @@ class Worker:
 
         fut.add_done_callback(acked)
 
-    def _join(self, dev: Device) -> None:
+    def _join(self, dev: SimDevice) -> None:
         assert dev.client is not None
         join = Join("", self.spec.fingerprint, self.spec.mask_id, dev.n_samples, 2.0, {"sim": True}, -1)
         dev.client.publish(self.t.join(dev.cid), encode(join), 1)
 
-    async def _connect(self, dev: Device, first: bool) -> bool:
+    async def _connect(self, dev: SimDevice, first: bool) -> bool:
         will = LiteWill(self.t.status(dev.cid), encode(Status("", False, time.time())), 1, True)
         subs = [(self.t.plan, 1), (self.t.filter("result"), 1), (self.t.to(dev.cid), 1)]
         for attempt in range(6):
@@ -222,7 +226,7 @@ class Worker:
                 await asyncio.sleep(0.2 * 2**attempt)
         return False
 
-    async def _reconnect(self, dev: Device, after: float) -> None:
+    async def _reconnect(self, dev: SimDevice, after: float) -> None:
         await asyncio.sleep(after)
         dev.reconnects += 1
         await self._connect(dev, first=False)
@@ -249,7 +253,7 @@ class Worker:
     async def run(self) -> None:
         sem = asyncio.Semaphore(CONNECT_CONCURRENCY)
 
-        async def one(dev: Device) -> None:
+        async def one(dev: SimDevice) -> None:
             async with sem:
                 await self._connect(dev, first=True)
 
@@ -276,7 +280,7 @@ class Worker:
 
     async def _wipe_sessions(self, sem: asyncio.Semaphore) -> None:
         """On a shared broker: a clean_session connect drops each device's persistent session."""
-        async def wipe(dev: Device) -> None:
+        async def wipe(dev: SimDevice) -> None:
             async with sem:
                 try:
                     c = await open_client(self.spec.host, self.spec.port, dev.cid, _ignore, clean=True)
@@ -330,7 +334,7 @@ def main(argv: list[str]) -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < spec.count + 64:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, spec.count + 1024), hard))
-    worker = Worker(spec)
+    worker = DeviceProcess(spec)
     asyncio.run(worker.run())
     Path(argv[1]).write_text(json.dumps(worker.report()))
     return 0

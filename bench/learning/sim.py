@@ -25,14 +25,14 @@ from typing import Any
 
 import torch
 
-from bench import tasks as tasks_mod
 from bench.inproc import Device, InProcessFleet, SharedModelTrainer
+from bench.tinylm import tasks as tasks_mod
 from coordinator.config import CoordinatorConfig
 from coordinator.drift import DriftMonitor, DriftThresholds
 from coordinator.rounds import RoundBook
 from edge_client.privacy import DeviceBudget
 from edge_client.service.rounds import ClientRounds, Identity
-from edge_client.service.trainer import data_stream
+from edge_client.service.trainer import Trainer, data_stream
 from shared.dataset import Dataset, DataStream, load_jsonl, load_task_config
 from shared.dp import SecretStream
 from shared.loss import evaluate, example_losses
@@ -45,7 +45,7 @@ FLEET = "bench"
 
 @dataclass
 class ClientData:
-    """One task split: per-client datasets (JSONL written by bench.tasks) and the eval set."""
+    """One task split: per-client datasets (JSONL written by bench.tinylm.tasks) and the eval set."""
 
     task: str
     clients: dict[str, Dataset]
@@ -65,7 +65,7 @@ def make_data(
     task: str, out_dir: Path, tokenizer: Any, *, seed: int, n_clients: int = 10, alpha: float = 0.5,
     n_single: int = 0, n_train: int = 1000, n_eval: int = 200, max_length: int = 128,
 ) -> ClientData:
-    """Write the split with bench.tasks.write_task and read it back as the client engine does."""
+    """Write the split with bench.tinylm.tasks.write_task and read it back as the client engine does."""
     meta_path = tasks_mod.write_task(out_dir, task, n_clients=n_clients, alpha=alpha, seed=seed,
                                      n_train=n_train, n_eval=n_eval, n_single=n_single)
     files = tasks_mod.load_task(meta_path)
@@ -162,9 +162,14 @@ def zo_config(spec: ZOSpec, n_devices: int) -> CoordinatorConfig:
     )
 
 
+# (loaded model, the device's examples, client id, mask id) -> that device's engine
+TrainerFactory = Callable[[Any, Dataset, str, str], Trainer]
+
+
 def run_zo(
     loaded: Any, data: ClientData, spec: ZOSpec, grad_on_mask: torch.Tensor | None,
     on_round: Callable[[int, list[float]], None] | None = None, mask_id: str = "0" * 16,
+    trainer: TrainerFactory = SharedModelTrainer,
 ) -> RunResult:
     """The federated ZO run through the product's round code (bench/inproc.py: RoundBook + one ClientRounds
     per client + the client's engine step, messages through the real codec). `loaded` =
@@ -172,6 +177,7 @@ def run_zo(
 
     With `grad_on_mask`, the book's DriftMonitor records GradIP for every client (for calibration); it
     limits clients only when spec.vp. `on_round(r, G)` sees every round's aggregate (tests use it).
+    `trainer` builds each device's engine (the MEERKAT-VP probe passes one that also records every step).
     """
     sidecar = loaded.sidecar
     if sidecar is None:
@@ -182,12 +188,14 @@ def run_zo(
     book = RoundBook(zo_config(spec, len(clients)), fingerprint=loaded.fingerprint, mask_id=mask_id,
                      values=sidecar.initial_values(), drift=monitor)
     dp = spec.dp_epsilon > 0
-    devices = [
-        Device(ClientRounds(Identity(c, FLEET, loaded.fingerprint, mask_id, len(data.clients[c])),
-                            sidecar.initial_values, privacy=DeviceBudget(len(data.clients[c])) if dp else None),
-               SharedModelTrainer(loaded, data.clients[c], c, mask_id, secret=bench_secret(spec.seed, c) if dp else None))
-        for c in clients
-    ]
+    devices = []
+    for c in clients:
+        engine = trainer(loaded, data.clients[c], c, mask_id)
+        if dp:  # a DP fleet: every device needs its secret stream (SharedModelTrainer.private_step)
+            engine.secret = bench_secret(spec.seed, c)  # type: ignore[attr-defined]
+        core = ClientRounds(Identity(c, FLEET, loaded.fingerprint, mask_id, len(data.clients[c])),
+                            sidecar.initial_values, privacy=DeviceBudget(len(data.clients[c])) if dp else None)
+        devices.append(Device(core, engine))
     fleet = InProcessFleet(book, devices)
     curve = Curve()
     evals = _eval_rounds(spec.rounds, spec.n_evals)

@@ -40,6 +40,7 @@ from bench.tinylm.corpus import (
     opinion,
     review,
 )
+from shared.jsonl import read_jsonl
 from shared.prng import derive_seed
 
 log = logging.getLogger(__name__)
@@ -320,15 +321,9 @@ def write_task(
 
 def _read_jsonl(path: Path, n_labels: int) -> list[Example]:
     out = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{lineno}: not JSON: {exc}") from exc
-        if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not isinstance(row.get("label"), int):
-            raise ValueError(f"{path}:{lineno}: need {{'text': str, 'label': int}}, got {line[:80]!r}")
+    for lineno, row in read_jsonl(path):
+        if not isinstance(row.get("text"), str) or not isinstance(row.get("label"), int):
+            raise ValueError(f"{path}:{lineno}: need {{'text': str, 'label': int}}, got {json.dumps(row)[:80]!r}")
         if not 0 <= row["label"] < n_labels:
             raise ValueError(f"{path}:{lineno}: label {row['label']} out of range [0, {n_labels})")
         out.append(Example(row["text"], row["label"]))

@@ -4,7 +4,7 @@
 
 What runs: a private Mosquitto on a free loopback port (or --broker), `meerkat coordinator` as its own
 process with a generated config (a synthetic model dir + mask, so no real model is needed), and
-ceil(N / --per-worker) device processes (bench/fleet_devices.py), each a single asyncio loop holding
+ceil(N / --per-worker) device processes (bench/fleet/devices.py), each a single asyncio loop holding
 thousands of real MQTT connections. The simulator only speaks MQTT + the wire codec, like a device.
 
 What it reports (human lines, then one JSON line with --json):
@@ -42,9 +42,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bench.broker import free_port, port_open
 from bench.cli import add_defaults, add_json_flag, print_json_last
-from bench.fleet_devices import DeviceSpec, spec_json
+from bench.demo.broker import free_port, port_open
+from bench.fleet.devices import DeviceSpec, spec_json
 
 
 @dataclass(frozen=True)
@@ -229,7 +229,7 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str, logf: Path, 
 
 def write_coordinator_config(cfg: FleetConfig, work: Path, broker: str, fleet: str, model: Path, mask: Path,
                              metrics_port: int) -> Path:
-    from bench.toy import toml_text
+    from bench.demo.toy import toml_text
 
     path = work / "coordinator.toml"
     path.write_text("[coordinator]\n" + toml_text({
@@ -382,7 +382,7 @@ def run_fleet(cfg: FleetConfig) -> dict[str, Any]:
             spec_path = work / "workers" / f"spec-{k}.json"
             spec_path.write_text(spec_json(spec))
             out = work / "workers" / f"out-{k}.json"
-            workers.append((_spawn(["-m", "bench.fleet_devices", str(spec_path), str(out)],
+            workers.append((_spawn(["-m", "bench.fleet.devices", str(spec_path), str(out)],
                                    work / "logs" / f"worker-{k}.log"), out))
         while time.time() < stop_at:
             sampler.sample()
@@ -410,23 +410,16 @@ def run_fleet(cfg: FleetConfig) -> dict[str, Any]:
     outs = [json.loads(p.read_text()) for _, p in workers if p.exists()]
     if len(outs) != len(workers):
         raise FleetError(f"{len(workers) - len(outs)} device processes wrote no report; see {work / 'logs'}")
-    status = _status(work / "state") if cfg.event_log == "sqlite" else _status_config(coord_cfg)
+    status = (_status("--state-dir", str(work / "state")) if cfg.event_log == "sqlite"
+              else _status("--config", str(coord_cfg)))
     return build_result(cfg, outs, status, sampler, mask, coord_rc, timed_out, nofile, time.time() - t0,
                         broker_cpu_s)
 
 
-def _status(state_dir: Path) -> dict[str, Any]:
-    """The coordinator's own account of what it logged, through the public `meerkat status --json`."""
-    r = subprocess.run([sys.executable, "-m", "shared.cli", "status", "--state-dir", str(state_dir), "--json"],
-                       capture_output=True, text=True, timeout=300)
-    if r.returncode != 0:
-        raise FleetError(f"meerkat status failed: {r.stderr.strip()}")
-    return dict(json.loads(r.stdout))
-
-
-def _status_config(config: Path) -> dict[str, Any]:
-    """`meerkat status --config --json`: the log the config names (PostgreSQL with --event-log)."""
-    r = subprocess.run([sys.executable, "-m", "shared.cli", "status", "--config", str(config), "--json"],
+def _status(*where: str) -> dict[str, Any]:
+    """The coordinator's own account of what it logged, through the public `meerkat status --json`:
+    `where` is `--state-dir DIR` (SQLite) or `--config FILE` (the log the config names: PostgreSQL)."""
+    r = subprocess.run([sys.executable, "-m", "shared.cli", "status", *where, "--json"],
                        capture_output=True, text=True, timeout=300)
     if r.returncode != 0:
         raise FleetError(f"meerkat status failed: {r.stderr.strip()}")

@@ -5,9 +5,9 @@
                            [--extreme-methods meerkat,meerkat-vp]
     meerkat bench learning --tune [--size ...] [--tasks ...] [--tune-seeds 100,101] --out DIR [--resume]
 
-In-process fleet (bench/inproc.py via bench/learning_sim.py: the product's round book, client cores and
+In-process fleet (bench/inproc.py via bench/learning/sim.py: the product's round book, client cores and
 engine step, messages through the codec, no MQTT) of 10 clients on the project's pretrained tiny LM
-(`meerkat tiny-model`), labelled tasks from bench/tasks.py split with Dirichlet(alpha=0.5) label skew,
+(`meerkat tiny-model`), labelled tasks from bench/tinylm/tasks.py split with Dirichlet(alpha=0.5) label skew,
 plus an "extreme" split where 4 clients hold a single label. Every method gets the same budget of local
 steps per client (rounds = budget / T):
 
@@ -23,7 +23,7 @@ steps per client (rounds = budget / T):
 Cells: every (size, task, split, method, T, seed, lr) run is written to DIR/cells/<sha256 of its full
 config>.json with its wall time; `--resume` reuses finished cells, so a long grid completes over several
 invocations, and `--shard K/N` lets N processes share one DIR (then one `--resume` run gathers them).
-`--tune` applies the lr rule (bench/learning_cells.py: each method's lr grid on tuning seeds disjoint
+`--tune` applies the lr rule (bench/learning/cells.py: each method's lr grid on tuning seeds disjoint
 from the evaluation seeds; best mean final accuracy among stable lrs, ties to the one whose curve learns
 sooner) and writes DIR/lrs.json + lrs.md; the
 grid reads it with `--lrs`. Without `--lrs` the defaults below apply (the demo sweep).
@@ -50,7 +50,7 @@ from typing import Any
 
 import torch
 
-from bench.learning_cells import (
+from bench.learning.cells import (
     LR_GRID,
     CellCache,
     LrRule,
@@ -60,7 +60,7 @@ from bench.learning_cells import (
     lr_markdown,
     lr_table_key,
 )
-from bench.learning_sim import (
+from bench.learning.sim import (
     BPSpec,
     ClientData,
     RunResult,
@@ -125,7 +125,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print the JSON summary as the last stdout line")
     p.add_argument("--out", default="bench-learning", help="dir for learning.json/.md, the PNG plots and cells/")
     p.add_argument("--size", default=None, help="tiny-model size, or a comma list (default demo)")
-    p.add_argument("--tasks", default=None, help="comma list of tasks (bench/tasks.py: topic, sentiment, ...)")
+    p.add_argument("--tasks", default=None, help="comma list of tasks (bench/tinylm/tasks.py: topic, sentiment, ...)")
     p.add_argument("--seeds", type=int, default=None, help="evaluation seeds 0..N-1 (>= 1)")
     p.add_argument("--budget", type=int, default=None, help="local steps per client (multiple of every T)")
     p.add_argument("--methods", default=None, help=f"comma list from {','.join(METHODS)}")
@@ -136,7 +136,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--lr-backprop", type=float, default=None)
     p.add_argument("--lrs", default=None, help="lrs.json from --tune: the lr of every (size, task, method)")
     p.add_argument("--tune", action="store_true",
-                   help="run the lr rule instead of the grid: writes OUT/lrs.json and lrs.md (bench/learning_cells.py)")
+                   help="run the lr rule instead of the grid: writes OUT/lrs.json and lrs.md (bench/learning/cells.py)")
     p.add_argument("--tune-seeds", default=None, help="comma list of tuning seeds (default 100,101; not < --seeds)")
     p.add_argument("--resume", action="store_true", help="reuse finished cells under OUT/cells (same config hash)")
     p.add_argument("--shard", default=None, help="K/N: compute every N-th cell from the K-th (parallel processes)")
@@ -233,7 +233,7 @@ def runs_for(cfg: LearningConfig) -> list[tuple[str, str, int]]:
 
 def cell_fields(cfg: LearningConfig, fingerprint: str, task: str, setting: str, method: str, T: int, seed: int,
                 lr: float) -> dict[str, Any]:
-    """Everything that shapes one cell's result: its cache key is the hash of this (bench/learning_cells.py)."""
+    """Everything that shapes one cell's result: its cache key is the hash of this (bench/learning/cells.py)."""
     f: dict[str, Any] = {"size": cfg.size, "fingerprint": fingerprint, "task": task, "setting": setting,
                          "method": method, "seed": seed, "n_clients": cfg.n_clients, "alpha": cfg.alpha,
                          "n_train": cfg.n_train, "n_eval": cfg.n_eval}
@@ -266,7 +266,7 @@ class Runner:
 
     @property
     def masks(self) -> dict[str, Any]:
-        from bench.learning_masks import build_masks
+        from bench.learning.masks import build_masks
 
         if self._masks is None:
             t0 = time.perf_counter()
@@ -430,7 +430,7 @@ def run_grid(cfg: LearningConfig, workdir: Path, progress: bool = True, cells_di
 def run_tune(cfg: LearningConfig, workdir: Path, progress: bool = True, cells_dir: Path | None = None,
              resume: bool = False, rule: LrRule | None = None,
              grid: dict[str, tuple[float, ...]] | None = None, shard: tuple[int, int] = (0, 1)) -> dict[str, Any]:
-    """The lr rule (bench/learning_cells.py): each method's lr grid on the tuning seeds, Dirichlet split,
+    """The lr rule (bench/learning/cells.py): each method's lr grid on the tuning seeds, Dirichlet split,
     T = max(Ts), the grid's budget; returns {"chosen": {"size/task/method": ...}, ...}. With `shard`, cells
     of other shards that are not finished yet leave "chosen" empty and count in "missing"."""
     from tqdm import tqdm
@@ -654,7 +654,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, quiet: tuple[str, ...]) -> int:
     from bench.cli import print_json_last
-    from bench.learning_plots import plot_results
+    from bench.learning.plots import plot_results
 
     sizes = [x.strip() for x in (args.size or "demo").split(",") if x.strip()]
     cfgs = [config_from_args(args, size) for size in sizes]

@@ -1,6 +1,6 @@
 """MEERKAT-VP probe: one federated ZO run with every device's per-step g, loss and GradIP recorded.
 
-    python -m bench.learning_vp_probe --size small --task topic --T 10 --budget 200 --lr 1e-2 --seed 0 \
+    python -m bench.learning.vp_probe --size small --task topic --T 10 --budget 200 --lr 1e-2 --seed 0 \
         --setting extreme --out DIR [--vp] [--spike-ratio 10]
 
 Why it exists: the extreme split collapses (MEERKAT 0.965 after round 2 -> 0.26 after round 3 on `small`)
@@ -22,22 +22,25 @@ from typing import Any
 import torch
 
 from bench.inproc import SharedModelTrainer
-from bench.learning import LearningConfig, Runner
-from bench.learning_sim import ZOSpec, run_zo
+from bench.learning.learning import LearningConfig, Runner
+from bench.learning.sim import ZOSpec, run_zo
 from coordinator.drift import DriftMonitor, DriftThresholds
 from coordinator.scheduler import round_seeds
 from edge_client.engine.spsa import StepResult
+from shared.dataset import Dataset
+from shared.modelload import LoadedModel
 from shared.prng import Dist, derive_seed
+
+Steps = dict[str, list[tuple[int, float, float, float]]]  # client -> (seed, g, loss_plus, loss_minus) per step
 
 
 class RecordingTrainer(SharedModelTrainer):
-    """The bench device's trainer, also appending (seed, g, loss_plus, loss_minus) of every step."""
+    """The bench device's trainer, also appending (seed, g, loss_plus, loss_minus) of every step to `log`."""
 
-    log: dict[str, list[tuple[int, float, float, float]]] = {}
-
-    def __init__(self, *a: Any, **kw: Any) -> None:
-        super().__init__(*a, **kw)
-        self.client = a[2] if len(a) > 2 else kw["client_id"]
+    def __init__(self, loaded: LoadedModel, dataset: Dataset, client_id: str, mask_id: str, log: Steps) -> None:
+        super().__init__(loaded, dataset, client_id, mask_id)
+        self.client = client_id
+        self.log = log
 
     def step(self, seed: int, eps: float, lr: float, dist: Dist, batch_size: int,
              data_pointer: int) -> tuple[StepResult, int]:
@@ -48,9 +51,8 @@ class RecordingTrainer(SharedModelTrainer):
 
 def probe(size: str, task: str, T: int, budget: int, lr: float, seed: int, setting: str, vp: bool,
           out: Path, thresholds: DriftThresholds | None = None) -> dict[str, Any]:
-    import bench.learning_sim as sim
-
     cfg = LearningConfig(size=size, tasks=(task,), seeds=1, Ts=(T,), budget=budget, lr_sparse=lr)
+    log: Steps = {}
     with tempfile.TemporaryDirectory(prefix="meerkat-vp-probe-") as tmp:
         runner = Runner(cfg, Path(tmp))
         data = runner.data(task, setting, seed)
@@ -59,23 +61,20 @@ def probe(size: str, task: str, T: int, budget: int, lr: float, seed: int, setti
         rounds = budget // T
         spec = ZOSpec(rounds, T, lr, cfg.eps, cfg.batch_size, derive_seed(seed, 100, T), vp=vp, n_evals=rounds,
                       thresholds=thresholds)
-        RecordingTrainer.log = {}
         aggs: list[list[float]] = []
-        orig = sim.SharedModelTrainer  # type: ignore[attr-defined]
-        sim.SharedModelTrainer = RecordingTrainer  # type: ignore[attr-defined]
         t0 = time.perf_counter()
         try:
             res = run_zo(loaded, data, spec, mask.flat_grad(), on_round=lambda r, G: aggs.append(G),
-                         mask_id=mask.mask_id)
+                         mask_id=mask.mask_id,
+                         trainer=lambda lm, ds, client, mask_id: RecordingTrainer(lm, ds, client, mask_id, log))
         finally:
-            sim.SharedModelTrainer = orig  # type: ignore[attr-defined]
             loaded.sidecar.set_values(loaded.sidecar.initial_values())
         wall = time.perf_counter() - t0
     singles = {c for c, n in data.label_counts.items() if sum(1 for x in n if x > 0) == 1}
     mon = DriftMonitor(mask.flat_grad(), spec.dist)
     round_of = {s: r for r in range(rounds) for s in round_seeds(spec.seed, r, T)}
     steps = {c: [[round_of[s], s, g, lp, lm, g * mon.coefficient(s)] for s, g, lp, lm in v]
-             for c, v in RecordingTrainer.log.items()}
+             for c, v in log.items()}
     result = {"size": size, "task": task, "T": T, "budget": budget, "lr": lr, "seed": seed, "setting": setting,
               "vp": vp, "wall_s": round(wall, 1), "curve": res.curve.accuracy, "curve_rounds": res.curve.rounds,
               "label_counts": data.label_counts, "single_label": sorted(singles), "limited": res.limited,
@@ -143,7 +142,7 @@ def per_round(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def as_run_row(result: dict[str, Any]) -> dict[str, Any]:
-    """The probe in the grid's row shape, for bench.learning_plots.plot_gradip."""
+    """The probe in the grid's row shape, for bench.learning.plots.plot_gradip."""
     singles = set(result["single_label"])
     return {"size": result["size"], "task": result["task"], "setting": result["setting"],
             "method": "meerkat-vp" if result["vp"] else "meerkat", "T": result["T"], "seed": result["seed"],
@@ -169,7 +168,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     r = probe(a.size, a.task, a.T, a.budget, a.lr, a.seed, a.setting, a.vp, Path(a.out),
               DriftThresholds(spike_ratio=a.spike_ratio))
-    from bench.learning_plots import plot_gradip
+    from bench.learning.plots import plot_gradip
 
     plot_gradip([as_run_row(r)], Path(a.out) / "gradip.png", window=a.T)
     for row in per_round(r):

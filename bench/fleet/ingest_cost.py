@@ -1,10 +1,10 @@
 """CPU per message of the coordinator process, phase by phase (docs/SCALING.md "Where the time goes").
 
-    python -m bench.ingest_cost --clients 3000 --steps 10 [--json]
+    python -m bench.fleet.ingest_cost --clients 3000 --steps 10 [--json]
 
 The coordinator runs in THIS process, with its real MQTT link (paho thread, manual ack), SQLite event log
-(`synchronous = full`), /metrics and a synthetic model + mask (bench/fleet.py, MEERKAT-VP on). One
-publisher process (bench/mqttlite.py, one connection that publishes for every client id) sends each
+(`synchronous = full`), /metrics and a synthetic model + mask (bench/fleet/fleet.py, MEERKAT-VP on). One
+publisher process (bench/fleet/mqttlite.py, one connection that publishes for every client id) sends each
 phase only when told to, so the CPU time (`time.process_time`: every thread of this process) between
 "go" and "all of the phase's messages handled" belongs to that phase alone. Unlike a wall-clock rate it
 barely depends on what else loads the machine: it is the cost, not the speed.
@@ -34,8 +34,8 @@ PHASES = ("join", "hb_first", "hb", "up")
 
 # ------------------------------------------------------------------------------------ publisher process
 async def _publish(spec: dict[str, Any]) -> None:
-    from bench.fleet_devices import gaussian_grads
-    from bench.mqttlite import open_client
+    from bench.fleet.devices import gaussian_grads
+    from bench.fleet.mqttlite import open_client
     from shared.codec import decode, encode
     from shared.fingerprint import fp_tag
     from shared.messages import Heartbeat, Join, RoundPlan, Status, Update
@@ -115,8 +115,8 @@ def measure(clients: int, steps: int, seed: int = 0, work: Path | None = None,
     """CPU per message of each phase; `profile` = (phase, path): cProfile of the pump thread in that phase."""
     import torch
 
-    from bench.broker import free_port
-    from bench.fleet import FleetConfig, start_broker, synthetic_model, write_coordinator_config
+    from bench.demo.broker import free_port
+    from bench.fleet.fleet import FleetConfig, start_broker, synthetic_model, write_coordinator_config
     from coordinator.config import load_coordinator_config
     from coordinator.server import Coordinator
     from shared.fingerprint import fingerprint_model_dir
@@ -131,12 +131,12 @@ def measure(clients: int, steps: int, seed: int = 0, work: Path | None = None,
     fleet = "ingestcost"
     conf = write_coordinator_config(cfg, work, broker, fleet, model, mask_path, free_port())
     coord = Coordinator(load_coordinator_config(conf))
-    torch.set_num_threads(1)  # as bench/fleet.py runs the coordinator (OMP_NUM_THREADS=1)
+    torch.set_num_threads(1)  # as bench/fleet/fleet.py runs the coordinator (OMP_NUM_THREADS=1)
     gc.freeze()  # as `meerkat coordinator` does before it serves (coordinator/server_cli.py)
     host, port = broker.split("://", 1)[1].rsplit(":", 1)
     spec = {"host": host, "port": int(port), "fleet": fleet, "clients": clients, "seed": seed,
             "fingerprint": fingerprint_model_dir(model), "mask_id": load_mask(mask_path).mask_id}
-    pub = subprocess.Popen([sys.executable, "-m", "bench.ingest_cost", "--publisher", json.dumps(spec)],
+    pub = subprocess.Popen([sys.executable, "-m", "bench.fleet.ingest_cost", "--publisher", json.dumps(spec)],
                            stdin=subprocess.PIPE)
     out: dict[str, Any] = {"clients": clients, "steps": steps}
     try:

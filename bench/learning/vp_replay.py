@@ -1,9 +1,9 @@
 """MEERKAT-VP offline replay: recorded probe runs through the product's DriftMonitor, no training.
 
-    python -m bench.learning_vp_replay RUN_DIR [RUN_DIR ...] [--decay-rule fleet] [--fleet-ratio 2.6]
+    python -m bench.learning.vp_replay RUN_DIR [RUN_DIR ...] [--decay-rule fleet] [--fleet-ratio 2.6]
         [--spike-ratio 15] [--json OUT]
 
-Each RUN_DIR holds a `probe.json` of `bench.learning_vp_probe` (every device's per-step g and GradIP,
+Each RUN_DIR holds a `probe.json` of `bench.learning.vp_probe` (every device's per-step g and GradIP,
 losses, the eval accuracy after each round). Round by round, as RoundBook does: every device's GradIP of
 the round into `observe_gradip` (the "absolute" decay rule flags there), then at the close `observe_round`
 (spike rule) over the round's updates and `observe_fleet` (the fleet-relative decay rule) over the same
