@@ -23,7 +23,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.accountant import Spend, default_delta, epsilon, noise_multiplier
+from shared.accountant import AccountingError, Spend, default_delta, epsilon, noise_multiplier
 from shared.dp import SECRET_BYTES, DpParams, sample_rate
 from shared.fsio import atomic_write
 from shared.messages import RoundPlan
@@ -106,7 +106,10 @@ class DeviceBudget:
         """(epsilon, delta) spent so far at the current fleet's delta; None before any DP plan or spend."""
         if self.fleet is None and not self.spends:
             return None
-        delta = (self.fleet.delta if self.fleet else 0.0) or default_delta(self.n)
+        try:
+            delta = (self.fleet.delta if self.fleet else 0.0) or default_delta(self.n)
+        except AccountingError:
+            return None  # no delta to state epsilon at (n < 2 and the fleet's delta 0): refusal() said so
         key = (tuple(self.spends), delta)  # the heartbeat thread asks every period: compute once per change
         if self._spent is None or self._spent[0] != key:
             self._spent = (key, epsilon(key[0], delta))
@@ -122,8 +125,12 @@ class DeviceBudget:
             return None
         self.fleet = fleet
         target = min(fleet.epsilon, self.max_epsilon) if self.max_epsilon else fleet.epsilon
-        q, sigma, delta = self.terms(fleet, plan.batch_size)
-        after = epsilon([*self.spends, Spend(q, sigma, steps)], delta)
+        try:
+            q, sigma, delta = self.terms(fleet, plan.batch_size)
+            after = epsilon([*self.spends, Spend(q, sigma, steps)], delta)
+        except AccountingError as exc:  # e.g. 1 local example and delta 0: no default delta exists
+            self.exhausted = True
+            return f"cannot account for round {plan.round}'s DP rule on this device ({exc}); not training it"
         self.exhausted = after > target
         if not self.exhausted:
             return None

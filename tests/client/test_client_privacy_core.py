@@ -82,3 +82,11 @@ def test_owner_floor_refuses_plain_plans_and_stops_below_the_fleet_target() -> N
     c3 = core(privacy=DeviceBudget(N, max_epsilon=100.0))
     c3.on_plan(plan(0, **DP), 0.0)  # a looser floor: the fleet's target applies
     assert len([a for a in run_steps(c3) if isinstance(a, TrainStep)]) == 3
+
+
+def test_a_rule_the_device_cannot_account_is_refused_not_a_crash() -> None:
+    budget = DeviceBudget(1)  # one example: no default delta 1 / n^1.1 below 1 / n exists
+    c = core(privacy=budget)
+    c.on_plan(plan(0, **DP), 0.0)
+    assert not [a for a in run_steps(c) if isinstance(a, TrainStep)] and budget.exhausted
+    assert budget.spent() is None  # nothing to report, and no exception in the heartbeat thread
