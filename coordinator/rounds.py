@@ -145,6 +145,8 @@ class RoundBook:
         self.registry = ClientRegistry(fingerprint=fingerprint, mask_id=mask_id,
                                        offline_after_s=config.offline_after_s, rows=rec.clients)  # fmt: skip
         self.admission = Admission(config, self.registry)
+        # devices whose newest Heartbeat says their privacy budget is spent (in memory: heartbeats refill it)
+        self.dp_exhausted: set[str] = set()
         self.vp = DriftPolicy(drift, config.drift_control)
         self.vp.restore(rec)
         self.quorum_since: float | None = None  # when the open round first met its quorum
@@ -182,8 +184,9 @@ class RoundBook:
         return self.registry.n_online()
 
     def eligible(self) -> list[str]:
-        """The online clients a plan may sample: benched ones (silent bench_after_misses rounds) excluded."""
-        return [c for c in self.registry.online() if c not in self.admission.benched]
+        """The online clients a plan may sample: benched ones (silent bench_after_misses rounds) and those
+        whose privacy budget is spent (their Heartbeat says dp_exhausted; docs/PRIVACY.md) excluded."""
+        return [c for c in self.registry.online() if c not in self.admission.benched and c not in self.dp_exhausted]
 
     def vp_limited(self) -> set[str]:
         """Clients MEERKAT-VP limits to one local step (empty with drift_control off)."""
@@ -292,6 +295,8 @@ class RoundBook:
             return []
         self.admission.prove(h.client, "hb")
         tele = {k: getattr(h, k) for k in TELEMETRY}  # asdict(h) less client: scalars only, no deep copy
+        if h.dp_exhausted is not None:
+            (self.dp_exhausted.add if h.dp_exhausted else self.dp_exhausted.discard)(h.client)
         return [Persist(HeartbeatRecord(h.client, tele, now)), *self.admission.bench_nag(h.client, now)]
 
     def on_sync(self, s: SyncRequest, now: float) -> list[Action]:

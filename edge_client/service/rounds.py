@@ -314,6 +314,9 @@ class ClientRounds:
                 )
             return []
         if me.client_id not in plan.steps:
+            if self.privacy is not None and plan.dp_clip is not None:  # keep `exhausted` current: the heartbeat
+                # tells the sampler (coordinator) whether a full round would still fit
+                self._privacy_refuses(plan, len(plan.seeds), "round %d is not ours, but ours would not fit: %s")
             log.debug("round %d: not sampled", plan.round)
             return []
         if plan.round <= self.round:
@@ -337,20 +340,21 @@ class ClientRounds:
                       plan.round, plan.values_checksum[:12], self.round, self.checksum[:12])
             self.counters["checksum_mismatch"] += 1
             return self._reset_to_initial()
-        if self._privacy_refuses(plan):
+        if self._privacy_refuses(plan, plan.steps[me.client_id]):
             return []
         return self._start_job(plan, msg_id)
 
-    def _privacy_refuses(self, plan: RoundPlan) -> bool:
-        """A DP plan this device cannot train privately, or whose steps its privacy budget cannot pay."""
+    def _privacy_refuses(self, plan: RoundPlan, steps: int, say: str = "not training round %d: %s") -> bool:
+        """A DP plan this device cannot train privately, or whose `steps` its privacy budget cannot pay
+        (logged once per round with `say`)."""
         if self.privacy is None:
             why = "this device cannot train privately" if plan.dp_clip is not None else None
         else:
-            why = self.privacy.refusal(plan, plan.steps[self.me.client_id])
+            why = self.privacy.refusal(plan, steps)
         if why is not None and self._dp_refused != plan.round:  # once per round
             self._dp_refused = plan.round
             self.counters["dp_refused"] += 1
-            log.warning("not training round %d: %s", plan.round, why)
+            log.warning(say, plan.round, why)
         return why is not None
 
     def _start_job(self, plan: RoundPlan, msg_id: int) -> list[Action]:

@@ -59,7 +59,8 @@ def test_budget_stop_survives_sigkill(toy: Toy, broker_url: str, tmp_path: Path)
     ))  # fmt: skip
     settings = client_settings(toy, broker_url, fleet, cid, tmp_path / "c", eval_every=0, heartbeat_s=0.5)
     conf = write_toml(tmp_path / "client.toml", settings)
-    stop_line = "not training round 2: privacy budget spent"
+    stop_line = "privacy budget spent: epsilon"  # "not training round 2: ..." or, once the coordinator
+    # no longer samples it, "round R is not ours, but ours would not fit: ..."
     client = ClientProc(conf, tmp_path / "client1.log")
     try:
         client.wait_log(stop_line, 180)
