@@ -1,7 +1,7 @@
 """The fleet's differential-privacy switch, as the coordinator states it in every RoundPlan.
 
 Device-level DP (docs/PRIVACY.md) is computed and accounted on the devices; the coordinator only says
-which rule the fleet runs (RoundPlan keys 13-17, docs/PROTOCOL.md 1.3), shows each device's spent
+which rule the fleet runs (RoundPlan keys 13-17, docs/PROTOCOL.md 1.4), shows each device's spent
 epsilon (Heartbeat keys 13-15: status, dashboard, /metrics) and otherwise aggregates as usual.
 """
 

@@ -18,7 +18,7 @@ Rules, each in one place (docs/ARCHITECTURE.md "Round lifecycle" names them):
   join / nag / offline        on_join, on_status, on_heartbeat; registry.note_live, nag, offline
   open + sampling             _maybe_open  (scheduler.round_seeds / sample_clients; eligible: not benched)
   deadline, extension, quorum tick -> scheduler.close_decision_n -> close_round / _extend
-  validation                  on_update -> ingest.check_update (admission.grad_cap)
+  validation                  on_update -> ingest.check_update (fixed max_abs_grad); |g| clipped to admission.grad_cap
   dedupe, conflict            on_update (same msg_id: Duplicate; another: reject `conflict`, first wins)
   stragglers, late folding    on_update (late | dropped, late_max_age), close_round -> aggregate.late_to_fold
   MEERKAT-VP limits           on_update -> vp.observe; close_round -> vp.at_close; plans: vp.steps_for
@@ -48,8 +48,11 @@ from coordinator.actions import (
 )
 from coordinator.admission import Admission
 from coordinator.aggregate import late_to_fold, result_scalars, round_groups
+from coordinator.centered import MIN_CLIENTS as CENTERED_MIN
+from coordinator.centered import is_small
 from coordinator.config import CoordinatorConfig
 from coordinator.drift import DriftMonitor
+from coordinator.influence import clip_to
 from coordinator.ingest import Reject, check_join, check_update
 from coordinator.privacy import with_privacy
 from coordinator.records import (
@@ -151,6 +154,7 @@ class RoundBook:
         self.vp.restore(rec)
         self.quorum_since: float | None = None  # when the open round first met its quorum
         self._last_offline_check = -math.inf
+        self._small_round = False  # the last close had too few updates for centred clipping (logged on change)
 
     @classmethod
     def from_config(
@@ -270,14 +274,17 @@ class RoundBook:
                 return self.on_reject(j.client, "join", spoof, now, reply=False)
             self.registry.refuse(j.client, now)
             return self.on_reject(j.client, "join", rej, now)
+        n = self.admission.join_n(j.client, j.n_samples)  # a re-Join cannot raise the weight
         self.registry.joining(j.client)
+        self.registry.put(ClientRow(j.client, "joined", j.fingerprint, j.mask_id, n, True, now))
         self.admission.joined(j.client)
-        self.registry.put(ClientRow(j.client, "joined", j.fingerprint, j.mask_id, j.n_samples, True, now))
         acts: list[Action] = [Persist(JoinRecord(
-            j.client, "joined", "", j.fingerprint, j.mask_id, j.n_samples, j.budget_gib,
-            dict(j.capabilities), j.last_round, now,
+            j.client, "joined", "", j.fingerprint, j.mask_id, n, j.budget_gib, dict(j.capabilities), j.last_round, now,
         ))]  # fmt: skip
-        log.info("client %s joined (n_samples %d, at round %d)", j.client, j.n_samples, j.last_round)
+        if n != j.n_samples:
+            log.warning("client %s joined claiming n_samples %d: kept at %d (its first Join's; the operator raises "
+                        "it with weight_grants)", j.client, j.n_samples, n)  # fmt: skip
+        log.info("client %s joined (n_samples %d, at round %d)", j.client, n, j.last_round)
         return acts
 
     def on_status(self, s: Status, now: float) -> list[Action]:
@@ -324,7 +331,7 @@ class RoundBook:
         if plan is None and u.round <= self.last_round:  # closed so long ago that its plan is forgotten
             rej: Reject | None = Reject("too_late", ErrorCode.STALE_ROUND, f"round {u.round} closed long ago")
         else:
-            rej = check_update(u, plan, self.fp_tag, self.admission.grad_cap())
+            rej = check_update(u, plan, self.fp_tag, self.config.max_abs_grad)
         if rej is not None:
             return self.on_reject(u.client, "up", rej, now)
         assert plan is not None  # check_update rejects an unplanned round
@@ -345,14 +352,21 @@ class RoundBook:
         if weight != u.n_samples:
             log.info("update %s round %d: FedAvg weight %d (it claimed n_samples %d)", u.client, u.round, weight,
                      u.n_samples)  # fmt: skip
-        row = UpdateRow(u.client, u.round, u.msg_id, u.grads, weight, u.loss, now, status, None)
-        gradip = self.vp.gradip(plan, u.grads)
+        # clipped to the cap of the OTHER clients' |g|, not refused: a refusal would tell a bisecting device the cap
+        cap = self.admission.grad_cap(u.client)
+        grads, n_clipped = clip_to(u.grads, cap)
+        row = UpdateRow(u.client, u.round, u.msg_id, grads, weight, u.loss, now, status, None)
+        gradip = self.vp.gradip(plan, grads)
         self.stored[(u.client, u.round)] = u.msg_id
         self._stored_rounds.setdefault(u.round, []).append(u.client)
         self.registry.seen(u.client, now)
         acts: list[Action] = [Persist(UpdateRecord(row, None if gradip is None else tuple(gradip)))]
+        if n_clipped:
+            detail = f"client={u.client} clipped={n_clipped} of {len(grads)} max_abs_g={max(map(abs, u.grads)):.4g} cap={cap:.4g}"
+            log.info("grad_clipped %s", detail)
+            acts.append(Persist(EventRecord("grad_clipped", detail, u.round, now)))
         if status != "dropped":
-            self.admission.heard(u.client, u.grads)
+            self.admission.heard(u.client, grads)
         if status == "accepted":
             self.accepted[u.client] = row
         elif status == "late":
@@ -457,8 +471,14 @@ class RoundBook:
         acts += [Persist(r) for r in drift_records]
         late = late_to_fold(self.late.values(), len(plan.seeds)) if c.straggler == "next" else []
         on_time, groups = round_groups(plan.seeds, ups, late, {r: p.seeds for r, p in self.plans.items()})
+        small = c.aggregation == "centered" and is_small(on_time.grads)
+        if small != self._small_round:  # logged when it starts and when it ends, not every round
+            self._small_round = small
+            log.info("round %d: %d on-time updates: %s", plan.round, len(on_time.grads),
+                     f"centred clipping needs {CENTERED_MIN} to tell an outlier: plain FedAvg (bounded by the "
+                     "weight and |g| caps only)" if small else "centred clipping again")  # fmt: skip
         seeds, scalars = result_scalars(c.aggregation, on_time, groups, clip_norm=c.clip_norm,
-                                        trim_fraction=c.trim_fraction)  # fmt: skip
+                                        trim_fraction=c.trim_fraction, center_clip_k=c.center_clip_k)  # fmt: skip
         new_values = apply_round(self.values, seeds, scalars, plan.lr, plan.dist)
         checksum = values_checksum(new_values)
         n_clients = len({u.client for u in ups} | {u.client for u in late})

@@ -1,6 +1,6 @@
 """The device's privacy budget: which DP rule the fleet set, what this device has spent, when it stops.
 
-The fleet switch travels in the RoundPlan (keys 13-17, docs/PROTOCOL.md 1.3): clip C, noise multiplier
+The fleet switch travels in the RoundPlan (keys 13-17, docs/PROTOCOL.md 1.4): clip C, noise multiplier
 sigma (0 = derive it here from the target epsilon and the planned steps), target epsilon, delta (0 =
 1 / n^1.1 of THIS device's n) and the planned steps. A device that cannot decode those keys cannot
 decode the plan at all, so no device trains a DP round without DP.

@@ -229,7 +229,7 @@ class RoundPlan:
     mask_id: str
     batch_size: int
     values_checksum: str  # sha256 hex of the values the plan starts from (after base_round)
-    # v1.3: the fleet's differential-privacy rule (all five or none; docs/PRIVACY.md, edge_client/privacy.py)
+    # v1.4: the fleet's differential-privacy rule (all five or none; docs/PRIVACY.md, edge_client/privacy.py)
     dp_clip: float | None = None  # C: each example's projected difference is clipped to [-C, C]
     dp_noise: float | None = None  # noise multiplier sigma (std sigma C); 0 = each device derives it
     dp_epsilon: float | None = None  # target epsilon: a device stops before passing it
@@ -349,7 +349,7 @@ class Heartbeat:
     eval_loss: float | None = None  # mean per-example loss (float32 on the wire)
     eval_acc: float | None = None  # accuracy in [0, 1], labelled data only
     eval_n: int | None = None  # examples evaluated
-    # v1.3: differential privacy spent by this device (both or none), and whether its budget stopped it
+    # v1.4: differential privacy spent by this device (both or none), and whether its budget stopped it
     dp_epsilon: float | None = None  # epsilon spent over every published step (f64)
     dp_delta: float | None = None  # the delta that epsilon is stated at
     dp_exhausted: bool | None = None  # True: the latest DP plan did not fit its budget, it no longer trains

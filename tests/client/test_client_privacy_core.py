@@ -9,7 +9,7 @@ import logging
 import pytest
 
 from edge_client.privacy import DeviceBudget, FleetDp
-from edge_client.service.rounds import QueueUpdate, TrainStep
+from edge_client.service.actions import QueueUpdate, TrainStep
 from shared.accountant import Spend, default_delta, epsilon, noise_multiplier
 
 from roundkit import IDENTITY, core, plan, run_steps  # isort: skip

@@ -73,7 +73,7 @@ def sent(acts: Sequence[Action], cls: type[Any], to: str | None = None) -> list[
 
 
 def test_straggler_round_closes_at_deadline_with_min_updates() -> None:
-    b = book(config(min_clients=3, min_updates=2))
+    b = book(config(min_clients=3, min_updates=2, weight_cap_factor=0.0))  # the weights as joined
     for k, n in (("a", 2), ("b", 6), ("c", 1)):
         join(b, k, n)
     (plan,) = sent(b.tick(0.0), RoundPlan)
@@ -110,7 +110,7 @@ def test_extension_samples_more_clients_with_the_same_seeds() -> None:
 
 
 def _round0_with_a_straggler(policy: str) -> tuple[RoundBook, RoundPlan]:
-    b = book(config(min_updates=1, straggler=policy))
+    b = book(config(min_updates=1, straggler=policy, weight_cap_factor=0.0))  # the weights as joined
     join(b, "a", 2)
     join(b, "b", 6)
     (p0,) = sent(b.tick(0.0), RoundPlan)
@@ -364,7 +364,7 @@ def test_join_with_another_quant_is_refused_unless_the_fleet_mixes(policy: str) 
 
 @pytest.mark.parametrize("control", [True, False])
 def test_vp_spike_leaves_the_update_out_and_limits_the_client(control: bool) -> None:
-    cfg = config(min_clients=5, drift_control=control, drift_spike_ratio=10.0)
+    cfg = config(min_clients=5, drift_control=control, drift_spike_ratio=10.0, aggregation="fedavg")
     grad = torch.from_numpy(((raw_u64(5, NNZ) >> 40).astype("float64") / 2**24 - 0.5).astype("float32"))
     b = book(cfg, drift=DriftMonitor(grad, "rademacher", cfg.drift_thresholds()))
     grads = {"a": [1.0, -1.0], "b": [-1.0, 2.0], "c": [1.0, 1.0], "d": [1.0, -30.0], "e": [-1.0, 1.0]}  # d: 30x the median 1.0

@@ -35,7 +35,7 @@ N, B, STEPS, ROUNDS, TARGET = 24, 4, 3, 3, 4.0
 def _status(state: Path) -> dict[str, Any]:
     out = subprocess.run([sys.executable, "-m", "shared.cli", "status", "--json", "--state-dir", str(state)],
                          cwd=REPO, capture_output=True, text=True, timeout=120, check=True)  # fmt: skip
-    return json.loads(out.stdout)  # type: ignore[no-any-return]
+    return json.loads(out.stdout)
 
 
 def test_three_dp_devices_over_mosquitto(broker_url: str, tmp_path: Path) -> None:
