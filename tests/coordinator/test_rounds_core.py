@@ -417,3 +417,47 @@ def test_devices_whose_privacy_budget_is_spent_are_not_sampled() -> None:
     assert sorted(p0.steps) == ["y"] and p0.dp_epsilon == 4.0 and p0.dp_steps == 10
     b.handle(hb("x", False), 2.0)  # e.g. the fleet's target was raised: it may train again
     assert sorted(b.eligible()) == ["x", "y"]
+def _hb(client: str, available: bool | None, reason: str | None = None, round: int = -1) -> Heartbeat:
+    return Heartbeat(client, 1.0, 1.0, 1, round=round, available=available, pause_reason=reason,
+                     trained_share=None if available is None else 0.5)
+
+
+def test_paused_devices_are_not_sampled_and_a_pause_is_not_a_miss() -> None:
+    """Issue 27: a device whose policy paused it is not sampled; sampled and paused mid-round, it is
+    excused (no miss, never benched); quorum rules are unchanged for the others."""
+    b = book(config(min_clients=1, min_updates=1, bench_after_misses=1))
+    for k in ("a", "b", "c"):
+        join(b, k, 4)
+    b.handle(_hb("c", False, "on battery"), 0.5)
+    b.handle(_hb("b", None), 0.5)  # a 1.2 device says nothing: available
+    (plan,) = sent(b.tick(1.0), RoundPlan)
+    assert sorted(plan.steps) == ["a", "b"] and b.availability.paused("c") == "on battery"
+    b.handle(_hb("b", False, "busy", round=0), 2.0)  # b pauses mid-round
+    b.handle(update("a", 0, [0.5, 0.25], 4), 3.0)
+    acts = b.tick(11.0)  # deadline: a reported, b paused
+    (res,) = sent(acts, RoundResult)
+    assert res.n_clients == 1 and b.admission.benched == {} and "b" not in b.admission.misses
+    b.handle(_hb("c", True), 12.0)
+    (plan,) = sent(b.tick(12.0), RoundPlan)
+    assert sorted(plan.steps) == ["a", "c"]  # b still paused, c back
+
+
+def test_round_where_every_sampled_device_paused_closes_at_once_and_nobody_is_benched() -> None:
+    b = book(config(min_clients=2, min_updates=2, bench_after_misses=1, round_deadline_s=600.0))
+    for k in ("a", "b"):
+        join(b, k, 4)
+    (plan,) = sent(b.tick(0.0), RoundPlan)
+    assert sorted(plan.steps) == ["a", "b"]
+    b.handle(_hb("a", False, "hot", round=0), 1.0)
+    assert sent(b.tick(1.5), RoundResult) == []  # b has not paused: wait for it
+    b.handle(_hb("b", False, "outside window", round=0), 2.0)
+    acts = b.tick(2.0)  # long before the 600 s deadline
+    (res,) = sent(acts, RoundResult)
+    assert (res.round, res.n_clients, res.seeds, res.scalars) == (0, 0, (), ())
+    assert res.values_checksum == values_checksum(synthetic_v0(NNZ))  # values unchanged
+    assert b.admission.benched == {} and b.admission.misses == {} and b.plan is None
+    assert sent(b.tick(3.0), RoundPlan) == []  # nobody available: no round opens
+    b.handle(_hb("a", True), 4.0)
+    b.handle(_hb("b", True), 4.0)
+    (plan,) = sent(b.tick(4.0), RoundPlan)
+    assert plan.round == 1 and plan.base_round == 0
