@@ -14,6 +14,11 @@ Used by `meerkat bench learning` (bench/learning_sim.py), the demo's before/afte
 equivalence test against a real fleet (tests/e2e/test_inproc_equivalence.py): for the same inputs the
 RoundResults here are byte-identical to the ones a real coordinator publishes.
 
+A hostile device is a real device with a `Tamper` (bench/attacks/): what its core would send as Join or
+Update goes to the tamper instead, which sends whatever it likes through `Send` (several messages, fresh
+msg_ids) and sees the coordinator's refusal of each (an ErrorMsg) or None, as an attacker on the wire would;
+the book's real intake, admission and aggregation judge every one.
+
 What differs from a real fleet, on purpose: no broker (so no lost or reordered messages), devices are
 always online, a device trains all its steps before simulated time moves on, and nothing is persisted
 (the book's Persist/WriteCheckpoint actions and the device's SaveStep are no-ops here).
@@ -23,15 +28,17 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
 from coordinator.rounds import Action as BookAction
 from coordinator.rounds import Publish, RoundBook
 from edge_client.engine.spsa import StepResult
+from edge_client.privacy import DeviceBudget, DpStep
 from edge_client.service.actions import Action as DeviceAction
 from edge_client.service.actions import (
     Commit,
@@ -49,9 +56,10 @@ from edge_client.service.actions import (
 )
 from edge_client.service.carry import heartbeat_message, join_message, sync_message, train_step
 from edge_client.service.rounds import ClientRounds
-from edge_client.service.trainer import Trainer, data_stream, engine_step
+from edge_client.service.trainer import Trainer, data_stream, engine_step, private_engine_step
 from shared.codec import decode, encode
 from shared.dataset import Dataset, DataStream
+from shared.dp import SecretStream
 from shared.messages import (
     CheckpointChunk,
     ErrorMsg,
@@ -73,14 +81,28 @@ log = logging.getLogger(__name__)
 
 TO_DEVICE = (Replay, CheckpointChunk, ErrorMsg)
 
+Send = Callable[[Join | Update], ErrorMsg | None]  # a message to the coordinator -> its refusal (None: none)
+
+
+class Tamper(Protocol):
+    """What a hostile device sends instead of its core's Join / Update (bench/attacks/strategies.py).
+    `msg` is what the honest core would have sent (client "" as on the wire); `send` delivers any message
+    from this device to the coordinator now and returns the ErrorMsg it answered with, if any."""
+
+    def join(self, client: str, msg: Join, send: Send) -> None: ...
+
+    def update(self, client: str, msg: Update, send: Send) -> None: ...
+
 
 @dataclass
 class Device:
-    """One simulated device: its round core, the engine behind it, what its Join announces."""
+    """One simulated device: its round core, the engine behind it, what its Join announces; `tamper`
+    rewrites what it sends (None: an honest device)."""
 
     core: ClientRounds
     trainer: Trainer
     budget_gib: float = 1.0
+    tamper: Tamper | None = None
     queued: dict[int, bytes] = field(default_factory=dict)  # round -> Update payload (the outbox)
     committed: int = -1  # the round its values are at (last Commit)
 
@@ -177,8 +199,11 @@ class InProcessFleet:
             elif isinstance(act, LoadValues):
                 d.trainer.set_values(act.values)
             elif isinstance(act, QueueUpdate):
-                d.queued[act.update.round] = encode(act.update)
                 self.losses.setdefault(act.update.round, []).append(act.update.loss)
+                if d.tamper is not None:
+                    d.tamper.update(d.client, act.update, lambda m: self._probe(d, m))
+                    continue
+                d.queued[act.update.round] = encode(act.update)
                 self._resend(d, act.update.round)
             elif isinstance(act, ResendUpdates):
                 for r in sorted(d.queued):
@@ -187,7 +212,11 @@ class InProcessFleet:
                 d.committed = act.round
                 d.queued = {r: p for r, p in d.queued.items() if r > act.round}
             elif isinstance(act, SendJoin):
-                self._send(d, join_message(d.trainer, d.budget_gib, act.last_round), Join)
+                join = join_message(d.trainer, d.budget_gib, act.last_round)
+                if d.tamper is not None:
+                    d.tamper.join(d.client, join, lambda m: self._probe(d, m))
+                else:
+                    self._send(d, join, Join)
             elif isinstance(act, SendSync):
                 self._send(d, sync_message(act.have_round), SyncRequest)
             elif isinstance(act, (SaveStep, DropRound, SlowDown)):
@@ -196,6 +225,25 @@ class InProcessFleet:
                 d.queued.pop(act.round, None)
             elif isinstance(act, Exit):
                 raise RuntimeError(f"simulated device {d.client}: {act.reason}")
+
+    def _probe(self, d: Device, msg: Join | Update) -> ErrorMsg | None:
+        """A tampered device's message handed to the book at once (through the codec); the ErrorMsg the
+        book answers it with goes back to the tamper, not to the device's core. The last Update sent for
+        a round is the one the device keeps in its outbox (re-sent after a reconnect)."""
+        payload = encode(msg)
+        self.traffic.up += len(payload)
+        self.traffic.messages[type(msg).__name__] += 1
+        if isinstance(msg, Update):
+            d.queued[msg.round] = payload
+        refusal: ErrorMsg | None = None
+        rest: list[BookAction] = []
+        for act in self.book.handle(decode(payload, type(msg), client=d.client), self.now):
+            if isinstance(act, Publish) and act.to == d.client and isinstance(act.message, ErrorMsg):
+                refusal = act.message
+            else:
+                rest.append(act)
+        self._to_book(rest)
+        return refusal
 
     def _resend(self, d: Device, round: int) -> None:
         payload = d.queued[round]
@@ -261,7 +309,9 @@ def from_configs(coordinator_toml: Path, client_tomls: Sequence[Path]) -> InProc
         ccfg = load_client_config(path)
         trainer = EngineTrainer(ccfg)
         me = Identity(ccfg.client_id, ccfg.fleet, trainer.fingerprint, trainer.mask_id, trainer.n_samples, ccfg.quant)
-        devices.append(Device(ClientRounds(me, trainer.initial_values), trainer, budget_gib=ccfg.memory_budget_gib))
+        budget = DeviceBudget(trainer.n_samples, max_epsilon=ccfg.dp_max_epsilon)  # as EdgeClient (ledger in memory)
+        devices.append(Device(ClientRounds(me, trainer.initial_values, privacy=budget), trainer,
+                              budget_gib=ccfg.memory_budget_gib))
     return InProcessFleet(book, devices)
 
 
@@ -274,7 +324,7 @@ class SharedModelTrainer:
     `meerkat client` with the same id would."""
 
     def __init__(self, loaded: LoadedModel, dataset: Dataset, client_id: str, mask_id: str,
-                 micro_batch: int | None = None) -> None:
+                 micro_batch: int | None = None, secret: SecretStream | None = None) -> None:
         if loaded.sidecar is None:
             raise ValueError("SharedModelTrainer needs a model loaded with a mask (side-car)")
         self.model: torch.nn.Module = loaded.model
@@ -287,6 +337,7 @@ class SharedModelTrainer:
         self.n_samples = len(dataset)
         self.stream: DataStream = data_stream(client_id, self.n_samples)
         self.micro_batch = micro_batch
+        self.secret = secret  # the device's DP secret stream (a DP fleet); None: private steps refused
         self._values: torch.Tensor | None = None
 
     def initial_values(self) -> torch.Tensor:
@@ -306,6 +357,18 @@ class SharedModelTrainer:
         self._values = self.sidecar.get_values()
         return out
 
+    def private_step(
+        self, seed: int, eps: float, lr: float, dist: Dist, data_pointer: int, dp: DpStep
+    ) -> tuple[StepResult, int]:
+        """The client's private step (private_engine_step) over the shared model."""
+        if self._values is None or self.secret is None:
+            raise RuntimeError("private_step() needs set_values() first and a secret")
+        self.sidecar.set_values(self._values)
+        out = private_engine_step(self.model, self.sidecar, self.dataset, self.micro_batch, self.secret, seed, eps,
+                                  lr, dist, dp, data_pointer)  # fmt: skip
+        self._values = self.sidecar.get_values()
+        return out
+
     def capabilities(self) -> dict[str, str | int | float | bool]:
         return {"device": "cpu", "quant": self.quant, "nnz": self.nnz}
 
@@ -314,4 +377,4 @@ class SharedModelTrainer:
         return None
 
 
-__all__ = ["Device", "InProcessFleet", "SharedModelTrainer", "Traffic", "from_configs"]
+__all__ = ["Device", "InProcessFleet", "Send", "SharedModelTrainer", "Tamper", "Traffic", "from_configs"]

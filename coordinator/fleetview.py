@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from coordinator.availability import from_telemetry
 from coordinator.eventlog import EventLog
 from coordinator.records import COORDINATOR_EVAL, EvalRow, RoundPoint
 
@@ -40,6 +41,11 @@ class DeviceView:
     limited: bool  # MEERKAT-VP limited it to 1 local step
     rho_later: float | None
     rho_quie: float | None
+    dp_epsilon: float | None = None  # differential privacy spent by the device (its newest heartbeat)
+    dp_exhausted: bool | None = None  # its budget no longer fits a round: it stopped training (None: no DP)
+    available: bool | None = None  # its device policy's word (protocol 1.3); None: it does not say; offline: False
+    pause_reason: str | None = None  # why it is paused ("offline" for an offline device)
+    trained_share: float | None = None  # share of time its client spent in local steps
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,10 @@ class FleetView:
     device_evals: list[CurvePoint]  # per round: n-weighted mean of the devices' evaluations
     coordinator_evals: list[CurvePoint]  # the coordinator's own (eval_data)
     gradip: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # client -> (round, mean |GradIP|)
+
+    def available_now(self) -> int:
+        """Joined devices online and not paused by their policy (one that does not say counts as available)."""
+        return sum(1 for d in self.devices if d.state == "joined" and d.online and d.available is not False)
 
     def rounds_per_minute(self, window_s: float = 600.0) -> float | None:
         """Closed rounds per minute over the last `window_s` seconds of closes (None: fewer than 2)."""
@@ -108,6 +118,7 @@ def fleet_view(state_dir: str | Path, now: float, last: int = 200, event_log: st
             budget, caps = budgets.get(c.client, (0.0, {}))
             d = drift.get(c.client)
             g = gradip.get(c.client)
+            av, words = from_telemetry(t, c.online)
             devices.append(DeviceView(
                 client=c.client, state=c.state, online=c.online, seen_at=c.seen_at, cpu_pct=_num(t, "cpu_pct"),
                 rss_bytes=_num(t, "rss_bytes"), gpu_mem_bytes=_num(t, "gpu_mem_bytes"),
@@ -117,6 +128,9 @@ def fleet_view(state_dir: str | Path, now: float, last: int = 200, event_log: st
                 eval_round=_num(t, "eval_round"), eval_loss=_num(t, "eval_loss"), eval_acc=_num(t, "eval_acc"),
                 gradip=g[-1][1] if g else None, limited=d is not None and d.limited_round is not None,
                 rho_later=None if d is None else d.rho_later, rho_quie=None if d is None else d.rho_quie,
+                dp_epsilon=_num(t, "dp_epsilon"), dp_exhausted=t["dp_exhausted"] if isinstance(t.get("dp_exhausted"), bool) else None,
+                available=av, pause_reason=None if av is not False else words.removeprefix("paused: "),
+                trained_share=_num(t, "trained_share"),
             ))  # fmt: skip
     finally:
         log.close()

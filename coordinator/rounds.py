@@ -10,14 +10,17 @@ pump hands the constructor (coordinator/recovery.py reads it).
     acts = book.handle(Join(client="c1", ...), now=0.0) + book.tick(now=0.0)
 
 The book owns the lifecycle (open / extend / close / late-fold / dedupe / sync) and the order of the
-actions; three parts it holds decide the rest: `registry` (coordinator/registry.py: joined / online /
+actions; four parts it holds decide the rest: `registry` (coordinator/registry.py: joined / online /
 last seen, the join nag), `admission` (coordinator/admission.py: rate limits, reply budget, FedAvg
-weight, |g| cap, benching) and `vp` (coordinator/vp.py: MEERKAT-VP limits).
+weight, |g| cap, benching), `vp` (coordinator/vp.py: MEERKAT-VP limits) and `availability`
+(coordinator/availability.py: devices their policy paused are not sampled, not missed).
 
 Rules, each in one place (docs/ARCHITECTURE.md "Round lifecycle" names them):
   join / nag / offline        on_join, on_status, on_heartbeat; registry.note_live, nag, offline
-  open + sampling             _maybe_open  (scheduler.round_seeds / sample_clients; eligible: not benched)
-  deadline, extension, quorum tick -> scheduler.close_decision_n -> close_round / _extend
+  open + sampling             _maybe_open  (scheduler.round_seeds / sample_clients; eligible: not benched,
+                              not paused by the device policy)
+  deadline, extension, quorum tick -> scheduler.close_decision_n -> close_round / _extend; every sampled
+                              device paused, nothing reported: tick -> close_round at once, empty
   validation                  on_update -> ingest.check_update (fixed max_abs_grad); |g| clipped to admission.grad_cap
   dedupe, conflict            on_update (same msg_id: Duplicate; another: reject `conflict`, first wins)
   stragglers, late folding    on_update (late | dropped, late_max_age), close_round -> aggregate.late_to_fold
@@ -48,12 +51,14 @@ from coordinator.actions import (
 )
 from coordinator.admission import Admission
 from coordinator.aggregate import late_to_fold, result_scalars, round_groups
+from coordinator.availability import Availability
 from coordinator.centered import MIN_CLIENTS as CENTERED_MIN
 from coordinator.centered import is_small
 from coordinator.config import CoordinatorConfig
 from coordinator.drift import DriftMonitor
 from coordinator.influence import clip_to
 from coordinator.ingest import Reject, check_join, check_update
+from coordinator.privacy import with_privacy
 from coordinator.records import (
     ClientRow,
     EventRecord,
@@ -97,7 +102,7 @@ __all__ = [  # the action types are coordinator/actions.py's; importers of coord
 log = logging.getLogger(__name__)
 
 OFFLINE_CHECK_S = 1.0  # how often tick() looks for silent clients and unjoined live ones
-LATE_WINDOW = 64  # plans and dedupe keys of this many closed rounds are kept (late_max_age <= this)
+LATE_WINDOW = 64  # plans of this many closed rounds are kept (late_max_age <= this); dedupe keys: _key_window
 RESEND_GRACE_S = 30.0  # after a reconnect, a round due sooner gets this long (at most round_deadline_s) for re-sends
 KIND_OF: dict[type, str] = {Update: "up", Join: "join", Heartbeat: "hb", Status: "status", SyncRequest: "sync"}
 TELEMETRY = tuple(f.name for f in fields(Heartbeat) if f.name != "client")  # a HeartbeatRecord's keys, in order
@@ -143,12 +148,18 @@ class RoundBook:
         self._stored_rounds: dict[int, list[str]] = {}  # round -> clients with a key in `stored` (cheap forgetting)
         for client, r in self.stored:
             self._stored_rounds.setdefault(r, []).append(client)
+        self._forget_keys_before(self.last_round + 1 - self._key_window())
         self.results: deque[ResultRow] = deque(rec.results, maxlen=max(1, config.replay_max))
         self.registry = ClientRegistry(fingerprint=fingerprint, mask_id=mask_id,
                                        offline_after_s=config.offline_after_s, rows=rec.clients)  # fmt: skip
         self.admission = Admission(config, self.registry)
+        # devices whose newest Heartbeat says their privacy budget is spent (in memory: heartbeats refill it)
+        self.dp_exhausted: set[str] = set()
         self.vp = DriftPolicy(drift, config.drift_control)
         self.vp.restore(rec)
+        self.availability = Availability()  # device policies: paused devices are not sampled, not missed
+        if self.plan is not None:
+            self.availability.round_opened(self.plan.steps)
         self.quorum_since: float | None = None  # when the open round first met its quorum
         self._last_offline_check = -math.inf
         self._small_round = False  # the last close had too few updates for centred clipping (logged on change)
@@ -185,15 +196,19 @@ class RoundBook:
         return self.registry.n_online()
 
     def eligible(self) -> list[str]:
-        """The online clients a plan may sample: benched ones (silent bench_after_misses rounds) excluded."""
-        return [c for c in self.registry.online() if c not in self.admission.benched]
+        """The online clients a plan may sample: benched ones (silent bench_after_misses rounds) and those
+        whose device policy paused them (coordinator/availability.py) and those whose privacy budget is spent
+        (their Heartbeat says dp_exhausted; docs/PRIVACY.md) excluded."""
+        av = self.availability
+        return [c for c in self.registry.online()
+                if c not in self.admission.benched and av.paused(c) is None and c not in self.dp_exhausted]
 
     def vp_limited(self) -> set[str]:
         """Clients MEERKAT-VP limits to one local step (empty with drift_control off)."""
         return self.vp.limited()
 
     def plan_message(self, p: PlanRow) -> RoundPlan:
-        return plan_message(p, self.config.fleet, self.fingerprint, self.mask_id)
+        return with_privacy(plan_message(p, self.config.fleet, self.fingerprint, self.mask_id), self.config)
 
     def _next_round(self) -> int:
         """The first round whose plan is not published yet (where a MEERKAT-VP decision takes effect)."""
@@ -297,7 +312,10 @@ class RoundBook:
         if not self.registry.seen(h.client, now, online=True):
             return []
         self.admission.prove(h.client, "hb")
+        self.availability.note(h.client, h.available, h.pause_reason, h.trained_share)
         tele = {k: getattr(h, k) for k in TELEMETRY}  # asdict(h) less client: scalars only, no deep copy
+        if h.dp_exhausted is not None:
+            (self.dp_exhausted.add if h.dp_exhausted else self.dp_exhausted.discard)(h.client)
         return [Persist(HeartbeatRecord(h.client, tele, now)), *self.admission.bench_nag(h.client, now)]
 
     def on_sync(self, s: SyncRequest, now: float) -> list[Action]:
@@ -394,6 +412,8 @@ class RoundBook:
                 acts += self._maybe_open(now)
             return acts
         plan, c = self.plan, self.config
+        if not self.accepted and self.availability.all_paused():  # nobody left to wait for (O(1): counted)
+            return acts + self.close_round(now, f"all {len(plan.steps)} sampled devices paused by their policy")
         # counts, not sets: accepted is a subset of plan.steps (check_update rejects clients not sampled,
         # and a re-plan only adds clients), so this tick costs O(1) however large the round
         n, got = len(plan.steps), len(self.accepted)
@@ -426,6 +446,7 @@ class RoundBook:
             base_checksum=values_checksum(self.values), extensions=0,
         )  # fmt: skip
         self.plan, self.plans[r], self.accepted, self.quorum_since = plan, plan, {}, None
+        self.availability.round_opened(sampled)
         log.info("round %d open: %d clients x %d steps (%d limited to 1 by MEERKAT-VP), deadline in %.0f s",
                  r, len(sampled), c.steps, sum(1 for t in plan.steps.values() if t < c.steps),
                  c.round_deadline_s)  # fmt: skip
@@ -443,6 +464,7 @@ class RoundBook:
         extra = sample_clients(eligible, want, c.master_seed, plan.round, plan.extensions + 1, exclude=plan.steps)
         steps = {**plan.steps, **{k: self.vp.steps_for(k, c.steps) for k in extra}}
         new = replace(plan, steps=steps, deadline=now + c.round_deadline_s, extensions=plan.extensions + 1)
+        self.availability.round_extended(extra)
         self.plan = self.plans[plan.round] = new
         log.warning("round %d: %s; deadline extended (%d), added %d clients", plan.round, why, new.extensions,
                     len(extra))  # fmt: skip
@@ -457,23 +479,26 @@ class RoundBook:
         plan, c = self.plan, self.config
         if plan is None:
             raise RuntimeError("close_round: no round is open")
-        if not self.accepted:
+        if not self.accepted and not self.availability.all_paused():
             raise RuntimeError(f"close_round: round {plan.round} has no update")
         reported = [self.accepted[k] for k in sorted(self.accepted)]
         acts: list[Action] = []
         drift_records, ups = self.vp.at_close(plan.round, reported, now, self._next_round())
         acts += [Persist(r) for r in drift_records]
-        late = late_to_fold(self.late.values(), len(plan.seeds)) if c.straggler == "next" else []
-        on_time, groups = round_groups(plan.seeds, ups, late, {r: p.seeds for r, p in self.plans.items()})
-        small = c.aggregation == "centered" and is_small(on_time.grads)
-        if small != self._small_round:  # logged when it starts and when it ends, not every round
-            self._small_round = small
-            log.info("round %d: %d on-time updates: %s", plan.round, len(on_time.grads),
-                     f"centred clipping needs {CENTERED_MIN} to tell an outlier: plain FedAvg (bounded by the "
-                     "weight and |g| caps only)" if small else "centred clipping again")  # fmt: skip
-        seeds, scalars = result_scalars(c.aggregation, on_time, groups, clip_norm=c.clip_norm,
-                                        trim_fraction=c.trim_fraction, center_clip_k=c.center_clip_k)  # fmt: skip
-        new_values = apply_round(self.values, seeds, scalars, plan.lr, plan.dist)
+        if ups:
+            late = late_to_fold(self.late.values(), len(plan.seeds)) if c.straggler == "next" else []
+            on_time, groups = round_groups(plan.seeds, ups, late, {r: p.seeds for r, p in self.plans.items()})
+            small = c.aggregation == "centered" and is_small(on_time.grads)
+            if small != self._small_round:  # logged when it starts and when it ends, not every round
+                self._small_round = small
+                log.info("round %d: %d on-time updates: %s", plan.round, len(on_time.grads),
+                         f"centred clipping needs {CENTERED_MIN} to tell an outlier: plain FedAvg (bounded by the "
+                         "weight and |g| caps only)" if small else "centred clipping again")  # fmt: skip
+            seeds, scalars = result_scalars(c.aggregation, on_time, groups, clip_norm=c.clip_norm,
+                                            trim_fraction=c.trim_fraction, center_clip_k=c.center_clip_k)  # fmt: skip
+            new_values = apply_round(self.values, seeds, scalars, plan.lr, plan.dist)
+        else:  # every sampled device paused: an empty result (values unchanged); late updates wait for the next
+            late, seeds, scalars, new_values = [], [], [], self.values
         checksum = values_checksum(new_values)
         n_clients = len({u.client for u in ups} | {u.client for u in late})
         row = ResultRow(plan.round, tuple(seeds), tuple(scalars), plan.lr, plan.dist, n_clients, checksum, now,
@@ -483,10 +508,12 @@ class RoundBook:
         for u in late:
             del self.late[(u.client, u.round)]
         self.plans[plan.round] = replace(plan, state="closed")
-        benched = self.admission.count_misses(list(plan.steps), {u.client for u in reported})
+        excused = self.availability.round_closed()  # paused by their policy: no miss, never benched
+        benched = self.admission.count_misses(list(plan.steps), {u.client for u in reported} | excused)
         self.results.append(row)
         self._forget_before(plan.round + 1 - LATE_WINDOW)
-        loss = math.fsum(u.loss for u in ups) / len(ups)
+        self._forget_keys_before(plan.round + 1 - self._key_window())
+        loss = math.fsum(u.loss for u in ups) / len(ups) if ups else math.nan  # nan: closed empty (all paused)
         log.info("round %d closed (%s): %d updates, %d late, mean loss %.4f, checksum %s", plan.round, why, len(ups),
                  len(late), loss, checksum[:12])  # fmt: skip
         acts += [
@@ -506,10 +533,21 @@ class RoundBook:
         keep = {r for _, r in self.late}
         for r in [r for r in self.plans if r < oldest and r not in keep]:
             del self.plans[r]
+        self._forget_keys_before(oldest)
+        self.vp.forget_before(min([oldest, *keep]))
+
+    def _key_window(self) -> int:
+        """Closed rounds whose dedupe keys can still matter: with straggler `next` an update of a round that
+        closed `late_max_age` or more rounds ago is refused (STALE_ROUND) before anything is stored, so only
+        the last `late_max_age` closed rounds can be named (PROTOCOL.md 1.3); `drop` stores an update of any
+        round whose plan is kept, so it keeps the whole late window."""
+        return self.config.late_max_age if self.config.straggler == "next" else LATE_WINDOW
+
+    def _forget_keys_before(self, oldest: int) -> None:
+        keep = {r for _, r in self.late}
         for r in [r for r in self._stored_rounds if r < oldest and r not in keep]:  # O(rounds), not O(keys)
             for client in self._stored_rounds.pop(r):
                 del self.stored[(client, r)]
-        self.vp.forget_before(min([oldest, *keep]))
 
     def sync_reply(self, client: str, have_round: int) -> list[Publish]:
         """What a SyncRequest(have_round) is answered (`sync_messages`), for `to/{client}`."""

@@ -12,7 +12,10 @@ heartbeat thread publishes QoS0 telemetry. Each `tick()` does, in order:
   2. drain PUBACKs: mark the acked outbox rows;
   3. publish outbox rows that are due (after a restart: all of them; the coordinator dedupes);
   4. decode incoming messages (plan, result/{r}, result/latest, to/{client}): core.handle(msg, now);
-  5. core.tick(now): a SyncRequest when the core asks, then at most ONE SPSA step, saved as a step row.
+  5. core.tick(now): a SyncRequest when the core asks, then at most ONE SPSA step, saved as a step row,
+     taken only when the device policy allows it now (edge_client/service/policy.py); while it does
+     not, the step is left undone (the core asks for the same one at the next tick) and the loop waits
+     `policy.poll_s` for messages between checks.
 So a SIGTERM, a round result or a PUBACK is never more than one step away.
 """
 
@@ -29,6 +32,7 @@ from typing import TypeVar
 
 import torch
 
+from edge_client.privacy import DeviceBudget
 from edge_client.service.actions import (
     Action,
     Commit,
@@ -46,7 +50,10 @@ from edge_client.service.actions import (
 )
 from edge_client.service.carry import heartbeat_message, join_message, sync_message, train_step
 from edge_client.service.config import ClientConfig
+from edge_client.service.limits import apply_limits
+from edge_client.service.policy import DevicePolicy
 from edge_client.service.rounds import ClientRounds, Identity
+from edge_client.service.sensors import Sensors, SystemSensors
 from edge_client.service.state import ClientState, StateStore, StorageFull
 from edge_client.service.telemetry import Telemetry
 from edge_client.service.trainer import Trainer
@@ -74,6 +81,7 @@ INBOUND: dict[str, type[Message] | tuple[type[Message], ...]] = {  # topic kind 
     "result_latest": RoundResult,
     "to": (Replay, CheckpointChunk, ErrorMsg),
 }
+RETAINED = frozenset({"plan", "result_latest"})  # topics it reads where a zero-length payload clears a retained one
 STORAGE_RETRY_S = 5.0  # a full disk: try the same write again this often (nothing half-written was committed)
 
 
@@ -82,7 +90,9 @@ class StoppedWhileStorageFull(StorageFull):
 
 
 class EdgeClient:
-    def __init__(self, cfg: ClientConfig, trainer: Trainer, budget_gib: float | None = None) -> None:
+    def __init__(
+        self, cfg: ClientConfig, trainer: Trainer, budget_gib: float | None = None, sensors: Sensors | None = None
+    ) -> None:
         self.cfg = cfg
         self.trainer = trainer
         self.cid = cfg.client_id
@@ -98,10 +108,13 @@ class EdgeClient:
             self.st.round, self.st.checksum[:12], self.st.data_pointer, len(self.store.outbox),
         )
         me = Identity(cfg.client_id, cfg.fleet, trainer.fingerprint, trainer.mask_id, trainer.n_samples, cfg.quant)
+        # a trainer with a private step can serve DP fleets; its spent budget comes back from the state
+        privacy = (DeviceBudget(trainer.n_samples, self.store.dp_spends(), max_epsilon=cfg.dp_max_epsilon)
+                   if hasattr(trainer, "private_step") else None)  # fmt: skip
         self.rounds = ClientRounds(
             me, trainer.initial_values, values=values, round=self.st.round, data_pointer=self.st.data_pointer,
             trained_round=self.st.trained_round, trained_msg_id=self.st.trained_msg_id,
-            progress=self.store.progress(), sync_retry_s=cfg.sync_retry_s,
+            progress=self.store.progress(), sync_retry_s=cfg.sync_retry_s, privacy=privacy,
         )  # fmt: skip
         self.counters = self.rounds.counters  # one set of counters: the core's rules and the pump's I/O
         self._seen_connects = 0
@@ -112,6 +125,10 @@ class EdgeClient:
         self._hb_thread: threading.Thread | None = None
         self.telemetry: Telemetry | None = None
         self.last_eval: tuple[int, EvalResult] | None = None  # (round, result): repeated on every heartbeat
+        self._sensors = sensors  # None: the real ones (SystemSensors), made in run() beside the telemetry
+        self.policy: DevicePolicy | None = None  # set in run(); None (tests driving tick()) = always allowed
+        self.started = time.monotonic()
+        self.trained_s = 0.0  # wall seconds spent in local steps since start (share of time trained)
 
     # -- setup -----------------------------------------------------------------------------------
     def _status(self, online: bool) -> bytes:
@@ -135,8 +152,12 @@ class EdgeClient:
     # -- run -------------------------------------------------------------------------------------
     def run(self) -> int:
         """Until `stop()` (SIGTERM): returns 0 after a clean shutdown (offline status published)."""
+        log.info("device policy: %s", apply_limits(self.cfg.policy))
         self.link.start()
         self.telemetry = Telemetry(self.cfg.heartbeat_s, use_gpu=self.cfg.device != "cpu")
+        sensors = self._sensors if self._sensors is not None else SystemSensors(self.telemetry)
+        self.policy = DevicePolicy(self.cfg.policy, sensors)
+        self.started = time.monotonic()
         self._hb_thread = threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True)
         self._hb_thread.start()
         try:
@@ -176,17 +197,23 @@ class EdgeClient:
         self._drain_published()
         if connected and time.monotonic() >= self._quiet_until:
             self._resend_due()
-        self._drain_inbox(0.0 if self.rounds.job is not None else idle_wait)
+        policy = self.policy
+        if policy is not None and self.rounds.job is None and time.monotonic() - policy.checked_at >= self.cfg.policy.poll_s:
+            self._check_policy()  # idle: keep the availability the heartbeat reports current (the fleet samples on it)
+        paused = policy is not None and not policy.verdict.available
+        wait = idle_wait if self.rounds.job is None else self.cfg.policy.poll_s if paused else 0.0
+        self._drain_inbox(wait)
         self._carry_out(self.rounds.tick(time.time()))
 
     # -- actions of the round core ---------------------------------------------------------------
     def _carry_out(self, actions: list[Action]) -> None:
         for act in actions:
             if isinstance(act, TrainStep):
-                if self.stop_event.is_set():
+                if self.stop_event.is_set() or not self._may_step():
                     continue  # a step not taken changes nothing; the saved steps resume the round after a restart
                 result, then = train_step(self.rounds, self.trainer, act)
                 self.last_step_s = result.seconds
+                self.trained_s += result.seconds
                 self._carry_out(then)
             elif isinstance(act, SaveStep):
                 self._durably(partial(self.store.record_step, act.round, act.msg_id, act.step, act.result,
@@ -194,7 +221,8 @@ class EdgeClient:
             elif isinstance(act, QueueUpdate):
                 upd = act.update
                 self.st = self._durably(partial(self.store.finish_training, upd.round, upd.msg_id,
-                                                self.topics.up(self.cid), encode(upd), act.data_pointer))
+                                                self.topics.up(self.cid), encode(upd), act.data_pointer,
+                                                act.spend))
                 if self.link.connected.is_set():
                     self._resend_due()
             elif isinstance(act, ResendUpdates):
@@ -216,6 +244,29 @@ class EdgeClient:
                 pass  # the Commit before it already dropped the round's saved steps
             else:
                 self._carry_out_refusal(act)
+
+    def _may_step(self) -> bool:
+        """The device policy's word, read from the sensors now (before every local step)."""
+        return self.policy is None or self._check_policy()
+
+    def _check_policy(self) -> bool:
+        """Ask the policy; on a change between available and paused, tell the coordinator at once (a
+        Heartbeat): it samples only available devices and closes a round whose sampled devices all paused."""
+        assert self.policy is not None
+        was = self.policy.verdict
+        now = self.policy.check()
+        if was.available and not now.available:
+            self.counters["policy_pauses"] += 1
+        if was.reason != now.reason and self.telemetry is not None and self.link.connected.is_set():
+            try:
+                self.link.publish(self.topics.hb(self.cid), encode(self.heartbeat()), qos=0)
+            except (RuntimeError, ValueError) as exc:
+                log.warning("heartbeat after a policy change skipped: %s", exc)
+        return now.available
+
+    def trained_share(self) -> float:
+        """Share of wall time since start spent in local steps (0..1)."""
+        return min(1.0, self.trained_s / max(1e-9, time.monotonic() - self.started))
 
     def _carry_out_refusal(self, act: Action) -> None:
         """What the coordinator's refusals ask for: stop (Exit), forget an update (DropQueued), slow down."""
@@ -298,14 +349,14 @@ class EdgeClient:
         except ValueError as exc:
             self.rounds.reject("bad_topic", f"{exc}")
             return
-        if not payload:
-            return  # a retained message was cleared
+        if not payload and kind in RETAINED:
+            return  # a retained message was cleared (on any other topic it is TRUNCATED: PROTOCOL.md §1)
         kinds = INBOUND.get(kind)
         if kinds is None:
             self.rounds.reject("unexpected_topic", f"message on {topic}")
             return
         try:
-            msg = decode(payload, kinds)
+            msg = decode(payload, kinds, fleet=self.topics.fleet)
         except DecodeError as exc:
             self.rounds.reject(f"decode_{exc.code.name.lower()}", f"{topic}: {exc}")
             return
@@ -338,8 +389,11 @@ class EdgeClient:
     # -- heartbeat -------------------------------------------------------------------------------
     def heartbeat(self) -> Heartbeat:
         assert self.telemetry is not None
+        # policy off: keys 16-18 stay out, so the device keeps working with a 1.2 coordinator
+        on = self.policy is not None and self.cfg.policy.enabled
         return heartbeat_message(self.rounds, self.trainer, time.time(), self.telemetry.read(), self.last_step_s,
-                                 self.last_eval)
+                                 self.last_eval, self.policy.verdict if on and self.policy else None,
+                                 self.trained_share() if on else None)
 
     def _heartbeats(self) -> None:
         topic = self.topics.hb(self.cid)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from operator import countOf
 from typing import Any, TypeVar
 
 from shared.codec.base import MAX_PAYLOAD, MAX_REPLAY_BODY, DecodeError
@@ -15,6 +16,7 @@ from shared.messages import (
     MAX_CAPS,
     MAX_CHUNK,
     MAX_PLAN_CLIENTS,
+    MAX_REASON,
     MAX_REPLAY,
     MAX_SEEDS,
     MAX_STEPS,
@@ -172,7 +174,9 @@ SCHEMAS: dict[type, tuple[int, tuple[Field, ...], int]] = {
                     _f(3, "lr", "f64"), _f(4, "eps", "f64"), _f(5, "dist", "dist"),
                     _f(6, "steps", "map", n=MAX_PLAN_CLIENTS, kv=_STEPS_KV), _f(7, "base_round", "int"),
                     _f(8, "deadline", "f64"), _f(9, "fingerprint", "hex", n=32), _f(10, "mask_id", "hex", n=8),
-                    _f(11, "batch_size", "int"), _f(12, "values_checksum", "hex", n=32)), MAX_PAYLOAD),
+                    _f(11, "batch_size", "int"), _f(12, "values_checksum", "hex", n=32),
+                    _f(13, "dp_clip", "f64", True), _f(14, "dp_noise", "f64", True), _f(15, "dp_epsilon", "f64", True),
+                    _f(16, "dp_delta", "f64", True), _f(17, "dp_steps", "int", True)), MAX_PAYLOAD),
     Update: (3, (_f(0, "round", "int"), _f(1, "msg_id", "int"), _f(2, "grads", "f32s", n=MAX_STEPS),
                  _f(3, "n_samples", "int"), _f(4, "fp_tag", "int"), _f(5, "loss", "f32")), 64 << 10),
     RoundResult: (4, (_f(0, "round", "int"), _f(1, "seeds", "u64s", n=MAX_SEEDS),
@@ -182,7 +186,11 @@ SCHEMAS: dict[type, tuple[int, tuple[Field, ...], int]] = {
                     _f(3, "gpu_mem_bytes", "int", True), _f(4, "temp_c", "f32", True), _f(5, "power_w", "f32", True),
                     _f(6, "step_time_s", "f64", True), _f(7, "peak_mem_bytes", "int", True),
                     _f(8, "round", "int"), _f(9, "eval_round", "int", True), _f(10, "eval_loss", "f32", True),
-                    _f(11, "eval_acc", "f32", True), _f(12, "eval_n", "int", True)), 4 << 10),
+                    _f(11, "eval_acc", "f32", True), _f(12, "eval_n", "int", True),
+                    _f(13, "dp_epsilon", "f64", True), _f(14, "dp_delta", "f64", True),
+                    _f(15, "dp_exhausted", "bool", True),
+                    _f(16, "available", "bool", True), _f(17, "pause_reason", "str", True, n=MAX_REASON),
+                    _f(18, "trained_share", "f32", True)), 4 << 10),
     Status: (6, (_f(0, "online", "bool"), _f(1, "ts", "f64")), 1 << 10),
     SyncRequest: (7, (_f(0, "have_round", "int"),), 1 << 10),
     Replay: (8, (_f(0, "results", "results", n=MAX_REPLAY),), MAX_REPLAY_BODY),
@@ -205,9 +213,15 @@ def to_map(msg: Any) -> dict[int, Any]:
     return out
 
 
-# per message type: its known keys and (key, name, reader, optional) per field, built once (decode is hot)
-_READ: dict[type, tuple[frozenset[int], tuple[tuple[int, str, Callable[[str, str, Any], Any], bool], ...]]] = {
-    cls: (frozenset(f.key for f in fields), tuple((f.key, f.name, KINDS[f.kind][1], f.optional) for f in fields))
+_Reader = tuple[int, str, Callable[[str, str, Any], Any], bool]
+# per message type: its known keys, its required keys, and (key, name, reader, optional) per field, built
+# once (decode is hot)
+_READ: dict[type, tuple[frozenset[int], frozenset[int], tuple[_Reader, ...]]] = {
+    cls: (
+        frozenset(f.key for f in fields),
+        frozenset(f.key for f in fields if not f.optional),
+        tuple((f.key, f.name, KINDS[f.kind][1], f.optional) for f in fields),
+    )
     for cls, (_, fields, _) in SCHEMAS.items()
 }
 
@@ -217,21 +231,25 @@ def from_map(cls: type[M], m: Any, client: str) -> M:
     name = cls.__name__
     if not isinstance(m, dict):
         raise DecodeError(ErrorCode.MALFORMED, f"{name}: body is not a msgpack map")
-    known, readers = _READ[cls]
+    known, required, readers = _READ[cls]
+    # PROTOCOL.md §2 "Check order" 11-14: every key is an int (MALFORMED), every key is known
+    # (UNKNOWN_FIELD), every required key is there (MISSING_FIELD), then the values (INVALID_FIELD).
+    # Each step looks at the whole map, so the wire order of the keys never changes the code.
     if not known.issuperset(m) or any(k.__class__ is not int for k in m):  # bool == int in a set: checked apart
-        for k in m:
-            if isinstance(k, bool) or not isinstance(k, int):
-                raise DecodeError(ErrorCode.MALFORMED, f"{name}: map key {k!r} is not an int")
-            if k not in known:
-                raise DecodeError(ErrorCode.UNKNOWN_FIELD, f"{name}: unknown key {k}")
+        if countOf(map(type, m), int) != len(m):  # one C-speed pass: a bomb of 100 000 keys costs ~4 ms
+            bad = next(k for k in m if k.__class__ is not int)
+            raise DecodeError(ErrorCode.MALFORMED, f"{name}: map key {bad!r} is not an int")
+        raise DecodeError(ErrorCode.UNKNOWN_FIELD, f"{name}: unknown key {next(k for k in m if k not in known)}")
+    if not required.issubset(m):
+        key = min(required.difference(m))
+        field = next(f for k, f, _, _ in readers if k == key)
+        raise DecodeError(ErrorCode.MISSING_FIELD, f"{name}.{field} (key {key}) missing")
     kwargs: dict[str, Any] = {}
-    for key, field, read, optional in readers:
+    for key, field, read, _ in readers:
         if key in m:
             kwargs[field] = read(name, field, m[key])
-        elif optional:
-            kwargs[field] = None
         else:
-            raise DecodeError(ErrorCode.MISSING_FIELD, f"{name}.{field} (key {key}) missing")
+            kwargs[field] = None
     if cls in CLIENT_FROM_TOPIC:
         kwargs["client"] = client
     try:

@@ -160,6 +160,29 @@ def test_dedupe_same_msg_id_is_ignored() -> None:
     assert b.handle(update("a", 0, [1.0, 1.0], 1, msg_id=7), 2.0) == [Duplicate("a", 0, 7)]
 
 
+@pytest.mark.parametrize(("straggler", "late_max_age", "kept"), [("next", 1, 1), ("next", 3, 3), ("drop", 1, 64)])
+def test_dedupe_keys_only_for_rounds_late_max_age_can_name(straggler: str, late_max_age: int, kept: int) -> None:
+    """PROTOCOL.md 1.3: with straggler `next` an update of a round closed late_max_age or more rounds ago
+    is refused before it is stored, so only the last late_max_age closed rounds keep dedupe keys; `drop`
+    stores an update of any round whose plan is kept (the 64-round window)."""
+    b = book(config(min_clients=2, straggler=straggler, late_max_age=late_max_age))
+    join(b, "a", 1)
+    join(b, "b", 1)
+    for r in range(5):
+        b.tick(float(r))
+        b.handle(update("a", r, [1.0, 1.0], 1, msg_id=r), float(r))
+        b.handle(update("b", r, [1.0, 1.0], 1, msg_id=r), float(r))
+        sent(b.tick(float(r)), RoundResult)
+    assert b.last_round == 4
+    assert sorted({r for _, r in b.stored}) == list(range(max(0, 5 - kept), 5))
+    again = b.handle(update("a", 4, [1.0, 1.0], 1, msg_id=4), 9.0)  # the newest closed round: still a duplicate
+    assert again == [Duplicate("a", 4, 4)]
+    if straggler == "next" and late_max_age == 1:  # round 2's key is gone: a re-send is just too old
+        acts = b.handle(update("a", 2, [1.0, 1.0], 1, msg_id=2), 9.0)
+        assert [e.code for e in sent(acts, ErrorMsg, "a")] == [ErrorCode.STALE_ROUND]
+        assert records(acts, UpdateRecord) == []
+
+
 def test_conflict_other_msg_id_first_wins() -> None:
     b = book(config(min_clients=2))
     join(b, "a", 1)
@@ -402,3 +425,62 @@ def test_vp_spike_needs_five_updates_by_default() -> None:
     acts = b.tick(0.0)
     (res,) = sent(acts, RoundResult)
     assert res.n_clients == 4 and records(acts, LimitRecord) == []
+
+
+def test_devices_whose_privacy_budget_is_spent_are_not_sampled() -> None:
+    b = book(config(min_clients=1, steps=1, dp_epsilon=4.0, dp_steps=10))
+    for k in "xy":
+        join(b, k, 50)
+
+    def hb(client: str, exhausted: bool) -> Heartbeat:
+        return Heartbeat(client, 1.0, 0.0, 0, round=-1, dp_epsilon=3.9, dp_delta=1e-5, dp_exhausted=exhausted)
+
+    b.handle(hb("x", True), 0.5)
+    (p0,) = sent(b.tick(1.0), RoundPlan)
+    assert sorted(p0.steps) == ["y"] and p0.dp_epsilon == 4.0 and p0.dp_steps == 10
+    b.handle(hb("x", False), 2.0)  # e.g. the fleet's target was raised: it may train again
+    assert sorted(b.eligible()) == ["x", "y"]
+def _hb(client: str, available: bool | None, reason: str | None = None, round: int = -1) -> Heartbeat:
+    return Heartbeat(client, 1.0, 1.0, 1, round=round, available=available, pause_reason=reason,
+                     trained_share=None if available is None else 0.5)
+
+
+def test_paused_devices_are_not_sampled_and_a_pause_is_not_a_miss() -> None:
+    """Issue 27: a device whose policy paused it is not sampled; sampled and paused mid-round, it is
+    excused (no miss, never benched); quorum rules are unchanged for the others."""
+    b = book(config(min_clients=1, min_updates=1, bench_after_misses=1))
+    for k in ("a", "b", "c"):
+        join(b, k, 4)
+    b.handle(_hb("c", False, "on battery"), 0.5)
+    b.handle(_hb("b", None), 0.5)  # a 1.2 device says nothing: available
+    (plan,) = sent(b.tick(1.0), RoundPlan)
+    assert sorted(plan.steps) == ["a", "b"] and b.availability.paused("c") == "on battery"
+    b.handle(_hb("b", False, "busy", round=0), 2.0)  # b pauses mid-round
+    b.handle(update("a", 0, [0.5, 0.25], 4), 3.0)
+    acts = b.tick(11.0)  # deadline: a reported, b paused
+    (res,) = sent(acts, RoundResult)
+    assert res.n_clients == 1 and b.admission.benched == {} and "b" not in b.admission.misses
+    b.handle(_hb("c", True), 12.0)
+    (plan,) = sent(b.tick(12.0), RoundPlan)
+    assert sorted(plan.steps) == ["a", "c"]  # b still paused, c back
+
+
+def test_round_where_every_sampled_device_paused_closes_at_once_and_nobody_is_benched() -> None:
+    b = book(config(min_clients=2, min_updates=2, bench_after_misses=1, round_deadline_s=600.0))
+    for k in ("a", "b"):
+        join(b, k, 4)
+    (plan,) = sent(b.tick(0.0), RoundPlan)
+    assert sorted(plan.steps) == ["a", "b"]
+    b.handle(_hb("a", False, "hot", round=0), 1.0)
+    assert sent(b.tick(1.5), RoundResult) == []  # b has not paused: wait for it
+    b.handle(_hb("b", False, "outside window", round=0), 2.0)
+    acts = b.tick(2.0)  # long before the 600 s deadline
+    (res,) = sent(acts, RoundResult)
+    assert (res.round, res.n_clients, res.seeds, res.scalars) == (0, 0, (), ())
+    assert res.values_checksum == values_checksum(synthetic_v0(NNZ))  # values unchanged
+    assert b.admission.benched == {} and b.admission.misses == {} and b.plan is None
+    assert sent(b.tick(3.0), RoundPlan) == []  # nobody available: no round opens
+    b.handle(_hb("a", True), 4.0)
+    b.handle(_hb("b", True), 4.0)
+    (plan,) = sent(b.tick(4.0), RoundPlan)
+    assert plan.round == 1 and plan.base_round == 0

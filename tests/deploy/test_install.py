@@ -75,6 +75,23 @@ def test_installed_units_pass_systemd_analyze_verify(bundles: Path, tmp_path: Pa
     assert "Unknown key" in v.stderr  # the check above can fail
 
 
+def test_client_unit_is_a_good_guest_and_memory_max_follows_the_budget(bundles: Path, tmp_path: Path) -> None:
+    """Issue 27: Nice, idle IO class, CPU/IO weights below the default 100, MemoryMax = budget + 2 GiB."""
+    s = unit_settings(REPO / "deploy" / "meerkat-client.service")
+    assert (s["Nice"][-1], s["IOSchedulingClass"][-1]) == ("10", "idle")
+    assert int(s["CPUWeight"][-1]) < 100 and int(s["IOWeight"][-1]) < 100 and "CPUQuota" not in s
+    r = install("client", bundles / "devices" / "dev-a", tmp_path)
+    assert r.returncode == 0, r.stderr
+    unit = tmp_path / "etc" / "systemd" / "system" / "meerkat-client.service"
+    assert unit_settings(unit)["MemoryMax"] == [f"{(4 + 2) * 1024}M"]  # no budget in the bundle: the default 4 GiB
+    toml = tmp_path / "etc" / "meerkat" / "client.toml"
+    toml.write_text(toml.read_text() + "memory_budget_gib = 6.5   # a Jetson with 8 GB\n")
+    assert install("client", bundles / "devices" / "dev-a", tmp_path).returncode == 0  # re-run keeps the edit
+    assert unit_settings(unit)["MemoryMax"] == [f"{int(8.5 * 1024)}M"]
+    coord = unit_settings(REPO / "deploy" / "meerkat-coordinator.service")
+    assert "MemoryMax" not in coord and "Nice" not in coord  # the coordinator's host is not a guest's
+
+
 def test_client_install_modes_and_rerun_keeps_edited_config(bundles: Path, tmp_path: Path) -> None:
     r = install("client", bundles / "devices" / "dev-a", tmp_path)
     assert r.returncode == 0, r.stderr
