@@ -124,7 +124,7 @@ def build_model_dir(cfg: dict[str, Any], path: Path) -> None:
 
     values = dict(cfg)
     config = AutoConfig.for_model(values.pop("model_type"), **values)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)  # type: ignore[no-untyped-call]
     model.save_pretrained(str(path))
     del model
     gc.collect()

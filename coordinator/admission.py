@@ -6,6 +6,7 @@ docs/SECURITY.md and docs/COORDINATOR.md "Hostile devices" name the rules; each 
   Join weight        join_n       (a re-Join cannot raise n_samples; weight_grants can, by the operator)
   FedAvg weight      weight       (min of Update n, Join n, weight_cap_factor x the OTHERS' median Join n)
   adaptive |g| cap   grad_cap     (k x the OTHERS' median |g| level, floor, fixed cap; clipped, not refused)
+  an Update's terms  weigh_update (the weight and the clipped scalars an accepted Update enters with)
   benching           count_misses, prove, bench_nag (sampled and silent bench_after_misses rounds in a
                      row: not sampled until a Heartbeat AND a Join after the bench)
 
@@ -19,13 +20,14 @@ import logging
 import math
 from collections.abc import Sequence
 
-from coordinator.actions import Action, Dropped, Publish
+from coordinator.actions import Action, Dropped, Persist, Publish
 from coordinator.config import CoordinatorConfig
-from coordinator.influence import GradStats, LooMedian
+from coordinator.influence import GradStats, LooMedian, clip_to
 from coordinator.ratelimit import Limiter, LruDict
+from coordinator.records import EventRecord
 from coordinator.registry import REJOIN_NAG_S, ClientRegistry
 from shared.codec import encode
-from shared.messages import CheckpointChunk, ErrorCode, ErrorMsg
+from shared.messages import CheckpointChunk, ErrorCode, ErrorMsg, Update
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +118,22 @@ class Admission:
         if med is not None and med > 0:
             w = min(w, math.floor(self.config.weight_cap_factor * med))
         return max(1, w)
+
+    def weigh_update(self, u: Update, now: float) -> tuple[int, tuple[float, ...], list[Action]]:
+        """The FedAvg weight and the scalars a valid Update is stored with: `weight`, and every |g| clipped to
+        the cap of the OTHER clients (`grad_cap`), not refused: a refusal would tell a bisecting device the
+        cap. A clip is an event (logged and persisted)."""
+        weight = self.weight(u.client, u.n_samples)
+        if weight != u.n_samples:
+            log.info("update %s round %d: FedAvg weight %d (it claimed n_samples %d)", u.client, u.round, weight,
+                     u.n_samples)  # fmt: skip
+        cap = self.grad_cap(u.client)
+        grads, n_clipped = clip_to(u.grads, cap)
+        if not n_clipped:
+            return weight, grads, []
+        detail = f"client={u.client} clipped={n_clipped} of {len(grads)} max_abs_g={max(map(abs, u.grads)):.4g} cap={cap:.4g}"
+        log.info("grad_clipped %s", detail)
+        return weight, grads, [Persist(EventRecord("grad_clipped", detail, u.round, now))]
 
     def heard(self, client: str, grads: Sequence[float]) -> None:
         """An update was stored for aggregation (on time or late): its |g| feeds the others' caps, its client

@@ -207,3 +207,28 @@ def round_groups(
         for r in sorted({u.round for u in late})
     ]  # fmt: skip
     return on_time, groups
+
+
+@dataclass(frozen=True)
+class Closing:
+    """What a closing round's result is made of: the late updates folded in, the (seed, scalar) pairs,
+    whether centred clipping fell back to FedAvg (too few on-time updates to tell an outlier)."""
+
+    late: list[UpdateRow]
+    seeds: list[int]
+    scalars: list[float]
+    small: bool
+
+
+def close_scalars(
+    rule: str, seeds: tuple[int, ...], ups: Sequence[UpdateRow], late_pool: Iterable[UpdateRow] | None,
+    plan_seeds: Mapping[int, tuple[int, ...]], *, clip_norm: float, trim_fraction: float, center_clip_k: float,
+) -> Closing:
+    """The result of a round with on-time updates `ups` (`late_pool`: pending late updates under straggler
+    policy "next", None under "drop"): `late_to_fold`, `round_groups`, then THE formula `result_scalars`."""
+    late = late_to_fold(late_pool, len(seeds)) if late_pool is not None else []
+    on_time, groups = round_groups(seeds, ups, late, plan_seeds)
+    small = rule == "centered" and centered.is_small(on_time.grads)
+    out_seeds, scalars = result_scalars(rule, on_time, groups, clip_norm=clip_norm, trim_fraction=trim_fraction,
+                                        center_clip_k=center_clip_k)  # fmt: skip
+    return Closing(late, list(out_seeds), list(scalars), small)

@@ -96,4 +96,10 @@ def is_small(per_client: Mapping[str, Sequence[float]]) -> bool:
     return len(per_client) < MIN_CLIENTS
 
 
-__all__ = ["MIN_CLIENTS", "band", "clamp_all", "clipped_steps", "is_small", "late_bound"]
+FALLBACK_NOTE = {  # the book logs the fallback when it starts and when it ends (not every round)
+    True: f"centred clipping needs {MIN_CLIENTS} to tell an outlier: plain FedAvg (bounded by the weight and |g| caps only)",
+    False: "centred clipping again",
+}
+
+
+__all__ = ["FALLBACK_NOTE", "MIN_CLIENTS", "band", "clamp_all", "clipped_steps", "is_small", "late_bound"]

@@ -47,16 +47,15 @@ from coordinator.actions import (
     Recovered,
     WriteCheckpoint,
     plan_message,
-    result_message,
+    result_message,  # fmt: skip
 )
 from coordinator.admission import Admission
-from coordinator.aggregate import late_to_fold, result_scalars, round_groups
+from coordinator.aggregate import close_scalars
 from coordinator.availability import Availability
-from coordinator.centered import MIN_CLIENTS as CENTERED_MIN
-from coordinator.centered import is_small
+from coordinator.centered import FALLBACK_NOTE
 from coordinator.config import CoordinatorConfig
+from coordinator.dedupe import DedupeKeys
 from coordinator.drift import DriftMonitor
-from coordinator.influence import clip_to
 from coordinator.ingest import Reject, check_join, check_update
 from coordinator.privacy import with_privacy
 from coordinator.records import (
@@ -67,7 +66,7 @@ from coordinator.records import (
     OnlineRecord,
     PlanRecord,
     PlanRow,
-    RejectRecord,
+    RejectRecord,  # fmt: skip
     ReplanRecord,
     ResultRecord,
     ResultRow,
@@ -77,8 +76,8 @@ from coordinator.records import (
 )
 from coordinator.registry import ClientRegistry
 from coordinator.scheduler import close_decision_n, quorum_met_n, round_seeds, sample_clients
-from coordinator.sync import sync_messages
-from coordinator.vp import DriftPolicy
+from coordinator.sync import resend_grace, sync_messages
+from coordinator.vp import DriftPolicy, monitor_for
 from shared.apply import apply_round, values_checksum
 from shared.fingerprint import fp_tag as make_fp_tag
 from shared.maskfile import Mask
@@ -102,7 +101,7 @@ __all__ = [  # the action types are coordinator/actions.py's; importers of coord
 log = logging.getLogger(__name__)
 
 OFFLINE_CHECK_S = 1.0  # how often tick() looks for silent clients and unjoined live ones
-LATE_WINDOW = 64  # plans of this many closed rounds are kept (late_max_age <= this); dedupe keys: _key_window
+LATE_WINDOW = 64  # plans of this many closed rounds are kept (late_max_age <= this); dedupe keys: coordinator/dedupe.py
 RESEND_GRACE_S = 30.0  # after a reconnect, a round due sooner gets this long (at most round_deadline_s) for re-sends
 KIND_OF: dict[type, str] = {Update: "up", Join: "join", Heartbeat: "hb", Status: "status", SyncRequest: "sync"}
 TELEMETRY = tuple(f.name for f in fields(Heartbeat) if f.name != "client")  # a HeartbeatRecord's keys, in order
@@ -144,11 +143,8 @@ class RoundBook:
                 self.accepted[u.client] = u
             elif u.status == "late":
                 self.late[(u.client, u.round)] = u
-        self.stored: dict[tuple[str, int], int] = dict(rec.stored)
-        self._stored_rounds: dict[int, list[str]] = {}  # round -> clients with a key in `stored` (cheap forgetting)
-        for client, r in self.stored:
-            self._stored_rounds.setdefault(r, []).append(client)
-        self._forget_keys_before(self.last_round + 1 - self._key_window())
+        self.dedupe = DedupeKeys(rec.stored, DedupeKeys.window_for(config.straggler, config.late_max_age, LATE_WINDOW))
+        self.dedupe.closed(self.last_round, (r for _, r in self.late))
         self.results: deque[ResultRow] = deque(rec.results, maxlen=max(1, config.replay_max))
         self.registry = ClientRegistry(fingerprint=fingerprint, mask_id=mask_id,
                                        offline_after_s=config.offline_after_s, rows=rec.clients)  # fmt: skip
@@ -176,24 +172,13 @@ class RoundBook:
         recovered: Recovered | None = None,
     ) -> RoundBook:
         """The book as the services build it (coordinator/server.py, bench/inproc.py): the MEERKAT-VP monitor
-        from the mask's pre-training gradient (none in the mask: no monitor), the rest from `config`."""
-        grad = mask.flat_grad()
-        # keep_history=False: the book needs each client's last statistics only (its memory stays flat)
-        drift = (
-            DriftMonitor(grad, config.dist, config.drift_thresholds(), keep_history=False) if grad is not None else None
-        )
-        if config.drift_control and drift is None:
-            log.info("drift_control: the mask has no pre-training gradient (grad.*), so MEERKAT-VP is off")
-        return cls(config, fingerprint=fingerprint, mask_id=mask.mask_id, values=values, drift=drift,
+        from the mask's pre-training gradient (coordinator/vp.py monitor_for), the rest from `config`."""
+        return cls(config, fingerprint=fingerprint, mask_id=mask.mask_id, values=values, drift=monitor_for(config, mask),
                    stop_after_round=stop_after_round, recovered=recovered)  # fmt: skip
 
     # -- queries ---------------------------------------------------------------------------------
     def done(self) -> bool:
         return self.stop_after_round is not None and self.last_round >= self.stop_after_round
-
-    def n_online(self) -> int:
-        """len(online()) in O(1) (a counter kept on every registry change: the pump reads it per batch)."""
-        return self.registry.n_online()
 
     def eligible(self) -> list[str]:
         """The online clients a plan may sample: benched ones (silent bench_after_misses rounds) and those
@@ -202,10 +187,6 @@ class RoundBook:
         av = self.availability
         return [c for c in self.registry.online()
                 if c not in self.admission.benched and av.paused(c) is None and c not in self.dp_exhausted]
-
-    def vp_limited(self) -> set[str]:
-        """Clients MEERKAT-VP limits to one local step (empty with drift_control off)."""
-        return self.vp.limited()
 
     def plan_message(self, p: PlanRow) -> RoundPlan:
         return with_privacy(plan_message(p, self.config.fleet, self.fingerprint, self.mask_id), self.config)
@@ -226,30 +207,16 @@ class RoundBook:
         return acts
 
     def reconnected(self, now: float) -> list[Action]:
-        """The pump's link (re)connected and (re)subscribed: the broker may have lost our session and with
-        it the Updates it PUBACKed to devices while we were away. Re-publish the latest result and the
-        open plan (retained): a device that answered that round sends its kept Update again on seeing the
-        plan (docs/PROTOCOL.md "Delivery"). A deadline due sooner than min(RESEND_GRACE_S, round_deadline_s)
-        is moved there, so those re-sent Updates count on time; persisted like an extension, not counted as one."""
-        acts: list[Action] = []
-        if self.results:
-            acts.append(Publish(result_message(self.results[-1])))
-        plan = self.plan
-        if plan is None:
+        """The pump's link (re)connected and (re)subscribed: re-publish the latest result and the open plan
+        (retained), its deadline moved for re-sent Updates when due sooner than min(RESEND_GRACE_S,
+        round_deadline_s) (coordinator/sync.py `resend_grace`)."""
+        acts: list[Action] = [Publish(result_message(self.results[-1]))] if self.results else []
+        if self.plan is None:
             return acts
-        grace = now + min(RESEND_GRACE_S, self.config.round_deadline_s)
-        if plan.deadline < grace and set(self.accepted) != set(plan.steps):
-            new = replace(plan, deadline=grace)
-            self.plan = self.plans[plan.round] = new
-            log.info("round %d: link reconnected, deadline moved to now + %.0f s for re-sent updates", plan.round,
-                     grace - now)  # fmt: skip
-            acts += [
-                Persist(ReplanRecord(plan.round, dict(plan.steps), new.deadline, plan.extensions)),
-                Persist(EventRecord("reconnect", f"{len(self.accepted)} of {len(plan.steps)} updates held; "
-                                    "plan re-published for re-sends", plan.round, now)),
-            ]  # fmt: skip
-        acts.append(Publish(self.plan_message(self.plans[plan.round])))
-        return acts
+        grace_s = min(RESEND_GRACE_S, self.config.round_deadline_s)
+        self.plan, records = resend_grace(self.plan, self.accepted, now, grace_s)
+        self.plans[self.plan.round] = self.plan
+        return [*acts, *(Persist(r) for r in records), Publish(self.plan_message(self.plan))]
 
     def handle(self, msg: Message, now: float) -> list[Action]:
         """Dispatch one decoded client message (its `client` field filled from the topic), rate-limited."""
@@ -347,7 +314,7 @@ class RoundBook:
         if rej is not None:
             return self.on_reject(u.client, "up", rej, now)
         assert plan is not None  # check_update rejects an unplanned round
-        have = self.stored.get((u.client, u.round))
+        have = self.dedupe.get(u.client, u.round)
         if have is not None:
             if have == u.msg_id:
                 log.debug("duplicate update %s round %d msg %d ignored", u.client, u.round, u.msg_id)
@@ -360,23 +327,12 @@ class RoundBook:
             detail = f"round {u.round} closed {age + 1} rounds ago (late_max_age {c.late_max_age})"
             return self.on_reject(u.client, "up", Reject("too_late", ErrorCode.STALE_ROUND, detail), now)
         status = "accepted" if is_open else ("late" if c.straggler == "next" else "dropped")
-        weight = self.admission.weight(u.client, u.n_samples)
-        if weight != u.n_samples:
-            log.info("update %s round %d: FedAvg weight %d (it claimed n_samples %d)", u.client, u.round, weight,
-                     u.n_samples)  # fmt: skip
-        # clipped to the cap of the OTHER clients' |g|, not refused: a refusal would tell a bisecting device the cap
-        cap = self.admission.grad_cap(u.client)
-        grads, n_clipped = clip_to(u.grads, cap)
+        weight, grads, clipped = self.admission.weigh_update(u, now)  # |g| clipped to the others' cap
         row = UpdateRow(u.client, u.round, u.msg_id, grads, weight, u.loss, now, status, None)
         gradip = self.vp.gradip(plan, grads)
-        self.stored[(u.client, u.round)] = u.msg_id
-        self._stored_rounds.setdefault(u.round, []).append(u.client)
+        self.dedupe.add(u.client, u.round, u.msg_id)
         self.registry.seen(u.client, now)
-        acts: list[Action] = [Persist(UpdateRecord(row, None if gradip is None else tuple(gradip)))]
-        if n_clipped:
-            detail = f"client={u.client} clipped={n_clipped} of {len(grads)} max_abs_g={max(map(abs, u.grads)):.4g} cap={cap:.4g}"
-            log.info("grad_clipped %s", detail)
-            acts.append(Persist(EventRecord("grad_clipped", detail, u.round, now)))
+        acts: list[Action] = [Persist(UpdateRecord(row, None if gradip is None else tuple(gradip))), *clipped]
         if status != "dropped":
             self.admission.heard(u.client, grads)
         if status == "accepted":
@@ -486,16 +442,13 @@ class RoundBook:
         drift_records, ups = self.vp.at_close(plan.round, reported, now, self._next_round())
         acts += [Persist(r) for r in drift_records]
         if ups:
-            late = late_to_fold(self.late.values(), len(plan.seeds)) if c.straggler == "next" else []
-            on_time, groups = round_groups(plan.seeds, ups, late, {r: p.seeds for r, p in self.plans.items()})
-            small = c.aggregation == "centered" and is_small(on_time.grads)
-            if small != self._small_round:  # logged when it starts and when it ends, not every round
-                self._small_round = small
-                log.info("round %d: %d on-time updates: %s", plan.round, len(on_time.grads),
-                         f"centred clipping needs {CENTERED_MIN} to tell an outlier: plain FedAvg (bounded by the "
-                         "weight and |g| caps only)" if small else "centred clipping again")  # fmt: skip
-            seeds, scalars = result_scalars(c.aggregation, on_time, groups, clip_norm=c.clip_norm,
-                                            trim_fraction=c.trim_fraction, center_clip_k=c.center_clip_k)  # fmt: skip
+            k = close_scalars(c.aggregation, plan.seeds, ups, self.late.values() if c.straggler == "next" else None,
+                              {r: p.seeds for r, p in self.plans.items()}, clip_norm=c.clip_norm,
+                              trim_fraction=c.trim_fraction, center_clip_k=c.center_clip_k)  # fmt: skip
+            if k.small != self._small_round:  # logged when it starts and when it ends, not every round
+                self._small_round = k.small
+                log.info("round %d: %d on-time updates: %s", plan.round, len(ups), FALLBACK_NOTE[k.small])
+            late, seeds, scalars = k.late, k.seeds, k.scalars
             new_values = apply_round(self.values, seeds, scalars, plan.lr, plan.dist)
         else:  # every sampled device paused: an empty result (values unchanged); late updates wait for the next
             late, seeds, scalars, new_values = [], [], [], self.values
@@ -512,7 +465,7 @@ class RoundBook:
         benched = self.admission.count_misses(list(plan.steps), {u.client for u in reported} | excused)
         self.results.append(row)
         self._forget_before(plan.round + 1 - LATE_WINDOW)
-        self._forget_keys_before(plan.round + 1 - self._key_window())
+        self.dedupe.closed(plan.round, (r for _, r in self.late))
         loss = math.fsum(u.loss for u in ups) / len(ups) if ups else math.nan  # nan: closed empty (all paused)
         log.info("round %d closed (%s): %d updates, %d late, mean loss %.4f, checksum %s", plan.round, why, len(ups),
                  len(late), loss, checksum[:12])  # fmt: skip
@@ -533,21 +486,13 @@ class RoundBook:
         keep = {r for _, r in self.late}
         for r in [r for r in self.plans if r < oldest and r not in keep]:
             del self.plans[r]
-        self._forget_keys_before(oldest)
+        self.dedupe.forget_before(oldest, keep)
         self.vp.forget_before(min([oldest, *keep]))
 
-    def _key_window(self) -> int:
-        """Closed rounds whose dedupe keys can still matter: with straggler `next` an update of a round that
-        closed `late_max_age` or more rounds ago is refused (STALE_ROUND) before anything is stored, so only
-        the last `late_max_age` closed rounds can be named (PROTOCOL.md 1.3); `drop` stores an update of any
-        round whose plan is kept, so it keeps the whole late window."""
-        return self.config.late_max_age if self.config.straggler == "next" else LATE_WINDOW
-
-    def _forget_keys_before(self, oldest: int) -> None:
-        keep = {r for _, r in self.late}
-        for r in [r for r in self._stored_rounds if r < oldest and r not in keep]:  # O(rounds), not O(keys)
-            for client in self._stored_rounds.pop(r):
-                del self.stored[(client, r)]
+    @property
+    def stored(self) -> dict[tuple[str, int], int]:
+        """(client, round) -> msg_id of the stored updates an update can still name (coordinator/dedupe.py)."""
+        return self.dedupe.keys
 
     def sync_reply(self, client: str, have_round: int) -> list[Publish]:
         """What a SyncRequest(have_round) is answered (`sync_messages`), for `to/{client}`."""

@@ -18,7 +18,6 @@ the crash is in the log; one delivered but not acked is re-delivered and deduped
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -26,16 +25,15 @@ from pathlib import Path
 
 import torch
 
-from coordinator.broker_acl import TELEMETRY_SUFFIX
 from coordinator.checkpoint import keep_checkpoint
 from coordinator.config import CoordinatorConfig
 from coordinator.dashboard import pages as dashboard_pages
 from coordinator.drift import DriftMonitor
 from coordinator.evaluator import CoordinatorEvaluator
 from coordinator.eventlog import EventLog
-from coordinator.floodgate import FloodGate
 from coordinator.heartbeats import HeartbeatBuffer
-from coordinator.intake import INBOUND, Decision, admit, clear_topic, feed
+from coordinator.intake import Decision, admit, clear_topic, feed
+from coordinator.links import connect_links, take_batch
 from coordinator.metrics import Metrics, MetricsServer
 from coordinator.publisher import Publisher
 from coordinator.records import DuplicateRecord, PlanRow, ResultRecord
@@ -49,13 +47,12 @@ from shared.config import ConfigError
 from shared.fingerprint import fingerprint_model_dir
 from shared.maskfile import Mask, load_mask
 from shared.messages import RoundResult
-from shared.mqtt import Incoming, MqttLink, read_secret, tls_for
+from shared.mqtt import Incoming, MqttLink
 from shared.sidecar import initial_values_from_dir
 from shared.topics import Topics
 
 log = logging.getLogger(__name__)
 
-BATCH = 512
 ALIVE_EVERY_S = 2.0  # how often the pump writes its liveness (meta alive_at) for `meerkat status`
 
 
@@ -99,7 +96,6 @@ class Coordinator:
         self.out = Publisher(self.topics, self.tally, self.metrics)
         self._seen_connects = 0  # link connects the book has been told about (reconnected())
         self._alive_at = -float("inf")  # last liveness write (the coordinator's clock)
-        self._gate_refused = 0  # the flood gate's refusals already counted (count_gate)
         self.link: MqttLink | None = None
         self.tele_link: MqttLink | None = None  # heartbeats only (telemetry_link)
         self.metrics_server: MetricsServer | None = None
@@ -114,9 +110,9 @@ class Coordinator:
         self.metrics.current_round.set(self.book.last_round)
         self.evaluator = CoordinatorEvaluator(config, self.mask, self.fingerprint) if config.eval_data else None
         self._eval_round: int | None = None  # a closed round the evaluator has not seen yet
-        if self.book.vp_limited():
-            log.info("drift: %d clients limited to 1 local step: %s", len(self.book.vp_limited()),
-                     " ".join(sorted(self.book.vp_limited())))  # fmt: skip
+        if self.book.vp.limited():
+            log.info("drift: %d clients limited to 1 local step: %s", len(self.book.vp.limited()),
+                     " ".join(sorted(self.book.vp.limited())))  # fmt: skip
 
     # the book's state, for callers that held it on the Coordinator
     @property
@@ -147,34 +143,9 @@ class Coordinator:
             self.metrics_server = MetricsServer(self.metrics, c.metrics_host, c.metrics_port, c.metrics_token, pages=pages)
             self.metrics_server.start()
         if link is None:
-            # not with a client certificate: a broker that takes the certificate's identity as the login
-            # (use_identity_as_username) would make both links one client id, each taking the other's session
-            tele = ("hb",) if c.telemetry_link and c.tls_cert is None else ()
-            if c.telemetry_link and c.tls_cert is not None:
-                log.info("telemetry_link: off with a client certificate (tls_cert): heartbeats share the main link")
-            subs = [(self.topics.filter(k), self.topics.qos(k)) for k in INBOUND if k not in tele]
-            link = broker_link(c, c.client_id, subs, clean_session=False)
-            if tele:
-                self.tele_link = self._telemetry_link(link)
+            link, self.tele_link = connect_links(c, self.topics)
         self.link = self.out.link = link
         self._carry_out(self.book.start(self.clock()))
-
-    def _telemetry_link(self, link: MqttLink, wait_s: float = 5.0) -> MqttLink | None:
-        """Heartbeats on their own connection into `link`'s flood gate (its slow lane), so a flood never queues
-        in front of updates at the broker. When it cannot connect (a broker without the "-hb" user), the
-        heartbeats go on `link` instead, with a warning: a fleet whose heartbeats are lost would go offline."""
-        c = self.config
-        tele = broker_link(c, c.client_id + TELEMETRY_SUFFIX, [(self.topics.filter("hb"), 0)], inbox=link.inbox,
-                           login_suffix=TELEMETRY_SUFFIX, clean_session=True)  # fmt: skip
-        if tele.wait_connected(wait_s):
-            return tele
-        tele.stop()
-        who = "" if c.username is None else f" as {c.username}{TELEMETRY_SUFFIX}"
-        log.warning("telemetry_link: the heartbeat link could not connect%s (%s): heartbeats share the main link, "
-                    "so a heartbeat flood can delay updates; add that user to the broker's password file and ACL "
-                    "(docs/DEPLOY.md) or set telemetry_link = false", who, tele.trouble.last or "no answer")  # fmt: skip
-        link.subscribe(self.topics.filter("hb"), self.topics.qos("hb"))
-        return None
 
     def stop(self) -> None:
         """Ask `run()` to return (thread-safe)."""
@@ -222,19 +193,11 @@ class Coordinator:
         assert self.link is not None, "start() first"
         self._check_reconnect()
         batch = take_batch(self.link.inbox, timeout)
-        self.count_gate(self.link.inbox)
+        self.tally.gate(self.link.inbox)
         acts: list[Action] = []
         for msg in batch:
             acts += self.feed(admit(self.topics, msg))
         self.advance(acts, acks=batch)
-
-    def count_gate(self, inbox: object) -> None:
-        """Messages the flood gate refused since the last call -> meerkat_messages_dropped{reason="flood"}."""
-        if isinstance(inbox, FloodGate):
-            total = inbox.refused_total()
-            if total != self._gate_refused:
-                self.tally.add(self.metrics.dropped, "flood", total - self._gate_refused)
-                self._gate_refused = total
 
     def _check_reconnect(self) -> None:
         """After each (re)connect + SUBACK of our link: the book re-publishes the open plan, so devices
@@ -320,8 +283,8 @@ class Coordinator:
                 self.metrics.duplicates.inc()
             elif isinstance(a, Dropped):
                 self.tally.add(self.metrics.dropped, a.reason)
-        self.metrics.clients_online.set(self.book.n_online())
-        self.metrics.clients_limited.set(len(self.book.vp_limited()))
+        self.metrics.clients_online.set(self.book.registry.n_online())
+        self.metrics.clients_limited.set(len(self.book.vp.limited()))
         if self._eval_round is not None:
             self._evaluate(self._eval_round)
         self.tally.apply()
@@ -367,38 +330,6 @@ class Coordinator:
         if c.retain_rounds:  # retention (docs/COORDINATOR.md "Retention")
             prune_log(self.log, round, c.retain_rounds, c.replay_max, c.drift_window)
         return path
-
-
-def broker_link(
-    config: CoordinatorConfig, client_id: str, subscriptions: Sequence[tuple[str, int]], *,
-    inbox: queue.Queue[Incoming] | None = None, login_suffix: str = "", **session: int | bool,
-) -> MqttLink:
-    """A started, manual-ack link to the broker with the config's login (username + `login_suffix`) and TLS,
-    subscribed to (filter, QoS) pairs; `session`: clean_session / session_expiry_s (a worker's shared session).
-    Its inbox is a new flood gate (coordinator/floodgate.py), or `inbox` (another link's gate, shared)."""
-    c = config
-    gate = FloodGate(c.rate_per_s, c.rate_burst) if inbox is None else inbox
-    link = MqttLink(
-        c.broker, client_id, subscriptions=list(subscriptions), manual_ack=True,
-        username=None if c.username is None else c.username + login_suffix, password=read_secret(c.password_file),
-        tls=tls_for(c.broker, c.tls_ca, c.tls_cert, c.tls_key), inbox=gate, **session,  # type: ignore[arg-type]
-    )  # fmt: skip
-    if inbox is None and isinstance(gate, FloodGate):
-        gate.ack = link.ack  # QoS 1 messages refused at the gate are acked on the link they came by
-    link.start()
-    return link
-
-
-def take_batch(inbox: queue.Queue[Incoming], timeout: float) -> list[Incoming]:
-    """Up to BATCH messages: wait up to `timeout` for the first, then take what is already there."""
-    batch: list[Incoming] = []
-    try:
-        batch.append(inbox.get(timeout=timeout))
-        while len(batch) < BATCH:
-            batch.append(inbox.get_nowait())
-    except queue.Empty:
-        pass
-    return batch
 
 
 def _need(value: Path | None, key: str) -> Path:

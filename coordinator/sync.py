@@ -1,19 +1,21 @@
-"""What a SyncRequest is answered: a Replay of the missed results, or the values in checkpoint chunks.
+"""How devices catch up: what a SyncRequest is answered (a Replay of the missed results, or the values in
+checkpoint chunks), and the re-send grace after the coordinator's own link reconnected.
 
-Pure: the round book (`RoundBook.sync_reply`) passes its values, last round and kept results; the
-admission budget (coordinator/admission.py) decides whether the answer is sent.
+Pure: the round book (`RoundBook.sync_reply`, `RoundBook.reconnected`) passes its state; the admission
+budget (coordinator/admission.py) decides whether an answer is sent.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
+from dataclasses import replace
 
 import torch
 
 from coordinator.actions import Publish, result_message
 from coordinator.checkpoint import value_chunks
-from coordinator.records import ResultRow
+from coordinator.records import EventRecord, PlanRow, Record, ReplanRecord, ResultRow
 from shared.apply import values_checksum
 from shared.codec import encode
 from shared.messages import CheckpointChunk, Replay
@@ -46,3 +48,21 @@ def sync_messages(
         Publish(CheckpointChunk(last_round, i, len(chunks), checksum, data), to=client)
         for i, data in enumerate(chunks)
     ]
+
+
+def resend_grace(plan: PlanRow, accepted: Collection[str], now: float, grace_s: float) -> tuple[PlanRow, list[Record]]:
+    """After the coordinator's link (re)connected the broker may have lost the Updates it PUBACKed to devices
+    while we were away; a device that answered the open round sends its kept Update again on seeing the plan
+    (docs/PROTOCOL.md "Delivery"). A deadline due sooner than now + `grace_s` while updates are missing is
+    moved there, so those re-sends count on time: the new plan and its records (persisted like an extension,
+    not counted as one); the plan itself and no record when nothing moves."""
+    grace = now + grace_s
+    if plan.deadline >= grace or set(accepted) == set(plan.steps):
+        return plan, []
+    new = replace(plan, deadline=grace)
+    log.info("round %d: link reconnected, deadline moved to now + %.0f s for re-sent updates", plan.round, grace_s)
+    return new, [
+        ReplanRecord(plan.round, dict(plan.steps), new.deadline, plan.extensions),
+        EventRecord("reconnect", f"{len(accepted)} of {len(plan.steps)} updates held; plan re-published for re-sends",
+                    plan.round, now),
+    ]  # fmt: skip

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from coordinator.floodgate import FloodGate
 from coordinator.metrics import Metrics
 from coordinator.records import LimitRecord, PlanRecord, Record, RejectRecord, ResultRecord, UpdateRecord
 
@@ -19,12 +20,22 @@ class Tally:
         self.metrics = metrics
         self._children: dict[tuple[int, str], Any] = {}  # (id(metric), label) -> metric.labels(label)
         self._pending: dict[tuple[int, str], float] = {}  # labelled increments not yet applied
+        self._gate_refused = 0  # the flood gate's refusals already counted (`gate`)
 
     def add(self, metric: Any, label: str, amount: float = 1.0) -> None:
         key = (id(metric), label)
         if key not in self._children:
             self._children[key] = metric.labels(label)
         self._pending[key] = self._pending.get(key, 0.0) + amount
+
+    def gate(self, inbox: object) -> None:
+        """Messages the flood gate (coordinator/floodgate.py) refused since the last call ->
+        meerkat_messages_dropped{reason="flood"} (an inbox that is not a gate: nothing to count)."""
+        if isinstance(inbox, FloodGate):
+            total = inbox.refused_total()
+            if total != self._gate_refused:
+                self.add(self.metrics.dropped, "flood", total - self._gate_refused)
+                self._gate_refused = total
 
     def apply(self) -> None:
         for key, amount in self._pending.items():

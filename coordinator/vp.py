@@ -18,8 +18,10 @@ import logging
 from collections.abc import Sequence
 
 from coordinator.actions import Recovered
+from coordinator.config import CoordinatorConfig
 from coordinator.drift import DriftMonitor, DriftStats
 from coordinator.records import DriftRecord, EventRecord, LimitRecord, PlanRow, Record, UpdateRow
+from shared.maskfile import Mask
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +157,18 @@ class DriftPolicy:
         )
         log.info("drift_limit %s", detail)
         return [LimitRecord(client, round, now), EventRecord("drift_limit", detail, round, now)]
+
+
+def monitor_for(config: CoordinatorConfig, mask: Mask) -> DriftMonitor | None:
+    """The MEERKAT-VP monitor of a book built from `config` (coordinator/server.py, bench/inproc.py): from the
+    mask's pre-training gradient; none in the mask: no monitor (and MEERKAT-VP off, said once)."""
+    grad = mask.flat_grad()
+    if grad is None:
+        if config.drift_control:
+            log.info("drift_control: the mask has no pre-training gradient (grad.*), so MEERKAT-VP is off")
+        return None
+    # keep_history=False: the book needs each client's last statistics only (its memory stays flat)
+    return DriftMonitor(grad, config.dist, config.drift_thresholds(), keep_history=False)
 
 
 def _decay_detail(st: DriftStats) -> str:

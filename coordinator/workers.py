@@ -38,9 +38,10 @@ from pathlib import Path
 from coordinator.config import CoordinatorConfig
 from coordinator.inbox import Inbox, row_of
 from coordinator.intake import INBOUND, admit
+from coordinator.links import BATCH, broker_link, take_batch
 from coordinator.logstore import lock_key
 from coordinator.rounds import Action
-from coordinator.server import BATCH, Coordinator, broker_link, take_batch
+from coordinator.server import Coordinator
 from shared.config import ConfigError
 from shared.mqtt import MqttLink
 from shared.topics import Topics
@@ -172,7 +173,7 @@ class Worker:
         assert self.link is not None, "start() first"
         batch = take_batch(self.link.inbox, timeout)
         if self.coord is not None:  # the leader's metrics count its own link's flood gate (a standby's: not counted)
-            self.coord.count_gate(self.link.inbox)
+            self.coord.tally.gate(self.link.inbox)
         if not batch:
             return 0
         rows = [row_of(admit(self.topics, msg)) for msg in batch]  # drops too: the leader counts them

@@ -101,7 +101,7 @@ def test_long_run_log_stays_flat_and_restart_continues_identically(tmp_path: Pat
     for k in CLIENTS:
         assert again.drift.steps_seen(k) == live.drift.steps_seen(k) > 200
         assert again.drift.stats(k) == live.drift.stats(k)
-    assert again.vp_limited() == live.vp_limited()
+    assert again.vp.limited() == live.vp.limited()
     for r in range(200, 204):  # and the next rounds: the same actions, byte for byte
         assert play_round(again, r, lambda acts: acts) == play_round(live, r, lambda acts: acts)
     log.close()

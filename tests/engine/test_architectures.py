@@ -7,6 +7,7 @@ export + reload in plain transformers + evaluate equal to the side-car model.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,10 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory, model_type: str) -> Path
     return _BUILT[model_type]
 
 
+def _loss(m: torch.nn.Module, s: int) -> float:
+    return batch_loss(m, _batch(s))
+
+
 def _batch(seed: int) -> Batch:
     examples = [Example(tuple((seed * 31 + 7 * i + 13 * j) % 380 + 3 for j in range(10)), 6) for i in range(3)]
     return Batch(examples, Dataset(examples, pad_id=0))
@@ -80,7 +85,7 @@ def test_family_end_to_end(model_type: str, tmp_path_factory: pytest.TempPathFac
     assert check_model_dir(path, "nf4") == model_type
     mask = load_mask(_mask(path, tmp_path))
     for quant in ("nf4", "int8", "none"):
-        replicas = [load_model(path, quant, "cpu", mask, torch.float32) for _ in range(2)]  # type: ignore[arg-type]
+        replicas = [load_model(path, quant, "cpu", mask, torch.float32) for _ in range(2)]
         start = values_checksum(replicas[0].sidecar.values)  # type: ignore[union-attr]
         for rnd in range(2):
             from edge_client.engine.spsa import spsa_step
@@ -89,7 +94,7 @@ def test_family_end_to_end(model_type: str, tmp_path_factory: pytest.TempPathFac
             for i, lm in enumerate(replicas):
                 assert lm.sidecar is not None
                 seed = 1000 * rnd + i + 1
-                res = spsa_step(lm.model, lm.sidecar, lambda m, s=seed: batch_loss(m, _batch(s)), seed, 1e-2, 0.0)
+                res = spsa_step(lm.model, lm.sidecar, partial(_loss, s=seed), seed, 1e-2, 0.0)
                 seeds.append(seed)
                 gs.append(res.g)
             new = apply_round(replicas[0].sidecar.get_values(), seeds, gs, 1e-2, "rademacher")  # type: ignore[union-attr]
@@ -154,7 +159,7 @@ def test_quantized_mamba_is_refused(tmp_path: Path) -> None:
     path = build(tmp_path, "mamba", dict(hidden_size=64, num_hidden_layers=2, vocab_size=384, state_size=8))
     for quant in ("nf4", "int8"):
         with pytest.raises(UnsupportedModelError, match=f"Mamba .*cannot be quantized \\({quant}\\): its MambaMixer"):
-            load_model(path, quant, "cpu")  # type: ignore[arg-type]
+            load_model(path, quant, "cpu")
     assert check_model_dir(path, "none") == "mamba"
 
 

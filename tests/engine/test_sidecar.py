@@ -16,6 +16,7 @@ from shared.sidecar import (
     SideCar,
     SideCarError,
     SideCarLinear,
+    SideCarMode,
     default_sidecar_mode,
     dequantize_weight,
     initial_values_from_dir,
@@ -172,7 +173,7 @@ def _tile_forward(self: SideCarLinear, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("quant", ["nf4", "int8"])
 def test_correction_matches_the_dequantised_tile_path(
-    quant: str, dtype: torch.dtype, llama_dir: Path, llama_mask: dict[str, torch.Tensor]
+    quant: Quant, dtype: torch.dtype, llama_dir: Path, llama_mask: dict[str, torch.Tensor]
 ) -> None:
     """base kernel + sparse correction == dequantise-and-overwrite, to forward rounding; repeatable bits."""
     assert default_sidecar_mode(torch.device("cpu"), torch.float32) == "auto"
@@ -213,7 +214,8 @@ def test_auto_mode_picks_by_token_count(llama_dir: Path, llama_mask: dict[str, t
     name, layer = next((n, m) for n, m in sidecar_layers(lm.model) if n in llama_mask)
     assert layer.mode == "auto"
     limit = layer.in_features * layer.out_features // (layer.sidecar_indices.numel() * GATHER_COST)
-    for tokens, expect in ((1, "correct"), (limit + 1, "tile")):
+    cases: tuple[tuple[int, SideCarMode], ...] = ((1, "correct"), (limit + 1, "tile"))
+    for tokens, expect in cases:
         x = torch.linspace(-1, 1, tokens * layer.in_features).view(tokens, layer.in_features)
         got = layer(x)
         layer.mode = expect
