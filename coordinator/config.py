@@ -313,6 +313,7 @@ class CoordinatorConfig:
         True, "per-device series on /metrics (about 15 per device; turn off for fleets of thousands)"
     )
     dashboard: bool = cfg.field(True, "serve the live dashboard on / of the metrics server (same bind, same token)")
+    report: bool = cfg.field(True, "write the run report (JSON + plots) to state_dir/report when the run ends")
     # -- training quality -------------------------------------------------------------------------
     eval_data: Path | None = cfg.field(
         None, "the coordinator's own eval set (task.json with 'eval', or JSONL): evaluates its values on CPU between rounds"

@@ -91,15 +91,16 @@ def _num(t: dict[str, Any], key: str) -> Any:
     return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
-def fleet_view(state_dir: str | Path, now: float, last: int = 200, event_log: str = "sqlite") -> FleetView:
-    """Read the snapshot (the last `last` rounds of curves) from the event log (`event_log`: the config key)."""
+def fleet_view(state_dir: str | Path, now: float, last: int | None = 200, event_log: str = "sqlite") -> FleetView:
+    """Read the snapshot (the last `last` rounds of curves; None: the whole run) from the event log
+    (`event_log`: the config key)."""
     log = EventLog(state_dir, readonly=True, event_log=event_log)
     try:
         meta = log.views.meta()
         budgets = log.views.client_budgets()
         losses = log.views.last_losses()
         drift = {d.client: d for d in log.drift_rows()}
-        gradip = log.views.gradip_means(last)
+        gradip = log.views.gradip_means(last if last is not None else 1 << 62)
         evals = log.views.evals(last=last)
         rounds = log.views.round_points(last)
         devices = []

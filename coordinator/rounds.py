@@ -176,6 +176,10 @@ class RoundBook:
     def done(self) -> bool:
         return self.stop_after_round is not None and self.last_round >= self.stop_after_round
 
+    @property
+    def open_round(self) -> int | None:
+        return None if self.plan is None else self.plan.round
+
     def n_online(self) -> int:
         """len(online()) in O(1) (a counter kept on every registry change: the pump reads it per batch)."""
         return self.registry.n_online()

@@ -34,6 +34,7 @@ from coordinator.evaluator import CoordinatorEvaluator
 from coordinator.eventlog import EventLog
 from coordinator.heartbeats import HeartbeatBuffer
 from coordinator.intake import INBOUND, Decision, admit, feed
+from coordinator.lifecycle import RunLifecycle, take_stop_request
 from coordinator.metrics import Metrics, MetricsServer
 from coordinator.publisher import Publisher
 from coordinator.records import DuplicateRecord, PlanRow, ResultRecord
@@ -55,6 +56,7 @@ log = logging.getLogger(__name__)
 
 BATCH = 512
 ALIVE_EVERY_S = 2.0  # how often the pump writes its liveness (meta alive_at) for `meerkat status`
+STOP_CHECK_S = 1.0  # how often the pump looks for a `meerkat stop` request (coordinator/lifecycle.py)
 
 
 class Coordinator:
@@ -103,6 +105,13 @@ class Coordinator:
             "fingerprint": self.fingerprint, "mask_id": self.mask_id, "nnz": str(self.nnz),
             "fleet": config.fleet, "master_seed": str(config.master_seed), "v0_checksum": values_checksum(self.v0),
         })  # fmt: skip
+        try:  # an ended run is not started again (RunOver: `meerkat coordinator` says so and exits 0)
+            self.life = RunLifecycle.load(self.log.views.meta(), self.stop_after_round)
+        except Exception:
+            self.log.close()
+            raise
+        self._stop_check_at = -float("inf")
+        self.ended = False  # the run ended in this process (finished or stopped): run() writes the report
         self.book = RoundBook.from_config(
             config, self.mask, fingerprint=self.fingerprint, values=self.v0, stop_after_round=self.stop_after_round,
             recovered=recover(self.log, self.v0, self.mask_id, self.fingerprint, config.replay_max),
@@ -145,7 +154,12 @@ class Coordinator:
             pages = dashboard_pages(self.state_dir, self.metrics.bytes_totals, c.event_log) if c.dashboard else None
             self.metrics_server = MetricsServer(self.metrics, c.metrics_host, c.metrics_port, c.metrics_token, pages=pages)
             self.metrics_server.start()
-        self._carry_out(self.book.start(self.clock()))
+        now = self.clock()
+        state, meta = self.life.begin(self.book, now)  # the book stops after the target round (config or a stop)
+        self.stop_after_round = self.book.stop_after_round
+        self._carry_out([*self.book.start(now), Publish(state)], meta=meta)
+        if self.evaluator is not None and self.book.last_round == -1:
+            self._evaluate(-1)  # the baseline: v_0, before round 0 (the dashboard and the report mark it)
 
     def stop(self) -> None:
         """Ask `run()` to return (thread-safe)."""
@@ -159,16 +173,44 @@ class Coordinator:
         return self.book.done()
 
     def run(self) -> int:
-        """Serve until stop() or the target round closed; returns 0 (exceptions propagate)."""
+        """Serve until stop() or the run ended (the target round closed: the configured count or `meerkat
+        stop`); returns 0 (exceptions propagate). An ended run is told to the fleet (retained RunState) and
+        its report written (coordinator/report.py)."""
         if self.link is None:
             self.start()
         try:
             while not self._stop.is_set() and not self.done():
                 self.step(0.1)
+            if self.done():
+                self.end_run()
             self.drain()
         finally:
             self.close()
+        if self.ended and self.config.report:
+            self.write_report()
         return 0
+
+    def end_run(self) -> None:
+        """The book is done: the run is finished (round count) or stopped (`meerkat stop`), persisted and
+        published retained on `run` (devices idle on it)."""
+        state, meta = self.life.end(self.book, self.clock())
+        self._carry_out([Publish(state)], meta=meta)
+        self.ended = True
+        log.info("run %s after round %d (%s); the fleet is told on %s", state.state, state.last_round,
+                 state.reason, self.topics.run)  # fmt: skip
+
+    def write_report(self) -> None:
+        """The run report (JSON + plots) into state_dir/report; a failure is logged, never fatal: the run
+        is over and its log is intact (`meerkat report` writes it again)."""
+        from coordinator.report import write_report
+
+        out = self.state_dir / "report"
+        try:
+            path = write_report(self.state_dir, out, event_log=self.config.event_log)
+        except Exception as exc:  # matplotlib or a full disk: the log keeps everything for `meerkat report`
+            log.warning("run report not written to %s: %s (run `meerkat report` later)", out, exc)
+        else:
+            log.info("run report: %s", path)
 
     def close(self) -> None:
         if self.link is not None:
@@ -223,7 +265,25 @@ class Coordinator:
     def tick(self) -> None:
         now = self.clock()
         self._carry_out(self.book.tick(now))
+        self._check_stop_request(now)
         self._beat(now)
+
+    def _check_stop_request(self, now: float) -> None:
+        """`meerkat stop` (a file in state_dir, coordinator/lifecycle.py): finish the open round, then stop."""
+        if self._stop_check_at <= now < self._stop_check_at + STOP_CHECK_S:
+            return
+        self._stop_check_at = now
+        reason = take_stop_request(self.state_dir)
+        if reason is None:
+            return
+        change = self.life.stop(self.book, now, reason)
+        if change is None:
+            log.info("stop request (%s): the run is already %s", reason, self.life.state)
+            return
+        state, meta = change
+        self.stop_after_round = self.book.stop_after_round
+        log.info("stop request (%s): finishing: round %d is the last", reason, state.last_round)
+        self._carry_out([Publish(state)], meta=meta)
 
     def _beat(self, now: float, stopped: bool = False) -> None:
         """Liveness for `meerkat status` (meta alive_at, one small transaction every ALIVE_EVERY_S)."""

@@ -258,15 +258,15 @@ def run_demo(cfg: DemoConfig, on_round: Callable[[int, str], None] | None = None
 
 
 def fleet_quality(state_dir: Path) -> dict[str, Any]:
-    """The quality curves the coordinator logged: devices' held-out evals and its own, per round."""
-    from dataclasses import asdict
+    """The quality curves of the coordinator's run report (coordinator/report.py, the one every fleet gets:
+    the coordinator also wrote it to state_dir/report when its rounds ran out): devices' held-out evals and
+    its own per round (round -1 = the baseline before round 0), and the mean training loss."""
+    from coordinator.report import REPORT_JSON, run_report
 
-    from coordinator.fleetview import fleet_view
-
-    view = fleet_view(state_dir, time.time())
-    return {"device_evals": [asdict(p) for p in view.device_evals],
-            "coordinator_evals": [asdict(p) for p in view.coordinator_evals],
-            "train_loss": [{"round": r.round, "loss": r.train_loss} for r in view.rounds]}
+    rep = run_report(state_dir)
+    return {"device_evals": rep["evals"]["devices"], "coordinator_evals": rep["evals"]["coordinator"],
+            "train_loss": [{"round": r["round"], "loss": r["mean_client_loss"]} for r in rep["rounds"]],
+            "run": rep["run"], "fleet_report": str(state_dir / "report" / REPORT_JSON)}  # fmt: skip
 
 
 def _rmtree(path: Path) -> None:

@@ -60,6 +60,7 @@ from shared.messages import (
     Replay,
     RoundPlan,
     RoundResult,
+    RunState,
     Status,
 )
 from shared.mqtt import MqttLink, Will, tls_for
@@ -73,6 +74,7 @@ INBOUND: dict[str, type[Message] | tuple[type[Message], ...]] = {  # topic kind 
     "result": RoundResult,
     "result_latest": RoundResult,
     "to": (Replay, CheckpointChunk, ErrorMsg),
+    "run": RunState,  # 1.3: the run's lifecycle (retained)
 }
 STORAGE_RETRY_S = 5.0  # a full disk: try the same write again this often (nothing half-written was committed)
 
@@ -101,7 +103,7 @@ class EdgeClient:
         self.rounds = ClientRounds(
             me, trainer.initial_values, values=values, round=self.st.round, data_pointer=self.st.data_pointer,
             trained_round=self.st.trained_round, trained_msg_id=self.st.trained_msg_id,
-            progress=self.store.progress(), sync_retry_s=cfg.sync_retry_s,
+            progress=self.store.progress(), sync_retry_s=cfg.sync_retry_s, exit_when_run_over=cfg.exit_when_run_over,
         )  # fmt: skip
         self.counters = self.rounds.counters  # one set of counters: the core's rules and the pump's I/O
         self._seen_connects = 0
@@ -123,7 +125,7 @@ class EdgeClient:
         return MqttLink(
             self.cfg.broker,
             c,
-            subscriptions=[(t.plan, 1), (t.filter("result"), 1), (t.to(c), 1)],
+            subscriptions=[(t.plan, 1), (t.filter("result"), 1), (t.to(c), 1), (t.run, 1)],
             username=self.cfg.username,
             password=self.cfg.read_password(),
             tls=tls,

@@ -74,6 +74,7 @@ from shared.messages import (
     Replay,
     RoundPlan,
     RoundResult,
+    RunState,
     Update,
 )
 
@@ -153,6 +154,7 @@ class ClientRounds:
         trained_msg_id: int = 0,
         progress: Progress | None = None,
         sync_retry_s: float = 10.0,
+        exit_when_run_over: bool = False,
     ) -> None:
         self.me = me
         self.fp_tag = fp_tag(me.fingerprint)
@@ -177,6 +179,8 @@ class ClientRounds:
         self._chunks = ChunkAssembler(self.nnz, self.reject)
         self.joins = JoinBackoff(me.fleet, (me.fingerprint, me.mask_id), self.counters)  # refusals, slow-down
         self.exiting: Exit | None = None
+        self.run: RunState | None = None  # the coordinator's run lifecycle (retained on `run`, protocol 1.3)
+        self.exit_when_run_over = exit_when_run_over
 
     @property
     def nnz(self) -> int:
@@ -213,7 +217,40 @@ class ClientRounds:
             return self.on_chunk(msg, now)
         if isinstance(msg, ErrorMsg):
             return self.on_error(msg, now)
+        if isinstance(msg, RunState):
+            return self.on_run(msg, now)
         raise TypeError(f"ClientRounds.handle: {type(msg).__name__} is not a coordinator -> client message")
+
+    def on_run(self, rs: RunState, now: float) -> list[Action]:
+        """The run's state (docs/CLIENT.md "The end of a run"). finished/stopped: once this device holds the
+        final round it idles (no Join, sync or silence warning: nobody answers) or, with `exit_when_run_over`,
+        exits 0; behind it first catches up (the final values are the ones worth keeping)."""
+        prev, self.run = self.run, rs
+        if prev is not None and (prev.state, prev.last_round) == (rs.state, rs.last_round):
+            return self._run_over_exit()
+        if rs.over:
+            self.known_round = max(self.known_round, rs.last_round)
+            log.info("run %s by the coordinator after round %d (%s): %s", rs.state, rs.last_round, rs.reason or "-",
+                     "idle, nothing more to train" if self.round >= rs.last_round
+                     else f"catching up from round {self.round} first")  # fmt: skip
+        elif rs.state == "finishing":
+            log.info("the coordinator is finishing the run: round %d is the last (%s)", rs.last_round, rs.reason or "-")
+        elif prev is not None and prev.over:
+            log.info("a new run started on fleet %s", self.me.fleet)
+        return self._run_over_exit()
+
+    @property
+    def run_over(self) -> bool:
+        """The run ended and this device holds its final round: nothing left to do."""
+        return self.run is not None and self.run.over and self.round >= self.run.last_round
+
+    def _run_over_exit(self) -> list[Action]:
+        if not (self.exit_when_run_over and self.run_over and self.exiting is None):
+            return []
+        assert self.run is not None
+        self.exiting = Exit(0, f"the run is {self.run.state} after round {self.run.last_round}; this device "
+                               "holds its final values (exit_when_run_over)")  # fmt: skip
+        return [self.exiting]
 
     def on_error(self, err: ErrorMsg, now: float) -> list[Action]:
         try:
@@ -354,6 +391,8 @@ class ClientRounds:
         acts: list[Action] = []
         if self.exiting is not None:
             return []  # the pump is stopping
+        if self.run_over:
+            return self._run_over_exit()  # idle: the coordinator is gone, nobody would answer a Join or sync
         if self.online:
             if self.joins.rejoin_due(now):  # after a refused Join: 2, 4, 8 ... s later
                 acts.append(self._join())

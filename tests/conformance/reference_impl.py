@@ -32,6 +32,7 @@ from shared.messages import (  # noqa: E402
     Replay,
     RoundPlan,
     RoundResult,
+    RunState,
     Status,
     SyncRequest,
     Update,
@@ -40,7 +41,7 @@ from shared.topics import PREFIX  # noqa: E402
 
 ON_TOPIC: dict[str, Any] = {  # topic kind -> what may arrive there (PROTOCOL.md §1)
     "plan": RoundPlan, "result": RoundResult, "up": Update, "join": Join, "hb": Heartbeat, "status": Status,
-    "sync": SyncRequest, "to": (Replay, CheckpointChunk, ErrorMsg),
+    "sync": SyncRequest, "to": (Replay, CheckpointChunk, ErrorMsg), "run": RunState,
 }  # fmt: skip
 
 
