@@ -21,7 +21,7 @@ from safetensors.torch import save as st_save
 
 from coordinator.eventlog import EventLog
 from shared.apply import apply_round, values_checksum
-from shared.fsio import atomic_write
+from shared.fsio import atomic_write, private_dir
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def write_checkpoint(path: Path, round: int, values: torch.Tensor, mask_id: str,
             "meerkat.fingerprint": fingerprint,
         },
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)
     atomic_write(path, data)
     return checksum
 

@@ -77,9 +77,10 @@ class CoordinatorConfig:
     )
     steps: int = cfg.field(10, "local SPSA steps T per round", (lambda v: 1 <= v <= 100, "must be in 1..100"))
     lr: float = cfg.field(
-        1e-6, "learning rate of the virtual path", (lambda v: 0 < v < 1, "must be in (0, 1)")
+        2e-3, "learning rate of the virtual path (the demo's: learns there; docs/COORDINATOR.md 'Choosing lr')",
+        (lambda v: 0 < v < 1, "must be in (0, 1)"),
     )
-    eps: float = cfg.field(1e-3, "SPSA perturbation size", (lambda v: 0 < v < 1, "must be in (0, 1)"))
+    eps: float = cfg.field(1e-2, "SPSA perturbation size (the demo's)", (lambda v: 0 < v < 1, "must be in (0, 1)"))
     dist: Literal["rademacher", "gaussian"] = cfg.field("rademacher", "direction distribution z_t")
     batch_size: int = cfg.field(8, "sequences per SPSA step on a device", (lambda v: v >= 1, "must be >= 1"))
     # -- the round scheduler --------------------------------------------------------------------

@@ -6,19 +6,13 @@ For client k at local step t of a round with seeds s_1..s_T:
     GradIP_{k,t} = g_{k,t} * c_t                           = <grad_pretrain, g_{k,t} z_t>  (the ZO step)
 
 c_t depends on the seed only, so it is computed once per seed and cached (float64 dot product).
-A client holding a single label fits its data quickly: its loss saturates, g shrinks and |GradIP| decays
-to ~0, while a balanced client's GradIP keeps oscillating. Over the client's GradIP history h_1..h_n
-(in observation order, rounds concatenated), with w = thresholds.window:
 
-    early     = mean |h_1..h_w|           late = mean |h_{n-w+1}..h_n|
-    rho_later = early / late              (large: the magnitude decayed)
-    rho_quie  = share of the last w steps with |h| < quiet_ratio * early
-
-Which decay rule acts is `decay_rule` (default "off", see "Defaults"): "absolute" (the paper's) flags a
-client when its update brings n >= min_steps with rho_later >= later_min and rho_quie >= quie_min;
-"fleet" (below, "Fleet-relative decay") compares rho_later with the fleet's at round close; "off"
-measures both and acts on neither. A flag is sticky (the paper limits a drifting client for the rest
-of the run). `steps_for(client, T)` is what the
+A single-label client's |GradIP| decays to ~0 (rho_later / rho_quie over its history: drift_decay.py).
+Which decay rule acts is `decay_rule` (default "off", see drift_thresholds.py): "absolute" (the paper's)
+flags a client when its update brings n >= min_steps with rho_later >= later_min and rho_quie >=
+quie_min; "fleet" (drift_fleet.py) compares rho_later with the fleet's at round close; "off" measures
+both and acts on neither. A divergence rule (drift_spike.py) flags an update whose |g| spikes. A flag is
+sticky (the paper limits a drifting client for the rest of the run). `steps_for(client, T)` is what the
 round scheduler puts into `RoundPlan.steps`: 1 for a flagged client, T otherwise. The client keeps its
 data pointer, so it still sees all of its data, one batch per round.
 
@@ -27,52 +21,12 @@ In the coordinator the monitor owns c_t: `compute_gradip` gives the values store
 logged GradIP and the flags from SQLite (`restore_limited`). It keeps only each client's first and last
 window (`keep_history=False`): O(window) per observation however long the run.
 
-Divergence (the second rule; BENCHMARKS.md "MEERKAT-VP: a divergence detector"). On real data the
-devices that hurt the fleet do not decay: one diverges inside its own T local steps (too large lr x T for
-where the aggregate put the model) and its |g| spikes while everyone else's stays put. When a round
-closes, over the updates it would aggregate (at least spike_min_updates of them):
+One detector a module, all re-exported here (`from coordinator.drift import ...`):
 
-    m_r        = median |g_{j,t}| over every local step t of every update j of round r
-    ratio_{k,r} = max_t |g_{k,t}| / m_r
-
-ratio >= spike_ratio flags client k (sticky, `steps_for` -> 1, as for decay) and its update is left out
-of round r's aggregate (RoundBook._check_spikes; left out also when k was limited already; a round whose
-every update spiked keeps them all). GradIP = g x c(seed) with c the same for every device of a round,
-so this is the GradIP ratio up to c_t's spread over the steps: |g| is used directly. The median is the
-round's own, so a fleet-wide rise (everyone overshooting together) flags nobody: only outliers.
-Limitation: when most updates of a round decayed (a majority of single-label devices at ~0 |g|), the
-median is theirs and an ordinary device can look like a spike. The same holds for tiny fleets, hence
-spike_min_updates = 5 (a choice, not calibrated; the calibration runs had 10 updates a round, so it does
-not change them): at 3, a fleet of 3 with one decayed device (tests/coordinator/test_retention.py's) had
-its two healthy devices flagged. A round with fewer updates gets no divergence check (the |g| cap of
-`aggregate` still applies).
-
-Fleet-relative decay (decay_rule = "fleet"; BENCHMARKS.md "MEERKAT-VP: a fleet-relative decay rule").
-On real runs GradIP decays for every device once the fleet has converged (the loss is low everywhere),
-so the absolute rule flags converged ordinary devices. When a round closes, over the clients whose
-update it received that are not limited and have n >= min_steps (at least fleet_min_clients of them):
-
-    M_r          = median rho_later_j over those clients        (a decay the fleet shares raises M_r)
-    ratio_{k,r}  = rho_later_k / M_r
-
-ratio >= fleet_ratio flags client k (sticky, `steps_for` -> 1; its update stays in the aggregate;
-RoundBook._check_fleet_decay). O(clients x window) per round, deterministic (sorted clients).
-
-Defaults. decay_rule = "off": replayed offline through this monitor on the recorded probe runs
-(`bench/learning/vp_replay.py`), no threshold separates. The absolute rule flags only converged
-devices (held-out seed 0: 1 true, 6 false). The fleet ratio of the devices that hurt (single-label, or
-first to diverge) on tuning seed 100 stays at most 1.66 with the spike rule on, below the converged
-ordinary devices' 2.04; with the spike rule off they reach 2.53 / 4.45 only after the fleet collapsed.
-fleet_ratio = 3.0 (for "fleet" when an operator turns it on) lies above every ordinary device's ratio
-on seeds 100 (2.04) and 0 (2.37); fleet_min_clients = 5 is a choice, not calibrated (a median of fewer
-is one or two devices' value). The absolute rule's thresholds come from synthetic sequences
-(tests/learning/test_drift.py), NOT from real runs: on the tiny models they flag nobody where it matters (BENCHMARKS.md, "MEERKAT-VP: why the extreme
-split collapses": the harmful devices' |g| GROWS). spike_ratio = 15 was chosen on tuning seed 100 only
-(`small`, topic, T = 10, budget 100, extreme and Dirichlet, lr 1e-2 and 5e-3; BENCHMARKS.md "MEERKAT-VP:
-a divergence detector"): updates of rounds before any device diverged reached at most 9.8x, the first
-diverging device 29.7x (extreme) and 39.1x (Dirichlet); 15 lies between (geometric mean of 9.8 and 29.7:
-17). What it does on held-out seeds, and what it does not fix (at lr 1e-2 the whole fleet diverges a few
-rounds later), is in the same section. Override the thresholds for another model/task.
+    drift_decay.py       rho_later / rho_quie of a client's GradIP history; the "absolute" rule
+    drift_fleet.py       rho_later against the round's fleet median at round close ("fleet")
+    drift_spike.py       max |g| of an update against its round's median |g| (divergence)
+    drift_thresholds.py  DriftThresholds: when each rule flags, and where each default comes from
 """
 
 from __future__ import annotations
@@ -81,201 +35,19 @@ import logging
 import math
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from itertools import chain
-from typing import Literal
 
-import numpy as np
 import torch
 
+from coordinator.drift_decay import DriftStats, drift_stats
+from coordinator.drift_fleet import FleetDecayStats, fleet_decay_stats
+from coordinator.drift_spike import SpikeStats, spike_stats
+from coordinator.drift_thresholds import DECAY_RULES, DecayRule, DriftThresholds, Reason
 from shared.prng import DISTS, Dist, directions
 
 log = logging.getLogger(__name__)
 
-Reason = Literal["decay", "spike"]
-DecayRule = Literal["fleet", "absolute", "off"]
-DECAY_RULES: tuple[DecayRule, ...] = ("fleet", "absolute", "off")
 LATE_ROUNDS = 64  # observe_round remembers this many round numbers (a round closes once; replays are ignored)
 COEF_CACHE = 4096  # cached c_t values (seeds are fresh every round: only recent rounds are ever looked up)
-
-
-@dataclass(frozen=True)
-class DriftThresholds:
-    """When a client is flagged (decay and spike rules). Where each default comes from: the module doc."""
-
-    window: int = 20  # steps in the early and in the late window (10 is too noisy: c_t alone varies ~3x)
-    min_steps: int = 40  # observed steps before a client can be flagged (>= 2 * window)
-    later_min: float = 3.0  # rho_later must reach this (early magnitude / late magnitude)
-    quiet_ratio: float = 0.25  # a step is quiet when |GradIP| < quiet_ratio * early mean
-    quie_min: float = 0.6  # share of quiet steps in the late window needed to flag
-    # divergence (the module doc, "Divergence"): max |g| of an update / median |g| of its round's updates
-    spike_ratio: float = 15.0  # flag (and leave out of that round's aggregate) at this ratio; 0 = off
-    spike_min_updates: int = 5  # updates a round needs before its median means anything (module doc)
-    # decay, which rule (the module doc, "Fleet-relative decay"): "fleet" = rho_later against the fleet's
-    # median at round close; "absolute" = the paper's later_min / quie_min per update; "off" = measured only
-    decay_rule: DecayRule = "off"  # no threshold separated on real runs (module doc): measured, never acted on
-    fleet_ratio: float = 3.0  # "fleet": flag at rho_later >= fleet_ratio x the median rho_later of the round
-    fleet_min_clients: int = 5  # "fleet": clients with >= min_steps (not limited) a round needs
-
-    def __post_init__(self) -> None:
-        if self.decay_rule not in DECAY_RULES:
-            raise ValueError(f"DriftThresholds.decay_rule: expected one of {DECAY_RULES}, got {self.decay_rule!r}")
-        if (
-            isinstance(self.fleet_min_clients, bool)
-            or not isinstance(self.fleet_min_clients, int)
-            or self.fleet_min_clients < 2
-        ):
-            raise ValueError(
-                f"DriftThresholds.fleet_min_clients: expected an int >= 2, got {self.fleet_min_clients!r}"
-            )
-        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
-            raise ValueError(f"DriftThresholds.window: expected an int >= 1, got {self.window!r}")
-        if (
-            isinstance(self.min_steps, bool)
-            or not isinstance(self.min_steps, int)
-            or self.min_steps < 2 * self.window
-        ):
-            raise ValueError(
-                f"DriftThresholds.min_steps: expected an int >= 2 * window = {2 * self.window}, got {self.min_steps!r}"
-            )
-        if (
-            isinstance(self.spike_min_updates, bool)
-            or not isinstance(self.spike_min_updates, int)
-            or self.spike_min_updates < 2
-        ):
-            raise ValueError(
-                f"DriftThresholds.spike_min_updates: expected an int >= 2, got {self.spike_min_updates!r}"
-            )
-        for name, lo, hi in (
-            ("later_min", 1.0, math.inf),
-            ("quiet_ratio", 0.0, 1.0),
-            ("quie_min", 0.0, 1.0),
-            ("spike_ratio", 0.0, math.inf),
-            ("fleet_ratio", 1.0, math.inf),
-        ):
-            v = getattr(self, name)
-            if (
-                isinstance(v, bool)
-                or not isinstance(v, (int, float))
-                or not math.isfinite(v)
-                or not lo <= v <= hi
-            ):
-                raise ValueError(
-                    f"DriftThresholds.{name}: expected a finite number in [{lo}, {hi}], got {v!r}"
-                )
-        if 0 < self.spike_ratio < 1:
-            raise ValueError(f"DriftThresholds.spike_ratio: expected 0 (off) or >= 1, got {self.spike_ratio!r}")
-
-
-@dataclass(frozen=True)
-class DriftStats:
-    """One client's detection statistics at the moment they were computed."""
-
-    n_steps: int
-    early: float
-    late: float
-    rho_later: float  # inf when the late window is exactly 0 and the early one is not
-    rho_quie: float
-    flagged: bool  # by the "absolute" rule (always False under decay_rule "fleet" / "off")
-
-
-def drift_stats(
-    history: Sequence[float], th: DriftThresholds, n_steps: int | None = None
-) -> DriftStats | None:
-    """rho_later / rho_quie of a GradIP history; None while it is shorter than 2 * window.
-
-    `n_steps`: the true history length when `history` holds only its first and last window (compact).
-    """
-    n = len(history) if n_steps is None else n_steps
-    w = th.window
-    if n < 2 * w:
-        return None
-    mags = [abs(h) for h in history]
-    early = math.fsum(mags[:w]) / w
-    late = math.fsum(mags[-w:]) / w
-    if late > 0:
-        rho_later = early / late
-    else:
-        rho_later = math.inf if early > 0 else 1.0
-    quiet = sum(1 for m in mags[-w:] if m < th.quiet_ratio * early)
-    rho_quie = quiet / w
-    flagged = (
-        th.decay_rule == "absolute" and n >= th.min_steps and rho_later >= th.later_min and rho_quie >= th.quie_min
-    )
-    return DriftStats(n, early, late, rho_later, rho_quie, flagged)
-
-
-@dataclass(frozen=True)
-class SpikeStats:
-    """One update's divergence statistic: its largest |g| against the median |g| of its round."""
-
-    round: int
-    peak: float  # max |g_t| over the update's local steps
-    median: float  # median |g| over every local step of every update of the round
-    ratio: float  # peak / median (inf when the median is 0 and the peak is not)
-    flagged: bool
-
-
-def spike_stats(round: int, updates: Mapping[str, Sequence[float]], th: DriftThresholds) -> dict[str, SpikeStats]:
-    """Per client: peak |g| / the round's median |g|; {} when fewer than th.spike_min_updates updates
-    (or no grads) came in. `flagged` when spike_ratio > 0 and ratio >= spike_ratio.
-
-    One numpy pass over the round's grads (10,000 updates at a close: ~70 -> ~15 ms): the same float64
-    |g|, median, peaks and IEEE divisions as a loop per client, so the same values."""
-    if len(updates) < th.spike_min_updates:
-        return {}
-    clients = sorted(updates)
-    lens = np.fromiter((len(updates[c]) for c in clients), np.int64, len(clients))  # (K,)
-    flat = np.fromiter(chain.from_iterable(updates[c] for c in clients), np.float64, int(lens.sum()))
-    mags = np.abs(flat)  # (sum T_k,)
-    if mags.size == 0:
-        return {}
-    median = float(np.median(mags))
-    peaks = np.zeros(len(clients))  # (K,) an update without grads has peak 0.0
-    has = lens > 0
-    starts = np.cumsum(lens) - lens
-    peaks[has] = np.maximum.reduceat(mags, starts[has])  # a segment runs to the next non-empty one's start
-    if median > 0:
-        ratios = (peaks / median).tolist()
-    else:
-        ratios = [math.inf if p > 0 else 0.0 for p in peaks.tolist()]
-    on, cut, r = th.spike_ratio > 0, th.spike_ratio, int(round)
-    return {
-        c: SpikeStats(r, p, median, q, on and q >= cut)
-        for c, p, q in zip(clients, peaks.tolist(), ratios, strict=True)
-    }
-
-
-@dataclass(frozen=True)
-class FleetDecayStats:
-    """One client's fleet-relative decay statistic at the close of a round."""
-
-    round: int
-    rho_later: float  # the client's own early / late mean |GradIP| (DriftStats.rho_later)
-    median: float  # median rho_later over the round's fleet (clients with >= min_steps, not limited)
-    ratio: float  # rho_later / median (inf when the median is 0 and rho_later is not)
-    n_steps: int
-    flagged: bool
-
-
-def fleet_decay_stats(round: int, stats: Mapping[str, DriftStats], th: DriftThresholds) -> dict[str, FleetDecayStats]:
-    """Per client of `stats` (the round's fleet: its DriftStats, callers pass only clients with >=
-    min_steps that are not limited): rho_later / the median rho_later of all of them; {} with fewer than
-    th.fleet_min_clients. `flagged` when decay_rule is "fleet" and ratio >= fleet_ratio."""
-    fleet = {c: s for c, s in stats.items() if s.n_steps >= th.min_steps}
-    if len(fleet) < th.fleet_min_clients:
-        return {}
-    median = float(np.median(np.array([s.rho_later for s in fleet.values()], dtype=np.float64)))
-    out = {}
-    for client in sorted(fleet):
-        s = fleet[client]
-        if median > 0:
-            ratio = s.rho_later / median
-        else:
-            ratio = math.inf if s.rho_later > 0 else 0.0
-        flagged = th.decay_rule == "fleet" and ratio >= th.fleet_ratio
-        out[client] = FleetDecayStats(int(round), s.rho_later, median, ratio, s.n_steps, flagged)
-    return out
 
 
 class _History:
@@ -540,6 +312,8 @@ class DriftMonitor:
 
 __all__ = [
     "DECAY_RULES",
+    "DecayRule",
+    "Reason",
     "DriftMonitor",
     "DriftStats",
     "DriftThresholds",

@@ -20,6 +20,7 @@ import torch
 from coordinator.checkpoint import rebuild_values
 from coordinator.eventlog import DB_NAME, EventLog
 from shared.apply import values_checksum
+from shared.fsio import share_tree
 from shared.maskfile import Mask
 
 if TYPE_CHECKING:
@@ -112,5 +113,6 @@ def export_merged(
         "mask_id": mask.mask_id, "quant": quant, "nnz": int(values.numel()),
     }  # fmt: skip
     (out / "meerkat_export.json").write_text(json.dumps(info, indent=2) + "\n")
+    share_tree(out)  # read by other users (a service, `meerkat evaluate`): weights 0644, not transformers' 0600
     log.info("exported round %d (%s-merged, fp32) to %s", round, quant, out)
     return out

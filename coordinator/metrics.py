@@ -4,22 +4,20 @@ Own `CollectorRegistry` per coordinator (no global state: several coordinators c
 process). When `token` is set every request needs `Authorization: Bearer <token>`; the config refuses a
 non-loopback bind without one.
 
-The HTTP server is bounded (issue 14): a fixed pool of worker threads serves accepted connections from a
-short queue, every socket read/write times out, and a connection that finds the queue full is closed at
-once. 300 idle connections therefore cost `workers` threads (not 300), and /metrics answers again at
-most ~`timeout` x (queue / workers + 1) seconds after they stop being served.
+The HTTP server is bounded (issues 14 and 26, coordinator/httpserve.py): one intake thread reads every
+request head without blocking, a fixed pool of worker threads serves complete requests, each request has a
+total deadline (`timeout`, from accept to the last byte) and each peer a bounded number of connections.
+300 idle connections cost `workers` + 1 threads (not 300), and slow-drip sockets never hold a worker: they
+do not delay anyone else's /metrics. The token is never logged (`?token=` is redacted in request lines).
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
-import queue
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
@@ -36,6 +34,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from coordinator.fleetview import FleetView, fleet_view
+from coordinator.httpserve import PooledHTTPServer, PrefetchedHandler
 
 log = logging.getLogger(__name__)
 
@@ -187,65 +186,11 @@ FLEET_NAMES: tuple[str, ...] = tuple(name for name, _, _ in DEVICE_GAUGES) + (
 )  # every family fleet_families() may yield  # fmt: skip
 PAGES = {"/", "/dashboard", "/dashboard.json"}  # served when the coordinator's `dashboard` is on
 WORKERS = 4  # threads serving /metrics requests
-TIMEOUT_S = 5.0  # per socket read/write of one connection
-
-
-class PooledHTTPServer(HTTPServer):
-    """HTTPServer whose accepted connections are served by `workers` fixed threads from a bounded queue.
-
-    http.server's ThreadingHTTPServer starts one thread per connection, unbounded: idle connections
-    alone could exhaust the coordinator's threads and memory.
-    """
-
-    request_queue_size = 128  # listen() backlog: accept fast and refuse here, not by SYN retransmits
-
-    def __init__(
-        self, addr: tuple[str, int], handler: type[BaseHTTPRequestHandler], workers: int, backlog: int
-    ) -> None:
-        super().__init__(addr, handler)
-        self.refused = 0  # connections closed because every worker and queue slot was taken
-        self._jobs: queue.Queue[tuple[socket.socket, object] | None] = queue.Queue(maxsize=backlog)
-        self._workers = [
-            threading.Thread(target=self._work, name=f"metrics-http-{i}", daemon=True) for i in range(workers)
-        ]
-        for t in self._workers:
-            t.start()
-
-    def process_request(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
-        try:
-            self._jobs.put_nowait((request, client_address))
-        except queue.Full:
-            self.refused += 1
-            log.debug("metrics http: all %d workers busy, closing a connection", len(self._workers))
-            self.shutdown_request(request)
-
-    def _work(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            request, client_address = job
-            try:
-                self.finish_request(request, client_address)
-            except Exception:  # a client's broken connection must not kill the worker
-                log.debug("metrics http: request from %s failed", client_address, exc_info=True)
-            finally:
-                self.shutdown_request(request)
-
-    def server_close(self) -> None:
-        super().server_close()
-        while True:  # close what is still queued, then stop every worker
-            try:
-                job = self._jobs.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None:
-                self.shutdown_request(job[0])
-        for _ in self._workers:
-            self._jobs.put(None)
-        for t in self._workers:
-            t.join(timeout=TIMEOUT_S + 1)
+TIMEOUT_S = 5.0  # the whole request, from accept to its last byte written (coordinator/httpserve.py)
 
 
 class MetricsServer:
-    """A tiny HTTP server for /metrics: one accept thread plus a fixed pool of `workers` threads."""
+    """A tiny HTTP server for /metrics: one intake thread plus a fixed pool of `workers` threads."""
 
     def __init__(
         self,
@@ -258,16 +203,13 @@ class MetricsServer:
         timeout: float = TIMEOUT_S,
         pages: Callable[[str], tuple[bytes, str]] | None = None,
     ) -> None:
-        """`pages(path) -> (body, content type)` serves the dashboard (PAGES) beside /metrics."""
+        """`pages(path) -> (body, content type)` serves the dashboard (PAGES) beside /metrics; `timeout`: the
+        deadline of one request, in total. Raises PortInUse when host:port is taken."""
         self.metrics = metrics
         token_b = token.encode()
         routes = {"/metrics"} | (PAGES if pages is not None else set())
 
-        sock_timeout = timeout
-
-        class Handler(BaseHTTPRequestHandler):
-            timeout = sock_timeout  # set on the socket by StreamRequestHandler: every read/write is bounded
-
+        class Handler(PrefetchedHandler):
             def do_GET(self) -> None:  # noqa: N802 (http.server API)
                 path, _, query = self.path.partition("?")
                 if path not in routes:
@@ -296,11 +238,8 @@ class MetricsServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def log_message(self, format: str, *args: object) -> None:
-                log.debug("metrics http: " + format, *args)
-
         self._routes = routes
-        self.server = PooledHTTPServer((host, port), Handler, workers=workers, backlog=2 * workers)
+        self.server = PooledHTTPServer((host, port), Handler, workers=workers, deadline=timeout)
         self.port = int(self.server.server_address[1])
         self._thread = threading.Thread(target=self.server.serve_forever, name="metrics-http", daemon=True)
 

@@ -10,7 +10,9 @@ not read) and hand-written ACLs. Like NVIDIA FLARE's `provision`, this writes on
 
 Every secret file is 0600. Re-running with more devices adds them and keeps existing certificates and
 passwords; `--revoke ID` removes a device's password and ACL entry and lists its certificate in crl.pem,
-which the broker checks (`crlfile`, with `require_certificate true`), so a revoked device fails twice.
+which the broker checks (`crlfile`, with `require_certificate true`), so a revoked device fails twice
+(the handshake, and an ACL that grants its name nothing). The TLS listener takes the login from the
+certificate (`use_identity_as_username`): a device is its certificate's CN.
 
 The fleet description (TOML):
 
@@ -121,6 +123,10 @@ certfile {d}/server.crt
 keyfile {d}/server.key
 require_certificate true
 crlfile {d}/crl.pem
+# the login is the certificate: the user name is its CN (the device id; the coordinator's id for the
+# coordinator), whatever name and password the client sends, so one device's key cannot log in as another
+# device even with that device's password (docs/SECURITY.md). The ACL then applies to the CN.
+use_identity_as_username true
 """
 
 

@@ -142,18 +142,19 @@ class Coordinator:
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self, link: MqttLink | None = None) -> None:
-        """Connect to the broker, start /metrics, republish the retained plan and latest result. `link`: a
-        started link to use instead (a cluster worker's, coordinator/workers.py: it drains the inbox itself)."""
+        """Start /metrics, connect to the broker, republish the retained plan and latest result. `link`: a
+        started link to use instead (a cluster worker's, coordinator/workers.py: it drains the inbox itself).
+        /metrics first: a taken port (PortInUse, exit 9) stops the start before anything is connected."""
         c = self.config
-        if link is None:
-            subs = [(self.topics.filter(k), self.topics.qos(k)) for k in INBOUND]
-            link = broker_link(c, c.client_id, subs, clean_session=False)
-        self.link = self.out.link = link
         if c.metrics:
             self.metrics.watch_fleet(self.state_dir, c.metrics_per_device, c.event_log)
             pages = dashboard_pages(self.state_dir, self.metrics.bytes_totals, c.event_log) if c.dashboard else None
             self.metrics_server = MetricsServer(self.metrics, c.metrics_host, c.metrics_port, c.metrics_token, pages=pages)
             self.metrics_server.start()
+        if link is None:
+            subs = [(self.topics.filter(k), self.topics.qos(k)) for k in INBOUND]
+            link = broker_link(c, c.client_id, subs, clean_session=False)
+        self.link = self.out.link = link
         now = self.clock()
         state, meta = self.life.begin(self.book, now)  # the book stops after the target round (config or a stop)
         self.stop_after_round = self.book.stop_after_round

@@ -12,8 +12,15 @@ from pathlib import Path
 from typing import Any
 
 from shared.config import ConfigError, parse_overrides
+from shared.fsio import permission_hint
 
 log = logging.getLogger(__name__)
+
+# `meerkat coordinator` exit statuses (docs/COORDINATOR.md "Exit status"; the systemd unit's
+# RestartPreventExitStatus lists those a restart cannot fix); 5 / 7 / 8: storage faults (coordinator/storage.py)
+EXIT_CONFIG = 2  # bad config, or model / mask / state dir unusable
+EXIT_BROKER = 4  # --check only: the broker test failed
+EXIT_PORT_IN_USE = 9  # metrics_port is taken by another process
 
 
 def register(sub: Any) -> None:
@@ -26,8 +33,9 @@ def register(sub: Any) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
     p.add_argument(
         "--check", action="store_true",
-        help="validate config, mask and model, test the broker (TLS, login, subscribe, read+write round trip), "
-        "exit 0 or 4 (broker) / 2 (config); run it while the coordinator is stopped: it uses the same session",
+        help="validate config, mask and model, read eval_data, bind metrics_port, test the broker (TLS, login, "
+        "subscribe, read+write round trip); exit 0, 2 (config, model, mask, eval data), 9 (metrics_port taken) or "
+        "4 (broker); run it while the coordinator is stopped: it uses the same session",
     )
     p.set_defaults(func=_run_coordinator)
 
@@ -103,23 +111,35 @@ def _run_coordinator(args: argparse.Namespace) -> int:
             print(f"meerkat coordinator: {fault}", file=sys.stderr)
             return fault.code
         if isinstance(exc, (ConfigError, ValueError, RuntimeError, OSError)):  # mask/model/state problems, each named
-            print(f"meerkat coordinator: {exc}", file=sys.stderr)
-            return 2
+            print(f"meerkat coordinator: {exc}{permission_hint(exc)}", file=sys.stderr)
+            return EXIT_CONFIG
         raise
-    if config.cluster and not args.check:
-        signal.signal(signal.SIGTERM, lambda *_: worker.stop())
-        signal.signal(signal.SIGINT, lambda *_: worker.stop())
-        return worker.run()
     if args.check:
-        return 0 if _broker_check(config) else 4
-    signal.signal(signal.SIGTERM, lambda *_: coord.stop())
-    signal.signal(signal.SIGINT, lambda *_: coord.stop())
-    # The start-up heap (torch, numpy, the recovered book: ~190,000 objects) lives as long as the process.
-    # Frozen, the cyclic GC's full passes stop walking it again and again: one such pass cost ~40 us per
-    # update of a 3,000-update round (docs/SCALING.md). Reference counting still frees what dies.
-    gc.freeze()
+        from coordinator.selfcheck import local_checks
+
+        checks, code = local_checks(config, coord)
+        for c in checks:
+            print(c.line(), file=sys.stderr if c.ok is False else sys.stdout)
+        if code != 0:
+            return code
+        return 0 if _broker_check(config) else EXIT_BROKER
+    from coordinator.httpserve import PortInUse
+
     try:
+        if config.cluster:
+            signal.signal(signal.SIGTERM, lambda *_: worker.stop())
+            signal.signal(signal.SIGINT, lambda *_: worker.stop())
+            return worker.run()
+        signal.signal(signal.SIGTERM, lambda *_: coord.stop())
+        signal.signal(signal.SIGINT, lambda *_: coord.stop())
+        # The start-up heap (torch, numpy, the recovered book: ~190,000 objects) lives as long as the process.
+        # Frozen, the cyclic GC's full passes stop walking it again and again: one such pass cost ~40 us per
+        # update of a 3,000-update round (docs/SCALING.md). Reference counting still frees what dies.
+        gc.freeze()
         return coord.run()
+    except PortInUse as exc:  # one line naming the port and the fix, not a traceback
+        print(f"meerkat coordinator: {exc}", file=sys.stderr)
+        return EXIT_PORT_IN_USE
     except Exception as exc:
         if (fault := full_disk_fault(exc, config.state_dir, config.event_log)) is None:
             raise

@@ -16,6 +16,8 @@
 # platform's torch first) it is kept; only when no torch is importable is the CPU torch (TORCH_SPEC,
 # TORCH_PIP_ARGS) installed, and the script says which happened. Re-running is safe: files are replaced,
 # existing users, venvs, state and a config you already edited (model_dir/mask/data) are kept.
+# It refuses (exit 2) a venv whose Python the service user cannot run (e.g. one built from a pyenv Python
+# under /root): the message names the interpreter and the fix (PYTHON=/usr/bin/python3).
 #
 # Options (each also an environment variable):
 #   --prefix DIR      MEERKAT_PREFIX   install location (default /opt/meerkat; venv in DIR/.venv)
@@ -147,6 +149,32 @@ install_venv() {
     say "meerkat $("$VENV/bin/meerkat" --version) in $VENV"
 }
 
+# The service runs $VENV/bin/python as $SVC_USER: a venv built from an interpreter under root's home (pyenv,
+# a conda in /root) installs fine and fails at every start with "Permission denied". Run it as that user now.
+check_python_for_user() {  # $1 user
+    venv_real=$(cd -P "$VENV" && pwd)
+    py=$venv_real/bin/python
+    base=$(readlink -f "$py")
+    if [ "$(id -un)" = "$1" ]; then
+        as_user=""
+    elif [ "$IS_ROOT" = 1 ] && command -v runuser >/dev/null 2>&1; then
+        as_user="runuser -u $1 --"
+    elif [ "$IS_ROOT" = 1 ] && command -v setpriv >/dev/null 2>&1; then
+        as_user="setpriv --reuid=$1 --regid=$(id -g "$1") --init-groups"
+    else
+        say "WARNING: cannot switch to user $1 to check that it can run $py (not root, or no runuser/setpriv)"
+        return 0
+    fi
+    # sh execs the interpreter after the switch: setpriv itself may still look the path up with root's rights
+    # shellcheck disable=SC2086,SC2016
+    if ! (cd / && $as_user sh -c 'exec "$0" -c "import shared"' "$py") >/dev/null 2>&1; then
+        die "the service user $1 cannot run $py (the interpreter is $base) or import meerkat with it: make the" \
+            "venv from a Python every user can execute, e.g. rm -rf $VENV && PYTHON=/usr/bin/python3 $0 ..." \
+            "(or chmod o+rx the directories above $base)"
+    fi
+    say "user $1 can run $py (interpreter $base)"
+}
+
 install_service() {  # $1 coordinator|client
     role=$1
     if [ "$role" = coordinator ]; then toml=coordinator.toml; else toml=client.toml; fi
@@ -154,6 +182,7 @@ install_service() {  # $1 coordinator|client
     ensure_user "$SVC_USER" /var/lib/meerkat
     group=$(id -gn "$SVC_USER")
     install_venv
+    check_python_for_user "$SVC_USER"
     mkdir -p "$ETC" "$VARLIB/$role" "$UNITDIR"
     chmod 0750 "$ETC"; own "root:$group" "$ETC"
     chmod 0755 "$VARLIB"

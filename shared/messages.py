@@ -1,7 +1,7 @@
 """Typed wire messages: frozen dataclasses validated when built.
 
 A bad value raises ValueError naming the field and what was expected, whether the message is built
-by local code or by the decoder (which turns it into DecodeError). Encoding lives in shared/codec.py;
+by local code or by the decoder (which turns it into DecodeError). Encoding lives in shared/codec/;
 field keys and byte layout are specified in docs/PROTOCOL.md.
 
 The client id of Join/Update/Heartbeat/Status/SyncRequest is NOT sent in the body: the receiver fills

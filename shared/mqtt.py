@@ -14,22 +14,20 @@ Rules it keeps (from the paho examples and docs/PROTOCOL.md):
   MQTT 5 (`clean_start=False` + that Session Expiry Interval instead of `clean_session`): coordinator
   workers use it to share `$share/{group}/...` subscriptions (coordinator/workers.py); the broker keeps
   the session, and with it the unacked messages, that long after a disconnect.
+
+The broker settings (url, TLS, password file and their checks) are shared/broker_settings.py, the
+one-line explanations of connection failures shared/connect_errors.py; both re-exported here.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import queue
-import re
-import socket
 import ssl
 import sys
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -37,88 +35,19 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from shared.broker_settings import (
+    DEFAULT_PORT,
+    BrokerAddress,
+    TlsOptions,
+    broker_settings_problems,
+    is_loopback,
+    read_secret,
+    redact,
+    tls_for,
+)
+from shared.connect_errors import explain_connect_error, explain_refusal
+
 log = logging.getLogger(__name__)
-
-DEFAULT_PORT = {"mqtt": 1883, "mqtts": 8883}
-_URL = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<rest>.*)$")
-
-
-@dataclass(frozen=True)
-class BrokerAddress:
-    host: str
-    port: int
-    tls: bool
-    username: str | None = None
-    password: str | None = None
-
-    @classmethod
-    def parse(cls, url: str) -> BrokerAddress:
-        """`mqtt://[user[:pass]@]host[:port]` or `mqtts://...` (TLS); the password never gets logged.
-
-        Strict on purpose: a typo such as `mqtt//host:1883` must fail here, not become a connection to
-        a host called "mqtt" that hangs forever.
-        """
-        m = _URL.match(url.strip())
-        if m is None:
-            raise ValueError(f"{redact(url)!r} is not a url: write mqtt://host:port or mqtts://host:port")
-        scheme = m["scheme"].lower()
-        if scheme not in DEFAULT_PORT:
-            raise ValueError(f"{redact(url)!r}: scheme {scheme}:// is not supported (use mqtt:// or mqtts://)")
-        parsed = urlparse(url.strip())
-        if not parsed.hostname:
-            raise ValueError(f"{redact(url)!r}: no host (write {scheme}://host:port)")
-        if parsed.path not in ("", "/") or parsed.query or parsed.fragment or parsed.params:
-            raise ValueError(f"{redact(url)!r}: unexpected path or query after host:port")
-        if parsed.netloc.endswith(":"):
-            raise ValueError(f"{redact(url)!r}: empty port after ':'")
-        try:
-            port = parsed.port or DEFAULT_PORT[scheme]
-        except ValueError:
-            raise ValueError(f"{redact(url)!r}: the port must be a number in 1..65535") from None
-        return cls(
-            host=parsed.hostname,
-            port=port,
-            tls=scheme == "mqtts",
-            username=unquote(parsed.username) if parsed.username else None,
-            password=unquote(parsed.password) if parsed.password else None,
-        )
-
-    @property
-    def loopback(self) -> bool:
-        return is_loopback(self.host)
-
-    def __str__(self) -> str:
-        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
-
-
-def is_loopback(host: str) -> bool:
-    """True for localhost and loopback addresses: traffic that never leaves the machine."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def redact(url: str) -> str:
-    """The url with any password replaced by ***, for logs and errors."""
-    try:
-        parsed = urlparse(url)
-        password = parsed.password
-    except ValueError:
-        return url
-    if password is None:
-        return url
-    return url.replace(f":{password}@", ":***@", 1)
-
-
-@dataclass(frozen=True)
-class TlsOptions:
-    ca_certs: Path | None = None
-    certfile: Path | None = None
-    keyfile: Path | None = None
-    insecure: bool = False  # skip hostname check: test setups only
 
 
 @dataclass(frozen=True)
@@ -139,51 +68,6 @@ class Incoming:
 
 
 REPEAT_EVERY = 20  # a cause that persists is logged again at WARNING every this many attempts
-
-
-def explain_connect_error(exc: BaseException | None, address: BrokerAddress) -> str:
-    """One line for an error raised while opening the connection: what went wrong and what to change."""
-    where = f"{address.host}:{address.port}"
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        why = exc.verify_message or str(exc)
-        if "hostname" in why.lower() or "ip address mismatch" in why.lower():
-            return (f"TLS: the broker's certificate is not valid for {address.host!r} ({why}); connect by the name "
-                    "in its certificate (or, on test setups only, set tls_insecure)")
-        return (f"TLS: cannot verify the broker's certificate ({why}); set tls_ca to the CA file that signed "
-                "the broker's certificate")
-    if isinstance(exc, ssl.SSLError):
-        reason = getattr(exc, "reason", None) or str(exc)
-        if "WRONG_VERSION_NUMBER" in str(reason).upper() or "record layer" in str(exc):
-            return (f"TLS handshake with {where} failed ({reason}): that port does not speak TLS; use mqtt:// "
-                    "for a plain listener or the broker's TLS port (8883)")
-        return (f"TLS handshake with {where} failed ({reason}); check tls_ca/tls_cert/tls_key and that the "
-                "broker accepts this client certificate")
-    if isinstance(exc, ConnectionRefusedError):
-        return f"connection to {where} refused: nothing listens there; is the broker running and the port right?"
-    if isinstance(exc, socket.gaierror):
-        return f"cannot resolve broker host {address.host!r} ({exc.strerror}); check the host name in broker"
-    if isinstance(exc, (TimeoutError, socket.timeout)):
-        return f"no answer from {where} (timed out); check the address and any firewall between here and it"
-    if isinstance(exc, ConnectionResetError):
-        return (f"{where} closed the connection during set-up; if it is a TLS port, use mqtts:// "
-                "(and tls_ca), else check the broker's log")
-    if isinstance(exc, OSError):
-        return f"cannot connect to {where}: {exc.strerror or exc}; check the network and broker url"
-    return f"cannot connect to {where}: {exc!r}"
-
-
-def explain_refusal(reason: ReasonCode | str) -> str:
-    """One line for a CONNACK refusal (MQTT 3.1.1 codes 1-5)."""
-    text = str(reason)
-    low = text.lower()
-    if "not authori" in low or "bad user name or password" in low:
-        return (f"the broker refused the login ({text}): wrong password, unknown user or no user given; "
-                "check username and password_file against the broker's password file")
-    if "identifier" in low:
-        return f"the broker refused the client id ({text}); check client_id"
-    if "unavailable" in low:
-        return f"the broker is unavailable ({text}); try later or check the broker's log"
-    return f"the broker refused the connection ({text})"
 
 
 class _Trouble:
@@ -472,52 +356,20 @@ class MqttLink:
         self.published.put(mid)
 
 
-def tls_for(
-    broker: str, ca: Path | None, cert: Path | None, key: Path | None, insecure: bool = False
-) -> TlsOptions | None:
-    """TLS options when the settings ask for TLS (an mqtts:// url, a CA or a client cert), else None."""
-    if BrokerAddress.parse(broker).tls or ca is not None or cert is not None:
-        return TlsOptions(ca, cert, key, insecure)
-    return None
-
-
-def broker_settings_problems(
-    broker: str,
-    username: str | None,
-    password_file: Path | None,
-    tls_ca: Path | None,
-    tls_cert: Path | None,
-    tls_key: Path | None,
-    allow_plaintext_password: bool = False,
-) -> list[str]:
-    """Config checks every side makes on its broker settings, each naming the key (client and coordinator)."""
-    problems: list[str] = []
-    try:
-        addr = BrokerAddress.parse(broker)
-    except ValueError as exc:
-        problems.append(f"broker: {exc}")
-    else:
-        if addr.password is not None:
-            problems.append("broker: put the password in password_file, not in the url")
-        plaintext = not addr.tls and tls_ca is None and tls_cert is None
-        if plaintext and password_file is not None and not addr.loopback and not allow_plaintext_password:
-            problems.append(
-                f"password_file: the password would cross the network in clear text ({addr} is plain MQTT to a "
-                "non-loopback host); use mqtts:// with tls_ca, or set allow_plaintext_password = true "
-                "(trusted networks only)"
-            )
-    for key, p in (("password_file", password_file), ("tls_ca", tls_ca), ("tls_cert", tls_cert), ("tls_key", tls_key)):
-        if p is not None and not p.is_file():
-            problems.append(f"{key}: file {p} does not exist")
-    if (tls_cert is None) != (tls_key is None):
-        problems.append("tls_cert/tls_key: give both or neither")
-    if password_file is not None and username is None:
-        problems.append("password_file: set username too")
-    return problems
-
-
-def read_secret(path: Path | None) -> str | None:
-    """A password kept in a file (first line, stripped); None without a file. Never log the result."""
-    if path is None:
-        return None
-    return path.read_text(encoding="utf-8").strip()
+__all__ = [  # the settings and error texts live in their own modules; callers import them from here too
+    "DEFAULT_PORT",
+    "READ_CHUNK",
+    "REPEAT_EVERY",
+    "BrokerAddress",
+    "Incoming",
+    "MqttLink",
+    "TlsOptions",
+    "Will",
+    "broker_settings_problems",
+    "explain_connect_error",
+    "explain_refusal",
+    "is_loopback",
+    "read_secret",
+    "redact",
+    "tls_for",
+]

@@ -47,6 +47,7 @@ class Plan:
     write: tuple[tuple[str, bytes, bool], ...]  # (topic, payload, retain) it may publish: a harmless real message
     roundtrip: str | None = None  # a topic it may both write and read: proves the ACL end to end
     must_not_read: tuple[str, ...] = ()  # filters whose retained messages must not reach it
+    capture: tuple[str, ...] = ()  # topics (in `read`) whose retained message the caller wants (run_preflight)
 
 
 def run_preflight(
@@ -59,8 +60,12 @@ def run_preflight(
     tls: TlsOptions | None,
     timeout: float = 10.0,
     listen_s: float = 1.0,
+    captured: dict[str, bytes] | None = None,
+    capture_s: float = 3.0,
 ) -> list[Check]:
-    """Run every check (stops after the first when the broker cannot be reached at all)."""
+    """Run every check (stops after the first when the broker cannot be reached at all). The retained
+    message of each `plan.capture` topic that arrives within `capture_s` goes into `captured` (not acked:
+    it stays the service's)."""
     link = MqttLink(
         url, client_id, subscriptions=[(t, 1) for t in plan.read], username=username, password=password,
         tls=tls, manual_ack=True, clean_session=False, reconnect_min_s=1, reconnect_max_s=2,
@@ -75,6 +80,8 @@ def run_preflight(
         checks.append(Check("connect", True, f"{link.address} as user {who}, client id {client_id}"
                             + (", TLS verified" if link.address.tls or tls is not None else ", no TLS")))
         checks.append(_subscriptions(link, plan))
+        if captured is not None:
+            _capture(link, plan.capture, capture_s, captured)
         checks += _publishes(link, plan, timeout)
         if plan.roundtrip is not None:
             checks.append(_roundtrip(link, plan.roundtrip, timeout))
@@ -82,6 +89,18 @@ def run_preflight(
     finally:
         link.stop()
     return checks
+
+
+def _capture(link: MqttLink, topics: tuple[str, ...], wait_s: float, out: dict[str, bytes]) -> None:
+    """The first message on each of `topics` within `wait_s` (a retained one arrives right after SUBACK)."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline and not set(topics) <= set(out):
+        try:
+            msg = link.inbox.get(timeout=0.1)
+        except queue.Empty:
+            continue
+        if msg.topic in topics and msg.topic not in out:
+            out[msg.topic] = msg.payload
 
 
 def _subscriptions(link: MqttLink, plan: Plan) -> Check:

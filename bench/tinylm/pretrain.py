@@ -28,6 +28,7 @@ from tqdm import tqdm
 from bench.tinylm import corpus, tasks
 from bench.tinylm import tokenizer as tokenizer_mod
 from bench.tinylm.tokenizer import save_tokenizer, train_tokenizer
+from shared.fsio import share_tree
 from shared.prng import derive_seed, raw_u64
 
 log = logging.getLogger(__name__)
@@ -295,13 +296,14 @@ def get_model_dir(size: str = "demo", seed: int = 0, *, out: str | Path | None =
             shutil.rmtree(tmp, ignore_errors=True)
     else:
         log.info("tiny model %s cached at %s", spec.name, final)
+    share_tree(final)  # a service user reads it: weights 0644, not transformers' 0600 (nor a 0077 umask's)
     if out is None:
         return final
     dest = Path(out)
     if dest.exists() and any(dest.iterdir()) and not (dest / MANIFEST).is_file():
         raise FileExistsError(f"--out {dest} exists and is not a tiny-model dir; pick an empty or new dir")
     shutil.copytree(final, dest, dirs_exist_ok=True)
-    return dest
+    return share_tree(dest)
 
 
 def read_manifest(model_dir: str | Path) -> dict[str, Any]:

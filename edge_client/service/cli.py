@@ -25,6 +25,7 @@ from edge_client.service.actions import EXIT_MISMATCH
 from edge_client.service.config import ENV_PREFIX, ClientConfig, ConfigError, load_client_config
 from shared.cli import log_level_given
 from shared.config import describe, parse_overrides
+from shared.fsio import permission_hint
 
 log = logging.getLogger("edge_client.service")
 
@@ -45,7 +46,9 @@ def register(sub: Any) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key")
     p.add_argument("--print-config", action="store_true", help="print every key with its default and exit")
     p.add_argument("--check", action="store_true", help="validate config, test the broker (TLS, login, subscribe, publish), load model/mask/data, plan memory, "
-        "exit (0 ok, 2 config, 3 setup, 4 broker); run it before the service starts: it uses the same session")
+        "compare model and mask with the coordinator's retained plan on this fleet, "
+        "exit (0 ok, 2 config, 3 setup, 4 broker, 6 the fleet runs another model/mask); run it before the service starts: "
+        "it uses the same session")
     p.set_defaults(func=run)
 
 
@@ -61,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     if not log_level_given(args):  # -v/-q on the command line win over the file's log_level
         logging.getLogger().setLevel(cfg.log_level)
     log.info("client %s, fleet %s, broker %s", cfg.client_id, cfg.fleet, cfg.broker)
-    if args.check and not _broker_check(cfg):
+    retained: dict[str, bytes] = {}  # the coordinator's retained plan / result, captured by --check
+    if args.check and not _broker_check(cfg, retained):
         return EXIT_BROKER
 
     from edge_client.service.client import EdgeClient
@@ -71,14 +75,19 @@ def run(args: argparse.Namespace) -> int:
     try:
         trainer = EngineTrainer(cfg)
     except (OSError, ValueError, RuntimeError) as exc:  # MaskError/DataError/SideCarError/MemoryBudgetError...
-        print(f"meerkat client: cannot set up {cfg.client_id}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"meerkat client: cannot set up {cfg.client_id}: {type(exc).__name__}: {exc}{permission_hint(exc)}",
+              file=sys.stderr)  # fmt: skip
         return EXIT_SETUP
     if args.check:
         print(
             f"ok: model {trainer.fingerprint[:16]} mask {trainer.mask_id} nnz {trainer.nnz} "
             f"examples {trainer.n_samples} micro-batch {trainer.micro_batch} device {trainer.device}"
         )
-        return 0
+        from edge_client.service.fleetcheck import fleet_check
+
+        fc = fleet_check(cfg.fleet, retained, trainer.fingerprint, trainer.mask_id)
+        print(fc.line(), file=sys.stderr if fc.ok is False else sys.stdout)
+        return EXIT_MISMATCH if fc.ok is False else 0
     try:
         client = EdgeClient(cfg, trainer)
     except StorageFull as exc:
@@ -104,8 +113,9 @@ def run(args: argparse.Namespace) -> int:
     return code
 
 
-def _broker_check(cfg: ClientConfig) -> bool:
-    """The device's side of the preflight (shared/preflight.py): prints the report, True when it passed."""
+def _broker_check(cfg: ClientConfig, retained: dict[str, bytes]) -> bool:
+    """The device's side of the preflight (shared/preflight.py): prints the report, True when it passed;
+    the coordinator's retained plan and latest result go into `retained` (edge_client/service/fleetcheck.py)."""
     import time
 
     from shared.codec import encode
@@ -120,9 +130,11 @@ def _broker_check(cfg: ClientConfig) -> bool:
         read=(t.plan, t.filter("result"), t.to(c)),
         write=((t.status(c), offline, True),),
         must_not_read=(t.filter("status"),) if cfg.username else (),
+        capture=(t.plan, t.result_latest),
     )
     tls = tls_for(cfg.broker, cfg.tls_ca, cfg.tls_cert, cfg.tls_key, cfg.tls_insecure)
-    checks = run_preflight(cfg.broker, c, plan, username=cfg.username, password=cfg.read_password(), tls=tls)
+    checks = run_preflight(cfg.broker, c, plan, username=cfg.username, password=cfg.read_password(), tls=tls,
+                           captured=retained)  # fmt: skip
     text, ok = report(checks)
     print(text, file=sys.stdout if ok else sys.stderr)
     return ok

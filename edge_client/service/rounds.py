@@ -66,6 +66,7 @@ from edge_client.service.chunks import ChunkAssembler
 from edge_client.service.refusals import REFUSALS, JoinBackoff
 from shared.apply import apply_round, values_checksum
 from shared.fingerprint import fp_tag
+from shared.logthrottle import LogThrottle
 from shared.messages import (
     CheckpointChunk,
     ErrorCode,
@@ -167,6 +168,7 @@ class ClientRounds:
         self.trained_msg_id = trained_msg_id
         self.sync_retry_s = sync_retry_s
         self.counters: Counter[str] = Counter()
+        self._quiet = LogThrottle(log)  # "catching up" comes once per round while far behind: one line per 10 s
         self.plan: RoundPlan | None = None  # the latest plan of our fleet
         self.job: Job | None = None
         self.known_round = round  # highest round the fleet is known to have finished
@@ -356,8 +358,9 @@ class ClientRounds:
         if (self.trained_round, self.trained_msg_id) == (plan.round, msg_id):
             return []  # update already queued/sent; waiting for the result
         if plan.base_round > self.round:
-            log.info("round %d starts from round %d, we are at %d: catching up first", plan.round,
-                     plan.base_round, self.round)
+            self._quiet.log("catchup-plan", logging.INFO, "round %d starts from round %d, we are at %d: catching up "
+                            "first (%d rounds behind)", plan.round, plan.base_round, self.round,
+                            plan.base_round - self.round)  # fmt: skip
             return []  # tick() asks (known_round); the plan is reconsidered after each commit
         if plan.base_round < self.round:
             log.warning("ignoring plan %d: base round %d is older than our round %d", plan.round,
@@ -434,7 +437,8 @@ class ClientRounds:
         if res.round <= self.round:
             return []  # duplicate (retained result/latest, or result/{r} next to it)
         if res.round > self.round + 1:
-            log.info("result %d arrived, we are at round %d: catching up", res.round, self.round)
+            self._quiet.log("catchup-result", logging.INFO, "result %d arrived, we are at round %d: catching up "
+                            "(%d rounds behind)", res.round, self.round, res.round - self.round, now=now)  # fmt: skip
             return []  # tick() asks for the missing ones
         return self._apply(res)[0]
 

@@ -15,7 +15,8 @@ Crash safety (kill -9 at any instant):
   and removed by a later commit past its round.
 
 Storage is evidence (docs/CLIENT.md "Damaged storage"): nothing here deletes a values file it cannot prove
-obsolete (only files of rounds BELOW a committed round), and a missing, empty, truncated or malformed
+obsolete (only files of rounds BELOW a committed round, and the v_0 of a state that never trained when it
+starts over for another model/mask: the model rebuilds it), and a missing, empty, truncated or malformed
 client.db / WAL / values file raises StateError naming the file and the fix -- never a silent reset to v_0.
 A full disk raises StorageFull (the pump retries; nothing half-written is committed).
 - "Update for round r queued" (outbox row), "data pointer advanced" and "round r trained" commit in ONE
@@ -46,7 +47,7 @@ from edge_client.service.chunks import values_from_bytes
 from edge_client.service.outbox import Outbox, to_i64, to_u64
 from edge_client.service.rounds import Progress
 from shared.apply import values_checksum
-from shared.fsio import atomic_write
+from shared.fsio import atomic_write, private_dir, private_file
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +131,9 @@ class StateStore:
             self.db = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, isolation_level=None, timeout=5)
             self.outbox = Outbox(self.db, resend_after_s, writable=False)
             return
-        self.dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.dir)
         self._refuse_lost_db()
+        private_file(self.db_path)  # 0600 before SQLite opens it: its -wal/-shm take the database file's mode
         try:
             # built in one thread, then used by the client loop only (one user at a time)
             self.db = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False)
@@ -230,6 +232,8 @@ class StateStore:
                 )
             st = self._loaded()
             log.info("new state in %s: round -1 (v_0), nnz=%d", self.dir, v0.numel())
+        if (st.fingerprint != fingerprint or st.mask_id != mask_id) and self._untrained(st):
+            st = self._start_over(st, fingerprint, mask_id, initial_values)
         if st.fingerprint != fingerprint or st.mask_id != mask_id:
             raise StateError(
                 f"state_dir {self.dir} belongs to model {st.fingerprint[:12]}/mask {st.mask_id}, not "
@@ -239,6 +243,32 @@ class StateStore:
         self._remove_obsolete(st, warn=True)
         values = self.read_values(st)
         return st, values
+
+    def _untrained(self, st: ClientState) -> bool:
+        """Nothing learned or queued: still v_0, no step done, no update in the outbox. Such a state is
+        rebuilt from the model alone, so starting it over for another model/mask loses nothing."""
+        if (st.round, st.trained_round, st.data_pointer) != (-1, -1, 0) or len(self.outbox):
+            return False
+        return int(self.db.execute("SELECT COUNT(*) FROM steps").fetchone()[0]) == 0
+
+    def _start_over(self, st: ClientState, fingerprint: str, mask_id: str, initial_values: torch.Tensor) -> ClientState:
+        """Re-initialise an untrained state for this model/mask (issue 30: one start with a wrong mask, refused
+        by the fleet with exit 6, left a directory every later start refused with exit 3 until moved aside).
+        Crash-safe: identity.json goes first (a crash after it is this same case again), then the new v_0
+        file, then one transaction re-points the state row; identity.json is rewritten by _check_identity."""
+        log.warning("state_dir %s was set up for model %s/mask %s but never trained (round -1, nothing queued): "
+                    "starting it over for model %s/mask %s", self.dir, st.fingerprint[:12], st.mask_id,
+                    fingerprint[:12], mask_id)  # fmt: skip
+        (self.dir / IDENTITY).unlink(missing_ok=True)
+        v0 = initial_values.detach().to("cpu", torch.float32).contiguous()
+        ck = values_checksum(v0)
+        name = self._write_values(-1, v0, ck)
+        with self.transaction() as db:
+            db.execute("UPDATE state SET fingerprint = ?, mask_id = ?, nnz = ?, checksum = ?, values_file = ? "
+                       "WHERE id = 0", (fingerprint, mask_id, v0.numel(), ck, name))  # fmt: skip
+        if st.values_file != name:
+            (self.dir / st.values_file).unlink(missing_ok=True)  # the old v_0: the model rebuilds it
+        return self._loaded()
 
     def _check_identity(self, st: ClientState) -> None:
         """identity.json is the second copy of who this directory belongs to; a state dir from before it

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -155,3 +158,48 @@ def test_sigkill_at_any_moment_leaves_a_consistent_state(tmp_path: Path) -> None
         assert len(files) <= 2 and not list(tmp_path.glob(".values-*"))
         store.close()
     assert st.round > 3  # the loop made progress across the kills
+
+
+def test_state_files_are_0600_and_dirs_0700_under_umask_022(tmp_path: Path) -> None:
+    """client.db and its -wal/-shm (the outbox lives in it) and the values files: 0600; the state dir and
+    a parent it creates: 0700, whatever the umask (issue 26: they were 0644 / 0755)."""
+    old = os.umask(0o022)
+    try:
+        state = tmp_path / "var" / "client"
+        store = StateStore(state)
+        store.open(FP, MASK, torch.zeros(4))
+        store.record_step(0, 5, 0, StepResult(0.5, 1.0, 0.5, 0.1, seed=3), 4)
+        store.finish_training(0, 6, "t/up/c", b"payload", 4)  # an outbox row
+        assert len(store.outbox) == 1
+        files = {p.name: stat.S_IMODE(p.stat().st_mode) for p in state.iterdir()}
+        assert {"client.db", "client.db-wal", "client.db-shm"} <= set(files), files
+        assert any(n.startswith("values-") for n in files), files
+        assert files == dict.fromkeys(files, 0o600), {k: oct(v) for k, v in files.items()}
+        for d in (state, state.parent):
+            assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
+        store.close()
+    finally:
+        os.umask(old)
+
+
+def test_an_untrained_state_starts_over_for_another_mask_a_trained_one_is_refused(tmp_path: Path) -> None:
+    """One start with a wrong mask (refused by the fleet: exit 6) must not leave a directory every later start
+    refuses (issue 30); a state that learned or queued anything stays refused (nothing is thrown away)."""
+    store = StateStore(tmp_path)
+    first, _ = store.open(FP, MASK, torch.zeros(8))
+    store.close()
+    other = "fedcba9876543210"
+    store = StateStore(tmp_path)
+    st, values = store.open(FP, other, torch.ones(5))  # another mask: another nnz, another v_0
+    assert (st.mask_id, st.nnz, st.round) == (other, 5, -1) and torch.equal(values, torch.ones(5))
+    assert json.loads((tmp_path / "identity.json").read_text())["mask_id"] == other
+    assert not (tmp_path / first.values_file).exists()
+    store.close()
+    store = StateStore(tmp_path)  # and it stays usable
+    assert store.open(FP, other, torch.ones(5))[0] == st
+    store.record_step(0, 5, 0, StepResult(0.5, 1.0, 0.5, 0.1, seed=3), 4)  # one step done: evidence now
+    store.close()
+    store = StateStore(tmp_path)
+    with pytest.raises(StateError, match="belongs to model"):
+        store.open(FP, MASK, torch.zeros(8))
+    store.close()

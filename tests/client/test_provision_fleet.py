@@ -85,7 +85,7 @@ def test_provisioned_fleet_trains_over_tls_and_revocation_refuses(toy: Toy, mosq
             time.sleep(0.05)
         assert not link.connected.is_set()
         # refused in the TLS handshake (TLS 1.3: the device sees only a close): Mosquitto's crlfile works;
-        # the password removal is a second lock
+        # its ACL entry is gone too: a second lock (the TLS listener logs a device in as its certificate's CN)
         assert link.trouble.last is not None and "rejected this client certificate" in link.trouble.last, link.trouble.last
         assert "certificate verify failed" in mosquitto.log.read_text().rsplit("running", 1)[-1]
     finally:

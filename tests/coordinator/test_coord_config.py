@@ -100,3 +100,18 @@ def test_example_deploy_config_loads() -> None:
     client = tomllib.loads((Path(__file__).resolve().parents[2] / "deploy" / "client.toml").read_text())
     assert client.get("client", client)["fleet"] == c.fleet  # issue 16: the two examples named different fleets
     assert client.get("client", client)["quant"] == c.quant
+
+
+def test_the_default_lr_and_eps_are_the_ones_the_demo_learns_with() -> None:
+    """Issue 30: the default lr was 1e-6, which does not move the demo model; the defaults are now the demo's
+    measured settings (BENCHMARKS.md "Demo": 0.575 -> 0.880 in 30 rounds), and deploy/coordinator.toml
+    shows the same numbers."""
+    import tomllib
+
+    from bench.demo.demo import DemoConfig
+
+    c, demo = CoordinatorConfig(), DemoConfig()
+    assert (c.lr, c.eps) == (demo.lr, demo.eps) == (2e-3, 1e-2)
+    shipped = tomllib.loads((Path(__file__).resolve().parents[2] / "deploy" / "coordinator.toml").read_text())
+    table = shipped.get("coordinator", shipped)
+    assert (table["lr"], table["eps"]) == (c.lr, c.eps)

@@ -11,8 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from deploytools import INSTALL, REPO, install, unit_settings
+from deploytools import INSTALL, REPO, VENV, install, unit_settings
 
+from coordinator.server_cli import EXIT_PORT_IN_USE
 from edge_client.service.cli import EXIT_BROKER, EXIT_CONFIG, EXIT_MISMATCH, EXIT_SETUP
 
 HARDENING = {
@@ -46,8 +47,9 @@ def test_units_are_hardened_and_do_not_restart_on_config_errors(role: str) -> No
     assert int(s["RestartSec"][-1]) >= 5 and int(s["StartLimitBurst"][-1]) <= 10
     no_restart = {int(x) for x in s["RestartPreventExitStatus"][-1].split()}
     # the codes the service itself returns for "fix the config first" (edge_client/service/cli.py,
-    # coordinator/server_cli.py); 4 is --check only
-    assert no_restart == ({EXIT_CONFIG, EXIT_SETUP, EXIT_MISMATCH} if role == "client" else {EXIT_CONFIG}), no_restart
+    # coordinator/server_cli.py: 9 = metrics_port taken); 4 is --check only
+    codes = {EXIT_CONFIG, EXIT_SETUP, EXIT_MISMATCH} if role == "client" else {EXIT_CONFIG, EXIT_PORT_IN_USE}
+    assert no_restart == codes, no_restart
     assert EXIT_BROKER not in no_restart
 
 
@@ -109,3 +111,41 @@ def test_broker_install_owner_and_modes(bundles: Path, tmp_path: Path) -> None:
 def test_install_refuses_bad_arguments(args: list[str], needle: str) -> None:
     r = subprocess.run(["sh", str(INSTALL), *args], capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and needle in r.stderr, r.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("runuser") is None or not Path("/usr/bin/python3").exists(),
+                    reason="needs root, runuser (util-linux) and /usr/bin/python3")
+def test_install_refuses_a_python_the_service_user_cannot_run(bundles: Path) -> None:
+    """A venv whose interpreter lies under a directory the service user cannot enter (pyenv under /root) is
+    refused, naming the interpreter and the fix; the same install with a venv of /usr/bin/python3 goes through."""
+    import tempfile
+
+    top = Path(tempfile.mkdtemp(prefix="meerkat-inst-"))  # outside pytest's 0700 tmp root: `nobody` can enter
+    try:
+        os.chmod(top, 0o755)
+        hidden = top / "root-home"
+        hidden.mkdir(mode=0o700)
+        os.chmod(hidden, 0o700)
+        (hidden / "python3").symlink_to(Path(sys.executable).resolve())
+        bad = top / "bad-venv"
+        (bad / "bin").mkdir(parents=True)
+        (bad / "bin" / "python").symlink_to(hidden / "python3")
+        (bad / "bin" / "meerkat").symlink_to(VENV / "bin" / "meerkat")
+        nobody = ["--user", "nobody", "--no-useradd"]
+        cmd = ["sh", str(INSTALL), "client", "--bundle", str(bundles / "devices" / "dev-a"), *nobody]
+        r = subprocess.run([*cmd, "--root", str(top / "a"), "--reuse-venv", str(bad)],
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert f"the service user nobody cannot run {bad}/bin/python" in r.stderr, r.stderr
+        assert f"the interpreter is {Path(sys.executable).resolve()}" in r.stderr and "PYTHON=/usr/bin/python3" in r.stderr
+        assert not (top / "a" / "etc" / "systemd" / "system" / "meerkat-client.service").exists()  # stopped before
+        good = top / "good-venv"  # a venv of the system Python, which every user can run
+        subprocess.run(["/usr/bin/python3", "-m", "venv", "--without-pip", str(good)], check=True, timeout=60)
+        (site,) = good.glob("lib/python3*/site-packages")
+        (site / "meerkat-checkout.pth").write_text(f"{REPO}\n")
+        (good / "bin" / "meerkat").symlink_to(VENV / "bin" / "meerkat")
+        r = subprocess.run([*cmd, "--root", str(top / "b"), "--reuse-venv", str(good)],
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert r.returncode == 0 and "user nobody can run" in r.stdout, r.stdout + r.stderr
+    finally:
+        shutil.rmtree(top, ignore_errors=True)

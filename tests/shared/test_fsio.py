@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from shared.fsio import SHARED_MODE, atomic_write
+from shared.fsio import DIR_MODE, SHARED_MODE, atomic_write, private_dir, private_file
 from shared.maskfile import Mask, MaskMeta, save_mask
 
 
@@ -69,3 +69,30 @@ def test_masks_stay_readable_for_the_devices(tmp_path: Path) -> None:
     meta = MaskMeta(1, "random", 2 / 16, "none", "ab" * 32)
     save_mask(Mask({"w": torch.tensor([0, 5])}, {"w": (4, 4)}, None, meta), tmp_path / "mask.safetensors")
     assert _mode(tmp_path / "mask.safetensors") == 0o644
+
+
+def test_private_dir_and_file_ignore_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        d = private_dir(tmp_path / "a" / "b")
+        assert _mode(tmp_path / "a") == _mode(d) == DIR_MODE == 0o700
+        kept = tmp_path / "kept"
+        kept.mkdir(mode=0o750)
+        os.chmod(kept, 0o750)
+        private_dir(kept)
+        assert _mode(kept) == 0o750  # an existing directory keeps the mode its owner chose
+        f = private_file(d / "x.db")
+        assert f.read_bytes() == b"" and _mode(f) == 0o600
+        f.write_bytes(b"data")
+        os.chmod(f, 0o644)
+        for side in ("x.db-wal", "x.db-shm"):
+            (d / side).write_bytes(b"")
+            os.chmod(d / side, 0o644)
+        private_file(f)  # an existing file keeps its content, loses the wider mode (side files too)
+        assert f.read_bytes() == b"data"
+        assert [_mode(d / n) for n in ("x.db", "x.db-wal", "x.db-shm")] == [0o600] * 3
+        (d / "link").symlink_to(f)
+        with pytest.raises(OSError):
+            private_file(d / "link")  # never through a symlink
+    finally:
+        os.umask(old)
