@@ -109,8 +109,9 @@ def _quiet_libraries() -> None:
 
 
 # --------------------------------------------------------------------------------------- preparation
-def prepare(cfg: DemoConfig) -> dict[str, Path]:
-    """Tiny model (cached), mask (cached per model/fraction), task split: the inputs every process reads."""
+def prepare(cfg: DemoConfig, model_dir: Path | None = None) -> dict[str, Path]:
+    """Tiny model (cached; `model_dir`: this one instead), mask (cached per model/fraction), task split: the
+    inputs every process reads."""
     from bench.tinylm.corpus import write_corpus
     from bench.tinylm.pretrain import get_model_dir
     from bench.tinylm.tasks import write_task
@@ -119,7 +120,7 @@ def prepare(cfg: DemoConfig) -> dict[str, Path]:
     work = cfg.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     print(f"[1/4] tiny model ({cfg.size}): building once, then cached ...", flush=True)
-    model_dir = get_model_dir(cfg.size, seed=cfg.seed)
+    model_dir = get_model_dir(cfg.size, seed=cfg.seed) if model_dir is None else Path(model_dir)
     mask = model_dir.parent / f"{model_dir.name}.mask-{cfg.fraction:g}.safetensors"
     if not mask.exists():
         print(f"[2/4] mask: top {cfg.fraction:.2%} of Linear weights by pre-training gradient ...", flush=True)

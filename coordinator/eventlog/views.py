@@ -112,6 +112,13 @@ class LogViews:
             for c, r, ts, rss, pk, cpu, st in self.db.execute(q).fetchall()
         ]
 
+    def peak_rss(self) -> dict[str, int]:
+        """client -> the largest RSS its heartbeats reported (one per round kept: the process's peak as seen)."""
+        if "resources" not in self.db.tables():
+            return {}
+        q = "SELECT client, MAX(rss_bytes) FROM resources WHERE rss_bytes IS NOT NULL GROUP BY client"
+        return {str(c): int(m) for c, m in self.db.execute(q).fetchall() if m is not None}
+
     def gradip_means(self, last: int = 200) -> dict[str, list[tuple[int, float]]]:
         """client -> [(round, mean |GradIP| of its update for that round)] over the last `last` rounds."""
         q = """SELECT client, round, gradip FROM updates WHERE gradip IS NOT NULL
