@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 
 def make_history(out: Path, rounds: int, clients: int, steps: int, eval_every: int, model: Path | None,
-                 batch_size: int = 8, seq_len: int = 64) -> Path:
+                 batch_size: int = 8, seq_len: int = 64, lr: float = 5e-3, eval_max: int = 64) -> Path:
     """Run `rounds` rounds in process into out/state/coordinator (its event log); returns that state_dir."""
     from bench.inproc import from_configs
     from coordinator.config import load_coordinator_config
@@ -42,11 +42,11 @@ def make_history(out: Path, rounds: int, clients: int, steps: int, eval_every: i
     from shared.maskfile import load_mask
 
     cfg = DemoConfig(clients=clients, rounds=rounds, steps=steps, workdir=out, eval_every=eval_every,
-                     batch_size=batch_size, seq_len=seq_len)  # fmt: skip
+                     batch_size=batch_size, seq_len=seq_len, lr=lr, size="micro")  # fmt: skip
     paths = prepare(cfg, model)
     shutil.rmtree(out / "state", ignore_errors=True)
     coord_toml, client_tomls = write_configs(cfg, paths, "mqtt://127.0.0.1:1883", "longrun")
-    config = load_coordinator_config(coord_toml)
+    config = load_coordinator_config(coord_toml, overrides={"eval_max": eval_max})
     state = Path(config.state_dir)
     events = EventLog(state, "normal")
     mask = load_mask(paths["mask"])
@@ -109,14 +109,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=2)
     p.add_argument("--steps", type=int, default=1, help="local SPSA steps per round")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--eval-max", type=int, default=64, help="examples per coordinator evaluation")
     p.add_argument("--eval-every", type=int, default=20)
-    p.add_argument("--model", type=Path, help="tiny-model dir (default: the demo model, built once and cached)")
+    p.add_argument("--model", type=Path, help="tiny-model dir (default: the micro model, built once and cached)")
     p.add_argument("--out", type=Path, default=Path("longrun-out"))
     p.add_argument("--screenshot", type=Path, help="write the dashboard's PNG here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, force=True)
     state = make_history(args.out.resolve(), args.rounds, args.clients, args.steps, args.eval_every, args.model,
-                         args.batch_size)  # fmt: skip
+                         args.batch_size, lr=args.lr, eval_max=args.eval_max)  # fmt: skip
     from coordinator.report import write_report
 
     print(f"report: {write_report(state, state / 'report')}")
