@@ -164,6 +164,7 @@ class Fleet:
                 mask=str(self.toy.mask_path), data=str(self.toy.data_path), quant="nf4", device="cpu",
                 seq_len=32, memory_budget_gib=2.0, state_dir=str(w / cid), heartbeat_s=1.0, sync_retry_s=2.0,
                 resend_after_s=5.0, log_level="INFO",
+                policy={"enabled": False},  # one machine for the whole fleet: the others' steps are no owner's load
             )))  # fmt: skip
             self.client_ids.append(cid)
             self.clients.append(Proc(["client", "--config", str(conf)], w / f"{cid}.log"))

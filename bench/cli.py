@@ -11,7 +11,8 @@ import importlib
 import json
 from typing import Any
 
-BENCHES = ("bench.wire", "bench.prng", "bench.step", "bench.learning.learning", "bench.fleet.fleet", "bench.chaos")
+BENCHES = ("bench.wire", "bench.prng", "bench.step", "bench.learning.learning", "bench.fleet.fleet", "bench.chaos",
+           "bench.guest.guest")
 TOP_LEVEL = ("bench.tinylm.cli", "bench.demo.demo")
 
 

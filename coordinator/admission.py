@@ -3,8 +3,9 @@
 docs/SECURITY.md and docs/COORDINATOR.md "Hostile devices" name the rules; each lives here once:
   rate limits        rate_limit   (token bucket per client and message kind; RATE_LIMITED notice)
   sync budget        reply_budget, charge_reply (reply bytes per minute; checkpoint_every_s)
-  FedAvg weight      weight       (min of Update n, Join n, weight_cap_factor x median Join n)
-  adaptive |g| cap   grad_cap     (k x median |g| of the last accepted updates, floor, fixed cap)
+  Join weight        join_n       (a re-Join cannot raise n_samples; weight_grants can, by the operator)
+  FedAvg weight      weight       (min of Update n, Join n, weight_cap_factor x the OTHERS' median Join n)
+  adaptive |g| cap   grad_cap     (k x the OTHERS' median |g| level, floor, fixed cap; clipped, not refused)
   benching           count_misses, prove, bench_nag (sampled and silent bench_after_misses rounds in a
                      row: not sampled until a Heartbeat AND a Join after the bench)
 
@@ -18,11 +19,9 @@ import logging
 import math
 from collections.abc import Sequence
 
-import numpy as np
-
 from coordinator.actions import Action, Dropped, Publish
 from coordinator.config import CoordinatorConfig
-from coordinator.median import SlidingMedian
+from coordinator.influence import GradStats, LooMedian
 from coordinator.ratelimit import Limiter, LruDict
 from coordinator.registry import REJOIN_NAG_S, ClientRegistry
 from shared.codec import encode
@@ -45,10 +44,11 @@ class Admission:
         self.misses: dict[str, int] = {}  # joined client -> rounds in a row it was sampled and silent
         self.benched: dict[str, set[str]] = {}  # client -> proofs of life since benched ("hb", "join")
         self.bench_nagged: LruDict[str, float] = LruDict()  # benched client -> when to ask it to Join again
-        self.grad_hist = SlidingMedian(config.grad_cap_window)  # |g| of the last accepted updates
-        self.grad_seen = 0  # updates accepted since the start (the adaptive cap needs grad_cap_min_updates)
-        self._grad_cap: float | None = None  # cached; None = recompute
-        self._median_n: float | None = None  # cached median Join n_samples of joined clients; None = recompute
+        self.grads = GradStats(config.grad_cap_window)  # per client: its |g| level (since the start)
+        self.join_ns = LooMedian()  # joined client on this model -> its granted Join n_samples
+        for row in registry.clients.values():
+            self._note_join_n(row.client)
+        self.grants = config.grants()  # client -> the Join n_samples ceiling the operator granted
 
     # -- refusing ------------------------------------------------------------------------------------
     def rate_limit(self, client: str, kind: str, now: float) -> list[Action]:
@@ -88,42 +88,52 @@ class Admission:
         return acts
 
     # -- weighing --------------------------------------------------------------------------------------
-    def grad_cap(self) -> float:
-        """The |g| bound of the next update: min(max_abs_grad, max(grad_cap_floor, k x median |g|)) over
-        the grads of the last grad_cap_window accepted updates, once grad_cap_min_updates were accepted."""
+    def grad_cap(self, client: str) -> float:
+        """The |g| bound of `client`'s next update (coordinator/influence.py): min(max_abs_grad,
+        max(grad_cap_floor, grad_cap_k x the median |g| level of the OTHER clients)), once they sent
+        grad_cap_min_updates updates; the fixed max_abs_grad before. Scalars above it are clipped to it."""
         c = self.config
-        if c.grad_cap_k <= 0 or self.grad_seen < c.grad_cap_min_updates or not self.grad_hist:
+        level, seen = self.grads.others(client)
+        if c.grad_cap_k <= 0 or level is None or seen < c.grad_cap_min_updates:
             return c.max_abs_grad
-        if self._grad_cap is None:
-            med = self.grad_hist.median()
-            self._grad_cap = min(c.max_abs_grad, max(c.grad_cap_floor, c.grad_cap_k * med))
-        return self._grad_cap
+        return min(c.max_abs_grad, max(c.grad_cap_floor, c.grad_cap_k * level))
+
+    def join_n(self, client: str, claimed: int) -> int:
+        """The n_samples a valid Join is granted: the claim, at most the first accepted Join's (a re-Join
+        may lower it, never raise it), or at most the operator's weight_grants entry for the client."""
+        grant = self.grants.get(client)
+        if grant is not None:
+            return min(claimed, grant)
+        row = self.registry.get(client)
+        return min(claimed, row.n_samples) if row is not None and row.n_samples > 0 else claimed
 
     def weight(self, client: str, n_update: int) -> int:
         """The FedAvg weight the coordinator grants: min(n_samples of the Update, n_samples of the Join,
-        weight_cap_factor x the median Join n_samples of the joined clients), at least 1."""
+        weight_cap_factor x the median Join n_samples of the OTHER joined clients), at least 1."""
         row = self.registry.get(client)
         w = n_update if row is None or row.state != "joined" else min(n_update, row.n_samples)
-        if self.config.weight_cap_factor > 0:
-            if self._median_n is None:
-                fp = self.registry.fingerprint
-                ns = [c.n_samples for c in self.registry.clients.values() if c.state == "joined" and c.fingerprint == fp]
-                self._median_n = float(np.median(ns)) if ns else 0.0
-            if self._median_n > 0:
-                w = min(w, math.floor(self.config.weight_cap_factor * self._median_n))
+        med = self.join_ns.without(client) if self.config.weight_cap_factor > 0 else None
+        if med is not None and med > 0:
+            w = min(w, math.floor(self.config.weight_cap_factor * med))
         return max(1, w)
 
     def heard(self, client: str, grads: Sequence[float]) -> None:
-        """An update was stored for aggregation (on time or late): its |g| feeds the cap, its client answered."""
-        self.grad_hist.push(tuple(map(abs, grads)))  # grads: floats (Update checked them), so abs = |float|
-        self.grad_seen += 1
-        self._grad_cap = None
+        """An update was stored for aggregation (on time or late): its |g| feeds the others' caps, its client
+        answered."""
+        self.grads.push(client, grads)
         self.misses.pop(client, None)
 
     def joined(self, client: str) -> None:
-        """A valid Join: the median Join n_samples changes, and a Join is one proof of life."""
-        self._median_n = None
+        """A valid Join (its row already put): the Join n_samples of the fleet changes; a Join is one proof of life."""
+        self._note_join_n(client)
         self.prove(client, "join")
+
+    def _note_join_n(self, client: str) -> None:
+        row = self.registry.get(client)
+        if row is not None and row.state == "joined" and row.fingerprint == self.registry.fingerprint:
+            self.join_ns.put(client, float(row.n_samples))
+        else:
+            self.join_ns.drop(client)
 
     # -- benching --------------------------------------------------------------------------------------
     def count_misses(self, sampled: Sequence[str], reported: set[str]) -> list[str]:

@@ -11,6 +11,8 @@ A client that ran fewer steps (T_k < T) has coordinate 0 along the later seeds (
            so this bounds every client's influence on the weights.
 - median:  G_t = median_k g_{k,t} (missing steps count as 0), unweighted: robust to < N/2 bad clients.
 - trimmed: per step, drop floor(trim_fraction * N) lowest and highest values, mean of the rest (unweighted).
+- centered (the default): per step, each scalar clipped into median +- center_clip_k x MAD of the step's
+           values, then fedavg (coordinator/centered.py); a clean round is fedavg bit for bit.
 
 `result_scalars` is THE formula of a round result, late updates included (docs/PROTOCOL.md §5.1): a second
 implementation that follows it gets the same float64 bits. The inputs are not re-checked for
@@ -27,11 +29,12 @@ from operator import mul
 
 import numpy as np
 
+from coordinator import centered
 from coordinator.records import UpdateRow
 from shared.apply import fedavg_scalars
 from shared.messages import MAX_SEEDS
 
-RULES = ("fedavg", "clipped", "median", "trimmed")
+RULES = ("fedavg", "clipped", "median", "trimmed", "centered")
 
 
 @dataclass(frozen=True)
@@ -80,12 +83,15 @@ def aggregate(
     *,
     clip_norm: float = 10.0,
     trim_fraction: float = 0.1,
+    center_clip_k: float = 4.0,
 ) -> list[float]:
     """T scalars G_t from the reporting clients' scalars under `rule` (see module docstring)."""
     _check(rule, per_client, T)
     weights = {k: float(n_samples[k]) for k in per_client}
     if rule == "fedavg":
         return fedavg_scalars(per_client, weights, T)
+    if rule == "centered":
+        return fedavg_scalars(centered.clipped_steps(per_client, T, center_clip_k)[0], weights, T)
     if rule == "clipped":
         return fedavg_scalars({k: clip(gs, clip_norm) for k, gs in per_client.items()}, weights, T)
     m = _padded(per_client, T)
@@ -123,31 +129,42 @@ def result_scalars(
     *,
     clip_norm: float = 10.0,
     trim_fraction: float = 0.1,
+    center_clip_k: float = 4.0,
 ) -> tuple[list[int], list[float]]:
     """(seeds, scalars) of a round result: the round's own updates plus late updates of older rounds.
 
     Contributors j are the on-time clients U and, per late round r (in `late`, ascending round order),
-    its late clients L_r. With `clipped` every contributor's vector is clipped first (`clip`).
+    its late clients L_r. With `clipped` every contributor's vector is clipped first (`clip`). With
+    `centered` every on-time scalar is clipped into its step's band and every late scalar to +-B, B = the
+    on-time late bound (coordinator/centered.py; none below centered.MIN_CLIENTS on-time contributors).
         N    = fsum(n_j over U and every L_r)                   (n_j as float64)
         w_j  = n_j / N                                         (one IEEE division)
-        fedavg, clipped:  G_t   = fsum_{j in U, T_j > t} w_j * g_{j,t}                 t < T
+        fedavg, clipped, centered:  G_t = fsum_{j in U, T_j > t} w_j * g_{j,t}         t < T
         median, trimmed:  G_t   = (fsum_{j in U} n_j / N) * R_t   R_t = the rule over U alone (unweighted)
         late round r:     G^r_t = fsum_{j in L_r, T_j > t} w_j * g_{j,t}            t < max_{j in L_r} T_j
     Pairs: (s_t, G_t) for t < T, then for each late round r in order (s^r_t, G^r_t). Without late
     updates this is exactly `aggregate(rule, ...)` (the share of U is then exactly 1.0). A late update
-    always counts with its FedAvg weight: the robust rules cannot rank one client's scalars of another
-    round against this round's, so they bound only the on-time part (and `clipped` bounds all).
+    always counts with its FedAvg weight: median and trimmed cannot rank one client's scalars of another
+    round against this round's, so they bound only the on-time part (`clipped` and `centered` bound all).
     """
     T = len(on_time.seeds)
     _check(rule, on_time.grads, T)
     for g in late:
         _check("fedavg", g.grads, len(g.seeds))
 
+    bound = centered.late_bound(on_time.grads, center_clip_k) if rule == "centered" else None
+
     def prepared(g: Group) -> Mapping[str, Sequence[float]]:
-        return {k: clip(gs, clip_norm) for k, gs in g.grads.items()} if rule == "clipped" else g.grads
+        if rule == "clipped":
+            return {k: clip(gs, clip_norm) for k, gs in g.grads.items()}
+        if rule == "centered" and g is on_time:
+            return centered.clipped_steps(g.grads, T, center_clip_k)[0]
+        if bound is not None:
+            return centered.clamp_all(g.grads, bound)
+        return g.grads
 
     N = math.fsum(float(g.n_samples[k]) for g in (on_time, *late) for k in g.grads)
-    if rule in ("fedavg", "clipped"):
+    if rule in ("fedavg", "clipped", "centered"):
         scalars = _weighted(on_time, prepared(on_time), N, T)
     else:
         share = math.fsum(float(on_time.n_samples[k]) for k in on_time.grads) / N

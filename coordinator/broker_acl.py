@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from shared.topics import PREFIX, check_id
 
 DEVICE_WRITES = ("up", "join", "hb", "status", "sync")
+TELEMETRY_SUFFIX = "-hb"  # the coordinator's heartbeat link logs in as its user + this (coordinator/server.py)
 
 
 def render_acl(
@@ -34,6 +35,10 @@ def render_acl(
         "",
         f"user {check_id(coordinator, 'coordinator user')}",
         f"topic readwrite {PREFIX}/#",
+        "",
+        "# the coordinator's heartbeat link (telemetry_link): reads only",
+        f"user {coordinator}{TELEMETRY_SUFFIX}",
+        f"topic read {PREFIX}/#",
     ]
     for obs in observers:
         lines += ["", f"user {check_id(obs, 'observer user')}", f"topic read {PREFIX}/#"]

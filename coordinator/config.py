@@ -21,13 +21,18 @@ if TYPE_CHECKING:
 ENV_PREFIX = "MEERKAT_COORD_"
 SECTION = "coordinator"
 
-Aggregation = Literal["fedavg", "clipped", "median", "trimmed"]
+Aggregation = Literal["fedavg", "clipped", "median", "trimmed", "centered"]
 Straggler = Literal["next", "drop"]
 DecayRule = Literal["off", "fleet", "absolute"]  # = coordinator.drift.DecayRule (kept here: no torch at config load)
 
 
 def _is_id(v: str) -> bool:
     return bool(ID_RE.match(v))
+
+
+def _is_grant(entry: str) -> bool:
+    client, sep, n = entry.partition("=")
+    return bool(sep) and _is_id(client) and n.isdigit() and 1 <= int(n) < 2**32
 
 
 def _is_loopback(host: str) -> bool:
@@ -52,6 +57,12 @@ class CoordinatorConfig:
     tls_key: Path | None = cfg.field(None, "private key of tls_cert")
     allow_plaintext_password: bool = cfg.field(
         False, "allow password_file with plain mqtt:// to a non-loopback host (the password crosses the network in clear)"
+    )
+    telemetry_link: bool = cfg.field(
+        True,
+        "heartbeats on a second MQTT connection (client id and username + \"-hb\"): a heartbeat flood then never "
+        "queues in front of updates at the broker or in TCP (the rendered ACL has that user; give it the "
+        "coordinator's password). Off with tls_cert (the certificate may be the login); unreachable: main link",
     )
     fleet: str = cfg.field(
         "default", "fleet id: topics live under meerkat/v1/{fleet}/", (_is_id, "is not a valid id")
@@ -111,7 +122,14 @@ class CoordinatorConfig:
     )
     # -- ingest and aggregation -----------------------------------------------------------------
     aggregation: Aggregation = cfg.field(
-        "fedavg", "fedavg (weighted by n_samples) | clipped | median | trimmed"
+        "centered",
+        "centered (FedAvg of the scalars clipped into median +- center_clip_k x MAD per step; a round of < 3 "
+        "updates is plain FedAvg) | fedavg (weighted by n_samples, no outlier bound) | clipped | median | trimmed",
+    )
+    center_clip_k: float = cfg.field(
+        4.0,
+        "centered: the band is the step's median +- this x the median absolute deviation of its scalars",
+        (lambda v: v >= 1, "must be >= 1"),
     )
     clip_norm: float = cfg.field(
         10.0,
@@ -129,27 +147,33 @@ class CoordinatorConfig:
         (lambda v: v > 0, "must be > 0"),
     )
     grad_cap_k: float = cfg.field(
-        50.0,
-        "adaptive |g| cap: k x the median |g| of the last grad_cap_window accepted updates (0 = fixed "
-        "max_abs_grad only; the lower of the two applies)",
+        10.0,
+        "adaptive |g| cap: an update's scalars are clipped (not refused) to k x the median over the OTHER "
+        "clients of each one's median |g| of its last updates (0 = fixed max_abs_grad only; the lower applies)",
         (lambda v: v >= 0, "must be >= 0"),
     )
     grad_cap_window: int = cfg.field(
-        64, "accepted updates whose grads feed the adaptive |g| cap", (lambda v: v >= 1, "must be >= 1")
+        16, "a client's |g| level: the median over its last this-many accepted updates", (lambda v: v >= 1, "must be >= 1")
     )
     grad_cap_min_updates: int = cfg.field(
         8,
-        "the adaptive |g| cap applies once this many updates were accepted (since the start)",
+        "the adaptive |g| cap of a client applies once the OTHER clients sent this many updates (since the start)",
         (lambda v: v >= 1, "must be >= 1"),
     )
     grad_cap_floor: float = cfg.field(
         1.0, "the adaptive |g| cap is never below this", (lambda v: v > 0, "must be > 0")
     )
     weight_cap_factor: float = cfg.field(
-        4.0,
-        "FedAvg weight = min(Update n_samples, Join n_samples, this x the median Join n_samples of the "
-        "joined clients); 0 = no fleet-wide cap",
+        2.0,
+        "FedAvg weight = min(Update n_samples, first Join n_samples, this x the median Join n_samples of the "
+        "OTHER joined clients); 0 = no fleet-wide cap",
         (lambda v: v >= 0, "must be >= 0"),
+    )
+    weight_grants: tuple[str, ...] = cfg.field(
+        (),
+        "\"client=n\" entries: the Join n_samples ceiling the operator grants a client (a re-Join can lower its "
+        "n_samples, never raise it above its first accepted Join's; an entry here raises it)",
+        (lambda v: all(_is_grant(x) for x in v), "entries must be \"client=n\" with a valid id and 1 <= n < 2**32"),
     )
     late_max_age: int = cfg.field(
         1,
@@ -322,6 +346,10 @@ class CoordinatorConfig:
     eval_every: int = cfg.field(1, "evaluate after every K-th closed round (round % K == 0)", (lambda v: v >= 1, "must be >= 1"))
     eval_max: int = cfg.field(256, "evaluate on at most this many examples of eval_data", (lambda v: v >= 1, "must be >= 1"))
     eval_seq_len: int = cfg.field(256, "max tokens per eval example (as `meerkat evaluate --seq-len`)", (lambda v: v >= 2, "must be >= 2"))
+
+    def grants(self) -> dict[str, int]:
+        """weight_grants as client -> n_samples ceiling."""
+        return {c: int(n) for c, _, n in (e.partition("=") for e in self.weight_grants)}
 
     def drift_thresholds(self) -> DriftThresholds:
         from coordinator.drift import DriftThresholds  # lazy: keeps torch out of config loading

@@ -161,8 +161,11 @@ def _device_rows(view: FleetView) -> str:
     for d in view.devices:
         online = '<span class="dot on"></span>online' if d.online else '<span class="dot off"></span>offline'
         vp = '<span class="flag">1 step</span>' if d.limited else "–"
+        avail = ("–" if d.available is None else "yes" if d.available
+                 else f'<span class="flag">paused: {escape(d.pause_reason or "?")}</span>')  # fmt: skip
         rows.append(
             f'<tr class="device" data-device="{escape(d.client)}"><td>{escape(d.client)}</td><td>{online}</td>'
+            f"<td class=\"available\">{avail}</td><td>{_f(d.trained_share, '{:.0%}')}</td>"
             f"<td>{_ago(view.now, d.seen_at)}</td><td>{escape(d.device or '–')}</td><td>{_mem_cell(d)}</td>"
             f"<td>{_bytes(d.rss_bytes)}</td><td>{_f(d.cpu_pct, '{:.0f}%')}</td><td>{_f(d.temp_c, '{:.0f} °C')}</td>"
             f"<td>{_f(d.step_time_s, '{:.2f} s')}</td><td>{d.updates}</td><td class=\"train-loss\">{_f(d.train_loss, '{:.4f}')}</td>"
@@ -170,8 +173,8 @@ def _device_rows(view: FleetView) -> str:
             f"<td>{_f(d.gradip, '{:.3g}')}</td><td>{vp}</td></tr>"
         )
     if not rows:
-        rows.append('<tr><td colspan="15" class="muted">no device has joined yet</td></tr>')
-    hdr = ("device", "status", "last seen", "kind", "peak memory / budget (step)", "RSS", "CPU", "temp", "step time",
+        rows.append('<tr><td colspan="17" class="muted">no device has joined yet</td></tr>')
+    hdr = ("device", "status", "available", "trained", "last seen", "kind", "peak memory / budget (step)", "RSS", "CPU", "temp", "step time",
            "updates", "train loss", "eval loss", "eval acc", "GradIP", "VP")  # fmt: skip
     return (f'<table id="fleet"><thead><tr>{"".join(f"<th>{h}</th>" for h in hdr)}</tr></thead>'
             f"<tbody>{''.join(rows)}</tbody></table>")  # fmt: skip
@@ -183,7 +186,9 @@ def render_html(view: FleetView, bytes_up: float | None = None, bytes_down: floa
     online = sum(1 for d in view.devices if d.online and d.state == "joined")
     last_eval = view.coordinator_evals[-1] if view.coordinator_evals else (view.device_evals[-1] if view.device_evals else None)
     kpis = [
-        ("run", f'<span id="run-state">{escape(view.run_state)}</span>'), ("round", str(view.last_round)), ("devices online", f"{online}/{len(view.devices)}"),
+        ("run", f'<span id="run-state">{escape(view.run_state)}</span>'),
+        ("round", str(view.last_round)), ("devices online", f"{online}/{len(view.devices)}"),
+        ("available now", str(view.available_now())),
         ("rounds/min", _f(rpm, "{:.1f}")), ("eval loss", '<span id="eval-loss">' + _f(None if last_eval is None else last_eval.loss, "{:.4f}") + "</span>"),
         ("bytes up", _bytes(bytes_up)), ("bytes down", _bytes(bytes_down)),
     ]  # fmt: skip
@@ -227,7 +232,7 @@ def render_html(view: FleetView, bytes_up: float | None = None, bytes_down: floa
 
 def render_json(view: FleetView, bytes_up: float | None = None, bytes_down: float | None = None) -> str:
     return json.dumps({
-        "fleet": view.fleet, "now": view.now, "last_round": view.last_round, "run_state": view.run_state,
+        "fleet": view.fleet, "now": view.now, "last_round": view.last_round, "run_state": view.run_state, "devices_available": view.available_now(),
         "devices": [asdict(d) for d in view.devices], "rounds": [asdict(r) for r in view.rounds],
         "device_evals": [asdict(p) for p in view.device_evals],
         "coordinator_evals": [asdict(p) for p in view.coordinator_evals],

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from coordinator.availability import from_telemetry
 from coordinator.eventlog import EventLog
 from coordinator.records import COORDINATOR_EVAL, EvalRow, ResourcePoint, RoundPoint
 
@@ -41,6 +42,9 @@ class DeviceView:
     limited: bool  # MEERKAT-VP limited it to 1 local step
     rho_later: float | None
     rho_quie: float | None
+    available: bool | None = None  # its device policy's word (protocol 1.3); None: it does not say; offline: False
+    pause_reason: str | None = None  # why it is paused ("offline" for an offline device)
+    trained_share: float | None = None  # share of time its client spent in local steps
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,10 @@ class FleetView:
     coordinator_evals: list[CurvePoint]  # the coordinator's own (eval_data)
     gradip: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # client -> (round, mean |GradIP|)
     resources: dict[str, list[ResourcePoint]] = field(default_factory=dict)  # client -> history (history=True)
+
+    def available_now(self) -> int:
+        """Joined devices online and not paused by their policy (one that does not say counts as available)."""
+        return sum(1 for d in self.devices if d.state == "joined" and d.online and d.available is not False)
 
     def rounds_per_minute(self, window_s: float = 600.0) -> float | None:
         """Closed rounds per minute over the last `window_s` seconds of closes (None: fewer than 2)."""
@@ -118,6 +126,7 @@ def fleet_view(
             budget, caps = budgets.get(c.client, (0.0, {}))
             d = drift.get(c.client)
             g = gradip.get(c.client)
+            av, words = from_telemetry(t, c.online)
             devices.append(DeviceView(
                 client=c.client, state=c.state, online=c.online, seen_at=c.seen_at, cpu_pct=_num(t, "cpu_pct"),
                 rss_bytes=_num(t, "rss_bytes"), peak_rss_bytes=peak_rss.get(c.client, _num(t, "rss_bytes")),
@@ -128,6 +137,8 @@ def fleet_view(
                 eval_round=_num(t, "eval_round"), eval_loss=_num(t, "eval_loss"), eval_acc=_num(t, "eval_acc"),
                 gradip=g[-1][1] if g else None, limited=d is not None and d.limited_round is not None,
                 rho_later=None if d is None else d.rho_later, rho_quie=None if d is None else d.rho_quie,
+                available=av, pause_reason=None if av is not False else words.removeprefix("paused: "),
+                trained_share=_num(t, "trained_share"),
             ))  # fmt: skip
     finally:
         log.close()

@@ -62,7 +62,7 @@ def check_update(u: Update, plan: PlanRow | None, fp_tag: int, max_abs_grad: flo
     if len(u.grads) != want:
         return Reject("wrong_steps", ErrorCode.BAD_UPDATE, f"{len(u.grads)} grads, the plan asked for {want}")
     big = max(map(abs, u.grads))  # grads: floats (shared.messages.Update)
-    if big > max_abs_grad:  # the caller's cap: the fixed max_abs_grad or the fleet's adaptive one (rounds.py)
+    if big > max_abs_grad:  # the fixed cap (the adaptive one clips, it never refuses: rounds.py on_update)
         return Reject("grad_too_large", ErrorCode.BAD_UPDATE, f"|g| = {big:.3g} > the cap {max_abs_grad:.3g}")
     if u.n_samples <= 0:
         return Reject("no_samples", ErrorCode.BAD_UPDATE, "n_samples must be > 0 (it is the FedAvg weight)")

@@ -3,9 +3,10 @@
 The six decisions, in order, made once for the single pump (coordinator/server.py) and for the cluster
 (a worker admits, coordinator/inbox.py stores the decision, the leader feeds it):
   1. parse the topic (the client id comes from it)   -> Rejected bad_topic, counted nowhere (nbytes None)
-  2. a retained status being cleared (empty payload) -> Dropped "cleared" (nothing to do, not a drop)
-  3. a kind the coordinator does not take            -> Rejected bad_topic, no reply
-  4. a retained message on a never-retained kind     -> Dropped "retained", unread
+  2. a kind the coordinator does not take            -> Rejected bad_topic, no reply
+  3. an empty payload: a retained message cleared    -> Dropped "cleared" (nothing to do, not a drop)
+  4. a retained message on a never-retained kind     -> Dropped "retained", unread; `clear_topic` names the
+                                                        topic the pump clears (an empty retained payload)
   5. decode                                          -> Rejected decode_*, an ErrorMsg for up/join/sync
   6. the book's answer (`feed`), a bug in it         -> a counted `internal` reject, the service goes on
 
@@ -82,11 +83,11 @@ def admit(topics: Topics, msg: Incoming) -> Decision:
     except ValueError as exc:
         return Rejected("?", msg.topic, Reject("bad_topic", ErrorCode.INTERNAL, str(exc)), False, None)
     client, n = str(arg), len(msg.payload)
-    if kind == "status" and not msg.payload:
-        return Dropped(client, kind, CLEARED, n)
     if kind not in INBOUND:
         return Rejected(client, kind, Reject("bad_topic", ErrorCode.INTERNAL, f"{kind} is not for the coordinator"),
                         False, n)  # fmt: skip
+    if not msg.payload:  # a retained message being cleared (a status, or one the coordinator cleared itself)
+        return Dropped(client, kind, CLEARED, n)
     if msg.retain and kind in NO_RETAIN:
         # delivered because we (re)subscribed: a device parked it retained, e.g. a bomb that would
         # otherwise be decoded again at every restart. Never a legitimate message: drop it unread.
@@ -97,6 +98,14 @@ def admit(topics: Topics, msg: Incoming) -> Decision:
     except DecodeError as exc:
         return Rejected(client, kind, decode_reject(exc), kind in REPLY_KINDS, n)
     return Admitted(client, kind, m, n)
+
+
+def clear_topic(topics: Topics, d: Decision) -> str | None:
+    """The topic to clear with an empty retained payload when `d` dropped a device's retained message unread:
+    left there it comes back on every (re)subscribe (issue 26: 8 MB parked per device); else None."""
+    if not isinstance(d, Dropped) or d.reason != "retained":
+        return None
+    return {"up": topics.up, "join": topics.join, "hb": topics.hb, "sync": topics.sync}[d.kind](d.client)
 
 
 def feed(book: RoundBook, d: Decision, now: float) -> list[Action]:

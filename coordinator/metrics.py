@@ -120,6 +120,8 @@ DEVICE_GAUGES: tuple[tuple[str, str, str], ...] = (
     ("meerkat_device_eval_accuracy", "accuracy on its held-out slice, newest evaluation", "eval_acc"),
     ("meerkat_device_gradip", "mean |GradIP| of its newest update (MEERKAT-VP)", "gradip"),
     ("meerkat_device_vp_limited", "1 when MEERKAT-VP limited it to 1 local step", "limited"),
+    ("meerkat_device_available", "1 when its device policy lets it train now, 0 when paused or offline", "available"),
+    ("meerkat_device_trained_share", "share of wall time its client spent in local steps since it started", "trained_share"),
 )
 
 
@@ -156,6 +158,14 @@ def fleet_families(view: FleetView, per_device: bool) -> Iterator[GaugeMetricFam
                 if v is not None:
                     g.add_metric([d.client], float(v))
             yield g
+        p = GaugeMetricFamily("meerkat_device_paused", "1 while its device policy pauses it, by reason",
+                              labels=["device", "reason"])
+        for d in view.devices:
+            if d.available is False and d.pause_reason not in (None, "offline"):
+                p.add_metric([d.client, str(d.pause_reason)], 1.0)
+        yield p
+    yield GaugeMetricFamily("meerkat_devices_available", "devices online and not paused by their policy, now",
+                            value=view.available_now())  # fmt: skip
     q = GaugeMetricFamily("meerkat_eval_loss", "newest fleet evaluation loss, by source", labels=["source"])
     a = GaugeMetricFamily("meerkat_eval_accuracy", "newest fleet evaluation accuracy, by source", labels=["source"])
     er = GaugeMetricFamily("meerkat_eval_round", "round of the newest evaluation, by source", labels=["source"])
@@ -182,7 +192,7 @@ def fleet_families(view: FleetView, per_device: bool) -> Iterator[GaugeMetricFam
 
 FLEET_NAMES: tuple[str, ...] = tuple(name for name, _, _ in DEVICE_GAUGES) + (
     "meerkat_eval_loss", "meerkat_eval_accuracy", "meerkat_eval_round", "meerkat_train_loss",
-    "meerkat_rounds_per_minute", "meerkat_devices_known",
+    "meerkat_rounds_per_minute", "meerkat_devices_known", "meerkat_device_paused", "meerkat_devices_available",
 )  # every family fleet_families() may yield  # fmt: skip
 PAGES = {"/", "/dashboard", "/dashboard.json"}  # served when the coordinator's `dashboard` is on
 WORKERS = 4  # threads serving /metrics requests

@@ -250,7 +250,7 @@ class RejectRecord:
 
 @dataclass(frozen=True)
 class EventRecord:
-    kind: str  # open | extend | close | late | drift_limit
+    kind: str  # open | extend | close | late | drift_limit | grad_clipped | ...
     detail: str
     round: int | None
     now: float

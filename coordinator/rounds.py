@@ -10,15 +10,18 @@ pump hands the constructor (coordinator/recovery.py reads it).
     acts = book.handle(Join(client="c1", ...), now=0.0) + book.tick(now=0.0)
 
 The book owns the lifecycle (open / extend / close / late-fold / dedupe / sync) and the order of the
-actions; three parts it holds decide the rest: `registry` (coordinator/registry.py: joined / online /
+actions; four parts it holds decide the rest: `registry` (coordinator/registry.py: joined / online /
 last seen, the join nag), `admission` (coordinator/admission.py: rate limits, reply budget, FedAvg
-weight, |g| cap, benching) and `vp` (coordinator/vp.py: MEERKAT-VP limits).
+weight, |g| cap, benching), `vp` (coordinator/vp.py: MEERKAT-VP limits) and `availability`
+(coordinator/availability.py: devices their policy paused are not sampled, not missed).
 
 Rules, each in one place (docs/ARCHITECTURE.md "Round lifecycle" names them):
   join / nag / offline        on_join, on_status, on_heartbeat; registry.note_live, nag, offline
-  open + sampling             _maybe_open  (scheduler.round_seeds / sample_clients; eligible: not benched)
-  deadline, extension, quorum tick -> scheduler.close_decision_n -> close_round / _extend
-  validation                  on_update -> ingest.check_update (admission.grad_cap)
+  open + sampling             _maybe_open  (scheduler.round_seeds / sample_clients; eligible: not benched,
+                              not paused by the device policy)
+  deadline, extension, quorum tick -> scheduler.close_decision_n -> close_round / _extend; every sampled
+                              device paused, nothing reported: tick -> close_round at once, empty
+  validation                  on_update -> ingest.check_update (fixed max_abs_grad); |g| clipped to admission.grad_cap
   dedupe, conflict            on_update (same msg_id: Duplicate; another: reject `conflict`, first wins)
   stragglers, late folding    on_update (late | dropped, late_max_age), close_round -> aggregate.late_to_fold
   MEERKAT-VP limits           on_update -> vp.observe; close_round -> vp.at_close; plans: vp.steps_for
@@ -48,8 +51,12 @@ from coordinator.actions import (
 )
 from coordinator.admission import Admission
 from coordinator.aggregate import late_to_fold, result_scalars, round_groups
+from coordinator.availability import Availability
+from coordinator.centered import MIN_CLIENTS as CENTERED_MIN
+from coordinator.centered import is_small
 from coordinator.config import CoordinatorConfig
 from coordinator.drift import DriftMonitor
+from coordinator.influence import clip_to
 from coordinator.ingest import Reject, check_join, check_update
 from coordinator.records import (
     ClientRow,
@@ -146,8 +153,12 @@ class RoundBook:
         self.admission = Admission(config, self.registry)
         self.vp = DriftPolicy(drift, config.drift_control)
         self.vp.restore(rec)
+        self.availability = Availability()  # device policies: paused devices are not sampled, not missed
+        if self.plan is not None:
+            self.availability.round_opened(self.plan.steps)
         self.quorum_since: float | None = None  # when the open round first met its quorum
         self._last_offline_check = -math.inf
+        self._small_round = False  # the last close had too few updates for centred clipping (logged on change)
 
     @classmethod
     def from_config(
@@ -185,8 +196,10 @@ class RoundBook:
         return self.registry.n_online()
 
     def eligible(self) -> list[str]:
-        """The online clients a plan may sample: benched ones (silent bench_after_misses rounds) excluded."""
-        return [c for c in self.registry.online() if c not in self.admission.benched]
+        """The online clients a plan may sample: benched ones (silent bench_after_misses rounds) and those
+        whose device policy paused them (coordinator/availability.py) excluded."""
+        av = self.availability
+        return [c for c in self.registry.online() if c not in self.admission.benched and av.paused(c) is None]
 
     def vp_limited(self) -> set[str]:
         """Clients MEERKAT-VP limits to one local step (empty with drift_control off)."""
@@ -270,14 +283,17 @@ class RoundBook:
                 return self.on_reject(j.client, "join", spoof, now, reply=False)
             self.registry.refuse(j.client, now)
             return self.on_reject(j.client, "join", rej, now)
+        n = self.admission.join_n(j.client, j.n_samples)  # a re-Join cannot raise the weight
         self.registry.joining(j.client)
+        self.registry.put(ClientRow(j.client, "joined", j.fingerprint, j.mask_id, n, True, now))
         self.admission.joined(j.client)
-        self.registry.put(ClientRow(j.client, "joined", j.fingerprint, j.mask_id, j.n_samples, True, now))
         acts: list[Action] = [Persist(JoinRecord(
-            j.client, "joined", "", j.fingerprint, j.mask_id, j.n_samples, j.budget_gib,
-            dict(j.capabilities), j.last_round, now,
+            j.client, "joined", "", j.fingerprint, j.mask_id, n, j.budget_gib, dict(j.capabilities), j.last_round, now,
         ))]  # fmt: skip
-        log.info("client %s joined (n_samples %d, at round %d)", j.client, j.n_samples, j.last_round)
+        if n != j.n_samples:
+            log.warning("client %s joined claiming n_samples %d: kept at %d (its first Join's; the operator raises "
+                        "it with weight_grants)", j.client, j.n_samples, n)  # fmt: skip
+        log.info("client %s joined (n_samples %d, at round %d)", j.client, n, j.last_round)
         return acts
 
     def on_status(self, s: Status, now: float) -> list[Action]:
@@ -294,6 +310,7 @@ class RoundBook:
         if not self.registry.seen(h.client, now, online=True):
             return []
         self.admission.prove(h.client, "hb")
+        self.availability.note(h.client, h.available, h.pause_reason, h.trained_share)
         tele = {k: getattr(h, k) for k in TELEMETRY}  # asdict(h) less client: scalars only, no deep copy
         return [Persist(HeartbeatRecord(h.client, tele, now)), *self.admission.bench_nag(h.client, now)]
 
@@ -322,7 +339,7 @@ class RoundBook:
         if plan is None and u.round <= self.last_round:  # closed so long ago that its plan is forgotten
             rej: Reject | None = Reject("too_late", ErrorCode.STALE_ROUND, f"round {u.round} closed long ago")
         else:
-            rej = check_update(u, plan, self.fp_tag, self.admission.grad_cap())
+            rej = check_update(u, plan, self.fp_tag, self.config.max_abs_grad)
         if rej is not None:
             return self.on_reject(u.client, "up", rej, now)
         assert plan is not None  # check_update rejects an unplanned round
@@ -343,14 +360,21 @@ class RoundBook:
         if weight != u.n_samples:
             log.info("update %s round %d: FedAvg weight %d (it claimed n_samples %d)", u.client, u.round, weight,
                      u.n_samples)  # fmt: skip
-        row = UpdateRow(u.client, u.round, u.msg_id, u.grads, weight, u.loss, now, status, None)
-        gradip = self.vp.gradip(plan, u.grads)
+        # clipped to the cap of the OTHER clients' |g|, not refused: a refusal would tell a bisecting device the cap
+        cap = self.admission.grad_cap(u.client)
+        grads, n_clipped = clip_to(u.grads, cap)
+        row = UpdateRow(u.client, u.round, u.msg_id, grads, weight, u.loss, now, status, None)
+        gradip = self.vp.gradip(plan, grads)
         self.stored[(u.client, u.round)] = u.msg_id
         self._stored_rounds.setdefault(u.round, []).append(u.client)
         self.registry.seen(u.client, now)
         acts: list[Action] = [Persist(UpdateRecord(row, None if gradip is None else tuple(gradip)))]
+        if n_clipped:
+            detail = f"client={u.client} clipped={n_clipped} of {len(grads)} max_abs_g={max(map(abs, u.grads)):.4g} cap={cap:.4g}"
+            log.info("grad_clipped %s", detail)
+            acts.append(Persist(EventRecord("grad_clipped", detail, u.round, now)))
         if status != "dropped":
-            self.admission.heard(u.client, u.grads)
+            self.admission.heard(u.client, grads)
         if status == "accepted":
             self.accepted[u.client] = row
         elif status == "late":
@@ -384,6 +408,8 @@ class RoundBook:
                 acts += self._maybe_open(now)
             return acts
         plan, c = self.plan, self.config
+        if not self.accepted and self.availability.all_paused():  # nobody left to wait for (O(1): counted)
+            return acts + self.close_round(now, f"all {len(plan.steps)} sampled devices paused by their policy")
         # counts, not sets: accepted is a subset of plan.steps (check_update rejects clients not sampled,
         # and a re-plan only adds clients), so this tick costs O(1) however large the round
         n, got = len(plan.steps), len(self.accepted)
@@ -416,6 +442,7 @@ class RoundBook:
             base_checksum=values_checksum(self.values), extensions=0,
         )  # fmt: skip
         self.plan, self.plans[r], self.accepted, self.quorum_since = plan, plan, {}, None
+        self.availability.round_opened(sampled)
         log.info("round %d open: %d clients x %d steps (%d limited to 1 by MEERKAT-VP), deadline in %.0f s",
                  r, len(sampled), c.steps, sum(1 for t in plan.steps.values() if t < c.steps),
                  c.round_deadline_s)  # fmt: skip
@@ -433,6 +460,7 @@ class RoundBook:
         extra = sample_clients(eligible, want, c.master_seed, plan.round, plan.extensions + 1, exclude=plan.steps)
         steps = {**plan.steps, **{k: self.vp.steps_for(k, c.steps) for k in extra}}
         new = replace(plan, steps=steps, deadline=now + c.round_deadline_s, extensions=plan.extensions + 1)
+        self.availability.round_extended(extra)
         self.plan = self.plans[plan.round] = new
         log.warning("round %d: %s; deadline extended (%d), added %d clients", plan.round, why, new.extensions,
                     len(extra))  # fmt: skip
@@ -447,17 +475,26 @@ class RoundBook:
         plan, c = self.plan, self.config
         if plan is None:
             raise RuntimeError("close_round: no round is open")
-        if not self.accepted:
+        if not self.accepted and not self.availability.all_paused():
             raise RuntimeError(f"close_round: round {plan.round} has no update")
         reported = [self.accepted[k] for k in sorted(self.accepted)]
         acts: list[Action] = []
         drift_records, ups = self.vp.at_close(plan.round, reported, now, self._next_round())
         acts += [Persist(r) for r in drift_records]
-        late = late_to_fold(self.late.values(), len(plan.seeds)) if c.straggler == "next" else []
-        on_time, groups = round_groups(plan.seeds, ups, late, {r: p.seeds for r, p in self.plans.items()})
-        seeds, scalars = result_scalars(c.aggregation, on_time, groups, clip_norm=c.clip_norm,
-                                        trim_fraction=c.trim_fraction)  # fmt: skip
-        new_values = apply_round(self.values, seeds, scalars, plan.lr, plan.dist)
+        if ups:
+            late = late_to_fold(self.late.values(), len(plan.seeds)) if c.straggler == "next" else []
+            on_time, groups = round_groups(plan.seeds, ups, late, {r: p.seeds for r, p in self.plans.items()})
+            small = c.aggregation == "centered" and is_small(on_time.grads)
+            if small != self._small_round:  # logged when it starts and when it ends, not every round
+                self._small_round = small
+                log.info("round %d: %d on-time updates: %s", plan.round, len(on_time.grads),
+                         f"centred clipping needs {CENTERED_MIN} to tell an outlier: plain FedAvg (bounded by the "
+                         "weight and |g| caps only)" if small else "centred clipping again")  # fmt: skip
+            seeds, scalars = result_scalars(c.aggregation, on_time, groups, clip_norm=c.clip_norm,
+                                            trim_fraction=c.trim_fraction, center_clip_k=c.center_clip_k)  # fmt: skip
+            new_values = apply_round(self.values, seeds, scalars, plan.lr, plan.dist)
+        else:  # every sampled device paused: an empty result (values unchanged); late updates wait for the next
+            late, seeds, scalars, new_values = [], [], [], self.values
         checksum = values_checksum(new_values)
         n_clients = len({u.client for u in ups} | {u.client for u in late})
         row = ResultRow(plan.round, tuple(seeds), tuple(scalars), plan.lr, plan.dist, n_clients, checksum, now,
@@ -467,10 +504,11 @@ class RoundBook:
         for u in late:
             del self.late[(u.client, u.round)]
         self.plans[plan.round] = replace(plan, state="closed")
-        benched = self.admission.count_misses(list(plan.steps), {u.client for u in reported})
+        excused = self.availability.round_closed()  # paused by their policy: no miss, never benched
+        benched = self.admission.count_misses(list(plan.steps), {u.client for u in reported} | excused)
         self.results.append(row)
         self._forget_before(plan.round + 1 - LATE_WINDOW)
-        loss = math.fsum(u.loss for u in ups) / len(ups)
+        loss = math.fsum(u.loss for u in ups) / len(ups) if ups else math.nan  # nan: closed empty (all paused)
         log.info("round %d closed (%s): %d updates, %d late, mean loss %.4f, checksum %s", plan.round, why, len(ups),
                  len(late), loss, checksum[:12])  # fmt: skip
         acts += [

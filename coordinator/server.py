@@ -26,14 +26,16 @@ from pathlib import Path
 
 import torch
 
+from coordinator.broker_acl import TELEMETRY_SUFFIX
 from coordinator.checkpoint import keep_checkpoint
 from coordinator.config import CoordinatorConfig
 from coordinator.dashboard import pages as dashboard_pages
 from coordinator.drift import DriftMonitor
 from coordinator.evaluator import CoordinatorEvaluator
 from coordinator.eventlog import EventLog
+from coordinator.floodgate import FloodGate
 from coordinator.heartbeats import HeartbeatBuffer
-from coordinator.intake import INBOUND, Decision, admit, feed
+from coordinator.intake import INBOUND, Decision, admit, clear_topic, feed
 from coordinator.lifecycle import RunLifecycle, take_stop_request
 from coordinator.metrics import Metrics, MetricsServer
 from coordinator.publisher import Publisher
@@ -99,7 +101,9 @@ class Coordinator:
         self.out = Publisher(self.topics, self.tally, self.metrics)
         self._seen_connects = 0  # link connects the book has been told about (reconnected())
         self._alive_at = -float("inf")  # last liveness write (the coordinator's clock)
+        self._gate_refused = 0  # the flood gate's refusals already counted (count_gate)
         self.link: MqttLink | None = None
+        self.tele_link: MqttLink | None = None  # heartbeats only (telemetry_link)
         self.metrics_server: MetricsServer | None = None
         check_meta(self.log, self.state_dir, {
             "fingerprint": self.fingerprint, "mask_id": self.mask_id, "nnz": str(self.nnz),
@@ -152,8 +156,15 @@ class Coordinator:
             self.metrics_server = MetricsServer(self.metrics, c.metrics_host, c.metrics_port, c.metrics_token, pages=pages)
             self.metrics_server.start()
         if link is None:
-            subs = [(self.topics.filter(k), self.topics.qos(k)) for k in INBOUND]
+            # not with a client certificate: a broker that takes the certificate's identity as the login
+            # (use_identity_as_username) would make both links one client id, each taking the other's session
+            tele = ("hb",) if c.telemetry_link and c.tls_cert is None else ()
+            if c.telemetry_link and c.tls_cert is not None:
+                log.info("telemetry_link: off with a client certificate (tls_cert): heartbeats share the main link")
+            subs = [(self.topics.filter(k), self.topics.qos(k)) for k in INBOUND if k not in tele]
             link = broker_link(c, c.client_id, subs, clean_session=False)
+            if tele:
+                self.tele_link = self._telemetry_link(link)
         self.link = self.out.link = link
         now = self.clock()
         state, meta = self.life.begin(self.book, now)  # the book stops after the target round (config or a stop)
@@ -161,6 +172,23 @@ class Coordinator:
         self._carry_out([*self.book.start(now), Publish(state)], meta=meta)
         if self.evaluator is not None and self.book.last_round == -1:
             self._evaluate(-1)  # the baseline: v_0, before round 0 (the dashboard and the report mark it)
+
+    def _telemetry_link(self, link: MqttLink, wait_s: float = 5.0) -> MqttLink | None:
+        """Heartbeats on their own connection into `link`'s flood gate (its slow lane), so a flood never queues
+        in front of updates at the broker. When it cannot connect (a broker without the "-hb" user), the
+        heartbeats go on `link` instead, with a warning: a fleet whose heartbeats are lost would go offline."""
+        c = self.config
+        tele = broker_link(c, c.client_id + TELEMETRY_SUFFIX, [(self.topics.filter("hb"), 0)], inbox=link.inbox,
+                           login_suffix=TELEMETRY_SUFFIX, clean_session=True)  # fmt: skip
+        if tele.wait_connected(wait_s):
+            return tele
+        tele.stop()
+        who = "" if c.username is None else f" as {c.username}{TELEMETRY_SUFFIX}"
+        log.warning("telemetry_link: the heartbeat link could not connect%s (%s): heartbeats share the main link, "
+                    "so a heartbeat flood can delay updates; add that user to the broker's password file and ACL "
+                    "(docs/DEPLOY.md) or set telemetry_link = false", who, tele.trouble.last or "no answer")  # fmt: skip
+        link.subscribe(self.topics.filter("hb"), self.topics.qos("hb"))
+        return None
 
     def stop(self) -> None:
         """Ask `run()` to return (thread-safe)."""
@@ -214,6 +242,9 @@ class Coordinator:
             log.info("run report: %s", path)
 
     def close(self) -> None:
+        if self.tele_link is not None:
+            self.tele_link.stop()
+            self.tele_link = None
         if self.link is not None:
             self.link.stop()
             self.link = self.out.link = None
@@ -233,10 +264,19 @@ class Coordinator:
         assert self.link is not None, "start() first"
         self._check_reconnect()
         batch = take_batch(self.link.inbox, timeout)
+        self.count_gate(self.link.inbox)
         acts: list[Action] = []
         for msg in batch:
             acts += self.feed(admit(self.topics, msg))
         self.advance(acts, acks=batch)
+
+    def count_gate(self, inbox: object) -> None:
+        """Messages the flood gate refused since the last call -> meerkat_messages_dropped{reason="flood"}."""
+        if isinstance(inbox, FloodGate):
+            total = inbox.refused_total()
+            if total != self._gate_refused:
+                self.tally.add(self.metrics.dropped, "flood", total - self._gate_refused)
+                self._gate_refused = total
 
     def _check_reconnect(self) -> None:
         """After each (re)connect + SUBACK of our link: the book re-publishes the open plan, so devices
@@ -300,6 +340,9 @@ class Coordinator:
         if d.nbytes is not None:
             self.tally.add(self.metrics.messages, d.kind)
             self.tally.add(self.metrics.bytes_received, d.kind, d.nbytes)
+        clear = clear_topic(self.topics, d)
+        if clear is not None and self.link is not None:
+            self.link.publish(clear, b"", qos=1, retain=True)
         return feed(self.book, d, self.clock())
 
     # -- out: commit, ack, publish -----------------------------------------------------------------
@@ -387,16 +430,21 @@ class Coordinator:
 
 
 def broker_link(
-    config: CoordinatorConfig, client_id: str, subscriptions: Sequence[tuple[str, int]], **session: int | bool
+    config: CoordinatorConfig, client_id: str, subscriptions: Sequence[tuple[str, int]], *,
+    inbox: queue.Queue[Incoming] | None = None, login_suffix: str = "", **session: int | bool,
 ) -> MqttLink:
-    """A started, manual-ack link to the broker with the config's login and TLS, subscribed to
-    (filter, QoS) pairs; `session`: clean_session / session_expiry_s (a worker's shared session)."""
+    """A started, manual-ack link to the broker with the config's login (username + `login_suffix`) and TLS,
+    subscribed to (filter, QoS) pairs; `session`: clean_session / session_expiry_s (a worker's shared session).
+    Its inbox is a new flood gate (coordinator/floodgate.py), or `inbox` (another link's gate, shared)."""
     c = config
+    gate = FloodGate(c.rate_per_s, c.rate_burst) if inbox is None else inbox
     link = MqttLink(
         c.broker, client_id, subscriptions=list(subscriptions), manual_ack=True,
-        username=c.username, password=read_secret(c.password_file), tls=tls_for(c.broker, c.tls_ca, c.tls_cert, c.tls_key),
-        **session,  # type: ignore[arg-type]
+        username=None if c.username is None else c.username + login_suffix, password=read_secret(c.password_file),
+        tls=tls_for(c.broker, c.tls_ca, c.tls_cert, c.tls_key), inbox=gate, **session,  # type: ignore[arg-type]
     )  # fmt: skip
+    if inbox is None and isinstance(gate, FloodGate):
+        gate.ack = link.ack  # QoS 1 messages refused at the gate are acked on the link they came by
     link.start()
     return link
 

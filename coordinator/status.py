@@ -12,6 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from coordinator.availability import from_telemetry
 from coordinator.eventlog import DB_NAME, EventLog
 from coordinator.fleetview import fleet_view, quality_trend
 
@@ -77,6 +78,8 @@ def status_report(
                 "n_samples": c.n_samples, "joined_at_round": c.last_round, "seen_s_ago": _ago(now, c.seen_at),
                 "heartbeat_s_ago": _ago(now, c.hb_at), "last_update_s_ago": _ago(now, c.last_update_at),
                 "updates": c.updates, "telemetry": c.telemetry,
+                "available": from_telemetry(c.telemetry, c.online)[0],
+                "availability": from_telemetry(c.telemetry, c.online)[1],
                 "gradip_mean_last": math.fsum(gi) / len(gi) if gi else None,
                 "drift": None if d is None else {
                     **{k: v for k, v in asdict(d).items() if k != "client"}, "limited": d.limited_round is not None,
@@ -105,6 +108,8 @@ def status_report(
         "open_round": open_info,
         "clients_online": sum(1 for c in clients if c["online"] and c["state"] == "joined"),
         "clients_offline": sum(1 for c in clients if not c["online"] and c["state"] == "joined"),
+        # online and not paused by their device policy (a device that says nothing counts as available)
+        "clients_available": sum(1 for c in clients if c["online"] and c["state"] == "joined" and c["available"] is not False),
         "clients": clients,
         "clients_limited": sorted(c["client"] for c in clients if c["drift"] and c["drift"]["limited"]),
         "rejected": rejects,
@@ -142,8 +147,9 @@ def format_status(rep: dict[str, Any]) -> str:
         )
     else:
         lines.append("no round open")
-    lines.append(f"clients: {rep['clients_online']} online, {rep['clients_offline']} offline")
-    hdr = f"  {'client':<20} {'state':<9} {'online':<6} {'updates':>7} {'last upd':>9} {'hb':>7} {'rss':>7} {'gpu':>7} {'temp':>6} {'gradip':>10} {'rho_later':>9} {'rho_quie':>8} {'limited':>7}"
+    lines.append(f"clients: {rep['clients_online']} online, {rep['clients_offline']} offline, "
+                 f"{rep['clients_available']} available now")
+    hdr = f"  {'client':<20} {'state':<9} {'online':<6} {'available':<22} {'trained':>7} {'updates':>7} {'last upd':>9} {'hb':>7} {'rss':>7} {'gpu':>7} {'temp':>6} {'gradip':>10} {'rho_later':>9} {'rho_quie':>8} {'limited':>7}"
     lines.append(hdr)
     for c in rep["clients"]:
         t = c["telemetry"]
@@ -151,8 +157,10 @@ def format_status(rep: dict[str, Any]) -> str:
         gi = c["gradip_mean_last"]
         d = c["drift"] or {}
         online = ("yes" if c["online"] else "no") + ("*" if rep.get("stale") else "")
+        share = t.get("trained_share")
         lines.append(
-            f"  {c['client']:<20} {c['state']:<9} {online:<6} {c['updates']:>7} "
+            f"  {c['client']:<20} {c['state']:<9} {online:<6} {c['availability']:<22} "
+            f"{'-' if share is None else f'{100 * share:.0f}%':>7} {c['updates']:>7} "
             f"{_s(c['last_update_s_ago']):>9} {_s(c['heartbeat_s_ago']):>7} {_fmt_bytes(t.get('rss_bytes')):>7} "
             f"{_fmt_bytes(t.get('gpu_mem_bytes')):>7} {'-' if temp is None else f'{temp:.0f}C':>6} "
             f"{'-' if gi is None else f'{gi:.3g}':>10} {_g(d.get('rho_later')):>9} {_g(d.get('rho_quie')):>8} "

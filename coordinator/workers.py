@@ -171,6 +171,8 @@ class Worker:
         """One batch from the link into the inbox: admit, append (commit), THEN ack. Returns its size."""
         assert self.link is not None, "start() first"
         batch = take_batch(self.link.inbox, timeout)
+        if self.coord is not None:  # the leader's metrics count its own link's flood gate (a standby's: not counted)
+            self.coord.count_gate(self.link.inbox)
         if not batch:
             return 0
         rows = [row_of(admit(self.topics, msg)) for msg in batch]  # drops too: the leader counts them

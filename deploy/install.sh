@@ -149,6 +149,11 @@ install_venv() {
     say "meerkat $("$VENV/bin/meerkat" --version) in $VENV"
 }
 
+memory_max() {  # $1 client.toml -> MemoryMax: memory_budget_gib (default 4.0) + 2 GiB, in MiB
+    budget=$(awk -F= '/^[ \t]*memory_budget_gib[ \t]*=/ { v = $2; sub(/#.*/, "", v); gsub(/[ \t"]/, "", v); print v; exit }' "$1" 2>/dev/null)
+    awk -v b="${budget:-4.0}" 'BEGIN { if (b + 0 <= 0) b = 4.0; printf "%dM\n", (b + 2) * 1024 }'
+}
+
 # The service runs $VENV/bin/python as $SVC_USER: a venv built from an interpreter under root's home (pyenv,
 # a conda in /root) installs fine and fails at every start with "Permission denied". Run it as that user now.
 check_python_for_user() {  # $1 user
@@ -202,8 +207,9 @@ install_service() {  # $1 coordinator|client
         mv -f "$ETC/$name.new" "$ETC/$name"
     done
     unit=meerkat-$role.service
+    memmax=$(memory_max "$ETC/$toml")
     rewrite "$SRC/deploy/$unit" | sed -e "s/^User=meerkat\$/User=$SVC_USER/" -e "s/^Group=meerkat\$/Group=$group/" \
-        > "$UNITDIR/$unit.new"
+        -e "s/^MemoryMax=.*/MemoryMax=$memmax/" > "$UNITDIR/$unit.new"
     chmod 0644 "$UNITDIR/$unit.new" && mv -f "$UNITDIR/$unit.new" "$UNITDIR/$unit"
     say "$role: config in $ETC (root:$group 0640), state in $VARLIB/$role ($SVC_USER 0750), unit $UNITDIR/$unit"
     say "next: fill in model_dir/mask$([ "$role" = client ] && echo /data) in $ETC/$toml, then" \

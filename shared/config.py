@@ -109,17 +109,29 @@ def load_config(
     env_prefix: str | None = None,
     overrides: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
+    table: tuple[str, Mapping[str, Any]] | None = None,
 ) -> T:
-    """Build `cls` from defaults < TOML file < environment < overrides; raise ConfigError naming each bad key."""
+    """Build `cls` from defaults < TOML file < environment < overrides; raise ConfigError naming each bad key.
+
+    A field whose type is itself a config dataclass is a TOML table of its own (`[policy]`, at the top
+    level or inside `[section]`), overridden by `{PREFIX}{FIELD}_{KEY}` and by the override `field.key`.
+    `table` = (where, data) loads from an already parsed table instead of `path` (the nested case)."""
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"{cls!r} is not a dataclass")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    nested = {k: hints[k] for k in fields if dataclasses.is_dataclass(hints[k])}
     problems: list[str] = []
     values: dict[str, Any] = {}
+    subtables: dict[str, Any] = {}
 
-    if path is not None:
+    data: Mapping[str, Any] = {}
+    where = ""
+    if table is not None:
+        where, data = table
+    elif path is not None:
         p = Path(path).expanduser()
+        where = str(p)
         try:
             data = tomllib.loads(p.read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -127,21 +139,42 @@ def load_config(
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError([f"{p}: not valid TOML: {exc}"]) from None
         if section is not None and section in data:
+            top = data
             data = data[section]
             if not isinstance(data, dict):
                 raise ConfigError([f"{p}: [{section}] must be a table"])
-        for key, raw in data.items():
-            if key not in fields:
-                problems.append(f"{p}: unknown key {key!r} (known: {', '.join(sorted(fields))})")
-                continue
-            try:
-                values[key] = _coerce(key, raw, hints[key], from_text=False)
-            except ValueError as exc:
-                problems.append(f"{p}: {exc}")
+            subtables = {k: top[k] for k in nested if k in top}  # [policy] beside [client]
+    for key, raw in data.items():
+        if key not in fields:
+            problems.append(f"{where}: unknown key {key!r} (known: {', '.join(sorted(fields))})")
+            continue
+        if key in nested:
+            subtables[key] = raw
+            continue
+        try:
+            values[key] = _coerce(key, raw, hints[key], from_text=False)
+        except ValueError as exc:
+            problems.append(f"{where}: {exc}")
 
     env = os.environ if environ is None else environ
+    for key, sub in nested.items():
+        raw_table = subtables.get(key, {})
+        if not isinstance(raw_table, dict):
+            problems.append(f"{where}: [{key}] must be a table")
+            continue
+        over = overrides or {}
+        sub_over = dict(over[key]) if isinstance(over.get(key), Mapping) else {}  # policy={...} (a caller's dict)
+        sub_over.update({k.partition(".")[2]: v for k, v in over.items() if k.startswith(f"{key}.")})
+        sub_where = f"{where} [{key}]" if where else f"[{key}]"
+        sub_env = f"{env_prefix}{key.upper()}_" if env_prefix else None
+        try:
+            values[key] = load_config(sub, env_prefix=sub_env, overrides=sub_over, environ=env, table=(sub_where, raw_table))
+        except ConfigError as exc:  # a check or an override names its key as `policy.key`
+            problems += [q if q.startswith((sub_where, sub_env or sub_where)) else f"{key}.{q}" for q in exc.problems]
     if env_prefix:
         for key in fields:
+            if key in nested:
+                continue
             var = f"{env_prefix}{key.upper()}"
             if var in env:
                 try:
@@ -150,7 +183,7 @@ def load_config(
                     problems.append(str(exc))
 
     for key, raw in (overrides or {}).items():
-        if raw is None:
+        if raw is None or key.partition(".")[0] in nested:
             continue
         if key not in fields:
             problems.append(f"unknown option {key!r}")
@@ -207,11 +240,17 @@ def type_name(typ: Any) -> str:
     return getattr(typ, "__name__", str(typ).replace("typing.", ""))
 
 
-def describe(cls: type[Any]) -> str:
-    """A commented TOML listing of every field, its default and its why: for docs and `--print-config`."""
+def describe(cls: type[Any], table: str = "") -> str:
+    """A commented TOML listing of every field, its default and its why: for docs and `--print-config`.
+    A nested config dataclass follows as its own table (`[policy]`; `[table.policy]` inside `table`)."""
     hints = typing.get_type_hints(cls)
     lines = []
+    subs: list[str] = []
     for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            name = f"{table}.{f.name}" if table else f.name
+            subs.append(f"\n# {f.metadata.get('help', '')}\n[{name}]\n" + describe(hints[f.name], name))
+            continue
         lines.append(f"# {f.metadata.get('help', '')}  ({type_name(hints[f.name])})")
         default = f.default
         if isinstance(default, Path):
@@ -226,4 +265,4 @@ def describe(cls: type[Any]) -> str:
             lines.append(f"{f.name} = {list(default)!r}".replace("'", '"'))
         else:
             lines.append(f"{f.name} = {default!r}")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + "".join(subs)

@@ -30,6 +30,8 @@ MAX_PLAN_CLIENTS = 100_000  # entries of RoundPlan.steps
 MAX_REPLAY = 1024  # RoundResults in one Replay
 MAX_CHUNK = 1 << 20  # bytes of CheckpointChunk.data
 MAX_STR = 1024  # any free-text string (reasons, descriptions)
+MAX_REASON = 32  # Heartbeat.pause_reason
+PAUSE_REASONS = ("on battery", "busy", "hot", "outside window", "low memory")  # what a 1.3 device sends
 MAX_CAPS = 64  # entries of Join.capabilities
 
 
@@ -331,6 +333,10 @@ class Heartbeat:
     eval_loss: float | None = None  # mean per-example loss (float32 on the wire)
     eval_acc: float | None = None  # accuracy in [0, 1], labelled data only
     eval_n: int | None = None  # examples evaluated
+    # v1.3 (issue 27): the device policy's word: False = paused (pause_reason says why); None = not said
+    available: bool | None = None
+    pause_reason: str | None = None  # PAUSE_REASONS (a newer device may name another: shown as it is)
+    trained_share: float | None = None  # share of wall time since the client started spent in local steps
 
     def __post_init__(self) -> None:
         o = "Heartbeat"
@@ -352,6 +358,15 @@ class Heartbeat:
             raise ValueError(f"{o}.eval_round/eval_loss/eval_n: set all three or none")
         if self.eval_acc is not None and self.eval_round is None:
             raise ValueError(f"{o}.eval_acc: needs eval_round/eval_loss/eval_n")
+        if self.available is not None and not isinstance(self.available, bool):
+            raise ValueError(f"{o}.available: expected bool, got {type(self.available).__name__}")
+        if self.pause_reason is not None:
+            _str(o, "pause_reason", self.pause_reason, MAX_REASON)
+            if self.available is not False:
+                raise ValueError(f"{o}.pause_reason: only with available=false")
+            if not self.pause_reason or not self.pause_reason.isascii() or not self.pause_reason.isprintable():
+                raise ValueError(f"{o}.pause_reason: expected 1-{MAX_REASON} printable ASCII chars, got {self.pause_reason!r}")
+        _set(self, "trained_share", _opt_f32(o, "trained_share", self.trained_share, 0.0, 1.0))
 
 
 @dataclass(frozen=True)
@@ -486,10 +501,12 @@ __all__ = [
     "Join",
     "MAX_CHUNK",
     "MAX_PLAN_CLIENTS",
+    "MAX_REASON",
     "MAX_REPLAY",
     "MAX_SEEDS",
     "MAX_STEPS",
     "Message",
+    "PAUSE_REASONS",
     "RUN_OVER",
     "RUN_STATES",
     "Replay",

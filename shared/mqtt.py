@@ -168,14 +168,17 @@ class MqttLink:
         reconnect_min_s: float = 0.5,
         reconnect_max_s: float = 30.0,
         session_expiry_s: int | None = None,
+        inbox: queue.Queue[Incoming] | None = None,
     ) -> None:
+        """`inbox`: where incoming messages go (a plain queue when None; the coordinator's flood gate
+        filters and orders them in its `put`, in paho's thread)."""
         if session_expiry_s is not None and not 0 <= session_expiry_s <= 0xFFFFFFFF:
             raise ValueError(f"session_expiry_s must be in 0..2^32-1, got {session_expiry_s}")
         self.address = BrokerAddress.parse(url)
         self.client_id = client_id
         self.subscriptions = list(subscriptions or [])
         self.on_connect_publish = list(on_connect_publish or [])
-        self.inbox: queue.Queue[Incoming] = queue.Queue()
+        self.inbox: queue.Queue[Incoming] = queue.Queue() if inbox is None else inbox
         self.published: queue.Queue[int] = queue.Queue()
         self.connected = threading.Event()
         self.connect_count = 0

@@ -100,7 +100,7 @@ def broker_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "mosquitto"
-ACL_USERS = {"coordinator": "c-secret", "client_00": "pw-00", "client_01": "pw-01", "client_02": "pw-02"}
+ACL_USERS = {"coordinator": "c-secret", "coordinator-hb": "c-secret", "client_00": "pw-00", "client_01": "pw-01", "client_02": "pw-02"}
 
 
 def _broker_conf(tmp: Path) -> str:

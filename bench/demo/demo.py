@@ -160,6 +160,9 @@ def write_configs(cfg: DemoConfig, paths: dict[str, Path], broker: str, fleet: s
             "quant": cfg.quant, "device": "cpu", "data": paths["task"], "batch_size": cfg.batch_size,
             "seq_len": cfg.seq_len, "memory_budget_gib": 2.0, "state_dir": work / "state" / cid, "heartbeat_s": 2.0,
             "eval_every": cfg.eval_every,
+            # the demo's clients, coordinator and broker share one machine: with the device policy on, each
+            # client would see the others' steps as the owner's load and pause (docs/CLIENT.md "Device policy")
+            "policy": {"enabled": False},
         }))
         clients.append(path)
     return coord, clients

@@ -61,7 +61,8 @@ def make_history(out: Path, rounds: int, clients: int, steps: int, eval_every: i
     def reading(client: str, now: float) -> Reading:
         return Reading(proc.cpu_percent(), int(proc.memory_info().rss), None, None, None)
 
-    fleet = from_configs(coord_toml, client_tomls, journal=journal, reading=reading)
+    # simulated time ends about now (a round takes a tick or two), so "last seen" reads like a real run's
+    fleet = from_configs(coord_toml, client_tomls, journal=journal, reading=reading, start=time.time() - 2.0 * rounds)
     with events.transaction():
         for key, value in (("fleet", config.fleet), ("fingerprint", fingerprint), ("mask_id", mask.mask_id),
                            ("nnz", str(mask.nnz)), ("master_seed", str(config.master_seed))):  # fmt: skip
@@ -83,7 +84,7 @@ def make_history(out: Path, rounds: int, clients: int, steps: int, eval_every: i
     return state
 
 
-def screenshot(state: Path, path: Path, width: int = 1400, height: int = 1500) -> None:
+def screenshot(state: Path, path: Path, width: int = 1400, height: int = 1080) -> None:
     """The coordinator's dashboard on `state`'s event log, shot in headless Chromium."""
     from coordinator.dashboard import pages
     from coordinator.metrics import Metrics, MetricsServer

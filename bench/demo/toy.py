@@ -27,8 +27,13 @@ class Toy:
     mask: Mask
 
 
-def build_toy(root: Path, seed: int = 11, n_examples: int = 24) -> Toy:
-    """Tiny Llama (2 layers, d=64) with prng-initialised weights, a 300-token BPE, a 0.5% mask, labelled JSONL."""
+def build_toy(root: Path, seed: int = 11, n_examples: int = 24, *, hidden: int = 64, layers_n: int = 2,
+              intermediate: int = 128, filler: int = 0) -> Toy:
+    """Tiny Llama (2 layers, d=64) with prng-initialised weights, a 300-token BPE, a 0.5% mask, labelled JSONL.
+
+    `hidden`/`layers_n`/`intermediate` make a larger model of the same kind (`meerkat bench guest` uses the
+    `small` shape: steps that keep a core busy; random weights cost the same as trained ones) and `filler`
+    words lengthen every example (more tokens per step); the defaults build the very same toy as ever."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from bench.tinylm.tokenizer import train_tokenizer
@@ -38,7 +43,8 @@ def build_toy(root: Path, seed: int = 11, n_examples: int = 24) -> Toy:
     tok = train_tokenizer(texts, 300)
     model_dir = root / "model"
     cfg = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers_n, num_attention_heads=4,
+        num_key_value_heads=2,
         vocab_size=len(tok), max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )
     model = LlamaForCausalLM(cfg)
@@ -51,13 +57,14 @@ def build_toy(root: Path, seed: int = 11, n_examples: int = 24) -> Toy:
 
     layers, shapes = {}, {}
     for i, (name, rows, cols) in enumerate(
-        [("model.layers.0.mlp.down_proj", 64, 128), ("model.layers.1.self_attn.q_proj", 64, 64)]
+        [("model.layers.0.mlp.down_proj", hidden, intermediate), ("model.layers.1.self_attn.q_proj", hidden, hidden)]
     ):
         keys = torch.from_numpy(raw_u64(seed + 100 + i, rows * cols).astype("int64") & 0x7FFFFFFFFFFFFFFF)
         layers[name] = torch.sort(torch.argsort(keys)[: rows * cols // 200]).values.to(torch.int64)
         shapes[name] = (rows, cols)
     nnz = sum(int(t.numel()) for t in layers.values())
-    mask = Mask(layers=layers, shapes=shapes, grad=None, meta=MaskMeta(1, "random", nnz / (64 * 128 + 64 * 64), "test", fp))
+    total = hidden * intermediate + hidden * hidden
+    mask = Mask(layers=layers, shapes=shapes, grad=None, meta=MaskMeta(1, "random", nnz / total, "test", fp))
     mask_path = root / "mask.safetensors"
     save_mask(mask, mask_path)
 
@@ -68,21 +75,28 @@ def build_toy(root: Path, seed: int = 11, n_examples: int = 24) -> Toy:
     with (data / "train.jsonl").open("w") as f:
         for i in range(n_examples):
             a, b = WORDS[int(u[3 * i] % 12)], WORDS[8 + int(u[3 * i + 1] % 4)]
-            f.write(json.dumps({"text": f"the {a} {b}", "label": int(u[3 * i + 2] % 2)}) + "\n")
+            more = "".join(f" {WORDS[(i + k) % 12]}" for k in range(filler))
+            f.write(json.dumps({"text": f"the {a} {b}{more}", "label": int(u[3 * i + 2] % 2)}) + "\n")
     return Toy(model_dir, mask_path, data / "train.jsonl", fp, mask)
 
 
 def toml_text(settings: dict[str, Any]) -> str:
-    """Flat `key = value` TOML lines (bools, numbers, everything else as a JSON string)."""
+    """`key = value` TOML lines (bools, numbers, everything else as a JSON string); a dict value becomes a
+    table after them (`policy={"enabled": False}` -> `[policy]`)."""
     lines = []
+    tables = [f"\n[{k}]\n" + toml_text(v) for k, v in settings.items() if isinstance(v, dict)]
     for k, v in settings.items():
+        if isinstance(v, dict):
+            continue
         if isinstance(v, bool):
             lines.append(f"{k} = {'true' if v else 'false'}")
         elif isinstance(v, (int, float)):
             lines.append(f"{k} = {v!r}")
+        elif isinstance(v, (list, tuple)):
+            lines.append(f"{k} = {json.dumps([x if isinstance(x, (int, float)) else str(x) for x in v])}")
         else:
             lines.append(f"{k} = {json.dumps(str(v))}")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + "".join(tables)
 
 
 __all__ = ["WORDS", "Toy", "build_toy", "toml_text"]

@@ -26,7 +26,7 @@ import torch
 
 from bench.inproc import Device, InProcessFleet, SharedModelTrainer
 from bench.tinylm import tasks as tasks_mod
-from coordinator.config import CoordinatorConfig
+from coordinator.config import Aggregation, CoordinatorConfig
 from coordinator.drift import DriftMonitor, DriftThresholds
 from coordinator.rounds import RoundBook
 from edge_client.service.rounds import ClientRounds, Identity
@@ -138,6 +138,8 @@ class ZOSpec:
     vp: bool = False  # MEERKAT-VP: limit drifting clients to one local step
     n_evals: int = 10
     thresholds: DriftThresholds | None = None
+    aggregation: Aggregation = "centered"  # the coordinator's rule (its default: centred clipping)
+    weight_cap_factor: float = 2.0  # the coordinator's FedAvg weight cap (0 = the devices' n_samples as they are)
 
 
 def zo_config(spec: ZOSpec, n_devices: int) -> CoordinatorConfig:
@@ -151,6 +153,7 @@ def zo_config(spec: ZOSpec, n_devices: int) -> CoordinatorConfig:
         fleet=FLEET, mask=Path("in-process"), quant="none", master_seed=spec.seed, steps=spec.T, lr=spec.lr, eps=spec.eps,
         dist=spec.dist, batch_size=spec.batch_size, min_clients=n_devices, clients_per_round=0,
         min_updates=1, round_deadline_s=600.0, offline_after_s=1e9, drift_control=spec.vp, metrics=False,
+        aggregation=spec.aggregation, weight_cap_factor=spec.weight_cap_factor,
     )
 
 

@@ -20,6 +20,7 @@ from edge_client.service.trainer import Trainer
 from shared.messages import Heartbeat, Join, SyncRequest
 
 if TYPE_CHECKING:
+    from edge_client.service.policy import Verdict
     from edge_client.service.telemetry import Reading
     from shared.evaluation import EvalResult
 
@@ -48,9 +49,12 @@ def heartbeat_message(
     reading: Reading | None = None,
     step_time_s: float | None = None,
     last_eval: tuple[int, EvalResult] | None = None,
+    verdict: Verdict | None = None,
+    trained_share: float | None = None,
 ) -> Heartbeat:
     """A Heartbeat at `ts`: the round being trained (else the round the values are at), the telemetry
-    `reading` (None: cpu 0, rss 0, the rest unknown) and the last evaluation (round, result), if any."""
+    `reading` (None: cpu 0, rss 0, the rest unknown), the last evaluation (round, result), if any, and
+    the device policy's `verdict` (available / paused + reason) with the share of time trained (1.3)."""
     job = core.job
     cpu_pct, rss_bytes = (0.0, 0) if reading is None else (reading.cpu_pct, reading.rss_bytes)
     return Heartbeat(
@@ -64,6 +68,9 @@ def heartbeat_message(
         eval_loss=None if last_eval is None else last_eval[1].loss,
         eval_acc=None if last_eval is None else last_eval[1].accuracy,
         eval_n=None if last_eval is None else last_eval[1].n,
+        available=None if verdict is None else verdict.available,
+        pause_reason=None if verdict is None else verdict.reason,
+        trained_share=trained_share,
     )  # fmt: skip
 
 

@@ -12,7 +12,10 @@ heartbeat thread publishes QoS0 telemetry. Each `tick()` does, in order:
   2. drain PUBACKs: mark the acked outbox rows;
   3. publish outbox rows that are due (after a restart: all of them; the coordinator dedupes);
   4. decode incoming messages (plan, result/{r}, result/latest, to/{client}): core.handle(msg, now);
-  5. core.tick(now): a SyncRequest when the core asks, then at most ONE SPSA step, saved as a step row.
+  5. core.tick(now): a SyncRequest when the core asks, then at most ONE SPSA step, saved as a step row,
+     taken only when the device policy allows it now (edge_client/service/policy.py); while it does
+     not, the step is left undone (the core asks for the same one at the next tick) and the loop waits
+     `policy.poll_s` for messages between checks.
 So a SIGTERM, a round result or a PUBACK is never more than one step away.
 """
 
@@ -46,7 +49,10 @@ from edge_client.service.actions import (
 )
 from edge_client.service.carry import heartbeat_message, join_message, sync_message, train_step
 from edge_client.service.config import ClientConfig
+from edge_client.service.limits import apply_limits
+from edge_client.service.policy import DevicePolicy
 from edge_client.service.rounds import ClientRounds, Identity
+from edge_client.service.sensors import Sensors, SystemSensors
 from edge_client.service.state import ClientState, StateStore, StorageFull
 from edge_client.service.telemetry import Telemetry
 from edge_client.service.trainer import Trainer
@@ -84,7 +90,9 @@ class StoppedWhileStorageFull(StorageFull):
 
 
 class EdgeClient:
-    def __init__(self, cfg: ClientConfig, trainer: Trainer, budget_gib: float | None = None) -> None:
+    def __init__(
+        self, cfg: ClientConfig, trainer: Trainer, budget_gib: float | None = None, sensors: Sensors | None = None
+    ) -> None:
         self.cfg = cfg
         self.trainer = trainer
         self.cid = cfg.client_id
@@ -114,6 +122,10 @@ class EdgeClient:
         self._hb_thread: threading.Thread | None = None
         self.telemetry: Telemetry | None = None
         self.last_eval: tuple[int, EvalResult] | None = None  # (round, result): repeated on every heartbeat
+        self._sensors = sensors  # None: the real ones (SystemSensors), made in run() beside the telemetry
+        self.policy: DevicePolicy | None = None  # set in run(); None (tests driving tick()) = always allowed
+        self.started = time.monotonic()
+        self.trained_s = 0.0  # wall seconds spent in local steps since start (share of time trained)
 
     # -- setup -----------------------------------------------------------------------------------
     def _status(self, online: bool) -> bytes:
@@ -137,8 +149,12 @@ class EdgeClient:
     # -- run -------------------------------------------------------------------------------------
     def run(self) -> int:
         """Until `stop()` (SIGTERM): returns 0 after a clean shutdown (offline status published)."""
+        log.info("device policy: %s", apply_limits(self.cfg.policy))
         self.link.start()
         self.telemetry = Telemetry(self.cfg.heartbeat_s, use_gpu=self.cfg.device != "cpu")
+        sensors = self._sensors if self._sensors is not None else SystemSensors(self.telemetry)
+        self.policy = DevicePolicy(self.cfg.policy, sensors)
+        self.started = time.monotonic()
         self._hb_thread = threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True)
         self._hb_thread.start()
         try:
@@ -178,17 +194,23 @@ class EdgeClient:
         self._drain_published()
         if connected and time.monotonic() >= self._quiet_until:
             self._resend_due()
-        self._drain_inbox(0.0 if self.rounds.job is not None else idle_wait)
+        policy = self.policy
+        if policy is not None and self.rounds.job is None and time.monotonic() - policy.checked_at >= self.cfg.policy.poll_s:
+            self._check_policy()  # idle: keep the availability the heartbeat reports current (the fleet samples on it)
+        paused = policy is not None and not policy.verdict.available
+        wait = idle_wait if self.rounds.job is None else self.cfg.policy.poll_s if paused else 0.0
+        self._drain_inbox(wait)
         self._carry_out(self.rounds.tick(time.time()))
 
     # -- actions of the round core ---------------------------------------------------------------
     def _carry_out(self, actions: list[Action]) -> None:
         for act in actions:
             if isinstance(act, TrainStep):
-                if self.stop_event.is_set():
+                if self.stop_event.is_set() or not self._may_step():
                     continue  # a step not taken changes nothing; the saved steps resume the round after a restart
                 result, then = train_step(self.rounds, self.trainer, act)
                 self.last_step_s = result.seconds
+                self.trained_s += result.seconds
                 self._carry_out(then)
             elif isinstance(act, SaveStep):
                 self._durably(partial(self.store.record_step, act.round, act.msg_id, act.step, act.result,
@@ -218,6 +240,29 @@ class EdgeClient:
                 pass  # the Commit before it already dropped the round's saved steps
             else:
                 self._carry_out_refusal(act)
+
+    def _may_step(self) -> bool:
+        """The device policy's word, read from the sensors now (before every local step)."""
+        return self.policy is None or self._check_policy()
+
+    def _check_policy(self) -> bool:
+        """Ask the policy; on a change between available and paused, tell the coordinator at once (a
+        Heartbeat): it samples only available devices and closes a round whose sampled devices all paused."""
+        assert self.policy is not None
+        was = self.policy.verdict
+        now = self.policy.check()
+        if was.available and not now.available:
+            self.counters["policy_pauses"] += 1
+        if was.reason != now.reason and self.telemetry is not None and self.link.connected.is_set():
+            try:
+                self.link.publish(self.topics.hb(self.cid), encode(self.heartbeat()), qos=0)
+            except (RuntimeError, ValueError) as exc:
+                log.warning("heartbeat after a policy change skipped: %s", exc)
+        return now.available
+
+    def trained_share(self) -> float:
+        """Share of wall time since start spent in local steps (0..1)."""
+        return min(1.0, self.trained_s / max(1e-9, time.monotonic() - self.started))
 
     def _carry_out_refusal(self, act: Action) -> None:
         """What the coordinator's refusals ask for: stop (Exit), forget an update (DropQueued), slow down."""
@@ -340,8 +385,11 @@ class EdgeClient:
     # -- heartbeat -------------------------------------------------------------------------------
     def heartbeat(self) -> Heartbeat:
         assert self.telemetry is not None
+        # policy off: keys 16-18 stay out, so the device keeps working with a 1.2 coordinator
+        on = self.policy is not None and self.cfg.policy.enabled
         return heartbeat_message(self.rounds, self.trainer, time.time(), self.telemetry.read(), self.last_step_s,
-                                 self.last_eval)
+                                 self.last_eval, self.policy.verdict if on and self.policy else None,
+                                 self.trained_share() if on else None)
 
     def _heartbeats(self) -> None:
         topic = self.topics.hb(self.cid)

@@ -1,7 +1,8 @@
 """`ClientConfig`: everything `meerkat client` needs, one frozen dataclass loaded from TOML + env.
 
 Priority (lowest first): defaults below < `client.toml` (top level or `[client]`) < `MEERKAT_CLIENT_*`
-environment variables < `--set key=value` on the command line. `load_client_config` checks every key
+environment variables < `--set key=value` on the command line. The device policy is the `[policy]`
+table (edge_client/service/policy.py): `MEERKAT_CLIENT_POLICY_<KEY>`, `--set policy.<key>=value`. `load_client_config` checks every key
 and every file before anything starts; a bad value raises `ConfigError` listing each problem.
 """
 
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from edge_client.service.policy import PolicyConfig
 from shared import config
 from shared.config import ConfigError, load_config
 from shared.mqtt import broker_settings_problems, read_secret
@@ -87,6 +89,10 @@ class ClientConfig:
         30.0, "re-publish an outbox update not PUBACKed after this many connected seconds", check=(_positive, "must be > 0")
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = config.field("INFO", "log level of the service")
+    # -- device policy ([policy] table; env MEERKAT_CLIENT_POLICY_<KEY>; --set policy.key=value) ---
+    policy: PolicyConfig = config.field(
+        PolicyConfig(), "when the owner's machine can spare a step, and how hard to train (docs/CLIENT.md \"Device policy\")"
+    )
 
     def validate(self) -> list[str]:
         """Cross-field and file-system checks; each problem names its key."""

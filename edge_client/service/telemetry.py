@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 _TEMP = re.compile(r"\b([A-Za-z0-9_]+)@(-?[\d.]+)C\b")
 _POWER = re.compile(r"\b(VDD_IN|POM_5V_IN|VIN_SYS_5V0)\s+(\d+)(?:mW)?/")  # mW; old L4T omits the unit
 _RAM = re.compile(r"\bRAM\s+(\d+)/(\d+)MB")
+_GR3D = re.compile(r"\bGR3D_FREQ\s+(\d+)%")
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,8 @@ class Reading:
 
 
 def parse_tegrastats(line: str) -> dict[str, float]:
-    """{"temp_c": max sensor temperature, "power_w": board input power, "ram_bytes"} from one tegrastats line.
+    """{"temp_c": max sensor temperature, "power_w": board input power, "ram_bytes", "gpu_pct": GR3D busy %}
+    from one tegrastats line.
 
     Example line (Orin): `RAM 2448/7772MB (lfb 2x4MB) ... CPU@47.2C soc2@45.1C GPU@46C ... VDD_IN 4000mW/4012mW`
     Sensors that are off report -256C and are skipped.
@@ -52,6 +54,9 @@ def parse_tegrastats(line: str) -> dict[str, float]:
     r = _RAM.search(line)
     if r:
         out["ram_bytes"] = float(int(r.group(1)) << 20)
+    g = _GR3D.search(line)
+    if g:
+        out["gpu_pct"] = float(g.group(1))
     return out
 
 
@@ -101,6 +106,10 @@ class _Nvml:
             out["power_w"] = n.nvmlDeviceGetPowerUsage(h) / 1000.0
         except n.NVMLError:
             pass
+        try:
+            out["gpu_pct"] = float(n.nvmlDeviceGetUtilizationRates(h).gpu)
+        except n.NVMLError:
+            pass
         return out
 
 
@@ -146,8 +155,22 @@ class Telemetry:
         if gpu_mem is None:
             gpu_mem = _torch_gpu_mem()
         if temp is None:
-            temp = _psutil_temp()
+            temp = psutil_temp()
         return Reading(float(cpu), rss, gpu_mem, temp, power)
+
+    def gpu_load(self) -> tuple[float | None, float | None]:
+        """(GPU busy %, temperature) from tegrastats or NVML, for the device policy; (None, None) without."""
+        if self.tegra is not None:
+            t = self.tegra.last
+            return t.get("gpu_pct"), t.get("temp_c")
+        if self.nvml is not None:
+            try:
+                nv = self.nvml.read()
+            except Exception as exc:  # a flaky driver must not stop training decisions
+                log.warning("telemetry: NVML read failed: %s", exc)
+                return None, None
+            return nv.get("gpu_pct"), nv.get("temp_c")
+        return None, None
 
     def close(self) -> None:
         if self.tegra is not None:
@@ -163,7 +186,7 @@ def _torch_gpu_mem() -> int | None:
     return int(torch.cuda.memory_reserved())
 
 
-def _psutil_temp() -> float | None:
+def psutil_temp() -> float | None:
     read = getattr(psutil, "sensors_temperatures", None)
     if read is None:
         return None
@@ -175,4 +198,4 @@ def _psutil_temp() -> float | None:
     return float(max(temps)) if temps else None
 
 
-__all__ = ["Reading", "Telemetry", "parse_tegrastats"]
+__all__ = ["Reading", "Telemetry", "parse_tegrastats", "psutil_temp"]

@@ -27,6 +27,7 @@ def client_settings(toy: Toy, broker: str, fleet: str, client_id: str, state_dir
         broker=broker, fleet=fleet, client_id=client_id, model_dir=str(toy.model_dir), mask=str(toy.mask_path),
         data=str(toy.data_path), quant="nf4", device="cpu", batch_size=4, seq_len=32, memory_budget_gib=2.0,
         state_dir=str(state_dir), heartbeat_s=1.0, sync_retry_s=1.0, resend_after_s=5.0, log_level="INFO",
+        policy={"enabled": False},  # a shared test machine: other processes' load must not pause these clients
     )  # fmt: skip
     base.update(kw)
     return base

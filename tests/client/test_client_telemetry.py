@@ -17,12 +17,13 @@ OFF_SENSOR = "RAM 100/200MB CPU@40C iwlwifi@-256C VDD_IN 1000mW/1000mW"
 
 def test_parse_tegrastats_orin_and_nano() -> None:
     orin = parse_tegrastats(ORIN)
-    assert orin == {"temp_c": 47.218, "power_w": 4.812, "ram_bytes": float(2448 << 20)}
+    assert orin == {"temp_c": 47.218, "power_w": 4.812, "ram_bytes": float(2448 << 20), "gpu_pct": 0.0}
     nano = parse_tegrastats(NANO)
     assert nano["temp_c"] == 100.0 and nano["ram_bytes"] == float(1500 << 20)
     assert nano["power_w"] == 2.28  # older L4T prints POM_5V_IN in mW without the unit
     assert parse_tegrastats(OFF_SENSOR)["temp_c"] == 40.0  # -256C marks a sensor that is off
     assert parse_tegrastats("garbage") == {}
+    assert parse_tegrastats(NANO.replace("GR3D_FREQ 0%@76", "GR3D_FREQ 63%@921"))["gpu_pct"] == 63.0  # device policy
 
 
 def test_read_on_this_machine() -> None:

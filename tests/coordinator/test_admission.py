@@ -49,30 +49,49 @@ def test_reply_budget_and_checkpoint_cooldown() -> None:
     assert a.reply_budget("c", 61.0) == []
 
 
-def test_weight_is_min_of_update_join_and_fleet_cap() -> None:
+def test_weight_is_min_of_update_join_and_the_others_cap() -> None:
     a = admission(("a", 10), ("b", 10), ("evil", 2**32 - 1), weight_cap_factor=4.0)
     assert a.weight("a", 3) == 3 and a.weight("a", 50) == 10  # its Join said 10
-    assert a.weight("evil", 2**32 - 1) == 40  # 4 x the median Join n
+    assert a.weight("evil", 2**32 - 1) == 40  # 4 x the median Join n of the OTHERS (10), not its own claim
     assert a.weight("stranger", 0) == 1  # at least 1
     a.registry.put(ClientRow("d", "joined", FP, MASK, 1000, True, 0.0))
-    a.joined("d")  # the median changes with a Join
-    assert a.weight("evil", 2**32 - 1) == 4 * 505
+    a.joined("d")  # the others' median changes with a Join
+    assert a.weight("evil", 2**32 - 1) == 4 * 10  # others: 10, 10, 1000
+    assert a.weight("d", 1000) == 4 * 10  # others: 10, 10, 2**32 - 1 (median 10)
+    # a two-device fleet: the cap of each is the other's n, never its own (issue 26: was their mean)
+    two = admission(("a", 110), ("evil", 2**32 - 1), weight_cap_factor=2.0)
+    assert two.weight("evil", 2**32 - 1) == 220 and two.weight("a", 110) == 110
 
 
-def test_grad_cap_follows_the_median_once_enough_updates() -> None:
-    a = admission(grad_cap_k=10.0, grad_cap_min_updates=3, grad_cap_floor=0.5)
-    fixed = a.grad_cap()
-    a.heard("c", [900.0, 1.0])
-    a.heard("c", [1.0, -1.0])
-    assert a.grad_cap() == fixed  # 2 < grad_cap_min_updates
-    a.heard("c", [1.0, -1.0])
-    assert a.grad_cap() == 10.0  # 10 x median |g| of [900, 1, 1, 1, 1, 1]
-    for _ in range(3):
-        a.heard("c", [0.0, 0.0])
-    assert a.grad_cap() == 5.0  # median of six 1s... and six 0s: 0.5
-    for _ in range(3):
-        a.heard("c", [0.0, 0.0])
-    assert a.grad_cap() == 0.5  # median 0: the floor
+def test_rejoin_cannot_raise_n_samples_but_the_operator_can() -> None:
+    a = admission(("a", 10), ("evil", 10))
+    assert a.join_n("evil", 2**32 - 1) == 10  # the first accepted Join's n is the ceiling
+    assert a.join_n("evil", 4) == 4  # lowering is fine (the device lost data)
+    assert a.join_n("new", 500) == 500  # a first Join
+    g = admission(("a", 10), weight_grants=("a=300",))
+    assert g.join_n("a", 1000) == 300 and g.join_n("a", 200) == 200
+
+
+def test_grad_cap_is_the_others_level_once_they_sent_enough() -> None:
+    a = admission(grad_cap_k=10.0, grad_cap_min_updates=3, grad_cap_floor=0.5, grad_cap_window=4)
+    fixed = a.grad_cap("evil")
+    a.heard("h1", [900.0, 1.0])  # its median |g| 450.5
+    a.heard("h1", [1.0, -1.0])
+    assert a.grad_cap("evil") == fixed  # the others sent 2 < grad_cap_min_updates
+    a.heard("h2", [1.0, -1.0])
+    assert a.grad_cap("evil") == 10.0 * (225.75 + 1.0) / 2  # levels: h1 median(450.5, 1) = 225.75, h2 1
+    for _ in range(100):  # a ratchet: its own accepted values never raise its own cap
+        a.heard("evil", [1e5, 1e5])
+    assert a.grad_cap("evil") == 10.0 * (225.75 + 1.0) / 2
+    # two others (h1, evil): their mean; a fleet needs >= 3 others for one to be outvoted (centred clipping
+    # bounds the aggregate then); never above max_abs_grad
+    assert a.grad_cap("h2") == 10.0 * (225.75 + 1e5) / 2
+    for _ in range(4):
+        a.heard("h1", [0.0, 0.0])  # h1's window (4) now all zeros
+    assert a.grad_cap("evil") == 10.0 * 0.5  # levels 0 and 1: median 0.5
+    a.heard("h2", [0.0, 0.0])
+    a.heard("h2", [0.0, 0.0])
+    assert a.grad_cap("evil") == 0.5  # the floor
 
 
 def test_benching_needs_a_heartbeat_and_a_join() -> None:

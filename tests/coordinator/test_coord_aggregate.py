@@ -121,3 +121,63 @@ def test_close_decision() -> None:
     assert close_decision(["a", "b", "c"], ["a"], 11.0, 10.0, 2, 0, 3).action == "extend"
     assert close_decision(["a", "b", "c"], ["a"], 11.0, 10.0, 2, 3, 3).action == "close"
     assert close_decision(["a", "b"], [], 11.0, 10.0, 1, 3, 3).action == "extend"
+
+
+def test_centered_is_fedavg_bit_for_bit_when_nothing_is_an_outlier() -> None:
+    per = {"a": [0.1, -0.4, 0.9], "b": [0.3, -0.2, 0.7], "c": [0.2, -0.3, 0.8], "d": [0.25, -0.35, 0.75]}
+    n = {"a": 3, "b": 5, "c": 7, "d": 11}
+    assert aggregate("centered", per, n, 3) == aggregate("fedavg", per, n, 3)
+    on = Group((1, 2, 3), per, n)
+    assert result_scalars("centered", on) == result_scalars("fedavg", on)
+
+
+def test_centered_clips_an_outlier_into_the_band() -> None:
+    per = {"a": [1.0, 2.0], "b": [2.0, 3.0], "c": [3.0, 4.0], "evil": [1e5, -1e5]}
+    n = {"a": 1, "b": 1, "c": 1, "evil": 2}
+    G = aggregate("centered", per, n, 2, center_clip_k=4.0)
+    # step 0: median 2.5, |d| = 1.5, 0.5, 0.5, 99997.5 -> MAD 1.0, band [-1.5, 6.5]; evil -> 6.5
+    # step 1: median 2.5, |d| = 0.5, 0.5, 1.5, 100002.5 -> MAD 1.0, band [-1.5, 6.5]; evil -> -1.5
+    w, we = 1 / 5, 2 / 5  # w_k = n_k / N, one division each (docs/PROTOCOL.md 5.1)
+    assert G == [math.fsum([w * 1.0, w * 2.0, w * 3.0, we * 6.5]), math.fsum([w * 2.0, w * 3.0, w * 4.0, we * -1.5])]
+    # two values: each is half their gap from the median, inside the band: plain FedAvg (no outlier to tell)
+    two = {"a": [1.0], "evil": [1e5]}
+    assert aggregate("centered", two, {"a": 1, "evil": 1}, 1) == aggregate("fedavg", two, {"a": 1, "evil": 1}, 1)
+
+
+def test_centered_bounds_late_updates_by_the_on_time_median() -> None:
+    on = Group((1,), {"a": [1.0], "b": [-2.0], "c": [3.0]}, {"a": 1, "b": 1, "c": 1})
+    late = Group((7, 8), {"evil": [1e6, -1e6]}, {"evil": 1})
+    seeds, g = result_scalars("centered", on, [late], center_clip_k=4.0)
+    assert seeds == [1, 7, 8]
+    # late bound = 4 x median(|1|, |-2|, |3|) = 8; N = 4
+    assert g[1:] == [1 / 4 * 8.0, 1 / 4 * -8.0]
+    # steps a VP-limited client did not run are not in its step's band (as FedAvg skips them)
+    per = {"a": [1.0], "b": [2.0, 5.0], "c": [3.0, 6.0], "d": [2.5, 5.5]}
+    assert aggregate("centered", per, dict.fromkeys(per, 1), 2) == aggregate("fedavg", per, dict.fromkeys(per, 1), 2)
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 9, 50])
+def test_centered_numpy_pass_is_the_per_step_rule(n: int) -> None:
+    """clipped_steps (one numpy pass per step) == `band` + min/max per value, bit for bit: mixed T_k, ties,
+    odd and even counts, heavy outliers."""
+    from coordinator.centered import band, clipped_steps
+
+    T = 6
+    per = {f"c{i}": [g * (1e4 if (i + t) % 7 == 0 else 1.0) for t, g in enumerate(_grads(derive_seed(5, i), T))]
+           for i in range(n)}  # fmt: skip
+    per["c0"] = per["c0"][:2]  # a VP-limited client (n >= 2)
+    per[f"c{n - 1}"] = list(per["c0"]) + [0.0] * (T - 2)  # ties with c0 on its steps
+    got, clipped = clipped_steps(per, T, 4.0)
+    want = {c: list(gs) for c, gs in per.items()}
+    count = 0
+    for t in range(T):
+        present = [c for c, gs in per.items() if len(gs) > t]
+        lim = band([per[c][t] for c in present], 4.0)
+        if lim is None:
+            continue
+        for c in present:
+            new = min(max(per[c][t], lim[0]), lim[1])
+            count += new != per[c][t]
+            want[c][t] = new
+    assert {c: list(gs) for c, gs in got.items()} == want and clipped == count
+    assert (clipped > 0) == (n >= 3)  # two values are never clipped (each is half their gap from the median)

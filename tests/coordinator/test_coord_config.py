@@ -94,12 +94,20 @@ def test_state_dir_of_another_run_is_refused(tmp_path: Path) -> None:
 
 def test_example_deploy_config_loads() -> None:
     c = load_coordinator_config(Path(__file__).resolve().parents[2] / "deploy" / "coordinator.toml")
-    assert c.fleet == "sst2-pilot" and c.quant_policy == "same" and c.aggregation == "fedavg" and c.metrics_host == "127.0.0.1"
+    assert c.fleet == "sst2-pilot" and c.quant_policy == "same" and c.aggregation == "centered" and c.metrics_host == "127.0.0.1"
     import tomllib
 
     client = tomllib.loads((Path(__file__).resolve().parents[2] / "deploy" / "client.toml").read_text())
     assert client.get("client", client)["fleet"] == c.fleet  # issue 16: the two examples named different fleets
     assert client.get("client", client)["quant"] == c.quant
+
+
+def test_weight_grants_parse_and_name_a_bad_entry() -> None:
+    c = load_coordinator_config(None, {"mask": "m", "weight_grants": "dev-7=500,dev-8=20"}, environ={})
+    assert c.grants() == {"dev-7": 500, "dev-8": 20} and c.aggregation == "centered"
+    for bad in ("dev-7=0", "dev-7", "dev 7=5", "dev-7=4294967296"):
+        with pytest.raises(ConfigError, match="weight_grants"):
+            load_coordinator_config(None, {"mask": "m", "weight_grants": bad}, environ={})
 
 
 def test_the_default_lr_and_eps_are_the_ones_the_demo_learns_with() -> None:

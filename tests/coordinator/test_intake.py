@@ -9,7 +9,17 @@ from test_rounds_core import FP, MASK, book, config, records
 
 from coordinator.actions import Dropped as DropAction
 from coordinator.actions import Persist, Publish
-from coordinator.intake import CLEARED, INBOUND, NO_RETAIN, Admitted, Dropped, Rejected, admit, feed
+from coordinator.intake import (
+    CLEARED,
+    INBOUND,
+    NO_RETAIN,
+    Admitted,
+    Dropped,
+    Rejected,
+    admit,
+    clear_topic,
+    feed,
+)
 from coordinator.records import JoinRecord, RejectRecord
 from shared.codec import encode
 from shared.messages import ErrorMsg, Heartbeat, Join, Status
@@ -36,6 +46,9 @@ def test_the_six_decisions() -> None:
     assert isinstance(outbound, Rejected) and not outbound.reply and outbound.nbytes == 3
     retained = admit(T, _in(T.up("c1"), b"bomb", retain=True))
     assert retained == Dropped("c1", "up", "retained", 4)
+    assert clear_topic(T, retained) == T.up("c1") and clear_topic(T, cleared) is None  # cleared, not just ignored
+    # the coordinator's own clear comes back as an empty live message: nothing to decode, nothing to answer
+    assert admit(T, _in(T.up("c1"), b"")) == Dropped("c1", "up", CLEARED, 0)
     status = admit(T, _in(T.status("c1"), encode(Status("", True, 1.0)), retain=True))  # retained by design
     assert isinstance(status, Admitted)
     for kind, reply in (("up", True), ("join", True), ("sync", True), ("hb", False), ("status", False)):

@@ -73,7 +73,7 @@ def sent(acts: Sequence[Action], cls: type[Any], to: str | None = None) -> list[
 
 
 def test_straggler_round_closes_at_deadline_with_min_updates() -> None:
-    b = book(config(min_clients=3, min_updates=2))
+    b = book(config(min_clients=3, min_updates=2, weight_cap_factor=0.0))  # the weights as joined
     for k, n in (("a", 2), ("b", 6), ("c", 1)):
         join(b, k, n)
     (plan,) = sent(b.tick(0.0), RoundPlan)
@@ -110,7 +110,7 @@ def test_extension_samples_more_clients_with_the_same_seeds() -> None:
 
 
 def _round0_with_a_straggler(policy: str) -> tuple[RoundBook, RoundPlan]:
-    b = book(config(min_updates=1, straggler=policy))
+    b = book(config(min_updates=1, straggler=policy, weight_cap_factor=0.0))  # the weights as joined
     join(b, "a", 2)
     join(b, "b", 6)
     (p0,) = sent(b.tick(0.0), RoundPlan)
@@ -364,7 +364,7 @@ def test_join_with_another_quant_is_refused_unless_the_fleet_mixes(policy: str) 
 
 @pytest.mark.parametrize("control", [True, False])
 def test_vp_spike_leaves_the_update_out_and_limits_the_client(control: bool) -> None:
-    cfg = config(min_clients=5, drift_control=control, drift_spike_ratio=10.0)
+    cfg = config(min_clients=5, drift_control=control, drift_spike_ratio=10.0, aggregation="fedavg")
     grad = torch.from_numpy(((raw_u64(5, NNZ) >> 40).astype("float64") / 2**24 - 0.5).astype("float32"))
     b = book(cfg, drift=DriftMonitor(grad, "rademacher", cfg.drift_thresholds()))
     grads = {"a": [1.0, -1.0], "b": [-1.0, 2.0], "c": [1.0, 1.0], "d": [1.0, -30.0], "e": [-1.0, 1.0]}  # d: 30x the median 1.0
@@ -402,3 +402,49 @@ def test_vp_spike_needs_five_updates_by_default() -> None:
     acts = b.tick(0.0)
     (res,) = sent(acts, RoundResult)
     assert res.n_clients == 4 and records(acts, LimitRecord) == []
+
+
+def _hb(client: str, available: bool | None, reason: str | None = None, round: int = -1) -> Heartbeat:
+    return Heartbeat(client, 1.0, 1.0, 1, round=round, available=available, pause_reason=reason,
+                     trained_share=None if available is None else 0.5)
+
+
+def test_paused_devices_are_not_sampled_and_a_pause_is_not_a_miss() -> None:
+    """Issue 27: a device whose policy paused it is not sampled; sampled and paused mid-round, it is
+    excused (no miss, never benched); quorum rules are unchanged for the others."""
+    b = book(config(min_clients=1, min_updates=1, bench_after_misses=1))
+    for k in ("a", "b", "c"):
+        join(b, k, 4)
+    b.handle(_hb("c", False, "on battery"), 0.5)
+    b.handle(_hb("b", None), 0.5)  # a 1.2 device says nothing: available
+    (plan,) = sent(b.tick(1.0), RoundPlan)
+    assert sorted(plan.steps) == ["a", "b"] and b.availability.paused("c") == "on battery"
+    b.handle(_hb("b", False, "busy", round=0), 2.0)  # b pauses mid-round
+    b.handle(update("a", 0, [0.5, 0.25], 4), 3.0)
+    acts = b.tick(11.0)  # deadline: a reported, b paused
+    (res,) = sent(acts, RoundResult)
+    assert res.n_clients == 1 and b.admission.benched == {} and "b" not in b.admission.misses
+    b.handle(_hb("c", True), 12.0)
+    (plan,) = sent(b.tick(12.0), RoundPlan)
+    assert sorted(plan.steps) == ["a", "c"]  # b still paused, c back
+
+
+def test_round_where_every_sampled_device_paused_closes_at_once_and_nobody_is_benched() -> None:
+    b = book(config(min_clients=2, min_updates=2, bench_after_misses=1, round_deadline_s=600.0))
+    for k in ("a", "b"):
+        join(b, k, 4)
+    (plan,) = sent(b.tick(0.0), RoundPlan)
+    assert sorted(plan.steps) == ["a", "b"]
+    b.handle(_hb("a", False, "hot", round=0), 1.0)
+    assert sent(b.tick(1.5), RoundResult) == []  # b has not paused: wait for it
+    b.handle(_hb("b", False, "outside window", round=0), 2.0)
+    acts = b.tick(2.0)  # long before the 600 s deadline
+    (res,) = sent(acts, RoundResult)
+    assert (res.round, res.n_clients, res.seeds, res.scalars) == (0, 0, (), ())
+    assert res.values_checksum == values_checksum(synthetic_v0(NNZ))  # values unchanged
+    assert b.admission.benched == {} and b.admission.misses == {} and b.plan is None
+    assert sent(b.tick(3.0), RoundPlan) == []  # nobody available: no round opens
+    b.handle(_hb("a", True), 4.0)
+    b.handle(_hb("b", True), 4.0)
+    (plan,) = sent(b.tick(4.0), RoundPlan)
+    assert plan.round == 1 and plan.base_round == 0

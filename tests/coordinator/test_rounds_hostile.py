@@ -10,7 +10,7 @@ from test_rounds_core import FP, MASK, book, config, join, records, sent, update
 
 import coordinator.aggregate as aggregate
 from coordinator.ratelimit import LruDict
-from coordinator.records import JoinRecord, RejectRecord, UpdateRecord
+from coordinator.records import EventRecord, JoinRecord, RejectRecord, UpdateRecord
 from coordinator.rounds import Dropped, Persist, RoundBook
 from shared.codec import encode
 from shared.messages import (
@@ -33,7 +33,7 @@ def _open(b: RoundBook, now: float = 0.0) -> RoundPlan:
 
 
 def test_weight_is_min_of_update_join_and_fleet_cap() -> None:
-    b = book(config(min_clients=3, weight_cap_factor=4.0))
+    b = book(config(min_clients=3, weight_cap_factor=4.0, aggregation="fedavg"))
     for k, n in (("a", 10), ("b", 10), ("evil", 10)):
         join(b, k, n)
     _open(b)
@@ -43,9 +43,19 @@ def test_weight_is_min_of_update_join_and_fleet_cap() -> None:
     assert [r.update.n_samples for r in records(acts, UpdateRecord)] == [10]  # its Join said 10
     (res,) = sent(b.tick(1.0), RoundResult)
     assert list(res.scalars) == [math.fsum([1 / 3, 1 / 3, 7.25 / 3])] * 2  # equal weights, not [7.25, 7.25]
-    # a device that also JOINS with a huge n is capped at 4 x the median Join n (10 -> 40)
-    join(b, "evil", 2**32 - 1, now=2.0)
-    assert b.admission.weight("evil", 2**32 - 1) == 40 and b.admission.weight("a", 3) == 3
+    # a re-Join cannot raise n_samples: the first accepted Join's 10 stays (issue 26: it replaced it)
+    acts = join(b, "evil", 2**32 - 1, now=2.0)
+    assert [r.n_samples for r in records(acts, JoinRecord)] == [10]
+    assert b.admission.weight("evil", 2**32 - 1) == 10 and b.admission.weight("a", 3) == 3
+
+
+def test_operator_grant_raises_a_join_weight() -> None:
+    b = book(config(min_clients=3, weight_grants=("evil=25",)))
+    for k, n in (("a", 10), ("b", 10), ("evil", 10)):
+        join(b, k, n)
+    acts = join(b, "evil", 2**32 - 1, now=2.0)
+    assert [r.n_samples for r in records(acts, JoinRecord)] == [25]  # the operator's grant, not the claim
+    assert b.admission.weight("evil", 2**32 - 1) == 20  # still under 2 x the others' median Join n
 
 
 def test_late_update_older_than_late_max_age_is_stale() -> None:
@@ -64,23 +74,27 @@ def test_late_update_older_than_late_max_age_is_stale() -> None:
     assert [r.update.status for r in records(new, UpdateRecord)] == ["late"]
 
 
-def test_adaptive_grad_cap_from_the_fleets_own_scalars() -> None:
-    cfg = config(min_clients=1, quorum=1.0, grad_cap_k=10.0, grad_cap_min_updates=3, grad_cap_floor=0.5)
+def test_adaptive_grad_cap_clips_to_the_others_level_and_never_refuses() -> None:
+    cfg = config(min_clients=2, quorum=1.0, grad_cap_k=10.0, grad_cap_min_updates=3, grad_cap_floor=0.5,
+                 aggregation="fedavg")  # fmt: skip
     b = book(cfg)
     join(b, "a", 1)
-    assert b.admission.grad_cap() == cfg.max_abs_grad  # no history yet: the fixed cap
-    _open(b)
-    assert records(b.handle(update("a", 0, [900.0, 1.0], 1), 0.0), UpdateRecord)  # accepted under 1e6
-    sent(b.tick(0.0), RoundResult)
-    for r in (1, 2):
-        _open(b, r)
+    join(b, "evil", 1)
+    assert b.admission.grad_cap("evil") == cfg.max_abs_grad  # no history yet: the fixed cap
+    for r in range(3):
+        _open(b, float(r))
         b.handle(update("a", r, [1.0, -1.0], 1, msg_id=r), float(r))
+        b.handle(update("evil", r, [900.0, 1.0], 1, msg_id=r), float(r))
         sent(b.tick(float(r)), RoundResult)
-    assert b.admission.grad_cap() == 10.0  # median |g| of [900, 1, 1, 1, 1, 1] = 1
+    assert b.admission.grad_cap("evil") == 10.0  # a's level |g| = 1: evil's own 900s never count for it
     _open(b, 3.0)
-    acts = b.handle(update("a", 3, [50.0, 1.0], 1, msg_id=3), 3.0)
-    assert [r.reason for r in records(acts, RejectRecord)] == ["grad_too_large"]
-    assert sent(acts, ErrorMsg, "a")[0].code == ErrorCode.BAD_UPDATE
+    acts = b.handle(update("evil", 3, [50.0, -1e5], 1, msg_id=3), 3.0)
+    assert not records(acts, RejectRecord) and not sent(acts, ErrorMsg, "evil")  # no refusal to bisect on
+    (row,) = records(acts, UpdateRecord)
+    assert row.update.grads == (10.0, -10.0)  # clipped to the cap, stored (and replayed) clipped
+    assert [e.kind for e in records(acts, EventRecord)] == ["grad_clipped"]
+    over = b.handle(update("a", 3, [2e6, 1.0], 1, msg_id=3), 3.0)  # the fixed max_abs_grad still refuses
+    assert [r.reason for r in records(over, RejectRecord)] == ["grad_too_large"]
 
 
 def test_rate_limit_drops_and_tells_once_per_window() -> None:
@@ -211,3 +225,19 @@ def test_late_folding_keeps_a_result_within_max_pairs(monkeypatch: pytest.Monkey
         b.handle(update(k, 3, [1.0, 1.0], 1, msg_id=20), 12.0)
     (res,) = sent(b.tick(12.0), RoundResult)
     assert len(res.seeds) == 4 and b.late == {}
+
+
+def test_small_round_falls_back_to_fedavg_with_a_logged_reason(caplog: pytest.LogCaptureFixture) -> None:
+    b = book(config(min_clients=2, quorum=1.0))  # the default rule: centered
+    join(b, "a", 10)
+    join(b, "evil", 10)
+    g = {"a": [0.5, -0.5], "evil": [1e5, 1e5]}  # under the fixed cap: no |g| history yet
+    with caplog.at_level("INFO", logger="coordinator.rounds"):
+        for r in range(2):
+            _open(b, float(r))
+            for k, gs in g.items():
+                b.handle(update(k, r, gs, 10, msg_id=r), float(r))
+            (res,) = sent(b.tick(float(r)), RoundResult)
+            assert list(res.scalars) == aggregate.aggregate("fedavg", g, {"a": 10, "evil": 10}, 2)
+    said = [m for m in caplog.messages if "plain FedAvg" in m]
+    assert len(said) == 1 and "centred clipping needs 3" in said[0]  # once, not every round

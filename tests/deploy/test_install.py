@@ -14,6 +14,7 @@ import pytest
 from deploytools import INSTALL, REPO, VENV, install, unit_settings
 
 from coordinator.server_cli import EXIT_PORT_IN_USE
+from coordinator.storage import EXIT_LOG_DAMAGED, EXIT_LOG_LOST, EXIT_STORAGE_FULL
 from edge_client.service.cli import EXIT_BROKER, EXIT_CONFIG, EXIT_MISMATCH, EXIT_SETUP
 
 HARDENING = {
@@ -47,9 +48,12 @@ def test_units_are_hardened_and_do_not_restart_on_config_errors(role: str) -> No
     assert int(s["RestartSec"][-1]) >= 5 and int(s["StartLimitBurst"][-1]) <= 10
     no_restart = {int(x) for x in s["RestartPreventExitStatus"][-1].split()}
     # the codes the service itself returns for "fix the config first" (edge_client/service/cli.py,
-    # coordinator/server_cli.py: 9 = metrics_port taken); 4 is --check only
-    codes = {EXIT_CONFIG, EXIT_SETUP, EXIT_MISMATCH} if role == "client" else {EXIT_CONFIG, EXIT_PORT_IN_USE}
+    # coordinator/server_cli.py: 9 = metrics_port taken; coordinator/storage.py: 7 = event log lost,
+    # 8 = damaged; a full disk (5) may clear, so it restarts); 4 is --check only
+    codes = ({EXIT_CONFIG, EXIT_SETUP, EXIT_MISMATCH} if role == "client"
+             else {EXIT_CONFIG, EXIT_PORT_IN_USE, EXIT_LOG_LOST, EXIT_LOG_DAMAGED})
     assert no_restart == codes, no_restart
+    assert EXIT_STORAGE_FULL not in no_restart
     assert EXIT_BROKER not in no_restart
 
 
@@ -69,6 +73,23 @@ def test_installed_units_pass_systemd_analyze_verify(bundles: Path, tmp_path: Pa
     bad.write_text(unit.read_text().replace("ProtectHome=", "ProtectHom="))
     v = subprocess.run([analyze, "verify", str(bad)], capture_output=True, text=True, timeout=60)
     assert "Unknown key" in v.stderr  # the check above can fail
+
+
+def test_client_unit_is_a_good_guest_and_memory_max_follows_the_budget(bundles: Path, tmp_path: Path) -> None:
+    """Issue 27: Nice, idle IO class, CPU/IO weights below the default 100, MemoryMax = budget + 2 GiB."""
+    s = unit_settings(REPO / "deploy" / "meerkat-client.service")
+    assert (s["Nice"][-1], s["IOSchedulingClass"][-1]) == ("10", "idle")
+    assert int(s["CPUWeight"][-1]) < 100 and int(s["IOWeight"][-1]) < 100 and "CPUQuota" not in s
+    r = install("client", bundles / "devices" / "dev-a", tmp_path)
+    assert r.returncode == 0, r.stderr
+    unit = tmp_path / "etc" / "systemd" / "system" / "meerkat-client.service"
+    assert unit_settings(unit)["MemoryMax"] == [f"{(4 + 2) * 1024}M"]  # no budget in the bundle: the default 4 GiB
+    toml = tmp_path / "etc" / "meerkat" / "client.toml"
+    toml.write_text(toml.read_text() + "memory_budget_gib = 6.5   # a Jetson with 8 GB\n")
+    assert install("client", bundles / "devices" / "dev-a", tmp_path).returncode == 0  # re-run keeps the edit
+    assert unit_settings(unit)["MemoryMax"] == [f"{int(8.5 * 1024)}M"]
+    coord = unit_settings(REPO / "deploy" / "meerkat-coordinator.service")
+    assert "MemoryMax" not in coord and "Nice" not in coord  # the coordinator's host is not a guest's
 
 
 def test_client_install_modes_and_rerun_keeps_edited_config(bundles: Path, tmp_path: Path) -> None:

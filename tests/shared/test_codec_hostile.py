@@ -69,7 +69,7 @@ class BookSink:
         b = self.book
         return (b.last_round, b.plan, sorted(b.accepted), sorted(b.late), dict(b.stored),
                 {k: (c.state, c.n_samples) for k, c in b.registry.clients.items()}, values_checksum(b.values),
-                b.admission.grad_seen, dict(b.admission.benched))  # fmt: skip
+                b.admission.grads.counted, dict(b.admission.benched))  # fmt: skip
 
     def __call__(self, msg: Message) -> None:
         if not isinstance(msg, (Join, Update, Heartbeat, Status, SyncRequest)):

@@ -1,0 +1,1 @@
+"""`meerkat bench guest`: the device policy measured against a foreground job (bench/guest/guest.py)."""

@@ -1,0 +1,57 @@
+"""coordinator/floodgate.py: per-device limits before decode, updates before heartbeats (no broker)."""
+
+from __future__ import annotations
+
+import queue
+
+import pytest
+
+from coordinator.floodgate import GATE_FACTOR, FloodGate
+from shared.mqtt import Incoming
+from shared.topics import Topics
+
+T = Topics("f")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_a_flood_from_one_id_is_refused_at_the_door_and_others_pass() -> None:
+    clock = Clock()
+    gate = FloodGate(rate_per_s=10.0, burst=5, clock=clock)
+    acked: list[Incoming] = []
+    gate.ack = acked.append
+    for i in range(1000):
+        gate.put(Incoming(T.hb("flood"), b"x", i, 0, False))
+    assert gate.qsize() == GATE_FACTOR * 5 and gate.refused == {"hb": 1000 - GATE_FACTOR * 5}
+    up = Incoming(T.up("honest"), b"u", 7, 1, False)
+    gate.put(up)  # another id's bucket is full
+    assert gate.get_nowait() is up  # and it is served before the queued heartbeats
+    for i in range(100):
+        gate.put(Incoming(T.sync("flood"), b"s", 2000 + i, 1, False))  # QoS 1 refused: acked, nothing queued
+    assert len(acked) == 100 - GATE_FACTOR * 5 and all(m.qos == 1 for m in acked)
+    clock.t = 1.0  # refilled at GATE_FACTOR x rate_per_s
+    gate.put(Incoming(T.hb("flood"), b"x", 1, 0, False))
+    assert gate.refused_total() == 1000 - GATE_FACTOR * 5 + 100 - GATE_FACTOR * 5
+
+
+def test_retained_messages_pass_and_lanes_keep_their_order() -> None:
+    gate = FloodGate(rate_per_s=1.0, burst=1, clock=Clock())
+    for i in range(5):
+        gate.put(Incoming(T.up("bomber"), b"b", i, 1, True))  # retained: the intake drops and clears them
+    assert gate.qsize() == 5
+    while gate.qsize():
+        gate.get_nowait()
+    hb = [Incoming(T.hb(f"d{i}"), b"h", i, 0, False) for i in range(3)]
+    ups = [Incoming(T.up(f"d{i}"), b"u", 10 + i, 1, False) for i in range(3)]
+    for h, u in zip(hb, ups, strict=True):
+        gate.put(h)
+        gate.put(u)
+    assert [gate.get_nowait() for _ in range(6)] == ups + hb  # each lane first in, first out
+    with pytest.raises(queue.Empty):
+        gate.get(timeout=0.01)
