@@ -14,6 +14,11 @@ Used by `meerkat bench learning` (bench/learning_sim.py), the demo's before/afte
 equivalence test against a real fleet (tests/e2e/test_inproc_equivalence.py): for the same inputs the
 RoundResults here are byte-identical to the ones a real coordinator publishes.
 
+A hostile device is a real device with a `Tamper` (bench/attacks/): what its core would send as Join or
+Update goes to the tamper instead, which sends whatever it likes through `Send` (several messages, fresh
+msg_ids) and sees the coordinator's refusal of each (an ErrorMsg) or None, as an attacker on the wire would;
+the book's real intake, admission and aggregation judge every one.
+
 What differs from a real fleet, on purpose: no broker (so no lost or reordered messages), devices are
 always online, a device trains all its steps before simulated time moves on, and nothing is persisted
 (the book's WriteCheckpoint actions and the device's SaveStep are no-ops here; the book's Persist records
@@ -29,7 +34,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -79,14 +84,28 @@ log = logging.getLogger(__name__)
 
 TO_DEVICE = (Replay, CheckpointChunk, ErrorMsg)
 
+Send = Callable[[Join | Update], ErrorMsg | None]  # a message to the coordinator -> its refusal (None: none)
+
+
+class Tamper(Protocol):
+    """What a hostile device sends instead of its core's Join / Update (bench/attacks/strategies.py).
+    `msg` is what the honest core would have sent (client "" as on the wire); `send` delivers any message
+    from this device to the coordinator now and returns the ErrorMsg it answered with, if any."""
+
+    def join(self, client: str, msg: Join, send: Send) -> None: ...
+
+    def update(self, client: str, msg: Update, send: Send) -> None: ...
+
 
 @dataclass
 class Device:
-    """One simulated device: its round core, the engine behind it, what its Join announces."""
+    """One simulated device: its round core, the engine behind it, what its Join announces; `tamper`
+    rewrites what it sends (None: an honest device)."""
 
     core: ClientRounds
     trainer: Trainer
     budget_gib: float = 1.0
+    tamper: Tamper | None = None
     queued: dict[int, bytes] = field(default_factory=dict)  # round -> Update payload (the outbox)
     committed: int = -1  # the round its values are at (last Commit)
 
@@ -186,8 +205,11 @@ class InProcessFleet:
             elif isinstance(act, LoadValues):
                 d.trainer.set_values(act.values)
             elif isinstance(act, QueueUpdate):
-                d.queued[act.update.round] = encode(act.update)
                 self.losses.setdefault(act.update.round, []).append(act.update.loss)
+                if d.tamper is not None:
+                    d.tamper.update(d.client, act.update, lambda m: self._probe(d, m))
+                    continue
+                d.queued[act.update.round] = encode(act.update)
                 self._resend(d, act.update.round)
             elif isinstance(act, ResendUpdates):
                 for r in sorted(d.queued):
@@ -196,7 +218,11 @@ class InProcessFleet:
                 d.committed = act.round
                 d.queued = {r: p for r, p in d.queued.items() if r > act.round}
             elif isinstance(act, SendJoin):
-                self._send(d, join_message(d.trainer, d.budget_gib, act.last_round), Join)
+                join = join_message(d.trainer, d.budget_gib, act.last_round)
+                if d.tamper is not None:
+                    d.tamper.join(d.client, join, lambda m: self._probe(d, m))
+                else:
+                    self._send(d, join, Join)
             elif isinstance(act, SendSync):
                 self._send(d, sync_message(act.have_round), SyncRequest)
             elif isinstance(act, (SaveStep, DropRound, SlowDown)):
@@ -205,6 +231,25 @@ class InProcessFleet:
                 d.queued.pop(act.round, None)
             elif isinstance(act, Exit):
                 raise RuntimeError(f"simulated device {d.client}: {act.reason}")
+
+    def _probe(self, d: Device, msg: Join | Update) -> ErrorMsg | None:
+        """A tampered device's message handed to the book at once (through the codec); the ErrorMsg the
+        book answers it with goes back to the tamper, not to the device's core. The last Update sent for
+        a round is the one the device keeps in its outbox (re-sent after a reconnect)."""
+        payload = encode(msg)
+        self.traffic.up += len(payload)
+        self.traffic.messages[type(msg).__name__] += 1
+        if isinstance(msg, Update):
+            d.queued[msg.round] = payload
+        refusal: ErrorMsg | None = None
+        rest: list[BookAction] = []
+        for act in self.book.handle(decode(payload, type(msg), client=d.client), self.now):
+            if isinstance(act, Publish) and act.to == d.client and isinstance(act.message, ErrorMsg):
+                refusal = act.message
+            else:
+                rest.append(act)
+        self._to_book(rest)
+        return refusal
 
     def _resend(self, d: Device, round: int) -> None:
         payload = d.queued[round]
@@ -328,4 +373,4 @@ class SharedModelTrainer:
         return None
 
 
-__all__ = ["Device", "InProcessFleet", "SharedModelTrainer", "Traffic", "from_configs"]
+__all__ = ["Device", "InProcessFleet", "Send", "SharedModelTrainer", "Tamper", "Traffic", "from_configs"]

@@ -101,7 +101,7 @@ __all__ = [  # the action types are coordinator/actions.py's; importers of coord
 log = logging.getLogger(__name__)
 
 OFFLINE_CHECK_S = 1.0  # how often tick() looks for silent clients and unjoined live ones
-LATE_WINDOW = 64  # plans and dedupe keys of this many closed rounds are kept (late_max_age <= this)
+LATE_WINDOW = 64  # plans of this many closed rounds are kept (late_max_age <= this); dedupe keys: _key_window
 RESEND_GRACE_S = 30.0  # after a reconnect, a round due sooner gets this long (at most round_deadline_s) for re-sends
 KIND_OF: dict[type, str] = {Update: "up", Join: "join", Heartbeat: "hb", Status: "status", SyncRequest: "sync"}
 TELEMETRY = tuple(f.name for f in fields(Heartbeat) if f.name != "client")  # a HeartbeatRecord's keys, in order
@@ -147,6 +147,7 @@ class RoundBook:
         self._stored_rounds: dict[int, list[str]] = {}  # round -> clients with a key in `stored` (cheap forgetting)
         for client, r in self.stored:
             self._stored_rounds.setdefault(r, []).append(client)
+        self._forget_keys_before(self.last_round + 1 - self._key_window())
         self.results: deque[ResultRow] = deque(rec.results, maxlen=max(1, config.replay_max))
         self.registry = ClientRegistry(fingerprint=fingerprint, mask_id=mask_id,
                                        offline_after_s=config.offline_after_s, rows=rec.clients)  # fmt: skip
@@ -508,6 +509,7 @@ class RoundBook:
         benched = self.admission.count_misses(list(plan.steps), {u.client for u in reported} | excused)
         self.results.append(row)
         self._forget_before(plan.round + 1 - LATE_WINDOW)
+        self._forget_keys_before(plan.round + 1 - self._key_window())
         loss = math.fsum(u.loss for u in ups) / len(ups) if ups else math.nan  # nan: closed empty (all paused)
         log.info("round %d closed (%s): %d updates, %d late, mean loss %.4f, checksum %s", plan.round, why, len(ups),
                  len(late), loss, checksum[:12])  # fmt: skip
@@ -528,10 +530,21 @@ class RoundBook:
         keep = {r for _, r in self.late}
         for r in [r for r in self.plans if r < oldest and r not in keep]:
             del self.plans[r]
+        self._forget_keys_before(oldest)
+        self.vp.forget_before(min([oldest, *keep]))
+
+    def _key_window(self) -> int:
+        """Closed rounds whose dedupe keys can still matter: with straggler `next` an update of a round that
+        closed `late_max_age` or more rounds ago is refused (STALE_ROUND) before anything is stored, so only
+        the last `late_max_age` closed rounds can be named (PROTOCOL.md 1.3); `drop` stores an update of any
+        round whose plan is kept, so it keeps the whole late window."""
+        return self.config.late_max_age if self.config.straggler == "next" else LATE_WINDOW
+
+    def _forget_keys_before(self, oldest: int) -> None:
+        keep = {r for _, r in self.late}
         for r in [r for r in self._stored_rounds if r < oldest and r not in keep]:  # O(rounds), not O(keys)
             for client in self._stored_rounds.pop(r):
                 del self.stored[(client, r)]
-        self.vp.forget_before(min([oldest, *keep]))
 
     def sync_reply(self, client: str, have_round: int) -> list[Publish]:
         """What a SyncRequest(have_round) is answered (`sync_messages`), for `to/{client}`."""

@@ -119,6 +119,7 @@ class DeviceProcess:
         self.closed: set[int] = set()
         self.result_payloads: dict[int, str] = {}  # round -> hex payload (for the VP replay in bench/fleet/fleet.py)
         self.plan_bytes = 0
+        self.fanout_bytes = 0  # bytes of every plan and result payload delivered to these devices (broker fan-out)
         self.errors: dict[str, int] = {}
         self.connect_failures = 0
         self.connected_at: float | None = None
@@ -136,6 +137,8 @@ class DeviceProcess:
         if not payload:
             return
         m = self._decode(payload)
+        if isinstance(m, (RoundPlan, RoundResult)):
+            self.fanout_bytes += len(payload)
         if isinstance(m, RoundPlan):
             self.plan_bytes = max(self.plan_bytes, len(payload))
             if m.round not in dev.planned:  # first receipt per device: a reconnect's re-delivery is not fan-out
@@ -297,6 +300,7 @@ class DeviceProcess:
             "devices": {d.cid: {"sent": [[r, f"{e[0]:016x}", e[1], e[2]] for r, e in sorted(d.sent.items())],
                                 "reconnects": d.reconnects, "dropouts": len(d.dropped)} for d in self.devices},
             "plans": self.plans, "results": self.results, "errors": self.errors, "plan_bytes": self.plan_bytes,
+            "fanout_bytes": self.fanout_bytes,
             "result_payloads": self.result_payloads,
             "connect_failures": self.connect_failures, "connected_at": self.connected_at,
             "cpu_s": ru.ru_utime + ru.ru_stime, "max_rss_mib": _peak_rss_kib(ru.ru_maxrss) / 1024,

@@ -15,7 +15,10 @@ What it reports (human lines, then one JSON line with --json):
   lost                Updates the broker PUBACKed whose client the coordinator logged fewer updates for
                       (`meerkat status --json`, per client); double_counted: the reverse, plus RoundResult
                       n_clients summed over rounds beyond the updates sent
-  coordinator_*       max RSS and CPU of the coordinator process (psutil), broker_* the same for Mosquitto
+  coordinator_*       max RSS and CPU of the coordinator process (psutil), broker_* the same for Mosquitto;
+                      *_cpu_us_per_msg = that CPU / the messages the coordinator received (same run)
+  plan_bytes          the largest RoundPlan payload; fanout_bytes_per_round: plan + result bytes the
+                      broker delivered to all devices, per closed round
   vp_time_per_round_s apply_round on the nnz values per result (replayed here from the broadcast
                       RoundResults, which also checks every values_checksum)
 
@@ -552,6 +555,9 @@ def build_result(cfg: FleetConfig, outs: list[dict[str, Any]], status: dict[str,
         "vp_time_per_round_s": _round(statistics.mean(vp_times), 4) if vp_times else None,
         "vp_checksums_ok": vp_ok and len(vp_times) == len(results),
         "plan_bytes": max(o["plan_bytes"] for o in outs),
+        "fanout_bytes_per_round": _round(sum(o["fanout_bytes"] for o in outs) / max(1, len(results)), 0),
+        "coordinator_cpu_us_per_msg": _per_msg(sampler.cpu["coordinator"], sampler.received),
+        "broker_cpu_us_per_msg": _per_msg(broker_cpu_s, sampler.received),
         "rejected": status.get("rejected", {}), "device_errors": _sum_dicts([o["errors"] for o in outs]),
         "connect_failures": sum(o["connect_failures"] for o in outs),
         "reconnects": sum(d["reconnects"] for d in devices.values()),
@@ -559,6 +565,12 @@ def build_result(cfg: FleetConfig, outs: list[dict[str, Any]], status: dict[str,
         "wall_s": round(wall_s, 1), "per_round": per_round,
         **soak_slopes(latency, {r: results[r][0] for r in results}, sampler.rss.get("coordinator", [])),
     }  # fmt: skip
+
+
+def _per_msg(cpu_s: float | None, messages: float) -> float | None:
+    """CPU microseconds per message the coordinator received: the same denominator for the coordinator and
+    the broker (which also fans plans and results out), so the two compare as in issue 31's goal."""
+    return None if cpu_s is None or messages <= 0 else _round(1e6 * cpu_s / messages, 1)
 
 
 def soak_slopes(latency: dict[int, float], closed_at: dict[int, float],
@@ -617,6 +629,8 @@ def print_summary(r: dict[str, Any]) -> None:
     print(f"coordinator: max RSS {_f(r['coordinator_rss_mib'])} MiB, CPU {_f(r['coordinator_cpu_pct'])}% "
           f"({_f(r['coordinator_cpu_s'])} s); broker: max RSS {_f(r['broker_rss_mib'])} MiB, CPU "
           f"{_f(r['broker_cpu_pct'])}%; simulator CPU {_f(r['sim_cpu_s'])} s")
+    print(f"CPU per message received: coordinator {_f(r['coordinator_cpu_us_per_msg'])} us, broker "
+          f"{_f(r['broker_cpu_us_per_msg'])} us; fan-out {_f(r['fanout_bytes_per_round'])} bytes per round")
     print(f"VP apply_round {_f(r['vp_time_per_round_s'])} s/round on {r['nnz']} values, checksums ok: "
           f"{r['vp_checksums_ok']}; plan payload {r['plan_bytes']} bytes; load avg {r['load_avg']} on {r['cpus']} CPUs; "
           f"RLIMIT_NOFILE {r['nofile_limit']}; wall {r['wall_s']} s")

@@ -82,6 +82,7 @@ INBOUND: dict[str, type[Message] | tuple[type[Message], ...]] = {  # topic kind 
     "to": (Replay, CheckpointChunk, ErrorMsg),
     "run": RunState,  # 1.3: the run's lifecycle (retained)
 }
+RETAINED = frozenset({"plan", "result_latest"})  # topics it reads where a zero-length payload clears a retained one
 STORAGE_RETRY_S = 5.0  # a full disk: try the same write again this often (nothing half-written was committed)
 
 
@@ -345,14 +346,14 @@ class EdgeClient:
         except ValueError as exc:
             self.rounds.reject("bad_topic", f"{exc}")
             return
-        if not payload:
-            return  # a retained message was cleared
+        if not payload and kind in RETAINED:
+            return  # a retained message was cleared (on any other topic it is TRUNCATED: PROTOCOL.md §1)
         kinds = INBOUND.get(kind)
         if kinds is None:
             self.rounds.reject("unexpected_topic", f"message on {topic}")
             return
         try:
-            msg = decode(payload, kinds)
+            msg = decode(payload, kinds, fleet=self.topics.fleet)
         except DecodeError as exc:
             self.rounds.reject(f"decode_{exc.code.name.lower()}", f"{topic}: {exc}")
             return

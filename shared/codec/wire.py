@@ -19,12 +19,12 @@ from shared.codec.base import FLAG_ZSTD, HEADER_LEN, MAGIC, VERSION, DecodeError
 from shared.codec.limits import LIMITS, BodyShape
 from shared.codec.schema import BY_CODE, KINDS, SCHEMAS, from_map, to_map
 from shared.codec.zstd_frame import decompress
-from shared.messages import CLIENT_FROM_TOPIC, ErrorCode, Message
+from shared.messages import CLIENT_FROM_TOPIC, ErrorCode, Message, RoundPlan
 from shared.topics import ID_RE
 
 COMPRESS_THRESHOLD = 512  # bodies above this many bytes are zstd-compressed when that makes them smaller
 ZSTD_LEVEL = 3
-MAX_EXT = 12  # a msgpack timestamp gets as far as validation (INVALID_FIELD); any other ext is MALFORMED
+MAX_EXT = 12  # a msgpack timestamp (ext -1, 4/8/12 bytes) is a value of the wrong kind; any other ext is MALFORMED
 
 M = TypeVar("M")
 
@@ -93,12 +93,19 @@ def _header(data: bytes) -> tuple[type, int]:
 
 
 @overload
-def decode(data: bytes, expected: type[M], *, client: str = "", max_bytes: int | None = None) -> M: ...
+def decode(
+    data: bytes, expected: type[M], *, client: str = "", fleet: str = "", max_bytes: int | None = None
+) -> M: ...
 
 
 @overload
 def decode(
-    data: bytes, expected: tuple[type, ...] | None = None, *, client: str = "", max_bytes: int | None = None
+    data: bytes,
+    expected: tuple[type, ...] | None = None,
+    *,
+    client: str = "",
+    fleet: str = "",
+    max_bytes: int | None = None,
 ) -> Message: ...
 
 
@@ -107,14 +114,19 @@ def decode(
     expected: type[Any] | tuple[type, ...] | None = None,
     *,
     client: str = "",
+    fleet: str = "",
     max_bytes: int | None = None,
 ) -> Any:
-    """Decode one payload. `client` = the id from the topic (for Join/Update/Heartbeat/Status/SyncRequest).
+    """Decode one payload, checks in the order of docs/PROTOCOL.md §2 "Check order".
 
-    `expected`: a message class (or tuple of classes) allowed on this topic; anything else is
-    UNEXPECTED_TYPE, found from the header before the body is touched. `max_bytes` tightens the
-    per-type payload limit.
+    `client` = the id from the topic (for Join/Update/Heartbeat/Status/SyncRequest): an invalid one is
+    BAD_CLIENT before a byte of the payload is read (the topic is checked first). `fleet` = the `{fleet}`
+    of the topic: a RoundPlan naming another fleet is INVALID_FIELD. `expected`: a message class (or
+    tuple of classes) allowed on this topic; anything else is UNEXPECTED_TYPE, found from the header
+    before the body is touched. `max_bytes` tightens the per-type payload limit.
     """
+    if client and not (isinstance(client, str) and ID_RE.match(client)):
+        raise DecodeError(ErrorCode.BAD_CLIENT, f"client id from the topic is invalid: {client!r}")
     cls, flags = _header(data)
     if expected is not None:
         allowed = expected if isinstance(expected, tuple) else (expected,)
@@ -127,8 +139,6 @@ def decode(
         raise DecodeError(
             ErrorCode.TOO_LARGE, f"{cls.__name__} payload of {len(data)} bytes over the limit of {limit}"
         )
-    if cls in CLIENT_FROM_TOPIC and client and not (isinstance(client, str) and ID_RE.match(client)):
-        raise DecodeError(ErrorCode.BAD_CLIENT, f"client id from the topic is invalid: {client!r}")
     body = bytes(data[HEADER_LEN:])
     if flags & FLAG_ZSTD:
         body = decompress(body, cls.__name__, lim)
@@ -157,8 +167,12 @@ def decode(
         raise
     except Exception as exc:  # msgpack raises many types (ExtraData, FormatError, StackError, ValueError...)
         raise DecodeError(ErrorCode.MALFORMED, f"{cls.__name__}: body is not valid msgpack: {exc}") from exc
-    return from_map(cls, m, client if cls in CLIENT_FROM_TOPIC else "")
+    msg: Any = from_map(cls, m, client if cls in CLIENT_FROM_TOPIC else "")
+    if fleet and cls is RoundPlan and msg.fleet != fleet:
+        raise DecodeError(ErrorCode.INVALID_FIELD, f"RoundPlan.fleet {msg.fleet!r} is not the topic's fleet {fleet!r}")
+    return msg
 
 
 def _no_ext(code: int, data: bytes) -> Any:
     raise DecodeError(ErrorCode.MALFORMED, f"msgpack ext type {code} not allowed")
+    # the timestamp type (-1) never reaches this hook: msgpack builds a Timestamp, a value of the wrong kind

@@ -11,7 +11,7 @@ a recorder subscribed to `meerkat/v1/<fleet>/#` at QoS 1, the real `coordinator.
 in-process on a synthetic mask with pre-training gradients (so MEERKAT-VP can flag, as in
 tests/coordinator/coordfakes.py), and scripted devices that speak the wire through shared.mqtt +
 shared.codec (tests/coordinator/coordfakes.FakeClient) with synthetic projected gradients. It writes
-`<out>/<scenario>/{meta.json, v0.f32, messages.jsonl}` (format: docs/PROTOCOL.md §11) after checking
+`<out>/<scenario>/{meta.json, v0.f32, messages.jsonl}` (format: docs/PROTOCOL.md §12) after checking
 the recording against itself (every result applied from v_0 gives its checksum).
 
 Re-record after any change to what the coordinator sends (e.g. n_clients, late-fold arithmetic, error
@@ -382,7 +382,7 @@ def write(sc: Scenario, d: Path, fleet: str, mask: Mask, v0: torch.Tensor, cfg: 
     d.mkdir(parents=True, exist_ok=True)
     (d / "v0.f32").write_bytes(v0.numpy().astype("<f4").tobytes())
     meta = {
-        "kit_version": 1, "protocol": "meerkat/v1 (docs/PROTOCOL.md v1.1)", "scenario": sc.name, "about": sc.about,
+        "kit_version": 1, "protocol": "meerkat/v1 (docs/PROTOCOL.md 1.3)", "scenario": sc.name, "about": sc.about,
         "fleet": fleet, "fingerprint": mask.meta.fingerprint, "fp_tag": fp_tag(mask.meta.fingerprint),
         "mask_id": mask.mask_id, "nnz": mask.nnz, "dist": cfg.dist, "v0_file": "v0.f32",
         "v0_checksum": values_checksum(v0), "checksums": checksums, "messages": len(lines),

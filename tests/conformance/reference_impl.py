@@ -2,7 +2,7 @@
 
     python tests/conformance/runner.py --impl ".venv/bin/python tests/conformance/reference_impl.py"
 
-A third party writes the same small loop around its own decoder and apply (docs/PROTOCOL.md §11).
+A third party writes the same small loop around its own decoder and apply (docs/PROTOCOL.md §12).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch  # noqa: E402
 from wirejson import to_json  # noqa: E402
 
 from shared.apply import apply_round, values_checksum  # noqa: E402
-from shared.codec import DecodeError, decode  # noqa: E402
+from shared.codec import DecodeError, ErrorCode, decode  # noqa: E402
 from shared.messages import (  # noqa: E402
     CLIENT_FROM_TOPIC,
     CheckpointChunk,
@@ -37,19 +37,38 @@ from shared.messages import (  # noqa: E402
     SyncRequest,
     Update,
 )
-from shared.topics import PREFIX  # noqa: E402
+from shared.topics import ID_RE, PREFIX  # noqa: E402
 
 ON_TOPIC: dict[str, Any] = {  # topic kind -> what may arrive there (PROTOCOL.md §1)
     "plan": RoundPlan, "result": RoundResult, "up": Update, "join": Join, "hb": Heartbeat, "status": Status,
     "sync": SyncRequest, "to": (Replay, CheckpointChunk, ErrorMsg), "run": RunState,
 }  # fmt: skip
+FROM_CLIENT = ("up", "join", "hb", "status", "sync")  # the sender's id is the topic's last level
+RETAINED = ("plan", "result_latest", *FROM_CLIENT)  # a zero-length payload there clears a retained message
 
 
-def _topic(topic: str) -> tuple[str, str]:
-    """(kind, client id or "") of meerkat/v1/{fleet}/{kind}[/{arg}]."""
-    parts = topic[len(PREFIX) + 1 :].split("/")
-    kind, arg = parts[1], parts[2] if len(parts) > 2 else ""
-    return kind, arg if kind not in ("result", "plan", "to") else ""
+def _topic(topic: str) -> tuple[str, str, str] | None:
+    """(kind, client id or "", fleet) of meerkat/v1/{fleet}/{kind}[/{arg}]; None for a topic that is not
+    one of §1 (ignored unread, PROTOCOL.md §2 "Check order" 1). The client id is NOT checked here: an
+    invalid one is BAD_CLIENT, the decoder's first check."""
+    parts = topic.split("/")
+    if len(parts) < 4 or f"{parts[0]}/{parts[1]}" != PREFIX or not ID_RE.match(parts[2]):
+        return None
+    fleet, kind, rest = parts[2], parts[3], parts[4:]
+    if kind == "plan" and not rest:
+        return "plan", "", fleet
+    if kind == "result" and len(rest) == 1:
+        r = rest[0]
+        if r == "latest":
+            return "result_latest", "", fleet
+        if r.isascii() and r.isdigit() and (r == "0" or r[0] != "0"):
+            return "result", "", fleet
+        return None
+    if kind in FROM_CLIENT and len(rest) == 1:
+        return kind, rest[0], fleet
+    if kind == "to" and len(rest) == 1 and ID_RE.match(rest[0]):
+        return "to", "", fleet
+    return None
 
 
 class Receiver:
@@ -62,9 +81,17 @@ class Receiver:
     def handle(self, req: dict[str, Any]) -> dict[str, Any]:
         op = req.get("op")
         if op == "decode":
-            kind, client = _topic(req["topic"])
+            where = _topic(req["topic"])
+            if where is None:
+                return {"ignored": "foreign_topic"}
+            kind, client, fleet = where
+            payload = bytes.fromhex(req["payload"])
             try:
-                m = decode(bytes.fromhex(req["payload"]), ON_TOPIC[kind], client=client)
+                if client and not ID_RE.match(client):  # the topic before the payload (a clear included)
+                    raise DecodeError(ErrorCode.BAD_CLIENT, f"client id {client!r}")
+                if not payload and kind in RETAINED:
+                    return {"ignored": "retained_clear"}
+                m = decode(payload, ON_TOPIC[kind.removesuffix("_latest")], client=client, fleet=fleet)
             except DecodeError as exc:
                 return {"error": exc.code.name}
             assert type(m) not in CLIENT_FROM_TOPIC or m.client == client

@@ -2,13 +2,14 @@
 
     python tests/conformance/runner.py --impl "CMD ARGS..." [--transcripts DIR] [--only NAME ...]
 
-The implementation is ANY program (docs/PROTOCOL.md §11) started once as `CMD ARGS...`. It reads
+The implementation is ANY program (docs/PROTOCOL.md §12) started once as `CMD ARGS...`. It reads
 requests from stdin, one JSON object per line, and answers each with exactly one JSON line on stdout
 (flush after every line); it exits at end of input.
 
     {"op": "decode", "topic": T, "payload": HEX}
-        -> {"type": "<MessageType>", "fields": {...}}   the body in the JSON form of §11, or
-        -> {"error": "<ERROR_CODE_NAME>"}                when the payload must be refused (§2)
+        -> {"type": "<MessageType>", "fields": {...}}   the body in the JSON form of §12, or
+        -> {"error": "<ERROR_CODE_NAME>"}                when the payload must be refused (§2), or
+        -> {"ignored": "retained_clear" | "foreign_topic"}  when it must not be decoded at all (§2 "Check order")
     {"op": "load", "path": P}            the receiver's values := the LE float32 file P
         -> {"values_checksum": HEX}
     {"op": "apply", "payload": HEX}      decode a RoundResult payload and apply it to the held values (§5)
@@ -206,12 +207,14 @@ def check_vectors(path: Path, impl: Impl) -> tuple[Transcript, list[str]]:
         got = impl.ask({"op": "decode", "topic": v["topic"], "payload": v["payload"]})
         if "error" in v:
             ok = got.get("error") == v["error"]
+        elif "ignored" in v:
+            ok = got.get("ignored") == v["ignored"]
         else:
             ok = got.get("type") == v["type"] and ("decoded" not in v or got.get("fields") == v["decoded"])
         if not ok and v.get("pending"):
             pending_failed.append(v["name"])
             continue
-        t.check(ok, f"{v['name']} ({v['rule']}): expected {v.get('error') or v.get('type')}, got {str(got)[:200]}")
+        t.check(ok, f"{v['name']} ({v['rule']}): expected {v.get('error') or v.get('ignored') or v.get('type')}, got {str(got)[:200]}")
     return t, pending_failed
 
 

@@ -1,4 +1,4 @@
-"""Our implementation (shared.codec + shared.apply) passes the conformance kit (docs/PROTOCOL.md §11).
+"""Our implementation (shared.codec + shared.apply) passes the conformance kit (docs/PROTOCOL.md §12).
 
 The runner drives tests/conformance/reference_impl.py as a child process over the same JSON-lines
 interface a third party implements, so the interface itself is exercised too. The transcripts are
@@ -98,3 +98,24 @@ def test_runner_catches_a_wrong_decode(tmp_path: Path) -> None:
     (dst / "messages.jsonl").write_text("".join(json.dumps(ln) + "\n" for ln in lines))
     (t,) = runner.run([dst], IMPL, vectors=None)
     assert any("eps" in f for f in t.failures), t.failures
+
+
+def test_vectors_cover_every_code_limit_and_decision() -> None:
+    """PROTOCOL.md §12 promises a vector for every decoding code, every §2 limit, every check of "Check
+    order" and each 1.3 decision: a vectors.py that lost one must fail here."""
+    from shared.messages import ErrorCode
+
+    vs = vectors.vectors()
+    names = {v["name"] for v in vs}
+    refused = {v["error"] for v in vs if "error" in v}
+    assert {c.name for c in ErrorCode if c.value < 32} <= refused, {c.name for c in ErrorCode} - refused
+    carried = {v["decoded"]["code"] for v in vs if v.get("type") == "ErrorMsg" and "decoded" in v}
+    assert {c.value for c in ErrorCode if c.value >= 32} <= carried
+    limits = ("too_large_payload", "too_large_declared_size", "too_large_window", "too_large_stream",
+              "str_over_max_str", "bin_over_max_bin", "array_over_max_array", "map_over_max_map",
+              "containers_over", "depth_over")  # fmt: skip
+    assert set(limits) <= names, set(limits) - names
+    for d in ("d1_", "d2_", "d5_", "d6_", "d7_", "d8_", "order_", "retained_clear_"):
+        assert any(n.startswith(d) for n in names), d
+    assert {"foreign_topic", "retained_clear"} == {v["ignored"] for v in vs if "ignored" in v}
+    assert len(names) == len(vs), "vector names must be unique"

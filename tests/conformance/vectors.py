@@ -39,16 +39,17 @@ def _hb(extra: dict[int, Any]) -> bytes:
     return bytes([0xB1, 0, 5]) + msgpack.packb({0: 1.0, 1: 1.0, 2: 1, 8: -1, **extra}, use_single_float=False)
 
 
-def _plan(n_seeds: int) -> bytes:
-    body = {0: "f", 1: 0, 2: struct.pack(f"<{n_seeds}Q", *range(n_seeds)), 3: 0.01, 4: 0.001, 5: 0,
-            6: {"dev-a": n_seeds}, 7: -1, 8: 1.0, 9: b"\x00" * 32, 10: b"\x00" * 8, 11: 1, 12: b"\x00" * 32}  # fmt: skip
+def _plan(n_seeds: int, fleet: str = "conf-vectors", steps: dict[Any, Any] | None = None) -> bytes:
+    body = {0: fleet, 1: 0, 2: struct.pack(f"<{n_seeds}Q", *range(n_seeds)), 3: 0.01, 4: 0.001, 5: 0,
+            6: {"dev-a": n_seeds} if steps is None else steps, 7: -1, 8: 1.0, 9: b"\x00" * 32, 10: b"\x00" * 8,
+            11: 1, 12: b"\x00" * 32}  # fmt: skip
     raw = msgpack.packb(body, use_bin_type=True)
     return bytes([0xB1, 1, 2]) + zstandard.ZstdCompressor(write_content_size=True).compress(raw)
 
 
 def vectors() -> list[dict[str, Any]]:
     v: list[dict[str, Any]] = [
-        dict(name="empty", rule="shorter than the header", topic=SYNC, payload=b"", error="TRUNCATED"),
+        dict(name="empty", rule="shorter than the header", topic=f"{F}/to/dev-a", payload=b"\xb1\x00", error="TRUNCATED"),
         dict(name="bad_magic", rule="high nibble of byte 0", topic=SYNC, payload=b"\x01\x00\x07\x81\x00\x05", error="BAD_MAGIC"),
         dict(name="version_2", rule="schema version", topic=SYNC, payload=b"\xb2\x00\x07" + BODY, error="UNSUPPORTED_VERSION"),
         dict(name="reserved_flag", rule="flag bits 1-7", topic=SYNC, payload=b"\xb1\x02\x07" + BODY, error="BAD_FLAGS"),
@@ -130,9 +131,237 @@ def vectors() -> list[dict[str, Any]]:
         dict(name="plan_4096_seeds", rule="a plan of 4096 seeds, one client running all of them", topic=f"{F}/plan",
              payload=_plan(4096), type="RoundPlan"),
     ]  # fmt: skip
+    v += limits() + check_order() + decisions() + error_codes()
     for x in v:
         x["payload"] = x["payload"].hex()
     return v
+
+
+# ---- protocol 1.3: every §2 limit, the check order, ext/timestamp, the decisions, every error code --------
+
+HB, ST, JOIN, UP, TO = (f"{F}/{k}/dev-a" for k in ("hb", "status", "join", "up", "to"))
+FP32, MASK8 = b"\x11" * 32, b"\x22" * 8
+JOIN_JSON = {"fingerprint": "11" * 32, "mask_id": "22" * 8, "n_samples": 3, "budget_gib": 1.0, "last_round": -1}
+EMOJI = "\U0001f600"  # 1 character (code point), 4 UTF-8 bytes
+TS32, TS64, TS96 = b"\xd6\xff" + b"\x00" * 4, b"\xd7\xff" + b"\x00" * 8, b"\xc7\x0c\xff" + b"\x00" * 12  # timestamps
+
+
+def _p(code: int, body: bytes, flags: int = 0) -> bytes:
+    return bytes([0xB1, flags, code]) + body
+
+
+def _mp(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True, use_single_float=False)
+
+
+def _join(caps: dict[str, Any]) -> bytes:
+    return _p(1, _mp({0: FP32, 1: MASK8, 2: 3, 3: 1.0, 4: caps, 5: -1}))
+
+
+def _update(**kw: Any) -> bytes:
+    body = {0: 0, 1: 1, 2: struct.pack("<f", 0.5), 3: 1, 4: 7, 5: 1.0}
+    body.update({int(k[1:]): x for k, x in kw.items()})
+    return _p(3, _mp(body))
+
+
+def _result(r: int) -> dict[int, Any]:
+    return {0: r, 1: struct.pack("<Q", 9), 2: struct.pack("<d", 0.25), 3: 0.01, 4: 0, 5: 1, 6: b"\x33" * 32}
+
+
+def _zstd_stream(body: bytes) -> bytes:
+    """One zstd frame WITHOUT the content size (the receiver only learns the size by decompressing)."""
+    return zstandard.ZstdCompressor(write_content_size=False).compress(body)
+
+
+def limits() -> list[dict[str, Any]]:
+    """One vector (or an at-limit / over-limit pair) per limit of the §2 table."""
+    big = _mp({0: 5}) + b"\xc0" * 1100  # 1 103 bytes: over SyncRequest's 1 024-byte max body
+    return [
+        dict(name="too_large_payload", rule="§2 max payload (Status 1 024): checked before anything is parsed",
+             topic=ST, payload=_p(6, _mp({0: True, 1: 1.0})) + b"\x00" * 1013, error="TOO_LARGE"),
+        dict(name="too_large_declared_size", rule="§2 zstd: a frame may not declare more than the max body",
+             topic=SYNC, payload=HDR_SYNC_Z + zstandard.ZstdCompressor(write_content_size=True).compress(big),
+             error="TOO_LARGE"),
+        dict(name="too_large_window", rule="§2 zstd: a frame may not ask for a window over max(8 MiB, max body)",
+             topic=SYNC, payload=HDR_SYNC_Z + bytes.fromhex("28b52ffd0070190000810005"), error="TOO_LARGE"),
+        dict(name="window_at_limit", rule="§2 zstd: an 8 MiB window is allowed for every type", topic=SYNC,
+             payload=HDR_SYNC_Z + bytes.fromhex("28b52ffd0068190000810005"), **SYNC5),
+        dict(name="too_large_stream", rule="§2 zstd: a frame without a size is decompressed in a bounded stream",
+             topic=SYNC, payload=HDR_SYNC_Z + _zstd_stream(big), error="TOO_LARGE"),
+        dict(name="str_over_max_str", rule="§2 max str (ErrorMsg 4 096 bytes): MALFORMED while parsing", topic=TO,
+             payload=_p(10, _mp({0: 1, 1: "x" * 4097})), error="MALFORMED"),
+        dict(name="bin_over_max_bin", rule="§2 max bin (Heartbeat 64): MALFORMED while parsing", topic=HB,
+             payload=_hb({0: b"\x00" * 65}), error="MALFORMED"),
+        dict(name="bin_at_max_bin_wrong_kind", rule="§2 max bin floor 64: a short value of the wrong kind is "
+             "INVALID_FIELD", topic=HB, payload=_hb({0: b"\x00" * 64}), error="INVALID_FIELD"),
+        dict(name="array_in_arrayless_type", rule="§2 max array (SyncRequest 0)", topic=SYNC,
+             payload=_p(7, _mp({0: [1]})), error="MALFORMED"),
+        dict(name="array_over_max_array", rule="§2 max array (Replay 1 024 results)", topic=TO,
+             payload=_p(8, _mp({0: [{}] * 1025})), error="MALFORMED"),
+        dict(name="array_at_max_array", rule="§2 max array: 1 024 results parse; each is then a RoundResult "
+             "body (here without its keys)", topic=TO, payload=_p(8, _mp({0: [{}] * 1024})), error="MISSING_FIELD"),
+        dict(name="map_over_max_map", rule="§2 max map (SyncRequest 16 entries)", topic=SYNC,
+             payload=_p(7, _mp({k: 0 for k in range(17)})), error="MALFORMED"),
+        dict(name="map_at_max_map", rule="§2 max map floor 16: an unknown key is UNKNOWN_FIELD", topic=SYNC,
+             payload=_p(7, _mp({k: 0 for k in range(16)})), error="UNKNOWN_FIELD"),
+        dict(name="caps_over_max_map", rule="§2 max map (Join 64: capabilities has at most 64 entries)", topic=JOIN,
+             payload=_join({f"k{i}": i for i in range(65)}), error="MALFORMED"),
+        dict(name="containers_over", rule="§2 containers (SyncRequest 1: the body only)", topic=SYNC,
+             payload=_p(7, _mp({0: {}})), error="MALFORMED"),
+        dict(name="containers_over_join", rule="§2 containers (Join 2: the body + capabilities)", topic=JOIN,
+             payload=_join({"a": {}}), error="MALFORMED"),
+        dict(name="depth_over", rule="§2 depth (Replay 3: body > results > one result)", topic=TO,
+             payload=_p(8, _mp({0: [[[]]]})), error="MALFORMED"),
+        dict(name="depth_at_limit", rule="§2 depth 3: a Replay of one result", topic=TO,
+             payload=_p(8, _mp({0: [_result(4)]})), type="Replay"),
+    ]  # fmt: skip
+
+
+def check_order() -> list[dict[str, Any]]:
+    """Payloads with two faults: the earlier check of §2 "Check order" decides the code."""
+    sync_body = HDR_SYNC + BODY
+    return [
+        dict(name="order_foreign_version", rule="check 1: a topic not of §1 is ignored unread",
+             topic="meerkat/v2/conf-vectors/plan", payload=sync_body, ignored="foreign_topic"),
+        dict(name="order_foreign_kind", rule="check 1: an unknown topic kind", topic=f"{F}/bogus/dev-a",
+             payload=sync_body, ignored="foreign_topic"),
+        dict(name="order_foreign_levels", rule="check 1: a topic with an extra level", topic=f"{SYNC}/x",
+             payload=sync_body, ignored="foreign_topic"),
+        dict(name="order_foreign_round", rule="check 1: result/{round} without leading zeros", topic=f"{F}/result/017",
+             payload=b"", ignored="foreign_topic"),
+        dict(name="order_foreign_fleet", rule="check 1: the fleet level is not a valid id",
+             topic="meerkat/v1/-f/plan", payload=b"", ignored="foreign_topic"),
+        dict(name="order_bad_client_before_truncated", rule="check 2: the topic's client id before any payload byte",
+             topic=f"{F}/sync/-x", payload=b"", error="BAD_CLIENT"),
+        dict(name="order_bad_client_before_clear", rule="check 2: BAD_CLIENT before a retained clear",
+             topic=f"{F}/status/_x", payload=b"", error="BAD_CLIENT"),
+        dict(name="retained_clear_plan", rule="check 3: a zero-length payload on plan clears it (not a message)",
+             topic=f"{F}/plan", payload=b"", ignored="retained_clear"),
+        dict(name="retained_clear_result_latest", rule="check 3: zero-length on result/latest",
+             topic=f"{F}/result/latest", payload=b"", ignored="retained_clear"),
+        dict(name="retained_clear_status", rule="check 3: zero-length on status/{client}", topic=ST, payload=b"",
+             ignored="retained_clear"),
+        dict(name="retained_clear_sync", rule="check 3: zero-length on a client topic (the coordinator clears "
+             "retained device messages, 1.3)", topic=SYNC, payload=b"", ignored="retained_clear"),
+        dict(name="empty_result_round", rule="checks 3, 4: result/{round} is not retained: zero-length is TRUNCATED",
+             topic=f"{F}/result/3", payload=b"", error="TRUNCATED"),
+        dict(name="empty_to", rule="checks 3, 4: zero-length on to/{client} is TRUNCATED", topic=TO, payload=b"",
+             error="TRUNCATED"),
+        dict(name="order_version_before_flags", rule="checks 6, 7", topic=SYNC, payload=b"\xb2\x02\x07" + BODY,
+             error="UNSUPPORTED_VERSION"),
+        dict(name="order_flags_before_type", rule="checks 7, 8", topic=SYNC, payload=b"\xb1\x02\x0b" + BODY,
+             error="BAD_FLAGS"),
+        dict(name="order_type_before_topic_type", rule="checks 8, 9", topic=f"{F}/plan", payload=b"\xb1\x00\x0b" + BODY,
+             error="UNKNOWN_TYPE"),
+        dict(name="order_unexpected_before_too_large", rule="checks 9, 10", topic=SYNC,
+             payload=_p(6, b"\x00" * 2000), error="UNEXPECTED_TYPE"),
+        dict(name="order_too_large_before_zstd", rule="checks 10, 11: the payload size before decompressing",
+             topic=ST, payload=_p(6, b"not zstd" * 200, flags=1), error="TOO_LARGE"),
+        dict(name="order_parse_before_fields", rule="checks 12, 14: a duplicate key before an unknown key",
+             topic=SYNC, payload=HDR_SYNC + b"\x82\x09\x01\x09\x02", error="MALFORMED"),
+        dict(name="order_ext_before_fields", rule="checks 12, 16: an ext (not a timestamp) before any field check",
+             topic=ST, payload=_p(6, b"\x82\x00\x05\x01\xd4\x01\x00"), error="MALFORMED"),
+        dict(name="order_nonint_key_after_unknown", rule="checks 13, 14: a non-integer key anywhere in the map "
+             "before an unknown key (wire order does not matter)", topic=SYNC,
+             payload=HDR_SYNC + b"\x83\x09\x01\xa1a\x01\x00\x05", error="MALFORMED"),
+        dict(name="order_unknown_before_missing", rule="checks 14, 15", topic=ST, payload=_p(6, _mp({0: True, 7: 1})),
+             error="UNKNOWN_FIELD"),
+        dict(name="order_unknown_before_invalid", rule="checks 14, 16", topic=SYNC, payload=_p(7, _mp({0: "x", 9: 1})),
+             error="UNKNOWN_FIELD"),
+        dict(name="order_missing_before_invalid", rule="checks 15, 16: a missing key before a bad value at a lower "
+             "key", topic=ST, payload=_p(6, _mp({0: 5})), error="MISSING_FIELD"),
+    ]  # fmt: skip
+
+
+def decisions() -> list[dict[str, Any]]:
+    """The 1.3 decisions (PROTOCOL.md Changelog 1.3, D1-D11), one vector or more each."""
+    hb = {"ts": 1.0, "cpu_pct": 1.0, "rss_bytes": 1, "round": -1}
+    upd = {"round": 0, "msg_id": 1, "grads": [0.5], "n_samples": 1, "fp_tag": 7, "loss": 1.0}
+    return [
+        dict(name="d1_timestamp32", rule="D1: a msgpack timestamp (ext -1, 4 bytes) is a value of the wrong kind",
+             topic=HB, payload=_p(5, b"\x84\x00" + TS32 + b"\x01\x01\x02\x01\x08\xff"), error="INVALID_FIELD"),
+        dict(name="d1_timestamp64", rule="D1: timestamp, 8 bytes", topic=ST, payload=_p(6, b"\x82\x00\xc3\x01" + TS64),
+             error="INVALID_FIELD"),
+        dict(name="d1_timestamp96", rule="D1: timestamp, 12 bytes", topic=ST, payload=_p(6, b"\x82\x00\xc3\x01" + TS96),
+             error="INVALID_FIELD"),
+        dict(name="d1_timestamp_bad_length", rule="D1: ext -1 of another length is not a timestamp: MALFORMED",
+             topic=ST, payload=_p(6, b"\x82\x00\xc3\x01\xc7\x05\xff" + b"\x00" * 5), error="MALFORMED"),
+        dict(name="d1_timestamp_bad_nanoseconds", rule="D1: a timestamp with nanoseconds over 999 999 999: MALFORMED",
+             topic=ST, payload=_p(6, b"\x82\x00\xc3\x01\xd7\xff" + b"\xff" * 4 + b"\x00" * 4), error="MALFORMED"),
+        dict(name="d1_ext_13_bytes", rule="D1: any other ext (here type 1, 13 bytes) is MALFORMED", topic=ST,
+             payload=_p(6, b"\x82\x00\xc3\x01\xc7\x0d\x01" + b"\x00" * 13), error="MALFORMED"),
+        dict(name="d1_timestamp_body_key", rule="D1: a timestamp as a body key is a non-integer key", topic=SYNC,
+             payload=HDR_SYNC + b"\x81" + TS32 + b"\x05", error="MALFORMED"),
+        dict(name="d1_timestamp_after_unknown", rule="D1: a timestamp value is checked with the values (check 16), "
+             "after the keys", topic=ST, payload=_p(6, b"\x83\x00\xc3\x01" + TS32 + b"\x07\x01"), error="UNKNOWN_FIELD"),
+        dict(name="d1_timestamp_in_capabilities", rule="D1: a timestamp as a capabilities value", topic=JOIN,
+             payload=_p(1, b"\x86\x00\xc4\x20" + FP32 + b"\x01\xc4\x08" + MASK8 + b"\x02\x03\x03\x01\x04\x81\xa1t"
+                        + TS32 + b"\x05\xff"), error="INVALID_FIELD"),
+        dict(name="d2_f64_in_f32_narrowed", rule="D2: an f64 in an f32 field is rounded to the nearest float32",
+             topic=HB, payload=_hb({1: 0.1}), type="Heartbeat", decoded={**hb, "cpu_pct": 0.10000000149011612}),
+        dict(name="d2_int_in_f32", rule="D2: an integer in an f32 field", topic=HB, payload=_hb({1: 3}),
+             type="Heartbeat", decoded={**hb, "cpu_pct": 3.0}),
+        dict(name="d2_f64_large_narrowed", rule="D2: a finite f64 within float32 range", topic=UP,
+             payload=_update(k5=1e38), type="Update", decoded={**upd, "loss": 9.999999680285692e37}),
+        dict(name="d2_f64_overflows_f32", rule="D2: an f64 whose float32 rounding is infinite is INVALID_FIELD",
+             topic=UP, payload=_update(k5=3.5e38), error="INVALID_FIELD"),
+        dict(name="d2_range_before_rounding", rule="D2: the range is checked on the value as sent (eval_acc "
+             "1 + 1e-9 rounds to 1.0f but is out of 0 ... 1)", topic=HB,
+             payload=_hb({9: 4, 10: 0.5, 11: 1.000000001, 12: 32}), error="INVALID_FIELD"),
+        dict(name="d2_nan", rule="D2: values must be finite", topic=HB, payload=_hb({0: float("nan")}),
+             error="INVALID_FIELD"),
+        dict(name="d2_inf_f32", rule="D2: values must be finite (float 32 inf)", topic=HB,
+             payload=_p(5, b"\x84\x00\xcb" + struct.pack(">d", 1.0) + b"\x01\xca\x7f\x80\x00\x00\x02\x01\x08\xff"),
+             error="INVALID_FIELD"),
+        dict(name="d5_plan_fleet_mismatch", rule="D5: a plan whose fleet is not the topic's fleet", topic=f"{F}/plan",
+             payload=_plan(2, fleet="other-fleet"), error="INVALID_FIELD"),
+        dict(name="d6_replay_out_of_order_decodes", rule="D6: consecutive ascending is the sender's rule; a "
+             "receiver does not refuse a Replay for its order", topic=TO,
+             payload=_p(8, _mp({0: [_result(5), _result(4)]})), type="Replay"),
+        dict(name="d7_steps_key_not_an_id", rule="D7: a steps key that is not a client id", topic=f"{F}/plan",
+             payload=_plan(2, steps={"-x": 1}), error="INVALID_FIELD"),
+        dict(name="d7_steps_key_int", rule="D7: a steps key that is not a str", topic=f"{F}/plan",
+             payload=_plan(2, steps={5: 1}), error="INVALID_FIELD"),
+        dict(name="d8_reason_1024_chars", rule="D8: lengths in chars are Unicode code points (1 024 x 4 bytes)",
+             topic=TO, payload=_p(10, _mp({0: 1, 1: EMOJI * 1024})), type="ErrorMsg",
+             decoded={"code": 1, "reason": EMOJI * 1024}),
+        dict(name="d8_reason_1025_chars", rule="D8: 1 025 code points (2 050 bytes) is over 1 024 chars", topic=TO,
+             payload=_p(10, _mp({0: 1, 1: "\u00e9" * 1025})), error="INVALID_FIELD"),
+        dict(name="d8_caps_key_64_chars", rule="D8: a capabilities key of 64 code points (256 bytes)", topic=JOIN,
+             payload=_join({EMOJI * 64: 1, "v": EMOJI * 256}), type="Join",
+             decoded={**JOIN_JSON, "capabilities": {EMOJI * 64: 1, "v": EMOJI * 256}}),
+        dict(name="d8_caps_key_65_chars", rule="D8: a capabilities key of 65 chars", topic=JOIN,
+             payload=_join({"k" * 65: 1}), error="INVALID_FIELD"),
+        dict(name="d8_caps_value_257_chars", rule="D8: a capabilities str value of 257 chars", topic=JOIN,
+             payload=_join({"v": "x" * 257}), error="INVALID_FIELD"),
+        dict(name="range_have_round_low", rule="ranges: have_round -1 ... 2^32-1", topic=SYNC,
+             payload=_p(7, _mp({0: -2})), error="INVALID_FIELD"),
+        dict(name="range_have_round_high", rule="ranges: have_round -1 ... 2^32-1", topic=SYNC,
+             payload=_p(7, _mp({0: 1 << 32})), error="INVALID_FIELD"),
+        dict(name="range_have_round_max", rule="ranges: have_round 2^32-1", topic=SYNC,
+             payload=_p(7, _mp({0: (1 << 32) - 1})), type="SyncRequest", decoded={"have_round": (1 << 32) - 1}),
+        dict(name="range_msg_id_u64", rule="ranges: msg_id is u64", topic=UP, payload=_update(k1=(1 << 64) - 1),
+             type="Update", decoded={**upd, "msg_id": (1 << 64) - 1}),
+        dict(name="range_n_samples_zero_decodes", rule="Update n_samples 0 decodes (the coordinator refuses it: "
+             "BAD_UPDATE, Acceptance 7)", topic=UP, payload=_update(k3=0), type="Update", decoded={**upd, "n_samples": 0}),
+        dict(name="range_grads_empty", rule="ranges: 1 ... 4 096 grads", topic=UP, payload=_update(k2=b""),
+             error="INVALID_FIELD"),
+        dict(name="range_errmsg_code", rule="ErrorMsg code <= 65 535", topic=TO, payload=_p(10, _mp({0: 1 << 16, 1: ""})),
+             error="INVALID_FIELD"),
+        dict(name="errmsg_unknown_code", rule="unknown ErrorMsg codes must be tolerated", topic=TO,
+             payload=_p(10, _mp({0: 999, 1: "?"})), type="ErrorMsg", decoded={"code": 999, "reason": "?"}),
+    ]  # fmt: skip
+
+
+def error_codes() -> list[dict[str, Any]]:
+    """Every protocol refusal code (32-63) as the ErrorMsg a client must decode; codes 1-13 are refusals above."""
+    from shared.messages import ErrorCode
+
+    return [
+        dict(name=f"errmsg_{c.name.lower()}", rule=f"ErrorMsg carrying {c.name} ({c.value})", topic=TO,
+             payload=_p(10, _mp({0: c.value, 1: c.name})), type="ErrorMsg", decoded={"code": c.value, "reason": c.name})
+        for c in ErrorCode if c.value >= 32
+    ]  # fmt: skip
 
 
 def write(path: Path = OUT) -> None:

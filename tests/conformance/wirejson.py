@@ -1,4 +1,4 @@
-"""The JSON form of a decoded message, as the conformance kit writes and compares it (docs/PROTOCOL.md §11).
+"""The JSON form of a decoded message, as the conformance kit writes and compares it (docs/PROTOCOL.md §12).
 
 One JSON object per message body, keyed by the field NAMES of PROTOCOL.md §2 (not the integer keys):
 hex32/hex8 -> lowercase hex string; u64[] -> list of JSON integers (exact, up to 2^64-1); f32[]/f64[] ->

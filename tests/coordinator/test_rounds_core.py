@@ -160,6 +160,29 @@ def test_dedupe_same_msg_id_is_ignored() -> None:
     assert b.handle(update("a", 0, [1.0, 1.0], 1, msg_id=7), 2.0) == [Duplicate("a", 0, 7)]
 
 
+@pytest.mark.parametrize(("straggler", "late_max_age", "kept"), [("next", 1, 1), ("next", 3, 3), ("drop", 1, 64)])
+def test_dedupe_keys_only_for_rounds_late_max_age_can_name(straggler: str, late_max_age: int, kept: int) -> None:
+    """PROTOCOL.md 1.3: with straggler `next` an update of a round closed late_max_age or more rounds ago
+    is refused before it is stored, so only the last late_max_age closed rounds keep dedupe keys; `drop`
+    stores an update of any round whose plan is kept (the 64-round window)."""
+    b = book(config(min_clients=2, straggler=straggler, late_max_age=late_max_age))
+    join(b, "a", 1)
+    join(b, "b", 1)
+    for r in range(5):
+        b.tick(float(r))
+        b.handle(update("a", r, [1.0, 1.0], 1, msg_id=r), float(r))
+        b.handle(update("b", r, [1.0, 1.0], 1, msg_id=r), float(r))
+        sent(b.tick(float(r)), RoundResult)
+    assert b.last_round == 4
+    assert sorted({r for _, r in b.stored}) == list(range(max(0, 5 - kept), 5))
+    again = b.handle(update("a", 4, [1.0, 1.0], 1, msg_id=4), 9.0)  # the newest closed round: still a duplicate
+    assert again == [Duplicate("a", 4, 4)]
+    if straggler == "next" and late_max_age == 1:  # round 2's key is gone: a re-send is just too old
+        acts = b.handle(update("a", 2, [1.0, 1.0], 1, msg_id=2), 9.0)
+        assert [e.code for e in sent(acts, ErrorMsg, "a")] == [ErrorCode.STALE_ROUND]
+        assert records(acts, UpdateRecord) == []
+
+
 def test_conflict_other_msg_id_first_wins() -> None:
     b = book(config(min_clients=2))
     join(b, "a", 1)

@@ -158,7 +158,9 @@ def test_body_errors_name_the_field() -> None:
         decode(_raw(4, {0: 1, 1: b"", 2: b"", 3: 0.1, 4: 0, 5: 1, 6: b"\x00" * 31}))
     with pytest.raises(DecodeError, match="dist"):
         decode(_raw(4, {0: 1, 1: b"", 2: b"", 3: 0.1, 4: 2, 5: 1, 6: b"\x00" * 32}))
+    # PROTOCOL.md 1.3 D1: a timestamp is a value of the wrong kind; as a body key it is a non-integer key
     assert _code(_raw(6, {0: True, 1: msgpack.Timestamp(1, 0)})) == ErrorCode.INVALID_FIELD
+    assert _code(_raw(7, {msgpack.Timestamp(1, 0): 1})) == ErrorCode.MALFORMED
     assert _code(_raw(6, {0: True, 1: msgpack.ExtType(5, b"x")})) == ErrorCode.MALFORMED
 
 
@@ -273,3 +275,24 @@ def test_encode_refuses_non_messages_and_oversize() -> None:
     huge = Replay(tuple(random_result(r) for r in range(9)))
     with pytest.raises(ValueError, match="over its limit"):
         encode(huge)
+
+
+def test_check_order_of_protocol_1_3() -> None:
+    """PROTOCOL.md §2 "Check order": the topic's client id first, then the header; within the body map
+    non-integer keys (anywhere), unknown keys, missing keys, values: the wire order never decides."""
+    assert _code(b"", client="-x") == ErrorCode.BAD_CLIENT  # check 2 before check 4 (TRUNCATED)
+    assert _code(b"\x01\x00\x07", client="-x") == ErrorCode.BAD_CLIENT
+    sync = bytes((0xB1, 0, 7))
+    assert _code(sync + b"\x83\x09\x01\xa1a\x01\x00\x05") == ErrorCode.MALFORMED  # str key after unknown key 9
+    assert _code(sync + b"\x83\xa1a\x01\x09\x01\x00\x05") == ErrorCode.MALFORMED
+    assert _code(_raw(6, {0: True, 7: 1})) == ErrorCode.UNKNOWN_FIELD  # ts missing too
+    assert _code(_raw(6, {0: 5})) == ErrorCode.MISSING_FIELD  # online invalid too
+    assert _code(_raw(6, {1: 1.0})) == ErrorCode.MISSING_FIELD
+
+
+def test_plan_fleet_is_the_topics() -> None:
+    """1.3 D5: given the topic's fleet, a plan naming another one is INVALID_FIELD; without it, it decodes."""
+    data = encode(_plan())
+    assert decode(data, RoundPlan, fleet=_plan().fleet) == _plan()
+    assert decode(data, RoundPlan) == _plan()
+    assert _code(data, fleet="another-fleet") == ErrorCode.INVALID_FIELD
