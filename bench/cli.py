@@ -12,7 +12,7 @@ import json
 from typing import Any
 
 BENCHES = ("bench.wire", "bench.prng", "bench.step", "bench.learning.learning", "bench.fleet.fleet", "bench.chaos",
-           "bench.guest.guest", "bench.attacks.cli")
+           "bench.privacy", "bench.guest.guest", "bench.attacks.cli")
 TOP_LEVEL = ("bench.tinylm.cli", "bench.demo.demo")
 
 

@@ -42,6 +42,7 @@ from coordinator.records import Record
 from coordinator.rounds import Action as BookAction
 from coordinator.rounds import Persist, Publish, RoundBook
 from edge_client.engine.spsa import StepResult
+from edge_client.privacy import DeviceBudget, DpStep
 from edge_client.service.actions import Action as DeviceAction
 from edge_client.service.actions import (
     Commit,
@@ -60,9 +61,10 @@ from edge_client.service.actions import (
 from edge_client.service.carry import heartbeat_message, join_message, sync_message, train_step
 from edge_client.service.rounds import ClientRounds
 from edge_client.service.telemetry import Reading
-from edge_client.service.trainer import Trainer, data_stream, engine_step
+from edge_client.service.trainer import Trainer, data_stream, engine_step, private_engine_step
 from shared.codec import decode, encode
 from shared.dataset import Dataset, DataStream
+from shared.dp import SecretStream
 from shared.messages import (
     CheckpointChunk,
     ErrorMsg,
@@ -320,7 +322,9 @@ def from_configs(coordinator_toml: Path, client_tomls: Sequence[Path], **fleet_k
         ccfg = load_client_config(path)
         trainer = EngineTrainer(ccfg)
         me = Identity(ccfg.client_id, ccfg.fleet, trainer.fingerprint, trainer.mask_id, trainer.n_samples, ccfg.quant)
-        devices.append(Device(ClientRounds(me, trainer.initial_values), trainer, budget_gib=ccfg.memory_budget_gib))
+        budget = DeviceBudget(trainer.n_samples, max_epsilon=ccfg.dp_max_epsilon)  # as EdgeClient (ledger in memory)
+        devices.append(Device(ClientRounds(me, trainer.initial_values, privacy=budget), trainer,
+                              budget_gib=ccfg.memory_budget_gib))
     return InProcessFleet(book, devices, **fleet_kw)
 
 
@@ -333,7 +337,7 @@ class SharedModelTrainer:
     `meerkat client` with the same id would."""
 
     def __init__(self, loaded: LoadedModel, dataset: Dataset, client_id: str, mask_id: str,
-                 micro_batch: int | None = None) -> None:
+                 micro_batch: int | None = None, secret: SecretStream | None = None) -> None:
         if loaded.sidecar is None:
             raise ValueError("SharedModelTrainer needs a model loaded with a mask (side-car)")
         self.model: torch.nn.Module = loaded.model
@@ -346,6 +350,7 @@ class SharedModelTrainer:
         self.n_samples = len(dataset)
         self.stream: DataStream = data_stream(client_id, self.n_samples)
         self.micro_batch = micro_batch
+        self.secret = secret  # the device's DP secret stream (a DP fleet); None: private steps refused
         self._values: torch.Tensor | None = None
 
     def initial_values(self) -> torch.Tensor:
@@ -362,6 +367,18 @@ class SharedModelTrainer:
         self.sidecar.set_values(self._values)
         out = engine_step(self.model, self.sidecar, self.dataset, self.stream, self.micro_batch, seed, eps, lr,
                           dist, batch_size, data_pointer)
+        self._values = self.sidecar.get_values()
+        return out
+
+    def private_step(
+        self, seed: int, eps: float, lr: float, dist: Dist, data_pointer: int, dp: DpStep
+    ) -> tuple[StepResult, int]:
+        """The client's private step (private_engine_step) over the shared model."""
+        if self._values is None or self.secret is None:
+            raise RuntimeError("private_step() needs set_values() first and a secret")
+        self.sidecar.set_values(self._values)
+        out = private_engine_step(self.model, self.sidecar, self.dataset, self.micro_batch, self.secret, seed, eps,
+                                  lr, dist, dp, data_pointer)  # fmt: skip
         self._values = self.sidecar.get_values()
         return out
 

@@ -1,10 +1,13 @@
 """`meerkat bench step`: cost of one masked SPSA step vs one inference forward, in one run.
 
     meerkat bench step [--quant nf4|int8|none] [--layers 6 --hidden 384 --batch 8 --seq 128]
-                       [--device cpu|cuda] [--preset llama-3.2-1b] [--loss lm|label] --json
+                       [--device cpu|cuda] [--preset NAME | --model DIR] [--loss lm|label] --json
 
 Builds a random-init Llama of the given shape in a temp dir (speed does not depend on the weights),
-a random mask of `--mask-fraction` of every decoder Linear (from shared.prng), and measures:
+or a preset with the published config values of qwen2.5-0.5b, llama-3.2-1b, gemma-2-2b or
+phi-3-mini (random bf16 weights, built locally), or times a local HF causal-LM directory
+(`--model DIR`, safetensors). A random mask of `--mask-fraction` of every 2-D decoder weight (from
+shared.prng), and it measures:
 - plain_fwd: the quantized model without side-car (bitsandbytes' own forward);
 - sidecar_fwd: the deployed side-car model's forward (what inference costs on the device);
 - step: one spsa_step (2 forwards + losses + exact restore + update) on the same batch;
@@ -12,7 +15,10 @@ a random mask of `--mask-fraction` of every decoder Linear (from shared.prng), a
   torch's peak allocated bytes. CPU: weights + side-car + the peak of live torch tensors during the
   call (profiler memory events: what the model needs, independent of the allocator); the RSS view is
   reported too (`*_rss_*`: peak RSS above the process's RSS once the libraries are imported; glibc's
-  retained heap makes it noisier).
+  retained heap makes it noisier);
+- planner_need_mib / planner_error: the memory planner's need at `--batch` (edge_client/engine/
+  planner.py, its safety factor included) against the measured step peak (`step_rss_peak_mib`
+  on CPU); `--no-plan` skips its two calibration forwards.
 `--loss lm`: loss over every position, inference computes every logit. `--loss label`: one target
 token per sequence (classification), inference computes the last position's logits only.
 Times are medians over `--repeats` interleaved rounds; ratios are medians of per-round ratios.
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import logging
 import os
 import statistics
@@ -37,18 +44,45 @@ import torch
 
 log = logging.getLogger(__name__)
 
+# published config values of the models users bring (random weights: speed and memory do not depend
+# on them); "llama-3.2-1b" is also what the GPU numbers in BENCHMARKS.md use
 PRESETS: dict[str, dict[str, Any]] = {
-    # Llama-3.2-1B shape (random init): what the GPU numbers in BENCHMARKS.md use
+    "qwen2.5-0.5b": dict(
+        model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+        num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
+        rope_theta=1000000.0, rms_norm_eps=1e-6, max_position_embeddings=32768,
+    ),
     "llama-3.2-1b": dict(
-        layers=16, hidden=2048, intermediate=8192, heads=32, kv_heads=8, vocab=128256, tie=True
+        model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True,
+        rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=131072,
+        rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=8192),
+    ),
+    "gemma-2-2b": dict(
+        model_type="gemma2", hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+        num_attention_heads=8, num_key_value_heads=4, head_dim=256, vocab_size=256000, tie_word_embeddings=True,
+        hidden_activation="gelu_pytorch_tanh", final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
+        query_pre_attn_scalar=256, sliding_window=4096, max_position_embeddings=8192,
+    ),
+    "phi-3-mini": dict(
+        model_type="phi3", hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, vocab_size=32064, tie_word_embeddings=False,
+        rope_theta=10000.0, max_position_embeddings=4096, sliding_window=2047,
     ),
 }
+# names of 2-D weights that are not decoder Linear layers (what the random mask leaves out)
+_NOT_LINEAR = ("embed", "lm_head", "wte", "wpe", "norm", "ln_")
 
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("step", help="ZO step time / inference forward time and peak memory ratio")
     p.add_argument("--quant", choices=("nf4", "int8", "none"), default="nf4")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="a named model shape (overrides sizes)")
+    p.add_argument("--model", default=None, metavar="DIR", help="time this local HF causal-LM directory instead")
+    p.add_argument("--no-plan", action="store_true", help="skip the memory planner's prediction (2 more forwards)")
+    p.add_argument("--sidecar-mode", choices=("default", "auto", "correct", "tile"), default="default",
+                   help="how quantized layers apply the side-car (default: shared.sidecar.default_sidecar_mode)")
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--hidden", type=int, default=384)
     p.add_argument("--intermediate", type=int, default=None, help="MLP width (default 4 x hidden)")
@@ -67,39 +101,42 @@ def add_parser(sub: Any) -> None:
 
 
 def model_config(args: argparse.Namespace) -> dict[str, Any]:
+    """transformers config values of the model to build (a preset, or a Llama from the size flags)."""
     if args.preset:
         return dict(PRESETS[args.preset])
     heads = args.heads or max(1, args.hidden // 64)
     return dict(
-        layers=args.layers,
-        hidden=args.hidden,
-        intermediate=args.intermediate or 4 * args.hidden,
-        heads=heads,
-        kv_heads=max(1, heads // 4) if heads % 4 == 0 else heads,
-        vocab=args.vocab,
-        tie=False,
+        model_type="llama",
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate or 4 * args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 4) if heads % 4 == 0 else heads,
+        vocab_size=args.vocab,
+        tie_word_embeddings=False,
+        max_position_embeddings=4096,
     )
 
 
 def build_model_dir(cfg: dict[str, Any], path: Path) -> None:
-    """Random-init Llama saved as bf16 safetensors (global-RNG init is fine: only speed is measured)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """Random-init model saved as bf16 safetensors (global-RNG init is fine: only speed is measured)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = LlamaConfig(
-        hidden_size=cfg["hidden"],
-        intermediate_size=cfg["intermediate"],
-        num_hidden_layers=cfg["layers"],
-        num_attention_heads=cfg["heads"],
-        num_key_value_heads=cfg["kv_heads"],
-        vocab_size=cfg["vocab"],
-        tie_word_embeddings=cfg["tie"],
-        max_position_embeddings=4096,
-    )
-    with torch.device("cpu"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)  # type: ignore[arg-type]
+    values = dict(cfg)
+    config = AutoConfig.for_model(values.pop("model_type"), **values)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(str(path))
     del model
     gc.collect()
+
+
+def _summary(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The shape fields of the JSON result (model_type, layers, hidden, ...)."""
+    keys = dict(
+        model_type="type", num_hidden_layers="layers", hidden_size="hidden", intermediate_size="intermediate",
+        num_attention_heads="heads", num_key_value_heads="kv_heads", vocab_size="vocab", tie_word_embeddings="tie",
+    )
+    return {f"model_{short}": cfg.get(key) for key, short in keys.items()}
 
 
 def random_mask(model_dir: Path, fraction: float, seed: int = 1234) -> dict[str, torch.Tensor]:
@@ -111,11 +148,16 @@ def random_mask(model_dir: Path, fraction: float, seed: int = 1234) -> dict[str,
 
     mask: dict[str, torch.Tensor] = {}
     files = checkpoint_files(model_dir)
-    for i, key in enumerate(sorted(k for k in files if ".layers." in k and k.endswith("proj.weight"))):
+    i = 0
+    for key in sorted(files):
         with safe_open(str(files[key]), framework="pt") as f:
-            n = int(np.prod(f.get_slice(key).get_shape()))
+            shape = f.get_slice(key).get_shape()
+        if len(shape) != 2 or not key.endswith(".weight") or any(s in key for s in _NOT_LINEAR):
+            continue
+        n = int(np.prod(shape))
         k = max(1, int(n * fraction))
         keys = raw_u64(derive_seed(seed, i), n)
+        i += 1
         idx = np.sort(np.argpartition(keys, k)[:k])
         mask[key[: -len(".weight")]] = torch.from_numpy(idx.astype(np.int64))
     return mask
@@ -150,7 +192,7 @@ def _ratio(num: list[float], den: list[float]) -> float:
 
 def run(args: argparse.Namespace) -> int:
     from bench.cli import print_json_last
-    from edge_client.engine.planner import MemoryMeter
+    from edge_client.engine.planner import MemoryMeter, plan_memory
     from edge_client.engine.spsa import spsa_step
     from shared.dataset import Batch, Dataset, Example
     from shared.loss import batch_loss, collate, tail_logits
@@ -173,13 +215,17 @@ def run(args: argparse.Namespace) -> int:
     meter.reset()
     base = meter.current()
     with tempfile.TemporaryDirectory(prefix="meerkat-bench-step-") as tmp:
-        model_dir = Path(tmp)
-        t0 = time.perf_counter()
-        build_model_dir(cfg, model_dir)
+        if args.model:
+            model_dir = Path(args.model)
+            cfg = json.loads((model_dir / "config.json").read_text())
+        else:
+            model_dir = Path(tmp)
+            t0 = time.perf_counter()
+            build_model_dir(cfg, model_dir)
+            log.info("built model %s in %.1fs", cfg, time.perf_counter() - t0)
         mask = random_mask(model_dir, args.mask_fraction)
-        log.info("built model %s in %.1fs", cfg, time.perf_counter() - t0)
         fingerprint = "0" * 64  # not needed for timing: skips hashing a large checkpoint
-        ids = [tuple(int(x) for x in raw) for raw in _tokens(args.batch, args.seq, cfg["vocab"])]
+        ids = [tuple(int(x) for x in raw) for raw in _tokens(args.batch, args.seq, int(cfg["vocab_size"]))]
         n_target = args.seq - 1 if args.loss == "lm" else 1
         examples = [Example(t, n_target) for t in ids]
         batch = Batch(examples, Dataset(examples, pad_id=0))
@@ -199,12 +245,17 @@ def run(args: argparse.Namespace) -> int:
             return weight_bytes(model) + side_bytes + cpu_live_peak(fn)
 
         result: dict[str, Any] = {"bench": "step", "quant": args.quant, "device": _device_name(dev), "loss": args.loss}
-        result.update({f"model_{k}": v for k, v in cfg.items()}, batch=args.batch, seq=args.seq)
+        result.update(_summary(cfg), batch=args.batch, seq=args.seq, preset=args.preset, model=args.model)
 
         loaded = load_model(model_dir, args.quant, dev, mask, dtype, fingerprint=fingerprint)
         model, sidecar = loaded.model, loaded.sidecar
         if sidecar is None:
             raise RuntimeError("side-car model loaded without a side-car")
+        if args.sidecar_mode != "default":
+            from shared.sidecar import sidecar_layers
+
+            for _, layer in sidecar_layers(model):
+                layer.mode = args.sidecar_mode
         side_bytes = sidecar.nbytes()
         gc.collect()
         meter.reset()
@@ -224,6 +275,7 @@ def run(args: argparse.Namespace) -> int:
             step_peak = peak_of(step_fn)
             fwd_live = live_of(fwd_fn)
             step_live = live_of(step_fn)
+            plan = None if args.no_plan else plan_memory(model, 1e6, args.seq, dev, sidecar=sidecar)
             # the plain quantized model (bitsandbytes' own Linear forward) joins only for timing
             plain = load_model(model_dir, args.quant, dev, None, dtype, fingerprint=fingerprint).model
             t = timed_rounds(
@@ -249,7 +301,20 @@ def run(args: argparse.Namespace) -> int:
             rss_peak_ratio=round(step_peak / fwd_peak, 4),
             resident_mib=round(resident / 2**20, 1),
             threads=torch.get_num_threads(),
+            sidecar_mode=_modes(model),
+            params=sum(int(np.prod(s)) for s in _checkpoint_shapes(model_dir)),
         )
+        if plan is not None:
+            # the planner's need at this batch (safety factor included) vs the measured step peak
+            measured = step_peak  # CUDA: allocated bytes, CPU: RSS above the libraries' (what the planner reads)
+            result.update(
+                planner_need_mib=round(plan.need_bytes(args.batch) / 2**20, 1),
+                planner_weights_mib=round(plan.weights_bytes / 2**20, 1),
+                planner_sidecar_mib=round(plan.sidecar_bytes / 2**20, 2),
+                planner_fixed_mib=round(plan.fixed_bytes / 2**20, 1),
+                planner_per_seq_mib=round(plan.per_seq_bytes / 2**20, 2),
+                planner_error=round(plan.need_bytes(args.batch) / measured - 1, 4),
+            )
         if dev.type == "cpu":
             result.update(
                 plain_fwd_cpu_ms=round(med(pc) * 1e3, 2),
@@ -274,6 +339,26 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json_last(result)
     return 0
+
+
+def _modes(model: torch.nn.Module) -> str:
+    """The side-car mode(s) of the quantized wrapped layers ("none" for an unquantized model)."""
+    from shared.sidecar import sidecar_layers
+
+    modes = sorted({layer.mode for _, layer in sidecar_layers(model) if layer.is_quantized})
+    return ",".join(modes) or "none"
+
+
+def _checkpoint_shapes(model_dir: Path) -> list[list[int]]:
+    from safetensors import safe_open
+
+    from shared.sidecar import checkpoint_files
+
+    shapes = []
+    for key, path in sorted(checkpoint_files(model_dir).items()):
+        with safe_open(str(path), framework="pt") as f:
+            shapes.append(list(f.get_slice(key).get_shape()))
+    return shapes
 
 
 def cpu_live_peak(fn: Callable[[], Any]) -> int:

@@ -339,6 +339,18 @@ class CoordinatorConfig:
     )
     dashboard: bool = cfg.field(True, "serve the live dashboard on / of the metrics server (same bind, same token)")
     report: bool = cfg.field(True, "write the run report (JSON + plots) to state_dir/report when the run ends")
+    # -- differential privacy (docs/PRIVACY.md; every device must honour it, RoundPlan keys 13-17) -------
+    dp_epsilon: float = cfg.field(
+        0.0, "device-level DP: each device's target epsilon (0 = off); it stops training before passing it",
+        (lambda v: 0 <= v <= 1e6, "must be in 0..1e6"),
+    )
+    dp_clip: float = cfg.field(1.0, "DP: clip C of each example's projected difference (l+ - l-)/2eps",
+                               (lambda v: 0 < v < float("inf"), "must be a finite float > 0"))
+    dp_noise: float = cfg.field(0.0, "DP: noise multiplier sigma (0 = each device derives it from dp_epsilon, "
+                                "dp_delta and dp_steps at its own sampling rate)", (lambda v: 0 <= v <= 1e6, "must be in 0..1e6"))
+    dp_delta: float = cfg.field(0.0, "DP: delta (0 = each device's 1/n^1.1)", (lambda v: 0 <= v <= 0.5, "must be in 0..0.5"))
+    dp_steps: int = cfg.field(0, "DP: steps per device the budget is planned for (0 = rounds * steps)",
+                              (lambda v: 0 <= v < 2**32, "must be in 0..2**32-1"))
     # -- training quality -------------------------------------------------------------------------
     eval_data: Path | None = cfg.field(
         None, "the coordinator's own eval set (task.json with 'eval', or JSONL): evaluates its values on CPU between rounds"
@@ -390,6 +402,9 @@ class CoordinatorConfig:
             problems.append("eval_data: needs model_dir (the coordinator evaluates the fleet's model)")
         if self.cluster and not self.event_log.startswith(("postgresql://", "postgres://")):
             problems.append("cluster: needs event_log = \"postgresql://...\" (the workers share the log and inbox)")
+        if self.dp_epsilon and not self.dp_noise and not (self.dp_steps or self.rounds):
+            problems.append("dp_steps: required with dp_epsilon when dp_noise = 0 and rounds = 0 (the noise is "
+                            "calibrated for a planned number of steps)")
         from shared.mqtt import broker_settings_problems
 
         problems += broker_settings_problems(

@@ -170,12 +170,13 @@ def _device_rows(view: FleetView) -> str:
             f"<td>{_bytes(d.rss_bytes)}</td><td>{_f(d.cpu_pct, '{:.0f}%')}</td><td>{_f(d.temp_c, '{:.0f} °C')}</td>"
             f"<td>{_f(d.step_time_s, '{:.2f} s')}</td><td>{d.updates}</td><td class=\"train-loss\">{_f(d.train_loss, '{:.4f}')}</td>"
             f"<td class=\"eval-loss\">{_f(d.eval_loss, '{:.4f}')}</td><td>{_f(d.eval_acc, '{:.1%}')}</td>"
-            f"<td>{_f(d.gradip, '{:.3g}')}</td><td>{vp}</td></tr>"
+            f"<td>{_f(d.gradip, '{:.3g}')}</td><td>{vp}</td><td>{_f(d.dp_epsilon, '{:.3g}')}"
+            f"{' (spent)' if d.dp_exhausted else ''}</td></tr>"
         )
     if not rows:
-        rows.append('<tr><td colspan="17" class="muted">no device has joined yet</td></tr>')
+        rows.append('<tr><td colspan="18" class="muted">no device has joined yet</td></tr>')
     hdr = ("device", "status", "available", "trained", "last seen", "kind", "peak memory / budget (step)", "RSS", "CPU", "temp", "step time",
-           "updates", "train loss", "eval loss", "eval acc", "GradIP", "VP")  # fmt: skip
+           "updates", "train loss", "eval loss", "eval acc", "GradIP", "VP", "DP ε")  # fmt: skip
     return (f'<table id="fleet"><thead><tr>{"".join(f"<th>{h}</th>" for h in hdr)}</tr></thead>'
             f"<tbody>{''.join(rows)}</tbody></table>")  # fmt: skip
 

@@ -1,11 +1,17 @@
 """`meerkat export`: the base model with the fleet's learned side-car values merged, as a plain HF directory.
 
-The fleet computes with W_eff = dequantize(quantized base with the mask zeroed) + side-car at the mask
-(shared/sidecar.py). Export rebuilds exactly that model (`shared.modelload.load_model` with the fleet's
-quantisation, fp32 compute), writes the values of the requested round into the side-car, replaces each
-wrapped layer by a dense fp32 Linear holding W_eff (`shared.sidecar.unwrap_dense`) and calls
-`save_pretrained`. AutoModelForCausalLM loads the result without bitsandbytes or meerkat, and its
-logits match the side-car model's.
+Two bases (`--base`), both written in the checkpoint's dtype by default (`--dtype` to change it):
+- "dequantized" (default): the model the fleet computed with, W_eff = dequantize(quantized base with
+  the mask zeroed) + side-car at the mask (shared/sidecar.py). Export rebuilds it
+  (`shared.modelload.load_model` with the fleet's quantisation, fp32 compute), writes the values of
+  the requested round into the side-car, replaces each wrapped layer by a dense Linear holding W_eff
+  (`shared.sidecar.unwrap_dense`) and calls `save_pretrained`. Its numbers are the ones the fleet and
+  the coordinator's evaluation measured (up to the dtype's rounding), which is why it is the default:
+  the learned values were fitted against this base.
+- "original": the untouched checkpoint weights with the learned values written at the masked
+  positions (no quantisation rounding anywhere else). Closer to the pretrained model; not what the
+  fleet evaluated.
+AutoModelForCausalLM loads either without bitsandbytes or meerkat.
 """
 
 from __future__ import annotations
@@ -72,6 +78,25 @@ def portable_tokenizer_config(out: Path) -> None:
         path.write_text(json.dumps(conf, indent=2, ensure_ascii=False) + "\n")
 
 
+BASES: tuple[str, ...] = ("dequantized", "original")
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def checkpoint_dtype(model_dir: Path) -> torch.dtype:
+    """The dtype of the checkpoint's floating-point weights (the first one in its safetensors files)."""
+    from safetensors import safe_open
+
+    from shared.sidecar import checkpoint_files
+
+    names = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+    for key, path in sorted(checkpoint_files(model_dir).items()):
+        with safe_open(str(path), framework="pt") as f:
+            kind = f.get_slice(key).get_dtype()
+        if kind in names:
+            return names[kind]
+    raise ExportError(f"{model_dir}: no floating-point weights found in its safetensors files")
+
+
 def export_merged(
     model_dir: Path,
     mask: Mask,
@@ -81,38 +106,73 @@ def export_merged(
     *,
     round: int = -1,
     overwrite: bool = False,
+    base: str = "dequantized",
+    dtype: str = "auto",
 ) -> Path:
-    """Write the merged fp32 model to `out_dir` (save_pretrained + tokenizer + meerkat_export.json)."""
-    from shared.modelload import load_model
-    from shared.sidecar import unwrap_dense
+    """Write the merged model to `out_dir` (save_pretrained + tokenizer + meerkat_export.json).
 
+    `base`: "dequantized" (what the fleet computed with) or "original" (the checkpoint's own weights);
+    `dtype`: "auto" (the checkpoint's) or float32 / bfloat16 / float16.
+    """
     out = Path(out_dir)
+    if base not in BASES:
+        raise ExportError(f"--base must be one of {', '.join(BASES)}, got {base!r}")
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ExportError(f"--dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"{out} exists and is not empty (pass --overwrite to replace it)")
-    loaded = load_model(model_dir, quant, "cpu", mask, compute_dtype=torch.float32)
-    if loaded.sidecar is None:
-        raise ExportError("load_model returned no side-car for the mask")
-    if tuple(values.shape) != (loaded.sidecar.nnz,):
-        raise ExportError(
-            f"values have shape {tuple(values.shape)}, the mask has {loaded.sidecar.nnz} entries"
-        )
-    loaded.sidecar.set_values(values)
-    model: Any = unwrap_dense(loaded.model, torch.float32).to(torch.float32)
-    leftover = [n for n, m in model.named_modules() if type(m).__module__.startswith("bitsandbytes")]
-    if leftover:
-        raise ExportError(
-            f"quantized layers left after merging (not wrapped by the side-car): {leftover[:5]}"
-        )
+    torch_dtype = checkpoint_dtype(Path(model_dir)) if dtype == "auto" else DTYPES[dtype]
+    if tuple(values.shape) != (mask.nnz,):
+        raise ExportError(f"values have shape {tuple(values.shape)}, the mask has {mask.nnz} entries")
+    if base == "original":
+        model, tokenizer, fingerprint = _original_base(Path(model_dir), mask, values, torch_dtype)
+    else:
+        model, tokenizer, fingerprint = _dequantized_base(Path(model_dir), mask, values, quant, torch_dtype)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
-    if loaded.tokenizer is not None:
-        loaded.tokenizer.save_pretrained(str(out))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
         portable_tokenizer_config(out)
     info = {
-        "round": round, "values_checksum": values_checksum(values), "base_fingerprint": loaded.fingerprint,
-        "mask_id": mask.mask_id, "quant": quant, "nnz": int(values.numel()),
+        "round": round, "values_checksum": values_checksum(values), "base_fingerprint": fingerprint,
+        "mask_id": mask.mask_id, "quant": quant, "nnz": int(values.numel()), "base": base,
+        "dtype": str(torch_dtype).replace("torch.", ""),
     }  # fmt: skip
     (out / "meerkat_export.json").write_text(json.dumps(info, indent=2) + "\n")
     share_tree(out)  # read by other users (a service, `meerkat evaluate`): weights 0644, not transformers' 0600
-    log.info("exported round %d (%s-merged, fp32) to %s", round, quant, out)
+    log.info("exported round %d (%s base, %s-merged, %s) to %s", round, base, quant, info["dtype"], out)
     return out
+
+
+def _dequantized_base(
+    model_dir: Path, mask: Mask, values: torch.Tensor, quant: Quant, dtype: torch.dtype
+) -> tuple[Any, Any, str]:
+    from shared.modelload import load_model
+    from shared.sidecar import unwrap_dense
+
+    loaded = load_model(model_dir, quant, "cpu", mask, compute_dtype=torch.float32)
+    if loaded.sidecar is None:
+        raise ExportError("load_model returned no side-car for the mask")
+    loaded.sidecar.set_values(values)
+    model: Any = unwrap_dense(loaded.model, dtype).to(dtype)
+    leftover = [n for n, m in model.named_modules() if type(m).__module__.startswith("bitsandbytes")]
+    if leftover:
+        raise ExportError(f"quantized layers left after merging (not wrapped by the side-car): {leftover[:5]}")
+    return model, loaded.tokenizer, loaded.fingerprint
+
+
+def _original_base(model_dir: Path, mask: Mask, values: torch.Tensor, dtype: torch.dtype) -> tuple[Any, Any, str]:
+    """The checkpoint as it is, in `dtype`, with the learned values written at the mask."""
+    from transformers import AutoModelForCausalLM
+
+    from shared.architectures import check_model_dir
+    from shared.fingerprint import fingerprint_model_dir
+    from shared.modelload import load_tokenizer
+
+    check_model_dir(model_dir)
+    model: Any = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+    with torch.no_grad():
+        for name, (a, b) in mask.offsets().items():
+            weight = model.get_submodule(name).weight
+            weight.view(-1).index_copy_(0, mask.layers[name], values[a:b].to(weight.dtype))
+    return model, load_tokenizer(model_dir), fingerprint_model_dir(model_dir)

@@ -42,6 +42,8 @@ class DeviceView:
     limited: bool  # MEERKAT-VP limited it to 1 local step
     rho_later: float | None
     rho_quie: float | None
+    dp_epsilon: float | None = None  # differential privacy spent by the device (its newest heartbeat)
+    dp_exhausted: bool | None = None  # its budget no longer fits a round: it stopped training (None: no DP)
     available: bool | None = None  # its device policy's word (protocol 1.3); None: it does not say; offline: False
     pause_reason: str | None = None  # why it is paused ("offline" for an offline device)
     trained_share: float | None = None  # share of time its client spent in local steps
@@ -137,6 +139,7 @@ def fleet_view(
                 eval_round=_num(t, "eval_round"), eval_loss=_num(t, "eval_loss"), eval_acc=_num(t, "eval_acc"),
                 gradip=g[-1][1] if g else None, limited=d is not None and d.limited_round is not None,
                 rho_later=None if d is None else d.rho_later, rho_quie=None if d is None else d.rho_quie,
+                dp_epsilon=_num(t, "dp_epsilon"), dp_exhausted=t["dp_exhausted"] if isinstance(t.get("dp_exhausted"), bool) else None,
                 available=av, pause_reason=None if av is not False else words.removeprefix("paused: "),
                 trained_share=_num(t, "trained_share"),
             ))  # fmt: skip

@@ -120,6 +120,8 @@ DEVICE_GAUGES: tuple[tuple[str, str, str], ...] = (
     ("meerkat_device_eval_accuracy", "accuracy on its held-out slice, newest evaluation", "eval_acc"),
     ("meerkat_device_gradip", "mean |GradIP| of its newest update (MEERKAT-VP)", "gradip"),
     ("meerkat_device_vp_limited", "1 when MEERKAT-VP limited it to 1 local step", "limited"),
+    ("meerkat_device_dp_epsilon", "differential privacy epsilon the device has spent (DP fleets)", "dp_epsilon"),
+    ("meerkat_device_dp_exhausted", "1 when its privacy budget stopped it from training", "dp_exhausted"),
     ("meerkat_device_available", "1 when its device policy lets it train now, 0 when paused or offline", "available"),
     ("meerkat_device_trained_share", "share of wall time its client spent in local steps since it started", "trained_share"),
 )

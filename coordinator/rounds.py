@@ -58,6 +58,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.drift import DriftMonitor
 from coordinator.influence import clip_to
 from coordinator.ingest import Reject, check_join, check_update
+from coordinator.privacy import with_privacy
 from coordinator.records import (
     ClientRow,
     EventRecord,
@@ -152,6 +153,8 @@ class RoundBook:
         self.registry = ClientRegistry(fingerprint=fingerprint, mask_id=mask_id,
                                        offline_after_s=config.offline_after_s, rows=rec.clients)  # fmt: skip
         self.admission = Admission(config, self.registry)
+        # devices whose newest Heartbeat says their privacy budget is spent (in memory: heartbeats refill it)
+        self.dp_exhausted: set[str] = set()
         self.vp = DriftPolicy(drift, config.drift_control)
         self.vp.restore(rec)
         self.availability = Availability()  # device policies: paused devices are not sampled, not missed
@@ -198,16 +201,18 @@ class RoundBook:
 
     def eligible(self) -> list[str]:
         """The online clients a plan may sample: benched ones (silent bench_after_misses rounds) and those
-        whose device policy paused them (coordinator/availability.py) excluded."""
+        whose device policy paused them (coordinator/availability.py) and those whose privacy budget is spent
+        (their Heartbeat says dp_exhausted; docs/PRIVACY.md) excluded."""
         av = self.availability
-        return [c for c in self.registry.online() if c not in self.admission.benched and av.paused(c) is None]
+        return [c for c in self.registry.online()
+                if c not in self.admission.benched and av.paused(c) is None and c not in self.dp_exhausted]
 
     def vp_limited(self) -> set[str]:
         """Clients MEERKAT-VP limits to one local step (empty with drift_control off)."""
         return self.vp.limited()
 
     def plan_message(self, p: PlanRow) -> RoundPlan:
-        return plan_message(p, self.config.fleet, self.fingerprint, self.mask_id)
+        return with_privacy(plan_message(p, self.config.fleet, self.fingerprint, self.mask_id), self.config)
 
     def _next_round(self) -> int:
         """The first round whose plan is not published yet (where a MEERKAT-VP decision takes effect)."""
@@ -313,6 +318,8 @@ class RoundBook:
         self.admission.prove(h.client, "hb")
         self.availability.note(h.client, h.available, h.pause_reason, h.trained_share)
         tele = {k: getattr(h, k) for k in TELEMETRY}  # asdict(h) less client: scalars only, no deep copy
+        if h.dp_exhausted is not None:
+            (self.dp_exhausted.add if h.dp_exhausted else self.dp_exhausted.discard)(h.client)
         return [Persist(HeartbeatRecord(h.client, tele, now)), *self.admission.bench_nag(h.client, now)]
 
     def on_sync(self, s: SyncRequest, now: float) -> list[Action]:

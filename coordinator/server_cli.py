@@ -47,6 +47,15 @@ def register(sub: Any) -> None:
     e.add_argument(
         "--quant", choices=("nf4", "int8", "none"), help="quantisation the fleet ran (overrides quant)"
     )
+    e.add_argument(
+        "--base", choices=("dequantized", "original"), default="dequantized",
+        help="dequantized: the weights the fleet computed with (default; matches the coordinator's eval); "
+        "original: the untouched checkpoint weights with the learned values written in",
+    )  # fmt: skip
+    e.add_argument(
+        "--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+        help="dtype of the written weights (default auto: the checkpoint's)",
+    )  # fmt: skip
     e.add_argument("--out", type=Path, required=True, help="output directory")
     e.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     e.set_defaults(func=_run_export)
@@ -149,6 +158,7 @@ def _run_coordinator(args: argparse.Namespace) -> int:
 
 def _run_export(args: argparse.Namespace) -> int:
     from coordinator.export import ExportError, export_merged, values_from_state
+    from shared.architectures import UnsupportedModelError
     from shared.fingerprint import fingerprint_model_dir
     from shared.maskfile import MaskError, load_mask
 
@@ -171,8 +181,10 @@ def _run_export(args: argparse.Namespace) -> int:
         fp = fingerprint_model_dir(model)
         mask = load_mask(mask_path, expected_fingerprint=fp)
         values, round = values_from_state(state_dir, mask, model, fp, event_log=event_log)
-        out = export_merged(model, mask, values, quant, args.out, round=round, overwrite=args.overwrite)
-    except (ConfigError, ExportError, MaskError, FileNotFoundError) as exc:
+        out = export_merged(
+            model, mask, values, quant, args.out, round=round, overwrite=args.overwrite, base=args.base, dtype=args.dtype
+        )
+    except (ConfigError, ExportError, MaskError, FileNotFoundError, UnsupportedModelError) as exc:
         print(f"meerkat export: {exc}", file=sys.stderr)
         return 2
     print(f"exported round {round} to {out}")

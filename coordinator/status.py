@@ -78,6 +78,7 @@ def status_report(
                 "n_samples": c.n_samples, "joined_at_round": c.last_round, "seen_s_ago": _ago(now, c.seen_at),
                 "heartbeat_s_ago": _ago(now, c.hb_at), "last_update_s_ago": _ago(now, c.last_update_at),
                 "updates": c.updates, "telemetry": c.telemetry,
+                "dp_epsilon": c.telemetry.get("dp_epsilon"), "dp_exhausted": c.telemetry.get("dp_exhausted"),
                 "available": from_telemetry(c.telemetry, c.online)[0],
                 "availability": from_telemetry(c.telemetry, c.online)[1],
                 "gradip_mean_last": math.fsum(gi) / len(gi) if gi else None,
@@ -149,7 +150,7 @@ def format_status(rep: dict[str, Any]) -> str:
         lines.append("no round open")
     lines.append(f"clients: {rep['clients_online']} online, {rep['clients_offline']} offline, "
                  f"{rep['clients_available']} available now")
-    hdr = f"  {'client':<20} {'state':<9} {'online':<6} {'available':<22} {'trained':>7} {'updates':>7} {'last upd':>9} {'hb':>7} {'rss':>7} {'gpu':>7} {'temp':>6} {'gradip':>10} {'rho_later':>9} {'rho_quie':>8} {'limited':>7}"
+    hdr = f"  {'client':<20} {'state':<9} {'online':<6} {'available':<22} {'trained':>7} {'updates':>7} {'last upd':>9} {'hb':>7} {'rss':>7} {'gpu':>7} {'temp':>6} {'gradip':>10} {'rho_later':>9} {'rho_quie':>8} {'limited':>7} {'dp_eps':>8}"
     lines.append(hdr)
     for c in rep["clients"]:
         t = c["telemetry"]
@@ -164,9 +165,12 @@ def format_status(rep: dict[str, Any]) -> str:
             f"{_s(c['last_update_s_ago']):>9} {_s(c['heartbeat_s_ago']):>7} {_fmt_bytes(t.get('rss_bytes')):>7} "
             f"{_fmt_bytes(t.get('gpu_mem_bytes')):>7} {'-' if temp is None else f'{temp:.0f}C':>6} "
             f"{'-' if gi is None else f'{gi:.3g}':>10} {_g(d.get('rho_later')):>9} {_g(d.get('rho_quie')):>8} "
-            f"{'-' if not d else ('yes' if d['limited'] else 'no'):>7}"
+            f"{'-' if not d else ('yes' if d['limited'] else 'no'):>7} {_dp(t):>8}"
         )
     lines += _quality_lines(rep.get("quality") or {})
+    spent = [c["client"] for c in rep["clients"] if c["telemetry"].get("dp_exhausted") is True]
+    if spent:
+        lines.append("privacy budget spent, no longer training: " + ", ".join(spent))
     if rep["clients_limited"]:
         lines.append("limited to 1 local step (MEERKAT-VP): " + ", ".join(rep["clients_limited"]))
     if rep["rejected"]:
@@ -206,6 +210,12 @@ def _quality_lines(q: dict[str, Any]) -> list[str]:
     if out or rpm is not None:
         out.insert(0, "quality:" + ("" if rpm is None else f"  {rpm:.1f} rounds/min"))
     return out
+
+
+def _dp(t: dict[str, Any]) -> str:
+    """Spent epsilon of a DP device ('*' once its budget stopped it); '-' outside DP fleets."""
+    e = t.get("dp_epsilon")
+    return "-" if not isinstance(e, (int, float)) else f"{e:.3g}" + ("*" if t.get("dp_exhausted") is True else "")
 
 
 def _g(v: float | None) -> str:

@@ -231,6 +231,12 @@ class RoundPlan:
     mask_id: str
     batch_size: int
     values_checksum: str  # sha256 hex of the values the plan starts from (after base_round)
+    # v1.3: the fleet's differential-privacy rule (all five or none; docs/PRIVACY.md, edge_client/privacy.py)
+    dp_clip: float | None = None  # C: each example's projected difference is clipped to [-C, C]
+    dp_noise: float | None = None  # noise multiplier sigma (std sigma C); 0 = each device derives it
+    dp_epsilon: float | None = None  # target epsilon: a device stops before passing it
+    dp_delta: float | None = None  # delta; 0 = each device's 1 / n^1.1
+    dp_steps: int | None = None  # planned steps per device (what a derived sigma is calibrated for)
 
     def __post_init__(self) -> None:
         o = "RoundPlan"
@@ -256,6 +262,18 @@ class RoundPlan:
         _hex(o, "mask_id", self.mask_id, 16)
         _int(o, "batch_size", self.batch_size, 1, U32)
         _hex(o, "values_checksum", self.values_checksum, 64)
+        dp = (self.dp_clip, self.dp_noise, self.dp_epsilon, self.dp_delta, self.dp_steps)
+        if any(v is None for v in dp) and any(v is not None for v in dp):
+            raise ValueError(f"{o}.dp_clip/dp_noise/dp_epsilon/dp_delta/dp_steps: set all five or none")
+        _set(self, "dp_clip", _opt_float(o, "dp_clip", self.dp_clip, 0.0))
+        if self.dp_clip is not None and self.dp_clip <= 0:
+            raise ValueError(f"{o}.dp_clip: expected > 0, got {self.dp_clip}")
+        _set(self, "dp_noise", _opt_float(o, "dp_noise", self.dp_noise, 0.0, 1e6))
+        _set(self, "dp_epsilon", _opt_float(o, "dp_epsilon", self.dp_epsilon, 0.0, 1e6))
+        if self.dp_epsilon is not None and self.dp_epsilon <= 0:
+            raise ValueError(f"{o}.dp_epsilon: expected > 0, got {self.dp_epsilon}")
+        _set(self, "dp_delta", _opt_float(o, "dp_delta", self.dp_delta, 0.0, 0.5))
+        _opt_int(o, "dp_steps", self.dp_steps, 1, U32)
 
 
 @dataclass(frozen=True)
@@ -333,6 +351,10 @@ class Heartbeat:
     eval_loss: float | None = None  # mean per-example loss (float32 on the wire)
     eval_acc: float | None = None  # accuracy in [0, 1], labelled data only
     eval_n: int | None = None  # examples evaluated
+    # v1.3: differential privacy spent by this device (both or none), and whether its budget stopped it
+    dp_epsilon: float | None = None  # epsilon spent over every published step (f64)
+    dp_delta: float | None = None  # the delta that epsilon is stated at
+    dp_exhausted: bool | None = None  # True: the latest DP plan did not fit its budget, it no longer trains
     # v1.3 (issue 27): the device policy's word: False = paused (pause_reason says why); None = not said
     available: bool | None = None
     pause_reason: str | None = None  # PAUSE_REASONS (a newer device may name another: shown as it is)
@@ -358,6 +380,12 @@ class Heartbeat:
             raise ValueError(f"{o}.eval_round/eval_loss/eval_n: set all three or none")
         if self.eval_acc is not None and self.eval_round is None:
             raise ValueError(f"{o}.eval_acc: needs eval_round/eval_loss/eval_n")
+        _set(self, "dp_epsilon", _opt_float(o, "dp_epsilon", self.dp_epsilon, 0.0))
+        _set(self, "dp_delta", _opt_float(o, "dp_delta", self.dp_delta, 0.0, 1.0))
+        if (self.dp_epsilon is None) != (self.dp_delta is None):
+            raise ValueError(f"{o}.dp_epsilon/dp_delta: set both or none")
+        if self.dp_exhausted is not None and not isinstance(self.dp_exhausted, bool):
+            raise ValueError(f"{o}.dp_exhausted: expected bool, got {type(self.dp_exhausted).__name__}")
         if self.available is not None and not isinstance(self.available, bool):
             raise ValueError(f"{o}.available: expected bool, got {type(self.available).__name__}")
         if self.pause_reason is not None:

@@ -11,7 +11,10 @@ What happens (quant "nf4" / "int8"):
    are set to 0 (they are REMOVED from the quantized
    base; their exact values live in the side-car), it is quantized by bitsandbytes on `device`, and the
    dense weight is released. Peak host memory is therefore the checkpoint-dtype model plus one layer;
-3. the other parameters are cast to the compute dtype and moved to `device`;
+3. the other parameters are cast to the compute dtype and moved to `device`, except the input and
+   output embeddings: they stay in the checkpoint's dtype when it is narrower (a bf16 table is never
+   widened to fp32: 2.4 GB for Gemma-2's 256k vocabulary); the input embedding's output is cast to the
+   compute dtype and the LM head widens its weight 8192 vocab rows at a time;
 4. the side-car is filled from the safetensors files (`initial_values_from_dir`: the fp32 v_0 that the
    coordinator computes the same way) and every masked layer is wrapped in a `SideCarLinear`.
 
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import types
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -33,8 +37,10 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from shared.architectures import check_model_dir
 from shared.sidecar import (
     SideCar,
     SideCarError,
@@ -117,6 +123,7 @@ def load_model(
         raise ValueError(f"quant must be one of {QUANTS}, got {quant!r}")
     if not (root / "config.json").is_file():
         raise FileNotFoundError(f"{root}: not a Hugging Face model directory (no config.json)")
+    check_model_dir(root, quant)  # an unsupported family fails here, in one line
     dev = torch.device(device)
     dtype = compute_dtype or default_compute_dtype(quant, dev)
     layers, shapes = _mask_parts(mask)
@@ -146,7 +153,7 @@ def load_model(
         sidecar = SideCar(layers, initial_values_from_dir(root, layers), dev)
         attach_sidecar(model, sidecar, dtype)
         log.info("side-car: %d values over %d layers", sidecar.nnz, len(sidecar.layer_names))
-    return LoadedModel(model, _load_tokenizer(root), sidecar, fingerprint, quant, dev, dtype)
+    return LoadedModel(model, load_tokenizer(root), sidecar, fingerprint, quant, dev, dtype)
 
 
 def _mask_parts(
@@ -214,9 +221,14 @@ def _quantize_linears(
         replace_module(model, name, q)
         quantized.update(id(p) for p in q.parameters())
         del lin, w
+    narrow = _embedding_params(model, dtype)
     for p in model.parameters():  # embeddings, norms, skipped Linear layers
-        if id(p) not in quantized:
+        if id(p) in narrow:
+            p.data = p.data.to(device)  # the checkpoint's dtype: never a wider copy of a 256k-row table
+        elif id(p) not in quantized:
             p.data = p.data.to(device, dtype if p.is_floating_point() else None)
+    if narrow:
+        _compute_in(model, dtype)
     for mod in model.modules():
         for key, buf in list(mod._buffers.items()):
             if buf is not None:
@@ -224,7 +236,45 @@ def _quantize_linears(
     return len(targets)
 
 
-def _load_tokenizer(root: Path) -> Any | None:
+HEAD_CHUNK_ROWS = 8192  # vocab rows of a narrow LM head widened at a time (8192 x 4096 fp32 = 128 MiB)
+
+
+def _embedding_params(model: nn.Module, dtype: torch.dtype) -> set[int]:
+    """ids of the input/output embedding weights stored narrower than the compute dtype (bf16 vs fp32)."""
+    found: set[int] = set()
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        fn = getattr(model, getter, None)
+        module = fn() if callable(fn) else None
+        w = getattr(module, "weight", None)
+        if isinstance(w, Tensor) and w.is_floating_point() and w.element_size() < torch.finfo(dtype).bits // 8:
+            found.add(id(w))
+    return found
+
+
+def _compute_in(model: nn.Module, dtype: torch.dtype) -> None:
+    """Embeddings kept narrow still hand the compute dtype on: the input embedding's output is cast,
+    and the LM head widens its weight one vocab chunk at a time (the same products as a wide copy)."""
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    emb = get_in() if callable(get_in) else None
+    if isinstance(emb, nn.Module) and getattr(emb, "weight", None) is not None and emb.weight.dtype != dtype:
+        emb.register_forward_hook(lambda _m, _args, out: out.to(dtype) if out.is_floating_point() else out)
+    head = get_out() if callable(get_out) else None
+    if type(head) is nn.Linear and head.weight.dtype != dtype:
+        head.forward = types.MethodType(_chunked_head_forward, head)  # type: ignore[method-assign]
+
+
+def _chunked_head_forward(self: nn.Linear, x: Tensor) -> Tensor:
+    w = self.weight
+    out = torch.empty(*x.shape[:-1], w.shape[0], dtype=x.dtype, device=x.device)
+    for a in range(0, w.shape[0], HEAD_CHUNK_ROWS):
+        b = min(a + HEAD_CHUNK_ROWS, w.shape[0])
+        bias = None if self.bias is None else self.bias[a:b].to(x.dtype)
+        out[..., a:b] = F.linear(x, w[a:b].to(x.dtype), bias)
+    return out
+
+
+def load_tokenizer(root: Path) -> Any | None:
+    """The directory's tokenizer, or None when it has no tokenizer files."""
     names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
     if not any((root / n).is_file() for n in names):
         log.info("%s has no tokenizer files; LoadedModel.tokenizer is None", root)
@@ -232,6 +282,9 @@ def _load_tokenizer(root: Path) -> Any | None:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(root))
+
+
+_load_tokenizer = load_tokenizer  # the old private name (coordinator/selfcheck.py imports it)
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -262,4 +315,13 @@ def _quant_state_bytes(qs: Any) -> int:
     return total + (_quant_state_bytes(inner) if inner is not None else 0)
 
 
-__all__ = ["LoadedModel", "MaskLike", "QUANTS", "Quant", "default_compute_dtype", "load_model", "weight_bytes"]
+__all__ = [
+    "LoadedModel",
+    "MaskLike",
+    "QUANTS",
+    "Quant",
+    "default_compute_dtype",
+    "load_model",
+    "load_tokenizer",
+    "weight_bytes",
+]

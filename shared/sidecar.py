@@ -6,17 +6,22 @@ device; `SideCar.view(name)` is the layer's slice of it (a view: a perturbation 
 one kernel and every wrapped layer sees it at its next forward).
 
 `SideCarLinear` wraps a Linear (plain, bitsandbytes `Linear4bit` or `Linear8bitLt`) PEFT style: it
-keeps `base_layer` and never calls its forward. Its forward builds the effective weight tile
+keeps `base_layer` and adds its own output. For a quantized base ("correct" mode):
 
-    W = dequantize(base_layer)           (out, in) in the compute dtype
-    W.flat[indices] = view               (overwrite: the masked positions hold exactly the side-car)
-    y = F.linear(x, W, bias)
+    y = base_layer(x)                                  the quantized kernel, untouched
+    y[..., rows] += x[..., cols] * view                sparse correction, fp32 products, one add per row
 
-For a quantized base the masked positions were zeroed before quantization (see shared/modelload.py),
-so overwrite and add are the same thing; overwriting also makes the effective weight independent of
-the quantization error at those positions. For a plain (unquantized) base the side-car is written into
-the weight in place before each forward (the weight *aliases* the buffer at the masked positions; no
-copy of the tile is made).
+where (rows, cols) = divmod(indices, in_features). The masked positions were zeroed before
+quantization (see shared/modelload.py; 0 is exact in NF4 and int8), so base + correction computes with
+exactly the side-car at those positions and the effective weight does not depend on the quantization
+error there. The correction costs tokens x nnz gathered multiply-adds instead of dequantising the
+whole weight tile every forward (the previous design; a fifth of an fp32 forward at the 1B shape on
+CPU, BENCHMARKS.md). Its sums run in a fixed order on each device (see `_add_correction`), so a
+device computes the same bits every time. "tile" mode (dequantise the tile, overwrite the masked
+entries, F.linear) is the cheaper one on a CPU computing in bf16 and for many tokens per call; "auto"
+picks per call by the token count: `default_sidecar_mode`. For a plain (unquantized) base the
+side-car is written into the weight in place before each forward (the weight *aliases* the buffer at
+the masked positions; no copy of the tile is made).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import json
 import logging
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -112,8 +117,11 @@ def dequantize_weight(layer: nn.Module, dtype: torch.dtype | None = None) -> Ten
         weight = layer.weight
         w = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
     elif isinstance(layer, bnb.nn.Linear8bitLt):
+        state = getattr(layer, "state", None)  # after its first forward the int8 weight lives in layer.state
         cb = getattr(weight, "CB", None)
+        cb = cb if cb is not None else getattr(state, "CB", None)
         scb = getattr(weight, "SCB", None)
+        scb = scb if scb is not None else getattr(state, "SCB", None)
         if cb is None or scb is None:
             raise SideCarError("Linear8bitLt has no int8 weight (CB/SCB): was it moved to a device?")
         w = bnb.functional.int8_vectorwise_dequant(cb, scb)
@@ -131,11 +139,42 @@ def _unpack_cpu_4bit(layer: Any) -> None:
         layer.quant_state = layer.weight.quant_state
 
 
+SideCarMode = Literal["correct", "tile", "auto"]
+SIDECAR_MODES: tuple[str, ...] = ("correct", "tile", "auto")
+# "auto": the correction while tokens x nnz x GATHER_COST <= out x in (the tile's dequantisation), else
+# the tile; a gathered product costs ~3 dequantised weights on CPU (BENCHMARKS.md "side-car modes")
+GATHER_COST = 3
+
+
+def default_sidecar_mode(device: torch.device, compute_dtype: torch.dtype) -> SideCarMode:
+    """How a quantized layer computes, whichever profiled cheaper (BENCHMARKS.md "side-car modes").
+
+    CPU in fp32 (no AVX512-BF16): "auto", per call -- the correction for few tokens (a 1B model at
+    batch 1 x 128: 1.035x the plain forward vs the tile's 1.107x), the tile for many (the default
+    8 x 128 bench). CPU in bf16: "tile" (dequantise + a bf16 matmul costs what bnb's own kernel does,
+    the correction's bf16 gathers a quarter of a forward). CUDA: "tile", the measured design (1.33x
+    on an H200); the correction has not been profiled on a GPU yet.
+    """
+    if device.type == "cpu" and compute_dtype == torch.float32:
+        return "auto"
+    return "tile"
+
+
 class SideCarLinear(nn.Module):
     """A Linear whose weight at `indices` is `view` (a slice of the side-car buffer). Wraps `base_layer`."""
 
-    def __init__(self, base_layer: nn.Module, view: Tensor, indices: Tensor, compute_dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        view: Tensor,
+        indices: Tensor,
+        compute_dtype: torch.dtype,
+        mode: SideCarMode = "correct",
+    ) -> None:
         super().__init__()
+        if mode not in SIDECAR_MODES:
+            raise SideCarError(f"side-car mode must be one of {SIDECAR_MODES}, got {mode!r}")
+        self.mode = mode
         out_f, in_f = _shape(base_layer)
         if view.shape != indices.shape:
             raise SideCarError(f"view {tuple(view.shape)} and indices {tuple(indices.shape)} differ")
@@ -148,6 +187,9 @@ class SideCarLinear(nn.Module):
         # plain attributes, not buffers: they must keep aliasing the side-car after state_dict/to() calls
         self.sidecar_view = view
         self.sidecar_indices = indices
+        # the correction's gather/scatter plan: row and column of each entry, touched rows and their counts
+        self.sidecar_row_of, self.sidecar_cols = indices // in_f, indices % in_f
+        self.sidecar_rows, self.sidecar_counts = torch.unique_consecutive(self.sidecar_row_of, return_counts=True)
 
     @property
     def weight(self) -> Tensor:
@@ -160,21 +202,64 @@ class SideCarLinear(nn.Module):
         return b
 
     def effective_weight(self) -> Tensor:
-        """The (out, in) weight this layer computes with, in the compute dtype."""
+        """The (out, in) weight this layer computes with, as a new fp32 tensor (tests, export)."""
         with torch.no_grad():
-            if self.is_quantized:
-                w = dequantize_weight(self.base_layer, self.compute_dtype)
-            else:
-                w = self.weight.data  # write in place: the weight aliases the buffer here
-            w.view(-1).index_copy_(0, self.sidecar_indices, self.sidecar_view.to(w.dtype))
+            w = dequantize_weight(self.base_layer, torch.float32)
+            w.view(-1).index_copy_(0, self.sidecar_indices, self.sidecar_view.float())
         return w
 
     def forward(self, x: Tensor) -> Tensor:
-        w = self.effective_weight()
+        if not self.is_quantized:
+            return self._dense_forward(x)
+        if self.mode == "tile" or (
+            self.mode == "auto"
+            and x.numel() // self.in_features * self.sidecar_indices.numel() * GATHER_COST
+            > self.in_features * self.out_features
+        ):
+            return self._tile_forward(x)
+        y: Tensor = self.base_layer(x)
+        if self.sidecar_indices.numel() == 0:
+            return y
+        return self._add_correction(x, y)
+
+    def _tile_forward(self, x: Tensor) -> Tensor:
+        """Dequantise the tile in the compute dtype, overwrite the masked entries, F.linear."""
+        with torch.no_grad():
+            w = dequantize_weight(self.base_layer, self.compute_dtype)
+            w.view(-1).index_copy_(0, self.sidecar_indices, self.sidecar_view.to(w.dtype))
         bias = self.bias
         if bias is not None and bias.dtype != w.dtype:
             bias = bias.to(w.dtype)
         return F.linear(x.to(w.dtype), w, bias).to(x.dtype)
+
+    def _dense_forward(self, x: Tensor) -> Tensor:
+        w = self.weight.data
+        with torch.no_grad():  # write in place: the weight aliases the buffer at the masked positions
+            w.view(-1).index_copy_(0, self.sidecar_indices, self.sidecar_view.to(w.dtype))
+        bias = self.bias
+        if bias is not None and bias.dtype != w.dtype:
+            bias = bias.to(w.dtype)
+        return F.linear(x.to(w.dtype), w, bias).to(x.dtype)
+
+    def _add_correction(self, x: Tensor, y: Tensor) -> Tensor:
+        """y[..., r] += sum over masked (r, c) of x[..., c] * v, products in fp32, in a fixed order.
+
+        CPU: one gather of (N, nnz) products and ONE index_add_ into y's columns, which walks the
+        indices in order (index ops pay per index, so the fewest index passes win; profiled in
+        BENCHMARKS.md). CUDA: index_add_ would use atomics (no fixed order), so each row's run of
+        products is summed by `segment_reduce` first and the touched rows, unique, are added once.
+        """
+        xs = x.reshape(-1, self.in_features)
+        ys = y.reshape(-1, self.out_features)
+        if ys.device.type != "cuda":
+            contrib = xs.float().index_select(1, self.sidecar_cols).mul_(self.sidecar_view)  # (N, nnz)
+            ys.index_add_(1, self.sidecar_row_of, contrib.to(ys.dtype))
+            return ys.view(y.shape)
+        xt = xs.t().float().contiguous()  # (in, N)
+        contrib = xt.index_select(0, self.sidecar_cols).mul_(self.sidecar_view[:, None])  # (nnz, N)
+        acc = torch.segment_reduce(contrib, "sum", lengths=self.sidecar_counts, axis=0)  # (rows touched, N)
+        ys.index_add_(1, self.sidecar_rows, acc.t().to(ys.dtype))
+        return ys.view(y.shape)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, nnz={self.sidecar_indices.numel()}"
@@ -201,8 +286,15 @@ def sidecar_layers(model: nn.Module) -> Iterator[tuple[str, SideCarLinear]]:
     yield from sorted(found, key=lambda nm: nm[0])
 
 
-def attach_sidecar(model: nn.Module, sidecar: SideCar, compute_dtype: torch.dtype) -> None:
-    """Replace each masked Linear of `model` by a SideCarLinear over its slice of `sidecar`."""
+def attach_sidecar(
+    model: nn.Module, sidecar: SideCar, compute_dtype: torch.dtype, mode: SideCarMode | None = None
+) -> None:
+    """Replace each masked Linear of `model` by a SideCarLinear over its slice of `sidecar`.
+
+    `mode` (quantized layers): "correct" or "tile" (see SideCarLinear); None picks
+    `default_sidecar_mode` for the side-car's device and `compute_dtype`.
+    """
+    mode = mode or default_sidecar_mode(sidecar.device, compute_dtype)
     modules = dict(model.named_modules())
     for name in sidecar.layer_names:
         layer = modules.get(name)
@@ -214,13 +306,13 @@ def attach_sidecar(model: nn.Module, sidecar: SideCar, compute_dtype: torch.dtyp
         idx = sidecar.indices[name]
         if idx.numel() and int(idx[-1]) >= out_f * in_f:
             raise SideCarError(f"layer {name!r}: index {int(idx[-1])} out of range for ({out_f}, {in_f})")
-        replace_module(model, name, SideCarLinear(layer, sidecar.view(name), idx, compute_dtype))
-    # quantized layers outside the mask get an empty slice: every quantized layer then computes the same
-    # way (dequantize + F.linear) and merged_dense_state covers the whole quantized model
+        replace_module(model, name, SideCarLinear(layer, sidecar.view(name), idx, compute_dtype, mode))
+    # quantized layers outside the mask get an empty slice (their forward is the base kernel alone), so
+    # merged_dense_state and the export cover the whole quantized model
     empty_idx = torch.zeros(0, dtype=torch.int64, device=sidecar.device)
     for name, layer in list(model.named_modules()):
         if _is_bnb(layer) and name not in sidecar.offsets and not name.endswith(".base_layer"):
-            replace_module(model, name, SideCarLinear(layer, sidecar.values[0:0], empty_idx, compute_dtype))
+            replace_module(model, name, SideCarLinear(layer, sidecar.values[0:0], empty_idx, compute_dtype, mode))
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -315,10 +407,14 @@ def initial_values_from_dir(model_dir: str | Path, mask_layers: Mapping[str, Ten
 __all__ = [
     "SideCar",
     "SideCarError",
+    "GATHER_COST",
+    "SIDECAR_MODES",
     "SideCarLinear",
+    "SideCarMode",
     "attach_sidecar",
     "bnb_module",
     "checkpoint_files",
+    "default_sidecar_mode",
     "dequantize_weight",
     "initial_values_from_dir",
     "merged_dense_state",

@@ -14,6 +14,7 @@ fp32 parameters.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -29,9 +30,11 @@ from bench.tinylm import tasks as tasks_mod
 from coordinator.config import Aggregation, CoordinatorConfig
 from coordinator.drift import DriftMonitor, DriftThresholds
 from coordinator.rounds import RoundBook
+from edge_client.privacy import DeviceBudget
 from edge_client.service.rounds import ClientRounds, Identity
 from edge_client.service.trainer import Trainer, data_stream
 from shared.dataset import Dataset, DataStream, load_jsonl, load_task_config
+from shared.dp import SecretStream
 from shared.loss import evaluate, example_losses
 from shared.prng import Dist
 
@@ -101,6 +104,7 @@ class RunResult:
     gradip: dict[str, list[float]] = field(default_factory=dict)  # per client, when a monitor ran
     final_loss: float = math.nan
     spikes: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # per client: (round, max|g| / median)
+    dp_spent: dict[str, float] = field(default_factory=dict)  # DP runs: epsilon each device spent
 
     def to_json(self) -> dict[str, Any]:
         return {"accuracy": self.accuracy, "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
@@ -140,6 +144,9 @@ class ZOSpec:
     thresholds: DriftThresholds | None = None
     aggregation: Aggregation = "centered"  # the coordinator's rule (its default: centred clipping)
     weight_cap_factor: float = 2.0  # the coordinator's FedAvg weight cap (0 = the devices' n_samples as they are)
+    dp_epsilon: float = 0.0  # > 0: device-level DP at this target epsilon (bench/privacy.py), budget = rounds * T
+    dp_clip: float = 1.0
+    dp_delta: float = 0.0  # 0: each device's 1 / n^1.1
 
 
 def zo_config(spec: ZOSpec, n_devices: int) -> CoordinatorConfig:
@@ -154,6 +161,7 @@ def zo_config(spec: ZOSpec, n_devices: int) -> CoordinatorConfig:
         dist=spec.dist, batch_size=spec.batch_size, min_clients=n_devices, clients_per_round=0,
         min_updates=1, round_deadline_s=600.0, offline_after_s=1e9, drift_control=spec.vp, metrics=False,
         aggregation=spec.aggregation, weight_cap_factor=spec.weight_cap_factor,
+        dp_epsilon=spec.dp_epsilon, dp_clip=spec.dp_clip, dp_delta=spec.dp_delta, dp_steps=spec.rounds * spec.T,
     )
 
 
@@ -182,12 +190,15 @@ def run_zo(
     clients = sorted(data.clients)
     book = RoundBook(zo_config(spec, len(clients)), fingerprint=loaded.fingerprint, mask_id=mask_id,
                      values=sidecar.initial_values(), drift=monitor)
-    devices = [
-        Device(ClientRounds(Identity(c, FLEET, loaded.fingerprint, mask_id, len(data.clients[c])),
-                            sidecar.initial_values),
-               trainer(loaded, data.clients[c], c, mask_id))
-        for c in clients
-    ]
+    dp = spec.dp_epsilon > 0
+    devices = []
+    for c in clients:
+        engine = trainer(loaded, data.clients[c], c, mask_id)
+        if dp:  # a DP fleet: every device needs its secret stream (SharedModelTrainer.private_step)
+            engine.secret = bench_secret(spec.seed, c)  # type: ignore[attr-defined]
+        core = ClientRounds(Identity(c, FLEET, loaded.fingerprint, mask_id, len(data.clients[c])),
+                            sidecar.initial_values, privacy=DeviceBudget(len(data.clients[c])) if dp else None)
+        devices.append(Device(core, engine))
     fleet = InProcessFleet(book, devices)
     curve = Curve()
     evals = _eval_rounds(spec.rounds, spec.n_evals)
@@ -214,7 +225,14 @@ def run_zo(
         gradip={c: monitor.gradip(c) for c in clients} if monitor is not None else {},
         final_loss=losses[-1] if losses else math.nan,
         spikes={c: [(st.round, st.ratio) for st in monitor.spikes(c)] for c in clients} if monitor is not None else {},
+        dp_spent={d.client: spent[0] for d in devices if d.core.privacy and (spent := d.core.privacy.spent())},
     )
+
+
+def bench_secret(seed: int, client: str) -> SecretStream:
+    """A simulated device's DP secret, derived from the run seed so a benchmark run is reproducible. A real
+    device draws its secret from os.urandom (edge_client/privacy.py); nothing public may derive it."""
+    return SecretStream(hashlib.sha256(f"meerkat-bench-dp|{seed}|{client}".encode()).digest())
 
 
 # ---------------------------------------------------------------- backprop FedAvg (upper bound)

@@ -5,7 +5,7 @@ Pipeline (each step a short function, testable on its own):
     pack_sequences(tokenizer, ...)   -> (n_seqs, seq_len) int64 token ids     (round-robin over files)
     eligible_weights(model)          -> {module name: weight}                 (decoder Linear weights)
     accumulate_gradients(...)        -> GradStats: mean g and mean g^2 per weight, fp32
-    select_top_k(keys, k)            -> {layer: sorted flat indices}          (global, exact, deterministic)
+    select_top_k(keys, k)            -> {layer: sorted flat indices}          (coordinator/mask/select.py)
     concentration(sq, fraction)      -> top-k mean g^2 vs the next tier / the f..10f band
 
 Scores: pretrain-grad = mean squared per-sequence gradient of the LM loss; weight-magnitude = |w|;
@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,18 +27,24 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from shared import prng
+from coordinator.mask.loading import load_for_mask, pick_device, tokenizer_encoder
+from coordinator.mask.select import (
+    BAND_FACTOR,
+    MaskBuildError,
+    concentration,
+    float_keys,
+    k_for,
+    mask_sq_stats,
+    random_keys,
+    select_top_k,
+    top_values,
+)
 from shared.jsonl import JsonlError, parse_jsonl
 
 log = logging.getLogger(__name__)
 
 Method = Literal["pretrain-grad", "weight-magnitude", "random"]
 METHODS: tuple[str, ...] = ("pretrain-grad", "weight-magnitude", "random")
-BAND_FACTOR = 10  # the paper compares the top 0.1% with the 0.1%..1% band: f .. 10 f
-
-
-class MaskBuildError(ValueError):
-    """Bad calibration input, model or arguments for the mask builder; the message names the culprit."""
 
 
 # ---------------------------------------------------------------- calibration text
@@ -181,7 +187,7 @@ def eligible_weights(model: nn.Module, include_embeddings: bool = False) -> dict
 class GradStats:
     """Per-layer fp32 mean gradient and mean squared gradient over calibration sequences."""
 
-    mean: dict[str, torch.Tensor]  # layer -> (out, in) fp32
+    mean: dict[str, torch.Tensor]  # layer -> (out, in) in the weight's dtype
     sq: dict[str, torch.Tensor]  # layer -> (out, in) fp32
     n_seqs: int
     mean_loss: float
@@ -194,11 +200,15 @@ def accumulate_gradients(
     *,
     progress: bool = True,
 ) -> GradStats:
-    """Backprop the LM loss of each sequence alone; add g and g^2 into fp32 buffers; free the grads.
+    """Backprop the LM loss of each sequence alone; add g and g^2 into per-layer buffers as each arrives.
 
     One sequence at a time keeps activation memory at batch 1; the squared gradient is per sequence
     (a batch would square an average and shrink the signal). Only the eligible weights keep
-    requires_grad, so no gradient memory is spent on anything else.
+    requires_grad. A post-accumulate hook on each weight adds its gradient into the buffers the moment
+    backprop has finished it and frees it, so at most one layer's gradient is alive, never a full
+    gradient copy of the model. g^2 is summed in fp32 (the ranking needs it); g in the weight's own
+    dtype (fp32 for an fp32 model; a bf16 model's mean gradient, used only at the mask by GradIP, is
+    summed in bf16 to keep the peak near 6 bytes per eligible parameter + the bf16 weights).
     """
     from tqdm import tqdm
 
@@ -208,8 +218,23 @@ def accumulate_gradients(
     wanted = {id(w) for w in weights.values()}
     for p in model.parameters():
         p.requires_grad_(id(p) in wanted)
-    total = {n: torch.zeros(w.shape, dtype=torch.float32, device=device) for n, w in weights.items()}
+    total = {n: torch.zeros(w.shape, dtype=w.dtype, device=device) for n, w in weights.items()}
     total_sq = {n: torch.zeros(w.shape, dtype=torch.float32, device=device) for n, w in weights.items()}
+    arrived: set[str] = set()
+
+    def make_hook(name: str) -> Callable[[torch.Tensor], None]:
+        def hook(w: torch.Tensor) -> None:
+            g = w.grad
+            assert g is not None  # the hook runs after accumulation
+            g32 = g.float()  # the same tensor for an fp32 weight
+            total[name].add_(g)
+            total_sq[name].addcmul_(g32, g32)
+            w.grad = None  # freed as soon as it is counted
+            arrived.add(name)
+
+        return hook
+
+    handles = [w.register_post_accumulate_grad_hook(make_hook(n)) for n, w in weights.items()]  # type: ignore[no-untyped-call]
     loss_sum = 0.0
     modes = {m: m.training for m in model.modules()}
     model.eval()  # no dropout: the gradient of the model as it is
@@ -218,28 +243,28 @@ def accumulate_gradients(
         # checkpointed blocks; their children (attention, dropout) stay in eval mode
         if getattr(m, "gradient_checkpointing", False) is True:
             m.training = True
+    n = ids.shape[0]
+    started = time.perf_counter()
     try:
-        for row in tqdm(ids, desc="mask: backprop", unit="seq", disable=None if progress else True):
+        for i, row in enumerate(tqdm(ids, desc="mask: backprop", unit="seq", disable=None if progress else True)):
             seq = row.unsqueeze(0).to(device)  # (1, L)
             loss = model(input_ids=seq, labels=seq).loss
             if not torch.isfinite(loss):
                 raise MaskBuildError(
                     f"calibration loss is {loss.item()} (not finite): check the model weights"
                 )
+            arrived.clear()
             loss.backward()
             loss_sum += float(loss.item())
-            for name, w in weights.items():
-                g = w.grad
-                if g is None:
-                    raise MaskBuildError(f"layer {name} got no gradient: is it used by the forward pass?")
-                g32 = g.float()
-                total[name].add_(g32)
-                total_sq[name].addcmul_(g32, g32)
-                w.grad = None
+            missing = sorted(set(weights) - arrived)
+            if missing:
+                raise MaskBuildError(f"layer {missing[0]} got no gradient: is it used by the forward pass?")
+            _log_progress(i + 1, n, time.perf_counter() - started)
     finally:
+        for h in handles:
+            h.remove()
         for m, mode in modes.items():
             m.training = mode
-    n = ids.shape[0]
     for name in weights:
         total[name].div_(n)
         total_sq[name].div_(n)
@@ -248,140 +273,13 @@ def accumulate_gradients(
     return GradStats(total, total_sq, n, loss_sum / n)
 
 
-# ---------------------------------------------------------------- global top-k
-
-
-def float_keys(scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Order-preserving int32 keys of non-negative finite float32 scores: their IEEE bit patterns.
-
-    The keys are views of fp32 scores (no copy: a 1B-weight model's scores are 4 GiB already); only a
-    layer holding -0.0 (sign bit set) is copied once to turn it into +0.0.
-    """
-    keys = {}
-    for name, s in scores.items():
-        s32 = s.detach().float().flatten()
-        if not bool(torch.isfinite(s32).all()):
-            raise MaskBuildError(f"layer {name}: score has inf/NaN")
-        if bool((s32 < 0).any()):
-            raise MaskBuildError(f"layer {name}: scores must be >= 0")
-        k = s32.view(torch.int32)
-        if bool((k < 0).any()):  # -0.0
-            k = (s32 + 0.0).view(torch.int32)
-        keys[name] = k
-    return keys
-
-
-def random_keys(shapes: Mapping[str, tuple[int, ...]], seed: int) -> dict[str, torch.Tensor]:
-    """Uniform int64 keys from `shared.prng`: key of flat position j of the concatenation = u_j >> 1."""
-    keys: dict[str, torch.Tensor] = {}
-    offset = 0
-    for name in sorted(shapes):
-        n = math.prod(shapes[name])
-        u = prng.raw_u64(seed, n, offset=offset) >> 1  # numpy uint64 -> fits int64
-        keys[name] = torch.from_numpy(u.astype("int64"))
-        offset += n
-    return keys
-
-
-def _kth_largest_key(keys: Mapping[str, torch.Tensor], k: int) -> int:
-    """The k-th largest key over all layers (bisection on the key value; exact, memory O(1) extra)."""
-    lo = min(int(t.min()) for t in keys.values() if t.numel())
-    hi = max(int(t.max()) for t in keys.values() if t.numel())
-    while lo < hi:  # invariant: count(key >= lo) >= k, count(key >= hi + 1) < k
-        mid = (lo + hi + 1) // 2
-        if sum(int((t >= mid).sum()) for t in keys.values()) >= k:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
-
-
-def select_top_k(keys: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
-    """Exactly k positions with the largest keys, as sorted int64 flat indices per layer.
-
-    Ties at the threshold go to the lowest (layer name, flat index) first, so the result is a pure
-    function of the keys. Layers with no selected position are left out.
-    """
-    total = sum(t.numel() for t in keys.values())
-    if not 1 <= k <= total:
-        raise MaskBuildError(f"k must be in [1, {total}], got {k}")
-    thr = _kth_largest_key(keys, k)
-    ties_left = k - sum(int((t > thr).sum()) for t in keys.values())
-    out: dict[str, torch.Tensor] = {}
-    for name in sorted(keys):
-        t = keys[name].flatten()
-        above = torch.nonzero(t > thr).flatten()
-        ties = torch.nonzero(t == thr).flatten()[: max(ties_left, 0)]
-        ties_left -= ties.numel()
-        idx = torch.sort(torch.cat([above, ties])).values.to(torch.int64)
-        if idx.numel():
-            out[name] = idx
-    return out
-
-
-def top_values(scores: Mapping[str, torch.Tensor], m: int) -> torch.Tensor:
-    """The m largest scores over all layers, float64, sorted descending."""
-    keys = float_keys(scores)
-    thr = _kth_largest_key(keys, m)
-    parts = [s.detach().flatten()[keys[n] > thr].double() for n, s in scores.items()]
-    above = torch.cat(parts)
-    thr_value = torch.tensor([thr], dtype=torch.int32).view(torch.float32).double()
-    vals = torch.cat([above, thr_value.expand(m - above.numel())])
-    return torch.sort(vals, descending=True).values
-
-
-def k_for(fraction: float, total: int) -> int:
-    """Number of masked weights for a fraction of `total` (rounded, at least 1)."""
-    if not (0.0 < fraction <= 1.0) or math.isnan(fraction):
-        raise MaskBuildError(f"fraction must be in (0, 1], got {fraction}")
-    return max(1, min(total, round(fraction * total)))
-
-
-def concentration(sq: Mapping[str, torch.Tensor], fraction: float) -> dict[str, Any]:
-    """Mean g^2 of the top fraction vs the next tier of equal size and vs the f..10f band.
-
-    The band is clipped to the number of weights; a ratio whose comparison tier is empty or all zero
-    is None (JSON has no infinity).
-    """
-    total = sum(t.numel() for t in sq.values())
-    k = k_for(fraction, total)
-    m = min(total, BAND_FACTOR * k)
-    vals = top_values(sq, m)
-    overall = sum(float(t.double().sum()) for t in sq.values()) / total
-    top = float(vals[:k].mean())
-    nxt = vals[k : 2 * k]
-    band = vals[k:m]
-
-    def ratio(tier: torch.Tensor) -> float | None:
-        if tier.numel() == 0:
-            return None
-        mean = float(tier.mean())
-        return top / mean if mean > 0 else None
-
-    return {
-        "fraction": fraction,
-        "k": k,
-        "n_weights": total,
-        "top_mean_sq": top,
-        "next_tier_mean_sq": float(nxt.mean()) if nxt.numel() else None,
-        "ratio_next_tier": ratio(nxt),
-        "band": [fraction, fraction * m / k],
-        "band_mean_sq": float(band.mean()) if band.numel() else None,
-        "ratio_band": ratio(band),
-        "overall_mean_sq": overall,
-        "top_mass_share": float(vals[:k].sum()) / (overall * total) if overall > 0 else None,
-    }
-
-
-def mask_sq_stats(indices: Mapping[str, torch.Tensor], sq: Mapping[str, torch.Tensor]) -> dict[str, float]:
-    """Mean g^2 at a mask's positions and the share of all g^2 mass the mask holds."""
-    missing = sorted(set(indices) - set(sq))
-    if missing:
-        raise MaskBuildError(f"mask layers not in the model: {', '.join(missing[:5])}")
-    at = sum(float(sq[n].flatten()[idx].double().sum()) for n, idx in indices.items())
-    nnz = sum(idx.numel() for idx in indices.values())
-    mass = sum(float(t.double().sum()) for t in sq.values())
-    return {"mask_mean_sq": at / max(nnz, 1), "mask_mass_share": at / mass if mass > 0 else 0.0}
+def _log_progress(done: int, total: int, elapsed: float) -> None:
+    """A log line with the rate and the ETA (also when stderr is not a terminal and tqdm stays quiet)."""
+    every = max(1, total // 10)
+    if done % every and done != total:
+        return
+    per = elapsed / done
+    log.info("mask: %d/%d sequences, %.1f s/seq, ETA %.0f s", done, total, per, per * (total - done))
 
 
 # ---------------------------------------------------------------- the whole build
@@ -451,7 +349,6 @@ def build_mask(
     seqs: int = 128,
     seq_len: int = 512,
     seed: int = 0,
-    include_embeddings: bool = False,
     progress: bool = True,
 ) -> BuildResult:
     """Score every eligible weight by `method`, keep the global top `fraction`, attach the mean gradient.
@@ -465,7 +362,7 @@ def build_mask(
         raise MaskBuildError("method pretrain-grad needs calibration text (--calib FILE)")
     if calib and encode is None:
         raise MaskBuildError("calibration text given but no tokenizer to encode it")
-    weights = eligible_weights(model, include_embeddings)
+    weights = eligible_weights(model)
     shapes = {n: _shape2(n, w) for n, w in weights.items()}
     k = k_for(fraction, sum(w.numel() for w in weights.values()))
     grads: GradStats | None = None
@@ -501,73 +398,7 @@ def build_mask(
     return BuildResult(method, fraction, indices, shapes, grad_at, calib_desc, stats)
 
 
-# ---------------------------------------------------------------- model loading and the file
-
-
-def pick_device(device: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; anything else must be a valid torch device string."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise MaskBuildError(f"--device {device!r} is not a torch device") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MaskBuildError(f"--device {device}: CUDA is not available on this machine")
-    return dev
-
-
-def load_for_mask(
-    model_dir: str | Path,
-    *,
-    device: str = "auto",
-    dtype: str = "float32",
-    checkpointing: bool = False,
-    tokenizer_dir: str | Path | None = None,
-) -> tuple[nn.Module, Any]:
-    """The full-precision model (no quantization: the mask needs true gradients) and its tokenizer.
-
-    `checkpointing` turns on HF activation checkpointing (see `accumulate_gradients` for the mode).
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    root = Path(model_dir)
-    if not (root / "config.json").is_file():
-        raise MaskBuildError(f"--model {root}: no config.json (expected a Hugging Face model directory)")
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-    if dtype not in dtypes:
-        raise MaskBuildError(f"--dtype must be one of {', '.join(dtypes)}, got {dtype!r}")
-    dev = pick_device(device)
-    if dev.type == "cpu" and dtype != "float32":
-        log.warning("bfloat16 backprop on CPU is slow and coarse; float32 is recommended")
-    tok_root = Path(tokenizer_dir) if tokenizer_dir is not None else root
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(tok_root))
-    except (OSError, ValueError) as exc:
-        raise MaskBuildError(f"cannot load a tokenizer from {tok_root} (use --tokenizer DIR): {exc}") from exc
-    model: Any = AutoModelForCausalLM.from_pretrained(str(root), dtype=dtypes[dtype])  # a PreTrainedModel
-    model.to(dev)
-    model.config.use_cache = False  # no KV cache during backprop
-    model.eval()  # no dropout: the gradient of the model as it is
-    if checkpointing:
-        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5 name
-        if callable(enable):
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if not any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
-            raise MaskBuildError(f"{type(model).__name__} does not support gradient checkpointing")
-    return model, tokenizer
-
-
-def tokenizer_encoder(tokenizer: Any) -> tuple[Callable[[str], list[int]], int | None]:
-    """(text -> ids without special tokens, eos id or None) for a transformers tokenizer."""
-
-    def encode(text: str) -> list[int]:
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    eos = getattr(tokenizer, "eos_token_id", None)
-    return encode, int(eos) if eos is not None else None
+# ---------------------------------------------------------------- the file
 
 
 def describe(result: BuildResult, extra: Mapping[str, Any]) -> str:
@@ -601,3 +432,34 @@ def to_mask(result: BuildResult, fingerprint: str, extra: Mapping[str, Any], cre
     )
     shapes = {n: result.shapes[n] for n in result.indices}
     return Mask(layers=dict(result.indices), shapes=shapes, grad=result.grad, meta=meta)
+
+
+__all__ = [
+    "BAND_FACTOR",
+    "METHODS",
+    "BuildResult",
+    "CalibFile",
+    "GradStats",
+    "MaskBuildError",
+    "Method",
+    "Packed",
+    "accumulate_gradients",
+    "build_mask",
+    "calibrate",
+    "concentration",
+    "describe",
+    "eligible_weights",
+    "float_keys",
+    "k_for",
+    "load_for_mask",
+    "mask_sq_stats",
+    "pack_sequences",
+    "parse_description",
+    "pick_device",
+    "random_keys",
+    "read_calibration",
+    "select_top_k",
+    "to_mask",
+    "tokenizer_encoder",
+    "top_values",
+]

@@ -31,19 +31,14 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument(
         "--dtype",
-        default="float32",
-        choices=("float32", "bfloat16"),
-        help="model dtype for backprop (default: %(default)s)",
+        default="auto",
+        choices=("auto", "float32", "bfloat16"),
+        help="model dtype for backprop (default: %(default)s = the checkpoint's; fp16 is widened to fp32)",
     )
     p.add_argument(
         "--gradient-checkpointing",
         action="store_true",
         help="recompute activations: less memory, ~30%% slower",
-    )
-    p.add_argument(
-        "--include-embeddings",
-        action="store_true",
-        help="also score input embeddings and lm_head (off by default)",
     )
 
 
@@ -104,6 +99,7 @@ def _calibrated_stats(args: argparse.Namespace, include_embeddings: bool) -> tup
 
 def cmd_build(args: argparse.Namespace) -> int:
     from coordinator.mask.builder import build_mask, read_calibration, to_mask
+    from coordinator.mask.loading import check_supported
     from shared.fingerprint import FingerprintError, fingerprint_model_dir
     from shared.maskfile import MaskError, save_mask
 
@@ -114,6 +110,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         if out.exists() and not args.overwrite:  # checked before minutes of backprop, not after
             raise MaskBuildError(f"--out {out} already exists (pass --overwrite to replace it)")
         calib = [read_calibration(f) for f in args.calib]
+        check_supported(args.model)  # before hashing gigabytes of a model that cannot be used
         fingerprint = fingerprint_model_dir(args.model)
         model, encode, eos = _load_model(args)
         result = build_mask(
@@ -126,15 +123,13 @@ def cmd_build(args: argparse.Namespace) -> int:
             seqs=args.seqs,
             seq_len=args.seq_len,
             seed=args.seed,
-            include_embeddings=args.include_embeddings,
         )
         n_weights = sum(a * b for a, b in result.shapes.values())
         extra = {
             "seed": args.seed if args.method == "random" else None,
-            "include_embeddings": bool(args.include_embeddings),
             "eligible_weights": n_weights,
             "eligible_layers": len(result.shapes),
-            "dtype": args.dtype,
+            "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         }
         created = datetime.now(timezone.utc).replace(microsecond=0).isoformat()
         mask = to_mask(result, fingerprint, extra, created=created)

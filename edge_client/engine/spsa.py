@@ -15,6 +15,9 @@ The local path uses ONE rule, `local_update` = `shared.apply.apply_round(v, [see
 (float64 arithmetic, one cast to fp32), both after a step and when a round is resumed after a crash
 (edge_client/service/rounds.py replays the saved g's through the same function, step by step). So a
 resumed round computes exactly the losses, g's and Update bytes an uninterrupted one does.
+
+`private_spsa_step` is the same step under differential privacy (shared/dp.py): the two forwards return
+per-example losses, each example's (l+ - l-) / 2 eps is clipped to C, and g = (sum + sigma C xi) / B.
 """
 
 from __future__ import annotations
@@ -24,18 +27,22 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import torch
 from torch import nn
 
 from shared.apply import apply_round
+from shared.dp import DpParams, private_scalar
 from shared.prng import Dist, directions
 from shared.sidecar import SideCar
 
 log = logging.getLogger(__name__)
 
 LossFn = Callable[[nn.Module], float]
+ExampleLossFn = Callable[[nn.Module], torch.Tensor]  # per-example losses (B,) of the step's batch
+_Out = TypeVar("_Out")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -74,11 +81,55 @@ def spsa_step(
     dist: Dist = "rademacher",
 ) -> StepResult:
     """Perturb, evaluate twice, restore exactly, then v <- local_update(v, seed, g, lr, dist)."""
+    _check_step(eps, lr)
+    t0 = time.perf_counter()
+    loss_plus, loss_minus, timing = _two_sided(model, sidecar, lambda m: float(batch_loss_fn(m)), seed, eps, dist)
+    g = to_f32((loss_plus - loss_minus) / (2.0 * eps))
+    if not math.isfinite(g):  # a NaN/inf loss, or finite losses whose g overflows float32
+        raise NonFiniteLossError(seed, loss_plus, loss_minus)
+    return _finish(sidecar, seed, g, lr, dist, loss_plus, loss_minus, t0, timing)
+
+
+def private_spsa_step(
+    model: nn.Module,
+    sidecar: SideCar,
+    example_losses_fn: ExampleLossFn,
+    seed: int,
+    eps: float,
+    lr: float,
+    dist: Dist,
+    dp: DpParams,
+    xi: float,
+) -> StepResult:
+    """The differentially private step (shared/dp.py): per-example projected differences clipped to C,
+    summed, plus sigma C xi, divided by the expected batch size. `example_losses_fn` returns the step
+    batch's per-example losses (B_drawn,) and may return none (an empty Poisson sample: no forward, g is
+    noise only); `xi` is the N(0, 1) draw of the device's secret stream for this step. loss_plus/minus
+    are the batch means (0.0 for an empty sample): kept on the device, never published under DP."""
+    _check_step(eps, lr)
+    t0 = time.perf_counter()
+    plus, minus, timing = _two_sided(
+        model, sidecar, lambda m: example_losses_fn(m).detach().to("cpu", torch.float64).numpy(), seed, eps, dist)
+    lp, lm = (float(plus.mean()), float(minus.mean())) if plus.size else (0.0, 0.0)
+    if not (np.isfinite(plus).all() and np.isfinite(minus).all()):
+        raise NonFiniteLossError(seed, lp, lm)
+    g = to_f32(private_scalar((plus - minus) / (2.0 * eps), dp, xi))
+    if not math.isfinite(g):
+        raise NonFiniteLossError(seed, lp, lm)
+    return _finish(sidecar, seed, g, lr, dist, lp, lm, t0, timing)
+
+
+def _check_step(eps: float, lr: float) -> None:
     if not (math.isfinite(eps) and eps > 0):
         raise ValueError(f"eps must be a finite float > 0, got {eps!r}")
     if not math.isfinite(lr):
         raise ValueError(f"lr must be finite, got {lr!r}")
-    sync = _syncer(sidecar.values.device)
+
+
+def _two_sided(
+    model: nn.Module, sidecar: SideCar, evaluate: Callable[[nn.Module], _Out], seed: int, eps: float, dist: Dist
+) -> tuple[_Out, _Out, dict[str, float]]:
+    """evaluate(model) at v + eps z and at v - eps z; the buffer is restored bit for bit whatever happens."""
     t0 = time.perf_counter()
     z = directions(seed, sidecar.nnz, dist, device=sidecar.values.device)  # (nnz,)
     values = sidecar.values
@@ -87,22 +138,30 @@ def spsa_step(
         t1 = time.perf_counter()
         try:
             torch.add(backup, z, alpha=eps, out=values)
-            loss_plus = float(batch_loss_fn(model))
+            out_plus = evaluate(model)
             t2 = time.perf_counter()
             torch.add(backup, z, alpha=-eps, out=values)
-            loss_minus = float(batch_loss_fn(model))
+            out_minus = evaluate(model)
             t3 = time.perf_counter()
         finally:
             values.copy_(backup)  # bit-identical to before the step, whatever happened
-        g = to_f32((loss_plus - loss_minus) / (2.0 * eps))
-        if not math.isfinite(g):  # a NaN/inf loss, or finite losses whose g overflows float32
-            raise NonFiniteLossError(seed, loss_plus, loss_minus)
+    return out_plus, out_minus, {"directions": t1 - t0, "loss_plus": t2 - t1, "loss_minus": t3 - t2}
+
+
+def _finish(
+    sidecar: SideCar, seed: int, g: float, lr: float, dist: Dist, loss_plus: float, loss_minus: float, t0: float,
+    timing: dict[str, float],
+) -> StepResult:
+    """v <- local_update(v, seed, g, lr, dist) on the side-car buffer; the StepResult with its timing."""
+    t3 = time.perf_counter()
+    values = sidecar.values
+    with torch.no_grad():
         moved = local_update(values, seed, g, lr, dist)
         if moved is not values:
             values.copy_(moved)
-        sync()
+        _syncer(values.device)()
     t4 = time.perf_counter()
-    timing = {"directions": t1 - t0, "loss_plus": t2 - t1, "loss_minus": t3 - t2, "update": t4 - t3}
+    timing = {**timing, "update": t4 - t3}
     log.debug("spsa seed=%d g=%.6g L+=%.6f L-=%.6f %.1f ms", seed, g, loss_plus, loss_minus, (t4 - t0) * 1e3)
     return StepResult(g, loss_plus, loss_minus, t4 - t0, seed, timing)
 
@@ -131,4 +190,7 @@ def _syncer(device: torch.device) -> Callable[[], None]:
     return lambda: None
 
 
-__all__ = ["LossFn", "NonFiniteLossError", "StepResult", "local_update", "spsa_step", "to_f32"]
+__all__ = [
+    "ExampleLossFn", "LossFn", "NonFiniteLossError", "StepResult", "local_update", "private_spsa_step", "spsa_step",
+    "to_f32",
+]

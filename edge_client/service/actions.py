@@ -13,6 +13,8 @@ from typing import TypeAlias
 import torch
 
 from edge_client.engine.spsa import StepResult
+from edge_client.privacy import DpStep
+from shared.accountant import Spend
 from shared.messages import Update
 from shared.prng import Dist
 
@@ -53,6 +55,7 @@ class TrainStep:
     dist: Dist
     batch_size: int
     data_pointer: int  # the batch starts here
+    dp: DpStep | None = None  # a DP fleet: the private step's parameters (edge_client/privacy.py)
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,7 @@ class QueueUpdate:
 
     update: Update
     data_pointer: int
+    spend: Spend | None = None  # a DP fleet: what the update costs; charged in the same transaction
 
 
 @dataclass(frozen=True)

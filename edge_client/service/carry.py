@@ -5,7 +5,8 @@ in-process fleet (bench/inproc.py), so both put the very same bytes on the wire.
     join_message(trainer, budget_gib, last_round)   the Join of a SendJoin
     sync_message(have_round)                         the SyncRequest of a SendSync
     heartbeat_message(core, trainer, ts, ...)        the periodic Heartbeat (telemetry optional)
-    train_step(core, trainer, act)                   carry out a TrainStep and answer the core (step_done)
+    train_step(core, trainer, act)                   carry out a TrainStep and answer the core (step_done);
+                                                     a DP step (act.dp) through trainer.private_step
 The `client` field stays "": the coordinator takes the id from the topic the broker delivered.
 """
 
@@ -57,6 +58,10 @@ def heartbeat_message(
     the device policy's `verdict` (available / paused + reason) with the share of time trained (1.3)."""
     job = core.job
     cpu_pct, rss_bytes = (0.0, 0) if reading is None else (reading.cpu_pct, reading.rss_bytes)
+    privacy = core.privacy
+    spent = privacy.spent() if privacy is not None else None
+    if spent is not None:  # a DP fleet: no held-out evaluation (a function of the data, not noised) and no
+        last_eval, step_time_s = None, None  # step time (it tracks the secret batch size) leave the device
     return Heartbeat(
         client="", ts=ts, cpu_pct=cpu_pct, rss_bytes=rss_bytes,
         gpu_mem_bytes=None if reading is None else reading.gpu_mem_bytes,
@@ -68,6 +73,8 @@ def heartbeat_message(
         eval_loss=None if last_eval is None else last_eval[1].loss,
         eval_acc=None if last_eval is None else last_eval[1].accuracy,
         eval_n=None if last_eval is None else last_eval[1].n,
+        dp_epsilon=None if spent is None else spent[0], dp_delta=None if spent is None else spent[1],
+        dp_exhausted=None if spent is None or privacy is None else privacy.exhausted,
         available=None if verdict is None else verdict.available,
         pause_reason=None if verdict is None else verdict.reason,
         trained_share=trained_share,
@@ -77,7 +84,11 @@ def heartbeat_message(
 def train_step(core: ClientRounds, trainer: Trainer, act: TrainStep) -> tuple[StepResult, list[Action]]:
     """Run SPSA step `act` on `trainer` and answer the core: the engine's result and the core's actions
     (SaveStep, and QueueUpdate after the round's last step), to carry out next."""
-    result, pointer = trainer.step(act.seed, act.eps, act.lr, act.dist, act.batch_size, act.data_pointer)
+    if act.dp is not None:  # a DP fleet: the core asks this only of a device with a budget (private_step)
+        result, pointer = trainer.private_step(  # type: ignore[attr-defined]
+            act.seed, act.eps, act.lr, act.dist, act.data_pointer, act.dp)
+    else:
+        result, pointer = trainer.step(act.seed, act.eps, act.lr, act.dist, act.batch_size, act.data_pointer)
     return result, core.step_done(result, pointer)
 
 

@@ -32,6 +32,7 @@ from typing import TypeVar
 
 import torch
 
+from edge_client.privacy import DeviceBudget
 from edge_client.service.actions import (
     Action,
     Commit,
@@ -109,10 +110,14 @@ class EdgeClient:
             self.st.round, self.st.checksum[:12], self.st.data_pointer, len(self.store.outbox),
         )
         me = Identity(cfg.client_id, cfg.fleet, trainer.fingerprint, trainer.mask_id, trainer.n_samples, cfg.quant)
+        # a trainer with a private step can serve DP fleets; its spent budget comes back from the state
+        privacy = (DeviceBudget(trainer.n_samples, self.store.dp_spends(), max_epsilon=cfg.dp_max_epsilon)
+                   if hasattr(trainer, "private_step") else None)  # fmt: skip
         self.rounds = ClientRounds(
             me, trainer.initial_values, values=values, round=self.st.round, data_pointer=self.st.data_pointer,
             trained_round=self.st.trained_round, trained_msg_id=self.st.trained_msg_id,
-            progress=self.store.progress(), sync_retry_s=cfg.sync_retry_s, exit_when_run_over=cfg.exit_when_run_over,
+            progress=self.store.progress(), sync_retry_s=cfg.sync_retry_s, privacy=privacy,
+            exit_when_run_over=cfg.exit_when_run_over,
         )  # fmt: skip
         self.counters = self.rounds.counters  # one set of counters: the core's rules and the pump's I/O
         self._seen_connects = 0
@@ -219,7 +224,8 @@ class EdgeClient:
             elif isinstance(act, QueueUpdate):
                 upd = act.update
                 self.st = self._durably(partial(self.store.finish_training, upd.round, upd.msg_id,
-                                                self.topics.up(self.cid), encode(upd), act.data_pointer))
+                                                self.topics.up(self.cid), encode(upd), act.data_pointer,
+                                                act.spend))
                 if self.link.connected.is_set():
                     self._resend_due()
             elif isinstance(act, ResendUpdates):

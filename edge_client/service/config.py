@@ -77,6 +77,11 @@ class ClientConfig:
         check=(lambda v: 0 < v < 1, "must be in (0, 1)"),
     )
     eval_max: int = config.field(64, "at most this many examples are held out", check=(_positive, "must be > 0"))
+    # -- privacy (docs/PRIVACY.md) ---------------------------------------------------------------
+    dp_max_epsilon: float = config.field(
+        0.0, "the owner's floor: > 0 = train only DP rounds and stop at this epsilon even if the fleet allows more; "
+        "0 = follow the fleet's rule", check=(lambda v: v >= 0, "must be >= 0"),
+    )
     # -- service ---------------------------------------------------------------------------------
     state_dir: Path = config.field(Path("meerkat-state"), "durable state: SQLite (round, data pointer, outbox) + values files")
     heartbeat_s: float = config.field(15.0, "seconds between telemetry heartbeats (QoS0 on hb/{client})", check=(_positive, "must be > 0"))

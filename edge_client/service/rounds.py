@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 import torch
 
 from edge_client.engine.spsa import StepResult, local_update
+from edge_client.privacy import DeviceBudget
 from edge_client.service.actions import (
     EXIT_MISMATCH,
     Action,
@@ -121,6 +122,8 @@ def update_msg_id(client: str, plan: RoundPlan) -> int:
     h.update(f"{client}|{plan.fleet}|{plan.round}|{plan.base_round}|{plan.steps.get(client, 0)}|".encode())
     h.update(f"{plan.lr!r}|{plan.eps!r}|{plan.dist}|{plan.batch_size}|{plan.values_checksum}|".encode())
     h.update(b",".join(str(s).encode() for s in plan.seeds))
+    if plan.dp_clip is not None:  # another privacy rule is other work (1.3)
+        h.update(f"|dp|{plan.dp_clip!r}|{plan.dp_noise!r}|{plan.dp_epsilon!r}|{plan.dp_delta!r}|{plan.dp_steps}".encode())
     return int.from_bytes(h.digest()[:8], "little")
 
 
@@ -155,9 +158,11 @@ class ClientRounds:
         trained_msg_id: int = 0,
         progress: Progress | None = None,
         sync_retry_s: float = 10.0,
+        privacy: DeviceBudget | None = None,
         exit_when_run_over: bool = False,
     ) -> None:
         self.me = me
+        self.privacy = privacy  # None: this device cannot train privately and refuses DP plans
         self.fp_tag = fp_tag(me.fingerprint)
         self._initial_values = initial_values
         self.values = initial_values() if values is None else values
@@ -181,6 +186,7 @@ class ClientRounds:
         self._chunks = ChunkAssembler(self.nnz, self.reject)
         self.joins = JoinBackoff(me.fleet, (me.fingerprint, me.mask_id), self.counters)  # refusals, slow-down
         self.exiting: Exit | None = None
+        self._dp_refused = -2  # the round whose DP refusal was logged last
         self.run: RunState | None = None  # the coordinator's run lifecycle (retained on `run`, protocol 1.3)
         self.exit_when_run_over = exit_when_run_over
 
@@ -347,6 +353,9 @@ class ClientRounds:
                 )
             return []
         if me.client_id not in plan.steps:
+            if self.privacy is not None and plan.dp_clip is not None:  # keep `exhausted` current: the heartbeat
+                # tells the sampler (coordinator) whether a full round would still fit
+                self._privacy_refuses(plan, len(plan.seeds), "round %d is not ours, but ours would not fit: %s")
             log.debug("round %d: not sampled", plan.round)
             return []
         if plan.round <= self.round:
@@ -371,7 +380,22 @@ class ClientRounds:
                       plan.round, plan.values_checksum[:12], self.round, self.checksum[:12])
             self.counters["checksum_mismatch"] += 1
             return self._reset_to_initial()
+        if self._privacy_refuses(plan, plan.steps[me.client_id]):
+            return []
         return self._start_job(plan, msg_id)
+
+    def _privacy_refuses(self, plan: RoundPlan, steps: int, say: str = "not training round %d: %s") -> bool:
+        """A DP plan this device cannot train privately, or whose `steps` its privacy budget cannot pay
+        (logged once per round with `say`)."""
+        if self.privacy is None:
+            why = "this device cannot train privately" if plan.dp_clip is not None else None
+        else:
+            why = self.privacy.refusal(plan, steps)
+        if why is not None and self._dp_refused != plan.round:  # once per round
+            self._dp_refused = plan.round
+            self.counters["dp_refused"] += 1
+            log.warning(say, plan.round, why)
+        return why is not None
 
     def _start_job(self, plan: RoundPlan, msg_id: int) -> list[Action]:
         steps = plan.steps[self.me.client_id]
@@ -404,8 +428,9 @@ class ClientRounds:
         job = self.job
         if job is not None:
             p, t = job.plan, len(job.results)
+            dp = self.privacy.step(p, job.msg_id, t) if self.privacy is not None else None
             acts.append(TrainStep(p.round, job.msg_id, t, p.seeds[t], p.eps, p.lr, p.dist,
-                                  p.batch_size, job.data_pointer))
+                                  p.batch_size, job.data_pointer, dp))
         return acts
 
     def step_done(self, result: StepResult, data_pointer: int) -> list[Action]:
@@ -421,14 +446,18 @@ class ClientRounds:
         acts: list[Action] = [SaveStep(p.round, job.msg_id, t, result, data_pointer)]
         if len(job.results) < job.steps:
             return acts
-        loss = sum(r.loss for r in job.results) / len(job.results)
+        spend = self.privacy.spend_of(p, job.steps) if self.privacy is not None else None
+        # under DP the loss (a function of the data, not noised) stays on the device
+        loss = 0.0 if spend is not None else sum(r.loss for r in job.results) / len(job.results)
         upd = Update(round=p.round, msg_id=job.msg_id, grads=tuple(r.g for r in job.results),
                      n_samples=self.me.n_samples, fp_tag=self.fp_tag, loss=loss)
         self.trained_round, self.trained_msg_id, self.data_pointer = p.round, job.msg_id, data_pointer
         self.job = None
         self.counters["rounds_trained"] += 1
         log.info("round %d trained: %d step(s), mean loss %.4f; update queued", p.round, len(upd.grads), loss)
-        return [*acts, QueueUpdate(upd, data_pointer)]
+        if spend is not None and self.privacy is not None:
+            self.privacy.charge(spend)
+        return [*acts, QueueUpdate(upd, data_pointer, spend)]
 
     # -- results ---------------------------------------------------------------------------------
     def on_result(self, res: RoundResult, now: float) -> list[Action]:

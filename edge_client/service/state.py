@@ -46,6 +46,7 @@ from edge_client.engine.spsa import StepResult
 from edge_client.service.chunks import values_from_bytes
 from edge_client.service.outbox import Outbox, to_i64, to_u64
 from edge_client.service.rounds import Progress
+from shared.accountant import Spend
 from shared.apply import values_checksum
 from shared.fsio import atomic_write, private_dir, private_file
 
@@ -80,6 +81,15 @@ CREATE TABLE IF NOT EXISTS steps (
     seconds REAL NOT NULL,
     data_pointer INTEGER NOT NULL,    -- pointer after this step
     PRIMARY KEY (round, msg_id, step)
+);
+-- differential privacy spent by this device (edge_client/privacy.py): one row per (q, sigma), steps summed;
+-- written in the transaction that queues the Update it pays for, never deleted (a restart, a re-Join, a
+-- reset to v_0 keep it)
+CREATE TABLE IF NOT EXISTS dp_spend (
+    q REAL NOT NULL,
+    sigma REAL NOT NULL,
+    steps INTEGER NOT NULL,
+    PRIMARY KEY (q, sigma)
 );
 -- the step table before issue 12 (g, loss only): in-round progress, safe to drop (the round restarts)
 DROP TABLE IF EXISTS progress;
@@ -363,17 +373,27 @@ class StateStore:
         )
         return Progress(rnd, to_u64(mid), results, int(rows[-1][8]))
 
-    def finish_training(self, round: int, msg_id: int, topic: str, payload: bytes, data_pointer: int) -> ClientState:
-        """One transaction: queue the update, advance the data pointer, mark (round, msg_id) trained.
-        Returns the new state."""
+    def finish_training(
+        self, round: int, msg_id: int, topic: str, payload: bytes, data_pointer: int, spend: Spend | None = None
+    ) -> ClientState:
+        """One transaction: queue the update, advance the data pointer, mark (round, msg_id) trained, and
+        charge its privacy `spend` (a DP fleet). Returns the new state."""
         with self.transaction() as db:
             self.outbox.add(round, msg_id, topic, payload)
+            if spend is not None:
+                db.execute("INSERT INTO dp_spend VALUES (?, ?, ?) ON CONFLICT (q, sigma) DO UPDATE SET steps = steps + ?",
+                           (spend.q, spend.sigma, spend.steps, spend.steps))  # fmt: skip
             db.execute(
                 "UPDATE state SET data_pointer = ?, trained_round = ?, trained_plan = ? WHERE id = 0",
                 (data_pointer, round, to_i64(msg_id)),
             )
             db.execute("DELETE FROM steps")
         return self._loaded()
+
+    def dp_spends(self) -> list[Spend]:
+        """Every privacy spend this device has published (empty outside DP fleets)."""
+        rows = self.db.execute("SELECT q, sigma, steps FROM dp_spend ORDER BY q, sigma").fetchall()
+        return [Spend(float(q), float(sigma), int(steps)) for q, sigma, steps in rows]
 
     # -- files -----------------------------------------------------------------------------------
     def _write_values(self, round: int, values: torch.Tensor, checksum: str) -> str:

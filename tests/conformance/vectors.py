@@ -39,10 +39,11 @@ def _hb(extra: dict[int, Any]) -> bytes:
     return bytes([0xB1, 0, 5]) + msgpack.packb({0: 1.0, 1: 1.0, 2: 1, 8: -1, **extra}, use_single_float=False)
 
 
-def _plan(n_seeds: int, fleet: str = "conf-vectors", steps: dict[Any, Any] | None = None) -> bytes:
+def _plan(n_seeds: int, extra: dict[int, Any] | None = None, *, fleet: str = "conf-vectors",
+          steps: dict[Any, Any] | None = None) -> bytes:
     body = {0: fleet, 1: 0, 2: struct.pack(f"<{n_seeds}Q", *range(n_seeds)), 3: 0.01, 4: 0.001, 5: 0,
             6: {"dev-a": n_seeds} if steps is None else steps, 7: -1, 8: 1.0, 9: b"\x00" * 32, 10: b"\x00" * 8,
-            11: 1, 12: b"\x00" * 32}  # fmt: skip
+            11: 1, 12: b"\x00" * 32, **(extra or {})}  # fmt: skip
     raw = msgpack.packb(body, use_bin_type=True)
     return bytes([0xB1, 1, 2]) + zstandard.ZstdCompressor(write_content_size=True).compress(raw)
 
@@ -107,6 +108,16 @@ def vectors() -> list[dict[str, Any]]:
         dict(name="run_state_unknown", rule="v1.3: state is one of running, finishing, finished, stopped",
              topic=f"{F}/run", payload=bytes([0xB1, 0, 11]) + msgpack.packb({0: "paused", 1: 41, 2: 5.0, 3: ""}),
              error="INVALID_FIELD"),
+        dict(name="hb_dp", rule="v1.3: a Heartbeat may carry the device's spent privacy budget (keys 13-15)",
+             topic=f"{F}/hb/dev-a", payload=_hb({13: 1.25, 14: 1e-3, 15: True}), type="Heartbeat",
+             decoded={"ts": 1.0, "cpu_pct": 1.0, "rss_bytes": 1, "round": -1, "dp_epsilon": 1.25, "dp_delta": 1e-3,
+                      "dp_exhausted": True}),
+        dict(name="hb_dp_partial", rule="v1.3: dp_epsilon and dp_delta come together",
+             topic=f"{F}/hb/dev-a", payload=_hb({13: 1.25}), error="INVALID_FIELD"),
+        dict(name="plan_dp", rule="v1.3: a plan may carry the fleet's DP rule (keys 13-17)", topic=f"{F}/plan",
+             payload=_plan(3, {13: 1.0, 14: 0.0, 15: 8.0, 16: 0.0, 17: 40}), type="RoundPlan"),
+        dict(name="plan_dp_partial", rule="v1.3: the DP keys 13-17 come together", topic=f"{F}/plan",
+             payload=_plan(3, {13: 1.0, 15: 8.0}), error="INVALID_FIELD"),
         dict(name="hb_paused", rule="v1.3: a Heartbeat may say the device policy paused it, and why (keys 16-18)",
              topic=f"{F}/hb/dev-a", payload=_hb({16: False, 17: "on battery", 18: 0.25}), type="Heartbeat",
              decoded={"ts": 1.0, "cpu_pct": 1.0, "rss_bytes": 1, "round": -1, "available": False,

@@ -427,6 +427,19 @@ def test_vp_spike_needs_five_updates_by_default() -> None:
     assert res.n_clients == 4 and records(acts, LimitRecord) == []
 
 
+def test_devices_whose_privacy_budget_is_spent_are_not_sampled() -> None:
+    b = book(config(min_clients=1, steps=1, dp_epsilon=4.0, dp_steps=10))
+    for k in "xy":
+        join(b, k, 50)
+
+    def hb(client: str, exhausted: bool) -> Heartbeat:
+        return Heartbeat(client, 1.0, 0.0, 0, round=-1, dp_epsilon=3.9, dp_delta=1e-5, dp_exhausted=exhausted)
+
+    b.handle(hb("x", True), 0.5)
+    (p0,) = sent(b.tick(1.0), RoundPlan)
+    assert sorted(p0.steps) == ["y"] and p0.dp_epsilon == 4.0 and p0.dp_steps == 10
+    b.handle(hb("x", False), 2.0)  # e.g. the fleet's target was raised: it may train again
+    assert sorted(b.eligible()) == ["x", "y"]
 def _hb(client: str, available: bool | None, reason: str | None = None, round: int = -1) -> Heartbeat:
     return Heartbeat(client, 1.0, 1.0, 1, round=round, available=available, pause_reason=reason,
                      trained_share=None if available is None else 0.5)

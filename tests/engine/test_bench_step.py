@@ -23,3 +23,31 @@ def test_bench_step_json_last(quant: str, loss: str) -> None:
     assert result["step_over_sidecar_fwd"] == pytest.approx(result["step_ms"] / result["sidecar_fwd_ms"], rel=0.01)
     if quant == "int8":
         assert "inputs will be cast" not in out.stderr  # bitsandbytes' per-call int8 warning is silenced
+
+
+def test_bench_step_times_a_model_directory(llama_dir: object) -> None:
+    """--model DIR: a local checkpoint instead of a built shape, with the planner's prediction beside it."""
+    cmd = [sys.executable, "-m", "shared.cli", "bench", "step", "--model", str(llama_dir), "--batch", "2", "--seq", "16",
+           "--repeats", "1", "--threads", "1", "--mask-fraction", "0.01", "--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["model"] == str(llama_dir) and result["model_type"] == "llama" and result["model_layers"] == 2
+    assert result["nnz"] > 0 and result["params"] > 0 and result["sidecar_mode"] in ("correct", "tile")
+    assert result["planner_need_mib"] > 0 and result["planner_error"] > -1
+
+
+def test_presets_build_the_published_shapes() -> None:
+    """Every preset is a config transformers accepts, with the published sizes (checked on the meta device)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from bench.step import PRESETS
+
+    want_params = {"qwen2.5-0.5b": 0.49e9, "llama-3.2-1b": 1.24e9, "gemma-2-2b": 2.61e9, "phi-3-mini": 3.82e9}
+    for name, cfg in PRESETS.items():
+        values = dict(cfg)
+        config = AutoConfig.for_model(values.pop("model_type"), **values)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        n = sum(p.numel() for p in model.parameters())
+        assert n == pytest.approx(want_params[name], rel=0.02), (name, n)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -118,3 +119,25 @@ def test_fused_loss_and_tail_logits_equal_the_models_own_forward(
     monkeypatch.setattr(loss, "LOGSOFTMAX_ROWS_ELEMS", 2 * 384)
     with torch.no_grad():
         torch.testing.assert_close(target_losses(lm.model, examples, 0), want, rtol=1e-5, atol=1e-5)
+
+
+def test_embeddings_stay_in_the_checkpoint_dtype(tmp_path: Path, llama_dir: Path) -> None:
+    """bf16 checkpoint, nf4, fp32 compute: embedding and LM head stay bf16; logits as with widened copies."""
+    from transformers import AutoModelForCausalLM
+
+    bf16 = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(str(llama_dir), dtype=torch.bfloat16).save_pretrained(str(bf16))
+    lm = load_model(bf16, "nf4", "cpu", None, torch.float32, fingerprint="0" * 64)
+    model: Any = lm.model
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    assert emb.weight.dtype == torch.bfloat16 and head.weight.dtype == torch.bfloat16
+    assert model.model.norm.weight.dtype == torch.float32
+    ids = torch.tensor([[1, 5, 9, 200, 33, 7, 2, 100]])
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+        assert got.dtype == torch.float32
+        for layer in (emb, head):
+            layer.weight.data = layer.weight.data.float()
+        del head.forward  # the class's own F.linear over the whole (now fp32) weight
+        want = model(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -16,6 +16,7 @@ from shared.sidecar import (
     SideCar,
     SideCarError,
     SideCarLinear,
+    default_sidecar_mode,
     dequantize_weight,
     initial_values_from_dir,
     merged_dense_state,
@@ -158,3 +159,63 @@ def test_int8_forward_does_not_warn(llama_dir: Path, llama_mask: dict[str, torch
         warnings.simplefilter("always")
         lm.model(IDS)
     assert [str(w.message) for w in caught] == []
+
+
+def _tile_forward(self: SideCarLinear, x: torch.Tensor) -> torch.Tensor:
+    """The previous design, kept as the reference: dequantise the tile, overwrite the masked entries, F.linear."""
+    w = dequantize_weight(self.base_layer, self.compute_dtype)
+    w.view(-1).index_copy_(0, self.sidecar_indices, self.sidecar_view.to(w.dtype))
+    bias = None if self.bias is None else self.bias.to(w.dtype)
+    return F.linear(x.to(w.dtype), w, bias).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_correction_matches_the_dequantised_tile_path(
+    quant: str, dtype: torch.dtype, llama_dir: Path, llama_mask: dict[str, torch.Tensor]
+) -> None:
+    """base kernel + sparse correction == dequantise-and-overwrite, to forward rounding; repeatable bits."""
+    assert default_sidecar_mode(torch.device("cpu"), torch.float32) == "auto"
+    assert default_sidecar_mode(torch.device("cpu"), torch.bfloat16) == "tile"
+    from unittest import mock
+
+    from shared.dataset import Batch, Dataset, Example
+    from shared.loss import batch_loss
+
+    lm = load_model(llama_dir, quant, "cpu", llama_mask, dtype, fingerprint=FP)
+    assert lm.sidecar is not None
+    lm.sidecar.set_values(lm.sidecar.initial_values() * 8.0 + 0.1)  # the side-car visibly matters
+    examples = [Example(tuple(int(t) for t in row), 7) for row in IDS.tolist()]
+    batch = Batch(examples, Dataset(examples, pad_id=0))
+    for _, layer in sidecar_layers(lm.model):
+        layer.mode = "correct"
+    new = batch_loss(lm.model, batch)
+    assert batch_loss(lm.model, batch) == new  # same device, same bits
+    for _, layer in sidecar_layers(lm.model):
+        layer.mode = "tile"
+    assert batch_loss(lm.model, batch) == batch_loss(lm.model, batch)
+    tile_mode = batch_loss(lm.model, batch)
+    with mock.patch.object(SideCarLinear, "forward", _tile_forward):
+        old = batch_loss(lm.model, batch)
+    lm.sidecar.set_values(lm.sidecar.initial_values())
+    moved = batch_loss(lm.model, batch)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert abs(new - old) <= tol * abs(old), (new, old)
+    assert tile_mode == old  # "tile" mode is the previous design
+    assert abs(moved - new) > 10 * abs(new - old)  # the comparison can tell the side-car apart
+
+
+def test_auto_mode_picks_by_token_count(llama_dir: Path, llama_mask: dict[str, torch.Tensor]) -> None:
+    """"auto": the correction for few tokens, the tile for many; each call equals the forced mode."""
+    from shared.sidecar import GATHER_COST
+
+    lm = load_model(llama_dir, "nf4", "cpu", llama_mask, torch.float32, fingerprint=FP)
+    name, layer = next((n, m) for n, m in sidecar_layers(lm.model) if n in llama_mask)
+    assert layer.mode == "auto"
+    limit = layer.in_features * layer.out_features // (layer.sidecar_indices.numel() * GATHER_COST)
+    for tokens, expect in ((1, "correct"), (limit + 1, "tile")):
+        x = torch.linspace(-1, 1, tokens * layer.in_features).view(tokens, layer.in_features)
+        got = layer(x)
+        layer.mode = expect
+        assert torch.equal(got, layer(x)), (tokens, expect)
+        layer.mode = "auto"

@@ -208,7 +208,7 @@ def test_build_refuses_to_overwrite_without_the_flag(
     ("command", "shown"),
     [
         (["mask", "build"], ["(default: 0.001)", "(default: pretrain-grad)", "(default: 128)", "(default: 512)"]),
-        (["mask", "report"], ["(default: 128)", "(default: auto)", "(default: float32)"]),
+        (["mask", "report"], ["(default: 128)", "(default: auto)", "(default: auto = the checkpoint's"]),
     ],
 )
 def test_help_shows_the_defaults(command: list[str], shown: list[str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -259,3 +259,31 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_mask(
     assert plain.grad is not None and ckpt_res.grad is not None
     for name in plain.indices:
         torch.testing.assert_close(plain.grad[name], ckpt_res.grad[name], rtol=1e-4, atol=1e-8)
+
+
+def test_per_tensor_hooks_give_the_same_bits_as_summing_after_backward(llama: Path) -> None:
+    """The hook path (each gradient counted and freed as it arrives) == the old all-grads-then-sum path."""
+    from coordinator.mask.builder import accumulate_gradients, float_keys, select_top_k
+
+    model, _ = load_for_mask(llama, device="cpu")
+    weights = eligible_weights(model)
+    ids = (torch.arange(4 * 24).view(4, 24) * 7919) % 200 + 3
+    got = accumulate_gradients(model, weights, ids, progress=False)
+    for w in weights.values():
+        w.requires_grad_(True)
+    mean = {n: torch.zeros_like(w, dtype=torch.float32) for n, w in weights.items()}
+    sq = {n: torch.zeros_like(w, dtype=torch.float32) for n, w in weights.items()}
+    for row in ids:  # the previous implementation, step for step
+        model(input_ids=row[None], labels=row[None]).loss.backward()
+        for n, w in weights.items():
+            assert w.grad is not None
+            g32 = w.grad.float()
+            mean[n].add_(g32)
+            sq[n].addcmul_(g32, g32)
+            w.grad = None
+    for n in weights:
+        assert torch.equal(got.mean[n], mean[n].div_(4)) and torch.equal(got.sq[n], sq[n].div_(4)), n
+        assert got.mean[n].dtype == torch.float32  # an fp32 checkpoint keeps fp32 buffers
+    k = 50
+    new, old = select_top_k(float_keys(got.sq), k), select_top_k(float_keys(sq), k)
+    assert new.keys() == old.keys() and all(torch.equal(new[n], old[n]) for n in new)

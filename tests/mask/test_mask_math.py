@@ -149,3 +149,20 @@ def test_pack_sequences_round_robin_and_counts(tmp_path: Path) -> None:
     assert few.ids.shape == (2, 7) and sum(few.tokens_per_file) == 14
     with pytest.raises(MaskBuildError, match="fewer than one sequence of 1000"):
         pack_sequences(enc, files, n_seqs=1, seq_len=1000, eos_id=None)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_radix_select_is_the_sorted_kth_largest(dtype: torch.dtype) -> None:
+    """_kth_largest_key == the k-th of the sorted concatenation, with ties, tiny and huge values."""
+    from coordinator.mask.select import _kth_largest_key
+    from shared.prng import raw_u64
+
+    top = 2**31 - 1 if dtype == torch.int32 else 2**63 - 1
+    raw = torch.from_numpy((raw_u64(3, 3000) >> 1).astype("int64")) % top
+    raw[:200] = 7  # ties
+    raw[200:210] = top  # the largest key there is
+    raw[210:220] = 0
+    keys = {"a": raw[:1000].to(dtype), "b": raw[1000:2999].to(dtype), "c": raw[2999:].to(dtype)}
+    ordered = torch.sort(raw, descending=True).values
+    for k in (1, 5, 10, 11, 999, 2790, 2800, 2999, 3000):
+        assert _kth_largest_key(keys, k) == int(ordered[k - 1]), k
