@@ -21,7 +21,10 @@ the book's real intake, admission and aggregation judge every one.
 
 What differs from a real fleet, on purpose: no broker (so no lost or reordered messages), devices are
 always online, a device trains all its steps before simulated time moves on, and nothing is persisted
-(the book's Persist/WriteCheckpoint actions and the device's SaveStep are no-ops here).
+(the book's WriteCheckpoint actions and the device's SaveStep are no-ops here; the book's Persist records
+go to `journal` when one is given, e.g. an EventLog's `persist_many`, which is how bench/demo/longrun.py
+makes a long run's event log for the dashboard). Heartbeats carry `reading(client, now)` when given
+(else cpu 0, rss 0).
 """
 
 from __future__ import annotations
@@ -31,12 +34,14 @@ from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
-from coordinator.rounds import Action as BookAction
-from coordinator.rounds import Publish, RoundBook
+from coordinator.actions import Action as BookAction
+from coordinator.actions import Persist, Publish
+from coordinator.records import Record
+from coordinator.rounds import RoundBook
 from edge_client.engine.spsa import StepResult
 from edge_client.privacy import DeviceBudget, DpStep
 from edge_client.service.actions import Action as DeviceAction
@@ -56,6 +61,7 @@ from edge_client.service.actions import (
 )
 from edge_client.service.carry import heartbeat_message, join_message, sync_message, train_step
 from edge_client.service.rounds import ClientRounds
+from edge_client.service.telemetry import Reading
 from edge_client.service.trainer import Trainer, data_stream, engine_step, private_engine_step
 from shared.codec import decode, encode
 from shared.dataset import Dataset, DataStream
@@ -126,7 +132,8 @@ class InProcessFleet:
 
     def __init__(
         self, book: RoundBook, devices: Sequence[Device], *, start: float = 1_000_000.0, tick_s: float = 1.0,
-        heartbeat_s: float = 10.0,
+        heartbeat_s: float = 10.0, journal: Callable[[list[Record]], None] | None = None,
+        reading: Callable[[str, float], Reading] | None = None,
     ) -> None:
         self.book = book
         self.devices = {d.client: d for d in devices}
@@ -135,6 +142,7 @@ class InProcessFleet:
         self.now = start
         self.tick_s = tick_s
         self.heartbeat_s = heartbeat_s
+        self.journal, self.reading = journal, reading
         self.traffic = Traffic()
         self.losses: dict[int, list[float]] = {}  # round -> the loss of each Update trained for it (readers pop)
         self._mail: deque[tuple[str, bytes, type[Message] | tuple[type[Message], ...]]] = deque()
@@ -181,8 +189,9 @@ class InProcessFleet:
         if self.now - self._last_hb < self.heartbeat_s:
             return
         self._last_hb = self.now
-        for d in self.devices.values():  # no telemetry: cpu 0, rss 0, the rest unknown
-            self._send(d, heartbeat_message(d.core, d.trainer, self.now), Heartbeat)
+        for d in self.devices.values():  # without `reading`: cpu 0, rss 0, the rest unknown
+            got = self.reading(d.client, self.now) if self.reading is not None else None
+            self._send(d, heartbeat_message(d.core, d.trainer, self.now, got), Heartbeat)
         self._deliver()
 
     # -- device -> coordinator -------------------------------------------------------------------
@@ -253,6 +262,10 @@ class InProcessFleet:
 
     # -- coordinator -> devices ------------------------------------------------------------------
     def _to_book(self, actions: list[BookAction]) -> None:
+        if self.journal is not None:
+            records = [a.record for a in actions if isinstance(a, Persist)]
+            if records:
+                self.journal(records)
         for act in actions:
             if not isinstance(act, Publish):
                 continue  # Persist / WriteCheckpoint / Duplicate: durability and metrics, not traffic
@@ -262,11 +275,11 @@ class InProcessFleet:
             elif isinstance(act.message, RoundPlan):
                 for d in self.devices.values():
                     self._down(d, payload, RoundPlan)
-            else:
-                assert isinstance(act.message, RoundResult)
+            elif isinstance(act.message, RoundResult):
                 self._results.append((act.message, payload))
                 for d in self.devices.values():
                     self._down(d, payload, RoundResult)
+            # a RunState (the run's lifecycle) is published by the pump, never by the book
 
     def _down(self, d: Device, payload: bytes, kind: type[Message] | tuple[type[Message], ...]) -> None:
         self.traffic.down += len(payload)
@@ -284,11 +297,12 @@ class InProcessFleet:
                 self._to_book(self.book.handle(decode(payload, kind, client=dest), self.now))
 
 
-def from_configs(coordinator_toml: Path, client_tomls: Sequence[Path]) -> InProcessFleet:
+def from_configs(coordinator_toml: Path, client_tomls: Sequence[Path], **fleet_kw: Any) -> InProcessFleet:
     """The fleet a set of config files describes, built the way the services build it: the coordinator's
     book from its config (model fingerprint, v_0 from the model dir, MEERKAT-VP monitor from the mask's
     gradient, `rounds` as the stop), and one `EngineTrainer` per client config (quantized model, its
-    data file, its memory plan). Same inputs as a real fleet: the same RoundResults, byte for byte."""
+    data file, its memory plan). Same inputs as a real fleet: the same RoundResults, byte for byte.
+    `fleet_kw`: InProcessFleet's keywords (journal, reading, tick_s, ...)."""
     from coordinator.config import load_coordinator_config
     from edge_client.service.config import load_client_config
     from edge_client.service.rounds import Identity
@@ -312,7 +326,7 @@ def from_configs(coordinator_toml: Path, client_tomls: Sequence[Path]) -> InProc
         budget = DeviceBudget(trainer.n_samples, max_epsilon=ccfg.dp_max_epsilon)  # as EdgeClient (ledger in memory)
         devices.append(Device(ClientRounds(me, trainer.initial_values, privacy=budget), trainer,
                               budget_gib=ccfg.memory_budget_gib))
-    return InProcessFleet(book, devices)
+    return InProcessFleet(book, devices, **fleet_kw)
 
 
 class SharedModelTrainer:

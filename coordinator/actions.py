@@ -14,14 +14,14 @@ from dataclasses import dataclass, field
 import torch
 
 from coordinator.records import ClientRow, PlanRow, Record, ResultRow, UpdateRow
-from shared.messages import CheckpointChunk, ErrorMsg, Replay, RoundPlan, RoundResult
+from shared.messages import CheckpointChunk, ErrorMsg, Replay, RoundPlan, RoundResult, RunState
 
 
 @dataclass(frozen=True)
 class Publish:
     """Send `message`: to=None broadcasts it (plan or result), to=client sends it on `to/{client}`."""
 
-    message: RoundPlan | RoundResult | Replay | CheckpointChunk | ErrorMsg
+    message: RoundPlan | RoundResult | Replay | CheckpointChunk | ErrorMsg | RunState
     to: str | None = None
 
 

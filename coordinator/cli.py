@@ -7,6 +7,7 @@ from typing import Any
 
 SUBCOMMANDS: tuple[str, ...] = (
     "coordinator.server_cli", "coordinator.mask.cli", "coordinator.provision", "coordinator.evaluate_cli",
+    "coordinator.run_cli",
 )
 
 

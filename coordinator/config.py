@@ -338,6 +338,7 @@ class CoordinatorConfig:
         True, "per-device series on /metrics (about 15 per device; turn off for fleets of thousands)"
     )
     dashboard: bool = cfg.field(True, "serve the live dashboard on / of the metrics server (same bind, same token)")
+    report: bool = cfg.field(True, "write the run report (JSON + plots) to state_dir/report when the run ends")
     # -- differential privacy (docs/PRIVACY.md; every device must honour it, RoundPlan keys 13-17) -------
     dp_epsilon: float = cfg.field(
         0.0, "device-level DP: each device's target epsilon (0 = off); it stops training before passing it",

@@ -14,7 +14,7 @@ from typing import Any
 
 from coordinator.availability import from_telemetry
 from coordinator.eventlog import EventLog
-from coordinator.records import COORDINATOR_EVAL, EvalRow, RoundPoint
+from coordinator.records import COORDINATOR_EVAL, EvalRow, ResourcePoint, RoundPoint
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,7 @@ class DeviceView:
     seen_at: float | None
     cpu_pct: float | None
     rss_bytes: int | None
+    peak_rss_bytes: int | None  # the largest RSS it reported (what memory_budget_gib bounds on a CPU device)
     gpu_mem_bytes: int | None
     budget_bytes: int | None  # memory budget announced in the Join
     temp_c: float | None
@@ -61,11 +62,13 @@ class FleetView:
     fleet: str
     now: float
     last_round: int
+    run_state: str  # coordinator/lifecycle.py: running | finishing | finished | stopped
     devices: list[DeviceView]
     rounds: list[RoundPoint]  # oldest first
     device_evals: list[CurvePoint]  # per round: n-weighted mean of the devices' evaluations
     coordinator_evals: list[CurvePoint]  # the coordinator's own (eval_data)
     gradip: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # client -> (round, mean |GradIP|)
+    resources: dict[str, list[ResourcePoint]] = field(default_factory=dict)  # client -> history (history=True)
 
     def available_now(self) -> int:
         """Joined devices online and not paused by their policy (one that does not say counts as available)."""
@@ -101,17 +104,24 @@ def _num(t: dict[str, Any], key: str) -> Any:
     return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
-def fleet_view(state_dir: str | Path, now: float, last: int = 200, event_log: str = "sqlite") -> FleetView:
-    """Read the snapshot (the last `last` rounds of curves) from the event log (`event_log`: the config key)."""
+def fleet_view(
+    state_dir: str | Path, now: float, last: int | None = 200, event_log: str = "sqlite", *, history: bool = False
+) -> FleetView:
+    """Read the snapshot (the last `last` rounds of curves; None: the whole run the log keeps) from the event
+    log (`event_log`: the config key); `history`: each device's resource history too (dashboard, report)."""
     log = EventLog(state_dir, readonly=True, event_log=event_log)
     try:
         meta = log.views.meta()
         budgets = log.views.client_budgets()
         losses = log.views.last_losses()
         drift = {d.client: d for d in log.drift_rows()}
-        gradip = log.views.gradip_means(last)
+        gradip = log.views.gradip_means(last if last is not None else 1 << 62)
         evals = log.views.evals(last=last)
         rounds = log.views.round_points(last)
+        peak_rss = log.views.peak_rss()
+        resources: dict[str, list[ResourcePoint]] = {}
+        for p in log.views.resources() if history else []:
+            resources.setdefault(p.client, []).append(p)
         devices = []
         for c in log.views.client_status():
             t = c.telemetry
@@ -121,7 +131,8 @@ def fleet_view(state_dir: str | Path, now: float, last: int = 200, event_log: st
             av, words = from_telemetry(t, c.online)
             devices.append(DeviceView(
                 client=c.client, state=c.state, online=c.online, seen_at=c.seen_at, cpu_pct=_num(t, "cpu_pct"),
-                rss_bytes=_num(t, "rss_bytes"), gpu_mem_bytes=_num(t, "gpu_mem_bytes"),
+                rss_bytes=_num(t, "rss_bytes"), peak_rss_bytes=peak_rss.get(c.client, _num(t, "rss_bytes")),
+                gpu_mem_bytes=_num(t, "gpu_mem_bytes"),
                 budget_bytes=int(budget * 2**30) if budget > 0 else None, temp_c=_num(t, "temp_c"),
                 power_w=_num(t, "power_w"), step_time_s=_num(t, "step_time_s"), peak_mem_bytes=_num(t, "peak_mem_bytes"),
                 device=str(caps.get("device", "")), updates=c.updates, train_loss=losses.get(c.client),
@@ -137,12 +148,14 @@ def fleet_view(state_dir: str | Path, now: float, last: int = 200, event_log: st
     return FleetView(
         fleet=meta.get("fleet", ""),
         now=now,
+        run_state=meta.get("run_state", "running"),
         last_round=rounds[-1].round if rounds else -1,
         devices=devices,
         rounds=rounds,
         device_evals=_mean_curve([e for e in evals if e.source != COORDINATOR_EVAL]),
         coordinator_evals=[CurvePoint(e.round, e.loss, e.accuracy, e.n) for e in evals if e.source == COORDINATOR_EVAL],
         gradip=gradip,
+        resources=resources,
     )
 
 

@@ -17,7 +17,7 @@ from coordinator.actions import Publish
 from coordinator.metrics import Metrics
 from coordinator.tally import Tally
 from shared.codec import encode
-from shared.messages import RoundPlan, RoundResult
+from shared.messages import RoundPlan, RoundResult, RunState
 from shared.mqtt import MqttLink
 from shared.topics import Topics
 
@@ -31,7 +31,8 @@ class Publisher:
         self.pending: set[int] = set()  # mids of QoS 1 publishes not PUBACKed yet
 
     def send(self, p: Publish) -> None:
-        """A plan retained on `plan`; a result on `result/{r}` and retained on `result/latest`; else `to/{c}`."""
+        """A plan retained on `plan`; a result on `result/{r}` and retained on `result/latest`; the run's
+        state retained on `run`; else `to/{c}`."""
         payload = encode(p.message)
         if p.to is not None:
             self._publish(self.topics.to(p.to), payload, 1, False)
@@ -40,6 +41,8 @@ class Publisher:
         elif isinstance(p.message, RoundResult):
             self._publish(self.topics.result(p.message.round), payload, 1, False)
             self._publish(self.topics.result_latest, payload, 1, True)
+        elif isinstance(p.message, RunState):
+            self._publish(self.topics.run, payload, 1, True)
         else:
             raise TypeError(f"cannot broadcast a {type(p.message).__name__}")
 

@@ -130,6 +130,19 @@ class EvalRow:
 
 
 @dataclass(frozen=True)
+class ResourcePoint:
+    """A device's resources in one round (its last heartbeat of that round)."""
+
+    client: str
+    round: int
+    ts: float
+    rss_bytes: int | None  # the process's resident memory
+    peak_mem_bytes: int | None  # the training step's peak (CUDA allocator / CPU VmHWM)
+    cpu_pct: float | None
+    step_time_s: float | None
+
+
+@dataclass(frozen=True)
 class RoundPoint:
     """One closed round for curves: when, how long, how many clients, mean training loss of its updates."""
 

@@ -16,9 +16,10 @@ import logging
 
 import torch
 
+from coordinator.actions import Recovered
 from coordinator.checkpoint import rebuild_values
 from coordinator.eventlog import EventLog
-from coordinator.rounds import LATE_WINDOW, Recovered
+from coordinator.rounds import LATE_WINDOW
 
 log = logging.getLogger(__name__)
 

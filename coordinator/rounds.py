@@ -2,7 +2,7 @@
 
 Events go in (`handle(msg, now)` for a decoded client message, `on_reject` for what the pump could not
 decode, `tick(now)` for the clock); actions come out (coordinator/actions.py: Publish, Persist,
-WriteCheckpoint, Duplicate, Dropped; re-exported here). Time is always an argument: the book never reads
+WriteCheckpoint, Duplicate, Dropped). Time is always an argument: the book never reads
 a clock, a socket or a file. The event log is for recovery and audit: `Recovered` is what a restarted
 pump hands the constructor (coordinator/recovery.py reads it).
 
@@ -40,7 +40,6 @@ import torch
 
 from coordinator.actions import (
     Action,
-    Dropped,
     Duplicate,
     Persist,
     Publish,
@@ -92,11 +91,6 @@ from shared.messages import (
     SyncRequest,
     Update,
 )
-
-__all__ = [  # the action types are coordinator/actions.py's; importers of coordinator.rounds keep working
-    "LATE_WINDOW", "Action", "Dropped", "Duplicate", "Persist", "Publish", "Recovered", "RoundBook",
-    "WriteCheckpoint", "plan_message", "result_message",
-]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +173,10 @@ class RoundBook:
     # -- queries ---------------------------------------------------------------------------------
     def done(self) -> bool:
         return self.stop_after_round is not None and self.last_round >= self.stop_after_round
+
+    @property
+    def open_round(self) -> int | None:
+        return None if self.plan is None else self.plan.round
 
     def eligible(self) -> list[str]:
         """The online clients a plan may sample: benched ones (silent bench_after_misses rounds) and those

@@ -25,22 +25,24 @@ from pathlib import Path
 
 import torch
 
+from coordinator.actions import Action, Dropped, Duplicate, Persist, Publish, WriteCheckpoint
 from coordinator.checkpoint import keep_checkpoint
 from coordinator.config import CoordinatorConfig
 from coordinator.dashboard import pages as dashboard_pages
-from coordinator.drift import DriftMonitor
 from coordinator.evaluator import CoordinatorEvaluator
 from coordinator.eventlog import EventLog
 from coordinator.heartbeats import HeartbeatBuffer
 from coordinator.intake import Decision, admit, clear_topic, feed
+from coordinator.lifecycle import RunLifecycle, take_stop_request
 from coordinator.links import connect_links, take_batch
 from coordinator.metrics import Metrics, MetricsServer
 from coordinator.publisher import Publisher
 from coordinator.records import DuplicateRecord, PlanRow, ResultRecord
 from coordinator.recovery import StateMismatch as StateMismatch
 from coordinator.recovery import check_meta, recover
+from coordinator.report import write_run_report
 from coordinator.retention import prune_log
-from coordinator.rounds import Action, Dropped, Duplicate, Persist, Publish, RoundBook, WriteCheckpoint
+from coordinator.rounds import RoundBook
 from coordinator.tally import Tally
 from shared.apply import values_checksum
 from shared.config import ConfigError
@@ -103,6 +105,12 @@ class Coordinator:
             "fingerprint": self.fingerprint, "mask_id": self.mask_id, "nnz": str(self.nnz),
             "fleet": config.fleet, "master_seed": str(config.master_seed), "v0_checksum": values_checksum(self.v0),
         })  # fmt: skip
+        try:  # an ended run is not started again (RunOver: `meerkat coordinator` says so and exits 0)
+            self.life = RunLifecycle.load(self.log.views.meta(), self.stop_after_round)
+        except Exception:
+            self.log.close()
+            raise
+        self.ended = False  # the run ended in this process (finished or stopped): run() writes the report
         self.book = RoundBook.from_config(
             config, self.mask, fingerprint=self.fingerprint, values=self.v0, stop_after_round=self.stop_after_round,
             recovered=recover(self.log, self.v0, self.mask_id, self.fingerprint, config.replay_max),
@@ -127,10 +135,6 @@ class Coordinator:
     def plan(self) -> PlanRow | None:
         return self.book.plan
 
-    @property
-    def drift(self) -> DriftMonitor | None:
-        return self.book.drift
-
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self, link: MqttLink | None = None) -> None:
         """Start /metrics, connect to the broker, republish the retained plan and latest result. `link`: a
@@ -145,7 +149,12 @@ class Coordinator:
         if link is None:
             link, self.tele_link = connect_links(c, self.topics)
         self.link = self.out.link = link
-        self._carry_out(self.book.start(self.clock()))
+        now = self.clock()
+        state, meta = self.life.begin(self.book, now)  # the book stops after the target round (config or a stop)
+        self.stop_after_round = self.book.stop_after_round
+        self._carry_out([*self.book.start(now), Publish(state)], meta=meta)
+        if self.evaluator is not None and self.book.last_round == -1:
+            self._evaluate(-1)  # the baseline: v_0, before round 0 (the dashboard and the report mark it)
 
     def stop(self) -> None:
         """Ask `run()` to return (thread-safe)."""
@@ -159,16 +168,31 @@ class Coordinator:
         return self.book.done()
 
     def run(self) -> int:
-        """Serve until stop() or the target round closed; returns 0 (exceptions propagate)."""
+        """Serve until stop() or the run ended (the target round closed: the configured count or `meerkat
+        stop`); returns 0 (exceptions propagate). An ended run is told to the fleet (retained RunState) and
+        its report written (coordinator/report.py)."""
         if self.link is None:
             self.start()
         try:
             while not self._stop.is_set() and not self.done():
                 self.step(0.1)
+            if self.done():
+                self.end_run()
             self.drain()
         finally:
             self.close()
+        if self.ended and self.config.report:
+            write_run_report(self.state_dir, self.config.event_log)
         return 0
+
+    def end_run(self) -> None:
+        """The book is done: the run is finished (round count) or stopped (`meerkat stop`), persisted and
+        published retained on `run` (devices idle on it)."""
+        state, meta = self.life.end(self.book, self.clock())
+        self._carry_out([Publish(state)], meta=meta)
+        self.ended = True
+        log.info("run %s after round %d (%s); the fleet is told on %s", state.state, state.last_round,
+                 state.reason, self.topics.run)  # fmt: skip
 
     def close(self) -> None:
         if self.tele_link is not None:
@@ -227,6 +251,10 @@ class Coordinator:
     def tick(self) -> None:
         now = self.clock()
         self._carry_out(self.book.tick(now))
+        change = self.life.poll_stop(self.book, now, lambda: take_stop_request(self.state_dir))  # `meerkat stop`
+        if change is not None:
+            self.stop_after_round = self.book.stop_after_round
+            self._carry_out([Publish(change[0])], meta=change[1])
         self._beat(now)
 
     def _beat(self, now: float, stopped: bool = False) -> None:

@@ -96,6 +96,7 @@ def _run_coordinator(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError, RuntimeError, OSError) as exc:
         print(f"meerkat coordinator: {exc}", file=sys.stderr)
         return 2
+    from coordinator.lifecycle import RunOver
     from coordinator.storage import StorageFault, check_state, full_disk_fault
 
     try:
@@ -108,6 +109,9 @@ def _run_coordinator(args: argparse.Namespace) -> int:
 
             check_state(config.state_dir, config.event_log)  # a lost or damaged log: refused, never a new fleet
             coord = Coordinator(config)
+    except RunOver as exc:  # an ended run is not started again: said once, exit 0 (systemd leaves it stopped)
+        print(f"meerkat coordinator: {exc}", file=sys.stderr)
+        return 0
     except StorageFault as exc:
         print(f"meerkat coordinator: {exc}", file=sys.stderr)
         return exc.code

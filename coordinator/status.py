@@ -95,6 +95,8 @@ def status_report(
         "state_dir": str(state_dir),
         **liveness(meta, now, stale_after_s),
         "fleet": meta.get("fleet"),
+        "run_state": meta.get("run_state", "running"),  # coordinator/lifecycle.py: running|finishing|finished|stopped
+        "run_reason": meta.get("run_reason", ""),
         "fingerprint": meta.get("fingerprint"),
         "mask_id": meta.get("mask_id"),
         "nnz": int(meta["nnz"]) if "nnz" in meta else None,
@@ -133,6 +135,7 @@ def format_status(rep: dict[str, Any]) -> str:
     lines = [_liveness_line(rep)] if rep.get("stale") else []
     lines += [
         f"fleet {rep['fleet']}  model {str(rep['fingerprint'])[:12]}  mask {rep['mask_id']} ({rep['nnz']} values)",
+        f"run: {rep['run_state']}" + (f" ({rep['run_reason']})" if rep["run_reason"] else ""),
         f"last closed round: {rep['last_round']}  (clients {rep['last_round_clients']}, "
         f"{rep['last_round_duration_s']} s)  last checkpoint: {rep['last_checkpoint_round']}",
         f"values checksum: {rep['values_checksum']}  duplicates ignored: {rep['duplicates']}",

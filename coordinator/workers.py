@@ -35,12 +35,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from coordinator.actions import Action
 from coordinator.config import CoordinatorConfig
 from coordinator.inbox import Inbox, row_of
 from coordinator.intake import INBOUND, admit
 from coordinator.links import BATCH, broker_link, take_batch
 from coordinator.logstore import lock_key
-from coordinator.rounds import Action
 from coordinator.server import Coordinator
 from shared.config import ConfigError
 from shared.mqtt import MqttLink

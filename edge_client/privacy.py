@@ -163,3 +163,11 @@ class DeviceBudget:
 
 
 __all__ = ["SECRET_FILE", "DeviceBudget", "DpStep", "FleetDp", "PrivacyError", "load_or_create_secret"]
+
+
+def dp_refusal(budget: DeviceBudget | None, plan: RoundPlan, steps: int) -> str | None:
+    """Why this device does not train `steps` local steps of `plan` (None: it does): a DP plan on a device
+    that cannot train privately (`budget` None), or one its privacy budget cannot pay."""
+    if budget is None:
+        return "this device cannot train privately" if plan.dp_clip is not None else None
+    return budget.refusal(plan, steps)

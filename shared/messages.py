@@ -382,6 +382,36 @@ class ErrorMsg:
         _str("ErrorMsg", "reason", self.reason)
 
 
+RUN_STATES: tuple[str, ...] = ("running", "finishing", "finished", "stopped")
+RUN_OVER: frozenset[str] = frozenset({"finished", "stopped"})
+
+
+@dataclass(frozen=True)
+class RunState:
+    """coordinator -> all on run (retained; protocol 1.3): where the run is in its lifecycle.
+
+    running: rounds open as usual. finishing: `meerkat stop` was asked: the open round closes, no new one
+    opens. finished: the configured round count closed. stopped: ended by `meerkat stop`. In the last two
+    `last_round` is the final round: a device at that round has the run's final values and idles."""
+
+    state: str
+    last_round: int  # -1 = no round closed yet
+    ts: float
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        o = "RunState"
+        if self.state not in RUN_STATES:
+            raise ValueError(f"{o}.state: expected one of {RUN_STATES}, got {self.state!r}")
+        _int(o, "last_round", self.last_round, -1, U32)
+        _set(self, "ts", _float(o, "ts", self.ts, 0.0))
+        _str(o, "reason", self.reason)
+
+    @property
+    def over(self) -> bool:
+        return self.state in RUN_OVER
+
+
 Message: TypeAlias = (
     Join
     | RoundPlan
@@ -393,6 +423,7 @@ Message: TypeAlias = (
     | Replay
     | CheckpointChunk
     | ErrorMsg
+    | RunState
 )
 CLIENT_FROM_TOPIC: tuple[type, ...] = (Join, Update, Heartbeat, Status, SyncRequest)
 
@@ -411,9 +442,12 @@ __all__ = [
     "MAX_STEPS",
     "Message",
     "PAUSE_REASONS",
+    "RUN_OVER",
+    "RUN_STATES",
     "Replay",
     "RoundPlan",
     "RoundResult",
+    "RunState",
     "Status",
     "SyncRequest",
     "Update",

@@ -10,6 +10,7 @@ hb             meerkat/v1/{fleet}/hb/{client}      client->coord   0   no    Hea
 status         meerkat/v1/{fleet}/status/{client}  client->all     1   yes   Status (LWT: offline)
 sync           meerkat/v1/{fleet}/sync/{client}    client->coord   1   no    SyncRequest
 to             meerkat/v1/{fleet}/to/{client}      coord->client   1   no    Replay / CheckpointChunk / ErrorMsg
+run            meerkat/v1/{fleet}/run              coord->all      1   yes   RunState (1.3: the run's lifecycle)
 
 Fleet and client ids: 1..64 chars of [A-Za-z0-9_.-], starting with a letter or digit (so never an MQTT
 wildcard, '/', '$' or empty). The broker ACL lets a client write only topics ending in its own id,
@@ -24,13 +25,13 @@ from typing import Literal
 PREFIX = "meerkat/v1"
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 
-Kind = Literal["plan", "result", "result_latest", "up", "join", "hb", "status", "sync", "to"]
-KINDS: tuple[str, ...] = ("plan", "result", "result_latest", "up", "join", "hb", "status", "sync", "to")
+Kind = Literal["plan", "result", "result_latest", "up", "join", "hb", "status", "sync", "to", "run"]
+KINDS: tuple[str, ...] = ("plan", "result", "result_latest", "up", "join", "hb", "status", "sync", "to", "run")
 CLIENT_KINDS: tuple[str, ...] = ("up", "join", "hb", "status", "sync", "to")
 _QOS: dict[str, int] = {
-    "plan": 1, "result": 1, "result_latest": 1, "up": 1, "join": 1, "hb": 0, "status": 1, "sync": 1, "to": 1,
+    "plan": 1, "result": 1, "result_latest": 1, "up": 1, "join": 1, "hb": 0, "status": 1, "sync": 1, "to": 1, "run": 1,
 }  # fmt: skip
-_RETAIN: frozenset[str] = frozenset({"plan", "result_latest", "status"})
+_RETAIN: frozenset[str] = frozenset({"plan", "result_latest", "status", "run"})
 
 
 def check_id(value: object, what: str = "client id") -> str:
@@ -52,6 +53,10 @@ class Topics:
     @property
     def plan(self) -> str:
         return f"{self.base}/plan"
+
+    @property
+    def run(self) -> str:
+        return f"{self.base}/run"
 
     def result(self, round: int) -> str:
         if isinstance(round, bool) or not isinstance(round, int) or round < 0:
@@ -90,6 +95,8 @@ class Topics:
             return self.plan
         if kind == "result_latest":
             return self.result_latest
+        if kind == "run":
+            return self.run
         return f"{self.base}/{kind}/+"  # result/+ and every per-client kind
 
     @staticmethod
@@ -115,6 +122,8 @@ class Topics:
         parts = topic[len(head) :].split("/")
         if parts == ["plan"]:
             return "plan", None
+        if parts == ["run"]:
+            return "run", None
         if len(parts) == 2 and parts[0] == "result":
             if parts[1] == "latest":
                 return "result_latest", None

@@ -109,8 +109,9 @@ def _quiet_libraries() -> None:
 
 
 # --------------------------------------------------------------------------------------- preparation
-def prepare(cfg: DemoConfig) -> dict[str, Path]:
-    """Tiny model (cached), mask (cached per model/fraction), task split: the inputs every process reads."""
+def prepare(cfg: DemoConfig, model_dir: Path | None = None) -> dict[str, Path]:
+    """Tiny model (cached; `model_dir`: this one instead), mask (cached per model/fraction), task split: the
+    inputs every process reads."""
     from bench.tinylm.corpus import write_corpus
     from bench.tinylm.pretrain import get_model_dir
     from bench.tinylm.tasks import write_task
@@ -119,7 +120,7 @@ def prepare(cfg: DemoConfig) -> dict[str, Path]:
     work = cfg.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     print(f"[1/4] tiny model ({cfg.size}): building once, then cached ...", flush=True)
-    model_dir = get_model_dir(cfg.size, seed=cfg.seed)
+    model_dir = get_model_dir(cfg.size, seed=cfg.seed) if model_dir is None else Path(model_dir)
     mask = model_dir.parent / f"{model_dir.name}.mask-{cfg.fraction:g}.safetensors"
     if not mask.exists():
         print(f"[2/4] mask: top {cfg.fraction:.2%} of Linear weights by pre-training gradient ...", flush=True)
@@ -261,15 +262,15 @@ def run_demo(cfg: DemoConfig, on_round: Callable[[int, str], None] | None = None
 
 
 def fleet_quality(state_dir: Path) -> dict[str, Any]:
-    """The quality curves the coordinator logged: devices' held-out evals and its own, per round."""
-    from dataclasses import asdict
+    """The quality curves of the coordinator's run report (coordinator/report.py, the one every fleet gets:
+    the coordinator also wrote it to state_dir/report when its rounds ran out): devices' held-out evals and
+    its own per round (round -1 = the baseline before round 0), and the mean training loss."""
+    from coordinator.report import REPORT_JSON, run_report
 
-    from coordinator.fleetview import fleet_view
-
-    view = fleet_view(state_dir, time.time())
-    return {"device_evals": [asdict(p) for p in view.device_evals],
-            "coordinator_evals": [asdict(p) for p in view.coordinator_evals],
-            "train_loss": [{"round": r.round, "loss": r.train_loss} for r in view.rounds]}
+    rep = run_report(state_dir)
+    return {"device_evals": rep["evals"]["devices"], "coordinator_evals": rep["evals"]["coordinator"],
+            "train_loss": [{"round": r["round"], "loss": r["mean_client_loss"]} for r in rep["rounds"]],
+            "run": rep["run"], "fleet_report": str(state_dir / "report" / REPORT_JSON)}  # fmt: skip
 
 
 def _rmtree(path: Path) -> None:

@@ -93,4 +93,13 @@ CREATE TABLE IF NOT EXISTS evals (
     loss REAL NOT NULL, accuracy REAL, n INTEGER NOT NULL, ts REAL NOT NULL,
     PRIMARY KEY (source, round)
 );
+-- per-device resource history for the dashboard and the run report: the last heartbeat of each
+-- (client, round) (the device's round when it sent it), one row per device and round like `evals`
+CREATE TABLE IF NOT EXISTS resources (
+    client TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    ts REAL NOT NULL,
+    rss_bytes INTEGER, peak_mem_bytes INTEGER, cpu_pct REAL, step_time_s REAL,
+    PRIMARY KEY (client, round)
+);
 """

@@ -14,7 +14,7 @@ import numpy as np
 
 from coordinator.eventlog.rows import f64_list, opt, where
 from coordinator.logstore import Store
-from coordinator.records import ClientStatusRow, EvalRow, EventRow, OpenRoundRow, RoundPoint
+from coordinator.records import ClientStatusRow, EvalRow, EventRow, OpenRoundRow, ResourcePoint, RoundPoint
 
 
 class LogViews:
@@ -90,15 +90,34 @@ class LogViews:
             for c, r, lo, acc, n, ts in self.db.execute(q + " ORDER BY round, source", args).fetchall()
         ]
 
-    def round_points(self, last: int = 200) -> list[RoundPoint]:
-        """The last `last` closed rounds, oldest first, with the n_samples-weighted mean training loss of
-        the updates each one used (on time or folded late)."""
+    def round_points(self, last: int | None = 200) -> list[RoundPoint]:
+        """The last `last` closed rounds (None: every one the log keeps), oldest first, with the
+        n_samples-weighted mean training loss of the updates each one used (on time or folded late)."""
         q = """SELECT r.round, r.closed_at, r.duration_s, r.n_clients,
                       (SELECT SUM(u.loss * u.n_samples) / SUM(u.n_samples) FROM updates u
                         WHERE u.used_in = r.round)
-               FROM results r ORDER BY r.round DESC LIMIT ?"""
-        rows = self.db.execute(q, (last,)).fetchall()
+               FROM results r ORDER BY r.round DESC"""
+        rows = self.db.execute(q + " LIMIT ?", (last,)).fetchall() if last is not None else self.db.execute(q).fetchall()
         return [RoundPoint(int(r), float(c), float(d), int(n), opt(lo)) for r, c, d, n, lo in reversed(rows)]
+
+    def resources(self) -> list[ResourcePoint]:
+        """Every device's resource history (one point per device and round), in (round, client) order. A log
+        written before this table existed (read-only: nothing created) has none."""
+        if "resources" not in self.db.tables():
+            return []
+        q = """SELECT client, round, ts, rss_bytes, peak_mem_bytes, cpu_pct, step_time_s FROM resources
+               ORDER BY round, client"""
+        return [
+            ResourcePoint(str(c), int(r), float(ts), _opt_int(rss), _opt_int(pk), opt(cpu), opt(st))
+            for c, r, ts, rss, pk, cpu, st in self.db.execute(q).fetchall()
+        ]
+
+    def peak_rss(self) -> dict[str, int]:
+        """client -> the largest RSS its heartbeats reported (one per round kept: the process's peak as seen)."""
+        if "resources" not in self.db.tables():
+            return {}
+        q = "SELECT client, MAX(rss_bytes) FROM resources WHERE rss_bytes IS NOT NULL GROUP BY client"
+        return {str(c): int(m) for c, m in self.db.execute(q).fetchall() if m is not None}
 
     def gradip_means(self, last: int = 200) -> dict[str, list[tuple[int, float]]]:
         """client -> [(round, mean |GradIP| of its update for that round)] over the last `last` rounds."""
@@ -126,3 +145,7 @@ class LogViews:
     def table_rows(self) -> dict[str, int]:
         """Row count per table (retention tests, `bench fleet --soak`)."""
         return {n: int(self.db.execute(f'SELECT COUNT(*) FROM "{n}"').fetchone()[0]) for n in self.db.tables()}
+
+
+def _opt_int(v: Any) -> int | None:
+    return None if v is None else int(v)

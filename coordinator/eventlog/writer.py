@@ -107,6 +107,14 @@ def _heartbeats(db: Store, recs: Sequence[HeartbeatRecord]) -> None:
               r.now) for r in recs if (t := r.telemetry).get("eval_round") is not None and t.get("eval_loss") is not None]  # fmt: skip
     if evals:
         _insert_evals(db, evals)
+    db.executemany(
+        "INSERT INTO resources(client, round, ts, rss_bytes, peak_mem_bytes, cpu_pct, step_time_s) "
+        "VALUES (?,?,?,?,?,?,?) ON CONFLICT(client, round) DO UPDATE SET ts=excluded.ts, "
+        "rss_bytes=excluded.rss_bytes, peak_mem_bytes=excluded.peak_mem_bytes, cpu_pct=excluded.cpu_pct, "
+        "step_time_s=excluded.step_time_s",  # the round's last heartbeat: its peak covers the whole round
+        [(r.client, int(t.get("round", -1)), r.now, t.get("rss_bytes"), t.get("peak_mem_bytes"), t.get("cpu_pct"),
+          t.get("step_time_s")) for r in recs if (t := r.telemetry)],
+    )  # fmt: skip
 
 
 def _seen(db: Store, recs: Sequence[SeenRecord]) -> None:
@@ -227,7 +235,7 @@ def _duplicates(db: Store, recs: Sequence[DuplicateRecord]) -> None:
 # the tables each record writes: persist_many reorders two records only when these are disjoint
 TABLES: dict[type, frozenset[str]] = {
     JoinRecord: frozenset({"clients"}), OnlineRecord: frozenset({"clients"}),
-    HeartbeatRecord: frozenset({"clients", "evals"}), SeenRecord: frozenset({"clients"}),
+    HeartbeatRecord: frozenset({"clients", "evals", "resources"}), SeenRecord: frozenset({"clients"}),
     OfflineRecord: frozenset({"clients"}), PlanRecord: frozenset({"rounds"}), ReplanRecord: frozenset({"rounds"}),
     UpdateRecord: frozenset({"updates", "clients"}), ResultRecord: frozenset({"results", "rounds", "updates"}),
     DriftRecord: frozenset({"drift"}), LimitRecord: frozenset({"drift"}),

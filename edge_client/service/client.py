@@ -67,6 +67,7 @@ from shared.messages import (
     Replay,
     RoundPlan,
     RoundResult,
+    RunState,
     Status,
 )
 from shared.mqtt import MqttLink, Will, tls_for
@@ -80,6 +81,7 @@ INBOUND: dict[str, type[Message] | tuple[type[Message], ...]] = {  # topic kind 
     "result": RoundResult,
     "result_latest": RoundResult,
     "to": (Replay, CheckpointChunk, ErrorMsg),
+    "run": RunState,  # 1.3: the run's lifecycle (retained)
 }
 RETAINED = frozenset({"plan", "result_latest"})  # topics it reads where a zero-length payload clears a retained one
 STORAGE_RETRY_S = 5.0  # a full disk: try the same write again this often (nothing half-written was committed)
@@ -115,6 +117,7 @@ class EdgeClient:
             me, trainer.initial_values, values=values, round=self.st.round, data_pointer=self.st.data_pointer,
             trained_round=self.st.trained_round, trained_msg_id=self.st.trained_msg_id,
             progress=self.store.progress(), sync_retry_s=cfg.sync_retry_s, privacy=privacy,
+            exit_when_run_over=cfg.exit_when_run_over,
         )  # fmt: skip
         self.counters = self.rounds.counters  # one set of counters: the core's rules and the pump's I/O
         self._seen_connects = 0
@@ -140,7 +143,7 @@ class EdgeClient:
         return MqttLink(
             self.cfg.broker,
             c,
-            subscriptions=[(t.plan, 1), (t.filter("result"), 1), (t.to(c), 1)],
+            subscriptions=[(t.plan, 1), (t.filter("result"), 1), (t.to(c), 1), (t.run, 1)],
             username=self.cfg.username,
             password=self.cfg.read_password(),
             tls=tls,

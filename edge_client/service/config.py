@@ -85,6 +85,10 @@ class ClientConfig:
     # -- service ---------------------------------------------------------------------------------
     state_dir: Path = config.field(Path("meerkat-state"), "durable state: SQLite (round, data pointer, outbox) + values files")
     heartbeat_s: float = config.field(15.0, "seconds between telemetry heartbeats (QoS0 on hb/{client})", check=(_positive, "must be > 0"))
+    exit_when_run_over: bool = config.field(
+        False, "exit 0 once the coordinator ended the run (finished/stopped) and this device holds the final round; "
+        "false: stay connected and idle (a new run on the fleet starts it again)"
+    )
     sync_retry_s: float = config.field(10.0, "seconds before asking the coordinator again for missed rounds", check=(_positive, "must be > 0"))
     resend_after_s: float = config.field(
         30.0, "re-publish an outbox update not PUBACKed after this many connected seconds", check=(_positive, "must be > 0")

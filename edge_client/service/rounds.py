@@ -44,7 +44,7 @@ from collections.abc import Callable
 import torch
 
 from edge_client.engine.spsa import StepResult, local_update
-from edge_client.privacy import DeviceBudget
+from edge_client.privacy import DeviceBudget, dp_refusal
 from edge_client.service.actions import (
     EXIT_MISMATCH,
     Action,
@@ -64,6 +64,7 @@ from edge_client.service.actions import (
 from edge_client.service.chunks import ChunkAssembler
 from edge_client.service.job import FINAL_FOR_UPDATE, Identity, Job, Progress, update_msg_id
 from edge_client.service.refusals import REFUSALS, JoinBackoff
+from edge_client.service.runwatch import RunWatch
 from shared.apply import apply_round, values_checksum
 from shared.fingerprint import fp_tag
 from shared.logthrottle import LogThrottle
@@ -75,6 +76,7 @@ from shared.messages import (
     Replay,
     RoundPlan,
     RoundResult,
+    RunState,
     Update,
 )
 
@@ -104,6 +106,7 @@ class ClientRounds:
         progress: Progress | None = None,
         sync_retry_s: float = 10.0,
         privacy: DeviceBudget | None = None,
+        exit_when_run_over: bool = False,
     ) -> None:
         self.me = me
         self.privacy = privacy  # None: this device cannot train privately and refuses DP plans
@@ -127,14 +130,12 @@ class ClientRounds:
         self._refused_round = -2
         self._sync_check = False
         self._last_sync = -math.inf
-        self._chunks = ChunkAssembler(self.nnz, self.reject)
+        self._chunks = ChunkAssembler(int(self.values.numel()), self.reject)
         self.joins = JoinBackoff(me.fleet, (me.fingerprint, me.mask_id), self.counters)  # refusals, slow-down
         self.exiting: Exit | None = None
         self._dp_refused = -2  # the round whose DP refusal was logged last
-
-    @property
-    def nnz(self) -> int:
-        return int(self.values.numel())
+        self.runs = RunWatch(me.fleet)  # the coordinator's run lifecycle (retained on `run`, protocol 1.3)
+        self.exit_when_run_over = exit_when_run_over
 
     # -- connection ------------------------------------------------------------------------------
     def connected(self, now: float) -> list[Action]:
@@ -167,7 +168,23 @@ class ClientRounds:
             return self.on_chunk(msg, now)
         if isinstance(msg, ErrorMsg):
             return self.on_error(msg, now)
+        if isinstance(msg, RunState):
+            return self.on_run(msg, now)
         raise TypeError(f"ClientRounds.handle: {type(msg).__name__} is not a coordinator -> client message")
+
+    def on_run(self, rs: RunState, now: float) -> list[Action]:
+        """The run's state (runwatch.py): over, the device catches up, then idles or exits 0 (exit_when_run_over)."""
+        if self.runs.note(rs, self.round) and rs.over:
+            self.known_round = max(self.known_round, rs.last_round)
+        return self._run_over_exit()
+
+    def _run_over_exit(self) -> list[Action]:
+        rs = self.runs.state
+        if not (self.exit_when_run_over and rs is not None and self.runs.over_at(self.round) and self.exiting is None):
+            return []
+        self.exiting = Exit(0, f"the run is {rs.state} after round {rs.last_round}; this device holds its final "
+                               "values (exit_when_run_over)")  # fmt: skip
+        return [self.exiting]
 
     def on_error(self, err: ErrorMsg, now: float) -> list[Action]:
         try:
@@ -294,12 +311,8 @@ class ClientRounds:
         return self._start_job(plan, msg_id)
 
     def _privacy_refuses(self, plan: RoundPlan, steps: int, say: str = "not training round %d: %s") -> bool:
-        """A DP plan this device cannot train privately, or whose `steps` its privacy budget cannot pay
-        (logged once per round with `say`)."""
-        if self.privacy is None:
-            why = "this device cannot train privately" if plan.dp_clip is not None else None
-        else:
-            why = self.privacy.refusal(plan, steps)
+        """`privacy.dp_refusal` of this plan and step count, logged once per round with `say`."""
+        why = dp_refusal(self.privacy, plan, steps)
         if why is not None and self._dp_refused != plan.round:  # once per round
             self._dp_refused = plan.round
             self.counters["dp_refused"] += 1
@@ -327,6 +340,8 @@ class ClientRounds:
         acts: list[Action] = []
         if self.exiting is not None:
             return []  # the pump is stopping
+        if self.runs.over_at(self.round):
+            return self._run_over_exit()  # idle: the coordinator is gone, nobody would answer a Join or sync
         if self.online:
             if self.joins.rejoin_due(now):  # after a refused Join: 2, 4, 8 ... s later
                 acts.append(self._join())

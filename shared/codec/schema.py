@@ -29,6 +29,7 @@ from shared.messages import (
     Replay,
     RoundPlan,
     RoundResult,
+    RunState,
     Status,
     SyncRequest,
     Update,
@@ -197,6 +198,8 @@ SCHEMAS: dict[type, tuple[int, tuple[Field, ...], int]] = {
     CheckpointChunk: (9, (_f(0, "round", "int"), _f(1, "index", "int"), _f(2, "total", "int"),
                           _f(3, "sha256", "hex", n=32), _f(4, "data", "bin", n=MAX_CHUNK)), MAX_CHUNK + (4 << 10)),
     ErrorMsg: (10, (_f(0, "code", "int"), _f(1, "reason", "str", n=4 * MAX_STR)), 8 << 10),
+    RunState: (11, (_f(0, "state", "str", n=16), _f(1, "last_round", "int"), _f(2, "ts", "f64"),
+                    _f(3, "reason", "str", n=4 * MAX_STR)), 8 << 10),  # 1.3
 }  # fmt: skip
 BY_CODE: dict[int, type] = {code: cls for cls, (code, _, _) in SCHEMAS.items()}
 

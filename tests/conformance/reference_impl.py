@@ -32,6 +32,7 @@ from shared.messages import (  # noqa: E402
     Replay,
     RoundPlan,
     RoundResult,
+    RunState,
     Status,
     SyncRequest,
     Update,
@@ -40,10 +41,10 @@ from shared.topics import ID_RE, PREFIX  # noqa: E402
 
 ON_TOPIC: dict[str, Any] = {  # topic kind -> what may arrive there (PROTOCOL.md §1)
     "plan": RoundPlan, "result": RoundResult, "up": Update, "join": Join, "hb": Heartbeat, "status": Status,
-    "sync": SyncRequest, "to": (Replay, CheckpointChunk, ErrorMsg),
+    "sync": SyncRequest, "to": (Replay, CheckpointChunk, ErrorMsg), "run": RunState,
 }  # fmt: skip
 FROM_CLIENT = ("up", "join", "hb", "status", "sync")  # the sender's id is the topic's last level
-RETAINED = ("plan", "result_latest", *FROM_CLIENT)  # a zero-length payload there clears a retained message
+RETAINED = ("plan", "result_latest", "run", *FROM_CLIENT)  # a zero-length payload there clears a retained message
 
 
 def _topic(topic: str) -> tuple[str, str, str] | None:
@@ -54,8 +55,8 @@ def _topic(topic: str) -> tuple[str, str, str] | None:
     if len(parts) < 4 or f"{parts[0]}/{parts[1]}" != PREFIX or not ID_RE.match(parts[2]):
         return None
     fleet, kind, rest = parts[2], parts[3], parts[4:]
-    if kind == "plan" and not rest:
-        return "plan", "", fleet
+    if kind in ("plan", "run") and not rest:  # run: 1.3, the run's lifecycle (RunState)
+        return kind, "", fleet
     if kind == "result" and len(rest) == 1:
         r = rest[0]
         if r == "latest":

@@ -60,7 +60,7 @@ def test_scenarios_show_what_they_claim(results: dict[str, runner.Transcript]) -
     assert {3, 32, 33, 35, 36, 38, 39, 40} <= codes, codes  # 39 UNKNOWN_ROUND, 40 CONFLICT (PROTOCOL.md 1.1)
     assert "BAD_MAGIC" in types("errors")
     kinds = {t for r in results.values() for t in (ln.get("type") for ln in r.lines) if t}
-    assert len(kinds) == 10, kinds  # all ten message types occur
+    assert len(kinds) == 11, kinds  # all eleven message types occur (RunState, 1.3: in the decode vectors)
 
 
 def test_edge_vectors_pending_are_exactly_the_known_gaps(results: dict[str, runner.Transcript]) -> None:

@@ -120,8 +120,8 @@ def test_decaying_client_limited_and_flag_survives_restart(
         mask=mask, initial_values=synthetic_v0(mask.nnz),
     )  # fmt: skip
     try:
-        assert strict.drift is not None and strict.drift.limited() == {drift}
-        assert strict.drift.steps_seen(drift) == 2 * T + 1  # history rebuilt from the logged GradIP
+        assert strict.book.drift is not None and strict.book.drift.limited() == {drift}
+        assert strict.book.drift.steps_seen(drift) == 2 * T + 1  # history rebuilt from the logged GradIP
     finally:
         strict.close()
     caplog.clear()

@@ -3,6 +3,8 @@ per-device gauges, the dashboard (routes + token), the status trend, the Heartbe
 
 from __future__ import annotations
 
+import json
+import re
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -129,6 +131,45 @@ def test_dashboard_without_data_renders(tmp_path: Path) -> None:
     EventLog(tmp_path).close()
     html = render_html(fleet_view(tmp_path, 0.0))
     assert "no device has joined yet" in html and "no data yet" in html
+
+
+def test_dashboard_shows_the_whole_run_with_its_baseline_and_resource_history(tmp_path: Path) -> None:
+    """Issue 30: 900 rounds (more than the 200 of /metrics' snapshot) drawn thinned to MAX_POINTS, the round -1
+    evaluation as a dashed baseline, each device's RSS history, and the memory bar = peak RSS / budget with
+    the step's share beside it (not the step's tensors against the budget)."""
+    from coordinator.dashboard import MAX_POINTS, thin
+
+    now = 2_000_000.0
+    log = EventLog(tmp_path)
+    with log.transaction():
+        log.set_meta("fleet", "f1")
+        log.set_meta("run_state", "finished")
+        log.persist(JoinRecord("dev-a", "joined", "", "fp", "m", 100, 2.0, {"device": "cpu"}, -1, now - 1e4))
+        log.persist(EvalRecord(-1, 3.0, 0.25, 20, now - 9999))  # the baseline: v_0
+        for r in range(900):
+            log.persist(ResultRecord(ResultRow(r, (1,), (0.1,), 0.01, "rademacher", 1, "0" * 64, now - 9000 + 10 * r,
+                                               1.0), ()))  # fmt: skip
+            if r % 3 == 0:
+                log.persist(EvalRecord(r, 3.0 - r / 900, 0.25 + r / 1800, 20, now - 8999 + 10 * r))
+            h = Heartbeat("dev-a", ts=1.0, cpu_pct=40.0, rss_bytes=(400 + r % 80) << 20, peak_mem_bytes=11 << 20,
+                          round=r)  # fmt: skip
+            log.persist(HeartbeatRecord("dev-a", {k: v for k, v in h.__dict__.items() if k != "client"}, now - 8998 + 10 * r))
+    log.close()
+    serve = pages(tmp_path)
+    html = serve("/")[0].decode()
+    view = fleet_view(tmp_path, now, last=None, history=True)
+    assert view.rounds[0].round == 0 and view.rounds[-1].round == 899 and view.run_state == "finished"
+    assert len(view.resources["dev-a"]) == 900 and view.devices[0].peak_rss_bytes == 479 << 20
+    assert 'id="run-state">finished<' in html
+    assert 'data-label="baseline 3 (round -1)"' in html and 'data-label="baseline 25.0% (round -1)"' in html
+    curves = re.findall(r'<polyline class="curve" data-series="([^"]+)"[^>]*points="([^"]+)"', html)
+    by = {name: pts.split() for name, pts in curves}
+    assert len(by["eval, coordinator"]) == 301 and len(by["round duration"]) == MAX_POINTS  # all evals, rounds thinned
+    assert len(by["dev-a"]) == MAX_POINTS  # RSS history (the memory chart)
+    assert 'data-label="budget 2.0 GiB"' in html
+    assert "479.0 MiB / 2.0 GiB" in html and "step 11.0 MiB" in html  # peak RSS against the budget, step beside
+    assert thin([(float(i), 0.0) for i in range(10)], 4) == [(0.0, 0.0), (3.0, 0.0), (6.0, 0.0), (9.0, 0.0)]
+    assert json.loads(serve("/dashboard.json")[0])["run_state"] == "finished"
 
 
 def test_heartbeat_eval_keys_round_trip_and_rules() -> None:

@@ -13,12 +13,13 @@ import pytest
 import torch
 from coordfakes import synthetic_v0
 
+from coordinator.actions import Action, Duplicate, Persist
 from coordinator.config import CoordinatorConfig
 from coordinator.drift import DriftMonitor
 from coordinator.eventlog import EventLog
 from coordinator.records import DuplicateRecord, HeartbeatRecord, RejectRecord, SeenRecord
 from coordinator.recovery import recover
-from coordinator.rounds import Action, Duplicate, Persist, RoundBook
+from coordinator.rounds import RoundBook
 from shared.fingerprint import fp_tag
 from shared.messages import Heartbeat, Join, Status, Update
 from shared.prng import raw_u64

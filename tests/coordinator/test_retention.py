@@ -11,13 +11,14 @@ from typing import Any
 import torch
 from coordfakes import synthetic_v0
 
+from coordinator.actions import Action, Persist, Publish, WriteCheckpoint
 from coordinator.checkpoint import checkpoint_path, write_checkpoint
 from coordinator.config import CoordinatorConfig
 from coordinator.drift import DriftMonitor
 from coordinator.eventlog import EventLog
 from coordinator.recovery import recover
 from coordinator.retention import retention_bounds
-from coordinator.rounds import Action, Persist, Publish, RoundBook, WriteCheckpoint
+from coordinator.rounds import RoundBook
 from shared.fingerprint import fp_tag
 from shared.messages import Join, RoundPlan, Update
 from shared.prng import raw_u64

@@ -12,20 +12,14 @@ import pytest
 import torch
 from coordfakes import synthetic_v0
 
+from coordinator.actions import Action, Duplicate, Persist, Publish, WriteCheckpoint
 from coordinator.config import CoordinatorConfig
 from coordinator.drift import DriftMonitor
 from coordinator.eventlog import EventLog
 from coordinator.records import LimitRecord, RejectRecord, ReplanRecord, ResultRecord, UpdateRecord
 from coordinator.recovery import recover
 from coordinator.registry import JOIN_GRACE_S, REJOIN_NAG_S
-from coordinator.rounds import (
-    Action,
-    Duplicate,
-    Persist,
-    Publish,
-    RoundBook,
-    WriteCheckpoint,
-)
+from coordinator.rounds import RoundBook
 from shared.apply import apply_round, fedavg_scalars, values_checksum
 from shared.fingerprint import fp_tag
 from shared.messages import (
@@ -333,7 +327,7 @@ def test_recovery_continues_identically(tmp_path: Path) -> None:
 
 
 def sent_result(b: RoundBook) -> RoundResult:
-    from coordinator.rounds import result_message
+    from coordinator.actions import result_message
 
     return result_message(b.results[-1])
 

@@ -9,9 +9,10 @@ import pytest
 from test_rounds_core import FP, MASK, book, config, join, records, sent, update
 
 import coordinator.aggregate as aggregate
+from coordinator.actions import Dropped, Persist
 from coordinator.ratelimit import LruDict
 from coordinator.records import EventRecord, JoinRecord, RejectRecord, UpdateRecord
-from coordinator.rounds import Dropped, Persist, RoundBook
+from coordinator.rounds import RoundBook
 from shared.codec import encode
 from shared.messages import (
     CheckpointChunk,

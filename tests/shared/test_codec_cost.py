@@ -36,6 +36,7 @@ from shared.messages import (
     Replay,
     RoundPlan,
     RoundResult,
+    RunState,
     Status,
     SyncRequest,
     Update,
@@ -146,6 +147,8 @@ def _legal_max(cls: type) -> Any:
         return CheckpointChunk(1 << 31, 0, 1, FP, data)
     if cls is ErrorMsg:
         return ErrorMsg(0xFFFF, "€" * MAX_STR)
+    if cls is RunState:
+        return RunState("finishing", 1 << 31, 1.7e9, "€" * MAX_STR)
     raise AssertionError(cls)
 
 

@@ -24,8 +24,9 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from coordinator.actions import Persist
 from coordinator.records import RejectRecord
-from coordinator.rounds import Persist, RoundBook
+from coordinator.rounds import RoundBook
 from shared.apply import values_checksum
 from shared.codec import SCHEMAS, DecodeError, ErrorCode, decode, encode
 from shared.messages import (

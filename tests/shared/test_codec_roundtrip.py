@@ -23,6 +23,7 @@ from shared.messages import (
     Replay,
     RoundPlan,
     RoundResult,
+    RunState,
     Status,
     SyncRequest,
     Update,
@@ -239,6 +240,10 @@ def test_validation_other_types() -> None:
         CheckpointChunk(1, 2, 2, FP, b"")
     with pytest.raises(ValueError, match="ErrorMsg.reason"):
         ErrorMsg(1, "x" * 5000)
+    with pytest.raises(ValueError, match="RunState.state"):
+        RunState("paused", 3, 1.0)  # protocol 1.3: four states only
+    with pytest.raises(ValueError, match="RunState.last_round"):
+        RunState("finished", -2, 1.0)
     with pytest.raises(dataclasses.FrozenInstanceError):
         _update().round = 5  # type: ignore[misc]
 
@@ -254,7 +259,7 @@ def test_error_codes_are_stable() -> None:
     assert (ErrorCode.FINGERPRINT_MISMATCH, ErrorCode.STALE_ROUND, ErrorCode.INTERNAL) == (32, 34, 63)
     assert {cls: c for cls, (c, _, _) in codec.SCHEMAS.items()} == {
         Join: 1, RoundPlan: 2, Update: 3, RoundResult: 4, Heartbeat: 5, Status: 6, SyncRequest: 7,
-        Replay: 8, CheckpointChunk: 9, ErrorMsg: 10,
+        Replay: 8, CheckpointChunk: 9, ErrorMsg: 10, RunState: 11,
     }  # fmt: skip
 
 

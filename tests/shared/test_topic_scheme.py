@@ -21,6 +21,7 @@ def test_names_and_parse_round_trip() -> None:
         (T.status("c"), "status", "c"),
         (T.sync("c"), "sync", "c"),
         (T.to("c"), "to", "c"),
+        (T.run, "run", None),
     ]
     assert {k for _, k, _ in cases} == set(KINDS)
     for topic, kind, arg in cases:
@@ -34,6 +35,7 @@ def test_qos_and_retain() -> None:
     assert {k: (Topics.qos(k), Topics.retain(k)) for k in KINDS} == {
         "plan": (1, True), "result": (1, False), "result_latest": (1, True), "up": (1, False),
         "join": (1, False), "hb": (0, False), "status": (1, True), "sync": (1, False), "to": (1, False),
+        "run": (1, True),
     }  # fmt: skip
     with pytest.raises(ValueError, match="unknown topic kind"):
         Topics.qos("down")

@@ -7,6 +7,7 @@ import string
 from hypothesis import strategies as st
 
 from shared.messages import (
+    RUN_STATES,
     CheckpointChunk,
     ErrorMsg,
     Heartbeat,
@@ -14,6 +15,7 @@ from shared.messages import (
     Replay,
     RoundPlan,
     RoundResult,
+    RunState,
     Status,
     SyncRequest,
     Update,
@@ -129,6 +131,8 @@ def chunks(draw: st.DrawFn) -> CheckpointChunk:
 
 
 errors = st.builds(ErrorMsg, code=st.integers(0, 0xFFFF), reason=st.text(max_size=200))
+run_states = st.builds(RunState, state=st.sampled_from(RUN_STATES), last_round=st.integers(-1, U32),
+                       ts=st.floats(0, 1e10), reason=st.text(max_size=200))  # fmt: skip
 
 ALL = {
     "Join": joins,
@@ -141,5 +145,6 @@ ALL = {
     "Replay": replays,
     "CheckpointChunk": chunks(),
     "ErrorMsg": errors,
+    "RunState": run_states,
 }
 any_message = st.one_of(*ALL.values())
