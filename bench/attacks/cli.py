@@ -37,6 +37,7 @@ from bench.attacks.report import markdown, summarize
 from bench.attacks.run import Cell, CellResult, book_config, run_cell
 from bench.attacks.strategies import ATTACKS
 from bench.cli import add_defaults, print_json_last
+from bench.learning.learning import parse_shard
 from bench.learning.sim import ZOSpec
 from coordinator.aggregate import RULES
 from coordinator.config import Aggregation, CoordinatorConfig
@@ -221,16 +222,6 @@ class Matrix:
         return res
 
 
-def parse_shard(text: str) -> tuple[int, int]:
-    try:
-        k, n = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise SystemExit(f"--shard: expected K/N with integers, got {text!r}") from None
-    if not 0 <= k < n:
-        raise SystemExit(f"--shard {text}: need 0 <= K < N")
-    return k, n
-
-
 def run_shard(cfg: AttacksConfig, out: Path, k: int, n: int, *, resume: bool = False) -> int:
     """Run (or, with `resume`, skip when cached) every n-th cell from the k-th; how many there were."""
     matrix = Matrix(cfg, out, resume)
@@ -269,5 +260,5 @@ def run_matrix(cfg: AttacksConfig, out: Path, *, resume: bool = False) -> dict[s
     return summary
 
 
-__all__ = ["AttacksConfig", "Matrix", "add_parser", "config_from_args", "default_rule", "parse_shard", "run",
+__all__ = ["AttacksConfig", "Matrix", "add_parser", "config_from_args", "default_rule", "run",
            "run_matrix", "run_shard"]
