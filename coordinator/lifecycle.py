@@ -93,14 +93,14 @@ class RunLifecycle:
     @classmethod
     def load(cls, meta: Mapping[str, str], target: int | None) -> RunLifecycle:
         """From the event log's meta; RunOver when the run ended. `target`: the configured last round. A run
-        `finished` at its round count goes on when the operator raised the count past its last round (a
-        `stopped` run never does: `meerkat stop` was an operator's word too)."""
+        `finished` at its round count goes on when the operator raised the count past its last round or removed
+        it (`target` None: until `meerkat stop`); a `stopped` run never does: the stop was an operator's word too."""
         state, reason = meta.get("run_state", "running"), meta.get("run_reason", "")
         last = int(meta.get("run_last_round", "-1"))
-        if state == "finished" and target is not None and target > last:
-            log.info("the run finished after round %d; the round count now asks for round %d: the run goes on",
-                     last, target)  # fmt: skip
-            return cls("running", f"round count raised to {target + 1} rounds", target)
+        if state == "finished" and (target is None or target > last):
+            more = "no round count" if target is None else f"the round count now asks for round {target}"
+            log.info("the run finished after round %d; %s: the run goes on", last, more)
+            return cls("running", f"after round {last}: {more}", target)
         if state in ("finished", "stopped"):
             ended = meta.get("run_ended_at")
             raise RunOver(state, last, float(ended) if ended else None, reason)

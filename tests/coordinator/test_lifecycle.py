@@ -69,16 +69,15 @@ def test_the_stop_request_file(tmp_path: Path) -> None:
         request_stop(tmp_path / "missing")
 
 
-def test_a_finished_run_goes_on_when_the_round_count_is_raised_a_stopped_one_does_not() -> None:
+def test_a_finished_run_goes_on_when_the_round_count_is_raised_or_removed_a_stopped_one_does_not() -> None:
     from coordinator.lifecycle import RunLifecycle, RunOver
 
     finished = {"run_state": "finished", "run_last_round": "2", "run_ended_at": "1.0", "run_reason": "3 rounds"}
     with pytest.raises(RunOver):
         RunLifecycle.load(finished, 2)  # the same count: nothing to do
-    with pytest.raises(RunOver):
-        RunLifecycle.load(finished, None)
     life = RunLifecycle.load(finished, 3)
     assert life.state == "running" and life.target == 3
+    assert RunLifecycle.load(finished, None).state == "running"  # the count removed: until `meerkat stop`
     stopped = {**finished, "run_state": "stopped", "run_reason": "meerkat stop"}
     with pytest.raises(RunOver):
         RunLifecycle.load(stopped, 5)
