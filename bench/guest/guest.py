@@ -108,6 +108,9 @@ def run(args: argparse.Namespace) -> int:
     cfg = GuestConfig(hidden=args.hidden, layers=args.layers, rounds=args.rounds, steps=args.steps, jobs=args.jobs, job_iters=args.job_iters,
                       quiet_s=args.quiet_s, max_other_cpu_pct=args.max_other_cpu_pct, scope=args.scope, workdir=args.workdir, timeout_s=args.timeout,
                       broker=args.broker)  # fmt: skip
+    from bench.demo.demo import _quiet_libraries
+
+    _quiet_libraries()  # the CLI only: a caller in the same process (a test) keeps its own logging
     result = run_guest(cfg)
     for k in ("off", "default"):
         r = result[k]
@@ -122,10 +125,8 @@ def run(args: argparse.Namespace) -> int:
 
 def run_guest(cfg: GuestConfig) -> dict[str, Any]:
     from bench.demo.broker import find_or_start_broker
-    from bench.demo.demo import _quiet_libraries
     from bench.demo.toy import build_toy
 
-    _quiet_libraries()
     runner = JobRunner(cfg.job_iters)  # first: nice 0 whatever the client does to this process later
     work = cfg.workdir.resolve()
     shutil.rmtree(work, ignore_errors=True)
