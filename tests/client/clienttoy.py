@@ -1,5 +1,6 @@
 """Test helpers for the edge client: a tiny random model + tokenizer + mask + labelled data on disk, a
-client.toml writer, the real coordinator in a thread, and `meerkat client` as a real subprocess."""
+client.toml writer, the real coordinator in a thread, a scripted retained plan, and `meerkat client` as a
+real subprocess."""
 
 from __future__ import annotations
 
@@ -158,3 +159,28 @@ class ThreadedClient:
         self.thread.join(15)
         if self.error is not None:
             raise self.error
+
+
+def retained_plan(toy: Toy, broker_url: str, fleet: str, cid: str, T: int, seed: int) -> tuple[Any, Any]:
+    """A one-client RoundPlan of T Gaussian steps (round 0 from v_0) published retained on `fleet`, and the
+    started probe link that subscribed to the client's `up/` topic first (it sees every Update)."""
+    from shared.apply import values_checksum
+    from shared.codec import encode
+    from shared.messages import RoundPlan
+    from shared.mqtt import MqttLink
+    from shared.prng import derive_seed
+    from shared.sidecar import initial_values_from_dir
+    from shared.topics import Topics
+
+    t = Topics(fleet)
+    v0 = initial_values_from_dir(toy.model_dir, toy.mask.layers)
+    plan = RoundPlan(
+        fleet=fleet, round=0, seeds=tuple(derive_seed(seed, s) for s in range(T)), lr=2.0, eps=5e-2,
+        dist="gaussian", steps={cid: T}, base_round=-1, deadline=time.time() + 3600,
+        fingerprint=toy.fingerprint, mask_id=toy.mask.mask_id, batch_size=4, values_checksum=values_checksum(v0),
+    )  # fmt: skip
+    probe = MqttLink(broker_url, uid("probe"), subscriptions=[(t.up(cid), 1)])
+    probe.start()
+    assert probe.wait_connected(10)
+    probe.publish(t.plan, encode(plan), qos=1, retain=True)
+    return plan, probe

@@ -17,17 +17,16 @@ from clienttoy import (
     client_settings,
     coordinator_config,
     coordinator_updates,
+    retained_plan,
     uid,
     write_toml,
 )
 
 from edge_client.service.state import StateStore
 from shared.apply import values_checksum
-from shared.codec import decode, encode
-from shared.messages import RoundPlan, Status, Update
+from shared.codec import decode
+from shared.messages import Status, Update
 from shared.mqtt import MqttLink
-from shared.prng import derive_seed
-from shared.sidecar import initial_values_from_dir
 from shared.topics import Topics
 
 
@@ -137,16 +136,7 @@ def test_round_resumed_after_sigkill_sends_the_bytes_of_an_uninterrupted_round(
     on the broker are byte-identical (one local-path rule for a step and a resume)."""
     fleet, cid, T = uid("f"), uid("dev"), 30
     t = Topics(fleet)
-    v0 = initial_values_from_dir(toy.model_dir, toy.mask.layers)
-    plan = RoundPlan(
-        fleet=fleet, round=0, seeds=tuple(derive_seed(12, s) for s in range(T)), lr=2.0, eps=5e-2,
-        dist="gaussian", steps={cid: T}, base_round=-1, deadline=time.time() + 3600,
-        fingerprint=toy.fingerprint, mask_id=toy.mask.mask_id, batch_size=4, values_checksum=values_checksum(v0),
-    )  # fmt: skip
-    probe = MqttLink(broker_url, uid("probe"), subscriptions=[(t.up(cid), 1)])
-    probe.start()
-    assert probe.wait_connected(10)
-    probe.publish(t.plan, encode(plan), qos=1, retain=True)
+    plan, probe = retained_plan(toy, broker_url, fleet, cid, T, 12)
 
     def next_update(proc: ClientProc, timeout: float) -> bytes:
         end = time.monotonic() + timeout

@@ -12,19 +12,15 @@ import time
 from pathlib import Path
 
 import pytest
-from clienttoy import Toy, client_settings, uid
+from clienttoy import Toy, client_settings, retained_plan, uid
 
 from edge_client.service.client import EdgeClient
 from edge_client.service.config import load_client_config
 from edge_client.service.policy import BUSY
 from edge_client.service.sensors import SystemSensors, TreeCpu
 from edge_client.service.trainer import EngineTrainer
-from shared.apply import values_checksum
-from shared.codec import decode, encode
-from shared.messages import RoundPlan, Update
-from shared.mqtt import MqttLink
-from shared.prng import derive_seed
-from shared.sidecar import initial_values_from_dir
+from shared.codec import decode
+from shared.messages import Update
 from shared.topics import Topics
 
 HOG = "import sys\nprint('ready', flush=True)\nwhile True:\n    pass\n"
@@ -44,16 +40,7 @@ def test_a_cpu_hog_pauses_the_client_within_one_step_and_its_exit_resumes_it(
 ) -> None:
     fleet, cid, T = uid("f"), uid("dev"), 60
     t = Topics(fleet)
-    v0 = initial_values_from_dir(toy.model_dir, toy.mask.layers)
-    plan = RoundPlan(
-        fleet=fleet, round=0, seeds=tuple(derive_seed(99, s) for s in range(T)), lr=2.0, eps=5e-2,
-        dist="gaussian", steps={cid: T}, base_round=-1, deadline=time.time() + 3600,
-        fingerprint=toy.fingerprint, mask_id=toy.mask.mask_id, batch_size=4, values_checksum=values_checksum(v0),
-    )  # fmt: skip
-    probe = MqttLink(broker_url, uid("probe"), subscriptions=[(t.up(cid), 1)])
-    probe.start()
-    assert probe.wait_connected(10)
-    probe.publish(t.plan, encode(plan), qos=1, retain=True)
+    plan, probe = retained_plan(toy, broker_url, fleet, cid, T, 99)
     import torch
 
     # this machine is shared and its CPUs are busy already: the "other processes" are the ones this test

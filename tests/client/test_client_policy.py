@@ -16,7 +16,7 @@ from typing import Any
 
 import psutil
 import pytest
-from clienttoy import REPO, Toy, client_settings, uid, write_toml
+from clienttoy import REPO, Toy, client_settings, retained_plan, uid, write_toml
 
 from edge_client.service.client import EdgeClient
 from edge_client.service.config import ConfigError, load_client_config
@@ -33,12 +33,9 @@ from edge_client.service.policy import (
 )
 from edge_client.service.sensors import Sample, SystemSensors
 from edge_client.service.trainer import EngineTrainer
-from shared.apply import values_checksum
-from shared.codec import decode, encode
-from shared.messages import RoundPlan, Update
+from shared.codec import decode
+from shared.messages import Update
 from shared.mqtt import MqttLink
-from shared.prng import derive_seed
-from shared.sidecar import initial_values_from_dir
 from shared.topics import Topics
 
 GIB = 2**30
@@ -250,16 +247,7 @@ def test_each_rule_pauses_the_client_mid_round_and_the_resumed_update_is_identic
 ) -> None:
     fleet, cid, T = uid("f"), uid("dev"), 12
     t = Topics(fleet)
-    v0 = initial_values_from_dir(toy.model_dir, toy.mask.layers)
-    plan = RoundPlan(
-        fleet=fleet, round=0, seeds=tuple(derive_seed(27, s) for s in range(T)), lr=2.0, eps=5e-2,
-        dist="gaussian", steps={cid: T}, base_round=-1, deadline=time.time() + 3600,
-        fingerprint=toy.fingerprint, mask_id=toy.mask.mask_id, batch_size=4, values_checksum=values_checksum(v0),
-    )  # fmt: skip
-    probe = MqttLink(broker_url, uid("probe"), subscriptions=[(t.up(cid), 1)])
-    probe.start()
-    assert probe.wait_connected(10)
-    probe.publish(t.plan, encode(plan), qos=1, retain=True)
+    plan, probe = retained_plan(toy, broker_url, fleet, cid, T, 27)
     import torch
 
     policy = {"enabled": True, "windows": ["08:00-20:00"], "quiet_s": 0.3, "nice": 0, "io_class": "none",
