@@ -65,18 +65,25 @@ def test_client_check_catches_a_device_that_reads_other_devices(toy: Toy, acl_br
     # a retained status of another device in this fleet (the ACL is per fleet: client_01 may not write
     # into a random fleet, the coordinator user may), which a correctly restricted device cannot read
     status = Topics(fleet).status("client_01")
-    planter = MqttLink(acl_broker.url, uid("plant"), username="coordinator", password=acl_broker.users["coordinator"])
-    planter.start()
-    assert planter.wait_connected(10)
-    planter.publish(status, b"retained", qos=1, retain=True)
-    time.sleep(0.5)
+    # The broker sets use_username_as_clientid: the planter is client id "coordinator" like the checked
+    # "device", so it must be gone before the check connects (two sessions with one id take each other over)
+    def plant(payload: bytes) -> None:
+        planter = MqttLink(acl_broker.url, uid("plant"), username="coordinator",
+                           password=acl_broker.users["coordinator"])
+        planter.start()
+        try:
+            assert planter.wait_connected(10)
+            planter.publish(status, payload, qos=1, retain=True)
+            time.sleep(0.5)
+        finally:
+            planter.stop()
+
+    plant(b"retained")
     try:
         leaky = _client_toml(toy, tmp_path, acl_broker.url, fleet, "coordinator", acl_broker.users["coordinator"])
         r = _meerkat("client", "--config", str(leaky), "--check")
     finally:
-        planter.publish(status, b"", qos=1, retain=True)  # clear it
-        time.sleep(0.3)
-        planter.stop()
+        plant(b"")  # clear it
     assert r.returncode == 4, r.stdout + r.stderr
     assert "FAIL deny" in r.stderr and "status/client_01" in r.stderr
 
