@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -76,6 +77,7 @@ class Recovered:
     limited: dict[str, int] = field(default_factory=dict)  # MEERKAT-VP flags: client -> round flagged
     gradip: Iterable[tuple[str, int, Sequence[float]]] = ()  # logged GradIP, insertion order
     drift_steps: dict[str, int] = field(default_factory=dict)  # logged MEERKAT-VP step count per client
+    lr_state: dict[str, Any] | None = None  # the step-size controller's, after last_round (coordinator/lrctl.py)
 
 
 def plan_message(p: PlanRow, fleet: str, fingerprint: str, mask_id: str) -> RoundPlan:

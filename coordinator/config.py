@@ -87,9 +87,15 @@ class CoordinatorConfig:
         0, "stop after this many closed rounds (0 = run forever)", (lambda v: v >= 0, "must be >= 0")
     )
     steps: int = cfg.field(10, "local SPSA steps T per round", (lambda v: 1 <= v <= 100, "must be in 1..100"))
-    lr: float = cfg.field(
-        2e-3, "learning rate of the virtual path (the demo's: learns there; docs/COORDINATOR.md 'Choosing lr')",
-        (lambda v: 0 < v < 1, "must be in (0, 1)"),
+    lr: float | Literal["auto"] = cfg.field(
+        "auto",
+        "learning rate of the virtual path: \"auto\" (the fleet's loss steers it each round, coordinator/lrctl.py) "
+        "or a fixed number in (0, 1) (docs/COORDINATOR.md 'Choosing lr')",
+        (lambda v: v == "auto" or (not isinstance(v, str) and 0 < v < 1), "must be \"auto\" or in (0, 1)"),
+    )
+    lr_start: float = cfg.field(
+        0.0, "lr = \"auto\": the first round's lr (0 = derived from the mask's size, coordinator/lrctl.py start_lr)",
+        (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     )
     eps: float = cfg.field(1e-2, "SPSA perturbation size (the demo's)", (lambda v: 0 < v < 1, "must be in (0, 1)"))
     dist: Literal["rademacher", "gaussian"] = cfg.field("rademacher", "direction distribution z_t")

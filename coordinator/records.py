@@ -274,8 +274,38 @@ class EvalRecord:
     now: float
 
 
+@dataclass(frozen=True)
+class LrRecord:
+    """The step-size controller's decision after a round (coordinator/lrctl.py) and its whole state then:
+    a restarted coordinator resumes the controller from the newest one (only the newest keeps its state)."""
+
+    round: int
+    lr_used: float  # the plan's (the devices' local steps)
+    lr_step: float  # the result's (less than lr_used when the controller damped the round)
+    lr_next: float
+    action: str  # start | grow | hold | backoff | damp | skip
+    reason: str
+    loss: float  # the round's mean device loss (nan: none)
+    state: dict[str, Any]  # LrController.state()
+    now: float
+
+
+@dataclass(frozen=True)
+class LrRow:
+    """One logged lr decision as `meerkat status` and the dashboard show it."""
+
+    round: int
+    lr_used: float
+    lr_step: float
+    lr_next: float
+    action: str
+    reason: str
+    loss: float | None
+    ts: float
+
+
 Record = (
     JoinRecord | OnlineRecord | HeartbeatRecord | SeenRecord | OfflineRecord | PlanRecord | ReplanRecord
     | UpdateRecord | ResultRecord | DriftRecord | LimitRecord | RejectRecord | EventRecord | EvalRecord
-    | DuplicateRecord
+    | DuplicateRecord | LrRecord
 )  # fmt: skip

@@ -25,6 +25,7 @@ Rules, each in one place (docs/ARCHITECTURE.md "Round lifecycle" names them):
   dedupe, conflict            on_update (same msg_id: Duplicate; another: reject `conflict`, first wins)
   stragglers, late folding    on_update (late | dropped, late_max_age), close_round -> aggregate.late_to_fold
   MEERKAT-VP limits           on_update -> vp.observe; close_round -> vp.at_close; plans: vp.steps_for
+  step size (lr = "auto")     close_round -> lr.closed (coordinator/lrctl.py: the result's lr); plans: lr.lr
   replay vs checkpoint        on_sync -> sync_reply (coordinator/sync.py), admission.reply_budget
   re-publish after reconnect  reconnected  (devices re-send their kept Updates on seeing the plan)
 """
@@ -56,6 +57,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.dedupe import DedupeKeys
 from coordinator.drift import DriftMonitor
 from coordinator.ingest import Reject, check_join, check_update
+from coordinator.lrctl import FleetLr
 from coordinator.privacy import with_privacy
 from coordinator.records import (
     ClientRow,
@@ -148,6 +150,7 @@ class RoundBook:
         self.vp = DriftPolicy(drift, config.drift_control)
         self.vp.restore(rec)
         self.availability = Availability()  # device policies: paused devices are not sampled, not missed
+        self.lr = FleetLr(config.lr, config.lr_start, int(values.numel()), rec.lr_state)  # coordinator/lrctl.py
         if self.plan is not None:
             self.availability.round_opened(self.plan.steps)
         self.quorum_since: float | None = None  # when the open round first met its quorum
@@ -233,9 +236,8 @@ class RoundBook:
             return self.on_heartbeat(msg, now)
         if isinstance(msg, Status):
             return self.on_status(msg, now)
-        if isinstance(msg, SyncRequest):
-            return self.on_sync(msg, now)
-        raise TypeError(f"RoundBook.handle: {type(msg).__name__} is not a client -> coordinator message")
+        assert isinstance(msg, SyncRequest)  # KIND_OF (checked above) names no other type
+        return self.on_sync(msg, now)
 
     def on_join(self, j: Join, now: float) -> list[Action]:
         """A valid Join registers the client (a row). A refused one from an id that is joined changes
@@ -362,9 +364,7 @@ class RoundBook:
             self._last_offline_check = now
             acts += [*self.registry.offline(now), *self.registry.nag(now)]
         if self.plan is None:
-            if not self.done():
-                acts += self._maybe_open(now)
-            return acts
+            return acts if self.done() else acts + self._maybe_open(now)
         plan, c = self.plan, self.config
         if not self.accepted and self.availability.all_paused():  # nobody left to wait for (O(1): counted)
             return acts + self.close_round(now, f"all {len(plan.steps)} sampled devices paused by their policy")
@@ -396,7 +396,7 @@ class RoundBook:
         plan = PlanRow(
             round=r, state="open", opened_at=now, deadline=now + c.round_deadline_s,
             seeds=round_seeds(c.master_seed, r, c.steps), steps={k: self.vp.steps_for(k, c.steps) for k in sampled},
-            lr=c.lr, eps=c.eps, dist=c.dist, batch_size=c.batch_size, base_round=r - 1,
+            lr=self.lr.lr, eps=c.eps, dist=c.dist, batch_size=c.batch_size, base_round=r - 1,
             base_checksum=values_checksum(self.values), extensions=0,
         )  # fmt: skip
         self.plan, self.plans[r], self.accepted, self.quorum_since = plan, plan, {}, None
@@ -439,6 +439,7 @@ class RoundBook:
         acts: list[Action] = []
         drift_records, ups = self.vp.at_close(plan.round, reported, now, self._next_round())
         acts += [Persist(r) for r in drift_records]
+        lr, lr_records = self.lr.closed(plan.round, plan.lr, ups, now)  # the controller's (lr = "auto")
         if ups:
             k = close_scalars(c.aggregation, plan.seeds, ups, self.late.values() if c.straggler == "next" else None,
                               {r: p.seeds for r, p in self.plans.items()}, clip_norm=c.clip_norm,
@@ -447,12 +448,12 @@ class RoundBook:
                 self._small_round = k.small
                 log.info("round %d: %d on-time updates: %s", plan.round, len(ups), FALLBACK_NOTE[k.small])
             late, seeds, scalars = k.late, k.seeds, k.scalars
-            new_values = apply_round(self.values, seeds, scalars, plan.lr, plan.dist)
+            new_values = apply_round(self.values, seeds, scalars, lr, plan.dist)
         else:  # every sampled device paused: an empty result (values unchanged); late updates wait for the next
             late, seeds, scalars, new_values = [], [], [], self.values
         checksum = values_checksum(new_values)
         n_clients = len({u.client for u in ups} | {u.client for u in late})
-        row = ResultRow(plan.round, tuple(seeds), tuple(scalars), plan.lr, plan.dist, n_clients, checksum, now,
+        row = ResultRow(plan.round, tuple(seeds), tuple(scalars), lr, plan.dist, n_clients, checksum, now,
                         now - plan.opened_at)  # fmt: skip
         used = tuple((u.client, u.round, "accepted") for u in ups) + tuple((u.client, u.round, "folded") for u in late)
         self.values, self.last_round, self.plan, self.accepted = new_values, plan.round, None, {}
@@ -470,6 +471,7 @@ class RoundBook:
         acts += [
             Persist(ResultRecord(row, used)),
             Persist(EventRecord("close", f"{why}; {len(ups)} updates + {len(late)} late", plan.round, now)),
+            *(Persist(r) for r in lr_records),
             *(Persist(EventRecord("bench", f"{k}: sampled and silent {self.config.bench_after_misses} rounds in a "
                                   "row; sampled again after a Heartbeat and a Join", plan.round, now))
               for k in benched),

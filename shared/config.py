@@ -50,6 +50,11 @@ def _coerce(name: str, value: Any, typ: Any, from_text: bool) -> Any:
         args = [a for a in typing.get_args(typ) if a is not type(None)]
         if value is None or (from_text and value == ""):
             return None
+        for alt in args[1:]:  # float | Literal["auto"]: the first alternative that takes the value
+            try:
+                return _coerce(name, value, alt, from_text)
+            except ValueError:
+                pass
         typ = args[0]
         origin = typing.get_origin(typ)
     if origin is typing.Literal:

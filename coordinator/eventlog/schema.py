@@ -93,6 +93,12 @@ CREATE TABLE IF NOT EXISTS evals (
     loss REAL NOT NULL, accuracy REAL, n INTEGER NOT NULL, ts REAL NOT NULL,
     PRIMARY KEY (source, round)
 );
+-- the step-size controller's decision after each round (coordinator/lrctl.py; lr = "auto"): the lr the
+-- round's plan used, the one its result was applied with, the next plan's, why; `state` (JSON) only on the newest row: what a restart resumes from
+CREATE TABLE IF NOT EXISTS lr_decisions (
+    round INTEGER PRIMARY KEY, lr_used REAL NOT NULL, lr_step REAL NOT NULL, lr_next REAL NOT NULL, action TEXT NOT NULL,
+    reason TEXT NOT NULL, loss REAL, state TEXT, ts REAL NOT NULL
+);
 -- per-device resource history for the dashboard and the run report: the last heartbeat of each
 -- (client, round) (the device's round when it sent it), one row per device and round like `evals`
 CREATE TABLE IF NOT EXISTS resources (

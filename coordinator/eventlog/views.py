@@ -14,7 +14,15 @@ import numpy as np
 
 from coordinator.eventlog.rows import f64_list, opt, where
 from coordinator.logstore import Store
-from coordinator.records import ClientStatusRow, EvalRow, EventRow, OpenRoundRow, ResourcePoint, RoundPoint
+from coordinator.records import (
+    ClientStatusRow,
+    EvalRow,
+    EventRow,
+    LrRow,
+    OpenRoundRow,
+    ResourcePoint,
+    RoundPoint,
+)
 
 
 class LogViews:
@@ -64,6 +72,16 @@ class LogViews:
 
     def reject_counts(self) -> dict[str, int]:
         return {str(r): int(c) for r, c in self.db.execute("SELECT reason, count FROM rejects ORDER BY reason")}
+
+    def lr_decisions(self, limit: int | None = None) -> list[LrRow]:
+        """The step-size controller's logged decisions (lr = "auto"), oldest first (`limit`: the newest only);
+        empty for a fixed lr or a log from before the table."""
+        if "lr_decisions" not in self.db.tables():
+            return []
+        q = "SELECT round, lr_used, lr_step, lr_next, action, reason, loss, ts FROM lr_decisions ORDER BY round DESC"
+        rows = self.db.execute(q + ("" if limit is None else f" LIMIT {int(limit)}")).fetchall()
+        return [LrRow(int(r), float(u), float(st), float(n), str(a), str(why), opt(lo), float(ts))
+                for r, u, st, n, a, why, lo, ts in reversed(rows)]  # fmt: skip
 
     def events(self, *, kind: str | None = None, round: int | None = None, limit: int | None = None) -> list[EventRow]:
         """Logged round decisions, oldest first (`limit`: only the newest `limit`)."""

@@ -11,6 +11,7 @@ Below the record writers: the writes that are not round-book records (meta, chec
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -25,6 +26,7 @@ from coordinator.records import (
     HeartbeatRecord,
     JoinRecord,
     LimitRecord,
+    LrRecord,
     OfflineRecord,
     OnlineRecord,
     PlanRecord,
@@ -232,6 +234,17 @@ def _duplicates(db: Store, recs: Sequence[DuplicateRecord]) -> None:
     )
 
 
+def _lr(db: Store, recs: Sequence[LrRecord]) -> None:
+    """One row per round; only the newest keeps the controller's state (older ones are cleared)."""
+    db.executemany(
+        "INSERT INTO lr_decisions(round, lr_used, lr_step, lr_next, action, reason, loss, state, ts) "
+        "VALUES (?,?,?,?,?,?,?,?,?)",
+        [(r.round, r.lr_used, r.lr_step, r.lr_next, r.action, r.reason, r.loss if math.isfinite(r.loss) else None,
+          json.dumps(r.state, sort_keys=True, allow_nan=False), r.now) for r in recs],
+    )  # fmt: skip
+    db.execute("UPDATE lr_decisions SET state=NULL WHERE round < ? AND state IS NOT NULL", (recs[-1].round,))
+
+
 # the tables each record writes: persist_many reorders two records only when these are disjoint
 TABLES: dict[type, frozenset[str]] = {
     JoinRecord: frozenset({"clients"}), OnlineRecord: frozenset({"clients"}),
@@ -241,12 +254,13 @@ TABLES: dict[type, frozenset[str]] = {
     DriftRecord: frozenset({"drift"}), LimitRecord: frozenset({"drift"}),
     RejectRecord: frozenset({"rejects", "reject_log"}), EventRecord: frozenset({"events"}),
     EvalRecord: frozenset({"evals"}), DuplicateRecord: frozenset({"round_counts"}),
+    LrRecord: frozenset({"lr_decisions"}),
 }  # fmt: skip
 WRITERS: dict[type, Callable[[Store, Sequence[Any]], None]] = {
     JoinRecord: _joins, OnlineRecord: _online, HeartbeatRecord: _heartbeats, SeenRecord: _seen,
     OfflineRecord: _offline, PlanRecord: _plans, ReplanRecord: _replans, UpdateRecord: _updates,
     ResultRecord: _results, DriftRecord: _drift, LimitRecord: _limits, RejectRecord: _rejects,
-    EventRecord: _events, EvalRecord: _evals, DuplicateRecord: _duplicates,
+    EventRecord: _events, EvalRecord: _evals, DuplicateRecord: _duplicates, LrRecord: _lr,
 }  # fmt: skip
 
 

@@ -110,16 +110,16 @@ def test_weight_grants_parse_and_name_a_bad_entry() -> None:
             load_coordinator_config(None, {"mask": "m", "weight_grants": bad}, environ={})
 
 
-def test_the_default_lr_and_eps_are_the_ones_the_demo_learns_with() -> None:
-    """Issue 30: the default lr was 1e-6, which does not move the demo model; the defaults are now the demo's
-    measured settings (BENCHMARKS.md "Demo": 0.575 -> 0.880 in 30 rounds), and deploy/coordinator.toml
-    shows the same numbers."""
+def test_the_default_lr_is_auto_and_eps_is_the_one_the_demo_learns_with() -> None:
+    """Issue 30: the default lr was 1e-6, which does not move the demo model; issue 32: the default is now
+    "auto" (coordinator/lrctl.py steers it from the fleet's loss), the demo keeps its measured fixed lr
+    (BENCHMARKS.md "Demo": 0.575 -> 0.880 in 30 rounds), and deploy/coordinator.toml shows the defaults."""
     import tomllib
 
     from bench.demo.demo import DemoConfig
 
     c, demo = CoordinatorConfig(), DemoConfig()
-    assert (c.lr, c.eps) == (demo.lr, demo.eps) == (2e-3, 1e-2)
+    assert (c.lr, c.eps, c.lr_start) == ("auto", demo.eps, 0.0) and (demo.lr, demo.eps) == (2e-3, 1e-2)
     shipped = tomllib.loads((Path(__file__).resolve().parents[2] / "deploy" / "coordinator.toml").read_text())
     table = shipped.get("coordinator", shipped)
     assert (table["lr"], table["eps"]) == (c.lr, c.eps)

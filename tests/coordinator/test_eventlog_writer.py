@@ -7,6 +7,7 @@ long it is."""
 
 from __future__ import annotations
 
+import math
 import sqlite3
 import typing
 from collections.abc import Iterable, Sequence
@@ -26,6 +27,7 @@ from coordinator.records import (
     HeartbeatRecord,
     JoinRecord,
     LimitRecord,
+    LrRecord,
     OfflineRecord,
     OnlineRecord,
     PlanRecord,
@@ -80,11 +82,13 @@ def records() -> list[Record]:
         EventRecord("open", "round 0", 0, 10.0), DuplicateRecord(0), DuplicateRecord(0),
         ResultRecord(ResultRow(0, (1, 2**64 - 1), (0.5, -0.125), 0.01, "rademacher", 2, "c" * 64, 26.0, 16.0),
                      (("a", 0, "accepted"), ("b", 0, "accepted"))),
+        LrRecord(0, 0.01, 0.01, 0.02, "grow", "fell", 0.5, {"lr": 0.02, "n": 1}, 26.0),
         EventRecord("close", "round 0", 0, 26.0), EvalRecord(0, 2.5, None, 16, 27.0), EvalRecord(0, 9.0, 0.1, 16, 28.0),
         _plan(1, 30.0), _up("b", 1, 31.0), _up("c", 0, 32.0, status="late"),  # c reports round 0 late
         _drift("b", 4, 31.0), _up("a", 1, 33.0), DuplicateRecord(1),
         ResultRecord(ResultRow(1, (3,), (0.25,), 0.01, "rademacher", 2, "d" * 64, 40.0, 10.0),
                      (("a", 1, "accepted"), ("b", 1, "accepted"), ("c", 0, "folded"))),
+        LrRecord(1, 0.02, 0.005, 0.01, "damp", "diverged", math.nan, {"lr": 0.01, "n": 2}, 40.0),
     ]  # fmt: skip
 
 

@@ -1,0 +1,186 @@
+"""The fleet's step-size controller (`lr = "auto"`, docs/COORDINATOR.md "Choosing lr"): pure, no I/O.
+
+The round book asks it for the next plan's lr (`lr`) and feeds it each closed round before applying it
+(`closed`): the lr the round used and its on-time updates: each device's training loss (Update.loss:
+the mean loss of its local steps) and its projected gradients g_0..g_{T-1} along its local virtual path.
+It answers with the lr the round's result is applied with and one `LrDecision`, which the book logs and
+persists with the controller's whole state (`LrRecord`, the event log's `lr_decisions` table) in the
+same transaction as the result: a restarted coordinator resumes from the newest row exactly.
+
+Signals of a round (BENCHMARKS.md "The fleet finds its own lr" has the measurements behind them):
+  drift    D = rms of the fleet's g_1..g_{T-1} / rms of its g_0. g_0 is measured at the round's base
+           values, the later ones along each device's local path: a path that diverges steepens and D
+           grows (demo/topic MEERKAT round 0: D 1.0-1.2 at the tuned lr and below, 2.7 at 4x)
+  spikes   devices whose loss > SPIKE x their own previous loss (and ABS_TOL nats above it)
+  rise     the fleet's mean loss above the smoothed loss by more than RISE (relative) and ABS_TOL
+The rule, in order:
+  damp     D > DRIFT_MAX: the round's own steps diverged. Its result is applied at lr x DAMP (the
+           RoundResult carries that lr: every replica, replay and checkpoint applies the same), then
+           backoff. (A round already applied is never undone: see docs/COORDINATOR.md "Choosing lr")
+  backoff  spikes in >= SPIKE_SHARE of the devices, or a rise: lr x BACKOFF; growth stops from then on
+           at CEIL x the lr that did it (the ceiling only falls)
+  grow     the mean loss fell below the smoothed loss: lr x GROW_FAST until the first backoff, lr x GROW
+           after it, at most the ceiling and LR_MAX
+  hold     otherwise; the first round only sets the reference loss (unless it damps); a round without an
+           on-time update (all paused) changes nothing
+The lr only moves by these factors and never leaves [LR_MIN, LR_MAX]. Nothing here reads a clock or a
+random stream: the same rounds give the same decisions on every run.
+
+The start (`start_lr`, unless `lr_start` is set): START_K / sqrt(nnz), below the tuned lrs measured on the
+tiny models, from which growth reaches them in a few rounds.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from coordinator.records import EventRecord, LrRecord, Record, UpdateRow
+
+log = logging.getLogger(__name__)
+
+GROW_FAST = 2.0  # an improving round grows the lr by this until the first backoff ...
+GROW = 1.25  # ... and by this after it
+BACKOFF = 0.5  # a damaging round shrinks it by this
+CEIL = 0.7  # after a backoff the lr never grows past CEIL x the lr that did it
+DAMP = 0.25  # a round whose local paths diverged is applied at this x its lr
+DRIFT_MAX = 1.8  # D above this: the local paths diverged
+RISE = 0.05  # the fleet's mean loss above the smoothed one by this share (and ABS_TOL) is a rise
+SPIKE = 1.5  # a device whose loss is this x its previous one (and ABS_TOL above) spiked
+SPIKE_SHARE = 0.3  # this share of the round's devices spiking backs off
+ABS_TOL = 0.01  # nats: smaller changes are noise, never a rise or a spike
+SMOOTH = 0.5  # the smoothed loss: SMOOTH x old + (1 - SMOOTH) x the round's mean
+START_K = 0.25  # start_lr = START_K / sqrt(nnz)
+LR_MIN, LR_MAX = 1e-7, 0.5
+
+
+def start_lr(nnz: int) -> float:
+    """The first round's lr for `nnz` trainable values (the mask's non-zeros), within [LR_MIN, LR_MAX]."""
+    if nnz < 1:
+        raise ValueError(f"start_lr: nnz must be >= 1, got {nnz}")
+    return min(LR_MAX, max(LR_MIN, START_K / math.sqrt(nnz)))
+
+
+@dataclass(frozen=True)
+class LrDecision:
+    """What the controller made of one closed round (persisted as an `LrRecord`, shown by `meerkat status`)."""
+
+    round: int  # the round it saw
+    lr_used: float  # that round's plan's lr (the devices' local steps)
+    lr_step: float  # the lr its result is applied with (lr_used, or less when it damps)
+    lr_next: float  # the lr of the next plan
+    action: str  # start | grow | hold | backoff | damp | skip
+    reason: str  # one line for people: the numbers behind the action
+    loss: float  # the round's mean device loss (nan: no on-time update)
+
+
+class LrController:
+    """One fleet's step size. `state` (from `state()`, e.g. the newest logged decision) resumes it exactly."""
+
+    def __init__(self, lr0: float, *, state: Mapping[str, Any] | None = None) -> None:
+        if not 0 < lr0 < 1:
+            raise ValueError(f"LrController: lr0 must be in (0, 1), got {lr0!r}")
+        self.lr = lr0  # the next plan's lr
+        self.ref: float | None = None  # the smoothed fleet loss
+        self.ceiling = LR_MAX  # growth stops here (lowered by every backoff)
+        self.prev: dict[str, float] = {}  # each device's last loss
+        self.last_round = -1
+        if state is not None:
+            self._restore(state)
+
+    def state(self) -> dict[str, Any]:
+        """Everything the next decision depends on, JSON-able (floats round-trip exactly through json)."""
+        return {"lr": self.lr, "ref": self.ref, "ceiling": self.ceiling, "prev": dict(sorted(self.prev.items())),
+                "last_round": self.last_round}  # fmt: skip
+
+    def _restore(self, s: Mapping[str, Any]) -> None:
+        try:
+            lr, ref, ceiling = float(s["lr"]), s["ref"], float(s["ceiling"])
+            self.lr, self.ref, self.ceiling = lr, None if ref is None else float(ref), ceiling
+            self.prev = {str(k): float(v) for k, v in dict(s["prev"]).items()}
+            self.last_round = int(s["last_round"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"LrController: logged state {dict(s)!r} is not a controller state ({e})") from None
+
+    def observe(self, round: int, lr_used: float, ups: Sequence[tuple[str, float, Sequence[float]]]) -> LrDecision:
+        """Feed one closed round: (client, loss, grads) of its on-time updates. Returns the decision
+        (self.lr moved to its lr_next)."""
+        if round <= self.last_round:
+            raise ValueError(f"LrController.observe: round {round} after round {self.last_round}")
+        self.last_round = round
+        ups = [u for u in ups if math.isfinite(u[1])]
+        if not ups:
+            return LrDecision(round, lr_used, lr_used, self.lr, "skip", "no on-time update: lr unchanged", math.nan)
+        mean = math.fsum(x for _, x, _ in ups) / len(ups)
+        drift = drift_ratio([g for _, _, g in ups])
+        spiked = [c for c, x, _ in ups if c in self.prev and x > SPIKE * self.prev[c] and x - self.prev[c] > ABS_TOL]
+        seen = sum(1 for c, _, _ in ups if c in self.prev)
+        ref, old, step = self.ref, self.lr, lr_used
+        self.prev.update((c, x) for c, x, _ in ups)
+        self.ref = mean if ref is None else SMOOTH * ref + (1 - SMOOTH) * mean
+        if drift > DRIFT_MAX:
+            step = lr_used * DAMP
+            action, why = "damp", f"local paths diverged: drift {drift:.2f} > {DRIFT_MAX:g}; applied at lr {step:.4g}"
+        elif seen and len(spiked) >= SPIKE_SHARE * seen:
+            action, why = "backoff", f"{len(spiked)} of {seen} devices spiked (loss > {SPIKE:g}x their last)"
+        elif ref is None:
+            action, why = "start", f"first loss {mean:.4f} (drift {drift:.2f}): the reference"
+        elif mean > ref * (1 + RISE) and mean - ref > ABS_TOL:
+            action, why = "backoff", f"fleet loss rose: {mean:.4f} > smoothed {ref:.4f}"
+        elif mean < ref:
+            action, why = "grow", f"fleet loss fell: {mean:.4f} < smoothed {ref:.4f} (drift {drift:.2f})"
+        else:
+            action, why = "hold", f"fleet loss {mean:.4f} ~ smoothed {ref:.4f}"
+        if action in ("damp", "backoff"):
+            self.ceiling = max(LR_MIN, min(self.ceiling, lr_used * CEIL))
+            self.lr = max(LR_MIN, min(self.lr, lr_used) * BACKOFF)
+        elif action == "grow":
+            self.lr = min(LR_MAX, self.ceiling, self.lr * (GROW_FAST if self.ceiling >= LR_MAX else GROW))
+            if self.lr <= old:
+                action, why = "hold", f"{why}; at the ceiling {self.ceiling:.4g}"
+        return LrDecision(round, lr_used, step, self.lr, action, why, mean)
+
+
+def drift_ratio(grads: Sequence[Sequence[float]]) -> float:
+    """D: rms of the fleet's g_1..g_{T-1} over rms of its g_0 (1.0 with T = 1 or all g_0 zero)."""
+    first = [g[0] for g in grads if len(g) > 1]
+    later = [x for g in grads if len(g) > 1 for x in g[1:]]
+    g0 = math.fsum(x * x for x in first)
+    if not later or g0 == 0:
+        return 1.0
+    return math.sqrt(math.fsum(x * x for x in later) / len(later) / (g0 / len(first)))
+
+
+class FleetLr:
+    """The round book's handle (coordinator/rounds.py): a fixed lr (config `lr` a number) or the controller
+    (`lr = "auto"`), and the records each closed round leaves (`LrRecord` + an `lr` event when it moved)."""
+
+    def __init__(self, lr: float | str, lr_start: float, nnz: int, state: Mapping[str, Any] | None = None) -> None:
+        if lr == "auto":
+            self.ctl: LrController | None = LrController(lr_start or start_lr(nnz), state=state)
+            self.fixed = 0.0
+        elif isinstance(lr, str) or not 0 < lr < 1:
+            raise ValueError(f"lr must be \"auto\" or a number in (0, 1), got {lr!r}")
+        else:
+            self.ctl, self.fixed = None, float(lr)
+
+    @property
+    def lr(self) -> float:
+        """The next plan's lr."""
+        return self.fixed if self.ctl is None else self.ctl.lr
+
+    def closed(self, round: int, lr_used: float, ups: Sequence[UpdateRow], now: float) -> tuple[float, list[Record]]:
+        """Feed a closed round (its on-time updates) to the controller: the lr its result is applied with
+        and the decision's records (an `lr` event too when the lr moved); (lr_used, []) for a fixed lr."""
+        if self.ctl is None:
+            return lr_used, []
+        d = self.ctl.observe(round, lr_used, [(u.client, u.loss, u.grads) for u in ups])
+        log.info("round %d lr %.4g -> %.4g: %s (%s)", round, d.lr_used, d.lr_next, d.action, d.reason)
+        out: list[Record] = [LrRecord(d.round, d.lr_used, d.lr_step, d.lr_next, d.action, d.reason, d.loss,
+                                      self.ctl.state(), now)]  # fmt: skip
+        if d.lr_next != d.lr_used or d.lr_step != d.lr_used:
+            out.append(EventRecord("lr", f"lr {d.lr_used:.4g} -> {d.lr_next:.4g}: {d.action}, {d.reason}", round, now))
+        return d.lr_step, out

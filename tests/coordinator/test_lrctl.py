@@ -1,0 +1,134 @@
+"""The step-size controller (coordinator/lrctl.py, lr = "auto"): its rule, its state, its config."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from coordinator import lrctl
+from coordinator.config import load_coordinator_config
+from coordinator.lrctl import FleetLr, LrController, drift_ratio, start_lr
+from coordinator.records import EventRecord, LrRecord, UpdateRow
+from shared.config import ConfigError
+
+CLIENTS = [f"c{k}" for k in range(10)]
+CALM = (1.0, -0.8, 0.9, -1.1, 1.0)  # g_1.. as large as g_0: drift ~1
+
+
+def ups(losses: list[float] | float, grads: tuple[float, ...] = CALM) -> list[tuple[str, float, tuple[float, ...]]]:
+    vals = losses if isinstance(losses, list) else [losses] * len(CLIENTS)
+    return [(c, x, grads) for c, x in zip(CLIENTS, vals, strict=True)]
+
+
+def test_grows_while_the_loss_falls_then_backs_off_on_a_rise_and_stays_below_the_ceiling() -> None:
+    ctl = LrController(1e-3)
+    d = ctl.observe(0, 1e-3, ups(1.0))
+    assert (d.action, d.lr_next, d.lr_step) == ("start", 1e-3, 1e-3)
+    lrs = []
+    for r, loss in enumerate([0.9, 0.8, 0.7], start=1):
+        d = ctl.observe(r, ctl.lr, ups(loss))
+        assert d.action == "grow", d
+        lrs.append(d.lr_next)
+    assert lrs == [2e-3, 4e-3, 8e-3]  # x GROW_FAST before any backoff
+    d = ctl.observe(4, 8e-3, ups(0.95))  # well above the smoothed loss (~0.76)
+    assert d.action == "backoff" and d.lr_next == 4e-3 and d.lr_step == 8e-3 and "rose" in d.reason
+    assert ctl.ceiling == pytest.approx(8e-3 * lrctl.CEIL)
+    for r in range(5, 12):  # a long improving run: x GROW, never past the ceiling
+        d = ctl.observe(r, ctl.lr, ups(0.9 - 0.05 * r))
+    assert ctl.lr == pytest.approx(8e-3 * lrctl.CEIL) and d.action == "hold" and "ceiling" in d.reason
+
+
+def test_a_flat_loss_holds_and_noise_below_abs_tol_is_no_rise() -> None:
+    ctl = LrController(1e-3)
+    ctl.observe(0, 1e-3, ups(0.05))
+    d = ctl.observe(1, 1e-3, ups(0.05 + 0.009))  # +18 % but under ABS_TOL nats
+    assert d.action == "hold" and d.lr_next == 1e-3
+
+
+def test_a_share_of_spiking_devices_backs_off_even_when_the_mean_barely_moves() -> None:
+    ctl = LrController(1e-2)
+    ctl.observe(0, 1e-2, ups([1.0] * 10))
+    assert ctl.observe(1, 1e-2, ups([0.7] * 8 + [1.6] * 2)).action != "backoff"  # 2 of 10: not yet
+    ctl2 = LrController(1e-2)
+    ctl2.observe(0, 1e-2, ups([1.0] * 10))
+    d = ctl2.observe(1, 1e-2, ups([0.8] * 7 + [1.6] * 3))  # 3 of 10 over 1.5 x their last: SPIKE_SHARE 0.3
+    assert d.action == "backoff" and "3 of 10 devices spiked" in d.reason and d.lr_next == 5e-3
+
+
+def test_diverging_local_paths_damp_the_round_itself_and_back_off() -> None:
+    ctl = LrController(8e-2)
+    steep = (3.0, -2.5, 3.5, -3.0, 2.8)  # g_0 = 1.0, later steps ~3x: the local paths diverged
+    d = ctl.observe(0, 8e-2, ups(1.5, (1.0, *steep)))
+    assert d.action == "damp" and d.lr_step == pytest.approx(8e-2 * lrctl.DAMP) and d.lr_next == 4e-2
+    assert "drift" in d.reason
+    assert drift_ratio([(1.0, *steep)]) == pytest.approx(math.sqrt(sum(x * x for x in steep) / 5))
+    assert drift_ratio([(2.0,)]) == 1.0 and drift_ratio([(0.0, 1.0)]) == 1.0  # T = 1, g_0 = 0: no signal
+
+
+def test_calm_rounds_apply_the_plans_lr() -> None:
+    ctl = LrController(1e-3)
+    for r in range(4):
+        lr = ctl.lr
+        d = ctl.observe(r, lr, ups(1.0 - 0.1 * r))
+        assert d.lr_step == d.lr_used == lr and d.action in ("start", "grow")
+
+
+def test_state_round_trips_through_json_and_resumes_exactly() -> None:
+    losses = [1.0, 0.9, 0.85, 1.2, 0.7, 0.72, 0.6, 0.61, 0.95, 0.5]
+    a = LrController(2e-3)
+    for r, x in enumerate(losses[:5]):
+        a.observe(r, a.lr, ups([x + 0.01 * k for k in range(10)]))
+    b = LrController(9e-1, state=json.loads(json.dumps(a.state())))  # lr0 is ignored: the state wins
+    assert b.state() == a.state()
+    for r, x in enumerate(losses[5:], start=5):
+        da = a.observe(r, a.lr, ups([x + 0.01 * k for k in range(10)]))
+        db = b.observe(r, b.lr, ups([x + 0.01 * k for k in range(10)]))
+        assert da == db
+    with pytest.raises(ValueError, match="not a controller state"):
+        LrController(1e-3, state={"lr": 1e-3})
+    with pytest.raises(ValueError, match="round 3 after round 9"):
+        a.observe(3, a.lr, ups(1.0))
+
+
+def test_an_empty_round_changes_nothing() -> None:
+    ctl = LrController(1e-3)
+    d = ctl.observe(0, 1e-3, [])
+    assert (d.action, d.lr_next, d.lr_step) == ("skip", 1e-3, 1e-3) and math.isnan(d.loss) and ctl.ref is None
+
+
+def test_start_lr_scales_with_the_mask_and_stays_in_range() -> None:
+    assert start_lr(4260) == pytest.approx(lrctl.START_K / math.sqrt(4260))
+    assert start_lr(425984) < start_lr(4260) and start_lr(10**16) == lrctl.LR_MIN
+    with pytest.raises(ValueError, match="nnz"):
+        start_lr(0)
+
+
+def _row(c: str, loss: float, grads: tuple[float, ...] = (1.0, 1.0)) -> UpdateRow:
+    return UpdateRow(c, 0, 1, grads, 1, loss, 0.0, "accepted", None)
+
+
+def test_fleet_lr_fixed_emits_nothing_auto_emits_a_record_with_its_state() -> None:
+    fixed = FleetLr(3e-3, 0.0, 100)
+    assert fixed.lr == 3e-3 and fixed.closed(0, 3e-3, [_row("a", 1.0)], 5.0) == (3e-3, [])
+    auto = FleetLr("auto", 0.0, 100)
+    assert auto.lr == start_lr(100)
+    lr, recs = auto.closed(0, auto.lr, [_row("a", 1.0)], 5.0)
+    (rec,) = recs
+    assert isinstance(rec, LrRecord) and rec.action == "start" and rec.state["ref"] == 1.0 and lr == start_lr(100)
+    lr, recs = auto.closed(1, auto.lr, [_row("a", 0.5)], 6.0)
+    assert [type(r) for r in recs] == [LrRecord, EventRecord] and recs[1].kind == "lr" and "grow" in recs[1].detail
+    assert FleetLr("auto", 7e-3, 100).lr == 7e-3  # lr_start overrides the derived start
+    with pytest.raises(ValueError, match="lr must be"):
+        FleetLr(2.0, 0.0, 100)
+
+
+def test_config_takes_auto_or_a_number_and_names_a_bad_lr() -> None:
+    assert load_coordinator_config(None, {"mask": "m"}, environ={}).lr == "auto"
+    assert load_coordinator_config(None, {"mask": "m", "lr": "5e-3"}, environ={}).lr == 5e-3
+    assert load_coordinator_config(None, {"mask": "m"}, environ={"MEERKAT_COORD_LR": "auto"}).lr == "auto"
+    assert load_coordinator_config(None, {"mask": "m", "lr_start": "1e-3"}, environ={}).lr_start == 1e-3
+    for bad in ("fast", "0", "1.5"):
+        with pytest.raises(ConfigError, match="lr"):
+            load_coordinator_config(None, {"mask": "m", "lr": bad}, environ={})
