@@ -53,7 +53,7 @@ SPIKE = 1.5  # a device whose loss is this x its previous one (and ABS_TOL above
 SPIKE_SHARE = 0.3  # this share of the round's devices spiking backs off
 ABS_TOL = 0.01  # nats: smaller changes are noise, never a rise or a spike
 SMOOTH = 0.5  # the smoothed loss: SMOOTH x old + (1 - SMOOTH) x the round's mean
-START_K = 0.25  # start_lr = START_K / sqrt(nnz)
+START_K = 0.35  # start_lr = START_K / sqrt(nnz)
 LR_MIN, LR_MAX = 1e-7, 0.5
 
 

@@ -118,7 +118,9 @@ def test_fleet_lr_fixed_emits_nothing_auto_emits_a_record_with_its_state() -> No
     (rec,) = recs
     assert isinstance(rec, LrRecord) and rec.action == "start" and rec.state["ref"] == 1.0 and lr == start_lr(100)
     lr, recs = auto.closed(1, auto.lr, [_row("a", 0.5)], 6.0)
-    assert [type(r) for r in recs] == [LrRecord, EventRecord] and recs[1].kind == "lr" and "grow" in recs[1].detail
+    assert [type(r) for r in recs] == [LrRecord, EventRecord]
+    ev = recs[1]
+    assert isinstance(ev, EventRecord) and ev.kind == "lr" and "grow" in ev.detail
     assert FleetLr("auto", 7e-3, 100).lr == 7e-3  # lr_start overrides the derived start
     with pytest.raises(ValueError, match="lr must be"):
         FleetLr(2.0, 0.0, 100)
