@@ -106,6 +106,7 @@ class LearningConfig:
     lr_dense: float = 5e-4  # fedzo-dense: variance grows with nnz, so the stable lr is smaller (1e-3 diverges)
     lr_backprop: float = 1e-3  # AdamW
     lr_table: tuple[tuple[str, float], ...] = ()  # ("task/method", lr) from --lrs: overrides the three above
+    lr_modes: tuple[str, ...] = ("tuned",)  # --lr: tuned | auto | auto@Nx | Nx (ZO methods; see lr_of)
     n_evals: int = 10  # eval points per run (curves)
     calib_seqs: int = 64  # pre-training-like sequences (x 128 tokens) backpropagated for the MEERKAT mask
     methods: tuple[str, ...] = METHODS
@@ -134,6 +135,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--lr-sparse", type=float, default=None)
     p.add_argument("--lr-dense", type=float, default=None)
     p.add_argument("--lr-backprop", type=float, default=None)
+    p.add_argument("--lr", default=None, dest="lr_modes",
+                   help="comma list of lr modes of the ZO methods, each its own rows: tuned (the method's lr, the "
+                        "default), auto (the coordinator's controller, lr = \"auto\"), auto@Nx (the controller "
+                        "started at N x the tuned lr), Nx (fixed N x the tuned lr)")
     p.add_argument("--lrs", default=None, help="lrs.json from --tune: the lr of every (size, task, method)")
     p.add_argument("--tune", action="store_true",
                    help="run the lr rule instead of the grid: writes OUT/lrs.json and lrs.md (bench/learning/cells.py)")
@@ -169,6 +174,8 @@ def config_from_args(args: argparse.Namespace, size: str | None = None) -> Learn
     for name in ("fraction", "lr_sparse", "lr_dense", "lr_backprop"):
         if getattr(args, name) is not None:
             over[name] = getattr(args, name)
+    if getattr(args, "lr_modes", None):
+        over["lr_modes"] = tuple(m.strip() for m in args.lr_modes.split(",") if m.strip())
     if args.no_extreme:
         over["extreme"] = False
     if getattr(args, "extreme_methods", None):
@@ -199,6 +206,11 @@ def check_config(cfg: LearningConfig) -> None:
             raise SystemExit(f"{flag}: unknown {bad}; known: {list(METHODS)}")
     if cfg.seeds < 1:
         raise SystemExit(f"--seeds must be >= 1, got {cfg.seeds}")
+    for mode in cfg.lr_modes:
+        try:
+            lr_of(mode, 1e-3)
+        except ValueError as e:
+            raise SystemExit(f"--lr: {e}") from None
     for T in cfg.Ts:
         if T < 1 or cfg.budget % T:
             raise SystemExit(f"--budget {cfg.budget} must be a positive multiple of every T, got T={T}")
@@ -217,6 +229,23 @@ def lr_for(cfg: LearningConfig, task: str, method: str) -> float:
     return cfg.lr_dense if method == "fedzo-dense" else cfg.lr_sparse
 
 
+def lr_of(mode: str, tuned: float) -> float | str:
+    """The lr a cell runs with in lr mode `mode` (--lr) given the method's tuned lr: tuned -> tuned, auto ->
+    "auto", auto@4x -> "auto@<4 x tuned>" (the controller started there), 4x -> 4 x tuned (fixed)."""
+    try:
+        if mode == "tuned":
+            return tuned
+        if mode == "auto":
+            return "auto"
+        if mode.startswith("auto@") and mode.endswith("x"):
+            return f"auto@{float(mode[5:-1]) * tuned:g}"
+        if mode.endswith("x"):
+            return float(mode[:-1]) * tuned
+    except ValueError:
+        pass
+    raise ValueError(f"lr mode {mode!r}: expected tuned, auto, auto@Nx or Nx (N a number)")
+
+
 def runs_for(cfg: LearningConfig) -> list[tuple[str, str, int]]:
     """(setting, method, T) of every trained configuration (zero-shot is evaluated once per setting/seed)."""
     out = []
@@ -232,7 +261,7 @@ def runs_for(cfg: LearningConfig) -> list[tuple[str, str, int]]:
 
 
 def cell_fields(cfg: LearningConfig, fingerprint: str, task: str, setting: str, method: str, T: int, seed: int,
-                lr: float) -> dict[str, Any]:
+                lr: float | str) -> dict[str, Any]:
     """Everything that shapes one cell's result: its cache key is the hash of this (bench/learning/cells.py)."""
     f: dict[str, Any] = {"size": cfg.size, "fingerprint": fingerprint, "task": task, "setting": setting,
                          "method": method, "seed": seed, "n_clients": cfg.n_clients, "alpha": cfg.alpha,
@@ -319,11 +348,13 @@ class Runner:
         key = ZO_MASK[method]
         return f"random/{seed}" if key == "random" else key
 
-    def run(self, method: str, data: ClientData, T: int, seed: int, lr: float) -> RunResult:
+    def run(self, method: str, data: ClientData, T: int, seed: int, lr: float | str) -> RunResult:
         cfg = self.cfg
         rounds = cfg.budget // T
         run_seed = derive_seed(seed, 100, T)  # directions and batch order: same for every method at (seed, T)
         if method == "backprop-fedavg":
+            if isinstance(lr, str):
+                raise ValueError(f"backprop-fedavg takes a fixed lr, not {lr!r}")
             model, state = self.plain()
             restore(model, state)
             try:
@@ -348,18 +379,19 @@ class Runner:
         return eval_accuracy(model, data.eval)
 
     def cell(self, cache: CellCache | None, task: str, setting: str, method: str, T: int, seed: int,
-             lr: float, compute: bool = True) -> dict[str, Any] | None:
+             lr: float | str, compute: bool = True, lr_mode: str = "tuned") -> dict[str, Any] | None:
         """One cell's row: from the cache (`--resume`) or computed and written there. None: not finished
         and `compute` is off (another shard's cell)."""
         fields = cell_fields(self.cfg, self.fingerprint, task, setting, method, T, seed, lr)
         key = cell_key(fields)
         if cache is not None and (row := cache.get(key)) is not None:
-            return row | {"cached": True}
+            return row | {"cached": True, "lr_mode": lr_mode}
         if not compute:
             return None
         t0 = time.perf_counter()
         data = self.data(task, setting, seed)
-        base = {"size": self.cfg.size, "task": task, "setting": setting, "method": method, "seed": seed, "key": key}
+        base = {"size": self.cfg.size, "task": task, "setting": setting, "method": method, "seed": seed, "key": key,
+                "lr_mode": lr_mode}
         if method == "zero-shot":
             acc = self.zero_shot(data)
             row = base | {"T": 0, "accuracy": acc, "bytes_up": 0, "bytes_down": 0, "seconds": 0.0, "nnz": 0,
@@ -378,8 +410,9 @@ class Runner:
         return row | {"cached": False}
 
 
-def _cells(cfg: LearningConfig) -> list[tuple[str, str, str, int, int]]:
-    """(task, setting, method, T, seed) of the evaluation grid, in run order (zero-shot first per split)."""
+def _cells(cfg: LearningConfig) -> list[tuple[str, str, str, int, int, str]]:
+    """(task, setting, method, T, seed, lr mode) of the evaluation grid, in run order (zero-shot first per
+    split; the lr modes other than tuned only for the ZO methods)."""
     grid = runs_for(cfg)
     settings = sorted({s for s, _, _ in grid} | {"dirichlet"})
     out = []
@@ -387,8 +420,9 @@ def _cells(cfg: LearningConfig) -> list[tuple[str, str, str, int, int]]:
         for seed in range(cfg.seeds):
             for setting in settings:
                 if "zero-shot" in cfg.methods:
-                    out.append((task, setting, "zero-shot", 0, seed))
-                out.extend((task, setting, m, T, seed) for s, m, T in grid if s == setting)
+                    out.append((task, setting, "zero-shot", 0, seed, "tuned"))
+                out.extend((task, setting, m, T, seed, mode) for s, m, T in grid if s == setting
+                           for mode in (cfg.lr_modes if m in ZO_MASK else ("tuned",)))  # fmt: skip
     return out
 
 
@@ -408,9 +442,9 @@ def run_grid(cfg: LearningConfig, workdir: Path, progress: bool = True, cells_di
     runs: list[dict[str, Any]] = []
     missing = 0
     bar = tqdm(total=len(cells), desc=f"bench learning {cfg.size}", unit="cell", disable=not progress)
-    for i, (task, setting, method, T, seed) in enumerate(cells):
-        row = runner.cell(cache, task, setting, method, T, seed, lr_for(cfg, task, method),
-                          compute=i % shard[1] == shard[0])
+    for i, (task, setting, method, T, seed, mode) in enumerate(cells):
+        row = runner.cell(cache, task, setting, method, T, seed, lr_of(mode, lr_for(cfg, task, method)),
+                          compute=i % shard[1] == shard[0], lr_mode=mode)
         bar.update(1)
         if row is None:
             missing += 1
@@ -510,15 +544,18 @@ def _drift_rows(res: RunResult, data: ClientData, th: DriftThresholds) -> dict[s
 
 
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (task, setting, method, T): mean +- sample std of the final accuracy over seeds."""
-    groups: dict[tuple[str, str, str, str, int], list[dict[str, Any]]] = {}
+    """One row per (task, setting, method, T, lr mode): mean +- sample std of the final accuracy over seeds."""
+    groups: dict[tuple[str, str, str, str, int, str], list[dict[str, Any]]] = {}
     for r in runs:
-        groups.setdefault((r.get("size", "?"), r["task"], r["setting"], r["method"], r["T"]), []).append(r)
+        key = (r.get("size", "?"), r["task"], r["setting"], r["method"], r["T"], r.get("lr_mode", "tuned"))
+        groups.setdefault(key, []).append(r)
     rows = []
-    order = sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], METHODS.index(kv[0][3]), kv[0][4]))
-    for (size, task, setting, method, T), rs in order:
+    order = sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], METHODS.index(kv[0][3]), kv[0][4],
+                                                   kv[0][5] != "tuned", kv[0][5]))  # fmt: skip
+    for (size, task, setting, method, T, mode), rs in order:
         accs = [r["accuracy"] for r in rs]
-        rows.append({"size": size, "task": task, "setting": setting, "method": method, "T": T, "n_seeds": len(rs),
+        rows.append({"size": size, "task": task, "setting": setting, "method": method, "T": T, "lr_mode": mode,
+                     "n_seeds": len(rs),
                      "acc_mean": statistics.fmean(accs), "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
                      "accs": accs, "bytes": int(statistics.fmean(r["bytes_up"] + r["bytes_down"] for r in rs)),
                      "bytes_up": int(statistics.fmean(r["bytes_up"] for r in rs)),
@@ -627,8 +664,9 @@ def markdown_table(result: dict[str, Any]) -> str:
     lines = ["| size | task | setting | method | T | lr | accuracy (mean ± std) | seeds | nnz | comm. bytes / run "
              "| wall s (all seeds) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
+        lr = r["lr"] if isinstance(r["lr"], str) else format(r["lr"], "g") if r["lr"] else "-"
         lines.append(f"| {r['size']} | {r['task']} | {r['setting']} | {r['method']} | {r['T'] or '-'} | "
-                     f"{format(r['lr'], 'g') if r['lr'] else '-'} | {r['acc_mean']:.3f} ± {r['acc_std']:.3f} | {r['n_seeds']} | "
+                     f"{lr} | {r['acc_mean']:.3f} ± {r['acc_std']:.3f} | {r['n_seeds']} | "
                      f"{r['nnz'] or '-'} | {_fmt_bytes(r['bytes'])} | {r.get('wall_s', 0.0):.0f} |")
     return "\n".join(lines) + "\n"
 
@@ -687,7 +725,8 @@ def _run(args: argparse.Namespace, quiet: tuple[str, ...]) -> int:
                    for cfg in cfgs]
     result = merge_results(results)
     (out / "learning.json").write_text(json.dumps(result, indent=1, sort_keys=True, allow_nan=False) + "\n")
-    result["targets"] = targets(result["rows"], result["runs"])
+    tuned = [r for r in result["rows"] if r.get("lr_mode", "tuned") == "tuned"]
+    result["targets"] = targets(tuned, [r for r in result["runs"] if r.get("lr_mode", "tuned") == "tuned"])
     table = markdown_table(result) + "\n" + targets_markdown(result["targets"])
     (out / "learning.md").write_text(table)
     result["plots"] = [str(p) for p in plot_results(result, out)]

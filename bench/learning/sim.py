@@ -105,11 +105,13 @@ class RunResult:
     final_loss: float = math.nan
     spikes: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # per client: (round, max|g| / median)
     dp_spent: dict[str, float] = field(default_factory=dict)  # DP runs: epsilon each device spent
+    lrs: list[float] = field(default_factory=list)  # ZO: the lr each round's result was applied with
 
     def to_json(self) -> dict[str, Any]:
         return {"accuracy": self.accuracy, "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
                 "seconds": round(self.seconds, 3), "limited": self.limited, "final_loss": self.final_loss,
-                "curve": {"rounds": self.curve.rounds, "accuracy": self.curve.accuracy, "bytes": self.curve.bytes}}
+                "curve": {"rounds": self.curve.rounds, "accuracy": self.curve.accuracy, "bytes": self.curve.bytes},
+                **({"lrs": self.lrs} if self.lrs else {})}
 
 
 def eval_accuracy(model: torch.nn.Module, ds: Dataset) -> float:
@@ -134,7 +136,7 @@ class ZOSpec:
 
     rounds: int
     T: int
-    lr: float
+    lr: float | str  # a fixed lr, "auto" (the coordinator's controller) or "auto@X" (the controller started at X)
     eps: float
     batch_size: int
     seed: int
@@ -157,12 +159,23 @@ def zo_config(spec: ZOSpec, n_devices: int) -> CoordinatorConfig:
     so many are rejected that the quorum is never met, the round closes at its deadline (600 simulated s)
     with what was accepted."""
     return CoordinatorConfig(
-        fleet=FLEET, mask=Path("in-process"), quant="none", master_seed=spec.seed, steps=spec.T, lr=spec.lr, eps=spec.eps,
+        fleet=FLEET, mask=Path("in-process"), quant="none", master_seed=spec.seed, steps=spec.T, eps=spec.eps,
+        **lr_fields(spec.lr),
         dist=spec.dist, batch_size=spec.batch_size, min_clients=n_devices, clients_per_round=0,
         min_updates=1, round_deadline_s=600.0, offline_after_s=1e9, drift_control=spec.vp, metrics=False,
         aggregation=spec.aggregation, weight_cap_factor=spec.weight_cap_factor,
         dp_epsilon=spec.dp_epsilon, dp_clip=spec.dp_clip, dp_delta=spec.dp_delta, dp_steps=spec.rounds * spec.T,
     )
+
+
+def lr_fields(lr: float | str) -> dict[str, Any]:
+    """The coordinator's lr / lr_start of a bench lr: a number, "auto" or "auto@X" (start at X)."""
+    if isinstance(lr, str):
+        mode, _, start = lr.partition("@")
+        if mode != "auto":
+            raise ValueError(f"bench lr {lr!r}: expected a number, \"auto\" or \"auto@X\"")
+        return {"lr": "auto", "lr_start": float(start) if start else 0.0}
+    return {"lr": lr}
 
 
 # (loaded model, the device's examples, client id, mask id) -> that device's engine
@@ -203,8 +216,10 @@ def run_zo(
     curve = Curve()
     evals = _eval_rounds(spec.rounds, spec.n_evals)
     losses: list[float] = []
+    lrs: list[float] = []
     for r in range(spec.rounds):
         ((res, _payload),) = fleet.run(1)
+        lrs.append(res.lr)
         round_losses = fleet.losses.pop(r, [])
         losses.append(sum(round_losses) / len(round_losses) if round_losses else math.nan)
         if on_round is not None:
@@ -226,6 +241,7 @@ def run_zo(
         final_loss=losses[-1] if losses else math.nan,
         spikes={c: [(st.round, st.ratio) for st in monitor.spikes(c)] for c in clients} if monitor is not None else {},
         dp_spent={d.client: spent[0] for d in devices if d.core.privacy and (spent := d.core.privacy.spent())},
+        lrs=lrs,
     )
 
 

@@ -58,7 +58,7 @@ def test_round_equals_weighted_average_of_client_paths(micro: dict[str, Any]) ->
         sidecar.set_values(v0)
         for t in range(spec.T):
             batch = ds.batch(stream.take(spec.batch_size))
-            spsa_step(loaded.model, sidecar, partial(batch_loss, batch=batch), seeds[t], spec.eps, spec.lr)
+            spsa_step(loaded.model, sidecar, partial(batch_loss, batch=batch), seeds[t], spec.eps, float(spec.lr))
         avg += sidecar.get_values().double() * (len(ds) / total)
     moved = float((after.double() - v0.double()).abs().max())
     assert moved > 1e-4  # the round did move the values
