@@ -8,15 +8,20 @@ persists with the controller's whole state (`LrRecord`, the event log's `lr_deci
 same transaction as the result: a restarted coordinator resumes from the newest row exactly.
 
 Signals of a round (BENCHMARKS.md "The fleet finds its own lr" has the measurements behind them):
-  drift    D = rms of the fleet's g_1..g_{T-1} / rms of its g_0. g_0 is measured at the round's base
-           values, the later ones along each device's local path: a path that diverges steepens and D
-           grows (demo/topic MEERKAT round 0: D 1.0-1.2 at the tuned lr and below, 2.7 at 4x)
+  drift    D = rms of the fleet's g_1..g_{T-1} / rms of its g_0, g_0 pooled over the last G0_ROUNDS
+           rounds. g_0 is measured at the round's base values, the later ones along each device's local
+           path: a path that diverges steepens and D grows (demo/topic round 0: D 0.8-1.2 at the tuned
+           lr and below, 2.7 (MEERKAT) and 2.9 (dense) at 4x). Every device steps along the same z_t, so
+           one round's g_0 is one direction's projection: noisy (a 0.5x-tuned round measured 2.0), hence
+           the pooling and the high threshold
   spikes   devices whose loss > SPIKE x their own previous loss (and ABS_TOL nats above it)
   rise     the fleet's mean loss above the smoothed loss by more than RISE (relative) and ABS_TOL
 The rule, in order:
-  damp     D > DRIFT_MAX: the round's own steps diverged. Its result is applied at lr x DAMP (the
-           RoundResult carries that lr: every replica, replay and checkpoint applies the same), then
-           backoff. (A round already applied is never undone: see docs/COORDINATOR.md "Choosing lr")
+  damp     D > DRIFT_MAX, or the mean loss above the smoothed one by more than RISE_DAMP: the round's
+           own steps diverged. Its result is applied at lr x DAMP (the RoundResult carries that lr: every
+           replica, replay and checkpoint applies the same), lr x BACKOFF, and the lr never grows past
+           that again; its loss (a diverging path's) does not enter the smoothed loss. (A round already
+           applied is never undone: see docs/COORDINATOR.md "Choosing lr")
   backoff  spikes in >= SPIKE_SHARE of the devices, or a rise: lr x BACKOFF; growth stops from then on
            at CEIL x the lr that did it (the ceiling only falls)
   grow     the mean loss fell below the smoothed loss: lr x GROW_FAST until the first backoff, lr x GROW
@@ -47,13 +52,15 @@ GROW = 1.25  # ... and by this after it
 BACKOFF = 0.5  # a damaging round shrinks it by this
 CEIL = 0.7  # after a backoff the lr never grows past CEIL x the lr that did it
 DAMP = 0.25  # a round whose local paths diverged is applied at this x its lr
-DRIFT_MAX = 1.8  # D above this: the local paths diverged
+DRIFT_MAX = 2.5  # D above this: the local paths diverged
+G0_ROUNDS = 4  # D's denominator pools the g_0 of this many rounds (this one included)
 RISE = 0.05  # the fleet's mean loss above the smoothed one by this share (and ABS_TOL) is a rise
+RISE_DAMP = 0.5  # ... by this share: the round itself diverged (damp)
 SPIKE = 1.5  # a device whose loss is this x its previous one (and ABS_TOL above) spiked
 SPIKE_SHARE = 0.3  # this share of the round's devices spiking backs off
 ABS_TOL = 0.01  # nats: smaller changes are noise, never a rise or a spike
 SMOOTH = 0.5  # the smoothed loss: SMOOTH x old + (1 - SMOOTH) x the round's mean
-START_K = 0.35  # start_lr = START_K / sqrt(nnz)
+START_K = 0.5  # start_lr = START_K / sqrt(nnz)
 LR_MIN, LR_MAX = 1e-7, 0.5
 
 
@@ -87,6 +94,7 @@ class LrController:
         self.ref: float | None = None  # the smoothed fleet loss
         self.ceiling = LR_MAX  # growth stops here (lowered by every backoff)
         self.prev: dict[str, float] = {}  # each device's last loss
+        self.g0: list[float] = []  # mean square of the fleet's g_0, the last G0_ROUNDS rounds
         self.last_round = -1
         if state is not None:
             self._restore(state)
@@ -94,13 +102,14 @@ class LrController:
     def state(self) -> dict[str, Any]:
         """Everything the next decision depends on, JSON-able (floats round-trip exactly through json)."""
         return {"lr": self.lr, "ref": self.ref, "ceiling": self.ceiling, "prev": dict(sorted(self.prev.items())),
-                "last_round": self.last_round}  # fmt: skip
+                "g0": list(self.g0), "last_round": self.last_round}  # fmt: skip
 
     def _restore(self, s: Mapping[str, Any]) -> None:
         try:
             lr, ref, ceiling = float(s["lr"]), s["ref"], float(s["ceiling"])
             self.lr, self.ref, self.ceiling = lr, None if ref is None else float(ref), ceiling
             self.prev = {str(k): float(v) for k, v in dict(s["prev"]).items()}
+            self.g0 = [float(x) for x in s["g0"]]
             self.last_round = int(s["last_round"])
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"LrController: logged state {dict(s)!r} is not a controller state ({e})") from None
@@ -115,15 +124,19 @@ class LrController:
         if not ups:
             return LrDecision(round, lr_used, lr_used, self.lr, "skip", "no on-time update: lr unchanged", math.nan)
         mean = math.fsum(x for _, x, _ in ups) / len(ups)
-        drift = drift_ratio([g for _, _, g in ups])
+        firsts = [g[0] for _, _, g in ups if len(g) > 1]
+        if firsts:
+            self.g0 = [*self.g0, math.fsum(x * x for x in firsts) / len(firsts)][-G0_ROUNDS:]
+        drift = drift_ratio([g for _, _, g in ups], math.fsum(self.g0) / len(self.g0) if self.g0 else 0.0)
         spiked = [c for c, x, _ in ups if c in self.prev and x > SPIKE * self.prev[c] and x - self.prev[c] > ABS_TOL]
         seen = sum(1 for c, _, _ in ups if c in self.prev)
         ref, old, step = self.ref, self.lr, lr_used
         self.prev.update((c, x) for c, x, _ in ups)
-        self.ref = mean if ref is None else SMOOTH * ref + (1 - SMOOTH) * mean
-        if drift > DRIFT_MAX:
+        rose = ref is not None and mean > ref * (1 + RISE_DAMP) and mean - ref > ABS_TOL
+        if drift > DRIFT_MAX or rose:
             step = lr_used * DAMP
-            action, why = "damp", f"local paths diverged: drift {drift:.2f} > {DRIFT_MAX:g}; applied at lr {step:.4g}"
+            sign = f"drift {drift:.2f} > {DRIFT_MAX:g}" if drift > DRIFT_MAX else f"loss {mean:.4f} >> smoothed {ref:.4f}"
+            action, why = "damp", f"local paths diverged: {sign}; applied at lr {step:.4g}"
         elif seen and len(spiked) >= SPIKE_SHARE * seen:
             action, why = "backoff", f"{len(spiked)} of {seen} devices spiked (loss > {SPIKE:g}x their last)"
         elif ref is None:
@@ -134,9 +147,11 @@ class LrController:
             action, why = "grow", f"fleet loss fell: {mean:.4f} < smoothed {ref:.4f} (drift {drift:.2f})"
         else:
             action, why = "hold", f"fleet loss {mean:.4f} ~ smoothed {ref:.4f}"
+        if action != "damp":
+            self.ref = mean if ref is None else SMOOTH * ref + (1 - SMOOTH) * mean
         if action in ("damp", "backoff"):
-            self.ceiling = max(LR_MIN, min(self.ceiling, lr_used * CEIL))
             self.lr = max(LR_MIN, min(self.lr, lr_used) * BACKOFF)
+            self.ceiling = max(LR_MIN, min(self.ceiling, self.lr if action == "damp" else lr_used * CEIL))
         elif action == "grow":
             self.lr = min(LR_MAX, self.ceiling, self.lr * (GROW_FAST if self.ceiling >= LR_MAX else GROW))
             if self.lr <= old:
@@ -144,14 +159,16 @@ class LrController:
         return LrDecision(round, lr_used, step, self.lr, action, why, mean)
 
 
-def drift_ratio(grads: Sequence[Sequence[float]]) -> float:
-    """D: rms of the fleet's g_1..g_{T-1} over rms of its g_0 (1.0 with T = 1 or all g_0 zero)."""
+def drift_ratio(grads: Sequence[Sequence[float]], g0_ms: float | None = None) -> float:
+    """D: rms of the fleet's g_1..g_{T-1} over the rms of g_0 (`g0_ms`: its mean square pooled over rounds;
+    None: this round's). 1.0 with T = 1 or g_0 all zero."""
     first = [g[0] for g in grads if len(g) > 1]
     later = [x for g in grads if len(g) > 1 for x in g[1:]]
-    g0 = math.fsum(x * x for x in first)
-    if not later or g0 == 0:
+    if g0_ms is None:
+        g0_ms = math.fsum(x * x for x in first) / len(first) if first else 0.0
+    if not later or g0_ms == 0:
         return 1.0
-    return math.sqrt(math.fsum(x * x for x in later) / len(later) / (g0 / len(first)))
+    return math.sqrt(math.fsum(x * x for x in later) / len(later) / g0_ms)
 
 
 class FleetLr:

@@ -134,3 +134,23 @@ def test_config_takes_auto_or_a_number_and_names_a_bad_lr() -> None:
     for bad in ("fast", "0", "1.5"):
         with pytest.raises(ConfigError, match="lr"):
             load_coordinator_config(None, {"mask": "m", "lr": bad}, environ={})
+
+
+def test_a_loss_that_jumps_by_half_damps_and_the_damped_loss_is_no_reference() -> None:
+    ctl = LrController(4e-2)
+    ctl.observe(0, 4e-2, ups(1.0))
+    d = ctl.observe(1, 4e-2, ups(1.6))  # 1.6 > 1.5 x 1.0: the round's own local paths diverged
+    assert d.action == "damp" and d.lr_step == pytest.approx(1e-2) and d.lr_next == 2e-2 and "loss" in d.reason
+    assert ctl.ref == 1.0 and ctl.ceiling == 2e-2  # the diverged loss is not the reference; no regrowth past 2e-2
+    d = ctl.observe(2, 2e-2, ups(0.9))
+    assert d.action == "hold" and d.lr_next == 2e-2 and "ceiling" in d.reason
+
+
+def test_drift_pools_g0_over_rounds() -> None:
+    ctl = LrController(1e-2)
+    for r in range(3):  # g_0 = 2 three rounds running
+        ctl.observe(r, 1e-2, ups(1.0 - 0.1 * r, (2.0, 2.0, -2.0, 2.0)))
+    # one small g_0 (0.5) with later steps of 2: this round alone says D = 4, the pool (4 rounds) ~1.1
+    assert drift_ratio([(0.5, 2.0, -2.0, 2.0)]) == pytest.approx(4.0)
+    d = ctl.observe(3, ctl.lr, ups(0.65, (0.5, 2.0, -2.0, 2.0)))
+    assert d.action == "grow" and len(ctl.g0) == lrctl.G0_ROUNDS
