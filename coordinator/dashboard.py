@@ -204,6 +204,7 @@ def render_html(view: FleetView, bytes_up: float | None = None, bytes_down: floa
     ]
     gradip_series = [(c, [(float(r), v) for r, v in pts]) for c, pts in sorted(view.gradip.items())]
     dur_series = [("round duration", [(float(r.round), r.duration_s) for r in view.rounds])]
+    lr_series = [("lr applied", [(float(r.round), r.lr) for r in view.rounds if r.lr is not None])]
     base = view.coordinator_evals[0] if view.coordinator_evals else (view.device_evals[0] if view.device_evals else None)
     loss_base = [] if base is None else [(f"baseline {base.loss:.4g} (round {base.round})", base.loss)]
     acc_base = [] if base is None or base.accuracy is None else [(f"baseline {base.accuracy:.1%} (round {base.round})", base.accuracy)]
@@ -227,8 +228,23 @@ def render_html(view: FleetView, bytes_up: float | None = None, bytes_down: floa
         f'<section id="cpu"><h2>CPU per device (%)</h2>{line_chart("cpu", cpu_series, y_fmt="{:.0f}")}</section>'
         f'<section id="gradip"><h2>GradIP per device (mean |g·c|, MEERKAT-VP)</h2>{line_chart("gradip", gradip_series)}</section>'
         f'<section id="rounds"><h2>Round duration (s)</h2>{line_chart("round duration", dur_series)}</section>'
+        f'<section id="lr" class="wide"><h2>Learning rate per round (the RoundResult\'s)</h2>'
+        f'{line_chart("lr", lr_series, y_fmt="{:.2g}")}{_lr_rows(view)}</section>'
         "</main></body></html>"
     )
+
+
+def _lr_rows(view: FleetView) -> str:
+    """Why the lr moved: the controller's newest decisions (lr = "auto"); a fixed lr says so."""
+    if not view.lr_decisions:
+        return '<p class="muted">fixed lr (config <code>lr</code>): no controller decisions</p>'
+    rows = "".join(
+        f"<tr><td>{d.round}</td><td>{d.lr_used:.4g}</td><td>{d.lr_step:.4g}</td><td>{d.lr_next:.4g}</td>"
+        f'<td>{escape(d.action)}</td><td style="text-align:left">{escape(d.reason)}</td></tr>'
+        for d in reversed(view.lr_decisions)
+    )
+    return ("<table><tr><th>round</th><th>plan lr</th><th>applied</th><th>next</th><th>action</th>"
+            f'<th style="text-align:left">why</th></tr>{rows}</table>')  # fmt: skip
 
 
 def render_json(view: FleetView, bytes_up: float | None = None, bytes_down: float | None = None) -> str:
@@ -239,6 +255,7 @@ def render_json(view: FleetView, bytes_up: float | None = None, bytes_down: floa
         "coordinator_evals": [asdict(p) for p in view.coordinator_evals],
         "gradip": view.gradip, "trend": quality_trend(view), "bytes_up": bytes_up, "bytes_down": bytes_down,
         "resources": {c: [asdict(p) for p in pts] for c, pts in view.resources.items()},
+        "lr_decisions": [asdict(d) for d in view.lr_decisions],
     })  # fmt: skip
 
 

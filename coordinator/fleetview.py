@@ -14,7 +14,9 @@ from typing import Any
 
 from coordinator.availability import from_telemetry
 from coordinator.eventlog import EventLog
-from coordinator.records import COORDINATOR_EVAL, EvalRow, ResourcePoint, RoundPoint
+from coordinator.records import COORDINATOR_EVAL, EvalRow, LrRow, ResourcePoint, RoundPoint
+
+LR_ROWS = 8  # the controller's newest decisions a view carries (the dashboard's "why the lr moved")
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,7 @@ class FleetView:
     coordinator_evals: list[CurvePoint]  # the coordinator's own (eval_data)
     gradip: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # client -> (round, mean |GradIP|)
     resources: dict[str, list[ResourcePoint]] = field(default_factory=dict)  # client -> history (history=True)
+    lr_decisions: list[LrRow] = field(default_factory=list)  # lr = "auto": the controller's, oldest first
 
     def available_now(self) -> int:
         """Joined devices online and not paused by their policy (one that does not say counts as available)."""
@@ -118,6 +121,7 @@ def fleet_view(
         gradip = log.views.gradip_means(last if last is not None else 1 << 62)
         evals = log.views.evals(last=last)
         rounds = log.views.round_points(last)
+        lr_rows = log.views.lr_decisions(LR_ROWS)
         peak_rss = log.views.peak_rss()
         resources: dict[str, list[ResourcePoint]] = {}
         for p in log.views.resources() if history else []:
@@ -156,6 +160,7 @@ def fleet_view(
         coordinator_evals=[CurvePoint(e.round, e.loss, e.accuracy, e.n) for e in evals if e.source == COORDINATOR_EVAL],
         gradip=gradip,
         resources=resources,
+        lr_decisions=lr_rows,
     )
 
 

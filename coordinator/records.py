@@ -151,6 +151,7 @@ class RoundPoint:
     duration_s: float
     n_clients: int
     train_loss: float | None  # n_samples-weighted mean Update.loss of the round's updates (None: none stored)
+    lr: float | None = None  # the lr its result was applied with (RoundResult.lr)
 
 
 COORDINATOR_EVAL = "@coordinator"  # EvalRow.source of the coordinator's own evaluation (not a legal client id)

@@ -60,7 +60,7 @@ def status_report(
         counts = log.views.round_counts()
         duplicates = sum(c.get("duplicate", 0) for c in counts.values())
         recent = [{
-            "round": r.round, "n_clients": r.n_clients, "values_checksum": r.values_checksum,
+            "round": r.round, "n_clients": r.n_clients, "values_checksum": r.values_checksum, "lr": r.lr,
             "duration_s": round(r.duration_s, 3), "duplicates": counts.get(r.round, {}).get("duplicate", 0),
         } for r in results]  # fmt: skip
         o = log.views.open_round()
@@ -88,6 +88,7 @@ def status_report(
             })  # fmt: skip
         rejects = log.views.reject_counts()
         ev = [asdict(e) for e in reversed(log.views.events(limit=events))]
+        lr_rows = [asdict(d) for d in log.views.lr_decisions(limit=RECENT_ROUNDS)]  # lr = "auto" only
         ck = log.checkpoints()
     finally:
         log.close()
@@ -116,6 +117,10 @@ def status_report(
         "rejected": rejects,
         "last_checkpoint_round": ck[0][0] if ck else None,
         "recent_events": ev,
+        # the step-size controller's last decisions, oldest first (empty: a fixed lr): the lr each round's
+        # plan used, the one its result applied (less when damped), the next plan's, and why
+        "lr_decisions": lr_rows,
+        "lr": None if last is None else last.lr,
         "quality": quality_trend(fleet_view(state_dir, now, event_log=event_log)),
     }
 
@@ -168,6 +173,7 @@ def format_status(rep: dict[str, Any]) -> str:
             f"{'-' if not d else ('yes' if d['limited'] else 'no'):>7} {_dp(t):>8}"
         )
     lines += _quality_lines(rep.get("quality") or {})
+    lines += _lr_lines(rep)
     spent = [c["client"] for c in rep["clients"] if c["telemetry"].get("dp_exhausted") is True]
     if spent:
         lines.append("privacy budget spent, no longer training: " + ", ".join(spent))
@@ -178,6 +184,18 @@ def format_status(rep: dict[str, Any]) -> str:
     else:
         lines.append("rejected messages: none")
     return "\n".join(lines)
+
+
+def _lr_lines(rep: dict[str, Any]) -> list[str]:
+    """The lr per round and why it moved (lr = "auto"), or the fixed lr the last result applied."""
+    rows = rep.get("lr_decisions") or []
+    if not rows:
+        return [] if rep.get("lr") is None else [f"lr: {rep['lr']:.4g} (fixed)"]
+    out = ["lr (auto), the last rounds: round  plan lr -> applied -> next  action: why"]
+    for d in rows[-5:]:
+        out.append(f"  {d['round']:>5}  {d['lr_used']:.4g} -> {d['lr_step']:.4g} -> {d['lr_next']:.4g}  "
+                   f"{d['action']}: {d['reason']}")
+    return out
 
 
 def _liveness_line(rep: dict[str, Any]) -> str:

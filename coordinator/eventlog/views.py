@@ -113,10 +113,10 @@ class LogViews:
         n_samples-weighted mean training loss of the updates each one used (on time or folded late)."""
         q = """SELECT r.round, r.closed_at, r.duration_s, r.n_clients,
                       (SELECT SUM(u.loss * u.n_samples) / SUM(u.n_samples) FROM updates u
-                        WHERE u.used_in = r.round)
+                        WHERE u.used_in = r.round), r.lr
                FROM results r ORDER BY r.round DESC"""
         rows = self.db.execute(q + " LIMIT ?", (last,)).fetchall() if last is not None else self.db.execute(q).fetchall()
-        return [RoundPoint(int(r), float(c), float(d), int(n), opt(lo)) for r, c, d, n, lo in reversed(rows)]
+        return [RoundPoint(int(r), float(c), float(d), int(n), opt(lo), opt(lr)) for r, c, d, n, lo, lr in reversed(rows)]
 
     def resources(self) -> list[ResourcePoint]:
         """Every device's resource history (one point per device and round), in (round, client) order. A log

@@ -26,8 +26,11 @@ from coordfakes import (
     write_config_toml,
 )
 
+from coordinator.dashboard import render_html
 from coordinator.eventlog import EventLog
+from coordinator.fleetview import fleet_view
 from coordinator.server import Coordinator
+from coordinator.status import format_status, status_report
 from shared.apply import apply_round, values_checksum
 from shared.messages import CheckpointChunk, Replay, RoundPlan, RoundResult
 
@@ -90,6 +93,13 @@ def test_replay_and_checkpoint_catch_up_across_lr_changes(tmp_path: Path, broker
     assert [(d.round, d.action) for d in rows] == [(0, "start"), (1, "grow"), (2, "grow"), (3, "damp"),
                                                    (4, "backoff"), (5, "grow")]  # fmt: skip
     assert "drift" in rows[3].reason and "1 of 1 devices spiked" in rows[4].reason
+    rep = status_report(cfg.state_dir)  # `meerkat status` and the dashboard show the lr per round and why
+    assert [r["lr"] for r in rep["recent_rounds"]] == [r.lr for r in results]
+    assert [d["action"] for d in rep["lr_decisions"]][-3:] == ["damp", "backoff", "grow"]
+    text = format_status(rep)
+    assert "0.04 -> 0.01 -> 0.02  damp: local paths diverged: drift" in text
+    html = render_html(fleet_view(cfg.state_dir, 0.0, last=None))
+    assert 'id="lr"' in html and "local paths diverged" in html and "1 of 1 devices spiked" in html
     again = Coordinator(cfg, mask=mask, initial_values=v0)  # a restart rebuilds values and the controller
     assert torch.equal(again.values, coord.values) and again.book.lr.lr == coord.book.lr.lr
     assert again.book.lr.ctl is not None and coord.book.lr.ctl is not None
