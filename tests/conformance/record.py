@@ -61,6 +61,7 @@ from shared.messages import (  # noqa: E402
     Replay,
     RoundPlan,
     RoundResult,
+    RunState,
     Status,
     SyncRequest,
     Update,
@@ -78,7 +79,7 @@ INBOUND = {"up", "join", "hb", "status", "sync"}  # kinds a client writes
 EXPECTED: dict[str, type | tuple[type, ...]] = {  # topic kind -> the message type allowed on it (PROTOCOL.md §1)
     "plan": RoundPlan, "result": RoundResult, "result_latest": RoundResult, "up": Update, "join": Join,
     "hb": Heartbeat, "status": Status, "sync": SyncRequest,
-    "to": (Replay, CheckpointChunk, ErrorMsg),
+    "to": (Replay, CheckpointChunk, ErrorMsg), "run": RunState,
 }  # fmt: skip
 
 
@@ -128,9 +129,9 @@ class Ctx:
         return dev.wait_for(RoundPlan, lambda p: p.round == r and pred(p))
 
     def send(self, dev: FakeClient, plan: RoundPlan, n_samples: int, msg_id: int | None = None,
-             grads: list[float] | None = None) -> None:  # fmt: skip
+             grads: list[float] | None = None, loss: float = 2.5) -> None:  # fmt: skip
         g = grads if grads is not None else synthetic_grads(dev.cid, plan.round, plan.steps[dev.cid])
-        dev.update(plan.round, g, n_samples, self.fingerprint, msg_id=msg_id or 1000 + plan.round, loss=2.5)
+        dev.update(plan.round, g, n_samples, self.fingerprint, msg_id=msg_id or 1000 + plan.round, loss=loss)
 
     def result(self, dev: FakeClient, r: int) -> RoundResult:
         return dev.wait_for(RoundResult, lambda x: x.round == r, timeout=30)
@@ -249,6 +250,21 @@ def sc_checkpoint(ctx: Ctx) -> None:
     _finish_with_latecomer(ctx)
 
 
+def sc_lr_auto(ctx: Ctx) -> None:
+    """lr = "auto": the loss falls (the lr grows), then round 2's local paths diverge (g_1.. ~4.5 x g_0):
+    its result is applied at a quarter of its plan's lr, and round 3's plan has half of it."""
+    ctx.device("dev-a", 10)
+    ctx.device("dev-b", 30)
+    steep = [1.0, -4.0, 5.0, -4.5]
+    for r, loss in enumerate((2.5, 2.0, 1.8, 1.7)):
+        plan = ctx.plan(ctx.devices["dev-a"], r)
+        ctx.plan(ctx.devices["dev-b"], r)
+        for cid, n in (("dev-a", 10), ("dev-b", 30)):
+            g = steep if r == 2 else synthetic_grads(cid, r, T)
+            ctx.send(ctx.devices[cid], plan, n, grads=[x * (1.0 if cid == "dev-a" else 0.5) for x in g], loss=loss)
+        ctx.result(ctx.devices["dev-a"], r)
+
+
 def sc_errors(ctx: Ctx) -> None:
     t = Topics(ctx.fleet)
     ghost = ctx.device("dev-ghost", 5, join=False)
@@ -301,6 +317,9 @@ SCENARIOS = [
              "empty Replay when up to date), then trains round 4", sc_replay, stop_after=4),
     Scenario("checkpoint", "dev-late is more than replay_max behind: CheckpointChunks of round 2, then a "
              "1-round Replay", sc_checkpoint, {"replay_max": 1, "chunk_bytes": 1024}, stop_after=4),
+    Scenario("lr_auto", "lr = \"auto\" (issue 32): the lr grows while the loss falls; round 2's local paths "
+             "diverge, so its RoundResult carries a quarter of its plan's lr (receivers apply the result's lr) and "
+             "round 3's plan half", sc_lr_auto, {"lr": "auto", "lr_start": 0.01}, stop_after=3),
     Scenario("errors", "every ErrorMsg the coordinator sends: mask / fingerprint / quant mismatch, not in round, wrong "
              "step count, unplanned round, n_samples 0, undecodable payload, unknown client; a duplicate "
              "and a conflicting update", sc_errors, stop_after=0),
@@ -387,7 +406,7 @@ def write(sc: Scenario, d: Path, fleet: str, mask: Mask, v0: torch.Tensor, cfg: 
         "mask_id": mask.mask_id, "nnz": mask.nnz, "dist": cfg.dist, "v0_file": "v0.f32",
         "v0_checksum": values_checksum(v0), "checksums": checksums, "messages": len(lines),
         "coordinator": {k: getattr(cfg, k) for k in (
-            "master_seed", "steps", "lr", "eps", "batch_size", "min_clients", "min_updates", "round_deadline_s",
+            "master_seed", "steps", "lr", "lr_start", "eps", "batch_size", "min_clients", "min_updates", "round_deadline_s",
             "max_extensions", "straggler", "aggregation", "replay_max", "chunk_bytes", "drift_control",
             "drift_window", "drift_min_steps")},
     }  # fmt: skip

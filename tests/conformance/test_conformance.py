@@ -17,7 +17,7 @@ import vectors
 
 HERE = Path(__file__).resolve().parent
 IMPL = [sys.executable, str(HERE / "reference_impl.py")]
-SCENARIOS = ("baseline", "gaussian", "late_fold", "extension", "vp_limited", "replay", "checkpoint", "errors")
+SCENARIOS = ("baseline", "gaussian", "late_fold", "extension", "vp_limited", "replay", "checkpoint", "errors", "lr_auto")
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +56,9 @@ def test_scenarios_show_what_they_claim(results: dict[str, runner.Transcript]) -
     assert vp[0]["dev-decay"] > 1 and vp[-1]["dev-decay"] == 1 and vp[-1]["dev-steady"] > 1
     assert "Replay" in types("replay") and "CheckpointChunk" in types("checkpoint")
     assert results["gaussian"].meta["dist"] == "gaussian" and results["baseline"].meta["dist"] == "rademacher"
+    plan_lr = {p["decoded"]["round"]: p["decoded"]["lr"] for p in results["lr_auto"].of_type("RoundPlan")}
+    res_lr = {r["decoded"]["round"]: r["decoded"]["lr"] for r in results["lr_auto"].of_type("RoundResult")}
+    assert len(set(plan_lr.values())) >= 2 and any(res_lr[r] < plan_lr[r] for r in res_lr), (plan_lr, res_lr)
     codes = {ln["decoded"]["code"] for ln in results["errors"].of_type("ErrorMsg")}
     assert {3, 32, 33, 35, 36, 38, 39, 40} <= codes, codes  # 39 UNKNOWN_ROUND, 40 CONFLICT (PROTOCOL.md 1.1)
     assert "BAD_MAGIC" in types("errors")

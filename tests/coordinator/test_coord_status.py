@@ -86,7 +86,8 @@ def test_status_and_metrics_while_running(
     assert rep["rejected"] == {"decode_bad_magic": 1}
     assert rep["duplicates"] == 1 and rep["values_checksum"] == values_checksum(coord.values)
     assert rep["recent_rounds"][-1] == {"round": 0, "n_clients": 1, "values_checksum": rep["values_checksum"],
-                                        "duration_s": rep["last_round_duration_s"], "duplicates": 1}
+                                        "duration_s": rep["last_round_duration_s"], "duplicates": 1,
+                                        "lr": coord.config.lr}
     me = next(c for c in rep["clients"] if c["client"] == dev.cid)
     assert me["telemetry"]["temp_c"] == 51.5 and me["telemetry"]["rss_bytes"] == 300 << 20
     assert me["updates"] == 1 and me["last_update_s_ago"] is not None and me["gradip_mean_last"] is not None
