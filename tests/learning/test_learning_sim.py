@@ -298,3 +298,34 @@ def test_tune_writes_lrs_the_grid_reads(tmp_path: Path) -> None:
     assert lr_for(grid_cfg, "sentiment", "meerkat-vp") == entry["lr"]  # VP inherits meerkat's lr
     assert lr_for(grid_cfg, "sentiment", "fedzo-dense") == grid_cfg.lr_dense  # not tuned: the default
     assert lr_for(config_from_args(ns, "demo"), "sentiment", "meerkat") == LearningConfig().lr_sparse  # other size
+
+
+def test_lr_modes_run_the_controller_beside_the_tuned_rows(tmp_path: Path) -> None:
+    """--lr tuned,auto,auto@4x,4x: every ZO cell once per mode (own rows; backprop and zero-shot once), the
+    auto cells through the coordinator's controller (the lr per round is kept), the fixed 4x at 4 x tuned."""
+    import argparse
+
+    from bench.learning.learning import config_from_args, lr_of
+
+    assert lr_of("tuned", 2e-2) == 2e-2 and lr_of("auto", 2e-2) == "auto" and lr_of("4x", 2e-2) == 8e-2
+    assert lr_of("auto@4x", 2e-2) == "auto@0.08"
+    for bad in ("fast", "auto@x", "4"):
+        with pytest.raises(ValueError, match="lr mode"):
+            lr_of(bad, 1e-3)
+    ns = argparse.Namespace(quick=False, tasks=None, seeds=None, tune_seeds=None, budget=None, methods=None, T=None,
+                            fraction=None, lr_sparse=None, lr_dense=None, lr_backprop=None, no_extreme=False,
+                            extreme_methods=None, lrs=None, lr_modes="tuned,auto@2x")
+    assert config_from_args(ns).lr_modes == ("tuned", "auto@2x")
+    with pytest.raises(SystemExit, match="--lr: lr mode 'slow'"):
+        config_from_args(argparse.Namespace(**{**vars(ns), "lr_modes": "tuned,slow"}))
+    cfg = LearningConfig(size="micro", tasks=("sentiment",), seeds=1, Ts=(2,), budget=4, n_clients=4, n_train=80,
+                         n_eval=16, calib_seqs=4, n_evals=1, extreme=False, methods=("zero-shot", "meerkat"),
+                         lr_modes=("tuned", "auto", "auto@4x", "4x"))
+    res = run_grid(cfg, tmp_path, progress=False)
+    modes = {r["lr_mode"]: r for r in res["rows"] if r["method"] == "meerkat"}
+    assert set(modes) == {"tuned", "auto", "auto@4x", "4x"} and len(res["runs"]) == 5
+    runs = {r["lr_mode"]: r for r in res["runs"] if r["method"] == "meerkat"}
+    assert runs["tuned"]["lrs"] == [2e-2, 2e-2] and runs["4x"]["lrs"] == [8e-2, 8e-2]
+    assert runs["auto@4x"]["lr"] == "auto@0.08" and runs["auto@4x"]["lrs"][0] in (8e-2, 2e-2)  # damped or not
+    assert runs["auto"]["lr"] == "auto" and len(runs["auto"]["lrs"]) == 2
+    assert "| micro | sentiment | dirichlet | meerkat | 2 | auto |" in markdown_table(res)
