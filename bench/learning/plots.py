@@ -1,9 +1,11 @@
 """PNG plots of `meerkat bench learning`: accuracy vs rounds and vs communicated bytes (per size and setting),
 the MEERKAT - dense FedZO gap against the number of perturbed dense parameters (across sizes), and GradIP
-traces of single-label vs other devices (the MEERKAT-VP statistic)."""
+traces of single-label vs other devices (the MEERKAT-VP statistic), and, with several `--lr` modes, accuracy
+and lr per round of each mode (`learning_lr_modes*.png`; the other plots show the tuned rows only)."""
 
 from __future__ import annotations
 
+import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -35,7 +37,9 @@ def plot_results(result: dict[str, Any], out: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     paths = []
-    runs = result["runs"]
+    every = result["runs"]
+    runs = [r for r in every if r.get("lr_mode", "tuned") == "tuned"]
+    result = {**result, "runs": runs}
     sizes = result.get("sizes") or [result["config"]["size"]]
     for size in sizes:
         for setting in sorted({r["setting"] for r in runs if r.get("size", size) == size}):
@@ -44,10 +48,66 @@ def plot_results(result: dict[str, Any], out: Path) -> list[Path]:
                 p = _curves(result, size, setting, kind, out / f"learning_{kind}{suffix}.png")
                 if p is not None:
                     paths.append(p)
+        if len({r.get("lr_mode", "tuned") for r in every if r.get("size", size) == size}) > 1:
+            suffix = "" if len(sizes) == 1 else f"_{size}"
+            paths.append(plot_lr_modes([r for r in every if r.get("size", size) == size], result["config"],
+                                       out / f"learning_lr_modes{suffix}.png"))  # fmt: skip
     for p in (plot_gap(runs, out / "learning_gap.png"), plot_gradip(runs, out / "learning_gradip.png")):
         if p is not None:
             paths.append(p)
     return paths
+
+
+MODE_STYLE = {"tuned": ("black", "-"), "auto": ("tab:blue", "-")}
+
+
+def plot_lr_modes(runs: list[dict[str, Any]], cfg: dict[str, Any], path: Path) -> Path:
+    """Per (setting, ZO method): eval accuracy per round of each lr mode (mean over seeds, zero-shot dashed)
+    and below it the lr each round's result applied (log scale; every seed drawn)."""
+    import matplotlib.pyplot as plt
+
+    zo = [r for r in runs if "lrs" in r]
+    settings = sorted({r["setting"] for r in zo})
+    methods = [m for m in COLORS if any(r["method"] == m for r in zo)]
+    modes = sorted({r.get("lr_mode", "tuned") for r in zo}, key=lambda m: (m != "tuned", m != "auto", m))
+    fig, axes = plt.subplots(2 * len(settings), len(methods), figsize=(5.0 * len(methods), 5.6 * len(settings)),
+                             squeeze=False, gridspec_kw={"height_ratios": [2, 1] * len(settings)})  # fmt: skip
+    palette = ["tab:red", "tab:orange", "tab:green", "tab:purple", "tab:brown"]
+    for i, setting in enumerate(settings):
+        zero = [r["accuracy"] for r in runs if r["method"] == "zero-shot" and r["setting"] == setting]
+        for j, method in enumerate(methods):
+            acc_ax, lr_ax = axes[2 * i][j], axes[2 * i + 1][j]
+            for k, mode in enumerate(modes):
+                rs = [r for r in zo if r["setting"] == setting and r["method"] == method and r.get("lr_mode") == mode]
+                if not rs:
+                    continue
+                color, ls = MODE_STYLE.get(mode, (palette[k % len(palette)], "--" if mode[0].isdigit() else "-"))
+                n = min(len(r["curve"]["rounds"]) for r in rs)
+                xs = [0.0] + [float(x) for x in rs[0]["curve"]["rounds"][:n]]
+                start = statistics.fmean(zero) if zero else None
+                ys = ([start] if start is not None else [math.nan]) + [
+                    statistics.fmean(r["curve"]["accuracy"][t] for r in rs) for t in range(n)]  # fmt: skip
+                label = f"{mode} ({statistics.fmean(r['accuracy'] for r in rs):.3f})"
+                acc_ax.plot(xs, ys, marker="o", ms=3, color=color, ls=ls, label=label)
+                for s, r in enumerate(rs):
+                    lr_ax.step(range(len(r["lrs"]) + 1), [*r["lrs"], r["lrs"][-1]], where="post", color=color, ls=ls,
+                               alpha=0.7, label=mode if s == 0 else None)  # fmt: skip
+            split = f"Dirichlet a={cfg['alpha']}" if setting == "dirichlet" else f"{cfg['n_single']} single-label"
+            acc_ax.set_title(f"{method}, {split}", fontsize=10)
+            acc_ax.set_ylabel("eval accuracy")
+            acc_ax.grid(alpha=0.3)
+            acc_ax.legend(fontsize=7, loc="lower right", title="lr mode (final acc)", title_fontsize=7)
+            lr_ax.set_yscale("log")
+            lr_ax.set_ylabel("lr applied")
+            lr_ax.set_xlabel("round (its lr holds from x to x + 1; the accuracy above is after it)")
+            lr_ax.grid(alpha=0.3)
+    fig.suptitle(f"lr modes: tuned, auto (the coordinator's controller), auto started at / fixed at N x tuned "
+                 f"({cfg['size']}, {cfg['tasks'][0]}, T={cfg['Ts'][0]}, budget {cfg['budget']}, {cfg['seeds']} seeds)",
+                 fontsize=10)  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
 
 
 def _curves(result: dict[str, Any], size: str, setting: str, kind: str, path: Path) -> Path | None:

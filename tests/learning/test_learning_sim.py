@@ -329,3 +329,6 @@ def test_lr_modes_run_the_controller_beside_the_tuned_rows(tmp_path: Path) -> No
     assert runs["auto@4x"]["lr"] == "auto@0.08" and runs["auto@4x"]["lrs"][0] in (8e-2, 2e-2)  # damped or not
     assert runs["auto"]["lr"] == "auto" and len(runs["auto"]["lrs"]) == 2
     assert "| micro | sentiment | dirichlet | meerkat | 2 | auto |" in markdown_table(res)
+    from bench.learning.plots import plot_results
+
+    assert "learning_lr_modes.png" in {p.name for p in plot_results(res, tmp_path)}
