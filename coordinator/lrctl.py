@@ -14,7 +14,8 @@ Signals of a round (BENCHMARKS.md "The fleet finds its own lr" has the measureme
            lr and below, 2.7 (MEERKAT) and 2.9 (dense) at 4x). Every device steps along the same z_t, so
            one round's g_0 is one direction's projection: noisy (a 0.5x-tuned round measured 2.0), hence
            the pooling and the high threshold
-  spikes   devices whose loss > SPIKE x their own previous loss (and ABS_TOL nats above it)
+  spikes   devices whose loss > SPIKE x their own loss of the previous round (and ABS_TOL nats above it;
+           devices not in that round are not counted)
   rise     the fleet's mean loss above the smoothed loss by more than RISE (relative) and ABS_TOL
 The rule, in order:
   damp     D > DRIFT_MAX, or the mean loss above the smoothed one by more than RISE_DAMP: the round's
@@ -93,7 +94,7 @@ class LrController:
         self.lr = lr0  # the next plan's lr
         self.ref: float | None = None  # the smoothed fleet loss
         self.ceiling = LR_MAX  # growth stops here (lowered by every backoff)
-        self.prev: dict[str, float] = {}  # each device's last loss
+        self.prev: dict[str, float] = {}  # the loss of each device of the last round with updates
         self.g0: list[float] = []  # mean square of the fleet's g_0, the last G0_ROUNDS rounds
         self.last_round = -1
         if state is not None:
@@ -131,7 +132,7 @@ class LrController:
         spiked = [c for c, x, _ in ups if c in self.prev and x > SPIKE * self.prev[c] and x - self.prev[c] > ABS_TOL]
         seen = sum(1 for c, _, _ in ups if c in self.prev)
         ref, old, step = self.ref, self.lr, lr_used
-        self.prev.update((c, x) for c, x, _ in ups)
+        self.prev = {c: x for c, x, _ in ups}  # this round's devices only: the state stays O(clients_per_round)
         rose = ref is not None and mean > ref * (1 + RISE_DAMP) and mean - ref > ABS_TOL
         if drift > DRIFT_MAX or rose:
             step = lr_used * DAMP
