@@ -99,7 +99,7 @@ def plot_lr_modes(runs: list[dict[str, Any]], cfg: dict[str, Any], path: Path) -
             acc_ax.legend(fontsize=7, loc="lower right", title="lr mode (final acc)", title_fontsize=7)
             lr_ax.set_yscale("log")
             lr_ax.set_ylabel("lr applied")
-            lr_ax.set_xlabel("round (its lr holds from x to x + 1; the accuracy above is after it)")
+            lr_ax.set_xlabel("round r (lr from r to r + 1)")
             lr_ax.grid(alpha=0.3)
     fig.suptitle(f"lr modes: tuned, auto (the coordinator's controller), auto started at / fixed at N x tuned "
                  f"({cfg['size']}, {cfg['tasks'][0]}, T={cfg['Ts'][0]}, budget {cfg['budget']}, {cfg['seeds']} seeds)",
