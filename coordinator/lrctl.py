@@ -16,7 +16,9 @@ Signals of a round (BENCHMARKS.md "The fleet finds its own lr" has the measureme
            the pooling and the high threshold
   spikes   devices whose loss > SPIKE x their own loss of the previous round (and ABS_TOL nats above it;
            devices not in that round are not counted)
-  rise     the fleet's mean loss above the smoothed loss by more than RISE (relative) and ABS_TOL
+  rise     the fleet's mean loss above the smoothed loss by more than max(RISE, NOISE_K x the recent
+           upward deviation: its peak, decaying NOISE_DECAY a round) (relative) and ABS_TOL: a fleet whose mean loss jitters
+           (sampled subsets, uneven data) backs off only on rises larger than its jitter
 The rule, in order:
   damp     D > DRIFT_MAX, or the mean loss above the smoothed one by more than RISE_DAMP: the round's
            own steps diverged. Its result is applied at lr x DAMP (the RoundResult carries that lr: every
@@ -24,7 +26,8 @@ The rule, in order:
            that again; its loss (a diverging path's) does not enter the smoothed loss. (A round already
            applied is never undone: see docs/COORDINATOR.md "Choosing lr")
   backoff  spikes in >= SPIKE_SHARE of the devices, or a rise: lr x BACKOFF; growth stops from then on
-           at CEIL x the lr that did it (the ceiling only falls)
+           at CEIL x the lr that did it (the ceiling), until CALM_ROUNDS rounds in a row improve while at
+           the ceiling: then the ceiling rises x GROW
   grow     the mean loss fell below the smoothed loss: lr x GROW_FAST until the first backoff, lr x GROW
            after it, at most the ceiling and LR_MAX
   hold     otherwise; the first round only sets the reference loss (unless it damps); a round without an
@@ -57,6 +60,9 @@ DRIFT_MAX = 2.5  # D above this: the local paths diverged
 G0_ROUNDS = 4  # D's denominator pools the g_0 of this many rounds (this one included)
 RISE = 0.05  # the fleet's mean loss above the smoothed one by this share (and ABS_TOL) is a rise
 RISE_DAMP = 0.5  # ... by this share: the round itself diverged (damp)
+NOISE_K = 1.5  # a rise must also exceed this x the recent upward deviation of the mean loss (its peak, decaying)
+NOISE_DECAY = 0.9  # ... which decays by this factor a round
+CALM_ROUNDS = 3  # improving rounds in a row at the ceiling that raise it x GROW
 SPIKE = 1.5  # a device whose loss is this x its previous one (and ABS_TOL above) spiked
 SPIKE_SHARE = 0.3  # this share of the round's devices spiking backs off
 ABS_TOL = 0.01  # nats: smaller changes are noise, never a rise or a spike
@@ -96,6 +102,8 @@ class LrController:
         self.ceiling = LR_MAX  # growth stops here (lowered by every backoff)
         self.prev: dict[str, float] = {}  # the loss of each device of the last round with updates
         self.g0: list[float] = []  # mean square of the fleet's g_0, the last G0_ROUNDS rounds
+        self.noise = 0.0  # smoothed relative upward deviation of the mean loss from the smoothed loss
+        self.calm = 0  # improving rounds in a row at the ceiling
         self.last_round = -1
         if state is not None:
             self._restore(state)
@@ -103,7 +111,7 @@ class LrController:
     def state(self) -> dict[str, Any]:
         """Everything the next decision depends on, JSON-able (floats round-trip exactly through json)."""
         return {"lr": self.lr, "ref": self.ref, "ceiling": self.ceiling, "prev": dict(sorted(self.prev.items())),
-                "g0": list(self.g0), "last_round": self.last_round}  # fmt: skip
+                "g0": list(self.g0), "noise": self.noise, "calm": self.calm, "last_round": self.last_round}  # fmt: skip
 
     def _restore(self, s: Mapping[str, Any]) -> None:
         try:
@@ -111,6 +119,7 @@ class LrController:
             self.lr, self.ref, self.ceiling = lr, None if ref is None else float(ref), ceiling
             self.prev = {str(k): float(v) for k, v in dict(s["prev"]).items()}
             self.g0 = [float(x) for x in s["g0"]]
+            self.noise, self.calm = float(s["noise"]), int(s["calm"])
             self.last_round = int(s["last_round"])
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"LrController: logged state {dict(s)!r} is not a controller state ({e})") from None
@@ -142,21 +151,29 @@ class LrController:
             action, why = "backoff", f"{len(spiked)} of {seen} devices spiked (loss > {SPIKE:g}x their last)"
         elif ref is None:
             action, why = "start", f"first loss {mean:.4f} (drift {drift:.2f}): the reference"
-        elif mean > ref * (1 + RISE) and mean - ref > ABS_TOL:
-            action, why = "backoff", f"fleet loss rose: {mean:.4f} > smoothed {ref:.4f}"
+        elif mean > ref * (1 + (rise := max(RISE, NOISE_K * self.noise))) and mean - ref > ABS_TOL:
+            action, why = "backoff", f"fleet loss rose: {mean:.4f} > smoothed {ref:.4f} by more than {rise:.0%}"
         elif mean < ref:
             action, why = "grow", f"fleet loss fell: {mean:.4f} < smoothed {ref:.4f} (drift {drift:.2f})"
         else:
             action, why = "hold", f"fleet loss {mean:.4f} ~ smoothed {ref:.4f}"
         if action != "damp":
+            if ref is not None and ref > 0:
+                self.noise = max(NOISE_DECAY * self.noise, max(0.0, mean - ref) / ref)
             self.ref = mean if ref is None else SMOOTH * ref + (1 - SMOOTH) * mean
         if action in ("damp", "backoff"):
             self.lr = max(LR_MIN, min(self.lr, lr_used) * BACKOFF)
             self.ceiling = max(LR_MIN, min(self.ceiling, self.lr if action == "damp" else lr_used * CEIL))
         elif action == "grow":
+            if self.ceiling < LR_MAX and self.lr * GROW > self.ceiling:
+                self.calm += 1
+                if self.calm >= CALM_ROUNDS:  # a long calm at the ceiling: the backoff that set it was too strict
+                    self.ceiling, self.calm, why = min(LR_MAX, self.ceiling * GROW), 0, f"{why}; ceiling raised"
             self.lr = min(LR_MAX, self.ceiling, self.lr * (GROW_FAST if self.ceiling >= LR_MAX else GROW))
             if self.lr <= old:
                 action, why = "hold", f"{why}; at the ceiling {self.ceiling:.4g}"
+        else:
+            self.calm = 0
         return LrDecision(round, lr_used, step, self.lr, action, why, mean)
 
 

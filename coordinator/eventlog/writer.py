@@ -292,6 +292,7 @@ def prune(db: Store, before: int, results_before: int, keep_per_client: int) -> 
                   `keep_per_client` updates with GradIP (the MEERKAT-VP monitor rebuilds its first and
                   last window from them; the step count comes from the drift table)
     rounds        closed plans of rounds < before;  events, round_counts: rounds < before
+    lr_decisions  rounds < before, never the row holding the controller's state (the newest)
     results       rounds < results_before (the caller keeps those after the oldest checkpoint and the
                   last replay_max)
     Returns the rows deleted per table."""
@@ -309,5 +310,6 @@ def prune(db: Store, before: int, results_before: int, keep_per_client: int) -> 
                                "(SELECT round FROM updates WHERE status = 'late')", (before,)).rowcount  # fmt: skip
     out["events"] = db.execute("DELETE FROM events WHERE round < ?", (before,)).rowcount
     out["round_counts"] = db.execute("DELETE FROM round_counts WHERE round < ?", (before,)).rowcount
+    out["lr_decisions"] = db.execute("DELETE FROM lr_decisions WHERE round < ? AND state IS NULL", (before,)).rowcount
     out["results"] = db.execute("DELETE FROM results WHERE round < ?", (results_before,)).rowcount
     return out

@@ -35,9 +35,24 @@ def test_grows_while_the_loss_falls_then_backs_off_on_a_rise_and_stays_below_the
     d = ctl.observe(4, 8e-3, ups(0.95))  # well above the smoothed loss (~0.76)
     assert d.action == "backoff" and d.lr_next == 4e-3 and d.lr_step == 8e-3 and "rose" in d.reason
     assert ctl.ceiling == pytest.approx(8e-3 * lrctl.CEIL)
-    for r in range(5, 12):  # a long improving run: x GROW, never past the ceiling
-        d = ctl.observe(r, ctl.lr, ups(0.9 - 0.05 * r))
-    assert ctl.lr == pytest.approx(8e-3 * lrctl.CEIL) and d.action == "hold" and "ceiling" in d.reason
+    ceiling = 8e-3 * lrctl.CEIL
+    d = ctl.observe(5, ctl.lr, ups(0.6))  # improving: x GROW (after a backoff), at most the ceiling
+    assert d.action == "grow" and ctl.lr == pytest.approx(4e-3 * lrctl.GROW)
+    d = ctl.observe(6, ctl.lr, ups(0.55))
+    assert d.action == "grow" and ctl.lr == pytest.approx(ceiling)  # 1st improving round that hits it
+    d = ctl.observe(7, ctl.lr, ups(0.5))  # held there ...
+    assert d.action == "hold" and "at the ceiling" in d.reason and ctl.lr == pytest.approx(ceiling)
+    d = ctl.observe(8, ctl.lr, ups(0.45))  # ... until CALM_ROUNDS in a row there raise it x GROW
+    assert d.action == "grow" and "ceiling raised" in d.reason and ctl.lr == pytest.approx(ceiling * lrctl.GROW)
+
+
+def test_a_jittering_loss_does_not_ratchet_the_lr_down() -> None:
+    """A mean loss that swings +-30 % round to round (sampled subsets, uneven data): the first swing backs
+    off, then the rise threshold follows the jitter and the lr settles instead of halving every other round."""
+    ctl = LrController(1e-2)
+    for r in range(40):
+        ctl.observe(r, ctl.lr, ups(1.0 + 0.3 * math.sin(r * 1.3)))
+    assert ctl.lr > 1e-3 and ctl.noise > 0.05
 
 
 def test_a_flat_loss_holds_and_noise_below_abs_tol_is_no_rise() -> None:

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from coordfakes import synthetic_v0
 
@@ -72,12 +73,14 @@ def play_round(b: RoundBook, r: int, sink: Any) -> list[Action]:
     plan = next(a.message for a in acts if isinstance(a, Publish) and isinstance(a.message, RoundPlan))
     for i, k in enumerate(CLIENTS):
         grads = tuple(math.sin(r * 0.7 + i + s) * (2.0 if k != "c" else 2.0 / (1 + r)) for s in range(plan.steps[k]))
-        acts += sink(b.handle(Update(r, r + 1, grads, 4 + i, fp_tag(FP), 1.0, client=k), t + 1 + i))
+        loss = 1.0 + 0.3 * math.sin(r * 1.3)  # rises and falls: lr = "auto" grows, backs off and damps
+        acts += sink(b.handle(Update(r, r + 1, grads, 4 + i, fp_tag(FP), loss, client=k), t + 1 + i))
     return acts + sink(b.tick(t + 5))
 
 
-def test_long_run_log_stays_flat_and_restart_continues_identically(tmp_path: Path, event_log: str) -> None:
-    c = cfg()
+@pytest.mark.parametrize("lr", [0.01, "auto"])
+def test_long_run_log_stays_flat_and_restart_continues_identically(tmp_path: Path, event_log: str, lr: Any) -> None:
+    c = cfg(lr=lr)
     state = tmp_path / "state"
     log = EventLog(state, event_log=event_log)
     live = new_book(c)
@@ -88,11 +91,14 @@ def test_long_run_log_stays_flat_and_restart_continues_identically(tmp_path: Pat
         play_round(live, r, lambda acts: carry(log, state, c, acts))
         if r in (103, 199):  # same phase of checkpoint_every: the log holds the same rows
             rows[r] = log.views.table_rows()
+    if lr == "auto":  # an `lr` event only in the rounds whose lr moved: as many as the window allows
+        assert max(rows[103].pop("events"), rows[199].pop("events")) <= (64 + 8) * 4
     assert rows[103] == rows[199], rows
     # the window (64 rounds + up to checkpoint_every since the last prune) plus each client's first and last
     # drift_window updates: O(retain_rounds), not O(rounds)
     assert rows[199]["updates"] <= (64 + 8) * 3 + 2 * 2 * 3
     assert rows[199]["rounds"] <= 64 + 8 and rows[199]["results"] <= 64 + 8
+    assert rows[199].get("lr_decisions", 0) <= (64 + 8 if lr == "auto" else 0)
     assert min(u.round for u in log.updates()) == 0  # the first drift_window updates of each client stay
 
     again = new_book(c, log)  # a restart from the pruned log
@@ -105,6 +111,9 @@ def test_long_run_log_stays_flat_and_restart_continues_identically(tmp_path: Pat
     assert again.vp.limited() == live.vp.limited()
     for r in range(200, 204):  # and the next rounds: the same actions, byte for byte
         assert play_round(again, r, lambda acts: acts) == play_round(live, r, lambda acts: acts)
+    if lr == "auto":  # the controller moved (the restart resumed a state that matters) and kept its newest row
+        assert {d.action for d in log.views.lr_decisions()} >= {"grow", "backoff"}
+        assert log.lr_state() is not None
     log.close()
 
 
