@@ -100,6 +100,7 @@ CREATE TABLE IF NOT EXISTS resources (
     round INTEGER NOT NULL,
     ts REAL NOT NULL,
     rss_bytes INTEGER, peak_mem_bytes INTEGER, cpu_pct REAL, step_time_s REAL,
+    peak_rss_bytes INTEGER,            -- the largest peak RSS (Heartbeat key 19) a heartbeat of the round reported
     PRIMARY KEY (client, round)
 );
 """

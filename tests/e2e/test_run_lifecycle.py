@@ -104,6 +104,11 @@ def _check_ended(state: str, last: int, config: Path, root: Path, dev_exit: Clie
     assert rep["before"]["round"] == -1 and rep["after"]["round"] == last  # the coordinator's baseline eval of v_0
     assert set(rep["devices"]) == {"dev-exit", "dev-idle"}
     assert all(p["rss_bytes"] for pts in rep["devices"].values() for p in pts)
+    for c in ("dev-exit", "dev-idle"):  # the real client process's high-water mark (Heartbeat key 19), carried
+        mem = rep["memory"][c]  # through the coordinator's log into the report: never below an RSS sample
+        assert mem["peak_rss_bytes"] is not None and mem["peak_rss_bytes"] >= mem["max_rss_bytes"] > 50 << 20, mem
+        assert all(p["peak_rss_bytes"] >= p["rss_bytes"] for p in rep["devices"][c] if p["peak_rss_bytes"])
+    assert all(c["telemetry"]["peak_rss_bytes"] >= c["telemetry"]["rss_bytes"] for c in status["clients"])
     assert rep["memory"]["dev-idle"]["budget_bytes"] == 2 * 2**30
     # `meerkat report` writes the same report on demand
     out = _meerkat("report", "--config", str(config), "--out", str(root / "again"))
