@@ -78,6 +78,9 @@ class EventLog:
     def set_meta(self, key: str, value: str) -> None:
         writer.set_meta(self._need_tx(), key, value)
 
+    def delete_meta(self, key: str) -> None:
+        writer.delete_meta(self._need_tx(), key)
+
     def beat(self, now: float, *, stopped: bool = False) -> None:
         """The coordinator's liveness for `meerkat status`: meta `alive_at` (written every few seconds by
         the running pump), `stopped_at` on a clean stop. A kill -9 leaves `alive_at` to age."""
