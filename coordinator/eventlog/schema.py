@@ -104,3 +104,8 @@ CREATE TABLE IF NOT EXISTS resources (
     PRIMARY KEY (client, round)
 );
 """
+
+# columns added to a table after it first shipped: (table, column, type); `EventLog` adds the missing ones to
+# a log an older build created (CREATE TABLE IF NOT EXISTS leaves an existing table as it was), and readers
+# of such a log that cannot write (read-only SQLite) see NULL for them (`LogViews`)
+ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (("resources", "peak_rss_bytes", "INTEGER"),)

@@ -104,3 +104,31 @@ def test_an_old_device_with_no_heartbeat_round_row_yet(tmp_path: Path) -> None:
     log.close()
     d = fleet_view(tmp_path, now).devices[0]
     assert (d.peak_rss_bytes, d.peak_rss_measured, d.rss_bytes) == (350 * MIB, True, 200 * MIB)
+
+
+def test_a_log_from_before_the_peak_column_is_read_then_upgraded(tmp_path: Path, event_log: str) -> None:
+    """A `resources` table an older build created (no peak_rss_bytes): read-only readers see no peak (the
+    largest RSS sample instead), the next writer adds the column and stores the peak."""
+    now = 1_000_000.0
+    log = EventLog(tmp_path, event_log=event_log)
+    with log.transaction():
+        log.set_meta("fleet", "f1")
+        log.persist(JoinRecord("dev-a", "joined", "", "fp", "m", 100, 1.0, {"device": "cpu"}, -1, now - 5))
+        log.db.execute("ALTER TABLE resources DROP COLUMN peak_rss_bytes")  # the table as it first shipped
+        log.db.execute("INSERT INTO resources(client, round, ts, rss_bytes) VALUES ('dev-a', 0, 1.0, ?)", (300 * MIB,))
+    log.close()
+    if event_log == "sqlite":  # read-only: nothing added, the column reads as NULL
+        old = EventLog(tmp_path, readonly=True)
+        try:
+            assert "peak_rss_bytes" not in old.db.columns("resources")
+            assert old.views.peak_rss() == {"dev-a": (300 * MIB, False)}
+            assert old.views.resources()[0].peak_rss_bytes is None
+        finally:
+            old.close()
+    log = EventLog(tmp_path, event_log=event_log)  # the writer adds the column
+    with log.transaction():
+        log.persist(_wire("dev-a", 1, 310, 640, now - 1))
+    log.close()
+    view = fleet_view(tmp_path, now, event_log=event_log, history=True)
+    assert [p.peak_rss_bytes for p in view.resources["dev-a"]] == [None, 640 * MIB]
+    assert (view.devices[0].peak_rss_bytes, view.devices[0].peak_rss_measured) == (640 * MIB, True)
