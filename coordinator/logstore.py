@@ -188,7 +188,10 @@ class PostgresStore:
         return [str(r[0]) for r in self.db.execute(q, (table,))]
 
     def add_column(self, table: str, column: str, kind: str) -> None:
-        """A column a newer schema added to an existing table (IF NOT EXISTS: workers starting together)."""
+        """A column a newer schema added to an existing table. Looked up first: every open (each dashboard
+        read too) would otherwise take the table's exclusive lock; IF NOT EXISTS: workers starting together."""
+        if column in self.columns(table):
+            return
         for pat, rep in _PG_TYPES:
             kind = pat.sub(rep, kind)
         self.db.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {kind}".encode())
