@@ -251,15 +251,13 @@ class Coordinator:
     def tick(self) -> None:
         now = self.clock()
         self._carry_out(self.book.tick(now))
-        change = self.life.poll_stop(self.book, now, self._take_stop)  # `meerkat stop`
+        # `meerkat stop`: the state_dir's file; on PostgreSQL also the log's (cluster workers)
+        shared_log = None if self.config.event_log == "sqlite" else self.log
+        change = self.life.poll_stop(self.book, now, lambda: take_stop(self.state_dir, shared_log))
         if change is not None:
             self.stop_after_round = self.book.stop_after_round
             self._carry_out([Publish(change[0])], meta=change[1])
         self._beat(now)
-
-    def _take_stop(self) -> str | None:
-        """A `meerkat stop` request: the state_dir's file; on PostgreSQL also the log's (cluster workers)."""
-        return take_stop(self.state_dir, None if self.config.event_log == "sqlite" else self.log)
 
     def _beat(self, now: float, stopped: bool = False) -> None:
         """Liveness for `meerkat status` (meta alive_at, one small transaction every ALIVE_EVERY_S)."""
