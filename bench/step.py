@@ -14,11 +14,14 @@ shared.prng), and it measures:
 - peaks: peak memory of an inference forward and of a step and their ratio (`peak_ratio`). CUDA:
   torch's peak allocated bytes. CPU: weights + side-car + the peak of live torch tensors during the
   call (profiler memory events: what the model needs, independent of the allocator); the RSS view is
-  reported too (`*_rss_*`: peak RSS above the process's RSS once the libraries are imported; glibc's
-  retained heap makes it noisier);
+  reported too (`*_rss_*`: peak private RSS, i.e. without file-backed pages, above the process's
+  once the libraries are imported: the planner's MemoryMeter; glibc's retained heap makes it noisier).
+  `mapped_weights_mib`: model tensors that are views of the mmapped checkpoint (file-backed pages, not
+  in the private RSS; a bf16 embedding table when the checkpoint is bf16);
 - planner_need_mib / planner_error: the memory planner's need at `--batch` (edge_client/engine/
-  planner.py, its safety factor included) against the measured step peak (`step_rss_peak_mib`
-  on CPU); `--no-plan` skips its two calibration forwards.
+  planner.py, its safety factor included) against the measured step need on the same basis
+  (`step_need_mib`: CPU step_rss_peak_mib + mapped_weights_mib; CUDA the allocated peak);
+  `--no-plan` skips its two calibration forwards.
 `--loss lm`: loss over every position, inference computes every logit. `--loss label`: one target
 token per sequence (classification), inference computes the last position's logits only.
 Times are medians over `--repeats` interleaved rounds; ratios are medians of per-round ratios.
@@ -304,9 +307,13 @@ def run(args: argparse.Namespace) -> int:
             sidecar_mode=_modes(model),
             params=sum(int(np.prod(s)) for s in _checkpoint_shapes(model_dir)),
         )
+        mapped = file_backed_bytes(model) if dev.type == "cpu" else 0
+        # the step's need on the planner's basis: CUDA allocated bytes; CPU private RSS above the
+        # libraries' plus the weights that stay file-backed (the planner counts them in `weights`)
+        measured = step_peak + mapped
+        result.update(mapped_weights_mib=round(mapped / 2**20, 1), step_need_mib=round(measured / 2**20, 1))
         if plan is not None:
-            # the planner's need at this batch (safety factor included) vs the measured step peak
-            measured = step_peak  # CUDA: allocated bytes, CPU: RSS above the libraries' (what the planner reads)
+            # the planner's need at this batch (safety factor included) vs the measured step need
             result.update(
                 planner_need_mib=round(plan.need_bytes(args.batch) / 2**20, 1),
                 planner_weights_mib=round(plan.weights_bytes / 2**20, 1),
@@ -359,6 +366,30 @@ def _checkpoint_shapes(model_dir: Path) -> list[list[int]]:
         with safe_open(str(path), framework="pt") as f:
             shapes.append(list(f.get_slice(key).get_shape()))
     return shapes
+
+
+def file_backed_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's parameters and buffers whose storage lies in a file mapping (/proc/self/maps).
+
+    from_pretrained keeps a tensor the checkpoint already holds in the wanted dtype as a view of the
+    mmapped safetensors file: its pages are file-backed, so the private RSS does not count them.
+    """
+    spans = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split(maxsplit=5)
+            if len(parts) == 6 and parts[5].startswith("/"):
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                spans.append((lo, hi))
+    seen: set[int] = set()
+    total = 0
+    for t in [*model.parameters(), *model.buffers()]:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if t.device.type == "cpu" and ptr not in seen and any(lo <= ptr < hi for lo, hi in spans):
+            seen.add(ptr)
+            total += storage.nbytes()
+    return total
 
 
 def cpu_live_peak(fn: Callable[[], Any]) -> int:

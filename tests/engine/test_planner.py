@@ -59,3 +59,23 @@ def test_meter_sees_an_allocation() -> None:
     assert peak >= 48 * 2**20
     _, small = meter.measure(lambda: torch.ones(16).sum())
     assert small < 16 * 2**20
+
+
+def test_meter_leaves_out_file_backed_pages(tmp_path: Path) -> None:
+    """Pages of a mmapped file (a checkpoint from_pretrained keeps mapped) are not private memory:
+    reading 64 MiB of a mapped file during the call adds ~0, while an allocation beside it counts."""
+    path = tmp_path / "weights.bin"
+    n = 64 * 2**20 // 4
+    torch.ones(n).numpy().tofile(path)
+    mapped = torch.from_file(str(path), shared=True, size=n, dtype=torch.float32)  # mmap, not read yet
+    meter = MemoryMeter("cpu")
+    out, peak = meter.measure(lambda: float(mapped.sum()))  # faults the 64 MiB of file pages in
+    assert out == n
+    assert peak < 16 * 2**20, peak
+
+    def both() -> float:
+        x = mapped * 2  # 64 MiB private
+        return float(x.sum())
+
+    _, peak = meter.measure(both)
+    assert peak >= 48 * 2**20, peak
