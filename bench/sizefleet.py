@@ -13,8 +13,9 @@ then `export_merged` (base "dequantized", dtype "auto": the checkpoint's) and a 
 load of the export with its dtype and the loss on 8 of the first device's examples.
 
 Reported: wall and process CPU time of the rounds, each device's step times (wall and CPU, median),
-each device's planner view (weights / fixed / per-sequence, micro-batch), the process's private RSS
-(VmRSS - RssFile) before and after the devices were built, its peak RSS (VmHWM), checksums, export.
+each device's planner view (weights / fixed / per-sequence, micro-batch), the private RSS (VmRSS -
+RssFile) each device's construction added (model load + memory plan, measured around EngineTrainer),
+the process's peak RSS (VmHWM, file-backed pages included), checksums, export.
 """
 
 from __future__ import annotations
@@ -40,6 +41,16 @@ def _status_mib() -> dict[str, float]:
             out[key] = round(int(rest.split()[0]) / 1024, 1)
     out["private"] = round(out["VmRSS"] - out["RssFile"], 1)
     return out
+
+
+def _trim() -> None:
+    """Return freed heap to the kernel (glibc), so the private RSS reads what is live."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,11 +100,28 @@ def main(argv: list[str] | None = None) -> int:
     coord_toml, client_tomls = write_configs(cfg, paths, "mqtt://127.0.0.1:1883", "sizefleet")
     for path in client_tomls:  # no held-out evaluation on the devices: only the rounds are timed
         path.write_text(path.read_text().replace("eval_every = 1", "eval_every = 0"))
-    mem_before = _status_mib()
+    import edge_client.service.trainer as trainer_mod
+
+    loaded_mib: list[float] = []
+    engine = trainer_mod.EngineTrainer
+
+    class Measured(engine):  # type: ignore[misc,valid-type]
+        """EngineTrainer whose construction (model load + memory plan) is measured in private RSS."""
+
+        def __init__(self, *a: Any, **kw: Any) -> None:
+            _trim()
+            before = _status_mib()["private"]
+            super().__init__(*a, **kw)
+            _trim()
+            loaded_mib.append(round(_status_mib()["private"] - before, 1))
+
     t0 = time.monotonic()
-    fleet = from_configs(coord_toml, client_tomls)
+    trainer_mod.EngineTrainer = Measured  # type: ignore[misc]
+    try:
+        fleet = from_configs(coord_toml, client_tomls)
+    finally:
+        trainer_mod.EngineTrainer = engine  # type: ignore[misc]
     build_s = time.monotonic() - t0
-    mem_built = _status_mib()
     times: dict[str, list[tuple[float, float]]] = {}
     for name, dev in fleet.devices.items():
         times[name] = []
@@ -111,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     wall, cpu = time.perf_counter() - w0, time.process_time() - c0
     book_sum = values_checksum(fleet.book.values)
     devices: dict[str, Any] = {}
-    for name, dev in fleet.devices.items():
+    for (name, dev), loaded in zip(fleet.devices.items(), loaded_mib, strict=True):
         tr: Any = dev.trainer
         # the trainer keeps only (micro-batch, need); the components: the same planner call once more
         plan = plan_memory(tr.loaded.model, tr.cfg.memory_budget_gib, tr.cfg.seq_len, tr.device,
@@ -120,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             checksum=dev.core.checksum, round=dev.core.round, steps=len(times[name]),
             step_s=round(statistics.median(w for w, _ in times[name]), 2),
             step_cpu_s=round(statistics.median(c for _, c in times[name]), 2),
-            micro_batch=tr.micro_batch, planner_need_mib=round((tr.peak_mem_bytes or 0) / 2**20, 1),
+            private_mib_loaded=loaded, micro_batch=tr.micro_batch, planner_need_mib=round((tr.peak_mem_bytes or 0) / 2**20, 1),
             plan_mib={k: round(getattr(plan, f"{k}_bytes") / 2**20, 1)
                       for k in ("budget", "weights", "sidecar", "fixed", "per_seq")},
         )
@@ -135,8 +163,6 @@ def main(argv: list[str] | None = None) -> int:
         build_s=round(build_s, 1), rounds_wall_s=round(wall, 1), rounds_cpu_s=round(cpu, 1),
         last_round=fleet.book.last_round, coordinator_checksum=book_sum, devices=devices,
         checksums_equal=all(d["checksum"] == book_sum for d in devices.values()),
-        private_mib_before=mem_before["private"], private_mib_built=mem_built["private"],
-        private_mib_per_device=round((mem_built["private"] - mem_before["private"]) / args.clients, 1),
         peak_rss_mib=_status_mib()["VmHWM"], export_dir=str(out), export_s=round(export_s, 1), **reload,
     )  # fmt: skip
     print(json.dumps(result) if args.json else json.dumps(result, indent=1))

@@ -20,7 +20,9 @@ shared.prng), and it measures:
   in the private RSS; a bf16 embedding table when the checkpoint is bf16);
 - planner_need_mib / planner_error: the memory planner's need at `--batch` (edge_client/engine/
   planner.py, its safety factor included) against the measured step need on the same basis
-  (`step_need_mib`: CPU step_rss_peak_mib + mapped_weights_mib; CUDA the allocated peak);
+  (`step_need_mib`: CPU step_rss_peak_mib + mapped_weights_mib - load_overhead_mib, the private
+  memory load_model leaves beyond the model's tensors: libraries' state, not the model; CUDA the
+  allocated peak);
   `--no-plan` skips its two calibration forwards.
 `--loss lm`: loss over every position, inference computes every logit. `--loss label`: one target
 token per sequence (classification), inference computes the last position's logits only.
@@ -195,7 +197,7 @@ def _ratio(num: list[float], den: list[float]) -> float:
 
 def run(args: argparse.Namespace) -> int:
     from bench.cli import print_json_last
-    from edge_client.engine.planner import MemoryMeter, plan_memory
+    from edge_client.engine.planner import MemoryMeter, plan_memory, step_sidecar_bytes
     from edge_client.engine.spsa import spsa_step
     from shared.dataset import Batch, Dataset, Example
     from shared.loss import batch_loss, collate, tail_logits
@@ -307,11 +309,18 @@ def run(args: argparse.Namespace) -> int:
             sidecar_mode=_modes(model),
             params=sum(int(np.prod(s)) for s in _checkpoint_shapes(model_dir)),
         )
-        mapped = file_backed_bytes(model) if dev.type == "cpu" else 0
-        # the step's need on the planner's basis: CUDA allocated bytes; CPU private RSS above the
-        # libraries' plus the weights that stay file-backed (the planner counts them in `weights`)
-        measured = step_peak + mapped
-        result.update(mapped_weights_mib=round(mapped / 2**20, 1), step_need_mib=round(measured / 2**20, 1))
+        mapped = overhead = 0
+        if dev.type == "cpu":
+            # the step's need on the planner's basis: private RSS above the libraries', plus the weights
+            # that stay file-backed (the planner counts them in `weights`), less what load_model leaves
+            # that is no tensor (the model family's modules, kernels' state: ~42 MiB for a 1 MiB model)
+            mapped = file_backed_bytes(model)
+            at_rest = weight_bytes(model) - mapped + step_sidecar_bytes(sidecar, model) - 8 * sidecar.nnz
+            at_rest += sum(t.numel() * t.element_size() for t in mask.values())  # this bench's own mask
+            overhead = max(0, resident - at_rest)
+        measured = step_peak + mapped - overhead  # CUDA: allocated bytes
+        result.update(mapped_weights_mib=round(mapped / 2**20, 1), load_overhead_mib=round(overhead / 2**20, 1),
+                      step_need_mib=round(measured / 2**20, 1))  # fmt: skip
         if plan is not None:
             # the planner's need at this batch (safety factor included) vs the measured step need
             result.update(

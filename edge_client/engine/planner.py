@@ -3,7 +3,8 @@
     need(b) = weights + side-car + fixed + b * per_sequence        must be <= budget
 
 - weights: bytes of parameters + buffers + quantization states (counted, not guessed);
-- side-car: the flat buffer, its indices, and the two nnz-sized temporaries of a step (backup, z);
+- side-car: the flat buffer, its indices, the CPU copy of v_0, the wrapped layers' correction plans
+  and the two nnz-sized temporaries of a step (backup, z);
 - fixed, per_sequence: measured by calibration forwards of the step's loss (LM loss over every
   position: the worst case) at micro-batch 1 and 2 of `seq_len` tokens. per_sequence = peak(2) -
   peak(1), fixed = peak(1) - per_sequence (the dequantized weight tile, the rotary cache, ...).
@@ -157,9 +158,20 @@ class MemoryPlan:
         return asdict(self)
 
 
-def step_sidecar_bytes(sidecar: SideCar | None) -> int:
-    """Buffer + indices + the step's two nnz-sized temporaries (backup copy, direction z)."""
-    return 0 if sidecar is None else sidecar.nbytes() + 2 * 4 * sidecar.nnz
+def step_sidecar_bytes(sidecar: SideCar | None, model: nn.Module | None = None) -> int:
+    """Buffer + indices + the CPU copy of v_0 + the step's two nnz-sized temporaries (backup copy,
+    direction z) + with `model`, the correction plans its wrapped layers hold (row, column, touched rows
+    and their counts: up to 32 bytes per masked entry)."""
+    if sidecar is None:
+        return 0
+    plans = 0
+    if model is not None:
+        from shared.sidecar import sidecar_layers
+
+        for _, layer in sidecar_layers(model):
+            for t in (layer.sidecar_row_of, layer.sidecar_cols, layer.sidecar_rows, layer.sidecar_counts):
+                plans += t.numel() * t.element_size()
+    return sidecar.nbytes() + 4 * sidecar.nnz + 2 * 4 * sidecar.nnz + plans
 
 
 def plan_memory(
@@ -181,7 +193,7 @@ def plan_memory(
     dev = torch.device(device) if device is not None else model_device(model)
     budget = int(budget_gib * GIB)
     weights = weight_bytes(model)
-    side = step_sidecar_bytes(sidecar)
+    side = step_sidecar_bytes(sidecar, model)
     meter = MemoryMeter(dev)
     peaks = {b: _calibrate(model, meter, b, seq_len, pad_id) for b in (1, 2)}
     per_seq = max(peaks[2] - peaks[1], 1)
