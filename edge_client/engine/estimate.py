@@ -98,13 +98,12 @@ def estimate_memory(
         raise ValueError(f"compute_dtype must be one of {sorted(_DTYPE_BYTES)}, got {compute_dtype!r}")
     if seq_len < 2 or not budget_gib > 0 or not 0 < fraction <= 1:
         raise ValueError(f"need seq_len >= 2, budget_gib > 0, 0 < fraction <= 1 (got {seq_len}, {budget_gib}, {fraction})")
-    if not isinstance(config, dict):
-        config = json.loads(Path(config).read_text())
-    ckpt = str(config.get("torch_dtype") or config.get("dtype") or "float32")
-    model, cfg = _shapes(config)
+    values: dict[str, Any] = config if isinstance(config, dict) else json.loads(Path(config).read_text())
+    ckpt = str(values.get("torch_dtype") or values.get("dtype") or "float32")
+    model, cfg = _shapes(values)
     cd, kd = _DTYPE_BYTES[compute_dtype], _DTYPE_BYTES.get(ckpt, 4)
     narrow = cd if quant == "none" else min(cd, kd)
-    head = model.get_output_embeddings()
+    head: Any = model.get_output_embeddings()
     linear = other = 0
     largest = 0
     counted: set[int] = set()
