@@ -66,7 +66,7 @@ class Estimate:
         return asdict(self)
 
 
-def _shapes(config: dict[str, Any]) -> tuple[nn.Module, Any]:
+def _shapes(config: dict[str, Any]) -> tuple[Any, Any]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     values = dict(config)

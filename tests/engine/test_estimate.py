@@ -10,11 +10,11 @@ import torch
 
 from edge_client.engine.estimate import GIB, estimate_memory
 from edge_client.engine.planner import step_sidecar_bytes
-from shared.modelload import load_model, weight_bytes
+from shared.modelload import Quant, load_model, weight_bytes
 
 
 @pytest.mark.parametrize("quant", ["nf4", "int8", "none"])
-def test_weights_match_the_loaded_model(quant: str, qwen2_dir: Path, llama_mask: dict[str, torch.Tensor]) -> None:
+def test_weights_match_the_loaded_model(quant: Quant, qwen2_dir: Path, llama_mask: dict[str, torch.Tensor]) -> None:
     """Shapes from config.json alone (meta device) give the bytes the quantized model really holds."""
     lm = load_model(qwen2_dir, quant, "cpu", None, torch.float32, fingerprint="0" * 64)
     est = estimate_memory(qwen2_dir / "config.json", quant, 64, 4.0, compute_dtype="float32", device="cpu")
