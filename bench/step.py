@@ -4,8 +4,8 @@
                        [--device cpu|cuda] [--preset NAME | --model DIR] [--loss lm|label] --json
 
 Builds a random-init Llama of the given shape in a temp dir (speed does not depend on the weights),
-or a preset with the published config values of qwen2.5-0.5b, llama-3.2-1b, gemma-2-2b or
-phi-3-mini (random bf16 weights, built locally), or times a local HF causal-LM directory
+or a preset with the published config values of qwen2.5-0.5b, llama-3.2-1b, llama-3.2-3b,
+gemma-2-2b or phi-3-mini (random bf16 weights, built locally), or times a local HF causal-LM directory
 (`--model DIR`, safetensors). A random mask of `--mask-fraction` of every 2-D decoder weight (from
 shared.prng), and it measures:
 - plain_fwd: the quantized model without side-car (bitsandbytes' own forward);
@@ -60,6 +60,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llama-3.2-1b": dict(
         model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
         num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True,
+        rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=131072,
+        rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=8192),
+    ),
+    "llama-3.2-3b": dict(
+        model_type="llama", hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+        num_attention_heads=24, num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=True,
         rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=131072,
         rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
                           original_max_position_embeddings=8192),

@@ -63,7 +63,7 @@ def test_presets_build_the_published_shapes() -> None:
 
     from bench.step import PRESETS
 
-    want_params = {"qwen2.5-0.5b": 0.49e9, "llama-3.2-1b": 1.24e9, "gemma-2-2b": 2.61e9, "phi-3-mini": 3.82e9}
+    want_params = {"qwen2.5-0.5b": 0.49e9, "llama-3.2-1b": 1.24e9, "llama-3.2-3b": 3.21e9, "gemma-2-2b": 2.61e9, "phi-3-mini": 3.82e9}
     for name, cfg in PRESETS.items():
         values = dict(cfg)
         config = AutoConfig.for_model(values.pop("model_type"), **values)
