@@ -2,9 +2,9 @@
 
     python -m bench.fittable [--fraction 0.001] [--max-micro-batch 64]
 
-For each device budget below x model shape (bench/step.py PRESETS) x sequence length, the planner's
-four components as `edge_client.engine.estimate.estimate_memory` predicts them (nf4, checkpoint bf16),
-need at one sequence and the largest micro-batch that fits. Prints a Markdown table. The budgets are
+For each model shape (bench/step.py PRESETS) x sequence length x compute (CUDA bf16, CPU fp32), the
+planner's four components as `edge_client.engine.estimate.estimate_memory` predicts them (nf4,
+checkpoint bf16), the need at one sequence, and per device budget the largest micro-batch that fits. Prints a Markdown table. The budgets are
 what is left to the model after the OS, the runtime and its libraries (the client's
 `memory_budget_gib`): the assumptions are in the DEVICES rows and the doc.
 """
@@ -26,25 +26,36 @@ SEQS = (128, 256)
 
 
 def rows(fraction: float, max_micro_batch: int) -> list[str]:
+    """One row per shape x seq x compute (CUDA bf16, CPU fp32): the components, then per device the
+    micro-batch the budget allows ("-" where the device computes the other way, "no" where not even one
+    sequence fits)."""
     from bench.step import PRESETS
     from edge_client.engine.estimate import estimate_memory
 
     mib = float(1 << 20)
+    kinds = sorted({(kind, dtype) for _, _, kind, dtype in DEVICES}, reverse=True)  # cuda first
+    heads = " | ".join(f"{name} ({budget:g} GiB)" for name, budget, _, _ in DEVICES)
     out = [
-        "| device (budget) | shape | seq | weights | side-car | fixed | per seq | need at 1 seq | micro-batch |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| shape | seq | compute | weights | side-car | fixed | per seq | need at 1 seq | {heads} |",
+        "|---|---|---|---|---|---|---|---|" + "---|" * len(DEVICES),
     ]
-    for device, budget, kind, dtype in DEVICES:
-        for shape in SHAPES:
-            cfg = dict(PRESETS[shape], torch_dtype="bfloat16")
-            for seq in SEQS:
-                e = estimate_memory(cfg, "nf4", seq, budget, compute_dtype=dtype, device=kind, fraction=fraction,
-                                    max_micro_batch=max_micro_batch)  # fmt: skip
-                fits = str(e.micro_batch) if e.micro_batch else "**does not fit**"
+    for shape in SHAPES:
+        cfg = dict(PRESETS[shape], torch_dtype="bfloat16")
+        for seq in SEQS:
+            for kind, dtype in kinds:
+                e = estimate_memory(cfg, "nf4", seq, 1.0, compute_dtype=dtype, device=kind, fraction=fraction)
+                cells = []
+                for _, budget, dkind, ddtype in DEVICES:
+                    if (dkind, ddtype) != (kind, dtype):
+                        cells.append("-")
+                        continue
+                    fit = estimate_memory(cfg, "nf4", seq, budget, compute_dtype=dtype, device=kind,
+                                          fraction=fraction, max_micro_batch=max_micro_batch)  # fmt: skip
+                    cells.append(str(fit.micro_batch) if fit.micro_batch else "no")
                 out.append(
-                    f"| {device} ({budget:g} GiB) | {shape} | {seq} | {e.weights_bytes / mib:.0f} MiB | "
-                    f"{e.sidecar_bytes / mib:.0f} MiB | {e.fixed_bytes / mib:.0f} MiB | {e.per_seq_bytes / mib:.1f} MiB | "
-                    f"{e.need_bytes(1) / mib:.0f} MiB | {fits} |"
+                    f"| {shape} | {seq} | {kind} {dtype.replace('bfloat16', 'bf16').replace('float32', 'fp32')} | "
+                    f"{e.weights_bytes / mib:.0f} MiB | {e.sidecar_bytes / mib:.0f} MiB | {e.fixed_bytes / mib:.0f} MiB | "
+                    f"{e.per_seq_bytes / mib:.1f} MiB | {e.need_bytes(1) / mib:.0f} MiB | {' | '.join(cells)} |"
                 )
     return out
 
