@@ -27,6 +27,7 @@ answering late.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -51,21 +52,44 @@ def clipped_steps(
     per_client: Mapping[str, Sequence[float]], T: int, k: float
 ) -> tuple[Mapping[str, Sequence[float]], int]:
     """Each client's scalars with every g_{k,t} clipped into its step's band (only the clipped clients'
-    lists are new; `per_client` itself when nothing was clipped); and how many scalars were clipped.
-    One numpy pass per step (10,000 updates x T = 10: a few ms): the same float64 medians, differences and
-    comparisons as `band`, elementwise."""
+    lists are new; `per_client` itself when nothing was clipped); and how many scalars were clipped."""
+    got = clip_round(per_client, T, k)
+    return got.values, sum(got.clipped.values())
+
+
+@dataclass(frozen=True)
+class Clipped:
+    """What centred clipping did to one round's on-time scalars (`clip_round`)."""
+
+    values: Mapping[str, Sequence[float]]  # each client's scalars, clipped into their bands
+    clipped: Mapping[str, int]  # client -> how many of its scalars were outside their band
+    judged: Mapping[str, int]  # client -> how many of its scalars had a band (>= MIN_CLIENTS values at the step)
+
+    def trust(self, client: str) -> float:
+        """The share of the client's judged scalars inside their bands: (judged - clipped) / judged, one
+        float64 division; 1.0 when none was judged."""
+        j = self.judged.get(client, 0)
+        return (j - self.clipped.get(client, 0)) / j if j else 1.0
+
+
+def clip_round(per_client: Mapping[str, Sequence[float]], T: int, k: float) -> Clipped:
+    """Every g_{k,t} clipped into its step's band, counted per client. One numpy pass per step (10,000
+    updates x T = 10: a few ms): the same float64 medians, differences and comparisons as `band`, elementwise."""
     names = list(per_client)
     m = np.full((len(names), T), np.nan)  # (N, T); NaN = the client's path stopped before step t
     for i, c in enumerate(names):
         gs = per_client[c]
         m[i, : len(gs)] = gs
     changed: dict[str, list[float]] = {}
-    n_clipped = 0
+    clipped: dict[str, int] = {}
+    judged: dict[str, int] = {}
     for t in range(T):
         col = m[:, t]  # (N,)
         rows = np.flatnonzero(~np.isnan(col))
         if len(rows) < MIN_CLIENTS:
             continue
+        for i in rows.tolist():
+            judged[names[i]] = judged.get(names[i], 0) + 1
         vals = col[rows]
         med = float(np.median(vals))
         tau = k * float(np.median(np.abs(vals - med)))
@@ -74,8 +98,8 @@ def clipped_steps(
             c = names[i]
             row = changed.setdefault(c, list(per_client[c]))
             row[t] = min(max(row[t], lo), hi)
-            n_clipped += 1
-    return ({**per_client, **changed} if changed else per_client), n_clipped
+            clipped[c] = clipped.get(c, 0) + 1
+    return Clipped({**per_client, **changed} if changed else per_client, clipped, judged)
 
 
 def late_bound(on_time: Mapping[str, Sequence[float]], k: float) -> float | None:
@@ -86,9 +110,11 @@ def late_bound(on_time: Mapping[str, Sequence[float]], k: float) -> float | None
     return k * _median([abs(g) for gs in on_time.values() for g in gs])
 
 
-def clamp_all(per_client: Mapping[str, Sequence[float]], bound: float) -> dict[str, list[float]]:
-    """Every scalar clipped to [-bound, +bound]."""
-    return {c: [min(max(g, -bound), bound) for g in gs] for c, gs in per_client.items()}
+def clamp_all(per_client: Mapping[str, Sequence[float]], bound: float) -> Clipped:
+    """Every scalar clipped to [-bound, +bound] (each one judged)."""
+    return Clipped({c: [min(max(g, -bound), bound) for g in gs] for c, gs in per_client.items()},
+                   {c: sum(1 for g in gs if not -bound <= g <= bound) for c, gs in per_client.items()},
+                   {c: len(gs) for c, gs in per_client.items()})
 
 
 def is_small(per_client: Mapping[str, Sequence[float]]) -> bool:
@@ -102,4 +128,5 @@ FALLBACK_NOTE = {  # the book logs the fallback when it starts and when it ends 
 }
 
 
-__all__ = ["FALLBACK_NOTE", "MIN_CLIENTS", "band", "clamp_all", "clipped_steps", "is_small", "late_bound"]
+__all__ = ["FALLBACK_NOTE", "MIN_CLIENTS", "Clipped", "band", "clamp_all", "clip_round", "clipped_steps", "is_small",
+           "late_bound"]

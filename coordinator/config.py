@@ -131,6 +131,11 @@ class CoordinatorConfig:
         "centered: the band is the step's median +- this x the median absolute deviation of its scalars",
         (lambda v: v >= 1, "must be >= 1"),
     )
+    center_discount: bool = cfg.field(
+        True,
+        "centered: each update's FedAvg weight in a round is scaled by the share of its scalars that were inside "
+        "their bands (a device whose every scalar is clipped weighs 0 that round)",
+    )
     clip_norm: float = cfg.field(
         10.0,
         "clipped: each client's scalar vector is scaled to L2 norm <= clip_norm",

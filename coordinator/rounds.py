@@ -442,7 +442,8 @@ class RoundBook:
         if ups:
             k = close_scalars(c.aggregation, plan.seeds, ups, self.late.values() if c.straggler == "next" else None,
                               {r: p.seeds for r, p in self.plans.items()}, clip_norm=c.clip_norm,
-                              trim_fraction=c.trim_fraction, center_clip_k=c.center_clip_k)  # fmt: skip
+                              trim_fraction=c.trim_fraction, center_clip_k=c.center_clip_k,
+                              center_discount=c.center_discount)  # fmt: skip
             if k.small != self._small_round:  # logged when it starts and when it ends, not every round
                 self._small_round = k.small
                 log.info("round %d: %d on-time updates: %s", plan.round, len(ups), FALLBACK_NOTE[k.small])

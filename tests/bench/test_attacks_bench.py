@@ -19,10 +19,11 @@ from bench.attacks.strategies import FLIP, SCALE, Attack, make_attack
 from bench.inproc import Device, InProcessFleet
 from bench.learning.sim import FLEET, ZOSpec, zo_config
 from coordinator.aggregate import RULES
-from coordinator.config import Aggregation
+from coordinator.config import Aggregation, CoordinatorConfig
 from coordinator.rounds import RoundBook
 from edge_client.engine.spsa import StepResult, to_f32
 from edge_client.service.rounds import ClientRounds, Identity
+from shared.apply import apply_round, values_checksum
 from shared.messages import U32, ErrorCode, ErrorMsg, Join, Update
 from shared.prng import Dist
 
@@ -135,6 +136,21 @@ def test_a_scaling_device_reaches_the_books_aggregation(rule: str) -> None:
     assert strategy.tally.sent == 1 + 3 and not strategy.tally.refused
 
 
+def test_the_default_rule_weighs_an_always_clipped_device_zero_and_replicas_follow_exactly() -> None:
+    """Default config (centered, center_discount): the scaling device's every scalar is outside its band, so it
+    weighs 0 and each G_t is exactly the nine honest devices' FedAvg; a replica applying the results gets
+    each result's checksum (the coordinator aggregates, the result carries what a replica needs)."""
+    f, strategy = fleet(CoordinatorConfig().aggregation, "scaling", 1)
+    values = torch.zeros(NNZ)
+    for res, _ in f.run(3):
+        assert res.n_clients == 10
+        for s, G in zip(res.seeds, res.scalars, strict=True):
+            assert G == math.fsum([N / (9 * N) * honest_g(s)] * 9)  # bit for bit: no term of the attacker
+        values = apply_round(values, res.seeds, res.scalars, res.lr, res.dist)
+        assert values_checksum(values) == res.values_checksum
+    assert strategy.tally.sent == 1 + 3 and not strategy.tally.refused
+
+
 def test_the_ratchet_never_gets_more_than_the_books_cap_into_a_result() -> None:
     cap = 5.0
     f, strategy = fleet("fedavg", "ratchet", 1, cap=cap)
@@ -170,3 +186,15 @@ def test_bench_attacks_cli_on_the_micro_model(tmp_path: Path) -> None:
     # cached runs are read back, not rerun: the same numbers
     again = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=600)
     assert json.loads(again.stdout.strip().splitlines()[-1])["runs"] == res["runs"]
+
+
+def test_the_hostile_devices_are_the_typical_ones_not_the_largest() -> None:
+    from bench.attacks.run import typical
+
+    sizes = {f"c{i}": n for i, n in enumerate([400, 10, 30, 50, 60, 70, 80, 90, 100, 110])}
+    assert typical(sizes, 1) == ["c5"]  # ranked 10, 30, 50, 60, [70], 80, ...: the 5th smallest
+    assert typical(sizes, 3) == ["c4", "c5", "c6"]
+    assert typical(sizes, 0) == [] and "c0" not in typical(sizes, 8)
+    assert typical({"a": 5, "b": 5, "c": 5}, 1) == ["b"]  # ties ranked by id
+    with pytest.raises(ValueError, match="hostile must be in 0..3"):
+        typical({"a": 5, "b": 5, "c": 5}, 4)
