@@ -8,20 +8,27 @@ path stopped after its last step, as in FedAvg):
     tau_t = center_clip_k * median_k |g_{k,t} - m_t|          (the MAD: a statistic one client moves by at most
                                                                one order statistic of the others)
     g'_{k,t} = min(max(g_{k,t}, m_t - tau_t), m_t + tau_t)     (each scalar clipped into the centred band)
-    G_t   = fsum_k w_k * g'_{k,t}                (then exactly the FedAvg formula, docs/PROTOCOL.md §5.1)
+    trust_k = (judged_k - clipped_k) / judged_k                (center_discount: the share of k's scalars that
+                                                               had a band and were inside it; 1 when none had)
+    G_t   = fsum_k w_k * g'_{k,t}, w_k from n_k * trust_k   (then exactly the FedAvg formula, docs/PROTOCOL.md §5.1)
 
-Only outliers move: a step where no scalar leaves the band is FedAvg bit for bit, so a clean fleet learns as
-with plain FedAvg. With fewer than MIN_CLIENTS values at a step nothing is clipped (two values are each
-exactly half their gap from their median, inside any band with center_clip_k >= 1: a two-device fleet
-cannot tell which one is the outlier) and the caller logs the fallback.
+center_clip_k 2 (the default): 2 MAD ~ 1.35 sigma of Gaussian values, Huber's tuning (~95 % of the mean's
+efficiency), so a clean fleet loses little; one device moves G_t by at most its weight x tau_t, and a device
+that sends outliers (scaled, flipped or offset g: its scalars leave the band) also loses their share of its
+weight in that round: every scalar clipped, weight 0. The trust is per round (no state across rounds).
+
+Only outliers move: a round where no scalar leaves its band is FedAvg bit for bit. With fewer than
+MIN_CLIENTS values at a step nothing is clipped nor judged (two values are each exactly half their gap from
+their median, inside any band with center_clip_k >= 1: a two-device fleet cannot tell which one is the
+outlier) and the caller logs the fallback.
 
 Karimireddy et al. 2021 clip around a momentum reference; the round's own coordinate median is the reference
 here, so the rule needs no state across rounds (a replica or a restarted coordinator recomputes it from the
 stored updates alone).
 
 Late updates (another round's seeds, no band of their own): each scalar is clipped to +-`late_bound`, the
-on-time contributors' center_clip_k x median |g| (`late_bound`), so a device cannot dodge the band by
-answering late.
+on-time contributors' center_clip_k x median |g| (`late_bound`), and its trust is the share inside that
+bound, so a device cannot dodge the band by answering late.
 """
 
 from __future__ import annotations
@@ -82,14 +89,12 @@ def clip_round(per_client: Mapping[str, Sequence[float]], T: int, k: float) -> C
         m[i, : len(gs)] = gs
     changed: dict[str, list[float]] = {}
     clipped: dict[str, int] = {}
-    judged: dict[str, int] = {}
-    for t in range(T):
+    present = ~np.isnan(m)  # (N, T)
+    banded = present.sum(axis=0) >= MIN_CLIENTS  # (T,): the steps with a band
+    judged = dict(zip(names, present[:, banded].sum(axis=1).tolist(), strict=True))
+    for t in np.flatnonzero(banded).tolist():
         col = m[:, t]  # (N,)
-        rows = np.flatnonzero(~np.isnan(col))
-        if len(rows) < MIN_CLIENTS:
-            continue
-        for i in rows.tolist():
-            judged[names[i]] = judged.get(names[i], 0) + 1
+        rows = np.flatnonzero(present[:, t])
         vals = col[rows]
         med = float(np.median(vals))
         tau = k * float(np.median(np.abs(vals - med)))

@@ -127,7 +127,7 @@ class CoordinatorConfig:
         "updates is plain FedAvg) | fedavg (weighted by n_samples, no outlier bound) | clipped | median | trimmed",
     )
     center_clip_k: float = cfg.field(
-        4.0,
+        2.0,
         "centered: the band is the step's median +- this x the median absolute deviation of its scalars",
         (lambda v: v >= 1, "must be >= 1"),
     )
