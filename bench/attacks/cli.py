@@ -28,6 +28,7 @@ import argparse
 import hashlib
 import json
 import logging
+import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -199,9 +200,13 @@ class Matrix:
 
         if self._data is None or self._data[0] != seed:
             cfg = self.cfg
-            self._data = (seed, make_data(cfg.task, self.out / "data" / f"{cfg.task}-{seed}", self.loaded.tokenizer,
-                                          seed=derive_seed(seed, 4), n_clients=cfg.n_clients, alpha=cfg.alpha,
-                                          n_train=cfg.n_train, n_eval=cfg.n_eval))  # fmt: skip
+            (self.out / "data").mkdir(parents=True, exist_ok=True)
+            # a private dir per call: shards started together would otherwise rewrite the split's files while
+            # another shard reads them (a truncated client file: a device with fewer or no examples)
+            with tempfile.TemporaryDirectory(prefix=f"{cfg.task}-{seed}-", dir=self.out / "data") as tmp:
+                self._data = (seed, make_data(cfg.task, Path(tmp), self.loaded.tokenizer, seed=derive_seed(seed, 4),
+                                              n_clients=cfg.n_clients, alpha=cfg.alpha, n_train=cfg.n_train,
+                                              n_eval=cfg.n_eval))  # fmt: skip
         return self._data[1]
 
     def spec(self, seed: int) -> ZOSpec:
