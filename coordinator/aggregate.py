@@ -163,7 +163,7 @@ def result_scalars(
     for g in late:
         _check("fedavg", g.grads, len(g.seeds))
 
-    bound = centered.late_bound(on_time.grads, center_clip_k) if rule == "centered" else None
+    bound = centered.late_bound(on_time.grads, center_clip_k) if rule == "centered" and late else None
 
     def prepared(g: Group) -> Group:
         if rule == "clipped":
