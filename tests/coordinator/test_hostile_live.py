@@ -60,12 +60,11 @@ def test_weight_poisoning_is_bounded_by_the_join(tmp_path: Path, broker_url: str
     try:
         for d in (a, b, evil):
             d.join(FP, MASK.mask_id, 10)
-        g = {a.cid: [1.0, 1.0], b.cid: [-1.0, 3.0], evil.cid: [7.25, 7.25]}
+        # inside every step's band (median +- 2 MAD: [-0.5, 1.5], [2.25, 3.25]): only the weight is the lever
+        g = {a.cid: [1.0, 2.5], b.cid: [0.0, 3.0], evil.cid: [0.5, 2.75]}
         res = play([a, b, evil], 0, g, {a.cid: 10, b.cid: 10, evil.cid: 2**32 - 1})
-        assert list(res.scalars) == [
-            math.fsum([1 / 3, -1 / 3, 7.25 / 3]),
-            math.fsum([1 / 3, 3 / 3, 7.25 / 3]),
-        ]
+        w = 10 / 30  # every weight is its Join's 10: the Update's claim of 2^32 - 1 is not granted
+        assert list(res.scalars) == [math.fsum([w * 1.0, w * 0.0, w * 0.5]), math.fsum([w * 2.5, w * 3.0, w * 2.75])]
         evil.join(FP, MASK.mask_id, 2**32 - 1)  # a huge re-Join: its first Join's 10 stays (issue 26)
         time.sleep(0.5)
         again = play([a, b, evil], 1, g, {a.cid: 10, b.cid: 10, evil.cid: 2**32 - 1})
