@@ -47,8 +47,9 @@ def test_sigkill_between_ack_and_close(tmp_path: Path, broker_url: str, tiny_mod
     cfg = write_config_toml(
         tmp_path / "coordinator.toml", broker=broker_url, fleet=fleet, client_id=uid("coord"), state_dir=state,
         model_dir=tiny_model.model_dir, mask=tiny_model.mask_path, steps=2, lr=0.01, min_clients=4,
-        round_deadline_s=600.0, rounds=1, metrics=False,
+        round_deadline_s=600.0, rounds=1, metrics=False, aggregation="fedavg",
     )  # fmt: skip
+    # aggregation fedavg: the result must be the plain FedAvg of the four (the default rule would clip b's 2.0)
     log = tmp_path / "coordinator.log"
     fp, mid = tiny_model.fingerprint, tiny_model.mask.mask_id
     n = {"a": 5, "b": 7, "c": 11, "d": 13}
