@@ -57,8 +57,8 @@ class SameG:
 
 
 def fleet(rule: str, attack: str, hostile: int, cap: float = 1e6) -> tuple[InProcessFleet, Attack]:
-    """Ten devices of n = N, the first `hostile` sharing one `attack`; `cap`: a fixed |g| cap and no adaptive
-    one (so what reaches the aggregate is known: the rule alone decides)."""
+    """Ten devices of n = N (equal shares), the first `hostile` sharing one `attack`; `cap`: a fixed |g| cap
+    and no adaptive one (so what reaches the aggregate is known: the rule alone decides)."""
     spec = ZOSpec(rounds=3, T=3, lr=1e-2, eps=1e-2, batch_size=4, seed=5)
     cfg = replace(zo_config(spec, 10), aggregation=cast("Aggregation", rule), max_abs_grad=cap, grad_cap_k=0.0)
     book = RoundBook(cfg, fingerprint=FP, mask_id=MASK, values=torch.zeros(NNZ))
