@@ -76,6 +76,7 @@ class ErrorCode(IntEnum):
     UNKNOWN_ROUND = 39  # update for a round that was never planned
     CONFLICT = 40  # another update (other msg_id) of this client for this round is stored; first wins
     QUANT_MISMATCH = 41  # join whose capabilities name another quantization than the fleet's (quant_policy "same")
+    PLAN_FORM = 42  # join of a device that does not read compact plans (1.3) while the fleet publishes them
     INTERNAL = 63  # the coordinator failed; retry later
 
 
@@ -123,7 +124,8 @@ class Join:
 
 @dataclass(frozen=True)
 class RoundPlan:
-    """coordinator -> all on plan (retained): the seeds of round `round` and who runs how many steps."""
+    """coordinator -> all on plan (retained): the seeds of round `round` and who runs how many steps
+    (shared/sampling.py `plan_steps`: the exceptions in `steps`, the rest by `sample_max`)."""
 
     fleet: str
     round: int
@@ -131,7 +133,7 @@ class RoundPlan:
     lr: float
     eps: float
     dist: Dist  # "rademacher" | "gaussian"
-    steps: dict[str, int]  # client -> T_k (1 <= T_k <= len(seeds)); absent clients sit the round out
+    steps: dict[str, int]  # client -> T_k (1 <= T_k <= len(seeds)); compact plan: the exceptions only
     base_round: int  # the plan applies on top of the values after this round's result (-1 = initial values)
     deadline: float  # unix seconds; updates after it count as late
     fingerprint: str
@@ -144,6 +146,9 @@ class RoundPlan:
     dp_epsilon: float | None = None  # target epsilon: a device stops before passing it
     dp_delta: float | None = None  # delta; 0 = each device's 1 / n^1.1
     dp_steps: int | None = None  # planned steps per device (what a derived sigma is calibrated for)
+    # v1.3 compact plan: a device not in `steps` runs len(seeds) steps iff its sampling key <= sample_max
+    # (shared/sampling.py plan_steps); absent: `steps` lists every sampled client (the 1.2 form)
+    sample_max: int | None = None
 
     def __post_init__(self) -> None:
         o = "RoundPlan"
@@ -181,6 +186,7 @@ class RoundPlan:
             raise ValueError(f"{o}.dp_epsilon: expected > 0, got {self.dp_epsilon}")
         _set(self, "dp_delta", _opt_float(o, "dp_delta", self.dp_delta, 0.0, 0.5))
         _opt_int(o, "dp_steps", self.dp_steps, 1, U32)
+        _opt_int(o, "sample_max", self.sample_max, 0, U64)
 
 
 @dataclass(frozen=True)
