@@ -10,11 +10,13 @@ it from the topic (the broker ACL vouches for it). "" means "not filled in yet".
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import TypeAlias
 
 from shared.fields import (
+    F32_MAX,
     I64_MAX,
     I64_MIN,
     MAX_CAPS,
@@ -42,6 +44,7 @@ from shared.fields import (
     _seq,
     _set,
     _str,
+    _to_f32,
 )
 from shared.prng import Dist
 
@@ -211,6 +214,27 @@ class Update:
         _int(o, "fp_tag", self.fp_tag, 0, U32)
         _set(self, "loss", _f32(o, "loss", self.loss))
         _client(o, "client", self.client, allow_empty=True)
+
+    @classmethod
+    def from_wire(
+        cls, round: int, msg_id: int, grads: tuple[float, ...], n_samples: int, fp_tag: int, loss: float, client: str
+    ) -> Update:
+        """The decoder's constructor (shared/codec/schema.py; the coordinator decodes thousands a second). The
+        wire readers already checked every kind (the ints are ints, `grads` a tuple of float32 values read
+        from the bin, `loss` a number) and decode() the topic's client id (check 2): left are the ranges,
+        1 <= len(grads) <= MAX_STEPS, finite grads (the sum of float32 values is finite iff each is: it
+        cannot overflow float64) and `loss` narrowed to float32. Each is checked once; anything off goes
+        through the constructor, whose error names the field."""
+        if (
+            0 <= round <= U32 and 0 <= msg_id <= U64 and 0 <= n_samples <= U32 and 0 <= fp_tag <= U32
+            and 1 <= len(grads) <= MAX_STEPS and math.isfinite(sum(grads))
+            and loss.__class__ is float and math.isfinite(loss) and abs(loss) <= F32_MAX
+        ):  # fmt: skip
+            u = object.__new__(cls)
+            u.__dict__.update(round=round, msg_id=msg_id, grads=grads, n_samples=n_samples, fp_tag=fp_tag,
+                              loss=_to_f32(loss), client=client)  # fmt: skip
+            return u
+        return cls(round, msg_id, grads, n_samples, fp_tag, loss, client)
 
 
 @dataclass(frozen=True)
