@@ -144,16 +144,20 @@ def line_chart(
 
 
 def _mem_cell(d: DeviceView) -> str:
-    """What memory_budget_gib bounds, against it: the process's peak RSS on a CPU device (GPU memory on a
-    CUDA one), with the SPSA step's own share (planned tensors) beside it."""
-    used = d.gpu_mem_bytes if d.device == "cuda" and d.gpu_mem_bytes else d.peak_rss_bytes
+    """What memory_budget_gib bounds, against it: the process's peak RSS on a CPU device (its high-water mark,
+    Heartbeat key 19; a device before 1.3: its largest RSS sample, marked `~`), GPU memory on a CUDA one, with
+    the SPSA step's own share (planned tensors) beside it."""
+    gpu = d.device == "cuda" and bool(d.gpu_mem_bytes)
+    used = d.gpu_mem_bytes if gpu else d.peak_rss_bytes
+    what = "GPU memory" if gpu else "peak RSS of the process" if d.peak_rss_measured else "largest RSS sample"
+    approx = "" if gpu or d.peak_rss_measured or used is None else "~"
     step = f' <span class="muted">step {_bytes(d.peak_mem_bytes)}</span>' if d.peak_mem_bytes else ""
     if used is None or not d.budget_bytes:
-        return f"{_bytes(used)} / {_bytes(d.budget_bytes)}{step}"
+        return f'<span class="mem" title="{what}">{approx}{_bytes(used)} / {_bytes(d.budget_bytes)}</span>{step}'
     share = used / d.budget_bytes
     hot = ' class="hot"' if share > 0.9 else ""
-    return (f'<span class="bar" title="{share:.0%} of budget"><i{hot} style="width:{min(share, 1) * 100:.0f}%"></i></span>'
-            f"{_bytes(used)} / {_bytes(d.budget_bytes)}{step}")  # fmt: skip
+    return (f'<span class="bar" title="{what}: {share:.0%} of budget"><i{hot} style="width:{min(share, 1) * 100:.0f}%"></i></span>'
+            f'<span class="mem" title="{what}">{approx}{_bytes(used)} / {_bytes(d.budget_bytes)}</span>{step}')  # fmt: skip
 
 
 def _device_rows(view: FleetView) -> str:

@@ -25,7 +25,7 @@ class DeviceView:
     seen_at: float | None
     cpu_pct: float | None
     rss_bytes: int | None
-    peak_rss_bytes: int | None  # the largest RSS it reported (what memory_budget_gib bounds on a CPU device)
+    peak_rss_bytes: int | None  # its process's peak RSS over the run (what memory_budget_gib bounds on a CPU device)
     gpu_mem_bytes: int | None
     budget_bytes: int | None  # memory budget announced in the Join
     temp_c: float | None
@@ -47,6 +47,8 @@ class DeviceView:
     available: bool | None = None  # its device policy's word (protocol 1.3); None: it does not say; offline: False
     pause_reason: str | None = None  # why it is paused ("offline" for an offline device)
     trained_share: float | None = None  # share of time its client spent in local steps
+    peak_rss_measured: bool = False  # peak_rss_bytes is the process's high-water mark (Heartbeat key 19), not
+    # the largest RSS sample of a device before protocol 1.3 (which misses every peak between two heartbeats)
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,15 @@ def _num(t: dict[str, Any], key: str) -> Any:
     return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
+def _peak_rss(logged: tuple[int, bool] | None, hwm: int | None, rss: int | None) -> tuple[int | None, bool]:
+    """(peak RSS, measured) from the log's history and the newest heartbeat (a device with no round row yet)."""
+    if hwm is not None:
+        return max(hwm, rss or 0, logged[0] if logged is not None and logged[1] else 0), True
+    if logged is not None:
+        return logged
+    return rss, False
+
+
 def fleet_view(
     state_dir: str | Path, now: float, last: int | None = 200, event_log: str = "sqlite", *, history: bool = False
 ) -> FleetView:
@@ -129,9 +140,10 @@ def fleet_view(
             d = drift.get(c.client)
             g = gradip.get(c.client)
             av, words = from_telemetry(t, c.online)
+            peak, measured = _peak_rss(peak_rss.get(c.client), _num(t, "peak_rss_bytes"), _num(t, "rss_bytes"))
             devices.append(DeviceView(
                 client=c.client, state=c.state, online=c.online, seen_at=c.seen_at, cpu_pct=_num(t, "cpu_pct"),
-                rss_bytes=_num(t, "rss_bytes"), peak_rss_bytes=peak_rss.get(c.client, _num(t, "rss_bytes")),
+                rss_bytes=_num(t, "rss_bytes"), peak_rss_bytes=peak, peak_rss_measured=measured,
                 gpu_mem_bytes=_num(t, "gpu_mem_bytes"),
                 budget_bytes=int(budget * 2**30) if budget > 0 else None, temp_c=_num(t, "temp_c"),
                 power_w=_num(t, "power_w"), step_time_s=_num(t, "step_time_s"), peak_mem_bytes=_num(t, "peak_mem_bytes"),

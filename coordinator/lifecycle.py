@@ -11,7 +11,9 @@ way (`Coordinator.run`). The state is kept in the event log's meta (`run_state`,
 `run_reason`, `run_ended_at`): a coordinator restarted on an ended run refuses to start rounds again
 (RunOver), one restarted while finishing keeps finishing. `meerkat stop` talks to the running pump
 through a file in its state_dir (`request_stop`), read at each liveness beat: no broker rights and no
-port needed, and the request survives a coordinator restart until it is carried out.
+port needed, and the request survives a coordinator restart until it is carried out. With the event log
+on PostgreSQL (coordinator workers: each has its own state_dir, maybe on another host) the request is the
+log's meta key `stop_request` instead (`request_stop_in_log`); the pump takes either (`take_stop`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Protocol
 
@@ -31,6 +34,7 @@ log = logging.getLogger(__name__)
 STOP_CHECK_S = 1.0  # how often the pump looks for a `meerkat stop` request
 
 STOP_FILE = "stop.request"  # in the state_dir: `meerkat stop` writes it, the pump consumes it
+STOP_META = "stop_request"  # the same request in the event log's meta (PostgreSQL: the cluster's shared state)
 
 
 class RunOver(RuntimeError):
@@ -75,11 +79,43 @@ def take_stop_request(state_dir: Path) -> str | None:
     except FileNotFoundError:
         return None
     path.unlink(missing_ok=True)
+    return _reason(text)
+
+
+class _MetaLog(Protocol):  # what the stop request needs of coordinator/eventlog EventLog
+    def get_meta(self, key: str) -> str | None: ...
+    def set_meta(self, key: str, value: str) -> None: ...
+    def delete_meta(self, key: str) -> None: ...
+    def transaction(self) -> AbstractContextManager[None]: ...
+
+
+def request_stop_in_log(log: _MetaLog, reason: str = "meerkat stop", now: float | None = None) -> None:
+    """Ask the coordinator (the leading worker of a cluster) that writes `log` to finish its open round
+    and stop: the meta key STOP_META, taken by `take_stop`."""
+    with log.transaction():
+        log.set_meta(STOP_META, json.dumps({"reason": reason, "at": time.time() if now is None else now}))
+
+
+def _reason(text: str) -> str:
     try:
         reason = str(json.loads(text).get("reason", "meerkat stop"))
     except (ValueError, AttributeError):
         reason = "meerkat stop (unreadable request file)"
     return reason[:200]
+
+
+def take_stop(state_dir: Path, log: _MetaLog | None = None) -> str | None:
+    """A pending stop request's reason (taken: removed), from the state_dir's file, else (`log`: an event log
+    on PostgreSQL) the log's meta key STOP_META; None when neither holds one."""
+    reason = take_stop_request(state_dir)
+    if reason is not None or log is None:
+        return reason
+    text = log.get_meta(STOP_META)
+    if text is None:
+        return None
+    with log.transaction():
+        log.delete_meta(STOP_META)
+    return _reason(text)
 
 
 class RunLifecycle:

@@ -54,6 +54,8 @@ class Store(Protocol):
     def rollback(self) -> None: ...
     def create_schema(self, ddl: str) -> None: ...
     def tables(self) -> list[str]: ...
+    def columns(self, table: str) -> list[str]: ...
+    def add_column(self, table: str, column: str, kind: str) -> None: ...
     def damage(self) -> str | None: ...
     def close(self) -> None: ...
 
@@ -100,6 +102,14 @@ class SqliteStore:
     def tables(self) -> list[str]:
         q = "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%' ORDER BY name"
         return [str(r[0]) for r in self.db.execute(q)]
+
+    def columns(self, table: str) -> list[str]:
+        return [str(r[1]) for r in self.db.execute(f"PRAGMA table_info({table})")]
+
+    def add_column(self, table: str, column: str, kind: str) -> None:
+        """A column a newer schema added to an existing table (one writer: no race)."""
+        if column not in self.columns(table):
+            self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     def damage(self) -> str | None:
         """What is wrong with the file (`PRAGMA quick_check`, or the error reading it), None when sound."""
@@ -172,6 +182,19 @@ class PostgresStore:
     def tables(self) -> list[str]:
         q = "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema() ORDER BY 1"
         return [str(r[0]) for r in self.db.execute(q)]
+
+    def columns(self, table: str) -> list[str]:
+        q = "SELECT column_name FROM information_schema.columns WHERE table_schema = current_schema() AND table_name = %s"
+        return [str(r[0]) for r in self.db.execute(q, (table,))]
+
+    def add_column(self, table: str, column: str, kind: str) -> None:
+        """A column a newer schema added to an existing table. Looked up first: every open (each dashboard
+        read too) would otherwise take the table's exclusive lock; IF NOT EXISTS: workers starting together."""
+        if column in self.columns(table):
+            return
+        for pat, rep in _PG_TYPES:
+            kind = pat.sub(rep, kind)
+        self.db.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {kind}".encode())
 
     def damage(self) -> str | None:
         return None  # the server keeps its own files consistent (WAL, checksums): nothing to check from here

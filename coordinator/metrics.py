@@ -109,6 +109,8 @@ DEVICE_GAUGES: tuple[tuple[str, str, str], ...] = (
     ("meerkat_device_last_seen_timestamp_seconds", "unix time of the device's last message", "seen_at"),
     ("meerkat_device_cpu_percent", "CPU of the client process (100 = one core)", "cpu_pct"),
     ("meerkat_device_rss_bytes", "resident memory of the client process", "rss_bytes"),
+    ("meerkat_device_peak_rss_bytes", "peak resident memory of the client process over the run (its high-water "
+     "mark; a device before protocol 1.3: its largest RSS sample)", "peak_rss_bytes"),
     ("meerkat_device_gpu_memory_bytes", "GPU memory in use", "gpu_mem_bytes"),
     ("meerkat_device_memory_budget_bytes", "memory budget announced in the Join", "budget_bytes"),
     ("meerkat_device_peak_step_memory_bytes", "planned/measured peak memory of one SPSA step", "peak_mem_bytes"),

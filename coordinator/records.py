@@ -143,6 +143,7 @@ class ResourcePoint:
     peak_mem_bytes: int | None  # the training step's peak (CUDA allocator / CPU VmHWM)
     cpu_pct: float | None
     step_time_s: float | None
+    peak_rss_bytes: int | None = None  # the process's peak RSS since it started (Heartbeat key 19, 1.3)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ Written by the coordinator when its run ends (finished or stopped, coordinator/l
 state_dir/report, and on demand by `meerkat report` (also while the run goes on: WAL readers never block
 the writer). Its shape follows `meerkat demo`'s report: `before` / `after` (eval loss and accuracy, the
 round -1 baseline = the values before round 0), `rounds` (clients, mean client loss, duration, bytes),
-`bytes`, `memory` (per device: largest RSS, the step's peak, the budget), plus `run` (its lifecycle
+`bytes`, `memory` (per device: the process's peak RSS (its high-water mark, Heartbeat key 19; None from a
+device before protocol 1.3), the largest RSS sample, the step's peak, the budget), plus `run` (its lifecycle
 state), `evals` (the coordinator's own and the devices' mean, per round) and `devices` (per-device
 resource history, one point per round). Bytes are those of the messages re-encoded from the log
 (`shared.codec.encode`: the wire bytes of each plan, result and update; a pruned log
@@ -70,8 +71,9 @@ def _memory(history: list[ResourcePoint], budgets: dict[str, int | None]) -> dic
     for c in sorted({p.client for p in history} | set(budgets)):
         rss = [p.rss_bytes for p in history if p.client == c and p.rss_bytes]
         pk = [p.peak_mem_bytes for p in history if p.client == c and p.peak_mem_bytes]
-        out[c] = {"max_rss_bytes": max(rss) if rss else None, "peak_step_bytes": max(pk) if pk else None,
-                  "budget_bytes": budgets.get(c)}  # fmt: skip
+        hwm = [p.peak_rss_bytes for p in history if p.client == c and p.peak_rss_bytes]
+        out[c] = {"peak_rss_bytes": max(hwm + rss) if hwm else None, "max_rss_bytes": max(rss) if rss else None,
+                  "peak_step_bytes": max(pk) if pk else None, "budget_bytes": budgets.get(c)}  # fmt: skip
     return out
 
 
@@ -132,7 +134,7 @@ def write_report(state_dir: str | Path, out_dir: str | Path, event_log: str = "s
 
 def plot_report(report: dict[str, Any], path: Path) -> bool:
     """Six panels: eval loss and accuracy vs round (baseline dashed), bytes, devices, round duration per round,
-    per-device memory (RSS solid, step peak dotted, budget dashed). False when matplotlib is missing."""
+    per-device memory (RSS solid, the process's peak RSS dash-dot, step peak dotted, budget dashed). False when matplotlib is missing."""
     try:
         import matplotlib
 
@@ -167,10 +169,13 @@ def plot_report(report: dict[str, Any], path: Path) -> bool:
         line = a.plot([p["round"] for p in pts], [(p["rss_bytes"] or 0) / 2**20 for p in pts], lw=1, label=f"{c} RSS")
         a.plot([p["round"] for p in pts], [(p["peak_mem_bytes"] or 0) / 2**20 for p in pts], lw=1, ls=":",
                color=line[0].get_color())  # fmt: skip
+        hwm = [(p["round"], p["peak_rss_bytes"] / 2**20) for p in pts if p.get("peak_rss_bytes")]
+        if hwm:
+            a.plot([h[0] for h in hwm], [h[1] for h in hwm], lw=1, ls="-.", color=line[0].get_color())
         budget = report["memory"].get(c, {}).get("budget_bytes")
         if budget:
             a.axhline(budget / 2**20, color=line[0].get_color(), ls="--", lw=0.8)
-    a.set(xlabel="round", ylabel="MiB", title="device memory, MiB (RSS; step peak :; budget --)")
+    a.set(xlabel="round", ylabel="MiB", title="device memory, MiB (RSS; peak RSS -.; step peak :; budget --)")
     if report["devices"]:
         a.legend(fontsize=7)
     r = report["run"]

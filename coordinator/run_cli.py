@@ -52,6 +52,17 @@ def _run_state(state_dir: Path, event_log: str) -> dict[str, str]:
         log.close()
 
 
+def _request_stop_in_log(state_dir: Path, event_log: str) -> None:
+    from coordinator.eventlog import EventLog
+    from coordinator.lifecycle import request_stop_in_log
+
+    log = EventLog(state_dir, event_log=event_log)
+    try:
+        request_stop_in_log(log, "meerkat stop")
+    finally:
+        log.close()
+
+
 def _run_stop(args: argparse.Namespace) -> int:
     from coordinator.lifecycle import request_stop
     from coordinator.status import STALE_AFTER_S, liveness
@@ -65,7 +76,10 @@ def _run_stop(args: argparse.Namespace) -> int:
     if meta.get("run_state") in ("finished", "stopped"):
         print(f"the run is already {meta['run_state']} (after round {meta.get('run_last_round', '?')})")
         return 0
-    request_stop(state_dir, "meerkat stop")
+    if event_log == "sqlite":
+        request_stop(state_dir, "meerkat stop")
+    else:  # PostgreSQL: coordinator workers, each with its own state_dir: the request goes into the shared log
+        _request_stop_in_log(state_dir, event_log)
     if liveness(meta, time.time(), STALE_AFTER_S)["coordinator_alive"]:
         print("stop requested: the coordinator finishes its open round, then stops")
     else:

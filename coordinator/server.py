@@ -33,7 +33,7 @@ from coordinator.evaluator import CoordinatorEvaluator
 from coordinator.eventlog import EventLog
 from coordinator.heartbeats import HeartbeatBuffer
 from coordinator.intake import Decision, admit, clear_topic, feed
-from coordinator.lifecycle import RunLifecycle, take_stop_request
+from coordinator.lifecycle import RunLifecycle, take_stop
 from coordinator.links import connect_links, take_batch
 from coordinator.metrics import Metrics, MetricsServer
 from coordinator.publisher import Publisher
@@ -251,7 +251,9 @@ class Coordinator:
     def tick(self) -> None:
         now = self.clock()
         self._carry_out(self.book.tick(now))
-        change = self.life.poll_stop(self.book, now, lambda: take_stop_request(self.state_dir))  # `meerkat stop`
+        # `meerkat stop`: the state_dir's file; on PostgreSQL also the log's (cluster workers)
+        shared_log = None if self.config.event_log == "sqlite" else self.log
+        change = self.life.poll_stop(self.book, now, lambda: take_stop(self.state_dir, shared_log))
         if change is not None:
             self.stop_after_round = self.book.stop_after_round
             self._carry_out([Publish(change[0])], meta=change[1])

@@ -150,7 +150,7 @@ def format_status(rep: dict[str, Any]) -> str:
         lines.append("no round open")
     lines.append(f"clients: {rep['clients_online']} online, {rep['clients_offline']} offline, "
                  f"{rep['clients_available']} available now")
-    hdr = f"  {'client':<20} {'state':<9} {'online':<6} {'available':<22} {'trained':>7} {'updates':>7} {'last upd':>9} {'hb':>7} {'rss':>7} {'gpu':>7} {'temp':>6} {'gradip':>10} {'rho_later':>9} {'rho_quie':>8} {'limited':>7} {'dp_eps':>8}"
+    hdr = f"  {'client':<20} {'state':<9} {'online':<6} {'available':<22} {'trained':>7} {'updates':>7} {'last upd':>9} {'hb':>7} {'rss':>7} {'peak':>7} {'gpu':>7} {'temp':>6} {'gradip':>10} {'rho_later':>9} {'rho_quie':>8} {'limited':>7} {'dp_eps':>8}"
     lines.append(hdr)
     for c in rep["clients"]:
         t = c["telemetry"]
@@ -163,6 +163,7 @@ def format_status(rep: dict[str, Any]) -> str:
             f"  {c['client']:<20} {c['state']:<9} {online:<6} {c['availability']:<22} "
             f"{'-' if share is None else f'{100 * share:.0f}%':>7} {c['updates']:>7} "
             f"{_s(c['last_update_s_ago']):>9} {_s(c['heartbeat_s_ago']):>7} {_fmt_bytes(t.get('rss_bytes')):>7} "
+            f"{_fmt_bytes(t.get('peak_rss_bytes')):>7} "
             f"{_fmt_bytes(t.get('gpu_mem_bytes')):>7} {'-' if temp is None else f'{temp:.0f}C':>6} "
             f"{'-' if gi is None else f'{gi:.3g}':>10} {_g(d.get('rho_later')):>9} {_g(d.get('rho_quie')):>8} "
             f"{'-' if not d else ('yes' if d['limited'] else 'no'):>7} {_dp(t):>8}"

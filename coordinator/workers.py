@@ -23,8 +23,15 @@ keeps routing a dead worker's share to its session until it expires (worker_sess
 returns under the same id; so the leader re-publishes the plan once more after worker_session_s: what
 that session swallowed is re-sent to the living workers.
 
+The run's lifecycle is the single coordinator's (coordinator/lifecycle.py): the leader publishes the
+retained RunState on `run` (running at take-over; finishing on `meerkat stop`, which reaches it through the
+log's meta `stop_request`; finished / stopped when its target round closed), persists it in the log's meta
+and writes the run report into its own state_dir. A worker that takes the lock of an ended run (RunOver:
+the leader ended it and exited) exits 0 too; one that finds the target round closed but the run not yet
+ended (the leader died in between) ends it.
+
     worker = Worker(load_coordinator_config("coordinator.toml", overrides={"worker_id": "w1"}))
-    worker.run()    # until stop() or the target round closed (a standby: until the leader finished)
+    worker.run()    # until stop() or the run ended (a standby: until the leader ended it)
 """
 
 from __future__ import annotations
@@ -39,8 +46,10 @@ from coordinator.actions import Action
 from coordinator.config import CoordinatorConfig
 from coordinator.inbox import Inbox, row_of
 from coordinator.intake import INBOUND, admit
+from coordinator.lifecycle import RunOver
 from coordinator.links import BATCH, broker_link, take_batch
 from coordinator.logstore import lock_key
+from coordinator.report import write_run_report
 from coordinator.server import Coordinator
 from shared.config import ConfigError
 from shared.mqtt import MqttLink
@@ -135,9 +144,11 @@ class Worker:
         return self.coord is not None
 
     def run(self) -> int:
-        """Ingest, and lead when holding the lock, until stop() or the target round closed; returns 0."""
+        """Ingest, and lead when holding the lock, until stop() or the run ended (the leader: its target round
+        closed, the ended run told to the fleet; a standby: it took the lock of an ended run); returns 0."""
         if self.link is None:
             self.start()
+        coord: Coordinator | None = None
         try:
             while not self._stop.is_set():
                 self.ingest(0.005 if self._busy else 0.05)
@@ -145,15 +156,20 @@ class Worker:
                     if time.monotonic() >= self._next_try:
                         self._next_try = time.monotonic() + LOCK_POLL_S
                         if self.lock.try_acquire() and self.take_over():
-                            break  # the run's target round had closed already
+                            break  # the run had ended already
                 else:
                     self.lead()
                     if self.coord.done():
                         break
-            if self.coord is not None:
-                self.coord.drain()  # every result PUBACKed before we exit
+            coord = self.coord
+            if coord is not None and coord.done():
+                coord.end_run()  # finished / stopped: persisted, published retained on `run`
+            if coord is not None:
+                coord.drain()  # every result and the RunState PUBACKed before we exit
         finally:
             self.close()
+        if coord is not None and coord.ended and self.config.report:
+            write_run_report(Path(self.config.state_dir), self.config.event_log)
         return 0
 
     def close(self) -> None:
@@ -185,14 +201,14 @@ class Worker:
 
     # -- the leader --------------------------------------------------------------------------------
     def take_over(self) -> bool:
-        """Holding the lock: recover a Coordinator from the log and start leading. True when the run's target
-        round is closed already (nothing to lead: the worker exits)."""
+        """Holding the lock: recover a Coordinator from the log and start leading. True when the run ended
+        (nothing to lead: the worker exits) or its target round is closed (run() ends the run, then exits)."""
         assert self.link is not None
         t0 = time.perf_counter()
-        coord = Coordinator(self.config, clock=self.clock)  # recovery from PostgreSQL
-        if coord.done():
-            log.info("worker %s: round %d closed already; nothing to lead", self.name, coord.last_round)
-            coord.log.close()
+        try:
+            coord = Coordinator(self.config, clock=self.clock)  # recovery from PostgreSQL
+        except RunOver as exc:  # the leader ended the run and exited, releasing the lock
+            log.info("worker %s: %s", self.name, exc)
             return True
         self.position = int(coord.log.get_meta("inbox_done") or 0)
         with coord.log.transaction():
@@ -205,7 +221,7 @@ class Worker:
                  time.perf_counter() - t0, coord.last_round,
                  "no open round" if coord.plan is None else f"round {coord.plan.round} open",
                  self.position, self.inbox.pending(self.position))  # fmt: skip
-        return False
+        return coord.done()  # the leader before us died between the target round's close and the end of the run
 
     def lead(self) -> None:
         """One leader iteration: a batch of the inbox to the book, its records + position committed together."""

@@ -296,6 +296,8 @@ class Heartbeat:
     available: bool | None = None
     pause_reason: str | None = None  # PAUSE_REASONS (a newer device may name another: shown as it is)
     trained_share: float | None = None  # share of wall time since the client started spent in local steps
+    # v1.3 (issue 30): the client process's peak resident memory since it started (VmHWM on Linux)
+    peak_rss_bytes: int | None = None
 
     def __post_init__(self) -> None:
         o = "Heartbeat"
@@ -332,6 +334,7 @@ class Heartbeat:
             if not self.pause_reason or not self.pause_reason.isascii() or not self.pause_reason.isprintable():
                 raise ValueError(f"{o}.pause_reason: expected 1-{MAX_REASON} printable ASCII chars, got {self.pause_reason!r}")
         _set(self, "trained_share", _opt_f32(o, "trained_share", self.trained_share, 0.0, 1.0))
+        _opt_int(o, "peak_rss_bytes", self.peak_rss_bytes, 0, U64)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from typing import Any, cast
 
 from coordinator.eventlog import writer
 from coordinator.eventlog.rows import PLAN_COLS, f64_list, opt, plan_row, where
-from coordinator.eventlog.schema import SCHEMA, SCHEMA_VERSION
+from coordinator.eventlog.schema import ADDED_COLUMNS, SCHEMA, SCHEMA_VERSION
 from coordinator.eventlog.views import LogViews
 from coordinator.logstore import DB_NAME, Store, open_store
 from coordinator.records import ClientRow, DriftRow, EventRecord, PlanRow, Record, ResultRow, UpdateRow
@@ -34,6 +34,8 @@ class EventLog:
         if self.db.readonly:  # a read-only store cannot create tables (PostgreSQL opens read-write)
             return
         self.db.create_schema(SCHEMA)
+        for table, column, kind in ADDED_COLUMNS:
+            self.db.add_column(table, column, kind)
         if self.get_meta("schema_version") is None:
             with self.transaction():
                 self.set_meta("schema_version", str(SCHEMA_VERSION))
@@ -77,6 +79,9 @@ class EventLog:
 
     def set_meta(self, key: str, value: str) -> None:
         writer.set_meta(self._need_tx(), key, value)
+
+    def delete_meta(self, key: str) -> None:
+        writer.delete_meta(self._need_tx(), key)
 
     def beat(self, now: float, *, stopped: bool = False) -> None:
         """The coordinator's liveness for `meerkat status`: meta `alive_at` (written every few seconds by

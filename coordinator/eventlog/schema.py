@@ -100,6 +100,12 @@ CREATE TABLE IF NOT EXISTS resources (
     round INTEGER NOT NULL,
     ts REAL NOT NULL,
     rss_bytes INTEGER, peak_mem_bytes INTEGER, cpu_pct REAL, step_time_s REAL,
+    peak_rss_bytes INTEGER,            -- the largest peak RSS (Heartbeat key 19) a heartbeat of the round reported
     PRIMARY KEY (client, round)
 );
 """
+
+# columns added to a table after it first shipped: (table, column, type); `EventLog` adds the missing ones to
+# a log an older build created (CREATE TABLE IF NOT EXISTS leaves an existing table as it was), and readers
+# of such a log that cannot write (read-only SQLite) see NULL for them (`LogViews`)
+ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (("resources", "peak_rss_bytes", "INTEGER"),)

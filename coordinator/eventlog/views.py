@@ -105,19 +105,31 @@ class LogViews:
         written before this table existed (read-only: nothing created) has none."""
         if "resources" not in self.db.tables():
             return []
-        q = """SELECT client, round, ts, rss_bytes, peak_mem_bytes, cpu_pct, step_time_s FROM resources
+        q = f"""SELECT client, round, ts, rss_bytes, peak_mem_bytes, cpu_pct, step_time_s, {self._hwm()} FROM resources
                ORDER BY round, client"""
         return [
-            ResourcePoint(str(c), int(r), float(ts), _opt_int(rss), _opt_int(pk), opt(cpu), opt(st))
-            for c, r, ts, rss, pk, cpu, st in self.db.execute(q).fetchall()
+            ResourcePoint(str(c), int(r), float(ts), _opt_int(rss), _opt_int(pk), opt(cpu), opt(st), _opt_int(hwm))
+            for c, r, ts, rss, pk, cpu, st, hwm in self.db.execute(q).fetchall()
         ]
 
-    def peak_rss(self) -> dict[str, int]:
-        """client -> the largest RSS its heartbeats reported (one per round kept: the process's peak as seen)."""
+    def _hwm(self) -> str:
+        """The peak-RSS column, or NULL on a log written before it existed and opened read-only."""
+        return "peak_rss_bytes" if "peak_rss_bytes" in self.db.columns("resources") else "NULL"
+
+    def peak_rss(self) -> dict[str, tuple[int, bool]]:
+        """client -> (its process's peak RSS over the run, measured): the largest peak its heartbeats reported
+        (key 19, the process's high-water mark: measured=True), else (a device before 1.3) the largest RSS
+        sample, the last heartbeat of each round (measured=False: a peak between two heartbeats is missed)."""
         if "resources" not in self.db.tables():
             return {}
-        q = "SELECT client, MAX(rss_bytes) FROM resources WHERE rss_bytes IS NOT NULL GROUP BY client"
-        return {str(c): int(m) for c, m in self.db.execute(q).fetchall() if m is not None}
+        q = f"SELECT client, MAX(rss_bytes), MAX({self._hwm()}) FROM resources GROUP BY client"
+        out: dict[str, tuple[int, bool]] = {}
+        for c, rss, hwm in self.db.execute(q).fetchall():
+            if hwm is not None:
+                out[str(c)] = (max(int(hwm), int(rss or 0)), True)
+            elif rss is not None:
+                out[str(c)] = (int(rss), False)
+        return out
 
     def gradip_means(self, last: int = 200) -> dict[str, list[tuple[int, float]]]:
         """client -> [(round, mean |GradIP| of its update for that round)] over the last `last` rounds."""

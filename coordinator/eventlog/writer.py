@@ -108,12 +108,15 @@ def _heartbeats(db: Store, recs: Sequence[HeartbeatRecord]) -> None:
     if evals:
         _insert_evals(db, evals)
     db.executemany(
-        "INSERT INTO resources(client, round, ts, rss_bytes, peak_mem_bytes, cpu_pct, step_time_s) "
-        "VALUES (?,?,?,?,?,?,?) ON CONFLICT(client, round) DO UPDATE SET ts=excluded.ts, "
+        "INSERT INTO resources(client, round, ts, rss_bytes, peak_mem_bytes, cpu_pct, step_time_s, peak_rss_bytes) "
+        "VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(client, round) DO UPDATE SET ts=excluded.ts, "
         "rss_bytes=excluded.rss_bytes, peak_mem_bytes=excluded.peak_mem_bytes, cpu_pct=excluded.cpu_pct, "
-        "step_time_s=excluded.step_time_s",  # the round's last heartbeat: its peak covers the whole round
+        "step_time_s=excluded.step_time_s, peak_rss_bytes=CASE WHEN excluded.peak_rss_bytes IS NULL OR "
+        "resources.peak_rss_bytes > excluded.peak_rss_bytes THEN resources.peak_rss_bytes ELSE excluded.peak_rss_bytes END",
+        # the round's last heartbeat (its step peak covers the round); the largest process peak of the round (a
+        # client restarted within the round reports a fresh, lower high-water mark)
         [(r.client, int(t.get("round", -1)), r.now, t.get("rss_bytes"), t.get("peak_mem_bytes"), t.get("cpu_pct"),
-          t.get("step_time_s")) for r in recs if (t := r.telemetry)],
+          t.get("step_time_s"), t.get("peak_rss_bytes")) for r in recs if (t := r.telemetry)],
     )  # fmt: skip
 
 

@@ -78,7 +78,7 @@ def heartbeat_message(
         dp_exhausted=None if spent is None or privacy is None else privacy.exhausted,
         available=None if verdict is None else verdict.available,
         pause_reason=None if verdict is None else verdict.reason,
-        trained_share=trained_share,
+        trained_share=trained_share, peak_rss_bytes=None if reading is None else reading.peak_rss_bytes,
     )  # fmt: skip
 
 

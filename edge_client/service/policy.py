@@ -11,8 +11,10 @@ The rules, checked in this order (the first that fails is the reason the fleet s
     on battery       `ac_only` and the battery discharges (no battery = AC)
     hot              the hottest sensor reads >= `max_temp_c`
     low memory       less than `min_free_mem_gib` available
-    busy             other processes used >= `max_other_cpu_pct` % of one core (or the GPU >= `max_gpu_pct`)
-                     at the last check, or have not yet stayed below it for `quiet_s` seconds
+    busy             other processes wanted >= `max_other_cpu_pct` % of one core -- used it, or waited in the
+                     run queue for it (Linux schedstat: a job our steps starve uses little but waits a
+                     lot) -- or the GPU was >= `max_gpu_pct` busy, at the last check, or the load has not
+                     yet stayed below both for `quiet_s` seconds
 An unknown reading (no battery, no sensor, no NVML) never pauses.
 
 `DevicePolicy` does no I/O of its own: the sensors are an object handed in (tests drive battery,
@@ -77,7 +79,8 @@ class PolicyConfig:
     )
     ac_only: bool = config.field(True, "train only on AC power (psutil battery; a machine without battery is on AC)")
     max_other_cpu_pct: float = config.field(
-        30.0, "pause while other processes together use at least this % of one core (100 = one core busy, as top counts)",
+        30.0, "pause while other processes together want at least this % of one core: CPU they used plus time they "
+        "waited for a core (Linux run-queue wait; 100 = one core, as top counts)",
         check=(lambda v: v > 0, "must be > 0"),
     )
     max_gpu_pct: float = config.field(
@@ -162,8 +165,10 @@ class DevicePolicy:
     def _busy(self, s: Sample) -> Verdict:
         c = self.cfg
         loud = ""
-        if s.other_cpu_pct is not None and s.other_cpu_pct >= c.max_other_cpu_pct:
-            loud = f"other processes use {s.other_cpu_pct:.0f}% CPU >= {c.max_other_cpu_pct:g}%"
+        wanted = None if s.other_cpu_pct is None else s.other_cpu_pct + (s.other_wait_pct or 0.0)
+        if wanted is not None and wanted >= c.max_other_cpu_pct:
+            waited = "" if s.other_wait_pct is None else f" (used {s.other_cpu_pct:.0f}%, waited {s.other_wait_pct:.0f}%)"
+            loud = f"other processes want {wanted:.0f}% CPU{waited} >= {c.max_other_cpu_pct:g}%"
         elif s.gpu_pct is not None and s.gpu_pct >= c.max_gpu_pct:
             loud = f"GPU {s.gpu_pct:.0f}% busy >= {c.max_gpu_pct:g}%"
         if loud:

@@ -5,6 +5,10 @@ Sources, first that works wins for each reading:
 - Jetson: `tegrastats` (a line per interval on stdout, parsed by `parse_tegrastats`) -> temperature,
   VDD_IN / POM_5V_IN power, RAM (the GPU shares it); jtop is not needed.
 - Anything else: psutil -> CPU %, RSS, `sensors_temperatures()` (max current reading) when the OS has one.
+- The process's peak RSS since it started (`peak_rss_bytes`, what `memory_budget_gib` bounds on a CPU device):
+  Linux/Android `VmHWM` of /proc/self/status; Windows psutil's `peak_wset`; macOS/BSD `getrusage` ru_maxrss
+  (bytes on macOS, KiB elsewhere). ru_maxrss is the last resort, not the first: Linux carries it across
+  exec, so it may be the peak of the process that started the client.
 Nothing here raises on a missing source: the reading is None and the heartbeat says "unknown".
 """
 
@@ -14,6 +18,7 @@ import logging
 import re
 import shutil
 import subprocess
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +40,32 @@ class Reading:
     gpu_mem_bytes: int | None
     temp_c: float | None
     power_w: float | None
+    peak_rss_bytes: int | None = None  # the process's peak RSS since it started (module doc: sources)
+
+
+def peak_rss_bytes() -> int | None:
+    """This process's peak resident memory since it started, in bytes; None where no source answers."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        peak = getattr(psutil.Process().memory_info(), "peak_wset", None)  # Windows
+    except (psutil.Error, OSError):
+        peak = None
+    if isinstance(peak, int) and peak > 0:
+        return peak
+    try:
+        import resource
+    except ImportError:
+        return None
+    maxrss = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    if maxrss <= 0:
+        return None
+    return maxrss if sys.platform == "darwin" else maxrss * 1024
 
 
 def parse_tegrastats(line: str) -> dict[str, float]:
@@ -119,6 +150,7 @@ class Telemetry:
     def __init__(self, interval_s: float = 10.0, use_gpu: bool = True) -> None:
         self.process = psutil.Process()
         self.process.cpu_percent(None)  # first call primes the counter
+        self.peak_rss: int | None = None  # the largest of the process's high-water mark and every RSS read
         self.nvml: _Nvml | None = None
         self.tegra: _Tegrastats | None = None
         if use_gpu:
@@ -138,6 +170,9 @@ class Telemetry:
     def read(self) -> Reading:
         cpu = self.process.cpu_percent(None)
         rss = int(self.process.memory_info().rss)
+        hwm = peak_rss_bytes()
+        if hwm is not None:  # the kernel's RSS counters sync lazily: VmHWM may trail an RSS read a moment ago by
+            self.peak_rss = max(self.peak_rss or 0, hwm, rss)  # a few hundred KiB; never below what was reported
         gpu_mem: int | None = None
         temp: float | None = None
         power: float | None = None
@@ -156,7 +191,7 @@ class Telemetry:
             gpu_mem = _torch_gpu_mem()
         if temp is None:
             temp = psutil_temp()
-        return Reading(float(cpu), rss, gpu_mem, temp, power)
+        return Reading(float(cpu), rss, gpu_mem, temp, power, self.peak_rss)
 
     def gpu_load(self) -> tuple[float | None, float | None]:
         """(GPU busy %, temperature) from tegrastats or NVML, for the device policy; (None, None) without."""
@@ -178,8 +213,6 @@ class Telemetry:
 
 
 def _torch_gpu_mem() -> int | None:
-    import sys
-
     torch = sys.modules.get("torch")  # never import torch just for this
     if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
         return None
@@ -198,4 +231,4 @@ def psutil_temp() -> float | None:
     return float(max(temps)) if temps else None
 
 
-__all__ = ["Reading", "Telemetry", "parse_tegrastats", "psutil_temp"]
+__all__ = ["Reading", "Telemetry", "parse_tegrastats", "peak_rss_bytes", "psutil_temp"]

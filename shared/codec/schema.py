@@ -192,7 +192,7 @@ SCHEMAS: dict[type, tuple[int, tuple[Field, ...], int]] = {
                     _f(13, "dp_epsilon", "f64", True), _f(14, "dp_delta", "f64", True),
                     _f(15, "dp_exhausted", "bool", True),
                     _f(16, "available", "bool", True), _f(17, "pause_reason", "str", True, n=MAX_REASON),
-                    _f(18, "trained_share", "f32", True)), 4 << 10),
+                    _f(18, "trained_share", "f32", True), _f(19, "peak_rss_bytes", "int", True)), 4 << 10),
     Status: (6, (_f(0, "online", "bool"), _f(1, "ts", "f64")), 1 << 10),
     SyncRequest: (7, (_f(0, "have_round", "int"),), 1 << 10),
     Replay: (8, (_f(0, "results", "results", n=MAX_REPLAY),), MAX_REPLAY_BODY),

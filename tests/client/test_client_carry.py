@@ -56,11 +56,12 @@ def test_heartbeat_names_the_round_being_trained_else_the_values_round() -> None
     assert hb == Heartbeat(client="", ts=5.0, cpu_pct=0.0, rss_bytes=0, gpu_mem_bytes=None, temp_c=None, power_w=None,
                            step_time_s=None, peak_mem_bytes=1234, round=-1)
     c.on_plan(plan(round=0), 0.0)
-    reading = Reading(cpu_pct=50.0, rss_bytes=10, gpu_mem_bytes=20, temp_c=40.0, power_w=3.0)
+    reading = Reading(cpu_pct=50.0, rss_bytes=10, gpu_mem_bytes=20, temp_c=40.0, power_w=3.0, peak_rss_bytes=30)
     hb = heartbeat_message(c, t, 6.0, reading, step_time_s=0.5, last_eval=(3, EvalResult(1.5, 0.75, 8)))
     assert (hb.round, hb.cpu_pct, hb.gpu_mem_bytes, hb.temp_c, hb.power_w, hb.step_time_s) == (0, 50.0, 20, 40.0, 3.0, 0.5)
     assert (hb.eval_round, hb.eval_loss, hb.eval_acc, hb.eval_n) == (3, 1.5, 0.75, 8)
-    assert decode(encode(hb), Heartbeat, client="d").round == 0
+    back = decode(encode(hb), Heartbeat, client="d")
+    assert (back.round, back.rss_bytes, back.peak_rss_bytes) == (0, 10, 30)  # key 19: the process's peak
 
 
 def test_train_step_answers_the_core() -> None:

@@ -31,7 +31,7 @@ from edge_client.service.policy import (
     in_window,
     parse_window,
 )
-from edge_client.service.sensors import Sample, SystemSensors
+from edge_client.service.sensors import Sample, SystemSensors, TreeCpu, schedstat_works
 from edge_client.service.trainer import EngineTrainer
 from shared.codec import decode
 from shared.messages import Update
@@ -160,6 +160,23 @@ def test_bad_policy_values_are_named(toy: Toy, tmp_path: Path) -> None:
         assert key in text, text
 
 
+def test_a_starved_job_counts_by_what_it_waits_for_not_only_what_it_gets() -> None:
+    """A foreground job our steps starve uses little CPU but waits in the run queue: used + waited is
+    judged (the line is 25 % of one core: 10 % used + 40 % waited pauses; 10 % used alone does not)."""
+    sensors = Clock(replace(GOOD, mono_s=100.0, other_cpu_pct=10.0, other_wait_pct=2.0))
+    pol = DevicePolicy(RULES, sensors)
+    pol.check()
+    sensors.sample = replace(sensors.sample, mono_s=101.0)
+    assert pol.check().available  # 12 % wanted: quiet for 1 s >= quiet_s 0.5
+    sensors.sample = replace(sensors.sample, mono_s=101.5, other_wait_pct=40.0)
+    v = pol.check()
+    assert v.reason == BUSY and "want 50% CPU (used 10%, waited 40%)" in v.detail, v.detail
+    sensors.sample = replace(sensors.sample, mono_s=102.5, other_wait_pct=None)  # no schedstat: use alone
+    assert pol.check().reason == BUSY  # quiet again only since 102.5
+    sensors.sample = replace(sensors.sample, mono_s=103.1)
+    assert pol.check().available
+
+
 # ---- the real readers and limits ---------------------------------------------------------------------
 
 
@@ -172,12 +189,33 @@ def test_system_sensors_read_this_machine() -> None:
     s = sensors.read()
     assert 0 <= s.minute < 1440
     assert s.other_cpu_pct is not None and 0.0 <= s.other_cpu_pct <= 100.0 * (psutil.cpu_count() or 1)  # % of one core
+    assert s.other_wait_pct is None or s.other_wait_pct >= 0.0  # Linux with sched_info: a number
     mem = psutil.virtual_memory()
     assert s.free_mem_bytes is not None and 0 < s.free_mem_bytes <= mem.total
     battery = psutil.sensors_battery()
     assert s.on_battery == (None if battery is None or battery.power_plugged is None else not battery.power_plugged)
     assert s.temp_c is None or -100 < s.temp_c < 200
     assert s.gpu_pct is None  # no telemetry handed in: no NVML/tegrastats reading
+
+
+@pytest.mark.skipif(not schedstat_works(), reason="this kernel keeps no per-thread schedstat")
+def test_run_queue_wait_of_more_spinners_than_cores() -> None:
+    """The real schedstat reader: cores + 1 spinning children of this process must wait for a core (each
+    gets at most cores / (cores + 1) of one), so together they wait well over a fifth of one core."""
+    cores = psutil.cpu_count() or 1
+    spin = "import time\nend = time.monotonic() + 30\nwhile time.monotonic() < end:\n    pass\n"
+    tree = TreeCpu(os.getpid())
+    procs = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(cores + 1)]
+    try:
+        tree()  # prime: the spinners exist now
+        time.sleep(2.0)
+        d = tree()
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(10)
+    assert d.wait_pct is not None and d.wait_pct > 20.0, d
+    assert d.used_pct > 0.0, d  # they ran (how much depends on what else this machine runs)
 
 
 def test_limits_applied_at_start() -> None:

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import sys
 
+import pytest
+
+from edge_client.service import telemetry
 from edge_client.service.telemetry import Telemetry, parse_tegrastats
 
 ORIN = (
@@ -38,3 +42,41 @@ def test_read_on_this_machine() -> None:
     assert r.rss_bytes < 64 << 30
     if not os.path.exists("/dev/nvidia0"):
         assert r.gpu_mem_bytes is None and r.power_w is None
+
+
+def test_peak_rss_is_the_process_high_water_mark() -> None:
+    """A peak between two readings is not lost: 256 MiB held and freed shows in the peak, not in the RSS."""
+    t = Telemetry(1.0, use_gpu=False)
+    try:
+        before = t.read()
+        block = b"\x01" * (256 << 20)  # written: resident, not just mapped
+        held = t.read()
+        del block  # a large block is unmapped at once: the RSS drops back
+        after = t.read()
+    finally:
+        t.close()
+    assert before.peak_rss_bytes is not None and before.peak_rss_bytes >= before.rss_bytes
+    assert held.rss_bytes >= before.rss_bytes + (250 << 20)
+    assert after.rss_bytes < held.rss_bytes - (200 << 20)
+    assert after.peak_rss_bytes is not None and after.peak_rss_bytes >= held.rss_bytes
+
+
+def test_peak_rss_sources(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Linux VmHWM first; without /proc, getrusage's ru_maxrss (KiB here, bytes on macOS)."""
+    import builtins
+    import resource
+
+    hwm = telemetry.peak_rss_bytes()
+    assert hwm is not None and hwm > 10 << 20
+    real_open = builtins.open
+
+    def no_proc(path: object, *a: object, **kw: object) -> object:
+        if str(path).startswith("/proc/"):
+            raise FileNotFoundError(path)
+        return real_open(path, *a, **kw)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(builtins, "open", no_proc)
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert telemetry.peak_rss_bytes() == maxrss * 1024
+    monkeypatch.setattr(sys, "platform", "darwin")  # the module reads sys.platform at call time
+    assert telemetry.peak_rss_bytes() == resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

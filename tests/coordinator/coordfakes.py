@@ -63,10 +63,11 @@ def synthetic_v0(nnz: int, seed: int = 3) -> torch.Tensor:
 class FakeClient:
     """A scripted device: joins, sends hand-made Updates, asks for syncs, collects what it receives."""
 
-    def __init__(self, url: str, fleet: str, cid: str, *, clean: bool = True) -> None:
+    def __init__(self, url: str, fleet: str, cid: str, *, clean: bool = True, run: bool = False) -> None:
+        """`run`: also subscribe to the retained RunState (`wait_for(RunState, ...)`)."""
         self.cid, self.topics = cid, Topics(fleet)
         t = self.topics
-        subs = [(t.plan, 1), (t.filter("result"), 1), (t.result_latest, 1), (t.to(cid), 1)]
+        subs = [(t.plan, 1), (t.filter("result"), 1), (t.result_latest, 1), (t.to(cid), 1)] + ([(t.run, 1)] if run else [])
         will = Will(t.status(cid), encode(Status("", False, 1.0)), 1, True)
         self.link = MqttLink(url, cid, subscriptions=subs, will=will, clean_session=clean)
         self.link.start()

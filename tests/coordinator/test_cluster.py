@@ -1,7 +1,9 @@
 """Coordinator workers (coordinator/workers.py): 2 real `meerkat coordinator` processes on a private Mosquitto
 (MQTT 5 shared subscriptions) and the local PostgreSQL. kill -9 of the leader mid-round: the standby takes
 over and closes the round; every update counted once; the RoundResults are byte-identical to a single
-coordinator (SQLite) fed the same updates."""
+coordinator (SQLite) fed the same updates. The run's lifecycle (issue 30) as the single coordinator's: the
+leader publishes the retained RunState (running, finishing, finished / stopped), honours `meerkat stop`
+(through the shared log), writes the report; the standby exits 0 once the run ended."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from coordinator.eventlog import EventLog
 from shared.apply import fedavg_scalars
 from shared.codec import decode, encode
 from shared.fingerprint import fp_tag
-from shared.messages import RoundPlan, RoundResult, Update
+from shared.messages import RoundPlan, RoundResult, RunState, Update
 from tests.conftest import Mosquitto
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,7 +44,8 @@ class Device(FakeClient):
         self.kept: dict[int, bytes] = {}  # round -> the Update payload, until its result arrived
         self.raw_results: dict[int, bytes] = {}
         self.resends = 0
-        super().__init__(url, fleet, cid)
+        self.run_states: list[RunState] = []  # every RunState received on `run`, in order
+        super().__init__(url, fleet, cid, run=True)
 
     def send(self, round: int, fingerprint: str, n: int, g: list[float]) -> None:
         payload = encode(Update(round, 100 + round, tuple(g), n, fp_tag(fingerprint), 1.0))
@@ -56,6 +59,8 @@ class Device(FakeClient):
         if isinstance(m, RoundPlan) and m.round in self.kept:
             self.resends += 1
             self.publish(self.topics.up(self.cid), self.kept[m.round])
+        if isinstance(m, RunState):
+            self.run_states.append(m)
 
 
 def _start(cfg: Path, log: Path, *extra: str) -> subprocess.Popen[bytes]:
@@ -140,6 +145,8 @@ def test_kill_leader_mid_round_standby_closes_it_byte_identical(tmp_path: Path, 
         devs = _run_fleet(broker.url, fleet, tiny_model, kill=kill_leader)
         standby = next(w for w in procs if w not in killed)
         assert procs[standby].wait(60) == 0, logs[standby].read_text()[-3000:]
+        for d in devs.values():  # the fleet is told the run is over (retained RunState on `run`)
+            d.wait_for(RunState, lambda s: s.state == "finished", timeout=30)
         rep = _status(cfg)
     finally:
         for p in procs.values():
@@ -152,6 +159,13 @@ def test_kill_leader_mid_round_standby_closes_it_byte_identical(tmp_path: Path, 
     text = logs[standby].read_text()
     assert f"worker {standby}: leader" in text and "reopening round 0 with 3 committed updates" in text, text[-3000:]
     assert _meta(state, pg_url, "leader") == standby
+    # the run's end, as a single coordinator's: finished after its round count, told to the fleet (retained)
+    assert (_meta(state, pg_url, "run_state"), _meta(state, pg_url, "run_last_round")) == ("finished", "1")
+    seen = [(s.state, s.last_round) for d in devs.values() for s in d.run_states]
+    assert seen and all(s == "running" for s, _ in seen if s != "finished"), seen  # each leader's take-over
+    assert all(d.run_states[-1].state == "finished" and d.run_states[-1].last_round == 1 for d in devs.values())
+    assert "run finished after round 1" in text
+    assert json.loads((state / "report" / "report.json").read_text())["run"]["state"] == "finished"
     # every accepted update counted once: one row per (client, round), each client's count 2, n_clients 6
     assert {c["client"]: c["updates"] for c in rep["clients"]} == {f"dev-{k}": 2 for k in N}
     assert [r["n_clients"] for r in rep["recent_rounds"]] == [len(N), len(N)]
@@ -181,6 +195,67 @@ def test_kill_leader_mid_round_standby_closes_it_byte_identical(tmp_path: Path, 
     single = {r: hashlib.sha256(devs["a"].raw_results[r]).hexdigest() for r in (0, 1)}
     assert cluster == single
     assert rep["values_checksum"] == _status(cfg1)["values_checksum"]
+
+
+@pytest.mark.timeout(300)
+def test_meerkat_stop_ends_a_cluster_run_like_a_single_coordinators(tmp_path: Path, tiny_model: Any, pg_url: str) -> None:
+    """No round count: `meerkat stop` (its request in the shared PostgreSQL log) makes the leader finish the
+    open round and stop; RunState finishing then stopped on `run`; both workers exit 0; a new worker on the
+    stopped run says so and exits 0."""
+    fleet = uid("f")
+    fp, devices = tiny_model.fingerprint, ("a", "b")
+    (tmp_path / "b").mkdir()
+    broker = Mosquitto(tmp_path / "b").start()
+    state = tmp_path / "state"
+    cfg = write_config_toml(tmp_path / "cluster.toml", broker=broker.url, state_dir=state, event_log=pg_url,
+                            cluster=True, worker_session_s=3, fleet=fleet, client_id="coord",
+                            model_dir=tiny_model.model_dir, mask=tiny_model.mask_path, steps=STEPS, lr=0.01,
+                            min_clients=len(devices), round_deadline_s=600.0, metrics=False)  # fmt: skip
+    logs = {w: tmp_path / f"{w}.log" for w in ("w1", "w2")}
+    procs = {w: _start(cfg, logs[w], "--set", f"worker_id={w}") for w in ("w1", "w2")}
+    devs = {k: Device(broker.url, fleet, f"dev-{k}") for k in devices}
+    stop: subprocess.Popen[bytes] | None = None
+    try:
+        for k, d in devs.items():
+            d.join(fp, tiny_model.mask.mask_id, n_samples=N[k])
+        a = devs["a"]
+        a.wait_for(RunState, lambda s: s.state == "running", timeout=120)
+        a.wait_for(RoundPlan, lambda p: p.round == 0, timeout=120)
+        for k, d in devs.items():
+            d.send(0, fp, N[k], grads(k, 0))
+        a.wait_for(RoundPlan, lambda p: p.round == 1, timeout=60)  # round 1 open: the stop finishes it
+        stop = subprocess.Popen([sys.executable, "-m", "shared.cli", "stop", "--config", str(cfg), "--wait", "90"],
+                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+        fin = a.wait_for(RunState, lambda s: s.state == "finishing", timeout=60)
+        assert (fin.last_round, fin.reason) == (1, "meerkat stop")
+        for k, d in devs.items():
+            d.send(1, fp, N[k], grads(k, 1))
+        end = a.wait_for(RunState, lambda s: s.state == "stopped", timeout=60)
+        assert end.last_round == 1
+        out = stop.communicate(timeout=60)[0].decode()
+        assert stop.returncode == 0 and "run stopped after round 1" in out, out
+        for w, p in procs.items():
+            assert p.wait(60) == 0, logs[w].read_text()[-3000:]
+        leader = _meta(state, pg_url, "leader")
+        assert (_meta(state, pg_url, "run_state"), _meta(state, pg_url, "run_last_round")) == ("stopped", "1")
+        assert _meta(state, pg_url, "stop_request") is None  # taken once
+        assert "stop request (meerkat stop): finishing" in logs[str(leader)].read_text()
+        standby = next(w for w in procs if w != leader)
+        assert "this run is stopped (after round 1" in logs[standby].read_text()  # took the lock, found it over
+        with pytest.raises(TimeoutError):
+            a.wait_for(RoundPlan, lambda p: p.round == 2, timeout=2)  # nothing opened after the stop
+        again = subprocess.run([sys.executable, "-m", "shared.cli", "-v", "coordinator", "--config", str(cfg), "--set",
+                                "worker_id=w3"], cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert again.returncode == 0 and "this run is stopped (after round 1" in again.stdout + again.stderr
+        assert json.loads((state / "report" / "report.json").read_text())["run"]["state"] == "stopped"
+    finally:
+        for p in [*procs.values(), *([stop] if stop is not None else [])]:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for d in devs.values():
+            d.close()
+        broker.kill()
 
 
 def test_cluster_config_is_refused_without_postgresql_or_worker_id(tmp_path: Path) -> None:

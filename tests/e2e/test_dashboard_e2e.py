@@ -63,11 +63,15 @@ def test_fleet_dashboard_metrics_and_quality(broker_url: str, tmp_path: Path, mo
 
     report = run_demo(cfg, on_round=on_round)
     assert report["exact"]["all_identical"], report["exact"]
+    for name in ("client_00", "client_01"):  # each client process's high-water mark (Heartbeat key 19)
+        mem = report["memory"][name]
+        assert mem["peak_rss_bytes"] is not None and mem["peak_rss_bytes"] >= mem["max_rss_bytes"] > 50 << 20, mem
 
     # -- /metrics of the running coordinator --------------------------------------------------------
     fams = {f.name: f for f in text_string_to_metric_families(live["metrics"])}
     for name in ("meerkat_device_rss_bytes", "meerkat_device_cpu_percent", "meerkat_device_memory_budget_bytes",
                  "meerkat_device_peak_step_memory_bytes", "meerkat_device_last_seen_timestamp_seconds",
+                 "meerkat_device_peak_rss_bytes",
                  "meerkat_device_train_loss", "meerkat_device_eval_loss"):  # fmt: skip
         devices = {s.labels["device"] for s in fams[name].samples}
         assert devices == {"client_00", "client_01"}, (name, devices)

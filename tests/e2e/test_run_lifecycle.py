@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -82,6 +83,16 @@ def _rounds_in_log(state_dir: Path) -> tuple[int, int | None]:
         log.close()
 
 
+def _closed_rounds(state_dir: Path) -> int:
+    """Closed rounds in the log; 0 before the coordinator created it (the file exists a moment before its tables)."""
+    if not (state_dir / "events.sqlite").exists():
+        return 0
+    try:
+        return _rounds_in_log(state_dir)[0]
+    except sqlite3.OperationalError:  # no such table yet
+        return 0
+
+
 def _check_ended(state: str, last: int, config: Path, root: Path, dev_exit: ClientProc, dev_idle: ClientProc) -> None:
     state_dir = root / "coord"
     meta = _meta(state_dir)
@@ -104,6 +115,11 @@ def _check_ended(state: str, last: int, config: Path, root: Path, dev_exit: Clie
     assert rep["before"]["round"] == -1 and rep["after"]["round"] == last  # the coordinator's baseline eval of v_0
     assert set(rep["devices"]) == {"dev-exit", "dev-idle"}
     assert all(p["rss_bytes"] for pts in rep["devices"].values() for p in pts)
+    for c in ("dev-exit", "dev-idle"):  # the real client process's high-water mark (Heartbeat key 19), carried
+        mem = rep["memory"][c]  # through the coordinator's log into the report: never below an RSS sample
+        assert mem["peak_rss_bytes"] is not None and mem["peak_rss_bytes"] >= mem["max_rss_bytes"] > 50 << 20, mem
+        assert all(p["peak_rss_bytes"] >= p["rss_bytes"] for p in rep["devices"][c] if p["peak_rss_bytes"])
+    assert all(c["telemetry"]["peak_rss_bytes"] >= c["telemetry"]["rss_bytes"] for c in status["clients"])
     assert rep["memory"]["dev-idle"]["budget_bytes"] == 2 * 2**30
     # `meerkat report` writes the same report on demand
     out = _meerkat("report", "--config", str(config), "--out", str(root / "again"))
@@ -140,7 +156,7 @@ def test_meerkat_stop_finishes_the_open_round_and_stops(toy: Toy, broker_url: st
     dev_exit, dev_idle = _clients(toy, broker_url, fleet, tmp_path)
     try:
         end = time.monotonic() + 240
-        while (tmp_path / "coord" / "events.sqlite").exists() is False or _rounds_in_log(tmp_path / "coord")[0] < 2:
+        while _closed_rounds(tmp_path / "coord") < 2:
             assert time.monotonic() < end and coord.poll() is None, (tmp_path / "coord.log").read_text()[-4000:]
             time.sleep(0.5)
         stop = _meerkat("stop", "--config", str(config), "--wait", "120", timeout=180)

@@ -112,6 +112,7 @@ heartbeats = st.builds(
     step_time_s=st.none() | nonneg,
     peak_mem_bytes=st.none() | st.integers(0, U64),
     round=st.integers(-1, U32),
+    peak_rss_bytes=st.none() | st.integers(0, U64),
 )
 statuses = st.builds(Status, client=ids, online=st.booleans(), ts=nonneg)
 syncs = st.builds(SyncRequest, client=ids, have_round=st.integers(-1, U32))
