@@ -118,3 +118,17 @@ def test_a_device_the_rule_covers_is_accepted_though_the_round_did_not_expect_it
         b.handle(Update(0, 1, (0.25, 0.25), 5, fp_tag(FP), 1.0, client=k), 3.0)
     (res,) = sent(b.tick(3.0), RoundResult)
     assert res.n_clients == 3 and b.extra == set()
+
+
+def test_a_closed_compact_plan_keeps_only_its_exceptions_and_still_takes_late_updates() -> None:
+    b = book(config(min_clients=3, min_updates=2, quorum=0.5, quorum_grace_s=0.0))
+    for k in ("a", "b", "c"):
+        b.handle(Join(k, FP, MASK, 5, 1.0, COMPACT, -1), 0.0)
+    sent(b.tick(0.0), RoundPlan)
+    for k in ("a", "b"):
+        b.handle(Update(0, 1, (0.5, 0.5), 5, fp_tag(FP), 1.0, client=k), 1.0)
+    assert sent(b.tick(1.0), RoundResult) and b.plans[0].state == "closed"
+    assert b.plans[0].steps == {} and b.plans[0].sample_max == U64  # 3 expected devices no longer held
+    acts = b.handle(Update(0, 1, (0.25, 0.25), 5, fp_tag(FP), 1.0, client="c"), 2.0)  # c, late
+    assert [a.record.update.status for a in acts if isinstance(a, Persist) and isinstance(a.record, UpdateRecord)] \
+        == ["late"] and sent(acts, ErrorMsg, "c") == []
