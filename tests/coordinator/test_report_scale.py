@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -43,7 +44,7 @@ def test_plot_draws_the_devices_with_the_largest_rss(tmp_path: Path) -> None:
     drawn: list[str] = []
     orig = matplotlib.axes.Axes.plot
 
-    def spy(self: matplotlib.axes.Axes, *args: object, **kw: object) -> object:
+    def spy(self: matplotlib.axes.Axes, *args: Any, **kw: Any) -> Any:
         label = kw.get("label")
         if isinstance(label, str) and label.endswith(" RSS"):
             drawn.append(label.split()[0])
