@@ -79,6 +79,11 @@ class CoordinatorConfig:
     quant_policy: Literal["same", "any"] = cfg.field(
         "same", "same: refuse a Join whose capabilities name another quant (QUANT_MISMATCH); any: a fleet that mixes quantizations"
     )
+    plan_form: Literal["compact", "list"] = cfg.field(
+        "compact", "compact (1.3): plans carry a sampling threshold, not the client list (size independent of the "
+        "fleet); a Join without the compact_plan capability (a 1.2 device) is refused with PLAN_FORM. list: the 1.2 "
+        "form, every sampled client listed (1.2 devices work; the plan grows with the fleet)"
+    )
     # -- the optimisation -----------------------------------------------------------------------
     master_seed: int = cfg.field(
         0, "every seed (steps, sampling) derives from it", (lambda v: 0 <= v < 2**64, "must be in [0, 2**64)")

@@ -108,7 +108,7 @@ def test_colluders_share_one_vector_rejoin_inflates_n_before_its_first_update_ab
     flip.update("b", update(0, (9.0, 9.0, 9.0)), wire)  # another colluder's honest g: the round's vector stays
     assert [u.grads for u in wire.got if isinstance(u, Update)] == [(-FLIP, -2 * FLIP, -3 * FLIP)] * 2
     rejoin, wire = make_attack("rejoin"), CapAt(1e9)
-    join = Join(client="", fingerprint=FP, mask_id=MASK, n_samples=N, budget_gib=1.0)
+    join = Join(client="", fingerprint=FP, mask_id=MASK, n_samples=N, budget_gib=1.0, capabilities={"compact_plan": True})
     rejoin.join("a", join, wire)
     rejoin.update("a", update(3), wire)
     rejoin.update("a", update(4), wire)

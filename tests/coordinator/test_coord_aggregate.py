@@ -10,7 +10,7 @@ from coordfakes import synthetic_v0
 
 from coordinator import centered
 from coordinator.aggregate import Group, aggregate, result_scalars
-from coordinator.scheduler import close_decision, round_seeds, sample_clients
+from coordinator.scheduler import close_decision, round_seeds
 from shared.apply import apply_round
 from shared.prng import derive_seed, directions, raw_u64
 
@@ -104,15 +104,6 @@ def test_result_scalars_fedavg_is_the_formula_bit_for_bit(seed: int) -> None:
             want = [math.fsum(ns[k] / N * gs[t] for k, gs in grads.items() if len(gs) > t) for t in range(T)]
             got = result_scalars("fedavg", Group(tuple(range(T)), grads, ns))[1]
             assert [x.hex() for x in got] == [x.hex() for x in want]
-
-
-def test_sampling_is_deterministic_and_from_prng() -> None:
-    pool = [f"c{i:02d}" for i in range(20)]
-    s1 = sample_clients(pool, 5, 42, 3)
-    assert s1 == sample_clients(list(reversed(pool)), 5, 42, 3) and len(s1) == 5
-    assert s1 != sample_clients(pool, 5, 42, 4) or s1 != sample_clients(pool, 5, 43, 3)
-    assert set(sample_clients(pool, 5, 42, 3, 1, exclude=s1)).isdisjoint(s1)
-    assert sample_clients(pool, 0, 42, 3) == pool
 
 
 def test_close_decision() -> None:
