@@ -4,8 +4,8 @@
                        [--device cpu|cuda] [--preset NAME | --model DIR] [--loss lm|label] --json
 
 Builds a random-init Llama of the given shape in a temp dir (speed does not depend on the weights),
-or a preset with the published config values of qwen2.5-0.5b, llama-3.2-1b, gemma-2-2b or
-phi-3-mini (random bf16 weights, built locally), or times a local HF causal-LM directory
+or a preset with the published config values of qwen2.5-0.5b, llama-3.2-1b, llama-3.2-3b,
+gemma-2-2b or phi-3-mini (random bf16 weights, built locally), or times a local HF causal-LM directory
 (`--model DIR`, safetensors). A random mask of `--mask-fraction` of every 2-D decoder weight (from
 shared.prng), and it measures:
 - plain_fwd: the quantized model without side-car (bitsandbytes' own forward);
@@ -14,11 +14,16 @@ shared.prng), and it measures:
 - peaks: peak memory of an inference forward and of a step and their ratio (`peak_ratio`). CUDA:
   torch's peak allocated bytes. CPU: weights + side-car + the peak of live torch tensors during the
   call (profiler memory events: what the model needs, independent of the allocator); the RSS view is
-  reported too (`*_rss_*`: peak RSS above the process's RSS once the libraries are imported; glibc's
-  retained heap makes it noisier);
+  reported too (`*_rss_*`: peak private RSS, i.e. without file-backed pages, above the process's
+  once the libraries are imported: the planner's MemoryMeter; glibc's retained heap makes it noisier).
+  `mapped_weights_mib`: model tensors that are views of the mmapped checkpoint (file-backed pages, not
+  in the private RSS; a bf16 embedding table when the checkpoint is bf16);
 - planner_need_mib / planner_error: the memory planner's need at `--batch` (edge_client/engine/
-  planner.py, its safety factor included) against the measured step peak (`step_rss_peak_mib`
-  on CPU); `--no-plan` skips its two calibration forwards.
+  planner.py, its safety factor included) against the measured step need on the same basis
+  (`step_need_mib`: CPU step_rss_peak_mib + mapped_weights_mib - load_overhead_mib, the private
+  memory load_model leaves beyond the model's tensors: libraries' state, not the model; CUDA the
+  allocated peak);
+  `--no-plan` skips its two calibration forwards.
 `--loss lm`: loss over every position, inference computes every logit. `--loss label`: one target
 token per sequence (classification), inference computes the last position's logits only.
 Times are medians over `--repeats` interleaved rounds; ratios are medians of per-round ratios.
@@ -55,6 +60,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llama-3.2-1b": dict(
         model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
         num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True,
+        rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=131072,
+        rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=8192),
+    ),
+    "llama-3.2-3b": dict(
+        model_type="llama", hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+        num_attention_heads=24, num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=True,
         rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=131072,
         rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
                           original_max_position_embeddings=8192),
@@ -192,7 +204,7 @@ def _ratio(num: list[float], den: list[float]) -> float:
 
 def run(args: argparse.Namespace) -> int:
     from bench.cli import print_json_last
-    from edge_client.engine.planner import MemoryMeter, plan_memory
+    from edge_client.engine.planner import MemoryMeter, plan_memory, step_sidecar_bytes
     from edge_client.engine.spsa import spsa_step
     from shared.dataset import Batch, Dataset, Example
     from shared.loss import batch_loss, collate, tail_logits
@@ -304,9 +316,20 @@ def run(args: argparse.Namespace) -> int:
             sidecar_mode=_modes(model),
             params=sum(int(np.prod(s)) for s in _checkpoint_shapes(model_dir)),
         )
+        mapped = overhead = 0
+        if dev.type == "cpu":
+            # the step's need on the planner's basis: private RSS above the libraries', plus the weights
+            # that stay file-backed (the planner counts them in `weights`), less what load_model leaves
+            # that is no tensor (the model family's modules, kernels' state: ~42 MiB for a 1 MiB model)
+            mapped = file_backed_bytes(model)
+            at_rest = weight_bytes(model) - mapped + step_sidecar_bytes(sidecar, model) - 8 * sidecar.nnz
+            at_rest += sum(t.numel() * t.element_size() for t in mask.values())  # this bench's own mask
+            overhead = max(0, resident - at_rest)
+        measured = step_peak + mapped - overhead  # CUDA: allocated bytes
+        result.update(mapped_weights_mib=round(mapped / 2**20, 1), load_overhead_mib=round(overhead / 2**20, 1),
+                      step_need_mib=round(measured / 2**20, 1))  # fmt: skip
         if plan is not None:
-            # the planner's need at this batch (safety factor included) vs the measured step peak
-            measured = step_peak  # CUDA: allocated bytes, CPU: RSS above the libraries' (what the planner reads)
+            # the planner's need at this batch (safety factor included) vs the measured step need
             result.update(
                 planner_need_mib=round(plan.need_bytes(args.batch) / 2**20, 1),
                 planner_weights_mib=round(plan.weights_bytes / 2**20, 1),
@@ -359,6 +382,30 @@ def _checkpoint_shapes(model_dir: Path) -> list[list[int]]:
         with safe_open(str(path), framework="pt") as f:
             shapes.append(list(f.get_slice(key).get_shape()))
     return shapes
+
+
+def file_backed_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's parameters and buffers whose storage lies in a file mapping (/proc/self/maps).
+
+    from_pretrained keeps a tensor the checkpoint already holds in the wanted dtype as a view of the
+    mmapped safetensors file: its pages are file-backed, so the private RSS does not count them.
+    """
+    spans = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split(maxsplit=5)
+            if len(parts) == 6 and parts[5].startswith("/"):
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                spans.append((lo, hi))
+    seen: set[int] = set()
+    total = 0
+    for t in [*model.parameters(), *model.buffers()]:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if t.device.type == "cpu" and ptr not in seen and any(lo <= ptr < hi for lo, hi in spans):
+            seen.add(ptr)
+            total += storage.nbytes()
+    return total
 
 
 def cpu_live_peak(fn: Callable[[], Any]) -> int:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from coordinator.records import ClientRow, PlanRow, Record, ResultRow, UpdateRow
+from coordinator.sampling import wire_steps
 from shared.messages import CheckpointChunk, ErrorMsg, Replay, RoundPlan, RoundResult, RunState
 
 
@@ -81,10 +82,11 @@ class Recovered:
 
 
 def plan_message(p: PlanRow, fleet: str, fingerprint: str, mask_id: str) -> RoundPlan:
+    """The wire plan of `p`: a compact plan (p.sample_max set) lists only its exceptions (coordinator/sampling.py)."""
     return RoundPlan(
-        fleet=fleet, round=p.round, seeds=p.seeds, lr=p.lr, eps=p.eps, dist=p.dist, steps=p.steps,
+        fleet=fleet, round=p.round, seeds=p.seeds, lr=p.lr, eps=p.eps, dist=p.dist, steps=wire_steps(p),
         base_round=p.base_round, deadline=p.deadline, fingerprint=fingerprint, mask_id=mask_id,
-        batch_size=p.batch_size, values_checksum=p.base_checksum,
+        batch_size=p.batch_size, values_checksum=p.base_checksum, sample_max=p.sample_max,
     )  # fmt: skip
 
 

@@ -12,7 +12,9 @@ A client that ran fewer steps (T_k < T) has coordinate 0 along the later seeds (
 - median:  G_t = median_k g_{k,t} (missing steps count as 0), unweighted: robust to < N/2 bad clients.
 - trimmed: per step, drop floor(trim_fraction * N) lowest and highest values, mean of the rest (unweighted).
 - centered (the default): per step, each scalar clipped into median +- center_clip_k x MAD of the step's
-           values, then fedavg (coordinator/centered.py); a clean round is fedavg bit for bit.
+           values; with center_discount each client's n_k is scaled by the share of its scalars that were
+           inside their bands (its trust); then fedavg (coordinator/centered.py). A round where no scalar
+           leaves its band is fedavg bit for bit.
 
 `result_scalars` is THE formula of a round result, late updates included (docs/PROTOCOL.md §5.1): a second
 implementation that follows it gets the same float64 bits. The inputs are not re-checked for
@@ -43,7 +45,7 @@ class Group:
 
     seeds: tuple[int, ...]
     grads: Mapping[str, Sequence[float]]
-    n_samples: Mapping[str, int]
+    n_samples: Mapping[str, float]  # the stored weights (ints); `centered` with discount scales them
 
 
 def _padded(per_client: Mapping[str, Sequence[float]], T: int) -> np.ndarray:
@@ -78,12 +80,13 @@ def clip(gs: Sequence[float], clip_norm: float) -> list[float]:
 def aggregate(
     rule: str,
     per_client: Mapping[str, Sequence[float]],
-    n_samples: Mapping[str, int],
+    n_samples: Mapping[str, float],
     T: int,
     *,
     clip_norm: float = 10.0,
     trim_fraction: float = 0.1,
     center_clip_k: float = 4.0,
+    center_discount: bool = False,
 ) -> list[float]:
     """T scalars G_t from the reporting clients' scalars under `rule` (see module docstring)."""
     _check(rule, per_client, T)
@@ -91,7 +94,12 @@ def aggregate(
     if rule == "fedavg":
         return fedavg_scalars(per_client, weights, T)
     if rule == "centered":
-        return fedavg_scalars(centered.clipped_steps(per_client, T, center_clip_k)[0], weights, T)
+        c = centered.clip_round(per_client, T, center_clip_k)
+        if not center_discount:
+            return fedavg_scalars(c.values, weights, T)
+        weights = {k: w * c.trust(k) for k, w in weights.items()}
+        kept = {k: gs for k, gs in c.values.items() if weights[k] > 0}  # a 0 weight adds 0 terms: leave it out
+        return fedavg_scalars(kept, {k: weights[k] for k in kept}, T)
     if rule == "clipped":
         return fedavg_scalars({k: clip(gs, clip_norm) for k, gs in per_client.items()}, weights, T)
     m = _padded(per_client, T)
@@ -130,13 +138,16 @@ def result_scalars(
     clip_norm: float = 10.0,
     trim_fraction: float = 0.1,
     center_clip_k: float = 4.0,
+    center_discount: bool = False,
 ) -> tuple[list[int], list[float]]:
     """(seeds, scalars) of a round result: the round's own updates plus late updates of older rounds.
 
     Contributors j are the on-time clients U and, per late round r (in `late`, ascending round order),
     its late clients L_r. With `clipped` every contributor's vector is clipped first (`clip`). With
     `centered` every on-time scalar is clipped into its step's band and every late scalar to +-B, B = the
-    on-time late bound (coordinator/centered.py; none below centered.MIN_CLIENTS on-time contributors).
+    on-time late bound (coordinator/centered.py; none below centered.MIN_CLIENTS on-time contributors);
+    with `center_discount` n_j is then float64(n_j) * trust_j, trust_j = the share of j's judged scalars
+    that were inside their band (late ones: inside +-B), one division (`centered.Clipped.trust`).
         N    = fsum(n_j over U and every L_r)                   (n_j as float64)
         w_j  = n_j / N                                         (one IEEE division)
         fedavg, clipped, centered:  G_t = fsum_{j in U, T_j > t} w_j * g_{j,t}         t < T
@@ -152,29 +163,30 @@ def result_scalars(
     for g in late:
         _check("fedavg", g.grads, len(g.seeds))
 
-    bound = centered.late_bound(on_time.grads, center_clip_k) if rule == "centered" else None
+    bound = centered.late_bound(on_time.grads, center_clip_k) if rule == "centered" and late else None
 
-    def prepared(g: Group) -> Mapping[str, Sequence[float]]:
+    def prepared(g: Group) -> Group:
         if rule == "clipped":
-            return {k: clip(gs, clip_norm) for k, gs in g.grads.items()}
-        if rule == "centered" and g is on_time:
-            return centered.clipped_steps(g.grads, T, center_clip_k)[0]
-        if bound is not None:
-            return centered.clamp_all(g.grads, bound)
-        return g.grads
+            return Group(g.seeds, {k: clip(gs, clip_norm) for k, gs in g.grads.items()}, g.n_samples)
+        if rule != "centered" or (g is not on_time and bound is None):
+            return g
+        c = centered.clip_round(g.grads, T, center_clip_k) if g is on_time else centered.clamp_all(g.grads, bound or 0.0)
+        n = {k: float(g.n_samples[k]) * c.trust(k) for k in g.grads} if center_discount else g.n_samples
+        return Group(g.seeds, c.values, n)
 
-    N = math.fsum(float(g.n_samples[k]) for g in (on_time, *late) for k in g.grads)
+    ready = [prepared(g) for g in (on_time, *late)]
+    N = math.fsum(float(g.n_samples[k]) for g in ready for k in g.grads)
     if rule in ("fedavg", "clipped", "centered"):
-        scalars = _weighted(on_time, prepared(on_time), N, T)
+        scalars = _weighted(ready[0], ready[0].grads, N, T)
     else:
         share = math.fsum(float(on_time.n_samples[k]) for k in on_time.grads) / N
         R = aggregate(rule, on_time.grads, on_time.n_samples, T, trim_fraction=trim_fraction)
         scalars = [share * r for r in R]
     seeds = list(on_time.seeds)
-    for g in late:
+    for g in ready[1:]:
         used = max(len(gs) for gs in g.grads.values())
         seeds += g.seeds[:used]
-        scalars += _weighted(g, prepared(g), N, used)
+        scalars += _weighted(g, g.grads, N, used)
     return seeds, scalars
 
 
@@ -223,6 +235,7 @@ class Closing:
 def close_scalars(
     rule: str, seeds: tuple[int, ...], ups: Sequence[UpdateRow], late_pool: Iterable[UpdateRow] | None,
     plan_seeds: Mapping[int, tuple[int, ...]], *, clip_norm: float, trim_fraction: float, center_clip_k: float,
+    center_discount: bool = False,
 ) -> Closing:
     """The result of a round with on-time updates `ups` (`late_pool`: pending late updates under straggler
     policy "next", None under "drop"): `late_to_fold`, `round_groups`, then THE formula `result_scalars`."""
@@ -230,5 +243,5 @@ def close_scalars(
     on_time, groups = round_groups(seeds, ups, late, plan_seeds)
     small = rule == "centered" and centered.is_small(on_time.grads)
     out_seeds, scalars = result_scalars(rule, on_time, groups, clip_norm=clip_norm, trim_fraction=trim_fraction,
-                                        center_clip_k=center_clip_k)  # fmt: skip
+                                        center_clip_k=center_clip_k, center_discount=center_discount)  # fmt: skip
     return Closing(late, list(out_seeds), list(scalars), small)

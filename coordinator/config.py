@@ -79,6 +79,11 @@ class CoordinatorConfig:
     quant_policy: Literal["same", "any"] = cfg.field(
         "same", "same: refuse a Join whose capabilities name another quant (QUANT_MISMATCH); any: a fleet that mixes quantizations"
     )
+    plan_form: Literal["compact", "list"] = cfg.field(
+        "compact", "compact (1.3): plans carry a sampling threshold, not the client list (size independent of the "
+        "fleet); a Join without the compact_plan capability (a 1.2 device) is refused with PLAN_FORM. list: the 1.2 "
+        "form, every sampled client listed (1.2 devices work; the plan grows with the fleet)"
+    )
     # -- the optimisation -----------------------------------------------------------------------
     master_seed: int = cfg.field(
         0, "every seed (steps, sampling) derives from it", (lambda v: 0 <= v < 2**64, "must be in [0, 2**64)")
@@ -133,9 +138,14 @@ class CoordinatorConfig:
         "updates is plain FedAvg) | fedavg (weighted by n_samples, no outlier bound) | clipped | median | trimmed",
     )
     center_clip_k: float = cfg.field(
-        4.0,
+        2.0,
         "centered: the band is the step's median +- this x the median absolute deviation of its scalars",
         (lambda v: v >= 1, "must be >= 1"),
+    )
+    center_discount: bool = cfg.field(
+        True,
+        "centered: each update's FedAvg weight in a round is scaled by the share of its scalars that were inside "
+        "their bands (a device whose every scalar is clipped weighs 0 that round)",
     )
     clip_norm: float = cfg.field(
         10.0,

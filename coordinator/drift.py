@@ -175,12 +175,15 @@ class DriftMonitor:
         if client in self._seen.get(int(round), ()):
             log.debug("drift: client %s round %d already observed; ignored", client, round)
             return None
-        for t, h in enumerate(gradip):
-            if not math.isfinite(h):
-                raise ValueError(f"client {client!r} round {round}: gradip[{t}] is not finite: {h!r}")
+        vals = [float(h) for h in gradip]
+        if not all(map(math.isfinite, vals)):  # one C-level pass; the loop below only names the culprit
+            t, h = next((t, h) for t, h in enumerate(vals) if not math.isfinite(h))
+            raise ValueError(f"client {client!r} round {round}: gradip[{t}] is not finite: {h!r}")
         self._seen.setdefault(int(round), set()).add(client)
-        hist = self._hist.setdefault(client, _History(self.thresholds.window, not self.keep_history))
-        hist.extend(float(h) for h in gradip)
+        hist = self._hist.get(client)
+        if hist is None:
+            hist = self._hist[client] = _History(self.thresholds.window, not self.keep_history)
+        hist.extend(vals)
         if client in self._limited:
             return None
         st = self._stats_of(hist)

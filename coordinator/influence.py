@@ -77,7 +77,7 @@ class GradStats:
     def push(self, client: str, grads: Sequence[float]) -> None:
         if not grads:
             return
-        mags = sorted(abs(g) for g in grads)
+        mags = sorted(map(abs, grads))
         mid = len(mags) // 2
         m = mags[mid] if len(mags) % 2 else (mags[mid - 1] + mags[mid]) / 2
         q = self.recent.setdefault(client, deque(maxlen=self.window))
@@ -94,6 +94,8 @@ class GradStats:
 
 def clip_to(grads: Sequence[float], cap: float) -> tuple[tuple[float, ...], int]:
     """Every scalar clipped to [-cap, +cap], and how many were clipped."""
+    if max(map(abs, grads), default=0.0) <= cap:  # the common case: nothing to clip (one C-level pass)
+        return tuple(grads), 0
     out = tuple(min(max(g, -cap), cap) for g in grads)
     return out, sum(1 for g, o in zip(grads, out, strict=True) if g != o)
 

@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 BATCH = 512  # messages the pump takes from its inbox per loop iteration (one transaction)
 
 
+OUT_QUEUE = 100_000  # QoS 1 publishes waiting for PUBACK: a join nag (ErrorMsg) to every device of a 100,000 fleet
+
 def connect_links(c: CoordinatorConfig, topics: Topics, wait_s: float = 5.0) -> tuple[MqttLink, MqttLink | None]:
     """The single coordinator's links: the main one (every inbound kind but heartbeats when `telemetry_link`)
     and the heartbeats' own connection into the main link's flood gate (its slow lane), so a flood never
@@ -58,7 +60,7 @@ def broker_link(
     c = config
     gate = FloodGate(c.rate_per_s, c.rate_burst) if inbox is None else inbox
     link = MqttLink(
-        c.broker, client_id, subscriptions=list(subscriptions), manual_ack=True,
+        c.broker, client_id, subscriptions=list(subscriptions), manual_ack=True, max_queued=OUT_QUEUE,
         username=None if c.username is None else c.username + login_suffix, password=read_secret(c.password_file),
         tls=tls_for(c.broker, c.tls_ca, c.tls_cert, c.tls_key), inbox=gate, **session,  # type: ignore[arg-type]
     )  # fmt: skip

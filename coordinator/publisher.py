@@ -18,7 +18,7 @@ from coordinator.metrics import Metrics
 from coordinator.tally import Tally
 from shared.codec import encode
 from shared.messages import RoundPlan, RoundResult, RunState
-from shared.mqtt import MqttLink
+from shared.mqtt import MqttLink, QueueFull
 from shared.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -34,8 +34,12 @@ class Publisher:
         """A plan retained on `plan`; a result on `result/{r}` and retained on `result/latest`; the run's
         state retained on `run`; else `to/{c}`."""
         payload = encode(p.message)
-        if p.to is not None:
-            self._publish(self.topics.to(p.to), payload, 1, False)
+        if p.to is not None:  # an answer to one device: dropped, not fatal, when the link's queue is full
+            try:
+                self._publish(self.topics.to(p.to), payload, 1, False)
+            except QueueFull as exc:  # the device asks again (SyncRequest retry, a re-nag every 10 s)
+                self.tally.add(self.metrics.dropped, "out_queue_full")
+                log.warning("%s: %s to %s dropped", exc, type(p.message).__name__, p.to)
         elif isinstance(p.message, RoundPlan):
             self._publish(self.topics.plan, payload, 1, True)
         elif isinstance(p.message, RoundResult):

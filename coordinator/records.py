@@ -30,6 +30,9 @@ class PlanRow:
     base_round: int
     base_checksum: str  # = RoundPlan.values_checksum: the values at base_round
     extensions: int
+    # compact plan (1.3): the sampling threshold the wire plan carries; `steps` still holds every client the
+    # round expects (the wire plan lists only those whose T_k != len(seeds)). None: a 1.2 list plan
+    sample_max: int | None = None
 
 
 @dataclass(frozen=True)
@@ -209,6 +212,7 @@ class ReplanRecord:
     steps: dict[str, int]
     deadline: float
     extensions: int
+    sample_max: int | None = None  # the re-issued plan's (an extension may raise it)
 
 
 @dataclass(frozen=True)

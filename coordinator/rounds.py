@@ -17,8 +17,8 @@ weight, |g| cap, benching), `vp` (coordinator/vp.py: MEERKAT-VP limits) and `ava
 
 Rules, each in one place (docs/ARCHITECTURE.md "Round lifecycle" names them):
   join / nag / offline        on_join, on_status, on_heartbeat; registry.note_live, nag, offline
-  open + sampling             _maybe_open  (scheduler.round_seeds / sample_clients; eligible: not benched,
-                              not paused by the device policy)
+  open + sampling             _maybe_open  (coordinator/sampling.py open_plan; eligible: not benched,
+                              not paused by the device policy); compact plans: RoundBook.extra
   deadline, extension, quorum tick -> scheduler.close_decision_n -> close_round / _extend; every sampled
                               device paused, nothing reported: tick -> close_round at once, empty
   validation                  on_update -> ingest.check_update (fixed max_abs_grad); |g| clipped to admission.grad_cap
@@ -76,7 +76,8 @@ from coordinator.records import (
     UpdateRow,
 )
 from coordinator.registry import ClientRegistry
-from coordinator.scheduler import close_decision_n, quorum_met_n, round_seeds, sample_clients
+from coordinator.sampling import extend_plan, open_plan, wire_steps
+from coordinator.scheduler import close_decision_n, quorum_met_n
 from coordinator.sync import resend_grace, sync_messages
 from coordinator.vp import DriftPolicy, monitor_for
 from shared.apply import apply_round, values_checksum
@@ -133,10 +134,14 @@ class RoundBook:
         if self.plan is not None:
             self.plans[self.plan.round] = self.plan
         self.accepted: dict[str, UpdateRow] = {}  # the open round's on-time updates
+        # accepted from devices a compact plan's rule covers but the round did not expect (coordinator/sampling.py)
+        self.extra: set[str] = set()
         self.late: dict[tuple[str, int], UpdateRow] = {}  # stored late, not yet folded
         for u in rec.pending:
             if self.plan is not None and u.round == self.plan.round and u.status == "accepted":
                 self.accepted[u.client] = u
+                if u.client not in self.plan.steps:
+                    self.extra.add(u.client)
             elif u.status == "late":
                 self.late[(u.client, u.round)] = u
         self.dedupe = DedupeKeys(rec.stored, DedupeKeys.window_for(config.straggler, config.late_max_age, LATE_WINDOW))
@@ -244,7 +249,7 @@ class RoundBook:
         nothing (without the broker ACL anyone can send it: the first valid Join wins, no reply); from any
         other id it is answered and remembered in a bounded LRU only (no row for ids that never joined)."""
         quant = self.config.quant if self.config.quant_policy == "same" else None
-        rej = check_join(j, self.fingerprint, self.mask_id, quant)
+        rej = check_join(j, self.fingerprint, self.mask_id, quant, self.config.plan_form == "compact")
         have = self.registry.get(j.client)
         if rej is not None:
             if have is not None and have.state == "joined":
@@ -310,7 +315,7 @@ class RoundBook:
         if plan is None and u.round <= self.last_round:  # closed so long ago that its plan is forgotten
             rej: Reject | None = Reject("too_late", ErrorCode.STALE_ROUND, f"round {u.round} closed long ago")
         else:
-            rej = check_update(u, plan, self.fp_tag, self.config.max_abs_grad)
+            rej = check_update(u, plan, self.fp_tag, self.config.max_abs_grad, self.registry.joined)
         if rej is not None:
             return self.on_reject(u.client, "up", rej, now)
         assert plan is not None  # check_update rejects an unplanned round
@@ -337,6 +342,8 @@ class RoundBook:
             self.admission.heard(u.client, grads)
         if status == "accepted":
             self.accepted[u.client] = row
+            if u.client not in plan.steps:  # a compact plan's rule covers it; the round did not wait for it
+                self.extra.add(u.client)
         elif status == "late":
             self.late[(u.client, u.round)] = row
             acts.append(Persist(EventRecord("late", f"{u.client} round {u.round}: folded into the next result",
@@ -368,9 +375,9 @@ class RoundBook:
         plan, c = self.plan, self.config
         if not self.accepted and self.availability.all_paused():  # nobody left to wait for (O(1): counted)
             return acts + self.close_round(now, f"all {len(plan.steps)} sampled devices paused by their policy")
-        # counts, not sets: accepted is a subset of plan.steps (check_update rejects clients not sampled,
-        # and a re-plan only adds clients), so this tick costs O(1) however large the round
-        n, got = len(plan.steps), len(self.accepted)
+        # counts, not sets: accepted is a subset of plan.steps + extra (check_update rejects clients not
+        # sampled, and a re-plan only adds clients), so this tick costs O(1) however large the round
+        n, got = len(plan.steps) + len(self.extra), len(self.accepted)
         if not quorum_met_n(n, got, c.quorum, c.min_updates):
             self.quorum_since = None
         elif self.quorum_since is None:
@@ -392,14 +399,9 @@ class RoundBook:
         if len(eligible) < c.min_clients:
             return []
         r = self.last_round + 1
-        sampled = sample_clients(eligible, c.clients_per_round, c.master_seed, r)
-        plan = PlanRow(
-            round=r, state="open", opened_at=now, deadline=now + c.round_deadline_s,
-            seeds=round_seeds(c.master_seed, r, c.steps), steps={k: self.vp.steps_for(k, c.steps) for k in sampled},
-            lr=self.lr.lr, eps=c.eps, dist=c.dist, batch_size=c.batch_size, base_round=r - 1,
-            base_checksum=values_checksum(self.values), extensions=0,
-        )  # fmt: skip
-        self.plan, self.plans[r], self.accepted, self.quorum_since = plan, plan, {}, None
+        plan = open_plan(c, r, eligible, now, values_checksum(self.values), self.vp.steps_for, self.lr.lr)
+        sampled = list(plan.steps)
+        self.plan, self.plans[r], self.accepted, self.extra, self.quorum_since = plan, plan, {}, set(), None
         self.availability.round_opened(sampled)
         log.info("round %d open: %d clients x %d steps (%d limited to 1 by MEERKAT-VP), deadline in %.0f s",
                  r, len(sampled), c.steps, sum(1 for t in plan.steps.values() if t < c.steps),
@@ -412,18 +414,14 @@ class RoundBook:
 
     def _extend(self, plan: PlanRow, now: float, why: str) -> list[Action]:
         """Too few updates at the deadline: more clients into the same round (same seeds), new deadline."""
-        c = self.config
-        eligible = self.eligible()
-        want = max(c.min_updates - len(self.accepted), 0) if c.clients_per_round else len(eligible)
-        extra = sample_clients(eligible, want, c.master_seed, plan.round, plan.extensions + 1, exclude=plan.steps)
-        steps = {**plan.steps, **{k: self.vp.steps_for(k, c.steps) for k in extra}}
-        new = replace(plan, steps=steps, deadline=now + c.round_deadline_s, extensions=plan.extensions + 1)
+        eligible = [k for k in self.eligible() if k not in self.extra]
+        new, extra = extend_plan(self.config, plan, eligible, len(self.accepted), now, self.vp.steps_for)
         self.availability.round_extended(extra)
         self.plan = self.plans[plan.round] = new
         log.warning("round %d: %s; deadline extended (%d), added %d clients", plan.round, why, new.extensions,
                     len(extra))  # fmt: skip
         return [
-            Persist(ReplanRecord(plan.round, steps, new.deadline, new.extensions)),
+            Persist(ReplanRecord(plan.round, new.steps, new.deadline, new.extensions, new.sample_max)),
             Persist(EventRecord("extend", f"{why}; added {extra}", plan.round, now)),
             Publish(self.plan_message(new)),
         ]
@@ -443,7 +441,8 @@ class RoundBook:
         if ups:
             k = close_scalars(c.aggregation, plan.seeds, ups, self.late.values() if c.straggler == "next" else None,
                               {r: p.seeds for r, p in self.plans.items()}, clip_norm=c.clip_norm,
-                              trim_fraction=c.trim_fraction, center_clip_k=c.center_clip_k)  # fmt: skip
+                              trim_fraction=c.trim_fraction, center_clip_k=c.center_clip_k,
+                              center_discount=c.center_discount)  # fmt: skip
             if k.small != self._small_round:  # logged when it starts and when it ends, not every round
                 self._small_round = k.small
                 log.info("round %d: %d on-time updates: %s", plan.round, len(ups), FALLBACK_NOTE[k.small])
@@ -451,15 +450,16 @@ class RoundBook:
             new_values = apply_round(self.values, seeds, scalars, lr, plan.dist)
         else:  # every sampled device paused: an empty result (values unchanged); late updates wait for the next
             late, seeds, scalars, new_values = [], [], [], self.values
-        checksum = values_checksum(new_values)
-        n_clients = len({u.client for u in ups} | {u.client for u in late})
+        checksum, n_clients = values_checksum(new_values), len({u.client for u in ups} | {u.client for u in late})
         row = ResultRow(plan.round, tuple(seeds), tuple(scalars), lr, plan.dist, n_clients, checksum, now,
                         now - plan.opened_at)  # fmt: skip
         used = tuple((u.client, u.round, "accepted") for u in ups) + tuple((u.client, u.round, "folded") for u in late)
-        self.values, self.last_round, self.plan, self.accepted = new_values, plan.round, None, {}
+        self.values, self.last_round, self.plan, self.accepted, self.extra = new_values, plan.round, None, {}, set()
         for u in late:
             del self.late[(u.client, u.round)]
-        self.plans[plan.round] = replace(plan, state="closed")
+        # closed: a compact plan keeps only its exceptions (the rule covers every other device it expected, so
+        # late updates meet the same T); 64 rounds of full client dicts were 640 MB at 100,000 devices
+        self.plans[plan.round] = replace(plan, state="closed", steps=wire_steps(plan))
         excused = self.availability.round_closed()  # paused by their policy: no miss, never benched
         benched = self.admission.count_misses(list(plan.steps), {u.client for u in reported} | excused)
         self.results.append(row)

@@ -1,40 +1,24 @@
-"""Round scheduling decisions as pure functions: seeds, client sampling, when to close.
+"""Round scheduling decisions as pure functions: seeds, when to close.
 
 Every random choice derives from the master seed through `shared.prng`, so a restarted coordinator (or
 an auditor) recomputes the same seeds and the same sample:
 
     step seeds      derive_seed(master, round, t)                 t = 0..T-1   (docs/ARCHITECTURE.md)
-    sampling key    raw_u64(derive_seed(master, SAMPLE_TAG, round, attempt), n)[i] for the i-th eligible
-                    client in id order; the k smallest keys are sampled (attempt 0 = the round's first plan,
-                    attempt a > 0 = the a-th re-plan adding clients).
+    sampling        coordinator/sampling.py: the eligible ids with the smallest shared.sampling.sample_key
+                    (sha256 of the round's seeds[0] and the id, which a device recomputes from the plan)
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Sequence
+from collections.abc import Collection
 from dataclasses import dataclass
 
-from shared.prng import derive_seed, raw_u64
-
-SAMPLE_TAG = 0x53414D504C45  # "SAMPLE": keeps sampling streams apart from step seeds
+from shared.prng import derive_seed
 
 
 def round_seeds(master_seed: int, round: int, steps: int) -> tuple[int, ...]:
     return tuple(derive_seed(master_seed, round, t) for t in range(steps))
-
-
-def sample_clients(
-    eligible: Sequence[str], k: int, master_seed: int, round: int, attempt: int = 0,
-    exclude: Collection[str] = (),
-) -> list[str]:  # fmt: skip
-    """Up to k clients of `eligible` minus `exclude` (k = 0: all), deterministic in (master, round, attempt)."""
-    pool = sorted(set(eligible) - set(exclude))
-    if k == 0 or k >= len(pool):
-        return pool
-    keys = raw_u64(derive_seed(master_seed, SAMPLE_TAG, round, attempt), len(pool))
-    order = sorted(range(len(pool)), key=lambda i: (int(keys[i]), pool[i]))
-    return sorted(pool[i] for i in order[:k])
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,7 @@ def resend_grace(plan: PlanRow, accepted: Collection[str], now: float, grace_s: 
     new = replace(plan, deadline=grace)
     log.info("round %d: link reconnected, deadline moved to now + %.0f s for re-sent updates", plan.round, grace_s)
     return new, [
-        ReplanRecord(plan.round, dict(plan.steps), new.deadline, plan.extensions),
+        ReplanRecord(plan.round, dict(plan.steps), new.deadline, plan.extensions, plan.sample_max),
         EventRecord("reconnect", f"{len(accepted)} of {len(plan.steps)} updates held; plan re-published for re-sends",
                     plan.round, now),
     ]  # fmt: skip

@@ -57,6 +57,7 @@ def _opt_float(obj: str, name: str, v: Any, lo: float = -math.inf, hi: float = m
 
 
 _F32 = struct.Struct("<f")
+F32_MAX = 3.4028234663852886e38  # the largest finite float32: a float64 within +-F32_MAX never rounds to inf
 
 
 def _to_f32(f: float) -> float:

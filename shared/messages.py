@@ -10,11 +10,13 @@ it from the topic (the broker ACL vouches for it). "" means "not filled in yet".
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import TypeAlias
 
 from shared.fields import (
+    F32_MAX,
     I64_MAX,
     I64_MIN,
     MAX_CAPS,
@@ -42,6 +44,7 @@ from shared.fields import (
     _seq,
     _set,
     _str,
+    _to_f32,
 )
 from shared.prng import Dist
 
@@ -76,6 +79,7 @@ class ErrorCode(IntEnum):
     UNKNOWN_ROUND = 39  # update for a round that was never planned
     CONFLICT = 40  # another update (other msg_id) of this client for this round is stored; first wins
     QUANT_MISMATCH = 41  # join whose capabilities name another quantization than the fleet's (quant_policy "same")
+    PLAN_FORM = 42  # join of a device that does not read compact plans (1.3) while the fleet publishes them
     INTERNAL = 63  # the coordinator failed; retry later
 
 
@@ -123,7 +127,8 @@ class Join:
 
 @dataclass(frozen=True)
 class RoundPlan:
-    """coordinator -> all on plan (retained): the seeds of round `round` and who runs how many steps."""
+    """coordinator -> all on plan (retained): the seeds of round `round` and who runs how many steps
+    (shared/sampling.py `plan_steps`: the exceptions in `steps`, the rest by `sample_max`)."""
 
     fleet: str
     round: int
@@ -131,7 +136,7 @@ class RoundPlan:
     lr: float
     eps: float
     dist: Dist  # "rademacher" | "gaussian"
-    steps: dict[str, int]  # client -> T_k (1 <= T_k <= len(seeds)); absent clients sit the round out
+    steps: dict[str, int]  # client -> T_k (1 <= T_k <= len(seeds)); compact plan: the exceptions only
     base_round: int  # the plan applies on top of the values after this round's result (-1 = initial values)
     deadline: float  # unix seconds; updates after it count as late
     fingerprint: str
@@ -144,6 +149,9 @@ class RoundPlan:
     dp_epsilon: float | None = None  # target epsilon: a device stops before passing it
     dp_delta: float | None = None  # delta; 0 = each device's 1 / n^1.1
     dp_steps: int | None = None  # planned steps per device (what a derived sigma is calibrated for)
+    # v1.3 compact plan: a device not in `steps` runs len(seeds) steps iff its sampling key <= sample_max
+    # (shared/sampling.py plan_steps); absent: `steps` lists every sampled client (the 1.2 form)
+    sample_max: int | None = None
 
     def __post_init__(self) -> None:
         o = "RoundPlan"
@@ -181,6 +189,7 @@ class RoundPlan:
             raise ValueError(f"{o}.dp_epsilon: expected > 0, got {self.dp_epsilon}")
         _set(self, "dp_delta", _opt_float(o, "dp_delta", self.dp_delta, 0.0, 0.5))
         _opt_int(o, "dp_steps", self.dp_steps, 1, U32)
+        _opt_int(o, "sample_max", self.sample_max, 0, U64)
 
 
 @dataclass(frozen=True)
@@ -205,6 +214,27 @@ class Update:
         _int(o, "fp_tag", self.fp_tag, 0, U32)
         _set(self, "loss", _f32(o, "loss", self.loss))
         _client(o, "client", self.client, allow_empty=True)
+
+    @classmethod
+    def from_wire(
+        cls, round: int, msg_id: int, grads: tuple[float, ...], n_samples: int, fp_tag: int, loss: float, client: str
+    ) -> Update:
+        """The decoder's constructor (shared/codec/schema.py; the coordinator decodes thousands a second). The
+        wire readers already checked every kind (the ints are ints, `grads` a tuple of float32 values read
+        from the bin, `loss` a number) and decode() the topic's client id (check 2): left are the ranges,
+        1 <= len(grads) <= MAX_STEPS, finite grads (the sum of float32 values is finite iff each is: it
+        cannot overflow float64) and `loss` narrowed to float32. Each is checked once; anything off goes
+        through the constructor, whose error names the field."""
+        if (
+            0 <= round <= U32 and 0 <= msg_id <= U64 and 0 <= n_samples <= U32 and 0 <= fp_tag <= U32
+            and 1 <= len(grads) <= MAX_STEPS and math.isfinite(sum(grads))
+            and loss.__class__ is float and math.isfinite(loss) and abs(loss) <= F32_MAX
+        ):  # fmt: skip
+            u = object.__new__(cls)
+            u.__dict__.update(round=round, msg_id=msg_id, grads=grads, n_samples=n_samples, fp_tag=fp_tag,
+                              loss=_to_f32(loss), client=client)  # fmt: skip
+            return u
+        return cls(round, msg_id, grads, n_samples, fp_tag, loss, client)
 
 
 @dataclass(frozen=True)

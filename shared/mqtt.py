@@ -67,6 +67,10 @@ class Incoming:
     retain: bool
 
 
+class QueueFull(RuntimeError):
+    """`MqttLink.publish`: `max_queued` QoS >= 1 messages already wait for their PUBACK (nothing was queued)."""
+
+
 REPEAT_EVERY = 20  # a cause that persists is logged again at WARNING every this many attempts
 
 
@@ -277,7 +281,7 @@ class MqttLink:
         """Queue a message; returns its mid (watch `published` for the PUBACK of QoS >= 1)."""
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
         if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
-            raise RuntimeError(f"outgoing queue full ({topic}); retry later")
+            raise QueueFull(f"outgoing queue full ({topic}); retry later")
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             raise RuntimeError(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
         return int(info.mid)

@@ -2,15 +2,17 @@
 
     meerkat bench attacks [--json] [--out DIR] [--seeds 3] [--rounds R] [--steps T] [--task topic]
                           [--model-dir DIR] [--attacks ratchet,scaling,...] [--hostile 1,3]
-                          [--rules fedavg,<default>] [--resume] [--shard K/N]
+                          [--rules fedavg,<default>] [--clean-rules RULES] [--resume] [--shard K/N]
 
 In-process fleet (bench/inproc.py: the product's RoundBook, 10 device cores with the client's engine step,
 every message through the codec) on the tiny model (`meerkat tiny-model`, or --model-dir; MEERKAT mask), a
-labelled task split Dirichlet(0.5) over 10 devices. Hostile devices are the first 1 or 3 client ids; they
-train honestly and hand their Join / Updates to an attack strategy (bench/attacks/strategies.py: ratchet,
-scaling, sign-flip, bias, rejoin, alternating; and absent, the silent baseline), so the coordinator's real
-intake, admission and aggregation judge them. Each (rule, attack, hostile, seed) is one run; each rule also
-runs clean (no attack) per seed. After every round the coordinator's values are evaluated on the held-out set.
+labelled task split Dirichlet(0.5) over 10 devices. Hostile devices are the 1 or 3 of median data share
+(a typical participant, not the device the split made largest); they train honestly and hand their Join /
+Updates to an attack strategy (bench/attacks/strategies.py: ratchet, scaling, sign-flip, bias, rejoin,
+alternating; and absent, the silent baseline), so the coordinator's real intake, admission and aggregation
+judge them. Each (rule, attack, hostile, seed) is one run; each rule also runs clean (no attack) per seed,
+and so does each of --clean-rules (clean only: e.g. the fedavg baseline of the clean cost without its attack
+rows). After every round the coordinator's values are evaluated on the held-out set.
 
 Reported (DIR/attacks.json, DIR/attacks.md, the JSON summary last on stdout with --json): per run the
 held-out accuracy and loss after every round; per (rule, attack, hostile) the final accuracy against the
@@ -26,6 +28,7 @@ import argparse
 import hashlib
 import json
 import logging
+import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -45,7 +48,7 @@ from shared.prng import derive_seed
 
 log = logging.getLogger(__name__)
 
-CELL_VERSION = 1  # bump when a change to the strategies or the run alters results (invalidates DIR/cells)
+CELL_VERSION = 2  # bump when a change to the strategies or the run alters results (invalidates DIR/cells)
 
 
 def default_rule() -> Aggregation:
@@ -77,6 +80,7 @@ class AttacksConfig:
     attacks: tuple[str, ...] = ATTACKS
     hostile: tuple[int, ...] = (1, 3)
     rules: tuple[str, ...] = ()  # () = fedavg and the default rule
+    clean_rules: tuple[str, ...] = ()  # more rules run clean only (the clean-cost baseline without its attack rows)
     tolerance: float = 0.02  # an attack "holds" when every seed ends within this of the clean run
     clean_tolerance: float = 0.01  # the default rule's clean cost vs plain FedAvg
 
@@ -86,10 +90,12 @@ class AttacksConfig:
 
     def cells(self) -> list[Cell]:
         out = []
+        rules = self.rule_list()
         for seed in range(self.seeds):
-            for rule in self.rule_list():
+            for rule in rules:
                 out.append(Cell(rule, "none", 0, seed))
                 out += [Cell(rule, a, h, seed) for a in self.attacks for h in self.hostile]
+            out += [Cell(cast("Aggregation", r), "none", 0, seed) for r in self.clean_rules if r not in rules]
         return out
 
 
@@ -110,6 +116,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--hostile", default=",".join(map(str, d.hostile)), help="comma list: hostile devices of 10")
     p.add_argument("--rules", default=None, help=f"comma list from {','.join(RULES)} (default fedavg and the "
                                                    f"default rule, {default_rule()})")
+    p.add_argument("--clean-rules", default="", help="comma list of more rules to run clean only (e.g. fedavg: the "
+                                                      "clean-cost baseline without its attack rows)")
     p.add_argument("--resume", action="store_true", help="reuse finished runs under OUT/cells (same config)")
     p.add_argument("--shard", default=None,
                    help="K/N: only run every N-th cell from the K-th into OUT/cells (parallel processes; then one "
@@ -124,7 +132,8 @@ def config_from_args(args: argparse.Namespace) -> AttacksConfig:
 
     cfg = replace(AttacksConfig(), size=args.size, model_dir=args.model_dir, task=args.task, seeds=args.seeds, rounds=args.rounds,
                   steps=args.steps, lr=args.lr, n_train=args.n_train, n_eval=args.n_eval,
-                  attacks=items(args.attacks), rules=items(args.rules))  # fmt: skip
+                  attacks=items(args.attacks), rules=items(args.rules),
+                  clean_rules=items(args.clean_rules))  # fmt: skip
     try:
         cfg = replace(cfg, hostile=tuple(int(h) for h in items(args.hostile)))
     except ValueError:
@@ -132,9 +141,9 @@ def config_from_args(args: argparse.Namespace) -> AttacksConfig:
     bad = [a for a in cfg.attacks if a not in ATTACKS]
     if bad:
         raise SystemExit(f"--attacks: unknown {bad}; known: {list(ATTACKS)}")
-    bad = [r for r in cfg.rules if r not in RULES]
+    bad = [r for r in cfg.rules + cfg.clean_rules if r not in RULES]
     if bad:
-        raise SystemExit(f"--rules: unknown {bad}; known: {list(RULES)}")
+        raise SystemExit(f"--rules / --clean-rules: unknown {bad}; known: {list(RULES)}")
     if not all(1 <= h < cfg.n_clients for h in cfg.hostile):
         raise SystemExit(f"--hostile: each must be in 1..{cfg.n_clients - 1}, got {cfg.hostile}")
     if cfg.seeds < 1 or cfg.rounds < 1 or not 1 <= cfg.steps <= 100:
@@ -191,9 +200,13 @@ class Matrix:
 
         if self._data is None or self._data[0] != seed:
             cfg = self.cfg
-            self._data = (seed, make_data(cfg.task, self.out / "data" / f"{cfg.task}-{seed}", self.loaded.tokenizer,
-                                          seed=derive_seed(seed, 4), n_clients=cfg.n_clients, alpha=cfg.alpha,
-                                          n_train=cfg.n_train, n_eval=cfg.n_eval))  # fmt: skip
+            (self.out / "data").mkdir(parents=True, exist_ok=True)
+            # a private dir per call: shards started together would otherwise rewrite the split's files while
+            # another shard reads them (a truncated client file: a device with fewer or no examples)
+            with tempfile.TemporaryDirectory(prefix=f"{cfg.task}-{seed}-", dir=self.out / "data") as tmp:
+                self._data = (seed, make_data(cfg.task, Path(tmp), self.loaded.tokenizer, seed=derive_seed(seed, 4),
+                                              n_clients=cfg.n_clients, alpha=cfg.alpha, n_train=cfg.n_train,
+                                              n_eval=cfg.n_eval))  # fmt: skip
         return self._data[1]
 
     def spec(self, seed: int) -> ZOSpec:
@@ -202,7 +215,7 @@ class Matrix:
 
     def cell_path(self, cell: Cell) -> Path:
         c = self.cfg
-        shape = {k: v for k, v in asdict(c).items() if k not in ("attacks", "hostile", "rules", "seeds", "model_dir")}
+        shape = {k: v for k, v in asdict(c).items() if k not in ("attacks", "hostile", "rules", "clean_rules", "seeds", "model_dir")}
         coord = repr(book_config(self.spec(cell.seed), cell.rule, c.n_clients))  # caps and weights shape it too
         key = json.dumps({"v": CELL_VERSION, "fp": self.fingerprint, "cfg": shape, "coord": coord, "cell": cell.key},
                          sort_keys=True)

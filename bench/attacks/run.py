@@ -1,8 +1,8 @@
 """One attack run: the in-process fleet (bench/inproc.py) with some devices hostile, evaluated every round.
 
 The coordinator is the product's RoundBook with the product's defaults except `aggregation`; every device
-trains honestly with the client's own engine step; the hostile ones (the first `hostile` client ids) hand
-their Join and Updates to the attack strategy (bench/attacks/strategies.py), so intake, admission and
+trains honestly with the client's own engine step; the hostile ones (`typical`: the devices of median data
+share, not whoever the split made largest) hand their Join and Updates to the attack strategy (bench/attacks/strategies.py), so intake, admission and
 aggregation judge exactly what a hostile device on the wire would send. After every round the
 coordinator's values are evaluated on the task's held-out set (the honest devices' model).
 """
@@ -70,6 +70,17 @@ def book_config(spec: ZOSpec, rule: Aggregation, n_devices: int) -> CoordinatorC
     return zo_config(replace(spec, aggregation=rule), n_devices)
 
 
+def typical(sizes: dict[str, int], hostile: int) -> list[str]:
+    """The `hostile` devices of median data share: the clients ranked by (n, id), the middle `hostile` of
+    them (10 devices: 1 -> the 5th smallest, 3 -> the 4th..6th). A Dirichlet split can give one device 40 %
+    of the data; a bench that made it the hostile one would measure the loss of that data, not the attack."""
+    if not 0 <= hostile <= len(sizes):
+        raise ValueError(f"hostile must be in 0..{len(sizes)}, got {hostile}")
+    ranked = sorted(sizes, key=lambda c: (sizes[c], c))
+    lo = (len(ranked) - hostile) // 2
+    return sorted(ranked[lo : lo + hostile])
+
+
 def run_cell(loaded: Any, data: ClientData, spec: ZOSpec, cell: Cell, mask_id: str = "0" * 16) -> CellResult:
     """`cell` through the in-process fleet; `loaded` = shared.modelload.LoadedModel with a side-car."""
     sidecar = loaded.sidecar
@@ -80,12 +91,13 @@ def run_cell(loaded: Any, data: ClientData, spec: ZOSpec, cell: Cell, mask_id: s
     if not 0 <= cell.hostile < len(clients):
         raise ValueError(f"hostile must be in 0..{len(clients) - 1}, got {cell.hostile}")
     attack: Attack | None = make_attack(cell.attack) if cell.hostile else None
+    bad = set(typical({c: len(data.clients[c]) for c in clients}, cell.hostile))
     book = RoundBook(book_config(spec, cell.rule, len(clients)), fingerprint=loaded.fingerprint, mask_id=mask_id, values=sidecar.initial_values())
     devices = [
         Device(ClientRounds(Identity(c, FLEET, loaded.fingerprint, mask_id, len(data.clients[c])),
                             sidecar.initial_values),
-               SharedModelTrainer(loaded, data.clients[c], c, mask_id), tamper=attack if i < cell.hostile else None)
-        for i, c in enumerate(clients)
+               SharedModelTrainer(loaded, data.clients[c], c, mask_id), tamper=attack if c in bad else None)
+        for c in clients
     ]  # fmt: skip
     out = CellResult(cell, start=held_out(loaded, data, book.values))
     fleet = InProcessFleet(book, devices)
@@ -95,9 +107,10 @@ def run_cell(loaded: Any, data: ClientData, spec: ZOSpec, cell: Cell, mask_id: s
         out.accuracy.append(acc)
         out.loss.append(loss)
     if attack is not None:
-        out.attacker = attack.tally.to_json()
+        out.attacker = attack.tally.to_json() | {"devices": sorted(bad),
+                                                 "share": sum(len(data.clients[c]) for c in bad) / sum(map(len, data.clients.values()))}
     out.seconds = time.perf_counter() - t0
     return out
 
 
-__all__ = ["Cell", "CellResult", "book_config", "held_out", "run_cell"]
+__all__ = ["Cell", "CellResult", "book_config", "held_out", "run_cell", "typical"]

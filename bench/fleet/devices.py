@@ -34,6 +34,7 @@ from shared.codec import decode, encode
 from shared.fingerprint import fp_tag
 from shared.messages import ErrorCode, ErrorMsg, Heartbeat, Join, RoundPlan, RoundResult, Status, Update
 from shared.prng import GOLDEN, MASK64, derive_seed, mix64, raw_u64
+from shared.sampling import plan_steps
 from shared.topics import Topics
 
 DRAW_TAG = 0x464C454554  # "FLEET": timing/dropout draws
@@ -161,7 +162,7 @@ class DeviceProcess:
 
     def _on_plan(self, dev: SimDevice, plan: RoundPlan) -> None:
         r = plan.round
-        if dev.cid not in plan.steps or r in dev.sent or r in dev.scheduled or r in self.closed:
+        if not plan_steps(plan, dev.cid) or r in dev.sent or r in dev.scheduled or r in self.closed:
             return
         u = uniforms(self.spec.seed, DRAW_TAG, dev.index, r, 3)
         loop = asyncio.get_running_loop()
@@ -180,7 +181,7 @@ class DeviceProcess:
         if dev.client is None or not dev.client.connected:
             return  # it will see the plan again after reconnecting
         s, r = self.spec, plan.round
-        steps = plan.steps[dev.cid]
+        steps = plan_steps(plan, dev.cid)  # compact plans (1.3): shared/sampling.py
         msg_id = derive_seed(s.seed, MSG_TAG, dev.index, r)
         loss = 2.0 + 0.1 * float(uniforms(s.seed, MSG_TAG, dev.index, r + 1, 1)[0])
         upd = Update(r, msg_id, gaussian_grads(s.seed, dev.index, r, steps, s.grad_scale), dev.n_samples, self.fp_tag,
@@ -202,7 +203,7 @@ class DeviceProcess:
 
     def _join(self, dev: SimDevice) -> None:
         assert dev.client is not None
-        join = Join("", self.spec.fingerprint, self.spec.mask_id, dev.n_samples, 2.0, {"sim": True}, -1)
+        join = Join("", self.spec.fingerprint, self.spec.mask_id, dev.n_samples, 2.0, {"sim": True, "compact_plan": True}, -1)
         dev.client.publish(self.t.join(dev.cid), encode(join), 1)
 
     async def _connect(self, dev: SimDevice, first: bool) -> bool:

@@ -16,7 +16,8 @@ What it reports (human lines, then one JSON line with --json):
                       (`meerkat status --json`, per client); double_counted: the reverse, plus RoundResult
                       n_clients summed over rounds beyond the updates sent
   coordinator_*       max RSS and CPU of the coordinator process (psutil), broker_* the same for Mosquitto;
-                      *_cpu_us_per_msg = that CPU / the messages the coordinator received (same run)
+                      *_cpu_us_per_msg = that CPU up to the first receipt of the last result (start-up
+                      included, the post-run report not) / the messages the coordinator received (same run)
   plan_bytes          the largest RoundPlan payload; fanout_bytes_per_round: plan + result bytes the
                       broker delivered to all devices, per closed round
   vp_time_per_round_s apply_round on the nnz values per result (replayed here from the broadcast
@@ -300,6 +301,13 @@ class Sampler:
         self.ends: dict[str, float] = {}
         self.accepted: list[tuple[float, float]] = []  # (t, meerkat_updates_accepted_total summed)
         self.received = 0.0
+        self.cpu_series: list[tuple[float, dict[str, float]]] = []  # (t, cpu) per sample: the CPU at a moment
+
+    def cpu_until(self, t: float) -> dict[str, float]:
+        """Each process's CPU seconds at the last sample taken at or before `t` (the run window's end: the
+        coordinator's report after the last round, an idle broker afterwards are not the run's messages)."""
+        before = [cpu for ts, cpu in self.cpu_series if ts <= t]
+        return before[-1] if before else dict(self.cpu)
 
     def sample(self) -> None:
         now = time.time()
@@ -326,6 +334,7 @@ class Sampler:
             if self.rss["coordinator"]:
                 self.rss["coordinator"][-1] = (now, rss)
         self.cpu = {k: v + (sum(self._more_cpu) if k == "coordinator" else 0.0) for k, v in self.own_cpu.items()}
+        self.cpu_series.append((now, dict(self.cpu)))
         try:
             with urllib.request.urlopen(self.url, timeout=1.0) as r:
                 text = r.read().decode()
@@ -524,6 +533,9 @@ def build_result(cfg: FleetConfig, outs: list[dict[str, Any]], status: dict[str,
     coord_wall = sampler.ends.get("coordinator", time.time()) - sampler.start
     broker_wall = time.time() - sampler.start
     rss = {k: max((v for _, v in xs), default=None) for k, xs in sampler.rss.items()}
+    # the run's CPU: up to the first receipt of the last result + one sample period (start-up included; the
+    # coordinator's run report after the last round and the broker idling afterwards are not per message)
+    run_cpu = sampler.cpu_until(max(v[0] for v in results.values()) + 0.4) if results else dict(sampler.cpu)
     per_round = [{
         "round": r, "n_clients": int(results[r][2]), "updates_sent": len(sends.get(r, [])),
         "close_latency_s": _round(latency.get(r)), "ingest_msgs_per_s": _round(rates.get(r), 0),
@@ -556,8 +568,10 @@ def build_result(cfg: FleetConfig, outs: list[dict[str, Any]], status: dict[str,
         "vp_checksums_ok": vp_ok and len(vp_times) == len(results),
         "plan_bytes": max(o["plan_bytes"] for o in outs),
         "fanout_bytes_per_round": _round(sum(o["fanout_bytes"] for o in outs) / max(1, len(results)), 0),
-        "coordinator_cpu_us_per_msg": _per_msg(sampler.cpu["coordinator"], sampler.received),
-        "broker_cpu_us_per_msg": _per_msg(broker_cpu_s, sampler.received),
+        "coordinator_cpu_s_run": _round(run_cpu.get("coordinator"), 1),
+        "broker_cpu_s_run": _round(run_cpu.get("broker"), 1),
+        "coordinator_cpu_us_per_msg": _per_msg(run_cpu.get("coordinator"), sampler.received),
+        "broker_cpu_us_per_msg": _per_msg(run_cpu.get("broker"), sampler.received),
         "rejected": status.get("rejected", {}), "device_errors": _sum_dicts([o["errors"] for o in outs]),
         "connect_failures": sum(o["connect_failures"] for o in outs),
         "reconnects": sum(d["reconnects"] for d in devices.values()),

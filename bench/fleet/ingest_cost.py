@@ -39,6 +39,7 @@ async def _publish(spec: dict[str, Any]) -> None:
     from shared.codec import decode, encode
     from shared.fingerprint import fp_tag
     from shared.messages import Heartbeat, Join, RoundPlan, Status, Update
+    from shared.sampling import plan_steps
     from shared.topics import Topics
 
     t = Topics(spec["fleet"])
@@ -62,7 +63,7 @@ async def _publish(spec: dict[str, Any]) -> None:
         if phase == "join":
             for cid in ids:
                 c.publish(t.status(cid), encode(Status("", True, now)), 1, True)
-                c.publish(t.join(cid), encode(Join("", spec["fingerprint"], spec["mask_id"], 100, 2.0, {}, -1)), 1)
+                c.publish(t.join(cid), encode(Join("", spec["fingerprint"], spec["mask_id"], 100, 2.0, {"compact_plan": True}, -1)), 1)
         elif phase in ("hb_first", "hb"):
             for cid in ids:
                 hb = Heartbeat("", now, 3.0, 200 << 20, None, 45.0, 5.0, 0.5, 300 << 20, -1)
@@ -72,7 +73,7 @@ async def _publish(spec: dict[str, Any]) -> None:
                 await asyncio.sleep(0.05)
             plan, tag = plans[-1], fp_tag(spec["fingerprint"])
             for i, cid in enumerate(ids):
-                grads = gaussian_grads(spec["seed"], i, plan.round, plan.steps[cid], 1.0)
+                grads = gaussian_grads(spec["seed"], i, plan.round, plan_steps(plan, cid), 1.0)
                 c.publish(t.up(cid), encode(Update(plan.round, i + 1, grads, 100, tag, 2.0)), 1)
         await asyncio.sleep(0)
     await asyncio.sleep(0.5)

@@ -37,11 +37,22 @@ def where(*conditions: tuple[str, Any]) -> tuple[str, list[Any]]:
     return (" WHERE " + " AND ".join(c for c, _ in kept) if kept else ""), [a for _, a in kept]
 
 
+SAMPLE_MAX_KEY = "$sample_max"  # in the steps JSON of a compact plan (not a client id: no collision)
+
+
+def steps_json(steps: dict[str, int], sample_max: int | None) -> str:
+    """The `steps` column: {client: T_k}, plus {"$sample_max": "decimal u64"} for a compact plan."""
+    extra: dict[str, Any] = {} if sample_max is None else {SAMPLE_MAX_KEY: str(sample_max)}
+    return json.dumps({**steps, **extra}, sort_keys=True)
+
+
 def plan_row(row: Sequence[Any]) -> PlanRow:
     """A `rounds` row selected as PLAN_COLS."""
+    steps = json.loads(row[5])
+    sample_max = steps.pop(SAMPLE_MAX_KEY, None)
     return PlanRow(
         round=int(row[0]), state=str(row[1]), opened_at=float(row[2]), deadline=float(row[3]),
-        seeds=tuple(int(s) for s in json.loads(row[4])), steps={str(k): int(v) for k, v in json.loads(row[5]).items()},
+        seeds=tuple(int(s) for s in json.loads(row[4])), steps={str(k): int(v) for k, v in steps.items()},
         lr=float(row[6]), eps=float(row[7]), dist=cast(Dist, str(row[8])), batch_size=int(row[9]), base_round=int(row[10]),
-        base_checksum=str(row[11]), extensions=int(row[12]),
+        base_checksum=str(row[11]), extensions=int(row[12]), sample_max=None if sample_max is None else int(sample_max),
     )  # fmt: skip

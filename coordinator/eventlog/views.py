@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from coordinator.eventlog.rows import f64_list, opt, where
+from coordinator.eventlog.rows import SAMPLE_MAX_KEY, f64_list, opt, where
 from coordinator.logstore import Store
 from coordinator.records import (
     ClientStatusRow,
@@ -54,7 +54,7 @@ class LogViews:
         got = self.db.execute(
             "SELECT COUNT(*) FROM updates WHERE round=? AND status='accepted'", (row[0],)
         ).fetchone()[0]
-        return OpenRoundRow(int(row[0]), float(row[1]), float(row[2]), len(json.loads(row[3])), int(got), int(row[4]))
+        return OpenRoundRow(int(row[0]), float(row[1]), float(row[2]), len(json.loads(row[3]).keys() - {SAMPLE_MAX_KEY}), int(got), int(row[4]))
 
     def last_result_round(self) -> int:
         row = self.db.execute("SELECT MAX(round) FROM results").fetchone()

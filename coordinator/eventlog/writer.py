@@ -15,7 +15,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from coordinator.eventlog.rows import f64_blob, opt
+from coordinator.eventlog.rows import f64_blob, opt, steps_json
 from coordinator.logstore import Store
 from coordinator.records import (
     COORDINATOR_EVAL,
@@ -134,7 +134,7 @@ def _plans(db: Store, recs: Sequence[PlanRecord]) -> None:
     db.executemany(
         """INSERT INTO rounds(round, state, opened_at, deadline, seeds, steps, lr, eps, dist, batch_size,
                base_round, base_checksum, extensions) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)""",
-        [(p.round, p.state, p.opened_at, p.deadline, json.dumps(list(p.seeds)), json.dumps(p.steps, sort_keys=True),
+        [(p.round, p.state, p.opened_at, p.deadline, json.dumps(list(p.seeds)), steps_json(p.steps, p.sample_max),
           p.lr, p.eps, p.dist, p.batch_size, p.base_round, p.base_checksum, p.extensions) for p in (r.plan for r in recs)],
     )  # fmt: skip
 
@@ -142,7 +142,7 @@ def _plans(db: Store, recs: Sequence[PlanRecord]) -> None:
 def _replans(db: Store, recs: Sequence[ReplanRecord]) -> None:
     db.executemany(
         "UPDATE rounds SET steps=?, deadline=?, extensions=? WHERE round=?",
-        [(json.dumps(r.steps, sort_keys=True), r.deadline, r.extensions, r.round) for r in recs],
+        [(steps_json(r.steps, r.sample_max), r.deadline, r.extensions, r.round) for r in recs],
     )
 
 

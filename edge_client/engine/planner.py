@@ -3,14 +3,19 @@
     need(b) = weights + side-car + fixed + b * per_sequence        must be <= budget
 
 - weights: bytes of parameters + buffers + quantization states (counted, not guessed);
-- side-car: the flat buffer, its indices, and the two nnz-sized temporaries of a step (backup, z);
+- side-car: the flat buffer, its indices, the CPU copy of v_0, the wrapped layers' correction plans
+  and the two nnz-sized temporaries of a step (backup, z);
 - fixed, per_sequence: measured by calibration forwards of the step's loss (LM loss over every
   position: the worst case) at micro-batch 1 and 2 of `seq_len` tokens. per_sequence = peak(2) -
   peak(1), fixed = peak(1) - per_sequence (the dequantized weight tile, the rotary cache, ...).
-  CUDA: torch.cuda peak allocated bytes. CPU: the process's peak RSS (VmHWM, reset through
-  /proc/self/clear_refs after returning freed heap with malloc_trim) above the RSS before the call.
+  CUDA: torch.cuda peak allocated bytes. CPU: the process's peak private RSS above the private RSS
+  before the call (see MemoryMeter).
 
 On CPU the budget covers what the model needs, not the interpreter and libraries already loaded.
+CPU memory is counted without file-backed pages (RssFile: library code and the mmapped safetensors
+checkpoint, which from_pretrained keeps mapped and whose clean pages the kernel can drop and re-read):
+a model tensor that stays a view of the mmapped checkpoint (a bf16 embedding table) is counted once,
+in `weights`, and the checkpoint pages read while quantizing do not count at all.
 `MemoryMeter` is also what the client uses to record the peak memory of each round.
 """
 
@@ -43,7 +48,15 @@ class MemoryBudgetError(RuntimeError):
 
 
 class MemoryMeter:
-    """Peak memory of a stretch of work: reset(), run, peak(). CUDA allocator stats or CPU peak RSS."""
+    """Peak memory of a stretch of work: reset(), run, peak(). CUDA allocator stats or CPU private RSS.
+
+    CPU (Linux): current() is the private RSS (VmRSS - RssFile: anonymous and shared-memory pages);
+    peak() is VmHWM - RssFile, with VmHWM reset through /proc/self/clear_refs (after returning freed
+    heap with malloc_trim). VmHWM counts file-backed pages too; subtracting the file-backed RSS at the
+    end is exact while that stays constant during the call, and reads low by the file pages faulted in
+    after the private peak otherwise (a first forward over a mmapped tensor: the planner's safety
+    factor covers it). Elsewhere: psutil's RSS, sampled at the end only.
+    """
 
     def __init__(self, device: str | torch.device = "cpu") -> None:
         self.device = torch.device(device)
@@ -54,6 +67,9 @@ class MemoryMeter:
     def current(self) -> int:
         if self.device.type == "cuda":
             return int(torch.cuda.memory_allocated(self.device))
+        if self._hwm_ok:
+            rss, file, _ = _status_bytes()
+            return rss - file
         return int(self._proc.memory_info().rss)
 
     def reset(self) -> None:
@@ -72,7 +88,8 @@ class MemoryMeter:
             torch.cuda.synchronize(self.device)
             return int(torch.cuda.max_memory_allocated(self.device))
         if self._hwm_ok:
-            return _vm_hwm()
+            rss, file, hwm = _status_bytes()
+            return max(hwm - file, rss - file)
         self._sampled_peak = max(self._sampled_peak, self.current())  # no HWM reset: best effort
         return self._sampled_peak
 
@@ -84,19 +101,24 @@ class MemoryMeter:
         return out, max(0, self.peak() - before)
 
 
-def _vm_hwm() -> int:
+def _status_bytes() -> tuple[int, int, int]:
+    """(VmRSS, RssFile, VmHWM) of this process in bytes, from /proc/self/status."""
     with open("/proc/self/status") as f:
-        m = re.search(r"VmHWM:\s+(\d+) kB", f.read())
-    if m is None:
-        raise RuntimeError("/proc/self/status has no VmHWM line")
-    return int(m.group(1)) * 1024
+        text = f.read()
+    out = []
+    for key in ("VmRSS", "RssFile", "VmHWM"):
+        m = re.search(rf"{key}:\s+(\d+) kB", text)
+        if m is None:
+            raise RuntimeError(f"/proc/self/status has no {key} line")
+        out.append(int(m.group(1)) * 1024)
+    return out[0], out[1], out[2]
 
 
 def _can_reset_hwm() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        _vm_hwm()
+        _status_bytes()
         return True
     except (OSError, RuntimeError):
         log.info("cannot reset peak RSS (/proc/self/clear_refs); CPU peaks are sampled at the end only")
@@ -136,9 +158,20 @@ class MemoryPlan:
         return asdict(self)
 
 
-def step_sidecar_bytes(sidecar: SideCar | None) -> int:
-    """Buffer + indices + the step's two nnz-sized temporaries (backup copy, direction z)."""
-    return 0 if sidecar is None else sidecar.nbytes() + 2 * 4 * sidecar.nnz
+def step_sidecar_bytes(sidecar: SideCar | None, model: nn.Module | None = None) -> int:
+    """Buffer + indices + the CPU copy of v_0 + the step's two nnz-sized temporaries (backup copy,
+    direction z) + with `model`, the correction plans its wrapped layers hold (row, column, touched rows
+    and their counts: up to 32 bytes per masked entry)."""
+    if sidecar is None:
+        return 0
+    plans = 0
+    if model is not None:
+        from shared.sidecar import sidecar_layers
+
+        for _, layer in sidecar_layers(model):
+            for t in (layer.sidecar_row_of, layer.sidecar_cols, layer.sidecar_rows, layer.sidecar_counts):
+                plans += t.numel() * t.element_size()
+    return sidecar.nbytes() + 4 * sidecar.nnz + 2 * 4 * sidecar.nnz + plans
 
 
 def plan_memory(
@@ -160,7 +193,7 @@ def plan_memory(
     dev = torch.device(device) if device is not None else model_device(model)
     budget = int(budget_gib * GIB)
     weights = weight_bytes(model)
-    side = step_sidecar_bytes(sidecar)
+    side = step_sidecar_bytes(sidecar, model)
     meter = MemoryMeter(dev)
     peaks = {b: _calibrate(model, meter, b, seq_len, pad_id) for b in (1, 2)}
     per_seq = max(peaks[2] - peaks[1], 1)

@@ -27,14 +27,15 @@ if TYPE_CHECKING:
 
 
 def join_message(trainer: Trainer, budget_gib: float, last_round: int) -> Join:
-    """The Join announcing what `trainer` holds (fingerprint, mask, n_samples, capabilities)."""
+    """The Join announcing what `trainer` holds (fingerprint, mask, n_samples, capabilities), and that this
+    client reads compact plans (1.3, `compact_plan`: docs/PROTOCOL.md §2 RoundPlan key 18)."""
     return Join(
         client="",
         fingerprint=trainer.fingerprint,
         mask_id=trainer.mask_id,
         n_samples=trainer.n_samples,
         budget_gib=float(budget_gib),
-        capabilities=trainer.capabilities(),
+        capabilities={**trainer.capabilities(), "compact_plan": True},
         last_round=last_round,
     )
 

@@ -79,6 +79,7 @@ from shared.messages import (
     RunState,
     Update,
 )
+from shared.sampling import plan_steps
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +279,8 @@ class ClientRounds:
                     plan.round, plan.fingerprint[:12], plan.mask_id, me.fingerprint[:12], me.mask_id,
                 )
             return []
-        if me.client_id not in plan.steps:
+        steps = plan_steps(plan, me.client_id)  # compact plans (1.3): the exceptions, else the sampling rule
+        if not steps:
             if self.privacy is not None and plan.dp_clip is not None:  # keep `exhausted` current: the heartbeat
                 # tells the sampler (coordinator) whether a full round would still fit
                 self._privacy_refuses(plan, len(plan.seeds), "round %d is not ours, but ours would not fit: %s")
@@ -306,9 +308,9 @@ class ClientRounds:
                       plan.round, plan.values_checksum[:12], self.round, self.checksum[:12])
             self.counters["checksum_mismatch"] += 1
             return self._reset_to_initial()
-        if self._privacy_refuses(plan, plan.steps[me.client_id]):
+        if self._privacy_refuses(plan, steps):
             return []
-        return self._start_job(plan, msg_id)
+        return self._start_job(plan, msg_id, steps)
 
     def _privacy_refuses(self, plan: RoundPlan, steps: int, say: str = "not training round %d: %s") -> bool:
         """`privacy.dp_refusal` of this plan and step count, logged once per round with `say`."""
@@ -319,8 +321,7 @@ class ClientRounds:
             log.warning(say, plan.round, why)
         return why is not None
 
-    def _start_job(self, plan: RoundPlan, msg_id: int) -> list[Action]:
-        steps = plan.steps[self.me.client_id]
+    def _start_job(self, plan: RoundPlan, msg_id: int, steps: int) -> list[Action]:
         saved, self._saved = self._saved, None  # saved steps serve the first job after a restart only
         job = Job(plan, msg_id, steps, data_pointer=self.data_pointer)
         local = self.values

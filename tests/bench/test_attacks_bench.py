@@ -19,10 +19,11 @@ from bench.attacks.strategies import FLIP, SCALE, Attack, make_attack
 from bench.inproc import Device, InProcessFleet
 from bench.learning.sim import FLEET, ZOSpec, zo_config
 from coordinator.aggregate import RULES
-from coordinator.config import Aggregation
+from coordinator.config import Aggregation, CoordinatorConfig
 from coordinator.rounds import RoundBook
 from edge_client.engine.spsa import StepResult, to_f32
 from edge_client.service.rounds import ClientRounds, Identity
+from shared.apply import apply_round, values_checksum
 from shared.messages import U32, ErrorCode, ErrorMsg, Join, Update
 from shared.prng import Dist
 
@@ -56,8 +57,8 @@ class SameG:
 
 
 def fleet(rule: str, attack: str, hostile: int, cap: float = 1e6) -> tuple[InProcessFleet, Attack]:
-    """Ten devices of n = N, the first `hostile` sharing one `attack`; `cap`: a fixed |g| cap and no adaptive
-    one (so what reaches the aggregate is known: the rule alone decides)."""
+    """Ten devices of n = N (equal shares), the first `hostile` sharing one `attack`; `cap`: a fixed |g| cap
+    and no adaptive one (so what reaches the aggregate is known: the rule alone decides)."""
     spec = ZOSpec(rounds=3, T=3, lr=1e-2, eps=1e-2, batch_size=4, seed=5)
     cfg = replace(zo_config(spec, 10), aggregation=cast("Aggregation", rule), max_abs_grad=cap, grad_cap_k=0.0)
     book = RoundBook(cfg, fingerprint=FP, mask_id=MASK, values=torch.zeros(NNZ))
@@ -107,7 +108,7 @@ def test_colluders_share_one_vector_rejoin_inflates_n_before_its_first_update_ab
     flip.update("b", update(0, (9.0, 9.0, 9.0)), wire)  # another colluder's honest g: the round's vector stays
     assert [u.grads for u in wire.got if isinstance(u, Update)] == [(-FLIP, -2 * FLIP, -3 * FLIP)] * 2
     rejoin, wire = make_attack("rejoin"), CapAt(1e9)
-    join = Join(client="", fingerprint=FP, mask_id=MASK, n_samples=N, budget_gib=1.0)
+    join = Join(client="", fingerprint=FP, mask_id=MASK, n_samples=N, budget_gib=1.0, capabilities={"compact_plan": True})
     rejoin.join("a", join, wire)
     rejoin.update("a", update(3), wire)
     rejoin.update("a", update(4), wire)
@@ -132,6 +133,21 @@ def test_a_scaling_device_reaches_the_books_aggregation(rule: str) -> None:
             # rules (median; centred clipping: MAD 0, band = the median) do not move at all
             want = (9 * g + to_f32(SCALE * g)) / 10 if rule == "fedavg" else g  # f32 on the wire
             assert G == pytest.approx(want, rel=1e-9)
+    assert strategy.tally.sent == 1 + 3 and not strategy.tally.refused
+
+
+def test_the_default_rule_weighs_an_always_clipped_device_zero_and_replicas_follow_exactly() -> None:
+    """Default config (centered, center_discount): the scaling device's every scalar is outside its band, so it
+    weighs 0 and each G_t is exactly the nine honest devices' FedAvg; a replica applying the results gets
+    each result's checksum (the coordinator aggregates, the result carries what a replica needs)."""
+    f, strategy = fleet(CoordinatorConfig().aggregation, "scaling", 1)
+    values = torch.zeros(NNZ)
+    for res, _ in f.run(3):
+        assert res.n_clients == 10
+        for s, G in zip(res.seeds, res.scalars, strict=True):
+            assert G == math.fsum([N / (9 * N) * honest_g(s)] * 9)  # bit for bit: no term of the attacker
+        values = apply_round(values, res.seeds, res.scalars, res.lr, res.dist)
+        assert values_checksum(values) == res.values_checksum
     assert strategy.tally.sent == 1 + 3 and not strategy.tally.refused
 
 
@@ -170,3 +186,15 @@ def test_bench_attacks_cli_on_the_micro_model(tmp_path: Path) -> None:
     # cached runs are read back, not rerun: the same numbers
     again = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=600)
     assert json.loads(again.stdout.strip().splitlines()[-1])["runs"] == res["runs"]
+
+
+def test_the_hostile_devices_are_the_typical_ones_not_the_largest() -> None:
+    from bench.attacks.run import typical
+
+    sizes = {f"c{i}": n for i, n in enumerate([400, 10, 30, 50, 60, 70, 80, 90, 100, 110])}
+    assert typical(sizes, 1) == ["c5"]  # ranked 10, 30, 50, 60, [70], 80, ...: the 5th smallest
+    assert typical(sizes, 3) == ["c4", "c5", "c6"]
+    assert typical(sizes, 0) == [] and "c0" not in typical(sizes, 8)
+    assert typical({"a": 5, "b": 5, "c": 5}, 1) == ["b"]  # ties ranked by id
+    with pytest.raises(ValueError, match="hostile must be in 0..3"):
+        typical({"a": 5, "b": 5, "c": 5}, 4)

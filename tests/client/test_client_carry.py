@@ -44,7 +44,7 @@ class FakeTrainer:
 def test_join_and_sync_messages_round_trip_the_codec() -> None:
     join = join_message(FakeTrainer(), 2, last_round=4)
     assert join == Join(client="", fingerprint=FP, mask_id=MASK, n_samples=24, budget_gib=2.0,
-                        capabilities={"device": "cpu", "quant": "nf4", "nnz": 64}, last_round=4)
+                        capabilities={"device": "cpu", "quant": "nf4", "nnz": 64, "compact_plan": True}, last_round=4)
     assert isinstance(join.budget_gib, float) and decode(encode(join), Join, client="d") == dataclasses.replace(
         join, client="d")
     assert decode(encode(sync_message(7)), SyncRequest, client="d") == SyncRequest(client="d", have_round=7)

@@ -64,7 +64,7 @@ def test_client_on_a_fleet_with_another_mask_exits_6_with_the_fix(toy: Toy, brok
     peer.start()
     try:  # a device of the fleet joins, so a round opens: the retained plan names the fleet's mask
         assert peer.connected.wait(10)
-        join = encode(Join("", toy.fingerprint, fleet_mask.mask_id, 8, 1.0, {}, -1))
+        join = encode(Join("", toy.fingerprint, fleet_mask.mask_id, 8, 1.0, {"compact_plan": True}, -1))
         end = time.monotonic() + 60
         while True:  # the coordinator's subscriptions may not be in place yet (a loaded machine): join again
             peer.publish(t.join(peer.client_id), join, 1)

@@ -27,6 +27,7 @@ from edge_client.service.actions import (
 from edge_client.service.rounds import ClientRounds, Progress, update_msg_id
 from shared.apply import apply_round, values_checksum
 from shared.messages import ErrorCode, ErrorMsg, Heartbeat, Replay
+from shared.sampling import sample_key
 
 from roundkit import IDENTITY, ME, V0, chunks_of, core, engine_step, of, plan, result, run_steps  # isort: skip
 
@@ -61,6 +62,19 @@ def test_reissued_plan_with_the_same_work_continues_the_round() -> None:
 def test_not_sampled() -> None:
     c = core()
     assert c.on_plan(plan(steps={"other": 3}), 0.0) == [] and c.tick(0.0) == [SendSync(-1)] and c.job is None
+
+
+@pytest.mark.parametrize("exception", [None, 1])
+def test_compact_plan_samples_by_key_and_keeps_the_exceptions(exception: int | None) -> None:
+    """1.3 compact plan: not in `steps`, the device runs len(seeds) steps iff its key <= sample_max; an
+    entry in `steps` (a MEERKAT-VP limit) wins."""
+    key = sample_key(11, ME)  # seeds[0] = 11 in roundkit.plan
+    steps = {} if exception is None else {ME: exception}
+    c = core()
+    c.on_plan(plan(steps=steps, sample_max=key), 0.0)  # the key equal to sample_max: sampled
+    assert len(of(TrainStep, run_steps(c))) == (exception or 3)
+    below = core()
+    assert below.on_plan(plan(steps={}, sample_max=key - 1), 0.0) == [] and below.job is None  # one below: out
 
 
 def test_wrong_fleet() -> None:

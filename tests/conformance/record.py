@@ -68,6 +68,7 @@ from shared.messages import (  # noqa: E402
 )
 from shared.mqtt import MqttLink  # noqa: E402
 from shared.prng import derive_seed, raw_u64  # noqa: E402
+from shared.sampling import plan_steps  # noqa: E402
 from shared.topics import Topics  # noqa: E402
 
 log = logging.getLogger("record")
@@ -79,7 +80,7 @@ INBOUND = {"up", "join", "hb", "status", "sync"}  # kinds a client writes
 EXPECTED: dict[str, type | tuple[type, ...]] = {  # topic kind -> the message type allowed on it (PROTOCOL.md §1)
     "plan": RoundPlan, "result": RoundResult, "result_latest": RoundResult, "up": Update, "join": Join,
     "hb": Heartbeat, "status": Status, "sync": SyncRequest,
-    "to": (Replay, CheckpointChunk, ErrorMsg), "run": RunState,
+    "to": (Replay, CheckpointChunk, ErrorMsg), "run": RunState,  # run: 1.3, the run's lifecycle
 }  # fmt: skip
 
 
@@ -130,7 +131,7 @@ class Ctx:
 
     def send(self, dev: FakeClient, plan: RoundPlan, n_samples: int, msg_id: int | None = None,
              grads: list[float] | None = None, loss: float = 2.5) -> None:  # fmt: skip
-        g = grads if grads is not None else synthetic_grads(dev.cid, plan.round, plan.steps[dev.cid])
+        g = grads if grads is not None else synthetic_grads(dev.cid, plan.round, plan_steps(plan, dev.cid))
         dev.update(plan.round, g, n_samples, self.fingerprint, msg_id=msg_id or 1000 + plan.round, loss=loss)
 
     def result(self, dev: FakeClient, r: int) -> RoundResult:
@@ -185,15 +186,22 @@ def sc_late_fold(ctx: Ctx) -> None:
     play(ctx, 2, {"dev-a": 10, "dev-b": 30, "dev-c": 20})
 
 
+def _uncovered(plan: RoundPlan, prefix: str) -> str:
+    """The first id prefix0, prefix1, ... whose sampling key is above the plan's sample_max (not in the round)."""
+    return next(c for c in (f"{prefix}{i}" for i in range(1000)) if not plan_steps(plan, c))
+
+
 def sc_extension(ctx: Ctx) -> None:
     a, _b = ctx.device("dev-a", 10), ctx.device("dev-b", 30)
-    p0 = ctx.plan(a, 0)
-    c = ctx.device("dev-c", 20)  # joins after round 0 opened: not sampled yet
+    p0 = ctx.plan(a, 0)  # clients_per_round = 2: sample_max = the larger key of dev-a, dev-b
+    cid = _uncovered(p0, "dev-c")
+    c = ctx.device(cid, 20)  # joins after round 0 opened, its key above sample_max: not in the round yet
     ctx.send(a, p0, 10)  # dev-b stays silent: 1 < min_updates = 2 at the deadline -> extend
-    p0x = ctx.plan(c, 0, lambda p: "dev-c" in p.steps)  # the re-issued plan adds dev-c
+    p0x = ctx.plan(c, 0, lambda p: plan_steps(p, cid) > 0)  # the re-issued plan raises sample_max to cover it
     ctx.send(c, p0x, 20)
     ctx.result(a, 0)
-    play(ctx, 1, {"dev-a": 10, "dev-b": 30, "dev-c": 20})
+    p1 = ctx.plan(a, 1)  # clients_per_round = 2 of the 3: the one above sample_max sits round 1 out
+    play(ctx, 1, {k: n for k, n in {"dev-a": 10, "dev-b": 30, cid: 20}.items() if plan_steps(p1, k)})
 
 
 def sc_vp_limited(ctx: Ctx) -> None:
@@ -205,10 +213,10 @@ def sc_vp_limited(ctx: Ctx) -> None:
         plan = ctx.plan(steady, r)
         ctx.plan(decay, r)
         for dev, gradip in ((steady, [0.1] * T), (decay, [1.0, 1.0, 1e-3, 1e-3])):
-            n = plan.steps[dev.cid]  # round 0: both T; later: dev-decay limited to 1 step
+            n = plan_steps(plan, dev.cid)  # round 0: both T; later: dev-decay limited to 1 step
             ctx.send(dev, plan, 10, grads=[gradip[t] / mon.coefficient(s) for t, s in enumerate(plan.seeds[:n])])
         ctx.result(steady, r)
-    assert plan.steps == {"dev-steady": T, "dev-decay": 1}, plan.steps
+    assert plan.steps == {"dev-decay": 1} and plan_steps(plan, "dev-steady") == T, plan  # the exception only
 
 
 def _history_then_latecomer(ctx: Ctx) -> FakeClient:
@@ -275,8 +283,12 @@ def sc_errors(ctx: Ctx) -> None:
     wrong_fp.join("f" * 64, ctx.mask.mask_id, 5)  # FINGERPRINT_MISMATCH
     wrong_quant = ctx.device("dev-q", 5, join=False)  # the fleet runs nf4 (quant_policy "same"): QUANT_MISMATCH
     wrong_quant.publish(t.join("dev-q"), encode(Join("", ctx.fingerprint, ctx.mask.mask_id, 5, 1.0, {"quant": "int8"}, -1)))
+    old = ctx.device("dev-old", 5, join=False)  # a 1.2 device: no compact_plan capability -> PLAN_FORM
+    old.publish(t.join("dev-old"), encode(Join("", ctx.fingerprint, ctx.mask.mask_id, 5, 1.0, {"device": "cpu"}, -1)))
     plan = ctx.plan(a, 0)
-    wrong_mask.update(0, [0.1] * T, 5, ctx.fingerprint)  # not sampled: NOT_IN_ROUND
+    out = ctx.device(_uncovered(plan, "dev-out"), 5, join=False)  # key above sample_max: NOT_IN_ROUND
+    out.update(0, [0.1] * T, 5, ctx.fingerprint)
+    wrong_mask.update(0, [0.1] * T, 5, ctx.fingerprint)  # its key is covered (or not), but it never joined
     a.update(0, [0.1] * (T - 1), 10, ctx.fingerprint, msg_id=7)  # wrong step count: BAD_UPDATE
     a.update(99, [0.1] * T, 10, ctx.fingerprint, msg_id=7)  # a round that was never planned
     b.update(0, [0.1] * T, 30, "f" * 64, msg_id=7)  # another model's fp_tag: FINGERPRINT_MISMATCH
@@ -286,7 +298,7 @@ def sc_errors(ctx: Ctx) -> None:
     ctx.send(a, plan, 10, msg_id=1)  # QoS1 retransmission: a duplicate, silently deduped
     ctx.send(a, plan, 10, msg_id=2, grads=[0.2] * T)  # a different update for the same round: first wins
     ghost.wait_for(ErrorMsg, timeout=10)
-    for dev in (wrong_mask, wrong_fp, wrong_quant):
+    for dev in (wrong_mask, wrong_fp, wrong_quant, old, out):
         dev.wait_for(ErrorMsg)
     ctx.send(b, plan, 30, msg_id=1)
     ctx.result(a, 0)
@@ -309,10 +321,10 @@ SCENARIOS = [
              "result 1 (straggler = next)", sc_late_fold,
              {"min_clients": 3, "min_updates": 2, "round_deadline_s": 1.5}, stop_after=2),
     Scenario("extension", "round 0 has 1 < min_updates update at its deadline: the plan is re-issued with a "
-             "later deadline and dev-c added", sc_extension,
-             {"min_updates": 2, "round_deadline_s": 1.5}, stop_after=1),
+             "later deadline and a higher sample_max that covers dev-c", sc_extension,
+             {"min_updates": 2, "round_deadline_s": 1.5, "clients_per_round": 2}, stop_after=1),
     Scenario("vp_limited", "MEERKAT-VP: dev-decay's GradIP decays in round 0, so later plans give it steps = 1",
-             sc_vp_limited, {"drift_window": 2, "drift_min_steps": 4}, stop_after=2),
+             sc_vp_limited, {"drift_window": 2, "drift_min_steps": 4, "drift_decay_rule": "absolute"}, stop_after=2),
     Scenario("replay", "dev-late joins at round -1 while round 3 is open and catches up by Replay (and an "
              "empty Replay when up to date), then trains round 4", sc_replay, stop_after=4),
     Scenario("checkpoint", "dev-late is more than replay_max behind: CheckpointChunks of round 2, then a "
@@ -320,9 +332,10 @@ SCENARIOS = [
     Scenario("lr_auto", "lr = \"auto\" (issue 32): the lr grows while the loss falls; round 2's local paths "
              "diverge, so its RoundResult carries a quarter of its plan's lr (receivers apply the result's lr) and "
              "round 3's plan half", sc_lr_auto, {"lr": "auto", "lr_start": 0.01}, stop_after=3),
-    Scenario("errors", "every ErrorMsg the coordinator sends: mask / fingerprint / quant mismatch, not in round, wrong "
-             "step count, unplanned round, n_samples 0, undecodable payload, unknown client; a duplicate "
-             "and a conflicting update", sc_errors, stop_after=0),
+    Scenario("errors", "every ErrorMsg the coordinator sends: mask / fingerprint / quant mismatch, a 1.2 Join "
+             "(plan form), not in round, wrong step count, unplanned round, n_samples 0, undecodable payload, "
+             "unknown client; a duplicate and a conflicting update", sc_errors, {"clients_per_round": 2},
+             stop_after=0),
 ]  # fmt: skip
 
 
@@ -408,7 +421,7 @@ def write(sc: Scenario, d: Path, fleet: str, mask: Mask, v0: torch.Tensor, cfg: 
         "coordinator": {k: getattr(cfg, k) for k in (
             "master_seed", "steps", "lr", "lr_start", "eps", "batch_size", "min_clients", "min_updates", "round_deadline_s",
             "max_extensions", "straggler", "aggregation", "replay_max", "chunk_bytes", "drift_control",
-            "drift_window", "drift_min_steps")},
+            "drift_window", "drift_min_steps", "drift_decay_rule", "clients_per_round", "plan_form")},
     }  # fmt: skip
     (d / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     with (d / "messages.jsonl").open("w") as f:

@@ -37,6 +37,7 @@ from shared.messages import (  # noqa: E402
     SyncRequest,
     Update,
 )
+from shared.sampling import plan_steps  # noqa: E402
 from shared.topics import ID_RE, PREFIX  # noqa: E402
 
 ON_TOPIC: dict[str, Any] = {  # topic kind -> what may arrive there (PROTOCOL.md §1)
@@ -107,6 +108,10 @@ class Receiver:
             n = len(res.seeds) if self.max_pairs is None else self.max_pairs
             self.values = apply_round(self.values, res.seeds[:n], res.scalars[:n], res.lr, res.dist)
             return {"round": res.round, "values_checksum": values_checksum(self.values)}
+        if op == "steps":  # 1.3: T_client of a plan (compact: the exceptions, else the sampling rule)
+            where = _topic(req["topic"])
+            plan = decode(bytes.fromhex(req["payload"]), RoundPlan, fleet=where[2] if where else "")
+            return {"steps": plan_steps(plan, req["client"])}
         return {"error": f"unknown op {op!r}"}
 
 

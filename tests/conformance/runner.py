@@ -14,6 +14,8 @@ requests from stdin, one JSON object per line, and answers each with exactly one
         -> {"values_checksum": HEX}
     {"op": "apply", "payload": HEX}      decode a RoundResult payload and apply it to the held values (§5)
         -> {"round": R, "values_checksum": HEX}         checksum the implementation COMPUTED (not copied)
+    {"op": "steps", "topic": T, "payload": HEX, "client": C}   decode a RoundPlan and say what C runs (1.3)
+        -> {"steps": N}                                  T_C of §2 RoundPlan (0: not sampled)
 
 What the runner checks, per transcript: every payload decodes to the recorded type and fields (or is
 refused with the recorded code); v_0 loads with meta's checksum; every RoundResult applied in round
@@ -41,6 +43,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 TRANSCRIPTS = HERE / "transcripts"
 VECTORS = HERE / "vectors" / "decode_edge.jsonl"
+STEPS_VECTORS = HERE / "vectors" / "plan_steps.jsonl"  # 1.3 compact plans: who runs how many steps
 
 
 class Impl:
@@ -184,6 +187,16 @@ def check_rules(t: Transcript) -> None:
     for r, ps in plans.items():  # a re-issued plan (extension) keeps the round's seeds and every sampled client
         t.check(all(q["seeds"] == ps[0]["seeds"] and set(ps[0]["steps"]) <= set(q["steps"]) for q in ps),
                 f"plan {r}: a re-issued plan changed the seeds or dropped a client")  # fmt: skip
+        t.check(all(("sample_max" in q) == ("sample_max" in ps[0]) and q.get("sample_max", 0) >= ps[0].get("sample_max", 0)
+                    for q in ps), f"plan {r}: a re-issued compact plan lowered sample_max")  # fmt: skip
+    for ln in t.of_type("Update"):  # an accepted Update has the length its plan gives its client (§2 RoundPlan)
+        latest = plans.get(ln["decoded"]["round"])
+        p = latest[-1] if latest else None
+        refused = any(x["topic"] == ln["topic"].replace("/up/", "/to/") and x["seq"] > ln["seq"]
+                      and x.get("type") == "ErrorMsg" for x in t.lines)  # fmt: skip
+        if p is not None and not refused:
+            n = plan_steps(p, ln["topic"].rsplit("/", 1)[1])
+            t.check(len(ln["decoded"]["grads"]) == n, f"update {ln['seq']}: {len(ln['decoded']['grads'])} grads, its plan gives {n}")
     for ln in t.of_type("Update"):  # another model's fp_tag must be refused with FINGERPRINT_MISMATCH (32)
         if ln["decoded"]["fp_tag"] != m["fp_tag"]:
             to = ln["topic"].replace("/up/", "/to/")
@@ -199,6 +212,29 @@ def check_rules(t: Transcript) -> None:
             t.check(res["dist"] == plan["dist"], f"result {r}: dist differs from the plan")
             # 1.3 (issue 32): the coordinator may apply a round at a smaller lr than its plan's (a damped round)
             t.check(0 < res["lr"] <= plan["lr"], f"result {r}: lr {res['lr']} not in (0, the plan's {plan['lr']}]")
+
+
+def sample_key(seed0: int, client: str) -> int:
+    """§2 RoundPlan (1.3): the first 8 bytes, little-endian, of sha256(le64(seeds[0]) || utf8(client))."""
+    return int.from_bytes(hashlib.sha256(seed0.to_bytes(8, "little") + client.encode()).digest()[:8], "little")
+
+
+def plan_steps(plan: dict[str, Any], client: str) -> int:
+    """T_client of a decoded plan (JSON form): steps[client], else len(seeds) under sample_max, else 0."""
+    if client in plan["steps"]:
+        return int(plan["steps"][client])
+    if "sample_max" in plan and sample_key(plan["seeds"][0], client) <= plan["sample_max"]:
+        return len(plan["seeds"])
+    return 0
+
+
+def check_steps(path: Path, impl: Impl) -> Transcript:
+    """The 1.3 sampling vectors: each names a plan payload, a client, its key and the steps it runs."""
+    t = Transcript(path.stem, path, {}, [json.loads(s) for s in path.read_text().splitlines() if s.strip()])
+    for v in t.lines:
+        got = impl.ask({"op": "steps", "topic": v["topic"], "payload": v["payload"], "client": v["client"]})
+        t.check(got == {"steps": v["steps"]}, f"{v['name']} ({v['rule']}): expected steps {v['steps']} (key {v['key']}), got {str(got)[:200]}")
+    return t
 
 
 def check_vectors(path: Path, impl: Impl) -> tuple[Transcript, list[str]]:
@@ -220,7 +256,8 @@ def check_vectors(path: Path, impl: Impl) -> tuple[Transcript, list[str]]:
     return t, pending_failed
 
 
-def run(transcripts: list[Path], impl_argv: list[str], vectors: Path | None = VECTORS) -> list[Transcript]:
+def run(transcripts: list[Path], impl_argv: list[str], vectors: Path | None = VECTORS,
+        steps_vectors: Path | None = STEPS_VECTORS) -> list[Transcript]:  # fmt: skip
     impl = Impl(impl_argv)
     done = []
     try:
@@ -228,6 +265,8 @@ def run(transcripts: list[Path], impl_argv: list[str], vectors: Path | None = VE
             t, pending = check_vectors(vectors, impl)
             t.meta["pending_failed"] = pending
             done.append(t)
+        if steps_vectors is not None:
+            done.append(check_steps(steps_vectors, impl))
         for path in transcripts:
             t = load(path)
             check_decode(t, impl)

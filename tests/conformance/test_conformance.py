@@ -51,8 +51,9 @@ def test_scenarios_show_what_they_claim(results: dict[str, runner.Transcript]) -
     assert any(len(ln["decoded"]["seeds"]) > plan_len for ln in late.values()), "no late pairs folded"
     plans0 = [p["decoded"] for p in results["extension"].of_type("RoundPlan") if p["decoded"]["round"] == 0]
     assert len(plans0) == 2 and plans0[1]["deadline"] > plans0[0]["deadline"]
-    assert set(plans0[1]["steps"]) > set(plans0[0]["steps"])
-    vp = [p["decoded"]["steps"] for p in results["vp_limited"].of_type("RoundPlan")]
+    assert plans0[1]["sample_max"] > plans0[0]["sample_max"] and plans0[0]["steps"] == {}  # compact plans (1.3)
+    vp = [{c: runner.plan_steps(p["decoded"], c) for c in ("dev-decay", "dev-steady")}
+          for p in results["vp_limited"].of_type("RoundPlan")]
     assert vp[0]["dev-decay"] > 1 and vp[-1]["dev-decay"] == 1 and vp[-1]["dev-steady"] > 1
     assert "Replay" in types("replay") and "CheckpointChunk" in types("checkpoint")
     assert results["gaussian"].meta["dist"] == "gaussian" and results["baseline"].meta["dist"] == "rademacher"
@@ -60,7 +61,7 @@ def test_scenarios_show_what_they_claim(results: dict[str, runner.Transcript]) -
     res_lr = {r["decoded"]["round"]: r["decoded"]["lr"] for r in results["lr_auto"].of_type("RoundResult")}
     assert len(set(plan_lr.values())) >= 2 and any(res_lr[r] < plan_lr[r] for r in res_lr), (plan_lr, res_lr)
     codes = {ln["decoded"]["code"] for ln in results["errors"].of_type("ErrorMsg")}
-    assert {3, 32, 33, 35, 36, 38, 39, 40} <= codes, codes  # 39 UNKNOWN_ROUND, 40 CONFLICT (PROTOCOL.md 1.1)
+    assert {3, 32, 33, 35, 36, 38, 39, 40, 41, 42} <= codes, codes  # 39-41 (1.1), 42 PLAN_FORM (1.3)
     assert "BAD_MAGIC" in types("errors")
     kinds = {t for r in results.values() for t in (ln.get("type") for ln in r.lines) if t}
     assert len(kinds) == 11, kinds  # all eleven message types occur (RunState, 1.3: in the decode vectors)
@@ -75,9 +76,30 @@ def test_edge_vectors_pending_are_exactly_the_known_gaps(results: dict[str, runn
 
 
 def test_vectors_file_is_current(tmp_path: Path) -> None:
-    fresh = tmp_path / "v.jsonl"
-    vectors.write(fresh)
+    fresh, steps = tmp_path / "v.jsonl", tmp_path / "s.jsonl"
+    vectors.write(fresh, steps)
     assert fresh.read_text() == runner.VECTORS.read_text(), "run tests/conformance/vectors.py"
+    assert steps.read_text() == runner.STEPS_VECTORS.read_text(), "run tests/conformance/vectors.py"
+
+
+def test_compact_plan_sampling_vectors(results: dict[str, runner.Transcript]) -> None:
+    """1.3 compact plans: the reference computes every vector's T_client, and the vectors reach both sides
+    of the threshold, its edge, the exceptions and the 1.2 list form."""
+    t = results["plan_steps"]
+    assert t.failures == [] and t.checks == len(t.lines) >= 20
+    got = {v["steps"] for v in t.lines}
+    assert {0, 1, 2, 3} <= got
+    names = {v["name"] for v in t.lines}
+    assert {"rule_key_equal", "rule_key_minus_one", "exception_limited", "all_sampled", "list_plan_unlisted"} <= names
+
+
+def test_runner_catches_a_wrong_sampling_rule(tmp_path: Path) -> None:
+    """An implementation that ignores sample_max (a 1.2 reading of `steps`) fails the sampling vectors."""
+    lines = [json.loads(s) for s in runner.STEPS_VECTORS.read_text().splitlines()]
+    wrong = tmp_path / "impl.py"
+    wrong.write_text("import json, sys\nfor line in sys.stdin:\n    print(json.dumps({'steps': 0}), flush=True)\n")
+    (t,) = runner.run([], [sys.executable, str(wrong)], vectors=None)
+    assert len(t.failures) == sum(1 for v in lines if v["steps"]), t.failures[:3]
 
 
 def test_runner_catches_a_wrong_apply() -> None:
@@ -99,7 +121,7 @@ def test_runner_catches_a_wrong_decode(tmp_path: Path) -> None:
     plan = next(ln for ln in lines if ln.get("type") == "RoundPlan")
     plan["decoded"]["eps"] = plan["decoded"]["eps"] * 2  # the recording now disagrees with the bytes
     (dst / "messages.jsonl").write_text("".join(json.dumps(ln) + "\n" for ln in lines))
-    (t,) = runner.run([dst], IMPL, vectors=None)
+    (t,) = runner.run([dst], IMPL, vectors=None, steps_vectors=None)
     assert any("eps" in f for f in t.failures), t.failures
 
 
@@ -118,7 +140,7 @@ def test_vectors_cover_every_code_limit_and_decision() -> None:
               "str_over_max_str", "bin_over_max_bin", "array_over_max_array", "map_over_max_map",
               "containers_over", "depth_over")  # fmt: skip
     assert set(limits) <= names, set(limits) - names
-    for d in ("d1_", "d2_", "d5_", "d6_", "d7_", "d8_", "order_", "retained_clear_"):
+    for d in ("d1_", "d2_", "d5_", "d6_", "d7_", "d8_", "order_", "retained_clear_", "compact_plan"):
         assert any(n.startswith(d) for n in names), d
     assert {"foreign_topic", "retained_clear"} == {v["ignored"] for v in vs if "ignored" in v}
     assert len(names) == len(vs), "vector names must be unique"

@@ -18,6 +18,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "vectors" / "decode_edge.jsonl"
+STEPS_OUT = HERE / "vectors" / "plan_steps.jsonl"  # 1.3 compact plans: T_client (runner op "steps")
 for p in (HERE.parents[1], HERE):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
@@ -147,7 +148,7 @@ def vectors() -> list[dict[str, Any]]:
         dict(name="plan_4096_seeds", rule="a plan of 4096 seeds, one client running all of them", topic=f"{F}/plan",
              payload=_plan(4096), type="RoundPlan"),
     ]  # fmt: skip
-    v += limits() + check_order() + decisions() + error_codes()
+    v += limits() + check_order() + decisions() + error_codes() + compact_plans()
     for x in v:
         x["payload"] = x["payload"].hex()
     return v
@@ -380,9 +381,75 @@ def error_codes() -> list[dict[str, Any]]:
     ]  # fmt: skip
 
 
-def write(path: Path = OUT) -> None:
+# ---- protocol 1.3: compact plans (issue 31) ---------------------------------------------------------------
+
+U64_MAX = (1 << 64) - 1
+SEED0 = 0x243F6A8885A308D3  # seeds[0] of the sampling vectors' plans
+
+
+def _key(seed0: int, client: str) -> int:
+    """§2 RoundPlan: sha256(le64(seeds[0]) || utf8(client)), first 8 bytes little-endian (written out here,
+    not imported, so the vectors do not depend on the code they check)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(seed0.to_bytes(8, "little") + client.encode()).digest()[:8], "little")
+
+
+def _cplan(sample_max: int | None, steps: dict[str, int], n_seeds: int = 3) -> bytes:
+    seeds = struct.pack(f"<{n_seeds}Q", SEED0, *range(1, n_seeds))
+    body = {0: "conf-vectors", 1: 4, 2: seeds, 3: 0.01, 4: 0.001, 5: 0, 6: steps, 7: 3, 8: 1.0, 9: FP32, 10: MASK8,
+            11: 1, 12: b"\x33" * 32, **({} if sample_max is None else {18: sample_max})}  # fmt: skip
+    return _p(2, _mp(body))
+
+
+def compact_plans() -> list[dict[str, Any]]:
+    """Decode vectors of key 18 (sample_max)."""
+    return [
+        dict(name="compact_plan", rule="1.3: a compact plan: sample_max (key 18), steps holds only the exceptions",
+             topic=f"{F}/plan", payload=_cplan(1 << 63, {"dev-vp": 1}), type="RoundPlan"),
+        dict(name="compact_plan_all", rule="1.3: sample_max 2^64-1 samples every device", topic=f"{F}/plan",
+             payload=_cplan(U64_MAX, {}), type="RoundPlan"),
+        dict(name="compact_plan_negative", rule="1.3: sample_max is a u64", topic=f"{F}/plan",
+             payload=_cplan(-1, {}), error="INVALID_FIELD"),
+        dict(name="compact_plan_float", rule="1.3: sample_max is an integer", topic=f"{F}/plan",
+             payload=_cplan(None, {}).replace(b"\x8d", b"\x8e", 1) + b"\x12\xcb" + struct.pack(">d", 0.5),
+             error="INVALID_FIELD"),
+    ]  # fmt: skip
+
+
+def steps_vectors() -> list[dict[str, Any]]:
+    """What each client runs under a plan (runner op "steps"): the hash, the threshold's edges, exceptions."""
+    ids = [f"dev-{i:03d}" for i in range(12)]
+    keys = sorted((_key(SEED0, c), c) for c in ids)
+    mid_key, mid = keys[5]  # sample_max = the 6th smallest key: those 6 are in, the rest out
+    out: list[dict[str, Any]] = []
+
+    def add(name: str, rule: str, sample_max: int | None, steps: dict[str, int], client: str, want: int) -> None:
+        out.append(dict(name=name, rule=rule, topic=f"{F}/plan", payload=_cplan(sample_max, steps).hex(),
+                        client=client, key=_key(SEED0, client), steps=want))  # fmt: skip
+
+    for k, c in keys:
+        add(f"rule_{c}", "key <= sample_max: len(seeds) steps, else 0", mid_key, {}, c, 3 if k <= mid_key else 0)
+    add("rule_key_equal", "key == sample_max is sampled (<=)", mid_key, {}, mid, 3)
+    add("rule_key_minus_one", "sample_max one below the key: not sampled", mid_key - 1, {}, mid, 0)
+    add("exception_limited", "a steps entry wins over the rule (MEERKAT-VP: 1 step)", mid_key, {mid: 1}, mid, 1)
+    out_id = keys[-1][1]
+    add("exception_above_rule", "a steps entry samples a device the rule does not cover", mid_key, {out_id: 2},
+        out_id, 2)
+    add("all_sampled", "sample_max 2^64-1: every device", U64_MAX, {}, out_id, 3)
+    add("none_by_rule", "sample_max 0: only the exceptions (and a key of exactly 0)", 0, {ids[0]: 3}, ids[1], 0)
+    add("list_plan_listed", "no sample_max (1.2 list plan): steps names every sampled device", None, {ids[0]: 2},
+        ids[0], 2)
+    add("list_plan_unlisted", "no sample_max: a device not listed sits the round out", None, {ids[0]: 2}, ids[1], 0)
+    add("mixed_case_id", "the id's bytes as they are (case kept, '_', '.', '-')", mid_key, {}, "Dev_9.x-Z",
+        3 if _key(SEED0, "Dev_9.x-Z") <= mid_key else 0)
+    return out
+
+
+def write(path: Path = OUT, steps_path: Path = STEPS_OUT) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(x, separators=(",", ":")) + "\n" for x in vectors()))
+    steps_path.write_text("".join(json.dumps(x, separators=(",", ":")) + "\n" for x in steps_vectors()))
 
 
 if __name__ == "__main__":

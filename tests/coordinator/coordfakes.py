@@ -23,9 +23,15 @@ from shared.maskfile import Mask, MaskMeta
 from shared.messages import ErrorCode, ErrorMsg, Heartbeat, Join, Message, Status, SyncRequest, Update
 from shared.mqtt import MqttLink, Will
 from shared.prng import raw_u64
+from shared.sampling import plan_steps
 from shared.topics import Topics
 
 M = TypeVar("M")
+
+
+def sampled(plan: Any, ids: Any) -> dict[str, int]:
+    """{id: T} of the ids a wire RoundPlan samples (compact plans list only exceptions: shared/sampling.py)."""
+    return {c: t for c in ids if (t := plan_steps(plan, c))}
 
 
 def uid(prefix: str) -> str:
@@ -83,7 +89,7 @@ class FakeClient:
         self.publish(t.status(self.cid), encode(Status("", True, time.time())), 1, True)
         self.publish(
             t.join(self.cid),
-            encode(Join("", fingerprint, mask_id, n_samples, 1.0, {"cpu": True}, last_round)),
+            encode(Join("", fingerprint, mask_id, n_samples, 1.0, {"cpu": True, "compact_plan": True}, last_round)),
         )
 
     def update(

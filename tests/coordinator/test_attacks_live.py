@@ -28,6 +28,7 @@ from coordinator.server import Coordinator
 from shared.apply import apply_round, values_checksum
 from shared.messages import ErrorCode, ErrorMsg, RoundPlan, RoundResult
 from shared.prng import directions, raw_u64
+from shared.sampling import plan_steps
 
 pytestmark = pytest.mark.slow
 
@@ -66,7 +67,7 @@ class Honest(FakeClient):
         self.values, self.data = v0.clone(), TARGET + vec(20 + i, 0.3)
 
     def answer(self, plan: RoundPlan) -> None:
-        self.update(plan.round, zo_grads(self.values, self.data, plan, plan.steps[self.cid]), 10, FP,
+        self.update(plan.round, zo_grads(self.values, self.data, plan, plan_steps(plan, self.cid)), 10, FP,
                     msg_id=plan.round + 1)  # fmt: skip
 
     def apply(self, r: int) -> None:
@@ -82,7 +83,7 @@ class Hostile(FakeClient):
 
     def attack(self, kind: str, plan: RoundPlan, values: torch.Tensor) -> int:
         """One round of the attack; returns how many of its updates were refused (its bisection oracle)."""
-        true = zo_grads(values, TARGET, plan, plan.steps[self.cid])  # the direction that helps: it sends the opposite
+        true = zo_grads(values, TARGET, plan, plan_steps(plan, self.cid))  # the direction that helps: it sends the opposite
         up = [-math.copysign(1.0, g) for g in true]
         refused = 0
         while True:
@@ -122,7 +123,7 @@ def test_patient_attack_does_not_steer_the_default_fleet(tmp_path: Path, broker_
             for h in honest:
                 h.answer(plan)
             if r < CLEAN:  # an honest device until the attack starts (its own data: honest 0's)
-                evil.update(r, zo_grads(honest[0].values, honest[0].data, plan, plan.steps[evil.cid]), 10, FP,
+                evil.update(r, zo_grads(honest[0].values, honest[0].data, plan, plan_steps(plan, evil.cid)), 10, FP,
                             msg_id=r + 1)  # fmt: skip
             else:
                 refused += evil.attack(kind, plan, honest[0].values)

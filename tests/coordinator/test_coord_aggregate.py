@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from coordfakes import synthetic_v0
 
+from coordinator import centered
 from coordinator.aggregate import Group, aggregate, result_scalars
-from coordinator.scheduler import close_decision, round_seeds, sample_clients
+from coordinator.scheduler import close_decision, round_seeds
 from shared.apply import apply_round
 from shared.prng import derive_seed, directions, raw_u64
 
@@ -105,15 +106,6 @@ def test_result_scalars_fedavg_is_the_formula_bit_for_bit(seed: int) -> None:
             assert [x.hex() for x in got] == [x.hex() for x in want]
 
 
-def test_sampling_is_deterministic_and_from_prng() -> None:
-    pool = [f"c{i:02d}" for i in range(20)]
-    s1 = sample_clients(pool, 5, 42, 3)
-    assert s1 == sample_clients(list(reversed(pool)), 5, 42, 3) and len(s1) == 5
-    assert s1 != sample_clients(pool, 5, 42, 4) or s1 != sample_clients(pool, 5, 43, 3)
-    assert set(sample_clients(pool, 5, 42, 3, 1, exclude=s1)).isdisjoint(s1)
-    assert sample_clients(pool, 0, 42, 3) == pool
-
-
 def test_close_decision() -> None:
     assert close_decision(["a", "b"], ["a", "b"], 0.0, 10.0, 2, 0, 3).action == "close"
     assert close_decision(["a", "b"], ["a"], 0.0, 10.0, 1, 0, 3).action == "wait"
@@ -181,3 +173,38 @@ def test_centered_numpy_pass_is_the_per_step_rule(n: int) -> None:
             want[c][t] = new
     assert {c: list(gs) for c, gs in got.items()} == want and clipped == count
     assert (clipped > 0) == (n >= 3)  # two values are never clipped (each is half their gap from the median)
+
+
+def test_centered_discount_weighs_a_device_by_its_share_of_scalars_inside_the_bands() -> None:
+    honest = {"a": [1.0, 3.0], "b": [1.5, 3.5], "c": [2.0, 4.0], "d": [2.5, 4.5]}  # inside every band below
+    n = {"a": 1, "b": 2, "c": 3, "d": 4, "evil": 5}
+    # every scalar of evil outside its band: with the discount it weighs 0, the result is the honest FedAvg
+    per = honest | {"evil": [1e5, -1e5]}
+    on = Group((1, 2), per, n)
+    want = result_scalars("fedavg", Group((1, 2), honest, {k: n[k] for k in honest}))
+    got = result_scalars("centered", on, center_clip_k=4.0, center_discount=True)
+    assert [x.hex() for x in got[1]] == [x.hex() for x in want[1]]
+    assert aggregate("centered", per, n, 2, center_clip_k=4.0, center_discount=True) == want[1]
+    assert got != result_scalars("centered", on, center_clip_k=4.0)  # without it evil weighs 5 at the band edge
+    # one of two scalars outside: weight n * 1/2. Step 0: median 2, MAD 0.5, k 4 -> [0, 4]; step 1: 3.0 inside
+    per = honest | {"evil": [1e5, 3.0]}
+    c = centered.clip_round(per, 2, 4.0)
+    assert c.clipped == {"evil": 1} and c.judged == dict.fromkeys(per, 2) and c.trust("evil") == 0.5
+    w = {"a": 1.0, "b": 2.0, "c": 3.0, "d": 4.0, "evil": 2.5}  # n_j * trust_j
+    N = math.fsum(w.values())
+    vals = honest | {"evil": [4.0, 3.0]}
+    exact = [math.fsum(w[k] / N * vals[k][t] for k in per) for t in range(2)]
+    assert result_scalars("centered", Group((1, 2), per, n), center_clip_k=4.0, center_discount=True)[1] == exact
+
+
+def test_centered_discount_also_weighs_late_updates_and_leaves_a_clean_round_fedavg() -> None:
+    on = Group((1,), {"a": [1.0], "b": [-2.0], "c": [3.0]}, {"a": 1, "b": 1, "c": 1})
+    late = Group((7, 8), {"evil": [1e6, -1e6], "ok": [1.0, 5.0]}, {"evil": 1, "ok": 2})
+    seeds, g = result_scalars("centered", on, [late], center_clip_k=2.0, center_discount=True)
+    # late bound 2 x median(1, 2, 3) = 4: evil clipped twice (weight 0), ok once (weight 2 x 1/2 = 1); N = 4
+    assert seeds == [1, 7, 8]
+    assert g == [math.fsum([1 / 4 * 1.0, 1 / 4 * -2.0, 1 / 4 * 3.0]), math.fsum([0.0, 1 / 4 * 1.0]),
+                 math.fsum([0.0, 1 / 4 * 4.0])]  # fmt: skip
+    per = {"a": [0.1, -0.4, 0.9], "b": [0.3, -0.2, 0.7], "c": [0.2, -0.3, 0.8], "d": [0.25, -0.35, 0.75]}
+    clean = Group((1, 2, 3), per, {"a": 3, "b": 5, "c": 7, "d": 11})
+    assert result_scalars("centered", clean, center_discount=True) == result_scalars("fedavg", clean)

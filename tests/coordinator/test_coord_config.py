@@ -123,3 +123,16 @@ def test_the_default_lr_is_auto_and_eps_is_the_one_the_demo_learns_with() -> Non
     shipped = tomllib.loads((Path(__file__).resolve().parents[2] / "deploy" / "coordinator.toml").read_text())
     table = shipped.get("coordinator", shipped)
     assert (table["lr"], table["eps"]) == (c.lr, c.eps)
+
+
+def test_the_shipped_toml_states_the_default_robust_rule() -> None:
+    """Issue 26: the default rule is centred clipping at 2 MAD with the per-round discount; the shipped file
+    says so, and the discount is a true/false key that names a bad value."""
+    c = load_coordinator_config(Path(__file__).resolve().parents[2] / "deploy" / "coordinator.toml", {"mask": "m"},
+                                environ={})  # fmt: skip
+    d = CoordinatorConfig()
+    assert (c.aggregation, c.center_clip_k, c.center_discount) == (d.aggregation, d.center_clip_k, d.center_discount)
+    assert (d.aggregation, d.center_clip_k, d.center_discount) == ("centered", 2.0, True)
+    assert not load_coordinator_config(None, {"mask": "m", "center_discount": "false"}, environ={}).center_discount
+    with pytest.raises(ConfigError, match="center_discount"):
+        load_coordinator_config(None, {"mask": "m", "center_discount": "maybe"}, environ={})

@@ -5,7 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from coordfakes import FakeClient, ThreadedCoordinator, make_config, synthetic_mask, synthetic_v0, uid
+from coordfakes import (
+    FakeClient,
+    ThreadedCoordinator,
+    make_config,
+    sampled,
+    synthetic_mask,
+    synthetic_v0,
+    uid,
+)
 
 from coordinator.eventlog import EventLog
 from coordinator.server import Coordinator
@@ -37,7 +45,7 @@ def test_two_rounds_with_invalid_traffic(tmp_path: Path, broker_url: str, mask) 
         assert "fingerprint" in err.reason
 
         plan = clients["a"].wait_for(RoundPlan, lambda p: p.round == 0)
-        assert sorted(plan.steps) == sorted(cl.cid for cl in clients.values())
+        assert sorted(sampled(plan, [cl.cid for cl in clients.values()])) == sorted(cl.cid for cl in clients.values())
         assert plan.values_checksum == values_checksum(v0) and plan.base_round == -1
         a = clients["a"]
         up = a.topics.up(a.cid)
@@ -48,7 +56,7 @@ def test_two_rounds_with_invalid_traffic(tmp_path: Path, broker_url: str, mask) 
         a.publish(up, bytes([0xB1, 0, 3]) + b"\xc1\xc1")  # an Update header over a body that is not msgpack
         a.update(0, [0.1, 0.2], 10, fp, msg_id=5)  # wrong number of steps
         a.update(0, [0.1, 0.2, 0.3], 10, "cd" * 32, msg_id=6)  # wrong fp_tag
-        stranger.update(0, [1.0, 1.0, 1.0], 10, fp, msg_id=1)  # not sampled
+        stranger.update(0, [1.0, 1.0, 1.0], 10, fp, msg_id=1)  # covered by sample_max (all), never joined
         a.update(0, [1e9, 0.0, 0.0], 10, fp, msg_id=7)  # over max_abs_grad
         grads = {"a": [0.5, -0.25, 1.0], "b": [-1.0, 0.75, 0.125], "c": [2.0, 0.0, -3.0]}
         for k, cl in clients.items():
@@ -80,14 +88,15 @@ def test_two_rounds_with_invalid_traffic(tmp_path: Path, broker_url: str, mask) 
 
     log = EventLog(cfg.state_dir)
     rejects = log.views.reject_counts()
-    assert rejects["fingerprint"] == 2  # the stranger's join + the wrong fp_tag update
+    # the stranger's join, its re-join on the UNKNOWN_CLIENT its update got, and the wrong fp_tag update
+    assert rejects["fingerprint"] == 3
     assert (
         rejects["decode_bad_magic"] == 1
         and rejects["decode_malformed"] == 1
         and rejects["decode_unexpected_type"] == 1
     )
     assert rejects["decode_truncated"] == 1
-    assert rejects["wrong_steps"] == 1 and rejects["not_in_round"] == 1 and rejects["grad_too_large"] == 1
+    assert rejects["wrong_steps"] == 1 and rejects["unknown_client"] == 1 and rejects["grad_too_large"] == 1
     assert rejects["conflict"] == 1
     rows = log.updates(round=0)
     assert sorted(r.client for r in rows) == sorted(cl.cid for cl in clients.values())

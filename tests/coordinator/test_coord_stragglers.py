@@ -7,7 +7,15 @@ import math
 from pathlib import Path
 
 import pytest
-from coordfakes import FakeClient, ThreadedCoordinator, make_config, synthetic_mask, synthetic_v0, uid
+from coordfakes import (
+    FakeClient,
+    ThreadedCoordinator,
+    make_config,
+    sampled,
+    synthetic_mask,
+    synthetic_v0,
+    uid,
+)
 
 from coordinator.eventlog import EventLog
 from coordinator.server import Coordinator
@@ -75,13 +83,13 @@ def test_short_round_is_extended_with_more_clients(tmp_path: Path, broker_url: s
         for c in cl.values():
             c.join(fp, mask.mask_id, n_samples=1)
         p0 = cl["x"].wait_for(RoundPlan, lambda p: p.round == 0)
-        first = sorted(p0.steps)
-        assert len(first) == 2
         by_id = {c.cid: c for c in cl.values()}
+        first = sorted(sampled(p0, by_id))
+        assert len(first) == 2
         by_id[first[0]].update(0, [1.0], 1, fp, msg_id=1)  # only one of the two reports
         again = cl["x"].wait_for(RoundPlan, lambda p: p.round == 0, timeout=10)
         assert (
-            sorted(again.steps) == sorted(by_id) and again.seeds == p0.seeds and again.deadline > p0.deadline
+            sorted(sampled(again, by_id)) == sorted(by_id) and again.seeds == p0.seeds and again.deadline > p0.deadline
         )
         (added,) = set(by_id) - set(first)
         by_id[added].update(0, [3.0], 1, fp, msg_id=1)

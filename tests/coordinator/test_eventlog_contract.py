@@ -45,7 +45,7 @@ def script(b: RoundBook) -> list[list[Action]]:
     conflicting updates, results with late folding, MEERKAT-VP drift rows, events, rejects."""
     out = []
     for k, n in (("a", 2), ("b", 6), ("c", 3)):
-        out.append(b.handle(Join(k, FP, MASK, n, 1.0, {"gpu": k == "a"}, -1), 0.0))
+        out.append(b.handle(Join(k, FP, MASK, n, 1.0, {"gpu": k == "a", "compact_plan": True}, -1), 0.0))
     out.append(b.handle(Join("x", "cd" * 32, MASK, 1, 1.0, {}, -1), 0.0))  # refused: wrong model
     for r in range(6):
         t = 20.0 * r

@@ -27,7 +27,7 @@ from shared.mqtt import Incoming
 from shared.topics import Topics
 
 T = Topics("f")
-JOIN = Join("", FP, MASK, 5, 1.0, {}, -1)
+JOIN = Join("", FP, MASK, 5, 1.0, {"compact_plan": True}, -1)
 
 
 def _in(topic: str, payload: bytes, retain: bool = False) -> Incoming:
@@ -36,7 +36,7 @@ def _in(topic: str, payload: bytes, retain: bool = False) -> Incoming:
 
 def test_the_six_decisions() -> None:
     ok = admit(T, _in(T.join("c1"), encode(JOIN)))
-    assert isinstance(ok, Admitted) and ok.message == Join("c1", FP, MASK, 5, 1.0, {}, -1)
+    assert isinstance(ok, Admitted) and ok.message == Join("c1", FP, MASK, 5, 1.0, {"compact_plan": True}, -1)
     assert ok.nbytes == len(encode(JOIN))
     bad_topic = admit(T, _in("elsewhere/x", b"abc"))
     assert isinstance(bad_topic, Rejected) and bad_topic.reject.reason == "bad_topic" and bad_topic.nbytes is None
@@ -90,7 +90,7 @@ def test_single_pump_and_cluster_leader_count_the_same(tmp_path: Path) -> None:
 
     mask = synthetic_mask((50,))
     msgs = [
-        _in(T.join("c1"), encode(Join("", mask.meta.fingerprint, mask.mask_id, 5, 1.0, {}, -1))),
+        _in(T.join("c1"), encode(Join("", mask.meta.fingerprint, mask.mask_id, 5, 1.0, {"compact_plan": True}, -1))),
         _in(T.hb("c1"), encode(Heartbeat("", 0.0, 1.0, 1))),
         _in(T.up("c1"), b"bomb", retain=True),
         _in(T.status("c1"), b"", retain=True),

@@ -23,8 +23,10 @@ from coordinator.rounds import RoundBook
 from shared.fingerprint import fp_tag
 from shared.messages import Join, RoundPlan, Update
 from shared.prng import raw_u64
+from shared.sampling import plan_steps
 
 FP, MASK = "ab" * 32, "0123456789abcdef"
+CAPS: dict[str, str | int | float | bool] = {"compact_plan": True}  # a 1.3 client (compact plans)
 NNZ = 256
 CLIENTS = ("a", "b", "c")
 
@@ -72,7 +74,7 @@ def play_round(b: RoundBook, r: int, sink: Any) -> list[Action]:
     acts = sink(b.tick(t))
     plan = next(a.message for a in acts if isinstance(a, Publish) and isinstance(a.message, RoundPlan))
     for i, k in enumerate(CLIENTS):
-        grads = tuple(math.sin(r * 0.7 + i + s) * (2.0 if k != "c" else 2.0 / (1 + r)) for s in range(plan.steps[k]))
+        grads = tuple(math.sin(r * 0.7 + i + s) * (2.0 if k != "c" else 2.0 / (1 + r)) for s in range(plan_steps(plan, k)))
         loss = 1.0 + 0.3 * math.sin(r * 1.3)  # rises and falls: lr = "auto" grows, backs off and damps
         acts += sink(b.handle(Update(r, r + 1, grads, 4 + i, fp_tag(FP), loss, client=k), t + 1 + i))
     return acts + sink(b.tick(t + 5))
@@ -85,7 +87,7 @@ def test_long_run_log_stays_flat_and_restart_continues_identically(tmp_path: Pat
     log = EventLog(state, event_log=event_log)
     live = new_book(c)
     for k in CLIENTS:
-        carry(log, state, c, live.handle(Join(k, FP, MASK, 4, 1.0, {}, -1), 0.0))
+        carry(log, state, c, live.handle(Join(k, FP, MASK, 4, 1.0, CAPS, -1), 0.0))
     rows = {}
     for r in range(200):
         play_round(live, r, lambda acts: carry(log, state, c, acts))
@@ -123,7 +125,7 @@ def test_retention_off_keeps_everything(tmp_path: Path) -> None:
     log = EventLog(state)
     b = new_book(c)
     for k in CLIENTS:
-        carry(log, state, c, b.handle(Join(k, FP, MASK, 4, 1.0, {}, -1), 0.0))
+        carry(log, state, c, b.handle(Join(k, FP, MASK, 4, 1.0, CAPS, -1), 0.0))
     for r in range(80):
         play_round(b, r, lambda acts: carry(log, state, c, acts))
     n = log.views.table_rows()

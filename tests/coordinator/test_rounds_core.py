@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from shared.messages import (
     Update,
 )
 from shared.prng import raw_u64
+from shared.sampling import plan_steps
 
 FP, MASK = "ab" * 32, "0123456789abcdef"
 NNZ = 256
@@ -50,8 +52,14 @@ def book(cfg: CoordinatorConfig, **kw: Any) -> RoundBook:
     return RoundBook(cfg, fingerprint=FP, mask_id=MASK, values=synthetic_v0(NNZ), **kw)
 
 
+def expected(b: RoundBook) -> dict[str, int]:
+    """The open round's sampled devices -> T (a compact wire plan lists only the exceptions)."""
+    assert b.plan is not None
+    return b.plan.steps
+
+
 def join(b: RoundBook, client: str, n: int, now: float = 0.0) -> list[Action]:
-    return b.handle(Join(client, FP, MASK, n, 1.0, {}, -1), now)
+    return b.handle(Join(client, FP, MASK, n, 1.0, {"compact_plan": True}, -1), now)
 
 
 def update(client: str, round: int, grads: list[float], n: int, msg_id: int = 1) -> Update:
@@ -71,7 +79,7 @@ def test_straggler_round_closes_at_deadline_with_min_updates() -> None:
     for k, n in (("a", 2), ("b", 6), ("c", 1)):
         join(b, k, n)
     (plan,) = sent(b.tick(0.0), RoundPlan)
-    assert sorted(plan.steps) == ["a", "b", "c"] and plan.deadline == 10.0
+    assert sorted(expected(b)) == ["a", "b", "c"] and plan.deadline == 10.0
     b.handle(update("a", 0, [0.5, 0.25], 2), 1.0)
     b.handle(update("b", 0, [-1.0, 2.0], 6), 2.0)
     assert b.tick(9.99) == []  # c is a straggler, the deadline has not passed
@@ -91,11 +99,14 @@ def test_extension_samples_more_clients_with_the_same_seeds() -> None:
     for k in "xyz":
         join(b, k, 1)
     (p0,) = sent(b.tick(0.0), RoundPlan)
-    first = sorted(p0.steps)
+    first = sorted(expected(b))
     b.handle(update(first[0], 0, [1.0], 1), 1.0)
     acts = b.tick(10.0)  # deadline with 1 < min_updates: extend
     (again,) = sent(acts, RoundPlan)
-    assert sorted(again.steps) == ["x", "y", "z"] and again.seeds == p0.seeds and again.deadline == 20.0
+    assert sorted(expected(b)) == ["x", "y", "z"] and again.seeds == p0.seeds and again.deadline == 20.0
+    # the wire: compact plans list no client; the extension raised sample_max so that z is covered too
+    assert p0.steps == again.steps == {} and p0.sample_max is not None and again.sample_max is not None
+    assert [bool(plan_steps(p0, k)) for k in "xyz"].count(True) == 2 and all(plan_steps(again, k) == 1 for k in "xyz")
     assert records(acts, ReplanRecord)[0].extensions == 1 and sent(acts, RoundResult) == []
     (added,) = set("xyz") - set(first)
     b.handle(update(added, 0, [3.0], 1), 11.0)
@@ -202,7 +213,7 @@ def test_vp_limit_flagged_client_gets_one_step_in_the_next_plan() -> None:
     now, flagged = 0.0, []
     for r, gradip in enumerate((1.0, 0.01)):  # drift's GradIP decays 100x in round 1
         (plan,) = sent(b.tick(now), RoundPlan)
-        assert plan.steps == {"ok": 3, "drift": 3}
+        assert expected(b) == {"ok": 3, "drift": 3}
         for k in ("ok", "drift"):
             g = gradip if k == "drift" else 1.0
             acts = b.handle(update(k, r, [g / mon.coefficient(s) for s in plan.seeds], 10, msg_id=r), now)
@@ -211,7 +222,7 @@ def test_vp_limit_flagged_client_gets_one_step_in_the_next_plan() -> None:
         now += 1.0
     assert [(x.client, x.round) for x in flagged] == [("drift", 1)]
     (p2,) = sent(b.tick(now), RoundPlan)
-    assert p2.steps == {"ok": 3, "drift": 1}
+    assert expected(b) == {"ok": 3, "drift": 1}
 
 
 @pytest.mark.parametrize("rule", ["fleet", "off"])
@@ -247,7 +258,7 @@ def test_vp_fleet_decay_limits_at_close_and_keeps_the_update(rule: str) -> None:
         assert fs is None  # off: the book does not compute it (O(clients) per close saved)
         assert mon.stats("drift") is not None and mon.stats("drift").rho_later > 3.0  # type: ignore[union-attr]
     (p2,) = sent(b.tick(now), RoundPlan)
-    assert p2.steps == {**{k: 3 for k in names}, "drift": 1 if rule == "fleet" else 3}
+    assert expected(b) == {**{k: 3 for k in names}, "drift": 1 if rule == "fleet" else 3}
 
 
 def test_replay_when_close_behind_checkpoint_when_far() -> None:
@@ -343,22 +354,27 @@ def test_checkpoint_action_every_k_rounds() -> None:
     assert got == [1, 3]
 
 
-@pytest.mark.parametrize("bad", ["wrong_steps", "not_in_round", "fingerprint", "unknown_round"])
+@pytest.mark.parametrize("bad", ["wrong_steps", "not_in_round", "unknown_client", "fingerprint", "unknown_round"])
 def test_validation_rejects_are_counted_and_answered(bad: str) -> None:
-    b = book(config(min_clients=2))
+    b = book(config(min_clients=2, clients_per_round=1))  # one of a, b sampled: sample_max = its key
     join(b, "a", 1)
     join(b, "b", 1)
     b.tick(0.0)
+    (a,) = expected(b)
+    (out,) = {"a", "b"} - {a}  # its key is above sample_max: not in the round
     u = {
-        "wrong_steps": update("a", 0, [1.0], 1),
-        "not_in_round": update("zz", 0, [1.0, 1.0], 1),
-        "fingerprint": Update(0, 1, (1.0, 1.0), 1, fp_tag("cd" * 32), 1.0, client="a"),
-        "unknown_round": update("a", 5, [1.0, 1.0], 1),
+        "wrong_steps": update(a, 0, [1.0], 1),
+        "not_in_round": update(out, 0, [1.0, 1.0], 1),
+        "unknown_client": update("zz", 0, [1.0, 1.0], 1),  # a key under sample_max (below) but no Join
+        "fingerprint": Update(0, 1, (1.0, 1.0), 1, fp_tag("cd" * 32), 1.0, client=a),
+        "unknown_round": update(a, 5, [1.0, 1.0], 1),
     }[bad]
+    if bad == "unknown_client":
+        b.plan = replace(b.plans[0], sample_max=(1 << 64) - 1)  # every id is under it: only the Join is missing
     acts = b.handle(u, 1.0)
     assert [r.reason for r in records(acts, RejectRecord)] == [bad]
     (err,) = sent(acts, ErrorMsg, u.client)
-    want = {"wrong_steps": ErrorCode.BAD_UPDATE, "not_in_round": ErrorCode.NOT_IN_ROUND,
+    want = {"wrong_steps": ErrorCode.BAD_UPDATE, "not_in_round": ErrorCode.NOT_IN_ROUND, "unknown_client": ErrorCode.UNKNOWN_CLIENT,
             "fingerprint": ErrorCode.FINGERPRINT_MISMATCH, "unknown_round": ErrorCode.UNKNOWN_ROUND}  # fmt: skip
     assert err.code == want[bad] and records(acts, UpdateRecord) == []
 
@@ -366,9 +382,9 @@ def test_validation_rejects_are_counted_and_answered(bad: str) -> None:
 @pytest.mark.parametrize("policy", ["same", "any"])
 def test_join_with_another_quant_is_refused_unless_the_fleet_mixes(policy: str) -> None:
     b = book(config(quant="nf4", quant_policy=policy))
-    int8 = b.handle(Join("q8", FP, MASK, 5, 1.0, {"quant": "int8", "device": "cpu"}, -1), 0.0)
-    nf4 = b.handle(Join("q4", FP, MASK, 5, 1.0, {"quant": "nf4"}, -1), 0.0)
-    bare = b.handle(Join("qx", FP, MASK, 5, 1.0, {}, -1), 0.0)  # capabilities are optional: no quant, no refusal
+    int8 = b.handle(Join("q8", FP, MASK, 5, 1.0, {"quant": "int8", "device": "cpu", "compact_plan": True}, -1), 0.0)
+    nf4 = b.handle(Join("q4", FP, MASK, 5, 1.0, {"quant": "nf4", "compact_plan": True}, -1), 0.0)
+    bare = b.handle(Join("qx", FP, MASK, 5, 1.0, {"compact_plan": True}, -1), 0.0)  # capabilities are optional: no quant, no refusal
     assert sent(nf4, ErrorMsg, "q4") == [] and sent(bare, ErrorMsg, "qx") == []
     if policy == "any":
         assert sent(int8, ErrorMsg, "q8") == [] and b.registry.clients["q8"].state == "joined"
@@ -399,7 +415,7 @@ def test_vp_spike_leaves_the_update_out_and_limits_the_client(control: bool) -> 
     (used,) = [r.used for r in records(acts, ResultRecord)]
     assert [c for c, _, _ in used] == kept  # d's update stays `accepted`, used by no result
     (p1,) = sent(b.tick(1.0), RoundPlan)
-    assert p1.steps == {"a": 2, "b": 2, "c": 2, "d": 1 if control else 2, "e": 2}
+    assert expected(b) == {"a": 2, "b": 2, "c": 2, "d": 1 if control else 2, "e": 2}
     assert b.admission.misses == {}  # a left-out update still counts as the client's answer
 
 
@@ -431,7 +447,7 @@ def test_devices_whose_privacy_budget_is_spent_are_not_sampled() -> None:
 
     b.handle(hb("x", True), 0.5)
     (p0,) = sent(b.tick(1.0), RoundPlan)
-    assert sorted(p0.steps) == ["y"] and p0.dp_epsilon == 4.0 and p0.dp_steps == 10
+    assert sorted(expected(b)) == ["y"] and p0.dp_epsilon == 4.0 and p0.dp_steps == 10
     b.handle(hb("x", False), 2.0)  # e.g. the fleet's target was raised: it may train again
     assert sorted(b.eligible()) == ["x", "y"]
 def _hb(client: str, available: bool | None, reason: str | None = None, round: int = -1) -> Heartbeat:
@@ -448,7 +464,7 @@ def test_paused_devices_are_not_sampled_and_a_pause_is_not_a_miss() -> None:
     b.handle(_hb("c", False, "on battery"), 0.5)
     b.handle(_hb("b", None), 0.5)  # a 1.2 device says nothing: available
     (plan,) = sent(b.tick(1.0), RoundPlan)
-    assert sorted(plan.steps) == ["a", "b"] and b.availability.paused("c") == "on battery"
+    assert sorted(expected(b)) == ["a", "b"] and b.availability.paused("c") == "on battery"
     b.handle(_hb("b", False, "busy", round=0), 2.0)  # b pauses mid-round
     b.handle(update("a", 0, [0.5, 0.25], 4), 3.0)
     acts = b.tick(11.0)  # deadline: a reported, b paused
@@ -456,7 +472,7 @@ def test_paused_devices_are_not_sampled_and_a_pause_is_not_a_miss() -> None:
     assert res.n_clients == 1 and b.admission.benched == {} and "b" not in b.admission.misses
     b.handle(_hb("c", True), 12.0)
     (plan,) = sent(b.tick(12.0), RoundPlan)
-    assert sorted(plan.steps) == ["a", "c"]  # b still paused, c back
+    assert sorted(expected(b)) == ["a", "c"]  # b still paused, c back
 
 
 def test_round_where_every_sampled_device_paused_closes_at_once_and_nobody_is_benched() -> None:
@@ -464,7 +480,7 @@ def test_round_where_every_sampled_device_paused_closes_at_once_and_nobody_is_be
     for k in ("a", "b"):
         join(b, k, 4)
     (plan,) = sent(b.tick(0.0), RoundPlan)
-    assert sorted(plan.steps) == ["a", "b"]
+    assert sorted(expected(b)) == ["a", "b"]
     b.handle(_hb("a", False, "hot", round=0), 1.0)
     assert sent(b.tick(1.5), RoundResult) == []  # b has not paused: wait for it
     b.handle(_hb("b", False, "outside window", round=0), 2.0)

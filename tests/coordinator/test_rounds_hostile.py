@@ -33,6 +33,14 @@ def _open(b: RoundBook, now: float = 0.0) -> RoundPlan:
     return plan
 
 
+def _expected(b: RoundBook, now: float) -> set[str]:
+    """Open a round: the devices it expects (sampled among the eligible; a compact plan's wire `steps` lists
+    only the exceptions)."""
+    _open(b, now)
+    assert b.plan is not None
+    return set(b.plan.steps)
+
+
 def test_weight_is_min_of_update_join_and_fleet_cap() -> None:
     b = book(config(min_clients=3, weight_cap_factor=4.0, aggregation="fedavg"))
     for k, n in (("a", 10), ("b", 10), ("evil", 10)):
@@ -145,13 +153,13 @@ def test_silent_client_benched_until_heartbeat_and_join() -> None:
     join(b, "silent", 1)
     now = 0.0
     for r in range(2):
-        assert set(_open(b, now).steps) == {"a", "silent"}
+        assert _expected(b, now) == {"a", "silent"}
         b.handle(update("a", r, [1.0, 1.0], 1, msg_id=r), now)
         now += 5.0
         acts = b.tick(now)
         assert sent(acts, RoundResult)
     assert "silent" in b.admission.benched
-    assert set(_open(b, now).steps) == {"a"}  # benched: not sampled
+    assert _expected(b, now) == {"a"}  # benched: not sampled
     nag = b.handle(Heartbeat("silent", 0.0, 1.0, 1), now)
     assert "silent" in b.admission.benched  # a heartbeat alone is not enough: it is asked to Join
     assert [e.code for e in sent(nag, ErrorMsg, "silent")] == [ErrorCode.UNKNOWN_CLIENT]
@@ -159,7 +167,7 @@ def test_silent_client_benched_until_heartbeat_and_join() -> None:
     assert "silent" not in b.admission.benched
     b.handle(update("a", 2, [1.0, 1.0], 1, msg_id=2), now)
     sent(b.tick(now), RoundResult)
-    assert set(_open(b, now).steps) == {"a", "silent"}
+    assert _expected(b, now) == {"a", "silent"}
 
 
 def test_round_closes_on_quorum_plus_grace_not_the_slowest() -> None:
@@ -199,7 +207,7 @@ def test_spoofed_bad_join_does_not_flip_a_joined_client() -> None:
     refused = b.handle(Join("x", "ff" * 32, MASK, 10, 1.0, {}, -1), 1.0)  # never joined: answered, no row
     assert [e.code for e in sent(refused, ErrorMsg, "x")] == [ErrorCode.FINGERPRINT_MISMATCH]
     assert records(refused, JoinRecord) == [] and "x" not in b.registry.clients
-    assert b.handle(Join("x", FP, MASK, 1, 1.0, {}, -1), 2.0) and b.registry.clients["x"].state == "joined"
+    assert b.handle(Join("x", FP, MASK, 1, 1.0, {"compact_plan": True}, -1), 2.0) and b.registry.clients["x"].state == "joined"
 
 
 def test_late_folding_keeps_a_result_within_max_pairs(monkeypatch: pytest.MonkeyPatch) -> None:

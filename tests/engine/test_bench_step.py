@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -34,6 +35,25 @@ def test_bench_step_times_a_model_directory(llama_dir: object) -> None:
     assert result["model"] == str(llama_dir) and result["model_type"] == "llama" and result["model_layers"] == 2
     assert result["nnz"] > 0 and result["params"] > 0 and result["sidecar_mode"] in ("correct", "tile")
     assert result["planner_need_mib"] > 0 and result["planner_error"] > -1
+    # the planner's basis: private peak + file-backed weights - what load_model leaves that is no tensor
+    need = result["step_rss_peak_mib"] + result["mapped_weights_mib"] - result["load_overhead_mib"]
+    assert result["step_need_mib"] == pytest.approx(need, abs=0.2)
+    assert result["load_overhead_mib"] >= 0
+
+
+def test_file_backed_bytes_counts_mapped_weights_only(tmp_path: Path) -> None:
+    """A parameter that is a view of a mmapped file is file-backed (not in the private RSS); others are not."""
+    import torch
+
+    from bench.step import file_backed_bytes
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 16))
+    assert file_backed_bytes(model) == 0
+    path = tmp_path / "w.bin"
+    torch.zeros(32 * 64).numpy().tofile(path)
+    mapped = torch.from_file(str(path), shared=True, size=32 * 64, dtype=torch.float32).view(32, 64)
+    model[0].weight = torch.nn.Parameter(mapped, requires_grad=False)
+    assert file_backed_bytes(model) == 32 * 64 * 4
 
 
 def test_presets_build_the_published_shapes() -> None:
@@ -43,7 +63,7 @@ def test_presets_build_the_published_shapes() -> None:
 
     from bench.step import PRESETS
 
-    want_params = {"qwen2.5-0.5b": 0.49e9, "llama-3.2-1b": 1.24e9, "gemma-2-2b": 2.61e9, "phi-3-mini": 3.82e9}
+    want_params = {"qwen2.5-0.5b": 0.49e9, "llama-3.2-1b": 1.24e9, "llama-3.2-3b": 3.21e9, "gemma-2-2b": 2.61e9, "phi-3-mini": 3.82e9}
     for name, cfg in PRESETS.items():
         values = dict(cfg)
         config = AutoConfig.for_model(values.pop("model_type"), **values)

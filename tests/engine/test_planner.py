@@ -29,7 +29,9 @@ def test_feasible_budget_gives_a_fitting_micro_batch(llama_dir: Path, llama_mask
     big = plan_memory(lm.model, 4.0, seq_len=128, sidecar=lm.sidecar, max_micro_batch=32)
     assert big.micro_batch == 32
     assert big.weights_bytes == weight_bytes(lm.model)
-    assert big.sidecar_bytes == step_sidecar_bytes(lm.sidecar) > 0
+    assert big.sidecar_bytes == step_sidecar_bytes(lm.sidecar, lm.model) > step_sidecar_bytes(lm.sidecar) > 0
+    # buffer 4 + index 8 + v_0 copy 4 + backup 4 + z 4 bytes per entry, plus the layers' plans (<= 32)
+    assert lm.sidecar is not None and 24 * lm.sidecar.nnz < big.sidecar_bytes <= 56 * lm.sidecar.nnz
     assert big.per_seq_bytes > 0
     # a budget that leaves room for ~3 sequences on top of what is fixed
     budget = big.need_bytes(3) + big.per_seq_bytes // 2
@@ -59,3 +61,23 @@ def test_meter_sees_an_allocation() -> None:
     assert peak >= 48 * 2**20
     _, small = meter.measure(lambda: torch.ones(16).sum())
     assert small < 16 * 2**20
+
+
+def test_meter_leaves_out_file_backed_pages(tmp_path: Path) -> None:
+    """Pages of a mmapped file (a checkpoint from_pretrained keeps mapped) are not private memory:
+    reading 64 MiB of a mapped file during the call adds ~0, while an allocation beside it counts."""
+    path = tmp_path / "weights.bin"
+    n = 64 * 2**20 // 4
+    torch.ones(n).numpy().tofile(path)
+    mapped = torch.from_file(str(path), shared=True, size=n, dtype=torch.float32)  # mmap, not read yet
+    meter = MemoryMeter("cpu")
+    out, peak = meter.measure(lambda: float(mapped.sum()))  # faults the 64 MiB of file pages in
+    assert out == n
+    assert peak < 16 * 2**20, peak
+
+    def both() -> float:
+        x = mapped * 2  # 64 MiB private
+        return float(x.sum())
+
+    _, peak = meter.measure(both)
+    assert peak >= 48 * 2**20, peak
