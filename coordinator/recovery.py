@@ -65,5 +65,5 @@ def recover(events: EventLog, v0: torch.Tensor, mask_id: str, fingerprint: str, 
         results=tuple(events.results(after=last - max(1, replay_max))), clients=tuple(events.clients()),
         limited=events.limited_clients(), gradip=events.gradip_history(),
         drift_steps={d.client: d.n_steps for d in events.drift_rows()},
-        lr_state=events.lr_state(),
+        lr_state=events.views.lr_state(),
     )  # fmt: skip

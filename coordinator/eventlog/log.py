@@ -174,13 +174,6 @@ class EventLog:
             for c, n, e, la, rl, rq, lr in self.db.execute(q)
         ]
 
-    def lr_state(self) -> dict[str, Any] | None:
-        """The step-size controller's state after the newest logged decision (None: none logged)."""
-        if "lr_decisions" not in self.db.tables():
-            return None
-        row = self.db.execute("SELECT state FROM lr_decisions WHERE state IS NOT NULL ORDER BY round DESC LIMIT 1").fetchone()
-        return None if row is None else dict(json.loads(row[0]))
-
     def checkpoints(self) -> list[tuple[int, str, str]]:
         """(round, path, checksum), newest first."""
         q = "SELECT round, path, values_checksum FROM checkpoints ORDER BY round DESC"

@@ -83,6 +83,13 @@ class LogViews:
         return [LrRow(int(r), float(u), float(st), float(n), str(a), str(why), opt(lo), float(ts))
                 for r, u, st, n, a, why, lo, ts in reversed(rows)]  # fmt: skip
 
+    def lr_state(self) -> dict[str, Any] | None:
+        """The step-size controller's state after the newest logged decision (None: none logged)."""
+        if "lr_decisions" not in self.db.tables():
+            return None
+        row = self.db.execute("SELECT state FROM lr_decisions WHERE state IS NOT NULL ORDER BY round DESC LIMIT 1").fetchone()
+        return None if row is None else dict(json.loads(row[0]))
+
     def events(self, *, kind: str | None = None, round: int | None = None, limit: int | None = None) -> list[EventRow]:
         """Logged round decisions, oldest first (`limit`: only the newest `limit`)."""
         cond, args = where(("kind=?", kind), ("round=?", round))

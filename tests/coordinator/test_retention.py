@@ -115,7 +115,7 @@ def test_long_run_log_stays_flat_and_restart_continues_identically(tmp_path: Pat
         assert play_round(again, r, lambda acts: acts) == play_round(live, r, lambda acts: acts)
     if lr == "auto":  # the controller moved (the restart resumed a state that matters) and kept its newest row
         assert {d.action for d in log.views.lr_decisions()} >= {"grow", "backoff"}
-        assert log.lr_state() is not None
+        assert log.views.lr_state() is not None
     log.close()
 
 
