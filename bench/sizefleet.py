@@ -77,8 +77,16 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
-    from bench.demo.demo import DemoConfig, _quiet_libraries, prepare, write_configs
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)  # a caller in this process (a test) keeps its own
+
+
+def _run(args: argparse.Namespace) -> int:
+    from bench.demo.demo import DemoConfig, prepare, write_configs
     from bench.inproc import from_configs
     from coordinator.export import export_merged
     from edge_client.engine.planner import plan_memory
@@ -86,7 +94,6 @@ def main(argv: list[str] | None = None) -> int:
     from shared.cli import main as meerkat
     from shared.maskfile import load_mask
 
-    _quiet_libraries()
     model = args.model.resolve()
     mask_path = model.parent / f"{model.name}.mask-{args.fraction:g}.safetensors"  # where prepare() looks
     if not mask_path.exists():
@@ -190,4 +197,7 @@ def _reload(out: Path, fleet: Any) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    from bench.demo.demo import _quiet_libraries
+
+    _quiet_libraries()  # from the command line only: it sets the libraries' loggers for the whole process
     sys.exit(main())
