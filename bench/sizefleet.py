@@ -29,28 +29,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edge_client.engine.procmem import peak_since_start, status_bytes, trim_heap
+
 log = logging.getLogger(__name__)
 
 
-def _status_mib() -> dict[str, float]:
-    """VmRSS, RssFile, VmHWM of this process (MiB) and the private RSS (VmRSS - RssFile)."""
-    out: dict[str, float] = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, rest = line.partition(":")
-        if key in ("VmRSS", "RssFile", "VmHWM"):
-            out[key] = round(int(rest.split()[0]) / 1024, 1)
-    out["private"] = round(out["VmRSS"] - out["RssFile"], 1)
-    return out
-
-
-def _trim() -> None:
-    """Return freed heap to the kernel (glibc), so the private RSS reads what is live."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+def _private_mib() -> float:
+    """This process's private RSS (VmRSS - RssFile), MiB, after returning freed heap: what is live."""
+    trim_heap()
+    rss, file, _ = status_bytes()
+    return round((rss - file) / 2**20, 1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,11 +104,9 @@ def _run(args: argparse.Namespace) -> int:
         """EngineTrainer whose construction (model load + memory plan) is measured in private RSS."""
 
         def __init__(self, *a: Any, **kw: Any) -> None:
-            _trim()
-            before = _status_mib()["private"]
+            before = _private_mib()
             super().__init__(*a, **kw)
-            _trim()
-            loaded_mib.append(round(_status_mib()["private"] - before, 1))
+            loaded_mib.append(round(_private_mib() - before, 1))
 
     t0 = time.monotonic()
     trainer_mod.EngineTrainer = Measured  # type: ignore[misc]
@@ -170,7 +156,7 @@ def _run(args: argparse.Namespace) -> int:
         build_s=round(build_s, 1), rounds_wall_s=round(wall, 1), rounds_cpu_s=round(cpu, 1),
         last_round=fleet.book.last_round, coordinator_checksum=book_sum, devices=devices,
         checksums_equal=all(d["checksum"] == book_sum for d in devices.values()),
-        peak_rss_mib=_status_mib()["VmHWM"], export_dir=str(out), export_s=round(export_s, 1), **reload,
+        peak_rss_mib=round((peak_since_start() or 0) / 2**20, 1), export_dir=str(out), export_s=round(export_s, 1), **reload,
     )  # fmt: skip
     print(json.dumps(result) if args.json else json.dumps(result, indent=1))
     return 0 if result["checksums_equal"] and fleet.book.last_round == args.rounds - 1 else 1

@@ -21,10 +21,8 @@ in `weights`, and the checkpoint pages read while quantizing do not count at all
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import math
-import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -33,6 +31,7 @@ import psutil
 import torch
 from torch import nn
 
+from edge_client.engine.procmem import clear_peak, status_bytes, trim_heap
 from shared.dataset import Example
 from shared.loss import model_device, target_losses
 from shared.modelload import weight_bytes
@@ -68,7 +67,7 @@ class MemoryMeter:
         if self.device.type == "cuda":
             return int(torch.cuda.memory_allocated(self.device))
         if self._hwm_ok:
-            rss, file, _ = _status_bytes()
+            rss, file, _ = status_bytes()
             return rss - file
         return int(self._proc.memory_info().rss)
 
@@ -77,10 +76,9 @@ class MemoryMeter:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             return
-        _malloc_trim()
+        trim_heap()
         if self._hwm_ok:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
+            clear_peak()  # keeps the erased mark: the heartbeat's peak since start survives (procmem)
         self._sampled_peak = self.current()
 
     def peak(self) -> int:
@@ -88,7 +86,7 @@ class MemoryMeter:
             torch.cuda.synchronize(self.device)
             return int(torch.cuda.max_memory_allocated(self.device))
         if self._hwm_ok:
-            rss, file, hwm = _status_bytes()
+            rss, file, hwm = status_bytes()
             return max(hwm - file, rss - file)
         self._sampled_peak = max(self._sampled_peak, self.current())  # no HWM reset: best effort
         return self._sampled_peak
@@ -101,35 +99,13 @@ class MemoryMeter:
         return out, max(0, self.peak() - before)
 
 
-def _status_bytes() -> tuple[int, int, int]:
-    """(VmRSS, RssFile, VmHWM) of this process in bytes, from /proc/self/status."""
-    with open("/proc/self/status") as f:
-        text = f.read()
-    out = []
-    for key in ("VmRSS", "RssFile", "VmHWM"):
-        m = re.search(rf"{key}:\s+(\d+) kB", text)
-        if m is None:
-            raise RuntimeError(f"/proc/self/status has no {key} line")
-        out.append(int(m.group(1)) * 1024)
-    return out[0], out[1], out[2]
-
-
 def _can_reset_hwm() -> bool:
     try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        _status_bytes()
+        clear_peak()
         return True
     except (OSError, RuntimeError):
         log.info("cannot reset peak RSS (/proc/self/clear_refs); CPU peaks are sampled at the end only")
         return False
-
-
-def _malloc_trim() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc: freed heap may stay resident, peaks then read low
 
 
 @dataclass(frozen=True)

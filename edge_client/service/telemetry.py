@@ -6,7 +6,8 @@ Sources, first that works wins for each reading:
   VDD_IN / POM_5V_IN power, RAM (the GPU shares it); jtop is not needed.
 - Anything else: psutil -> CPU %, RSS, `sensors_temperatures()` (max current reading) when the OS has one.
 - The process's peak RSS since it started (`peak_rss_bytes`, what `memory_budget_gib` bounds on a CPU device):
-  Linux/Android `VmHWM` of /proc/self/status; Windows psutil's `peak_wset`; macOS/BSD `getrusage` ru_maxrss
+  Linux/Android `VmHWM` of /proc/self/status (or the larger mark the memory planner reset away to measure a
+  calibration forward: edge_client/engine/procmem.py); Windows psutil's `peak_wset`; macOS/BSD `getrusage` ru_maxrss
   (bytes on macOS, KiB elsewhere). ru_maxrss is the last resort, not the first: Linux carries it across
   exec, so it may be the peak of the process that started the client.
 Nothing here raises on a missing source: the reading is None and the heartbeat says "unknown".
@@ -24,6 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import psutil
+
+from edge_client.engine.procmem import peak_since_start
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +48,9 @@ class Reading:
 
 def peak_rss_bytes() -> int | None:
     """This process's peak resident memory since it started, in bytes; None where no source answers."""
-    try:
-        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024  # kB
-    except (OSError, ValueError, IndexError):
-        pass
+    hwm = peak_since_start()  # Linux: VmHWM, or the larger mark the memory planner's reset erased
+    if hwm is not None:
+        return hwm
     try:
         peak = getattr(psutil.Process().memory_info(), "peak_wset", None)  # Windows
     except (psutil.Error, OSError):
