@@ -50,13 +50,16 @@ def _coerce(name: str, value: Any, typ: Any, from_text: bool) -> Any:
         args = [a for a in typing.get_args(typ) if a is not type(None)]
         if value is None or (from_text and value == ""):
             return None
-        for alt in args[1:]:  # float | Literal["auto"]: the first alternative that takes the value
-            try:
-                return _coerce(name, value, alt, from_text)
-            except ValueError:
-                pass
-        typ = args[0]
-        origin = typing.get_origin(typ)
+        if len(args) == 1:
+            typ, origin = args[0], typing.get_origin(args[0])
+        else:  # float | Literal["auto"]: the first alternative, in declared order, that takes the value
+            errors = []
+            for alt in args:
+                try:
+                    return _coerce(name, value, alt, from_text)
+                except ValueError as exc:
+                    errors.append(exc)
+            raise errors[0]  # what the first alternative expected
     if origin is typing.Literal:
         allowed = typing.get_args(typ)
         if value not in allowed:
