@@ -287,3 +287,45 @@ def test_per_tensor_hooks_give_the_same_bits_as_summing_after_backward(llama: Pa
     k = 50
     new, old = select_top_k(float_keys(got.sq), k), select_top_k(float_keys(sq), k)
     assert new.keys() == old.keys() and all(torch.equal(new[n], old[n]) for n in new)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_two_passes_give_the_same_mask_and_gradient(llama: Path, corpus: tuple[Path, Path], dtype: str) -> None:
+    """`passes=2` (g^2, then g at the mask only): the same mask bits; for an fp32 model the same
+    gradient bit for bit, for a bf16 one the fp32 sum of the same gradients (closer than the bf16 sum)."""
+    calib = [read_calibration(corpus[0])]
+    model, tok = load_for_mask(llama, device="cpu", dtype=dtype)
+    encode, eos = tokenizer_encoder(tok)
+    one, two = (
+        build_mask(model, encode, eos, calib, fraction=0.01, seqs=3, seq_len=48, progress=False, passes=p)
+        for p in (1, 2)
+    )
+    assert one.indices.keys() == two.indices.keys()
+    assert all(torch.equal(one.indices[n], two.indices[n]) for n in one.indices)
+    assert one.stats == two.stats and one.calibration == two.calibration
+    assert one.grad is not None and two.grad is not None and one.grad.keys() == two.grad.keys()
+    for n in one.grad:
+        assert two.grad[n].dtype == torch.float32
+        if dtype == "float32":
+            assert torch.equal(one.grad[n], two.grad[n]), n
+        else:  # one pass summed in bf16: within bf16 rounding of the fp32 sum
+            torch.testing.assert_close(one.grad[n], two.grad[n], rtol=2**-6, atol=1e-6)
+    with pytest.raises(MaskBuildError, match="passes must be 1 or 2, got 3"):
+        build_mask(model, encode, eos, calib, fraction=0.01, seqs=1, seq_len=48, progress=False, passes=3)
+
+
+def test_passes_auto_picks_two_when_one_pass_would_not_fit() -> None:
+    from coordinator.mask.builder import passes_for
+
+    weights = {"a": torch.zeros(1000, 1000, dtype=torch.bfloat16)}  # one pass: 6 MB of buffers
+    assert passes_for(weights, available_bytes=8_000_000) == 1
+    assert passes_for(weights, available_bytes=7_000_000) == 2
+
+
+def test_cli_two_passes_write_the_same_mask_bits(llama: Path, corpus: tuple[Path, Path], tmp_path: Path) -> None:
+    calib = ["--calib", str(corpus[0]), "--fraction", "0.01", "--seqs", "2"]
+    assert _build(llama, tmp_path / "1.safetensors", *calib, "--passes", "1") == 0
+    assert _build(llama, tmp_path / "2.safetensors", *calib, "--passes", "2") == 0
+    m1, m2 = load_mask(tmp_path / "1.safetensors"), load_mask(tmp_path / "2.safetensors")
+    assert m1.mask_id == m2.mask_id and m1.grad is not None and m2.grad is not None
+    assert all(torch.equal(m1.grad[n], m2.grad[n]) for n in m1.layers)  # an fp32 checkpoint
