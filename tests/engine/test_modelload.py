@@ -147,7 +147,7 @@ def test_a_narrow_head_on_cpu_takes_the_larger_loss_chunk(
     tmp_path: Path, llama_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A bf16 head on an fp32 CPU widens its weight once per chunk, so the loss hands it the larger chunk
-    (NARROW_HEAD_CHUNK_ELEMS); a head in the compute dtype keeps HEAD_CHUNK_ELEMS. Same losses either way."""
+    (NARROW_HEAD_ROWS rows); a head in the compute dtype keeps HEAD_CHUNK_ELEMS. Same losses either way."""
     from transformers import AutoModelForCausalLM
 
     from shared import loss
@@ -161,16 +161,15 @@ def test_a_narrow_head_on_cpu_takes_the_larger_loss_chunk(
     monkeypatch.setitem(loss.HEAD_CHUNK_ELEMS, "cpu", 10 * vocab)  # 10 rows per head call
     calls = {}
     for name, path in (("wide", llama_dir), ("narrow", bf16)):
-        lm = load_model(path, "nf4", "cpu", None, torch.float32, fingerprint="0" * 64)
         model: Any = load_model(path, "nf4", "cpu", None, torch.float32, fingerprint="0" * 64).model
         head: Any = model.get_output_embeddings()
         seen: list[int] = []
         head.register_forward_pre_hook(lambda _m, args, seen=seen: seen.append(int(args[0].shape[0])))
         with torch.no_grad():
-            monkeypatch.setattr(loss, "NARROW_HEAD_CHUNK_ELEMS", 100 * vocab)  # all 78 rows at once
+            monkeypatch.setattr(loss, "NARROW_HEAD_ROWS", 100)  # all 78 rows at once
             got = target_losses(model, examples, 0)
             calls[name] = list(seen)
-            monkeypatch.setattr(loss, "NARROW_HEAD_CHUNK_ELEMS", 10 * vocab)
+            monkeypatch.setattr(loss, "NARROW_HEAD_ROWS", 10)
             torch.testing.assert_close(target_losses(model, examples, 0), got, rtol=0, atol=0)
     assert calls["wide"] == [10] * 7 + [8]
     assert calls["narrow"] == [78]
