@@ -298,8 +298,7 @@ class Coordinator:
                     self.log.set_meta(key, value)
         if acks:
             assert self.link is not None
-            for msg in acks:  # committed: now the broker may forget them
-                self.link.ack(msg)
+            self.link.ack_many(acks)  # committed: now the broker may forget them
         for rec in records:
             self.tally.count(rec)
             if isinstance(rec, ResultRecord) and self.evaluator is not None and self.evaluator.due(rec.result.round):
