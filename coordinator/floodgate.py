@@ -75,8 +75,9 @@ class FloodGate(queue.Queue[Incoming]):
                 self.unfinished_tasks += len(keep)
                 self.not_empty.notify()
 
-    def get_many(self, n: int, timeout: float) -> list[Incoming]:
-        """Up to `n` messages, fast lane first: wait up to `timeout` for one, then take what is there."""
+    def get_many(self, n: int, timeout: float, not_before: float = 0.0) -> list[Incoming]:
+        """Up to `n` messages, fast lane first: wait up to `timeout` for one, then (fewer than `n` there) until
+        `not_before` (time.monotonic()) for more, then take what is there."""
         with self.not_empty:
             end = time.monotonic() + timeout
             while not self._qsize():
@@ -84,6 +85,11 @@ class FloodGate(queue.Queue[Incoming]):
                 if left <= 0:
                     return []
                 self.not_empty.wait(left)
+            short = self._qsize() < n
+        pause = not_before - time.monotonic()
+        if short and pause > 0:
+            time.sleep(pause)  # unlocked: paho's thread keeps putting
+        with self.not_empty:
             out = [self._get() for _ in range(min(n, self._qsize()))]
             self.not_full.notify()
             return out

@@ -116,9 +116,12 @@ class MqttLink:
         reconnect_max_s: float = 30.0,
         session_expiry_s: int | None = None,
         inbox: queue.Queue[Incoming] | None = None,
+        read_pause_s: float = 0.0,
     ) -> None:
         """`inbox`: where incoming messages go (a plain queue when None; the coordinator's flood gate
-        filters and orders them in its `put`, in paho's thread)."""
+        filters and orders them in its `put`, in paho's thread). `read_pause_s`: the least time between two
+        reads of the socket (the coordinator: a trickle of messages is read a few at a time, one wake-up of
+        each thread for several; 0: read as soon as there is something)."""
         if session_expiry_s is not None and not 0 <= session_expiry_s <= 0xFFFFFFFF:
             raise ValueError(f"session_expiry_s must be in 0..2^32-1, got {session_expiry_s}")
         self.address = BrokerAddress.parse(url)
@@ -178,6 +181,7 @@ class MqttLink:
         c.on_publish = self._on_publish
         c.on_subscribe = self._on_subscribe
         c.deliver = self._on_messages
+        c.read_pause_s = read_pause_s
         self._sub_mid = -1
         self._client = c
 

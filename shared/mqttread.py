@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -62,6 +63,8 @@ class BufferedClient(mqtt.Client):
         self._reads_left = READS_PER_LOOP  # of this loop turn (loop_read resets it)
         self.recv_calls = 0  # socket reads made (tests check that a burst needs few)
         self.deliver: Callable[[list[Incoming]], None] | None = None
+        self.read_pause_s = 0.0  # least time between two read turns (0: read as soon as select() says)
+        self._read_at = 0.0  # time.monotonic() of the last read turn
         self._taken: list[Incoming] = []  # parsed here, not yet delivered
         self.bulk_parsed = 0  # PUBLISH packets parsed by the bulk path (tests check it is taken)
         self._bulk = self._protocol != mqtt.MQTTv5  # MQTT 5 PUBLISH carries properties: paho parses those
@@ -87,6 +90,11 @@ class BufferedClient(mqtt.Client):
         return out
 
     def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
+        if self.read_pause_s:  # at most one read turn per read_pause_s: a trickle is read a few at a time
+            pause = self._read_at + self.read_pause_s - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)
+            self._read_at = time.monotonic()
         self._reads_left = READS_PER_LOOP
         try:
             rc = super().loop_read(max_packets)
