@@ -14,7 +14,7 @@ on machinery a plain QoS 0/1 PUBLISH does not need, and the coordinator receives
   (topic, mid, payload: the fields paho's `decode_publish` reads) into an `Incoming`, without paho's
   MQTTMessage, its MQTTMessageInfo (a Condition per message), the callback matcher and mutexes; the
   messages of one turn go to `deliver` as one list, before any packet paho handles itself, so the order
-  is the wire's. Anything else (another packet type, QoS 2, MQTT 5, a packet not yet complete, a topic
+  is the wire's; without manual_ack their PUBACKs follow at once, as paho sends them. Anything else (another packet type, QoS 2, MQTT 5, a packet not yet complete, a topic
   that is not UTF-8, a malformed length) goes through paho's own `_packet_read`, unchanged.
 - PUBACK. `puback_many` queues the PUBACKs of a committed batch as ONE write: the same 4-byte packets
   in the same order, one wake-up of paho's thread and one send() instead of one of each per message.
@@ -170,6 +170,8 @@ class BufferedClient(mqtt.Client):
             taken, self._taken = self._taken, []
             assert self.deliver is not None
             self.deliver(taken)
+            if not self._manual_ack:  # as paho's _handle_publish: a QoS 1 message is acked once handed over
+                self.puback_many([m.mid for m in taken if m.qos == 1])
 
     def puback_many(self, mids: list[int]) -> None:
         """PUBACK every mid with ONE queued write: the same 4-byte packets paho's `ack` sends one by one

@@ -108,6 +108,25 @@ def test_burst_arrives_whole_and_in_order_with_few_socket_reads(broker_url: str)
         pub.stop()
 
 
+def test_without_manual_ack_the_bulk_path_acks_what_it_hands_over(broker_url: str) -> None:
+    """paho acks a QoS 1 message itself when manual_ack is off; so does the bulk path (shared/mqttread.py),
+    or the broker, holding at most 20 unacked messages per client, would stop after the 20th."""
+    topic = _topic()
+    sub = MqttLink(broker_url, f"t-sub-{uuid.uuid4().hex[:8]}", subscriptions=[(topic, 1)])
+    pub = MqttLink(broker_url, f"t-pub-{uuid.uuid4().hex[:8]}")
+    sub.start()
+    pub.start()
+    try:
+        assert sub.wait_connected(10) and pub.wait_connected(10)
+        for i in range(100):
+            pub.publish(topic, i.to_bytes(2, "big"), qos=1)
+        assert [sub.inbox.get(timeout=10).payload for _ in range(100)] == [i.to_bytes(2, "big") for i in range(100)]
+        assert sub._client.bulk_parsed > 20
+    finally:
+        sub.stop()
+        pub.stop()
+
+
 def test_bulk_read_and_batched_pubacks_keep_every_field_and_the_session(broker_url: str) -> None:
     """QoS 0 and 1, retained or not, parsed in bulk (shared/mqttread.py) arrive with the topic, payload,
     QoS and retain flag they were sent with, in order within a QoS, and with the broker's mids. `ack_many` PUBACKs in
