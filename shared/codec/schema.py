@@ -233,7 +233,7 @@ _READ: dict[type, tuple[frozenset[int], frozenset[int], tuple[_Reader, ...]]] = 
 
 _BUILD: dict[type, Callable[..., Any]] = {Update: Update.from_wire}  # decoders that skip what the readers checked
 # one-pass decoders of a whole map (shared/codec/fastpath.py); None from one: the general path decides
-_FAST: dict[type, Callable[[dict[Any, Any], str], Any]] = {Heartbeat: fastpath.heartbeat}
+_FAST: dict[type, Callable[[dict[Any, Any], str], Any]] = {Heartbeat: fastpath.heartbeat, Update: fastpath.update}
 
 
 def from_map(cls: type[M], m: Any, client: str) -> M:

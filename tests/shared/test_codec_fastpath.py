@@ -1,20 +1,22 @@
-"""shared/codec/fastpath.py: the one-pass Heartbeat decoder gives exactly what the general path (a reader
-per field, then Heartbeat's constructor) gives, or leaves the map to it; errors therefore stay the same."""
+"""shared/codec/fastpath.py: the one-pass Heartbeat and Update decoders give exactly what the general path
+(a reader per field, then the constructor's checks) gives, or leave the map to it; errors therefore stay
+the same."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 import random
+import struct
 from typing import Any
 
 import pytest
 
 from shared.codec import DecodeError, decode, encode, fastpath, schema
 from shared.fields import U32, U64
-from shared.messages import Heartbeat
+from shared.messages import Heartbeat, Update
 
-FLOATS = [0.0, -0.0, 0.1, 1.0, 1.0000001, 1.5, -1.0, 45.0, 1e5, 100000.01, 1e6, 1e6 + 1, 1e9, 3.4e38, 1e39, -300.0,
+FLOATS = [0.0, -0.0, 0.1, 1.0, 1.0000001, 1.5, -1.0, 45.0, 1e5, 100000.01, 1e6, 1e6 + 1, 1e9, 3.4e38, 3.5e38, 1e39, -300.0,
           -300.5, 1000.0, 1000.5, math.nan, math.inf, -math.inf, 1.7e9]
 INTS = [0, 1, -1, -2, 5, 200 << 20, U32, U32 + 1, U64, U64 + 1, -(1 << 63)]
 OTHER = [True, False, None, "busy", "", b"\x00", [1], {"a": 1}]
@@ -80,3 +82,34 @@ def test_a_device_heartbeat_takes_the_fast_path_and_round_trips(monkeypatch: pyt
     monkeypatch.undo()
     assert got == dataclasses.replace(hb, client="dev-a")
     assert got.cpu_pct == hb.cpu_pct != 3.3  # rounded to float32 on both paths
+
+
+def _update_outcome(m: dict[int, Any], client: str) -> tuple[str, Any]:
+    try:
+        u = schema.from_map(Update, m, client)
+    except DecodeError as e:
+        return "error", (e.code, e.reason)
+    return "ok", [(f.name, getattr(u, f.name), type(getattr(u, f.name))) for f in dataclasses.fields(u)]
+
+
+def test_random_update_maps_decode_the_same_with_and_without_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = random.Random(31)
+    grads = [struct.pack("<3f", 0.5, -1.25, 3.0), struct.pack("<1f", 1e-30), b"", b"\x00\x00\x80", b"\x00" * 4 * 4097,
+             struct.pack("<2f", 1.0, math.nan), struct.pack("<2f", math.inf, 1.0), "abc", 5]
+    plain = {0: [0, 7, U32], 1: [0, U64], 2: grads[:2], 3: [0, 100, U32], 4: [0, U32], 5: [2.0, 0.1, 3.4028234663852886e38]}
+    taken = valid = 0
+    for _ in range(10000):
+        m = {k: rng.choice(v) for k, v in plain.items()}
+        if rng.random() < 0.7:  # one value off: an edge, a wrong kind
+            k = rng.randrange(6)
+            m[k] = rng.choice(grads) if k == 2 else _value(rng)
+        client = rng.choice(["d00001", ""])
+        fast = _update_outcome(m, client)
+        taken += fast[0] == "ok" and fastpath.update(m, client) is not None
+        with monkeypatch.context() as mp:
+            mp.setattr(schema, "_FAST", {})
+            general = _update_outcome(m, client)
+        if general != fast:
+            raise AssertionError(f"map {m!r} client {client!r}: general {general!r}, fast {fast!r}")
+        valid += general[0] == "ok"
+    assert valid > 3000 and taken > valid // 2, (valid, taken)
