@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
-import gc
 import json
 import shutil
 import subprocess
@@ -126,6 +125,7 @@ def measure(clients: int, steps: int, seed: int = 0, work: Path | None = None,
     from bench.fleet.fleet import FleetConfig, start_broker, synthetic_model, write_coordinator_config
     from coordinator.config import load_coordinator_config
     from coordinator.server import Coordinator
+    from coordinator.server_cli import settle_heap
     from shared.fingerprint import fingerprint_model_dir
     from shared.maskfile import load_mask
 
@@ -139,7 +139,7 @@ def measure(clients: int, steps: int, seed: int = 0, work: Path | None = None,
     conf = write_coordinator_config(cfg, work, broker, fleet, model, mask_path, free_port())
     coord = Coordinator(load_coordinator_config(conf))
     torch.set_num_threads(1)  # as bench/fleet/fleet.py runs the coordinator (OMP_NUM_THREADS=1)
-    gc.freeze()  # as `meerkat coordinator` does before it serves (coordinator/server_cli.py)
+    settle_heap()  # as `meerkat coordinator` does before it serves
     host, port = broker.split("://", 1)[1].rsplit(":", 1)
     spec = {"host": host, "port": int(port), "fleet": fleet, "clients": clients, "seed": seed, "hb_rate": hb_rate,
             "fingerprint": fingerprint_model_dir(model), "mask_id": load_mask(mask_path).mask_id}
