@@ -26,8 +26,11 @@ from shared.dataset import Batch, DataError, Dataset, Example
 
 IGNORE = -100
 CE_CHUNK_ELEMS = 1 << 20  # rows x vocab per cross-entropy chunk: keeps the fp32 log-softmax temporary small
-# rows x vocab of one fused LM-head + cross-entropy chunk (CPU, CUDA): never all logits at once
-HEAD_CHUNK_ELEMS = {"cpu": 1 << 22, "cuda": 1 << 25}
+# rows x vocab of one fused LM-head + cross-entropy chunk (CPU, CUDA): never all logits at once. CPU
+# 2^25 (128 MiB of fp32 logits): a bf16 head on an fp32 CPU widens its whole weight once per chunk
+# (modelload._chunked_head_forward), and at 2^22 the 0.5B loss of one 128-token sequence took 5 chunks,
+# 1.15x a forward; at 2^25 one chunk, 1.00x (BENCHMARKS.md "Real sizes on CPU")
+HEAD_CHUNK_ELEMS = {"cpu": 1 << 25, "cuda": 1 << 25}
 LOGSOFTMAX_ROWS_ELEMS = 1 << 19  # CPU: rows x vocab per log-softmax slice (2 MiB fp32 stays in cache)
 # families whose CausalLM forward is exactly `lm_head(decoder(...).last_hidden_state)` (+ Gemma-2's
 # final logit soft-capping): for these the loss runs the head on target rows only, chunk by chunk

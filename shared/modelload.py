@@ -88,12 +88,12 @@ def default_compute_dtype(quant: str, device: torch.device) -> torch.dtype:
     """
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if quant != "none" and _cpu_has_bf16():
+    if quant != "none" and cpu_has_bf16():
         return torch.bfloat16
     return torch.float32
 
 
-def _cpu_has_bf16() -> bool:
+def cpu_has_bf16() -> bool:
     try:
         modules: Any = importlib.import_module("bitsandbytes.nn.modules")
     except ImportError:
@@ -320,6 +320,7 @@ __all__ = [
     "MaskLike",
     "QUANTS",
     "Quant",
+    "cpu_has_bf16",
     "default_compute_dtype",
     "load_model",
     "load_tokenizer",

@@ -1,11 +1,12 @@
 """MEERKAT mask builder: pick the ~0.1% of weights that carry fine-tuning, once, on a server.
 
 Pipeline (each step a short function, testable on its own):
-    read_calibration(files)          -> documents per file + sha256          (raw text / JSONL)
+    read_calibration(files)          -> documents per file + sha256          (coordinator/mask/calibtext.py)
     pack_sequences(tokenizer, ...)   -> (n_seqs, seq_len) int64 token ids     (round-robin over files)
     eligible_weights(model)          -> {module name: weight}                 (decoder Linear weights)
     accumulate_gradients(...)        -> GradStats: mean g and mean g^2 per weight, fp32
     select_top_k(keys, k)            -> {layer: sorted flat indices}          (coordinator/mask/select.py)
+    mean_grad_at(...)                -> mean g at the mask only               (the second of two passes)
     concentration(sq, fraction)      -> top-k mean g^2 vs the next tier / the f..10f band
 
 Scores: pretrain-grad = mean squared per-sequence gradient of the LM loss; weight-magnitude = |w|;
@@ -15,18 +16,17 @@ ascending, so the same inputs give the same mask bit for bit.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from coordinator.mask.calibtext import CalibFile, Packed, pack_sequences, read_calibration
 from coordinator.mask.loading import load_for_mask, pick_device, tokenizer_encoder
 from coordinator.mask.select import (
     BAND_FACTOR,
@@ -39,115 +39,11 @@ from coordinator.mask.select import (
     select_top_k,
     top_values,
 )
-from shared.jsonl import JsonlError, parse_jsonl
 
 log = logging.getLogger(__name__)
 
 Method = Literal["pretrain-grad", "weight-magnitude", "random"]
 METHODS: tuple[str, ...] = ("pretrain-grad", "weight-magnitude", "random")
-
-
-# ---------------------------------------------------------------- calibration text
-
-
-@dataclass(frozen=True)
-class CalibFile:
-    """One calibration file: its documents in order and the sha256 of its bytes."""
-
-    path: Path
-    sha256: str
-    documents: tuple[str, ...]
-
-
-def _jsonl_document(path: Path, lineno: int, record: dict[str, Any]) -> str:
-    if isinstance(record.get("text"), str):
-        return str(record["text"])
-    prompt, completion = record.get("prompt"), record.get("completion")
-    if isinstance(prompt, str) and isinstance(completion, str):
-        return prompt + completion
-    raise MaskBuildError(f"{path}:{lineno}: needs a string 'text' field or string 'prompt' + 'completion'")
-
-
-def read_calibration(path: str | Path) -> CalibFile:
-    """Documents of one file: JSONL (`.jsonl`): one per record; text: paragraphs split on blank lines."""
-    p = Path(path)
-    try:
-        data = p.read_bytes()
-    except OSError as exc:
-        raise MaskBuildError(f"calibration file {p}: cannot read ({exc.strerror})") from exc
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise MaskBuildError(f"calibration file {p}: not UTF-8 text (byte {exc.start})") from exc
-    if p.suffix.lower() in (".jsonl", ".ndjson"):
-        try:
-            docs = [_jsonl_document(p, i, row) for i, row in parse_jsonl(text, str(p))]
-        except JsonlError as exc:
-            raise MaskBuildError(str(exc)) from exc
-    else:
-        docs = [para.strip() for para in text.replace("\r\n", "\n").split("\n\n") if para.strip()]
-    if not docs:
-        raise MaskBuildError(f"calibration file {p}: contains no text")
-    return CalibFile(p, hashlib.sha256(data).hexdigest(), tuple(docs))
-
-
-@dataclass(frozen=True)
-class Packed:
-    """Token ids packed into fixed-length sequences and how many tokens each file contributed."""
-
-    ids: torch.Tensor  # (n_seqs, seq_len) int64
-    tokens_per_file: tuple[int, ...]
-
-
-def _round_robin(files: Sequence[CalibFile]) -> Iterator[tuple[int, str]]:
-    longest = max(len(f.documents) for f in files)
-    for j in range(longest):
-        for i, f in enumerate(files):
-            if j < len(f.documents):
-                yield i, f.documents[j]
-
-
-def pack_sequences(
-    encode: Callable[[str], list[int]],
-    files: Sequence[CalibFile],
-    n_seqs: int,
-    seq_len: int,
-    eos_id: int | None,
-) -> Packed:
-    """Documents (round-robin over files, eos between them) concatenated and cut into (n_seqs, seq_len)."""
-    if n_seqs < 1 or seq_len < 2:
-        raise MaskBuildError(f"need seqs >= 1 and seq-len >= 2, got seqs={n_seqs} seq-len={seq_len}")
-    budget = n_seqs * seq_len
-    stream: list[int] = []
-    per_file = [0] * len(files)
-    for i, doc in _round_robin(files):
-        doc_ids = list(encode(doc)) + ([eos_id] if eos_id is not None else [])
-        take = doc_ids[: budget - len(stream)]
-        stream.extend(take)
-        per_file[i] += len(take)
-        if len(stream) >= budget:
-            break
-    n_full = len(stream) // seq_len
-    if n_full == 0:
-        names = ", ".join(str(f.path) for f in files)
-        raise MaskBuildError(
-            f"calibration text ({names}) has {len(stream)} tokens, fewer than one sequence of {seq_len}"
-        )
-    if n_full < n_seqs:
-        log.warning(
-            "calibration text gives only %d full sequences of %d tokens (asked for %d)",
-            n_full,
-            seq_len,
-            n_seqs,
-        )
-        # the tokens of the dropped partial sequence came from the last files read; attribute them exactly
-        extra = len(stream) - n_full * seq_len
-        for i in reversed(range(len(files))):
-            cut = min(extra, per_file[i])
-            per_file[i] -= cut
-            extra -= cut
-    ids = torch.tensor(stream[: n_full * seq_len], dtype=torch.int64).view(n_full, seq_len)  # (N, L)
-    return Packed(ids, tuple(per_file))
 
 
 # ---------------------------------------------------------------- eligible weights and gradients
@@ -191,6 +87,7 @@ class GradStats:
     sq: dict[str, torch.Tensor]  # layer -> (out, in) fp32
     n_seqs: int
     mean_loss: float
+    ids: torch.Tensor | None = None  # the (n_seqs, seq_len) token ids they came from (a second pass reruns them)
 
 
 def accumulate_gradients(
@@ -199,6 +96,7 @@ def accumulate_gradients(
     ids: torch.Tensor,
     *,
     progress: bool = True,
+    keep_mean: bool = True,
 ) -> GradStats:
     """Backprop the LM loss of each sequence alone; add g and g^2 into per-layer buffers as each arrives.
 
@@ -209,26 +107,78 @@ def accumulate_gradients(
     gradient copy of the model. g^2 is summed in fp32 (the ranking needs it); g in the weight's own
     dtype (fp32 for an fp32 model; a bf16 model's mean gradient, used only at the mask by GradIP, is
     summed in bf16 to keep the peak near 6 bytes per eligible parameter + the bf16 weights).
+    `keep_mean=False` sums g^2 only (`mean` comes back empty): the first of two passes, where
+    `mean_grad_at` gives the mean gradient at the mask once it is known (4 bytes per parameter).
     """
-    from tqdm import tqdm
-
     if ids.dim() != 2 or ids.shape[0] < 1:
         raise MaskBuildError(f"expected token ids of shape (n_seqs, seq_len), got {tuple(ids.shape)}")
     device = next(iter(weights.values())).device
+    total = {n: torch.zeros(w.shape, dtype=w.dtype, device=device) for n, w in weights.items()} if keep_mean else {}
+    total_sq = {n: torch.zeros(w.shape, dtype=torch.float32, device=device) for n, w in weights.items()}
+
+    def add(name: str, g: torch.Tensor) -> None:
+        g32 = g.float()  # the same tensor for an fp32 weight
+        if keep_mean:
+            total[name].add_(g)
+        total_sq[name].addcmul_(g32, g32)
+
+    loss = _backprop(model, weights, ids, add, "mask: backprop", progress)
+    n = ids.shape[0]
+    for name in weights:
+        if keep_mean:
+            total[name].div_(n)
+        total_sq[name].div_(n)
+        if not bool(torch.isfinite(total_sq[name]).all()):
+            raise MaskBuildError(f"layer {name}: gradient overflowed (inf/NaN); try --dtype float32")
+    return GradStats(total, total_sq, n, loss)
+
+
+def mean_grad_at(
+    model: nn.Module,
+    weights: Mapping[str, torch.Tensor],
+    ids: torch.Tensor,
+    indices: Mapping[str, torch.Tensor],
+    *,
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """The second pass: fp32 mean gradient at the mask's flat `indices` only, over the same sequences.
+
+    For an fp32 model the values are bit for bit those of one pass (the same additions in the same
+    order); a bf16 model's are summed in fp32 here, not bf16, so they are the more exact ones.
+    """
+    device = next(iter(weights.values())).device
+    at = {n: idx.to(device) for n, idx in indices.items()}
+    total = {n: torch.zeros(idx.numel(), dtype=torch.float32, device=device) for n, idx in at.items()}
+
+    def add(name: str, g: torch.Tensor) -> None:
+        if name in at:
+            total[name].add_(g.flatten()[at[name]].float())
+
+    _backprop(model, {n: w for n, w in weights.items() if n in at}, ids, add, "mask: gradient at the mask", progress)
+    return {n: (t / ids.shape[0]).cpu().contiguous() for n, t in total.items()}
+
+
+def _backprop(
+    model: nn.Module,
+    weights: Mapping[str, torch.Tensor],
+    ids: torch.Tensor,
+    add: Callable[[str, torch.Tensor], None],
+    desc: str,
+    progress: bool,
+) -> float:
+    """Backprop each sequence alone, hand every eligible weight's gradient to `add` the moment it is
+    complete and free it; returns the mean loss."""
+    from tqdm import tqdm
+
     wanted = {id(w) for w in weights.values()}
     for p in model.parameters():
         p.requires_grad_(id(p) in wanted)
-    total = {n: torch.zeros(w.shape, dtype=w.dtype, device=device) for n, w in weights.items()}
-    total_sq = {n: torch.zeros(w.shape, dtype=torch.float32, device=device) for n, w in weights.items()}
     arrived: set[str] = set()
 
     def make_hook(name: str) -> Callable[[torch.Tensor], None]:
         def hook(w: torch.Tensor) -> None:
-            g = w.grad
-            assert g is not None  # the hook runs after accumulation
-            g32 = g.float()  # the same tensor for an fp32 weight
-            total[name].add_(g)
-            total_sq[name].addcmul_(g32, g32)
+            assert w.grad is not None  # the hook runs after accumulation
+            add(name, w.grad)
             w.grad = None  # freed as soon as it is counted
             arrived.add(name)
 
@@ -244,9 +194,10 @@ def accumulate_gradients(
         if getattr(m, "gradient_checkpointing", False) is True:
             m.training = True
     n = ids.shape[0]
+    device = next(iter(weights.values())).device
     started = time.perf_counter()
     try:
-        for i, row in enumerate(tqdm(ids, desc="mask: backprop", unit="seq", disable=None if progress else True)):
+        for i, row in enumerate(tqdm(ids, desc=desc, unit="seq", disable=None if progress else True)):
             seq = row.unsqueeze(0).to(device)  # (1, L)
             loss = model(input_ids=seq, labels=seq).loss
             if not torch.isfinite(loss):
@@ -259,27 +210,29 @@ def accumulate_gradients(
             missing = sorted(set(weights) - arrived)
             if missing:
                 raise MaskBuildError(f"layer {missing[0]} got no gradient: is it used by the forward pass?")
-            _log_progress(i + 1, n, time.perf_counter() - started)
+            _log_progress(desc, i + 1, n, time.perf_counter() - started)
     finally:
         for h in handles:
             h.remove()
         for m, mode in modes.items():
             m.training = mode
-    for name in weights:
-        total[name].div_(n)
-        total_sq[name].div_(n)
-        if not bool(torch.isfinite(total_sq[name]).all()):
-            raise MaskBuildError(f"layer {name}: gradient overflowed (inf/NaN); try --dtype float32")
-    return GradStats(total, total_sq, n, loss_sum / n)
+    return loss_sum / n
 
 
-def _log_progress(done: int, total: int, elapsed: float) -> None:
+def passes_for(weights: Mapping[str, torch.Tensor], available_bytes: int) -> int:
+    """`--passes auto`: 1 while the one-pass buffers (fp32 g^2 + g in the weight's dtype) take at most
+    80 % of the memory still available with the model loaded, else 2 (g^2 only, then g at the mask)."""
+    one_pass = sum(w.numel() * (4 + w.element_size()) for w in weights.values())
+    return 1 if one_pass <= 0.8 * available_bytes else 2
+
+
+def _log_progress(desc: str, done: int, total: int, elapsed: float) -> None:
     """A log line with the rate and the ETA (also when stderr is not a terminal and tqdm stays quiet)."""
     every = max(1, total // 10)
     if done % every and done != total:
         return
     per = elapsed / done
-    log.info("mask: %d/%d sequences, %.1f s/seq, ETA %.0f s", done, total, per, per * (total - done))
+    log.info("%s: %d/%d sequences, %.1f s/seq, ETA %.0f s", desc, done, total, per, per * (total - done))
 
 
 # ---------------------------------------------------------------- the whole build
@@ -318,13 +271,15 @@ def calibrate(
     seqs: int,
     seq_len: int,
     progress: bool = True,
+    keep_mean: bool = True,
 ) -> tuple[GradStats, dict[str, Any]]:
     """Pack the calibration text, backprop it, and describe what was used (for the mask's metadata)."""
     packed = pack_sequences(encode, calib, seqs, seq_len, eos_id)
     log.info(
         "calibration: %d sequences x %d tokens from %d file(s)", packed.ids.shape[0], seq_len, len(calib)
     )
-    stats = accumulate_gradients(model, weights, packed.ids, progress=progress)
+    stats = accumulate_gradients(model, weights, packed.ids, progress=progress, keep_mean=keep_mean)
+    stats.ids = packed.ids
     desc = {
         "files": [
             {"name": f.path.name, "sha256": f.sha256, "tokens": n}
@@ -350,12 +305,17 @@ def build_mask(
     seq_len: int = 512,
     seed: int = 0,
     progress: bool = True,
+    passes: int = 1,
 ) -> BuildResult:
     """Score every eligible weight by `method`, keep the global top `fraction`, attach the mean gradient.
 
     Calibration text is required for pretrain-grad; for the baselines it is optional and, when given,
     only supplies the mean gradient at the mask (GradIP needs it) and the concentration numbers.
+    `passes=2` backprops the calibration twice: g^2 only, then (g^2 freed) g at the mask only: the same
+    mask bits with no full-size g buffer (2 bytes per eligible bf16 parameter less), twice the backprop.
     """
+    if passes not in (1, 2):
+        raise MaskBuildError(f"passes must be 1 or 2, got {passes}")
     if method not in METHODS:
         raise MaskBuildError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if method == "pretrain-grad" and not calib:
@@ -370,7 +330,8 @@ def build_mask(
     if calib:
         assert encode is not None
         grads, calib_desc = calibrate(
-            model, encode, eos_id, calib, weights, seqs=seqs, seq_len=seq_len, progress=progress
+            model, encode, eos_id, calib, weights, seqs=seqs, seq_len=seq_len, progress=progress,
+            keep_mean=passes == 1,
         )
     if method == "pretrain-grad":
         assert grads is not None
@@ -386,8 +347,13 @@ def build_mask(
     grad_at: dict[str, torch.Tensor] | None = None
     stats: dict[str, Any] = {}
     if grads is not None:
-        grad_at = {n: grads.mean[n].flatten()[idx].float().cpu().contiguous() for n, idx in indices.items()}
         stats = {"concentration": concentration(grads.sq, fraction), **mask_sq_stats(indices, grads.sq)}
+        if passes == 1:
+            grad_at = {n: grads.mean[n].flatten()[idx].float().cpu().contiguous() for n, idx in indices.items()}
+        else:
+            assert grads.ids is not None
+            ids, grads = grads.ids, None  # g^2 freed before the second pass
+            grad_at = mean_grad_at(model, weights, ids, indices, progress=progress)
         log.info(
             "concentration: top %.4g%% mean g^2 = %.3gx next tier, %.3gx the band",
             100 * fraction,
@@ -453,8 +419,10 @@ __all__ = [
     "k_for",
     "load_for_mask",
     "mask_sq_stats",
+    "mean_grad_at",
     "pack_sequences",
     "parse_description",
+    "passes_for",
     "pick_device",
     "random_keys",
     "read_calibration",

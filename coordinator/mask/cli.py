@@ -56,6 +56,15 @@ def register(sub: Any) -> None:
         "--method", default="pretrain-grad", choices=METHODS, help="how weights are scored (default: %(default)s)"
     )
     b.add_argument("--seed", type=int, default=0, help="seed of the random method, uint64 (default: %(default)s)")
+    b.add_argument(
+        "--passes",
+        default="auto",
+        choices=("auto", "1", "2"),
+        help="backprop passes over the calibration text: 1 keeps g and g^2 for every weight (6 bytes per"
+        " bf16 parameter beside the model); 2 keeps g^2 only, then reruns the sequences for g at the mask"
+        " (4 bytes, twice the time); auto = 1 when it fits 80%% of the available memory"
+        " (default: %(default)s)",
+    )
     b.add_argument("--out", required=True, help="mask file to write (.safetensors)")
     b.add_argument("--overwrite", action="store_true", help="replace --out if it already exists")
     b.set_defaults(func=cmd_build)
@@ -97,6 +106,27 @@ def _calibrated_stats(args: argparse.Namespace, include_embeddings: bool) -> tup
     return calibrate(model, encode, eos, calib, weights, seqs=args.seqs, seq_len=args.seq_len)
 
 
+def _passes(choice: str, model: Any) -> int:
+    """--passes: 1 or 2 as given, or auto (`passes_for` against the free memory of the model's device)."""
+    if choice != "auto":
+        return int(choice)
+    import psutil
+
+    from coordinator.mask.builder import eligible_weights, passes_for
+
+    weights = eligible_weights(model)
+    dev = next(iter(weights.values())).device
+    if dev.type == "cuda":
+        import torch
+
+        available = int(torch.cuda.mem_get_info(dev)[0])
+    else:
+        available = int(psutil.virtual_memory().available)
+    passes = passes_for(weights, available)
+    log.info("mask: %d backprop pass(es) (%.1f GiB available)", passes, available / 2**30)
+    return passes
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     from coordinator.mask.builder import build_mask, read_calibration, to_mask
     from coordinator.mask.loading import check_supported
@@ -113,6 +143,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         check_supported(args.model)  # before hashing gigabytes of a model that cannot be used
         fingerprint = fingerprint_model_dir(args.model)
         model, encode, eos = _load_model(args)
+        passes = _passes(args.passes, model)
         result = build_mask(
             model,
             encode,
@@ -123,6 +154,7 @@ def cmd_build(args: argparse.Namespace) -> int:
             seqs=args.seqs,
             seq_len=args.seq_len,
             seed=args.seed,
+            passes=passes,
         )
         n_weights = sum(a * b for a, b in result.shapes.values())
         extra = {

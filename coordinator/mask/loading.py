@@ -56,6 +56,7 @@ def load_for_mask(
     dtype: str = "auto",
     checkpointing: bool = False,
     tokenizer_dir: str | Path | None = None,
+    widen: bool | None = None,
 ) -> tuple[nn.Module, Any]:
     """The unquantized model (the mask needs true gradients) in the checkpoint's dtype, and its tokenizer.
 
@@ -63,6 +64,8 @@ def load_for_mask(
     widened to fp32), or "float32" / "bfloat16".
 
     `checkpointing` turns on HF activation checkpointing (see `accumulate_gradients` for the mode).
+    `widen` (None: a bf16 model on a CPU without AVX512-BF16) computes the bf16 Linear layers in fp32
+    with their weights left bf16 (coordinator/mask/widelinear.py).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -84,6 +87,15 @@ def load_for_mask(
     model.to(dev)
     model.config.use_cache = False  # no KV cache during backprop
     model.eval()  # no dropout: the gradient of the model as it is
+    if widen is None:
+        from shared.modelload import cpu_has_bf16
+
+        widen = dev.type == "cpu" and torch_dtype == torch.bfloat16 and not cpu_has_bf16()
+    if widen:
+        from coordinator.mask.widelinear import widen_linears
+
+        n = widen_linears(model)
+        log.info("mask: %d bf16 Linear layers compute in fp32 (no native bf16 on this CPU; weights stay bf16)", n)
     if checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5 name
         if callable(enable):

@@ -6,8 +6,10 @@
 - side-car: the flat buffer, its indices, the CPU copy of v_0, the wrapped layers' correction plans
   and the two nnz-sized temporaries of a step (backup, z);
 - fixed, per_sequence: measured by calibration forwards of the step's loss (LM loss over every
-  position: the worst case) at micro-batch 1 and 2 of `seq_len` tokens. per_sequence = peak(2) -
-  peak(1), fixed = peak(1) - per_sequence (the dequantized weight tile, the rotary cache, ...).
+  position: the worst case) at micro-batch 1 and 4 of `seq_len` tokens. per_sequence = (peak(4) -
+  peak(1)) / 3, fixed = peak(1) - per_sequence (the dequantized weight tile, the rotary cache, ...).
+  Three sequences apart, not one: a CPU peak moves by whole malloc arenas and mmap thresholds, and a
+  slope over one sequence read anything from 0 to 2x the real one at 0.5B.
   CUDA: torch.cuda peak allocated bytes. CPU: the process's peak private RSS above the private RSS
   before the call (see MemoryMeter).
 
@@ -40,6 +42,7 @@ from shared.sidecar import SideCar
 log = logging.getLogger(__name__)
 
 GIB = float(1 << 30)
+WIDE = 4  # the second calibration's micro-batch: the per-sequence slope is read over WIDE - 1 sequences
 
 
 class MemoryBudgetError(RuntimeError):
@@ -171,8 +174,14 @@ def plan_memory(
     weights = weight_bytes(model)
     side = step_sidecar_bytes(sidecar, model)
     meter = MemoryMeter(dev)
-    peaks = {b: _calibrate(model, meter, b, seq_len, pad_id) for b in (1, 2)}
-    per_seq = max(peaks[2] - peaks[1], 1)
+    peaks = {1: _calibrate(model, meter, 1, seq_len, pad_id)}
+    wide = WIDE
+    try:
+        peaks[wide] = _calibrate(model, meter, wide, seq_len, pad_id)
+    except MemoryBudgetError:  # a device that holds 1-3 sequences (CUDA OOM): the slope over one
+        wide = 2
+        peaks[wide] = _calibrate(model, meter, wide, seq_len, pad_id)
+    per_seq = max((peaks[wide] - peaks[1]) // (wide - 1), 1)
     fixed = max(peaks[1] - per_seq, 0)
     per_seq_safe = int(per_seq * safety)
     one = weights + side + fixed + per_seq_safe

@@ -81,3 +81,37 @@ def test_meter_leaves_out_file_backed_pages(tmp_path: Path) -> None:
 
     _, peak = meter.measure(both)
     assert peak >= 48 * 2**20, peak
+
+
+def test_per_sequence_slope_is_read_over_one_and_four_sequences(
+    llama_dir: Path, llama_mask: dict[str, torch.Tensor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The slope is (peak(4) - peak(1)) / 3; a device whose 4-sequence calibration runs out of memory
+    falls back to the slope over 1 and 2 sequences instead of being refused."""
+    from edge_client.engine import planner
+
+    lm = load_model(llama_dir, "nf4", "cpu", llama_mask, torch.float32, fingerprint="0" * 64)
+    mib = 1 << 20
+    peaks = {1: 50 * mib, 2: 53 * mib, 4: 80 * mib}
+    calls: list[int] = []
+
+    def fake(model: object, meter: object, batch: int, seq_len: int, pad_id: int) -> int:
+        calls.append(batch)
+        return peaks[batch]
+
+    monkeypatch.setattr(planner, "_calibrate", fake)
+    plan = plan_memory(lm.model, 4.0, seq_len=64, sidecar=lm.sidecar, safety=1.0)
+    assert calls == [1, 4]
+    assert (plan.per_seq_bytes, plan.fixed_bytes) == (10 * mib, 40 * mib)
+
+    def oom_at_four(model: object, meter: object, batch: int, seq_len: int, pad_id: int) -> int:
+        calls.append(batch)
+        if batch == 4:
+            raise planner.MemoryBudgetError("calibration with 4 sequence(s) ran out of memory")
+        return peaks[batch]
+
+    calls.clear()
+    monkeypatch.setattr(planner, "_calibrate", oom_at_four)
+    plan = plan_memory(lm.model, 4.0, seq_len=64, sidecar=lm.sidecar, safety=1.0)
+    assert calls == [1, 4, 2]
+    assert (plan.per_seq_bytes, plan.fixed_bytes) == (3 * mib, 47 * mib)

@@ -287,3 +287,85 @@ def test_per_tensor_hooks_give_the_same_bits_as_summing_after_backward(llama: Pa
     k = 50
     new, old = select_top_k(float_keys(got.sq), k), select_top_k(float_keys(sq), k)
     assert new.keys() == old.keys() and all(torch.equal(new[n], old[n]) for n in new)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_two_passes_give_the_same_mask_and_gradient(llama: Path, corpus: tuple[Path, Path], dtype: str) -> None:
+    """`passes=2` (g^2, then g at the mask only): the same mask bits; for an fp32 model the same
+    gradient bit for bit, for a bf16 one the fp32 sum of the same gradients (closer than the bf16 sum)."""
+    calib = [read_calibration(corpus[0])]
+    model, tok = load_for_mask(llama, device="cpu", dtype=dtype)
+    encode, eos = tokenizer_encoder(tok)
+    one, two = (
+        build_mask(model, encode, eos, calib, fraction=0.01, seqs=3, seq_len=48, progress=False, passes=p)
+        for p in (1, 2)
+    )
+    assert one.indices.keys() == two.indices.keys()
+    assert all(torch.equal(one.indices[n], two.indices[n]) for n in one.indices)
+    assert one.stats == two.stats and one.calibration == two.calibration
+    assert one.grad is not None and two.grad is not None and one.grad.keys() == two.grad.keys()
+    for n in one.grad:
+        assert two.grad[n].dtype == torch.float32
+        if dtype == "float32":
+            assert torch.equal(one.grad[n], two.grad[n]), n
+        else:  # one pass summed in bf16: within bf16 rounding of the fp32 sum
+            torch.testing.assert_close(one.grad[n], two.grad[n], rtol=2**-6, atol=1e-6)
+    with pytest.raises(MaskBuildError, match="passes must be 1 or 2, got 3"):
+        build_mask(model, encode, eos, calib, fraction=0.01, seqs=1, seq_len=48, progress=False, passes=3)
+
+
+def test_passes_auto_picks_two_when_one_pass_would_not_fit() -> None:
+    from coordinator.mask.builder import passes_for
+
+    weights = {"a": torch.zeros(1000, 1000, dtype=torch.bfloat16)}  # one pass: 6 MB of buffers
+    assert passes_for(weights, available_bytes=8_000_000) == 1
+    assert passes_for(weights, available_bytes=7_000_000) == 2
+
+
+def test_cli_two_passes_write_the_same_mask_bits(llama: Path, corpus: tuple[Path, Path], tmp_path: Path) -> None:
+    calib = ["--calib", str(corpus[0]), "--fraction", "0.01", "--seqs", "2"]
+    assert _build(llama, tmp_path / "1.safetensors", *calib, "--passes", "1") == 0
+    assert _build(llama, tmp_path / "2.safetensors", *calib, "--passes", "2") == 0
+    m1, m2 = load_mask(tmp_path / "1.safetensors"), load_mask(tmp_path / "2.safetensors")
+    assert m1.mask_id == m2.mask_id and m1.grad is not None and m2.grad is not None
+    assert all(torch.equal(m1.grad[n], m2.grad[n]) for n in m1.layers)  # an fp32 checkpoint
+
+
+def test_widened_linears_keep_bf16_weights_and_match_the_bf16_gradients(
+    llama: Path, corpus: tuple[Path, Path]
+) -> None:
+    """A bf16 model on a CPU without native bf16: the Linear products run in fp32 (weights, their
+    gradients and the activations between layers stay bf16). The loss and the mean gradient at the
+    mask agree with a plain bf16 backprop to bf16 rounding, and the mask is nearly the same."""
+    from coordinator.mask.widelinear import widen_linears
+
+    calib = [read_calibration(corpus[0])]
+    results = []
+    for widen in (False, True):
+        model, tok = load_for_mask(llama, device="cpu", dtype="bfloat16", widen=widen)
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        assert all(m.weight.dtype == torch.bfloat16 for m in linears)
+        assert widen == all("forward" in vars(m) for m in linears)  # the instance's own forward
+        encode, eos = tokenizer_encoder(tok)
+        results.append(build_mask(model, encode, eos, calib, fraction=0.01, seqs=2, seq_len=48, progress=False))
+        assert all(p.grad is None for p in model.parameters())
+    plain, wide = results
+    assert abs(plain.calibration["mean_loss"] - wide.calibration["mean_loss"]) < 0.02 * plain.calibration["mean_loss"]
+    same = sum(len(set(plain.indices[n].tolist()) & set(wide.indices.get(n, torch.empty(0)).tolist())) for n in plain.indices)
+    assert same >= 0.8 * plain.nnz  # ties and near-ties at the threshold may go either way
+    model, _ = load_for_mask(llama, device="cpu", dtype="float32", widen=False)
+    assert widen_linears(model) == 0  # fp32 layers are left alone
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_widening_is_automatic_only_for_bf16_on_a_cpu_without_native_bf16(
+    llama: Path, native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shared.modelload
+
+    monkeypatch.setattr(shared.modelload, "cpu_has_bf16", lambda: native)
+    model, _ = load_for_mask(llama, device="cpu", dtype="bfloat16")
+    widened = ["forward" in vars(m) for m in model.modules() if isinstance(m, nn.Linear)]
+    assert widened and all(w != native for w in widened)
+    model, _ = load_for_mask(llama, device="cpu", dtype="float32")
+    assert not any("forward" in vars(m) for m in model.modules() if isinstance(m, nn.Linear))
