@@ -49,6 +49,7 @@ class FloodGate(queue.Queue[Incoming]):
     def __init__(self, rate_per_s: float, burst: float, clock: Callable[[], float] = time.monotonic,
                  max_slow: int = MAX_SLOW) -> None:
         super().__init__()
+        self.fast_put = threading.Condition(self.mutex)  # notified when the fast lane gets a message
         self.max_slow = max_slow  # heartbeats queued at most
         self.limits = Limiter(GATE_FACTOR * rate_per_s, GATE_FACTOR * burst)
         self.clock = clock
@@ -76,8 +77,10 @@ class FloodGate(queue.Queue[Incoming]):
                 self.not_empty.notify()
 
     def get_many(self, n: int, timeout: float, not_before: float = 0.0) -> list[Incoming]:
-        """Up to `n` messages, fast lane first: wait up to `timeout` for one, then (fewer than `n` there) until
-        `not_before` (time.monotonic()) for more, then take what is there."""
+        """Up to `n` messages, fast lane first: wait up to `timeout` for one; then, while only heartbeats wait
+        (fewer than `n`), until `not_before` (time.monotonic()) for more; then take what is there. Any other
+        message ends that wait at once: it is QoS 1, and the broker sends a client only so many unacked
+        (max_inflight_messages), so its ack must not wait for heartbeats to gather."""
         with self.not_empty:
             end = time.monotonic() + timeout
             while not self._qsize():
@@ -85,11 +88,11 @@ class FloodGate(queue.Queue[Incoming]):
                 if left <= 0:
                     return []
                 self.not_empty.wait(left)
-            short = self._qsize() < n
-        pause = not_before - time.monotonic()
-        if short and pause > 0:
-            time.sleep(pause)  # unlocked: paho's thread keeps putting
-        with self.not_empty:
+            while not self.fast and self._qsize() < n:
+                left = not_before - time.monotonic()
+                if left <= 0:
+                    break
+                self.fast_put.wait(left)
             out = [self._get() for _ in range(min(n, self._qsize()))]
             self.not_full.notify()
             return out
@@ -122,7 +125,11 @@ class FloodGate(queue.Queue[Incoming]):
         return len(self.fast) + len(self.slow)
 
     def _put(self, item: Incoming) -> None:
-        (self.slow if _kind_client(item.topic)[0] in SLOW_KINDS else self.fast).append(item)
+        if _kind_client(item.topic)[0] in SLOW_KINDS:
+            self.slow.append(item)
+        else:
+            self.fast.append(item)
+            self.fast_put.notify()
 
     def _get(self) -> Incoming:
         return self.fast.popleft() if self.fast else self.slow.popleft()

@@ -78,3 +78,25 @@ def test_put_many_and_get_many_decide_as_one_by_one() -> None:
     bound = FloodGate(rate_per_s=1000.0, burst=1000, clock=Clock(), max_slow=5)
     bound.put_many([Incoming(T.hb(f"d{i}"), b"h", i, 0, False) for i in range(8)])
     assert bound.qsize() == 5 and bound.refused == {"hb": 3}  # the lane's bound counts the batch's own
+
+
+def test_heartbeats_gather_until_not_before_and_any_other_message_ends_the_wait() -> None:
+    """`get_many(n, timeout, not_before)`: only heartbeats waiting, it waits until `not_before` for more (the
+    pump's SETTLE_S); a QoS 1 message (the broker sends only so many unacked) ends the wait at once."""
+    import threading
+    import time
+
+    gate = FloodGate(rate_per_s=1000.0, burst=1000)
+    gate.put(Incoming(T.hb("d0"), b"h", 0, 0, False))
+    t0 = time.monotonic()
+    got = gate.get_many(10, timeout=1.0, not_before=t0 + 0.3)
+    assert len(got) == 1 and time.monotonic() - t0 >= 0.29
+    gate.put(Incoming(T.hb("d1"), b"h", 0, 0, False))
+    up = Incoming(T.up("d2"), b"u", 5, 1, False)
+    threading.Timer(0.05, gate.put, (up,)).start()
+    t0 = time.monotonic()
+    got = gate.get_many(10, timeout=1.0, not_before=t0 + 5.0)
+    assert got[0] is up and len(got) == 2 and time.monotonic() - t0 < 2.0
+    gate.put(Incoming(T.up("d3"), b"u", 6, 1, False))
+    t0 = time.monotonic()
+    assert len(gate.get_many(10, timeout=1.0, not_before=t0 + 5.0)) == 1 and time.monotonic() - t0 < 1.0
