@@ -26,11 +26,23 @@ from shared.dataset import Batch, DataError, Dataset, Example
 
 IGNORE = -100
 CE_CHUNK_ELEMS = 1 << 20  # rows x vocab per cross-entropy chunk: keeps the fp32 log-softmax temporary small
-# rows x vocab of one fused LM-head + cross-entropy chunk (CPU, CUDA): never all logits at once. CPU
-# 2^25 (128 MiB of fp32 logits): a bf16 head on an fp32 CPU widens its whole weight once per chunk
-# (modelload._chunked_head_forward), and at 2^22 the 0.5B loss of one 128-token sequence took 5 chunks,
-# 1.15x a forward; at 2^25 one chunk, 1.00x (BENCHMARKS.md "Real sizes on CPU")
-HEAD_CHUNK_ELEMS = {"cpu": 1 << 25, "cuda": 1 << 25}
+# rows x vocab of one fused LM-head + cross-entropy chunk (CPU, CUDA): never all logits at once
+HEAD_CHUNK_ELEMS = {"cpu": 1 << 22, "cuda": 1 << 25}
+# CPU, a head stored narrower than the compute dtype (a bf16 head on an fp32 CPU): it widens its whole
+# weight once per chunk (modelload._chunked_head_forward: ~0.8 ns per weight vs ~0.06 ns per MAC here),
+# which costs ~14/rows of the chunk's matmul. At 2^22 the 0.5B loss of one 128-token sequence took 5
+# chunks = 1.15x a forward; in one chunk 1.00x (BENCHMARKS.md "Real sizes on CPU"). So a narrow head takes
+# chunks of NARROW_HEAD_ROWS rows (~5 % widening), within NARROW_HEAD_CHUNK_ELEMS (128 MiB of fp32 logits).
+NARROW_HEAD_ROWS = 256
+NARROW_HEAD_CHUNK_ELEMS = 1 << 25
+
+
+def head_chunk_rows(device: str, vocab: int, narrow_head: bool) -> int:
+    """Rows of one LM-head chunk of the loss on `device` (a narrow head on CPU: NARROW_HEAD_ROWS at least)."""
+    rows = max(1, HEAD_CHUNK_ELEMS.get(device, 1 << 22) // vocab)
+    if device == "cpu" and narrow_head:
+        rows = max(rows, min(NARROW_HEAD_ROWS, NARROW_HEAD_CHUNK_ELEMS // vocab))
+    return rows
 LOGSOFTMAX_ROWS_ELEMS = 1 << 19  # CPU: rows x vocab per log-softmax slice (2 MiB fp32 stays in cache)
 # families whose CausalLM forward is exactly `lm_head(decoder(...).last_hidden_state)` (+ Gemma-2's
 # final logit soft-capping): for these the loss runs the head on target rows only, chunk by chunk
@@ -149,7 +161,9 @@ def target_losses(model: nn.Module, examples: Sequence[Example], pad_id: int) ->
     targets = inputs["input_ids"][:, -k:][valid]  # (N,)
     owner = torch.arange(len(examples), device=hidden.device)[:, None].expand(-1, k)[valid]  # (N,)
     vocab = int(getattr(head, "out_features", 0) or getattr(head, "weight").shape[0])  # noqa: B009
-    chunk = max(1, HEAD_CHUNK_ELEMS.get(hidden.device.type, 1 << 22) // vocab)
+    head_w = getattr(head, "weight", None)
+    narrow = isinstance(head_w, Tensor) and head_w.dtype != hidden.dtype
+    chunk = head_chunk_rows(hidden.device.type, vocab, narrow)
     sub = chunk if hidden.device.type == "cuda" else max(1, LOGSOFTMAX_ROWS_ELEMS // vocab)
     ce = torch.empty(rows.shape[0], dtype=torch.float32, device=hidden.device)
     for i in range(0, rows.shape[0], chunk):
@@ -203,6 +217,7 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 16, limit: in
 __all__ = [
     "FUSED_MODEL_TYPES",
     "batch_loss",
+    "head_chunk_rows",
     "collate",
     "evaluate",
     "example_losses",

@@ -15,7 +15,7 @@ a device that is not at hand (docs/DEPLOY.md "Will it fit?"):
   value 4 + index 8 + v_0 copy 4 + backup 4 + z 4 + the correction plan's row, column, touched row and
   count 4 x 8);
 - fixed: one LM-head chunk of logits in the compute dtype plus its fp32 log-softmax slice (shared.loss
-  HEAD_CHUNK_ELEMS, LOGSOFTMAX_ROWS_ELEMS) and the largest Linear dequantized in the compute dtype
+  head_chunk_rows, LOGSOFTMAX_ROWS_ELEMS) and the largest Linear dequantized in the compute dtype
   (the side-car's tile / bitsandbytes' own dequantization);
 - per_sequence: the live activations of one decoder layer in a no-grad forward, per token: the
   residual and its normed copy (2 x hidden), the MLP's three intermediate-width tensors (act(gate), up,
@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from shared.loss import HEAD_CHUNK_ELEMS, LOGSOFTMAX_ROWS_ELEMS
+from shared.loss import LOGSOFTMAX_ROWS_ELEMS, head_chunk_rows
 
 GIB = float(1 << 30)
 _QUANT_BYTES = {"nf4": 0.5 + 1 / 64 + 4 / (64 * 256), "int8": 1.0}
@@ -129,7 +129,7 @@ def estimate_memory(
     weights = int(lin_bytes + other)
     sidecar = int(SIDECAR_BYTES_PER_ENTRY * fraction * linear)
     vocab = int(cfg.vocab_size)
-    chunk_rows = max(1, HEAD_CHUNK_ELEMS.get(device, 1 << 22) // vocab)
+    chunk_rows = head_chunk_rows(device, vocab, narrow < cd)
     sub_rows = chunk_rows if device == "cuda" else max(1, LOGSOFTMAX_ROWS_ELEMS // vocab)
     fixed = chunk_rows * vocab * cd + sub_rows * vocab * 4 + (largest * cd if quant != "none" else 0)
     hidden = int(cfg.hidden_size)

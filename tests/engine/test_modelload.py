@@ -141,3 +141,35 @@ def test_embeddings_stay_in_the_checkpoint_dtype(tmp_path: Path, llama_dir: Path
         del head.forward  # the class's own F.linear over the whole (now fp32) weight
         want = model(input_ids=ids).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_narrow_head_on_cpu_takes_the_larger_loss_chunk(
+    tmp_path: Path, llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bf16 head on an fp32 CPU widens its weight once per chunk, so the loss hands it the larger chunk
+    (NARROW_HEAD_ROWS rows); a head in the compute dtype keeps HEAD_CHUNK_ELEMS. Same losses either way."""
+    from transformers import AutoModelForCausalLM
+
+    from shared import loss
+    from shared.dataset import Example
+    from shared.loss import target_losses
+
+    bf16 = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(str(llama_dir), dtype=torch.bfloat16).save_pretrained(str(bf16))
+    examples = [Example(tuple(range(3, 3 + 40)), 39), Example(tuple(range(7, 7 + 40)), 39)]  # 78 target rows
+    vocab = 384
+    monkeypatch.setitem(loss.HEAD_CHUNK_ELEMS, "cpu", 10 * vocab)  # 10 rows per head call
+    calls = {}
+    for name, path in (("wide", llama_dir), ("narrow", bf16)):
+        model: Any = load_model(path, "nf4", "cpu", None, torch.float32, fingerprint="0" * 64).model
+        head: Any = model.get_output_embeddings()
+        seen: list[int] = []
+        head.register_forward_pre_hook(lambda _m, args, seen=seen: seen.append(int(args[0].shape[0])))
+        with torch.no_grad():
+            monkeypatch.setattr(loss, "NARROW_HEAD_ROWS", 100)  # all 78 rows at once
+            got = target_losses(model, examples, 0)
+            calls[name] = list(seen)
+            monkeypatch.setattr(loss, "NARROW_HEAD_ROWS", 10)
+            torch.testing.assert_close(target_losses(model, examples, 0), got, rtol=0, atol=0)
+    assert calls["wide"] == [10] * 7 + [8]
+    assert calls["narrow"] == [78]
