@@ -46,8 +46,11 @@ def _kind_client(topic: str) -> tuple[str, str]:
 class FloodGate(queue.Queue[Incoming]):
     """A two-lane inbox with per-(client, kind) token buckets on `put` (see module docstring)."""
 
-    def __init__(self, rate_per_s: float, burst: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, rate_per_s: float, burst: float, clock: Callable[[], float] = time.monotonic,
+                 max_slow: int = MAX_SLOW) -> None:
         super().__init__()
+        self.fast_put = threading.Condition(self.mutex)  # notified when the fast lane gets a message
+        self.max_slow = max_slow  # heartbeats queued at most
         self.limits = Limiter(GATE_FACTOR * rate_per_s, GATE_FACTOR * burst)
         self.clock = clock
         self.ack: Callable[[Incoming], None] | None = None  # the link's ack, for QoS 1 messages refused here
@@ -55,19 +58,60 @@ class FloodGate(queue.Queue[Incoming]):
         self.gate_lock = threading.Lock()
 
     def put(self, item: Incoming, block: bool = True, timeout: float | None = None) -> None:
-        if not item.retain:
-            kind, client = _kind_client(item.topic)
-            with self.gate_lock:  # two links (telemetry_link) may put at once
-                ok = self.limits.allow((client, kind), self.clock()) and not (
-                    kind in SLOW_KINDS and len(self.slow) >= MAX_SLOW
-                )
-                if not ok:
-                    self.refused[kind] = self.refused.get(kind, 0) + 1
+        if self._passes(item):
+            super().put(item, block, timeout)
+
+    def put_many(self, items: list[Incoming]) -> None:
+        """`put` each of `items` (one network turn's messages, in order) under one lock and one wake-up."""
+        keep: list[Incoming] = []
+        slow = 0  # heartbeats of this batch kept so far: the lane's bound counts them too
+        for item in items:
+            if self._passes(item, slow):
+                keep.append(item)
+                slow += _kind_client(item.topic)[0] in SLOW_KINDS
+        if keep:
+            with self.not_empty:  # what Queue.put does per item (this queue is unbounded: never full)
+                for item in keep:
+                    self._put(item)
+                self.unfinished_tasks += len(keep)
+                self.not_empty.notify()
+
+    def get_many(self, n: int, timeout: float, not_before: float = 0.0) -> list[Incoming]:
+        """Up to `n` messages, fast lane first: wait up to `timeout` for one; then, while only heartbeats wait
+        (fewer than `n`), until `not_before` (time.monotonic()) for more; then take what is there. Any other
+        message ends that wait at once: it is QoS 1, and the broker sends a client only so many unacked
+        (max_inflight_messages), so its ack must not wait for heartbeats to gather."""
+        with self.not_empty:
+            end = time.monotonic() + timeout
+            while not self._qsize():
+                left = end - time.monotonic()
+                if left <= 0:
+                    return []
+                self.not_empty.wait(left)
+            while not self.fast and self._qsize() < n:
+                left = not_before - time.monotonic()
+                if left <= 0:
+                    break
+                self.fast_put.wait(left)
+            out = [self._get() for _ in range(min(n, self._qsize()))]
+            self.not_full.notify()
+            return out
+
+    def _passes(self, item: Incoming, queued: int = 0) -> bool:
+        """The bucket and the heartbeat lane's bound (steps 1-3; `queued`: heartbeats about to join the lane); a
+        refused QoS 1 message is acked here."""
+        if item.retain:
+            return True
+        kind, client = _kind_client(item.topic)
+        with self.gate_lock:  # two links (telemetry_link) may put at once
+            ok = self.limits.allow((client, kind), self.clock()) and not (
+                kind in SLOW_KINDS and len(self.slow) + queued >= self.max_slow
+            )
             if not ok:
-                if item.qos and self.ack is not None:
-                    self.ack(item)
-                return
-        super().put(item, block, timeout)
+                self.refused[kind] = self.refused.get(kind, 0) + 1
+        if not ok and item.qos and self.ack is not None:
+            self.ack(item)
+        return ok
 
     def refused_total(self) -> int:
         return sum(self.refused.values())
@@ -81,7 +125,11 @@ class FloodGate(queue.Queue[Incoming]):
         return len(self.fast) + len(self.slow)
 
     def _put(self, item: Incoming) -> None:
-        (self.slow if _kind_client(item.topic)[0] in SLOW_KINDS else self.fast).append(item)
+        if _kind_client(item.topic)[0] in SLOW_KINDS:
+            self.slow.append(item)
+        else:
+            self.fast.append(item)
+            self.fast_put.notify()
 
     def _get(self) -> Incoming:
         return self.fast.popleft() if self.fast else self.slow.popleft()

@@ -34,7 +34,7 @@ from coordinator.eventlog import EventLog
 from coordinator.heartbeats import HeartbeatBuffer
 from coordinator.intake import Decision, admit, clear_topic, feed
 from coordinator.lifecycle import RunLifecycle, take_stop
-from coordinator.links import connect_links, take_batch
+from coordinator.links import SETTLE_S, connect_links, take_batch
 from coordinator.metrics import Metrics, MetricsServer
 from coordinator.publisher import Publisher
 from coordinator.records import DuplicateRecord, PlanRow, ResultRecord
@@ -98,6 +98,7 @@ class Coordinator:
         self.out = Publisher(self.topics, self.tally, self.metrics)
         self._seen_connects = 0  # link connects the book has been told about (reconnected())
         self._alive_at = -float("inf")  # last liveness write (the coordinator's clock)
+        self._took_at = 0.0  # time.monotonic() of the last batch taken (coordinator/links.py SETTLE_S)
         self.link: MqttLink | None = None
         self.tele_link: MqttLink | None = None  # heartbeats only (telemetry_link)
         self.metrics_server: MetricsServer | None = None
@@ -216,7 +217,8 @@ class Coordinator:
     def step(self, timeout: float = 0.1) -> None:
         assert self.link is not None, "start() first"
         self._check_reconnect()
-        batch = take_batch(self.link.inbox, timeout)
+        batch = take_batch(self.link.inbox, timeout, self._took_at + SETTLE_S)
+        self._took_at = time.monotonic()
         self.tally.gate(self.link.inbox)
         acts: list[Action] = []
         for msg in batch:
@@ -298,8 +300,7 @@ class Coordinator:
                     self.log.set_meta(key, value)
         if acks:
             assert self.link is not None
-            for msg in acks:  # committed: now the broker may forget them
-                self.link.ack(msg)
+            self.link.ack_many(acks)  # committed: now the broker may forget them
         for rec in records:
             self.tally.count(rec)
             if isinstance(rec, ResultRecord) and self.evaluator is not None and self.evaluator.due(rec.result.round):

@@ -194,8 +194,7 @@ class Worker:
             return 0
         rows = [row_of(admit(self.topics, msg)) for msg in batch]  # drops too: the leader counts them
         self.inbox.append(rows)  # committed
-        for msg in batch:
-            self.link.ack(msg)
+        self.link.ack_many(batch)
         self.ingested += len(rows)
         return len(batch)
 

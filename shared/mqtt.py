@@ -26,6 +26,7 @@ import queue
 import ssl
 import sys
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +47,7 @@ from shared.broker_settings import (
     tls_for,
 )
 from shared.connect_errors import explain_connect_error, explain_refusal
+from shared.mqttread import READ_CHUNK, BufferedClient, Incoming
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +58,6 @@ class Will:
     payload: bytes
     qos: int = 1
     retain: bool = True
-
-
-@dataclass(frozen=True)
-class Incoming:
-    topic: str
-    payload: bytes
-    mid: int
-    qos: int
-    retain: bool
 
 
 class QueueFull(RuntimeError):
@@ -101,56 +94,6 @@ class _Trouble:
         self.last, self.repeats, self.failures = None, 0, 0
 
 
-READ_CHUNK = 1 << 16  # bytes one socket read may take (a burst of small messages in one system call)
-READS_PER_LOOP = 4  # socket reads per network-loop turn, then paho writes (acks, pings) before reading on
-
-
-class _BufferedClient(mqtt.Client):
-    """paho's Client reading the socket in READ_CHUNK pieces instead of 1 byte + 1 byte + body per packet.
-
-    paho reads every packet with three or more recv() calls and goes through select() once per packet
-    (`loop_read` handles one packet unless QoS 2 messages are in flight). Each system call releases
-    the GIL, so under a burst the network thread and the pump hand the GIL to each other several times
-    per message. Here `_sock_recv` serves paho's small reads from a buffer filled by one large recv(),
-    and `loop_read` goes on while the buffer holds bytes, so nothing waits in the buffer while select()
-    sleeps. A turn makes at most READS_PER_LOOP socket reads (then "would block": paho keeps a partial
-    packet and select() sees the rest), so a flood cannot starve the writes of acks and keepalive pings.
-    The bytes and their order are exactly what the socket delivered; the buffer is dropped with the
-    socket it came from (a reconnect starts empty).
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._rbuf = bytearray()
-        self._rbuf_sock: object = None  # the socket the buffered bytes came from
-        self._reads_left = READS_PER_LOOP  # of this loop turn (loop_read resets it)
-        self.recv_calls = 0  # socket reads made (tests check that a burst needs few)
-
-    def _sock_recv(self, bufsize: int) -> bytes:
-        if self._rbuf_sock is not self._sock:
-            self._rbuf.clear()
-            self._rbuf_sock = self._sock
-        if not self._rbuf:
-            if self._reads_left <= 0:
-                raise BlockingIOError  # this turn read enough: paho writes, then select() brings us back
-            self._reads_left -= 1
-            self.recv_calls += 1
-            data = super()._sock_recv(max(bufsize, READ_CHUNK))  # BlockingIOError when nothing is there
-            if len(data) <= bufsize:
-                return data  # also b"": the peer closed
-            self._rbuf += data
-        out = bytes(self._rbuf[:bufsize])
-        del self._rbuf[:bufsize]
-        return out
-
-    def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
-        self._reads_left = READS_PER_LOOP
-        rc = super().loop_read(max_packets)
-        while rc == MQTTErrorCode.MQTT_ERR_SUCCESS and self._rbuf and self._rbuf_sock is self._sock is not None:
-            rc = super().loop_read(max_packets)
-        return rc
-
-
 class MqttLink:
     """One MQTT connection. Drain `inbox` (Incoming) and `published` (mids PUBACKed) from your thread."""
 
@@ -173,9 +116,12 @@ class MqttLink:
         reconnect_max_s: float = 30.0,
         session_expiry_s: int | None = None,
         inbox: queue.Queue[Incoming] | None = None,
+        read_pause_s: float = 0.0,
     ) -> None:
         """`inbox`: where incoming messages go (a plain queue when None; the coordinator's flood gate
-        filters and orders them in its `put`, in paho's thread)."""
+        filters and orders them in its `put`, in paho's thread). `read_pause_s`: the least time between two
+        reads of the socket (the coordinator: a trickle of messages is read a few at a time, one wake-up of
+        each thread for several; 0: read as soon as there is something)."""
         if session_expiry_s is not None and not 0 <= session_expiry_s <= 0xFFFFFFFF:
             raise ValueError(f"session_expiry_s must be in 0..2^32-1, got {session_expiry_s}")
         self.address = BrokerAddress.parse(url)
@@ -194,7 +140,7 @@ class MqttLink:
         self._stopping = False
         self.session_expiry_s = session_expiry_s
         if session_expiry_s is None:
-            c = _BufferedClient(
+            c = BufferedClient(
                 callback_api_version=CallbackAPIVersion.VERSION2,
                 client_id=client_id,
                 clean_session=clean_session,
@@ -202,7 +148,7 @@ class MqttLink:
                 manual_ack=manual_ack,
             )
         else:  # MQTT 5: the session is kept by clean_start=False + expiry (connect_async in start())
-            c = _BufferedClient(
+            c = BufferedClient(
                 callback_api_version=CallbackAPIVersion.VERSION2,
                 client_id=client_id,
                 protocol=mqtt.MQTTv5,
@@ -234,6 +180,8 @@ class MqttLink:
         c.on_message = self._on_message
         c.on_publish = self._on_publish
         c.on_subscribe = self._on_subscribe
+        c.deliver = self._on_messages
+        c.read_pause_s = read_pause_s
         self._sub_mid = -1
         self._client = c
 
@@ -290,6 +238,16 @@ class MqttLink:
         """Acknowledge a message received with manual_ack (no-op for QoS 0)."""
         if msg.qos > 0:
             self._client.ack(msg.mid, msg.qos)
+
+    def ack_many(self, msgs: Sequence[Incoming]) -> None:
+        """`ack` each of `msgs`: the QoS 1 ones in their order with one write (the pump acks a committed batch:
+        one wake-up of paho's thread and one send() instead of one of each per message; the same bytes)."""
+        ones = [m.mid for m in msgs if m.qos == 1]
+        if ones:
+            self._client.puback_many(ones)
+        for m in msgs:
+            if m.qos > 1:
+                self._client.ack(m.mid, m.qos)
 
     def subscribe(self, topic: str, qos: int = 1) -> None:
         self.subscriptions.append((topic, qos))
@@ -358,6 +316,15 @@ class MqttLink:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         self.inbox.put(Incoming(message.topic, bytes(message.payload), message.mid, message.qos, bool(message.retain)))
+
+    def _on_messages(self, batch: list[Incoming]) -> None:
+        """The PUBLISH packets the client parsed in one network turn (shared/mqttread.py), in wire order."""
+        put_many = getattr(self.inbox, "put_many", None)  # the coordinator's flood gate takes a batch at once
+        if put_many is not None:
+            put_many(batch)
+        else:
+            for m in batch:
+                self.inbox.put(m)
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: ReasonCode, props: Any) -> None:
         self.published.put(mid)

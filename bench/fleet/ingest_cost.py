@@ -10,8 +10,10 @@ phase only when told to, so the CPU time (`time.process_time`: every thread of t
 barely depends on what else loads the machine: it is the cost, not the speed.
 
 Phases: Join + Status(online) per client (and the plan the round book then publishes); a first
-Heartbeat per client (written at once); a second one (held and written in a batch); one Update per
-client (the round closes when the last one is in).
+Heartbeat per client (written at once); a second one (held and written in a batch), all at once; a third
+one, `hb_steady`, paced at --hb-rate (a fleet's heartbeats come one by one, not in a burst: this phase
+includes the per-message wake-ups of both threads); one Update per client (the round closes when the
+last one is in).
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
-import gc
 import json
 import shutil
 import subprocess
@@ -29,7 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-PHASES = ("join", "hb_first", "hb", "up")
+PHASES = ("join", "hb_first", "hb", "hb_steady", "up")
+HB_RATE = 10_000 / 15  # hb_steady's heartbeats per second: 10,000 devices at the client's heartbeat_s 15
 
 
 # ------------------------------------------------------------------------------------ publisher process
@@ -64,10 +66,13 @@ async def _publish(spec: dict[str, Any]) -> None:
             for cid in ids:
                 c.publish(t.status(cid), encode(Status("", True, now)), 1, True)
                 c.publish(t.join(cid), encode(Join("", spec["fingerprint"], spec["mask_id"], 100, 2.0, {"compact_plan": True}, -1)), 1)
-        elif phase in ("hb_first", "hb"):
-            for cid in ids:
+        elif phase in ("hb_first", "hb", "hb_steady"):
+            t0, rate = time.monotonic(), spec["hb_rate"]
+            for i, cid in enumerate(ids):
                 hb = Heartbeat("", now, 3.0, 200 << 20, None, 45.0, 5.0, 0.5, 300 << 20, -1)
                 c.publish(t.hb(cid), encode(hb), 0)
+                if phase == "hb_steady" and (ahead := t0 + (i + 1) / rate - time.monotonic()) > 0.001:
+                    await asyncio.sleep(ahead)  # one at a time, as a fleet's heartbeats come
         else:
             while not plans:
                 await asyncio.sleep(0.05)
@@ -112,7 +117,7 @@ def _count(coord: Any, phase: str) -> float:
 
 
 def measure(clients: int, steps: int, seed: int = 0, work: Path | None = None,
-            profile: tuple[str, Path] | None = None) -> dict[str, Any]:
+            profile: tuple[str, Path] | None = None, hb_rate: float = HB_RATE) -> dict[str, Any]:
     """CPU per message of each phase; `profile` = (phase, path): cProfile of the pump thread in that phase."""
     import torch
 
@@ -120,6 +125,7 @@ def measure(clients: int, steps: int, seed: int = 0, work: Path | None = None,
     from bench.fleet.fleet import FleetConfig, start_broker, synthetic_model, write_coordinator_config
     from coordinator.config import load_coordinator_config
     from coordinator.server import Coordinator
+    from coordinator.server_cli import settle_heap
     from shared.fingerprint import fingerprint_model_dir
     from shared.maskfile import load_mask
 
@@ -133,9 +139,9 @@ def measure(clients: int, steps: int, seed: int = 0, work: Path | None = None,
     conf = write_coordinator_config(cfg, work, broker, fleet, model, mask_path, free_port())
     coord = Coordinator(load_coordinator_config(conf))
     torch.set_num_threads(1)  # as bench/fleet/fleet.py runs the coordinator (OMP_NUM_THREADS=1)
-    gc.freeze()  # as `meerkat coordinator` does before it serves (coordinator/server_cli.py)
+    settle_heap()  # as `meerkat coordinator` does before it serves
     host, port = broker.split("://", 1)[1].rsplit(":", 1)
-    spec = {"host": host, "port": int(port), "fleet": fleet, "clients": clients, "seed": seed,
+    spec = {"host": host, "port": int(port), "fleet": fleet, "clients": clients, "seed": seed, "hb_rate": hb_rate,
             "fingerprint": fingerprint_model_dir(model), "mask_id": load_mask(mask_path).mask_id}
     pub = subprocess.Popen([sys.executable, "-m", "bench.fleet.ingest_cost", "--publisher", json.dumps(spec)],
                            stdin=subprocess.PIPE)
@@ -160,7 +166,7 @@ def measure(clients: int, steps: int, seed: int = 0, work: Path | None = None,
                 if time.monotonic() - t_wall > 300:
                     raise RuntimeError(f"phase {phase}: {_count(coord, phase) - base:.0f} of {want} after 300 s")
             coord.step(0.0)  # the batch that closes the round
-            if phase == "hb":
+            if phase in ("hb", "hb_steady"):
                 coord.flush_heartbeats()  # the held heartbeats' write belongs to this phase
             cpu = time.process_time() - t_cpu
             if prof is not None and profile is not None:
@@ -186,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=3000, help="simulated clients (default 3000)")
     p.add_argument("--steps", type=int, default=10, help="local steps T, grads per Update (default 10)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hb-rate", type=float, default=HB_RATE,
+                   help=f"heartbeats per second in the hb_steady phase (default {HB_RATE:.0f}: 10,000 devices at 15 s)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
     p.add_argument("--profile", nargs=2, metavar=("PHASE", "OUT"), default=None,
                    help=f"cProfile the pump thread during one phase ({', '.join(PHASES)}) into OUT")
@@ -196,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.profile is not None and args.profile[0] not in PHASES:
         p.error(f"--profile: the phase must be one of {', '.join(PHASES)}, got {args.profile[0]!r}")
-    res = measure(args.clients, args.steps, args.seed,
+    res = measure(args.clients, args.steps, args.seed, hb_rate=args.hb_rate,
                   profile=None if args.profile is None else (args.profile[0], Path(args.profile[1])))
     for phase in PHASES:
         r = res[phase]

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from operator import countOf
 from typing import Any, TypeVar, cast
 
+from shared.codec import fastpath
 from shared.codec.base import MAX_PAYLOAD, MAX_REPLAY_BODY, DecodeError
 from shared.messages import (
     CLIENT_FROM_TOPIC,
@@ -231,6 +232,8 @@ _READ: dict[type, tuple[frozenset[int], frozenset[int], tuple[_Reader, ...]]] = 
 
 
 _BUILD: dict[type, Callable[..., Any]] = {Update: Update.from_wire}  # decoders that skip what the readers checked
+# one-pass decoders of a whole map (shared/codec/fastpath.py); None from one: the general path decides
+_FAST: dict[type, Callable[[dict[Any, Any], str], Any]] = {Heartbeat: fastpath.heartbeat, Update: fastpath.update}
 
 
 def from_map(cls: type[M], m: Any, client: str) -> M:
@@ -251,6 +254,11 @@ def from_map(cls: type[M], m: Any, client: str) -> M:
         key = min(required.difference(m))
         field = next(f for k, f, _, _ in readers if k == key)
         raise DecodeError(ErrorCode.MISSING_FIELD, f"{name}.{field} (key {key}) missing")
+    fast = _FAST.get(cls)
+    if fast is not None:
+        msg = fast(m, client)
+        if msg is not None:
+            return cast(M, msg)
     kwargs: dict[str, Any] = {}
     for key, field, read, _ in readers:
         if key in m:

@@ -81,7 +81,7 @@ def test_publish_subscribe_and_puback(broker_url: str) -> None:
 
 
 def test_burst_arrives_whole_and_in_order_with_few_socket_reads(broker_url: str) -> None:
-    """The link reads the socket in large pieces (shared.mqtt._BufferedClient): a burst of small and
+    """The link reads the socket in large pieces (shared/mqttread.py): a burst of small and
     large messages (one over READ_CHUNK, so it spans reads) arrives byte-exact and in order, with fewer
     socket reads than messages (paho alone makes at least three per message). The 5-chunk message needs
     more reads than one loop turn allows (READS_PER_LOOP): it is finished in the next turns."""
@@ -102,8 +102,82 @@ def test_burst_arrives_whole_and_in_order_with_few_socket_reads(broker_url: str)
         assert got == payloads
         reads = sub._client.recv_calls
         assert 0 < reads < len(payloads), reads
+        assert sub._client.bulk_parsed > len(payloads) // 2  # most took the bulk path; the large ones paho's
     finally:
         sub.stop()
+        pub.stop()
+
+
+def test_without_manual_ack_the_bulk_path_acks_what_it_hands_over(broker_url: str) -> None:
+    """paho acks a QoS 1 message itself when manual_ack is off; so does the bulk path (shared/mqttread.py),
+    or the broker, holding at most 20 unacked messages per client, would stop after the 20th."""
+    topic = _topic()
+    sub = MqttLink(broker_url, f"t-sub-{uuid.uuid4().hex[:8]}", subscriptions=[(topic, 1)])
+    pub = MqttLink(broker_url, f"t-pub-{uuid.uuid4().hex[:8]}")
+    sub.start()
+    pub.start()
+    try:
+        assert sub.wait_connected(10) and pub.wait_connected(10)
+        for i in range(100):
+            pub.publish(topic, i.to_bytes(2, "big"), qos=1)
+        assert [sub.inbox.get(timeout=10).payload for _ in range(100)] == [i.to_bytes(2, "big") for i in range(100)]
+        assert sub._client.bulk_parsed > 20
+    finally:
+        sub.stop()
+        pub.stop()
+
+
+def test_bulk_read_and_batched_pubacks_keep_every_field_and_the_session(broker_url: str) -> None:
+    """QoS 0 and 1, retained or not, parsed in bulk (shared/mqttread.py) arrive with the topic, payload,
+    QoS and retain flag they were sent with, in order within a QoS, and with the broker's mids. `ack_many` PUBACKs in
+    one write per call; the broker reads each as its own packet: it keeps sending (it holds at most 20
+    unacked QoS 1 messages per client) and, after a reconnect of the persistent session, re-delivers
+    exactly the messages never acked."""
+    base, cid = _topic(), f"t-sub-{uuid.uuid4().hex[:8]}"
+    sent = [(f"{base}/{i % 3}", bytes([i % 256]) * (i % 40), i % 2, i % 7 == 0) for i in range(300)]
+    pub = MqttLink(broker_url, f"t-pub-{uuid.uuid4().hex[:8]}")
+    sub = MqttLink(broker_url, cid, subscriptions=[(f"{base}/+", 1)], manual_ack=True, clean_session=False)
+    pub.start()
+    sub.start()
+    try:
+        assert sub.wait_connected(10) and pub.wait_connected(10)
+        for topic, payload, qos, retain in sent:
+            pub.publish(topic, payload, qos=qos, retain=retain)
+        got: list = []
+        while len(got) < len(sent):
+            got.append(sub.inbox.get(timeout=10))
+            if len(got) % 8 == 0:
+                sub.ack_many(got[-8:])  # QoS 0 ones among them: nothing to ack
+        sub.ack_many(got[len(got) // 8 * 8 :])
+        # a retained message reaches a subscriber that is there with retain 0 (MQTT 3.1.1 3.3.1.3); the broker
+        # keeps the order within a QoS (QoS 0 passes QoS 1 messages held back by the 20 unacked)
+        for qos in (0, 1):
+            want = [(t, p, q, False) for t, p, q, _ in sent if q == qos]
+            assert [(m.topic, m.payload, m.qos, m.retain) for m in got if m.qos == qos] == want
+        assert sub._client.bulk_parsed >= len(sent) // 2
+        ones = [m for m in got if m.qos == 1]
+        assert all(m.mid > 0 for m in ones) and all(m.mid == 0 for m in got if m.qos == 0)
+        last = [(f"{base}/x", bytes([i]), 1, False) for i in range(10)]
+        for topic, payload, qos, _ in last:
+            pub.publish(topic, payload, qos=qos)
+        tail = [sub.inbox.get(timeout=10) for _ in last]
+        sub.ack_many(tail[:4])
+        time.sleep(0.5)  # the PUBACKs reach the broker
+        sub.stop()
+        sub = MqttLink(broker_url, cid, subscriptions=[(f"{base}/+", 1)], manual_ack=True, clean_session=False)
+        sub.start()
+        assert sub.wait_connected(10)
+        again = []
+        with pytest.raises(queue.Empty):
+            while True:
+                again.append(sub.inbox.get(timeout=1.5))
+        # (the re-subscribe also brings the retained messages, flagged so)
+        assert [m.payload for m in again if not m.retain] == [m.payload for m in tail[4:]]
+        sub.ack_many(again)
+    finally:
+        sub.stop()
+        for topic in {t for t, _, _, r in sent if r}:
+            pub.publish(topic, b"", qos=1, retain=True)  # clear the retained messages
         pub.stop()
 
 
