@@ -9,6 +9,7 @@ import uuid
 import pytest
 
 from shared.mqtt import BrokerAddress, MqttLink, redact
+from shared.mqttread import Incoming
 
 
 def _topic() -> str:
@@ -143,7 +144,7 @@ def test_bulk_read_and_batched_pubacks_keep_every_field_and_the_session(broker_u
         assert sub.wait_connected(10) and pub.wait_connected(10)
         for topic, payload, qos, retain in sent:
             pub.publish(topic, payload, qos=qos, retain=retain)
-        got: list = []
+        got: list[Incoming] = []
         while len(got) < len(sent):
             got.append(sub.inbox.get(timeout=10))
             if len(got) % 8 == 0:

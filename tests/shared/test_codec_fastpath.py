@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import random
 import struct
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import pytest
 
+from shared import prng
 from shared.codec import DecodeError, decode, encode, fastpath, schema
 from shared.fields import U32, U64
 from shared.messages import Heartbeat, Update
@@ -33,8 +35,31 @@ PLAIN: dict[int, list[Any]] = {  # per key, values a device sends (the eval/DP/p
 LEFT = (9, 10, 11, 12, 13, 14, 17)  # the eval, DP and pause_reason keys: the fast path leaves them
 
 
-def _value(rng: random.Random) -> Any:
-    pool = rng.choice([FLOATS, FLOATS, INTS, INTS, OTHER])
+class Draws:
+    """random()/randrange()/choice() over `shared.prng` (the project's one source of random streams)."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed, self.offset, self.block = seed, 0, np.zeros(0, dtype=np.uint64)
+
+    def _u64(self) -> int:
+        if not len(self.block):
+            self.block = prng.raw_u64(self.seed, 4096, offset=self.offset)
+            self.offset += 4096
+        v, self.block = int(self.block[0]), self.block[1:]
+        return v
+
+    def random(self) -> float:
+        return (self._u64() >> 11) / float(1 << 53)
+
+    def randrange(self, n: int) -> int:
+        return self._u64() % n
+
+    def choice(self, seq: Sequence[Any]) -> Any:
+        return seq[self.randrange(len(seq))]
+
+
+def _value(rng: Draws) -> Any:
+    pool: list[Any] = rng.choice([FLOATS, FLOATS, INTS, INTS, OTHER])
     return rng.choice(pool)
 
 
@@ -47,7 +72,7 @@ def _outcome(m: dict[int, Any], client: str) -> tuple[str, Any]:
 
 
 def test_random_maps_decode_the_same_with_and_without_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    rng = random.Random(20261205)
+    rng = Draws(20261205)
     taken = valid = 0
     for _ in range(20000):
         m: dict[int, Any] = {}
@@ -93,13 +118,13 @@ def _update_outcome(m: dict[int, Any], client: str) -> tuple[str, Any]:
 
 
 def test_random_update_maps_decode_the_same_with_and_without_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    rng = random.Random(31)
+    rng = Draws(31)
     grads = [struct.pack("<3f", 0.5, -1.25, 3.0), struct.pack("<1f", 1e-30), b"", b"\x00\x00\x80", b"\x00" * 4 * 4097,
              struct.pack("<2f", 1.0, math.nan), struct.pack("<2f", math.inf, 1.0), "abc", 5]
-    plain = {0: [0, 7, U32], 1: [0, U64], 2: grads[:2], 3: [0, 100, U32], 4: [0, U32], 5: [2.0, 0.1, 3.4028234663852886e38]}
+    plain: dict[int, list[Any]] = {0: [0, 7, U32], 1: [0, U64], 2: grads[:2], 3: [0, 100, U32], 4: [0, U32], 5: [2.0, 0.1, 3.4028234663852886e38]}
     taken = valid = 0
     for _ in range(10000):
-        m = {k: rng.choice(v) for k, v in plain.items()}
+        m: dict[int, Any] = {k: rng.choice(v) for k, v in plain.items()}
         if rng.random() < 0.7:  # one value off: an edge, a wrong kind
             k = rng.randrange(6)
             m[k] = rng.choice(grads) if k == 2 else _value(rng)
