@@ -63,12 +63,13 @@ def _value(rng: Draws) -> Any:
     return rng.choice(pool)
 
 
-def _outcome(m: dict[int, Any], client: str) -> tuple[str, Any]:
+def _outcome(m: dict[int, Any], client: str, cls: type[Heartbeat] | type[Update] = Heartbeat) -> tuple[str, Any]:
+    """("ok", every field with its value and type) or ("error", (code, reason)): what decoding `m` gives."""
     try:
-        h = schema.from_map(Heartbeat, m, client)
+        msg = schema.from_map(cls, m, client)
     except DecodeError as e:
         return "error", (e.code, e.reason)
-    return "ok", [(f.name, getattr(h, f.name), type(getattr(h, f.name))) for f in dataclasses.fields(h)]
+    return "ok", [(f.name, getattr(msg, f.name), type(getattr(msg, f.name))) for f in dataclasses.fields(msg)]
 
 
 def test_random_maps_decode_the_same_with_and_without_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -109,14 +110,6 @@ def test_a_device_heartbeat_takes_the_fast_path_and_round_trips(monkeypatch: pyt
     assert got.cpu_pct == hb.cpu_pct != 3.3  # rounded to float32 on both paths
 
 
-def _update_outcome(m: dict[int, Any], client: str) -> tuple[str, Any]:
-    try:
-        u = schema.from_map(Update, m, client)
-    except DecodeError as e:
-        return "error", (e.code, e.reason)
-    return "ok", [(f.name, getattr(u, f.name), type(getattr(u, f.name))) for f in dataclasses.fields(u)]
-
-
 def test_random_update_maps_decode_the_same_with_and_without_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
     rng = Draws(31)
     grads = [struct.pack("<3f", 0.5, -1.25, 3.0), struct.pack("<1f", 1e-30), b"", b"\x00\x00\x80", b"\x00" * 4 * 4097,
@@ -129,11 +122,11 @@ def test_random_update_maps_decode_the_same_with_and_without_the_fast_path(monke
             k = rng.randrange(6)
             m[k] = rng.choice(grads) if k == 2 else _value(rng)
         client = rng.choice(["d00001", ""])
-        fast = _update_outcome(m, client)
+        fast = _outcome(m, client, Update)
         taken += fast[0] == "ok" and fastpath.update(m, client) is not None
         with monkeypatch.context() as mp:
             mp.setattr(schema, "_FAST", {})
-            general = _update_outcome(m, client)
+            general = _outcome(m, client, Update)
         if general != fast:
             raise AssertionError(f"map {m!r} client {client!r}: general {general!r}, fast {fast!r}")
         valid += general[0] == "ok"
