@@ -173,3 +173,37 @@ def test_a_narrow_head_on_cpu_takes_the_larger_loss_chunk(
             torch.testing.assert_close(target_losses(model, examples, 0), got, rtol=0, atol=0)
     assert calls["wide"] == [10] * 7 + [8]
     assert calls["narrow"] == [78]
+
+
+def test_a_narrow_head_widens_into_one_reused_buffer(
+    tmp_path: Path, llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without autograd the bf16 head widens every chunk into one kept buffer: the same logits, bit for bit,
+    as a fresh fp32 copy per chunk; with autograd each chunk keeps its own copy and gradients still flow."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from shared import modelload
+
+    bf16 = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(str(llama_dir), dtype=torch.bfloat16).save_pretrained(str(bf16))
+    head: Any = load_model(bf16, "nf4", "cpu", None, torch.float32, fingerprint="0" * 64).model.get_output_embeddings()
+    monkeypatch.setattr(modelload, "HEAD_CHUNK_ROWS", 100)  # vocab 384: chunks of 100, 100, 100, 84 rows
+    x = torch.linspace(-2, 2, 3 * 5 * head.weight.shape[1]).reshape(3, 5, -1)
+    want = torch.cat([F.linear(x, head.weight[a : a + 100].float()) for a in range(0, 384, 100)], dim=-1)
+    with torch.no_grad():
+        got = head(x)
+        kept = head._meerkat_widen
+        again = head(x)
+    assert torch.equal(got, want) and torch.equal(again, want)
+    assert head._meerkat_widen is kept and tuple(kept.shape) == (100, head.weight.shape[1])
+    with torch.inference_mode():  # an inference tensor cannot be written outside inference mode: a new one
+        assert torch.equal(head(x), want) and head._meerkat_widen.is_inference()
+    with torch.no_grad():
+        assert torch.equal(head(x), want) and not head._meerkat_widen.is_inference()
+    xg = x.clone().requires_grad_(True)
+    out = head(xg)
+    assert torch.equal(out.detach(), want)
+    out.sum().backward()
+    assert xg.grad is not None
+    torch.testing.assert_close(xg.grad, head.weight.float().sum(0).expand_as(x), rtol=1e-5, atol=1e-5)
