@@ -225,6 +225,9 @@ class UpdateRecord:
 class ResultRecord:
     result: ResultRow
     used: tuple[tuple[str, int, str], ...] = field(default=())  # (client, round, accepted | folded)
+    # `used` names every update stored `accepted` for result.round (none was left out): the writer marks
+    # them with one statement over the round instead of one row lookup each
+    all_accepted: bool = False
 
 
 @dataclass(frozen=True)

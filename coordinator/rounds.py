@@ -469,7 +469,7 @@ class RoundBook:
         log.info("round %d closed (%s): %d updates, %d late, mean loss %.4f, checksum %s", plan.round, why, len(ups),
                  len(late), loss, checksum[:12])  # fmt: skip
         acts += [
-            Persist(ResultRecord(row, used)),
+            Persist(ResultRecord(row, used, all_accepted=len(ups) == len(reported))),
             Persist(EventRecord("close", f"{why}; {len(ups)} updates + {len(late)} late", plan.round, now)),
             *(Persist(r) for r in lr_records),
             *(Persist(EventRecord("bench", f"{k}: sampled and silent {self.config.bench_after_misses} rounds in a "

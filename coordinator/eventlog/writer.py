@@ -169,11 +169,16 @@ def _results(db: Store, recs: Sequence[ResultRecord]) -> None:
     db.executemany(
         "UPDATE rounds SET state='closed', closed_at=? WHERE round=?", [(r.result.closed_at, r.result.round) for r in recs]
     )
-    # the updates each result used: record by record, its on-time ones before its folded late ones
-    used = [(r.result.round, st, c, rd) for r in recs for status in ("accepted", "folded")
-            for c, rd, st in r.used if st == status]  # fmt: skip
-    if used:
-        db.executemany("UPDATE updates SET used_in=?, status=? WHERE client=? AND round=?", used)
+    # the updates each result used: record by record, its on-time ones before its folded late ones; when a
+    # record used every update stored `accepted` for its round (no spike left out), those by one statement
+    for r in recs:
+        rd = r.result.round
+        if r.all_accepted:
+            db.execute("UPDATE updates SET used_in=? WHERE round=? AND status='accepted'", (rd, rd))
+        used = [(rd, st, c, ur) for status in ("accepted", "folded") for c, ur, st in r.used
+                if st == status and not (r.all_accepted and st == "accepted" and ur == rd)]  # fmt: skip
+        if used:
+            db.executemany("UPDATE updates SET used_in=?, status=? WHERE client=? AND round=?", used)
 
 
 def _drift(db: Store, recs: Sequence[DriftRecord]) -> None:

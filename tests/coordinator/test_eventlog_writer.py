@@ -11,6 +11,7 @@ import math
 import sqlite3
 import typing
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +149,22 @@ def test_persist_and_persist_many_leave_identical_rows(tmp_path: Path) -> None:
     assert logs["batch"].limited_clients() == {"a": 0}  # the first limit sticks
     assert [(e.source, e.loss) for e in logs["batch"].views.evals()] == [("@coordinator", 2.5), ("a", 3.0)]
     assert {(u.client, u.round): (u.status, u.used_in) for u in logs["batch"].updates()}[("c", 0)] == ("folded", 1)
+    for log in logs.values():
+        log.close()
+
+
+def test_a_result_using_every_accepted_update_marks_them_in_one_statement(tmp_path: Path) -> None:
+    """ResultRecord.all_accepted (the round book sets it when no spike was left out): the same rows as one
+    lookup per used update, late folds included, with one UPDATE over the round for the on-time ones."""
+    recs = records()
+    whole = [replace(r, all_accepted=True) if isinstance(r, ResultRecord) else r for r in recs]
+    logs = {name: EventLog(tmp_path / name) for name in ("per_row", "whole")}
+    write(logs["per_row"], [recs], one_by_one=False)
+    logs["whole"].db = spy = Counting(logs["whole"].db)
+    write(logs["whole"], [whole], one_by_one=False)
+    assert dump(logs["whole"]) == dump(logs["per_row"])
+    assert spy.sql.count("UPDATE updates SET used_in=? WHERE round=? AND status='accepted'") == 2
+    assert sum("WHERE client=? AND round=?" in q for q in spy.sql) == 1  # round 1's folded late update only
     for log in logs.values():
         log.close()
 

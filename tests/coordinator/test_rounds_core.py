@@ -412,8 +412,9 @@ def test_vp_spike_leaves_the_update_out_and_limits_the_client(control: bool) -> 
     expect = fedavg_scalars({k: grads[k] for k in kept}, {k: 10 for k in kept}, 2)
     assert res.n_clients == len(kept) and list(res.scalars) == pytest.approx(list(expect), rel=1e-12)
     assert [(x.client, x.round) for x in records(acts, LimitRecord)] == ([("d", 0)] if control else [])
-    (used,) = [r.used for r in records(acts, ResultRecord)]
-    assert [c for c, _, _ in used] == kept  # d's update stays `accepted`, used by no result
+    (rec,) = records(acts, ResultRecord)
+    assert [c for c, _, _ in rec.used] == kept  # d's update stays `accepted`, used by no result
+    assert rec.all_accepted is not control  # the writer marks the round's accepted rows one by one then
     (p1,) = sent(b.tick(1.0), RoundPlan)
     assert expected(b) == {"a": 2, "b": 2, "c": 2, "d": 1 if control else 2, "e": 2}
     assert b.admission.misses == {}  # a left-out update still counts as the client's answer
