@@ -17,7 +17,10 @@ What it reports (human lines, then one JSON line with --json):
                       n_clients summed over rounds beyond the updates sent
   coordinator_*       max RSS and CPU of the coordinator process (psutil), broker_* the same for Mosquitto;
                       *_cpu_us_per_msg = that CPU up to the first receipt of the last result (start-up
-                      included, the post-run report not) / the messages the coordinator received (same run)
+                      included, the post-run report not) / the messages the coordinator received (same run);
+                      *_cpu_us_per_msg_serving = the same less each process's CPU at the first sample, taken
+                      once the coordinator's /metrics is up and before any device connected (its start-up:
+                      imports, model load, the recovered book = *_cpu_s_ready): both over the same window
   plan_bytes          the largest RoundPlan payload; fanout_bytes_per_round: plan + result bytes the
                       broker delivered to all devices, per closed round
   vp_time_per_round_s apply_round on the nnz values per result (replayed here from the broadcast
@@ -536,6 +539,10 @@ def build_result(cfg: FleetConfig, outs: list[dict[str, Any]], status: dict[str,
     # the run's CPU: up to the first receipt of the last result + one sample period (start-up included; the
     # coordinator's run report after the last round and the broker idling afterwards are not per message)
     run_cpu = sampler.cpu_until(max(v[0] for v in results.values()) + 0.4) if results else dict(sampler.cpu)
+    # the serving window of both processes: from the first sample (the coordinator's /metrics is up, so its
+    # imports, model load and recovered book are done; the devices are only being started) to the same end
+    ready_cpu = sampler.cpu_series[0][1] if sampler.cpu_series else {}
+    serving = {k: v - ready_cpu.get(k, 0.0) for k, v in run_cpu.items()}
     per_round = [{
         "round": r, "n_clients": int(results[r][2]), "updates_sent": len(sends.get(r, [])),
         "close_latency_s": _round(latency.get(r)), "ingest_msgs_per_s": _round(rates.get(r), 0),
@@ -572,6 +579,10 @@ def build_result(cfg: FleetConfig, outs: list[dict[str, Any]], status: dict[str,
         "broker_cpu_s_run": _round(run_cpu.get("broker"), 1),
         "coordinator_cpu_us_per_msg": _per_msg(run_cpu.get("coordinator"), sampler.received),
         "broker_cpu_us_per_msg": _per_msg(run_cpu.get("broker"), sampler.received),
+        "coordinator_cpu_s_ready": _round(ready_cpu.get("coordinator"), 2),
+        "broker_cpu_s_ready": _round(ready_cpu.get("broker"), 2),
+        "coordinator_cpu_us_per_msg_serving": _per_msg(serving.get("coordinator"), sampler.received),
+        "broker_cpu_us_per_msg_serving": _per_msg(serving.get("broker"), sampler.received),
         "rejected": status.get("rejected", {}), "device_errors": _sum_dicts([o["errors"] for o in outs]),
         "connect_failures": sum(o["connect_failures"] for o in outs),
         "reconnects": sum(d["reconnects"] for d in devices.values()),
@@ -645,6 +656,9 @@ def print_summary(r: dict[str, Any]) -> None:
           f"{_f(r['broker_cpu_pct'])}%; simulator CPU {_f(r['sim_cpu_s'])} s")
     print(f"CPU per message received: coordinator {_f(r['coordinator_cpu_us_per_msg'])} us, broker "
           f"{_f(r['broker_cpu_us_per_msg'])} us; fan-out {_f(r['fanout_bytes_per_round'])} bytes per round")
+    print(f"  serving window (start-up out: coordinator {_f(r['coordinator_cpu_s_ready'])} s, broker "
+          f"{_f(r['broker_cpu_s_ready'])} s): coordinator {_f(r['coordinator_cpu_us_per_msg_serving'])} us, broker "
+          f"{_f(r['broker_cpu_us_per_msg_serving'])} us")
     print(f"VP apply_round {_f(r['vp_time_per_round_s'])} s/round on {r['nnz']} values, checksums ok: "
           f"{r['vp_checksums_ok']}; plan payload {r['plan_bytes']} bytes; load avg {r['load_avg']} on {r['cpus']} CPUs; "
           f"RLIMIT_NOFILE {r['nofile_limit']}; wall {r['wall_s']} s")

@@ -17,7 +17,8 @@ from bench.fleet.mqttlite import open_client
 
 KEYS = ("ingest_msgs_per_s", "close_latency_p50_s", "close_latency_p99_s", "lost", "double_counted",
         "coordinator_rss_mib", "coordinator_cpu_pct", "broker_cpu_pct", "vp_time_per_round_s", "rounds_closed",
-        "plan_bytes", "fanout_bytes_per_round", "coordinator_cpu_us_per_msg", "broker_cpu_us_per_msg")
+        "plan_bytes", "fanout_bytes_per_round", "coordinator_cpu_us_per_msg", "broker_cpu_us_per_msg",
+        "coordinator_cpu_us_per_msg_serving", "broker_cpu_us_per_msg_serving", "coordinator_cpu_s_ready")
 
 
 def test_fleet_50_devices_3_rounds_with_dropouts(tmp_path: Path) -> None:
@@ -37,6 +38,9 @@ def test_fleet_50_devices_3_rounds_with_dropouts(tmp_path: Path) -> None:
     assert res["ingest_msgs_per_s"] > 0 and res["close_latency_p99_s"] is not None
     # issue 31: every device gets each round's plan and result at least once: fan-out >= 50 x (plan + result)
     assert res["fanout_bytes_per_round"] >= 50 * res["plan_bytes"] and res["coordinator_cpu_us_per_msg"] > 0
+    # the serving window leaves out the coordinator's start-up (before its /metrics was up), nothing else
+    assert 0 < res["coordinator_cpu_us_per_msg_serving"] < res["coordinator_cpu_us_per_msg"]
+    assert res["coordinator_cpu_s_ready"] > 0 and 0 <= res["broker_cpu_us_per_msg_serving"] <= res["broker_cpu_us_per_msg"]
     assert "RLIMIT_NOFILE raised" in r.stdout
 
 
