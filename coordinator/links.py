@@ -24,8 +24,9 @@ BATCH = 512  # messages the pump takes from its inbox per loop iteration (one tr
 # at most every SETTLE_S, and the heartbeats' own link (telemetry_link) reads its socket at most that often
 # (bench.fleet.ingest_cost hb_steady: ~300 us CPU per heartbeat at once, ~160 at 10 ms, ~140 at 25 ms). Any
 # other message (QoS 1: the broker sends only max_inflight_messages unacked) is taken at once, with what
-# is there; a busy pump never waits.
-SETTLE_S = 0.025
+# is there; a busy pump never waits. 50 ms rather than 25: hb_steady 57 to 61 us per heartbeat against 70
+# to 74 on a faster host (docs/SCALING.md "Fifth pass"); ~33 heartbeats wait at 10,000 devices, ~335 at 100,000.
+SETTLE_S = 0.05
 
 
 OUT_QUEUE = 100_000  # QoS 1 publishes waiting for PUBACK: a join nag (ErrorMsg) to every device of a 100,000 fleet
