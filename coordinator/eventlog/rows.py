@@ -16,10 +16,16 @@ from shared.prng import Dist
 PLAN_COLS = "round, state, opened_at, deadline, seeds, steps, lr, eps, dist, batch_size, base_round, base_checksum, extensions"
 
 
+_F64: dict[int, struct.Struct] = {}  # n -> Struct("<nd"): an update's grads and GradIP (n = its steps)
+
+
 def f64_blob(xs: Sequence[float]) -> bytes:
     """Little-endian float64s (struct: the same bytes as numpy "<f8", a few times cheaper for ~10 values)."""
-    v = list(xs)
-    return struct.pack(f"<{len(v)}d", *v)
+    n = len(xs)
+    st = _F64.get(n)
+    if st is None:
+        st = _F64[n] = struct.Struct(f"<{n}d")
+    return st.pack(*xs)
 
 
 def f64_list(blob: bytes) -> list[float]:

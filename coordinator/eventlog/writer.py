@@ -49,8 +49,13 @@ def persist_many(db: Store, records: Sequence[Record]) -> None:
     between them touches their tables. During a round the batch is Update, Drift, Update, Drift, ...:
     two statements instead of three per update."""
     groups: list[tuple[type, list[Record]]] = []
+    last: type | None = None
+    into: list[Record] = []  # the group the record before went to
     for rec in records:
         kind = type(rec)
+        if kind is last:  # the same type as the record before: nothing in between, the same group
+            into.append(rec)
+            continue
         tables = TABLES.get(kind)
         if tables is None:
             raise TypeError(f"EventLog.persist_many: not a record: {rec!r}")
@@ -60,12 +65,13 @@ def persist_many(db: Store, records: Sequence[Record]) -> None:
             if gk is kind:
                 target = i
                 break
-            if TABLES[gk] & tables:  # a record in between writes one of our tables: keep the order
+            if not TABLES[gk].isdisjoint(tables):  # a record in between writes one of our tables: keep the order
                 break
         if target is None:
-            groups.append((kind, [rec]))
-        else:
-            groups[target][1].append(rec)
+            groups.append((kind, []))
+            target = len(groups) - 1
+        last, into = kind, groups[target][1]
+        into.append(rec)
     for kind, recs in groups:
         WRITERS[kind](db, recs)
 

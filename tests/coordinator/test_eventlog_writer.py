@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from coordinator.eventlog import EventLog
+from coordinator.eventlog import EventLog, writer
 from coordinator.eventlog.writer import TABLES, WRITERS
 from coordinator.logstore import Cursor, Store
 from coordinator.records import (
@@ -42,6 +42,7 @@ from coordinator.records import (
     UpdateRecord,
     UpdateRow,
 )
+from shared.prng import derive_seed, raw_u64, u64_at
 
 
 def _join(c: str, now: float) -> JoinRecord:
@@ -167,6 +168,37 @@ def test_a_result_using_every_accepted_update_marks_them_in_one_statement(tmp_pa
     assert sum("WHERE client=? AND round=?" in q for q in spy.sql) == 1  # round 1's folded late update only
     for log in logs.values():
         log.close()
+
+
+def _groups_reference(recs: Sequence[Record]) -> list[tuple[type, list[Record]]]:
+    """persist_many's grouping rule spelled out: each record joins the newest group of its type unless a
+    group after that one writes one of its tables."""
+    groups: list[tuple[type, list[Record]]] = []
+    for rec in recs:
+        i = len(groups) - 1
+        while i >= 0 and groups[i][0] is not type(rec) and not (TABLES[groups[i][0]] & TABLES[type(rec)]):
+            i -= 1
+        if i >= 0 and groups[i][0] is type(rec):
+            groups[i][1].append(rec)
+        else:
+            groups.append((type(rec), [rec]))
+    return groups
+
+
+def test_grouping_follows_the_rule_on_random_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs of one type, Update/Drift interleavings and records between them that share a table: the
+    groups (and their order) are the rule's, on 2,000 random batches (shared.prng draws)."""
+    pool: list[Record] = [_up("a", 0, 1.0), _drift("a", 2, 1.0), LimitRecord("a", 0, 1.0), SeenRecord("a", 1.0),
+                          _hb("a", 1.0, None, 0.0), EventRecord("late", "d", 0, 1.0), DuplicateRecord(0)]  # fmt: skip
+    got: list[tuple[type, list[Record]]] = []
+    monkeypatch.setattr(writer, "WRITERS", {k: (lambda db, recs, k=k: got.append((k, list(recs)))) for k in WRITERS})
+    for b in range(2000):
+        picks = raw_u64(derive_seed(31, b), 1 + int(u64_at(derive_seed(32, b), 0) % 12)) % len(pool)
+        recs = [pool[int(i)] for i in picks]
+        got.clear()
+        writer.persist_many(None, recs)  # type: ignore[arg-type]
+        assert [(k, [id(r) for r in g]) for k, g in got] == [
+            (k, [id(r) for r in g]) for k, g in _groups_reference(recs)], [type(r).__name__ for r in recs]
 
 
 def test_one_record_takes_the_batch_path(tmp_path: Path) -> None:
