@@ -273,8 +273,7 @@ class Coordinator:
         """The book's actions for one intake decision (the single pump's or a cluster inbox row's), counted
         the same way in both: messages and bytes per kind whenever the topic parsed."""
         if d.nbytes is not None:
-            self.tally.add(self.metrics.messages, d.kind)
-            self.tally.add(self.metrics.bytes_received, d.kind, d.nbytes)
+            self.tally.received(d.kind, d.nbytes)
         clear = clear_topic(self.topics, d)
         if clear is not None and self.link is not None:
             self.link.publish(clear, b"", qos=1, retain=True)

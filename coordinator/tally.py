@@ -21,12 +21,23 @@ class Tally:
         self._children: dict[tuple[int, str], Any] = {}  # (id(metric), label) -> metric.labels(label)
         self._pending: dict[tuple[int, str], float] = {}  # labelled increments not yet applied
         self._gate_refused = 0  # the flood gate's refusals already counted (`gate`)
+        self._received: dict[str, list[int]] = {}  # kind -> [messages, bytes] not yet applied (`received`)
 
     def add(self, metric: Any, label: str, amount: float = 1.0) -> None:
         key = (id(metric), label)
         if key not in self._children:
             self._children[key] = metric.labels(label)
         self._pending[key] = self._pending.get(key, 0.0) + amount
+
+    def received(self, kind: str, nbytes: int) -> None:
+        """One message of `kind` and its bytes (meerkat_messages_received / _bytes_received): the two `add`s of
+        every message in one dict lookup."""
+        got = self._received.get(kind)
+        if got is None:
+            self._received[kind] = [1, nbytes]
+        else:
+            got[0] += 1
+            got[1] += nbytes
 
     def gate(self, inbox: object) -> None:
         """Messages the flood gate (coordinator/floodgate.py) refused since the last call ->
@@ -38,6 +49,12 @@ class Tally:
                 self._gate_refused = total
 
     def apply(self) -> None:
+        if self._received:
+            m = self.metrics
+            for kind, (n, nbytes) in self._received.items():
+                self.add(m.messages, kind, n)
+                self.add(m.bytes_received, kind, nbytes)
+            self._received.clear()
         for key, amount in self._pending.items():
             self._children[key].inc(amount)
         self._pending.clear()
