@@ -1,7 +1,7 @@
 """`meerkat bench learning`: does sparse zeroth-order federated fine-tuning learn, and which mask wins?
 
     meerkat bench learning [--quick] [--json] [--out DIR] [--size small[,medium]] [--tasks topic,news8]
-                           [--seeds 3] [--budget 300] [--lrs DIR/lrs.json] [--resume] [--shard K/N]
+                           [--seeds 3 [--first-seed 0]] [--budget 300] [--lrs DIR/lrs.json] [--resume] [--shard K/N]
                            [--extreme-methods meerkat,meerkat-vp]
     meerkat bench learning --tune [--size ...] [--tasks ...] [--tune-seeds 100,101] --out DIR [--resume]
 
@@ -89,7 +89,8 @@ class LearningConfig:
 
     size: str = "demo"  # tiny-model size
     tasks: tuple[str, ...] = ("topic", "sentiment", "claim")
-    seeds: int = 3  # evaluation seeds 0..seeds-1
+    seeds: int = 3  # evaluation seeds first_seed..first_seed+seeds-1
+    first_seed: int = 0
     tune_seeds: tuple[int, ...] = (100, 101)  # the lr rule's seeds: disjoint from the evaluation seeds
     Ts: tuple[int, ...] = (1, 10)
     budget: int = 300  # local steps per client (rounds = budget / T): past saturation, GradIP has time to decay
@@ -127,7 +128,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--out", default="bench-learning", help="dir for learning.json/.md, the PNG plots and cells/")
     p.add_argument("--size", default=None, help="tiny-model size, or a comma list (default demo)")
     p.add_argument("--tasks", default=None, help="comma list of tasks (bench/tinylm/tasks.py: topic, sentiment, ...)")
-    p.add_argument("--seeds", type=int, default=None, help="evaluation seeds 0..N-1 (>= 1)")
+    p.add_argument("--seeds", type=int, default=None, help="evaluation seeds K..K+N-1 (>= 1; K = --first-seed)")
+    p.add_argument("--first-seed", type=int, default=None,
+                   help="K, the first evaluation seed (default 0; a cell's cache key holds its own seed, so "
+                        "`--first-seed 1 --seeds 2` computes the cells `--seeds 3` reads for seeds 1 and 2)")
     p.add_argument("--budget", type=int, default=None, help="local steps per client (multiple of every T)")
     p.add_argument("--methods", default=None, help=f"comma list from {','.join(METHODS)}")
     p.add_argument("--T", default=None, help="comma list of local steps per round (default 1,10)")
@@ -163,6 +167,8 @@ def config_from_args(args: argparse.Namespace, size: str | None = None) -> Learn
         over["tasks"] = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
     if args.seeds is not None:
         over["seeds"] = args.seeds
+    if getattr(args, "first_seed", None) is not None:
+        over["first_seed"] = args.first_seed
     if getattr(args, "tune_seeds", None):
         over["tune_seeds"] = tuple(int(t) for t in args.tune_seeds.split(","))
     if args.budget is not None:
@@ -199,6 +205,11 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     return (k, n)
 
 
+def eval_seeds(cfg: LearningConfig) -> range:
+    """The evaluation seeds: --first-seed K .. K + --seeds - 1."""
+    return range(cfg.first_seed, cfg.first_seed + cfg.seeds)
+
+
 def check_config(cfg: LearningConfig) -> None:
     for flag, methods in (("--methods", cfg.methods), ("--extreme-methods", cfg.extreme_methods)):
         bad = [m for m in methods if m not in METHODS]
@@ -206,6 +217,8 @@ def check_config(cfg: LearningConfig) -> None:
             raise SystemExit(f"{flag}: unknown {bad}; known: {list(METHODS)}")
     if cfg.seeds < 1:
         raise SystemExit(f"--seeds must be >= 1, got {cfg.seeds}")
+    if cfg.first_seed < 0:
+        raise SystemExit(f"--first-seed must be >= 0, got {cfg.first_seed}")
     for mode in cfg.lr_modes:
         try:
             lr_of(mode, 1e-3)
@@ -299,7 +312,7 @@ class Runner:
 
         if self._masks is None:
             t0 = time.perf_counter()
-            seeds = tuple(sorted(set(range(self.cfg.seeds)) | set(self.cfg.tune_seeds)))
+            seeds = tuple(sorted(set(eval_seeds(self.cfg)) | set(self.cfg.tune_seeds)))
             self._masks = build_masks(self.model_dir, self.fingerprint, self.cfg.fraction, seqs=self.cfg.calib_seqs,
                                       random_seeds=seeds)
             self.mask_seconds = time.perf_counter() - t0
@@ -417,7 +430,7 @@ def _cells(cfg: LearningConfig) -> list[tuple[str, str, str, int, int, str]]:
     settings = sorted({s for s, _, _ in grid} | {"dirichlet"})
     out = []
     for task in cfg.tasks:
-        for seed in range(cfg.seeds):
+        for seed in eval_seeds(cfg):
             for setting in settings:
                 if "zero-shot" in cfg.methods:
                     out.append((task, setting, "zero-shot", 0, seed, "tuned"))
@@ -470,10 +483,11 @@ def run_tune(cfg: LearningConfig, workdir: Path, progress: bool = True, cells_di
     from tqdm import tqdm
 
     rule = rule or LrRule()
-    overlap = set(cfg.tune_seeds) & set(range(cfg.seeds))
+    overlap = set(cfg.tune_seeds) & set(eval_seeds(cfg))
     if overlap:
-        raise SystemExit(f"tuning seeds {sorted(overlap)} are also evaluation seeds 0..{cfg.seeds - 1}: "
-                         "choose --tune-seeds >= --seeds")
+        seeds = eval_seeds(cfg)
+        raise SystemExit(f"tuning seeds {sorted(overlap)} are also evaluation seeds {seeds.start}..{seeds.stop - 1}: "
+                         "choose --tune-seeds outside them")
     t0 = time.perf_counter()
     runner = Runner(cfg, workdir)
     cfg = runner.cfg = known_tasks(cfg, runner.model_dir)

@@ -237,6 +237,14 @@ def test_killed_grid_resumes_without_recomputing_finished_cells(tmp_path: Path) 
     fresh = {(r["method"], r["seed"]) for r in res3["runs"] if not r["cached"]}
     assert fresh == {(m, s) for m in ("meerkat", "random-mask") for s in (0, 1)}  # the sparse-lr cells only
     assert res3["cells"]["computed"] == 4
+    # --first-seed 1 --seeds 1: seed 1 alone, the very cells `--seeds 2` computed (the key holds the seed)
+    cli = _micro_cli(out, "--resume", "--first-seed", "1")
+    cli[cli.index("--seeds") + 1] = "1"
+    assert cli_main(["bench", "learning", *cli]) == 0
+    res4 = json.loads((out / "learning.json").read_text())
+    assert res4["cells"] == {"total": 4, "cached": 4, "computed": 0, "missing": 0}
+    assert {r["seed"] for r in res4["runs"]} == {1}
+    assert [r["accuracy"] for r in res4["runs"]] == [r["accuracy"] for r in res2["runs"] if r["seed"] == 1]
 
 
 def test_lr_rule_picks_the_best_stable_lr() -> None:
@@ -283,6 +291,9 @@ def test_tune_writes_lrs_the_grid_reads(tmp_path: Path) -> None:
                          n_clients=4, n_train=80, n_eval=16, calib_seqs=4, n_evals=1, methods=("meerkat",))
     with pytest.raises(SystemExit, match="also evaluation seeds"):
         run_tune(LearningConfig(size="micro", seeds=3, tune_seeds=(2, 100)), tmp_path / "w0", progress=False)
+    with pytest.raises(SystemExit, match=r"\[100\] are also evaluation seeds 99..100"):
+        run_tune(LearningConfig(size="micro", seeds=2, first_seed=99, tune_seeds=(100, 101)), tmp_path / "w1",
+                 progress=False)
     doc = run_tune(cfg, tmp_path / "w", progress=False, cells_dir=tmp_path / "cells",
                    grid={"meerkat": (1e-3, 5e-1)})
     entry = doc["chosen"]["micro/sentiment/meerkat"]
