@@ -21,12 +21,14 @@ log = logging.getLogger(__name__)
 BATCH = 512  # messages the pump takes from its inbox per loop iteration (one transaction)
 # Heartbeats trickle in (667/s at 10,000 devices and heartbeat_s 15, QoS 0): each one alone would cost both
 # threads a wake-up and the pump a pass through tick, so while only heartbeats wait the pump takes a batch
-# at most every SETTLE_S, and the heartbeats' own link (telemetry_link) reads its socket at most that often
-# (bench.fleet.ingest_cost hb_steady: ~300 us CPU per heartbeat at once, ~160 at 10 ms, ~140 at 25 ms). Any
-# other message (QoS 1: the broker sends only max_inflight_messages unacked) is taken at once, with what
-# is there; a busy pump never waits. 50 ms rather than 25: hb_steady 57 to 61 us per heartbeat against 70
-# to 74 on a faster host (docs/SCALING.md "Fifth pass"); ~33 heartbeats wait at 10,000 devices, ~335 at 100,000.
+# at most every SETTLE_S, and the heartbeats' own link (telemetry_link) reads its socket at most every
+# READ_PAUSE_S (bench.fleet.ingest_cost hb_steady: ~300 us CPU per heartbeat at once, ~160 at 10 ms, ~140 at
+# 25 ms). Any other message (QoS 1: the broker sends only max_inflight_messages unacked) is taken at once,
+# with what is there; a busy pump never waits. 50 ms rather than 25: ~33 heartbeats a batch at 10,000
+# devices, hb_steady 70-74 -> 54-61 us per heartbeat (docs/SCALING.md "Fifth pass"); the link reads twice as
+# much per turn (shared/mqttread.py PAUSE_UNIT_S), so it still takes ~10 MB/s (issue 26's flood: ~5 MB/s).
 SETTLE_S = 0.05
+READ_PAUSE_S = SETTLE_S
 
 
 OUT_QUEUE = 100_000  # QoS 1 publishes waiting for PUBACK: a join nag (ErrorMsg) to every device of a 100,000 fleet
@@ -46,7 +48,7 @@ def connect_links(c: CoordinatorConfig, topics: Topics, wait_s: float = 5.0) -> 
     if not tele:
         return link, None
     hb = broker_link(c, c.client_id + TELEMETRY_SUFFIX, [(topics.filter("hb"), 0)], inbox=link.inbox,
-                     login_suffix=TELEMETRY_SUFFIX, read_pause_s=SETTLE_S, clean_session=True)  # fmt: skip
+                     login_suffix=TELEMETRY_SUFFIX, read_pause_s=READ_PAUSE_S, clean_session=True)  # fmt: skip
     if hb.wait_connected(wait_s):
         return link, hb
     hb.stop()
@@ -66,7 +68,7 @@ def broker_link(
     """A started, manual-ack link to the broker with the config's login (username + `login_suffix`) and TLS,
     subscribed to (filter, QoS) pairs; `session`: clean_session / session_expiry_s (a worker's shared session).
     Its inbox is a new flood gate (coordinator/floodgate.py), or `inbox` (another link's gate, shared).
-    `read_pause_s`: the least time between two reads of its socket (the heartbeats' link: SETTLE_S)."""
+    `read_pause_s`: the least time between two reads of its socket (the heartbeats' link: READ_PAUSE_S)."""
     c = config
     gate = FloodGate(c.rate_per_s, c.rate_burst) if inbox is None else inbox
     link = MqttLink(

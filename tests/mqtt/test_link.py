@@ -277,3 +277,26 @@ def test_mqtt5_shared_subscription_splits_and_keeps_the_session(broker_url: str)
             link.stop()
     with pytest.raises(ValueError, match="session_expiry_s"):
         MqttLink(broker_url, "x", session_expiry_s=-1)
+
+
+@pytest.mark.parametrize(("pause", "reads"), [(0.0, 4), (0.025, 4), (0.05, 8), (0.06, 12)])
+def test_a_paused_link_reads_more_per_turn(pause: float, reads: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A link read at most every `read_pause_s` may read READS_PER_LOOP chunks per 25 ms of pause in one
+    turn: a longer pause wakes it less often, never lowers what it can take per second (a flood)."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+
+    from shared.mqttread import PAUSE_UNIT_S, READS_PER_LOOP, BufferedClient
+
+    seen: list[int] = []
+
+    def fake_loop_read(self: BufferedClient, max_packets: int = 1) -> MQTTErrorCode:
+        seen.append(self._reads_left)
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    monkeypatch.setattr(mqtt.Client, "loop_read", fake_loop_read)
+    c = BufferedClient(CallbackAPIVersion.VERSION2, client_id="t")
+    c.read_pause_s = pause
+    c._read_at = time.monotonic() - 1.0  # no sleep in the turn
+    c.loop_read()
+    assert seen == [reads] and PAUSE_UNIT_S == 0.025 and READS_PER_LOOP == 4
