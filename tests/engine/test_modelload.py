@@ -143,36 +143,36 @@ def test_embeddings_stay_in_the_checkpoint_dtype(tmp_path: Path, llama_dir: Path
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_a_narrow_head_on_cpu_takes_the_larger_loss_chunk(
-    tmp_path: Path, llama_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A bf16 head on an fp32 CPU widens its weight once per chunk, so the loss hands it the larger chunk
-    (NARROW_HEAD_ROWS rows); a head in the compute dtype keeps HEAD_CHUNK_ELEMS. Same losses either way."""
+def test_a_cpu_head_takes_the_larger_loss_chunk(tmp_path: Path, llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CPU every chunk streams the head weight (and a bf16 head on an fp32 CPU widens it), so the loss
+    hands the head CPU_HEAD_ROWS rows at least, within CPU_HEAD_CHUNK_ELEMS; CUDA keeps HEAD_CHUNK_ELEMS.
+    Same losses, bit for bit, whatever the chunk."""
     from transformers import AutoModelForCausalLM
 
     from shared import loss
     from shared.dataset import Example
-    from shared.loss import target_losses
+    from shared.loss import head_chunk_rows, target_losses
 
+    assert head_chunk_rows("cpu", 151_936) == 220  # 2^25 // vocab: the 0.5B head, 5 chunks -> 1 per sequence
+    assert head_chunk_rows("cpu", 32_000) == 256 and head_chunk_rows("cpu", 2_173) == (1 << 22) // 2_173
+    assert head_chunk_rows("cuda", 32_000) == (1 << 25) // 32_000
     bf16 = tmp_path / "bf16"
     AutoModelForCausalLM.from_pretrained(str(llama_dir), dtype=torch.bfloat16).save_pretrained(str(bf16))
     examples = [Example(tuple(range(3, 3 + 40)), 39), Example(tuple(range(7, 7 + 40)), 39)]  # 78 target rows
     vocab = 384
     monkeypatch.setitem(loss.HEAD_CHUNK_ELEMS, "cpu", 10 * vocab)  # 10 rows per head call
-    calls = {}
-    for name, path in (("wide", llama_dir), ("narrow", bf16)):
+    for path in (llama_dir, bf16):  # a head in the compute dtype, a narrow one
         model: Any = load_model(path, "nf4", "cpu", None, torch.float32, fingerprint="0" * 64).model
         head: Any = model.get_output_embeddings()
         seen: list[int] = []
         head.register_forward_pre_hook(lambda _m, args, seen=seen: seen.append(int(args[0].shape[0])))
         with torch.no_grad():
-            monkeypatch.setattr(loss, "NARROW_HEAD_ROWS", 100)  # all 78 rows at once
+            monkeypatch.setattr(loss, "CPU_HEAD_ROWS", 100)  # all 78 rows at once
             got = target_losses(model, examples, 0)
-            calls[name] = list(seen)
-            monkeypatch.setattr(loss, "NARROW_HEAD_ROWS", 10)
+            assert seen == [78]
+            monkeypatch.setattr(loss, "CPU_HEAD_ROWS", 10)
             torch.testing.assert_close(target_losses(model, examples, 0), got, rtol=0, atol=0)
-    assert calls["wide"] == [10] * 7 + [8]
-    assert calls["narrow"] == [78]
+            assert seen[1:] == [10] * 7 + [8]
 
 
 def test_a_narrow_head_widens_into_one_reused_buffer(
