@@ -28,20 +28,24 @@ IGNORE = -100
 CE_CHUNK_ELEMS = 1 << 20  # rows x vocab per cross-entropy chunk: keeps the fp32 log-softmax temporary small
 # rows x vocab of one fused LM-head + cross-entropy chunk (CPU, CUDA): never all logits at once
 HEAD_CHUNK_ELEMS = {"cpu": 1 << 22, "cuda": 1 << 25}
-# CPU: every chunk streams the whole head weight (136 M weights at 0.5B), and a narrow head (bf16 on an
-# fp32 CPU) widens it too (modelload._chunked_head_forward: ~0.8 ns per weight vs ~0.06 ns per MAC).
-# At 2^22 the 0.5B loss of one 128-token sequence took 5 chunks of 27 rows: 1.15x a forward with a narrow
-# head (step 2.58x the plain forward), and a bf16 head on a bf16 CPU read its 272 MB 5 times (step
-# 2.18x; 2.02x in one chunk). So a CPU chunk takes CPU_HEAD_ROWS rows at least, within
-# CPU_HEAD_CHUNK_ELEMS (128 MiB of fp32 logits; BENCHMARKS.md "Real sizes on CPU").
+# CPU: every chunk streams the whole head weight from memory once it is larger than the caches (136 M
+# weights at 0.5B), and a narrow head (bf16 on an fp32 CPU) widens it too (modelload._chunked_head_forward:
+# ~0.8 ns per weight vs ~0.06 ns per MAC). At 2^22 the 0.5B loss of one 128-token sequence took 5 chunks of
+# 27 rows: 1.15x a forward with a narrow head (step 2.58x the plain forward), and a bf16 head on a bf16 CPU
+# read its 272 MB 5 times (step 2.18x; 2.02x in one chunk). So such heads take CPU_HEAD_ROWS rows at least,
+# within CPU_HEAD_CHUNK_ELEMS (128 MiB of fp32 logits). A head under CPU_BIG_HEAD_BYTES stays in the caches
+# and the larger chunk's logits do not: the tiny default (32,000 x 512 bf16) stepped 2.01-2.05x with
+# 131-row chunks, 2.11-2.13x with 256 (BENCHMARKS.md "Real sizes on CPU").
 CPU_HEAD_ROWS = 256
 CPU_HEAD_CHUNK_ELEMS = 1 << 25
+CPU_BIG_HEAD_BYTES = 1 << 26
 
 
-def head_chunk_rows(device: str, vocab: int) -> int:
-    """Rows of one LM-head chunk of the loss on `device` (CPU: CPU_HEAD_ROWS at least, within CPU_HEAD_CHUNK_ELEMS)."""
+def head_chunk_rows(device: str, vocab: int, head_bytes: int, narrow_head: bool) -> int:
+    """Rows of one LM-head chunk of the loss on `device`: CPU_HEAD_ROWS at least for a CPU head that is
+    narrow or holds CPU_BIG_HEAD_BYTES or more, within CPU_HEAD_CHUNK_ELEMS."""
     rows = max(1, HEAD_CHUNK_ELEMS.get(device, 1 << 22) // vocab)
-    if device == "cpu":
+    if device == "cpu" and (narrow_head or head_bytes >= CPU_BIG_HEAD_BYTES):
         rows = max(rows, min(CPU_HEAD_ROWS, CPU_HEAD_CHUNK_ELEMS // vocab))
     return rows
 LOGSOFTMAX_ROWS_ELEMS = 1 << 19  # CPU: rows x vocab per log-softmax slice (2 MiB fp32 stays in cache)
@@ -162,7 +166,11 @@ def target_losses(model: nn.Module, examples: Sequence[Example], pad_id: int) ->
     targets = inputs["input_ids"][:, -k:][valid]  # (N,)
     owner = torch.arange(len(examples), device=hidden.device)[:, None].expand(-1, k)[valid]  # (N,)
     vocab = int(getattr(head, "out_features", 0) or getattr(head, "weight").shape[0])  # noqa: B009
-    chunk = head_chunk_rows(hidden.device.type, vocab)
+    head_w = getattr(head, "weight", None)
+    big, narrow = 0, False
+    if isinstance(head_w, Tensor):
+        big, narrow = head_w.numel() * head_w.element_size(), head_w.dtype != hidden.dtype
+    chunk = head_chunk_rows(hidden.device.type, vocab, big, narrow)
     sub = chunk if hidden.device.type == "cuda" else max(1, LOGSOFTMAX_ROWS_ELEMS // vocab)
     ce = torch.empty(rows.shape[0], dtype=torch.float32, device=hidden.device)
     for i in range(0, rows.shape[0], chunk):

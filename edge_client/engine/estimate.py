@@ -129,7 +129,9 @@ def estimate_memory(
     weights = int(lin_bytes + other)
     sidecar = int(SIDECAR_BYTES_PER_ENTRY * fraction * linear)
     vocab = int(cfg.vocab_size)
-    chunk_rows = head_chunk_rows(device, vocab)
+    head_w = getattr(head, "weight", None)
+    head_bytes = int(head_w.numel()) * narrow if head_w is not None else 0
+    chunk_rows = head_chunk_rows(device, vocab, head_bytes, narrow < cd)
     sub_rows = chunk_rows if device == "cuda" else max(1, LOGSOFTMAX_ROWS_ELEMS // vocab)
     fixed = chunk_rows * vocab * cd + sub_rows * vocab * 4 + (largest * cd if quant != "none" else 0)
     hidden = int(cfg.hidden_size)

@@ -144,18 +144,22 @@ def test_embeddings_stay_in_the_checkpoint_dtype(tmp_path: Path, llama_dir: Path
 
 
 def test_a_cpu_head_takes_the_larger_loss_chunk(tmp_path: Path, llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """On CPU every chunk streams the head weight (and a bf16 head on an fp32 CPU widens it), so the loss
-    hands the head CPU_HEAD_ROWS rows at least, within CPU_HEAD_CHUNK_ELEMS; CUDA keeps HEAD_CHUNK_ELEMS.
-    Same losses, bit for bit, whatever the chunk."""
+    """On CPU a head larger than the caches streams its weight every chunk (and a bf16 head on an fp32 CPU
+    widens it), so the loss hands it CPU_HEAD_ROWS rows at least, within CPU_HEAD_CHUNK_ELEMS; a small
+    wide head and CUDA keep HEAD_CHUNK_ELEMS. Same losses, bit for bit, whatever the chunk."""
     from transformers import AutoModelForCausalLM
 
     from shared import loss
     from shared.dataset import Example
     from shared.loss import head_chunk_rows, target_losses
 
-    assert head_chunk_rows("cpu", 151_936) == 220  # 2^25 // vocab: the 0.5B head, 5 chunks -> 1 per sequence
-    assert head_chunk_rows("cpu", 32_000) == 256 and head_chunk_rows("cpu", 2_173) == (1 << 22) // 2_173
-    assert head_chunk_rows("cuda", 32_000) == (1 << 25) // 32_000
+    head_05b = 151_936 * 896 * 2  # the 0.5B bf16 head: 272 MB
+    assert head_chunk_rows("cpu", 151_936, head_05b, False) == 220  # 2^25 // vocab: 5 chunks -> 1 per sequence
+    assert head_chunk_rows("cpu", 32_000, 32_000 * 512 * 2, False) == (1 << 22) // 32_000  # stays in the caches
+    assert head_chunk_rows("cpu", 32_000, 32_000 * 512 * 2, True) == 256  # narrow: widened once per chunk
+    assert head_chunk_rows("cpu", 2_173, 0, True) == (1 << 22) // 2_173
+    assert head_chunk_rows("cuda", 151_936, head_05b, True) == (1 << 25) // 151_936
+    monkeypatch.setattr(loss, "CPU_BIG_HEAD_BYTES", 0)  # the tiny test heads count as big below
     bf16 = tmp_path / "bf16"
     AutoModelForCausalLM.from_pretrained(str(llama_dir), dtype=torch.bfloat16).save_pretrained(str(bf16))
     examples = [Example(tuple(range(3, 3 + 40)), 39), Example(tuple(range(7, 7 + 40)), 39)]  # 78 target rows
