@@ -191,7 +191,8 @@ def test_a_narrow_head_widens_into_one_reused_buffer(
 
     bf16 = tmp_path / "bf16"
     AutoModelForCausalLM.from_pretrained(str(llama_dir), dtype=torch.bfloat16).save_pretrained(str(bf16))
-    head: Any = load_model(bf16, "nf4", "cpu", None, torch.float32, fingerprint="0" * 64).model.get_output_embeddings()
+    model: Any = load_model(bf16, "nf4", "cpu", None, torch.float32, fingerprint="0" * 64).model
+    head: Any = model.get_output_embeddings()
     monkeypatch.setattr(modelload, "HEAD_CHUNK_ROWS", 100)  # vocab 384: chunks of 100, 100, 100, 84 rows
     x = torch.linspace(-2, 2, 3 * 5 * head.weight.shape[1]).reshape(3, 5, -1)
     want = torch.cat([F.linear(x, head.weight[a : a + 100].float()) for a in range(0, 384, 100)], dim=-1)
