@@ -78,14 +78,19 @@ class BufferedClient(mqtt.Client):
             self._rbuf.clear()
             self._rbuf_sock = self._sock
 
+    def _recv_chunk(self, bufsize: int) -> bytes:
+        """One socket read of up to max(bufsize, READ_CHUNK) bytes within this turn's budget: BlockingIOError
+        when the turn read enough (paho writes, then select() brings us back) or nothing is there."""
+        if self._reads_left <= 0:
+            raise BlockingIOError
+        self._reads_left -= 1
+        self.recv_calls += 1
+        return super()._sock_recv(max(bufsize, READ_CHUNK))
+
     def _sock_recv(self, bufsize: int) -> bytes:
         self._own_buffer()
         if not self._rbuf:
-            if self._reads_left <= 0:
-                raise BlockingIOError  # this turn read enough: paho writes, then select() brings us back
-            self._reads_left -= 1
-            self.recv_calls += 1
-            data = super()._sock_recv(max(bufsize, READ_CHUNK))  # BlockingIOError when nothing is there
+            data = self._recv_chunk(bufsize)
             if len(data) <= bufsize:
                 return data  # also b"": the peer closed
             self._rbuf += data
@@ -123,12 +128,8 @@ class BufferedClient(mqtt.Client):
         it is empty). None: the next packet is for paho's `_packet_read` (nothing consumed)."""
         self._own_buffer()
         if not self._rbuf:
-            if self._reads_left <= 0:
-                return _AGAIN
-            self._reads_left -= 1
-            self.recv_calls += 1
             try:
-                data = mqtt.Client._sock_recv(self, READ_CHUNK)
+                data = self._recv_chunk(READ_CHUNK)
             except BlockingIOError:
                 return _AGAIN
             except OSError as err:  # as paho's _packet_read
