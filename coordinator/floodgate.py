@@ -58,7 +58,7 @@ class FloodGate(queue.Queue[Incoming]):
         self.gate_lock = threading.Lock()
 
     def put(self, item: Incoming, block: bool = True, timeout: float | None = None) -> None:
-        if self._passes(item):
+        if self._passes(item) is not None:
             super().put(item, block, timeout)
 
     def put_many(self, items: list[Incoming]) -> None:
@@ -66,9 +66,10 @@ class FloodGate(queue.Queue[Incoming]):
         keep: list[Incoming] = []
         slow = 0  # heartbeats of this batch kept so far: the lane's bound counts them too
         for item in items:
-            if self._passes(item, slow):
+            kind = self._passes(item, slow)
+            if kind is not None:
                 keep.append(item)
-                slow += _kind_client(item.topic)[0] in SLOW_KINDS
+                slow += kind in SLOW_KINDS
         if keep:
             with self.not_empty:  # what Queue.put does per item (this queue is unbounded: never full)
                 for item in keep:
@@ -97,21 +98,24 @@ class FloodGate(queue.Queue[Incoming]):
             self.not_full.notify()
             return out
 
-    def _passes(self, item: Incoming, queued: int = 0) -> bool:
-        """The bucket and the heartbeat lane's bound (steps 1-3; `queued`: heartbeats about to join the lane); a
-        refused QoS 1 message is acked here."""
-        if item.retain:
-            return True
+    def _passes(self, item: Incoming, queued: int = 0) -> str | None:
+        """The bucket and the heartbeat lane's bound (steps 1-3; `queued`: heartbeats about to join the lane):
+        the item's kind when it passes (a retained one always does), None when refused; a refused QoS 1
+        message is acked here."""
         kind, client = _kind_client(item.topic)
+        if item.retain:
+            return kind
         with self.gate_lock:  # two links (telemetry_link) may put at once
             ok = self.limits.allow((client, kind), self.clock()) and not (
                 kind in SLOW_KINDS and len(self.slow) + queued >= self.max_slow
             )
             if not ok:
                 self.refused[kind] = self.refused.get(kind, 0) + 1
-        if not ok and item.qos and self.ack is not None:
+        if ok:
+            return kind
+        if item.qos and self.ack is not None:
             self.ack(item)
-        return ok
+        return None
 
     def refused_total(self) -> int:
         return sum(self.refused.values())
