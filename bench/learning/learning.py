@@ -483,9 +483,9 @@ def run_tune(cfg: LearningConfig, workdir: Path, progress: bool = True, cells_di
     from tqdm import tqdm
 
     rule = rule or LrRule()
-    overlap = set(cfg.tune_seeds) & set(eval_seeds(cfg))
+    seeds = eval_seeds(cfg)
+    overlap = set(cfg.tune_seeds) & set(seeds)
     if overlap:
-        seeds = eval_seeds(cfg)
         raise SystemExit(f"tuning seeds {sorted(overlap)} are also evaluation seeds {seeds.start}..{seeds.stop - 1}: "
                          "choose --tune-seeds outside them")
     t0 = time.perf_counter()
