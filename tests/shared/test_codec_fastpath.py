@@ -12,9 +12,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from wire_checks import decode_without_post_init
 
 from shared import prng
-from shared.codec import DecodeError, decode, encode, fastpath, schema
+from shared.codec import DecodeError, encode, fastpath, schema
 from shared.fields import U32, U64
 from shared.messages import Heartbeat, Update
 
@@ -98,14 +99,7 @@ def test_random_maps_decode_the_same_with_and_without_the_fast_path(monkeypatch:
 def test_a_device_heartbeat_takes_the_fast_path_and_round_trips(monkeypatch: pytest.MonkeyPatch) -> None:
     hb = Heartbeat("", 1.7e9, 3.3, 200 << 20, None, 45.1, 5.0, 0.5, 300 << 20, 4, available=True,
                    trained_share=0.25, peak_rss_bytes=301 << 20)
-    wire = encode(hb)
-
-    def refuse(self: Heartbeat) -> None:
-        raise AssertionError("__post_init__ ran")
-
-    monkeypatch.setattr(Heartbeat, "__post_init__", refuse)
-    got = decode(wire, Heartbeat, client="dev-a")
-    monkeypatch.undo()
+    got = decode_without_post_init(monkeypatch, encode(hb), Heartbeat, "dev-a")
     assert got == dataclasses.replace(hb, client="dev-a")
     assert got.cpu_pct == hb.cpu_pct != 3.3  # rounded to float32 on both paths
 
