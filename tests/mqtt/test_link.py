@@ -5,6 +5,9 @@ from __future__ import annotations
 import queue
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import pytest
 
@@ -14,6 +17,21 @@ from shared.mqttread import Incoming
 
 def _topic() -> str:
     return f"meerkat-test/{uuid.uuid4().hex}"
+
+
+@contextmanager
+def _sub_pub(broker_url: str, topic: str, qos: int, **sub_kw: Any) -> Iterator[tuple[MqttLink, MqttLink]]:
+    """A started subscriber to `topic` at `qos` (and `sub_kw`) and a started publisher, both connected; stopped after."""
+    sub = MqttLink(broker_url, f"t-sub-{uuid.uuid4().hex[:8]}", subscriptions=[(topic, qos)], **sub_kw)
+    pub = MqttLink(broker_url, f"t-pub-{uuid.uuid4().hex[:8]}")
+    sub.start()
+    pub.start()
+    try:
+        assert sub.wait_connected(10) and pub.wait_connected(10)
+        yield sub, pub
+    finally:
+        sub.stop()
+        pub.stop()
 
 
 def test_parse_urls() -> None:
@@ -64,21 +82,13 @@ def test_password_over_plaintext_to_a_remote_host_needs_consent(tmp_path) -> Non
 
 def test_publish_subscribe_and_puback(broker_url: str) -> None:
     topic = _topic()
-    sub = MqttLink(broker_url, f"t-sub-{uuid.uuid4().hex[:8]}", subscriptions=[(topic, 1)], manual_ack=True)
-    pub = MqttLink(broker_url, f"t-pub-{uuid.uuid4().hex[:8]}")
-    sub.start()
-    pub.start()
-    try:
-        assert sub.wait_connected(10) and pub.wait_connected(10)
+    with _sub_pub(broker_url, topic, 1, manual_ack=True) as (sub, pub):
         # subscription is made in on_connect; give the SUBACK a moment by round-tripping a message
         mid = pub.publish(topic, b"\x01hello", qos=1)
         got = sub.inbox.get(timeout=10)
         assert (got.topic, got.payload, got.qos) == (topic, b"\x01hello", 1)
         sub.ack(got)
         assert pub.published.get(timeout=10) == mid
-    finally:
-        sub.stop()
-        pub.stop()
 
 
 def test_burst_arrives_whole_and_in_order_with_few_socket_reads(broker_url: str) -> None:
@@ -91,12 +101,7 @@ def test_burst_arrives_whole_and_in_order_with_few_socket_reads(broker_url: str)
     topic = _topic()
     sizes = [1, 0, 7, 300, READ_CHUNK + 1234, 5, 70, 5 * READ_CHUNK + 3] + [16 + i % 50 for i in range(400)]
     payloads = [bytes((i + k) % 256 for k in range(n)) for i, n in enumerate(sizes)]
-    sub = MqttLink(broker_url, f"t-sub-{uuid.uuid4().hex[:8]}", subscriptions=[(topic, 0)])
-    pub = MqttLink(broker_url, f"t-pub-{uuid.uuid4().hex[:8]}")
-    sub.start()
-    pub.start()
-    try:
-        assert sub.wait_connected(10) and pub.wait_connected(10)
+    with _sub_pub(broker_url, topic, 0) as (sub, pub):
         for p in payloads:
             pub.publish(topic, p, qos=0)
         got = [sub.inbox.get(timeout=10).payload for _ in payloads]
@@ -104,28 +109,17 @@ def test_burst_arrives_whole_and_in_order_with_few_socket_reads(broker_url: str)
         reads = sub._client.recv_calls
         assert 0 < reads < len(payloads), reads
         assert sub._client.bulk_parsed > len(payloads) // 2  # most took the bulk path; the large ones paho's
-    finally:
-        sub.stop()
-        pub.stop()
 
 
 def test_without_manual_ack_the_bulk_path_acks_what_it_hands_over(broker_url: str) -> None:
     """paho acks a QoS 1 message itself when manual_ack is off; so does the bulk path (shared/mqttread.py),
     or the broker, holding at most 20 unacked messages per client, would stop after the 20th."""
     topic = _topic()
-    sub = MqttLink(broker_url, f"t-sub-{uuid.uuid4().hex[:8]}", subscriptions=[(topic, 1)])
-    pub = MqttLink(broker_url, f"t-pub-{uuid.uuid4().hex[:8]}")
-    sub.start()
-    pub.start()
-    try:
-        assert sub.wait_connected(10) and pub.wait_connected(10)
+    with _sub_pub(broker_url, topic, 1) as (sub, pub):
         for i in range(100):
             pub.publish(topic, i.to_bytes(2, "big"), qos=1)
         assert [sub.inbox.get(timeout=10).payload for _ in range(100)] == [i.to_bytes(2, "big") for i in range(100)]
         assert sub._client.bulk_parsed > 20
-    finally:
-        sub.stop()
-        pub.stop()
 
 
 def test_bulk_read_and_batched_pubacks_keep_every_field_and_the_session(broker_url: str) -> None:
