@@ -21,6 +21,7 @@ K = TypeVar("K")
 V = TypeVar("V")
 
 MAX_KEYS = 4096  # per map: ~1 KiB each at most, a few MiB in all
+_set = OrderedDict.__setitem__  # the plain insert under LruDict's own __setitem__ (LruDict.add_new)
 
 
 class LruDict(OrderedDict[K, V], Generic[K, V]):
@@ -37,8 +38,14 @@ class LruDict(OrderedDict[K, V], Generic[K, V]):
         while len(self) > self.max_keys:
             self.popitem(last=False)
 
+    def add_new(self, key: K, value: V) -> None:
+        """`self[key] = value` for a key known to be absent: the newest entry, the oldest forgotten when over."""
+        _set(self, key, value)
+        if len(self) > self.max_keys:
+            self.popitem(last=False)
 
-@dataclass
+
+@dataclass(slots=True)
 class Bucket:
     tokens: float
     at: float
@@ -65,14 +72,18 @@ class Limiter:
         self.buckets[key] = Bucket(self.level(key, now) - cost, now)
 
     def allow(self, key: object, now: float) -> bool:
-        """Take one token when one is there (`level` then `take`, with one lookup: every message asks)."""
-        b = self.buckets.get(key)
-        level = self.burst if b is None else min(self.burst, b.tokens + max(0.0, now - b.at) * self.rate)
+        """Take one token when one is there (`level` then `take`, with one lookup: every message asks). A
+        key without a bucket has a full one (burst >= 1: a token): inserted as the newest key without a
+        second lookup. That is every message of a fleet with more (client, kind) keys than max_keys: 10,000
+        devices send 20,000 (heartbeat, update), each forgotten before it comes again."""
+        buckets = self.buckets
+        b = buckets.get(key)
+        if b is None:
+            buckets.add_new(key, Bucket(self.burst - 1.0, now))
+            return True
+        level = min(self.burst, b.tokens + max(0.0, now - b.at) * self.rate)
         if level < 1.0:
             return False
-        if b is None:
-            self.buckets[key] = Bucket(level - 1.0, now)
-        else:  # the same bucket, refilled and debited in place, becomes the newest key
-            b.tokens, b.at = level - 1.0, now
-            self.buckets.move_to_end(key)
+        b.tokens, b.at = level - 1.0, now  # the same bucket, refilled and debited in place, becomes the newest key
+        buckets.move_to_end(key)
         return True
