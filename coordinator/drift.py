@@ -38,7 +38,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
-from coordinator.drift_decay import DriftStats, drift_stats
+from coordinator.drift_decay import DriftStats, drift_stats, early_mean, window_stats
 from coordinator.drift_fleet import FleetDecayStats, fleet_decay_stats
 from coordinator.drift_spike import SpikeStats, spike_stats
 from coordinator.drift_thresholds import DECAY_RULES, DecayRule, DriftThresholds, Reason
@@ -58,6 +58,7 @@ class _History:
         self.head: list[float] = []  # everything, or the first w values when compact
         self.tail: deque[float] = deque(maxlen=window)  # the last w values (compact only)
         self.stats_at: tuple[int, DriftStats | None] | None = None  # (n, drift_stats at n): computed once per n
+        self.early: float | None = None  # early_mean of the first window, once it is full (it never changes)
 
     def extend(self, values: Iterable[float]) -> None:
         vals = list(values)
@@ -293,9 +294,17 @@ class DriftMonitor:
 
     def _stats_of(self, h: _History) -> DriftStats | None:
         """drift_stats of a history, computed once per value count (observe_gradip, then the coordinator's
-        DriftRecord via `stats`, ask for the same one)."""
+        DriftRecord via `stats`, ask for the same one): from the early mean, kept once the first window is
+        full, and the last window (the same sums of the same values as drift_stats(h.values()))."""
         if h.stats_at is None or h.stats_at[0] != h.n:
-            h.stats_at = (h.n, drift_stats(h.values(), self.thresholds, h.n))
+            w = self.thresholds.window
+            if h.n < 2 * w:
+                st = None
+            else:
+                if h.early is None:
+                    h.early = early_mean(h.head[:w], w)
+                st = window_stats(h.early, h.tail if h.compact else h.head[-w:], self.thresholds, h.n)
+            h.stats_at = (h.n, st)
         return h.stats_at[1]
 
     def limited(self) -> set[str]:

@@ -45,14 +45,24 @@ def drift_stats(
     w = th.window
     if n < 2 * w:
         return None
-    mags = [abs(h) for h in history]
-    early = math.fsum(mags[:w]) / w
-    late = math.fsum(mags[-w:]) / w
+    return window_stats(early_mean(history[:w], w), history[-w:], th, n)
+
+
+def early_mean(first: Sequence[float], w: int) -> float:
+    """`early`: the mean |h| of the first window (fixed once it is full: a history keeps it)."""
+    return math.fsum([abs(h) for h in first]) / w
+
+
+def window_stats(early: float, last: Sequence[float], th: DriftThresholds, n: int) -> DriftStats:
+    """The statistics of a history of n >= 2 * window values from its `early` mean and its last window."""
+    w = th.window
+    mags = [abs(h) for h in last]
+    late = math.fsum(mags) / w
     if late > 0:
         rho_later = early / late
     else:
         rho_later = math.inf if early > 0 else 1.0
-    quiet = sum(1 for m in mags[-w:] if m < th.quiet_ratio * early)
+    quiet = sum(1 for m in mags if m < th.quiet_ratio * early)
     rho_quie = quiet / w
     flagged = (
         th.decay_rule == "absolute" and n >= th.min_steps and rho_later >= th.later_min and rho_quie >= th.quie_min

@@ -97,17 +97,18 @@ def test_not_flagged_before_min_steps() -> None:
 
 
 def test_stats_are_computed_once_per_value_count(monkeypatch: pytest.MonkeyPatch) -> None:
-    """observe_gradip then stats (what the coordinator does for every Update) runs drift_stats once; a new
-    observation recomputes, and the values equal a fresh drift_stats over the same history."""
+    """observe_gradip then stats (what the coordinator does for every Update) computes the statistics once
+    (none while the history is shorter than 2 windows); a new observation recomputes, and the values equal
+    a fresh drift_stats over the same history."""
     import coordinator.drift as drift
+    from coordinator.drift_decay import window_stats as real
 
     calls: list[int] = []
-    real = drift.drift_stats
-    def counted(v: Sequence[float], th: DriftThresholds, n: int | None = None) -> DriftStats | None:
+    def counted(early: float, last: Sequence[float], th: DriftThresholds, n: int) -> DriftStats:
         calls.append(1)
-        return real(v, th, n)
+        return real(early, last, th, n)
 
-    monkeypatch.setattr(drift, "drift_stats", counted)
+    monkeypatch.setattr(drift, "window_stats", counted)
     th = DriftThresholds(window=2, min_steps=4)
     mon = DriftMonitor(_grad(100), thresholds=th, keep_history=False)
     seen: list[float] = []
@@ -115,8 +116,25 @@ def test_stats_are_computed_once_per_value_count(monkeypatch: pytest.MonkeyPatch
         g = [1.0 / (r + 1), -0.5 / (r + 1)]
         seen += g
         mon.observe_gradip("a", r, g)
-        assert mon.stats("a") == real(seen, th) and len(calls) == r + 1
-    assert mon.stats("a") is mon.stats("a") and len(calls) == 4
+        assert mon.stats("a") == drift_stats(seen, th) and len(calls) == max(0, r)
+    assert mon.stats("a") is mon.stats("a") and len(calls) == 3
+
+
+@pytest.mark.parametrize("keep_history", [False, True])
+def test_monitor_stats_equal_drift_stats_of_the_whole_history(keep_history: bool) -> None:
+    """The monitor keeps the early mean and reads the last window; drift_stats reads the whole history:
+    the same statistics after every observation (random lengths, signs, zeros, decaying runs)."""
+    rng = np.random.default_rng(5)
+    th = DriftThresholds(window=5, min_steps=10, later_min=1.5, quie_min=0.4, decay_rule="absolute")
+    mon = DriftMonitor(_grad(100), thresholds=th, keep_history=keep_history)
+    hist: dict[str, list[float]] = {}
+    for r in range(40):
+        for c in ("a", "b", "c"):
+            g = (rng.normal(size=int(rng.integers(1, 9))) * (0.0 if rng.random() < 0.1 else 0.8 ** r)).tolist()
+            hist.setdefault(c, []).extend(g)
+            mon.observe_gradip(c, r, g)
+            assert mon.stats(c) == drift_stats(hist[c], th), (c, r)
+    assert any(mon.stats(c) is not None and mon.stats(c).flagged for c in hist)  # type: ignore[union-attr]
 
 
 def test_flag_is_sticky_and_bad_input_raises() -> None:
