@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.cli import EXIT_BROKEN_PIPE, build_parser, filter_known_noise, log_level
+from shared.cli import EXIT_BROKEN_PIPE, build_parser, command_of, filter_known_noise, log_level
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -94,3 +95,24 @@ def test_bitsandbytes_import_noise(filtered: bool) -> None:
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert ("kernels-community" in r.stderr) is not filtered, r.stderr
+
+
+def test_a_command_needs_only_the_rooms_up_to_its_own() -> None:
+    """`meerkat coordinator` imports no benchmark module; every command parses as with every room loaded
+    (the same help, options and defaults), and no command or a misspelled one gets them all."""
+    code = ("import sys; from shared.cli import build_parser; build_parser('coordinator'); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'bench'))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr
+    subs = _commands(build_parser())
+    assert {"coordinator", "client", "bench", "status"} <= set(subs)
+    for name, sub in subs.items():
+        assert _commands(build_parser(name))[name].format_help() == sub.format_help(), name
+    assert command_of(["-v", "coordinator", "-q"]) == "coordinator" and command_of(["--version"]) is None
+    for command in (None, "no-such-command"):
+        assert set(_commands(build_parser(command))) == set(subs)
+
+
+def _commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    (action,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(action._name_parser_map)
