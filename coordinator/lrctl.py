@@ -47,7 +47,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from coordinator.records import EventRecord, LrRecord, Record, UpdateRow
+from coordinator.records import EventRecord, LrRecord, Record, ResultRow, UpdateRow
 
 log = logging.getLogger(__name__)
 
@@ -105,13 +105,15 @@ class LrController:
         self.noise = 0.0  # smoothed relative upward deviation of the mean loss from the smoothed loss
         self.calm = 0  # improving rounds in a row at the ceiling
         self.last_round = -1
+        self.applied = -1  # the last round whose result was applied (not undone, not empty): undo's candidate
         if state is not None:
             self._restore(state)
 
     def state(self) -> dict[str, Any]:
         """Everything the next decision depends on, JSON-able (floats round-trip exactly through json)."""
         return {"lr": self.lr, "ref": self.ref, "ceiling": self.ceiling, "prev": dict(sorted(self.prev.items())),
-                "g0": list(self.g0), "noise": self.noise, "calm": self.calm, "last_round": self.last_round}  # fmt: skip
+                "g0": list(self.g0), "noise": self.noise, "calm": self.calm, "last_round": self.last_round,
+                "applied": self.applied}  # fmt: skip
 
     def _restore(self, s: Mapping[str, Any]) -> None:
         try:
@@ -121,15 +123,19 @@ class LrController:
             self.g0 = [float(x) for x in s["g0"]]
             self.noise, self.calm = float(s["noise"]), int(s["calm"])
             self.last_round = int(s["last_round"])
+            self.applied = int(s.get("applied", -1))  # a state logged before undo existed: nothing to undo
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"LrController: logged state {dict(s)!r} is not a controller state ({e})") from None
 
-    def observe(self, round: int, lr_used: float, ups: Sequence[tuple[str, float, Sequence[float]]]) -> LrDecision:
-        """Feed one closed round: (client, loss, grads) of its on-time updates. Returns the decision
-        (self.lr moved to its lr_next)."""
+    def observe(self, round: int, lr_used: float, ups: Sequence[tuple[str, float, Sequence[float]]],
+                undo_lr: float = 0.0) -> LrDecision:
+        """Feed one closed round: (client, loss, grads) of its on-time updates; `undo_lr`: the lr the previous
+        round's result was applied with when the book can undo it (0: it cannot). Returns the decision
+        (self.lr moved to its lr_next); action "undo" means: publish the previous result negated."""
         if round <= self.last_round:
             raise ValueError(f"LrController.observe: round {round} after round {self.last_round}")
         self.last_round = round
+        undoable, self.applied = undo_lr > 0 and self.applied == round - 1, -1
         ups = [u for u in ups if math.isfinite(u[1])]
         if not ups:
             return LrDecision(round, lr_used, lr_used, self.lr, "skip", "no on-time update: lr unchanged", math.nan)
@@ -141,8 +147,16 @@ class LrController:
         spiked = [c for c, x, _ in ups if c in self.prev and x > SPIKE * self.prev[c] and x - self.prev[c] > ABS_TOL]
         seen = sum(1 for c, _, _ in ups if c in self.prev)
         ref, old, step = self.ref, self.lr, lr_used
-        self.prev = {c: x for c, x, _ in ups}  # this round's devices only: the state stays O(clients_per_round)
         rose = ref is not None and mean > ref * (1 + RISE_DAMP) and mean - ref > ABS_TOL
+        if rose and undoable and (not seen or len(spiked) >= SPIKE_SHARE * seen):
+            # the previous round's result did the damage: these losses were measured on the values it made
+            self.lr = max(LR_MIN, min(self.lr, undo_lr) * BACKOFF)
+            self.ceiling, self.calm = max(LR_MIN, min(self.ceiling, undo_lr * CEIL)), 0
+            why = (f"round {round - 1} damaged the fleet: loss {mean:.4f} >> smoothed {ref:.4f}, {len(spiked)} of "
+                   f"{seen} devices spiked; its result (lr {undo_lr:.4g}) is undone")
+            return LrDecision(round, lr_used, min(undo_lr, lr_used), self.lr, "undo", why, mean)
+        self.prev = {c: x for c, x, _ in ups}  # this round's devices only: the state stays O(clients_per_round)
+        self.applied = round
         if drift > DRIFT_MAX or rose:
             step = lr_used * DAMP
             sign = f"drift {drift:.2f} > {DRIFT_MAX:g}" if drift > DRIFT_MAX else f"loss {mean:.4f} >> smoothed {ref:.4f}"
@@ -207,15 +221,30 @@ class FleetLr:
         """The next plan's lr."""
         return self.fixed if self.ctl is None else self.ctl.lr
 
-    def closed(self, round: int, lr_used: float, ups: Sequence[UpdateRow], now: float) -> tuple[float, list[Record]]:
-        """Feed a closed round (its on-time updates) to the controller: the lr its result is applied with
-        and the decision's records (an `lr` event too when the lr moved); (lr_used, []) for a fixed lr."""
+    def closed(
+        self, round: int, lr_used: float, ups: Sequence[UpdateRow], now: float, prev: ResultRow | None = None
+    ) -> tuple[float, list[Record], ResultRow | None]:
+        """Feed a closed round (its on-time updates; `prev`: the book's last result) to the controller: the lr
+        its result is applied with, the decision's records (an `lr` event too when the lr moved) and, when the
+        controller undoes the previous round, the result to publish instead of this round's: `prev`'s pairs
+        with their scalars negated, at `prev`'s lr (`undo_pairs`). (lr_used, [], None) for a fixed lr."""
         if self.ctl is None:
-            return lr_used, []
-        d = self.ctl.observe(round, lr_used, [(u.client, u.loss, u.grads) for u in ups])
+            return lr_used, [], None
+        can = prev is not None and prev.round == round - 1 and len(prev.seeds) > 0
+        d = self.ctl.observe(round, lr_used, [(u.client, u.loss, u.grads) for u in ups],
+                             undo_lr=prev.lr if can and prev is not None else 0.0)  # fmt: skip
         log.info("round %d lr %.4g -> %.4g: %s (%s)", round, d.lr_used, d.lr_next, d.action, d.reason)
         out: list[Record] = [LrRecord(d.round, d.lr_used, d.lr_step, d.lr_next, d.action, d.reason, d.loss,
                                       self.ctl.state(), now)]  # fmt: skip
         if d.lr_next != d.lr_used or d.lr_step != d.lr_used:
             out.append(EventRecord("lr", f"lr {d.lr_used:.4g} -> {d.lr_next:.4g}: {d.action}, {d.reason}", round, now))
-        return d.lr_step, out
+        return d.lr_step, out, prev if d.action == "undo" else None
+
+
+def undo_pairs(prev: ResultRow, plan_seeds: Sequence[int], lr: float) -> tuple[list[int], list[float]]:
+    """The (seeds, scalars) of a result that undoes `prev` when applied at `lr` (<= prev.lr): the plan's seeds
+    with scalar 0 (a result starts with its plan's seeds, docs/PROTOCOL.md §2), then prev's pairs with their
+    scalars negated and scaled by prev.lr / lr (1 when lr = prev.lr: the exact negation), so
+    v - lr * sum(-g (prev.lr / lr) z) = v + prev.lr * sum(g z), back to before prev up to the float32 rounding."""
+    k = prev.lr / lr
+    return [*plan_seeds, *prev.seeds], [0.0] * len(plan_seeds) + [-g * k for g in prev.scalars]
