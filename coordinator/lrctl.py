@@ -8,23 +8,30 @@ persists with the controller's whole state (`LrRecord`, the event log's `lr_deci
 same transaction as the result: a restarted coordinator resumes from the newest row exactly.
 
 Signals of a round (BENCHMARKS.md "The fleet finds its own lr" has the measurements behind them):
-  drift    D = rms of the fleet's g_1..g_{T-1} / rms of its g_0, g_0 pooled over the last G0_ROUNDS
-           rounds. g_0 is measured at the round's base values, the later ones along each device's local
-           path: a path that diverges steepens and D grows (demo/topic round 0: D 0.8-1.2 at the tuned
-           lr and below, 2.7 (MEERKAT) and 2.9 (dense) at 4x). Every device steps along the same z_t, so
-           one round's g_0 is one direction's projection: noisy (a 0.5x-tuned round measured 2.0), hence
-           the pooling and the high threshold
+  drift    D = rms of the fleet's later g_t / rms of its lead steps' g (the first third of each path, at
+           least g_0: `lead_steps`), the lead pooled over the last G0_ROUNDS rounds. The lead is measured
+           near the round's base values, the later ones further along each device's local path: a path
+           that diverges steepens and D grows. Every device steps along the same z_t, so one step's g is
+           one direction's projection: a lone g_0 as the lead read D 4.5-4.8 at round 0 of a 0.5x- and a
+           1x-tuned demo run (a false damp that capped the lr), the three-step lead 1.1-1.3 there; hence
+           the lead of several steps, the pooling and the high threshold
   spikes   devices whose loss > SPIKE x their own loss of the previous round (and ABS_TOL nats above it;
            devices not in that round are not counted)
   rise     the fleet's mean loss above the smoothed loss by more than max(RISE, NOISE_K x the recent
            upward deviation: its peak, decaying NOISE_DECAY a round) (relative) and ABS_TOL: a fleet whose mean loss jitters
            (sampled subsets, uneven data) backs off only on rises larger than its jitter
 The rule, in order:
-  damp     D > DRIFT_MAX, or the mean loss above the smoothed one by more than RISE_DAMP: the round's
+  undo     the mean loss above the smoothed one by more than RISE_DAMP, SPIKE_SHARE of the devices seen in
+           the previous round spiked, and the previous round's result was applied (the book passes it): the
+           losses were measured on the values that result made, so it did the damage. This round's result
+           is that result negated (`undo_pairs`: this round's seeds at scalar 0, then its pairs with the
+           scalars negated, at the smaller of its lr and the plan's), this round's own updates are not
+           applied, the lr backs off from the undone round's (x BACKOFF, ceiling CEIL x it), and these
+           losses enter neither the smoothed loss nor the devices' previous losses. Never two in a row.
+  damp     D > DRIFT_MAX, or the mean loss jumped as above where nothing can be undone: the round's
            own steps diverged. Its result is applied at lr x DAMP (the RoundResult carries that lr: every
            replica, replay and checkpoint applies the same), lr x BACKOFF, and the lr never grows past
-           that again; its loss (a diverging path's) does not enter the smoothed loss. (A round already
-           applied is never undone: see docs/COORDINATOR.md "Choosing lr")
+           that again; its loss (a diverging path's) does not enter the smoothed loss.
   backoff  spikes in >= SPIKE_SHARE of the devices, or a rise: lr x BACKOFF; growth stops from then on
            at CEIL x the lr that did it (the ceiling), until CALM_ROUNDS rounds in a row improve while at
            the ceiling: then the ceiling rises x GROW
@@ -57,7 +64,8 @@ BACKOFF = 0.5  # a damaging round shrinks it by this
 CEIL = 0.7  # after a backoff the lr never grows past CEIL x the lr that did it
 DAMP = 0.25  # a round whose local paths diverged is applied at this x its lr
 DRIFT_MAX = 2.5  # D above this: the local paths diverged
-G0_ROUNDS = 4  # D's denominator pools the g_0 of this many rounds (this one included)
+G0_ROUNDS = 4  # D's denominator pools the lead steps' g of this many rounds (this one included)
+LEAD_SHARE = 3  # ... the first T // LEAD_SHARE steps of each path (at least one)
 RISE = 0.05  # the fleet's mean loss above the smoothed one by this share (and ABS_TOL) is a rise
 RISE_DAMP = 0.5  # ... by this share: the round itself diverged (damp)
 NOISE_K = 1.5  # a rise must also exceed this x the recent upward deviation of the mean loss (its peak, decaying)
@@ -84,9 +92,9 @@ class LrDecision:
 
     round: int  # the round it saw
     lr_used: float  # that round's plan's lr (the devices' local steps)
-    lr_step: float  # the lr its result is applied with (lr_used, or less when it damps)
+    lr_step: float  # the lr its result is applied with (lr_used, or less when it damps; undo: see the rule)
     lr_next: float  # the lr of the next plan
-    action: str  # start | grow | hold | backoff | damp | skip
+    action: str  # start | grow | hold | backoff | damp | undo | skip
     reason: str  # one line for people: the numbers behind the action
     loss: float  # the round's mean device loss (nan: no on-time update)
 
@@ -101,7 +109,7 @@ class LrController:
         self.ref: float | None = None  # the smoothed fleet loss
         self.ceiling = LR_MAX  # growth stops here (lowered by every backoff)
         self.prev: dict[str, float] = {}  # the loss of each device of the last round with updates
-        self.g0: list[float] = []  # mean square of the fleet's g_0, the last G0_ROUNDS rounds
+        self.g0: list[float] = []  # mean square of the fleet's lead-step g, the last G0_ROUNDS rounds
         self.noise = 0.0  # smoothed relative upward deviation of the mean loss from the smoothed loss
         self.calm = 0  # improving rounds in a row at the ceiling
         self.last_round = -1
@@ -140,7 +148,7 @@ class LrController:
         if not ups:
             return LrDecision(round, lr_used, lr_used, self.lr, "skip", "no on-time update: lr unchanged", math.nan)
         mean = math.fsum(x for _, x, _ in ups) / len(ups)
-        firsts = [g[0] for _, _, g in ups if len(g) > 1]
+        firsts = [x for _, _, g in ups if len(g) > 1 for x in g[: lead_steps(len(g))]]
         if firsts:
             self.g0 = [*self.g0, math.fsum(x * x for x in firsts) / len(firsts)][-G0_ROUNDS:]
         drift = drift_ratio([g for _, _, g in ups], math.fsum(self.g0) / len(self.g0) if self.g0 else 0.0)
@@ -191,11 +199,16 @@ class LrController:
         return LrDecision(round, lr_used, step, self.lr, action, why, mean)
 
 
+def lead_steps(T: int) -> int:
+    """How many of a T-step path's first steps D's denominator takes: a third, at least one (T = 10: 3)."""
+    return max(1, T // LEAD_SHARE)
+
+
 def drift_ratio(grads: Sequence[Sequence[float]], g0_ms: float | None = None) -> float:
-    """D: rms of the fleet's g_1..g_{T-1} over the rms of g_0 (`g0_ms`: its mean square pooled over rounds;
-    None: this round's). 1.0 with T = 1 or g_0 all zero."""
-    first = [g[0] for g in grads if len(g) > 1]
-    later = [x for g in grads if len(g) > 1 for x in g[1:]]
+    """D: rms of the fleet's later g_t over the rms of its lead steps' (the first `lead_steps(T)`; `g0_ms`:
+    their mean square pooled over rounds; None: this round's). 1.0 with T = 1 or the lead all zero."""
+    first = [x for g in grads if len(g) > 1 for x in g[: lead_steps(len(g))]]
+    later = [x for g in grads if len(g) > 1 for x in g[lead_steps(len(g)) :]]
     if g0_ms is None:
         g0_ms = math.fsum(x * x for x in first) / len(first) if first else 0.0
     if not later or g0_ms == 0:

@@ -76,12 +76,16 @@ def test_a_share_of_spiking_devices_backs_off_even_when_the_mean_barely_moves() 
 
 def test_diverging_local_paths_damp_the_round_itself_and_back_off() -> None:
     ctl = LrController(8e-2)
-    steep = (3.0, -2.5, 3.5, -3.0, 2.8)  # g_0 = 1.0, later steps ~3x: the local paths diverged
-    d = ctl.observe(0, 8e-2, ups(1.5, (1.0, *steep)))
+    steep = (3.0, -2.5, 3.5, -3.0, 2.8, -3.1, 3.3)  # lead g_0..g_2 = 1.0, later steps ~3x: diverged
+    d = ctl.observe(0, 8e-2, ups(1.5, (1.0, -1.0, 1.0, *steep)))
     assert d.action == "damp" and d.lr_step == pytest.approx(8e-2 * lrctl.DAMP) and d.lr_next == 4e-2
     assert "drift" in d.reason
-    assert drift_ratio([(1.0, *steep)]) == pytest.approx(math.sqrt(sum(x * x for x in steep) / 5))
+    assert drift_ratio([(1.0, -1.0, 1.0, *steep)]) == pytest.approx(math.sqrt(sum(x * x for x in steep) / 7))
     assert drift_ratio([(2.0,)]) == 1.0 and drift_ratio([(0.0, 1.0)]) == 1.0  # T = 1, g_0 = 0: no signal
+    # the lead is the first third of the path (at least one step): one small g_0 among three does not
+    # make D (T = 10: a lone g_0 projection is noisy, BENCHMARKS.md "The fleet finds its own lr")
+    assert [lrctl.lead_steps(t) for t in (2, 3, 5, 6, 10, 100)] == [1, 1, 1, 2, 3, 33]
+    assert drift_ratio([(0.1, 2.0, 2.0, *(2.0,) * 7)]) == pytest.approx(2.0 / math.sqrt((0.01 + 8) / 3))
 
 
 def test_calm_rounds_apply_the_plans_lr() -> None:
