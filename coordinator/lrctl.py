@@ -161,7 +161,7 @@ class LrController:
             self.lr = max(LR_MIN, min(self.lr, undo_lr) * BACKOFF)
             self.ceiling, self.calm = max(LR_MIN, min(self.ceiling, undo_lr * CEIL)), 0
             why = (f"round {round - 1} damaged the fleet: loss {mean:.4f} >> smoothed {ref:.4f}, {len(spiked)} of "
-                   f"{seen} devices spiked; its result (lr {undo_lr:.4g}) is undone")
+                   f"{seen} devices spiked (drift {drift:.2f}); its result (lr {undo_lr:.4g}) is undone")
             return LrDecision(round, lr_used, min(undo_lr, lr_used), self.lr, "undo", why, mean)
         self.prev = {c: x for c, x, _ in ups}  # this round's devices only: the state stays O(clients_per_round)
         self.applied = round
