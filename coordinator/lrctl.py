@@ -8,23 +8,30 @@ persists with the controller's whole state (`LrRecord`, the event log's `lr_deci
 same transaction as the result: a restarted coordinator resumes from the newest row exactly.
 
 Signals of a round (BENCHMARKS.md "The fleet finds its own lr" has the measurements behind them):
-  drift    D = rms of the fleet's g_1..g_{T-1} / rms of its g_0, g_0 pooled over the last G0_ROUNDS
-           rounds. g_0 is measured at the round's base values, the later ones along each device's local
-           path: a path that diverges steepens and D grows (demo/topic round 0: D 0.8-1.2 at the tuned
-           lr and below, 2.7 (MEERKAT) and 2.9 (dense) at 4x). Every device steps along the same z_t, so
-           one round's g_0 is one direction's projection: noisy (a 0.5x-tuned round measured 2.0), hence
-           the pooling and the high threshold
+  drift    D = rms of the fleet's later g_t / rms of its lead steps' g (the first third of each path, at
+           least g_0: `lead_steps`), the lead pooled over the last G0_ROUNDS rounds. The lead is measured
+           near the round's base values, the later ones further along each device's local path: a path
+           that diverges steepens and D grows. Every device steps along the same z_t, so one step's g is
+           one direction's projection: a lone g_0 as the lead read D 4.5-4.8 at round 0 of a 0.5x- and a
+           1x-tuned demo run (a false damp that capped the lr), the three-step lead 1.1-1.3 there; hence
+           the lead of several steps, the pooling and the high threshold
   spikes   devices whose loss > SPIKE x their own loss of the previous round (and ABS_TOL nats above it;
            devices not in that round are not counted)
   rise     the fleet's mean loss above the smoothed loss by more than max(RISE, NOISE_K x the recent
            upward deviation: its peak, decaying NOISE_DECAY a round) (relative) and ABS_TOL: a fleet whose mean loss jitters
            (sampled subsets, uneven data) backs off only on rises larger than its jitter
 The rule, in order:
-  damp     D > DRIFT_MAX, or the mean loss above the smoothed one by more than RISE_DAMP: the round's
+  undo     the mean loss above the smoothed one by more than RISE_DAMP, SPIKE_SHARE of the devices seen in
+           the previous round spiked, and the previous round's result was applied (the book passes it): the
+           losses were measured on the values that result made, so it did the damage. This round's result
+           is that result negated (`undo_pairs`: this round's seeds at scalar 0, then its pairs with the
+           scalars negated, at the smaller of its lr and the plan's), this round's own updates are not
+           applied, the lr backs off from the undone round's (x BACKOFF, ceiling CEIL x it), and these
+           losses enter neither the smoothed loss nor the devices' previous losses. Never two in a row.
+  damp     D > DRIFT_MAX, or the mean loss jumped as above where nothing can be undone: the round's
            own steps diverged. Its result is applied at lr x DAMP (the RoundResult carries that lr: every
            replica, replay and checkpoint applies the same), lr x BACKOFF, and the lr never grows past
-           that again; its loss (a diverging path's) does not enter the smoothed loss. (A round already
-           applied is never undone: see docs/COORDINATOR.md "Choosing lr")
+           that again; its loss (a diverging path's) does not enter the smoothed loss.
   backoff  spikes in >= SPIKE_SHARE of the devices, or a rise: lr x BACKOFF; growth stops from then on
            at CEIL x the lr that did it (the ceiling), until CALM_ROUNDS rounds in a row improve while at
            the ceiling: then the ceiling rises x GROW
@@ -47,7 +54,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from coordinator.records import EventRecord, LrRecord, Record, UpdateRow
+from coordinator.records import EventRecord, LrRecord, Record, ResultRow, UpdateRow
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +64,8 @@ BACKOFF = 0.5  # a damaging round shrinks it by this
 CEIL = 0.7  # after a backoff the lr never grows past CEIL x the lr that did it
 DAMP = 0.25  # a round whose local paths diverged is applied at this x its lr
 DRIFT_MAX = 2.5  # D above this: the local paths diverged
-G0_ROUNDS = 4  # D's denominator pools the g_0 of this many rounds (this one included)
+G0_ROUNDS = 4  # D's denominator pools the lead steps' g of this many rounds (this one included)
+LEAD_SHARE = 3  # ... the first T // LEAD_SHARE steps of each path (at least one)
 RISE = 0.05  # the fleet's mean loss above the smoothed one by this share (and ABS_TOL) is a rise
 RISE_DAMP = 0.5  # ... by this share: the round itself diverged (damp)
 NOISE_K = 1.5  # a rise must also exceed this x the recent upward deviation of the mean loss (its peak, decaying)
@@ -84,9 +92,9 @@ class LrDecision:
 
     round: int  # the round it saw
     lr_used: float  # that round's plan's lr (the devices' local steps)
-    lr_step: float  # the lr its result is applied with (lr_used, or less when it damps)
+    lr_step: float  # the lr its result is applied with (lr_used, or less when it damps; undo: see the rule)
     lr_next: float  # the lr of the next plan
-    action: str  # start | grow | hold | backoff | damp | skip
+    action: str  # start | grow | hold | backoff | damp | undo | skip
     reason: str  # one line for people: the numbers behind the action
     loss: float  # the round's mean device loss (nan: no on-time update)
 
@@ -101,17 +109,19 @@ class LrController:
         self.ref: float | None = None  # the smoothed fleet loss
         self.ceiling = LR_MAX  # growth stops here (lowered by every backoff)
         self.prev: dict[str, float] = {}  # the loss of each device of the last round with updates
-        self.g0: list[float] = []  # mean square of the fleet's g_0, the last G0_ROUNDS rounds
+        self.g0: list[float] = []  # mean square of the fleet's lead-step g, the last G0_ROUNDS rounds
         self.noise = 0.0  # smoothed relative upward deviation of the mean loss from the smoothed loss
         self.calm = 0  # improving rounds in a row at the ceiling
         self.last_round = -1
+        self.applied = -1  # the last round whose result was applied (not undone, not empty): undo's candidate
         if state is not None:
             self._restore(state)
 
     def state(self) -> dict[str, Any]:
         """Everything the next decision depends on, JSON-able (floats round-trip exactly through json)."""
         return {"lr": self.lr, "ref": self.ref, "ceiling": self.ceiling, "prev": dict(sorted(self.prev.items())),
-                "g0": list(self.g0), "noise": self.noise, "calm": self.calm, "last_round": self.last_round}  # fmt: skip
+                "g0": list(self.g0), "noise": self.noise, "calm": self.calm, "last_round": self.last_round,
+                "applied": self.applied}  # fmt: skip
 
     def _restore(self, s: Mapping[str, Any]) -> None:
         try:
@@ -121,28 +131,40 @@ class LrController:
             self.g0 = [float(x) for x in s["g0"]]
             self.noise, self.calm = float(s["noise"]), int(s["calm"])
             self.last_round = int(s["last_round"])
+            self.applied = int(s.get("applied", -1))  # a state logged before undo existed: nothing to undo
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"LrController: logged state {dict(s)!r} is not a controller state ({e})") from None
 
-    def observe(self, round: int, lr_used: float, ups: Sequence[tuple[str, float, Sequence[float]]]) -> LrDecision:
-        """Feed one closed round: (client, loss, grads) of its on-time updates. Returns the decision
-        (self.lr moved to its lr_next)."""
+    def observe(self, round: int, lr_used: float, ups: Sequence[tuple[str, float, Sequence[float]]],
+                undo_lr: float = 0.0) -> LrDecision:
+        """Feed one closed round: (client, loss, grads) of its on-time updates; `undo_lr`: the lr the previous
+        round's result was applied with when the book can undo it (0: it cannot). Returns the decision
+        (self.lr moved to its lr_next); action "undo" means: publish the previous result negated."""
         if round <= self.last_round:
             raise ValueError(f"LrController.observe: round {round} after round {self.last_round}")
         self.last_round = round
+        undoable, self.applied = undo_lr > 0 and self.applied == round - 1, -1
         ups = [u for u in ups if math.isfinite(u[1])]
         if not ups:
             return LrDecision(round, lr_used, lr_used, self.lr, "skip", "no on-time update: lr unchanged", math.nan)
         mean = math.fsum(x for _, x, _ in ups) / len(ups)
-        firsts = [g[0] for _, _, g in ups if len(g) > 1]
+        firsts = [x for _, _, g in ups if len(g) > 1 for x in g[: lead_steps(len(g))]]
         if firsts:
             self.g0 = [*self.g0, math.fsum(x * x for x in firsts) / len(firsts)][-G0_ROUNDS:]
         drift = drift_ratio([g for _, _, g in ups], math.fsum(self.g0) / len(self.g0) if self.g0 else 0.0)
         spiked = [c for c, x, _ in ups if c in self.prev and x > SPIKE * self.prev[c] and x - self.prev[c] > ABS_TOL]
         seen = sum(1 for c, _, _ in ups if c in self.prev)
         ref, old, step = self.ref, self.lr, lr_used
-        self.prev = {c: x for c, x, _ in ups}  # this round's devices only: the state stays O(clients_per_round)
         rose = ref is not None and mean > ref * (1 + RISE_DAMP) and mean - ref > ABS_TOL
+        if rose and undoable and (not seen or len(spiked) >= SPIKE_SHARE * seen):
+            # the previous round's result did the damage: these losses were measured on the values it made
+            self.lr = max(LR_MIN, min(self.lr, undo_lr) * BACKOFF)
+            self.ceiling, self.calm = max(LR_MIN, min(self.ceiling, undo_lr * CEIL)), 0
+            why = (f"round {round - 1} damaged the fleet: loss {mean:.4f} >> smoothed {ref:.4f}, {len(spiked)} of "
+                   f"{seen} devices spiked (drift {drift:.2f}); its result (lr {undo_lr:.4g}) is undone")
+            return LrDecision(round, lr_used, min(undo_lr, lr_used), self.lr, "undo", why, mean)
+        self.prev = {c: x for c, x, _ in ups}  # this round's devices only: the state stays O(clients_per_round)
+        self.applied = round
         if drift > DRIFT_MAX or rose:
             step = lr_used * DAMP
             sign = f"drift {drift:.2f} > {DRIFT_MAX:g}" if drift > DRIFT_MAX else f"loss {mean:.4f} >> smoothed {ref:.4f}"
@@ -177,11 +199,16 @@ class LrController:
         return LrDecision(round, lr_used, step, self.lr, action, why, mean)
 
 
+def lead_steps(T: int) -> int:
+    """How many of a T-step path's first steps D's denominator takes: a third, at least one (T = 10: 3)."""
+    return max(1, T // LEAD_SHARE)
+
+
 def drift_ratio(grads: Sequence[Sequence[float]], g0_ms: float | None = None) -> float:
-    """D: rms of the fleet's g_1..g_{T-1} over the rms of g_0 (`g0_ms`: its mean square pooled over rounds;
-    None: this round's). 1.0 with T = 1 or g_0 all zero."""
-    first = [g[0] for g in grads if len(g) > 1]
-    later = [x for g in grads if len(g) > 1 for x in g[1:]]
+    """D: rms of the fleet's later g_t over the rms of its lead steps' (the first `lead_steps(T)`; `g0_ms`:
+    their mean square pooled over rounds; None: this round's). 1.0 with T = 1 or the lead all zero."""
+    first = [x for g in grads if len(g) > 1 for x in g[: lead_steps(len(g))]]
+    later = [x for g in grads if len(g) > 1 for x in g[lead_steps(len(g)) :]]
     if g0_ms is None:
         g0_ms = math.fsum(x * x for x in first) / len(first) if first else 0.0
     if not later or g0_ms == 0:
@@ -207,15 +234,30 @@ class FleetLr:
         """The next plan's lr."""
         return self.fixed if self.ctl is None else self.ctl.lr
 
-    def closed(self, round: int, lr_used: float, ups: Sequence[UpdateRow], now: float) -> tuple[float, list[Record]]:
-        """Feed a closed round (its on-time updates) to the controller: the lr its result is applied with
-        and the decision's records (an `lr` event too when the lr moved); (lr_used, []) for a fixed lr."""
+    def closed(
+        self, round: int, lr_used: float, ups: Sequence[UpdateRow], now: float, prev: ResultRow | None = None
+    ) -> tuple[float, list[Record], ResultRow | None]:
+        """Feed a closed round (its on-time updates; `prev`: the book's last result) to the controller: the lr
+        its result is applied with, the decision's records (an `lr` event too when the lr moved) and, when the
+        controller undoes the previous round, the result to publish instead of this round's: `prev`'s pairs
+        with their scalars negated, at `prev`'s lr (`undo_pairs`). (lr_used, [], None) for a fixed lr."""
         if self.ctl is None:
-            return lr_used, []
-        d = self.ctl.observe(round, lr_used, [(u.client, u.loss, u.grads) for u in ups])
+            return lr_used, [], None
+        can = prev is not None and prev.round == round - 1 and len(prev.seeds) > 0
+        d = self.ctl.observe(round, lr_used, [(u.client, u.loss, u.grads) for u in ups],
+                             undo_lr=prev.lr if can and prev is not None else 0.0)  # fmt: skip
         log.info("round %d lr %.4g -> %.4g: %s (%s)", round, d.lr_used, d.lr_next, d.action, d.reason)
         out: list[Record] = [LrRecord(d.round, d.lr_used, d.lr_step, d.lr_next, d.action, d.reason, d.loss,
                                       self.ctl.state(), now)]  # fmt: skip
         if d.lr_next != d.lr_used or d.lr_step != d.lr_used:
             out.append(EventRecord("lr", f"lr {d.lr_used:.4g} -> {d.lr_next:.4g}: {d.action}, {d.reason}", round, now))
-        return d.lr_step, out
+        return d.lr_step, out, prev if d.action == "undo" else None
+
+
+def undo_pairs(prev: ResultRow, plan_seeds: Sequence[int], lr: float) -> tuple[list[int], list[float]]:
+    """The (seeds, scalars) of a result that undoes `prev` when applied at `lr` (<= prev.lr): the plan's seeds
+    with scalar 0 (a result starts with its plan's seeds, docs/PROTOCOL.md §2), then prev's pairs with their
+    scalars negated and scaled by prev.lr / lr (1 when lr = prev.lr: the exact negation), so
+    v - lr * sum(-g (prev.lr / lr) z) = v + prev.lr * sum(g z), back to before prev up to the float32 rounding."""
+    k = prev.lr / lr
+    return [*plan_seeds, *prev.seeds], [0.0] * len(plan_seeds) + [-g * k for g in prev.scalars]

@@ -1,9 +1,8 @@
 """The round book: every rule of the coordinator's round lifecycle, with no I/O.
 
 Events go in (`handle(msg, now)` for a decoded client message, `on_reject` for what the pump could not
-decode, `tick(now)` for the clock); actions come out (coordinator/actions.py: Publish, Persist,
-WriteCheckpoint, Duplicate, Dropped). Time is always an argument: the book never reads
-a clock, a socket or a file. The event log is for recovery and audit: `Recovered` is what a restarted
+decode, `tick(now)` for the clock); actions come out (coordinator/actions.py: Publish, Persist, WriteCheckpoint,
+Duplicate, Dropped). Time is always an argument: the book never reads a clock, a socket or a file. The event log is for recovery and audit: `Recovered` is what a restarted
 pump hands the constructor (coordinator/recovery.py reads it).
 
     book = RoundBook.from_config(config, mask, fingerprint=fp, values=v0)   # as the services build it
@@ -25,7 +24,7 @@ Rules, each in one place (docs/ARCHITECTURE.md "Round lifecycle" names them):
   dedupe, conflict            on_update (same msg_id: Duplicate; another: reject `conflict`, first wins)
   stragglers, late folding    on_update (late | dropped, late_max_age), close_round -> aggregate.late_to_fold
   MEERKAT-VP limits           on_update -> vp.observe; close_round -> vp.at_close; plans: vp.steps_for
-  step size (lr = "auto")     close_round -> lr.closed (coordinator/lrctl.py: the result's lr); plans: lr.lr
+  step size (lr = "auto")     close_round -> lr.closed (lrctl.py: the result's lr, or undo the last); plans: lr.lr
   replay vs checkpoint        on_sync -> sync_reply (coordinator/sync.py), admission.reply_budget
   re-publish after reconnect  reconnected  (devices re-send their kept Updates on seeing the plan)
 """
@@ -57,7 +56,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.dedupe import DedupeKeys
 from coordinator.drift import DriftMonitor
 from coordinator.ingest import Reject, check_join, check_update
-from coordinator.lrctl import FleetLr
+from coordinator.lrctl import FleetLr, undo_pairs
 from coordinator.privacy import with_privacy
 from coordinator.records import (
     ClientRow,
@@ -437,8 +436,11 @@ class RoundBook:
         acts: list[Action] = []
         drift_records, ups = self.vp.at_close(plan.round, reported, now, self._next_round())
         acts += [Persist(r) for r in drift_records]
-        lr, lr_records = self.lr.closed(plan.round, plan.lr, ups, now)  # the controller's (lr = "auto")
-        if ups:
+        prev = self.results[-1] if self.results and self.results[-1].dist == plan.dist else None  # undo's candidate
+        lr, lr_records, undo = self.lr.closed(plan.round, plan.lr, ups, now, prev)  # lr = "auto": coordinator/lrctl.py
+        late: list[UpdateRow] = []  # undo: the previous result's pairs negated; all paused: empty, values unchanged
+        (seeds, scalars) = undo_pairs(undo, plan.seeds, lr) if undo is not None else ([], [])
+        if ups and undo is None:
             k = close_scalars(c.aggregation, plan.seeds, ups, self.late.values() if c.straggler == "next" else None,
                               {r: p.seeds for r, p in self.plans.items()}, clip_norm=c.clip_norm,
                               trim_fraction=c.trim_fraction, center_clip_k=c.center_clip_k,
@@ -447,10 +449,8 @@ class RoundBook:
                 self._small_round = k.small
                 log.info("round %d: %d on-time updates: %s", plan.round, len(ups), FALLBACK_NOTE[k.small])
             late, seeds, scalars = k.late, k.seeds, k.scalars
-            new_values = apply_round(self.values, seeds, scalars, lr, plan.dist)
-        else:  # every sampled device paused: an empty result (values unchanged); late updates wait for the next
-            late, seeds, scalars, new_values = [], [], [], self.values
-        checksum, n_clients = values_checksum(new_values), len({u.client for u in ups} | {u.client for u in late})
+        new_values = apply_round(self.values, seeds, scalars, lr, plan.dist) if seeds else self.values
+        checksum, n_clients = values_checksum(new_values), len({u.client for u in ups if not undo} | {u.client for u in late})
         row = ResultRow(plan.round, tuple(seeds), tuple(scalars), lr, plan.dist, n_clients, checksum, now,
                         now - plan.opened_at)  # fmt: skip
         used = tuple((u.client, u.round, "accepted") for u in ups) + tuple((u.client, u.round, "folded") for u in late)

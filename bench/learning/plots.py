@@ -63,7 +63,8 @@ MODE_STYLE = {"tuned": ("black", "-"), "auto": ("tab:blue", "-")}
 
 def plot_lr_modes(runs: list[dict[str, Any]], cfg: dict[str, Any], path: Path) -> Path:
     """Per (setting, ZO method): eval accuracy per round of each lr mode (mean over seeds, zero-shot dashed)
-    and below it the lr each round's result applied (log scale; every seed drawn)."""
+    and below it the lr each round's result applied (log scale; every seed drawn; x: a round whose result
+    undid the round before, lr = the undone round's)."""
     import matplotlib.pyplot as plt
 
     zo = [r for r in runs if "lrs" in r]
@@ -92,6 +93,8 @@ def plot_lr_modes(runs: list[dict[str, Any]], cfg: dict[str, Any], path: Path) -
                 for s, r in enumerate(rs):
                     lr_ax.step(range(len(r["lrs"]) + 1), [*r["lrs"], r["lrs"][-1]], where="post", color=color, ls=ls,
                                alpha=0.7, label=mode if s == 0 else None)  # fmt: skip
+                    undone = [t for t, d in enumerate(r.get("decisions", [])) if d.startswith("undo")]
+                    lr_ax.plot([t + 0.5 for t in undone], [r["lrs"][t] for t in undone], "x", color=color, ms=7)
             split = f"Dirichlet a={cfg['alpha']}" if setting == "dirichlet" else f"{cfg['n_single']} single-label"
             acc_ax.set_title(f"{method}, {split}", fontsize=10)
             acc_ax.set_ylabel("eval accuracy")

@@ -29,6 +29,7 @@ from bench.inproc import Device, InProcessFleet, SharedModelTrainer
 from bench.tinylm import tasks as tasks_mod
 from coordinator.config import Aggregation, CoordinatorConfig
 from coordinator.drift import DriftMonitor, DriftThresholds
+from coordinator.records import LrRecord
 from coordinator.rounds import RoundBook
 from edge_client.privacy import DeviceBudget
 from edge_client.service.rounds import ClientRounds, Identity
@@ -106,12 +107,17 @@ class RunResult:
     spikes: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # per client: (round, max|g| / median)
     dp_spent: dict[str, float] = field(default_factory=dict)  # DP runs: epsilon each device spent
     lrs: list[float] = field(default_factory=list)  # ZO: the lr each round's result was applied with
+    # lr = "auto": each round's decision, "action: reason" (coordinator/lrctl.py), and mean training loss
+    decisions: list[str] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {"accuracy": self.accuracy, "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
                 "seconds": round(self.seconds, 3), "limited": self.limited, "final_loss": self.final_loss,
                 "curve": {"rounds": self.curve.rounds, "accuracy": self.curve.accuracy, "bytes": self.curve.bytes},
-                **({"lrs": self.lrs} if self.lrs else {})}
+                **({"lrs": self.lrs} if self.lrs else {}),
+                **({"decisions": self.decisions,
+                    "losses": [x if math.isfinite(x) else None for x in self.losses]} if self.decisions else {})}
 
 
 def eval_accuracy(model: torch.nn.Module, ds: Dataset) -> float:
@@ -212,7 +218,9 @@ def run_zo(
         core = ClientRounds(Identity(c, FLEET, loaded.fingerprint, mask_id, len(data.clients[c])),
                             sidecar.initial_values, privacy=DeviceBudget(len(data.clients[c])) if dp else None)
         devices.append(Device(core, engine))
-    fleet = InProcessFleet(book, devices)
+    decisions: list[str] = []  # lr = "auto": the controller's record of each closed round
+    fleet = InProcessFleet(book, devices, journal=lambda recs: decisions.extend(
+        f"{r.action}: {r.reason}" for r in recs if isinstance(r, LrRecord)))
     curve = Curve()
     evals = _eval_rounds(spec.rounds, spec.n_evals)
     losses: list[float] = []
@@ -241,7 +249,7 @@ def run_zo(
         final_loss=losses[-1] if losses else math.nan,
         spikes={c: [(st.round, st.ratio) for st in monitor.spikes(c)] for c in clients} if monitor is not None else {},
         dp_spent={d.client: spent[0] for d in devices if d.core.privacy and (spent := d.core.privacy.spent())},
-        lrs=lrs,
+        lrs=lrs, decisions=decisions, losses=losses if decisions else [],
     )
 
 

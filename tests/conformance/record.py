@@ -260,11 +260,13 @@ def sc_checkpoint(ctx: Ctx) -> None:
 
 def sc_lr_auto(ctx: Ctx) -> None:
     """lr = "auto": the loss falls (the lr grows), then round 2's local paths diverge (g_1.. ~4.5 x g_0):
-    its result is applied at a quarter of its plan's lr, and round 3's plan has half of it."""
+    its result is applied at a quarter of its plan's lr, and round 3's plan has half of it. Round 4's loss
+    jumps on the values round 3 made (3.0 >> smoothed ~2.0, both devices spiked): its result undoes round 3
+    (round 4's seeds with scalar 0, then round 3's pairs negated)."""
     ctx.device("dev-a", 10)
     ctx.device("dev-b", 30)
     steep = [1.0, -4.0, 5.0, -4.5]
-    for r, loss in enumerate((2.5, 2.0, 1.8, 1.7)):
+    for r, loss in enumerate((2.5, 2.0, 1.8, 1.7, 3.0)):
         plan = ctx.plan(ctx.devices["dev-a"], r)
         ctx.plan(ctx.devices["dev-b"], r)
         for cid, n in (("dev-a", 10), ("dev-b", 30)):
@@ -331,7 +333,8 @@ SCENARIOS = [
              "1-round Replay", sc_checkpoint, {"replay_max": 1, "chunk_bytes": 1024}, stop_after=4),
     Scenario("lr_auto", "lr = \"auto\" (issue 32): the lr grows while the loss falls; round 2's local paths "
              "diverge, so its RoundResult carries a quarter of its plan's lr (receivers apply the result's lr) and "
-             "round 3's plan half", sc_lr_auto, {"lr": "auto", "lr_start": 0.01}, stop_after=3),
+             "round 3's plan half; round 4's loss jumps, so its RoundResult undoes round 3 (its pairs negated)",
+             sc_lr_auto, {"lr": "auto", "lr_start": 0.01}, stop_after=4),
     Scenario("errors", "every ErrorMsg the coordinator sends: mask / fingerprint / quant mismatch, a 1.2 Join "
              "(plan form), not in round, wrong step count, unplanned round, n_samples 0, undecodable payload, "
              "unknown client; a duplicate and a conflicting update", sc_errors, {"clients_per_round": 2},

@@ -60,6 +60,9 @@ def test_scenarios_show_what_they_claim(results: dict[str, runner.Transcript]) -
     plan_lr = {p["decoded"]["round"]: p["decoded"]["lr"] for p in results["lr_auto"].of_type("RoundPlan")}
     res_lr = {r["decoded"]["round"]: r["decoded"]["lr"] for r in results["lr_auto"].of_type("RoundResult")}
     assert len(set(plan_lr.values())) >= 2 and any(res_lr[r] < plan_lr[r] for r in res_lr), (plan_lr, res_lr)
+    res = {r["decoded"]["round"]: r["decoded"] for r in results["lr_auto"].of_type("RoundResult")}
+    T = len(res[3]["seeds"])  # round 4 undoes round 3: its own seeds with scalar 0, then round 3's pairs negated
+    assert res[4]["seeds"][T:] == res[3]["seeds"] and res[4]["scalars"] == [0.0] * T + [-g for g in res[3]["scalars"]]
     codes = {ln["decoded"]["code"] for ln in results["errors"].of_type("ErrorMsg")}
     assert {3, 32, 33, 35, 36, 38, 39, 40, 41, 42} <= codes, codes  # 39-41 (1.1), 42 PLAN_FORM (1.3)
     assert "BAD_MAGIC" in types("errors")

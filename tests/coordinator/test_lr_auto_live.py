@@ -1,8 +1,8 @@
 """lr = "auto" through the real coordinator (Mosquitto, SQLite, a subprocess): every RoundResult carries
 the lr it was applied with, so a device that replays the missed results or loads a checkpoint lands on
-the coordinator's checksum across lr changes (a grow, a damp that applies less than the plan's lr); a
-SIGKILLed coordinator resumes the controller exactly: the same RoundPlans and RoundResults as a run
-nobody killed."""
+the coordinator's checksum across lr changes (a grow, a damp that applies less than the plan's lr, an
+undo that publishes the previous result negated); a SIGKILLed coordinator resumes the controller exactly:
+the same RoundPlans and RoundResults as a run nobody killed."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CALM = [1.0, -0.9, 1.1, -1.0]
 STEEP = [1.0, -4.0, 5.0, -4.5]  # g_1.. ~4.5 x g_0: the local paths diverged (drift > DRIFT_MAX)
 # per round: (loss, grads) the scripted device reports; the controller's answers are asserted below
-SCRIPT = [(1.0, CALM), (0.8, CALM), (0.6, CALM), (0.5, STEEP), (0.9, CALM), (0.45, CALM)]
+SCRIPT = [(1.0, CALM), (0.8, CALM), (0.6, CALM), (0.5, STEEP), (0.9, CALM), (0.45, CALM), (1.2, CALM), (0.4, CALM)]
 
 
 def test_replay_and_checkpoint_catch_up_across_lr_changes(tmp_path: Path, broker_url: str) -> None:
@@ -60,23 +60,34 @@ def test_replay_and_checkpoint_catch_up_across_lr_changes(tmp_path: Path, broker
             active.update(r, grads, 3, fp, msg_id=r, loss=loss)
             results.append(active.wait_for(RoundResult, lambda m, r=r: m.round == r))
         # start 0.01; round 1 fell: x2; round 2 fell: x2; round 3 diverged: applied at 0.04 / 4, next 0.02;
-        # round 4 spiked (0.9 > 1.5 x its 0.5): 0.01; round 5 fell: x1.25 after a backoff (ceiling 0.7 x 0.04)
-        assert [p.lr for p in plans] == pytest.approx([0.01, 0.01, 0.02, 0.04, 0.02, 0.01])
-        assert [r.lr for r in results] == pytest.approx([0.01, 0.01, 0.02, 0.01, 0.02, 0.01])
-        mine = apply_round(v0, results[0].seeds, results[0].scalars, results[0].lr, "rademacher")
-        sleeper.join(fp, mask.mask_id, n_samples=3, last_round=0)
-        sleeper.sync(0)  # 5 behind = replay_max: the scalar replay of rounds 1..5, each with its lr
+        # round 4 spiked (0.9 > 1.5 x its 0.5): 0.01; round 5 fell: x1.25 after a backoff (ceiling 0.7 x 0.04);
+        # round 6's loss jumped on the values round 5 made (1.2 >> smoothed ~0.6, 1 of 1 spiked): its result
+        # is round 6's seeds with scalar 0, then round 5's pairs negated, at round 5's lr 0.01; the next plan
+        # 0.005; round 7 fell: x1.25
+        assert [p.lr for p in plans] == pytest.approx([0.01, 0.01, 0.02, 0.04, 0.02, 0.01, 0.0125, 0.005])
+        assert [r.lr for r in results] == pytest.approx([0.01, 0.01, 0.02, 0.01, 0.02, 0.01, 0.01, 0.005])
+        assert results[6].seeds == plans[6].seeds + results[5].seeds and results[6].n_clients == 0
+        assert results[6].scalars == (0.0,) * 4 + tuple(-g for g in results[5].scalars) and results[5].scalars
+        mine = v0
+        for res in results[:3]:
+            mine = apply_round(mine, res.seeds, res.scalars, res.lr, "rademacher")
+        sleeper.join(fp, mask.mask_id, n_samples=3, last_round=2)
+        sleeper.sync(2)  # 5 behind = replay_max: the scalar replay of rounds 3..7, each with its lr
         rep = sleeper.wait_for(Replay)
-        assert [r.round for r in rep.results] == [1, 2, 3, 4, 5]
+        assert [r.round for r in rep.results] == [3, 4, 5, 6, 7]
+        after = {}
         for res in rep.results:
             assert res == results[res.round]
             mine = apply_round(mine, res.seeds, res.scalars, res.lr, "rademacher")
             assert values_checksum(mine) == res.values_checksum
-        sleeper.sync(-1)  # 6 behind: the values as checkpoint chunks
+            after[res.round] = mine
+        assert (after[6] - after[4]).abs().max() <= 1e-6 * after[4].abs().max()  # undone up to float32 rounding
+        assert not torch.equal(after[5], after[4])
+        sleeper.sync(-1)  # 8 behind: the values as checkpoint chunks
         chunks = [sleeper.wait_for(CheckpointChunk)]
         chunks += [sleeper.wait_for(CheckpointChunk) for _ in range(chunks[0].total - 1)]
         data = b"".join(c.data for c in sorted(chunks, key=lambda c: c.index))
-        assert chunks[0].round == 5 and hashlib.sha256(data).hexdigest() == results[-1].values_checksum
+        assert chunks[0].round == 7 and hashlib.sha256(data).hexdigest() == results[-1].values_checksum
         from_ckpt = torch.from_numpy(np.frombuffer(data, dtype="<f4").copy())
         with_plan_lr = v0  # what a replica that applied each plan's lr would hold: not the fleet's values
         for p, res in zip(plans, results, strict=True):
@@ -91,15 +102,18 @@ def test_replay_and_checkpoint_catch_up_across_lr_changes(tmp_path: Path, broker
     rows = ev.views.lr_decisions()
     ev.close()
     assert [(d.round, d.action) for d in rows] == [(0, "start"), (1, "grow"), (2, "grow"), (3, "damp"),
-                                                   (4, "backoff"), (5, "grow")]  # fmt: skip
+                                                   (4, "backoff"), (5, "grow"), (6, "undo"), (7, "grow")]  # fmt: skip
     assert "drift" in rows[3].reason and "1 of 1 devices spiked" in rows[4].reason
+    assert "round 5 damaged the fleet" in rows[6].reason
     rep = status_report(cfg.state_dir)  # `meerkat status` and the dashboard show the lr per round and why
     assert [r["lr"] for r in rep["recent_rounds"]] == [r.lr for r in results]
-    assert [d["action"] for d in rep["lr_decisions"]][-3:] == ["damp", "backoff", "grow"]
+    assert [d["action"] for d in rep["lr_decisions"]][-5:] == ["damp", "backoff", "grow", "undo", "grow"]
     text = format_status(rep)
     assert "0.04 -> 0.01 -> 0.02  damp: local paths diverged: drift" in text
+    assert "0.0125 -> 0.01 -> 0.005  undo: round 5 damaged the fleet" in text
     html = render_html(fleet_view(cfg.state_dir, 0.0, last=None))
     assert 'id="lr"' in html and "local paths diverged" in html and "1 of 1 devices spiked" in html
+    assert "round 5 damaged the fleet" in html
     again = Coordinator(cfg, mask=mask, initial_values=v0)  # a restart rebuilds values and the controller
     assert torch.equal(again.values, coord.values) and again.book.lr.lr == coord.book.lr.lr
     assert again.book.lr.ctl is not None and coord.book.lr.ctl is not None
@@ -161,6 +175,7 @@ def test_a_killed_coordinator_resumes_the_controller_exactly(tmp_path: Path, bro
     plans, results, decisions = _run(tmp_path / "calm", broker_url, tiny_model, None)
     k_plans, k_results, k_decisions = _run(tmp_path / "killed", broker_url, tiny_model, 2)
     assert len({p.lr for p in plans}) >= 3 and any(d[2] != d[1] for d in decisions)  # it moved and damped
+    assert [d[4] for d in decisions][6] == "undo"  # and undid round 5 (a kill at round 2 resumes into it)
     assert [(p.round, p.seeds, p.lr) for p in k_plans] == [(p.round, p.seeds, p.lr) for p in plans]
     assert [(r.round, r.seeds, r.scalars, r.lr, r.values_checksum) for r in k_results] == [
         (r.round, r.seeds, r.scalars, r.lr, r.values_checksum) for r in results]  # fmt: skip

@@ -6,11 +6,13 @@ import json
 import math
 
 import pytest
+import torch
 
 from coordinator import lrctl
 from coordinator.config import load_coordinator_config
-from coordinator.lrctl import FleetLr, LrController, drift_ratio, start_lr
-from coordinator.records import EventRecord, LrRecord, UpdateRow
+from coordinator.lrctl import FleetLr, LrController, drift_ratio, start_lr, undo_pairs
+from coordinator.records import EventRecord, LrRecord, ResultRow, UpdateRow
+from shared.apply import apply_round
 from shared.config import ConfigError
 
 CLIENTS = [f"c{k}" for k in range(10)]
@@ -74,12 +76,16 @@ def test_a_share_of_spiking_devices_backs_off_even_when_the_mean_barely_moves() 
 
 def test_diverging_local_paths_damp_the_round_itself_and_back_off() -> None:
     ctl = LrController(8e-2)
-    steep = (3.0, -2.5, 3.5, -3.0, 2.8)  # g_0 = 1.0, later steps ~3x: the local paths diverged
-    d = ctl.observe(0, 8e-2, ups(1.5, (1.0, *steep)))
+    steep = (3.0, -2.5, 3.5, -3.0, 2.8, -3.1, 3.3)  # lead g_0..g_2 = 1.0, later steps ~3x: diverged
+    d = ctl.observe(0, 8e-2, ups(1.5, (1.0, -1.0, 1.0, *steep)))
     assert d.action == "damp" and d.lr_step == pytest.approx(8e-2 * lrctl.DAMP) and d.lr_next == 4e-2
     assert "drift" in d.reason
-    assert drift_ratio([(1.0, *steep)]) == pytest.approx(math.sqrt(sum(x * x for x in steep) / 5))
+    assert drift_ratio([(1.0, -1.0, 1.0, *steep)]) == pytest.approx(math.sqrt(sum(x * x for x in steep) / 7))
     assert drift_ratio([(2.0,)]) == 1.0 and drift_ratio([(0.0, 1.0)]) == 1.0  # T = 1, g_0 = 0: no signal
+    # the lead is the first third of the path (at least one step): one small g_0 among three does not
+    # make D (T = 10: a lone g_0 projection is noisy, BENCHMARKS.md "The fleet finds its own lr")
+    assert [lrctl.lead_steps(t) for t in (2, 3, 5, 6, 10, 100)] == [1, 1, 1, 2, 3, 33]
+    assert drift_ratio([(0.1, 2.0, 2.0, *(2.0,) * 7)]) == pytest.approx(2.0 / math.sqrt((0.01 + 8) / 3))
 
 
 def test_calm_rounds_apply_the_plans_lr() -> None:
@@ -126,13 +132,14 @@ def _row(c: str, loss: float, grads: tuple[float, ...] = (1.0, 1.0)) -> UpdateRo
 
 def test_fleet_lr_fixed_emits_nothing_auto_emits_a_record_with_its_state() -> None:
     fixed = FleetLr(3e-3, 0.0, 100)
-    assert fixed.lr == 3e-3 and fixed.closed(0, 3e-3, [_row("a", 1.0)], 5.0) == (3e-3, [])
+    assert fixed.lr == 3e-3 and fixed.closed(0, 3e-3, [_row("a", 1.0)], 5.0) == (3e-3, [], None)
     auto = FleetLr("auto", 0.0, 100)
     assert auto.lr == start_lr(100)
-    lr, recs = auto.closed(0, auto.lr, [_row("a", 1.0)], 5.0)
+    lr, recs, undo = auto.closed(0, auto.lr, [_row("a", 1.0)], 5.0)
     (rec,) = recs
     assert isinstance(rec, LrRecord) and rec.action == "start" and rec.state["ref"] == 1.0 and lr == start_lr(100)
-    lr, recs = auto.closed(1, auto.lr, [_row("a", 0.5)], 6.0)
+    assert undo is None
+    lr, recs, _ = auto.closed(1, auto.lr, [_row("a", 0.5)], 6.0)
     assert [type(r) for r in recs] == [LrRecord, EventRecord]
     ev = recs[1]
     assert isinstance(ev, EventRecord) and ev.kind == "lr" and "grow" in ev.detail
@@ -169,3 +176,59 @@ def test_drift_pools_g0_over_rounds() -> None:
     assert drift_ratio([(0.5, 2.0, -2.0, 2.0)]) == pytest.approx(4.0)
     d = ctl.observe(3, ctl.lr, ups(0.65, (0.5, 2.0, -2.0, 2.0)))
     assert d.action == "grow" and len(ctl.g0) == lrctl.G0_ROUNDS
+
+
+def _result(r: int, lr: float) -> ResultRow:
+    return ResultRow(r, (11, 12), (0.5, -0.25), lr, "rademacher", 1, "0" * 64, 0.0, 0.0)
+
+
+def test_a_round_whose_losses_jump_on_the_values_the_last_result_made_undoes_that_result() -> None:
+    """The loss rises by more than RISE_DAMP and a share of the devices spike against their own last loss,
+    the round before was applied: it did the damage, so this round publishes it negated (at its lr)."""
+    ctl = LrController(1e-2)
+    ctl.observe(0, 1e-2, ups(1.0), undo_lr=0.0)
+    ctl.observe(1, 1e-2, ups(0.8), undo_lr=1e-2)  # grow: 2e-2
+    before = ctl.state()
+    d = ctl.observe(2, 2e-2, ups(1.6), undo_lr=1e-2)  # 1.6 > 1.5 x 0.9 smoothed; 10 of 10 spiked (> 1.5 x 0.8)
+    assert d.action == "undo" and d.lr_step == 1e-2 and d.lr_next == pytest.approx(5e-3), d
+    assert "round 1 damaged the fleet" in d.reason and "10 of 10 devices spiked" in d.reason
+    assert ctl.ceiling == pytest.approx(1e-2 * lrctl.CEIL)
+    assert ctl.ref == before["ref"] and ctl.prev == before["prev"]  # losses of undone values are no reference
+    d = ctl.observe(3, ctl.lr, ups(2.0), undo_lr=1e-2)  # the round before was an undo: never undo an undo
+    assert d.action == "damp"
+    # the same jump when the book cannot undo (no previous result, or a gap) damps, as before
+    for undo_lr, first in ((0.0, 1), (1e-2, 2)):
+        c2 = LrController(1e-2)
+        c2.observe(0, 1e-2, ups(1.0))
+        if first == 2:
+            c2.observe(1, 1e-2, [])  # an empty round: nothing was applied in round 1
+        assert c2.observe(first + 1 if first == 2 else 1, 1e-2, ups(1.6), undo_lr=undo_lr).action == "damp"
+    # a mean that jumps while fewer than SPIKE_SHARE of the devices spiked (a sampled subset) is no undo
+    c3 = LrController(1e-2)
+    c3.observe(0, 1e-2, ups(1.0))
+    assert c3.observe(1, 1e-2, ups([1.0] * 8 + [5.0] * 2), undo_lr=1e-2).action == "damp"
+
+
+def test_fleet_lr_undo_returns_the_previous_result_and_its_negation_restores_the_values() -> None:
+    auto = FleetLr("auto", 1e-2, 100)
+    auto.closed(0, 1e-2, [_row(c, 1.0) for c in "abc"], 1.0, None)
+    auto.closed(1, 1e-2, [_row(c, 0.8) for c in "abc"], 2.0, _result(0, 1e-2))
+    prev = _result(1, 1e-2)
+    lr, recs, undo = auto.closed(2, 2e-2, [_row(c, 1.7) for c in "abc"], 3.0, prev)
+    assert undo is prev and lr == 1e-2 and [type(r) for r in recs] == [LrRecord, EventRecord]
+    assert isinstance(recs[0], LrRecord) and recs[0].action == "undo"
+    seeds, scalars = undo_pairs(prev, [7, 8], lr)  # the plan's seeds first (scalar 0), then prev negated
+    assert seeds == [7, 8, 11, 12] and scalars == [0.0, 0.0, -0.5, 0.25]
+    v0 = torch.linspace(-1, 1, 1000)
+    v1 = apply_round(v0, prev.seeds, prev.scalars, prev.lr, "rademacher")
+    assert not torch.equal(v1, v0)
+    for at in (lr, 4e-3):  # at prev's lr: the exact negation; at a smaller plan lr: scaled by prev.lr / lr
+        seeds, scalars = undo_pairs(prev, [7], at)
+        v2 = apply_round(v1, seeds, scalars, at, "rademacher")
+        assert (v2 - v0).abs().max() <= 1.2e-7  # back up to the float32 rounding
+    assert undo_pairs(prev, [7], 4e-3)[1] == [0.0, -0.5 * 2.5, 0.25 * 2.5]
+    # a previous result that is not the round just before (a gap) is not undone: damped instead
+    other = FleetLr("auto", 1e-2, 100)
+    other.closed(0, 1e-2, [_row(c, 1.0) for c in "abc"], 1.0, None)
+    other.closed(1, 1e-2, [_row(c, 0.8) for c in "abc"], 2.0, None)
+    assert other.closed(2, 2e-2, [_row(c, 1.7) for c in "abc"], 3.0, _result(0, 1e-2))[2] is None

@@ -339,7 +339,12 @@ def test_lr_modes_run_the_controller_beside_the_tuned_rows(tmp_path: Path) -> No
     assert runs["tuned"]["lrs"] == [2e-2, 2e-2] and runs["4x"]["lrs"] == [8e-2, 8e-2]
     assert runs["auto@4x"]["lr"] == "auto@0.08" and runs["auto@4x"]["lrs"][0] in (8e-2, 2e-2)  # damped or not
     assert runs["auto"]["lr"] == "auto" and len(runs["auto"]["lrs"]) == 2
+    # the controller's record of every round (action: reason) and the fleet's mean loss, for auto cells only
+    assert runs["auto"]["decisions"][0].startswith("start: first loss") and len(runs["auto"]["decisions"]) == 2
+    assert len(runs["auto"]["losses"]) == 2 and all(x > 0 for x in runs["auto"]["losses"])
+    assert "decisions" not in runs["tuned"] and "losses" not in runs["tuned"]
     assert "| micro | sentiment | dirichlet | meerkat | 2 | auto |" in markdown_table(res)
     from bench.learning.plots import plot_results
 
+    runs["auto"]["decisions"][1] = "undo: round 0 damaged the fleet"  # the plot marks an undone round
     assert "learning_lr_modes.png" in {p.name for p in plot_results(res, tmp_path)}
