@@ -22,7 +22,8 @@ Signals of a round (BENCHMARKS.md "The fleet finds its own lr" has the measureme
            (sampled subsets, uneven data) backs off only on rises larger than its jitter
 The rule, in order:
   undo     the mean loss above the smoothed one by more than RISE_DAMP, SPIKE_SHARE of the devices seen in
-           the previous round spiked, and the previous round's result was applied (the book passes it): the
+           the previous round spiked, the previous round's result was applied (the book passes it) and this
+           round's plan lr is at most the previous plan's (so its own local paths were no steeper): the
            losses were measured on the values that result made, so it did the damage. This round's result
            is that result negated (`undo_pairs`: this round's seeds at scalar 0, then its pairs with the
            scalars negated, at the smaller of its lr and the plan's), this round's own updates are not
@@ -114,6 +115,7 @@ class LrController:
         self.calm = 0  # improving rounds in a row at the ceiling
         self.last_round = -1
         self.applied = -1  # the last round whose result was applied (not undone, not empty): undo's candidate
+        self.applied_lr = 0.0  # ... and its plan's lr
         if state is not None:
             self._restore(state)
 
@@ -121,7 +123,7 @@ class LrController:
         """Everything the next decision depends on, JSON-able (floats round-trip exactly through json)."""
         return {"lr": self.lr, "ref": self.ref, "ceiling": self.ceiling, "prev": dict(sorted(self.prev.items())),
                 "g0": list(self.g0), "noise": self.noise, "calm": self.calm, "last_round": self.last_round,
-                "applied": self.applied}  # fmt: skip
+                "applied": self.applied, "applied_lr": self.applied_lr}  # fmt: skip
 
     def _restore(self, s: Mapping[str, Any]) -> None:
         try:
@@ -132,6 +134,7 @@ class LrController:
             self.noise, self.calm = float(s["noise"]), int(s["calm"])
             self.last_round = int(s["last_round"])
             self.applied = int(s.get("applied", -1))  # a state logged before undo existed: nothing to undo
+            self.applied_lr = float(s.get("applied_lr", 0.0))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"LrController: logged state {dict(s)!r} is not a controller state ({e})") from None
 
@@ -143,7 +146,10 @@ class LrController:
         if round <= self.last_round:
             raise ValueError(f"LrController.observe: round {round} after round {self.last_round}")
         self.last_round = round
-        undoable, self.applied = undo_lr > 0 and self.applied == round - 1, -1
+        # undo only when this round's local paths were no steeper than the undone round's (its plan lr at
+        # most that round's): a jump right after the lr grew is this round's own divergence (damp)
+        undoable = undo_lr > 0 and self.applied == round - 1 and lr_used <= self.applied_lr
+        self.applied = -1
         ups = [u for u in ups if math.isfinite(u[1])]
         if not ups:
             return LrDecision(round, lr_used, lr_used, self.lr, "skip", "no on-time update: lr unchanged", math.nan)
@@ -164,7 +170,7 @@ class LrController:
                    f"{seen} devices spiked (drift {drift:.2f}); its result (lr {undo_lr:.4g}) is undone")
             return LrDecision(round, lr_used, min(undo_lr, lr_used), self.lr, "undo", why, mean)
         self.prev = {c: x for c, x, _ in ups}  # this round's devices only: the state stays O(clients_per_round)
-        self.applied = round
+        self.applied, self.applied_lr = round, lr_used
         if drift > DRIFT_MAX or rose:
             step = lr_used * DAMP
             sign = f"drift {drift:.2f} > {DRIFT_MAX:g}" if drift > DRIFT_MAX else f"loss {mean:.4f} >> smoothed {ref:.4f}"

@@ -188,12 +188,15 @@ def test_a_round_whose_losses_jump_on_the_values_the_last_result_made_undoes_tha
     ctl = LrController(1e-2)
     ctl.observe(0, 1e-2, ups(1.0), undo_lr=0.0)
     ctl.observe(1, 1e-2, ups(0.8), undo_lr=1e-2)  # grow: 2e-2
+    grown = LrController(1e-2, state=ctl.state())
     before = ctl.state()
-    d = ctl.observe(2, 2e-2, ups(1.6), undo_lr=1e-2)  # 1.6 > 1.5 x 0.9 smoothed; 10 of 10 spiked (> 1.5 x 0.8)
+    d = ctl.observe(2, 1e-2, ups(1.6), undo_lr=1e-2)  # 1.6 > 1.5 x 0.9 smoothed; 10 of 10 spiked (> 1.5 x 0.8)
     assert d.action == "undo" and d.lr_step == 1e-2 and d.lr_next == pytest.approx(5e-3), d
     assert "round 1 damaged the fleet" in d.reason and "10 of 10 devices spiked" in d.reason
     assert ctl.ceiling == pytest.approx(1e-2 * lrctl.CEIL)
     assert ctl.ref == before["ref"] and ctl.prev == before["prev"]  # losses of undone values are no reference
+    # the same jump in a round whose plan lr grew (2e-2 > round 1's 1e-2) is its own paths' divergence
+    assert grown.observe(2, 2e-2, ups(1.6), undo_lr=1e-2).action == "damp"
     d = ctl.observe(3, ctl.lr, ups(2.0), undo_lr=1e-2)  # the round before was an undo: never undo an undo
     assert d.action == "damp"
     # the same jump when the book cannot undo (no previous result, or a gap) damps, as before
@@ -214,7 +217,7 @@ def test_fleet_lr_undo_returns_the_previous_result_and_its_negation_restores_the
     auto.closed(0, 1e-2, [_row(c, 1.0) for c in "abc"], 1.0, None)
     auto.closed(1, 1e-2, [_row(c, 0.8) for c in "abc"], 2.0, _result(0, 1e-2))
     prev = _result(1, 1e-2)
-    lr, recs, undo = auto.closed(2, 2e-2, [_row(c, 1.7) for c in "abc"], 3.0, prev)
+    lr, recs, undo = auto.closed(2, 1e-2, [_row(c, 1.7) for c in "abc"], 3.0, prev)
     assert undo is prev and lr == 1e-2 and [type(r) for r in recs] == [LrRecord, EventRecord]
     assert isinstance(recs[0], LrRecord) and recs[0].action == "undo"
     seeds, scalars = undo_pairs(prev, [7, 8], lr)  # the plan's seeds first (scalar 0), then prev negated
@@ -231,4 +234,4 @@ def test_fleet_lr_undo_returns_the_previous_result_and_its_negation_restores_the
     other = FleetLr("auto", 1e-2, 100)
     other.closed(0, 1e-2, [_row(c, 1.0) for c in "abc"], 1.0, None)
     other.closed(1, 1e-2, [_row(c, 0.8) for c in "abc"], 2.0, None)
-    assert other.closed(2, 2e-2, [_row(c, 1.7) for c in "abc"], 3.0, _result(0, 1e-2))[2] is None
+    assert other.closed(2, 1e-2, [_row(c, 1.7) for c in "abc"], 3.0, _result(0, 1e-2))[2] is None
