@@ -21,6 +21,10 @@ K = TypeVar("K")
 V = TypeVar("V")
 
 MAX_KEYS = 4096  # per map: ~1 KiB each at most, a few MiB in all
+# per Limiter: (client, kind) buckets, two kinds a device in a round (heartbeat, update). With 4,096 a fleet
+# of 10,000 forgot every bucket before its key came again, so one device's limit never held; 65,536 keep a
+# 30,000-device fleet's (~250 B a bucket: ~16 MiB at most under a many-id flood, per limiter)
+LIMITER_KEYS = 65_536
 _set = OrderedDict.__setitem__  # the plain insert under LruDict's own __setitem__ (LruDict.add_new)
 
 
@@ -54,7 +58,7 @@ class Bucket:
 class Limiter:
     """Token buckets keyed by anything hashable: `rate` tokens per second, at most `burst` stored."""
 
-    def __init__(self, rate: float, burst: float, max_keys: int = MAX_KEYS) -> None:
+    def __init__(self, rate: float, burst: float, max_keys: int = LIMITER_KEYS) -> None:
         if rate <= 0 or burst < 1:
             raise ValueError(f"Limiter: rate must be > 0 and burst >= 1, got {rate}, {burst}")
         self.rate, self.burst = rate, burst
@@ -74,8 +78,7 @@ class Limiter:
     def allow(self, key: object, now: float) -> bool:
         """Take one token when one is there (`level` then `take`, with one lookup: every message asks). A
         key without a bucket has a full one (burst >= 1: a token): inserted as the newest key without a
-        second lookup. That is every message of a fleet with more (client, kind) keys than max_keys: 10,000
-        devices send 20,000 (heartbeat, update), each forgotten before it comes again."""
+        second lookup: a device's first message, or one whose key was forgotten (more keys than max_keys)."""
         buckets = self.buckets
         b = buckets.get(key)
         if b is None:

@@ -59,3 +59,16 @@ def test_add_new_keeps_max_keys_newest_last() -> None:
     assert list(d.items()) == [("b", 1), ("c", 2), ("d", 3)]
     d["b"] = 9  # a set key becomes the newest
     assert list(d) == ["c", "d", "b"]
+
+
+def test_one_device_stays_limited_among_a_10000_device_fleet() -> None:
+    """20,000 (client, kind) keys come between two messages of one device: its bucket must survive them, or
+    its limit never holds (with 4,096 keys it was forgotten and refilled every time)."""
+    lim = Limiter(rate=1.0, burst=2)
+    fleet = [(f"dev-{k}", kind) for k in range(10_000) for kind in ("hb", "up")]
+    refused = 0
+    for t in range(6):  # the device sends 3 a tick at 1 token/s: after its burst, 2 of 3 are refused
+        for key in fleet:
+            lim.allow(key, float(t))
+        refused += sum(not lim.allow(("greedy", "up"), float(t)) for _ in range(3))
+    assert refused >= 2 * 6 - 2 and len(lim.buckets) == len(fleet) + 1
