@@ -154,10 +154,10 @@ class LrController:
         if not ups:
             return LrDecision(round, lr_used, lr_used, self.lr, "skip", "no on-time update: lr unchanged", math.nan)
         mean = math.fsum(x for _, x, _ in ups) / len(ups)
-        firsts = [x for _, _, g in ups if len(g) > 1 for x in g[: lead_steps(len(g))]]
-        if firsts:
-            self.g0 = [*self.g0, math.fsum(x * x for x in firsts) / len(firsts)][-G0_ROUNDS:]
-        drift = drift_ratio([g for _, _, g in ups], math.fsum(self.g0) / len(self.g0) if self.g0 else 0.0)
+        lead, later = lead_and_later([g for _, _, g in ups])
+        if lead:
+            self.g0 = [*self.g0, _mean_square(lead)][-G0_ROUNDS:]
+        drift = _rms_ratio(later, math.fsum(self.g0) / len(self.g0) if self.g0 else 0.0)
         spiked = [c for c, x, _ in ups if c in self.prev and x > SPIKE * self.prev[c] and x - self.prev[c] > ABS_TOL]
         seen = sum(1 for c, _, _ in ups if c in self.prev)
         ref, old, step = self.ref, self.lr, lr_used
@@ -210,16 +210,35 @@ def lead_steps(T: int) -> int:
     return max(1, T // LEAD_SHARE)
 
 
+def lead_and_later(grads: Sequence[Sequence[float]]) -> tuple[list[float], list[float]]:
+    """The fleet's g of every path's lead steps (its first `lead_steps(T)`) and of its later steps; paths of
+    one step (T = 1) give neither."""
+    lead: list[float] = []
+    later: list[float] = []
+    for g in grads:
+        if len(g) > 1:
+            b = lead_steps(len(g))
+            lead += g[:b]
+            later += g[b:]
+    return lead, later
+
+
 def drift_ratio(grads: Sequence[Sequence[float]], g0_ms: float | None = None) -> float:
     """D: rms of the fleet's later g_t over the rms of its lead steps' (the first `lead_steps(T)`; `g0_ms`:
     their mean square pooled over rounds; None: this round's). 1.0 with T = 1 or the lead all zero."""
-    first = [x for g in grads if len(g) > 1 for x in g[: lead_steps(len(g))]]
-    later = [x for g in grads if len(g) > 1 for x in g[lead_steps(len(g)) :]]
-    if g0_ms is None:
-        g0_ms = math.fsum(x * x for x in first) / len(first) if first else 0.0
-    if not later or g0_ms == 0:
+    lead, later = lead_and_later(grads)
+    return _rms_ratio(later, _mean_square(lead) if g0_ms is None else g0_ms)
+
+
+def _mean_square(xs: Sequence[float]) -> float:
+    return math.fsum(x * x for x in xs) / len(xs) if xs else 0.0
+
+
+def _rms_ratio(later: Sequence[float], lead_ms: float) -> float:
+    """sqrt(mean square of `later` / `lead_ms`); 1.0 (no signal) without later steps or with a zero lead."""
+    if not later or lead_ms == 0:
         return 1.0
-    return math.sqrt(math.fsum(x * x for x in later) / len(later) / g0_ms)
+    return math.sqrt(_mean_square(later) / lead_ms)
 
 
 class FleetLr:
@@ -249,9 +268,8 @@ class FleetLr:
         with their scalars negated, at `prev`'s lr (`undo_pairs`). (lr_used, [], None) for a fixed lr."""
         if self.ctl is None:
             return lr_used, [], None
-        can = prev is not None and prev.round == round - 1 and len(prev.seeds) > 0
-        d = self.ctl.observe(round, lr_used, [(u.client, u.loss, u.grads) for u in ups],
-                             undo_lr=prev.lr if can and prev is not None else 0.0)  # fmt: skip
+        undo_lr = prev.lr if prev is not None and prev.round == round - 1 and prev.seeds else 0.0
+        d = self.ctl.observe(round, lr_used, [(u.client, u.loss, u.grads) for u in ups], undo_lr=undo_lr)
         log.info("round %d lr %.4g -> %.4g: %s (%s)", round, d.lr_used, d.lr_next, d.action, d.reason)
         out: list[Record] = [LrRecord(d.round, d.lr_used, d.lr_step, d.lr_next, d.action, d.reason, d.loss,
                                       self.ctl.state(), now)]  # fmt: skip

@@ -2,8 +2,8 @@
 
 Events go in (`handle(msg, now)` for a decoded client message, `on_reject` for what the pump could not
 decode, `tick(now)` for the clock); actions come out (coordinator/actions.py: Publish, Persist, WriteCheckpoint,
-Duplicate, Dropped). Time is always an argument: the book never reads a clock, a socket or a file. The event log is for recovery and audit: `Recovered` is what a restarted
-pump hands the constructor (coordinator/recovery.py reads it).
+Duplicate, Dropped). Time is always an argument: the book never reads a clock, a socket or a file. The event
+log is for recovery and audit: `Recovered` is what a restarted pump hands the constructor (recovery.py reads it).
 
     book = RoundBook.from_config(config, mask, fingerprint=fp, values=v0)   # as the services build it
     acts = book.handle(Join(client="c1", ...), now=0.0) + book.tick(now=0.0)
