@@ -9,39 +9,48 @@ same transaction as the result: a restarted coordinator resumes from the newest 
 
 Signals of a round (BENCHMARKS.md "The fleet finds its own lr" has the measurements behind them):
   drift    D = rms of the fleet's later g_t / rms of its lead steps' g (the first third of each path, at
-           least g_0: `lead_steps`), the lead pooled over the last G0_ROUNDS rounds. The lead is measured
-           near the round's base values, the later ones further along each device's local path: a path
-           that diverges steepens and D grows. Every device steps along the same z_t, so one step's g is
-           one direction's projection: a lone g_0 as the lead read D 4.5-4.8 at round 0 of a 0.5x- and a
-           1x-tuned demo run (a false damp that capped the lr), the three-step lead 1.1-1.3 there; hence
-           the lead of several steps, the pooling and the high threshold
+           least g_0: `lead_steps`), the lead pooled over the last G0_ROUNDS rounds applied as planned (not
+           damped, not undone). The lead is measured near the round's base values, the later ones further
+           along each device's local path: a path that diverges steepens and D grows. Every device steps
+           along the same z_t, so one step's g is one direction's projection: a lone g_0 as the lead read
+           D 4.5-4.8 at round 0 of a 0.5x- and a 1x-tuned demo run (a false damp that capped the lr), the
+           three-step lead 1.1-1.3 there; hence the lead of several steps, the pooling and the high
+           threshold
   spikes   devices whose loss > SPIKE x their own loss of the previous round (and ABS_TOL nats above it;
            devices not in that round are not counted)
+  step cap STEP_SHARE x the mean loss / (T x the pooled lead mean square of g): the lr at which a round's
+           first-order predicted loss drop (each step removes ~lr x g^2) is STEP_SHARE of the loss, a Polyak
+           step size measured from the round's own updates. On the demo model (BENCHMARKS.md "A step cap")
+           the tuned lr read 0.4x it at round 0 and 0.8-1.2x later; 4x the tuned lr 1.5-8x it at round 0
   rise     the fleet's mean loss above the smoothed loss by more than max(RISE, NOISE_K x the recent
-           upward deviation: its peak, decaying NOISE_DECAY a round) (relative) and ABS_TOL: a fleet whose mean loss jitters
-           (sampled subsets, uneven data) backs off only on rises larger than its jitter
+           upward deviation: its peak, decaying NOISE_DECAY a round) (relative) and ABS_TOL: a fleet whose
+           mean loss jitters (sampled subsets, uneven data) backs off only on rises larger than its jitter
 The rule, in order:
   undo     the mean loss above the smoothed one by more than RISE_DAMP, SPIKE_SHARE of the devices seen in
-           the previous round spiked, the previous round's result was applied (the book passes it) and this
+           the previous round spiked, this round's own paths were calm (D <= UNDO_CALM: a steeper round may
+           have diverged on its own), the previous round's result was applied (the book passes it) and this
            round's plan lr is at most the previous plan's (so its own local paths were no steeper): the
            losses were measured on the values that result made, so it did the damage. This round's result
            is that result negated (`undo_pairs`: this round's seeds at scalar 0, then its pairs with the
            scalars negated, at the smaller of its lr and the plan's), this round's own updates are not
            applied, the lr backs off from the undone round's (x BACKOFF, ceiling CEIL x it), and these
            losses enter neither the smoothed loss nor the devices' previous losses. Never two in a row.
-  damp     D > DRIFT_MAX, or the mean loss jumped as above where nothing can be undone: the round's
-           own steps diverged. Its result is applied at lr x DAMP (the RoundResult carries that lr: every
-           replica, replay and checkpoint applies the same), lr x BACKOFF, and the lr never grows past
-           that again; its loss (a diverging path's) does not enter the smoothed loss.
+  damp     D > DRIFT_MAX, a plan lr above STEP_OVER x the step cap, or the mean loss jumped as above where
+           nothing can be undone: the round's own steps diverged. Its result is applied at lr x DAMP (the
+           RoundResult carries that lr: every replica, replay and checkpoint applies the same), lr x
+           BACKOFF, and the lr never grows past that again; its loss (a diverging path's) does not enter
+           the smoothed loss, nor its lead g the pool.
   backoff  spikes in >= SPIKE_SHARE of the devices, or a rise: lr x BACKOFF; growth stops from then on
            at CEIL x the lr that did it (the ceiling), until CALM_ROUNDS rounds in a row improve while at
            the ceiling: then the ceiling rises x GROW
   grow     the mean loss fell below the smoothed loss: lr x GROW_FAST until the first backoff, lr x GROW
-           after it, at most the ceiling and LR_MAX
-  hold     otherwise; the first round only sets the reference loss (unless it damps); a round without an
-           on-time update (all paused) changes nothing
-The lr only moves by these factors and never leaves [LR_MIN, LR_MAX]. Nothing here reads a clock or a
-random stream: the same rounds give the same decisions on every run.
+           after it, at most the ceiling, the step cap and LR_MAX
+  cap      a start, grow or hold that leaves the lr above the step cap (the cap fell with the loss): down to it
+  start    the first round sets the reference loss, and the lr grows x GROW_FAST toward the step cap when it
+           is below it (the start is deliberately low: four-round runs could not afford a round spent there)
+  hold     otherwise; a round without an on-time update (all paused) changes nothing
+The lr moves only by these factors or to the step cap, and never leaves [LR_MIN, LR_MAX]. Nothing here
+reads a clock or a random stream: the same rounds give the same decisions on every run.
 
 The start (`start_lr`, unless `lr_start` is set): START_K / sqrt(nnz), below the tuned lrs measured on the
 tiny models, from which growth reaches them in a few rounds.
@@ -77,6 +86,10 @@ SPIKE_SHARE = 0.3  # this share of the round's devices spiking backs off
 ABS_TOL = 0.01  # nats: smaller changes are noise, never a rise or a spike
 SMOOTH = 0.5  # the smoothed loss: SMOOTH x old + (1 - SMOOTH) x the round's mean
 START_K = 0.5  # start_lr = START_K / sqrt(nnz)
+STEP_SHARE = 0.4  # growth stops where a round's first-order predicted loss drop, lr x T x the lead's mean g^2, is
+#                   this share of the fleet's mean loss (the step cap: a Polyak step size) ...
+STEP_OVER = 2.0  # ... a round planned above this x the step cap damps, a lr above the cap moves down to it
+UNDO_CALM = 1.5  # undo only when this round's own paths were calm (D at most this: 0.6-1.45 measured at 0.5-1x tuned)
 LR_MIN, LR_MAX = 1e-7, 0.5
 
 
@@ -95,7 +108,7 @@ class LrDecision:
     lr_used: float  # that round's plan's lr (the devices' local steps)
     lr_step: float  # the lr its result is applied with (lr_used, or less when it damps; undo: see the rule)
     lr_next: float  # the lr of the next plan
-    action: str  # start | grow | hold | backoff | damp | undo | skip
+    action: str  # start | grow | hold | cap | backoff | damp | undo | skip
     reason: str  # one line for people: the numbers behind the action
     loss: float  # the round's mean device loss (nan: no on-time update)
 
@@ -155,14 +168,17 @@ class LrController:
             return LrDecision(round, lr_used, lr_used, self.lr, "skip", "no on-time update: lr unchanged", math.nan)
         mean = math.fsum(x for _, x, _ in ups) / len(ups)
         lead, later = lead_and_later([g for _, _, g in ups])
-        if lead:
-            self.g0 = [*self.g0, _mean_square(lead)][-G0_ROUNDS:]
-        drift = _rms_ratio(later, math.fsum(self.g0) / len(self.g0) if self.g0 else 0.0)
+        # the pool this round is judged by; it keeps this round's lead only if the round is applied as planned
+        # (a damped or undone round's g is a diverging path's: it would lower the step cap for G0_ROUNDS rounds)
+        pool = [*self.g0, _mean_square(lead)][-G0_ROUNDS:] if lead else self.g0
+        lead_ms = math.fsum(pool) / len(pool) if pool else 0.0
+        drift = _rms_ratio(later, lead_ms)
+        cap = step_cap(mean, lead_ms, [len(g) for _, _, g in ups])
         spiked = [c for c, x, _ in ups if c in self.prev and x > SPIKE * self.prev[c] and x - self.prev[c] > ABS_TOL]
         seen = sum(1 for c, _, _ in ups if c in self.prev)
         ref, old, step = self.ref, self.lr, lr_used
         rose = ref is not None and mean > ref * (1 + RISE_DAMP) and mean - ref > ABS_TOL
-        if rose and undoable and (not seen or len(spiked) >= SPIKE_SHARE * seen):
+        if rose and undoable and drift <= UNDO_CALM and (not seen or len(spiked) >= SPIKE_SHARE * seen):
             # the previous round's result did the damage: these losses were measured on the values it made
             self.lr = max(LR_MIN, min(self.lr, undo_lr) * BACKOFF)
             self.ceiling, self.calm = max(LR_MIN, min(self.ceiling, undo_lr * CEIL)), 0
@@ -171,20 +187,18 @@ class LrController:
             return LrDecision(round, lr_used, min(undo_lr, lr_used), self.lr, "undo", why, mean)
         self.prev = {c: x for c, x, _ in ups}  # this round's devices only: the state stays O(clients_per_round)
         self.applied, self.applied_lr = round, lr_used
-        if drift > DRIFT_MAX or rose:
+        if drift > DRIFT_MAX or rose or lr_used > STEP_OVER * cap:
             step = lr_used * DAMP
-            sign = f"drift {drift:.2f} > {DRIFT_MAX:g}" if drift > DRIFT_MAX else f"loss {mean:.4f} >> smoothed {ref:.4f}"
+            if drift > DRIFT_MAX:
+                sign = f"drift {drift:.2f} > {DRIFT_MAX:g}"
+            elif rose:
+                sign = f"loss {mean:.4f} >> smoothed {ref:.4f}"
+            else:
+                sign = f"lr {lr_used:.4g} > {STEP_OVER:g}x the step cap {cap:.4g}"
             action, why = "damp", f"local paths diverged: {sign}; applied at lr {step:.4g}"
-        elif seen and len(spiked) >= SPIKE_SHARE * seen:
-            action, why = "backoff", f"{len(spiked)} of {seen} devices spiked (loss > {SPIKE:g}x their last)"
-        elif ref is None:
-            action, why = "start", f"first loss {mean:.4f} (drift {drift:.2f}): the reference"
-        elif mean > ref * (1 + (rise := max(RISE, NOISE_K * self.noise))) and mean - ref > ABS_TOL:
-            action, why = "backoff", f"fleet loss rose: {mean:.4f} > smoothed {ref:.4f} by more than {rise:.0%}"
-        elif mean < ref:
-            action, why = "grow", f"fleet loss fell: {mean:.4f} < smoothed {ref:.4f} (drift {drift:.2f})"
         else:
-            action, why = "hold", f"fleet loss {mean:.4f} ~ smoothed {ref:.4f}"
+            self.g0 = pool
+            action, why = self._judge(mean, ref, cap, drift, seen, len(spiked))
         if action != "damp":
             if ref is not None and ref > 0:
                 self.noise = max(NOISE_DECAY * self.noise, max(0.0, mean - ref) / ref)
@@ -197,12 +211,48 @@ class LrController:
                 self.calm += 1
                 if self.calm >= CALM_ROUNDS:  # a long calm at the ceiling: the backoff that set it was too strict
                     self.ceiling, self.calm, why = min(LR_MAX, self.ceiling * GROW), 0, f"{why}; ceiling raised"
-            self.lr = min(LR_MAX, self.ceiling, self.lr * (GROW_FAST if self.ceiling >= LR_MAX else GROW))
+            grown = min(LR_MAX, self.ceiling, self.lr * (GROW_FAST if self.ceiling >= LR_MAX else GROW))
+            self.lr = max(old, min(grown, cap))  # the step cap stops growth
             if self.lr <= old:
-                action, why = "hold", f"{why}; at the ceiling {self.ceiling:.4g}"
+                at = f"the step cap {cap:.4g}" if cap < grown else f"the ceiling {self.ceiling:.4g}"
+                action, why = "hold", f"{why}; at {at}"
+            elif self.lr < grown:
+                why = f"{why}; up to the step cap {cap:.4g}"
         else:
             self.calm = 0
+        if action in ("start", "grow", "hold") and self.lr > cap:  # above the cap (it fell; at most 2x: else damp)
+            self.lr = max(LR_MIN, cap)
+            action, why = "cap", f"{why}; lr above the step cap {cap:.4g}: down to {self.lr:.4g}"
         return LrDecision(round, lr_used, step, self.lr, action, why, mean)
+
+    def _judge(
+        self, mean: float, ref: float | None, cap: float, drift: float, seen: int, spiked: int
+    ) -> tuple[str, str]:
+        """The action of a round that did not diverge: backoff, start (growing toward the step cap), grow or hold."""
+        if seen and spiked >= SPIKE_SHARE * seen:
+            return "backoff", f"{spiked} of {seen} devices spiked (loss > {SPIKE:g}x their last)"
+        if ref is None:
+            why = f"first loss {mean:.4f} (drift {drift:.2f}, step cap {cap:.4g}): the reference"
+            if cap > self.lr:  # calm paths below the step cap: grow toward it already
+                self.lr = min(LR_MAX, self.ceiling, self.lr * GROW_FAST, cap)
+                why = f"{why}; lr grows"
+            return "start", why
+        if mean > ref * (1 + (rise := max(RISE, NOISE_K * self.noise))) and mean - ref > ABS_TOL:
+            return "backoff", f"fleet loss rose: {mean:.4f} > smoothed {ref:.4f} by more than {rise:.0%}"
+        if mean < ref:
+            return "grow", f"fleet loss fell: {mean:.4f} < smoothed {ref:.4f} (drift {drift:.2f})"
+        return "hold", f"fleet loss {mean:.4f} ~ smoothed {ref:.4f}"
+
+
+def step_cap(loss: float, lead_ms: float, lengths: Sequence[int]) -> float:
+    """The largest lr growth may reach: STEP_SHARE x loss / (T x lead_ms), where a round's first-order predicted
+    drop (lr x sum over its T steps of g^2, each step's g^2 ~ the lead steps' mean square `lead_ms`) is
+    STEP_SHARE of the fleet's mean `loss`; T = the mean path length of `lengths`. Inf (no cap) without a lead
+    (T = 1 paths, all g zero) or a loss <= 0."""
+    paths = [n for n in lengths if n > 1]
+    if not paths or lead_ms <= 0 or not loss > 0:
+        return math.inf
+    return STEP_SHARE * loss / (math.fsum(paths) / len(paths) * lead_ms)
 
 
 def lead_steps(T: int) -> int:

@@ -59,13 +59,14 @@ def test_replay_and_checkpoint_catch_up_across_lr_changes(tmp_path: Path, broker
             plans.append(active.wait_for(RoundPlan, lambda p, r=r: p.round == r))
             active.update(r, grads, 3, fp, msg_id=r, loss=loss)
             results.append(active.wait_for(RoundResult, lambda m, r=r: m.round == r))
-        # start 0.01; round 1 fell: x2; round 2 fell: x2; round 3 diverged: applied at 0.04 / 4, next 0.02;
-        # round 4 spiked (0.9 > 1.5 x its 0.5): 0.01; round 5 held (0.85 ~ smoothed 0.825); round 6, at the
-        # same lr, jumped on the values round 5 made (1.4 >> smoothed ~0.84, 1 of 1 spiked): its result is
-        # round 6's seeds with scalar 0, then round 5's pairs negated, at round 5's lr 0.01; the next plan
-        # 0.005; round 7 fell: x1.25 (ceiling 0.7 x 0.01)
-        assert [p.lr for p in plans] == pytest.approx([0.01, 0.01, 0.02, 0.04, 0.02, 0.01, 0.01, 0.005])
-        assert [r.lr for r in results] == pytest.approx([0.01, 0.01, 0.02, 0.01, 0.02, 0.01, 0.01, 0.005])
+        # start 0.01, calm (step cap 0.4 x 1.0 / (4 x 1.0) = 0.1): x2; round 1 fell: x2; round 2 fell: x2 but
+        # only up to the step cap (0.4 x 0.6 / (4 x 1.0) = 0.06); round 3 diverged: applied at 0.06 / 4, next
+        # 0.03; round 4 spiked (0.9 > 1.5 x its 0.5): 0.015; round 5 held (0.85 ~ smoothed 0.825); round 6, at
+        # the same lr, jumped on the values round 5 made (1.4 >> smoothed ~0.84, 1 of 1 spiked): its result is
+        # round 6's seeds with scalar 0, then round 5's pairs negated, at round 5's lr 0.015; the next plan
+        # 0.0075; round 7 fell: x1.25 (ceiling 0.7 x 0.015)
+        assert [p.lr for p in plans] == pytest.approx([0.01, 0.02, 0.04, 0.06, 0.03, 0.015, 0.015, 0.0075])
+        assert [r.lr for r in results] == pytest.approx([0.01, 0.02, 0.04, 0.015, 0.03, 0.015, 0.015, 0.0075])
         assert results[6].seeds == plans[6].seeds + results[5].seeds and results[6].n_clients == 0
         assert results[6].scalars == (0.0,) * 4 + tuple(-g for g in results[5].scalars) and results[5].scalars
         mine = v0
@@ -109,8 +110,8 @@ def test_replay_and_checkpoint_catch_up_across_lr_changes(tmp_path: Path, broker
     assert [r["lr"] for r in rep["recent_rounds"]] == [r.lr for r in results]
     assert [d["action"] for d in rep["lr_decisions"]][-5:] == ["damp", "backoff", "hold", "undo", "grow"]
     text = format_status(rep)
-    assert "0.04 -> 0.01 -> 0.02  damp: local paths diverged: drift" in text
-    assert "0.01 -> 0.01 -> 0.005  undo: round 5 damaged the fleet" in text
+    assert "0.06 -> 0.015 -> 0.03  damp: local paths diverged: drift" in text
+    assert "0.015 -> 0.015 -> 0.0075  undo: round 5 damaged the fleet" in text
     html = render_html(fleet_view(cfg.state_dir, 0.0, last=None))
     assert 'id="lr"' in html and "local paths diverged" in html and "1 of 1 devices spiked" in html
     assert "round 5 damaged the fleet" in html

@@ -26,26 +26,56 @@ def ups(losses: list[float] | float, grads: tuple[float, ...] = CALM) -> list[tu
 
 def test_grows_while_the_loss_falls_then_backs_off_on_a_rise_and_stays_below_the_ceiling() -> None:
     ctl = LrController(1e-3)
-    d = ctl.observe(0, 1e-3, ups(1.0))
-    assert (d.action, d.lr_next, d.lr_step) == ("start", 1e-3, 1e-3)
+    d = ctl.observe(0, 1e-3, ups(1.0))  # calm paths far below the step cap (0.4 x 1.0 / (5 x 1.0) = 0.08)
+    assert (d.action, d.lr_next, d.lr_step) == ("start", 2e-3, 1e-3) and "step cap 0.08): the reference; lr grows" in d.reason
     lrs = []
     for r, loss in enumerate([0.9, 0.8, 0.7], start=1):
         d = ctl.observe(r, ctl.lr, ups(loss))
         assert d.action == "grow", d
         lrs.append(d.lr_next)
-    assert lrs == [2e-3, 4e-3, 8e-3]  # x GROW_FAST before any backoff
-    d = ctl.observe(4, 8e-3, ups(0.95))  # well above the smoothed loss (~0.76)
-    assert d.action == "backoff" and d.lr_next == 4e-3 and d.lr_step == 8e-3 and "rose" in d.reason
-    assert ctl.ceiling == pytest.approx(8e-3 * lrctl.CEIL)
-    ceiling = 8e-3 * lrctl.CEIL
+    assert lrs == [4e-3, 8e-3, 1.6e-2]  # x GROW_FAST before any backoff
+    d = ctl.observe(4, 1.6e-2, ups(0.95))  # well above the smoothed loss (~0.76)
+    assert d.action == "backoff" and d.lr_next == 8e-3 and d.lr_step == 1.6e-2 and "rose" in d.reason
+    assert ctl.ceiling == pytest.approx(1.6e-2 * lrctl.CEIL)
+    ceiling = 1.6e-2 * lrctl.CEIL
     d = ctl.observe(5, ctl.lr, ups(0.6))  # improving: x GROW (after a backoff), at most the ceiling
-    assert d.action == "grow" and ctl.lr == pytest.approx(4e-3 * lrctl.GROW)
+    assert d.action == "grow" and ctl.lr == pytest.approx(8e-3 * lrctl.GROW)
     d = ctl.observe(6, ctl.lr, ups(0.55))
     assert d.action == "grow" and ctl.lr == pytest.approx(ceiling)  # 1st improving round that hits it
     d = ctl.observe(7, ctl.lr, ups(0.5))  # held there ...
     assert d.action == "hold" and "at the ceiling" in d.reason and ctl.lr == pytest.approx(ceiling)
     d = ctl.observe(8, ctl.lr, ups(0.45))  # ... until CALM_ROUNDS in a row there raise it x GROW
     assert d.action == "grow" and "ceiling raised" in d.reason and ctl.lr == pytest.approx(ceiling * lrctl.GROW)
+
+
+def test_the_step_cap_stops_growth_and_a_plan_far_above_it_damps() -> None:
+    """Growth (the start's too) stops where a round's first-order predicted drop, lr x T x the lead's mean g^2,
+    reaches STEP_SHARE of the fleet's loss: with |g| = 1, T = 5 and loss 0.5 that is lr 0.04."""
+    assert lrctl.step_cap(0.5, 1.0, [5] * 10) == pytest.approx(lrctl.STEP_SHARE * 0.5 / 5)
+    assert lrctl.step_cap(0.5, 1.0, [1] * 10) == math.inf and lrctl.step_cap(0.5, 0.0, [5]) == math.inf
+    assert lrctl.step_cap(0.0, 1.0, [5]) == math.inf
+    ctl = LrController(3e-2)
+    d = ctl.observe(0, 3e-2, ups(0.5))  # cap 0.04: the start grows to it, not to 6e-2
+    assert d.action == "start" and d.lr_next == pytest.approx(0.04)
+    d = ctl.observe(1, ctl.lr, ups(0.45))  # the loss fell, and so did the cap (0.036): the lr follows it down
+    assert d.action == "cap" and "above the step cap 0.036: down to 0.036" in d.reason
+    assert d.lr_next == pytest.approx(0.036) and d.lr_step == pytest.approx(0.04)  # the round applies as planned
+    d = ctl.observe(2, ctl.lr, ups(0.33))  # cap 0.0264
+    assert d.action == "cap" and d.lr_next == pytest.approx(0.0264)
+    d = ctl.observe(3, ctl.lr, ups(0.8))  # a rise still backs off below the cap: lr halves
+    assert d.action == "damp" and d.lr_next == pytest.approx(0.0132)
+    ctl2 = LrController(1e-2)
+    ctl2.observe(0, 1e-2, ups(0.5, (2.0, -1.6, 1.8, -2.2, 2.0)))  # cap 0.01: no start growth
+    assert ctl2.lr == 1e-2
+    d = ctl2.observe(1, 1e-2, ups(0.4, (2.0, -1.6, 1.8, -2.2, 2.0)))  # the loss fell with it: cap 0.008
+    assert d.action == "cap" and d.lr_next == pytest.approx(0.008)
+    ctl3 = LrController(0.1)  # planned 2.5 x the cap (0.04), the first round included: its paths went too far
+    d = ctl3.observe(0, 0.1, ups(0.5))
+    assert d.action == "damp" and d.lr_step == pytest.approx(0.1 * lrctl.DAMP) and d.lr_next == 0.05
+    assert "0.1 > 2x the step cap 0.04" in d.reason and ctl3.ref is None and ctl3.g0 == []  # no reference, no lead
+    d = ctl3.observe(1, 0.05, ups(0.45))  # 1.4 x the cap (0.036): applied, the reference now; down to the cap
+    assert (d.action, d.lr_step) == ("cap", 0.05) and d.lr_next == pytest.approx(0.036) and ctl3.g0 == [1.0]
+    assert ctl3.ref == 0.45 and "first loss 0.4500" in d.reason
 
 
 def test_a_jittering_loss_does_not_ratchet_the_lr_down() -> None:
@@ -59,9 +89,9 @@ def test_a_jittering_loss_does_not_ratchet_the_lr_down() -> None:
 
 def test_a_flat_loss_holds_and_noise_below_abs_tol_is_no_rise() -> None:
     ctl = LrController(1e-3)
-    ctl.observe(0, 1e-3, ups(0.05))
-    d = ctl.observe(1, 1e-3, ups(0.05 + 0.009))  # +18 % but under ABS_TOL nats
-    assert d.action == "hold" and d.lr_next == 1e-3
+    ctl.observe(0, 1e-3, ups(0.05))  # the start grows to 2e-3 (cap 0.004)
+    d = ctl.observe(1, 2e-3, ups(0.05 + 0.009))  # +18 % but under ABS_TOL nats
+    assert d.action == "hold" and d.lr_next == 2e-3
 
 
 def test_a_share_of_spiking_devices_backs_off_even_when_the_mean_barely_moves() -> None:
@@ -135,14 +165,15 @@ def test_fleet_lr_fixed_emits_nothing_auto_emits_a_record_with_its_state() -> No
     assert fixed.lr == 3e-3 and fixed.closed(0, 3e-3, [_row("a", 1.0)], 5.0) == (3e-3, [], None)
     auto = FleetLr("auto", 0.0, 100)
     assert auto.lr == start_lr(100)
-    lr, recs, undo = auto.closed(0, auto.lr, [_row("a", 1.0)], 5.0)
+    steep = (2.0, 2.0)  # step cap 0.4 x 1.0 / (2 x 4.0) = 0.05 = start_lr(100): the start holds
+    lr, recs, undo = auto.closed(0, auto.lr, [_row("a", 1.0, steep)], 5.0)
     (rec,) = recs
     assert isinstance(rec, LrRecord) and rec.action == "start" and rec.state["ref"] == 1.0 and lr == start_lr(100)
     assert undo is None
-    lr, recs, _ = auto.closed(1, auto.lr, [_row("a", 0.5)], 6.0)
-    assert [type(r) for r in recs] == [LrRecord, EventRecord]
+    lr, recs, _ = auto.closed(1, auto.lr, [_row("a", 2.0, steep)], 6.0)  # the loss doubled: the lr moves
+    assert [type(r) for r in recs] == [LrRecord, EventRecord] and lr == start_lr(100) * lrctl.DAMP
     ev = recs[1]
-    assert isinstance(ev, EventRecord) and ev.kind == "lr" and "grow" in ev.detail
+    assert isinstance(ev, EventRecord) and ev.kind == "lr" and "damp" in ev.detail
     assert FleetLr("auto", 7e-3, 100).lr == 7e-3  # lr_start overrides the derived start
     with pytest.raises(ValueError, match="lr must be"):
         FleetLr(2.0, 0.0, 100)
@@ -175,11 +206,23 @@ def test_drift_pools_g0_over_rounds() -> None:
     # one small g_0 (0.5) with later steps of 2: this round alone says D = 4, the pool (4 rounds) ~1.1
     assert drift_ratio([(0.5, 2.0, -2.0, 2.0)]) == pytest.approx(4.0)
     d = ctl.observe(3, ctl.lr, ups(0.65, (0.5, 2.0, -2.0, 2.0)))
-    assert d.action == "grow" and len(ctl.g0) == lrctl.G0_ROUNDS
+    assert d.action != "damp" and len(ctl.g0) == lrctl.G0_ROUNDS
 
 
 def _result(r: int, lr: float) -> ResultRow:
     return ResultRow(r, (11, 12), (0.5, -0.25), lr, "rademacher", 1, "0" * 64, 0.0, 0.0)
+
+
+def test_a_jump_in_a_round_whose_own_paths_steepened_damps_instead_of_undoing() -> None:
+    """Undo blames the previous result only when this round's own paths were calm (D <= UNDO_CALM): with D 2.0
+    the jump is as likely this round's own divergence (demo auto@4x: an undo took back a round that had
+    raised accuracy .57 -> .95), so it damps and the previous result stays."""
+    ctl = LrController(1e-2)
+    ctl.observe(0, 1e-2, ups(1.0, (4.0, -3.6, 4.4, -4.0, 4.0)), undo_lr=0.0)  # |g| 4: the lr moves down to the cap
+    ctl.observe(1, ctl.lr, ups(0.8, (4.0, -3.6, 4.4, -4.0, 4.0)), undo_lr=1e-2)
+    lr = ctl.lr
+    d = ctl.observe(2, lr, ups(1.6, (4.0, 8.0, -8.0, 8.0, -8.0)), undo_lr=lr)  # D = 2.0: 1.5 < D < DRIFT_MAX
+    assert d.action == "damp" and "loss 1.6000 >> smoothed" in d.reason and d.lr_step == pytest.approx(lr * lrctl.DAMP)
 
 
 def test_a_round_whose_losses_jump_on_the_values_the_last_result_made_undoes_that_result() -> None:
