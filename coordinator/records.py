@@ -292,7 +292,7 @@ class LrRecord:
     lr_used: float  # the plan's (the devices' local steps)
     lr_step: float  # the result's (less than lr_used when the controller damped the round)
     lr_next: float
-    action: str  # start | grow | hold | backoff | damp | skip
+    action: str  # start | grow | hold | cap | backoff | damp | undo | skip
     reason: str
     loss: float  # the round's mean device loss (nan: none)
     state: dict[str, Any]  # LrController.state()
