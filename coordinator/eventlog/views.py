@@ -106,6 +106,13 @@ class LogViews:
         ).fetchone()
         return None if row is None else f64_list(row[0])
 
+    def latest_gradips(self) -> dict[str, list[float]]:
+        """client -> `latest_gradip(client)` for every client that has one, in one query."""
+        q = """SELECT u.client, u.gradip FROM updates u
+               JOIN (SELECT client, MAX(round) AS r FROM updates WHERE gradip IS NOT NULL GROUP BY client) m
+                 ON u.client = m.client AND u.round = m.r"""
+        return {str(c): f64_list(g) for c, g in self.db.execute(q)}
+
     def evals(self, source: str | None = None, last: int | None = None) -> list[EvalRow]:
         """Evaluations in (round, source) order; `source` one client or COORDINATOR_EVAL; `last` rounds only."""
         cond, args = where(("source=?", source), ("round > (SELECT COALESCE(MAX(round), -1) FROM evals) - ?", last))

@@ -1,4 +1,5 @@
-"""The clients' update counters folded once per round (coordinator/eventlog/writer.py `fold_clients`).
+"""The clients' update counters folded once per round (coordinator/eventlog/writer.py `fold_clients`), and
+the `updates` key led by the round.
 
 An Update no longer rewrites its client's row (`updates`, `last_update_at`, `seen_at`); each round's close
 and each prune add the rows after the mark, and the readers (`EventLog.clients`, `LogViews.client_status`)
@@ -8,14 +9,16 @@ an older build wrote (no mark: it counted every row already)."""
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from coordinator.eventlog import EventLog, writer
+from coordinator.eventlog import DB_NAME, EventLog, writer
 from coordinator.eventlog.rows import FOLD_KEY, last_rowid
+from coordinator.eventlog.schema import SCHEMA
 from coordinator.logstore import Store
 from coordinator.records import (
     HeartbeatRecord,
@@ -30,6 +33,7 @@ from coordinator.records import (
     UpdateRow,
 )
 from shared.prng import derive_seed, raw_u64
+from tests.coordinator.test_eventlog_writer import dump, records
 
 CLIENTS = ("a", "b", "c", "d", "e", "f")
 
@@ -205,3 +209,27 @@ def test_a_prune_of_the_last_rows_lets_their_rowids_be_reused(tmp_path: Path) ->
     a = log.views.client_status()[0]
     assert (a.client, a.updates, a.last_update_at, a.seen_at) == ("a", 2, 10.0, 10.0)
     log.close()
+
+
+def test_updates_are_keyed_round_first_and_an_older_layout_writes_the_same_rows(tmp_path: Path) -> None:
+    """A new log's `updates` key leads with the round (a batch's rows share the open round's index pages);
+    a log an older build created keeps (client, round) and takes the same records to the same rows."""
+    new = EventLog(tmp_path / "new")
+    pk = [r[2] for r in new.db.execute("PRAGMA index_info(sqlite_autoindex_updates_1)").fetchall()]
+    assert pk == ["round", "client"]
+    old_dir = tmp_path / "old"
+    old_dir.mkdir()
+    con = sqlite3.connect(old_dir / DB_NAME)
+    con.executescript(SCHEMA.replace("PRIMARY KEY (round, client)", "PRIMARY KEY (client, round)"))
+    con.close()
+    old = EventLog(old_dir)
+    assert [r[2] for r in old.db.execute("PRAGMA index_info(sqlite_autoindex_updates_1)").fetchall()] == ["client", "round"]
+    for log in (new, old):
+        with log.transaction():
+            log.persist_many(records())
+    assert dump(old) == dump(new)
+    assert old.views.latest_gradips() == new.views.latest_gradips() == {
+        c: g for c in ("a", "b", "c") if (g := new.views.latest_gradip(c)) is not None}  # fmt: skip
+    assert set(new.views.latest_gradips()) == {"a", "b", "c"}
+    new.close()
+    old.close()
