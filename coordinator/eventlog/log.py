@@ -46,12 +46,13 @@ class EventLog:
         self.db.create_schema(SCHEMA)
         for table, column, kind in ADDED_COLUMNS:
             self.db.add_column(table, column, kind)
-        if self.get_meta("schema_version") is None:
+        version, folded = self.get_meta("schema_version"), self.get_meta(FOLD_KEY)
+        if version is None or folded is None:
             with self.transaction():
-                self.set_meta("schema_version", str(SCHEMA_VERSION))
-        if self.get_meta(FOLD_KEY) is None:  # new, or an older build's log: it counted every row already
-            with self.transaction():
-                self.set_meta(FOLD_KEY, str(last_rowid(self.db)))
+                if version is None:
+                    self.set_meta("schema_version", str(SCHEMA_VERSION))
+                if folded is None:  # new, or an older build's log: it counted every row already
+                    self.set_meta(FOLD_KEY, str(last_rowid(self.db)))
 
     def close(self) -> None:
         self.db.close()
