@@ -139,7 +139,7 @@ _PG_TYPES = [
     (re.compile(r"\bREAL\b"), "DOUBLE PRECISION"),
     (re.compile(r"\bINTEGER\b"), "BIGINT"),  # rounds and counters are u32: beyond PostgreSQL's int4
     # insertion order: SQLite's implicit rowid is an explicit column here
-    (re.compile(r"CREATE TABLE IF NOT EXISTS updates \("), "CREATE TABLE IF NOT EXISTS updates (\n    rid BIGSERIAL,"),
+    (re.compile(r"CREATE TABLE IF NOT EXISTS updates \("), "CREATE TABLE IF NOT EXISTS updates (\n    rid BIGSERIAL UNIQUE,"),
 ]
 
 

@@ -69,10 +69,11 @@ def status_report(
             "sampled": o.sampled, "reported": o.reported, "extensions": o.extensions,
         }  # fmt: skip
         drift = {d.client: d for d in log.drift_rows()}
+        gradips = log.views.latest_gradips()  # one query, not one per client
         clients: list[dict[str, Any]] = []
         for c in log.views.client_status():
             d = drift.get(c.client)
-            gi = log.views.latest_gradip(c.client)
+            gi = gradips.get(c.client)
             clients.append({
                 "client": c.client, "state": c.state, "reason": c.reason, "online": c.online,
                 "n_samples": c.n_samples, "joined_at_round": c.last_round, "seen_s_ago": _ago(now, c.seen_at),

@@ -10,7 +10,17 @@ from pathlib import Path
 from typing import Any, cast
 
 from coordinator.eventlog import writer
-from coordinator.eventlog.rows import PLAN_COLS, f64_list, opt, plan_row, where
+from coordinator.eventlog.rows import (
+    FOLD_KEY,
+    PLAN_COLS,
+    client_sql,
+    f64_list,
+    folded_rowid,
+    last_rowid,
+    opt,
+    plan_row,
+    where,
+)
 from coordinator.eventlog.schema import ADDED_COLUMNS, SCHEMA, SCHEMA_VERSION
 from coordinator.eventlog.views import LogViews
 from coordinator.logstore import DB_NAME, Store, open_store
@@ -36,9 +46,13 @@ class EventLog:
         self.db.create_schema(SCHEMA)
         for table, column, kind in ADDED_COLUMNS:
             self.db.add_column(table, column, kind)
-        if self.get_meta("schema_version") is None:
+        version, folded = self.get_meta("schema_version"), self.get_meta(FOLD_KEY)
+        if version is None or folded is None:
             with self.transaction():
-                self.set_meta("schema_version", str(SCHEMA_VERSION))
+                if version is None:
+                    self.set_meta("schema_version", str(SCHEMA_VERSION))
+                if folded is None:  # new, or an older build's log: it counted every row already
+                    self.set_meta(FOLD_KEY, str(last_rowid(self.db)))
 
     def close(self) -> None:
         self.db.close()
@@ -110,10 +124,10 @@ class EventLog:
 
     def clients(self) -> list[ClientRow]:
         """The registry as the round book needs it, sorted by id."""
-        q = "SELECT client, state, fingerprint, mask_id, n_samples, online, seen_at FROM clients ORDER BY client"
+        q = client_sql("c.client, c.state, c.fingerprint, c.mask_id, c.n_samples, c.online, {seen_at}")
         return [
             ClientRow(str(c), str(st), str(fp), str(m), int(n), bool(on), None if seen is None else float(seen))
-            for c, st, fp, m, n, on, seen in self.db.execute(q)
+            for c, st, fp, m, n, on, seen in self.db.execute(q, (folded_rowid(self.db),))
         ]
 
     def get_plan(self, round: int) -> PlanRow | None:

@@ -10,6 +10,7 @@ from typing import Any, cast
 
 import numpy as np
 
+from coordinator.logstore import Store
 from coordinator.records import PlanRow
 from shared.prng import Dist
 
@@ -62,3 +63,36 @@ def plan_row(row: Sequence[Any]) -> PlanRow:
         lr=float(row[6]), eps=float(row[7]), dist=cast(Dist, str(row[8])), batch_size=int(row[9]), base_round=int(row[10]),
         base_checksum=str(row[11]), extensions=int(row[12]), sample_max=None if sample_max is None else int(sample_max),
     )  # fmt: skip
+
+
+# the clients' update counters (writer.fold_clients): `clients.updates`, `last_update_at` and the update's
+# `seen_at` cover the `updates` rows up to rowid meta[FOLD_KEY]; a row after it counts through `client_sql`
+FOLD_KEY = "clients_folded_rowid"
+# the rows after the mark by the rowid range (MATERIALIZED: SQLite would otherwise group the whole table by its
+# (client, round) index), then per client; a statement using UNFOLDED starts with UNFOLDED_WITH
+UNFOLDED_WITH = "WITH r AS MATERIALIZED (SELECT client, received_at FROM updates WHERE rowid > ?) "
+UNFOLDED = "SELECT client, COUNT(*) AS n, MAX(received_at) AS at FROM r GROUP BY client"
+_SEEN = "CASE WHEN u.at IS NULL OR (c.seen_at IS NOT NULL AND c.seen_at >= u.at) THEN c.seen_at ELSE u.at END"
+
+
+def folded_rowid(db: Store) -> int:
+    """The rowid through which the clients' counters include the updates (every row: a log without the
+    key, which an older build counted row by row and a read-only reader cannot mark)."""
+    row = db.execute("SELECT value FROM meta WHERE key=?", (FOLD_KEY,)).fetchone()
+    return last_rowid(db) if row is None else int(row[0])
+
+
+def last_rowid(db: Store) -> int:
+    return int(db.execute("SELECT COALESCE(MAX(rowid), 0) FROM updates").fetchone()[0])
+
+
+def client_sql(cols: str) -> str:
+    """A SELECT of `cols` over the clients, sorted by id, with the updates after the mark (its one argument:
+    `folded_rowid`) added: the stored row is `c`, and {seen_at}, {last_update_at}, {updates} in `cols` name
+    those columns as a fold now would leave them."""
+    sql = cols.format(
+        seen_at=_SEEN,
+        last_update_at="COALESCE(u.at, c.last_update_at)",
+        updates="c.updates + COALESCE(u.n, 0)",
+    )
+    return f"{UNFOLDED_WITH}SELECT {sql} FROM clients AS c LEFT JOIN ({UNFOLDED}) AS u ON u.client = c.client ORDER BY c.client"

@@ -50,7 +50,9 @@ CREATE TABLE IF NOT EXISTS updates (
     status TEXT NOT NULL,              -- accepted | late | dropped | folded
     used_in INTEGER,                   -- round whose result used it (NULL while pending)
     gradip BLOB,                       -- float64 LE per step: g_{k,t} * c_t (MEERKAT-VP), if the mask has grads
-    PRIMARY KEY (client, round)
+    -- round first: a batch's rows go to the open round's few index pages, not to one page per client spread
+    -- over every round (a log created before keeps (client, round): the same rows, the same SQL)
+    PRIMARY KEY (round, client)
 );
 CREATE INDEX IF NOT EXISTS updates_round ON updates(round, status);
 CREATE TABLE IF NOT EXISTS results (

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from coordinator.eventlog.rows import SAMPLE_MAX_KEY, f64_list, opt, where
+from coordinator.eventlog.rows import SAMPLE_MAX_KEY, client_sql, f64_list, folded_rowid, opt, where
 from coordinator.logstore import Store
 from coordinator.records import (
     ClientStatusRow,
@@ -36,12 +36,12 @@ class LogViews:
 
     def client_status(self) -> list[ClientStatusRow]:
         """Every registry column `meerkat status` shows, sorted by id."""
-        q = """SELECT client, state, reason, online, n_samples, last_round, seen_at, hb_at, telemetry, last_update_at,
-                      updates FROM clients ORDER BY client"""
+        q = client_sql("c.client, c.state, c.reason, c.online, c.n_samples, c.last_round, {seen_at}, c.hb_at, c.telemetry, "
+                       "{last_update_at}, {updates}")  # the updates not folded yet added (writer.fold_clients)
         return [
             ClientStatusRow(str(c), str(st), str(rs), bool(on), int(n), int(lr), opt(seen), opt(hb),
                             json.loads(tele or "{}"), opt(lu), int(nup))
-            for c, st, rs, on, n, lr, seen, hb, tele, lu, nup in self.db.execute(q)
+            for c, st, rs, on, n, lr, seen, hb, tele, lu, nup in self.db.execute(q, (folded_rowid(self.db),))
         ]  # fmt: skip
 
     def open_round(self) -> OpenRoundRow | None:
@@ -105,6 +105,13 @@ class LogViews:
             (client,),
         ).fetchone()
         return None if row is None else f64_list(row[0])
+
+    def latest_gradips(self) -> dict[str, list[float]]:
+        """client -> `latest_gradip(client)` for every client that has one, in one query."""
+        q = """SELECT u.client, u.gradip FROM updates u
+               JOIN (SELECT client, MAX(round) AS r FROM updates WHERE gradip IS NOT NULL GROUP BY client) m
+                 ON u.client = m.client AND u.round = m.r"""
+        return {str(c): f64_list(g) for c, g in self.db.execute(q)}
 
     def evals(self, source: str | None = None, last: int | None = None) -> list[EvalRow]:
         """Evaluations in (round, source) order; `source` one client or COORDINATOR_EVAL; `last` rounds only."""

@@ -15,7 +15,16 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from coordinator.eventlog.rows import f64_blob, opt, steps_json
+from coordinator.eventlog.rows import (
+    FOLD_KEY,
+    UNFOLDED,
+    UNFOLDED_WITH,
+    f64_blob,
+    folded_rowid,
+    last_rowid,
+    opt,
+    steps_json,
+)
 from coordinator.logstore import Store
 from coordinator.records import (
     COORDINATOR_EVAL,
@@ -159,13 +168,12 @@ def _updates(db: Store, recs: Sequence[UpdateRecord]) -> None:
         [(u.client, u.round, str(u.msg_id), f64_blob(u.grads), u.n_samples, u.loss, u.received_at, u.status,
           None if r.gradip is None else f64_blob(r.gradip)) for r in recs for u in (r.update,)],
     )  # fmt: skip
-    db.executemany(
-        "UPDATE clients SET last_update_at=?, seen_at=?, updates=updates+1 WHERE client=?",
-        [(r.update.received_at, r.update.received_at, r.update.client) for r in recs],
-    )
+    # the client's counters (updates, last_update_at, seen_at) are not written here: `fold_clients` adds the
+    # rows to them when a round closes, and the readers add the rows not folded yet (`rows.client_sql`)
 
 
 def _results(db: Store, recs: Sequence[ResultRecord]) -> None:
+    fold_clients(db)  # before the marks: a fold reads only the rows' client and received_at
     db.executemany(
         """INSERT INTO results(round, seeds, scalars, lr, dist, n_clients, values_checksum, closed_at, duration_s)
            VALUES (?,?,?,?,?,?,?,?,?)""",
@@ -264,7 +272,7 @@ TABLES: dict[type, frozenset[str]] = {
     JoinRecord: frozenset({"clients"}), OnlineRecord: frozenset({"clients"}),
     HeartbeatRecord: frozenset({"clients", "evals", "resources"}), SeenRecord: frozenset({"clients"}),
     OfflineRecord: frozenset({"clients"}), PlanRecord: frozenset({"rounds"}), ReplanRecord: frozenset({"rounds"}),
-    UpdateRecord: frozenset({"updates", "clients"}), ResultRecord: frozenset({"results", "rounds", "updates"}),
+    UpdateRecord: frozenset({"updates"}), ResultRecord: frozenset({"results", "rounds", "updates", "clients", "meta"}),
     DriftRecord: frozenset({"drift"}), LimitRecord: frozenset({"drift"}),
     RejectRecord: frozenset({"rejects", "reject_log"}), EventRecord: frozenset({"events"}),
     EvalRecord: frozenset({"evals"}), DuplicateRecord: frozenset({"round_counts"}),
@@ -276,6 +284,23 @@ WRITERS: dict[type, Callable[[Store, Sequence[Any]], None]] = {
     ResultRecord: _results, DriftRecord: _drift, LimitRecord: _limits, RejectRecord: _rejects,
     EventRecord: _events, EvalRecord: _evals, DuplicateRecord: _duplicates, LrRecord: _lr,
 }  # fmt: skip
+
+
+# -- the clients' update counters, folded once per round ------------------------------------------
+# `clients.updates`, `last_update_at` and the update's `seen_at` cover the `updates` rows up to rowid
+# meta[FOLD_KEY]; a row after it counts through `rows.client_sql` (the readers) until the next fold. An
+# Update then writes one table, not a random `clients` page per update (docs/SCALING.md "Seventh pass").
+def fold_clients(db: Store) -> None:
+    """Add the updates rows after the mark to their clients' counters, then move the mark to the last row:
+    the same values as counting each row when it was written (`seen_at` only moves forward, as a
+    heartbeat's). Run by each round's close (`_results`) and by `prune` before it deletes rows."""
+    db.execute(
+        f"""{UNFOLDED_WITH}UPDATE clients SET updates = clients.updates + u.n, last_update_at = u.at,
+               seen_at = CASE WHEN clients.seen_at IS NULL OR clients.seen_at < u.at THEN u.at ELSE clients.seen_at END
+           FROM ({UNFOLDED}) AS u WHERE clients.client = u.client""",
+        (folded_rowid(db),),
+    )
+    set_meta(db, FOLD_KEY, str(last_rowid(db)))
 
 
 # -- writes that are not round-book records ---------------------------------------------------------
@@ -311,6 +336,7 @@ def prune(db: Store, before: int, results_before: int, keep_per_client: int) -> 
                   last replay_max)
     Returns the rows deleted per table."""
     out = {}
+    fold_clients(db)  # the rows deleted below are in the clients' counters first
     cur = db.execute(
         """DELETE FROM updates WHERE round < ? AND status != 'late' AND rowid NOT IN (
                SELECT rid FROM (SELECT rowid AS rid,
@@ -320,6 +346,7 @@ def prune(db: Store, before: int, results_before: int, keep_per_client: int) -> 
         (before, keep_per_client, keep_per_client),
     )
     out["updates"] = cur.rowcount
+    set_meta(db, FOLD_KEY, str(last_rowid(db)))  # every row is folded; SQLite may reuse a deleted last rowid
     out["rounds"] = db.execute("DELETE FROM rounds WHERE round < ? AND state = 'closed' AND round NOT IN "
                                "(SELECT round FROM updates WHERE status = 'late')", (before,)).rowcount  # fmt: skip
     out["events"] = db.execute("DELETE FROM events WHERE round < ?", (before,)).rowcount
