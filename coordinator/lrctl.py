@@ -20,7 +20,7 @@ Signals of a round (BENCHMARKS.md "The fleet finds its own lr" has the measureme
            devices not in that round are not counted)
   step cap STEP_SHARE x the mean loss / (T x the pooled lead mean square of g): the lr at which a round's
            first-order predicted loss drop (each step removes ~lr x g^2) is STEP_SHARE of the loss, a Polyak
-           step size measured from the round's own updates. On the demo model (BENCHMARKS.md "A step cap")
+           step size measured from the round's own updates. On the demo model (BENCHMARKS.md "Stop 19")
            the tuned lr read 0.4x it at round 0 and 0.8-1.2x later; 4x the tuned lr 1.5-8x it at round 0
   rise     the fleet's mean loss above the smoothed loss by more than max(RISE, NOISE_K x the recent
            upward deviation: its peak, decaying NOISE_DECAY a round) (relative) and ABS_TOL: a fleet whose
