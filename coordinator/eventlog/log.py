@@ -16,6 +16,7 @@ from coordinator.eventlog.rows import (
     client_sql,
     f64_list,
     folded_rowid,
+    get_meta,
     last_rowid,
     opt,
     plan_row,
@@ -119,8 +120,7 @@ class EventLog:
 
     # -- what recovery (coordinator/recovery.py, checkpoint.py) and the pump read -------------------
     def get_meta(self, key: str) -> str | None:
-        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
-        return None if row is None else str(row[0])
+        return get_meta(self.db, key)
 
     def clients(self) -> list[ClientRow]:
         """The registry as the round book needs it, sorted by id."""

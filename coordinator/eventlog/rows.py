@@ -75,11 +75,16 @@ UNFOLDED = "SELECT client, COUNT(*) AS n, MAX(received_at) AS at FROM r GROUP BY
 _SEEN = "CASE WHEN u.at IS NULL OR (c.seen_at IS NOT NULL AND c.seen_at >= u.at) THEN c.seen_at ELSE u.at END"
 
 
+def get_meta(db: Store, key: str) -> str | None:
+    row = db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+    return None if row is None else str(row[0])
+
+
 def folded_rowid(db: Store) -> int:
     """The rowid through which the clients' counters include the updates (every row: a log without the
     key, which an older build counted row by row and a read-only reader cannot mark)."""
-    row = db.execute("SELECT value FROM meta WHERE key=?", (FOLD_KEY,)).fetchone()
-    return last_rowid(db) if row is None else int(row[0])
+    mark = get_meta(db, FOLD_KEY)
+    return last_rowid(db) if mark is None else int(mark)
 
 
 def last_rowid(db: Store) -> int:
