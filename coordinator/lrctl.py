@@ -222,6 +222,9 @@ class LrController:
                 why = f"{why}; up to the step cap {cap:.4g}"
         else:
             self.calm = 0
+            if action == "start" and cap > self.lr:  # calm paths below the step cap: grow toward it already
+                self.lr = min(LR_MAX, self.ceiling, self.lr * GROW_FAST, cap)
+                why = f"{why}; lr grows"
         if action in ("start", "grow", "hold") and self.lr > cap:  # above the cap (it fell; at most 2x: else damp)
             self.lr = max(LR_MIN, cap)
             action, why = "cap", f"{why}; lr above the step cap {cap:.4g}: down to {self.lr:.4g}"
@@ -230,15 +233,11 @@ class LrController:
     def _judge(
         self, mean: float, ref: float | None, cap: float, drift: float, seen: int, spiked: int
     ) -> tuple[str, str]:
-        """The action of a round that did not diverge: backoff, start (growing toward the step cap), grow or hold."""
+        """The action of a round that did not diverge: backoff, start, grow or hold (the lr moves in `observe`)."""
         if seen and spiked >= SPIKE_SHARE * seen:
             return "backoff", f"{spiked} of {seen} devices spiked (loss > {SPIKE:g}x their last)"
         if ref is None:
-            why = f"first loss {mean:.4f} (drift {drift:.2f}, step cap {cap:.4g}): the reference"
-            if cap > self.lr:  # calm paths below the step cap: grow toward it already
-                self.lr = min(LR_MAX, self.ceiling, self.lr * GROW_FAST, cap)
-                why = f"{why}; lr grows"
-            return "start", why
+            return "start", f"first loss {mean:.4f} (drift {drift:.2f}, step cap {cap:.4g}): the reference"
         if mean > ref * (1 + (rise := max(RISE, NOISE_K * self.noise))) and mean - ref > ABS_TOL:
             return "backoff", f"fleet loss rose: {mean:.4f} > smoothed {ref:.4f} by more than {rise:.0%}"
         if mean < ref:
