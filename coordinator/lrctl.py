@@ -7,7 +7,11 @@ It answers with the lr the round's result is applied with and one `LrDecision`, 
 persists with the controller's whole state (`LrRecord`, the event log's `lr_decisions` table) in the
 same transaction as the result: a restarted coordinator resumes from the newest row exactly.
 
-Signals of a round (BENCHMARKS.md "The fleet finds its own lr" has the measurements behind them):
+Signals of a round (BENCHMARKS.md "The fleet finds its own lr" has the measurements behind them), read
+from values one device cannot steer (`robust_round`): the fleet loss is the mean of the devices' losses
+clipped into median +- CLIP_K x MAD, each step's g clipped the same way over the paths that reach it (a
+device that reports a loss of 1e30 moves the fleet loss as one at the band's edge would), and a fleet
+spike needs two devices:
   drift    D = rms of the fleet's later g_t / rms of its lead steps' g (the first third of each path, at
            least g_0: `lead_steps`), the lead pooled over the last G0_ROUNDS rounds applied as planned (not
            damped, not undone). The lead is measured near the round's base values, the later ones further
@@ -17,7 +21,8 @@ Signals of a round (BENCHMARKS.md "The fleet finds its own lr" has the measureme
            three-step lead 1.1-1.3 there; hence the lead of several steps, the pooling and the high
            threshold
   spikes   devices whose loss > SPIKE x their own loss of the previous round (and ABS_TOL nats above it;
-           devices not in that round are not counted)
+           devices not in that round are not counted); a fleet spike is SPIKE_SHARE of them, at least two
+           (when two or more were seen)
   step cap STEP_SHARE x the mean loss / (T x the pooled lead mean square of g): the lr at which a round's
            first-order predicted loss drop (each step removes ~lr x g^2) is STEP_SHARE of the loss, a Polyak
            step size measured from the round's own updates. On the demo model (BENCHMARKS.md "Stop 19")
@@ -27,7 +32,7 @@ Signals of a round (BENCHMARKS.md "The fleet finds its own lr" has the measureme
            mean loss jitters (sampled subsets, uneven data) backs off only on rises larger than its jitter
 The rule, in order:
   undo     the mean loss above the smoothed one by more than RISE_DAMP, SPIKE_SHARE of the devices seen in
-           the previous round spiked, this round's own paths were calm (D <= UNDO_CALM: a steeper round may
+           the previous round spiked, this round's own paths were calm (D <= CALM: a steeper round may
            have diverged on its own), the previous round's result was applied (the book passes it) and this
            round's plan lr is at most the previous plan's (so its own local paths were no steeper): the
            losses were measured on the values that result made, so it did the damage. This round's result
@@ -35,18 +40,19 @@ The rule, in order:
            scalars negated, at the smaller of its lr and the plan's), this round's own updates are not
            applied, the lr backs off from the undone round's (x BACKOFF, ceiling CEIL x it), and these
            losses enter neither the smoothed loss nor the devices' previous losses. Never two in a row.
-  damp     D > DRIFT_MAX, a plan lr above STEP_OVER x the step cap, or the mean loss jumped as above where
-           nothing can be undone: the round's own steps diverged. Its result is applied at lr x DAMP (the
+  damp     D > DRIFT_MAX, a plan lr above STEP_OVER x the step cap, the mean loss jumped as above where
+           nothing can be undone, or a round without a reference loss yet (the first) whose D > CALM: the
+           round's own steps diverged. Its result is applied at the smaller of lr x DAMP and the step cap (the
            RoundResult carries that lr: every replica, replay and checkpoint applies the same), lr x
            BACKOFF, and the lr never grows past that again; its loss (a diverging path's) does not enter
            the smoothed loss, nor its lead g the pool.
-  backoff  spikes in >= SPIKE_SHARE of the devices, or a rise: lr x BACKOFF; growth stops from then on
+  backoff  a fleet spike, or a rise: lr x BACKOFF; growth stops from then on
            at CEIL x the lr that did it (the ceiling), until CALM_ROUNDS rounds in a row improve while at
            the ceiling: then the ceiling rises x GROW
   grow     the mean loss fell below the smoothed loss: lr x GROW_FAST until the first backoff, lr x GROW
            after it, at most the ceiling, the step cap and LR_MAX
   cap      a start, grow or hold that leaves the lr above the step cap (the cap fell with the loss): down to it
-  start    the first round sets the reference loss, and the lr grows x GROW_FAST toward the step cap when it
+  start    the first calm round sets the reference loss, and the lr grows x GROW_FAST toward the step cap when it
            is below it (the start is deliberately low: four-round runs could not afford a round spent there)
   hold     otherwise; a round without an on-time update (all paused) changes nothing
 The lr moves only by these factors or to the step cap, and never leaves [LR_MIN, LR_MAX]. Nothing here
@@ -64,6 +70,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from coordinator.centered import clip_round
 from coordinator.records import EventRecord, LrRecord, Record, ResultRow, UpdateRow
 
 log = logging.getLogger(__name__)
@@ -89,7 +96,9 @@ START_K = 0.5  # start_lr = START_K / sqrt(nnz)
 STEP_SHARE = 0.4  # growth stops where a round's first-order predicted loss drop, lr x T x the lead's mean g^2, is
 #                   this share of the fleet's mean loss (the step cap: a Polyak step size) ...
 STEP_OVER = 2.0  # ... a round planned above this x the step cap damps, a lr above the cap moves down to it
-UNDO_CALM = 1.5  # undo only when this round's own paths were calm (D at most this: 0.6-1.45 measured at 0.5-1x tuned)
+CALM = 1.5  # a round's own paths were calm at D at most this (0.6-1.45 measured at 0.5-1x tuned): undo needs it, a
+#             first round above it damps
+CLIP_K = 2.0  # the round's losses and each step's g are clipped into median +- CLIP_K x MAD (coordinator/centered.py)
 LR_MIN, LR_MAX = 1e-7, 0.5
 
 
@@ -166,8 +175,8 @@ class LrController:
         ups = [u for u in ups if math.isfinite(u[1])]
         if not ups:
             return LrDecision(round, lr_used, lr_used, self.lr, "skip", "no on-time update: lr unchanged", math.nan)
-        mean = math.fsum(x for _, x, _ in ups) / len(ups)
-        lead, later = lead_and_later([g for _, _, g in ups])
+        mean, grads = robust_round(ups)
+        lead, later = lead_and_later(grads)
         # the pool this round is judged by; it keeps this round's lead only if the round is applied as planned
         # (a damped or undone round's g is a diverging path's: it would lower the step cap for G0_ROUNDS rounds)
         pool = [*self.g0, _mean_square(lead)][-G0_ROUNDS:] if lead else self.g0
@@ -178,7 +187,7 @@ class LrController:
         seen = sum(1 for c, _, _ in ups if c in self.prev)
         ref, old, step = self.ref, self.lr, lr_used
         rose = ref is not None and mean > ref * (1 + RISE_DAMP) and mean - ref > ABS_TOL
-        if rose and undoable and drift <= UNDO_CALM and (not seen or len(spiked) >= SPIKE_SHARE * seen):
+        if rose and undoable and drift <= CALM and (not seen or _spike(len(spiked), seen)):
             # the previous round's result did the damage: these losses were measured on the values it made
             self.lr = max(LR_MIN, min(self.lr, undo_lr) * BACKOFF)
             self.ceiling, self.calm = max(LR_MIN, min(self.ceiling, undo_lr * CEIL)), 0
@@ -187,10 +196,13 @@ class LrController:
             return LrDecision(round, lr_used, min(undo_lr, lr_used), self.lr, "undo", why, mean)
         self.prev = {c: x for c, x, _ in ups}  # this round's devices only: the state stays O(clients_per_round)
         self.applied, self.applied_lr = round, lr_used
-        if drift > DRIFT_MAX or rose or lr_used > STEP_OVER * cap:
-            step = lr_used * DAMP
+        steep = ref is None and drift > CALM  # a first round (or one after a damp) whose paths already steepened
+        if drift > DRIFT_MAX or rose or lr_used > STEP_OVER * cap or steep:
+            step = min(lr_used * DAMP, cap)  # a quarter, and never above what the round's own updates bear
             if drift > DRIFT_MAX:
                 sign = f"drift {drift:.2f} > {DRIFT_MAX:g}"
+            elif steep:
+                sign = f"drift {drift:.2f} > {CALM:g} before any reference loss (a start above the calm lrs)"
             elif rose:
                 sign = f"loss {mean:.4f} >> smoothed {ref:.4f}"
             else:
@@ -234,7 +246,7 @@ class LrController:
         self, mean: float, ref: float | None, cap: float, drift: float, seen: int, spiked: int
     ) -> tuple[str, str]:
         """The action of a round that did not diverge: backoff, start, grow or hold (the lr moves in `observe`)."""
-        if seen and spiked >= SPIKE_SHARE * seen:
+        if seen and _spike(spiked, seen):
             return "backoff", f"{spiked} of {seen} devices spiked (loss > {SPIKE:g}x their last)"
         if ref is None:
             return "start", f"first loss {mean:.4f} (drift {drift:.2f}, step cap {cap:.4g}): the reference"
@@ -243,6 +255,25 @@ class LrController:
         if mean < ref:
             return "grow", f"fleet loss fell: {mean:.4f} < smoothed {ref:.4f} (drift {drift:.2f})"
         return "hold", f"fleet loss {mean:.4f} ~ smoothed {ref:.4f}"
+
+
+def _spike(spiked: int, seen: int) -> bool:
+    """A fleet spike: SPIKE_SHARE of the devices seen in the previous round, and at least two of them when two
+    were seen (one device's own loss never moves a fleet's lr; a fleet of one is that device)."""
+    return spiked >= max(min(2, seen), SPIKE_SHARE * seen)
+
+
+def robust_round(ups: Sequence[tuple[str, float, Sequence[float]]]) -> tuple[float, list[Sequence[float]]]:
+    """The fleet loss and the g the signals read: the mean of the devices' losses and each step's g, every value
+    first clipped into median +- CLIP_K x MAD of its kind (the losses; each step's g over the paths that reach
+    it: coordinator/centered.py), so one device moves them by at most one order statistic of the others (from
+    MIN_CLIENTS = 3 devices; fewer: the plain values)."""
+    named = {str(i): [x] for i, (_, x, _) in enumerate(ups)}
+    losses = [v[0] for v in clip_round(named, 1, CLIP_K).values.values()]
+    paths = {str(i): list(g) for i, (_, _, g) in enumerate(ups)}
+    T = max((len(g) for g in paths.values()), default=0)
+    grads = list(clip_round(paths, T, CLIP_K).values.values()) if T else list(paths.values())
+    return math.fsum(losses) / len(losses), grads
 
 
 def step_cap(loss: float, lead_ms: float, lengths: Sequence[int]) -> float:

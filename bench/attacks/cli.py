@@ -1,7 +1,7 @@
 """`meerkat bench attacks`: can one valid device (or three colluding) steer the model? (issue 26)
 
     meerkat bench attacks [--json] [--out DIR] [--seeds 3] [--rounds R] [--steps T] [--task topic]
-                          [--model-dir DIR] [--attacks ratchet,scaling,...] [--hostile 1,3]
+                          [--lr 0.05|auto|auto@X] [--model-dir DIR] [--attacks ratchet,scaling,...] [--hostile 1,3]
                           [--rules fedavg,<default>] [--clean-rules RULES] [--resume] [--shard K/N]
 
 In-process fleet (bench/inproc.py: the product's RoundBook, 10 device cores with the client's engine step,
@@ -9,13 +9,14 @@ every message through the codec) on the tiny model (`meerkat tiny-model`, or --m
 labelled task split Dirichlet(0.5) over 10 devices. Hostile devices are the 1 or 3 of median data share
 (a typical participant, not the device the split made largest); they train honestly and hand their Join /
 Updates to an attack strategy (bench/attacks/strategies.py: ratchet, scaling, sign-flip, bias, rejoin,
-alternating; and absent, the silent baseline), so the coordinator's real intake, admission and aggregation
-judge them. Each (rule, attack, hostile, seed) is one run; each rule also runs clean (no attack) per seed,
+alternating; and absent, the silent baseline; loss, a device lying about its training loss, only on request:
+it is what `--lr auto`'s controller reads), so the coordinator's real intake, admission, aggregation and
+lr controller judge them. Each (rule, attack, hostile, seed) is one run; each rule also runs clean (no attack) per seed,
 and so does each of --clean-rules (clean only: e.g. the fedavg baseline of the clean cost without its attack
 rows). After every round the coordinator's values are evaluated on the held-out set.
 
 Reported (DIR/attacks.json, DIR/attacks.md, the JSON summary last on stdout with --json): per run the
-held-out accuracy and loss after every round; per (rule, attack, hostile) the final accuracy against the
+held-out accuracy and loss after every round and the lr each round was applied with; per (rule, attack, hostile) the final accuracy against the
 clean run of the same rule and seed (mean and worst seed) and against the absent run, the worst per-round
 gap, what the coordinator refused; the verdicts: with 1 hostile every attack within 2 points of clean, which
 hold with 3, and the clean run of the default rule within 1 point of plain FedAvg. Runs are cached in
@@ -38,10 +39,10 @@ import torch
 
 from bench.attacks.report import markdown, summarize
 from bench.attacks.run import Cell, CellResult, book_config, run_cell
-from bench.attacks.strategies import ATTACKS
+from bench.attacks.strategies import ATTACKS, KNOWN
 from bench.cli import add_defaults, print_json_last
 from bench.learning.learning import parse_shard
-from bench.learning.sim import ZOSpec
+from bench.learning.sim import ZOSpec, lr_fields
 from coordinator.aggregate import RULES
 from coordinator.config import Aggregation, CoordinatorConfig
 from shared.prng import derive_seed
@@ -68,7 +69,8 @@ class AttacksConfig:
     seeds: int = 3  # seeds 0..seeds-1: data split, directions and batches
     rounds: int = 5
     steps: int = 4  # local SPSA steps T per round
-    lr: float = 5e-2  # within the lr rule's tie of MEERKAT's 2e-2 on demo/topic (BENCHMARKS.md): learns in 20 steps
+    lr: float | str = 5e-2  # within the lr rule's tie of MEERKAT's 2e-2 on demo/topic (BENCHMARKS.md): learns in 20 steps;
+    #                          "auto" / "auto@X": the coordinator's controller (coordinator/lrctl.py)
     eps: float = 1e-2
     batch_size: int = 16
     n_clients: int = 10
@@ -108,11 +110,13 @@ def add_parser(sub: Any) -> None:
     add_defaults(
         p, d, ("--size", "size", "tiny-model size"), ("--task", "task", "task (bench/tinylm/tasks.py)"),
         ("--seeds", "seeds", "seeds 0..N-1"), ("--rounds", "rounds", "rounds per run"),
-        ("--steps", "steps", "local SPSA steps per round"), ("--lr", "lr", "learning rate"),
+        ("--steps", "steps", "local SPSA steps per round"),
         ("--n-train", "n_train", "training examples over all devices"), ("--n-eval", "n_eval", "held-out examples"),
     )  # fmt: skip
+    p.add_argument("--lr", type=bench_lr, default=d.lr,
+                   help=f"learning rate: a number, auto or auto@X (the controller, started at X) (default {d.lr})")
     p.add_argument("--model-dir", default="", help="a `meerkat tiny-model` dir to use instead of --size's cached build")
-    p.add_argument("--attacks", default=",".join(d.attacks), help=f"comma list from {','.join(ATTACKS)}")
+    p.add_argument("--attacks", default=",".join(d.attacks), help=f"comma list from {','.join(KNOWN)}")
     p.add_argument("--hostile", default=",".join(map(str, d.hostile)), help="comma list: hostile devices of 10")
     p.add_argument("--rules", default=None, help=f"comma list from {','.join(RULES)} (default fedavg and the "
                                                    f"default rule, {default_rule()})")
@@ -124,6 +128,19 @@ def add_parser(sub: Any) -> None:
                         "--resume run gathers them)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: 2 shared cores)")
     p.set_defaults(func=run)
+
+
+def bench_lr(text: str) -> float | str:
+    """--lr: a number in (0, 1), "auto" or "auto@X" (argparse names the option when this raises)."""
+    try:
+        value: float | str = float(text)
+    except ValueError:
+        value = text
+    fields = lr_fields(value)  # ValueError for a word that is no lr mode
+    lr = fields["lr"]
+    if not (lr == "auto" or 0 < lr < 1) or not 0 <= fields.get("lr_start", 0.0) < 1:
+        raise ValueError(f"lr {text!r}: expected a number in (0, 1), auto or auto@X with X in (0, 1)")
+    return value
 
 
 def config_from_args(args: argparse.Namespace) -> AttacksConfig:
@@ -138,9 +155,9 @@ def config_from_args(args: argparse.Namespace) -> AttacksConfig:
         cfg = replace(cfg, hostile=tuple(int(h) for h in items(args.hostile)))
     except ValueError:
         raise SystemExit(f"--hostile: expected a comma list of integers, got {args.hostile!r}") from None
-    bad = [a for a in cfg.attacks if a not in ATTACKS]
+    bad = [a for a in cfg.attacks if a not in KNOWN]
     if bad:
-        raise SystemExit(f"--attacks: unknown {bad}; known: {list(ATTACKS)}")
+        raise SystemExit(f"--attacks: unknown {bad}; known: {list(KNOWN)}")
     bad = [r for r in cfg.rules + cfg.clean_rules if r not in RULES]
     if bad:
         raise SystemExit(f"--rules / --clean-rules: unknown {bad}; known: {list(RULES)}")
@@ -226,7 +243,7 @@ class Matrix:
         if self.resume and path.is_file():
             got = json.loads(path.read_text())
             return CellResult(cell, got["accuracy"], got["loss"], (got["start"]["accuracy"], got["start"]["loss"]),
-                              got["attacker"], got["seconds"])  # fmt: skip
+                              got["attacker"], got["seconds"], got.get("lr", []))  # fmt: skip
         res = run_cell(self.loaded, self.data(cell.seed), self.spec(cell.seed), cell)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")

@@ -52,6 +52,7 @@ def summarize(results: Sequence[CellResult], *, default_rule: str, tolerance: fl
             "max_abs_unrefused": max(float(r.attacker.get("max_abs_unrefused", 0.0)) for r in runs),
             "max_abs_sent": max(float(r.attacker.get("max_abs_sent", 0.0)) for r in runs),
             "share": [r.attacker.get("share") for r in runs],  # the hostile devices' share of the data, per seed
+            "lr_final": _last_lr(runs), "clean_lr_final": _last_lr(base),  # the last round's applied lr, mean
         })  # fmt: skip
     cost = _clean_cost(clean, default_rule)
     verdicts: dict[str, Any] = {}
@@ -89,6 +90,18 @@ def _clean_cost(clean: dict[tuple[str, int], CellResult], default_rule: str) -> 
             "fedavg_accuracy": statistics.fmean(_final(clean[("fedavg", s)])[0] for s in seeds)}
 
 
+def _last_lr(runs: Sequence[CellResult]) -> float | None:
+    """The mean over seeds of the lr the last round was applied with (None: a run cached before it was kept)."""
+    if not runs or not all(r.lr for r in runs):
+        return None
+    return statistics.fmean(r.lr[-1] for r in runs)
+
+
+def _lr_pair(r: dict[str, Any]) -> str:
+    a, b = r.get("lr_final"), r.get("clean_lr_final")
+    return "-" if a is None or b is None else f"{a:.3g} ({b:.3g})"
+
+
 def _shares(shares: Sequence[float | None]) -> str:
     """The hostile devices' data share per seed ("8/10/9 %"); "-" when a run did not record it."""
     if any(x is None for x in shares):
@@ -101,8 +114,9 @@ def markdown(summary: dict[str, Any]) -> str:
     tol = summary["tolerance"]
     lines = [
         "| rule | attack | hostile of 10 | final acc | clean acc | delta mean / worst seed | worst round gap "
-        "| vs absent | final loss (clean) | refused | max \\|g\\| sent | data share | within " + f"{tol * 100:g} pts |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| vs absent | final loss (clean) | refused | max \\|g\\| sent | data share | last lr (clean) | within "
+        + f"{tol * 100:g} pts |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary["rows"]:
         lines.append(
@@ -110,7 +124,7 @@ def markdown(summary: dict[str, Any]) -> str:
             f"| {r['delta_mean']:+.3f} / {r['delta_worst']:+.3f} | {r['worst_round_gap']:.3f} "
             f"| {'-' if r['delta_vs_absent'] is None else format(r['delta_vs_absent'], '+.3f')} "
             f"| {r['loss']:.3f} ({r['clean_loss']:.3f}) | {r['refused']} | {r['max_abs_sent']:.3g} "
-            f"| {_shares(r['share'])} | {'yes' if r['within_tolerance'] else '**no**'} |"
+            f"| {_shares(r['share'])} | {_lr_pair(r)} | {'yes' if r['within_tolerance'] else '**no**'} |"
         )
     cost = summary["clean_cost"]
     if cost is not None:

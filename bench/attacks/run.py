@@ -45,13 +45,14 @@ class CellResult:
     start: tuple[float, float] = (math.nan, math.nan)  # (accuracy, loss) before round 0
     attacker: dict[str, Any] = field(default_factory=dict)  # strategies.Tally.to_json()
     seconds: float = 0.0
+    lr: list[float] = field(default_factory=list)  # the lr each round's result was applied with (--lr auto: moves)
 
     def to_json(self) -> dict[str, Any]:
         c = self.cell
         return {"rule": c.rule, "attack": c.attack, "hostile": c.hostile, "seed": c.seed,
                 "start": {"accuracy": self.start[0], "loss": self.start[1]},
                 "accuracy": self.accuracy, "loss": self.loss, "attacker": self.attacker,
-                "seconds": round(self.seconds, 2)}
+                "seconds": round(self.seconds, 2), "lr": self.lr}
 
 
 def held_out(loaded: Any, data: ClientData, values: Any) -> tuple[float, float]:
@@ -106,6 +107,7 @@ def run_cell(loaded: Any, data: ClientData, spec: ZOSpec, cell: Cell, mask_id: s
         acc, loss = held_out(loaded, data, book.values)
         out.accuracy.append(acc)
         out.loss.append(loss)
+        out.lr.append(book.results[-1].lr)
     if attack is not None:
         out.attacker = attack.tally.to_json() | {"devices": sorted(bad),
                                                  "share": sum(len(data.clients[c]) for c in bad) / sum(map(len, data.clients.values()))}

@@ -20,6 +20,10 @@ the ratchet, climb one shared level.
     ratchet      -g scaled to max |g| = level; refused (BAD_UPDATE) -> bisect the level down with fresh
                  msg_ids (at most PROBES a round); accepted -> next round starts at RAISE x level: it
                  finds an unannounced |g| cap and, if the cap follows what it accepted, climbs with it
+    loss         honest g, the reported training loss x LOSS_X on odd rounds and / LOSS_X on even ones: what
+                 the lr controller (`--lr auto`) reads of a device and nothing else does; under a plain mean
+                 a fleet loss that jumps every other round (damps, backoffs, a step cap LOSS_X high). Not in
+                 the default list (at a fixed lr nothing reads the loss): `--attacks loss --lr auto`
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ from dataclasses import dataclass, field, replace
 from bench.inproc import Send
 from shared.messages import U32, U64, ErrorCode, ErrorMsg, Join, Update
 
-ATTACKS = ("ratchet", "scaling", "sign-flip", "bias", "rejoin", "alternating", "absent")
+ATTACKS = ("ratchet", "scaling", "sign-flip", "bias", "rejoin", "alternating", "absent")  # the default list
+KNOWN = (*ATTACKS, "loss")
 
 SCALE = 20.0  # scaling / alternating: within the main branch's adaptive cap (50 x median |g|), so accepted there
 FLIP = 4.0  # sign-flip: one device of ten at -4 g cancels ~half of the honest step under plain FedAvg
@@ -39,6 +44,7 @@ BIAS = 5.0  # bias: offset in units of the round's median honest |g|
 RAISE = 2.0  # ratchet: next round's first probe, x the last accepted level
 PROBES = 8  # ratchet: probes per round (well inside rate_burst: the rate limit is not what stops it)
 START = 8.0  # ratchet: first level, x the honest max |g|
+LOSS_X = 1000.0  # loss: the reported loss x this on odd rounds, / this on even ones
 
 
 @dataclass
@@ -121,6 +127,15 @@ class Alternating(Attack):
         return g if round % 2 == 0 else tuple(-SCALE * x for x in g)
 
 
+class LossLie(Attack):
+    """Honest g; the loss it reports alternates LOSS_X x and 1 / LOSS_X x its own."""
+
+    name = "loss"
+
+    def update(self, client: str, msg: Update, send: Send) -> None:
+        self._send(send, replace(msg, loss=msg.loss * (LOSS_X if msg.round % 2 else 1 / LOSS_X)))
+
+
 class Absent(Attack):
     name = "absent"
 
@@ -184,15 +199,15 @@ class Ratchet(Attack):
 
 FACTORIES: dict[str, type[Attack]] = {
     "ratchet": Ratchet, "scaling": Scaling, "sign-flip": SignFlip, "bias": Bias, "rejoin": Rejoin,
-    "alternating": Alternating, "absent": Absent,
+    "alternating": Alternating, "absent": Absent, "loss": LossLie,
 }  # fmt: skip
 
 
 def make_attack(name: str) -> Attack:
     """A fresh strategy (one per run, shared by that run's hostile devices)."""
     if name not in FACTORIES:
-        raise ValueError(f"unknown attack {name!r}; known: {', '.join(ATTACKS)}")
+        raise ValueError(f"unknown attack {name!r}; known: {', '.join(KNOWN)}")
     return FACTORIES[name]()
 
 
-__all__ = ["ATTACKS", "Attack", "Tally", "make_attack"]
+__all__ = ["ATTACKS", "KNOWN", "Attack", "Tally", "make_attack"]

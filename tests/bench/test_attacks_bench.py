@@ -56,10 +56,10 @@ class SameG:
         return {"device": "cpu"}
 
 
-def fleet(rule: str, attack: str, hostile: int, cap: float = 1e6) -> tuple[InProcessFleet, Attack]:
+def fleet(rule: str, attack: str, hostile: int, cap: float = 1e6, lr: float | str = 1e-2) -> tuple[InProcessFleet, Attack]:
     """Ten devices of n = N (equal shares), the first `hostile` sharing one `attack`; `cap`: a fixed |g| cap
     and no adaptive one (so what reaches the aggregate is known: the rule alone decides)."""
-    spec = ZOSpec(rounds=3, T=3, lr=1e-2, eps=1e-2, batch_size=4, seed=5)
+    spec = ZOSpec(rounds=3, T=3, lr=lr, eps=1e-2, batch_size=4, seed=5)
     cfg = replace(zo_config(spec, 10), aggregation=cast("Aggregation", rule), max_abs_grad=cap, grad_cap_k=0.0)
     book = RoundBook(cfg, fingerprint=FP, mask_id=MASK, values=torch.zeros(NNZ))
     strategy = make_attack(attack)
@@ -151,6 +151,27 @@ def test_the_default_rule_weighs_an_always_clipped_device_zero_and_replicas_foll
     assert strategy.tally.sent == 1 + 3 and not strategy.tally.refused
 
 
+def test_a_device_lying_about_its_loss_moves_not_one_lr_of_the_controller() -> None:
+    """lr = "auto": the loss attack (x1000 / /1000 on alternate rounds; honest g) against nine honest devices
+    whose losses agree: the controller's clipped fleet loss is the honest one and one device is no fleet
+    spike, so every round's lr and result are bit for bit the honest fleet's."""
+    honest, _ = fleet("centered", "scaling", 0, lr="auto")
+    lying, strategy = fleet("centered", "loss", 1, lr="auto")
+    a, b = honest.run(6), lying.run(6)
+    assert [r.lr for r, _ in b] == [r.lr for r, _ in a] and len({r.lr for r, _ in a}) > 1  # the lr moved
+    assert [(r.seeds, r.scalars, r.values_checksum) for r, _ in b] == [(r.seeds, r.scalars, r.values_checksum) for r, _ in a]
+    assert strategy.tally.sent == 1 + 6 and not strategy.tally.refused
+
+
+def test_bench_lr_takes_a_number_or_the_controller() -> None:
+    from bench.attacks.cli import bench_lr
+
+    assert bench_lr("0.05") == 0.05 and bench_lr("auto") == "auto" and bench_lr("auto@0.2") == "auto@0.2"
+    for bad in ("fast", "2", "auto@3", "0"):
+        with pytest.raises(ValueError):
+            bench_lr(bad)
+
+
 def test_the_ratchet_never_gets_more_than_the_books_cap_into_a_result() -> None:
     cap = 5.0
     f, strategy = fleet("fedavg", "ratchet", 1, cap=cap)
@@ -176,7 +197,7 @@ def test_bench_attacks_cli_on_the_micro_model(tmp_path: Path) -> None:
     assert "fedavg" in rules and res["default_rule"] in rules
     assert len(res["runs"]) == len(rules) * (1 + 2 * 2)
     for run in res["runs"]:
-        assert len(run["accuracy"]) == len(run["loss"]) == 2
+        assert len(run["accuracy"]) == len(run["loss"]) == len(run["lr"]) == 2
         assert all(0.0 <= a <= 1.0 for a in run["accuracy"]) and all(math.isfinite(x) for x in run["loss"])
         if run["attack"] != "none":
             assert run["attacker"]["sent"] >= 2 * run["hostile"] >= 2  # every hostile device sent each round

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -249,10 +250,48 @@ def test_a_round_whose_losses_jump_on_the_values_the_last_result_made_undoes_tha
         if first == 2:
             c2.observe(1, 1e-2, [])  # an empty round: nothing was applied in round 1
         assert c2.observe(first + 1 if first == 2 else 1, 1e-2, ups(1.6), undo_lr=undo_lr).action == "damp"
-    # a mean that jumps while fewer than SPIKE_SHARE of the devices spiked (a sampled subset) is no undo
+    # a fleet loss that jumps while fewer than SPIKE_SHARE of the devices spiked (a sampled subset) is no undo:
+    # eight devices rise 1.49x (no spike), two 10x; the clipped mean 2.12 > 1.5 x 0.55
     c3 = LrController(1e-2)
-    c3.observe(0, 1e-2, ups(1.0))
-    assert c3.observe(1, 1e-2, ups([1.0] * 8 + [5.0] * 2), undo_lr=1e-2).action == "damp"
+    r0 = [0.4, 0.45, 0.5, 0.55, 0.6, 0.5, 0.5, 2.0, 2.0, 2.0]
+    c3.observe(0, 1e-2, ups(r0))
+    r1 = [x * 1.49 for x in r0[:5]] + [5.0, 5.0] + [x * 1.49 for x in r0[7:]]
+    assert c3.observe(1, 1e-2, ups(r1), undo_lr=1e-2).action == "damp"
+    # ... and two devices of ten jumping 5x is no fleet rise at all: the clipped mean stays
+    c4 = LrController(1e-2)
+    c4.observe(0, 1e-2, ups(1.0))
+    assert c4.observe(1, 1e-2, ups([1.0] * 8 + [5.0] * 2), undo_lr=1e-2).action == "hold"
+
+
+def _fleet_rounds(n: int) -> list[list[tuple[str, float, tuple[float, ...]]]]:
+    """n rounds of a fleet that learns: losses spread over the devices and falling, g that shrink with them."""
+    out = []
+    for r in range(n):
+        level = 1.0 * 0.85**r
+        out.append([(c, level * (0.8 + 0.05 * i), tuple(level * (1.0 + 0.1 * ((i + t) % 3)) for t in range(6)))
+                    for i, c in enumerate(CLIENTS)])  # fmt: skip
+    return out
+
+
+def _liar(rounds: list[list[tuple[str, float, tuple[float, ...]]]], loss: Any) -> list[list[tuple[str, float, tuple[float, ...]]]]:
+    """The same rounds with device 0 reporting loss(r, its true loss) instead (its g honest)."""
+    return [[(c, loss(r, x) if i == 0 else x, g) for i, (c, x, g) in enumerate(ups_r)] for r, ups_r in enumerate(rounds)]
+
+
+@pytest.mark.parametrize("name,loss", [
+    ("inflated 1e30", lambda r, x: 1e30), ("zero", lambda r, x: 0.0), ("x100 on odd rounds", lambda r, x: x * (100 if r % 2 else 1)),
+    ("x1000 from round 3", lambda r, x: x * (1000 if r >= 3 else 1)),
+])  # fmt: skip
+def test_one_device_reporting_any_loss_moves_no_decision(name: str, loss: Any) -> None:
+    """One valid device of ten lying about its loss (the only field it can set freely; its g are bounded by
+    admission's cap and the centred band) never changes an action, and the lrs stay within 10 % of the honest
+    fleet's: the plain mean of these losses would rise, damp and cap on every lie."""
+    honest, lying = LrController(1e-3), LrController(1e-3)
+    rounds = _fleet_rounds(10)
+    for r, (a, b) in enumerate(zip(rounds, _liar(rounds, loss), strict=True)):
+        da, db = honest.observe(r, honest.lr, a), lying.observe(r, lying.lr, b)
+        assert da.action == db.action, (name, r, da, db)
+        assert db.lr_next == pytest.approx(da.lr_next, rel=0.1) and db.lr_step == pytest.approx(da.lr_step, rel=0.1)
 
 
 def test_fleet_lr_undo_returns_the_previous_result_and_its_negation_restores_the_values() -> None:
