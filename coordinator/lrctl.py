@@ -225,12 +225,10 @@ class LrController:
                     self.ceiling, self.calm, why = min(LR_MAX, self.ceiling * GROW), 0, f"{why}; ceiling raised"
             grown = min(LR_MAX, self.ceiling, self.lr * (GROW_FAST if self.ceiling >= LR_MAX else GROW))
             self.lr = max(old, min(grown, cap))  # the step cap stops growth
-            if cap < old:
-                pass  # the cap fell below the lr: `cap` below moves it down
-            elif self.lr <= old:
+            if cap >= old and self.lr <= old:  # (a cap below the lr: `cap` below moves it down)
                 at = f"the step cap {cap:.4g}" if cap < grown else f"the ceiling {self.ceiling:.4g}"
                 action, why = "hold", f"{why}; at {at}"
-            elif self.lr < grown:
+            elif old < self.lr < grown:
                 why = f"{why}; up to the step cap {cap:.4g}"
         else:
             self.calm = 0
