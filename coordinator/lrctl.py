@@ -70,7 +70,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from coordinator.centered import clip_round
+from coordinator.centered import MIN_CLIENTS, clip_round
 from coordinator.records import EventRecord, LrRecord, Record, ResultRow, UpdateRow
 
 log = logging.getLogger(__name__)
@@ -132,6 +132,7 @@ class LrController:
         self.ref: float | None = None  # the smoothed fleet loss
         self.ceiling = LR_MAX  # growth stops here (lowered by every backoff)
         self.prev: dict[str, float] = {}  # the loss of each device of the last round with updates
+        self.index: float | None = None  # ... and that round's fleet loss (`fleet_loss`)
         self.g0: list[float] = []  # mean square of the fleet's lead-step g, the last G0_ROUNDS rounds
         self.noise = 0.0  # smoothed relative upward deviation of the mean loss from the smoothed loss
         self.calm = 0  # improving rounds in a row at the ceiling
@@ -144,6 +145,7 @@ class LrController:
     def state(self) -> dict[str, Any]:
         """Everything the next decision depends on, JSON-able (floats round-trip exactly through json)."""
         return {"lr": self.lr, "ref": self.ref, "ceiling": self.ceiling, "prev": dict(sorted(self.prev.items())),
+                "index": self.index,
                 "g0": list(self.g0), "noise": self.noise, "calm": self.calm, "last_round": self.last_round,
                 "applied": self.applied, "applied_lr": self.applied_lr}  # fmt: skip
 
@@ -152,6 +154,8 @@ class LrController:
             lr, ref, ceiling = float(s["lr"]), s["ref"], float(s["ceiling"])
             self.lr, self.ref, self.ceiling = lr, None if ref is None else float(ref), ceiling
             self.prev = {str(k): float(v) for k, v in dict(s["prev"]).items()}
+            index = s.get("index")  # a state logged before the index: the next round reads its clipped mean
+            self.index = None if index is None else float(index)
             self.g0 = [float(x) for x in s["g0"]]
             self.noise, self.calm = float(s["noise"]), int(s["calm"])
             self.last_round = int(s["last_round"])
@@ -175,14 +179,15 @@ class LrController:
         ups = [u for u in ups if math.isfinite(u[1])]
         if not ups:
             return LrDecision(round, lr_used, lr_used, self.lr, "skip", "no on-time update: lr unchanged", math.nan)
-        mean, grads = robust_round(ups)
+        level, grads = robust_round(ups)
+        mean = fleet_loss(ups, level, self.prev, self.index)
         lead, later = lead_and_later(grads)
         # the pool this round is judged by; it keeps this round's lead only if the round is applied as planned
         # (a damped or undone round's g is a diverging path's: it would lower the step cap for G0_ROUNDS rounds)
         pool = [*self.g0, _mean_square(lead)][-G0_ROUNDS:] if lead else self.g0
         lead_ms = math.fsum(pool) / len(pool) if pool else 0.0
         drift = _rms_ratio(later, lead_ms)
-        cap = step_cap(mean, lead_ms, [len(g) for _, _, g in ups])
+        cap = step_cap(level, lead_ms, [len(g) for _, _, g in ups])
         spiked = [c for c, x, _ in ups if c in self.prev and x > SPIKE * self.prev[c] and x - self.prev[c] > ABS_TOL]
         seen = sum(1 for c, _, _ in ups if c in self.prev)
         ref, old, step = self.ref, self.lr, lr_used
@@ -195,6 +200,7 @@ class LrController:
                    f"{seen} devices spiked (drift {drift:.2f}); its result (lr {undo_lr:.4g}) is undone")
             return LrDecision(round, lr_used, min(undo_lr, lr_used), self.lr, "undo", why, mean)
         self.prev = {c: x for c, x, _ in ups}  # this round's devices only: the state stays O(clients_per_round)
+        self.index = mean
         self.applied, self.applied_lr = round, lr_used
         steep = ref is None and drift > CALM  # a first round (or one after a damp) whose paths already steepened
         if drift > DRIFT_MAX or rose or lr_used > STEP_OVER * cap or steep:
@@ -262,16 +268,35 @@ def _spike(spiked: int, seen: int) -> bool:
 
 
 def robust_round(ups: Sequence[tuple[str, float, Sequence[float]]]) -> tuple[float, list[Sequence[float]]]:
-    """The fleet loss and the g the signals read: the mean of the devices' losses and each step's g, every value
-    first clipped into median +- CLIP_K x MAD of its kind (the losses; each step's g over the paths that reach
-    it: coordinator/centered.py), so one device moves them by at most one order statistic of the others (from
-    MIN_CLIENTS = 3 devices; fewer: the plain values)."""
-    named = {str(i): [x] for i, (_, x, _) in enumerate(ups)}
-    losses = [v[0] for v in clip_round(named, 1, CLIP_K).values.values()]
+    """The round's loss level (the step cap's numerator) and the g the signals read: the mean of the devices'
+    losses and each step's g, every value first clipped into median +- CLIP_K x MAD of its kind (the losses;
+    each step's g over the paths that reach it: coordinator/centered.py), so one device moves them by at most
+    one order statistic of the others (from MIN_CLIENTS = 3 devices; fewer: the plain values)."""
     paths = {str(i): list(g) for i, (_, _, g) in enumerate(ups)}
     T = max((len(g) for g in paths.values()), default=0)
     grads = list(clip_round(paths, T, CLIP_K).values.values()) if T else list(paths.values())
-    return math.fsum(losses) / len(losses), grads
+    return clipped_mean([x for _, x, _ in ups]), grads
+
+
+def fleet_loss(ups: Sequence[tuple[str, float, Sequence[float]]], level: float, prev: Mapping[str, float],
+               index: float | None) -> float:
+    """The fleet loss the rise, grow and undo rules read: a chain index, the previous round's `index` x the
+    clipped mean of each device's loss over its own loss in that round (`prev`; the devices of both rounds).
+    Devices hold different data, so their losses differ widely while the ratios agree closely: one device
+    moves the index by CLIP_K MADs of the ratios / N, where it moved the clipped mean `level` by CLIP_K MADs
+    of the losses / N (enough to cross RISE on a ten-device Dirichlet split). `level` itself without an index
+    or with fewer than MIN_CLIENTS devices in both rounds (a sampled fleet's rounds may share few)."""
+    both = [(x, prev[c]) for c, x, _ in ups if c in prev and prev[c] > 0]
+    if index is None or len(both) < MIN_CLIENTS:
+        return level
+    return index * clipped_mean([x / p for x, p in both])
+
+
+def clipped_mean(xs: Sequence[float]) -> float:
+    """The mean of `xs` after each is clipped into median +- CLIP_K x MAD (`coordinator/centered.py`: from
+    MIN_CLIENTS values; fewer: the plain mean)."""
+    named = {str(i): [x] for i, x in enumerate(xs)}
+    return math.fsum(v[0] for v in clip_round(named, 1, CLIP_K).values.values()) / len(xs)
 
 
 def step_cap(loss: float, lead_ms: float, lengths: Sequence[int]) -> float:

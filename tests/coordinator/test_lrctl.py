@@ -250,13 +250,14 @@ def test_a_round_whose_losses_jump_on_the_values_the_last_result_made_undoes_tha
         if first == 2:
             c2.observe(1, 1e-2, [])  # an empty round: nothing was applied in round 1
         assert c2.observe(first + 1 if first == 2 else 1, 1e-2, ups(1.6), undo_lr=undo_lr).action == "damp"
-    # a fleet loss that jumps while fewer than SPIKE_SHARE of the devices spiked (a sampled subset) is no undo:
-    # eight devices rise 1.49x (no spike), two 10x; the clipped mean 2.12 > 1.5 x 0.55
+    # fewer than SPIKE_SHARE of the devices spiked is no undo: eight devices rise 1.49x (no spike), two 10x;
+    # the fleet loss (the index: 0.5525 x the clipped mean ratio 1.49) rose, by less than RISE_DAMP: a backoff
     c3 = LrController(1e-2)
     r0 = [0.4, 0.45, 0.5, 0.55, 0.6, 0.5, 0.5, 2.0, 2.0, 2.0]
     c3.observe(0, 1e-2, ups(r0))
     r1 = [x * 1.49 for x in r0[:5]] + [5.0, 5.0] + [x * 1.49 for x in r0[7:]]
-    assert c3.observe(1, 1e-2, ups(r1), undo_lr=1e-2).action == "damp"
+    d = c3.observe(1, 1e-2, ups(r1), undo_lr=1e-2)
+    assert d.action == "backoff" and d.loss == pytest.approx(0.5525 * 1.49), d
     # ... and two devices of ten jumping 5x is no fleet rise at all: the clipped mean stays
     c4 = LrController(1e-2)
     c4.observe(0, 1e-2, ups(1.0))
@@ -317,3 +318,26 @@ def test_fleet_lr_undo_returns_the_previous_result_and_its_negation_restores_the
     other.closed(0, 1e-2, [_row(c, 1.0) for c in "abc"], 1.0, None)
     other.closed(1, 1e-2, [_row(c, 0.8) for c in "abc"], 2.0, None)
     assert other.closed(2, 1e-2, [_row(c, 1.7) for c in "abc"], 3.0, _result(0, 1e-2))[2] is None
+
+
+def test_the_fleet_loss_is_a_chain_of_ratios_one_device_barely_moves() -> None:
+    """Ten devices whose losses differ 4x (their data do) and fall 3 % a round; device 0 reports x1000 and
+    /1000 by turns. The clipped mean of the losses lets it swing the level by more than RISE (a backoff by
+    itself); the index, chained from each device's ratio to its own last loss, stays within 1 % of the honest."""
+    honest_l = [0.3 + 0.1 * i for i in range(10)]
+    index_h = index_l = None
+    prev_h: dict[str, float] = {}
+    prev_l: dict[str, float] = {}
+    swing = []
+    for r in range(6):
+        true = [x * 0.97**r for x in honest_l]
+        lied = [true[0] * (1000 if r % 2 else 1e-3), *true[1:]]
+        uh, ul = ups(true), ups(lied)
+        level_h, level_l = lrctl.robust_round(uh)[0], lrctl.robust_round(ul)[0]
+        swing.append(abs(level_l / level_h - 1))
+        index_h = lrctl.fleet_loss(uh, level_h, prev_h, index_h)
+        index_l = lrctl.fleet_loss(ul, level_l, prev_l, index_l)
+        assert index_l == pytest.approx(index_h, rel=0.01), r
+        prev_h, prev_l = {c: x for c, x, _ in uh}, {c: x for c, x, _ in ul}
+    assert max(swing) > lrctl.RISE / 2  # up one round, down the next: > RISE between them
+    assert lrctl.fleet_loss(ups(1.0)[:2], 1.0, {"c0": 2.0, "c1": 2.0}, 5.0) == 1.0  # two in both rounds: the level
