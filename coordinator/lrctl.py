@@ -40,9 +40,8 @@ The rule, in order:
            scalars negated, at the smaller of its lr and the plan's), this round's own updates are not
            applied, the lr backs off from the undone round's (x BACKOFF, ceiling CEIL x it), and these
            losses enter neither the smoothed loss nor the devices' previous losses. Never two in a row.
-  damp     D > DRIFT_MAX, a plan lr above STEP_OVER x the step cap, the mean loss jumped as above where
-           nothing can be undone, or a round without a reference loss yet (the first) whose D > CALM: the
-           round's own steps diverged. Its result is applied at the smaller of lr x DAMP and the step cap (the
+  damp     D > DRIFT_MAX, a plan lr above STEP_OVER x the step cap, or the fleet loss jumped as above where
+           nothing can be undone: the round's own steps diverged. Its result is applied at the smaller of lr x DAMP and the step cap (the
            RoundResult carries that lr: every replica, replay and checkpoint applies the same), lr x
            BACKOFF, and the lr never grows past that again; its loss (a diverging path's) does not enter
            the smoothed loss, nor its lead g the pool.
@@ -52,7 +51,7 @@ The rule, in order:
   grow     the mean loss fell below the smoothed loss: lr x GROW_FAST until the first backoff, lr x GROW
            after it, at most the ceiling, the step cap and LR_MAX
   cap      a start, grow or hold that leaves the lr above the step cap (the cap fell with the loss): down to it
-  start    the first calm round sets the reference loss, and the lr grows x GROW_FAST toward the step cap when it
+  start    the first round sets the reference loss, and the lr grows x GROW_FAST toward the step cap when it
            is below it (the start is deliberately low: four-round runs could not afford a round spent there)
   hold     otherwise; a round without an on-time update (all paused) changes nothing
 The lr moves only by these factors or to the step cap, and never leaves [LR_MIN, LR_MAX]. Nothing here
@@ -96,8 +95,7 @@ START_K = 0.5  # start_lr = START_K / sqrt(nnz)
 STEP_SHARE = 0.4  # growth stops where a round's first-order predicted loss drop, lr x T x the lead's mean g^2, is
 #                   this share of the fleet's mean loss (the step cap: a Polyak step size) ...
 STEP_OVER = 2.0  # ... a round planned above this x the step cap damps, a lr above the cap moves down to it
-CALM = 1.5  # a round's own paths were calm at D at most this (0.6-1.45 measured at 0.5-1x tuned): undo needs it, a
-#             first round above it damps
+CALM = 1.5  # undo only when this round's own paths were calm (D at most this: 0.6-1.45 measured at 0.5-1x tuned)
 CLIP_K = 2.0  # the round's losses and each step's g are clipped into median +- CLIP_K x MAD (coordinator/centered.py)
 LR_MIN, LR_MAX = 1e-7, 0.5
 
@@ -202,13 +200,10 @@ class LrController:
         self.prev = {c: x for c, x, _ in ups}  # this round's devices only: the state stays O(clients_per_round)
         self.index = mean
         self.applied, self.applied_lr = round, lr_used
-        steep = ref is None and drift > CALM  # a first round (or one after a damp) whose paths already steepened
-        if drift > DRIFT_MAX or rose or lr_used > STEP_OVER * cap or steep:
+        if drift > DRIFT_MAX or rose or lr_used > STEP_OVER * cap:
             step = min(lr_used * DAMP, cap)  # a quarter, and never above what the round's own updates bear
             if drift > DRIFT_MAX:
                 sign = f"drift {drift:.2f} > {DRIFT_MAX:g}"
-            elif steep:
-                sign = f"drift {drift:.2f} > {CALM:g} before any reference loss (a start above the calm lrs)"
             elif rose:
                 sign = f"loss {mean:.4f} >> smoothed {ref:.4f}"
             else:
