@@ -267,7 +267,7 @@ def robust_round(ups: Sequence[tuple[str, float, Sequence[float]]]) -> tuple[flo
     losses and each step's g, every value first clipped into median +- CLIP_K x MAD of its kind (the losses;
     each step's g over the paths that reach it: coordinator/centered.py), so one device moves them by at most
     one order statistic of the others (from MIN_CLIENTS = 3 devices; fewer: the plain values)."""
-    paths = {str(i): list(g) for i, (_, _, g) in enumerate(ups)}
+    paths: dict[str, Sequence[float]] = {str(i): g for i, (_, _, g) in enumerate(ups)}
     T = max((len(g) for g in paths.values()), default=0)
     grads = list(clip_round(paths, T, CLIP_K).values.values()) if T else list(paths.values())
     return clipped_mean([x for _, x, _ in ups]), grads
