@@ -8,10 +8,11 @@ persists with the controller's whole state (`LrRecord`, the event log's `lr_deci
 same transaction as the result: a restarted coordinator resumes from the newest row exactly.
 
 Signals of a round (BENCHMARKS.md "The fleet finds its own lr" has the measurements behind them), read
-from values one device cannot steer (`robust_round`): the fleet loss is the mean of the devices' losses
-clipped into median +- CLIP_K x MAD, each step's g clipped the same way over the paths that reach it (a
-device that reports a loss of 1e30 moves the fleet loss as one at the band's edge would), and a fleet
-spike needs two devices:
+from values one device cannot steer: the loss level (the step cap's) is the mean of the devices' losses
+clipped into median +- CLIP_K x MAD (`robust_round`: a device that reports a loss of 1e30 counts as one at
+the band's edge), each step's g clipped the same way over the paths that reach it; the fleet loss the rise,
+grow and undo rules read is a chain of the median ratio of each device's loss to its own last one
+(`fleet_loss`); and a fleet spike needs two devices:
   drift    D = rms of the fleet's later g_t / rms of its lead steps' g (the first third of each path, at
            least g_0: `lead_steps`), the lead pooled over the last G0_ROUNDS rounds applied as planned (not
            damped, not undone). The lead is measured near the round's base values, the later ones further
@@ -23,15 +24,15 @@ spike needs two devices:
   spikes   devices whose loss > SPIKE x their own loss of the previous round (and ABS_TOL nats above it;
            devices not in that round are not counted); a fleet spike is SPIKE_SHARE of them, at least two
            (when two or more were seen)
-  step cap STEP_SHARE x the mean loss / (T x the pooled lead mean square of g): the lr at which a round's
+  step cap STEP_SHARE x the loss level / (T x the pooled lead mean square of g): the lr at which a round's
            first-order predicted loss drop (each step removes ~lr x g^2) is STEP_SHARE of the loss, a Polyak
            step size measured from the round's own updates. On the demo model (BENCHMARKS.md "Stop 19")
            the tuned lr read 0.4x it at round 0 and 0.8-1.2x later; 4x the tuned lr 1.5-8x it at round 0
-  rise     the fleet's mean loss above the smoothed loss by more than max(RISE, NOISE_K x the recent
+  rise     the fleet loss above the smoothed loss by more than max(RISE, NOISE_K x the recent
            upward deviation: its peak, decaying NOISE_DECAY a round) (relative) and ABS_TOL: a fleet whose
-           mean loss jitters (sampled subsets, uneven data) backs off only on rises larger than its jitter
+           loss jitters (sampled subsets, uneven data) backs off only on rises larger than its jitter
 The rule, in order:
-  undo     the mean loss above the smoothed one by more than RISE_DAMP, SPIKE_SHARE of the devices seen in
+  undo     the fleet loss above the smoothed one by more than RISE_DAMP, SPIKE_SHARE of the devices seen in
            the previous round spiked, this round's own paths were calm (D <= CALM: a steeper round may
            have diverged on its own), the previous round's result was applied (the book passes it) and this
            round's plan lr is at most the previous plan's (so its own local paths were no steeper): the
@@ -48,7 +49,7 @@ The rule, in order:
   backoff  a fleet spike, or a rise: lr x BACKOFF; growth stops from then on
            at CEIL x the lr that did it (the ceiling), until CALM_ROUNDS rounds in a row improve while at
            the ceiling: then the ceiling rises x GROW
-  grow     the mean loss fell below the smoothed loss: lr x GROW_FAST until the first backoff, lr x GROW
+  grow     the fleet loss fell below the smoothed loss: lr x GROW_FAST until the first backoff, lr x GROW
            after it, at most the ceiling, the step cap and LR_MAX
   cap      a start, grow or hold that leaves the lr above the step cap (the cap fell with the loss): down to it
   start    the first round sets the reference loss, and the lr grows x GROW_FAST toward the step cap when it
@@ -65,6 +66,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -82,9 +84,9 @@ DAMP = 0.25  # a round whose local paths diverged is applied at this x its lr
 DRIFT_MAX = 2.5  # D above this: the local paths diverged
 G0_ROUNDS = 4  # D's denominator pools the lead steps' g of this many rounds (this one included)
 LEAD_SHARE = 3  # ... the first T // LEAD_SHARE steps of each path (at least one)
-RISE = 0.05  # the fleet's mean loss above the smoothed one by this share (and ABS_TOL) is a rise
+RISE = 0.05  # the fleet loss above the smoothed one by this share (and ABS_TOL) is a rise
 RISE_DAMP = 0.5  # ... by this share: the round itself diverged (damp)
-NOISE_K = 1.5  # a rise must also exceed this x the recent upward deviation of the mean loss (its peak, decaying)
+NOISE_K = 1.5  # a rise must also exceed this x the recent upward deviation of the fleet loss (its peak, decaying)
 NOISE_DECAY = 0.9  # ... which decays by this factor a round
 CALM_ROUNDS = 3  # improving rounds in a row at the ceiling that raise it x GROW
 SPIKE = 1.5  # a device whose loss is this x its previous one (and ABS_TOL above) spiked
@@ -93,7 +95,7 @@ ABS_TOL = 0.01  # nats: smaller changes are noise, never a rise or a spike
 SMOOTH = 0.5  # the smoothed loss: SMOOTH x old + (1 - SMOOTH) x the round's mean
 START_K = 0.5  # start_lr = START_K / sqrt(nnz)
 STEP_SHARE = 0.4  # growth stops where a round's first-order predicted loss drop, lr x T x the lead's mean g^2, is
-#                   this share of the fleet's mean loss (the step cap: a Polyak step size) ...
+#                   this share of the loss level (the step cap: a Polyak step size) ...
 STEP_OVER = 2.0  # ... a round planned above this x the step cap damps, a lr above the cap moves down to it
 CALM = 1.5  # undo only when this round's own paths were calm (D at most this: 0.6-1.45 measured at 0.5-1x tuned)
 CLIP_K = 2.0  # the round's losses and each step's g are clipped into median +- CLIP_K x MAD (coordinator/centered.py)
@@ -132,7 +134,7 @@ class LrController:
         self.prev: dict[str, float] = {}  # the loss of each device of the last round with updates
         self.index: float | None = None  # ... and that round's fleet loss (`fleet_loss`)
         self.g0: list[float] = []  # mean square of the fleet's lead-step g, the last G0_ROUNDS rounds
-        self.noise = 0.0  # smoothed relative upward deviation of the mean loss from the smoothed loss
+        self.noise = 0.0  # smoothed relative upward deviation of the fleet loss from the smoothed loss
         self.calm = 0  # improving rounds in a row at the ceiling
         self.last_round = -1
         self.applied = -1  # the last round whose result was applied (not undone, not empty): undo's candidate
@@ -276,15 +278,17 @@ def robust_round(ups: Sequence[tuple[str, float, Sequence[float]]]) -> tuple[flo
 def fleet_loss(ups: Sequence[tuple[str, float, Sequence[float]]], level: float, prev: Mapping[str, float],
                index: float | None) -> float:
     """The fleet loss the rise, grow and undo rules read: a chain index, the previous round's `index` x the
-    clipped mean of each device's loss over its own loss in that round (`prev`; the devices of both rounds).
+    median of each device's loss over its own loss in that round (`prev`; the devices of both rounds).
     Devices hold different data, so their losses differ widely while the ratios agree closely: one device
-    moves the index by CLIP_K MADs of the ratios / N, where it moved the clipped mean `level` by CLIP_K MADs
-    of the losses / N (enough to cross RISE on a ten-device Dirichlet split). `level` itself without an index
-    or with fewer than MIN_CLIENTS devices in both rounds (a sampled fleet's rounds may share few)."""
-    both = [(x, prev[c]) for c, x, _ in ups if c in prev and prev[c] > 0]
+    moves the median by at most one gap between the middle ratios, where it moved the clipped mean `level` by
+    up to CLIP_K MADs of the losses / N (enough to cross RISE on a ten-device Dirichlet split; a clipped mean
+    of the ratios still tipped a grow into a hold: BENCHMARKS.md "A device lying about its loss"). `level`
+    itself without an index or with fewer than MIN_CLIENTS devices in both rounds (a sampled fleet's rounds
+    may share few)."""
+    both = [x / prev[c] for c, x, _ in ups if c in prev and prev[c] > 0]
     if index is None or len(both) < MIN_CLIENTS:
         return level
-    return index * clipped_mean([x / p for x, p in both])
+    return index * statistics.median(both)
 
 
 def clipped_mean(xs: Sequence[float]) -> float:
