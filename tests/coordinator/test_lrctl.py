@@ -333,7 +333,7 @@ def test_the_fleet_loss_is_a_chain_of_ratios_one_device_barely_moves() -> None:
         true = [x * 0.97**r for x in honest_l]
         lied = [true[0] * (1000 if r % 2 else 1e-3), *true[1:]]
         uh, ul = ups(true), ups(lied)
-        level_h, level_l = lrctl.robust_round(uh)[0], lrctl.robust_round(ul)[0]
+        level_h, level_l = lrctl.clipped_mean(true), lrctl.clipped_mean(lied)
         swing.append(abs(level_l / level_h - 1))
         index_h = lrctl.fleet_loss(uh, level_h, prev_h, index_h)
         index_l = lrctl.fleet_loss(ul, level_l, prev_l, index_l)
@@ -341,3 +341,16 @@ def test_the_fleet_loss_is_a_chain_of_ratios_one_device_barely_moves() -> None:
         prev_h, prev_l = {c: x for c, x, _ in uh}, {c: x for c, x, _ in ul}
     assert max(swing) > lrctl.RISE / 2  # up one round, down the next: > RISE between them
     assert lrctl.fleet_loss(ups(1.0)[:2], 1.0, {"c0": 2.0, "c1": 2.0}, 5.0) == 1.0  # two in both rounds: the level
+
+
+def test_one_devices_g_moves_the_drift_ratio_little_a_fleet_that_steepens_keeps_it() -> None:
+    """D from `path_squares`: each device's mean square of g counts at most SQUARE_CAP x the median, so one of
+    ten sending later g 100x (within a loose admission cap) lifts D by at most sqrt(1 + (4 - 1) / 10); when
+    every device's path steepens 3x, D reads 3 as with the plain pooled mean."""
+    calm = [(1.0, -1.0, 1.0, 1.0, -1.0, 1.0)] * 10
+    assert drift_ratio(calm) == pytest.approx(1.0)
+    loud = [(1.0, -1.0, 1.0, 100.0, -100.0, 100.0), *calm[1:]]
+    assert drift_ratio(loud) == pytest.approx(math.sqrt(1 + (lrctl.SQUARE_CAP - 1) / 10))
+    steep = [(1.0, -1.0, 3.0 + 0.1 * i, -3.0, 3.0, -3.0) for i in range(10)]  # T = 6: a lead of 2 steps
+    plain = math.sqrt(sum(sum(x * x for x in g[2:]) for g in steep) / 40 / 1.0)
+    assert drift_ratio(steep) == pytest.approx(plain) and plain > 3.0
