@@ -9,10 +9,10 @@ same transaction as the result: a restarted coordinator resumes from the newest 
 
 Signals of a round (BENCHMARKS.md "The fleet finds its own lr" has the measurements behind them), read
 from values one device cannot steer: the loss level (the step cap's) is the mean of the devices' losses
-clipped into median +- CLIP_K x MAD (`robust_round`: a device that reports a loss of 1e30 counts as one at
-the band's edge), each step's g clipped the same way over the paths that reach it; the fleet loss the rise,
-grow and undo rules read is a chain of the median ratio of each device's loss to its own last one
-(`fleet_loss`); and a fleet spike needs two devices:
+clipped into median +- CLIP_K x MAD (`clipped_mean`: a device that reports a loss of 1e30 counts as one at
+the band's edge); D and the pool count each device's mean square of g at most SQUARE_CAP x the devices'
+median (`path_squares`); the fleet loss the rise, grow and undo rules read is a chain of the median ratio
+of each device's loss to its own last one (`fleet_loss`); and a fleet spike needs two devices:
   drift    D = rms of the fleet's later g_t / rms of its lead steps' g (the first third of each path, at
            least g_0: `lead_steps`), the lead pooled over the last G0_ROUNDS rounds applied as planned (not
            damped, not undone). The lead is measured near the round's base values, the later ones further
@@ -32,8 +32,8 @@ grow and undo rules read is a chain of the median ratio of each device's loss to
            upward deviation: its peak, decaying NOISE_DECAY a round) (relative) and ABS_TOL: a fleet whose
            loss jitters (sampled subsets, uneven data) backs off only on rises larger than its jitter
 The rule, in order:
-  undo     the fleet loss above the smoothed one by more than RISE_DAMP, SPIKE_SHARE of the devices seen in
-           the previous round spiked, this round's own paths were calm (D <= CALM: a steeper round may
+  undo     the fleet loss above the smoothed one by more than RISE_DAMP, a fleet spike among the devices seen
+           in the previous round, this round's own paths were calm (D <= UNDO_CALM: a steeper round may
            have diverged on its own), the previous round's result was applied (the book passes it) and this
            round's plan lr is at most the previous plan's (so its own local paths were no steeper): the
            losses were measured on the values that result made, so it did the damage. This round's result
@@ -42,8 +42,9 @@ The rule, in order:
            applied, the lr backs off from the undone round's (x BACKOFF, ceiling CEIL x it), and these
            losses enter neither the smoothed loss nor the devices' previous losses. Never two in a row.
   damp     D > DRIFT_MAX, a plan lr above STEP_OVER x the step cap, or the fleet loss jumped as above where
-           nothing can be undone: the round's own steps diverged. Its result is applied at the smaller of lr x DAMP and the step cap (the
-           RoundResult carries that lr: every replica, replay and checkpoint applies the same), lr x
+           nothing can be undone: the round's own steps diverged. Its result is applied at the smaller of
+           lr x DAMP and the step cap (the RoundResult carries that lr: every replica, replay and checkpoint
+           applies the same), lr x
            BACKOFF, and the lr never grows past that again; its loss (a diverging path's) does not enter
            the smoothed loss, nor its lead g the pool.
   backoff  a fleet spike, or a rise: lr x BACKOFF; growth stops from then on
@@ -71,7 +72,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from coordinator.centered import MIN_CLIENTS, clip_round
+from coordinator.centered import MIN_CLIENTS, band
 from coordinator.records import EventRecord, LrRecord, Record, ResultRow, UpdateRow
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ START_K = 0.5  # start_lr = START_K / sqrt(nnz)
 STEP_SHARE = 0.4  # growth stops where a round's first-order predicted loss drop, lr x T x the lead's mean g^2, is
 #                   this share of the loss level (the step cap: a Polyak step size) ...
 STEP_OVER = 2.0  # ... a round planned above this x the step cap damps, a lr above the cap moves down to it
-CALM = 1.5  # undo only when this round's own paths were calm (D at most this: 0.6-1.45 measured at 0.5-1x tuned)
+UNDO_CALM = 1.5  # undo only when this round's own paths were calm (D at most this: 0.6-1.45 measured at 0.5-1x tuned)
 CLIP_K = 2.0  # the loss level: the round's losses clipped into median +- CLIP_K x MAD (coordinator/centered.py)
 SQUARE_CAP = 4.0  # D and the pool: a device's mean square of g counts at most this x the devices' median
 LR_MIN, LR_MAX = 1e-7, 0.5
@@ -193,7 +194,7 @@ class LrController:
         seen = sum(1 for c, _, _ in ups if c in self.prev)
         ref, old, step = self.ref, self.lr, lr_used
         rose = ref is not None and mean > ref * (1 + RISE_DAMP) and mean - ref > ABS_TOL
-        if rose and undoable and drift <= CALM and (not seen or _spike(len(spiked), seen)):
+        if rose and undoable and drift <= UNDO_CALM and (not seen or _spike(len(spiked), seen)):
             # the previous round's result did the damage: these losses were measured on the values it made
             self.lr = max(LR_MIN, min(self.lr, undo_lr) * BACKOFF)
             self.ceiling, self.calm = max(LR_MIN, min(self.ceiling, undo_lr * CEIL)), 0
@@ -306,10 +307,10 @@ def fleet_loss(ups: Sequence[tuple[str, float, Sequence[float]]], level: float, 
 
 
 def clipped_mean(xs: Sequence[float]) -> float:
-    """The mean of `xs` after each is clipped into median +- CLIP_K x MAD (`coordinator/centered.py`: from
-    MIN_CLIENTS values; fewer: the plain mean)."""
-    named = {str(i): [x] for i, x in enumerate(xs)}
-    return math.fsum(v[0] for v in clip_round(named, 1, CLIP_K).values.values()) / len(xs)
+    """The mean of `xs` after each is clipped into median +- CLIP_K x MAD (`coordinator/centered.py` `band`:
+    from MIN_CLIENTS values; fewer: the plain mean)."""
+    lo, hi = band(xs, CLIP_K) or (-math.inf, math.inf)
+    return math.fsum(min(max(x, lo), hi) for x in xs) / len(xs)
 
 
 def step_cap(loss: float, lead_ms: float, lengths: Sequence[int]) -> float:
