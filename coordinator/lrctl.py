@@ -21,6 +21,9 @@ of each device's loss to its own last one (`fleet_loss`); and a fleet spike need
            D 4.5-4.8 at round 0 of a 0.5x- and a 1x-tuned demo run (a false damp that capped the lr), the
            three-step lead 1.1-1.3 there; hence the lead of several steps, the pooling and the high
            threshold
+  apart    devices whose own path's D (`path_drift`: its later g over its lead steps') > PATH_DRIFT_MAX, a
+           fleet's worth of them as for spikes: D above pools the fleet and caps each device at SQUARE_CAP x
+           the median, so a round where half the devices steepened 6-9x while the rest stayed calm read 2.1
   spikes   devices whose loss > SPIKE x their own loss of the previous round (and ABS_TOL nats above it;
            devices not in that round are not counted); a fleet spike is SPIKE_SHARE of them, at least two
            (when two or more were seen)
@@ -34,14 +37,14 @@ of each device's loss to its own last one (`fleet_loss`); and a fleet spike need
 The rule, in order:
   undo     the fleet loss above the smoothed one by more than RISE_DAMP, a fleet spike among the devices seen
            in the previous round, this round's own paths were calm (D <= UNDO_CALM: a steeper round may
-           have diverged on its own), the previous round's result was applied (the book passes it) and this
+           have diverged on its own; nor apart), the previous round's result was applied (the book passes it) and this
            round's plan lr is at most the previous plan's (so its own local paths were no steeper): the
            losses were measured on the values that result made, so it did the damage. This round's result
            is that result negated (`undo_pairs`: this round's seeds at scalar 0, then its pairs with the
            scalars negated, at the smaller of its lr and the plan's), this round's own updates are not
            applied, the lr backs off from the undone round's (x BACKOFF, ceiling CEIL x it), and these
            losses enter neither the smoothed loss nor the devices' previous losses. Never two in a row.
-  damp     D > DRIFT_MAX, a plan lr above STEP_OVER x the step cap, or the fleet loss jumped as above where
+  damp     D > DRIFT_MAX, the devices apart, a plan lr above STEP_OVER x the step cap, or the fleet loss jumped as above where
            nothing can be undone: the round's own steps diverged. Its result is applied at the smaller of
            lr x DAMP and the step cap (the RoundResult carries that lr: every replica, replay and checkpoint
            applies the same), lr x
@@ -83,6 +86,7 @@ BACKOFF = 0.5  # a damaging round shrinks it by this
 CEIL = 0.7  # after a backoff the lr never grows past CEIL x the lr that did it
 DAMP = 0.25  # a round whose local paths diverged is applied at this x its lr
 DRIFT_MAX = 2.5  # D above this: the local paths diverged
+PATH_DRIFT_MAX = 4.0  # a device whose own path's D is above this diverged (SPIKE_SHARE of them: the round did)
 G0_ROUNDS = 4  # D's denominator pools the lead steps' g of this many rounds (this one included)
 LEAD_SHARE = 3  # ... the first T // LEAD_SHARE steps of each path (at least one)
 RISE = 0.05  # the fleet loss above the smoothed one by this share (and ABS_TOL) is a rise
@@ -192,9 +196,12 @@ class LrController:
         cap = step_cap(level, lead_ms, [len(g) for _, _, g in ups])
         spiked = [c for c, x, _ in ups if c in self.prev and x > SPIKE * self.prev[c] and x - self.prev[c] > ABS_TOL]
         seen = sum(1 for c, _, _ in ups if c in self.prev)
+        paths = [g for _, _, g in ups if len(g) > 1]
+        steep = sum(1 for g in paths if path_drift(g) > PATH_DRIFT_MAX)
+        apart = bool(paths) and _spike(steep, len(paths))  # enough devices' own paths diverged
         ref, old, step = self.ref, self.lr, lr_used
         rose = ref is not None and mean > ref * (1 + RISE_DAMP) and mean - ref > ABS_TOL
-        if rose and undoable and drift <= UNDO_CALM and (not seen or _spike(len(spiked), seen)):
+        if rose and undoable and drift <= UNDO_CALM and not apart and (not seen or _spike(len(spiked), seen)):
             # the previous round's result did the damage: these losses were measured on the values it made
             self.lr = max(LR_MIN, min(self.lr, undo_lr) * BACKOFF)
             self.ceiling, self.calm = max(LR_MIN, min(self.ceiling, undo_lr * CEIL)), 0
@@ -204,10 +211,12 @@ class LrController:
         self.prev = {c: x for c, x, _ in ups}  # this round's devices only: the state stays O(clients_per_round)
         self.index = mean
         self.applied, self.applied_lr = round, lr_used
-        if drift > DRIFT_MAX or rose or lr_used > STEP_OVER * cap:
+        if drift > DRIFT_MAX or apart or rose or lr_used > STEP_OVER * cap:
             step = min(lr_used * DAMP, cap)  # a quarter, and never above what the round's own updates bear
             if drift > DRIFT_MAX:
                 sign = f"drift {drift:.2f} > {DRIFT_MAX:g}"
+            elif apart:
+                sign = f"{steep} of {len(paths)} devices' own paths steepened (drift > {PATH_DRIFT_MAX:g})"
             elif rose:
                 sign = f"loss {mean:.4f} >> smoothed {ref:.4f}"
             else:
@@ -334,6 +343,13 @@ def drift_ratio(grads: Sequence[Sequence[float]], g0_ms: float | None = None) ->
     square pooled over rounds; None: this round's). 1.0 with T = 1 or the lead all zero."""
     lead, later = path_squares(grads)
     return _rms_ratio(later, (lead or 0.0) if g0_ms is None else g0_ms)
+
+
+def path_drift(g: Sequence[float]) -> float:
+    """One device's own D: the rms of its path's later g over the rms of its lead steps' (1.0: no signal). Noisy
+    alone (3 and 7 steps at T = 10: 0.3-3.2 on calm rounds of small/topic), hence PATH_DRIFT_MAX and a share."""
+    b = lead_steps(len(g))
+    return _rms_ratio(_mean_square(g[b:]) if len(g) > b else None, _mean_square(g[:b]))
 
 
 def _mean_square(xs: Sequence[float]) -> float:
