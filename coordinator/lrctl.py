@@ -45,7 +45,9 @@ The rule, in order:
            applied, the lr backs off from the undone round's (x BACKOFF, ceiling CEIL x it), and these
            losses enter neither the smoothed loss nor the devices' previous losses. Never two in a row.
   damp     D > DRIFT_MAX, the devices apart, a plan lr above STEP_OVER x the step cap, or the fleet loss jumped as above where
-           nothing can be undone: the round's own steps diverged. Its result is applied at the smaller of
+           nothing can be undone: the round's own steps diverged. After a jump its result is applied at LR_MIN (g
+           measured on paths whose loss jumped by half point nowhere: a quarter step along them cost demo dense
+           seed 0 0.935 -> 0.775, BENCHMARKS.md "Stop 21"); otherwise at the smaller of
            lr x DAMP and the step cap (the RoundResult carries that lr: every replica, replay and checkpoint
            applies the same), lr x
            BACKOFF, and the lr never grows past that again; its loss (a diverging path's) does not enter
@@ -213,12 +215,14 @@ class LrController:
         self.applied, self.applied_lr = round, lr_used
         if drift > DRIFT_MAX or apart or rose or lr_used > STEP_OVER * cap:
             step = min(lr_used * DAMP, cap)  # a quarter, and never above what the round's own updates bear
+            if rose:  # its g were measured on paths whose loss jumped by half: no direction worth a step
+                step = LR_MIN
             if drift > DRIFT_MAX:
                 sign = f"drift {drift:.2f} > {DRIFT_MAX:g}"
             elif apart:
                 sign = f"{steep} of {len(paths)} devices' own paths steepened (drift > {PATH_DRIFT_MAX:g})"
             elif rose:
-                sign = f"loss {mean:.4f} >> smoothed {ref:.4f}"
+                sign = f"loss {mean:.4f} >> smoothed {ref:.4f} (its scalars are not applied)"
             else:
                 sign = f"lr {lr_used:.4g} > {STEP_OVER:g}x the step cap {cap:.4g}"
             action, why = "damp", f"local paths diverged: {sign}; applied at lr {step:.4g}"
