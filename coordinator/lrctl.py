@@ -217,15 +217,14 @@ class LrController:
             step = min(lr_used * DAMP, cap)  # a quarter, and never above what the round's own updates bear
             if rose:  # its g were measured on paths whose loss jumped by half: no direction worth a step
                 step = LR_MIN
-            if drift > DRIFT_MAX:
-                sign = f"drift {drift:.2f} > {DRIFT_MAX:g}"
-            elif apart:
-                sign = f"{steep} of {len(paths)} devices' own paths steepened (drift > {PATH_DRIFT_MAX:g})"
-            elif rose:
-                sign = f"loss {mean:.4f} >> smoothed {ref:.4f} (its scalars are not applied)"
-            else:
-                sign = f"lr {lr_used:.4g} > {STEP_OVER:g}x the step cap {cap:.4g}"
-            action, why = "damp", f"local paths diverged: {sign}; applied at lr {step:.4g}"
+            signs = [f"drift {drift:.2f} > {DRIFT_MAX:g}"] if drift > DRIFT_MAX else []
+            if apart:
+                signs.append(f"{steep} of {len(paths)} devices' own paths steepened (drift > {PATH_DRIFT_MAX:g})")
+            if rose:
+                signs.append(f"loss {mean:.4f} >> smoothed {ref:.4f} (its scalars are not applied)")
+            if not signs:
+                signs.append(f"lr {lr_used:.4g} > {STEP_OVER:g}x the step cap {cap:.4g}")
+            action, why = "damp", f"local paths diverged: {', '.join(signs)}; applied at lr {step:.4g}"
         else:
             self.g0 = pool
             action, why = self._judge(mean, ref, cap, drift, seen, len(spiked))

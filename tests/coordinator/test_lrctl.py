@@ -381,3 +381,12 @@ def test_a_share_of_devices_whose_own_paths_steepened_damps_though_the_pooled_dr
             assert f"{n} of 10 devices' own paths steepened" in d.reason
             assert d.lr_step == pytest.approx(2e-2 * lrctl.DAMP)  # the step cap here: 0.4 x 0.3 / (10 x ~1)
             assert d.lr_next == pytest.approx(min(planned, 2e-2) * lrctl.BACKOFF)
+
+
+def test_a_damp_names_every_sign_and_a_loss_jump_is_not_applied_whatever_else_diverged() -> None:
+    ctl = LrController(1e-2)
+    ctl.observe(0, 1e-2, ups(1.0))
+    steep = (1.0, -1.0, 1.0, *(5.0, -5.0) * 3, 5.0)  # D 5 > DRIFT_MAX and > PATH_DRIFT_MAX for every device
+    d = ctl.observe(1, 1e-2, ups(1.6, steep))
+    assert d.action == "damp" and d.lr_step == lrctl.LR_MIN
+    assert "drift" in d.reason and "10 of 10 devices' own paths" in d.reason and "not applied" in d.reason
