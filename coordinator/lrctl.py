@@ -36,22 +36,21 @@ of each device's loss to its own last one (`fleet_loss`); and a fleet spike need
            loss jitters (sampled subsets, uneven data) backs off only on rises larger than its jitter
 The rule, in order:
   undo     the fleet loss above the smoothed one by more than RISE_DAMP, a fleet spike among the devices seen
-           in the previous round, this round's own paths were calm (D <= UNDO_CALM: a steeper round may
-           have diverged on its own; nor apart), the previous round's result was applied (the book passes it) and this
-           round's plan lr is at most the previous plan's (so its own local paths were no steeper): the
+           in the previous round, this round's own paths were calm (D <= UNDO_CALM and not apart: a steeper
+           round may have diverged on its own), the previous round's result was applied (the book passes it)
+           and this round's plan lr is at most the previous plan's (so its own local paths were no steeper): the
            losses were measured on the values that result made, so it did the damage. This round's result
            is that result negated (`undo_pairs`: this round's seeds at scalar 0, then its pairs with the
            scalars negated, at the smaller of its lr and the plan's), this round's own updates are not
            applied, the lr backs off from the undone round's (x BACKOFF, ceiling CEIL x it), and these
            losses enter neither the smoothed loss nor the devices' previous losses. Never two in a row.
-  damp     D > DRIFT_MAX, the devices apart, a plan lr above STEP_OVER x the step cap, or the fleet loss jumped as above where
-           nothing can be undone: the round's own steps diverged. After a jump its result is applied at LR_MIN (g
-           measured on paths whose loss jumped by half point nowhere: a quarter step along them cost demo dense
-           seed 0 0.935 -> 0.775, BENCHMARKS.md "Stop 21"); otherwise at the smaller of
-           lr x DAMP and the step cap (the RoundResult carries that lr: every replica, replay and checkpoint
-           applies the same), lr x
-           BACKOFF, and the lr never grows past that again; its loss (a diverging path's) does not enter
-           the smoothed loss, nor its lead g the pool.
+  damp     D > DRIFT_MAX, the devices apart, a plan lr above STEP_OVER x the step cap, or the fleet loss
+           jumped as above where nothing can be undone: the round's own steps diverged. After a jump its
+           result is applied at LR_MIN (g measured on paths whose loss jumped by half point nowhere: a quarter
+           step along them cost demo dense seed 0 0.935 -> 0.775, BENCHMARKS.md "Stop 21"); otherwise at the
+           smaller of lr x DAMP and the step cap (the RoundResult carries that lr: every replica, replay and
+           checkpoint applies the same), lr x BACKOFF, and the lr never grows past that again; its loss (a
+           diverging path's) does not enter the smoothed loss, nor its lead g the pool.
   backoff  a fleet spike, or a rise: lr x BACKOFF; growth stops from then on
            at CEIL x the lr that did it (the ceiling), until CALM_ROUNDS rounds in a row improve while at
            the ceiling: then the ceiling rises x GROW
@@ -214,9 +213,9 @@ class LrController:
         self.index = mean
         self.applied, self.applied_lr = round, lr_used
         if drift > DRIFT_MAX or apart or rose or lr_used > STEP_OVER * cap:
-            step = min(lr_used * DAMP, cap)  # a quarter, and never above what the round's own updates bear
-            if rose:  # its g were measured on paths whose loss jumped by half: no direction worth a step
-                step = LR_MIN
+            # a quarter, never above what the round's own updates bear; after a jump nothing: its g were
+            # measured on paths whose loss jumped by half and point nowhere
+            step = LR_MIN if rose else min(lr_used * DAMP, cap)
             signs = [f"drift {drift:.2f} > {DRIFT_MAX:g}"] if drift > DRIFT_MAX else []
             if apart:
                 signs.append(f"{steep} of {len(paths)} devices' own paths steepened (drift > {PATH_DRIFT_MAX:g})")
@@ -289,9 +288,16 @@ def path_squares(grads: Sequence[Sequence[float]]) -> tuple[float | None, float 
     for g in grads:
         if len(g) > 1:
             b = lead_steps(len(g))
-            lead.append((_mean_square(g[:b]), b))
-            later.append((_mean_square(g[b:]), len(g) - b))
+            lead_ms, later_ms = _path_squares(g)
+            lead.append((lead_ms, b))
+            later.append((later_ms, len(g) - b))
     return _capped_mean(lead), _capped_mean(later)
+
+
+def _path_squares(g: Sequence[float]) -> tuple[float, float]:
+    """One path's mean square of g over its lead steps (`lead_steps`) and over its later ones (0.0: none)."""
+    b = lead_steps(len(g))
+    return _mean_square(g[:b]), _mean_square(g[b:])
 
 
 def _capped_mean(parts: Sequence[tuple[float, int]]) -> float | None:
@@ -351,8 +357,8 @@ def drift_ratio(grads: Sequence[Sequence[float]], g0_ms: float | None = None) ->
 def path_drift(g: Sequence[float]) -> float:
     """One device's own D: the rms of its path's later g over the rms of its lead steps' (1.0: no signal). Noisy
     alone (3 and 7 steps at T = 10: 0.3-3.2 on calm rounds of small/topic), hence PATH_DRIFT_MAX and a share."""
-    b = lead_steps(len(g))
-    return _rms_ratio(_mean_square(g[b:]) if len(g) > b else None, _mean_square(g[:b]))
+    lead_ms, later_ms = _path_squares(g)
+    return _rms_ratio(later_ms if len(g) > 1 else None, lead_ms)
 
 
 def _mean_square(xs: Sequence[float]) -> float:

@@ -5,7 +5,8 @@ Update that expanded into ~16.7 million empty maps, max-size frames of zeros, fr
 size), nested maps/arrays, huge declared lengths, the widest legal shape -- decode or are refused in
 < 50 ms (minimum of 3 runs) and < 64 MiB peak Python memory (tracemalloc); a coordinator-sent type's bomb
 may take as long as its largest legal message takes on the same machine, when that is more than 50 ms (the
-widest RoundPlan map is legal: what it costs follows from the type's limits, and a slow box pays it). The largest LEGAL messages are measured too: device-sent types within the same bounds;
+widest RoundPlan map is legal: what it costs follows from the type's limits, and a slow box pays it). The
+largest LEGAL messages are measured too: device-sent types within the same bounds;
 coordinator-sent types (RoundPlan, RoundResult, Replay, CheckpointChunk) may take longer, linearly in
 their size, and stay under 64 MiB. Whole file: ~10 s.
 """
