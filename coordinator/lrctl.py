@@ -49,14 +49,16 @@ The rule, in order:
            result is applied at LR_MIN (g measured on paths whose loss jumped by half point nowhere: a quarter
            step along them cost demo dense seed 0 0.935 -> 0.775, BENCHMARKS.md "Stop 21"); otherwise at the
            smaller of lr x DAMP and the step cap (the RoundResult carries that lr: every replica, replay and
-           checkpoint applies the same), lr x BACKOFF, and the lr never grows past that again; its loss (a
-           diverging path's) does not enter the smoothed loss, nor its lead g the pool.
+           checkpoint applies the same), lr x BACKOFF at most the step cap, and the lr never grows past that
+           again; its loss (a diverging path's) does not enter the smoothed loss, nor its lead g the pool.
   backoff  a fleet spike, or a rise: lr x BACKOFF; growth stops from then on
            at CEIL x the lr that did it (the ceiling), until CALM_ROUNDS rounds in a row improve while at
            the ceiling: then the ceiling rises x GROW
   grow     the fleet loss fell below the smoothed loss: lr x GROW_FAST until the first backoff, lr x GROW
            after it, at most the ceiling, the step cap and LR_MAX
   cap      a start, grow or hold that leaves the lr above the step cap (the cap fell with the loss): down to it
+  apply    a round not damped is applied at its plan's lr, at most its own step cap (a last round of a demo run
+           at 1.6x its cap: 0.815 applied in full, 0.880 at the cap)
   start    the first round sets the reference loss, and the lr grows x GROW_FAST toward the step cap when it
            is below it (the start is deliberately low: four-round runs could not afford a round spent there)
   hold     otherwise; a round without an on-time update (all paused) changes nothing
@@ -231,8 +233,8 @@ class LrController:
             if ref is not None and ref > 0:
                 self.noise = max(NOISE_DECAY * self.noise, max(0.0, mean - ref) / ref)
             self.ref = mean if ref is None else SMOOTH * ref + (1 - SMOOTH) * mean
-        if action in ("damp", "backoff"):
-            self.lr = max(LR_MIN, min(self.lr, lr_used) * BACKOFF)
+        if action in ("damp", "backoff"):  # a damp: at most the step cap too (halving from 3x it damps again)
+            self.lr = max(LR_MIN, min(min(self.lr, lr_used) * BACKOFF, cap if action == "damp" else math.inf))
             self.ceiling = max(LR_MIN, min(self.ceiling, self.lr if action == "damp" else lr_used * CEIL))
         elif action == "grow":
             if self.ceiling < LR_MAX and self.lr * GROW > self.ceiling:
@@ -254,6 +256,9 @@ class LrController:
         if action in ("start", "grow", "hold") and self.lr > cap:  # above the cap (it fell; at most 2x: else damp)
             self.lr = max(LR_MIN, cap)
             action, why = "cap", f"{why}; lr above the step cap {cap:.4g}: down to {self.lr:.4g}"
+        if action != "damp" and step > cap:  # a plan above its own round's cap (at most 2x): applied at the cap
+            step = max(LR_MIN, cap)
+            why = f"{why}; applied at the step cap {step:.4g}"
         return LrDecision(round, lr_used, step, self.lr, action, why, mean)
 
     def _judge(

@@ -60,7 +60,9 @@ def test_the_step_cap_stops_growth_and_a_plan_far_above_it_damps() -> None:
     assert d.action == "start" and d.lr_next == pytest.approx(0.04)
     d = ctl.observe(1, ctl.lr, ups(0.45))  # the loss fell, and so did the cap (0.036): the lr follows it down
     assert d.action == "cap" and "above the step cap 0.036: down to 0.036" in d.reason
-    assert d.lr_next == pytest.approx(0.036) and d.lr_step == pytest.approx(0.04)  # the round applies as planned
+    # the round itself is applied at its own cap too: its paths went 0.04 / 0.036 as far as its updates bear
+    assert d.lr_next == pytest.approx(0.036) and d.lr_step == pytest.approx(0.036)
+    assert "applied at the step cap 0.036" in d.reason
     d = ctl.observe(2, ctl.lr, ups(0.33))  # cap 0.0264
     assert d.action == "cap" and d.lr_next == pytest.approx(0.0264)
     d = ctl.observe(3, ctl.lr, ups(0.8))  # a rise still backs off below the cap: lr halves
@@ -72,10 +74,11 @@ def test_the_step_cap_stops_growth_and_a_plan_far_above_it_damps() -> None:
     assert d.action == "cap" and d.lr_next == pytest.approx(0.008)
     ctl3 = LrController(0.1)  # planned 2.5 x the cap (0.04), the first round included: its paths went too far
     d = ctl3.observe(0, 0.1, ups(0.5))
-    assert d.action == "damp" and d.lr_step == pytest.approx(0.1 * lrctl.DAMP) and d.lr_next == 0.05
+    # applied at a quarter; the next lr halves, but not above the cap (0.05 would be 1.25x it)
+    assert d.action == "damp" and d.lr_step == pytest.approx(0.1 * lrctl.DAMP) and d.lr_next == pytest.approx(0.04)
     assert "0.1 > 2x the step cap 0.04" in d.reason and ctl3.ref is None and ctl3.g0 == []  # no reference, no lead
-    d = ctl3.observe(1, 0.05, ups(0.45))  # 1.4 x the cap (0.036): applied, the reference now; down to the cap
-    assert (d.action, d.lr_step) == ("cap", 0.05) and d.lr_next == pytest.approx(0.036) and ctl3.g0 == [1.0]
+    d = ctl3.observe(1, ctl3.lr, ups(0.45))  # 1.1 x the cap (0.036): applied at it, the reference now
+    assert (d.action, d.lr_step, d.lr_next) == pytest.approx(("cap", 0.036, 0.036)) and ctl3.g0 == [1.0]
     assert ctl3.ref == 0.45 and "first loss 0.4500" in d.reason
 
 
