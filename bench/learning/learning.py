@@ -1,13 +1,13 @@
 """`meerkat bench learning`: does sparse zeroth-order federated fine-tuning learn, and which mask wins?
 
-    meerkat bench learning [--quick] [--json] [--out DIR] [--size small[,medium]] [--tasks topic,news8]
+    meerkat bench learning [--quick] [--json] [--out DIR] [--size small[,medium]] [--model-seed 0] [--tasks topic,news8]
                            [--seeds 3 [--first-seed 0]] [--budget 300] [--lrs DIR/lrs.json] [--resume] [--shard K/N]
                            [--extreme-methods meerkat,meerkat-vp]
     meerkat bench learning --tune [--size ...] [--tasks ...] [--tune-seeds 100,101] --out DIR [--resume]
 
 In-process fleet (bench/inproc.py via bench/learning/sim.py: the product's round book, client cores and
 engine step, messages through the codec, no MQTT) of 10 clients on the project's pretrained tiny LM
-(`meerkat tiny-model`), labelled tasks from bench/tinylm/tasks.py split with Dirichlet(alpha=0.5) label skew,
+(`meerkat tiny-model`; `--model-seed N` pretrains another one from recipe seed N), labelled tasks from bench/tinylm/tasks.py split with Dirichlet(alpha=0.5) label skew,
 plus an "extreme" split where 4 clients hold a single label. Every method gets the same budget of local
 steps per client (rounds = budget / T):
 
@@ -88,6 +88,7 @@ class LearningConfig:
     `--lrs` (from `--tune`) replaces them per (task, method) through `lr_table`."""
 
     size: str = "demo"  # tiny-model size
+    model_seed: int = 0  # its recipe seed (`meerkat tiny-model --seed`): another seed, another pretrained model
     tasks: tuple[str, ...] = ("topic", "sentiment", "claim")
     seeds: int = 3  # evaluation seeds first_seed..first_seed+seeds-1
     first_seed: int = 0
@@ -127,6 +128,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print the JSON summary as the last stdout line")
     p.add_argument("--out", default="bench-learning", help="dir for learning.json/.md, the PNG plots and cells/")
     p.add_argument("--size", default=None, help="tiny-model size, or a comma list (default demo)")
+    p.add_argument("--model-seed", type=int, default=None,
+                   help="the tiny model's recipe seed (default 0): another seed pretrains (once, cached) another "
+                        "model of the same size; its cells are its own (their key holds the model's fingerprint)")
     p.add_argument("--tasks", default=None, help="comma list of tasks (bench/tinylm/tasks.py: topic, sentiment, ...)")
     p.add_argument("--seeds", type=int, default=None, help="evaluation seeds K..K+N-1 (>= 1; K = --first-seed)")
     p.add_argument("--first-seed", type=int, default=None,
@@ -163,6 +167,8 @@ def config_from_args(args: argparse.Namespace, size: str | None = None) -> Learn
     over: dict[str, Any] = {}
     if size:
         over["size"] = size
+    if getattr(args, "model_seed", None) is not None:
+        over["model_seed"] = args.model_seed
     if args.tasks:
         over["tasks"] = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
     if args.seeds is not None:
@@ -219,6 +225,8 @@ def check_config(cfg: LearningConfig) -> None:
         raise SystemExit(f"--seeds must be >= 1, got {cfg.seeds}")
     if cfg.first_seed < 0:
         raise SystemExit(f"--first-seed must be >= 0, got {cfg.first_seed}")
+    if not 0 <= cfg.model_seed < 2**64:
+        raise SystemExit(f"--model-seed must be in [0, 2**64), got {cfg.model_seed}")
     for mode in cfg.lr_modes:
         try:
             lr_of(mode, 1e-3)
@@ -298,7 +306,7 @@ class Runner:
         from shared.fingerprint import fingerprint_model_dir
 
         self.cfg, self.workdir = cfg, workdir
-        self.model_dir = get_model_dir(cfg.size, progress=False)
+        self.model_dir = get_model_dir(cfg.size, cfg.model_seed, progress=False)
         self.fingerprint = fingerprint_model_dir(self.model_dir)
         self.mask_seconds = 0.0
         self._masks: dict[str, Any] | None = None
@@ -466,7 +474,7 @@ def run_grid(cfg: LearningConfig, workdir: Path, progress: bool = True, cells_di
         bar.set_postfix(task=task, method=method, T=T, acc=f"{row['accuracy']:.3f}")
     bar.close()
     return {"bench": "learning", "config": _config_json(cfg), "model": {"size": cfg.size,
-            "dir": str(runner.model_dir), "fingerprint": runner.fingerprint},
+            "seed": cfg.model_seed, "dir": str(runner.model_dir), "fingerprint": runner.fingerprint},
             "mask_seconds": round(runner.mask_seconds, 2), "rows": summarize(runs), "runs": runs,
             "vp_calibration": vp_calibration(runs, cfg.thresholds),
             "cells": {"total": len(cells), "cached": sum(1 for r in runs if r["cached"]),

@@ -247,6 +247,29 @@ def test_killed_grid_resumes_without_recomputing_finished_cells(tmp_path: Path) 
     assert [r["accuracy"] for r in res4["runs"]] == [r["accuracy"] for r in res2["runs"] if r["seed"] == 1]
 
 
+def test_model_seed_runs_the_grid_on_another_pretrained_model(tmp_path: Path, micro: dict[str, Any]) -> None:
+    """--model-seed N: the tiny model of recipe seed N (built once into the cache), its fingerprint in every cell's
+    key: the same grid on seed 0's model and seed 1's is two sets of cells."""
+    from bench.tinylm.pretrain import get_model_dir
+    from shared.cli import main as cli_main
+    from shared.fingerprint import fingerprint_model_dir
+
+    out = tmp_path / "out"
+    cli = ["--size", "micro", "--tasks", "sentiment", "--seeds", "1", "--no-extreme", "--methods", "zero-shot",
+           "--out", str(out), "--resume"]
+    assert cli_main(["bench", "learning", *cli]) == 0
+    first = json.loads((out / "learning.json").read_text())
+    assert first["model"]["seed"] == 0 and first["model"]["dir"] == str(micro["dir"])
+    assert cli_main(["bench", "learning", *cli, "--model-seed", "1"]) == 0
+    other = json.loads((out / "learning.json").read_text())
+    seed1 = get_model_dir("micro", 1, progress=False)
+    assert other["model"] == {"size": "micro", "seed": 1, "dir": str(seed1), "fingerprint": fingerprint_model_dir(seed1)}
+    assert other["model"]["fingerprint"] != first["model"]["fingerprint"]
+    assert other["cells"]["computed"] == 1 and other["runs"][0]["key"] != first["runs"][0]["key"]
+    with pytest.raises(SystemExit, match="--model-seed must be in"):
+        cli_main(["bench", "learning", *cli, "--model-seed", "-1"])
+
+
 def test_lr_rule_picks_the_best_stable_lr() -> None:
     from bench.learning.cells import LrRule, choose_lr, run_stable
 
