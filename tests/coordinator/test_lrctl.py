@@ -74,12 +74,16 @@ def test_the_step_cap_stops_growth_and_a_plan_far_above_it_damps() -> None:
     assert d.action == "cap" and d.lr_next == pytest.approx(0.008)
     ctl3 = LrController(0.1)  # planned 2.5 x the cap (0.04), the first round included: its paths went too far
     d = ctl3.observe(0, 0.1, ups(0.5))
-    # applied at a quarter; the next lr halves, but not above the cap (0.05 would be 1.25x it)
-    assert d.action == "damp" and d.lr_step == pytest.approx(0.1 * lrctl.DAMP) and d.lr_next == pytest.approx(0.04)
+    # applied at a quarter, the next lr halves: no reference yet, so neither this cap nor a ceiling binds it
+    assert d.action == "damp" and d.lr_step == pytest.approx(0.1 * lrctl.DAMP) and d.lr_next == pytest.approx(0.05)
     assert "0.1 > 2x the step cap 0.04" in d.reason and ctl3.ref is None and ctl3.g0 == []  # no reference, no lead
-    d = ctl3.observe(1, ctl3.lr, ups(0.45))  # 1.1 x the cap (0.036): applied at it, the reference now
+    assert ctl3.ceiling == lrctl.LR_MAX
+    d = ctl3.observe(1, ctl3.lr, ups(0.45))  # 1.4 x the cap (0.036): applied at it, the reference now
     assert (d.action, d.lr_step, d.lr_next) == pytest.approx(("cap", 0.036, 0.036)) and ctl3.g0 == [1.0]
     assert ctl3.ref == 0.45 and "first loss 0.4500" in d.reason
+    # once a reference exists a plan far above the cap damps, and the next lr halves down to at most the cap
+    d = ctl3.observe(2, ctl3.lr, ups(0.1))  # cap 0.008: half the plan's 0.036 would still be 2.25x it
+    assert d.action == "damp" and d.lr_next == pytest.approx(0.008) and ctl3.ceiling == pytest.approx(0.008)
 
 
 def test_a_jittering_loss_does_not_ratchet_the_lr_down() -> None:
@@ -120,6 +124,23 @@ def test_diverging_local_paths_damp_the_round_itself_and_back_off() -> None:
     # make D (T = 10: a lone g_0 projection is noisy, BENCHMARKS.md "The fleet finds its own lr")
     assert [lrctl.lead_steps(t) for t in (2, 3, 5, 6, 10, 100)] == [1, 1, 1, 2, 3, 33]
     assert drift_ratio([(0.1, 2.0, 2.0, *(2.0,) * 7)]) == pytest.approx(2.0 / math.sqrt((0.01 + 8) / 3))
+
+
+def test_a_damp_before_the_reference_halves_the_lr_and_sets_no_ceiling() -> None:
+    """small/topic MEERKAT extreme `auto` seed 0: the start (0.5x tuned) read D 2.62 on its own three lead steps;
+    the damp's ceiling (half the start) held the run at 0.25x tuned for ten rounds (0.665, tuned 1.000). Before
+    the first applied round a damp halves the lr and growth resumes x2 from there."""
+    ctl = LrController(8e-2)
+    steep = (3.0, -2.5, 3.5, -3.0, 2.8, -3.1, 3.3)
+    d = ctl.observe(0, 8e-2, ups(1.5, (1.0, -1.0, 1.0, *steep)))
+    assert d.action == "damp" and d.lr_next == 4e-2 and ctl.ceiling == lrctl.LR_MAX and ctl.ref is None
+    d = ctl.observe(1, ctl.lr, ups(1.4))  # calm: the reference, and the lr grows x2 toward the cap (0.112)
+    assert d.action == "start" and d.lr_next == pytest.approx(8e-2)
+    # the same damp after a reference sets the ceiling at the halved lr: growth stops there
+    late = LrController(8e-2)
+    late.observe(0, 8e-2, ups(1.5))
+    d = late.observe(1, 8e-2, ups(1.4, (1.0, -1.0, 1.0, *steep)))
+    assert d.action == "damp" and d.lr_next == 4e-2 and late.ceiling == 4e-2
 
 
 def test_calm_rounds_apply_the_plans_lr() -> None:
