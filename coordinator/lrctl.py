@@ -47,7 +47,8 @@ The rule, in order:
   damp     D > DRIFT_MAX, the devices apart, a plan lr above STEP_OVER x the step cap, or the fleet loss
            jumped as above where nothing can be undone: the round's own steps diverged. After a jump its
            result is applied at LR_MIN (g measured on paths whose loss jumped by half point nowhere: a quarter
-           step along them cost demo dense seed 0 0.935 -> 0.775, BENCHMARKS.md "Stop 21"); otherwise at the
+           step along them cost demo dense seed 0 0.935 -> 0.775, BENCHMARKS.md "Stop 21"), and so before
+           the reference (no loss to tell a jump by: BENCHMARKS.md "Stop 22"); otherwise at the
            smaller of lr x DAMP and the step cap (the RoundResult carries that lr: every replica, replay and
            checkpoint applies the same), lr x BACKOFF at most the step cap, and the lr never grows past that
            again; its loss (a diverging path's) does not enter the smoothed loss, nor its lead g the pool.
@@ -219,8 +220,10 @@ class LrController:
         self.applied, self.applied_lr = round, lr_used
         if drift > DRIFT_MAX or apart or rose or lr_used > STEP_OVER * cap:
             # a quarter, never above what the round's own updates bear; after a jump nothing: its g were
-            # measured on paths whose loss jumped by half and point nowhere
-            step = LR_MIN if rose else min(lr_used * DAMP, cap)
+            # measured on paths whose loss jumped by half and point nowhere; before the reference nothing
+            # either: no loss to tell a jump by (demo dense at 4x: a quarter step along a first round whose
+            # loss read 4.8 where the model's is ~0.6 ended 0.650; not applied: 0.975)
+            step = LR_MIN if rose or ref is None else min(lr_used * DAMP, cap)
             signs = [f"drift {drift:.2f} > {DRIFT_MAX:g}"] if drift > DRIFT_MAX else []
             if apart:
                 signs.append(f"{steep} of {len(paths)} devices' own paths steepened (drift > {PATH_DRIFT_MAX:g})")
@@ -228,6 +231,8 @@ class LrController:
                 signs.append(f"loss {mean:.4f} >> smoothed {ref:.4f} (its scalars are not applied)")
             if not signs:
                 signs.append(f"lr {lr_used:.4g} > {STEP_OVER:g}x the step cap {cap:.4g}")
+            if ref is None:
+                signs.append("no reference loss yet (its scalars are not applied)")
             action, why = "damp", f"local paths diverged: {', '.join(signs)}; applied at lr {step:.4g}"
         else:
             self.g0 = pool

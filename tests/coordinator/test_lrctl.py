@@ -74,8 +74,10 @@ def test_the_step_cap_stops_growth_and_a_plan_far_above_it_damps() -> None:
     assert d.action == "cap" and d.lr_next == pytest.approx(0.008)
     ctl3 = LrController(0.1)  # planned 2.5 x the cap (0.04), the first round included: its paths went too far
     d = ctl3.observe(0, 0.1, ups(0.5))
-    # applied at a quarter, the next lr halves: no reference yet, so neither this cap nor a ceiling binds it
-    assert d.action == "damp" and d.lr_step == pytest.approx(0.1 * lrctl.DAMP) and d.lr_next == pytest.approx(0.05)
+    # no reference yet: not applied (no loss to tell a jump by), and the next lr halves, bound by neither this
+    # round's cap nor a ceiling
+    assert d.action == "damp" and d.lr_step == lrctl.LR_MIN and d.lr_next == pytest.approx(0.05)
+    assert "no reference loss yet (its scalars are not applied)" in d.reason
     assert "0.1 > 2x the step cap 0.04" in d.reason and ctl3.ref is None and ctl3.g0 == []  # no reference, no lead
     assert ctl3.ceiling == lrctl.LR_MAX
     d = ctl3.observe(1, ctl3.lr, ups(0.45))  # 1.4 x the cap (0.036): applied at it, the reference now
@@ -115,9 +117,10 @@ def test_a_share_of_spiking_devices_backs_off_even_when_the_mean_barely_moves() 
 def test_diverging_local_paths_damp_the_round_itself_and_back_off() -> None:
     ctl = LrController(8e-2)
     steep = (3.0, -2.5, 3.5, -3.0, 2.8, -3.1, 3.3)  # lead g_0..g_2 = 1.0, later steps ~3x: diverged
-    d = ctl.observe(0, 8e-2, ups(1.5, (1.0, -1.0, 1.0, *steep)))
+    ctl.observe(0, 8e-2, ups(1.5))  # the reference
+    d = ctl.observe(1, 8e-2, ups(1.5, (1.0, -1.0, 1.0, *steep)))  # applied at a quarter (the cap: 0.4 x 1.5 / 10)
     assert d.action == "damp" and d.lr_step == pytest.approx(8e-2 * lrctl.DAMP) and d.lr_next == 4e-2
-    assert "drift" in d.reason
+    assert "drift" in d.reason and "no reference" not in d.reason
     assert drift_ratio([(1.0, -1.0, 1.0, *steep)]) == pytest.approx(math.sqrt(sum(x * x for x in steep) / 7))
     assert drift_ratio([(2.0,)]) == 1.0 and drift_ratio([(0.0, 1.0)]) == 1.0  # T = 1, g_0 = 0: no signal
     # the lead is the first third of the path (at least one step): one small g_0 among three does not
