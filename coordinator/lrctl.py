@@ -47,14 +47,14 @@ The rule, in order:
   damp     D > DRIFT_MAX, the devices apart, a plan lr above STEP_OVER x the step cap, or the fleet loss
            jumped as above where nothing can be undone: the round's own steps diverged. After a jump its
            result is applied at LR_MIN (g measured on paths whose loss jumped by half point nowhere: a quarter
-           step along them cost demo dense seed 0 0.935 -> 0.775, BENCHMARKS.md "Stop 21"), and so before
-           the reference (no loss to tell a jump by: BENCHMARKS.md "Stop 22"); otherwise at the
+           step along them cost demo dense seed 0 0.935 -> 0.775, BENCHMARKS.md "Stop 21"); otherwise at the
            smaller of lr x DAMP and the step cap (the RoundResult carries that lr: every replica, replay and
            checkpoint applies the same), lr x BACKOFF at most the step cap, and the lr never grows past that
            again; its loss (a diverging path's) does not enter the smoothed loss, nor its lead g the pool.
-           Before the reference (no round applied as planned yet) a damp only halves the lr: such a round's
-           cap and D are its own paths' alone (a first round whose lead steps diverged, demo dense at 4x
-           tuned, read a cap 10x below the next round's; a start at 0.5x tuned on small read D 2.62)
+           Before the reference (no round applied as planned yet) such a round's cap and D are its own paths'
+           alone (a first round whose lead steps diverged, demo dense at 4x tuned, read a cap 10x below the
+           next round's; a start at 0.5x tuned on small read D 2.62) and there is no loss to tell a jump by:
+           it is applied at LR_MIN, and the lr only halves (BENCHMARKS.md "Stop 22")
   backoff  a fleet spike, or a rise: lr x BACKOFF; growth stops from then on
            at CEIL x the lr that did it (the ceiling), until CALM_ROUNDS rounds in a row improve while at
            the ceiling: then the ceiling rises x GROW
@@ -241,14 +241,15 @@ class LrController:
             if ref is not None and ref > 0:
                 self.noise = max(NOISE_DECAY * self.noise, max(0.0, mean - ref) / ref)
             self.ref = mean if ref is None else SMOOTH * ref + (1 - SMOOTH) * mean
-        # before the reference (nothing applied yet) a round's cap and D are its own paths' alone: a first round
-        # whose lead steps diverged read a cap 10x too low, and a start at 0.5x tuned read D 2.6 (noise)
-        settled = action == "backoff" or ref is not None
-        if action in ("damp", "backoff"):  # a damp: at most the step cap too (halving from 3x it damps again)
+        if action in ("damp", "backoff"):
             self.lr = max(LR_MIN, min(self.lr, lr_used) * BACKOFF)
-            if settled:
-                self.lr = max(LR_MIN, min(self.lr, cap if action == "damp" else math.inf))
-                self.ceiling = max(LR_MIN, min(self.ceiling, self.lr if action == "damp" else lr_used * CEIL))
+            if action == "backoff":
+                self.ceiling = max(LR_MIN, min(self.ceiling, lr_used * CEIL))
+            elif ref is not None:  # at most the step cap too (halving from 3x it damps again), and no growth past it;
+                # before the reference a round's cap and D are its own paths' alone (a first round whose lead steps
+                # diverged read a cap 10x too low; a start at 0.5x tuned read D 2.6): the lr only halves
+                self.lr = max(LR_MIN, min(self.lr, cap))
+                self.ceiling = max(LR_MIN, min(self.ceiling, self.lr))
         elif action == "grow":
             if self.ceiling < LR_MAX and self.lr * GROW > self.ceiling:
                 self.calm += 1

@@ -7,8 +7,8 @@
 
 In-process fleet (bench/inproc.py via bench/learning/sim.py: the product's round book, client cores and
 engine step, messages through the codec, no MQTT) of 10 clients on the project's pretrained tiny LM
-(`meerkat tiny-model`; `--model-seed N` pretrains another one from recipe seed N), labelled tasks from bench/tinylm/tasks.py split with Dirichlet(alpha=0.5) label skew,
-plus an "extreme" split where 4 clients hold a single label. Every method gets the same budget of local
+(`meerkat tiny-model`; `--model-seed N` pretrains another one from recipe seed N), labelled tasks from
+bench/tinylm/tasks.py split with Dirichlet(alpha=0.5) label skew, plus an "extreme" split where 4 clients hold a single label. Every method gets the same budget of local
 steps per client (rounds = budget / T):
 
     zero-shot         the pretrained model, no training
