@@ -109,6 +109,17 @@ class Proc:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(10)
 
+    def pause(self) -> None:
+        """SIGSTOP: the process holds still (its broker link stays up for keepalive x 1.5 = 45 s)."""
+        if self.alive():
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.alive():
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGCONT)
+
     def terminate(self, timeout: float = 30.0) -> int | None:
         if not self.alive():
             return None if self.proc is None else self.proc.returncode
@@ -324,13 +335,23 @@ def scenario(fleet: Fleet, name: str, kills: int, down_rounds: int = 3) -> None:
             fleet.coord.start()
         elif name == "device_down":
             victim = fleet.clients[-1]
+            joins = victim.text().count("joined fleet")
             victim.kill()
-            # back while two rounds are still to come: the fleet closes rounds without the dead device
-            # quickly, so one more may close between this wait and the restart, and its recovery (the next
-            # round closed) must still be a round the run has
-            fleet.wait_closed(min(closed + down_rounds, fleet.rounds - 2), timeout=300)
-            t = time.monotonic()
-            victim.start()
+            # the fleet closes rounds without the dead device (a round in ~0.4 s on a fast box), and a device
+            # needs seconds to boot: the coordinator holds still (SIGSTOP) from 3 rounds before the end until
+            # the device has joined again and re-sent its update, so that a round is left to fold it into
+            fleet.wait_closed(min(closed + down_rounds, fleet.rounds - 3), timeout=300)
+            fleet.coord.pause()
+            try:
+                if fleet.closed() > fleet.rounds - 2:
+                    raise RuntimeError(f"chaos: device_down needs a round left after the device is back; "
+                                       f"{fleet.closed()} of {fleet.rounds} closed: run more rounds")  # fmt: skip
+                t = time.monotonic()
+                victim.start()
+                fleet.wait("the device joined again", lambda: victim.text().count("joined fleet") > joins, 30)
+                time.sleep(0.5)  # its re-sent update reaches the broker (it goes out right after the join)
+            finally:
+                fleet.coord.resume()
             closed = fleet.closed()
         elif name == "storm":
             t = time.monotonic()

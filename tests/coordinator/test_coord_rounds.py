@@ -64,6 +64,9 @@ def test_two_rounds_with_invalid_traffic(tmp_path: Path, broker_url: str, mask) 
         a.update(0, grads["a"], n["a"], fp, msg_id=101)  # re-sent: ignored
         a.update(0, [9.0, 9.0, 9.0], n["a"], fp, msg_id=999)  # different msg for the same round: first wins
 
+        # its re-join (on the UNKNOWN_CLIENT) is refused too: wait for that before the run may end
+        stranger.wait_for(ErrorMsg, lambda e: "fingerprint" in e.reason)
+        assert stranger.rejoins == 1
         res = clients["b"].wait_for(RoundResult, lambda r: r.round == 0)
         per = {clients[k].cid: grads[k] for k in grads}
         want = fedavg_scalars(per, {clients[k].cid: float(n[k]) for k in n}, 3)
