@@ -21,9 +21,12 @@ of each device's loss to its own last one (`fleet_loss`); and a fleet spike need
            D 4.5-4.8 at round 0 of a 0.5x- and a 1x-tuned demo run (a false damp that capped the lr), the
            three-step lead 1.1-1.3 there; hence the lead of several steps, the pooling and the high
            threshold
-  apart    devices whose own path's D (`path_drift`: its later g over its lead steps') > PATH_DRIFT_MAX, a
-           fleet's worth of them as for spikes: D above pools the fleet and caps each device at SQUARE_CAP x
-           the median, so a round where half the devices steepened 6-9x while the rest stayed calm read 2.1
+  apart    devices whose own path's D (`path_drift`: its later g over its lead steps') > PATH_DRIFT_MAX and
+           whose loss did not fall below their own last, a fleet's worth of them as for spikes: D above pools
+           the fleet and caps each device at SQUARE_CAP x the median, so a round where half the devices
+           steepened 6-9x while the rest stayed calm read 2.1. A steep path whose loss fell is not counted
+           (small/topic extreme at 0.9x tuned: 4 of 10 paths at 4.0-11.7, each device's loss 4-12% down; the
+           damp it made capped the run at 0.45x tuned: 0.780, BENCHMARKS.md "Stop 23")
   spikes   devices whose loss > SPIKE x their own loss of the previous round (and ABS_TOL nats above it;
            devices not in that round are not counted); a fleet spike is SPIKE_SHARE of them, at least two
            (when two or more were seen)
@@ -203,8 +206,11 @@ class LrController:
         cap = step_cap(level, lead_ms, [len(g) for _, _, g in ups])
         spiked = [c for c, x, _ in ups if c in self.prev and x > SPIKE * self.prev[c] and x - self.prev[c] > ABS_TOL]
         seen = sum(1 for c, _, _ in ups if c in self.prev)
-        paths = [g for _, _, g in ups if len(g) > 1]
-        steep = sum(1 for g in paths if path_drift(g) > PATH_DRIFT_MAX)
+        paths = [(c, x, g) for c, x, g in ups if len(g) > 1]
+        # a device whose path steepened while its loss fell below its own last (small extreme: 4 of 10 at 0.9x
+        # tuned, every one's loss 4-12% down) was not diverging: only a steep path whose loss did not fall (or
+        # that has no loss of the last round to fall from) counts
+        steep = sum(1 for c, x, g in paths if path_drift(g) > PATH_DRIFT_MAX and not x < self.prev.get(c, -math.inf))
         apart = bool(paths) and _spike(steep, len(paths))  # enough devices' own paths diverged
         ref, old, step = self.ref, self.lr, lr_used
         rose = ref is not None and mean > ref * (1 + RISE_DAMP) and mean - ref > ABS_TOL
