@@ -348,7 +348,10 @@ def scenario(fleet: Fleet, name: str, kills: int, down_rounds: int = 3) -> None:
                                        f"{fleet.closed()} of {fleet.rounds} closed: run more rounds")  # fmt: skip
                 t = time.monotonic()
                 victim.start()
-                fleet.wait("the device joined again", lambda v=victim, n=joins: v.text().count("joined fleet") > n, 30)
+                def rejoined(v: Proc = victim, n: int = joins) -> bool:
+                    return v.text().count("joined fleet") > n
+
+                fleet.wait("the device joined again", rejoined, 30)
                 time.sleep(0.5)  # its re-sent update reaches the broker (it goes out right after the join)
             finally:
                 fleet.coord.resume()
