@@ -103,22 +103,25 @@ class Proc:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def _signal(self, sig: signal.Signals) -> bool:
+        """Send `sig` if the process is alive; whether it was."""
+        if not self.alive():
+            return False
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        return True
+
     def kill(self) -> None:
-        if self.alive():
+        if self._signal(signal.SIGKILL):
             assert self.proc is not None
-            self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(10)
 
     def pause(self) -> None:
         """SIGSTOP: the process holds still (its broker link stays up for keepalive x 1.5 = 45 s)."""
-        if self.alive():
-            assert self.proc is not None
-            self.proc.send_signal(signal.SIGSTOP)
+        self._signal(signal.SIGSTOP)
 
     def resume(self) -> None:
-        if self.alive():
-            assert self.proc is not None
-            self.proc.send_signal(signal.SIGCONT)
+        self._signal(signal.SIGCONT)
 
     def terminate(self, timeout: float = 30.0) -> int | None:
         if not self.alive():
@@ -348,6 +351,7 @@ def scenario(fleet: Fleet, name: str, kills: int, down_rounds: int = 3) -> None:
                                        f"{fleet.closed()} of {fleet.rounds} closed: run more rounds")  # fmt: skip
                 t = time.monotonic()
                 victim.start()
+
                 def rejoined(v: Proc = victim, n: int = joins) -> bool:
                     return v.text().count("joined fleet") > n
 

@@ -210,7 +210,7 @@ class LrController:
         # a device whose path steepened while its loss fell below its own last (small extreme: 4 of 10 at 0.9x
         # tuned, every one's loss 4-12% down) was not diverging: only a steep path whose loss did not fall (or
         # that has no loss of the last round to fall from) counts
-        steep = sum(1 for c, x, g in paths if path_drift(g) > PATH_DRIFT_MAX and not x < self.prev.get(c, -math.inf))
+        steep = sum(1 for c, x, g in paths if path_drift(g) > PATH_DRIFT_MAX and not (c in self.prev and x < self.prev[c]))
         apart = bool(paths) and _spike(steep, len(paths))  # enough devices' own paths diverged
         ref, old, step = self.ref, self.lr, lr_used
         rose = ref is not None and mean > ref * (1 + RISE_DAMP) and mean - ref > ABS_TOL

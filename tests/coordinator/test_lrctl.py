@@ -410,20 +410,18 @@ def test_a_share_of_devices_whose_own_paths_steepened_damps_though_the_pooled_dr
             assert d.lr_next == pytest.approx(min(planned, 2e-2) * lrctl.BACKOFF)
     # steep paths whose losses fell below their own last were not diverging (small extreme, BENCHMARKS.md
     # "Stop 23": 4 of 10 at 4-12x, each loss 4-12% down): not counted; one whose loss held still counts
-    ctl = LrController(1e-2)
-    ctl.observe(0, 1e-2, round_of(0))
-    falling = [(c, 0.27 if k < 3 else x, g) for k, (c, x, g) in enumerate(round_of(3))]
-    d = ctl.observe(1, 2e-2, falling)
+    def after_a_calm_round(fell: Any) -> lrctl.LrDecision:
+        """Round 1 (3 of 10 steep paths) after a calm round 0 at loss 0.3; devices k with fell(k) report 0.27."""
+        ctl = LrController(1e-2)
+        ctl.observe(0, 1e-2, round_of(0))
+        return ctl.observe(1, 2e-2, [(c, 0.27 if fell(k) else x, g) for k, (c, x, g) in enumerate(round_of(3))])
+
+    d = after_a_calm_round(lambda k: k < 3)  # the three steep ones fell
     assert d.action != "damp" and "steepened" not in d.reason
-    ctl = LrController(1e-2)
-    ctl.observe(0, 1e-2, round_of(0))
-    falling = [(c, 0.27 if k < 1 else x, g) for k, (c, x, g) in enumerate(round_of(3))]
-    d = ctl.observe(1, 2e-2, falling)
+    d = after_a_calm_round(lambda k: k < 1)
     assert d.action != "damp"  # 2 of 10 counted: under the share
-    ctl = LrController(1e-2)
-    ctl.observe(0, 1e-2, round_of(0))
-    d = ctl.observe(1, 2e-2, [(c, 0.3 if k < 3 else 0.27, g) for k, (c, x, g) in enumerate(round_of(3))])
-    assert d.action == "damp" and "3 of 10 devices' own paths steepened" in d.reason  # the calm ones fell
+    d = after_a_calm_round(lambda k: k >= 3)  # the calm ones fell, the steep ones held still
+    assert d.action == "damp" and "3 of 10 devices' own paths steepened" in d.reason
     d = LrController(1e-2).observe(0, 1e-2, round_of(3))  # no loss of their own to fall from: counted
     assert d.action == "damp" and "3 of 10 devices' own paths steepened" in d.reason
 
